@@ -1,0 +1,41 @@
+//! `backoffice`: receives meter uploads, prices uses with TACAs and keeps the
+//! ledger. This crate grows the server, pricing, ledger, store and web forms;
+//! for now it holds the branch's fixed settings.
+#![forbid(unsafe_code)]
+
+use proto::{Amount, Bid};
+
+/// The settings every branch has, with their embedded defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchSettings {
+    /// This branch's code; every CID, PID and MID it issues starts with it.
+    pub bid: Bid,
+    /// ISO 4217 code of the one currency this branch keeps accounts in.
+    pub currency: String,
+    /// Balance an account may reach before it is denied (0: prepaid).
+    pub credit_limit_default: Amount,
+}
+
+impl Default for BranchSettings {
+    fn default() -> Self {
+        Self {
+            bid: Bid::parse("B1").expect("B1 is a valid branch code"),
+            currency: "EUR".to_owned(),
+            credit_limit_default: Amount::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_branch_is_prepaid_and_issues_its_own_ids() {
+        let settings = BranchSettings::default();
+        assert!(settings.credit_limit_default.is_zero());
+        let cid = proto::Cid::new(&settings.bid, "1").expect("valid CID");
+        assert_eq!(cid.branch(), settings.bid);
+        assert_eq!(cid.as_str(), "B1-C1");
+    }
+}
