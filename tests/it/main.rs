@@ -1,1 +1,5 @@
-fn main() {}
+//! End-to-end tests: each starts the real binaries on loopback with
+//! temporary state and talks to them as users' programs would.
+
+mod support;
+mod validator1;
