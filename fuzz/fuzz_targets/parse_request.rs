@@ -1,0 +1,20 @@
+//! Any bytes given to a server's request path get an answer that is itself a
+//! valid XML-RPC response, and never a panic; any call that parses decodes as
+//! a meter call or an upload without panicking.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use proto::meter_api::MeterCall;
+use proto::upload::SendRequest;
+use proto::xmlrpc::{Limits, Value, handle_call, parse_call, parse_response};
+
+fuzz_target!(|body: &[u8]| {
+    let limits = Limits::METER_API;
+    if let Ok(call) = parse_call(body, limits) {
+        let _ = MeterCall::from_call(&call);
+        let _ = SendRequest::from_call(&call);
+    }
+    let answer = handle_call(body, limits, |call| Ok(Value::Array(call.params)));
+    parse_response(&answer, Limits::BACKOFFICE).expect("our own answer parses");
+    let _ = parse_response(body, limits);
+});
