@@ -34,10 +34,10 @@ pub enum CodecError {
         max: usize,
     },
     /// The body is not valid UTF-8.
-    #[error("body is not UTF-8 (at byte {offset})")]
+    #[error("body is not UTF-8 (near byte {offset})")]
     NotUtf8 {
-        /// Byte offset of the first invalid byte.
-        offset: usize,
+        /// Byte offset of the markup or text holding the invalid bytes.
+        offset: u64,
     },
     /// The body is not well-formed XML.
     #[error("body is not well-formed XML (at byte {offset})")]
@@ -227,10 +227,9 @@ impl<'a> Parser<'a> {
                 max: limits.body_bytes_max,
             });
         }
-        let text = std::str::from_utf8(body).map_err(|error| CodecError::NotUtf8 {
-            offset: error.valid_up_to(),
-        })?;
-        let mut reader = Reader::from_str(text);
+        // The reader checks UTF-8 as it goes (reported as `NotUtf8`), so the
+        // body is not scanned twice.
+        let mut reader = Reader::from_reader(body);
         let config = reader.config_mut();
         // Whitespace inside <string> is data, so nothing is trimmed here; the
         // parser skips whitespace only where the grammar has no text.
@@ -271,8 +270,12 @@ impl<'a> Parser<'a> {
     fn token(&mut self) -> Result<Token<'a>, CodecError> {
         loop {
             let offset = self.offset();
-            let event = self.reader.read_event().map_err(|_| CodecError::Xml {
-                offset: self.reader.error_position(),
+            let event = self.reader.read_event().map_err(|error| {
+                let offset = self.reader.error_position();
+                match error {
+                    quick_xml::Error::Encoding(_) => CodecError::NotUtf8 { offset },
+                    _ => CodecError::Xml { offset },
+                }
             })?;
             return Ok(match event {
                 Event::Start(start) => Token::Open(tag_of(start.local_name().as_ref().as_bytes())),
