@@ -1,7 +1,20 @@
-//! `meterd`: the local meter daemon that metered programs call on every use.
-//! This crate grows the daemon, its client library and its CLI; for now it
-//! holds where the daemon listens by default.
+//! `meterd`: the local meter daemon that metered programs call on every use,
+//! its client library (`client`) and the pieces of the daemon: `cache` (the
+//! only module that touches sled), `journal` (group commit), `context` (who
+//! pays), `standing` (the status table), `meter` (the calls), `server` (the
+//! Unix-socket XML-RPC server) and `daemon` (wiring and shutdown).
 #![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod context;
+pub mod daemon;
+pub mod journal;
+pub mod meter;
+pub mod procinfo;
+pub mod server;
+pub mod standing;
 
 use std::path::PathBuf;
 

@@ -70,6 +70,8 @@ fault_codes! {
     ContextsFull = 103, "The meter tracks its maximum number of open contexts; this call was not recorded.";
     /// A commit with no open query of that PID in its context.
     UnmatchedCommit = 104, "commit(PID) without an open query(PID) in the same context; nothing was recorded.";
+    /// Too many open logins and queries in one context.
+    FramesFull = 105, "This context has its maximum of open logins and queries; commit, cancel or log out first.";
     /// The MID is not registered.
     UnknownMeter = 201, "The MID is not registered with this backoffice.";
     /// The upload's signature does not verify.

@@ -2,9 +2,10 @@
 //! XML-RPC in this one place.
 //!
 //! `login(CID)`, `logout(CID)` (also `logoff`), `query(PID) -> boolean`,
-//! `commit(PID)`, `flush() -> boolean`, `status()`. The first four take an
-//! optional second parameter, an explicit context (see meterd's docs on
-//! contexts); without it the meter uses the caller's process.
+//! `commit(PID)`, `flush() -> boolean`, `status()`, and our extension
+//! `cancel(PID) -> boolean`, which closes a query without a use. All calls
+//! with an ID take an optional second parameter, an explicit context (see
+//! meterd's docs on contexts); without it the meter uses the caller's process.
 
 use crate::fault::Fault;
 use crate::id::{Cid, Context, Pid};
@@ -42,6 +43,13 @@ pub enum MeterCall {
         /// An explicit context, if the caller names one.
         context: Option<Context>,
     },
+    /// Closes an open query of this product without a use (not charged).
+    Cancel {
+        /// The product.
+        pid: Pid,
+        /// An explicit context, if the caller names one.
+        context: Option<Context>,
+    },
     /// Upload now and refresh the status table.
     Flush,
     /// The meter's state, for operators.
@@ -67,6 +75,10 @@ impl MeterCall {
                 context: params.optional_parsed(1)?,
             },
             "commit" => MeterCall::Commit {
+                pid: with_context(&params)?,
+                context: params.optional_parsed(1)?,
+            },
+            "cancel" => MeterCall::Cancel {
                 pid: with_context(&params)?,
                 context: params.optional_parsed(1)?,
             },
@@ -97,6 +109,7 @@ impl MeterCall {
             MeterCall::Logout { cid, context } => ("logout", with(cid.as_str(), context)),
             MeterCall::Query { pid, context } => ("query", with(pid.as_str(), context)),
             MeterCall::Commit { pid, context } => ("commit", with(pid.as_str(), context)),
+            MeterCall::Cancel { pid, context } => ("cancel", with(pid.as_str(), context)),
             MeterCall::Flush => ("flush", Vec::new()),
             MeterCall::Status => ("status", Vec::new()),
         }

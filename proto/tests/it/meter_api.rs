@@ -54,6 +54,7 @@ fn calls_encode_and_decode_back() {
             context: Some(Context::parse("t1").unwrap()),
         },
         MeterCall::Commit { pid, context: None },
+        MeterCall::Cancel { pid, context: None },
         MeterCall::Logout {
             cid: Cid::parse("B1-C1").unwrap(),
             context: None,

@@ -1,0 +1,565 @@
+//! The durable cache: readings waiting for upload, the pending batch, the
+//! status table and the upload parameters, in sled. The only module that
+//! touches sled.
+//!
+//! Everything lives in one tree so that each change is one atomic
+//! `apply_batch`. Keys: `r` + seq (big-endian u64) for readings, `m:...` for
+//! the rest. sled's `flush` writes with `sync_file_range`, which does not make
+//! data durable across a power cut, so every flush that acknowledges a reading
+//! is followed by `sync_all` of sled's data file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proto::reading::{Code, Event, Reading};
+use proto::upload::{MeterParams, Standing};
+use proto::{BatchId, Cid, Context, Mid, Payer, Pid};
+
+/// Bytes of memory sled may use for its page cache; the rest stays on disk.
+pub const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+const READING_PREFIX: u8 = b'r';
+const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
+const BATCH_KEY: &[u8] = b"m:batch";
+const TABLE_KEY: &[u8] = b"m:table";
+const RECORD_VERSION: u8 = 1;
+
+/// Why the cache could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache holds its configured maximum of readings.
+    #[error("the cache holds its maximum of {max} readings; upload to free space")]
+    Full {
+        /// The configured maximum.
+        max: u64,
+    },
+    /// sled failed (disk full, I/O error).
+    #[error("storage failed: {0}")]
+    Storage(#[from] sled::Error),
+    /// Making the data durable failed.
+    #[error("could not make the cache durable: {0}")]
+    Sync(#[from] std::io::Error),
+}
+
+/// A reading before the cache gives it a sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReading {
+    /// When the call was made, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The context it was made in.
+    pub context: Context,
+    /// What happened.
+    pub event: Event,
+}
+
+/// A batch fixed before its first send: same id and readings on every retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingBatch {
+    /// `MID:FIRST_SEQ`.
+    pub id: BatchId,
+    /// Sequence number of the first reading.
+    pub first_seq: u64,
+    /// Sequence number of the last reading.
+    pub last_seq: u64,
+}
+
+/// The status table and parameters from the last upload answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedTable {
+    /// When the answer arrived, ms since the Unix epoch.
+    pub received_ms: u64,
+    /// The standings.
+    pub standings: Vec<Standing>,
+    /// The upload parameters.
+    pub params: MeterParams,
+}
+
+/// The meter's durable cache.
+pub struct Cache {
+    db: sled::Db,
+    tree: sled::Tree,
+    data_file: File,
+    path: PathBuf,
+    readings_max: u64,
+    next_seq: AtomicU64,
+    first_pending_seq: AtomicU64,
+}
+
+fn reading_key(seq: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = READING_PREFIX;
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn u64_of(bytes: &[u8]) -> u64 {
+    let array: [u8; 8] = bytes.try_into().expect("stored u64 has 8 bytes");
+    u64::from_be_bytes(array)
+}
+
+impl Cache {
+    /// Opens (or creates) the cache in `dir`, holding at most `readings_max`
+    /// readings.
+    pub fn open(dir: &Path, readings_max: u64) -> Result<Cache, CacheError> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            // Bounds memory; readings beyond it stay on disk.
+            .cache_capacity(SLED_CACHE_BYTES)
+            // Throughput mode: writes are grouped by our own group commit.
+            .mode(sled::Mode::HighThroughput)
+            // We flush (and fsync) explicitly at every group commit; no timer.
+            .flush_every_ms(None)
+            .use_compression(false)
+            .open()?;
+        let tree = db.open_tree("cache")?;
+        // sled 0.34 keeps its log in `<dir>/db`; fsync of any descriptor of it
+        // makes its data durable.
+        let data_file = File::open(dir.join("db"))?;
+        let next_seq = match tree.get(NEXT_SEQ_KEY)? {
+            Some(bytes) => u64_of(&bytes),
+            None => 1,
+        };
+        let first_pending_seq = match tree.scan_prefix([READING_PREFIX]).next() {
+            Some(entry) => u64_of(&entry?.0[1..]),
+            None => next_seq,
+        };
+        assert!(
+            first_pending_seq <= next_seq,
+            "cache: reading beyond next_seq"
+        );
+        Ok(Cache {
+            db,
+            tree,
+            data_file,
+            path: dir.to_owned(),
+            readings_max,
+            next_seq: AtomicU64::new(next_seq),
+            first_pending_seq: AtomicU64::new(first_pending_seq),
+        })
+    }
+
+    /// Where the cache lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The configured maximum of readings.
+    pub fn readings_max(&self) -> u64 {
+        self.readings_max
+    }
+
+    /// Readings waiting for upload.
+    pub fn pending(&self) -> u64 {
+        self.next_seq.load(Ordering::Acquire) - self.first_pending_seq.load(Ordering::Acquire)
+    }
+
+    fn sync(&self) -> Result<(), CacheError> {
+        self.db.flush()?;
+        self.data_file.sync_all()?;
+        Ok(())
+    }
+
+    /// Appends readings durably, numbering them in order. Returns the first
+    /// sequence number. Only one thread (the group committer) calls this.
+    pub fn append(&self, readings: &[NewReading]) -> Result<u64, CacheError> {
+        let count = readings.len() as u64;
+        if self.pending() + count > self.readings_max {
+            return Err(CacheError::Full {
+                max: self.readings_max,
+            });
+        }
+        let first = self.next_seq.load(Ordering::Acquire);
+        let mut batch = sled::Batch::default();
+        for (offset, new) in readings.iter().enumerate() {
+            let reading = Reading {
+                seq: first + offset as u64,
+                time_ms: new.time_ms,
+                context: new.context.clone(),
+                event: new.event,
+            };
+            let record = encode_reading(&reading);
+            debug_assert_eq!(decode_reading(&record).as_ref(), Some(&reading));
+            batch.insert(&reading_key(reading.seq), record);
+        }
+        let next = first + count;
+        batch.insert(NEXT_SEQ_KEY, &next.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        self.sync()?;
+        self.next_seq.store(next, Ordering::Release);
+        Ok(first)
+    }
+
+    /// Time of the oldest waiting reading, if any.
+    pub fn oldest_time_ms(&self) -> Result<Option<u64>, CacheError> {
+        let Some(entry) = self.tree.scan_prefix([READING_PREFIX]).next() else {
+            return Ok(None);
+        };
+        let (_, record) = entry?;
+        Ok(Some(checked_decode(&record).time_ms))
+    }
+
+    /// The batch to upload next: the pending one if there is one, else a new
+    /// one of at most `readings_max` readings, made durable before it is
+    /// returned. `None` when nothing waits.
+    pub fn pending_batch(
+        &self,
+        mid: &Mid,
+        readings_max: usize,
+    ) -> Result<Option<PendingBatch>, CacheError> {
+        if let Some(bytes) = self.tree.get(BATCH_KEY)? {
+            return Ok(Some(decode_batch(&bytes)));
+        }
+        let mut seqs = self
+            .tree
+            .scan_prefix([READING_PREFIX])
+            .keys()
+            .take(readings_max.max(1));
+        let Some(first) = seqs.next() else {
+            return Ok(None);
+        };
+        let first_seq = u64_of(&first?[1..]);
+        let mut last_seq = first_seq;
+        for key in seqs {
+            last_seq = u64_of(&key?[1..]);
+        }
+        let id =
+            BatchId::parse(&format!("{mid}:{first_seq}")).expect("MID:seq is a valid batch id");
+        let batch = PendingBatch {
+            id,
+            first_seq,
+            last_seq,
+        };
+        self.tree.insert(BATCH_KEY, encode_batch(&batch))?;
+        self.sync()?;
+        Ok(Some(batch))
+    }
+
+    /// The readings of a batch, in order.
+    pub fn batch_readings(&self, batch: &PendingBatch) -> Result<Vec<Reading>, CacheError> {
+        let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
+        let mut readings = Vec::new();
+        for entry in self.tree.range(range) {
+            let (_, record) = entry?;
+            readings.push(checked_decode(&record));
+        }
+        assert!(
+            !readings.is_empty(),
+            "cache: pending batch without readings"
+        );
+        Ok(readings)
+    }
+
+    /// The backoffice confirmed `batch`: delete its readings and keep the
+    /// answer, in one atomic step.
+    pub fn confirm_batch(
+        &self,
+        batch: &PendingBatch,
+        table: &SavedTable,
+    ) -> Result<(), CacheError> {
+        let mut changes = sled::Batch::default();
+        let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
+        for key in self.tree.range(range).keys() {
+            changes.remove(key?);
+        }
+        changes.remove(BATCH_KEY);
+        changes.insert(TABLE_KEY, encode_table(table));
+        self.tree.apply_batch(changes)?;
+        self.sync()?;
+        self.first_pending_seq
+            .store(batch.last_seq + 1, Ordering::Release);
+        Ok(())
+    }
+
+    /// The status table of the last upload, if any.
+    pub fn saved_table(&self) -> Result<Option<SavedTable>, CacheError> {
+        Ok(self
+            .tree
+            .get(TABLE_KEY)?
+            .map(|bytes| decode_table(&bytes).expect("cache: status table record is corrupt")))
+    }
+}
+
+fn checked_decode(record: &[u8]) -> Reading {
+    decode_reading(record).expect("cache: reading record is corrupt")
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    let len = u8::try_from(text.len()).expect("IDs and contexts are at most 255 bytes");
+    out.push(len);
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Record: version, seq, time, code, ID, payer (0 none, 1 CID, 2 PID), context.
+fn encode_reading(reading: &Reading) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&reading.seq.to_be_bytes());
+    out.extend_from_slice(&reading.time_ms.to_be_bytes());
+    let code = u8::try_from(reading.event.code().as_char()).expect("codes are ASCII");
+    out.push(code);
+    put_str(&mut out, reading.event.id_str());
+    match reading.event.payer() {
+        None => out.push(0),
+        Some(Payer::Customer(cid)) => {
+            out.push(1);
+            put_str(&mut out, cid.as_str());
+        }
+        Some(Payer::OwnerOf(pid)) => {
+            out.push(2);
+            put_str(&mut out, pid.as_str());
+        }
+    }
+    put_str(&mut out, reading.context.as_str());
+    out
+}
+
+/// Reads fields off a record, `None` at any inconsistency.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, count: usize) -> Option<&'a [u8]> {
+        if self.0.len() < count {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(count);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|bytes| bytes[0])
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(u64_of)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        let bytes: [u8; 4] = self.take(4)?.try_into().ok()?;
+        Some(u32::from_be_bytes(bytes))
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        let len = usize::from(self.byte()?);
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+}
+
+fn decode_reading(record: &[u8]) -> Option<Reading> {
+    let mut fields = Fields(record);
+    if fields.byte()? != RECORD_VERSION {
+        return None;
+    }
+    let seq = fields.u64()?;
+    let time_ms = fields.u64()?;
+    let code = Code::from_char(char::from(fields.byte()?))?;
+    let id = fields.text()?;
+    let payer = match fields.byte()? {
+        0 => None,
+        1 => Some(Payer::Customer(Cid::parse(fields.text()?).ok()?)),
+        2 => Some(Payer::OwnerOf(Pid::parse(fields.text()?).ok()?)),
+        _ => return None,
+    };
+    let context = Context::parse(fields.text()?).ok()?;
+    if !fields.0.is_empty() {
+        return None;
+    }
+    let event = match code {
+        Code::Login => Event::Login(Cid::parse(id).ok()?),
+        Code::Logout => Event::Logout(Cid::parse(id).ok()?),
+        Code::Query => Event::Query {
+            pid: Pid::parse(id).ok()?,
+            payer,
+        },
+        Code::Commit => Event::Commit {
+            pid: Pid::parse(id).ok()?,
+            payer,
+        },
+    };
+    Some(Reading {
+        seq,
+        time_ms,
+        context,
+        event,
+    })
+}
+
+fn encode_batch(batch: &PendingBatch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80);
+    out.extend_from_slice(&batch.first_seq.to_be_bytes());
+    out.extend_from_slice(&batch.last_seq.to_be_bytes());
+    put_str(&mut out, batch.id.as_str());
+    out
+}
+
+fn decode_batch(bytes: &[u8]) -> PendingBatch {
+    let mut fields = Fields(bytes);
+    let decoded = (|| {
+        let first_seq = fields.u64()?;
+        let last_seq = fields.u64()?;
+        let id = BatchId::parse(fields.text()?).ok()?;
+        (first_seq <= last_seq).then_some(PendingBatch {
+            id,
+            first_seq,
+            last_seq,
+        })
+    })();
+    decoded.expect("cache: pending batch record is corrupt")
+}
+
+fn encode_table(table: &SavedTable) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + table.standings.len() * 24);
+    out.extend_from_slice(&table.received_ms.to_be_bytes());
+    let params = table.params;
+    for value in [
+        params.flush_readings_max,
+        params.flush_interval_s,
+        params.status_stale_max_s,
+        params.unknown_uses_max,
+    ] {
+        out.extend_from_slice(&value.to_be_bytes());
+    }
+    let count = u32::try_from(table.standings.len()).expect("status table fits u32");
+    out.extend_from_slice(&count.to_be_bytes());
+    for standing in &table.standings {
+        out.push(u8::from(standing.allowed));
+        put_str(&mut out, standing.party.as_str());
+    }
+    out
+}
+
+fn decode_table(bytes: &[u8]) -> Option<SavedTable> {
+    let mut fields = Fields(bytes);
+    let received_ms = fields.u64()?;
+    let params = MeterParams {
+        flush_readings_max: fields.u32()?,
+        flush_interval_s: fields.u32()?,
+        status_stale_max_s: fields.u32()?,
+        unknown_uses_max: fields.u32()?,
+    };
+    let count = fields.u32()?;
+    let mut standings = Vec::new();
+    for _ in 0..count {
+        let allowed = match fields.byte()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let party = Payer::parse(fields.text()?).ok()?;
+        standings.push(Standing { party, allowed });
+    }
+    fields.0.is_empty().then_some(SavedTable {
+        received_ms,
+        standings,
+        params,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_reading(n: u64) -> NewReading {
+        NewReading {
+            time_ms: 1_000 + n,
+            context: Context::parse("42.7").unwrap(),
+            event: Event::Commit {
+                pid: Pid::parse("B1-P1").unwrap(),
+                payer: Some(Payer::Customer(Cid::parse("B1-C1").unwrap())),
+            },
+        }
+    }
+
+    fn params() -> MeterParams {
+        MeterParams {
+            flush_readings_max: 100,
+            flush_interval_s: 60,
+            status_stale_max_s: 3600,
+            unknown_uses_max: 4,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_corruption_is_detected() {
+        let reading = Reading {
+            seq: 9,
+            time_ms: 5,
+            context: Context::parse("1.2:t").unwrap(),
+            event: Event::Query {
+                pid: Pid::parse("B1-P3").unwrap(),
+                payer: Some(Payer::OwnerOf(Pid::parse("B1-P2").unwrap())),
+            },
+        };
+        let record = encode_reading(&reading);
+        assert_eq!(decode_reading(&record), Some(reading));
+        for cut in 0..record.len() {
+            assert_eq!(decode_reading(&record[..cut]), None, "truncated at {cut}");
+        }
+        let mut bad_version = record.clone();
+        bad_version[0] = 9;
+        assert_eq!(decode_reading(&bad_version), None);
+    }
+
+    #[test]
+    fn readings_survive_reopen_and_batches_keep_their_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mid = Mid::parse("B1-M1").unwrap();
+        {
+            let cache = Cache::open(dir.path(), 10).unwrap();
+            assert_eq!(cache.append(&[new_reading(1), new_reading(2)]).unwrap(), 1);
+            assert_eq!(cache.append(&[new_reading(3)]).unwrap(), 3);
+            assert_eq!(cache.pending(), 3);
+            let batch = cache.pending_batch(&mid, 2).unwrap().unwrap();
+            assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
+            assert_eq!(batch.id.as_str(), "B1-M1:1");
+        }
+        let cache = Cache::open(dir.path(), 10).unwrap();
+        assert_eq!(cache.pending(), 3);
+        assert_eq!(cache.oldest_time_ms().unwrap(), Some(1_001));
+        // The same batch comes back after a restart, even with a larger limit.
+        let batch = cache.pending_batch(&mid, 100).unwrap().unwrap();
+        assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
+        let readings = cache.batch_readings(&batch).unwrap();
+        assert_eq!(
+            readings.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        let table = SavedTable {
+            received_ms: 77,
+            standings: vec![Standing {
+                party: Payer::Customer(Cid::parse("B1-C1").unwrap()),
+                allowed: false,
+            }],
+            params: params(),
+        };
+        cache.confirm_batch(&batch, &table).unwrap();
+        assert_eq!(cache.pending(), 1);
+        assert_eq!(cache.saved_table().unwrap(), Some(table));
+        let next = cache.pending_batch(&mid, 100).unwrap().unwrap();
+        assert_eq!(
+            (next.first_seq, next.last_seq, next.id.as_str()),
+            (3, 3, "B1-M1:3")
+        );
+        assert_eq!(
+            cache.append(&[new_reading(4)]).unwrap(),
+            4,
+            "numbers never reused"
+        );
+    }
+
+    #[test]
+    fn a_full_cache_refuses_and_keeps_what_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 2).unwrap();
+        cache.append(&[new_reading(1)]).unwrap();
+        assert!(matches!(
+            cache.append(&[new_reading(2), new_reading(3)]),
+            Err(CacheError::Full { max: 2 })
+        ));
+        assert_eq!(cache.pending(), 1);
+        cache.append(&[new_reading(2)]).unwrap();
+        assert_eq!(cache.pending(), 2);
+    }
+}

@@ -1,0 +1,302 @@
+//! The client library: what a metered Rust program links to talk to its meter.
+//! Blocking, one keep-alive connection per `Meter`, no async runtime needed.
+//!
+//! ```no_run
+//! use meterd::client::Meter;
+//! use proto::Pid;
+//!
+//! let product = Pid::parse("B1-P7").unwrap();
+//! let mut meter = Meter::connect_default();
+//! if let Some(mut usage) = meter.begin(product) {
+//!     // ... do the metered work; components may call usage.meter() ...
+//!     usage.commit().expect("use recorded");
+//! }
+//! ```
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::meter_api::MeterCall;
+use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
+use proto::{Cid, Context, Fault, Pid};
+
+/// How long a call may take; `flush` waits up to 30 s for an upload.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(40);
+/// Largest response accepted, in bytes.
+pub const RESPONSE_BYTES_MAX: usize = 64 * 1024;
+
+/// Why a call did not get an answer from the meter.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No meter answered at the socket.
+    #[error("no meter at {path}: {source}")]
+    Unavailable {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The meter answered something that is not a valid response.
+    #[error("bad answer from the meter: {0}")]
+    Protocol(String),
+    /// The meter refused the call.
+    #[error("the meter refused: {0}")]
+    Fault(#[from] Fault),
+}
+
+/// A connection to the meter.
+#[derive(Debug)]
+pub struct Meter {
+    path: PathBuf,
+    context: Option<Context>,
+    stream: Option<UnixStream>,
+}
+
+impl Meter {
+    /// A meter at `path`. Connects on the first call (and reconnects when the
+    /// meter restarts), so this never fails.
+    pub fn connect(path: impl Into<PathBuf>) -> Meter {
+        Meter {
+            path: path.into(),
+            context: None,
+            stream: None,
+        }
+    }
+
+    /// A meter at the default socket path (`$METERD_SOCKET`, ...).
+    pub fn connect_default() -> Meter {
+        Meter::connect(crate::default_socket_path(|key| std::env::var(key).ok()))
+    }
+
+    /// Makes every call in `context`, a name for this thread or task (see
+    /// the context model in `docs/meterd.md`).
+    pub fn with_context(mut self, context: Context) -> Meter {
+        self.context = Some(context);
+        self
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `login(CID)`: this context's uses are charged to `cid` until `logout`.
+    pub fn login(&mut self, cid: Cid) -> Result<(), ClientError> {
+        let context = self.context.clone();
+        self.call(&MeterCall::Login { cid, context }).map(drop)
+    }
+
+    /// `logout(CID)`: true when a login of `cid` was open.
+    pub fn logout(&mut self, cid: Cid) -> Result<bool, ClientError> {
+        let context = self.context.clone();
+        self.call_bool(&MeterCall::Logout { cid, context })
+    }
+
+    /// `query(PID)`: may a use begin? False whenever the meter cannot be
+    /// asked (fail closed). Prefer `begin`, which never leaves a query open.
+    pub fn query(&mut self, pid: Pid) -> bool {
+        self.try_query(pid).unwrap_or(false)
+    }
+
+    /// `query(PID)`, with the reason when there was no answer.
+    pub fn try_query(&mut self, pid: Pid) -> Result<bool, ClientError> {
+        let context = self.context.clone();
+        self.call_bool(&MeterCall::Query { pid, context })
+    }
+
+    /// `commit(PID)`: the use happened. Returns once it is durable.
+    pub fn commit(&mut self, pid: Pid) -> Result<(), ClientError> {
+        let context = self.context.clone();
+        self.call(&MeterCall::Commit { pid, context }).map(drop)
+    }
+
+    /// `cancel(PID)`: closes an open query without a use.
+    pub fn cancel(&mut self, pid: Pid) -> Result<bool, ClientError> {
+        let context = self.context.clone();
+        self.call_bool(&MeterCall::Cancel { pid, context })
+    }
+
+    /// `flush()`: upload now; true when the upload succeeded.
+    pub fn flush(&mut self) -> Result<bool, ClientError> {
+        self.call_bool(&MeterCall::Flush)
+    }
+
+    /// `status()`: the meter's state.
+    pub fn status(&mut self) -> Result<Value, ClientError> {
+        self.call(&MeterCall::Status)
+    }
+
+    /// Queries `pid` and, when the use may begin, returns a guard that
+    /// commits it with `Use::commit` or cancels it when dropped. `None` when
+    /// the use may not begin or no meter answered.
+    pub fn begin(&mut self, pid: Pid) -> Option<Use<'_>> {
+        self.query(pid).then_some(Use {
+            meter: self,
+            pid,
+            finished: false,
+        })
+    }
+
+    fn call_bool(&mut self, call: &MeterCall) -> Result<bool, ClientError> {
+        match self.call(call)? {
+            Value::Bool(answer) => Ok(answer),
+            other => Err(ClientError::Protocol(format!(
+                "expected a boolean, got a {}",
+                other.type_name()
+            ))),
+        }
+    }
+
+    /// Sends one call; on a kept-alive connection that turns out closed (the
+    /// meter restarted) it reconnects and sends once more.
+    pub fn call(&mut self, call: &MeterCall) -> Result<Value, ClientError> {
+        let (name, params) = call.to_call();
+        let body = encode_call(name, &params);
+        let reused = self.stream.is_some();
+        match self.exchange(&body) {
+            Err(Exchange::Closed(_)) if reused => {
+                self.stream = None;
+                self.exchange(&body)
+            }
+            other => other,
+        }
+        .map_err(|failure| {
+            self.stream = None;
+            match failure {
+                Exchange::Closed(source) | Exchange::Io(source) => ClientError::Unavailable {
+                    path: self.path.clone(),
+                    source,
+                },
+                Exchange::Protocol(message) => ClientError::Protocol(message),
+            }
+        })
+        .and_then(|response| match response {
+            MethodResponse::Success(value) => Ok(value),
+            MethodResponse::Fault(fault) => Err(ClientError::Fault(fault)),
+        })
+    }
+
+    fn stream(&mut self) -> std::io::Result<&mut UnixStream> {
+        if self.stream.is_none() {
+            let stream = UnixStream::connect(&self.path)?;
+            stream.set_read_timeout(Some(CALL_TIMEOUT))?;
+            stream.set_write_timeout(Some(CALL_TIMEOUT))?;
+            self.stream = Some(stream);
+        }
+        Ok(self.stream.as_mut().expect("just connected"))
+    }
+
+    fn exchange(&mut self, body: &[u8]) -> Result<MethodResponse, Exchange> {
+        let stream = self.stream().map_err(Exchange::Io)?;
+        let head = format!(
+            "POST /RPC2 HTTP/1.1\r\nHost: meterd\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut request = Vec::with_capacity(head.len() + body.len());
+        request.extend_from_slice(head.as_bytes());
+        request.extend_from_slice(body);
+        stream.write_all(&request).map_err(Exchange::Closed)?;
+        let response = read_response(stream)?;
+        parse_response(&response, Limits::METER_API)
+            .map_err(|error| Exchange::Protocol(error.to_string()))
+    }
+}
+
+enum Exchange {
+    /// Nothing came back: the connection was closed (safe to resend).
+    Closed(std::io::Error),
+    /// The connection failed part-way.
+    Io(std::io::Error),
+    /// Something came back that is not a valid answer.
+    Protocol(String),
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body.
+fn read_response(stream: &mut UnixStream) -> Result<Vec<u8>, Exchange> {
+    let mut buffer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end;
+        }
+        if buffer.len() > RESPONSE_BYTES_MAX {
+            return Err(Exchange::Protocol("response head too large".into()));
+        }
+        let read = stream.read(&mut chunk).map_err(Exchange::Io)?;
+        if read == 0 {
+            let error = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
+            return Err(if buffer.is_empty() {
+                Exchange::Closed(error)
+            } else {
+                Exchange::Io(error)
+            });
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = std::str::from_utf8(&buffer[..head_end])
+        .map_err(|_| Exchange::Protocol("response head is not text".into()))?;
+    let length = content_length(head)?;
+    if length > RESPONSE_BYTES_MAX {
+        return Err(Exchange::Protocol(format!(
+            "response of {length} bytes is too large"
+        )));
+    }
+    let mut body = buffer.split_off(head_end + 4);
+    while body.len() < length {
+        let read = stream.read(&mut chunk).map_err(Exchange::Io)?;
+        if read == 0 {
+            return Err(Exchange::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        body.extend_from_slice(&chunk[..read]);
+    }
+    if body.len() != length {
+        return Err(Exchange::Protocol("more bytes than Content-Length".into()));
+    }
+    Ok(body)
+}
+
+fn content_length(head: &str) -> Result<usize, Exchange> {
+    head.lines()
+        .skip(1)
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .ok_or_else(|| Exchange::Protocol("response without Content-Length".into()))
+}
+
+/// A use that has begun: commit it, or drop it to cancel (not charged).
+#[derive(Debug)]
+pub struct Use<'a> {
+    meter: &'a mut Meter,
+    pid: Pid,
+    finished: bool,
+}
+
+impl Use<'_> {
+    /// The meter, for components used inside this use (they are charged to
+    /// this product's owner).
+    pub fn meter(&mut self) -> &mut Meter {
+        self.meter
+    }
+
+    /// Records the use; returns once it is durable.
+    pub fn commit(mut self) -> Result<(), ClientError> {
+        self.finished = true;
+        self.meter.commit(self.pid)
+    }
+}
+
+impl Drop for Use<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: if the meter is gone, so is the open query.
+            let _ = self.meter.cancel(self.pid);
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Calling contexts and their nesting: who pays for a use.
+//!
+//! Every call is made in a context. By default it is the calling process,
+//! identified by the socket's peer credentials (PID plus the process's start
+//! time, so a reused PID is a new process). A process may name contexts of its
+//! own (one per thread, say), and `..` names its parent process's context (what
+//! `meterd login` uses, so a login hook logs in the shell that ran it).
+//!
+//! Each context holds a stack of frames: `login(CID)` pushes a login, a
+//! `query(PID)` that answers true pushes a query. The payer of a use is taken
+//! from the top frame of the caller's own context; when that is empty, from the
+//! enclosing contexts in turn: a named context's process, then the process's
+//! parent, grandparent, and so on. So a child process inherits the nesting of
+//! the program that started it, and two programs, or two named threads, never
+//! see each other's frames.
+//!
+//! `commit(PID)` closes the nearest open query of that PID in the caller's own
+//! context, together with any frames opened above it and never committed (they
+//! are not charged). `cancel(PID)` closes it without a use. `logout(CID)` closes
+//! the nearest login of that CID and everything above it. A context whose
+//! process has exited is dropped by `retain_processes`.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use proto::{Cid, Context, Payer, Pid};
+
+/// A process, told apart from any later process with the same PID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// The PID.
+    pub pid: u32,
+    /// When it started, in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_ticks: u64,
+}
+
+/// The context a call is made in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ContextKey {
+    /// The calling process itself.
+    Process(ProcessId),
+    /// A context the process named (a thread, a task).
+    Named {
+        /// The process that named it.
+        process: ProcessId,
+        /// The name.
+        name: Context,
+    },
+    /// A caller without process credentials: its connection is its context.
+    Connection(u64),
+}
+
+impl fmt::Display for ContextKey {
+    /// The form recorded in readings: `PID.START`, `PID.START:NAME`, `conn.N`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContextKey::Process(process) => write!(f, "{}.{}", process.pid, process.start_ticks),
+            ContextKey::Named { process, name } => {
+                write!(f, "{}.{}:{}", process.pid, process.start_ticks, name)
+            }
+            ContextKey::Connection(number) => write!(f, "conn.{number}"),
+        }
+    }
+}
+
+/// Who is calling: the context the call is in, and the contexts enclosing it,
+/// nearest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The context the call is in.
+    pub key: ContextKey,
+    /// Where to look for a payer when `key` has no frames, nearest first.
+    pub enclosing: Vec<ContextKey>,
+}
+
+/// One open level of nesting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// `login(CID)`: uses are charged to this customer.
+    Login(Cid),
+    /// `query(PID)` answered true: uses inside are charged to PID's owner.
+    Query {
+        /// The product in use.
+        pid: Pid,
+        /// Who pays for this product's own use (resolved at query time).
+        payer: Payer,
+    },
+}
+
+impl Frame {
+    /// Who pays for a use made inside this frame.
+    pub fn payer_inside(&self) -> Payer {
+        match *self {
+            Frame::Login(cid) => Payer::Customer(cid),
+            Frame::Query { pid, .. } => Payer::OwnerOf(pid),
+        }
+    }
+}
+
+/// Why a frame could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// The meter already tracks its maximum number of contexts.
+    #[error("the meter tracks its maximum of {max} open contexts")]
+    ContextsFull {
+        /// The limit.
+        max: usize,
+    },
+    /// This context already has its maximum number of open frames.
+    #[error("this context has its maximum of {max} open logins and queries")]
+    FramesFull {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Bounds on what contexts may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimits {
+    /// Most contexts with open frames at once.
+    pub contexts_max: usize,
+    /// Most open frames in one context.
+    pub frames_max: usize,
+}
+
+impl Default for ContextLimits {
+    fn default() -> Self {
+        Self {
+            contexts_max: 65_536,
+            frames_max: 64,
+        }
+    }
+}
+
+/// The open frames of every context.
+#[derive(Debug, Default)]
+pub struct Contexts {
+    stacks: HashMap<ContextKey, Vec<Frame>>,
+    limits: ContextLimits,
+}
+
+impl Contexts {
+    /// No open frames, with these limits.
+    pub fn new(limits: ContextLimits) -> Self {
+        Self {
+            stacks: HashMap::new(),
+            limits,
+        }
+    }
+
+    /// Contexts with open frames.
+    pub fn len(&self) -> usize {
+        self.stacks.len()
+    }
+
+    /// True when no context has open frames.
+    pub fn is_empty(&self) -> bool {
+        self.stacks.is_empty()
+    }
+
+    /// Who would pay for a use made by `caller` now: the nearest open frame.
+    pub fn payer(&self, caller: &Caller) -> Option<Payer> {
+        std::iter::once(&caller.key)
+            .chain(&caller.enclosing)
+            .find_map(|key| self.stacks.get(key).and_then(|stack| stack.last()))
+            .map(Frame::payer_inside)
+    }
+
+    fn push(&mut self, key: &ContextKey, frame: Frame) -> Result<(), ContextError> {
+        let limits = self.limits;
+        if !self.stacks.contains_key(key) && self.stacks.len() >= limits.contexts_max {
+            return Err(ContextError::ContextsFull {
+                max: limits.contexts_max,
+            });
+        }
+        let stack = self.stacks.entry(key.clone()).or_default();
+        if stack.len() >= limits.frames_max {
+            return Err(ContextError::FramesFull {
+                max: limits.frames_max,
+            });
+        }
+        stack.push(frame);
+        Ok(())
+    }
+
+    /// Pops the nearest frame matching `wanted` and everything above it.
+    fn pop_through(&mut self, key: &ContextKey, wanted: impl Fn(&Frame) -> bool) -> Option<Frame> {
+        let stack = self.stacks.get_mut(key)?;
+        let index = stack.iter().rposition(wanted)?;
+        let frame = stack[index];
+        stack.truncate(index);
+        if stack.is_empty() {
+            self.stacks.remove(key);
+        }
+        Some(frame)
+    }
+
+    /// `login(CID)` in the caller's context.
+    pub fn login(&mut self, caller: &Caller, cid: Cid) -> Result<(), ContextError> {
+        self.push(&caller.key, Frame::Login(cid))
+    }
+
+    /// `logout(CID)`: true when a login of CID was open and is now closed.
+    pub fn logout(&mut self, caller: &Caller, cid: Cid) -> bool {
+        self.pop_through(&caller.key, |frame| *frame == Frame::Login(cid))
+            .is_some()
+    }
+
+    /// Opens a query of `pid` whose own use `payer` pays for.
+    pub fn open_query(
+        &mut self,
+        caller: &Caller,
+        pid: Pid,
+        payer: Payer,
+    ) -> Result<(), ContextError> {
+        self.push(&caller.key, Frame::Query { pid, payer })
+    }
+
+    /// Closes the nearest open query of `pid` in the caller's own context and
+    /// returns who pays for it; `None` when no such query is open.
+    pub fn close_query(&mut self, caller: &Caller, pid: Pid) -> Option<Payer> {
+        let frame = self.pop_through(
+            &caller.key,
+            |frame| matches!(frame, Frame::Query { pid: open, .. } if *open == pid),
+        )?;
+        match frame {
+            Frame::Query { payer, .. } => Some(payer),
+            Frame::Login(_) => unreachable!("only a query frame matches"),
+        }
+    }
+
+    /// Drops every context whose process `alive` says has exited; returns how
+    /// many were dropped. Connection contexts are dropped with their connection.
+    pub fn retain_processes(&mut self, alive: impl Fn(&ProcessId) -> bool) -> usize {
+        let before = self.stacks.len();
+        self.stacks.retain(|key, _| match key {
+            ContextKey::Process(process) | ContextKey::Named { process, .. } => alive(process),
+            ContextKey::Connection(_) => true,
+        });
+        before - self.stacks.len()
+    }
+
+    /// Drops a connection's context when the connection closes.
+    pub fn forget_connection(&mut self, number: u64) {
+        self.stacks.remove(&ContextKey::Connection(number));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(pid: u32) -> ProcessId {
+        ProcessId {
+            pid,
+            start_ticks: 1000 + u64::from(pid),
+        }
+    }
+
+    /// A process whose ancestors are `parents`, nearest first.
+    fn caller(pid: u32, parents: &[u32]) -> Caller {
+        Caller {
+            key: ContextKey::Process(process(pid)),
+            enclosing: parents
+                .iter()
+                .map(|&p| ContextKey::Process(process(p)))
+                .collect(),
+        }
+    }
+
+    fn thread(pid: u32, name: &str, parents: &[u32]) -> Caller {
+        let mut enclosing = vec![ContextKey::Process(process(pid))];
+        enclosing.extend(parents.iter().map(|&p| ContextKey::Process(process(p))));
+        Caller {
+            key: ContextKey::Named {
+                process: process(pid),
+                name: Context::parse(name).unwrap(),
+            },
+            enclosing,
+        }
+    }
+
+    fn cid(n: u32) -> Cid {
+        Cid::parse(&format!("B1-C{n}")).unwrap()
+    }
+
+    fn pid(n: u32) -> Pid {
+        Pid::parse(&format!("B1-P{n}")).unwrap()
+    }
+
+    #[test]
+    fn nested_components_are_charged_to_the_enclosing_products_owner() {
+        let mut contexts = Contexts::default();
+        let program = caller(10, &[1]);
+        assert_eq!(contexts.payer(&program), None);
+        contexts.login(&program, cid(1)).unwrap();
+        assert_eq!(contexts.payer(&program), Some(Payer::Customer(cid(1))));
+        contexts
+            .open_query(&program, pid(1), Payer::Customer(cid(1)))
+            .unwrap();
+        // A component used inside product 1 is paid by product 1's owner.
+        assert_eq!(contexts.payer(&program), Some(Payer::OwnerOf(pid(1))));
+        contexts
+            .open_query(&program, pid(2), Payer::OwnerOf(pid(1)))
+            .unwrap();
+        assert_eq!(
+            contexts.close_query(&program, pid(2)),
+            Some(Payer::OwnerOf(pid(1)))
+        );
+        assert_eq!(
+            contexts.close_query(&program, pid(1)),
+            Some(Payer::Customer(cid(1)))
+        );
+        assert_eq!(
+            contexts.close_query(&program, pid(1)),
+            None,
+            "already closed"
+        );
+        assert!(contexts.logout(&program, cid(1)));
+        assert!(contexts.is_empty());
+    }
+
+    #[test]
+    fn interleaved_programs_never_share_frames() {
+        let mut contexts = Contexts::default();
+        let (a, b) = (caller(10, &[1]), caller(11, &[1]));
+        contexts.login(&a, cid(1)).unwrap();
+        contexts.login(&b, cid(2)).unwrap();
+        contexts
+            .open_query(&a, pid(1), Payer::Customer(cid(1)))
+            .unwrap();
+        assert_eq!(contexts.payer(&b), Some(Payer::Customer(cid(2))));
+        contexts
+            .open_query(&b, pid(1), Payer::Customer(cid(2)))
+            .unwrap();
+        assert_eq!(
+            contexts.close_query(&a, pid(1)),
+            Some(Payer::Customer(cid(1)))
+        );
+        assert_eq!(
+            contexts.close_query(&b, pid(1)),
+            Some(Payer::Customer(cid(2)))
+        );
+    }
+
+    #[test]
+    fn children_inherit_and_threads_are_separate() {
+        let mut contexts = Contexts::default();
+        let shell = caller(5, &[1]);
+        let program = caller(10, &[5, 1]);
+        let child = caller(20, &[10, 5, 1]);
+        contexts.login(&shell, cid(7)).unwrap();
+        assert_eq!(contexts.payer(&child), Some(Payer::Customer(cid(7))));
+        contexts
+            .open_query(&program, pid(3), Payer::Customer(cid(7)))
+            .unwrap();
+        assert_eq!(contexts.payer(&child), Some(Payer::OwnerOf(pid(3))));
+        // Named threads of one process fall back to the process, not each other.
+        let (t1, t2) = (thread(10, "t1", &[5, 1]), thread(10, "t2", &[5, 1]));
+        contexts
+            .open_query(&t1, pid(4), Payer::OwnerOf(pid(3)))
+            .unwrap();
+        assert_eq!(contexts.payer(&t1), Some(Payer::OwnerOf(pid(4))));
+        assert_eq!(contexts.payer(&t2), Some(Payer::OwnerOf(pid(3))));
+        // A commit closes only the caller's own frames.
+        assert_eq!(contexts.close_query(&t2, pid(4)), None);
+        assert_eq!(contexts.close_query(&child, pid(3)), None);
+    }
+
+    #[test]
+    fn uncommitted_queries_are_closed_with_the_enclosing_one() {
+        let mut contexts = Contexts::default();
+        let program = caller(10, &[]);
+        contexts.login(&program, cid(1)).unwrap();
+        contexts
+            .open_query(&program, pid(1), Payer::Customer(cid(1)))
+            .unwrap();
+        contexts
+            .open_query(&program, pid(2), Payer::OwnerOf(pid(1)))
+            .unwrap();
+        // pid 2 was never committed; committing pid 1 closes it too.
+        assert_eq!(
+            contexts.close_query(&program, pid(1)),
+            Some(Payer::Customer(cid(1)))
+        );
+        assert_eq!(contexts.close_query(&program, pid(2)), None);
+        assert_eq!(contexts.payer(&program), Some(Payer::Customer(cid(1))));
+        assert!(!contexts.logout(&program, cid(2)), "cid 2 never logged in");
+    }
+
+    #[test]
+    fn limits_and_cleanup() {
+        let mut contexts = Contexts::new(ContextLimits {
+            contexts_max: 2,
+            frames_max: 2,
+        });
+        let (a, b, c) = (caller(1, &[]), caller(2, &[]), caller(3, &[]));
+        contexts.login(&a, cid(1)).unwrap();
+        contexts.login(&a, cid(1)).unwrap();
+        assert_eq!(
+            contexts.login(&a, cid(1)),
+            Err(ContextError::FramesFull { max: 2 })
+        );
+        contexts.login(&b, cid(2)).unwrap();
+        assert_eq!(
+            contexts.login(&c, cid(3)),
+            Err(ContextError::ContextsFull { max: 2 })
+        );
+        assert_eq!(contexts.retain_processes(|process| process.pid != 1), 1);
+        contexts.login(&c, cid(3)).unwrap();
+        assert_eq!(contexts.payer(&a), None);
+    }
+
+    #[test]
+    fn context_keys_print_as_reading_contexts() {
+        let named = ContextKey::Named {
+            process: process(42),
+            name: Context::parse("worker-1").unwrap(),
+        };
+        assert_eq!(named.to_string(), "42.1042:worker-1");
+        assert!(Context::parse(&named.to_string()).is_ok());
+        assert_eq!(ContextKey::Connection(9).to_string(), "conn.9");
+    }
+}

@@ -1,0 +1,135 @@
+//! Wires the daemon together: cache, journal, status table, socket, server,
+//! context sweeper; and takes it apart again on shutdown.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::{Notify, watch};
+
+use crate::cache::{Cache, CacheError};
+use crate::config::{CONTEXT_SWEEP_INTERVAL_MS, Config};
+use crate::meter::{Meter, UploadReport, UploadSignals};
+use crate::standing::StatusTable;
+use crate::{journal, server};
+
+/// How long shutdown waits for the journal to finish writing.
+pub const JOURNAL_DRAIN_MS: u64 = 5_000;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The cache could not be opened (another meterd may hold it).
+    #[error("cannot open the cache in {path}: {source}")]
+    Cache {
+        /// The cache directory.
+        path: String,
+        /// Why.
+        source: CacheError,
+    },
+    /// Another meter answers on the socket.
+    #[error("another meterd is already listening on {0}")]
+    AlreadyRunning(String),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
+    let socket_error = |source| StartError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::AlreadyRunning(path.display().to_string()));
+        }
+        // A socket left behind by a meter that did not exit cleanly.
+        std::fs::remove_file(path).map_err(socket_error)?;
+    }
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(socket_error)?;
+    }
+    let listener = UnixListener::bind(path).map_err(socket_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(socket_error)?;
+    Ok(listener)
+}
+
+/// Runs the meter until `shutdown` completes. `ready` is called once the
+/// socket accepts calls.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&Config),
+) -> Result<(), StartError> {
+    let cache_dir = config.data_dir.join("cache");
+    let cache =
+        Cache::open(&cache_dir, config.cache_readings_max).map_err(|source| StartError::Cache {
+            path: cache_dir.display().to_string(),
+            source,
+        })?;
+    let cache = Arc::new(cache);
+    let saved = cache.saved_table().map_err(|source| StartError::Cache {
+        path: cache_dir.display().to_string(),
+        source,
+    })?;
+    let table = Arc::new(Mutex::new(
+        saved
+            .as_ref()
+            .map(StatusTable::from_saved)
+            .unwrap_or_default(),
+    ));
+    let (journal, writer) = journal::start(Arc::clone(&cache));
+    let (report, _) = watch::channel(UploadReport::default());
+    let signals = Arc::new(UploadSignals {
+        wake: Notify::new(),
+        report,
+    });
+    let listener = bind(&config.socket, config.socket_mode)?;
+    let meter = Arc::new(Meter::new(
+        Arc::clone(&cache),
+        journal,
+        Arc::clone(&table),
+        Arc::clone(&signals),
+        config.upload.is_some(),
+        config.context_limits,
+    ));
+    let sweeper = tokio::spawn(sweep_contexts(Arc::clone(&meter)));
+    tracing::info!(socket = %config.socket.display(), pending = cache.pending(), "meterd ready");
+    ready(&config);
+    server::run(listener, Arc::clone(&meter), shutdown).await;
+    sweeper.abort();
+    drop(meter);
+    let drained = tokio::task::spawn_blocking(move || writer.join());
+    if tokio::time::timeout(Duration::from_millis(JOURNAL_DRAIN_MS), drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!("journal still writing at exit; acknowledged readings are durable already");
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("meterd stopped");
+    Ok(())
+}
+
+async fn sweep_contexts(meter: Arc<Meter>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(CONTEXT_SWEEP_INTERVAL_MS));
+    loop {
+        interval.tick().await;
+        let dropped = meter.sweep_contexts();
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped contexts of exited processes");
+        }
+    }
+}

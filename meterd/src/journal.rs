@@ -1,0 +1,125 @@
+//! Group commit: callers hand readings to one writer thread, which appends
+//! everything that has queued up since its last write in one durable step (one
+//! fsync), then answers every caller. A reading is acknowledged only after it
+//! is durable.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cache::{Cache, CacheError, NewReading};
+
+/// Most readings written under one fsync.
+pub const GROUP_READINGS_MAX: usize = 4096;
+/// Most readings waiting for the writer; callers beyond it wait their turn.
+pub const QUEUE_READINGS_MAX: usize = 16_384;
+
+/// Why a reading was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// The cache is at its maximum.
+    #[error("the cache holds its maximum of {max} readings; upload to free space")]
+    Full {
+        /// The configured maximum.
+        max: u64,
+    },
+    /// The reading could not be made durable.
+    #[error("{0}")]
+    Storage(String),
+    /// The meter is shutting down.
+    #[error("the meter is shutting down")]
+    Closed,
+}
+
+impl From<&CacheError> for JournalError {
+    fn from(error: &CacheError) -> Self {
+        match error {
+            CacheError::Full { max } => JournalError::Full { max: *max },
+            other => JournalError::Storage(other.to_string()),
+        }
+    }
+}
+
+type Request = (NewReading, oneshot::Sender<Result<u64, JournalError>>);
+
+/// The handle callers use; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    sender: mpsc::Sender<Request>,
+}
+
+/// The writer thread; join it after the last `Journal` is dropped.
+pub struct Writer {
+    thread: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Waits until every queued reading has been written or refused.
+    pub fn join(self) {
+        self.thread.join().expect("journal writer does not panic");
+    }
+}
+
+/// Starts the writer thread over `cache`.
+pub fn start(cache: Arc<Cache>) -> (Journal, Writer) {
+    let (sender, receiver) = mpsc::channel(QUEUE_READINGS_MAX);
+    let thread = std::thread::Builder::new()
+        .name("meterd-journal".into())
+        .spawn(move || write_loop(&cache, receiver))
+        .expect("spawn journal writer");
+    (Journal { sender }, Writer { thread })
+}
+
+impl Journal {
+    /// Records one reading durably; returns its sequence number.
+    pub async fn record(&self, reading: NewReading) -> Result<u64, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((reading, reply))
+            .await
+            .map_err(|_| JournalError::Closed)?;
+        answer.await.map_err(|_| JournalError::Closed)?
+    }
+}
+
+fn write_loop(cache: &Cache, mut receiver: mpsc::Receiver<Request>) {
+    let mut group: Vec<Request> = Vec::with_capacity(GROUP_READINGS_MAX);
+    while let Some(first) = receiver.blocking_recv() {
+        group.push(first);
+        while group.len() < GROUP_READINGS_MAX {
+            match receiver.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        write_group(cache, &mut group);
+    }
+}
+
+/// Writes a group; when the whole group does not fit the cache, writes what
+/// fits one by one, so a full cache refuses only the overflow.
+fn write_group(cache: &Cache, group: &mut Vec<Request>) {
+    let readings: Vec<NewReading> = group.iter().map(|(reading, _)| reading.clone()).collect();
+    match cache.append(&readings) {
+        Ok(first_seq) => {
+            for (offset, (_, reply)) in group.drain(..).enumerate() {
+                let _ = reply.send(Ok(first_seq + offset as u64));
+            }
+        }
+        Err(CacheError::Full { .. }) if group.len() > 1 => {
+            for (reading, reply) in group.drain(..) {
+                let outcome = cache
+                    .append(std::slice::from_ref(&reading))
+                    .map_err(|error| JournalError::from(&error));
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(error) => {
+            let error = JournalError::from(&error);
+            for (_, reply) in group.drain(..) {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The meter's calls: who pays, whether a use may begin, and recording uses.
+//! Transport-free: the server hands in a decoded call and who made it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proto::meter_api::MeterCall;
+use proto::reading::Event;
+use proto::xmlrpc::Value;
+use proto::{Cid, Context, Fault, FaultCode, Pid};
+use tokio::sync::{Notify, watch};
+
+use crate::cache::{Cache, NewReading};
+use crate::context::{Caller, ContextError, ContextKey, ContextLimits, Contexts, ProcessId};
+use crate::journal::{Journal, JournalError};
+use crate::standing::StatusTable;
+
+/// How long `flush()` waits for an upload before answering false.
+pub const FLUSH_WAIT_MS: u64 = 30_000;
+
+/// The context name that means "my parent process".
+pub const PARENT_CONTEXT: &str = "..";
+
+/// The outcome of the latest upload attempt, for `status()` and `flush()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadReport {
+    /// Counts attempts, so a waiter can tell a new report from an old one.
+    pub attempt: u64,
+    /// When the last upload succeeded, ms since the Unix epoch.
+    pub last_success_ms: Option<u64>,
+    /// Why the last attempt failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// How the meter and its uploader signal each other.
+#[derive(Debug)]
+pub struct UploadSignals {
+    /// Wakes the uploader (a flush, a full cache, an unconfirmed payer).
+    pub wake: Notify,
+    /// The uploader's latest report.
+    pub report: watch::Sender<UploadReport>,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The calling process and its ancestors, nearest first; empty when the
+    /// transport gave no process credentials.
+    pub lineage: Vec<ProcessId>,
+    /// The connection's number, the context of callers without credentials.
+    pub connection: u64,
+}
+
+/// The meter's state, shared by every connection.
+pub struct Meter {
+    contexts: Mutex<Contexts>,
+    table: Arc<Mutex<StatusTable>>,
+    journal: Journal,
+    cache: Arc<Cache>,
+    signals: Arc<UploadSignals>,
+    uploads_configured: bool,
+    /// Where `/proc` is, for telling live processes from exited ones.
+    pub proc_root: PathBuf,
+}
+
+fn now_ms() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock is a bug that already failed a call; the
+    // data it guards stays consistent because every change is one operation.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn context_fault(error: ContextError) -> Fault {
+    let code = match error {
+        ContextError::ContextsFull { .. } => FaultCode::ContextsFull,
+        ContextError::FramesFull { .. } => FaultCode::FramesFull,
+    };
+    Fault::new(code, error.to_string())
+}
+
+fn journal_fault(error: JournalError) -> Fault {
+    let code = match error {
+        JournalError::Full { .. } => FaultCode::CacheFull,
+        JournalError::Storage(_) | JournalError::Closed => FaultCode::StorageFailed,
+    };
+    Fault::new(code, error.to_string())
+}
+
+impl Meter {
+    /// A meter over `cache`, recording through `journal`, with `table` shared
+    /// with the uploader.
+    pub fn new(
+        cache: Arc<Cache>,
+        journal: Journal,
+        table: Arc<Mutex<StatusTable>>,
+        signals: Arc<UploadSignals>,
+        uploads_configured: bool,
+        limits: ContextLimits,
+    ) -> Self {
+        Self {
+            contexts: Mutex::new(Contexts::new(limits)),
+            table,
+            journal,
+            cache,
+            signals,
+            uploads_configured,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+
+    /// The caller of a call made by `peer`, with an optional explicit context.
+    pub fn caller(&self, peer: &Peer, context: Option<&Context>) -> Result<Caller, Fault> {
+        let as_process = |lineage: &[ProcessId]| Caller {
+            key: ContextKey::Process(lineage[0]),
+            enclosing: lineage[1..]
+                .iter()
+                .copied()
+                .map(ContextKey::Process)
+                .collect(),
+        };
+        let Some(context) = context else {
+            return Ok(match peer.lineage.as_slice() {
+                [] => Caller {
+                    key: ContextKey::Connection(peer.connection),
+                    enclosing: Vec::new(),
+                },
+                lineage => as_process(lineage),
+            });
+        };
+        if peer.lineage.is_empty() {
+            return Err(Fault::invalid_params(
+                "explicit contexts need a caller with process credentials",
+            ));
+        }
+        if context.as_str() == PARENT_CONTEXT {
+            if peer.lineage.len() < 2 {
+                return Err(Fault::invalid_params("the caller has no parent process"));
+            }
+            return Ok(as_process(&peer.lineage[1..]));
+        }
+        if context.as_str().starts_with('.') {
+            return Err(Fault::invalid_params(
+                "context names starting with '.' are reserved",
+            ));
+        }
+        let key = ContextKey::Named {
+            process: peer.lineage[0],
+            name: context.clone(),
+        };
+        if Context::parse(&key.to_string()).is_err() {
+            return Err(Fault::invalid_params(
+                "context name too long for this process",
+            ));
+        }
+        let enclosing = peer
+            .lineage
+            .iter()
+            .copied()
+            .map(ContextKey::Process)
+            .collect();
+        Ok(Caller { key, enclosing })
+    }
+
+    /// Answers one call from `peer`.
+    pub async fn call(&self, peer: &Peer, call: MeterCall) -> Result<Value, Fault> {
+        match call {
+            MeterCall::Login { cid, context } => {
+                let caller = self.caller(peer, context.as_ref())?;
+                self.login(&caller, cid).await.map(|()| Value::Bool(true))
+            }
+            MeterCall::Logout { cid, context } => {
+                let caller = self.caller(peer, context.as_ref())?;
+                self.logout(&caller, cid).await.map(Value::Bool)
+            }
+            MeterCall::Query { pid, context } => {
+                let caller = self.caller(peer, context.as_ref())?;
+                self.query(&caller, pid).map(Value::Bool)
+            }
+            MeterCall::Commit { pid, context } => {
+                let caller = self.caller(peer, context.as_ref())?;
+                self.commit(&caller, pid).await.map(|_| Value::Bool(true))
+            }
+            MeterCall::Cancel { pid, context } => {
+                let caller = self.caller(peer, context.as_ref())?;
+                Ok(Value::Bool(
+                    lock(&self.contexts).close_query(&caller, pid).is_some(),
+                ))
+            }
+            MeterCall::Flush => Ok(Value::Bool(self.flush().await)),
+            MeterCall::Status => Ok(self.status()),
+        }
+    }
+
+    async fn record(&self, caller: &Caller, event: Event) -> Result<u64, Fault> {
+        let context =
+            Context::parse(&caller.key.to_string()).expect("context keys are valid tokens");
+        let reading = NewReading {
+            time_ms: now_ms(),
+            context,
+            event,
+        };
+        let outcome = self.journal.record(reading).await;
+        if matches!(outcome, Err(JournalError::Full { .. })) {
+            self.signals.wake.notify_one();
+        }
+        outcome.map_err(journal_fault)
+    }
+
+    async fn login(&self, caller: &Caller, cid: Cid) -> Result<(), Fault> {
+        lock(&self.contexts)
+            .login(caller, cid)
+            .map_err(context_fault)?;
+        if let Err(fault) = self.record(caller, Event::Login(cid)).await {
+            lock(&self.contexts).logout(caller, cid);
+            return Err(fault);
+        }
+        Ok(())
+    }
+
+    async fn logout(&self, caller: &Caller, cid: Cid) -> Result<bool, Fault> {
+        if !lock(&self.contexts).logout(caller, cid) {
+            return Ok(false);
+        }
+        self.record(caller, Event::Logout(cid)).await?;
+        Ok(true)
+    }
+
+    /// May a use of `pid` begin? Opens a query frame when it may.
+    pub fn query(&self, caller: &Caller, pid: Pid) -> Result<bool, Fault> {
+        let mut contexts = lock(&self.contexts);
+        let Some(payer) = contexts.payer(caller) else {
+            return Ok(false);
+        };
+        let (verdict, upload_early) = lock(&self.table).verdict(payer, now_ms());
+        if upload_early {
+            self.signals.wake.notify_one();
+        }
+        if !verdict.allows() {
+            return Ok(false);
+        }
+        contexts
+            .open_query(caller, pid, payer)
+            .map_err(context_fault)?;
+        Ok(true)
+    }
+
+    async fn commit(&self, caller: &Caller, pid: Pid) -> Result<u64, Fault> {
+        let payer = lock(&self.contexts)
+            .close_query(caller, pid)
+            .ok_or_else(|| {
+                Fault::new(
+                    FaultCode::UnmatchedCommit,
+                    format!("commit({pid}) without an open query({pid}) in this context"),
+                )
+            })?;
+        let seq = self
+            .record(
+                caller,
+                Event::Commit {
+                    pid,
+                    payer: Some(payer),
+                },
+            )
+            .await?;
+        let pending = self.cache.pending();
+        let flush_at = u64::from(lock(&self.table).params().flush_readings_max);
+        if pending >= flush_at {
+            self.signals.wake.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// Uploads now; true when an upload succeeded within `FLUSH_WAIT_MS`.
+    pub async fn flush(&self) -> bool {
+        if !self.uploads_configured {
+            return false;
+        }
+        let mut reports = self.signals.report.subscribe();
+        let attempt_before = reports.borrow_and_update().attempt;
+        self.signals.wake.notify_one();
+        let wait = async {
+            loop {
+                if reports.changed().await.is_err() {
+                    return false;
+                }
+                let report = reports.borrow_and_update().clone();
+                if report.attempt > attempt_before {
+                    return report.last_error.is_none();
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(FLUSH_WAIT_MS), wait)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Drops the contexts of processes that have exited.
+    pub fn sweep_contexts(&self) -> usize {
+        let root = self.proc_root.clone();
+        lock(&self.contexts).retain_processes(|process| crate::procinfo::is_alive(&root, process))
+    }
+
+    /// Drops a closed connection's context.
+    pub fn forget_connection(&self, connection: u64) {
+        lock(&self.contexts).forget_connection(connection);
+    }
+
+    fn status(&self) -> Value {
+        let report = self.signals.report.borrow().clone();
+        let open_contexts = lock(&self.contexts).len();
+        let received_ms = lock(&self.table).received_ms();
+        let table_age_s = received_ms.map(|received| now_ms().saturating_sub(received) / 1000);
+        let optional =
+            |value: Option<u64>| value.map_or(Value::Nil, |v| Value::string(v.to_string()));
+        Value::structure([
+            (
+                "pendingReadings",
+                Value::string(self.cache.pending().to_string()),
+            ),
+            (
+                "cacheReadingsMax",
+                Value::string(self.cache.readings_max().to_string()),
+            ),
+            ("openContexts", Value::string(open_contexts.to_string())),
+            ("uploadsConfigured", Value::Bool(self.uploads_configured)),
+            ("lastUploadMs", optional(report.last_success_ms)),
+            (
+                "lastError",
+                report.last_error.map_or(Value::Nil, Value::String),
+            ),
+            ("tableAgeS", optional(table_age_s)),
+        ])
+    }
+}
