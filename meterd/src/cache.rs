@@ -272,6 +272,12 @@ impl Cache {
         Ok(())
     }
 
+    /// Keeps an answer that confirmed no batch (a refresh of the table).
+    pub fn save_table(&self, table: &SavedTable) -> Result<(), CacheError> {
+        self.tree.insert(TABLE_KEY, encode_table(table))?;
+        self.sync()
+    }
+
     /// The status table of the last upload, if any.
     pub fn saved_table(&self) -> Result<Option<SavedTable>, CacheError> {
         Ok(self

@@ -14,7 +14,9 @@ use crate::cache::{Cache, CacheError};
 use crate::config::{CONTEXT_SWEEP_INTERVAL_MS, Config};
 use crate::meter::{Meter, UploadReport, UploadSignals};
 use crate::standing::StatusTable;
+use crate::uploader::Uploader;
 use crate::{journal, server};
+use proto::auth::Secret;
 
 /// How long shutdown waits for the journal to finish writing.
 pub const JOURNAL_DRAIN_MS: u64 = 5_000;
@@ -30,6 +32,9 @@ pub enum StartError {
         /// Why.
         source: CacheError,
     },
+    /// The upload settings are unusable (secret file, URL).
+    #[error("{0}")]
+    Upload(String),
     /// Another meter answers on the socket.
     #[error("another meterd is already listening on {0}")]
     AlreadyRunning(String),
@@ -96,6 +101,21 @@ pub async fn serve(
         wake: Notify::new(),
         report,
     });
+    let uploader = match &config.upload {
+        Some(settings) => {
+            let secret = read_secret(&settings.secret_file)?;
+            let uploader = Uploader::new(
+                Arc::clone(&cache),
+                Arc::clone(&table),
+                Arc::clone(&signals),
+                settings,
+                secret,
+            )
+            .map_err(StartError::Upload)?;
+            Some(uploader)
+        }
+        None => None,
+    };
     let listener = bind(&config.socket, config.socket_mode)?;
     let meter = Arc::new(Meter::new(
         Arc::clone(&cache),
@@ -106,10 +126,16 @@ pub async fn serve(
         config.context_limits,
     ));
     let sweeper = tokio::spawn(sweep_contexts(Arc::clone(&meter)));
+    let uploads = uploader.map(|uploader| tokio::spawn(uploader.run()));
     tracing::info!(socket = %config.socket.display(), pending = cache.pending(), "meterd ready");
     ready(&config);
     server::run(listener, Arc::clone(&meter), shutdown).await;
     sweeper.abort();
+    // An upload in flight is abandoned: its batch stays in the cache, with its
+    // id, and is resent on the next start.
+    if let Some(uploads) = uploads {
+        uploads.abort();
+    }
     drop(meter);
     let drained = tokio::task::spawn_blocking(move || writer.join());
     if tokio::time::timeout(Duration::from_millis(JOURNAL_DRAIN_MS), drained)
@@ -121,6 +147,17 @@ pub async fn serve(
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("meterd stopped");
     Ok(())
+}
+
+fn read_secret(path: &Path) -> Result<Secret, StartError> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        StartError::Upload(format!(
+            "cannot read the secret file {}: {error}",
+            path.display()
+        ))
+    })?;
+    Secret::new(text.trim().as_bytes())
+        .map_err(|error| StartError::Upload(format!("secret file {}: {error}", path.display())))
 }
 
 async fn sweep_contexts(meter: Arc<Meter>) {

@@ -2,7 +2,8 @@
 //! its client library (`client`) and the pieces of the daemon: `cache` (the
 //! only module that touches sled), `journal` (group commit), `context` (who
 //! pays), `standing` (the status table), `meter` (the calls), `server` (the
-//! Unix-socket XML-RPC server) and `daemon` (wiring and shutdown).
+//! Unix-socket XML-RPC server), `uploader` (`send` to the backoffice) and
+//! `daemon` (wiring and shutdown).
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod meter;
 pub mod procinfo;
 pub mod server;
 pub mod standing;
+pub mod uploader;
 
 use std::path::PathBuf;
 

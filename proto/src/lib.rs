@@ -1,10 +1,11 @@
 //! `proto`: the API boundary between metered programs, `meterd` and the
 //! `backoffice`. Typed IDs, exact amounts, meter readings, and the XML-RPC codec
-//! with its fault registry. This crate does no I/O and knows nothing of tokio,
+//! with its fault registry, and upload signatures. This crate does no I/O and knows nothing of tokio,
 //! sled or wasmtime: it turns bytes into typed values and back.
 #![forbid(unsafe_code)]
 
 pub mod amount;
+pub mod auth;
 pub mod fault;
 pub mod id;
 pub mod meter_api;

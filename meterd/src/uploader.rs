@@ -1,0 +1,363 @@
+//! The uploader: sends waiting readings to the backoffice with `send` and
+//! takes its answer (the status table and the upload parameters).
+//!
+//! It uploads when the cache holds `flushReadingsMax` readings, when the
+//! oldest is `flushIntervalS` old, when the status table is half-way to
+//! stale, and whenever woken (`flush()`, a full cache, an unconfirmed payer).
+//! A batch is fixed in the cache before its first send and resent unchanged,
+//! with the same id, until the backoffice confirms it; only then are its
+//! readings deleted. Failures back off exponentially up to
+//! `RETRY_DELAY_MAX_MS`, for as long as the backoffice stays down.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
+use proto::upload::{Batch, SendAnswer, SendBody, SendRequest};
+use proto::xmlrpc::{Limits, MethodResponse, encode_call, parse_response};
+use proto::{BatchId, Mid};
+
+use crate::cache::{Cache, PendingBatch, SavedTable};
+use crate::config::UploadSettings;
+use crate::meter::{UploadSignals, now_ms};
+use crate::standing::StatusTable;
+
+/// Most readings in one batch.
+pub const UPLOAD_BATCH_READINGS: usize = 10_000;
+/// How long one upload may take before it counts as failed.
+pub const UPLOAD_TIMEOUT_MS: u64 = 60_000;
+/// First delay after a failed upload.
+pub const RETRY_DELAY_MIN_MS: u64 = 1_000;
+/// Longest delay between retries.
+pub const RETRY_DELAY_MAX_MS: u64 = 300_000;
+/// Longest the uploader sleeps before looking at its triggers again.
+pub const CHECK_INTERVAL_MAX_MS: u64 = 60_000;
+
+/// Why an upload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The backoffice could not be reached or did not answer in time.
+    #[error("backoffice unreachable: {0}")]
+    Unreachable(String),
+    /// The backoffice answered with something other than a valid answer.
+    #[error("bad answer from the backoffice: {0}")]
+    BadAnswer(String),
+    /// The backoffice refused the batch.
+    #[error("backoffice refused the upload: {0}")]
+    Refused(proto::Fault),
+    /// The cache failed.
+    #[error("{0}")]
+    Cache(String),
+}
+
+/// Where the backoffice listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Request path.
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `http://HOST[:PORT][/PATH]`; the path defaults to `/RPC2`.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("the URL must start with http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], &rest[slash..]),
+            None => (rest, "/RPC2"),
+        };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']').ok_or("unclosed [ in the URL")?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            Some(port) => port.parse().map_err(|_| format!("bad port {port:?}"))?,
+            None => 80,
+        };
+        if host.is_empty() {
+            return Err("the URL has no host".into());
+        }
+        Ok(Endpoint {
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The uploader's state.
+pub struct Uploader {
+    cache: Arc<Cache>,
+    table: Arc<Mutex<StatusTable>>,
+    signals: Arc<UploadSignals>,
+    mid: Mid,
+    secret: Secret,
+    endpoint: Endpoint,
+}
+
+fn lock(table: &Mutex<StatusTable>) -> std::sync::MutexGuard<'_, StatusTable> {
+    table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::cache::CacheError> + Send + 'static,
+) -> Result<T, UploadError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| UploadError::Cache(error.to_string()))?
+        .map_err(|error| UploadError::Cache(error.to_string()))
+}
+
+impl Uploader {
+    /// An uploader for `settings`, whose secret has been read already.
+    pub fn new(
+        cache: Arc<Cache>,
+        table: Arc<Mutex<StatusTable>>,
+        signals: Arc<UploadSignals>,
+        settings: &UploadSettings,
+        secret: Secret,
+    ) -> Result<Uploader, String> {
+        Ok(Uploader {
+            cache,
+            table,
+            signals,
+            mid: settings.mid,
+            secret,
+            endpoint: Endpoint::parse(&settings.url)?,
+        })
+    }
+
+    /// Milliseconds until a timed trigger fires (0: due now).
+    async fn due_in_ms(&self) -> u64 {
+        let params = lock(&self.table).params();
+        let now = now_ms();
+        if self.cache.pending() >= u64::from(params.flush_readings_max) {
+            return 0;
+        }
+        let received = lock(&self.table).received_ms();
+        let refresh_ms = u64::from(params.status_stale_max_s) * 500;
+        let table_due = received.map_or(0, |received| (received + refresh_ms).saturating_sub(now));
+        let cache = Arc::clone(&self.cache);
+        let oldest = blocking(move || cache.oldest_time_ms())
+            .await
+            .ok()
+            .flatten();
+        let interval_ms = u64::from(params.flush_interval_s) * 1000;
+        let readings_due = oldest.map_or(u64::MAX, |oldest| {
+            (oldest + interval_ms).saturating_sub(now)
+        });
+        table_due.min(readings_due)
+    }
+
+    /// Runs until the task is dropped. Dropping it mid-upload is safe: the
+    /// batch stays in the cache with its id and is resent on the next start.
+    pub async fn run(self) {
+        let mut retry_delay_ms = 0u64;
+        loop {
+            let wait_ms = if retry_delay_ms > 0 {
+                retry_delay_ms
+            } else {
+                self.due_in_ms().await.min(CHECK_INTERVAL_MAX_MS)
+            };
+            let woken = tokio::select! {
+                () = self.signals.wake.notified() => true,
+                () = tokio::time::sleep(Duration::from_millis(wait_ms)) => false,
+            };
+            if !woken && retry_delay_ms == 0 && self.due_in_ms().await > 0 {
+                continue;
+            }
+            let outcome = self.upload_all().await;
+            let mut report = self.signals.report.borrow().clone();
+            report.attempt += 1;
+            match outcome {
+                Ok(()) => {
+                    retry_delay_ms = 0;
+                    report.last_success_ms = Some(now_ms());
+                    report.last_error = None;
+                }
+                Err(error) => {
+                    retry_delay_ms =
+                        (retry_delay_ms * 2).clamp(RETRY_DELAY_MIN_MS, RETRY_DELAY_MAX_MS);
+                    tracing::warn!(%error, retry_in_ms = retry_delay_ms, "upload failed");
+                    report.last_error = Some(error.to_string());
+                }
+            }
+            self.signals.report.send_replace(report);
+        }
+    }
+
+    /// Uploads until nothing waits; at least one exchange (which refreshes
+    /// the status table) even when nothing waits.
+    async fn upload_all(&self) -> Result<(), UploadError> {
+        loop {
+            let cache = Arc::clone(&self.cache);
+            let mid = self.mid;
+            let pending =
+                blocking(move || cache.pending_batch(&mid, UPLOAD_BATCH_READINGS)).await?;
+            match pending {
+                Some(batch) => self.upload_batch(batch).await?,
+                None => return self.refresh_table().await,
+            }
+            if self.cache.pending() == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn upload_batch(&self, batch: PendingBatch) -> Result<(), UploadError> {
+        let cache = Arc::clone(&self.cache);
+        let fixed = batch.clone();
+        let readings = blocking(move || cache.batch_readings(&fixed)).await?;
+        let count = readings.len();
+        let request = SendRequest {
+            mid: self.mid,
+            body: SendBody::Batch(Batch {
+                id: batch.id.clone(),
+                readings,
+            }),
+        };
+        let saved = self.exchange(&request, &batch.id).await?;
+        let cache = Arc::clone(&self.cache);
+        let kept = saved.clone();
+        blocking(move || cache.confirm_batch(&batch, &kept)).await?;
+        lock(&self.table).replace(&saved);
+        tracing::info!(readings = count, "batch uploaded");
+        Ok(())
+    }
+
+    async fn refresh_table(&self) -> Result<(), UploadError> {
+        let id = BatchId::parse(&format!("{}:t{}", self.mid, now_ms())).expect("valid batch id");
+        let request = SendRequest {
+            mid: self.mid,
+            body: SendBody::Batch(Batch {
+                id: id.clone(),
+                readings: Vec::new(),
+            }),
+        };
+        let saved = self.exchange(&request, &id).await?;
+        let cache = Arc::clone(&self.cache);
+        let kept = saved.clone();
+        blocking(move || cache.save_table(&kept)).await?;
+        lock(&self.table).replace(&saved);
+        Ok(())
+    }
+
+    /// Sends one signed request and checks that the answer is for `batch_id`.
+    async fn exchange(
+        &self,
+        request: &SendRequest,
+        batch_id: &BatchId,
+    ) -> Result<SavedTable, UploadError> {
+        let body = encode_call(proto::upload::SEND_METHOD, &request.to_params());
+        let timeout = Duration::from_millis(UPLOAD_TIMEOUT_MS);
+        let answer = tokio::time::timeout(timeout, self.post(body))
+            .await
+            .map_err(|_| {
+                UploadError::Unreachable(format!("no answer within {UPLOAD_TIMEOUT_MS} ms"))
+            })??;
+        let value = match parse_response(&answer, Limits::BACKOFFICE) {
+            Ok(MethodResponse::Success(value)) => value,
+            Ok(MethodResponse::Fault(fault)) => return Err(UploadError::Refused(fault)),
+            Err(error) => return Err(UploadError::BadAnswer(error.to_string())),
+        };
+        let answer = SendAnswer::from_value(&value)
+            .map_err(|fault| UploadError::BadAnswer(fault.message))?;
+        if answer.batch_id != *batch_id {
+            return Err(UploadError::BadAnswer(format!(
+                "answer for batch {} instead of {batch_id}",
+                answer.batch_id
+            )));
+        }
+        Ok(SavedTable {
+            received_ms: now_ms(),
+            standings: answer.standings,
+            params: answer.params,
+        })
+    }
+
+    async fn post(&self, body: Vec<u8>) -> Result<Bytes, UploadError> {
+        let unreachable =
+            |error: &dyn std::fmt::Display| UploadError::Unreachable(error.to_string());
+        let endpoint = &self.endpoint;
+        let stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|error| unreachable(&error))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| unreachable(&error))?;
+        tokio::spawn(connection);
+        let time_ms = now_ms();
+        let signature = self.secret.sign(&self.mid, time_ms, &body);
+        let request = Request::post(endpoint.path.as_str())
+            .header(HOST, format!("{}:{}", endpoint.host, endpoint.port))
+            .header(CONTENT_TYPE, "text/xml")
+            .header(MID_HEADER, self.mid.as_str())
+            .header(TIME_HEADER, time_ms.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| unreachable(&error))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| unreachable(&error))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), Limits::BACKOFFICE.body_bytes_max)
+            .collect()
+            .await
+            .map_err(|error| unreachable(&*error))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(UploadError::BadAnswer(format!("HTTP status {status}")));
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let endpoint = Endpoint::parse("http://127.0.0.1:8080/RPC2").unwrap();
+        assert_eq!(
+            (
+                endpoint.host.as_str(),
+                endpoint.port,
+                endpoint.path.as_str()
+            ),
+            ("127.0.0.1", 8080, "/RPC2")
+        );
+        let endpoint = Endpoint::parse("http://[::1]:9").unwrap();
+        assert_eq!(
+            (
+                endpoint.host.as_str(),
+                endpoint.port,
+                endpoint.path.as_str()
+            ),
+            ("::1", 9, "/RPC2")
+        );
+        let endpoint = Endpoint::parse("http://backoffice.example").unwrap();
+        assert_eq!(endpoint.port, 80);
+        assert!(Endpoint::parse("https://x").is_err());
+        assert!(Endpoint::parse("http://:80/").is_err());
+        assert!(Endpoint::parse("http://x:port/").is_err());
+    }
+}
