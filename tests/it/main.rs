@@ -1,5 +1,6 @@
 //! End-to-end tests: each starts the real binaries on loopback with
 //! temporary state and talks to them as users' programs would.
 
+mod meterd;
 mod support;
 mod validator1;

@@ -23,8 +23,14 @@ impl Drop for Running {
 
 /// Starts `program` with `args` and waits for the first line it prints.
 pub fn start(program: &str, args: &[&str]) -> Running {
+    start_with_env(program, args, &[])
+}
+
+/// Like `start`, with extra environment variables.
+pub fn start_with_env(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Running {
     let mut child = Command::new(program)
         .args(args)
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -59,6 +65,133 @@ pub fn post(address: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     );
     stream.write_all(head.as_bytes()).expect("write head");
     // A server may refuse an oversize body before reading it; that is fine.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text_end = response
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .expect("a complete HTTP response head");
+    let head = String::from_utf8_lossy(&response[..text_end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (status, response[text_end + 4..].to_vec())
+}
+
+/// The path of the workspace binary `name` from package `package`, built
+/// first (once per test run) with the profile these tests were built with.
+/// Cargo gives a test only its own package's binaries, and `meterd` and
+/// `backoffice` live in packages of their own.
+pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let test_exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/PROFILE/deps");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let profile = profile_dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .expect("profile name");
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !built.iter().any(|done| done == name) {
+        let mut command = Command::new(env!("CARGO"));
+        command
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                package,
+                "--bin",
+                name,
+                "--target-dir",
+            ])
+            .arg(target_dir)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if profile == "release" {
+            command.arg("--release");
+        }
+        let status = command.status().expect("cargo runs");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {name} failed"
+        );
+        built.push(name.to_owned());
+    }
+    profile_dir.join(name)
+}
+
+/// A running meterd with its socket.
+pub struct MeterdRun {
+    pub running: Running,
+    pub socket: std::path::PathBuf,
+}
+
+/// Where a meterd stores things and how it uploads.
+pub struct MeterdSetup {
+    pub dir: std::path::PathBuf,
+    pub backoffice: Option<(SocketAddr, proto::Mid, std::path::PathBuf)>,
+}
+
+impl MeterdSetup {
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.join("meterd.sock")
+    }
+
+    /// Starts `meterd serve` and waits until it listens.
+    pub fn start(&self) -> MeterdRun {
+        let socket = self.socket();
+        let data = self.dir.join("data");
+        let mut args = vec![
+            "--socket".to_owned(),
+            socket.display().to_string(),
+            "serve".to_owned(),
+            "--data-dir".to_owned(),
+            data.display().to_string(),
+        ];
+        if let Some((address, mid, secret_file)) = &self.backoffice {
+            args.extend([
+                "--backoffice".to_owned(),
+                format!("http://{address}/RPC2"),
+                "--mid".to_owned(),
+                mid.to_string(),
+                "--secret-file".to_owned(),
+                secret_file.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let meterd = workspace_binary("meterd", "meterd");
+        // Warnings only: the tests kill and restart meters on purpose.
+        let running = start_with_env(
+            meterd.to_str().expect("UTF-8 path"),
+            &args,
+            &[("METERD_LOG", "warn")],
+        );
+        assert!(
+            running.first_line.starts_with("meterd listening on"),
+            "{}",
+            running.first_line
+        );
+        MeterdRun { running, socket }
+    }
+}
+
+/// The status code and body of an HTTP/1.1 request over a Unix socket.
+pub fn unix_request(socket: &std::path::Path, method: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to meterd");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let head = format!(
+        "{method} /RPC2 HTTP/1.1\r\nHost: meterd\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("write head");
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);

@@ -1,0 +1,86 @@
+"""Calls meterd from Python with the stock xmlrpc.client over its Unix socket.
+
+usage: python3 meter_client.py SOCKET CID PRODUCT COMPONENT THREADS USES
+
+Logs CID in, then THREADS threads, each in a context of its own, use PRODUCT
+USES times with one use of COMPONENT inside each; prints the uses committed.
+"""
+
+import http.client
+import socket
+import sys
+import threading
+import xmlrpc.client
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path):
+        super().__init__("meterd")
+        self.socket_path = socket_path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.socket_path)
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    """xmlrpc.client's transport, connecting to a Unix socket instead of TCP."""
+
+    def __init__(self, socket_path):
+        super().__init__()
+        self.socket_path = socket_path
+
+    def make_connection(self, host):
+        if self._connection and host == self._connection[0]:
+            return self._connection[1]
+        self._connection = host, UnixConnection(self.socket_path)
+        return self._connection[1]
+
+
+def connect(socket_path):
+    return xmlrpc.client.ServerProxy("http://meterd/RPC2", transport=UnixTransport(socket_path))
+
+
+def work(socket_path, product, component, uses, context, results):
+    meter = connect(socket_path)
+    committed = 0
+    for _ in range(uses):
+        if not meter.query(product, context):
+            continue
+        if meter.query(component, context):
+            meter.commit(component, context)  # charged to the product's owner
+        meter.commit(product, context)
+        committed += 1
+    # A query that is never committed is cancelled and not charged.
+    if meter.query(product, context):
+        assert meter.cancel(product, context) is True
+    results.append(committed)
+
+
+def main(socket_path, cid, product, component, threads, uses):
+    meter = connect(socket_path)
+    meter.login(cid)
+    results = []
+    workers = [
+        threading.Thread(target=work, args=(socket_path, product, component, uses, f"py{n}", results))
+        for n in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if len(results) != threads:
+        raise SystemExit("a worker failed")
+    try:
+        meter.commit("B1-P404")
+        raise SystemExit("commit without query must be refused")
+    except xmlrpc.client.Fault as fault:
+        assert fault.faultCode == 104, fault
+    assert meter.logout(cid) is True
+    print(f"committed {sum(results)} uses of {product}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 7:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
