@@ -23,6 +23,7 @@ const READING_PREFIX: u8 = b'r';
 const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
+const SESSIONS_KEY: &[u8] = b"m:sessions";
 const RECORD_VERSION: u8 = 1;
 
 /// Why the cache could not do what was asked.
@@ -276,6 +277,33 @@ impl Cache {
     pub fn save_table(&self, table: &SavedTable) -> Result<(), CacheError> {
         self.tree.insert(TABLE_KEY, encode_table(table))?;
         self.sync()
+    }
+
+    /// Keeps the open logins (context as recorded in readings, and CID), so
+    /// that sessions survive a restart of the meter.
+    pub fn save_sessions(&self, sessions: &[(String, Cid)]) -> Result<(), CacheError> {
+        let mut out = Vec::with_capacity(sessions.len() * 48);
+        for (context, cid) in sessions {
+            put_str(&mut out, context);
+            put_str(&mut out, cid.as_str());
+        }
+        self.tree.insert(SESSIONS_KEY, out)?;
+        self.sync()
+    }
+
+    /// The open logins saved last.
+    pub fn saved_sessions(&self) -> Result<Vec<(String, Cid)>, CacheError> {
+        let Some(bytes) = self.tree.get(SESSIONS_KEY)? else {
+            return Ok(Vec::new());
+        };
+        let mut fields = Fields(&bytes);
+        let mut sessions = Vec::new();
+        while !fields.0.is_empty() {
+            let decoded =
+                (|| Some((fields.text()?.to_owned(), Cid::parse(fields.text()?).ok()?)))();
+            sessions.push(decoded.expect("cache: sessions record is corrupt"));
+        }
+        Ok(sessions)
     }
 
     /// The status table of the last upload, if any.
@@ -552,6 +580,23 @@ mod tests {
             cache.append(&[new_reading(4)]).unwrap(),
             4,
             "numbers never reused"
+        );
+    }
+
+    #[test]
+    fn sessions_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = vec![("42.7".to_owned(), Cid::parse("B1-C1").unwrap())];
+        Cache::open(dir.path(), 10)
+            .unwrap()
+            .save_sessions(&sessions)
+            .unwrap();
+        assert_eq!(
+            Cache::open(dir.path(), 10)
+                .unwrap()
+                .saved_sessions()
+                .unwrap(),
+            sessions
         );
     }
 

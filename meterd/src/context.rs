@@ -50,6 +50,37 @@ pub enum ContextKey {
     Connection(u64),
 }
 
+impl ContextKey {
+    /// Parses the recorded form back; `None` for connection contexts, which
+    /// do not outlive their connection, and for anything malformed.
+    pub fn parse(text: &str) -> Option<ContextKey> {
+        let (process, name) = match text.split_once(':') {
+            Some((process, name)) => (process, Some(name)),
+            None => (text, None),
+        };
+        let (pid, start) = process.split_once('.')?;
+        let process = ProcessId {
+            pid: pid.parse().ok()?,
+            start_ticks: start.parse().ok()?,
+        };
+        Some(match name {
+            Some(name) => ContextKey::Named {
+                process,
+                name: Context::parse(name).ok()?,
+            },
+            None => ContextKey::Process(process),
+        })
+    }
+
+    /// The process this context belongs to, if any.
+    pub fn process(&self) -> Option<ProcessId> {
+        match self {
+            ContextKey::Process(process) | ContextKey::Named { process, .. } => Some(*process),
+            ContextKey::Connection(_) => None,
+        }
+    }
+}
+
 impl fmt::Display for ContextKey {
     /// The form recorded in readings: `PID.START`, `PID.START:NAME`, `conn.N`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -227,6 +258,23 @@ impl Contexts {
             Frame::Query { payer, .. } => Some(payer),
             Frame::Login(_) => unreachable!("only a query frame matches"),
         }
+    }
+
+    /// Every open login, outermost first within each context, for saving.
+    pub fn logins(&self) -> Vec<(ContextKey, Cid)> {
+        let mut logins: Vec<(ContextKey, Cid)> = self
+            .stacks
+            .iter()
+            .filter(|(key, _)| key.process().is_some())
+            .flat_map(|(key, stack)| {
+                stack.iter().filter_map(move |frame| match frame {
+                    Frame::Login(cid) => Some((key.clone(), *cid)),
+                    Frame::Query { .. } => None,
+                })
+            })
+            .collect();
+        logins.sort_by_key(|(key, _)| key.to_string());
+        logins
     }
 
     /// Drops every context whose process `alive` says has exited; returns how
@@ -409,6 +457,42 @@ mod tests {
         assert_eq!(contexts.retain_processes(|process| process.pid != 1), 1);
         contexts.login(&c, cid(3)).unwrap();
         assert_eq!(contexts.payer(&a), None);
+    }
+
+    #[test]
+    fn logins_are_listed_for_saving_without_queries() {
+        let mut contexts = Contexts::default();
+        let program = caller(10, &[]);
+        contexts.login(&program, cid(1)).unwrap();
+        contexts
+            .open_query(&program, pid(1), Payer::Customer(cid(1)))
+            .unwrap();
+        contexts.login(&program, cid(2)).unwrap();
+        let connection = Caller {
+            key: ContextKey::Connection(3),
+            enclosing: Vec::new(),
+        };
+        contexts.login(&connection, cid(3)).unwrap();
+        assert_eq!(
+            contexts.logins(),
+            vec![(program.key.clone(), cid(1)), (program.key.clone(), cid(2))]
+        );
+    }
+
+    #[test]
+    fn context_keys_parse_back() {
+        for key in [
+            ContextKey::Process(process(7)),
+            ContextKey::Named {
+                process: process(8),
+                name: Context::parse("t:1").unwrap(),
+            },
+        ] {
+            assert_eq!(ContextKey::parse(&key.to_string()), Some(key));
+        }
+        assert_eq!(ContextKey::parse("conn.9"), None);
+        assert_eq!(ContextKey::parse("7"), None);
+        assert_eq!(ContextKey::parse("x.y"), None);
     }
 
     #[test]

@@ -125,6 +125,14 @@ pub async fn serve(
         config.upload.is_some(),
         config.context_limits,
     ));
+    let sessions = cache.saved_sessions().map_err(|source| StartError::Cache {
+        path: cache_dir.display().to_string(),
+        source,
+    })?;
+    let restored = meter.restore_sessions(&sessions);
+    if restored > 0 {
+        tracing::info!(restored, "sessions restored");
+    }
     let sweeper = tokio::spawn(sweep_contexts(Arc::clone(&meter)));
     let uploads = uploader.map(|uploader| tokio::spawn(uploader.run()));
     tracing::info!(socket = %config.socket.display(), pending = cache.pending(), "meterd ready");

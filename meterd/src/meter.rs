@@ -55,6 +55,8 @@ pub struct Peer {
 /// The meter's state, shared by every connection.
 pub struct Meter {
     contexts: Mutex<Contexts>,
+    /// Serializes saving sessions, so an older list never overwrites a newer.
+    sessions_saved: tokio::sync::Mutex<()>,
     table: Arc<Mutex<StatusTable>>,
     journal: Journal,
     cache: Arc<Cache>,
@@ -109,6 +111,7 @@ impl Meter {
     ) -> Self {
         Self {
             contexts: Mutex::new(Contexts::new(limits)),
+            sessions_saved: tokio::sync::Mutex::new(()),
             table,
             journal,
             cache,
@@ -220,11 +223,14 @@ impl Meter {
         lock(&self.contexts)
             .login(caller, cid)
             .map_err(context_fault)?;
-        if let Err(fault) = self.record(caller, Event::Login(cid)).await {
+        let saved = match self.record(caller, Event::Login(cid)).await {
+            Ok(_) => self.save_sessions().await,
+            Err(fault) => Err(fault),
+        };
+        if saved.is_err() {
             lock(&self.contexts).logout(caller, cid);
-            return Err(fault);
         }
-        Ok(())
+        saved
     }
 
     async fn logout(&self, caller: &Caller, cid: Cid) -> Result<bool, Fault> {
@@ -232,7 +238,48 @@ impl Meter {
             return Ok(false);
         }
         self.record(caller, Event::Logout(cid)).await?;
+        self.save_sessions().await?;
         Ok(true)
+    }
+
+    /// Saves the open logins durably, so a restarted meter still knows them.
+    async fn save_sessions(&self) -> Result<(), Fault> {
+        let _serial = self.sessions_saved.lock().await;
+        let sessions: Vec<(String, Cid)> = lock(&self.contexts)
+            .logins()
+            .into_iter()
+            .map(|(key, cid)| (key.to_string(), cid))
+            .collect();
+        let cache = Arc::clone(&self.cache);
+        let storage =
+            |error: &dyn std::fmt::Display| Fault::new(FaultCode::StorageFailed, error.to_string());
+        tokio::task::spawn_blocking(move || cache.save_sessions(&sessions))
+            .await
+            .map_err(|error| storage(&error))?
+            .map_err(|error| storage(&error))
+    }
+
+    /// Reopens the sessions saved before a restart whose processes still run.
+    /// Returns how many were restored.
+    pub fn restore_sessions(&self, saved: &[(String, Cid)]) -> usize {
+        let mut contexts = lock(&self.contexts);
+        let mut restored = 0;
+        for (text, cid) in saved {
+            let Some(key) = ContextKey::parse(text) else {
+                continue;
+            };
+            let alive = key
+                .process()
+                .is_some_and(|process| crate::procinfo::is_alive(&self.proc_root, &process));
+            let caller = Caller {
+                key,
+                enclosing: Vec::new(),
+            };
+            if alive && contexts.login(&caller, *cid).is_ok() {
+                restored += 1;
+            }
+        }
+        restored
     }
 
     /// May a use of `pid` begin? Opens a query frame when it may.

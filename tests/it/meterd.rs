@@ -374,3 +374,29 @@ fn sigkill_at_random_moments_loses_no_acknowledged_commit_and_charges_none_twice
         uploaded.len()
     );
 }
+
+#[test]
+fn sessions_survive_a_restart_of_the_meter() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = MeterdSetup {
+        dir: dir.path().to_owned(),
+        backoffice: None,
+    };
+    let product = pid("B1-P1");
+    let mut meter = setup.start();
+    // This test process is the caller: its context holds the session.
+    let mut client = meterd::client::Meter::connect(&meter.socket);
+    client.login(cid("B1-C1")).unwrap();
+    assert!(client.query(product));
+    assert_eq!(client.cancel(product).unwrap(), true);
+    meter.running.child.kill().unwrap();
+    meter.running.child.wait().unwrap();
+    assert!(!client.query(product), "no meter: fails closed");
+    let meter = setup.start();
+    assert!(client.query(product), "the session was restored");
+    client.commit(product).unwrap();
+    assert!(client.logout(cid("B1-C1")).unwrap());
+    drop(meter);
+    let _meter = setup.start();
+    assert!(!client.query(product), "the logout was saved too");
+}
