@@ -72,5 +72,28 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec);
+/// Everything the meter's codec does for one `query` round trip, both sides:
+/// the client encodes the call, the server parses and decodes it and encodes
+/// the answer, the client parses the answer.
+fn meter_query(c: &mut Criterion) {
+    use proto::meter_api::MeterCall;
+    use proto::xmlrpc::{Value, encode_response, parse_response};
+    let call = MeterCall::Query {
+        pid: Pid::parse("B1-P7").unwrap(),
+        context: Some(Context::parse("t1").unwrap()),
+    };
+    c.bench_function("meter_query_codec_round_trip", |b| {
+        b.iter(|| {
+            let (name, params) = call.to_call();
+            let body = encode_call(name, &params);
+            let parsed = parse_call(&body, Limits::METER_API).unwrap();
+            let decoded = MeterCall::from_call(&parsed).unwrap();
+            assert_eq!(decoded, call);
+            let answer = encode_response(&Value::Bool(true));
+            parse_response(&answer, Limits::METER_API).unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, codec, meter_query);
 criterion_main!(benches);
