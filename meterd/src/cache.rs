@@ -35,6 +35,9 @@ pub enum CacheError {
         /// The configured maximum.
         max: u64,
     },
+    /// Another process (another meterd) holds the cache.
+    #[error("another meterd is already using {0}")]
+    Locked(String),
     /// sled failed (disk full, I/O error).
     #[error("storage failed: {0}")]
     Storage(#[from] sled::Error),
@@ -113,7 +116,14 @@ impl Cache {
             // We flush (and fsync) explicitly at every group commit; no timer.
             .flush_every_ms(None)
             .use_compression(false)
-            .open()?;
+            .open()
+            .map_err(|error| match error {
+                // sled 0.34.7 (pinned) reports its file lock this way.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    CacheError::Locked(dir.display().to_string())
+                }
+                other => CacheError::Storage(other),
+            })?;
         let tree = db.open_tree("cache")?;
         // sled 0.34 keeps its log in `<dir>/db`; fsync of any descriptor of it
         // makes its data durable.

@@ -400,3 +400,45 @@ fn sessions_survive_a_restart_of_the_meter() {
     let _meter = setup.start();
     assert!(!client.query(product), "the logout was saved too");
 }
+
+#[test]
+fn sigterm_drains_and_exits_and_a_second_meter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = MeterdSetup {
+        dir: dir.path().to_owned(),
+        backoffice: None,
+    };
+    let mut meter = setup.start();
+    // A second meter on the same socket and data directory says why it stops.
+    let second = Command::new(workspace_binary("meterd", "meterd"))
+        .arg("--socket")
+        .arg(&meter.socket)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("METERD_LOG", "error")
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(69));
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        message.contains("another meterd is already using"),
+        "{message}"
+    );
+    let mut client = meterd::client::Meter::connect(&meter.socket);
+    client.login(cid("B1-C1")).unwrap();
+    let process = meter.running.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &process])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = meter.running.child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(!meter.socket.exists(), "the socket is removed on exit");
+    assert!(
+        !client.query(pid("B1-P1")),
+        "fails closed once the meter is gone"
+    );
+}
