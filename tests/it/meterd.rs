@@ -442,3 +442,30 @@ fn sigterm_drains_and_exits_and_a_second_meter_is_refused() {
         "fails closed once the meter is gone"
     );
 }
+
+#[test]
+fn the_readme_shows_the_python_transport_the_tests_run() {
+    let readme = include_str!("../../README.md");
+    let client = include_str!("../python/meter_client.py");
+    let block = readme
+        .split("```python")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README has a Python block");
+    let transport: Vec<&str> = block
+        .lines()
+        .skip_while(|line| !line.starts_with("class UnixConnection"))
+        .take_while(|line| !line.starts_with("meter = "))
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert!(
+        transport.len() > 10,
+        "the README shows the transport classes"
+    );
+    for line in transport {
+        assert!(
+            client.contains(line),
+            "README line not in meter_client.py: {line}"
+        );
+    }
+}
