@@ -3,6 +3,8 @@
 //! for now it holds the branch's fixed settings.
 #![forbid(unsafe_code)]
 
+pub mod pricing;
+
 use proto::{Amount, Bid};
 
 /// The settings every branch has, with their embedded defaults.

@@ -1,0 +1,4 @@
+//! The backoffice test binary.
+
+mod examples;
+mod pricing;

@@ -1,0 +1,287 @@
+//! The TACA runtime on real modules: the SDK examples with known answers, a
+//! hand-written WAT module, a hostile suite, and determinism.
+
+use backoffice::pricing::{FUEL_PER_CALL, ModuleError, PriceInput, Pricing, PricingError};
+use proto::{Amount, Cid, Code, Pid};
+
+use crate::examples::module;
+
+fn input(code: Code, pid: &str, period_uses: u64) -> PriceInput {
+    PriceInput::invocation(
+        Cid::parse("B1-C1").unwrap(),
+        code,
+        Pid::parse(pid).unwrap(),
+        period_uses,
+    )
+}
+
+fn commit(period_uses: u64) -> PriceInput {
+    input(Code::Commit, "B1-P7", period_uses)
+}
+
+fn amount(text: &str) -> Amount {
+    Amount::parse(text).unwrap()
+}
+
+fn price(pricing: &Pricing, bytes: &[u8], input: &PriceInput) -> Result<Amount, PricingError> {
+    let taca = pricing.load(bytes).expect("module loads");
+    pricing.price(&taca, input).map(|priced| priced.amount)
+}
+
+#[test]
+fn every_example_prices_known_answers() {
+    let pricing = Pricing::new();
+    let flat = module("flat");
+    assert_eq!(price(&pricing, &flat, &commit(0)), Ok(amount("0.25")));
+    assert_eq!(
+        price(&pricing, &flat, &input(Code::Query, "B1-P7", 0)),
+        Ok(Amount::ZERO)
+    );
+
+    let free_test = module("free-test");
+    assert_eq!(price(&pricing, &free_test, &commit(0)), Ok(amount("0.01")));
+    assert_eq!(
+        price(&pricing, &free_test, &input(Code::Commit, "B1-P7T", 0)),
+        Ok(Amount::ZERO)
+    );
+
+    let tiered = module("tiered");
+    let tiered_prices: Vec<_> = [0, 9, 10, 99, 100, 5000]
+        .iter()
+        .map(|&uses| price(&pricing, &tiered, &commit(uses)).unwrap())
+        .collect();
+    assert_eq!(
+        tiered_prices,
+        ["0", "0", "0.05", "0.05", "0.02", "0.02"]
+            .map(amount)
+            .to_vec()
+    );
+
+    let per_unit = module("per-unit");
+    let mut megabytes = commit(0);
+    megabytes.unit = "MB".into();
+    megabytes.volume = 1500;
+    assert_eq!(price(&pricing, &per_unit, &megabytes), Ok(amount("3")));
+    let mut seconds = commit(0);
+    seconds.unit = "s".into();
+    seconds.volume = 7;
+    assert_eq!(price(&pricing, &per_unit, &seconds), Ok(amount("0.0007")));
+    let mut unknown = commit(0);
+    unknown.unit = "furlong".into();
+    assert_eq!(
+        price(&pricing, &per_unit, &unknown),
+        Err(PricingError::Refused(3))
+    );
+
+    let capped = module("capped");
+    let capped_prices: Vec<_> = [0, 29, 30, 31, 1000]
+        .iter()
+        .map(|&uses| price(&pricing, &capped, &commit(uses)).unwrap())
+        .collect();
+    // 30 uses at 0.30 reach the cap of 9.00; then everything is free.
+    assert_eq!(
+        capped_prices,
+        ["0.3", "0.3", "0", "0", "0"].map(amount).to_vec()
+    );
+}
+
+#[test]
+fn a_module_written_by_hand_from_the_abi_doc_works() {
+    let pricing = Pricing::new();
+    let bytes = wat::parse_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/flat.wat"
+    ))
+    .unwrap();
+    assert_eq!(price(&pricing, &bytes, &commit(0)), Ok(amount("0.001")));
+    assert_eq!(
+        price(&pricing, &bytes, &input(Code::Login, "B1-P7", 0)),
+        Ok(Amount::ZERO)
+    );
+}
+
+/// A TACA skeleton around a custom `taca_price` body (and extra items).
+fn taca_wat(extra: &str, price_body: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  (memory (export "memory") 1)
+  {extra}
+  (func (export "taca_abi_version") (result i32) (i32.const 1))
+  (func (export "taca_input") (result i32) (i32.const 1024))
+  (func (export "taca_price") (param $length i32) (result i64) {price_body}))"#
+    );
+    wat::parse_str(text).unwrap()
+}
+
+fn load_error(bytes: &[u8]) -> ModuleError {
+    Pricing::new()
+        .load(bytes)
+        .expect_err("module must be refused")
+}
+
+fn run_error(bytes: &[u8]) -> PricingError {
+    let pricing = Pricing::new();
+    let taca = pricing.load(bytes).expect("module loads");
+    pricing
+        .price(&taca, &commit(0))
+        .expect_err("pricing must fail")
+}
+
+#[test]
+fn hostile_modules_are_bounded_and_reported() {
+    let endless = taca_wat("", "(loop $again (br $again)) (i64.const 0)");
+    assert_eq!(run_error(&endless), PricingError::OutOfFuel);
+    let growth = taca_wat(
+        "",
+        "(loop $again (br_if $again (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) (i64.const 0)",
+    );
+    assert_eq!(run_error(&growth), PricingError::ResourceLimit);
+    let recursion = taca_wat(
+        "(func $deeper (param i64) (result i64) (call $deeper (i64.add (local.get 0) (i64.const 1))))",
+        "(call $deeper (i64.const 0))",
+    );
+    assert!(
+        matches!(
+            run_error(&recursion),
+            PricingError::StackOverflow | PricingError::OutOfFuel
+        ),
+        "recursion is bounded"
+    );
+    let trap = taca_wat("", "unreachable");
+    assert!(matches!(run_error(&trap), PricingError::Trap(_)));
+    let divide = taca_wat("", "(i64.div_s (i64.const 1) (i64.const 0))");
+    assert!(matches!(run_error(&divide), PricingError::Trap(_)));
+    let bad_area = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "taca_abi_version") (result i32) (i32.const 1))
+            (func (export "taca_input") (result i32) (i32.const 65000))
+            (func (export "taca_price") (param i32) (result i64) (i64.const 0)))"#,
+    )
+    .unwrap();
+    assert_eq!(run_error(&bad_area), PricingError::BadInputArea);
+}
+
+#[test]
+fn malformed_modules_are_refused_at_load_with_a_clear_message() {
+    let wrong_types = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "taca_abi_version") (result i32) (i32.const 1))
+            (func (export "taca_input") (result i32) (i32.const 0))
+            (func (export "taca_price") (param i64) (result f64) (f64.const 1.5)))"#,
+    )
+    .unwrap();
+    let error = load_error(&wrong_types);
+    assert!(
+        matches!(
+            error,
+            ModuleError::WrongExportType {
+                name: "taca_price",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("(i32) -> i64"));
+
+    let wasi = wat::parse_str(
+        r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1))"#,
+    )
+    .unwrap();
+    let error = load_error(&wasi);
+    assert!(matches!(error, ModuleError::HasImports(_)), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("wasi_snapshot_preview1::fd_write"),
+        "{error}"
+    );
+
+    let missing = wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap();
+    assert_eq!(
+        load_error(&missing),
+        ModuleError::MissingExport("taca_abi_version")
+    );
+
+    let future = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "taca_abi_version") (result i32) (i32.const 2))
+            (func (export "taca_input") (result i32) (i32.const 0))
+            (func (export "taca_price") (param i32) (result i64) (i64.const 0)))"#,
+    )
+    .unwrap();
+    assert_eq!(load_error(&future), ModuleError::WrongAbiVersion(2));
+
+    let oversize = vec![0u8; backoffice::pricing::MODULE_BYTES_MAX + 1];
+    assert!(matches!(
+        load_error(&oversize),
+        ModuleError::TooLarge { .. }
+    ));
+    let garbage = b"\0asm but not really a module at all".to_vec();
+    assert!(matches!(load_error(&garbage), ModuleError::Invalid(_)));
+    assert!(matches!(load_error(b"hello"), ModuleError::Invalid(_)));
+
+    let threads = wat::parse_str(r#"(module (memory (export "memory") 1 1 shared))"#);
+    if let Ok(bytes) = threads {
+        assert!(
+            matches!(load_error(&bytes), ModuleError::Invalid(_)),
+            "shared memory is off"
+        );
+    }
+}
+
+#[test]
+fn upload_checks_run_samples_and_refuse_modules_that_fail_them() {
+    let pricing = Pricing::new();
+    let samples = [commit(0), commit(50)];
+    let results = pricing.check(&module("tiered"), &samples).unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[1].as_ref().unwrap().amount, amount("0.05"));
+    let endless = taca_wat("", "(loop $again (br $again)) (i64.const 0)");
+    let error = pricing.check(&endless, &samples).unwrap_err();
+    assert_eq!(error, ModuleError::SampleFailed(PricingError::OutOfFuel));
+    assert!(error.to_string().contains("out of fuel"), "{error}");
+}
+
+#[test]
+fn prices_and_fuel_are_deterministic_alone_or_in_a_batch() {
+    let pricing = Pricing::new();
+    let tiered = pricing.load(&module("tiered")).unwrap();
+    let alone = pricing.price(&tiered, &commit(42)).unwrap();
+    assert!(alone.fuel > 0 && alone.fuel < FUEL_PER_CALL);
+    // A module that keeps state in its memory would leak it between calls if
+    // instances were reused; every call gets a fresh one.
+    let counter = taca_wat(
+        "(global $calls (mut i64) (i64.const 0))",
+        "(global.set $calls (i64.add (global.get $calls) (i64.const 1))) (global.get $calls)",
+    );
+    let counter = pricing.load(&counter).unwrap();
+    for index in 0..5000u64 {
+        let priced = pricing.price(&tiered, &commit(index % 200)).unwrap();
+        if index % 200 == 42 {
+            assert_eq!(
+                priced, alone,
+                "same input, same price and fuel, call {index}"
+            );
+        }
+        let counted = pricing.price(&counter, &commit(0)).unwrap();
+        assert_eq!(
+            counted.amount,
+            Amount::from_nanos(1),
+            "no state survives a call"
+        );
+    }
+}
+
+#[test]
+fn modules_are_cached_by_content_hash() {
+    let pricing = Pricing::new();
+    let first = pricing.load(&module("flat")).unwrap();
+    let again = pricing.load(&module("flat")).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    assert_ne!(
+        first.hash(),
+        pricing.load(&module("tiered")).unwrap().hash()
+    );
+    assert_eq!(first.hash().to_string().len(), 64);
+}
