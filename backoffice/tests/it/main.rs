@@ -1,4 +1,5 @@
 //! The backoffice test binary.
 
+mod cli;
 mod examples;
 mod pricing;

@@ -18,7 +18,11 @@ pub fn price(input: &Input<'_>) -> Outcome {
         .checked_mul(input.period_uses)
         .ok_or(Refusal::NOT_PRICED)?;
     let left = CAP.saturating_sub(paid);
-    Ok(if left < PRICE_PER_USE { left } else { PRICE_PER_USE })
+    Ok(if left < PRICE_PER_USE {
+        left
+    } else {
+        PRICE_PER_USE
+    })
 }
 
 taca_sdk::taca!(price);

@@ -15,7 +15,9 @@ pub fn price(input: &Input<'_>) -> Outcome {
         "" | "call" => Price::from_nanos(1_000_000),
         _ => return Err(Refusal::UNSUPPORTED_UNIT),
     };
-    per_unit.checked_mul(input.volume).ok_or(Refusal::NOT_PRICED)
+    per_unit
+        .checked_mul(input.volume)
+        .ok_or(Refusal::NOT_PRICED)
 }
 
 taca_sdk::taca!(price);
