@@ -283,7 +283,8 @@ fn config() -> Config {
     pool.max_tables_per_module(1);
     pool.max_memory_size(MEMORY_BYTES_MAX);
     pool.table_elements(TABLE_ELEMENTS_MAX);
-    pool.max_unused_warm_slots(CONCURRENT_INSTANCES_MAX);
+    // A few warm slots per engine: module affinity keeps reusing them.
+    pool.max_unused_warm_slots(4);
     // Reset small memories and tables with memset instead of madvise: a
     // price touches a few pages, and page faults would cost more than it.
     pool.linear_memory_keep_resident(KEEP_RESIDENT_BYTES);

@@ -39,7 +39,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The settings of the config file; every one optional.
+/// Settings that may be given, every one optional: the config file's, and
+/// those of the command line and environment, which win over the file's.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
@@ -61,26 +62,6 @@ pub struct FileSettings {
     pub contexts_max: Option<usize>,
     /// Most open frames per context.
     pub frames_max: Option<usize>,
-}
-
-/// The settings given on the command line or in the environment; these win
-/// over the file.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Overrides {
-    /// Socket path.
-    pub socket: Option<PathBuf>,
-    /// Socket permissions (octal text).
-    pub socket_mode: Option<String>,
-    /// Data directory.
-    pub data_dir: Option<PathBuf>,
-    /// Readings the cache may hold.
-    pub cache_readings_max: Option<u64>,
-    /// The backoffice's XML-RPC URL.
-    pub backoffice_url: Option<String>,
-    /// This meter's MID.
-    pub mid: Option<String>,
-    /// A file holding this meter's secret.
-    pub secret_file: Option<PathBuf>,
 }
 
 /// Where and how the meter uploads.
@@ -142,9 +123,10 @@ fn parse_mode(text: &str) -> Result<u32, ConfigError> {
         .ok_or_else(|| ConfigError::Invalid(format!("socket mode {text:?} is not octal like 660")))
 }
 
-/// Resolves the configuration: overrides, then the file, then defaults.
+/// Resolves the configuration: overrides (flags and environment), then the
+/// file, then defaults.
 pub fn resolve(
-    overrides: Overrides,
+    overrides: FileSettings,
     file: FileSettings,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
@@ -171,8 +153,14 @@ pub fn resolve(
     }
     let defaults = ContextLimits::default();
     let context_limits = ContextLimits {
-        contexts_max: file.contexts_max.unwrap_or(defaults.contexts_max),
-        frames_max: file.frames_max.unwrap_or(defaults.frames_max),
+        contexts_max: overrides
+            .contexts_max
+            .or(file.contexts_max)
+            .unwrap_or(defaults.contexts_max),
+        frames_max: overrides
+            .frames_max
+            .or(file.frames_max)
+            .unwrap_or(defaults.frames_max),
     };
     let url = overrides.backoffice_url.or(file.backoffice_url);
     let mid = overrides.mid.or(file.mid);
@@ -222,9 +210,9 @@ mod tests {
             "socket = \"/file.sock\"\ndata_dir = \"/file-data\"\ncache_readings_max = 5\nsocket_mode = \"660\"",
         )
         .unwrap();
-        let overrides = Overrides {
+        let overrides = FileSettings {
             socket: Some("/flag.sock".into()),
-            ..Overrides::default()
+            ..FileSettings::default()
         };
         let config = resolve(overrides, file, no_env).unwrap();
         assert_eq!(config.socket, PathBuf::from("/flag.sock"));
@@ -232,7 +220,7 @@ mod tests {
         assert_eq!(config.cache_readings_max, 5);
         assert_eq!(config.socket_mode, 0o660);
         assert_eq!(config.upload, None);
-        let defaults = resolve(Overrides::default(), FileSettings::default(), no_env).unwrap();
+        let defaults = resolve(FileSettings::default(), FileSettings::default(), no_env).unwrap();
         assert_eq!(defaults.socket, PathBuf::from("/tmp/meterd.sock"));
         assert_eq!(defaults.data_dir, PathBuf::from("meterd-data"));
         assert_eq!(defaults.socket_mode, SOCKET_MODE_DEFAULT);
@@ -241,22 +229,22 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_with_a_reason() {
         assert!(toml::from_str::<FileSettings>("sokcet = \"/x\"").is_err());
-        let bad_mode = Overrides {
+        let bad_mode = FileSettings {
             socket_mode: Some("999".into()),
-            ..Overrides::default()
+            ..FileSettings::default()
         };
         assert!(resolve(bad_mode, FileSettings::default(), no_env).is_err());
-        let half_upload = Overrides {
+        let half_upload = FileSettings {
             backoffice_url: Some("http://127.0.0.1:1/RPC2".into()),
-            ..Overrides::default()
+            ..FileSettings::default()
         };
         let error = resolve(half_upload, FileSettings::default(), no_env).unwrap_err();
         assert!(error.to_string().contains("all three"), "{error}");
-        let bad_mid = Overrides {
+        let bad_mid = FileSettings {
             backoffice_url: Some("http://127.0.0.1:1/RPC2".into()),
             mid: Some("B1-C1".into()),
             secret_file: Some("/s".into()),
-            ..Overrides::default()
+            ..FileSettings::default()
         };
         assert!(resolve(bad_mid, FileSettings::default(), no_env).is_err());
     }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meterd::client::{ClientError, Meter};
-use meterd::config::{self, FileSettings, Overrides};
+use meterd::config::{self, FileSettings};
 use meterd::meter::PARENT_CONTEXT;
 use proto::xmlrpc::Value;
 use proto::{Cid, Context, Pid};
@@ -142,7 +142,7 @@ fn serve(socket: Option<PathBuf>, args: ServeArgs) -> ExitCode {
         },
         None => FileSettings::default(),
     };
-    let overrides = Overrides {
+    let overrides = FileSettings {
         socket: socket.or_else(|| std::env::var_os(meterd::SOCKET_ENV).map(PathBuf::from)),
         socket_mode: args.socket_mode,
         data_dir: args.data_dir,
@@ -150,6 +150,8 @@ fn serve(socket: Option<PathBuf>, args: ServeArgs) -> ExitCode {
         backoffice_url: args.backoffice,
         mid: args.mid,
         secret_file: args.secret_file,
+        contexts_max: None,
+        frames_max: None,
     };
     let config = match config::resolve(overrides, file, |key| std::env::var(key).ok()) {
         Ok(config) => config,

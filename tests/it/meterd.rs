@@ -6,11 +6,11 @@ use std::process::Command;
 
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
-use proto::xmlrpc::{Limits, MethodResponse, parse_response};
+use proto::xmlrpc::Limits;
 use proto::{Cid, FaultCode, Mid, Payer, Pid};
 use tests::fake_backoffice::FakeBackoffice;
 
-use crate::support::{MeterdSetup, unix_request, workspace_binary};
+use crate::support::{MeterdSetup, fault_code, unix_request, workspace_binary};
 
 const SECRET: &[u8] = b"a test secret of thirty-two bytes";
 
@@ -142,13 +142,6 @@ fn a_login_hook_session_covers_the_shells_children() {
         counts,
         HashMap::from([((pid("B1-P5"), Some(Payer::Customer(cid("B1-C5")))), 1)])
     );
-}
-
-fn fault_code(body: &[u8]) -> Option<FaultCode> {
-    match parse_response(body, Limits::METER_API).expect("an XML-RPC response") {
-        MethodResponse::Fault(fault) => fault.registered(),
-        MethodResponse::Success(_) => None,
-    }
 }
 
 #[test]

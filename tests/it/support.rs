@@ -68,17 +68,7 @@ pub fn post(address: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    let text_end = response
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .expect("a complete HTTP response head");
-    let head = String::from_utf8_lossy(&response[..text_end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("status code");
-    (status, response[text_end + 4..].to_vec())
+    split_response(&response)
 }
 
 /// The path of the workspace binary `name` from package `package`, built
@@ -195,6 +185,12 @@ pub fn unix_request(socket: &std::path::Path, method: &str, body: &[u8]) -> (u16
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
+    split_response(&response)
+}
+
+/// The status code and body of a complete HTTP/1.1 response (`Connection:
+/// close`, so the body is everything after the head).
+fn split_response(response: &[u8]) -> (u16, Vec<u8>) {
     let text_end = response
         .windows(4)
         .position(|window| window == b"\r\n\r\n")
@@ -206,4 +202,13 @@ pub fn unix_request(socket: &std::path::Path, method: &str, body: &[u8]) -> (u16
         .and_then(|code| code.parse().ok())
         .expect("status code");
     (status, response[text_end + 4..].to_vec())
+}
+
+/// The registered fault code of an XML-RPC response, `None` for a success.
+pub fn fault_code(body: &[u8]) -> Option<proto::FaultCode> {
+    use proto::xmlrpc::{Limits, MethodResponse, parse_response};
+    match parse_response(body, Limits::BACKOFFICE).expect("a valid XML-RPC response") {
+        MethodResponse::Fault(fault) => fault.registered(),
+        MethodResponse::Success(_) => None,
+    }
 }

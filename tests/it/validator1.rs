@@ -4,9 +4,8 @@
 use std::process::Command;
 
 use proto::FaultCode;
-use proto::xmlrpc::{Limits, MethodResponse, parse_response};
 
-use crate::support::{Running, address_of, post, start};
+use crate::support::{Running, address_of, fault_code, post, start};
 
 fn server() -> Running {
     start(
@@ -31,13 +30,6 @@ fn python_xmlrpc_client_passes_validator1() {
         "python client failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.starts_with("ok: 18 checks"), "{stdout}");
-}
-
-fn fault_code(body: &[u8]) -> Option<FaultCode> {
-    match parse_response(body, Limits::BACKOFFICE).expect("a valid XML-RPC response") {
-        MethodResponse::Fault(fault) => fault.registered(),
-        MethodResponse::Success(_) => None,
-    }
 }
 
 #[test]
