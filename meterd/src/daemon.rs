@@ -100,6 +100,7 @@ pub async fn serve(
     let signals = Arc::new(UploadSignals {
         wake: Notify::new(),
         report,
+        flush_tickets: std::sync::atomic::AtomicU64::new(0),
     });
     let uploader = match &config.upload {
         Some(settings) => {

@@ -25,8 +25,11 @@ pub const PARENT_CONTEXT: &str = "..";
 /// The outcome of the latest upload attempt, for `status()` and `flush()`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UploadReport {
-    /// Counts attempts, so a waiter can tell a new report from an old one.
+    /// Counts attempts.
     pub attempt: u64,
+    /// The last `flush()` ticket issued before this attempt began: every
+    /// flush with a ticket up to this one is answered by this report.
+    pub flushes_served: u64,
     /// When the last upload succeeded, ms since the Unix epoch.
     pub last_success_ms: Option<u64>,
     /// Why the last attempt failed, if it did.
@@ -40,6 +43,9 @@ pub struct UploadSignals {
     pub wake: Notify,
     /// The uploader's latest report.
     pub report: watch::Sender<UploadReport>,
+    /// Tickets handed to `flush()` callers, so that each waits for an upload
+    /// that began after it asked, not one already in flight.
+    pub flush_tickets: std::sync::atomic::AtomicU64,
 }
 
 /// Who is on the other end of a connection.
@@ -333,16 +339,22 @@ impl Meter {
             return false;
         }
         let mut reports = self.signals.report.subscribe();
-        let attempt_before = reports.borrow_and_update().attempt;
+        let ticket = self
+            .signals
+            .flush_tickets
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
         self.signals.wake.notify_one();
         let wait = async {
             loop {
+                {
+                    let report = reports.borrow_and_update();
+                    if report.flushes_served >= ticket {
+                        return report.last_error.is_none();
+                    }
+                }
                 if reports.changed().await.is_err() {
                     return false;
-                }
-                let report = reports.borrow_and_update().clone();
-                if report.attempt > attempt_before {
-                    return report.last_error.is_none();
                 }
             }
         };

@@ -183,9 +183,15 @@ impl Uploader {
             if !woken && retry_delay_ms == 0 && self.due_in_ms().await > 0 {
                 continue;
             }
+            // Flushes asked for before this point are answered by this round.
+            let serving = self
+                .signals
+                .flush_tickets
+                .load(std::sync::atomic::Ordering::Acquire);
             let outcome = self.upload_all().await;
             let mut report = self.signals.report.borrow().clone();
             report.attempt += 1;
+            report.flushes_served = serving;
             match outcome {
                 Ok(()) => {
                     retry_delay_ms = 0;
