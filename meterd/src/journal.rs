@@ -12,6 +12,8 @@ use crate::cache::{Cache, CacheError, NewReading};
 
 /// Most readings written under one fsync.
 pub const GROUP_READINGS_MAX: usize = 4096;
+/// How long a group waits for more callers once two or more are queued.
+pub const GROUP_WAIT_US: u64 = 200;
 /// Most readings waiting for the writer; callers beyond it wait their turn.
 pub const QUEUE_READINGS_MAX: usize = 16_384;
 
@@ -83,15 +85,25 @@ impl Journal {
     }
 }
 
+fn drain(receiver: &mut mpsc::Receiver<Request>, group: &mut Vec<Request>) {
+    while group.len() < GROUP_READINGS_MAX {
+        match receiver.try_recv() {
+            Ok(request) => group.push(request),
+            Err(_) => break,
+        }
+    }
+}
+
 fn write_loop(cache: &Cache, mut receiver: mpsc::Receiver<Request>) {
     let mut group: Vec<Request> = Vec::with_capacity(GROUP_READINGS_MAX);
     while let Some(first) = receiver.blocking_recv() {
         group.push(first);
-        while group.len() < GROUP_READINGS_MAX {
-            match receiver.try_recv() {
-                Ok(request) => group.push(request),
-                Err(_) => break,
-            }
+        drain(&mut receiver, &mut group);
+        if group.len() > 1 {
+            // Callers are queueing up: let the others arrive too, so that one
+            // flush and fsync serve more of them. A lone caller never waits.
+            std::thread::sleep(std::time::Duration::from_micros(GROUP_WAIT_US));
+            drain(&mut receiver, &mut group);
         }
         write_group(cache, &mut group);
     }
