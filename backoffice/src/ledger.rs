@@ -174,6 +174,27 @@ impl Ledger {
         Ledger::default()
     }
 
+    /// A ledger from transfers read back from the store, in order. The
+    /// balances are recomputed and every invariant checked; a store that
+    /// returns anything else is corrupt, so this panics.
+    pub fn restore(transfers: Vec<Transfer>) -> Ledger {
+        let mut balances: HashMap<AccountId, Amount> = HashMap::new();
+        for transfer in &transfers {
+            for posting in transfer.postings() {
+                let balance = balances.entry(posting.account).or_insert(Amount::ZERO);
+                *balance = balance
+                    .checked_add(posting.amount)
+                    .expect("ledger: restored balance in range");
+            }
+        }
+        let ledger = Ledger {
+            transfers,
+            balances,
+        };
+        ledger.verify();
+        ledger
+    }
+
     /// The balance of `account` (zero for an account never used).
     pub fn balance(&self, account: &AccountId) -> Amount {
         self.balances.get(account).copied().unwrap_or(Amount::ZERO)

@@ -68,6 +68,16 @@ impl Amount {
         ))
     }
 
+    /// Builds an amount from a count of billionths, or `Overflow` when its
+    /// magnitude reaches 10^18 units.
+    pub fn try_from_nanos(nanos: i128) -> Result<Self, AmountError> {
+        let limit = 10i128.pow(27);
+        if nanos <= -limit || nanos >= limit {
+            return Err(AmountError::Overflow);
+        }
+        Ok(Self(Decimal::from_i128_with_scale(nanos, Self::SCALE)))
+    }
+
     /// Builds an amount from whole units.
     pub fn from_units(units: i64) -> Result<Self, AmountError> {
         Self::checked(Decimal::from(units))

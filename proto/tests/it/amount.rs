@@ -124,6 +124,16 @@ fn decimals_with_more_places_are_refused_not_rounded() {
     let fine = Decimal::from_str("1.50").unwrap();
     assert_eq!(Amount::try_from_decimal(fine).unwrap(), amount("1.5"));
     assert_eq!(amount("1.5").nanos(), 1_500_000_000);
+    assert_eq!(
+        Amount::try_from_nanos(1_500_000_000).unwrap(),
+        amount("1.5")
+    );
+    assert_eq!(
+        Amount::try_from_nanos(-(10i128.pow(27))),
+        Err(AmountError::Overflow)
+    );
+    let max = amount("999999999999999999.999999999");
+    assert_eq!(Amount::try_from_nanos(max.nanos()).unwrap(), max);
 }
 
 mod properties {

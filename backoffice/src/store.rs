@@ -1,0 +1,373 @@
+//! The backoffice's durable store: the only module that touches sled.
+//!
+//! `Store` is the interface (a PostgreSQL store can implement it later);
+//! `SledStore` is the embedded default. What it keeps so far: every posted
+//! transfer, and every applied upload batch with the answer it was given, so
+//! that a batch sent again is answered the same and applied once. Both are
+//! written in one sled transaction, then made durable (sled's flush, then an
+//! fsync of its data file, since sled's flush uses `sync_file_range`).
+
+use std::fs::File;
+use std::path::Path;
+
+use proto::{Amount, BatchId, Cid, Mid, Pid};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
+
+/// Bytes of memory sled may use for its page cache.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const RECORD_VERSION: u8 = 1;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another backoffice holds the store.
+    #[error("another backoffice is already using {0}")]
+    Locked(String),
+    /// sled failed (disk full, I/O error).
+    #[error("storage failed: {0}")]
+    Storage(#[from] sled::Error),
+    /// Making the data durable failed.
+    #[error("could not make the store durable: {0}")]
+    Sync(#[from] std::io::Error),
+    /// The batch was applied already (by a concurrent call).
+    #[error("batch {0} was applied already")]
+    AlreadyApplied(String),
+}
+
+/// An upload batch, named by its meter and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// The meter that sent it.
+    pub mid: Mid,
+    /// The meter's id for it.
+    pub id: BatchId,
+}
+
+impl BatchKey {
+    fn bytes(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(96);
+        put_str(&mut key, self.mid.as_str());
+        put_str(&mut key, self.id.as_str());
+        key
+    }
+}
+
+/// What the backoffice keeps durably.
+pub trait Store {
+    /// Every transfer posted, in order, as a ledger.
+    fn load_ledger(&self) -> Result<Ledger, StoreError>;
+    /// Records `transfers` (already posted to the in-memory ledger) and the
+    /// batch with its answer, atomically and durably.
+    fn apply_batch(
+        &self,
+        key: &BatchKey,
+        transfers: &[Transfer],
+        answer: &[u8],
+    ) -> Result<(), StoreError>;
+    /// The answer given to an applied batch, if it was applied.
+    fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+/// The embedded store on sled.
+pub struct SledStore {
+    db: sled::Db,
+    transfers: sled::Tree,
+    batches: sled::Tree,
+    data_file: File,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            // Bounds memory; the ledger's history stays on disk.
+            .cache_capacity(SLED_CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            // Every batch is flushed and fsynced explicitly; no timer.
+            .flush_every_ms(None)
+            .use_compression(false)
+            .open()
+            .map_err(|error| match error {
+                // sled 0.34.7 (pinned) reports its file lock this way.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                other => StoreError::Storage(other),
+            })?;
+        let transfers = db.open_tree("transfers")?;
+        let batches = db.open_tree("batches")?;
+        // sled 0.34 keeps its log in `<dir>/db`.
+        let data_file = File::open(dir.join("db"))?;
+        Ok(SledStore {
+            db,
+            transfers,
+            batches,
+            data_file,
+        })
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn load_ledger(&self) -> Result<Ledger, StoreError> {
+        let mut transfers = Vec::new();
+        for entry in self.transfers.iter() {
+            let (key, record) = entry?;
+            let transfer = decode_transfer(&record).expect("store: transfer record is corrupt");
+            assert_eq!(
+                key.as_ref(),
+                transfer.id.0.to_be_bytes(),
+                "store: transfer key mismatch"
+            );
+            transfers.push(transfer);
+        }
+        Ok(Ledger::restore(transfers))
+    }
+
+    fn apply_batch(
+        &self,
+        key: &BatchKey,
+        transfers: &[Transfer],
+        answer: &[u8],
+    ) -> Result<(), StoreError> {
+        let batch_key = key.bytes();
+        let records: Vec<(u64, Vec<u8>)> = transfers
+            .iter()
+            .map(|transfer| {
+                let record = encode_transfer(transfer);
+                debug_assert_eq!(decode_transfer(&record).as_ref(), Some(transfer));
+                (transfer.id.0, record)
+            })
+            .collect();
+        let outcome =
+            (&self.transfers, &self.batches).transaction(|(transfer_tree, batch_tree)| {
+                if batch_tree.get(&batch_key)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+                for (id, record) in &records {
+                    transfer_tree.insert(&id.to_be_bytes(), record.as_slice())?;
+                }
+                batch_tree.insert(batch_key.as_slice(), answer)?;
+                Ok(())
+            });
+        match outcome {
+            Ok(()) => self.sync(),
+            Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
+        }
+    }
+
+    fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.batches.get(key.bytes())?.map(|answer| answer.to_vec()))
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    let len = u8::try_from(text.len()).expect("IDs are at most 255 bytes");
+    out.push(len);
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_account(out: &mut Vec<u8>, account: &AccountId) {
+    match account {
+        AccountId::Customer(cid) => {
+            out.push(1);
+            put_str(out, cid.as_str());
+        }
+        AccountId::System(SystemAccount::Funding) => out.push(2),
+    }
+}
+
+/// Record: version, id, debit, credit, amount (nanos, i128), kind.
+fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&transfer.id.0.to_be_bytes());
+    put_account(&mut out, &transfer.debit);
+    put_account(&mut out, &transfer.credit);
+    out.extend_from_slice(&transfer.amount.nanos().to_be_bytes());
+    match &transfer.kind {
+        TransferKind::Deposit => out.push(1),
+        TransferKind::Withdrawal => out.push(2),
+        TransferKind::Use { pid, batch, seq } => {
+            out.push(3);
+            put_str(&mut out, pid.as_str());
+            put_str(&mut out, batch.as_str());
+            out.extend_from_slice(&seq.to_be_bytes());
+        }
+        TransferKind::Correction { of } => {
+            out.push(4);
+            out.extend_from_slice(&of.0.to_be_bytes());
+        }
+    }
+    out
+}
+
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, count: usize) -> Option<&'a [u8]> {
+        if self.0.len() < count {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(count);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|bytes| bytes[0])
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn i128(&mut self) -> Option<i128> {
+        Some(i128::from_be_bytes(self.take(16)?.try_into().ok()?))
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        let len = usize::from(self.byte()?);
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    fn account(&mut self) -> Option<AccountId> {
+        match self.byte()? {
+            1 => Some(AccountId::Customer(Cid::parse(self.text()?).ok()?)),
+            2 => Some(AccountId::System(SystemAccount::Funding)),
+            _ => None,
+        }
+    }
+}
+
+fn decode_transfer(record: &[u8]) -> Option<Transfer> {
+    let mut fields = Fields(record);
+    if fields.byte()? != RECORD_VERSION {
+        return None;
+    }
+    let id = TransferId(fields.u64()?);
+    let debit = fields.account()?;
+    let credit = fields.account()?;
+    let nanos = fields.i128()?;
+    let amount = Amount::try_from_nanos(nanos).ok()?;
+    let kind = match fields.byte()? {
+        1 => TransferKind::Deposit,
+        2 => TransferKind::Withdrawal,
+        3 => TransferKind::Use {
+            pid: Pid::parse(fields.text()?).ok()?,
+            batch: BatchId::parse(fields.text()?).ok()?,
+            seq: fields.u64()?,
+        },
+        4 => TransferKind::Correction {
+            of: TransferId(fields.u64()?),
+        },
+        _ => return None,
+    };
+    fields.0.is_empty().then_some(Transfer {
+        id,
+        debit,
+        credit,
+        amount,
+        kind,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::NewTransfer;
+
+    fn customer(n: u32) -> AccountId {
+        AccountId::Customer(Cid::parse(&format!("B1-C{n}")).unwrap())
+    }
+
+    fn key(n: u32) -> BatchKey {
+        BatchKey {
+            mid: Mid::parse("B1-M1").unwrap(),
+            id: BatchId::parse(&format!("B1-M1:{n}")).unwrap(),
+        }
+    }
+
+    fn batch(payer: u32, owner: u32, nanos: i64) -> Vec<NewTransfer> {
+        vec![
+            NewTransfer {
+                debit: AccountId::System(SystemAccount::Funding),
+                credit: customer(payer),
+                amount: Amount::from_nanos(nanos * 10),
+                kind: TransferKind::Deposit,
+            },
+            NewTransfer {
+                debit: customer(payer),
+                credit: customer(owner),
+                amount: Amount::from_nanos(nanos),
+                kind: TransferKind::Use {
+                    pid: Pid::parse("B1-P1").unwrap(),
+                    batch: key(1).id,
+                    seq: 7,
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn records_round_trip_and_corruption_is_detected() {
+        let mut ledger = Ledger::new();
+        ledger.post(batch(1, 2, 5)).unwrap();
+        let correction = NewTransfer {
+            debit: customer(2),
+            credit: customer(1),
+            amount: Amount::from_nanos(5),
+            kind: TransferKind::Correction { of: TransferId(1) },
+        };
+        ledger.post(vec![correction]).unwrap();
+        for transfer in ledger.transfers() {
+            let record = encode_transfer(transfer);
+            assert_eq!(decode_transfer(&record).as_ref(), Some(transfer));
+            for cut in 0..record.len() {
+                assert_eq!(decode_transfer(&record[..cut]), None);
+            }
+        }
+    }
+
+    #[test]
+    fn batches_apply_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::new();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let first = ledger.post(batch(1, 2, 100)).unwrap();
+            let posted = &ledger.transfers()[usize::try_from(first.0).unwrap()..];
+            store.apply_batch(&key(1), posted, b"answer one").unwrap();
+            assert!(matches!(
+                store.apply_batch(&key(1), posted, b"again"),
+                Err(StoreError::AlreadyApplied(_))
+            ));
+            assert_eq!(
+                store.applied_answer(&key(1)).unwrap().as_deref(),
+                Some(&b"answer one"[..])
+            );
+            assert_eq!(store.applied_answer(&key(2)).unwrap(), None);
+            assert!(matches!(
+                SledStore::open(dir.path()),
+                Err(StoreError::Locked(_))
+            ));
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let restored = store.load_ledger().unwrap();
+        assert_eq!(restored.transfers(), ledger.transfers());
+        assert_eq!(restored.balance(&customer(1)), ledger.balance(&customer(1)));
+        assert_eq!(restored.balance(&customer(2)), Amount::from_nanos(100));
+        restored.verify();
+    }
+}
