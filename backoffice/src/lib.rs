@@ -5,6 +5,7 @@
 
 pub mod ledger;
 pub mod pricing;
+pub mod registry;
 pub mod store;
 
 use proto::{Amount, Bid};

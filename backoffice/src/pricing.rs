@@ -55,6 +55,38 @@ impl TacaHash {
     }
 }
 
+impl TacaHash {
+    /// Parses the lower-case hex form that `Display` prints.
+    pub fn parse_hex(text: &str) -> Option<TacaHash> {
+        if text.len() != 64 {
+            return None;
+        }
+        let digit = |byte: u8| match byte {
+            b'0'..=b'9' => Some(byte - b'0'),
+            b'a'..=b'f' => Some(byte - b'a' + 10),
+            _ => None,
+        };
+        let mut hash = [0u8; 32];
+        for (slot, pair) in hash.iter_mut().zip(text.as_bytes().chunks(2)) {
+            *slot = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(TacaHash(hash))
+    }
+}
+
+impl serde::Serialize for TacaHash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TacaHash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        TacaHash::parse_hex(&text).ok_or_else(|| serde::de::Error::custom("not a SHA-256 in hex"))
+    }
+}
+
 impl fmt::Display for TacaHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))

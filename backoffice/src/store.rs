@@ -1,20 +1,23 @@
 //! The backoffice's durable store: the only module that touches sled.
 //!
 //! `Store` is the interface (a PostgreSQL store can implement it later);
-//! `SledStore` is the embedded default. What it keeps so far: every posted
-//! transfer, and every applied upload batch with the answer it was given, so
-//! that a batch sent again is answered the same and applied once. Both are
-//! written in one sled transaction, then made durable (sled's flush, then an
-//! fsync of its data file, since sled's flush uses `sync_file_range`).
+//! `SledStore` is the embedded default. It keeps the registry (customers,
+//! products with their TACA modules, meters), every posted transfer, and
+//! every applied upload batch with the answer it was given, so that a batch
+//! sent again is answered the same and applied once. Each change is one sled
+//! transaction, then made durable (sled's flush, then an fsync of its data
+//! file, since sled's flush uses `sync_file_range`).
 
 use std::fs::File;
 use std::path::Path;
 
-use proto::{Amount, BatchId, Cid, Mid, Pid};
+use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
+use crate::pricing::TacaHash;
+use crate::registry::{self, Customer, Meter, Product, RegistryError};
 
 /// Bytes of memory sled may use for its page cache.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -32,6 +35,9 @@ pub enum StoreError {
     /// Making the data durable failed.
     #[error("could not make the store durable: {0}")]
     Sync(#[from] std::io::Error),
+    /// A new record was refused.
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
     /// The batch was applied already (by a concurrent call).
     #[error("batch {0} was applied already")]
     AlreadyApplied(String),
@@ -69,6 +75,29 @@ pub trait Store {
     ) -> Result<(), StoreError>;
     /// The answer given to an applied batch, if it was applied.
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Registers a customer under a new CID of branch `bid`.
+    fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError>;
+    /// A customer by CID.
+    fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError>;
+    /// Saves a changed customer (credit limit, deny flag, contact details).
+    fn update_customer(&self, customer: &Customer) -> Result<(), StoreError>;
+    /// Registers a product of `owner` under a new PID, with its TACA module.
+    fn create_product(
+        &self,
+        bid: &Bid,
+        owner: &Cid,
+        name: &str,
+        terms: &str,
+        taca: &[u8],
+    ) -> Result<Product, StoreError>;
+    /// A product by its PID or its test PID.
+    fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError>;
+    /// A TACA module by its hash.
+    fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Registers a meter of `owner` under a new MID with a new secret.
+    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError>;
+    /// A meter by MID.
+    fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError>;
 }
 
 /// The embedded store on sled.
@@ -76,6 +105,13 @@ pub struct SledStore {
     db: sled::Db,
     transfers: sled::Tree,
     batches: sled::Tree,
+    /// Next serial per kind of ID (`C`, `P`, `M`).
+    serials: sled::Tree,
+    customers: sled::Tree,
+    /// Products by PID; test PIDs map to the same record.
+    products: sled::Tree,
+    tacas: sled::Tree,
+    meters: sled::Tree,
     data_file: File,
 }
 
@@ -99,16 +135,59 @@ impl SledStore {
                 }
                 other => StoreError::Storage(other),
             })?;
-        let transfers = db.open_tree("transfers")?;
-        let batches = db.open_tree("batches")?;
         // sled 0.34 keeps its log in `<dir>/db`.
         let data_file = File::open(dir.join("db"))?;
         Ok(SledStore {
+            transfers: db.open_tree("transfers")?,
+            batches: db.open_tree("batches")?,
+            serials: db.open_tree("serials")?,
+            customers: db.open_tree("customers")?,
+            products: db.open_tree("products")?,
+            tacas: db.open_tree("tacas")?,
+            meters: db.open_tree("meters")?,
             db,
-            transfers,
-            batches,
             data_file,
         })
+    }
+
+    /// Inserts a new record under the next serial of `kind`, atomically.
+    fn create<T: serde::Serialize>(
+        &self,
+        kind: &[u8],
+        tree: &sled::Tree,
+        make: impl Fn(u64) -> Result<(Vec<Vec<u8>>, T), RegistryError>,
+    ) -> Result<T, StoreError> {
+        let outcome = (&self.serials, tree).transaction(|(serials, records)| {
+            let serial = match serials.get(kind)? {
+                Some(bytes) => {
+                    u64::from_be_bytes(bytes.as_ref().try_into().expect("serials are 8 bytes"))
+                }
+                None => 1,
+            };
+            let (keys, record) = make(serial).map_err(ConflictableTransactionError::Abort)?;
+            let bytes = serde_json::to_vec(&record).expect("records serialize");
+            for key in &keys {
+                records.insert(key.as_slice(), bytes.as_slice())?;
+            }
+            serials.insert(kind, &(serial + 1).to_be_bytes())?;
+            Ok(record)
+        });
+        let record = match outcome {
+            Ok(record) => record,
+            Err(TransactionError::Abort(error)) => return Err(StoreError::Registry(error)),
+            Err(TransactionError::Storage(error)) => return Err(StoreError::Storage(error)),
+        };
+        self.sync()?;
+        Ok(record)
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(
+        tree: &sled::Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        Ok(tree.get(key)?.map(|bytes| {
+            serde_json::from_slice(&bytes).expect("store: registry record is corrupt")
+        }))
     }
 
     fn sync(&self) -> Result<(), StoreError> {
@@ -169,6 +248,102 @@ impl Store for SledStore {
 
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.batches.get(key.bytes())?.map(|answer| answer.to_vec()))
+    }
+
+    fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError> {
+        registry::check_text("name", name, registry::NAME_BYTES_MAX)?;
+        registry::check_email(email)?;
+        self.create(b"C", &self.customers, |serial| {
+            let cid = registry::customer_id(bid, serial)?;
+            let customer = Customer {
+                cid,
+                name: name.to_owned(),
+                email: email.to_owned(),
+                credit_limit: Amount::ZERO,
+                denied: false,
+            };
+            Ok((vec![cid.as_str().as_bytes().to_vec()], customer))
+        })
+    }
+
+    fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError> {
+        Self::read(&self.customers, cid.as_str().as_bytes())
+    }
+
+    fn update_customer(&self, customer: &Customer) -> Result<(), StoreError> {
+        let key = customer.cid.as_str().as_bytes();
+        if self.customers.get(key)?.is_none() {
+            return Err(RegistryError::UnknownCustomer(customer.cid).into());
+        }
+        self.customers.insert(
+            key,
+            serde_json::to_vec(customer).expect("records serialize"),
+        )?;
+        self.sync()
+    }
+
+    fn create_product(
+        &self,
+        bid: &Bid,
+        owner: &Cid,
+        name: &str,
+        terms: &str,
+        taca: &[u8],
+    ) -> Result<Product, StoreError> {
+        registry::check_text("name", name, registry::NAME_BYTES_MAX)?;
+        registry::check_text("terms", terms, registry::TERMS_BYTES_MAX)?;
+        if self.customer(owner)?.is_none() {
+            return Err(RegistryError::UnknownCustomer(*owner).into());
+        }
+        let hash = TacaHash::of(taca);
+        self.tacas.insert(hash.to_string().as_bytes(), taca)?;
+        self.create(b"P", &self.products, |serial| {
+            let (pid, test_pid) = registry::product_ids(bid, serial)?;
+            let product = Product {
+                pid,
+                test_pid,
+                owner: *owner,
+                name: name.to_owned(),
+                terms: terms.to_owned(),
+                taca: hash,
+            };
+            let keys = vec![
+                pid.as_str().as_bytes().to_vec(),
+                test_pid.as_str().as_bytes().to_vec(),
+            ];
+            Ok((keys, product))
+        })
+    }
+
+    fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError> {
+        Self::read(&self.products, pid.as_str().as_bytes())
+    }
+
+    fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tacas
+            .get(hash.to_string().as_bytes())?
+            .map(|bytes| bytes.to_vec()))
+    }
+
+    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+        if self.customer(owner)?.is_none() {
+            return Err(RegistryError::UnknownCustomer(*owner).into());
+        }
+        let secret_hex = registry::new_meter_secret();
+        self.create(b"M", &self.meters, |serial| {
+            let mid = registry::meter_id(bid, serial)?;
+            let meter = Meter {
+                mid,
+                owner: *owner,
+                secret_hex: secret_hex.clone(),
+            };
+            Ok((vec![mid.as_str().as_bytes().to_vec()], meter))
+        })
+    }
+
+    fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError> {
+        Self::read(&self.meters, mid.as_str().as_bytes())
     }
 }
 
@@ -318,6 +493,65 @@ mod tests {
                 },
             },
         ]
+    }
+
+    #[test]
+    fn the_registry_issues_ids_in_order_and_keeps_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let bid = Bid::parse("B1").unwrap();
+        let (ada, product, meter) = {
+            let store = SledStore::open(dir.path()).unwrap();
+            let ada = store
+                .create_customer(&bid, "Ada", "ada@example.org")
+                .unwrap();
+            let bob = store
+                .create_customer(&bid, "Bob", "bob@example.org")
+                .unwrap();
+            assert_eq!((ada.cid.as_str(), bob.cid.as_str()), ("B1-C1", "B1-C2"));
+            assert!(matches!(
+                store.create_customer(&bid, "Eve", "not an address"),
+                Err(StoreError::Registry(RegistryError::BadEmail))
+            ));
+            let product = store
+                .create_product(&bid, &ada.cid, "Editor", "0.25 per use", b"\0asm module")
+                .unwrap();
+            assert_eq!(
+                (product.pid.as_str(), product.test_pid.as_str()),
+                ("B1-P1", "B1-P1T")
+            );
+            let stranger = Cid::parse("B1-C99").unwrap();
+            assert!(
+                store
+                    .create_product(&bid, &stranger, "X", "terms", b"m")
+                    .is_err()
+            );
+            let meter = store.create_meter(&bid, &bob.cid).unwrap();
+            assert_eq!(meter.mid.as_str(), "B1-M1");
+            (ada, product, meter)
+        };
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.customer(&ada.cid).unwrap(), Some(ada.clone()));
+        assert_eq!(store.product(&product.pid).unwrap(), Some(product.clone()));
+        assert_eq!(
+            store.product(&product.test_pid).unwrap(),
+            Some(product.clone())
+        );
+        assert_eq!(
+            store.taca_module(&product.taca).unwrap().as_deref(),
+            Some(&b"\0asm module"[..])
+        );
+        assert_eq!(store.meter(&meter.mid).unwrap(), Some(meter));
+        let denied = Customer {
+            denied: true,
+            ..ada
+        };
+        store.update_customer(&denied).unwrap();
+        assert_eq!(store.customer(&denied.cid).unwrap(), Some(denied));
+        // Serials continue after a reopen.
+        let carol = store
+            .create_customer(&bid, "Carol", "carol@example.org")
+            .unwrap();
+        assert_eq!(carol.cid.as_str(), "B1-C3");
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! What the branch knows about its customers, products and meters: the
+//! records the store keeps, and the rules for new ones.
+
+use proto::{Amount, Bid, Cid, Mid, Pid};
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::TacaHash;
+
+/// Bytes of randomness in a meter's secret.
+pub const METER_SECRET_BYTES: usize = 32;
+/// Longest customer or product name, in bytes.
+pub const NAME_BYTES_MAX: usize = 200;
+/// Longest product terms text, in bytes.
+pub const TERMS_BYTES_MAX: usize = 10_000;
+
+/// A customer's micro-account and what decides its standing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    /// The customer's ID.
+    pub cid: Cid,
+    /// The name to show.
+    pub name: String,
+    /// Where statements and reset links go.
+    pub email: String,
+    /// The lowest balance still in good standing is just above this (0:
+    /// prepaid).
+    pub credit_limit: Amount,
+    /// Marked "deny service" by an operator.
+    pub denied: bool,
+}
+
+/// A product under one TACA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    /// The PID to code into `query` and `commit`.
+    pub pid: Pid,
+    /// The free test PID: the PID with `T` appended.
+    pub test_pid: Pid,
+    /// Who is credited for its uses and pays for components inside it.
+    pub owner: Cid,
+    /// The name to show.
+    pub name: String,
+    /// The terms shown to customers.
+    pub terms: String,
+    /// The pricing module.
+    pub taca: TacaHash,
+}
+
+/// A registered meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meter {
+    /// The meter's ID.
+    pub mid: Mid,
+    /// Who registered it.
+    pub owner: Cid,
+    /// The HMAC secret it signs uploads with, lower-case hex.
+    pub secret_hex: String,
+}
+
+/// Why a new record is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// A text field is empty or too long.
+    #[error("{field} must be 1 to {max} bytes")]
+    BadText {
+        /// The field.
+        field: &'static str,
+        /// Its limit.
+        max: usize,
+    },
+    /// The e-mail address is not one.
+    #[error("not an e-mail address")]
+    BadEmail,
+    /// No such customer.
+    #[error("no customer {0}")]
+    UnknownCustomer(Cid),
+    /// No such product.
+    #[error("no product {0}")]
+    UnknownProduct(Pid),
+    /// The serial space of this branch is used up.
+    #[error("no more IDs of this kind can be issued")]
+    SerialsExhausted,
+}
+
+/// Checks a text field: present, bounded, no control characters.
+pub fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), RegistryError> {
+    let fine = !text.trim().is_empty() && text.len() <= max && !text.chars().any(char::is_control);
+    if fine {
+        Ok(())
+    } else {
+        Err(RegistryError::BadText { field, max })
+    }
+}
+
+/// A plausible e-mail address: one `@` with text on both sides, a dot in
+/// the domain, no spaces, at most 254 bytes.
+pub fn check_email(email: &str) -> Result<(), RegistryError> {
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err(RegistryError::BadEmail);
+    };
+    let fine = !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if fine {
+        Ok(())
+    } else {
+        Err(RegistryError::BadEmail)
+    }
+}
+
+/// The IDs a branch issues for serial number `serial`.
+pub fn customer_id(bid: &Bid, serial: u64) -> Result<Cid, RegistryError> {
+    Cid::new(bid, &serial.to_string()).map_err(|_| RegistryError::SerialsExhausted)
+}
+
+/// The PID and test PID for serial number `serial`.
+pub fn product_ids(bid: &Bid, serial: u64) -> Result<(Pid, Pid), RegistryError> {
+    let pid = Pid::new(bid, &serial.to_string()).map_err(|_| RegistryError::SerialsExhausted)?;
+    let test_pid =
+        Pid::new(bid, &format!("{serial}T")).map_err(|_| RegistryError::SerialsExhausted)?;
+    Ok((pid, test_pid))
+}
+
+/// The MID for serial number `serial`.
+pub fn meter_id(bid: &Bid, serial: u64) -> Result<Mid, RegistryError> {
+    Mid::new(bid, &serial.to_string()).map_err(|_| RegistryError::SerialsExhausted)
+}
+
+/// A new random meter secret, as lower-case hex.
+pub fn new_meter_secret() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; METER_SECRET_BYTES];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system random generator works");
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_and_emails_are_checked() {
+        assert!(check_text("name", "Ada Lovelace", NAME_BYTES_MAX).is_ok());
+        assert!(check_text("name", "  ", NAME_BYTES_MAX).is_err());
+        assert!(check_text("name", "a\u{0}b", NAME_BYTES_MAX).is_err());
+        assert!(check_text("name", &"x".repeat(201), NAME_BYTES_MAX).is_err());
+        assert!(check_email("ada@example.org").is_ok());
+        for bad in [
+            "ada",
+            "@example.org",
+            "ada@",
+            "ada@org",
+            "a b@example.org",
+            "ada@@example.org",
+            "ada@.org",
+        ] {
+            assert_eq!(check_email(bad), Err(RegistryError::BadEmail), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_carry_the_branch_and_test_pids_end_in_t() {
+        let bid = Bid::parse("EU2").unwrap();
+        assert_eq!(customer_id(&bid, 42).unwrap().as_str(), "EU2-C42");
+        let (pid, test_pid) = product_ids(&bid, 7).unwrap();
+        assert_eq!((pid.as_str(), test_pid.as_str()), ("EU2-P7", "EU2-P7T"));
+        assert_eq!(meter_id(&bid, 3).unwrap().as_str(), "EU2-M3");
+        assert!(
+            product_ids(&bid, 9_999_999_999_999_999_999).is_ok(),
+            "19 digits and T fit"
+        );
+        assert_eq!(
+            product_ids(&bid, u64::MAX),
+            Err(RegistryError::SerialsExhausted)
+        );
+    }
+
+    #[test]
+    fn meter_secrets_are_random_and_long_enough_to_sign() {
+        let (one, two) = (new_meter_secret(), new_meter_secret());
+        assert_eq!(one.len(), METER_SECRET_BYTES * 2);
+        assert_ne!(one, two);
+        assert!(proto::auth::Secret::new(one.as_bytes()).is_ok());
+    }
+}
