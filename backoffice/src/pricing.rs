@@ -58,18 +58,9 @@ impl TacaHash {
 impl TacaHash {
     /// Parses the lower-case hex form that `Display` prints.
     pub fn parse_hex(text: &str) -> Option<TacaHash> {
-        if text.len() != 64 {
-            return None;
-        }
-        let digit = |byte: u8| match byte {
-            b'0'..=b'9' => Some(byte - b'0'),
-            b'a'..=b'f' => Some(byte - b'a' + 10),
-            _ => None,
-        };
+        let bytes = proto::record::unhex(text, 32)?;
         let mut hash = [0u8; 32];
-        for (slot, pair) in hash.iter_mut().zip(text.as_bytes().chunks(2)) {
-            *slot = digit(pair[0])? << 4 | digit(pair[1])?;
-        }
+        hash.copy_from_slice(&bytes);
         Some(TacaHash(hash))
     }
 }
@@ -89,7 +80,7 @@ impl<'de> serde::Deserialize<'de> for TacaHash {
 
 impl fmt::Display for TacaHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+        f.write_str(&proto::record::hex(&self.0))
     }
 }
 

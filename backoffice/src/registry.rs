@@ -137,7 +137,7 @@ pub fn new_meter_secret() -> String {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .expect("the system random generator works");
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    proto::record::hex(&bytes)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::path::Path;
 
+use proto::record::{Reader, put_str};
 use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -347,12 +348,6 @@ impl Store for SledStore {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, text: &str) {
-    let len = u8::try_from(text.len()).expect("IDs are at most 255 bytes");
-    out.push(len);
-    out.extend_from_slice(text.as_bytes());
-}
-
 fn put_account(out: &mut Vec<u8>, account: &AccountId) {
     match account {
         AccountId::Customer(cid) => {
@@ -388,52 +383,22 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
     out
 }
 
-struct Fields<'a>(&'a [u8]);
-
-impl<'a> Fields<'a> {
-    fn take(&mut self, count: usize) -> Option<&'a [u8]> {
-        if self.0.len() < count {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(count);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        self.take(1).map(|bytes| bytes[0])
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    fn i128(&mut self) -> Option<i128> {
-        Some(i128::from_be_bytes(self.take(16)?.try_into().ok()?))
-    }
-
-    fn text(&mut self) -> Option<&'a str> {
-        let len = usize::from(self.byte()?);
-        std::str::from_utf8(self.take(len)?).ok()
-    }
-
-    fn account(&mut self) -> Option<AccountId> {
-        match self.byte()? {
-            1 => Some(AccountId::Customer(Cid::parse(self.text()?).ok()?)),
-            2 => Some(AccountId::System(SystemAccount::Funding)),
-            _ => None,
-        }
+fn read_account(fields: &mut Reader<'_>) -> Option<AccountId> {
+    match fields.byte()? {
+        1 => Some(AccountId::Customer(Cid::parse(fields.text()?).ok()?)),
+        2 => Some(AccountId::System(SystemAccount::Funding)),
+        _ => None,
     }
 }
 
 fn decode_transfer(record: &[u8]) -> Option<Transfer> {
-    let mut fields = Fields(record);
+    let mut fields = Reader::new(record);
     if fields.byte()? != RECORD_VERSION {
         return None;
     }
     let id = TransferId(fields.u64()?);
-    let debit = fields.account()?;
-    let credit = fields.account()?;
+    let debit = read_account(&mut fields)?;
+    let credit = read_account(&mut fields)?;
     let nanos = fields.i128()?;
     let amount = Amount::try_from_nanos(nanos).ok()?;
     let kind = match fields.byte()? {
@@ -449,7 +414,7 @@ fn decode_transfer(record: &[u8]) -> Option<Transfer> {
         },
         _ => return None,
     };
-    fields.0.is_empty().then_some(Transfer {
+    fields.is_empty().then_some(Transfer {
         id,
         debit,
         credit,

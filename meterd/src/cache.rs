@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proto::reading::{Code, Event, Reading};
+use proto::record::{Reader, put_str};
 use proto::upload::{MeterParams, Standing};
 use proto::{BatchId, Cid, Context, Mid, Payer, Pid};
 
@@ -308,9 +309,9 @@ impl Cache {
         let Some(bytes) = self.tree.get(SESSIONS_KEY)? else {
             return Ok(Vec::new());
         };
-        let mut fields = Fields(&bytes);
+        let mut fields = Reader::new(&bytes);
         let mut sessions = Vec::new();
-        while !fields.0.is_empty() {
+        while !fields.is_empty() {
             let decoded =
                 (|| Some((fields.text()?.to_owned(), Cid::parse(fields.text()?).ok()?)))();
             sessions.push(decoded.expect("cache: sessions record is corrupt"));
@@ -329,12 +330,6 @@ impl Cache {
 
 fn checked_decode(record: &[u8]) -> Reading {
     decode_reading(record).expect("cache: reading record is corrupt")
-}
-
-fn put_str(out: &mut Vec<u8>, text: &str) {
-    let len = u8::try_from(text.len()).expect("IDs and contexts are at most 255 bytes");
-    out.push(len);
-    out.extend_from_slice(text.as_bytes());
 }
 
 /// Record: version, seq, time, code, ID, payer (0 none, 1 CID, 2 PID), context.
@@ -361,40 +356,8 @@ fn encode_reading(reading: &Reading) -> Vec<u8> {
     out
 }
 
-/// Reads fields off a record, `None` at any inconsistency.
-struct Fields<'a>(&'a [u8]);
-
-impl<'a> Fields<'a> {
-    fn take(&mut self, count: usize) -> Option<&'a [u8]> {
-        if self.0.len() < count {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(count);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        self.take(1).map(|bytes| bytes[0])
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(u64_of)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        let bytes: [u8; 4] = self.take(4)?.try_into().ok()?;
-        Some(u32::from_be_bytes(bytes))
-    }
-
-    fn text(&mut self) -> Option<&'a str> {
-        let len = usize::from(self.byte()?);
-        std::str::from_utf8(self.take(len)?).ok()
-    }
-}
-
 fn decode_reading(record: &[u8]) -> Option<Reading> {
-    let mut fields = Fields(record);
+    let mut fields = Reader::new(record);
     if fields.byte()? != RECORD_VERSION {
         return None;
     }
@@ -409,7 +372,7 @@ fn decode_reading(record: &[u8]) -> Option<Reading> {
         _ => return None,
     };
     let context = Context::parse(fields.text()?).ok()?;
-    if !fields.0.is_empty() {
+    if !fields.is_empty() {
         return None;
     }
     let event = match code {
@@ -441,7 +404,7 @@ fn encode_batch(batch: &PendingBatch) -> Vec<u8> {
 }
 
 fn decode_batch(bytes: &[u8]) -> PendingBatch {
-    let mut fields = Fields(bytes);
+    let mut fields = Reader::new(bytes);
     let decoded = (|| {
         let first_seq = fields.u64()?;
         let last_seq = fields.u64()?;
@@ -477,7 +440,7 @@ fn encode_table(table: &SavedTable) -> Vec<u8> {
 }
 
 fn decode_table(bytes: &[u8]) -> Option<SavedTable> {
-    let mut fields = Fields(bytes);
+    let mut fields = Reader::new(bytes);
     let received_ms = fields.u64()?;
     let params = MeterParams {
         flush_readings_max: fields.u32()?,
@@ -496,7 +459,7 @@ fn decode_table(bytes: &[u8]) -> Option<SavedTable> {
         let party = Payer::parse(fields.text()?).ok()?;
         standings.push(Standing { party, allowed });
     }
-    fields.0.is_empty().then_some(SavedTable {
+    fields.is_empty().then_some(SavedTable {
         received_ms,
         standings,
         params,

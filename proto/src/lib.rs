@@ -11,6 +11,7 @@ pub mod id;
 pub mod meter_api;
 pub mod params;
 pub mod reading;
+pub mod record;
 pub mod upload;
 pub mod xmlrpc;
 

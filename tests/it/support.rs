@@ -56,15 +56,25 @@ pub fn address_of(url: &str) -> SocketAddr {
 
 /// The status code and body of an HTTP/1.1 POST with `Connection: close`.
 pub fn post(address: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).expect("connect");
+    let stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).expect("connect");
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    exchange(stream, &format!("POST {path}"), &address.to_string(), body)
+}
+
+/// Sends one request with `Connection: close` and reads the whole answer.
+/// A server may refuse an oversize body before reading it; that is fine.
+fn exchange(
+    mut stream: impl Read + Write,
+    request_line: &str,
+    host: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{request_line} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).expect("write head");
-    // A server may refuse an oversize body before reading it; that is fine.
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
@@ -174,18 +184,10 @@ impl MeterdSetup {
 
 /// The status code and body of an HTTP/1.1 request over a Unix socket.
 pub fn unix_request(socket: &std::path::Path, method: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to meterd");
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to meterd");
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    let head = format!(
-        "{method} /RPC2 HTTP/1.1\r\nHost: meterd\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).expect("write head");
-    let _ = stream.write_all(body);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    split_response(&response)
+    exchange(stream, &format!("{method} /RPC2"), "meterd", body)
 }
 
 /// The status code and body of a complete HTTP/1.1 response (`Connection:
