@@ -221,6 +221,15 @@ impl Ledger {
     /// Posts `batch` atomically; returns the id of its first transfer.
     pub fn post(&mut self, batch: Vec<NewTransfer>) -> Result<TransferId, LedgerError> {
         let first = TransferId(self.transfers.len() as u64);
+        let prepared = self.prepare(batch)?;
+        self.commit(prepared);
+        Ok(first)
+    }
+
+    /// Checks `batch` and numbers its transfers without changing anything,
+    /// so they can be made durable before `commit` applies them.
+    pub fn prepare(&self, batch: Vec<NewTransfer>) -> Result<Vec<Transfer>, LedgerError> {
+        let first = self.transfers.len() as u64;
         let mut changed: HashMap<AccountId, Amount> = HashMap::new();
         for (index, transfer) in batch.iter().enumerate() {
             self.check(index, transfer)?;
@@ -238,18 +247,37 @@ impl Ledger {
                 changed.insert(account, next);
             }
         }
-        // Everything checked: nothing below can fail.
-        self.balances.extend(changed);
-        for (offset, transfer) in batch.into_iter().enumerate() {
-            self.transfers.push(Transfer {
-                id: TransferId(first.0 + offset as u64),
+        let prepared = batch
+            .into_iter()
+            .enumerate()
+            .map(|(offset, transfer)| Transfer {
+                id: TransferId(first + offset as u64),
                 debit: transfer.debit,
                 credit: transfer.credit,
                 amount: transfer.amount,
                 kind: transfer.kind,
-            });
+            })
+            .collect();
+        Ok(prepared)
+    }
+
+    /// Applies transfers from `prepare` on the same ledger state; anything
+    /// else is a bug, so it panics.
+    pub fn commit(&mut self, prepared: Vec<Transfer>) {
+        for transfer in prepared {
+            assert_eq!(
+                transfer.id.0,
+                self.transfers.len() as u64,
+                "ledger: prepared transfers committed out of order"
+            );
+            for posting in transfer.postings() {
+                let balance = self.balances.entry(posting.account).or_insert(Amount::ZERO);
+                *balance = balance
+                    .checked_add(posting.amount)
+                    .expect("ledger: prepared transfer stays in range");
+            }
+            self.transfers.push(transfer);
         }
-        Ok(first)
     }
 
     fn check(&self, index: usize, transfer: &NewTransfer) -> Result<(), LedgerError> {

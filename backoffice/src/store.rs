@@ -62,18 +62,70 @@ impl BatchKey {
     }
 }
 
+/// The billing period a use counts in: a payer, a product, a calendar month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeriodKey {
+    /// Who paid.
+    pub payer: Cid,
+    /// For which product.
+    pub pid: Pid,
+    /// The month, as `YYYYMM` (UTC).
+    pub month: u32,
+}
+
+impl PeriodKey {
+    fn bytes(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(72);
+        put_str(&mut key, self.payer.as_str());
+        put_str(&mut key, self.pid.as_str());
+        key.extend_from_slice(&self.month.to_be_bytes());
+        key
+    }
+}
+
+/// A reading that could not be priced, kept for operators to see and re-price.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Suspense {
+    /// The meter that sent it.
+    pub mid: Mid,
+    /// The batch that carried it.
+    pub batch: BatchId,
+    /// Its sequence number in the meter (its position, in Cox's minimal form).
+    pub seq: u64,
+    /// The product.
+    pub pid: Pid,
+    /// The payer as the meter designated it, if any.
+    pub payer: Option<String>,
+    /// When it was used, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// Why it was not priced.
+    pub reason: String,
+}
+
+/// Everything one applied batch changes, written in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEffects<'a> {
+    /// Transfers already posted to the in-memory ledger.
+    pub transfers: &'a [Transfer],
+    /// New totals of uses per billing period.
+    pub period_uses: &'a [(PeriodKey, u64)],
+    /// Readings that could not be priced.
+    pub suspense: &'a [Suspense],
+    /// The answer given, for a repeat of the batch.
+    pub answer: &'a [u8],
+}
+
 /// What the backoffice keeps durably.
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.
     fn load_ledger(&self) -> Result<Ledger, StoreError>;
-    /// Records `transfers` (already posted to the in-memory ledger) and the
-    /// batch with its answer, atomically and durably.
-    fn apply_batch(
-        &self,
-        key: &BatchKey,
-        transfers: &[Transfer],
-        answer: &[u8],
-    ) -> Result<(), StoreError>;
+    /// Records a batch's effects and the batch with its answer, atomically
+    /// and durably; `AlreadyApplied` if the batch was applied before.
+    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError>;
+    /// Uses counted so far in a billing period.
+    fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
+    /// Every reading in suspense.
+    fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
     /// The answer given to an applied batch, if it was applied.
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError>;
     /// Registers a customer under a new CID of branch `bid`.
@@ -113,6 +165,8 @@ pub struct SledStore {
     products: sled::Tree,
     tacas: sled::Tree,
     meters: sled::Tree,
+    period_uses: sled::Tree,
+    suspense: sled::Tree,
     data_file: File,
 }
 
@@ -146,6 +200,8 @@ impl SledStore {
             products: db.open_tree("products")?,
             tacas: db.open_tree("tacas")?,
             meters: db.open_tree("meters")?,
+            period_uses: db.open_tree("period_uses")?,
+            suspense: db.open_tree("suspense")?,
             db,
             data_file,
         })
@@ -214,14 +270,10 @@ impl Store for SledStore {
         Ok(Ledger::restore(transfers))
     }
 
-    fn apply_batch(
-        &self,
-        key: &BatchKey,
-        transfers: &[Transfer],
-        answer: &[u8],
-    ) -> Result<(), StoreError> {
+    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
         let batch_key = key.bytes();
-        let records: Vec<(u64, Vec<u8>)> = transfers
+        let records: Vec<(u64, Vec<u8>)> = effects
+            .transfers
             .iter()
             .map(|transfer| {
                 let record = encode_transfer(transfer);
@@ -229,15 +281,43 @@ impl Store for SledStore {
                 (transfer.id.0, record)
             })
             .collect();
+        let counters: Vec<(Vec<u8>, [u8; 8])> = effects
+            .period_uses
+            .iter()
+            .map(|(period, uses)| (period.bytes(), uses.to_be_bytes()))
+            .collect();
+        let suspended: Vec<(Vec<u8>, Vec<u8>)> = effects
+            .suspense
+            .iter()
+            .map(|record| {
+                let mut key = Vec::with_capacity(96);
+                put_str(&mut key, record.mid.as_str());
+                put_str(&mut key, record.batch.as_str());
+                key.extend_from_slice(&record.seq.to_be_bytes());
+                (key, serde_json::to_vec(record).expect("records serialize"))
+            })
+            .collect();
+        let trees = (
+            &self.transfers,
+            &self.batches,
+            &self.period_uses,
+            &self.suspense,
+        );
         let outcome =
-            (&self.transfers, &self.batches).transaction(|(transfer_tree, batch_tree)| {
+            trees.transaction(|(transfer_tree, batch_tree, period_tree, suspense_tree)| {
                 if batch_tree.get(&batch_key)?.is_some() {
                     return Err(ConflictableTransactionError::Abort(()));
                 }
                 for (id, record) in &records {
                     transfer_tree.insert(&id.to_be_bytes(), record.as_slice())?;
                 }
-                batch_tree.insert(batch_key.as_slice(), answer)?;
+                for (key, uses) in &counters {
+                    period_tree.insert(key.as_slice(), uses)?;
+                }
+                for (key, record) in &suspended {
+                    suspense_tree.insert(key.as_slice(), record.as_slice())?;
+                }
+                batch_tree.insert(batch_key.as_slice(), effects.answer)?;
                 Ok(())
             });
         match outcome {
@@ -245,6 +325,28 @@ impl Store for SledStore {
             Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
+    }
+
+    fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError> {
+        Ok(self.period_uses.get(key.bytes())?.map_or(0, |bytes| {
+            u64::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .expect("store: period count is 8 bytes"),
+            )
+        }))
+    }
+
+    fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
+        self.suspense
+            .iter()
+            .values()
+            .map(|record| {
+                let record = record?;
+                Ok(serde_json::from_slice(&record).expect("store: suspense record is corrupt"))
+            })
+            .collect()
     }
 
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError> {
@@ -547,9 +649,15 @@ mod tests {
             let store = SledStore::open(dir.path()).unwrap();
             let first = ledger.post(batch(1, 2, 100)).unwrap();
             let posted = &ledger.transfers()[usize::try_from(first.0).unwrap()..];
-            store.apply_batch(&key(1), posted, b"answer one").unwrap();
+            let effects = |answer: &'static [u8]| BatchEffects {
+                transfers: posted,
+                period_uses: &[],
+                suspense: &[],
+                answer,
+            };
+            store.apply_batch(&key(1), effects(b"answer one")).unwrap();
             assert!(matches!(
-                store.apply_batch(&key(1), posted, b"again"),
+                store.apply_batch(&key(1), effects(b"again")),
                 Err(StoreError::AlreadyApplied(_))
             ));
             assert_eq!(
