@@ -122,6 +122,9 @@ pub trait Store {
     /// Records a batch's effects and the batch with its answer, atomically
     /// and durably; `AlreadyApplied` if the batch was applied before.
     fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError>;
+    /// Records transfers made outside uploads (deposits, withdrawals,
+    /// corrections), atomically and durably.
+    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
     /// Uses counted so far in a billing period.
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
     /// Every reading in suspense.
@@ -325,6 +328,15 @@ impl Store for SledStore {
             Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
+    }
+
+    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for transfer in transfers {
+            batch.insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer));
+        }
+        self.transfers.apply_batch(batch)?;
+        self.sync()
     }
 
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError> {

@@ -4,3 +4,4 @@ mod cli;
 mod examples;
 mod ledger;
 mod pricing;
+mod send;

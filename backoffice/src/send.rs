@@ -1,0 +1,629 @@
+//! `send`: applying a meter's upload. Transport-free: the server hands in
+//! the body, the signature headers and the time, and gets the answer back.
+//!
+//! A batch is authenticated (registered MID, HMAC signature, time window, no
+//! replay), then applied once: every committed use is priced with its
+//! product's TACA and becomes a transfer from the payer to the product's
+//! owner; what cannot be priced goes to suspense with its reason. Transfers,
+//! period counts, suspense and the answer are stored in one transaction
+//! before the in-memory ledger takes the transfers. A batch sent again gets
+//! the stored answer, marked "already applied".
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use proto::auth::Secret;
+use proto::reading::{Event, Reading};
+use proto::upload::{
+    MeterParams, Outcome, SendAnswer, SendBody, SendRequest, Standing, standings_value,
+};
+use proto::xmlrpc::{Limits, MethodResponse, Value, encode_response, parse_call, parse_response};
+use proto::{BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
+
+use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
+use crate::pricing::{PriceInput, Pricing};
+use crate::registry::Product;
+use crate::store::{BatchEffects, BatchKey, PeriodKey, Store, StoreError, Suspense};
+
+/// How far a signature's time may be from the backoffice's clock.
+pub const SIGNATURE_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Signatures remembered to refuse replays (older ones are outside the window).
+pub const SEEN_SIGNATURES_MAX: usize = 1_000_000;
+
+/// The HTTP headers of an upload.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signed<'a> {
+    /// `X-Meter-Id`.
+    pub mid: Option<&'a str>,
+    /// `X-Meter-Time`.
+    pub time: Option<&'a str>,
+    /// `X-Meter-Signature`.
+    pub signature: Option<&'a str>,
+}
+
+/// Signatures seen within the window, oldest first.
+#[derive(Default)]
+struct SeenSignatures {
+    order: VecDeque<(u64, String)>,
+    set: HashSet<String>,
+}
+
+impl SeenSignatures {
+    /// False when `signature` was seen already; remembers it otherwise.
+    fn admit(&mut self, signature: &str, time_ms: u64, now_ms: u64) -> bool {
+        while let Some((time, _)) = self.order.front() {
+            let expired = now_ms.saturating_sub(*time) > 2 * SIGNATURE_WINDOW_MS;
+            if !expired && self.order.len() < SEEN_SIGNATURES_MAX {
+                break;
+            }
+            let (_, old) = self.order.pop_front().expect("front exists");
+            self.set.remove(&old);
+        }
+        if !self.set.insert(signature.to_owned()) {
+            return false;
+        }
+        self.order.push_back((time_ms, signature.to_owned()));
+        true
+    }
+}
+
+/// The backoffice's money path.
+pub struct Backoffice<S> {
+    store: S,
+    pricing: Pricing,
+    ledger: Mutex<Ledger>,
+    seen: Mutex<SeenSignatures>,
+    params: MeterParams,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn internal(error: &dyn std::fmt::Display) -> Fault {
+    Fault::new(FaultCode::InternalError, error.to_string())
+}
+
+/// A committed use, with its payer resolved, ready to price.
+struct Use {
+    seq: u64,
+    pid: Pid,
+    payer: Option<Payer>,
+    time_ms: u64,
+}
+
+/// The month (`YYYYMM`, UTC) of a time in ms since the Unix epoch.
+pub fn month_of(time_ms: u64) -> u32 {
+    // Howard Hinnant's civil_from_days.
+    let days = i64::try_from(time_ms / 86_400_000).unwrap_or(i64::MAX) + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    u32::try_from(year * 100 + month).unwrap_or(u32::MAX)
+}
+
+/// Resolves Cox's minimal form: nesting within the batch decides the payer,
+/// as the meter does for the extended form.
+fn minimal_uses(events: &[Event], time_ms: u64) -> Vec<Use> {
+    enum Frame {
+        Login(Cid),
+        Query { pid: Pid, payer: Payer },
+    }
+    let inside = |frame: &Frame| match *frame {
+        Frame::Login(cid) => Payer::Customer(cid),
+        Frame::Query { pid, .. } => Payer::OwnerOf(pid),
+    };
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut uses = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        match *event {
+            Event::Login(cid) => stack.push(Frame::Login(cid)),
+            Event::Logout(cid) => {
+                let login = stack
+                    .iter()
+                    .rposition(|frame| matches!(frame, Frame::Login(open) if *open == cid));
+                if let Some(at) = login {
+                    stack.truncate(at);
+                }
+            }
+            Event::Query { pid, .. } => {
+                if let Some(payer) = stack.last().map(inside) {
+                    stack.push(Frame::Query { pid, payer });
+                }
+            }
+            Event::Commit { pid, .. } => {
+                let open = stack.iter().rposition(
+                    |frame| matches!(frame, Frame::Query { pid: open, .. } if *open == pid),
+                );
+                let payer = open.map(|at| {
+                    let payer = match stack[at] {
+                        Frame::Query { payer, .. } => payer,
+                        Frame::Login(_) => unreachable!("only a query matches"),
+                    };
+                    stack.truncate(at);
+                    payer
+                });
+                uses.push(Use {
+                    seq: index as u64,
+                    pid,
+                    payer,
+                    time_ms,
+                });
+            }
+        }
+    }
+    uses
+}
+
+fn extended_uses(readings: &[Reading]) -> Vec<Use> {
+    readings
+        .iter()
+        .filter_map(|reading| match reading.event {
+            Event::Commit { pid, payer } => Some(Use {
+                seq: reading.seq,
+                pid,
+                payer,
+                time_ms: reading.time_ms,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every party whose standing the answer reports.
+fn parties(body: &SendBody) -> Vec<Payer> {
+    let mut parties: Vec<Payer> = match body {
+        SendBody::Batch(batch) => batch
+            .readings
+            .iter()
+            .flat_map(|reading| match reading.event {
+                Event::Login(cid) | Event::Logout(cid) => vec![Payer::Customer(cid)],
+                Event::Query { pid, payer } | Event::Commit { pid, payer } => {
+                    let mut parties = vec![Payer::OwnerOf(pid)];
+                    parties.extend(payer);
+                    parties
+                }
+            })
+            .collect(),
+        SendBody::Minimal(events) => events
+            .iter()
+            .map(|event| match *event {
+                Event::Login(cid) | Event::Logout(cid) => Payer::Customer(cid),
+                Event::Query { pid, .. } | Event::Commit { pid, .. } => Payer::OwnerOf(pid),
+            })
+            .collect(),
+    };
+    parties.sort();
+    parties.dedup();
+    parties
+}
+
+impl<S: Store> Backoffice<S> {
+    /// The money path over `store`, whose ledger it loads.
+    pub fn open(store: S, params: MeterParams) -> Result<Self, StoreError> {
+        let ledger = store.load_ledger()?;
+        Ok(Self {
+            store,
+            pricing: Pricing::new(),
+            ledger: Mutex::new(ledger),
+            seen: Mutex::new(SeenSignatures::default()),
+            params,
+        })
+    }
+
+    /// The store, for the operator's calls.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// A copy of the ledger, for statements and checks.
+    pub fn ledger(&self) -> Ledger {
+        lock(&self.ledger).clone()
+    }
+
+    /// Posts transfers made outside uploads (a deposit from a customer's
+    /// macro-account, a withdrawal, a correction): durable first, then in the
+    /// ledger. Returns the posted transfers.
+    pub fn post(&self, transfers: Vec<NewTransfer>) -> Result<Vec<crate::ledger::Transfer>, Fault> {
+        let mut ledger = lock(&self.ledger);
+        let prepared = ledger
+            .prepare(transfers)
+            .map_err(|error| Fault::invalid_params(&error))?;
+        self.store
+            .post_transfers(&prepared)
+            .map_err(|error| internal(&error))?;
+        ledger.commit(prepared.clone());
+        Ok(prepared)
+    }
+
+    /// Answers one upload at `now_ms`.
+    pub fn send(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
+        let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
+        if call.name != proto::upload::SEND_METHOD {
+            return Err(Fault::method_not_found(&call.name));
+        }
+        let request = SendRequest::from_call(&call)?;
+        let signature = self.authenticate(&request.mid, signed, body, now_ms)?;
+        let id = match &request.body {
+            SendBody::Batch(batch) => batch.id.clone(),
+            // Cox's form has no batch id: its signature names it.
+            SendBody::Minimal(_) => {
+                BatchId::parse(&format!("sig:{}", &signature[..32])).expect("hex is a valid id")
+            }
+        };
+        let key = BatchKey {
+            mid: request.mid,
+            id,
+        };
+        if let Some(answer) = self
+            .store
+            .applied_answer(&key)
+            .map_err(|error| internal(&error))?
+        {
+            return Self::repeat(&answer, &request.body);
+        }
+        self.apply(&key, &request, now_ms)
+    }
+
+    fn authenticate(
+        &self,
+        mid: &Mid,
+        signed: Signed<'_>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<String, Fault> {
+        let meter = self
+            .store
+            .meter(mid)
+            .map_err(|error| internal(&error))?
+            .ok_or_else(|| {
+                Fault::new(
+                    FaultCode::UnknownMeter,
+                    format!("{mid} is not registered here"),
+                )
+            })?;
+        let bad = |why: &str| Fault::new(FaultCode::BadSignature, why.to_owned());
+        if signed.mid != Some(mid.as_str()) {
+            return Err(bad(
+                "the X-Meter-Id header is missing or names another meter",
+            ));
+        }
+        let time_ms: u64 = signed
+            .time
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| bad("the X-Meter-Time header is missing or not a number"))?;
+        let signature = signed
+            .signature
+            .ok_or_else(|| bad("the X-Meter-Signature header is missing"))?;
+        let secret = Secret::new(meter.secret_hex.as_bytes()).map_err(|error| internal(&error))?;
+        secret
+            .verify(mid, time_ms, body, signature)
+            .map_err(|error| bad(&error.to_string()))?;
+        if time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
+            return Err(Fault::new(
+                FaultCode::Replay,
+                "the signature's time is outside the accepted window",
+            ));
+        }
+        if !lock(&self.seen).admit(signature, time_ms, now_ms) {
+            return Err(Fault::new(
+                FaultCode::Replay,
+                "this signature was used already",
+            ));
+        }
+        Ok(signature.to_owned())
+    }
+
+    /// The stored answer of an applied batch, marked "already applied".
+    fn repeat(answer: &[u8], body: &SendBody) -> Result<Value, Fault> {
+        let value = match parse_response(answer, Limits::BACKOFFICE) {
+            Ok(MethodResponse::Success(value)) => value,
+            _ => panic!("store: a stored answer is corrupt"),
+        };
+        match body {
+            SendBody::Batch(_) => {
+                let mut answer =
+                    SendAnswer::from_value(&value).expect("store: a stored answer is corrupt");
+                answer.outcome = Outcome::AlreadyApplied;
+                Ok(answer.to_value())
+            }
+            SendBody::Minimal(_) => Ok(value),
+        }
+    }
+
+    fn product(
+        &self,
+        cache: &mut HashMap<Pid, Option<Product>>,
+        pid: Pid,
+    ) -> Result<Option<Product>, Fault> {
+        if let Some(product) = cache.get(&pid) {
+            return Ok(product.clone());
+        }
+        let product = self.store.product(&pid).map_err(|error| internal(&error))?;
+        cache.insert(pid, product.clone());
+        Ok(product)
+    }
+
+    fn payer_cid(
+        &self,
+        cache: &mut HashMap<Pid, Option<Product>>,
+        payer: Option<Payer>,
+    ) -> Result<Result<Cid, String>, Fault> {
+        Ok(match payer {
+            None => Err("nobody would pay: no enclosing login or query".to_owned()),
+            Some(Payer::Customer(cid)) => match self
+                .store
+                .customer(&cid)
+                .map_err(|error| internal(&error))?
+            {
+                Some(_) => Ok(cid),
+                None => Err(format!("unknown customer {cid}")),
+            },
+            Some(Payer::OwnerOf(pid)) => match self.product(cache, pid)? {
+                Some(product) => Ok(product.owner),
+                None => Err(format!("unknown enclosing product {pid}")),
+            },
+        })
+    }
+
+    fn apply(&self, key: &BatchKey, request: &SendRequest, now_ms: u64) -> Result<Value, Fault> {
+        let uses = match &request.body {
+            SendBody::Batch(batch) => extended_uses(&batch.readings),
+            SendBody::Minimal(events) => minimal_uses(events, now_ms),
+        };
+        let mut products: HashMap<Pid, Option<Product>> = HashMap::new();
+        let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
+        let mut transfers = Vec::new();
+        let mut suspense = Vec::new();
+        let mut ledger = lock(&self.ledger);
+        for usage in uses {
+            let suspend = |reason: String| Suspense {
+                mid: key.mid,
+                batch: key.id.clone(),
+                seq: usage.seq,
+                pid: usage.pid,
+                payer: usage.payer.map(|payer| payer.to_string()),
+                time_ms: usage.time_ms,
+                reason,
+            };
+            let Some(product) = self.product(&mut products, usage.pid)? else {
+                suspense.push(suspend(format!("unknown PID {}", usage.pid)));
+                continue;
+            };
+            let payer = match self.payer_cid(&mut products, usage.payer)? {
+                Ok(cid) => cid,
+                Err(reason) => {
+                    suspense.push(suspend(reason));
+                    continue;
+                }
+            };
+            if usage.pid == product.test_pid {
+                continue; // The test PID is free.
+            }
+            let period = PeriodKey {
+                payer,
+                pid: product.pid,
+                month: month_of(usage.time_ms),
+            };
+            let count = match periods.get(&period) {
+                Some(count) => *count,
+                None => self
+                    .store
+                    .period_uses(&period)
+                    .map_err(|error| internal(&error))?,
+            };
+            let module = self
+                .store
+                .taca_module(&product.taca)
+                .map_err(|error| internal(&error))?
+                .ok_or_else(|| {
+                    internal(&format!(
+                        "the TACA of {} is missing from the store",
+                        product.pid
+                    ))
+                })?;
+            let priced = self
+                .pricing
+                .load(&module)
+                .map_err(|error| error.to_string())
+                .and_then(|taca| {
+                    let input = PriceInput::invocation(payer, Code::Commit, usage.pid, count);
+                    self.pricing
+                        .price(&taca, &input)
+                        .map_err(|error| error.to_string())
+                });
+            match priced {
+                Err(reason) => suspense.push(suspend(reason)),
+                Ok(priced) => {
+                    periods.insert(period, count + 1);
+                    if priced.amount.is_positive() && payer != product.owner {
+                        transfers.push(NewTransfer {
+                            debit: AccountId::Customer(payer),
+                            credit: AccountId::Customer(product.owner),
+                            amount: priced.amount,
+                            kind: TransferKind::Use {
+                                pid: usage.pid,
+                                batch: key.id.clone(),
+                                seq: usage.seq,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        let prepared = ledger
+            .prepare(transfers)
+            .map_err(|error| internal(&error))?;
+        let mut balances: HashMap<AccountId, proto::Amount> = HashMap::new();
+        for transfer in &prepared {
+            for posting in transfer.postings() {
+                let balance = balances
+                    .entry(posting.account)
+                    .or_insert_with(|| ledger.balance(&posting.account));
+                *balance = balance
+                    .checked_add(posting.amount)
+                    .map_err(|error| internal(&error))?;
+            }
+        }
+        let standings = self.standings(&request.body, &mut products, |account| {
+            balances
+                .get(account)
+                .copied()
+                .unwrap_or_else(|| ledger.balance(account))
+        })?;
+        let value = match &request.body {
+            SendBody::Batch(batch) => SendAnswer {
+                batch_id: batch.id.clone(),
+                outcome: Outcome::Applied,
+                standings,
+                params: self.params,
+            }
+            .to_value(),
+            SendBody::Minimal(_) => standings_value(&standings),
+        };
+        let answer = encode_response(&value);
+        let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
+        let effects = BatchEffects {
+            transfers: &prepared,
+            period_uses: &period_uses,
+            suspense: &suspense,
+            answer: &answer,
+        };
+        match self.store.apply_batch(key, effects) {
+            Ok(()) => {
+                ledger.commit(prepared);
+                Ok(value)
+            }
+            Err(StoreError::AlreadyApplied(_)) => {
+                drop(ledger);
+                let stored = self
+                    .store
+                    .applied_answer(key)
+                    .map_err(|error| internal(&error))?;
+                Self::repeat(
+                    &stored.expect("an applied batch has an answer"),
+                    &request.body,
+                )
+            }
+            Err(error) => Err(internal(&error)),
+        }
+    }
+
+    fn standings(
+        &self,
+        body: &SendBody,
+        products: &mut HashMap<Pid, Option<Product>>,
+        balance: impl Fn(&AccountId) -> proto::Amount,
+    ) -> Result<Vec<Standing>, Fault> {
+        let mut standings = Vec::new();
+        for party in parties(body) {
+            let cid = match party {
+                Payer::Customer(cid) => Some(cid),
+                Payer::OwnerOf(pid) => self.product(products, pid)?.map(|product| product.owner),
+            };
+            let customer = match cid {
+                Some(cid) => self
+                    .store
+                    .customer(&cid)
+                    .map_err(|error| internal(&error))?,
+                None => None,
+            };
+            let allowed = customer.is_some_and(|customer| {
+                let account = AccountId::Customer(customer.cid);
+                in_good_standing(balance(&account), customer.credit_limit, customer.denied)
+            });
+            standings.push(Standing { party, allowed });
+        }
+        Ok(standings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_are_utc_calendar_months() {
+        assert_eq!(month_of(0), 197_001);
+        assert_eq!(month_of(951_782_400_000), 200_002, "2000-02-29");
+        assert_eq!(month_of(951_868_800_000), 200_003, "2000-03-01");
+        assert_eq!(month_of(1_798_761_599_000), 202_612, "2026-12-31 23:59:59");
+        assert_eq!(month_of(1_798_761_600_000), 202_701, "2027-01-01");
+    }
+
+    fn cid(n: u32) -> Cid {
+        Cid::parse(&format!("B1-C{n}")).unwrap()
+    }
+
+    fn pid(n: u32) -> Pid {
+        Pid::parse(&format!("B1-P{n}")).unwrap()
+    }
+
+    #[test]
+    fn coxs_minimal_form_nests_within_the_batch() {
+        let events = [
+            Event::Login(cid(1)),
+            Event::Query {
+                pid: pid(1),
+                payer: None,
+            },
+            Event::Query {
+                pid: pid(2),
+                payer: None,
+            },
+            Event::Commit {
+                pid: pid(2),
+                payer: None,
+            },
+            Event::Commit {
+                pid: pid(1),
+                payer: None,
+            },
+            Event::Logout(cid(1)),
+            Event::Query {
+                pid: pid(3),
+                payer: None,
+            },
+            Event::Commit {
+                pid: pid(3),
+                payer: None,
+            },
+        ];
+        let uses = minimal_uses(&events, 0);
+        let resolved: Vec<(Pid, Option<Payer>)> =
+            uses.iter().map(|usage| (usage.pid, usage.payer)).collect();
+        assert_eq!(
+            resolved,
+            vec![
+                (pid(2), Some(Payer::OwnerOf(pid(1)))),
+                (pid(1), Some(Payer::Customer(cid(1)))),
+                (pid(3), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn replayed_signatures_are_refused_and_old_ones_forgotten() {
+        let mut seen = SeenSignatures::default();
+        assert!(seen.admit("a", 1_000, 1_000));
+        assert!(!seen.admit("a", 1_000, 2_000));
+        assert!(seen.admit("b", 2_000, 2_000));
+        let later = 1_000 + 2 * SIGNATURE_WINDOW_MS + 1;
+        assert!(seen.admit("c", later, later));
+        assert!(
+            seen.admit("a", later, later),
+            "forgotten once outside twice the window"
+        );
+    }
+}

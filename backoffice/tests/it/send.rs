@@ -1,0 +1,352 @@
+//! The money path: uploads priced with real TACA modules, posted to the
+//! ledger, answered with standings; repeats, forgeries and replays.
+
+use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
+use backoffice::send::{Backoffice, SIGNATURE_WINDOW_MS, Signed};
+use backoffice::store::{SledStore, Store};
+use proto::auth::Secret;
+use proto::reading::{Event, Reading};
+use proto::upload::{Batch, MeterParams, Outcome, SendAnswer, SendBody, SendRequest};
+use proto::xmlrpc::{Value, encode_call};
+use proto::{Amount, BatchId, Bid, Cid, Context, FaultCode, Mid, Payer, Pid};
+
+use crate::examples::module;
+
+const NOW_MS: u64 = 1_764_000_000_000;
+const PARAMS: MeterParams = MeterParams {
+    flush_readings_max: 10_000,
+    flush_interval_s: 3_600,
+    status_stale_max_s: 86_400,
+    unknown_uses_max: 16,
+};
+
+struct World {
+    _dir: tempfile::TempDir,
+    backoffice: Backoffice<SledStore>,
+    consumer: Cid,
+    producer: Cid,
+    maker: Cid,
+    product: Pid,
+    test_pid: Pid,
+    component: Pid,
+    mid: Mid,
+    secret: Secret,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let bid = Bid::parse("B1").unwrap();
+    let consumer = store
+        .create_customer(&bid, "Ada", "ada@example.org")
+        .unwrap()
+        .cid;
+    let producer = store
+        .create_customer(&bid, "Bob", "bob@example.org")
+        .unwrap()
+        .cid;
+    let maker = store
+        .create_customer(&bid, "Carol", "carol@example.org")
+        .unwrap()
+        .cid;
+    let product = store
+        .create_product(&bid, &producer, "Editor", "0.25 per use", &module("flat"))
+        .unwrap();
+    let component = store
+        .create_product(&bid, &maker, "Spell", "tiered", &module("tiered"))
+        .unwrap();
+    let meter = store.create_meter(&bid, &consumer).unwrap();
+    let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
+    let backoffice = Backoffice::open(store, PARAMS).unwrap();
+    backoffice
+        .post(vec![NewTransfer {
+            debit: AccountId::System(SystemAccount::Funding),
+            credit: AccountId::Customer(consumer),
+            amount: Amount::from_units(10).unwrap(),
+            kind: TransferKind::Deposit,
+        }])
+        .unwrap();
+    World {
+        _dir: dir,
+        backoffice,
+        consumer,
+        producer,
+        maker,
+        product: product.pid,
+        test_pid: product.test_pid,
+        component: component.pid,
+        mid: meter.mid,
+        secret,
+    }
+}
+
+fn batch(world: &World, id: &str, events: Vec<Event>) -> Vec<u8> {
+    batch_from(world.mid, id, events)
+}
+
+fn batch_from(mid: Mid, id: &str, events: Vec<Event>) -> Vec<u8> {
+    let context = Context::parse("42.7").unwrap();
+    let readings = events
+        .into_iter()
+        .enumerate()
+        .map(|(index, event)| Reading {
+            seq: 100 + index as u64,
+            time_ms: NOW_MS - 1000,
+            context: context.clone(),
+            event,
+        })
+        .collect();
+    let request = SendRequest {
+        mid,
+        body: SendBody::Batch(Batch {
+            id: BatchId::parse(id).unwrap(),
+            readings,
+        }),
+    };
+    encode_call("send", &request.to_params())
+}
+
+fn send(world: &World, body: &[u8], time_ms: u64) -> Result<Value, proto::Fault> {
+    let signature = world.secret.sign(&world.mid, time_ms, body);
+    let time = time_ms.to_string();
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    world.backoffice.send(body, signed, NOW_MS)
+}
+
+fn balance(world: &World, cid: Cid) -> Amount {
+    world.backoffice.ledger().balance(&AccountId::Customer(cid))
+}
+
+fn amount(text: &str) -> Amount {
+    Amount::parse(text).unwrap()
+}
+
+fn uses(world: &World) -> Vec<Event> {
+    let me = Some(Payer::Customer(world.consumer));
+    let inside = Some(Payer::OwnerOf(world.product));
+    let mut events = vec![Event::Login(world.consumer)];
+    for _ in 0..3 {
+        events.push(Event::Commit {
+            pid: world.component,
+            payer: inside,
+        });
+        events.push(Event::Commit {
+            pid: world.product,
+            payer: me,
+        });
+    }
+    events.push(Event::Commit {
+        pid: world.test_pid,
+        payer: me,
+    });
+    events.push(Event::Commit {
+        pid: Pid::parse("B1-P404").unwrap(),
+        payer: me,
+    });
+    events.push(Event::Logout(world.consumer));
+    events
+}
+
+#[test]
+fn uses_become_exact_transfers_and_components_are_paid_by_the_product_owner() {
+    let world = world();
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    let answer = SendAnswer::from_value(&send(&world, &body, NOW_MS).unwrap()).unwrap();
+    assert_eq!(answer.outcome, Outcome::Applied);
+    assert_eq!(answer.params, PARAMS);
+    // Three uses of the editor at 0.25; the test PID is free; the component's
+    // first ten uses in the month are free (tiered), and they fall on Bob.
+    assert_eq!(balance(&world, world.consumer), amount("9.25"));
+    assert_eq!(balance(&world, world.producer), amount("0.75"));
+    assert_eq!(balance(&world, world.maker), Amount::ZERO);
+    let allowed = |party: Payer| {
+        answer
+            .standings
+            .iter()
+            .find(|s| s.party == party)
+            .map(|s| s.allowed)
+    };
+    assert_eq!(allowed(Payer::Customer(world.consumer)), Some(true));
+    assert_eq!(
+        allowed(Payer::OwnerOf(world.product)),
+        Some(true),
+        "Bob has 0.75"
+    );
+    assert_eq!(
+        allowed(Payer::OwnerOf(world.component)),
+        Some(false),
+        "Carol has nothing yet"
+    );
+    let suspense = world.backoffice.store().suspense().unwrap();
+    assert_eq!(suspense.len(), 1);
+    assert!(
+        suspense[0].reason.contains("unknown PID B1-P404"),
+        "{:?}",
+        suspense[0]
+    );
+    world.backoffice.ledger().verify();
+}
+
+#[test]
+fn a_batch_sent_again_is_answered_the_same_and_applied_once() {
+    let world = world();
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    let first = SendAnswer::from_value(&send(&world, &body, NOW_MS).unwrap()).unwrap();
+    // The meter retries after a lost answer: a new signature, the same batch.
+    let again = SendAnswer::from_value(&send(&world, &body, NOW_MS + 1).unwrap()).unwrap();
+    assert_eq!(again.outcome, Outcome::AlreadyApplied);
+    assert_eq!(again.standings, first.standings);
+    assert_eq!(balance(&world, world.consumer), amount("9.25"));
+    assert_eq!(world.backoffice.store().suspense().unwrap().len(), 1);
+}
+
+#[test]
+fn forged_replayed_stale_and_unknown_uploads_are_refused_with_nothing_applied() {
+    let world = world();
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    let code = |result: Result<Value, proto::Fault>| result.unwrap_err().registered().unwrap();
+    let forged = Secret::new(b"not the meter's secret at all")
+        .unwrap()
+        .sign(&world.mid, NOW_MS, &body);
+    let time = NOW_MS.to_string();
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&forged),
+    };
+    assert_eq!(
+        code(world.backoffice.send(&body, signed, NOW_MS)),
+        FaultCode::BadSignature
+    );
+    assert_eq!(
+        code(world.backoffice.send(&body, Signed::default(), NOW_MS)),
+        FaultCode::BadSignature
+    );
+    assert_eq!(
+        code(send(&world, &body, NOW_MS - SIGNATURE_WINDOW_MS - 1)),
+        FaultCode::Replay
+    );
+    let mut tampered = body.clone();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 1;
+    let signature = world.secret.sign(&world.mid, NOW_MS, &body);
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    let result = world.backoffice.send(&tampered, signed, NOW_MS);
+    assert!(result.is_err(), "a changed body never verifies");
+    let stranger_mid = Mid::parse("B1-M99").unwrap();
+    let stranger = batch_from(stranger_mid, "B1-M99:1", vec![]);
+    let signature = world.secret.sign(&stranger_mid, NOW_MS, &stranger);
+    let signed = Signed {
+        mid: Some("B1-M99"),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    assert_eq!(
+        code(world.backoffice.send(&stranger, signed, NOW_MS)),
+        FaultCode::UnknownMeter
+    );
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("10"),
+        "nothing applied"
+    );
+    // The genuine upload, then its exact replay.
+    send(&world, &body, NOW_MS).unwrap();
+    assert_eq!(code(send(&world, &body, NOW_MS)), FaultCode::Replay);
+    assert_eq!(balance(&world, world.consumer), amount("9.25"));
+}
+
+#[test]
+fn the_ledger_and_period_counts_survive_a_restart() {
+    let world = world();
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    send(&world, &body, NOW_MS).unwrap();
+    let path = world._dir.path().to_owned();
+    let World {
+        backoffice,
+        _dir: dir,
+        ..
+    } = world;
+    drop(backoffice);
+    let store = SledStore::open(&path).unwrap();
+    let reopened = Backoffice::open(store, PARAMS).unwrap();
+    let ledger = reopened.ledger();
+    ledger.verify();
+    let consumer = reopened
+        .store()
+        .customer(&Cid::parse("B1-C1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ledger.balance(&AccountId::Customer(consumer.cid)),
+        amount("9.25")
+    );
+    let period = backoffice::store::PeriodKey {
+        payer: Cid::parse("B1-C2").unwrap(),
+        pid: Pid::parse("B1-P2").unwrap(),
+        month: backoffice::send::month_of(NOW_MS - 1000),
+    };
+    assert_eq!(reopened.store().period_uses(&period).unwrap(), 3);
+    drop(dir);
+}
+
+#[test]
+fn a_denied_or_broke_customer_is_answered_false() {
+    let world = world();
+    let me = Some(Payer::Customer(world.consumer));
+    // 40 uses at 0.25 = 10.00: the balance reaches zero, which a prepaid
+    // account is not allowed to reach.
+    let events: Vec<Event> = (0..40)
+        .map(|_| Event::Commit {
+            pid: world.product,
+            payer: me,
+        })
+        .collect();
+    let answer =
+        SendAnswer::from_value(&send(&world, &batch(&world, "B1-M1:1", events), NOW_MS).unwrap())
+            .unwrap();
+    assert_eq!(balance(&world, world.consumer), Amount::ZERO);
+    let standing = answer
+        .standings
+        .iter()
+        .find(|s| s.party == Payer::Customer(world.consumer))
+        .unwrap();
+    assert!(!standing.allowed, "a prepaid account at zero is denied");
+    // A deposit and a new upload restore the standing.
+    world
+        .backoffice
+        .post(vec![NewTransfer {
+            debit: AccountId::System(SystemAccount::Funding),
+            credit: AccountId::Customer(world.consumer),
+            amount: amount("5"),
+            kind: TransferKind::Deposit,
+        }])
+        .unwrap();
+    let login = vec![Event::Login(world.consumer)];
+    let answer =
+        SendAnswer::from_value(&send(&world, &batch(&world, "B1-M1:2", login), NOW_MS).unwrap())
+            .unwrap();
+    assert!(answer.standings[0].allowed);
+    // An operator's "deny service" wins over any balance.
+    let mut customer = world
+        .backoffice
+        .store()
+        .customer(&world.consumer)
+        .unwrap()
+        .unwrap();
+    customer.denied = true;
+    world.backoffice.store().update_customer(&customer).unwrap();
+    let login = vec![Event::Login(world.consumer)];
+    let answer =
+        SendAnswer::from_value(&send(&world, &batch(&world, "B1-M1:3", login), NOW_MS).unwrap())
+            .unwrap();
+    assert!(!answer.standings[0].allowed);
+}
