@@ -7,6 +7,7 @@ pub mod ledger;
 pub mod pricing;
 pub mod registry;
 pub mod send;
+pub mod server;
 pub mod store;
 
 use proto::{Amount, Bid};

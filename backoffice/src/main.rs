@@ -1,5 +1,5 @@
-//! `backoffice`: the backoffice's command line. For now it checks TACA
-//! modules, so producers know what a module costs before uploading it.
+//! `backoffice`: the backoffice's command line: `serve` runs the server;
+//! `taca check` shows producers what a module charges before they upload it.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -25,6 +25,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the backoffice: XML-RPC on POST /RPC2 (meters' `send` and the
+    /// operator's calls) until SIGINT or SIGTERM.
+    Serve {
+        /// Where the store lives [default: $XDG_STATE_HOME/backoffice, else ~/.local/state/backoffice].
+        #[arg(long, env = "BACKOFFICE_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// The address to listen on.
+        #[arg(long, env = "BACKOFFICE_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// This branch's code; every ID it issues starts with it.
+        #[arg(long, env = "BACKOFFICE_BID", default_value = "B1")]
+        bid: proto::Bid,
+    },
     /// Work with TACA pricing modules.
     Taca {
         #[command(subcommand)]
@@ -158,9 +171,102 @@ fn check(module: &PathBuf, samples: Vec<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn default_data_dir() -> PathBuf {
+    let env = |key: &str| std::env::var(key).ok().filter(|value| !value.is_empty());
+    match (env("XDG_STATE_HOME"), env("HOME")) {
+        (Some(state), _) => PathBuf::from(state).join("backoffice"),
+        (None, Some(home)) => PathBuf::from(home).join(".local/state/backoffice"),
+        (None, None) => PathBuf::from("backoffice-data"),
+    }
+}
+
+/// The operator token in `dir`, created (owner-only) on first start.
+fn operator_token(dir: &std::path::Path) -> std::io::Result<(PathBuf, String)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("operator-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok((path, token.trim().to_owned())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let token = backoffice::registry::new_meter_secret();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(token.as_bytes())?;
+            file.sync_all()?;
+            Ok((path, token))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn serve(data_dir: Option<PathBuf>, listen: std::net::SocketAddr, bid: proto::Bid) -> ExitCode {
+    let dir = data_dir.unwrap_or_else(default_data_dir);
+    let opened = std::fs::create_dir_all(&dir)
+        .map_err(|error| error.to_string())
+        .and_then(|()| operator_token(&dir).map_err(|error| error.to_string()))
+        .and_then(|token| {
+            let store = backoffice::store::SledStore::open(&dir.join("store"))
+                .map_err(|error| error.to_string())?;
+            let params = backoffice::send::DEFAULT_PARAMS;
+            let backoffice = backoffice::send::Backoffice::open(store, params)
+                .map_err(|error| error.to_string())?;
+            Ok((token, backoffice))
+        });
+    let ((token_path, operator_token), backoffice) = match opened {
+        Ok(opened) => opened,
+        Err(message) => {
+            eprintln!("backoffice: cannot open {}: {message}", dir.display());
+            return ExitCode::from(69);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    let outcome = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let address = listener.local_addr()?;
+        println!("backoffice listening on http://{address}/RPC2");
+        println!("operator token in {}", token_path.display());
+        let service = std::sync::Arc::new(backoffice::server::Service {
+            backoffice,
+            bid,
+            operator_token,
+        });
+        backoffice::server::run(listener, service, shutdown_signal()).await
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_millis(
+        backoffice::server::SHUTDOWN_GRACE_MS,
+    ));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("backoffice: {error}");
+            ExitCode::from(69)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            bid,
+        } => serve(data_dir, listen, bid),
         Command::Taca {
             command: TacaCommand::Check { module, samples },
         } => check(&module, samples),

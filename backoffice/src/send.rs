@@ -30,6 +30,14 @@ pub const SIGNATURE_WINDOW_MS: u64 = 5 * 60 * 1000;
 /// Signatures remembered to refuse replays (older ones are outside the window).
 pub const SEEN_SIGNATURES_MAX: usize = 1_000_000;
 
+/// Upload parameters programmed into meters unless configured otherwise.
+pub const DEFAULT_PARAMS: MeterParams = MeterParams {
+    flush_readings_max: 10_000,
+    flush_interval_s: 3_600,
+    status_stale_max_s: 30 * 24 * 3_600,
+    unknown_uses_max: 16,
+};
+
 /// The HTTP headers of an upload.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Signed<'a> {
@@ -195,6 +203,7 @@ fn parties(body: &SendBody) -> Vec<Payer> {
                     parties
                 }
             })
+            .chain(batch.parties.iter().copied())
             .collect(),
         SendBody::Minimal(events) => events
             .iter()

@@ -80,6 +80,15 @@ impl StatusTable {
         self.unknown_uses.clear();
     }
 
+    /// The parties in the table, at most `limit` of them: the meter asks
+    /// for their standing in every upload, so the table stays whole.
+    pub fn parties(&self, limit: usize) -> Vec<Payer> {
+        let mut parties: Vec<Payer> = self.entries.keys().copied().collect();
+        parties.sort();
+        parties.truncate(limit);
+        parties
+    }
+
     /// The current upload parameters.
     pub fn params(&self) -> MeterParams {
         self.params

@@ -237,6 +237,7 @@ impl Uploader {
             body: SendBody::Batch(Batch {
                 id: batch.id.clone(),
                 readings,
+                parties: self.known_parties(),
             }),
         };
         let saved = self.exchange(&request, &batch.id).await?;
@@ -248,6 +249,10 @@ impl Uploader {
         Ok(())
     }
 
+    fn known_parties(&self) -> Vec<proto::Payer> {
+        lock(&self.table).parties(proto::upload::BATCH_PARTIES_MAX)
+    }
+
     async fn refresh_table(&self) -> Result<(), UploadError> {
         let id = BatchId::parse(&format!("{}:t{}", self.mid, now_ms())).expect("valid batch id");
         let request = SendRequest {
@@ -255,6 +260,7 @@ impl Uploader {
             body: SendBody::Batch(Batch {
                 id: id.clone(),
                 readings: Vec::new(),
+                parties: self.known_parties(),
             }),
         };
         let saved = self.exchange(&request, &id).await?;

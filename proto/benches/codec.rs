@@ -38,6 +38,7 @@ fn batch() -> SendRequest {
         body: SendBody::Batch(Batch {
             id: BatchId::parse("B1-M1:1000000").unwrap(),
             readings,
+            parties: Vec::new(),
         }),
     }
 }

@@ -4,7 +4,8 @@
 //! Codes below zero follow the XML-RPC fault code interoperability convention
 //! (-32700 parse error, -32600 invalid request, ...; -32000 to -32099 are
 //! implementation-defined server errors). Codes 100-199 belong to the meter's
-//! local API, 200-299 to the upload (`send`).
+//! local API, 200-299 to the upload (`send`), 300-399 to the backoffice's
+//! operator calls.
 
 use std::fmt;
 
@@ -72,6 +73,14 @@ fault_codes! {
     UnmatchedCommit = 104, "commit(PID) without an open query(PID) in the same context; nothing was recorded.";
     /// Too many open logins and queries in one context.
     FramesFull = 105, "This context has its maximum of open logins and queries; commit, cancel or log out first.";
+    /// The operator token is missing or wrong.
+    Unauthorized = 301, "The call needs the operator's token (the X-Operator-Token header) and it was missing or wrong.";
+    /// No such customer, product or meter.
+    NotFound = 302, "No customer, product or meter with that ID.";
+    /// A TACA module was refused.
+    ModuleRefused = 303, "The TACA module was refused; the message says why (see docs/taca-abi.md).";
+    /// A new record was refused (bad name, e-mail, amount).
+    RecordRefused = 304, "The record was refused; the message says which field and why.";
     /// The MID is not registered.
     UnknownMeter = 201, "The MID is not registered with this backoffice.";
     /// The upload's signature does not verify.

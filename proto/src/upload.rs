@@ -3,7 +3,7 @@
 //!
 //! Two request forms are accepted (see `docs/protocol.md`):
 //! - the extended form, `send(MID, {batchId, readings: [{PID, code, seq,
-//!   context, timeMs, payer?}]})`, which our meter sends; the answer is a struct
+//!   context, timeMs, payer?}], parties?})`, which our meter sends; the answer is a struct
 //!   with the status table and the meter's upload parameters;
 //! - Cox's minimal form, `send(MID, [{PID, code}])`, whose answer is Cox's array
 //!   of `{CID, status}` (extended with `{PID, status}` entries).
@@ -21,6 +21,9 @@ pub const BATCH_READINGS_MAX: usize = 50_000;
 /// The XML-RPC method name of the upload.
 pub const SEND_METHOD: &str = "send";
 
+/// Most parties a meter may ask the standing of in one batch.
+pub const BATCH_PARTIES_MAX: usize = 10_000;
+
 /// A batch in the extended form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -28,6 +31,10 @@ pub struct Batch {
     pub id: BatchId,
     /// Readings in sequence order (strictly increasing `seq`).
     pub readings: Vec<Reading>,
+    /// Parties whose standing the meter wants besides those in the readings
+    /// (those of its current status table), so that an upload with few or no
+    /// readings still refreshes the whole table.
+    pub parties: Vec<Payer>,
 }
 
 /// What a `send` call carries.
@@ -306,16 +313,46 @@ impl Batch {
             }
             readings.push(reading);
         }
-        Ok(Batch { id, readings })
+        let parties = match value.member("parties") {
+            None => Vec::new(),
+            Some(Value::Array(items)) if items.len() <= BATCH_PARTIES_MAX => items
+                .iter()
+                .map(|item| {
+                    let text = item.as_str().ok_or_else(|| {
+                        Fault::invalid_params("send: parties are CID or PID strings")
+                    })?;
+                    Payer::parse(text).map_err(Fault::invalid_params)
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(Fault::invalid_params(format!(
+                    "send: parties must be an array of at most {BATCH_PARTIES_MAX} IDs"
+                )));
+            }
+        };
+        Ok(Batch {
+            id,
+            readings,
+            parties,
+        })
     }
 
     /// Encodes the extended form's batch struct.
     pub fn to_value(&self) -> Value {
         let readings = self.readings.iter().map(reading_value).collect();
-        Value::structure([
-            ("batchId", Value::string(self.id.as_str())),
-            ("readings", Value::Array(readings)),
-        ])
+        let mut members = vec![
+            Member::new("batchId", Value::string(self.id.as_str())),
+            Member::new("readings", Value::Array(readings)),
+        ];
+        if !self.parties.is_empty() {
+            let parties = self
+                .parties
+                .iter()
+                .map(|party| Value::string(party.as_str()))
+                .collect();
+            members.push(Member::new("parties", Value::Array(parties)));
+        }
+        Value::Struct(members)
     }
 }
 

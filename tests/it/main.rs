@@ -2,5 +2,6 @@
 //! temporary state and talks to them as users' programs would.
 
 mod meterd;
+mod money;
 mod support;
 mod validator1;

@@ -214,3 +214,25 @@ pub fn fault_code(body: &[u8]) -> Option<proto::FaultCode> {
         MethodResponse::Success(_) => None,
     }
 }
+
+/// Calls an operator method on a running backoffice and returns its value,
+/// or the fault.
+pub fn operator_call(
+    address: SocketAddr,
+    token: &str,
+    method: &str,
+    params: &[proto::xmlrpc::Value],
+) -> Result<proto::xmlrpc::Value, proto::Fault> {
+    use proto::xmlrpc::{Limits, MethodResponse, encode_call, parse_response};
+    let body = encode_call(method, params);
+    let stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let host = format!("{address}\r\nX-Operator-Token: {token}");
+    let (status, answer) = exchange(stream, "POST /RPC2", &host, &body);
+    assert_eq!(status, 200);
+    match parse_response(&answer, Limits::BACKOFFICE).expect("an XML-RPC response") {
+        MethodResponse::Success(value) => Ok(value),
+        MethodResponse::Fault(fault) => Err(fault),
+    }
+}

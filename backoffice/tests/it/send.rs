@@ -101,6 +101,7 @@ fn batch_from(mid: Mid, id: &str, events: Vec<Event>) -> Vec<u8> {
         body: SendBody::Batch(Batch {
             id: BatchId::parse(id).unwrap(),
             readings,
+            parties: Vec::new(),
         }),
     };
     encode_call("send", &request.to_params())

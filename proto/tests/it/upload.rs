@@ -53,6 +53,7 @@ fn sample_batch() -> Batch {
     Batch {
         id: BatchId::parse("B1-M1:1000").unwrap(),
         readings,
+        parties: vec![Payer::Customer(cid("B1-C7")), Payer::OwnerOf(pid("B1-P8"))],
     }
 }
 
@@ -281,6 +282,7 @@ fn the_largest_batch_fits_the_body_limit() {
     let batch = Batch {
         id: BatchId::parse(&"b".repeat(64)).unwrap(),
         readings,
+        parties: vec![long_cid; proto::upload::BATCH_PARTIES_MAX],
     };
     let request = SendRequest {
         mid: Mid::parse("ABCDEFGH-M12345678901234567890").unwrap(),

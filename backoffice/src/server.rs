@@ -1,0 +1,254 @@
+//! The backoffice's XML-RPC server: `POST /RPC2` with `send` for meters and
+//! the operator's calls, which need the operator token (`X-Operator-Token`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use proto::auth::{MID_HEADER, SIGNATURE_HEADER, TIME_HEADER};
+use proto::params::Params;
+use proto::xmlrpc::{Limits, MethodCall, Value, encode_fault, encode_response, parse_call};
+use proto::{Amount, Bid, Cid, Fault, FaultCode};
+
+use crate::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
+use crate::pricing::{PriceInput, Pricing};
+use crate::send::{Backoffice, Signed};
+use crate::store::{SledStore, Store, StoreError};
+
+/// The header that carries the operator token.
+pub const OPERATOR_HEADER: &str = "x-operator-token";
+/// Longest the server waits for calls in flight at shutdown.
+pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+
+/// What the server needs.
+pub struct Service {
+    /// The money path and the store.
+    pub backoffice: Backoffice<SledStore>,
+    /// This branch.
+    pub bid: Bid,
+    /// The token operator calls must carry.
+    pub operator_token: String,
+}
+
+fn now_ms() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The router: `POST /RPC2`.
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/RPC2", post(answer))
+        .layer(DefaultBodyLimit::max(Limits::BACKOFFICE.body_bytes_max))
+        .with_state(service)
+}
+
+/// Serves until `shutdown` completes.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    service: Arc<Service>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(service))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn answer(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    // Parsing, pricing and fsync block: keep them off the async workers.
+    let outcome = tokio::task::spawn_blocking(move || dispatch(&service, &headers, &body))
+        .await
+        .unwrap_or_else(|error| Err(Fault::new(FaultCode::InternalError, error.to_string())));
+    let body = match outcome {
+        Ok(value) => encode_response(&value),
+        Err(fault) => encode_fault(&fault),
+    };
+    ([(CONTENT_TYPE, "text/xml")], body)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value, Fault> {
+    let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
+    if call.name == proto::upload::SEND_METHOD {
+        let signed = Signed {
+            mid: header(headers, MID_HEADER),
+            time: header(headers, TIME_HEADER),
+            signature: header(headers, SIGNATURE_HEADER),
+        };
+        return service.backoffice.send(body, signed, now_ms());
+    }
+    let token = header(headers, OPERATOR_HEADER).unwrap_or("");
+    let expected = service.operator_token.as_bytes();
+    let matches = token.len() == expected.len()
+        && token
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |difference, (left, right)| difference | (left ^ right))
+            == 0;
+    if !matches {
+        return Err(Fault::new(
+            FaultCode::Unauthorized,
+            "operator calls need the operator token",
+        ));
+    }
+    operator_call(service, &call)
+}
+
+fn store_fault(error: StoreError) -> Fault {
+    match error {
+        StoreError::Registry(error) => Fault::new(FaultCode::RecordRefused, error.to_string()),
+        other => Fault::new(FaultCode::InternalError, other.to_string()),
+    }
+}
+
+fn customer_value(service: &Service, cid: &Cid) -> Result<Value, Fault> {
+    let customer = service
+        .backoffice
+        .store()
+        .customer(cid)
+        .map_err(store_fault)?
+        .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))?;
+    let balance = service
+        .backoffice
+        .ledger()
+        .balance(&AccountId::Customer(*cid));
+    Ok(Value::structure([
+        ("CID", Value::string(customer.cid.as_str())),
+        ("name", Value::string(customer.name)),
+        ("email", Value::string(customer.email)),
+        ("balance", Value::string(balance.to_string())),
+        (
+            "creditLimit",
+            Value::string(customer.credit_limit.to_string()),
+        ),
+        ("denied", Value::Bool(customer.denied)),
+    ]))
+}
+
+fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
+    let params = Params::new(&call.name, &call.params);
+    let store = service.backoffice.store();
+    match call.name.as_str() {
+        "customer.create" => {
+            params.arity(2, 2)?;
+            let customer = store
+                .create_customer(&service.bid, params.string(0)?, params.string(1)?)
+                .map_err(store_fault)?;
+            Ok(Value::structure([(
+                "CID",
+                Value::string(customer.cid.as_str()),
+            )]))
+        }
+        "customer.show" => {
+            params.arity(1, 1)?;
+            customer_value(service, &params.parsed(0)?)
+        }
+        "product.create" => {
+            params.arity(4, 4)?;
+            let owner: Cid = params.parsed(0)?;
+            let module = match params.get(3)? {
+                Value::Base64(bytes) => bytes,
+                other => return Err(params.wrong_type(3, "base64", other)),
+            };
+            let any_pid = proto::Pid::new(&service.bid, "1").expect("a valid PID");
+            let sample = PriceInput::invocation(owner, proto::Code::Commit, any_pid, 0);
+            Pricing::new()
+                .check(module, &[sample])
+                .map_err(|error| Fault::new(FaultCode::ModuleRefused, error.to_string()))?;
+            let product = store
+                .create_product(
+                    &service.bid,
+                    &owner,
+                    params.string(1)?,
+                    params.string(2)?,
+                    module,
+                )
+                .map_err(store_fault)?;
+            Ok(Value::structure([
+                ("PID", Value::string(product.pid.as_str())),
+                ("testPID", Value::string(product.test_pid.as_str())),
+                ("taca", Value::string(product.taca.to_string())),
+            ]))
+        }
+        "meter.create" => {
+            params.arity(1, 1)?;
+            let meter = store
+                .create_meter(&service.bid, &params.parsed(0)?)
+                .map_err(store_fault)?;
+            Ok(Value::structure([
+                ("MID", Value::string(meter.mid.as_str())),
+                ("secret", Value::string(meter.secret_hex)),
+            ]))
+        }
+        "account.deposit" => {
+            params.arity(2, 2)?;
+            let cid: Cid = params.parsed(0)?;
+            let amount: Amount = params.parsed(1)?;
+            if store.customer(&cid).map_err(store_fault)?.is_none() {
+                return Err(Fault::new(
+                    FaultCode::NotFound,
+                    format!("no customer {cid}"),
+                ));
+            }
+            // The macro-account side: no card processor yet; an operator
+            // records a deposit that arrived.
+            service.backoffice.post(vec![NewTransfer {
+                debit: AccountId::System(SystemAccount::Funding),
+                credit: AccountId::Customer(cid),
+                amount,
+                kind: TransferKind::Deposit,
+            }])?;
+            customer_value(service, &cid)
+        }
+        "account.deny" => {
+            params.arity(2, 2)?;
+            let cid: Cid = params.parsed(0)?;
+            let denied = params
+                .get(1)?
+                .as_bool()
+                .ok_or_else(|| params.wrong_type(1, "boolean", params.get(1).expect("present")))?;
+            let mut customer = store
+                .customer(&cid)
+                .map_err(store_fault)?
+                .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))?;
+            customer.denied = denied;
+            store.update_customer(&customer).map_err(store_fault)?;
+            customer_value(service, &cid)
+        }
+        "suspense.list" => {
+            params.arity(0, 0)?;
+            let records = store.suspense().map_err(store_fault)?;
+            Ok(Value::Array(
+                records
+                    .into_iter()
+                    .map(|record| {
+                        Value::structure([
+                            ("MID", Value::string(record.mid.as_str())),
+                            ("batchId", Value::string(record.batch.as_str())),
+                            ("seq", Value::string(record.seq.to_string())),
+                            ("PID", Value::string(record.pid.as_str())),
+                            ("reason", Value::string(record.reason)),
+                        ])
+                    })
+                    .collect(),
+            ))
+        }
+        other => Err(Fault::method_not_found(other)),
+    }
+}

@@ -1,0 +1,168 @@
+//! The whole money path with the real binaries: a backoffice, a meter
+//! registered with it, a metered program with a nested component, and exact
+//! balances and standings afterwards.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use proto::xmlrpc::Value;
+use proto::{Fault, FaultCode};
+
+use crate::support::{MeterdSetup, Running, address_of, operator_call, start, workspace_binary};
+
+#[path = "../../backoffice/tests/it/examples.rs"]
+mod examples;
+
+struct Backoffice {
+    _running: Running,
+    address: SocketAddr,
+    token: String,
+}
+
+impl Backoffice {
+    fn start(dir: &std::path::Path) -> Backoffice {
+        let binary = workspace_binary("backoffice", "backoffice");
+        let data = dir.join("backoffice");
+        let running = start(
+            binary.to_str().expect("UTF-8 path"),
+            &[
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        );
+        let url = running
+            .first_line
+            .strip_prefix("backoffice listening on ")
+            .expect("the listening line")
+            .to_owned();
+        let token = std::fs::read_to_string(data.join("operator-token")).expect("operator token");
+        Backoffice {
+            address: address_of(&url),
+            _running: running,
+            token,
+        }
+    }
+
+    fn call(&self, method: &str, params: &[Value]) -> Result<Value, Fault> {
+        operator_call(self.address, &self.token, method, params)
+    }
+
+    fn text(&self, method: &str, params: &[Value], member: &str) -> String {
+        let value = self
+            .call(method, params)
+            .unwrap_or_else(|fault| panic!("{method}: {fault}"));
+        value
+            .member(member)
+            .and_then(Value::as_str)
+            .expect("member present")
+            .to_owned()
+    }
+}
+
+fn s(text: &str) -> Value {
+    Value::string(text)
+}
+
+#[test]
+fn uses_through_meterd_become_exact_balances_and_standings() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let consumer = office.text("customer.create", &[s("Ada"), s("ada@example.org")], "CID");
+    let producer = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
+    let maker = office.text(
+        "customer.create",
+        &[s("Carol"), s("carol@example.org")],
+        "CID",
+    );
+    let flat = Value::Base64(examples::module("flat"));
+    let tiered = Value::Base64(examples::module("tiered"));
+    let product = office.text(
+        "product.create",
+        &[s(&producer), s("Editor"), s("0.25 per use"), flat],
+        "PID",
+    );
+    let component = office.text(
+        "product.create",
+        &[s(&maker), s("Spell"), s("10 free, then 0.05"), tiered],
+        "PID",
+    );
+    let meter = office.call("meter.create", &[s(&consumer)]).unwrap();
+    let member = |name: &str| {
+        meter
+            .member(name)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    let (mid, secret) = (member("MID"), member("secret"));
+    office
+        .call("account.deposit", &[s(&consumer), s("10")])
+        .unwrap();
+
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, &secret).unwrap();
+    let setup = MeterdSetup {
+        dir: dir.path().to_owned(),
+        backoffice: Some((office.address, mid.parse().unwrap(), secret_file)),
+    };
+    let meterd = setup.start();
+    let socket = meterd.socket.display().to_string();
+    let status = Command::new(env!("CARGO_BIN_EXE_metered-demo"))
+        .args([&socket, &consumer, &product, &component, "2", "5"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cli = |args: &[&str]| {
+        Command::new(workspace_binary("meterd", "meterd"))
+            .arg("--socket")
+            .arg(&meterd.socket)
+            .args(args)
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(cli(&["flush"]), Some(0), "the upload is accepted");
+    let balance = |cid: &str| office.text("customer.show", &[s(cid)], "balance");
+    // Ten uses of the editor at 0.25; the ten component uses inside it are
+    // the first ten of the month, free under the tiered terms, and would
+    // have been Bob's to pay.
+    assert_eq!(balance(&consumer), "7.5");
+    assert_eq!(balance(&producer), "2.5");
+    assert_eq!(balance(&maker), "0");
+
+    // Denied: the next upload tells the meter, and query answers false.
+    office
+        .call("account.deny", &[s(&consumer), Value::Bool(true)])
+        .unwrap();
+    assert_eq!(cli(&["flush"]), Some(0));
+    let query_in_session = |product: &str| {
+        let meterd = workspace_binary("meterd", "meterd");
+        let script = format!(
+            "M='{} --socket {}'; $M login {consumer}; $M query {product}; code=$?; $M cancel {product}; $M logout {consumer}; exit $code",
+            meterd.display(),
+            socket
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(query_in_session(&product), Some(1), "denied");
+    office
+        .call("account.deny", &[s(&consumer), Value::Bool(false)])
+        .unwrap();
+    assert_eq!(cli(&["flush"]), Some(0));
+    assert_eq!(query_in_session(&product), Some(0), "allowed again");
+
+    // Operator calls need the token.
+    let refused = operator_call(office.address, "wrong", "customer.show", &[s(&consumer)]);
+    assert_eq!(
+        refused.unwrap_err().registered(),
+        Some(FaultCode::Unauthorized)
+    );
+}
