@@ -2,6 +2,7 @@
 //! `taca check` shows producers what a module charges before they upload it.
 #![forbid(unsafe_code)]
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -238,8 +239,10 @@ fn serve(data_dir: Option<PathBuf>, listen: std::net::SocketAddr, bid: proto::Bi
     let outcome = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;
-        println!("backoffice listening on http://{address}/RPC2");
-        println!("operator token in {}", token_path.display());
+        // A daemon must not die because whoever started it closed its stdout.
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "backoffice listening on http://{address}/RPC2");
+        let _ = writeln!(stdout, "operator token in {}", token_path.display());
         let service = std::sync::Arc::new(backoffice::server::Service {
             backoffice,
             bid,

@@ -2,6 +2,7 @@
 //! login hooks use to call it.
 #![forbid(unsafe_code)]
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -162,7 +163,12 @@ fn serve(socket: Option<PathBuf>, args: ServeArgs) -> ExitCode {
         .build()
         .expect("tokio runtime starts");
     let outcome = runtime.block_on(meterd::daemon::serve(config, shutdown_signal(), |config| {
-        println!("meterd listening on {}", config.socket.display());
+        // A daemon must not die because whoever started it closed its stdout.
+        let _ = writeln!(
+            std::io::stdout(),
+            "meterd listening on {}",
+            config.socket.display()
+        );
     }));
     // Abandoned calls (past the grace period) must not hold up the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -14,13 +14,17 @@ use crate::support::{MeterdSetup, Running, address_of, operator_call, start, wor
 mod examples;
 
 struct Backoffice {
-    _running: Running,
+    running: Running,
     address: SocketAddr,
     token: String,
 }
 
 impl Backoffice {
     fn start(dir: &std::path::Path) -> Backoffice {
+        Self::start_at(dir, "127.0.0.1:0")
+    }
+
+    fn start_at(dir: &std::path::Path, listen: &str) -> Backoffice {
         let binary = workspace_binary("backoffice", "backoffice");
         let data = dir.join("backoffice");
         let running = start(
@@ -30,7 +34,7 @@ impl Backoffice {
                 "--data-dir",
                 data.to_str().unwrap(),
                 "--listen",
-                "127.0.0.1:0",
+                listen,
             ],
         );
         let url = running
@@ -41,7 +45,7 @@ impl Backoffice {
         let token = std::fs::read_to_string(data.join("operator-token")).expect("operator token");
         Backoffice {
             address: address_of(&url),
-            _running: running,
+            running,
             token,
         }
     }
@@ -164,5 +168,124 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     assert_eq!(
         refused.unwrap_err().registered(),
         Some(FaultCode::Unauthorized)
+    );
+}
+
+/// Commits uses of `product` until `stop`, flushing every 25; returns how
+/// many were acknowledged and whether one was in flight when it stopped.
+fn commit_until(
+    socket: std::path::PathBuf,
+    consumer: proto::Cid,
+    product: proto::Pid,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (u64, u64) {
+    let mut meter = meterd::client::Meter::connect(socket);
+    meter.login(consumer).expect("login");
+    let (mut acknowledged, mut unsure) = (0, 0);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(
+            meter.try_query(product).expect("query answered"),
+            "query refused"
+        );
+        match meter.commit(product) {
+            Ok(()) => acknowledged += 1,
+            Err(_) => unsure += 1,
+        }
+        if acknowledged % 25 == 0 {
+            // Uploads fail while the backoffice is down; they are retried.
+            let _ = meter.flush();
+        }
+    }
+    (acknowledged, unsure)
+}
+
+#[test]
+fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
+    const ROUNDS: u32 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut office = Backoffice::start_at(dir.path(), &listen);
+    let consumer = office.text("customer.create", &[s("Ada"), s("ada@example.org")], "CID");
+    let producer = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
+    let flat = Value::Base64(examples::module("flat"));
+    let product = office.text(
+        "product.create",
+        &[s(&producer), s("Editor"), s("0.25 per use"), flat],
+        "PID",
+    );
+    let meter = office.call("meter.create", &[s(&consumer)]).unwrap();
+    let member = |name: &str| {
+        meter
+            .member(name)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, member("secret")).unwrap();
+    office
+        .call("account.deposit", &[s(&consumer), s("100000")])
+        .unwrap();
+    let setup = MeterdSetup {
+        dir: dir.path().to_owned(),
+        backoffice: Some((office.address, member("MID").parse().unwrap(), secret_file)),
+    };
+    let meterd = setup.start();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (consumer_id, product_id) = (consumer.parse().unwrap(), product.parse().unwrap());
+    let (acknowledged, unsure) = std::thread::scope(|scope| {
+        let client =
+            scope.spawn(|| commit_until(meterd.socket.clone(), consumer_id, product_id, &stop));
+        for round in 0..ROUNDS {
+            std::thread::sleep(std::time::Duration::from_millis(
+                150 + u64::from(round) * 37 % 200,
+            ));
+            office.running.child.kill().expect("SIGKILL the backoffice");
+            office.running.child.wait().unwrap();
+            // Its store must open again with every invariant holding.
+            office = Backoffice::start_at(dir.path(), &listen);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        client.join().expect("client thread")
+    });
+    assert!(
+        acknowledged > 50,
+        "too few uses to mean much: {acknowledged}"
+    );
+    let flush = || {
+        Command::new(workspace_binary("meterd", "meterd"))
+            .arg("--socket")
+            .arg(&meterd.socket)
+            .arg("flush")
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(flush(), Some(0), "the last upload");
+    let balance = |cid: &str| -> proto::Amount {
+        office
+            .text("customer.show", &[s(cid)], "balance")
+            .parse()
+            .unwrap()
+    };
+    let earned = balance(&producer);
+    let uploaded = u64::try_from(earned.nanos() / 250_000_000).unwrap();
+    assert_eq!(earned.nanos() % 250_000_000, 0, "whole uses only: {earned}");
+    assert!(
+        (acknowledged..=acknowledged + unsure).contains(&uploaded),
+        "{uploaded} uses charged for {acknowledged} acknowledged (+{unsure} unsure)"
+    );
+    let paid = proto::Amount::from_units(100_000)
+        .unwrap()
+        .checked_sub(balance(&consumer))
+        .unwrap();
+    assert_eq!(paid, earned, "every transfer balanced");
+    println!(
+        "{ROUNDS} kills of the backoffice: {acknowledged} uses acknowledged, {uploaded} charged once each"
     );
 }

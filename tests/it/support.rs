@@ -36,10 +36,11 @@ pub fn start_with_env(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Ru
         .spawn()
         .unwrap_or_else(|error| panic!("cannot start {program}: {error}"));
     let stdout = child.stdout.take().expect("stdout is piped");
+    let mut reader = BufReader::new(stdout);
     let mut first_line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first_line)
-        .expect("read first line");
+    reader.read_line(&mut first_line).expect("read first line");
+    // Keep reading, so that later output never meets a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     assert!(!first_line.is_empty(), "{program} exited before printing");
     Running {
         child,
