@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ledger;
+pub mod operator;
 pub mod pricing;
 pub mod registry;
 pub mod send;

@@ -17,9 +17,28 @@ const EXIT_USAGE: u8 = 64;
 #[command(
     name = "backoffice",
     version,
-    about = "The superdistribution backoffice."
+    about = "The superdistribution backoffice.",
+    long_about = "The superdistribution backoffice. `serve` runs it; the operator's commands \
+(customer, product, meter, deposit, deny, allow, credit-limit, show, statement, suspense) call a \
+running backoffice with the operator token it wrote beside its store."
 )]
 struct Cli {
+    /// The running backoffice's XML-RPC URL, for the operator's commands.
+    #[arg(
+        long,
+        global = true,
+        env = "BACKOFFICE_URL",
+        default_value = "http://127.0.0.1:8080/RPC2"
+    )]
+    url: String,
+    /// The operator token file [default: DATA_DIR/operator-token].
+    #[arg(
+        long,
+        global = true,
+        env = "BACKOFFICE_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +58,66 @@ enum Command {
         #[arg(long, env = "BACKOFFICE_BID", default_value = "B1")]
         bid: proto::Bid,
     },
+    /// Register a customer: prints the new CID.
+    Customer {
+        /// The customer's name.
+        name: String,
+        /// The customer's e-mail address.
+        email: String,
+    },
+    /// Register a product of OWNER with its TACA module: prints the PID and test PID.
+    Product {
+        /// The owner's CID.
+        owner: String,
+        /// The product's name.
+        name: String,
+        /// The terms shown to customers.
+        terms: String,
+        /// The TACA module (wasm).
+        module: PathBuf,
+    },
+    /// Register a meter of OWNER: prints the MID and its secret (shown once).
+    Meter {
+        /// The owner's CID.
+        owner: String,
+    },
+    /// Record a deposit from the customer's macro-account.
+    Deposit {
+        /// The customer.
+        cid: String,
+        /// The amount, a decimal such as 10 or 0.5.
+        amount: String,
+    },
+    /// Mark an account "deny service".
+    Deny {
+        /// The customer.
+        cid: String,
+    },
+    /// Lift "deny service".
+    Allow {
+        /// The customer.
+        cid: String,
+    },
+    /// Set the balance an account must stay above (0: prepaid; -50: 50 of credit).
+    CreditLimit {
+        /// The customer.
+        cid: String,
+        /// The limit, a decimal (negative for credit).
+        #[arg(allow_negative_numbers = true)]
+        limit: String,
+    },
+    /// Show an account: balance, credit limit, denied.
+    Show {
+        /// The customer.
+        cid: String,
+    },
+    /// Every debit and credit of an account.
+    Statement {
+        /// The customer.
+        cid: String,
+    },
+    /// List the readings in suspense.
+    Suspense,
     /// Work with TACA pricing modules.
     Taca {
         #[command(subcommand)]
@@ -262,16 +341,101 @@ fn serve(data_dir: Option<PathBuf>, listen: std::net::SocketAddr, bid: proto::Bi
     }
 }
 
+fn print_value(value: &proto::xmlrpc::Value) {
+    use proto::xmlrpc::Value;
+    match value {
+        Value::Struct(members) => {
+            let line: Vec<String> = members
+                .iter()
+                .map(|member| match &member.value {
+                    Value::String(text) => format!("{}={text}", member.name),
+                    Value::Bool(truth) => format!("{}={truth}", member.name),
+                    other => format!("{}={other:?}", member.name),
+                })
+                .collect();
+            println!("{}", line.join(" "));
+        }
+        Value::Array(items) => items.iter().for_each(print_value),
+        other => println!("{other:?}"),
+    }
+}
+
+fn operator(cli: &Cli, method: &str, params: Vec<proto::xmlrpc::Value>) -> ExitCode {
+    let token_file = cli
+        .token_file
+        .clone()
+        .unwrap_or_else(|| default_data_dir().join("operator-token"));
+    let token = match std::fs::read_to_string(&token_file) {
+        Ok(token) => token.trim().to_owned(),
+        Err(error) => {
+            eprintln!(
+                "backoffice: cannot read the operator token {}: {error}",
+                token_file.display()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match backoffice::operator::call(&cli.url, &token, method, &params) {
+        Ok(value) => {
+            print_value(&value);
+            ExitCode::SUCCESS
+        }
+        Err(error @ backoffice::operator::OperatorError::Refused(_)) => {
+            eprintln!("backoffice: {error}");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("backoffice: {error}");
+            ExitCode::from(69)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    use proto::xmlrpc::Value;
     let cli = Cli::parse();
-    match cli.command {
+    let text = |text: &str| Value::string(text);
+    match &cli.command {
         Command::Serve {
             data_dir,
             listen,
             bid,
-        } => serve(data_dir, listen, bid),
+        } => serve(data_dir.clone(), *listen, *bid),
+        Command::Customer { name, email } => {
+            operator(&cli, "customer.create", vec![text(name), text(email)])
+        }
+        Command::Product {
+            owner,
+            name,
+            terms,
+            module,
+        } => match std::fs::read(module) {
+            Ok(bytes) => operator(
+                &cli,
+                "product.create",
+                vec![text(owner), text(name), text(terms), Value::Base64(bytes)],
+            ),
+            Err(error) => {
+                eprintln!("backoffice: cannot read {}: {error}", module.display());
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
+        Command::Meter { owner } => operator(&cli, "meter.create", vec![text(owner)]),
+        Command::Deposit { cid, amount } => {
+            operator(&cli, "account.deposit", vec![text(cid), text(amount)])
+        }
+        Command::Deny { cid } => operator(&cli, "account.deny", vec![text(cid), Value::Bool(true)]),
+        Command::Allow { cid } => {
+            operator(&cli, "account.deny", vec![text(cid), Value::Bool(false)])
+        }
+        Command::CreditLimit { cid, limit } => {
+            operator(&cli, "account.creditLimit", vec![text(cid), text(limit)])
+        }
+        Command::Show { cid } => operator(&cli, "customer.show", vec![text(cid)]),
+        Command::Statement { cid } => operator(&cli, "account.statement", vec![text(cid)]),
+        Command::Suspense => operator(&cli, "suspense.list", vec![]),
         Command::Taca {
             command: TacaCommand::Check { module, samples },
-        } => check(&module, samples),
+        } => check(module, samples.clone()),
     }
 }

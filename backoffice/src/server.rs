@@ -231,6 +231,53 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             store.update_customer(&customer).map_err(store_fault)?;
             customer_value(service, &cid)
         }
+        "account.creditLimit" => {
+            params.arity(2, 2)?;
+            let cid: Cid = params.parsed(0)?;
+            let limit: Amount = params.parsed(1)?;
+            let mut customer = store
+                .customer(&cid)
+                .map_err(store_fault)?
+                .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))?;
+            customer.credit_limit = limit;
+            store.update_customer(&customer).map_err(store_fault)?;
+            customer_value(service, &cid)
+        }
+        "account.statement" => {
+            params.arity(1, 1)?;
+            let cid: Cid = params.parsed(0)?;
+            let ledger = service.backoffice.ledger();
+            let lines = ledger
+                .transfers()
+                .iter()
+                .filter(|transfer| {
+                    transfer.debit == AccountId::Customer(cid)
+                        || transfer.credit == AccountId::Customer(cid)
+                })
+                .map(|transfer| {
+                    let signed = if transfer.credit == AccountId::Customer(cid) {
+                        transfer.amount
+                    } else {
+                        transfer.amount.negated()
+                    };
+                    let (what, other) = match &transfer.kind {
+                        TransferKind::Deposit => ("deposit".to_owned(), String::new()),
+                        TransferKind::Withdrawal => ("withdrawal".to_owned(), String::new()),
+                        TransferKind::Use { pid, .. } => (format!("use of {pid}"), String::new()),
+                        TransferKind::Correction { of } => {
+                            ("correction".to_owned(), of.0.to_string())
+                        }
+                    };
+                    Value::structure([
+                        ("transfer", Value::string(transfer.id.0.to_string())),
+                        ("amount", Value::string(signed.to_string())),
+                        ("what", Value::string(what)),
+                        ("corrects", Value::string(other)),
+                    ])
+                })
+                .collect();
+            Ok(Value::Array(lines))
+        }
         "suspense.list" => {
             params.arity(0, 0)?;
             let records = store.suspense().map_err(store_fault)?;

@@ -289,3 +289,52 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
         "{ROUNDS} kills of the backoffice: {acknowledged} uses acknowledged, {uploaded} charged once each"
     );
 }
+
+#[test]
+fn the_operator_commands_drive_a_running_backoffice() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let token_file = dir.path().join("backoffice").join("operator-token");
+    let run = |args: &[&str]| {
+        let output = Command::new(workspace_binary("backoffice", "backoffice"))
+            .arg("--url")
+            .arg(format!("http://{}/RPC2", office.address))
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    let (code, text) = run(&["customer", "Ada", "ada@example.org"]);
+    assert_eq!((code, text.trim()), (Some(0), "CID=B1-C1"));
+    let (code, text) = run(&["deposit", "B1-C1", "5.5"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("balance=5.5"), "{text}");
+    let (_, text) = run(&["credit-limit", "B1-C1", "-10"]);
+    assert!(text.contains("creditLimit=-10"), "{text}");
+    let (_, text) = run(&["deny", "B1-C1"]);
+    assert!(text.contains("denied=true"), "{text}");
+    let (_, text) = run(&["allow", "B1-C1"]);
+    assert!(text.contains("denied=false"), "{text}");
+    let (_, text) = run(&["statement", "B1-C1"]);
+    assert!(text.contains("amount=5.5 what=deposit"), "{text}");
+    let (code, text) = run(&["customer", "Eve", "not-an-address"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("not an e-mail address"), "{text}");
+    let (code, text) = run(&["show", "B1-C99"]);
+    assert_eq!(code, Some(2), "{text}");
+    std::fs::write(dir.path().join("wrong-token"), "wrong").unwrap();
+    let output = Command::new(workspace_binary("backoffice", "backoffice"))
+        .arg("--url")
+        .arg(format!("http://{}/RPC2", office.address))
+        .arg("--token-file")
+        .arg(dir.path().join("wrong-token"))
+        .args(["show", "B1-C1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("operator token"));
+}
