@@ -351,3 +351,57 @@ fn a_denied_or_broke_customer_is_answered_false() {
             .unwrap();
     assert!(!answer.standings[0].allowed);
 }
+
+#[test]
+fn a_taca_that_traps_sends_its_reading_to_suspense_and_the_rest_is_applied() {
+    let world = world();
+    // Prices 0.5 for the first use in the period, traps on any later one.
+    let trapping = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "taca_abi_version") (result i32) (i32.const 1))
+            (func (export "taca_input") (result i32) (i32.const 1024))
+            (func (export "taca_price") (param i32) (result i64)
+              (if (i64.ne (i64.load (i32.const 1040)) (i64.const 0)) (then unreachable))
+              (i64.const 500000000)))"#,
+    )
+    .unwrap();
+    let bid = Bid::parse("B1").unwrap();
+    let risky = world
+        .backoffice
+        .store()
+        .create_product(&bid, &world.producer, "Risky", "traps", &trapping)
+        .unwrap();
+    let me = Some(Payer::Customer(world.consumer));
+    let events = vec![
+        Event::Commit {
+            pid: risky.pid,
+            payer: me,
+        },
+        Event::Commit {
+            pid: risky.pid,
+            payer: me,
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+    ];
+    let answer =
+        SendAnswer::from_value(&send(&world, &batch(&world, "B1-M1:7", events), NOW_MS).unwrap())
+            .unwrap();
+    assert_eq!(answer.outcome, Outcome::Applied);
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("9.25"),
+        "0.5 + 0.25 charged"
+    );
+    let suspense = world.backoffice.store().suspense().unwrap();
+    assert_eq!(suspense.len(), 1, "{suspense:?}");
+    assert_eq!((suspense[0].pid, suspense[0].seq), (risky.pid, 101));
+    assert!(
+        suspense[0].reason.contains("trapped"),
+        "{}",
+        suspense[0].reason
+    );
+    world.backoffice.ledger().verify();
+}
