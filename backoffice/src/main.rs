@@ -118,6 +118,8 @@ enum Command {
     },
     /// List the readings in suspense.
     Suspense,
+    /// Price the readings in suspense again; what prices now is posted.
+    Reprice,
     /// Work with TACA pricing modules.
     Taca {
         #[command(subcommand)]
@@ -434,6 +436,7 @@ fn main() -> ExitCode {
         Command::Show { cid } => operator(&cli, "customer.show", vec![text(cid)]),
         Command::Statement { cid } => operator(&cli, "account.statement", vec![text(cid)]),
         Command::Suspense => operator(&cli, "suspense.list", vec![]),
+        Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
         Command::Taca {
             command: TacaCommand::Check { module, samples },
         } => check(module, samples.clone()),

@@ -386,6 +386,115 @@ impl<S: Store> Backoffice<S> {
         })
     }
 
+    /// Prices one use: `Ok(Ok(transfer))` when priced (no transfer for a
+    /// free use), `Ok(Err(reason))` when it belongs in suspense, `Err` when
+    /// the store failed. Counts the use in its period when priced.
+    fn price_use(
+        &self,
+        products: &mut HashMap<Pid, Option<Product>>,
+        periods: &mut HashMap<PeriodKey, u64>,
+        usage: &Use,
+        batch: &BatchId,
+    ) -> Result<Result<Option<NewTransfer>, String>, Fault> {
+        let Some(product) = self.product(products, usage.pid)? else {
+            return Ok(Err(format!("unknown PID {}", usage.pid)));
+        };
+        let payer = match self.payer_cid(products, usage.payer)? {
+            Ok(cid) => cid,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        if usage.pid == product.test_pid {
+            return Ok(Ok(None)); // The test PID is free.
+        }
+        let period = PeriodKey {
+            payer,
+            pid: product.pid,
+            month: month_of(usage.time_ms),
+        };
+        let count = match periods.get(&period) {
+            Some(count) => *count,
+            None => self
+                .store
+                .period_uses(&period)
+                .map_err(|error| internal(&error))?,
+        };
+        let module = self
+            .store
+            .taca_module(&product.taca)
+            .map_err(|error| internal(&error))?
+            .ok_or_else(|| {
+                internal(&format!(
+                    "the TACA of {} is missing from the store",
+                    product.pid
+                ))
+            })?;
+        let priced = self
+            .pricing
+            .load(&module)
+            .map_err(|error| error.to_string())
+            .and_then(|taca| {
+                let input = PriceInput::invocation(payer, Code::Commit, usage.pid, count);
+                self.pricing
+                    .price(&taca, &input)
+                    .map_err(|error| error.to_string())
+            });
+        let priced = match priced {
+            Ok(priced) => priced,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        periods.insert(period, count + 1);
+        let transfer =
+            (priced.amount.is_positive() && payer != product.owner).then(|| NewTransfer {
+                debit: AccountId::Customer(payer),
+                credit: AccountId::Customer(product.owner),
+                amount: priced.amount,
+                kind: TransferKind::Use {
+                    pid: usage.pid,
+                    batch: batch.clone(),
+                    seq: usage.seq,
+                },
+            });
+        Ok(Ok(transfer))
+    }
+
+    /// Prices every reading in suspense again (after a product or customer
+    /// was registered, say). What prices now is posted and leaves suspense;
+    /// the rest stays. Returns how many were priced and how many remain.
+    pub fn reprice_suspense(&self) -> Result<(usize, usize), Fault> {
+        let records = self.store.suspense().map_err(|error| internal(&error))?;
+        let mut products: HashMap<Pid, Option<Product>> = HashMap::new();
+        let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
+        let mut transfers = Vec::new();
+        let mut resolved = Vec::new();
+        let mut ledger = lock(&self.ledger);
+        for record in &records {
+            let usage = Use {
+                seq: record.seq,
+                pid: record.pid,
+                payer: record
+                    .payer
+                    .as_deref()
+                    .and_then(|text| Payer::parse(text).ok()),
+                time_ms: record.time_ms,
+            };
+            if let Ok(transfer) =
+                self.price_use(&mut products, &mut periods, &usage, &record.batch)?
+            {
+                transfers.extend(transfer);
+                resolved.push(record.clone());
+            }
+        }
+        let prepared = ledger
+            .prepare(transfers)
+            .map_err(|error| internal(&error))?;
+        let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
+        self.store
+            .resolve_suspense(&resolved, &prepared, &period_uses)
+            .map_err(|error| internal(&error))?;
+        ledger.commit(prepared);
+        Ok((resolved.len(), records.len() - resolved.len()))
+    }
+
     fn apply(&self, key: &BatchKey, request: &SendRequest, now_ms: u64) -> Result<Value, Fault> {
         let uses = match &request.body {
             SendBody::Batch(batch) => extended_uses(&batch.readings),
@@ -397,78 +506,17 @@ impl<S: Store> Backoffice<S> {
         let mut suspense = Vec::new();
         let mut ledger = lock(&self.ledger);
         for usage in uses {
-            let suspend = |reason: String| Suspense {
-                mid: key.mid,
-                batch: key.id.clone(),
-                seq: usage.seq,
-                pid: usage.pid,
-                payer: usage.payer.map(|payer| payer.to_string()),
-                time_ms: usage.time_ms,
-                reason,
-            };
-            let Some(product) = self.product(&mut products, usage.pid)? else {
-                suspense.push(suspend(format!("unknown PID {}", usage.pid)));
-                continue;
-            };
-            let payer = match self.payer_cid(&mut products, usage.payer)? {
-                Ok(cid) => cid,
-                Err(reason) => {
-                    suspense.push(suspend(reason));
-                    continue;
-                }
-            };
-            if usage.pid == product.test_pid {
-                continue; // The test PID is free.
-            }
-            let period = PeriodKey {
-                payer,
-                pid: product.pid,
-                month: month_of(usage.time_ms),
-            };
-            let count = match periods.get(&period) {
-                Some(count) => *count,
-                None => self
-                    .store
-                    .period_uses(&period)
-                    .map_err(|error| internal(&error))?,
-            };
-            let module = self
-                .store
-                .taca_module(&product.taca)
-                .map_err(|error| internal(&error))?
-                .ok_or_else(|| {
-                    internal(&format!(
-                        "the TACA of {} is missing from the store",
-                        product.pid
-                    ))
-                })?;
-            let priced = self
-                .pricing
-                .load(&module)
-                .map_err(|error| error.to_string())
-                .and_then(|taca| {
-                    let input = PriceInput::invocation(payer, Code::Commit, usage.pid, count);
-                    self.pricing
-                        .price(&taca, &input)
-                        .map_err(|error| error.to_string())
-                });
-            match priced {
-                Err(reason) => suspense.push(suspend(reason)),
-                Ok(priced) => {
-                    periods.insert(period, count + 1);
-                    if priced.amount.is_positive() && payer != product.owner {
-                        transfers.push(NewTransfer {
-                            debit: AccountId::Customer(payer),
-                            credit: AccountId::Customer(product.owner),
-                            amount: priced.amount,
-                            kind: TransferKind::Use {
-                                pid: usage.pid,
-                                batch: key.id.clone(),
-                                seq: usage.seq,
-                            },
-                        });
-                    }
-                }
+            match self.price_use(&mut products, &mut periods, &usage, &key.id)? {
+                Ok(transfer) => transfers.extend(transfer),
+                Err(reason) => suspense.push(Suspense {
+                    mid: key.mid,
+                    batch: key.id.clone(),
+                    seq: usage.seq,
+                    pid: usage.pid,
+                    payer: usage.payer.map(|payer| payer.to_string()),
+                    time_ms: usage.time_ms,
+                    reason,
+                }),
             }
         }
         let prepared = ledger

@@ -278,6 +278,14 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 .collect();
             Ok(Value::Array(lines))
         }
+        "suspense.reprice" => {
+            params.arity(0, 0)?;
+            let (priced, remaining) = service.backoffice.reprice_suspense()?;
+            Ok(Value::structure([
+                ("priced", Value::string(priced.to_string())),
+                ("remaining", Value::string(remaining.to_string())),
+            ]))
+        }
         "suspense.list" => {
             params.arity(0, 0)?;
             let records = store.suspense().map_err(store_fault)?;

@@ -129,6 +129,14 @@ pub trait Store {
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
     /// Every reading in suspense.
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
+    /// Takes re-priced readings out of suspense and records their transfers
+    /// and period counts, atomically and durably.
+    fn resolve_suspense(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+    ) -> Result<(), StoreError>;
     /// The answer given to an applied batch, if it was applied.
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError>;
     /// Registers a customer under a new CID of branch `bid`.
@@ -293,11 +301,10 @@ impl Store for SledStore {
             .suspense
             .iter()
             .map(|record| {
-                let mut key = Vec::with_capacity(96);
-                put_str(&mut key, record.mid.as_str());
-                put_str(&mut key, record.batch.as_str());
-                key.extend_from_slice(&record.seq.to_be_bytes());
-                (key, serde_json::to_vec(record).expect("records serialize"))
+                (
+                    suspense_key(record),
+                    serde_json::to_vec(record).expect("records serialize"),
+                )
             })
             .collect();
         let trees = (
@@ -348,6 +355,34 @@ impl Store for SledStore {
                     .expect("store: period count is 8 bytes"),
             )
         }))
+    }
+
+    fn resolve_suspense(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+    ) -> Result<(), StoreError> {
+        let trees = (&self.transfers, &self.period_uses, &self.suspense);
+        let outcome: Result<(), TransactionError<()>> =
+            trees.transaction(|(transfer_tree, period_tree, suspense_tree)| {
+                for transfer in transfers {
+                    transfer_tree
+                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
+                }
+                for (period, uses) in period_uses {
+                    period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
+                }
+                for record in resolved {
+                    suspense_tree.remove(suspense_key(record))?;
+                }
+                Ok(())
+            });
+        match outcome {
+            Ok(()) => self.sync(),
+            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
+        }
     }
 
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
@@ -495,6 +530,14 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
         }
     }
     out
+}
+
+fn suspense_key(record: &Suspense) -> Vec<u8> {
+    let mut key = Vec::with_capacity(96);
+    put_str(&mut key, record.mid.as_str());
+    put_str(&mut key, record.batch.as_str());
+    key.extend_from_slice(&record.seq.to_be_bytes());
+    key
 }
 
 fn read_account(fields: &mut Reader<'_>) -> Option<AccountId> {

@@ -405,3 +405,49 @@ fn a_taca_that_traps_sends_its_reading_to_suspense_and_the_rest_is_applied() {
     );
     world.backoffice.ledger().verify();
 }
+
+#[test]
+fn suspense_is_repriced_once_what_was_missing_exists() {
+    let world = world();
+    let stranger = Cid::parse("B1-C9").unwrap();
+    let events = vec![
+        Event::Commit {
+            pid: world.product,
+            payer: Some(Payer::Customer(stranger)),
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: Some(Payer::Customer(world.consumer)),
+        },
+    ];
+    send(&world, &batch(&world, "B1-M1:1", events), NOW_MS).unwrap();
+    let store = world.backoffice.store();
+    assert_eq!(store.suspense().unwrap().len(), 1);
+    assert_eq!(
+        world.backoffice.reprice_suspense().unwrap(),
+        (0, 1),
+        "still unknown"
+    );
+    // Customers 4 to 9 register; the ninth is the stranger.
+    let bid = Bid::parse("B1").unwrap();
+    for n in 4..=9 {
+        let customer = store
+            .create_customer(&bid, "New", &format!("new{n}@example.org"))
+            .unwrap();
+        assert_eq!(customer.cid.as_str(), format!("B1-C{n}"));
+    }
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, 0));
+    assert!(store.suspense().unwrap().is_empty());
+    assert_eq!(
+        balance(&world, stranger),
+        amount("-0.25"),
+        "charged once priced"
+    );
+    assert_eq!(balance(&world, world.producer), amount("0.5"));
+    assert_eq!(
+        world.backoffice.reprice_suspense().unwrap(),
+        (0, 0),
+        "nothing twice"
+    );
+    world.backoffice.ledger().verify();
+}
