@@ -94,6 +94,14 @@ fn internal(error: &dyn std::fmt::Display) -> Fault {
     Fault::new(FaultCode::InternalError, error.to_string())
 }
 
+/// What one batch looks up, kept for the batch so each is read once.
+#[derive(Default)]
+struct Lookups {
+    products: HashMap<Pid, Option<Product>>,
+    customers: HashMap<Cid, bool>,
+    tacas: HashMap<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
+}
+
 /// A committed use, with its payer resolved, ready to price.
 struct Use {
     seq: u64,
@@ -366,23 +374,64 @@ impl<S: Store> Backoffice<S> {
 
     fn payer_cid(
         &self,
-        cache: &mut HashMap<Pid, Option<Product>>,
+        lookups: &mut Lookups,
         payer: Option<Payer>,
     ) -> Result<Result<Cid, String>, Fault> {
         Ok(match payer {
             None => Err("nobody would pay: no enclosing login or query".to_owned()),
-            Some(Payer::Customer(cid)) => match self
-                .store
-                .customer(&cid)
-                .map_err(|error| internal(&error))?
-            {
-                Some(_) => Ok(cid),
-                None => Err(format!("unknown customer {cid}")),
-            },
-            Some(Payer::OwnerOf(pid)) => match self.product(cache, pid)? {
+            Some(Payer::Customer(cid)) => {
+                let known = match lookups.customers.get(&cid) {
+                    Some(known) => *known,
+                    None => {
+                        let known = self
+                            .store
+                            .customer(&cid)
+                            .map_err(|error| internal(&error))?
+                            .is_some();
+                        lookups.customers.insert(cid, known);
+                        known
+                    }
+                };
+                if known {
+                    Ok(cid)
+                } else {
+                    Err(format!("unknown customer {cid}"))
+                }
+            }
+            Some(Payer::OwnerOf(pid)) => match self.product(&mut lookups.products, pid)? {
                 Some(product) => Ok(product.owner),
                 None => Err(format!("unknown enclosing product {pid}")),
             },
+        })
+    }
+
+    /// The compiled TACA of `product`, read and compiled once per batch.
+    fn taca(
+        &self,
+        lookups: &mut Lookups,
+        product: &Product,
+    ) -> Result<Result<std::sync::Arc<crate::pricing::Taca>, String>, Fault> {
+        if let Some(taca) = lookups.tacas.get(&product.taca) {
+            return Ok(Ok(std::sync::Arc::clone(taca)));
+        }
+        let module = self
+            .store
+            .taca_module(&product.taca)
+            .map_err(|error| internal(&error))?
+            .ok_or_else(|| {
+                internal(&format!(
+                    "the TACA of {} is missing from the store",
+                    product.pid
+                ))
+            })?;
+        Ok(match self.pricing.load(&module) {
+            Ok(taca) => {
+                lookups
+                    .tacas
+                    .insert(product.taca, std::sync::Arc::clone(&taca));
+                Ok(taca)
+            }
+            Err(error) => Err(error.to_string()),
         })
     }
 
@@ -391,15 +440,15 @@ impl<S: Store> Backoffice<S> {
     /// the store failed. Counts the use in its period when priced.
     fn price_use(
         &self,
-        products: &mut HashMap<Pid, Option<Product>>,
+        lookups: &mut Lookups,
         periods: &mut HashMap<PeriodKey, u64>,
         usage: &Use,
         batch: &BatchId,
     ) -> Result<Result<Option<NewTransfer>, String>, Fault> {
-        let Some(product) = self.product(products, usage.pid)? else {
+        let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
             return Ok(Err(format!("unknown PID {}", usage.pid)));
         };
-        let payer = match self.payer_cid(products, usage.payer)? {
+        let payer = match self.payer_cid(lookups, usage.payer)? {
             Ok(cid) => cid,
             Err(reason) => return Ok(Err(reason)),
         };
@@ -418,26 +467,12 @@ impl<S: Store> Backoffice<S> {
                 .period_uses(&period)
                 .map_err(|error| internal(&error))?,
         };
-        let module = self
-            .store
-            .taca_module(&product.taca)
-            .map_err(|error| internal(&error))?
-            .ok_or_else(|| {
-                internal(&format!(
-                    "the TACA of {} is missing from the store",
-                    product.pid
-                ))
-            })?;
-        let priced = self
-            .pricing
-            .load(&module)
-            .map_err(|error| error.to_string())
-            .and_then(|taca| {
-                let input = PriceInput::invocation(payer, Code::Commit, usage.pid, count);
-                self.pricing
-                    .price(&taca, &input)
-                    .map_err(|error| error.to_string())
-            });
+        let priced = self.taca(lookups, &product)?.and_then(|taca| {
+            let input = PriceInput::invocation(payer, Code::Commit, usage.pid, count);
+            self.pricing
+                .price(&taca, &input)
+                .map_err(|error| error.to_string())
+        });
         let priced = match priced {
             Ok(priced) => priced,
             Err(reason) => return Ok(Err(reason)),
@@ -462,7 +497,7 @@ impl<S: Store> Backoffice<S> {
     /// the rest stays. Returns how many were priced and how many remain.
     pub fn reprice_suspense(&self) -> Result<(usize, usize), Fault> {
         let records = self.store.suspense().map_err(|error| internal(&error))?;
-        let mut products: HashMap<Pid, Option<Product>> = HashMap::new();
+        let mut lookups = Lookups::default();
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut transfers = Vec::new();
         let mut resolved = Vec::new();
@@ -478,7 +513,7 @@ impl<S: Store> Backoffice<S> {
                 time_ms: record.time_ms,
             };
             if let Ok(transfer) =
-                self.price_use(&mut products, &mut periods, &usage, &record.batch)?
+                self.price_use(&mut lookups, &mut periods, &usage, &record.batch)?
             {
                 transfers.extend(transfer);
                 resolved.push(record.clone());
@@ -500,13 +535,13 @@ impl<S: Store> Backoffice<S> {
             SendBody::Batch(batch) => extended_uses(&batch.readings),
             SendBody::Minimal(events) => minimal_uses(events, now_ms),
         };
-        let mut products: HashMap<Pid, Option<Product>> = HashMap::new();
+        let mut lookups = Lookups::default();
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut transfers = Vec::new();
         let mut suspense = Vec::new();
         let mut ledger = lock(&self.ledger);
         for usage in uses {
-            match self.price_use(&mut products, &mut periods, &usage, &key.id)? {
+            match self.price_use(&mut lookups, &mut periods, &usage, &key.id)? {
                 Ok(transfer) => transfers.extend(transfer),
                 Err(reason) => suspense.push(Suspense {
                     mid: key.mid,
@@ -533,7 +568,7 @@ impl<S: Store> Backoffice<S> {
                     .map_err(|error| internal(&error))?;
             }
         }
-        let standings = self.standings(&request.body, &mut products, |account| {
+        let standings = self.standings(&request.body, &mut lookups.products, |account| {
             balances
                 .get(account)
                 .copied()

@@ -1,0 +1,155 @@
+//! `send` end to end in process: parse, verify the signature, price every
+//! commit with the flat TACA, post, make the batch durable, answer. Two
+//! meters send 10,000-reading batches at once, payers spread over 1,000
+//! customers. Prints readings per second and batch latency (median, p99).
+//!
+//! `cargo bench -p backoffice --bench send` (BATCHES per meter: env
+//! `SEND_BENCH_BATCHES`, default 10; under `cargo test` it runs 1).
+
+use std::time::{Duration, Instant};
+
+use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
+use backoffice::send::{Backoffice, DEFAULT_PARAMS, Signed};
+use backoffice::store::{SledStore, Store};
+use proto::auth::Secret;
+use proto::reading::{Event, Reading};
+use proto::upload::{Batch, SendBody, SendRequest};
+use proto::xmlrpc::encode_call;
+use proto::{Amount, BatchId, Bid, Cid, Context, Mid, Payer};
+
+#[path = "../tests/it/examples.rs"]
+mod examples;
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test` runs this without it.
+    let testing = !std::env::args().any(|arg| arg == "--bench");
+    if std::env::args().any(|arg| arg == "--list") {
+        return;
+    }
+    // Under `cargo test` a smoke run: small batches, few customers.
+    let (batches, readings_per_batch, customer_count) = if testing {
+        (1, 200, 20)
+    } else {
+        let batches = std::env::var("SEND_BENCH_BATCHES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10);
+        (batches, 10_000, 1_000)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let bid = Bid::parse("B1").unwrap();
+    let customers: Vec<Cid> = (0..customer_count)
+        .map(|n| {
+            store
+                .create_customer(&bid, "Customer", &format!("c{n}@example.org"))
+                .unwrap()
+                .cid
+        })
+        .collect();
+    let owner = customers[0];
+    let product = store
+        .create_product(&bid, &owner, "Editor", "flat", &examples::module("flat"))
+        .unwrap();
+    let meters: Vec<(Mid, Secret)> = (0..2)
+        .map(|_| {
+            let meter = store.create_meter(&bid, &owner).unwrap();
+            (meter.mid, Secret::new(meter.secret_hex.as_bytes()).unwrap())
+        })
+        .collect();
+    let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+    let deposits = customers
+        .iter()
+        .map(|cid| NewTransfer {
+            debit: AccountId::System(SystemAccount::Funding),
+            credit: AccountId::Customer(*cid),
+            amount: Amount::from_units(1_000_000).unwrap(),
+            kind: TransferKind::Deposit,
+        })
+        .collect();
+    backoffice.post(deposits).unwrap();
+    let now_ms = 1_764_000_000_000;
+    let bodies = |mid: Mid| -> Vec<Vec<u8>> {
+        (0..batches)
+            .map(|index| {
+                let readings = (0..readings_per_batch)
+                    .map(|offset| {
+                        let seq = (index * readings_per_batch + offset) as u64 + 1;
+                        let payer = customers[1 + (seq as usize) % (customer_count - 1)];
+                        Reading {
+                            seq,
+                            time_ms: now_ms - 1000,
+                            context: Context::parse("42.7").unwrap(),
+                            event: Event::Commit {
+                                pid: product.pid,
+                                payer: Some(Payer::Customer(payer)),
+                            },
+                        }
+                    })
+                    .collect();
+                let id =
+                    BatchId::parse(&format!("{mid}:{}", index * readings_per_batch + 1)).unwrap();
+                let request = SendRequest {
+                    mid,
+                    body: SendBody::Batch(Batch {
+                        id,
+                        readings,
+                        parties: Vec::new(),
+                    }),
+                };
+                encode_call("send", &request.to_params())
+            })
+            .collect()
+    };
+    let work: Vec<(Mid, &Secret, Vec<Vec<u8>>)> = meters
+        .iter()
+        .map(|(mid, secret)| (*mid, secret, bodies(*mid)))
+        .collect();
+    let started = Instant::now();
+    let latencies: Vec<Duration> = std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .iter()
+            .map(|(mid, secret, bodies)| {
+                let backoffice = &backoffice;
+                scope.spawn(move || {
+                    bodies
+                        .iter()
+                        .enumerate()
+                        .map(|(index, body)| {
+                            let time_ms = now_ms + index as u64;
+                            let signature = secret.sign(mid, time_ms, body);
+                            let time = time_ms.to_string();
+                            let signed = Signed {
+                                mid: Some(mid.as_str()),
+                                time: Some(&time),
+                                signature: Some(&signature),
+                            };
+                            let begun = Instant::now();
+                            backoffice
+                                .send(body, signed, now_ms)
+                                .expect("batch applied");
+                            begun.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().unwrap())
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut sorted = latencies;
+    sorted.sort_unstable();
+    let total = readings_per_batch * sorted.len();
+    let pick = |fraction: f64| sorted[((sorted.len() - 1) as f64 * fraction).round() as usize];
+    println!(
+        "send: {} batches of {readings_per_batch} readings from 2 meters, {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms",
+        sorted.len(),
+        total as f64 / elapsed,
+        pick(0.5).as_secs_f64() * 1e3,
+        pick(0.99).as_secs_f64() * 1e3,
+    );
+    backoffice.ledger().verify();
+}
