@@ -244,7 +244,22 @@ impl<S: Store> Backoffice<S> {
         &self.store
     }
 
-    /// A copy of the ledger, for statements and checks.
+    /// The balance of `account` now.
+    pub fn balance(&self, account: &AccountId) -> proto::Amount {
+        lock(&self.ledger).balance(account)
+    }
+
+    /// The transfers that debit or credit `account`, in order.
+    pub fn statement(&self, account: &AccountId) -> Vec<crate::ledger::Transfer> {
+        lock(&self.ledger)
+            .transfers()
+            .iter()
+            .filter(|transfer| transfer.debit == *account || transfer.credit == *account)
+            .cloned()
+            .collect()
+    }
+
+    /// A whole copy of the ledger, for checks (it copies every transfer).
     pub fn ledger(&self) -> Ledger {
         lock(&self.ledger).clone()
     }

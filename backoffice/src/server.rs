@@ -94,14 +94,7 @@ fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value
         return service.backoffice.send(body, signed, now_ms());
     }
     let token = header(headers, OPERATOR_HEADER).unwrap_or("");
-    let expected = service.operator_token.as_bytes();
-    let matches = token.len() == expected.len()
-        && token
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |difference, (left, right)| difference | (left ^ right))
-            == 0;
-    if !matches {
+    if !proto::auth::equal_in_constant_time(token.as_bytes(), service.operator_token.as_bytes()) {
         return Err(Fault::new(
             FaultCode::Unauthorized,
             "operator calls need the operator token",
@@ -117,17 +110,35 @@ fn store_fault(error: StoreError) -> Fault {
     }
 }
 
-fn customer_value(service: &Service, cid: &Cid) -> Result<Value, Fault> {
-    let customer = service
+/// The customer `cid`, or fault 302.
+fn find_customer(service: &Service, cid: &Cid) -> Result<crate::registry::Customer, Fault> {
+    service
         .backoffice
         .store()
         .customer(cid)
         .map_err(store_fault)?
-        .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))?;
-    let balance = service
+        .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))
+}
+
+/// Changes the customer `cid` durably and answers with it.
+fn change_customer(
+    service: &Service,
+    cid: &Cid,
+    change: impl FnOnce(&mut crate::registry::Customer),
+) -> Result<Value, Fault> {
+    let mut customer = find_customer(service, cid)?;
+    change(&mut customer);
+    service
         .backoffice
-        .ledger()
-        .balance(&AccountId::Customer(*cid));
+        .store()
+        .update_customer(&customer)
+        .map_err(store_fault)?;
+    customer_value(service, cid)
+}
+
+fn customer_value(service: &Service, cid: &Cid) -> Result<Value, Fault> {
+    let customer = find_customer(service, cid)?;
+    let balance = service.backoffice.balance(&AccountId::Customer(*cid));
     Ok(Value::structure([
         ("CID", Value::string(customer.cid.as_str())),
         ("name", Value::string(customer.name)),
@@ -200,12 +211,7 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             params.arity(2, 2)?;
             let cid: Cid = params.parsed(0)?;
             let amount: Amount = params.parsed(1)?;
-            if store.customer(&cid).map_err(store_fault)?.is_none() {
-                return Err(Fault::new(
-                    FaultCode::NotFound,
-                    format!("no customer {cid}"),
-                ));
-            }
+            find_customer(service, &cid)?;
             // The macro-account side: no card processor yet; an operator
             // records a deposit that arrived.
             service.backoffice.post(vec![NewTransfer {
@@ -223,37 +229,21 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 .get(1)?
                 .as_bool()
                 .ok_or_else(|| params.wrong_type(1, "boolean", params.get(1).expect("present")))?;
-            let mut customer = store
-                .customer(&cid)
-                .map_err(store_fault)?
-                .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))?;
-            customer.denied = denied;
-            store.update_customer(&customer).map_err(store_fault)?;
-            customer_value(service, &cid)
+            change_customer(service, &cid, |customer| customer.denied = denied)
         }
         "account.creditLimit" => {
             params.arity(2, 2)?;
             let cid: Cid = params.parsed(0)?;
             let limit: Amount = params.parsed(1)?;
-            let mut customer = store
-                .customer(&cid)
-                .map_err(store_fault)?
-                .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no customer {cid}")))?;
-            customer.credit_limit = limit;
-            store.update_customer(&customer).map_err(store_fault)?;
-            customer_value(service, &cid)
+            change_customer(service, &cid, |customer| customer.credit_limit = limit)
         }
         "account.statement" => {
             params.arity(1, 1)?;
             let cid: Cid = params.parsed(0)?;
-            let ledger = service.backoffice.ledger();
-            let lines = ledger
-                .transfers()
+            let lines = service
+                .backoffice
+                .statement(&AccountId::Customer(cid))
                 .iter()
-                .filter(|transfer| {
-                    transfer.debit == AccountId::Customer(cid)
-                        || transfer.credit == AccountId::Customer(cid)
-                })
                 .map(|transfer| {
                     let signed = if transfer.credit == AccountId::Customer(cid) {
                         transfer.amount

@@ -86,19 +86,24 @@ impl Secret {
     ) -> Result<(), AuthError> {
         let tag = crate::record::unhex(signature, 32).ok_or(AuthError::MalformedSignature)?;
         let expected = self.context(mid, time_ms, body).sign();
-        // Every byte is compared whatever the earlier ones were, so the time
-        // taken tells nothing about how much of a forged tag was right.
-        let difference = expected
-            .as_ref()
-            .iter()
-            .zip(&tag)
-            .fold(0u8, |difference, (left, right)| difference | (left ^ right));
-        if difference == 0 && expected.as_ref().len() == tag.len() {
+        if equal_in_constant_time(expected.as_ref(), &tag) {
             Ok(())
         } else {
             Err(AuthError::Mismatch)
         }
     }
+}
+
+/// Compares two secrets or tags. Every byte is compared whatever the earlier
+/// ones were, so the time taken tells nothing about how much of a forged
+/// value was right (only its length).
+pub fn equal_in_constant_time(left: &[u8], right: &[u8]) -> bool {
+    left.len() == right.len()
+        && left
+            .iter()
+            .zip(right)
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
 }
 
 #[cfg(test)]
@@ -139,5 +144,8 @@ mod tests {
             Err(AuthError::MalformedSignature)
         );
         assert!(Secret::new(b"short").is_err());
+        assert!(equal_in_constant_time(b"abc", b"abc"));
+        assert!(!equal_in_constant_time(b"abc", b"abd"));
+        assert!(!equal_in_constant_time(b"abc", b"ab"));
     }
 }

@@ -54,6 +54,21 @@ impl Backoffice {
         operator_call(self.address, &self.token, method, params)
     }
 
+    /// Registers a meter of `owner`: its MID and secret.
+    fn meter(&self, owner: &str) -> (String, String) {
+        let meter = self
+            .call("meter.create", &[s(owner)])
+            .expect("meter.create");
+        let member = |name: &str| {
+            meter
+                .member(name)
+                .and_then(Value::as_str)
+                .expect("member")
+                .to_owned()
+        };
+        (member("MID"), member("secret"))
+    }
+
     fn text(&self, method: &str, params: &[Value], member: &str) -> String {
         let value = self
             .call(method, params)
@@ -93,15 +108,7 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
         &[s(&maker), s("Spell"), s("10 free, then 0.05"), tiered],
         "PID",
     );
-    let meter = office.call("meter.create", &[s(&consumer)]).unwrap();
-    let member = |name: &str| {
-        meter
-            .member(name)
-            .and_then(Value::as_str)
-            .unwrap()
-            .to_owned()
-    };
-    let (mid, secret) = (member("MID"), member("secret"));
+    let (mid, secret) = office.meter(&consumer);
     office
         .call("account.deposit", &[s(&consumer), s("10")])
         .unwrap();
@@ -221,22 +228,15 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
         &[s(&producer), s("Editor"), s("0.25 per use"), flat],
         "PID",
     );
-    let meter = office.call("meter.create", &[s(&consumer)]).unwrap();
-    let member = |name: &str| {
-        meter
-            .member(name)
-            .and_then(Value::as_str)
-            .unwrap()
-            .to_owned()
-    };
+    let (mid, secret) = office.meter(&consumer);
     let secret_file = dir.path().join("secret");
-    std::fs::write(&secret_file, member("secret")).unwrap();
+    std::fs::write(&secret_file, &secret).unwrap();
     office
         .call("account.deposit", &[s(&consumer), s("100000")])
         .unwrap();
     let setup = MeterdSetup {
         dir: dir.path().to_owned(),
-        backoffice: Some((office.address, member("MID").parse().unwrap(), secret_file)),
+        backoffice: Some((office.address, mid.parse().unwrap(), secret_file)),
     };
     let meterd = setup.start();
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -327,6 +327,17 @@ fn the_operator_commands_drive_a_running_backoffice() {
     let (code, text) = run(&["customer", "Eve", "not-an-address"]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("not an e-mail address"), "{text}");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not a module").unwrap();
+    let (code, text) = run(&[
+        "product",
+        "B1-C1",
+        "Broken",
+        "terms",
+        garbage.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("not a valid WebAssembly module"), "{text}");
     let (code, text) = run(&["show", "B1-C99"]);
     assert_eq!(code, Some(2), "{text}");
     std::fs::write(dir.path().join("wrong-token"), "wrong").unwrap();
