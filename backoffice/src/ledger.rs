@@ -51,14 +51,14 @@ pub enum TransferKind {
     Deposit,
     /// A withdrawal to the customer's macro-account.
     Withdrawal,
-    /// A priced use of a product, from an uploaded batch.
+    /// Priced uses of a product by one payer, from one uploaded batch.
     Use {
         /// The product used.
         pid: Pid,
-        /// The batch that carried the reading.
+        /// The batch that carried the readings.
         batch: BatchId,
-        /// The reading's sequence number in its meter.
-        seq: u64,
+        /// How many priced uses of the batch this transfer sums.
+        uses: u64,
     },
     /// Undoes (part of) an earlier transfer.
     Correction {
@@ -383,7 +383,7 @@ mod tests {
             kind: TransferKind::Use {
                 pid: Pid::parse("B1-P1").unwrap(),
                 batch: BatchId::parse("B1-M1:1").unwrap(),
-                seq: 1,
+                uses: 1,
             },
         }
     }

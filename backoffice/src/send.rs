@@ -18,7 +18,7 @@ use proto::upload::{
     MeterParams, Outcome, SendAnswer, SendBody, SendRequest, Standing, standings_value,
 };
 use proto::xmlrpc::{Limits, MethodResponse, Value, encode_response, parse_call, parse_response};
-use proto::{BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
+use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
 use crate::pricing::{PriceInput, Pricing};
@@ -108,6 +108,85 @@ struct Use {
     pid: Pid,
     payer: Option<Payer>,
     time_ms: u64,
+}
+
+/// A use ready to price: its TACA, its product's owner and its place in
+/// the payer's billing period known.
+struct Job {
+    taca: std::sync::Arc<crate::pricing::Taca>,
+    owner: Cid,
+    period: PeriodKey,
+    count: u64,
+}
+
+impl Job {
+    fn input(&self, count: u64) -> PriceInput {
+        PriceInput::invocation(self.period.payer, Code::Commit, self.period.pid, count)
+    }
+}
+
+/// What became of one use.
+enum Fate {
+    /// Priced; a zero amount or a use of one's own product moves no money.
+    Priced {
+        payer: Cid,
+        owner: Cid,
+        amount: Amount,
+    },
+    /// The product's test PID: free.
+    Free,
+    /// Not priced, for this reason: it goes to suspense.
+    Suspense(String),
+}
+
+/// Priced uses summed into one transfer per payer, owner, product and
+/// batch: a statement line like a card's, and one record to store instead
+/// of one per reading.
+#[derive(Default)]
+struct Totals {
+    index: HashMap<(Cid, Cid, Pid, BatchId), usize>,
+    transfers: Vec<NewTransfer>,
+}
+
+impl Totals {
+    fn add(
+        &mut self,
+        payer: Cid,
+        owner: Cid,
+        pid: Pid,
+        batch: &BatchId,
+        amount: Amount,
+    ) -> Result<(), Fault> {
+        if !amount.is_positive() || payer == owner {
+            return Ok(());
+        }
+        match self.index.entry((payer, owner, pid, batch.clone())) {
+            std::collections::hash_map::Entry::Occupied(entry) => {
+                let transfer = &mut self.transfers[*entry.get()];
+                transfer.amount = transfer
+                    .amount
+                    .checked_add(amount)
+                    .map_err(|error| internal(&error))?;
+                if let TransferKind::Use { uses, .. } = &mut transfer.kind {
+                    *uses += 1;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(self.transfers.len());
+                self.transfers.push(NewTransfer {
+                    debit: AccountId::Customer(payer),
+                    credit: AccountId::Customer(owner),
+                    amount,
+                    kind: TransferKind::Use {
+                        pid,
+                        batch: batch.clone(),
+                        uses: 1,
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The month (`YYYYMM`, UTC) of a time in ms since the Unix epoch.
@@ -450,16 +529,16 @@ impl<S: Store> Backoffice<S> {
         })
     }
 
-    /// Prices one use: `Ok(Ok(transfer))` when priced (no transfer for a
-    /// free use), `Ok(Err(reason))` when it belongs in suspense, `Err` when
-    /// the store failed. Counts the use in its period when priced.
-    fn price_use(
+    /// Resolves one use up to its price: `Ok(Ok(None))` for the free test
+    /// PID, `Ok(Err(reason))` when it belongs in suspense, `Err` when the
+    /// store failed. Counts the use in its period, to be undone if its price
+    /// fails.
+    fn plan(
         &self,
         lookups: &mut Lookups,
         periods: &mut HashMap<PeriodKey, u64>,
         usage: &Use,
-        batch: &BatchId,
-    ) -> Result<Result<Option<NewTransfer>, String>, Fault> {
+    ) -> Result<Result<Option<Job>, String>, Fault> {
         let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
             return Ok(Err(format!("unknown PID {}", usage.pid)));
         };
@@ -475,6 +554,10 @@ impl<S: Store> Backoffice<S> {
             pid: product.pid,
             month: month_of(usage.time_ms),
         };
+        let taca = match self.taca(lookups, &product)? {
+            Ok(taca) => taca,
+            Err(reason) => return Ok(Err(reason)),
+        };
         let count = match periods.get(&period) {
             Some(count) => *count,
             None => self
@@ -482,29 +565,68 @@ impl<S: Store> Backoffice<S> {
                 .period_uses(&period)
                 .map_err(|error| internal(&error))?,
         };
-        let priced = self.taca(lookups, &product)?.and_then(|taca| {
-            let input = PriceInput::invocation(payer, Code::Commit, usage.pid, count);
-            self.pricing
-                .price(&taca, &input)
-                .map_err(|error| error.to_string())
-        });
-        let priced = match priced {
-            Ok(priced) => priced,
-            Err(reason) => return Ok(Err(reason)),
-        };
         periods.insert(period, count + 1);
-        let transfer =
-            (priced.amount.is_positive() && payer != product.owner).then(|| NewTransfer {
-                debit: AccountId::Customer(payer),
-                credit: AccountId::Customer(product.owner),
-                amount: priced.amount,
-                kind: TransferKind::Use {
-                    pid: usage.pid,
-                    batch: batch.clone(),
-                    seq: usage.seq,
+        Ok(Ok(Some(Job {
+            taca,
+            owner: product.owner,
+            period,
+            count,
+        })))
+    }
+
+    /// Prices `uses` in order, as if one after the other: the prices
+    /// themselves run on all cores, each in a fresh instance.
+    fn price_uses(
+        &self,
+        lookups: &mut Lookups,
+        periods: &mut HashMap<PeriodKey, u64>,
+        uses: &[Use],
+    ) -> Result<Vec<Fate>, Fault> {
+        let mut fates = Vec::with_capacity(uses.len());
+        let mut jobs = Vec::new();
+        for usage in uses {
+            match self.plan(lookups, periods, usage)? {
+                Err(reason) => fates.push(Fate::Suspense(reason)),
+                Ok(None) => fates.push(Fate::Free),
+                Ok(Some(job)) => {
+                    jobs.push((fates.len(), job));
+                    fates.push(Fate::Free); // Replaced by its price below.
+                }
+            }
+        }
+        let work: Vec<_> = jobs
+            .iter()
+            .map(|(_, job)| (std::sync::Arc::clone(&job.taca), job.input(job.count)))
+            .collect();
+        let results = self.pricing.price_many(&work);
+        // A use whose price fails does not count in its period, so the later
+        // uses of that period were priced one too high: price them again.
+        let mut failed: HashMap<PeriodKey, u64> = HashMap::new();
+        for ((index, job), result) in jobs.into_iter().zip(results) {
+            let shift = failed.get(&job.period).copied().unwrap_or(0);
+            let result = if shift == 0 {
+                result
+            } else {
+                self.pricing.price(&job.taca, &job.input(job.count - shift))
+            };
+            fates[index] = match result {
+                Ok(priced) => Fate::Priced {
+                    payer: job.period.payer,
+                    owner: job.owner,
+                    amount: priced.amount,
                 },
-            });
-        Ok(Ok(transfer))
+                Err(error) => {
+                    *failed.entry(job.period).or_insert(0) += 1;
+                    Fate::Suspense(error.to_string())
+                }
+            };
+        }
+        for (period, shift) in failed {
+            if let Some(count) = periods.get_mut(&period) {
+                *count -= shift;
+            }
+        }
+        Ok(fates)
     }
 
     /// Prices every reading in suspense again (after a product or customer
@@ -514,11 +636,12 @@ impl<S: Store> Backoffice<S> {
         let records = self.store.suspense().map_err(|error| internal(&error))?;
         let mut lookups = Lookups::default();
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
-        let mut transfers = Vec::new();
+        let mut totals = Totals::default();
         let mut resolved = Vec::new();
         let mut ledger = lock(&self.ledger);
-        for record in &records {
-            let usage = Use {
+        let uses: Vec<Use> = records
+            .iter()
+            .map(|record| Use {
                 seq: record.seq,
                 pid: record.pid,
                 payer: record
@@ -526,14 +649,22 @@ impl<S: Store> Backoffice<S> {
                     .as_deref()
                     .and_then(|text| Payer::parse(text).ok()),
                 time_ms: record.time_ms,
-            };
-            if let Ok(transfer) =
-                self.price_use(&mut lookups, &mut periods, &usage, &record.batch)?
-            {
-                transfers.extend(transfer);
-                resolved.push(record.clone());
+            })
+            .collect();
+        let fates = self.price_uses(&mut lookups, &mut periods, &uses)?;
+        for (record, fate) in records.iter().zip(fates) {
+            match fate {
+                Fate::Suspense(_) => continue,
+                Fate::Free => {}
+                Fate::Priced {
+                    payer,
+                    owner,
+                    amount,
+                } => totals.add(payer, owner, record.pid, &record.batch, amount)?,
             }
+            resolved.push(record.clone());
         }
+        let transfers = totals.transfers;
         let prepared = ledger
             .prepare(transfers)
             .map_err(|error| internal(&error))?;
@@ -552,13 +683,19 @@ impl<S: Store> Backoffice<S> {
         };
         let mut lookups = Lookups::default();
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
-        let mut transfers = Vec::new();
+        let mut totals = Totals::default();
         let mut suspense = Vec::new();
         let mut ledger = lock(&self.ledger);
-        for usage in uses {
-            match self.price_use(&mut lookups, &mut periods, &usage, &key.id)? {
-                Ok(transfer) => transfers.extend(transfer),
-                Err(reason) => suspense.push(Suspense {
+        let fates = self.price_uses(&mut lookups, &mut periods, &uses)?;
+        for (usage, fate) in uses.iter().zip(fates) {
+            match fate {
+                Fate::Free => {}
+                Fate::Priced {
+                    payer,
+                    owner,
+                    amount,
+                } => totals.add(payer, owner, usage.pid, &key.id, amount)?,
+                Fate::Suspense(reason) => suspense.push(Suspense {
                     mid: key.mid,
                     batch: key.id.clone(),
                     seq: usage.seq,
@@ -569,6 +706,7 @@ impl<S: Store> Backoffice<S> {
                 }),
             }
         }
+        let transfers = totals.transfers;
         let prepared = ledger
             .prepare(transfers)
             .map_err(|error| internal(&error))?;

@@ -253,7 +253,12 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                     let (what, other) = match &transfer.kind {
                         TransferKind::Deposit => ("deposit".to_owned(), String::new()),
                         TransferKind::Withdrawal => ("withdrawal".to_owned(), String::new()),
-                        TransferKind::Use { pid, .. } => (format!("use of {pid}"), String::new()),
+                        TransferKind::Use { pid, uses: 1, .. } => {
+                            (format!("use of {pid}"), String::new())
+                        }
+                        TransferKind::Use { pid, uses, .. } => {
+                            (format!("{uses} uses of {pid}"), String::new())
+                        }
                         TransferKind::Correction { of } => {
                             ("correction".to_owned(), of.0.to_string())
                         }

@@ -518,11 +518,11 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
     match &transfer.kind {
         TransferKind::Deposit => out.push(1),
         TransferKind::Withdrawal => out.push(2),
-        TransferKind::Use { pid, batch, seq } => {
+        TransferKind::Use { pid, batch, uses } => {
             out.push(3);
             put_str(&mut out, pid.as_str());
             put_str(&mut out, batch.as_str());
-            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&uses.to_be_bytes());
         }
         TransferKind::Correction { of } => {
             out.push(4);
@@ -564,7 +564,7 @@ fn decode_transfer(record: &[u8]) -> Option<Transfer> {
         3 => TransferKind::Use {
             pid: Pid::parse(fields.text()?).ok()?,
             batch: BatchId::parse(fields.text()?).ok()?,
-            seq: fields.u64()?,
+            uses: fields.u64()?,
         },
         4 => TransferKind::Correction {
             of: TransferId(fields.u64()?),
@@ -611,7 +611,7 @@ mod tests {
                 kind: TransferKind::Use {
                     pid: Pid::parse("B1-P1").unwrap(),
                     batch: key(1).id,
-                    seq: 7,
+                    uses: 7,
                 },
             },
         ]

@@ -164,7 +164,12 @@ impl Cache {
 
     /// Readings waiting for upload.
     pub fn pending(&self) -> u64 {
-        self.next_seq.load(Ordering::Acquire) - self.first_pending_seq.load(Ordering::Acquire)
+        // The first pending reading never passes the next one, and both only
+        // grow: reading the first before the next keeps the difference from
+        // going negative while an upload deletes readings.
+        let first = self.first_pending_seq.load(Ordering::Acquire);
+        let next = self.next_seq.load(Ordering::Acquire);
+        next.saturating_sub(first)
     }
 
     fn sync(&self) -> Result<(), CacheError> {

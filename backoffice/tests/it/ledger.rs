@@ -69,11 +69,11 @@ fn operation() -> impl Strategy<Value = Operation> {
     ]
 }
 
-fn use_kind(seq: u64) -> TransferKind {
+fn use_kind(uses: u64) -> TransferKind {
     TransferKind::Use {
         pid: Pid::parse("B1-P1").unwrap(),
         batch: BatchId::parse("B1-M1:1").unwrap(),
-        seq,
+        uses,
     }
 }
 

@@ -451,3 +451,56 @@ fn suspense_is_repriced_once_what_was_missing_exists() {
     );
     world.backoffice.ledger().verify();
 }
+
+#[test]
+fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() {
+    let world = world();
+    // Prices (count + 1) nanos, and refuses the use that would be the third
+    // in the period: every later use sees the same count and is refused too.
+    let picky = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "taca_abi_version") (result i32) (i32.const 1))
+            (func (export "taca_input") (result i32) (i32.const 1024))
+            (func (export "taca_price") (param i32) (result i64)
+              (if (i64.eq (i64.load (i32.const 1040)) (i64.const 2))
+                (then (return (i64.const -7))))
+              (i64.add (i64.load (i32.const 1040)) (i64.const 1))))"#,
+    )
+    .unwrap();
+    let bid = Bid::parse("B1").unwrap();
+    let picky = world
+        .backoffice
+        .store()
+        .create_product(&bid, &world.producer, "Picky", "refuses", &picky)
+        .unwrap();
+    let me = Some(Payer::Customer(world.consumer));
+    let commits = |n: usize| {
+        (0..n)
+            .map(|_| Event::Commit {
+                pid: picky.pid,
+                payer: me,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Enough uses that they are priced on several threads.
+    let body = batch(&world, "B1-M1:1000", commits(300));
+    send(&world, &body, NOW_MS).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
+    assert_eq!(balance(&world, world.producer), amount("0.000000003"));
+    assert_eq!(world.backoffice.store().suspense().unwrap().len(), 298);
+    // The two priced uses are one statement line.
+    let lines = world
+        .backoffice
+        .statement(&AccountId::Customer(world.producer));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        matches!(lines[0].kind, TransferKind::Use { uses: 2, pid, .. } if pid == picky.pid),
+        "{lines:?}"
+    );
+    // The period still holds two uses: the next one is refused as well.
+    let body = batch(&world, "B1-M1:2000", commits(1));
+    send(&world, &body, NOW_MS + 1).unwrap();
+    assert_eq!(world.backoffice.store().suspense().unwrap().len(), 299);
+    assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
+    world.backoffice.ledger().verify();
+}
