@@ -93,6 +93,8 @@ pub struct Transfer {
     pub amount: Amount,
     /// Why.
     pub kind: TransferKind,
+    /// When it was posted, ms since the Unix epoch.
+    pub posted_ms: u64,
 }
 
 impl Transfer {
@@ -218,17 +220,26 @@ impl Ledger {
             .filter(move |posting| posting.account == account)
     }
 
-    /// Posts `batch` atomically; returns the id of its first transfer.
-    pub fn post(&mut self, batch: Vec<NewTransfer>) -> Result<TransferId, LedgerError> {
+    /// Posts `batch` atomically at `posted_ms`; returns the id of its first
+    /// transfer.
+    pub fn post(
+        &mut self,
+        batch: Vec<NewTransfer>,
+        posted_ms: u64,
+    ) -> Result<TransferId, LedgerError> {
         let first = TransferId(self.transfers.len() as u64);
-        let prepared = self.prepare(batch)?;
+        let prepared = self.prepare(batch, posted_ms)?;
         self.commit(prepared);
         Ok(first)
     }
 
     /// Checks `batch` and numbers its transfers without changing anything,
     /// so they can be made durable before `commit` applies them.
-    pub fn prepare(&self, batch: Vec<NewTransfer>) -> Result<Vec<Transfer>, LedgerError> {
+    pub fn prepare(
+        &self,
+        batch: Vec<NewTransfer>,
+        posted_ms: u64,
+    ) -> Result<Vec<Transfer>, LedgerError> {
         let first = self.transfers.len() as u64;
         let mut changed: HashMap<AccountId, Amount> = HashMap::new();
         for (index, transfer) in batch.iter().enumerate() {
@@ -256,6 +267,7 @@ impl Ledger {
                 credit: transfer.credit,
                 amount: transfer.amount,
                 kind: transfer.kind,
+                posted_ms,
             })
             .collect();
         Ok(prepared)
@@ -391,9 +403,9 @@ mod tests {
     #[test]
     fn uses_move_money_from_payer_to_owner_exactly() {
         let mut ledger = Ledger::new();
-        ledger.post(vec![deposit(customer(1), "10")]).unwrap();
+        ledger.post(vec![deposit(customer(1), "10")], 0).unwrap();
         ledger
-            .post(vec![use_of(customer(1), customer(2), "0.000000001"); 3])
+            .post(vec![use_of(customer(1), customer(2), "0.000000001"); 3], 0)
             .unwrap();
         assert_eq!(ledger.balance(&customer(1)), amount("9.999999997"));
         assert_eq!(ledger.balance(&customer(2)), amount("0.000000003"));
@@ -406,13 +418,13 @@ mod tests {
     #[test]
     fn a_bad_transfer_refuses_the_whole_batch() {
         let mut ledger = Ledger::new();
-        ledger.post(vec![deposit(customer(1), "5")]).unwrap();
+        ledger.post(vec![deposit(customer(1), "5")], 0).unwrap();
         let before = ledger.clone();
         let mut zero = use_of(customer(1), customer(2), "1");
         zero.amount = Amount::ZERO;
         let batch = vec![use_of(customer(1), customer(2), "1"), zero];
         assert_eq!(
-            ledger.post(batch),
+            ledger.post(batch, 0),
             Err(LedgerError::NotPositive {
                 index: 1,
                 amount: Amount::ZERO
@@ -422,7 +434,7 @@ mod tests {
         assert_eq!(ledger.balance(&customer(1)), amount("5"));
         let to_self = use_of(customer(1), customer(1), "1");
         assert!(matches!(
-            ledger.post(vec![to_self]),
+            ledger.post(vec![to_self], 0),
             Err(LedgerError::SameAccount { .. })
         ));
         let huge = amount("999999999999999999");
@@ -434,7 +446,7 @@ mod tests {
             },
         ];
         assert!(matches!(
-            ledger.post(overflow),
+            ledger.post(overflow, 0),
             Err(LedgerError::Overflow { .. })
         ));
         assert_eq!(ledger.transfers().len(), 1);

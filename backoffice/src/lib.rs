@@ -13,6 +13,14 @@ pub mod store;
 
 use proto::{Amount, Bid};
 
+/// The wall clock in ms since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(std::time::Duration::ZERO);
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The settings every branch has, with their embedded defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BranchSettings {

@@ -21,6 +21,7 @@ use proto::xmlrpc::{Limits, MethodResponse, Value, encode_response, parse_call, 
 use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
+use crate::now_ms;
 use crate::pricing::{PriceInput, Pricing};
 use crate::registry::Product;
 use crate::store::{BatchEffects, BatchKey, PeriodKey, Store, StoreError, Suspense};
@@ -349,7 +350,7 @@ impl<S: Store> Backoffice<S> {
     pub fn post(&self, transfers: Vec<NewTransfer>) -> Result<Vec<crate::ledger::Transfer>, Fault> {
         let mut ledger = lock(&self.ledger);
         let prepared = ledger
-            .prepare(transfers)
+            .prepare(transfers, now_ms())
             .map_err(|error| Fault::invalid_params(&error))?;
         self.store
             .post_transfers(&prepared)
@@ -666,7 +667,7 @@ impl<S: Store> Backoffice<S> {
         }
         let transfers = totals.transfers;
         let prepared = ledger
-            .prepare(transfers)
+            .prepare(transfers, now_ms())
             .map_err(|error| internal(&error))?;
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
         self.store
@@ -708,7 +709,7 @@ impl<S: Store> Backoffice<S> {
         }
         let transfers = totals.transfers;
         let prepared = ledger
-            .prepare(transfers)
+            .prepare(transfers, now_ms)
             .map_err(|error| internal(&error))?;
         let mut balances: HashMap<AccountId, proto::Amount> = HashMap::new();
         for transfer in &prepared {

@@ -22,7 +22,7 @@ use crate::registry::{self, Customer, Meter, Product, RegistryError};
 
 /// Bytes of memory sled may use for its page cache.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -507,7 +507,8 @@ fn put_account(out: &mut Vec<u8>, account: &AccountId) {
     }
 }
 
-/// Record: version, id, debit, credit, amount (nanos, i128), kind.
+/// Record: version, id, debit, credit, amount (nanos, i128), posting time
+/// (ms), kind.
 fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     out.push(RECORD_VERSION);
@@ -515,6 +516,7 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
     put_account(&mut out, &transfer.debit);
     put_account(&mut out, &transfer.credit);
     out.extend_from_slice(&transfer.amount.nanos().to_be_bytes());
+    out.extend_from_slice(&transfer.posted_ms.to_be_bytes());
     match &transfer.kind {
         TransferKind::Deposit => out.push(1),
         TransferKind::Withdrawal => out.push(2),
@@ -558,6 +560,7 @@ fn decode_transfer(record: &[u8]) -> Option<Transfer> {
     let credit = read_account(&mut fields)?;
     let nanos = fields.i128()?;
     let amount = Amount::try_from_nanos(nanos).ok()?;
+    let posted_ms = fields.u64()?;
     let kind = match fields.byte()? {
         1 => TransferKind::Deposit,
         2 => TransferKind::Withdrawal,
@@ -577,6 +580,7 @@ fn decode_transfer(record: &[u8]) -> Option<Transfer> {
         credit,
         amount,
         kind,
+        posted_ms,
     })
 }
 
@@ -679,14 +683,14 @@ mod tests {
     #[test]
     fn records_round_trip_and_corruption_is_detected() {
         let mut ledger = Ledger::new();
-        ledger.post(batch(1, 2, 5)).unwrap();
+        ledger.post(batch(1, 2, 5), 0).unwrap();
         let correction = NewTransfer {
             debit: customer(2),
             credit: customer(1),
             amount: Amount::from_nanos(5),
             kind: TransferKind::Correction { of: TransferId(1) },
         };
-        ledger.post(vec![correction]).unwrap();
+        ledger.post(vec![correction], 0).unwrap();
         for transfer in ledger.transfers() {
             let record = encode_transfer(transfer);
             assert_eq!(decode_transfer(&record).as_ref(), Some(transfer));
@@ -702,7 +706,7 @@ mod tests {
         let mut ledger = Ledger::new();
         {
             let store = SledStore::open(dir.path()).unwrap();
-            let first = ledger.post(batch(1, 2, 100)).unwrap();
+            let first = ledger.post(batch(1, 2, 100), 0).unwrap();
             let posted = &ledger.transfers()[usize::try_from(first.0).unwrap()..];
             let effects = |answer: &'static [u8]| BatchEffects {
                 transfers: posted,

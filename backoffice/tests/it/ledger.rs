@@ -152,7 +152,7 @@ proptest! {
                 ledger.balances().map(|(account, balance)| (*account, *balance)).collect();
             let batch = batch_of(&ledger, operation);
             let size = batch.len();
-            let outcome = ledger.post(batch);
+            let outcome = ledger.post(batch, 0);
             // Posted transfers never change; a failed batch changes nothing.
             prop_assert_eq!(&ledger.transfers()[..before.len()], &before[..]);
             match outcome {
