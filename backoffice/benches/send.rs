@@ -49,7 +49,14 @@ fn main() {
         .collect();
     let owner = customers[0];
     let product = store
-        .create_product(&bid, &owner, "Editor", "flat", &examples::module("flat"))
+        .create_product(
+            &bid,
+            &owner,
+            "Editor",
+            "",
+            "flat",
+            &examples::module("flat"),
+        )
         .unwrap();
     let meters: Vec<(Mid, Secret)> = (0..2)
         .map(|_| {

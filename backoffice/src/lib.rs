@@ -10,6 +10,7 @@ pub mod registry;
 pub mod send;
 pub mod server;
 pub mod store;
+pub mod web;
 
 use proto::{Amount, Bid};
 

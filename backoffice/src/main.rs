@@ -57,6 +57,8 @@ enum Command {
         /// This branch's code; every ID it issues starts with it.
         #[arg(long, env = "BACKOFFICE_BID", default_value = "B1")]
         bid: proto::Bid,
+        #[command(flatten)]
+        web: WebArgs,
     },
     /// Register a customer: prints the new CID.
     Customer {
@@ -293,7 +295,40 @@ async fn shutdown_signal() {
     }
 }
 
-fn serve(data_dir: Option<PathBuf>, listen: std::net::SocketAddr, bid: proto::Bid) -> ExitCode {
+/// The web pages' settings.
+#[derive(Debug, Clone, clap::Args)]
+struct WebArgs {
+    /// The branch's telephone number, shown on refusal pages and in mail.
+    #[arg(long, env = "BACKOFFICE_PHONE", default_value = "+1 555 0100")]
+    phone: String,
+    /// The address customers reach the pages at, for links in mail
+    /// [default: http://LISTEN].
+    #[arg(long, env = "BACKOFFICE_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
+    /// PBKDF2 iterations for new passwords. Below 600000 only for tests.
+    #[arg(long, env = "BACKOFFICE_PASSWORD_ITERATIONS", default_value_t = backoffice::web::password::ITERATIONS_MIN)]
+    password_iterations: u32,
+    /// Mark session cookies Secure (when a TLS proxy serves the pages).
+    #[arg(long, env = "BACKOFFICE_SECURE_COOKIES")]
+    secure_cookies: bool,
+}
+
+fn serve(
+    data_dir: Option<PathBuf>,
+    listen: std::net::SocketAddr,
+    bid: proto::Bid,
+    web: &WebArgs,
+) -> ExitCode {
+    let Some(iterations) = std::num::NonZeroU32::new(web.password_iterations) else {
+        eprintln!("backoffice: --password-iterations must be at least 1");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    if iterations.get() < backoffice::web::password::ITERATIONS_MIN {
+        eprintln!(
+            "backoffice: WARNING: {iterations} password iterations is below {}; for tests only",
+            backoffice::web::password::ITERATIONS_MIN
+        );
+    }
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let opened = std::fs::create_dir_all(&dir)
         .map_err(|error| error.to_string())
@@ -323,11 +358,23 @@ fn serve(data_dir: Option<PathBuf>, listen: std::net::SocketAddr, bid: proto::Bi
         // A daemon must not die because whoever started it closed its stdout.
         let mut stdout = std::io::stdout();
         let _ = writeln!(stdout, "backoffice listening on http://{address}/RPC2");
+        let _ = writeln!(stdout, "web pages at http://{address}/");
         let _ = writeln!(stdout, "operator token in {}", token_path.display());
+        let web = backoffice::web::Web::new(backoffice::web::WebConfig {
+            phone: web.phone.clone(),
+            password_iterations: iterations,
+            secure_cookies: web.secure_cookies,
+            public_url: web
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{address}")),
+            outbox: dir.join("outbox"),
+        });
         let service = std::sync::Arc::new(backoffice::server::Service {
             backoffice,
             bid,
             operator_token,
+            web,
         });
         backoffice::server::run(listener, service, shutdown_signal()).await
     });
@@ -402,7 +449,8 @@ fn main() -> ExitCode {
             data_dir,
             listen,
             bid,
-        } => serve(data_dir.clone(), *listen, *bid),
+            web,
+        } => serve(data_dir.clone(), *listen, *bid, web),
         Command::Customer { name, email } => {
             operator(&cli, "customer.create", vec![text(name), text(email)])
         }

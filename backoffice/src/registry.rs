@@ -27,6 +27,70 @@ pub struct Customer {
     pub credit_limit: Amount,
     /// Marked "deny service" by an operator.
     pub denied: bool,
+    /// What the customer gave on the registration form (none for customers
+    /// an operator created).
+    #[serde(default)]
+    pub profile: Option<Profile>,
+    /// The password for the web pages (none: no web session possible).
+    #[serde(default)]
+    pub password: Option<PasswordHash>,
+}
+
+/// Cox's registration fields beyond the name and e-mail address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Mr, Ms, Dr, ... (may be empty).
+    pub salutation: String,
+    /// First name.
+    pub first_name: String,
+    /// Middle name (may be empty).
+    pub middle_name: String,
+    /// Last name.
+    pub last_name: String,
+    /// Street and number.
+    pub street: String,
+    /// City.
+    pub city: String,
+    /// State or region (may be empty).
+    pub state: String,
+    /// Postal code.
+    pub zip_code: String,
+    /// Country.
+    pub country: String,
+    /// The company keeping the macro-account (a card issuer, a bank).
+    pub macroaccount_co: String,
+    /// The macro-account's number there.
+    pub macroaccount_id: String,
+    /// The macro-account's expiry month, 1 to 12.
+    pub expiration_month: u8,
+    /// The macro-account's expiry year.
+    pub expiration_year: u16,
+}
+
+/// A stored password: PBKDF2-HMAC-SHA256 with its own salt and count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordHash {
+    /// Always `pbkdf2-sha256` for now; stored so it can change.
+    pub algorithm: String,
+    /// PBKDF2 iterations.
+    pub iterations: u32,
+    /// The salt, hex.
+    pub salt_hex: String,
+    /// The derived key, hex.
+    pub hash_hex: String,
+}
+
+/// A new customer's record, before it has a CID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The name to show.
+    pub name: String,
+    /// The e-mail address; unique in the branch.
+    pub email: String,
+    /// The registration form's other fields.
+    pub profile: Option<Profile>,
+    /// The web password.
+    pub password: Option<PasswordHash>,
 }
 
 /// A product under one TACA.
@@ -40,6 +104,9 @@ pub struct Product {
     pub owner: Cid,
     /// The name to show.
     pub name: String,
+    /// What it is, for customers (may be empty).
+    #[serde(default)]
+    pub description: String,
     /// The terms shown to customers.
     pub terms: String,
     /// The pricing module.
@@ -71,6 +138,9 @@ pub enum RegistryError {
     /// The e-mail address is not one.
     #[error("not an e-mail address")]
     BadEmail,
+    /// Another customer has this e-mail address.
+    #[error("this e-mail address is already registered")]
+    EmailTaken,
     /// No such customer.
     #[error("no customer {0}")]
     UnknownCustomer(Cid),

@@ -34,15 +34,19 @@ pub struct Service {
     pub bid: Bid,
     /// The token operator calls must carry.
     pub operator_token: String,
+    /// The web pages.
+    pub web: crate::web::Web,
 }
 
 use crate::now_ms;
 
-/// The router: `POST /RPC2`.
+/// The router: `POST /RPC2` and the web pages.
 pub fn router(service: Arc<Service>) -> Router {
     Router::new()
         .route("/RPC2", post(answer))
         .layer(DefaultBodyLimit::max(Limits::BACKOFFICE.body_bytes_max))
+        .merge(crate::web::routes())
+        .merge(crate::web::upload_routes())
         .with_state(service)
 }
 
@@ -52,9 +56,12 @@ pub async fn run(
     service: Arc<Service>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(service))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(service).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn answer(
@@ -181,6 +188,7 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                     &service.bid,
                     &owner,
                     params.string(1)?,
+                    "",
                     params.string(2)?,
                     module,
                 )

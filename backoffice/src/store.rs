@@ -18,7 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
 use crate::pricing::TacaHash;
-use crate::registry::{self, Customer, Meter, Product, RegistryError};
+use crate::registry::{self, Customer, Meter, Product, Registration, RegistryError};
 
 /// Bytes of memory sled may use for its page cache.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -141,9 +141,19 @@ pub trait Store {
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError>;
     /// Registers a customer under a new CID of branch `bid`.
     fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError>;
+    /// Registers a customer from the registration form under a new CID;
+    /// the e-mail address must be new.
+    fn register_customer(
+        &self,
+        bid: &Bid,
+        registration: Registration,
+    ) -> Result<Customer, StoreError>;
     /// A customer by CID.
     fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError>;
-    /// Saves a changed customer (credit limit, deny flag, contact details).
+    /// A customer by e-mail address (any case).
+    fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError>;
+    /// Saves a changed customer (credit limit, deny flag, contact details);
+    /// a changed e-mail address must be new.
     fn update_customer(&self, customer: &Customer) -> Result<(), StoreError>;
     /// Registers a product of `owner` under a new PID, with its TACA module.
     fn create_product(
@@ -151,6 +161,7 @@ pub trait Store {
         bid: &Bid,
         owner: &Cid,
         name: &str,
+        description: &str,
         terms: &str,
         taca: &[u8],
     ) -> Result<Product, StoreError>;
@@ -162,6 +173,10 @@ pub trait Store {
     fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError>;
     /// A meter by MID.
     fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError>;
+    /// The products `owner` registered, in PID order.
+    fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError>;
+    /// The meters `owner` registered, in MID order.
+    fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError>;
 }
 
 /// The embedded store on sled.
@@ -172,6 +187,8 @@ pub struct SledStore {
     /// Next serial per kind of ID (`C`, `P`, `M`).
     serials: sled::Tree,
     customers: sled::Tree,
+    /// CIDs by e-mail address, lower-cased.
+    emails: sled::Tree,
     /// Products by PID; test PIDs map to the same record.
     products: sled::Tree,
     tacas: sled::Tree,
@@ -208,6 +225,7 @@ impl SledStore {
             batches: db.open_tree("batches")?,
             serials: db.open_tree("serials")?,
             customers: db.open_tree("customers")?,
+            emails: db.open_tree("emails")?,
             products: db.open_tree("products")?,
             tacas: db.open_tree("tacas")?,
             meters: db.open_tree("meters")?,
@@ -401,34 +419,107 @@ impl Store for SledStore {
     }
 
     fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError> {
-        registry::check_text("name", name, registry::NAME_BYTES_MAX)?;
-        registry::check_email(email)?;
-        self.create(b"C", &self.customers, |serial| {
-            let cid = registry::customer_id(bid, serial)?;
-            let customer = Customer {
-                cid,
+        self.register_customer(
+            bid,
+            Registration {
                 name: name.to_owned(),
                 email: email.to_owned(),
-                credit_limit: Amount::ZERO,
-                denied: false,
-            };
-            Ok((vec![cid.as_str().as_bytes().to_vec()], customer))
-        })
+                profile: None,
+                password: None,
+            },
+        )
+    }
+
+    fn register_customer(
+        &self,
+        bid: &Bid,
+        registration: Registration,
+    ) -> Result<Customer, StoreError> {
+        registry::check_text("name", &registration.name, registry::NAME_BYTES_MAX)?;
+        registry::check_email(&registration.email)?;
+        let email_key = registration.email.to_lowercase();
+        let outcome = (&self.serials, &self.customers, &self.emails).transaction(
+            |(serials, customers, emails)| {
+                if emails.get(email_key.as_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(
+                        RegistryError::EmailTaken,
+                    ));
+                }
+                let serial = match serials.get(b"C")? {
+                    Some(bytes) => {
+                        u64::from_be_bytes(bytes.as_ref().try_into().expect("serials are 8 bytes"))
+                    }
+                    None => 1,
+                };
+                let cid = registry::customer_id(bid, serial)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                let customer = Customer {
+                    cid,
+                    name: registration.name.clone(),
+                    email: registration.email.clone(),
+                    credit_limit: Amount::ZERO,
+                    denied: false,
+                    profile: registration.profile.clone(),
+                    password: registration.password.clone(),
+                };
+                let bytes = serde_json::to_vec(&customer).expect("records serialize");
+                customers.insert(cid.as_str().as_bytes(), bytes)?;
+                emails.insert(email_key.as_bytes(), cid.as_str().as_bytes())?;
+                serials.insert(b"C", &(serial + 1).to_be_bytes())?;
+                Ok(customer)
+            },
+        );
+        let customer = match outcome {
+            Ok(customer) => customer,
+            Err(TransactionError::Abort(error)) => return Err(StoreError::Registry(error)),
+            Err(TransactionError::Storage(error)) => return Err(StoreError::Storage(error)),
+        };
+        self.sync()?;
+        Ok(customer)
     }
 
     fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError> {
         Self::read(&self.customers, cid.as_str().as_bytes())
     }
 
+    fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError> {
+        let Some(cid) = self.emails.get(email.to_lowercase().as_bytes())? else {
+            return Ok(None);
+        };
+        Self::read(&self.customers, &cid)
+    }
+
     fn update_customer(&self, customer: &Customer) -> Result<(), StoreError> {
+        registry::check_text("name", &customer.name, registry::NAME_BYTES_MAX)?;
+        registry::check_email(&customer.email)?;
         let key = customer.cid.as_str().as_bytes();
-        if self.customers.get(key)?.is_none() {
-            return Err(RegistryError::UnknownCustomer(customer.cid).into());
+        let bytes = serde_json::to_vec(customer).expect("records serialize");
+        let new_email = customer.email.to_lowercase();
+        let outcome = (&self.customers, &self.emails).transaction(|(customers, emails)| {
+            let Some(old) = customers.get(key)? else {
+                return Err(ConflictableTransactionError::Abort(
+                    RegistryError::UnknownCustomer(customer.cid),
+                ));
+            };
+            let old: Customer = serde_json::from_slice(&old).expect("store: customer is corrupt");
+            let old_email = old.email.to_lowercase();
+            if old_email != new_email {
+                if emails.get(new_email.as_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(
+                        RegistryError::EmailTaken,
+                    ));
+                }
+                emails.remove(old_email.as_bytes())?;
+                emails.insert(new_email.as_bytes(), key)?;
+            }
+            customers.insert(key, bytes.as_slice())?;
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {}
+            Err(TransactionError::Abort(error)) => return Err(StoreError::Registry(error)),
+            Err(TransactionError::Storage(error)) => return Err(StoreError::Storage(error)),
         }
-        self.customers.insert(
-            key,
-            serde_json::to_vec(customer).expect("records serialize"),
-        )?;
         self.sync()
     }
 
@@ -437,10 +528,14 @@ impl Store for SledStore {
         bid: &Bid,
         owner: &Cid,
         name: &str,
+        description: &str,
         terms: &str,
         taca: &[u8],
     ) -> Result<Product, StoreError> {
         registry::check_text("name", name, registry::NAME_BYTES_MAX)?;
+        if !description.is_empty() {
+            registry::check_text("description", description, registry::TERMS_BYTES_MAX)?;
+        }
         registry::check_text("terms", terms, registry::TERMS_BYTES_MAX)?;
         if self.customer(owner)?.is_none() {
             return Err(RegistryError::UnknownCustomer(*owner).into());
@@ -454,6 +549,7 @@ impl Store for SledStore {
                 test_pid,
                 owner: *owner,
                 name: name.to_owned(),
+                description: description.to_owned(),
                 terms: terms.to_owned(),
                 taca: hash,
             };
@@ -495,6 +591,42 @@ impl Store for SledStore {
     fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError> {
         Self::read(&self.meters, mid.as_str().as_bytes())
     }
+
+    fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError> {
+        // Each product is stored under its PID and its test PID: keep one.
+        let mut products = Vec::new();
+        for entry in self.products.iter() {
+            let (key, bytes) = entry?;
+            let product: Product =
+                serde_json::from_slice(&bytes).expect("store: product is corrupt");
+            if product.owner == *owner && key.as_ref() == product.pid.as_str().as_bytes() {
+                products.push(product);
+            }
+        }
+        products.sort_by_key(|product| serial_of(product.pid.as_str()));
+        Ok(products)
+    }
+
+    fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError> {
+        let mut meters = Vec::new();
+        for entry in self.meters.iter() {
+            let (_, bytes) = entry?;
+            let meter: Meter = serde_json::from_slice(&bytes).expect("store: meter is corrupt");
+            if meter.owner == *owner {
+                meters.push(meter);
+            }
+        }
+        meters.sort_by_key(|meter| serial_of(meter.mid.as_str()));
+        Ok(meters)
+    }
+}
+
+/// The serial number at the end of an ID (`B1-P12` -> 12), for ordering.
+fn serial_of(id: &str) -> u64 {
+    id.rsplit_once('-')
+        .and_then(|(_, tail)| tail.get(1..))
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 fn put_account(out: &mut Vec<u8>, account: &AccountId) {
@@ -639,7 +771,14 @@ mod tests {
                 Err(StoreError::Registry(RegistryError::BadEmail))
             ));
             let product = store
-                .create_product(&bid, &ada.cid, "Editor", "0.25 per use", b"\0asm module")
+                .create_product(
+                    &bid,
+                    &ada.cid,
+                    "Editor",
+                    "",
+                    "0.25 per use",
+                    b"\0asm module",
+                )
                 .unwrap();
             assert_eq!(
                 (product.pid.as_str(), product.test_pid.as_str()),
@@ -648,7 +787,7 @@ mod tests {
             let stranger = Cid::parse("B1-C99").unwrap();
             assert!(
                 store
-                    .create_product(&bid, &stranger, "X", "terms", b"m")
+                    .create_product(&bid, &stranger, "X", "", "terms", b"m")
                     .is_err()
             );
             let meter = store.create_meter(&bid, &bob.cid).unwrap();

@@ -50,10 +50,17 @@ fn world() -> World {
         .unwrap()
         .cid;
     let product = store
-        .create_product(&bid, &producer, "Editor", "0.25 per use", &module("flat"))
+        .create_product(
+            &bid,
+            &producer,
+            "Editor",
+            "",
+            "0.25 per use",
+            &module("flat"),
+        )
         .unwrap();
     let component = store
-        .create_product(&bid, &maker, "Spell", "tiered", &module("tiered"))
+        .create_product(&bid, &maker, "Spell", "", "tiered", &module("tiered"))
         .unwrap();
     let meter = store.create_meter(&bid, &consumer).unwrap();
     let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
@@ -369,7 +376,7 @@ fn a_taca_that_traps_sends_its_reading_to_suspense_and_the_rest_is_applied() {
     let risky = world
         .backoffice
         .store()
-        .create_product(&bid, &world.producer, "Risky", "traps", &trapping)
+        .create_product(&bid, &world.producer, "Risky", "", "traps", &trapping)
         .unwrap();
     let me = Some(Payer::Customer(world.consumer));
     let events = vec![
@@ -471,7 +478,7 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     let picky = world
         .backoffice
         .store()
-        .create_product(&bid, &world.producer, "Picky", "refuses", &picky)
+        .create_product(&bid, &world.producer, "Picky", "", "refuses", &picky)
         .unwrap();
     let me = Some(Payer::Customer(world.consumer));
     let commits = |n: usize| {

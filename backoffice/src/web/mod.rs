@@ -1,0 +1,1223 @@
+//! The web pages: registration, sessions, the account, products, meters and
+//! statements, rendered on the server (maud escapes everything it renders)
+//! and usable without JavaScript.
+//!
+//! Every form carries its session's CSRF token; cookies are HttpOnly and
+//! SameSite=Strict (and Secure when served over TLS); failed logins are
+//! throttled per account and per address; a customer reaches only their own
+//! pages, since every page takes the CID from the session, never from the
+//! request.
+
+pub mod pages;
+pub mod password;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Multipart, Query, State};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION,
+    REFERRER_POLICY, SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use maud::Markup;
+use proto::{Amount, Cid};
+
+use crate::ledger::{AccountId, Transfer};
+use crate::pricing::{MODULE_BYTES_MAX, PriceInput, Pricing};
+use crate::registry::{Customer, PasswordHash, Profile, Registration, RegistryError};
+use crate::send::month_of;
+use crate::server::Service;
+use crate::store::{Store, StoreError};
+use session::{COOKIE as SESSION_COOKIE, Session, Sessions};
+
+/// Largest form body (everything but a product upload).
+pub const FORM_BYTES_MAX: usize = 64 * 1024;
+/// Largest product upload: the module and the form's text fields.
+pub const UPLOAD_BYTES_MAX: usize = MODULE_BYTES_MAX + 64 * 1024;
+
+/// How the web pages are set up.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// The branch's telephone number, shown on refusals.
+    pub phone: String,
+    /// PBKDF2 iterations for new passwords.
+    pub password_iterations: NonZeroU32,
+    /// Mark cookies Secure (when a TLS proxy serves the pages).
+    pub secure_cookies: bool,
+    /// The address customers reach the pages at, for links in mail.
+    pub public_url: String,
+    /// Where outgoing mail is written, one file per message.
+    pub outbox: PathBuf,
+}
+
+/// The web pages' state.
+pub struct Web {
+    config: WebConfig,
+    sessions: Sessions,
+}
+
+impl Web {
+    /// The pages with `config`.
+    pub fn new(config: WebConfig) -> Web {
+        Web {
+            config,
+            sessions: Sessions::default(),
+        }
+    }
+}
+
+/// The routes of the web pages.
+pub fn routes() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/", get(entry_page).post(register))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", axum::routing::post(logout))
+        .route("/forgot", get(forgot_page).post(forgot))
+        .route("/reset", get(reset_page).post(reset))
+        .route("/account", get(account_page).post(edit_account))
+        .route("/products/new", get(new_product_page))
+        .route("/meters", get(meters_page).post(add_meter))
+        .route("/statement", get(statement_page))
+        .route("/statement.csv", get(statement_csv))
+        .route("/style.css", get(style))
+        .route("/health", get(health))
+        .layer(DefaultBodyLimit::max(FORM_BYTES_MAX))
+}
+
+/// The routes that take uploads, with their own body limit.
+pub fn upload_routes() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/products/new", axum::routing::post(add_product))
+        .layer(DefaultBodyLimit::max(UPLOAD_BYTES_MAX))
+}
+
+/// A form's fields by name (the last value of a repeated name wins).
+struct Fields(HashMap<String, String>);
+
+impl Fields {
+    fn parse(body: &[u8]) -> Fields {
+        Fields(
+            form_urlencoded(body)
+                .into_iter()
+                .collect::<HashMap<String, String>>(),
+        )
+    }
+
+    fn get(&self, name: &str) -> &str {
+        self.0.get(name).map_or("", String::as_str)
+    }
+
+    fn trimmed(&self, name: &str) -> String {
+        self.get(name).trim().to_owned()
+    }
+}
+
+/// `application/x-www-form-urlencoded`, decoded.
+fn form_urlencoded(body: &[u8]) -> Vec<(String, String)> {
+    fn decode(part: &[u8]) -> String {
+        let mut out = Vec::with_capacity(part.len());
+        let mut index = 0;
+        while index < part.len() {
+            match part[index] {
+                b'+' => out.push(b' '),
+                b'%' if index + 2 < part.len() => {
+                    let digit = |byte: u8| char::from(byte).to_digit(16);
+                    match (digit(part[index + 1]), digit(part[index + 2])) {
+                        (Some(high), Some(low)) => {
+                            out.push(u8::try_from(high * 16 + low).expect("two hex digits"));
+                            index += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                byte => out.push(byte),
+            }
+            index += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    body.split(|byte| *byte == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let mut halves = pair.splitn(2, |byte| *byte == b'=');
+            let name = decode(halves.next().unwrap_or_default());
+            let value = decode(halves.next().unwrap_or_default());
+            (name, value)
+        })
+        .collect()
+}
+
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// A page's response: the HTML, its status, the session cookie when it is
+/// new, and headers that keep the page out of frames and caches.
+fn page(
+    web: &Web,
+    session: &Session,
+    set_cookie: bool,
+    status: StatusCode,
+    body: Markup,
+) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    secure_headers(headers);
+    if set_cookie {
+        set_session_cookie(web, headers, &session.token);
+    }
+    response
+}
+
+fn secure_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+fn set_session_cookie(web: &Web, headers: &mut HeaderMap, token: &str) {
+    let secure = if web.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    let max_age = session::IDLE_MAX.as_secs();
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    );
+    headers.append(
+        SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("tokens are hex"),
+    );
+}
+
+fn redirect(web: &Web, to: &str, session: Option<&Session>) -> Response {
+    let mut response = (StatusCode::SEE_OTHER, [(LOCATION, to.to_owned())]).into_response();
+    secure_headers(response.headers_mut());
+    if let Some(session) = session {
+        set_session_cookie(web, response.headers_mut(), &session.token);
+    }
+    response
+}
+
+/// The visitor's session (a new one if they have none).
+fn visit(web: &Web, headers: &HeaderMap) -> (Session, bool) {
+    web.sessions.visit(cookie_value(headers, SESSION_COOKIE))
+}
+
+/// The form's CSRF token matches its session's, compared in constant time.
+fn csrf_ok(session: &Session, fields: &Fields) -> bool {
+    proto::auth::equal_in_constant_time(fields.get("csrf").as_bytes(), session.csrf.as_bytes())
+}
+
+fn csrf_refused(web: &Web, session: &Session, set_cookie: bool) -> Response {
+    page(
+        web,
+        session,
+        set_cookie,
+        StatusCode::FORBIDDEN,
+        pages::message(
+            session,
+            "Form expired",
+            "This form was not sent from this site's page, or it is too old. Go back, reload \
+             the page and send it again.",
+        ),
+    )
+}
+
+fn trouble(web: &Web, session: &Session, error: &dyn std::fmt::Display) -> Response {
+    page(
+        web,
+        session,
+        false,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        pages::message(
+            session,
+            "Something went wrong",
+            &format!(
+                "The branch could not do this just now ({error}). Please try again, or call {}.",
+                web.config.phone
+            ),
+        ),
+    )
+}
+
+/// The logged-in customer of this request, or a redirect to the login page.
+fn customer_of(
+    service: &Service,
+    headers: &HeaderMap,
+) -> Result<(Session, Customer), Box<Response>> {
+    let web = &service.web;
+    let (session, new) = visit(web, headers);
+    let Some(cid) = session.cid else {
+        return Err(Box::new(redirect(web, "/login", new.then_some(&session))));
+    };
+    match service.backoffice.store().customer(&cid) {
+        Ok(Some(customer)) => Ok((session, customer)),
+        Ok(None) => {
+            web.sessions.log_out(&session.token);
+            Err(Box::new(redirect(web, "/login", None)))
+        }
+        Err(error) => Err(Box::new(trouble(web, &session, &error))),
+    }
+}
+
+async fn style() -> Response {
+    let mut response = ([(CONTENT_TYPE, "text/css")], pages::STYLE).into_response();
+    response
+        .headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
+
+async fn health() -> Response {
+    ([(CONTENT_TYPE, "text/plain; charset=utf-8")], "ok\n").into_response()
+}
+
+async fn entry_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    if session.cid.is_some() {
+        return redirect(web, "/account", None);
+    }
+    let form = pages::RegistrationForm::default();
+    page(
+        web,
+        &session,
+        new,
+        StatusCode::OK,
+        pages::entry(&session, &form, &[], &web.config.phone),
+    )
+}
+
+/// The current month as `YYYYMM` (UTC).
+fn this_month() -> u32 {
+    month_of(crate::now_ms())
+}
+
+/// Checks the registration form's fields; the messages are per field.
+fn check_profile(fields: &Fields, errors: &mut Vec<(&'static str, String)>) -> Profile {
+    let mut text = |name: &'static str, label: &str, required: bool, max: usize| {
+        let value = fields.trimmed(name);
+        if required && value.is_empty() {
+            errors.push((name, format!("{label} is required.")));
+        } else if value.len() > max {
+            errors.push((name, format!("{label} may have at most {max} characters.")));
+        } else if value.chars().any(char::is_control) {
+            errors.push((name, format!("{label} may not contain control characters.")));
+        }
+        value
+    };
+    let salutation = text("salutation", "Salutation", false, 20);
+    let first_name = text("firstName", "First name", true, 100);
+    let middle_name = text("middleName", "Middle name", false, 100);
+    let last_name = text("lastName", "Last name", true, 100);
+    let street = text("street", "Street", true, 200);
+    let city = text("city", "City", true, 100);
+    let state = text("state", "State", false, 100);
+    let zip_code = text("zipCode", "Postal code", true, 20);
+    let country = text("country", "Country", true, 100);
+    let macroaccount_co = text("macroaccountCo", "Card or bank", true, 100);
+    let macroaccount_id = text("macroaccountID", "Account number", true, 34);
+    if !macroaccount_id.is_empty()
+        && !macroaccount_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '-')
+    {
+        errors.push((
+            "macroaccountID",
+            "The account number may have only letters, digits, spaces and dashes.".into(),
+        ));
+    }
+    let month = fields
+        .trimmed("expirationMonth")
+        .parse::<u8>()
+        .ok()
+        .filter(|m| (1..=12).contains(m));
+    let year = fields
+        .trimmed("expirationYear")
+        .parse::<u16>()
+        .ok()
+        .filter(|y| (2000..=2200).contains(y));
+    match (month, year) {
+        (None, _) => errors.push(("expirationMonth", "Give the expiry month, 1 to 12.".into())),
+        (_, None) => errors.push(("expirationYear", "Give the expiry year, like 2029.".into())),
+        (Some(month), Some(year)) => {
+            if u32::from(year) * 100 + u32::from(month) < this_month() {
+                errors.push((
+                    "expirationYear",
+                    "This macro-account has expired; give one that is still valid.".into(),
+                ));
+            }
+        }
+    }
+    Profile {
+        salutation,
+        first_name,
+        middle_name,
+        last_name,
+        street,
+        city,
+        state,
+        zip_code,
+        country,
+        macroaccount_co,
+        macroaccount_id,
+        expiration_month: month.unwrap_or(0),
+        expiration_year: year.unwrap_or(0),
+    }
+}
+
+fn display_name(profile: &Profile) -> String {
+    [
+        &profile.first_name,
+        &profile.middle_name,
+        &profile.last_name,
+    ]
+    .into_iter()
+    .filter(|part| !part.is_empty())
+    .cloned()
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+async fn register(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, new);
+    }
+    let mut errors = Vec::new();
+    let profile = check_profile(&fields, &mut errors);
+    let email = fields.trimmed("emailAddress");
+    if registry_email_bad(&email) {
+        errors.push((
+            "emailAddress",
+            "Give an e-mail address like ada@example.org.".into(),
+        ));
+    }
+    let password = fields.get("password").to_owned();
+    if let Some(weak) = password::weakness(
+        &password,
+        &[&profile.first_name, &profile.last_name, &email],
+    ) {
+        errors.push(("password", weak.to_owned()));
+    }
+    if password != fields.get("passwordCopy") {
+        errors.push(("passwordCopy", "The two passwords differ.".into()));
+    }
+    if fields.get("agrees").is_empty() {
+        errors.push((
+            "agrees",
+            "You must agree to the branch's terms to register.".into(),
+        ));
+    }
+    let form = pages::RegistrationForm::from_fields(&fields);
+    if errors.is_empty() {
+        let iterations = web.config.password_iterations;
+        let hashed: PasswordHash = match tokio::task::spawn_blocking(move || {
+            password::hash(&password, iterations)
+        })
+        .await
+        {
+            Ok(hashed) => hashed,
+            Err(error) => return trouble(web, &session, &error),
+        };
+        let registration = Registration {
+            name: display_name(&profile),
+            email: email.clone(),
+            profile: Some(profile),
+            password: Some(hashed),
+        };
+        match service
+            .backoffice
+            .store()
+            .register_customer(&service.bid, registration)
+        {
+            Ok(customer) => {
+                let session = web.sessions.log_in(&session.token, customer.cid);
+                return page(
+                    web,
+                    &session,
+                    true,
+                    StatusCode::OK,
+                    pages::registered(&session, &customer),
+                );
+            }
+            Err(StoreError::Registry(RegistryError::EmailTaken)) => errors.push((
+                "emailAddress",
+                "This e-mail address is already registered. Start a session instead, or ask \
+                 for a new password."
+                    .into(),
+            )),
+            Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
+            Err(error) => return trouble(web, &session, &error),
+        }
+    }
+    page(
+        web,
+        &session,
+        new,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        pages::entry(&session, &form, &errors, &web.config.phone),
+    )
+}
+
+fn registry_email_bad(email: &str) -> bool {
+    crate::registry::check_email(email).is_err()
+}
+
+async fn login_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    if session.cid.is_some() {
+        return redirect(web, "/account", None);
+    }
+    page(
+        web,
+        &session,
+        new,
+        StatusCode::OK,
+        pages::login(&session, "", None),
+    )
+}
+
+async fn login(
+    State(service): State<Arc<Service>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, new);
+    }
+    let who = fields.trimmed("who");
+    let address = peer.ip().to_string();
+    if web.sessions.throttled(&who, &address) {
+        return page(
+            web,
+            &session,
+            new,
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::login(
+                &session,
+                &who,
+                Some(&format!(
+                    "Too many failed attempts. Wait 15 minutes, ask for a new password, or \
+                     call the branch at {}.",
+                    web.config.phone
+                )),
+            ),
+        );
+    }
+    let store = service.backoffice.store();
+    let found = match Cid::parse(&who) {
+        Ok(cid) => store.customer(&cid),
+        Err(_) => store.customer_by_email(&who),
+    };
+    let customer = match found {
+        Ok(customer) => customer,
+        Err(error) => return trouble(web, &session, &error),
+    };
+    let typed = fields.get("password").to_owned();
+    let iterations = web.config.password_iterations;
+    let stored = customer
+        .as_ref()
+        .and_then(|customer| customer.password.clone());
+    let matches = tokio::task::spawn_blocking(move || match stored {
+        Some(stored) => password::verify(&typed, &stored),
+        None => {
+            password::verify_nothing(&typed, iterations);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    match customer {
+        Some(customer) if matches => {
+            web.sessions.succeeded(&who);
+            web.sessions.succeeded(customer.cid.as_str());
+            let session = web.sessions.log_in(&session.token, customer.cid);
+            redirect(web, "/account", Some(&session))
+        }
+        _ => {
+            // Count against what was typed and, when it names an account,
+            // against that account's CID as well, so switching between the
+            // CID and the address does not double the allowance.
+            web.sessions.failed(&who, &address);
+            page(
+                web,
+                &session,
+                new,
+                StatusCode::UNAUTHORIZED,
+                pages::login(
+                    &session,
+                    &who,
+                    Some("The CID or e-mail address, or the password, is wrong."),
+                ),
+            )
+        }
+    }
+}
+
+async fn logout(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, new);
+    }
+    web.sessions.log_out(&session.token);
+    redirect(web, "/login", None)
+}
+
+async fn forgot_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    page(
+        web,
+        &session,
+        new,
+        StatusCode::OK,
+        pages::forgot(&session, None),
+    )
+}
+
+async fn forgot(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, new);
+    }
+    let who = fields.trimmed("who");
+    let store = service.backoffice.store();
+    let found = match Cid::parse(&who) {
+        Ok(cid) => store.customer(&cid),
+        Err(_) => store.customer_by_email(&who),
+    };
+    match found {
+        Ok(Some(customer)) => {
+            let token = web.sessions.new_reset(customer.cid);
+            let link = format!(
+                "{}/reset?token={token}",
+                web.config.public_url.trim_end_matches('/')
+            );
+            if let Err(error) = send_mail(
+                &web.config,
+                &customer.email,
+                "Your password",
+                &pages::reset_mail(&customer, &link, &web.config.phone),
+            ) {
+                return trouble(web, &session, &error);
+            }
+        }
+        Ok(None) => {}
+        Err(error) => return trouble(web, &session, &error),
+    }
+    // The same answer whether or not the account exists.
+    page(
+        web,
+        &session,
+        new,
+        StatusCode::OK,
+        pages::forgot(
+            &session,
+            Some(
+                "If this account exists, a link to set a new password was sent to its e-mail address. It works once, for an hour.",
+            ),
+        ),
+    )
+}
+
+/// Writes a message to the outbox (one file per message); a mail relay or
+/// the tests pick it up from there.
+fn send_mail(config: &WebConfig, to: &str, subject: &str, body: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(&config.outbox)?;
+    let name = format!("{}-{}.eml", crate::now_ms(), &password::random_token()[..8]);
+    let temporary = config.outbox.join(format!(".{name}"));
+    let mut file = std::fs::File::create(&temporary)?;
+    write!(
+        file,
+        "To: {to}\r\nSubject: {subject}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}"
+    )?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, config.outbox.join(name))
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    #[serde(default)]
+    token: String,
+}
+
+async fn reset_page(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    if web.sessions.reset_for(&query.token).is_none() {
+        return page(
+            web,
+            &session,
+            new,
+            StatusCode::GONE,
+            pages::message(
+                &session,
+                "Link used or expired",
+                "This link was used already or is older than an hour. Ask for a new one on the login page.",
+            ),
+        );
+    }
+    page(
+        web,
+        &session,
+        new,
+        StatusCode::OK,
+        pages::reset(&session, &query.token, None),
+    )
+}
+
+async fn reset(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let web = &service.web;
+    let (session, new) = visit(web, &headers);
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, new);
+    }
+    let token = fields.get("token").to_owned();
+    let Some(cid) = web.sessions.reset_for(&token) else {
+        return page(
+            web,
+            &session,
+            new,
+            StatusCode::GONE,
+            pages::message(
+                &session,
+                "Link used or expired",
+                "This link was used already or is older than an hour. Ask for a new one on the login page.",
+            ),
+        );
+    };
+    let store = service.backoffice.store();
+    let mut customer = match store.customer(&cid) {
+        Ok(Some(customer)) => customer,
+        Ok(None) => return redirect(web, "/login", None),
+        Err(error) => return trouble(web, &session, &error),
+    };
+    let typed = fields.get("password").to_owned();
+    let mut problem =
+        password::weakness(&typed, &[&customer.name, &customer.email]).map(str::to_owned);
+    if problem.is_none() && typed != fields.get("passwordCopy") {
+        problem = Some("The two passwords differ.".to_owned());
+    }
+    if let Some(problem) = problem {
+        return page(
+            web,
+            &session,
+            new,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            pages::reset(&session, &token, Some(&problem)),
+        );
+    }
+    if web.sessions.take_reset(&token) != Some(cid) {
+        return page(
+            web,
+            &session,
+            new,
+            StatusCode::GONE,
+            pages::message(
+                &session,
+                "Link used or expired",
+                "This link was used already.",
+            ),
+        );
+    }
+    let iterations = web.config.password_iterations;
+    customer.password =
+        match tokio::task::spawn_blocking(move || password::hash(&typed, iterations)).await {
+            Ok(hashed) => Some(hashed),
+            Err(error) => return trouble(web, &session, &error),
+        };
+    if let Err(error) = store.update_customer(&customer) {
+        return trouble(web, &session, &error);
+    }
+    web.sessions.log_out_everywhere(cid);
+    web.sessions.succeeded(cid.as_str());
+    web.sessions.succeeded(&customer.email);
+    let session = web.sessions.log_in(&session.token, cid);
+    redirect(web, "/account", Some(&session))
+}
+
+async fn account_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    account_response(&service, &session, &customer, &[], None, StatusCode::OK)
+}
+
+fn account_response(
+    service: &Service,
+    session: &Session,
+    customer: &Customer,
+    errors: &[(&'static str, String)],
+    notice: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    let web = &service.web;
+    let products = match service.backoffice.store().products_of(&customer.cid) {
+        Ok(products) => products,
+        Err(error) => return trouble(web, session, &error),
+    };
+    let balance = service
+        .backoffice
+        .balance(&AccountId::Customer(customer.cid));
+    page(
+        web,
+        session,
+        false,
+        status,
+        pages::account(session, customer, balance, &products, errors, notice),
+    )
+}
+
+async fn edit_account(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (session, mut customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let web = &service.web;
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, false);
+    }
+    let mut errors = Vec::new();
+    let profile = check_profile(&fields, &mut errors);
+    let email = fields.trimmed("emailAddress");
+    if registry_email_bad(&email) {
+        errors.push((
+            "emailAddress",
+            "Give an e-mail address like ada@example.org.".into(),
+        ));
+    }
+    if errors.is_empty() {
+        customer.name = display_name(&profile);
+        customer.email = email;
+        customer.profile = Some(profile);
+        match service.backoffice.store().update_customer(&customer) {
+            Ok(()) => {
+                return account_response(
+                    &service,
+                    &session,
+                    &customer,
+                    &[],
+                    Some("Saved."),
+                    StatusCode::OK,
+                );
+            }
+            Err(StoreError::Registry(RegistryError::EmailTaken)) => errors.push((
+                "emailAddress",
+                "Another account has this e-mail address.".into(),
+            )),
+            Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
+            Err(error) => return trouble(web, &session, &error),
+        }
+    }
+    account_response(
+        &service,
+        &session,
+        &customer,
+        &errors,
+        None,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+}
+
+async fn new_product_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let (session, _customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    page(
+        &service.web,
+        &session,
+        false,
+        StatusCode::OK,
+        pages::new_product(&session, &pages::ProductForm::default(), &[]),
+    )
+}
+
+async fn add_product(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    mut multipart: Multipart,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let web = &service.web;
+    let mut form = pages::ProductForm::default();
+    let mut csrf = String::new();
+    let mut agrees = false;
+    let mut module: Option<Vec<u8>> = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(error) => {
+                return page(
+                    web,
+                    &session,
+                    false,
+                    error.status(),
+                    pages::message(
+                        &session,
+                        "Upload refused",
+                        &format!(
+                            "The upload could not be read: {}. A TACA module may have at most {MODULE_BYTES_MAX} bytes.",
+                            error.body_text()
+                        ),
+                    ),
+                );
+            }
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let bytes = match field.bytes().await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                return page(
+                    web,
+                    &session,
+                    false,
+                    error.status(),
+                    pages::message(
+                        &session,
+                        "Upload refused",
+                        &format!(
+                            "The upload could not be read: {}. A TACA module may have at most {MODULE_BYTES_MAX} bytes.",
+                            error.body_text()
+                        ),
+                    ),
+                );
+            }
+        };
+        let text = || String::from_utf8_lossy(&bytes).trim().to_owned();
+        match name.as_str() {
+            "csrf" => csrf = text(),
+            "name" => form.name = text(),
+            "description" => form.description = text(),
+            "terms" => form.terms = text(),
+            "agrees" => agrees = !bytes.is_empty(),
+            "taca" => module = Some(bytes.to_vec()),
+            _ => {}
+        }
+    }
+    if !proto::auth::equal_in_constant_time(csrf.as_bytes(), session.csrf.as_bytes()) {
+        return csrf_refused(web, &session, false);
+    }
+    let mut errors: Vec<(&'static str, String)> = Vec::new();
+    if let Err(error) =
+        crate::registry::check_text("name", &form.name, crate::registry::NAME_BYTES_MAX)
+    {
+        errors.push(("name", format!("The product's {error}.")));
+    }
+    if form.description.len() > crate::registry::TERMS_BYTES_MAX {
+        errors.push(("description", "The description is too long.".into()));
+    }
+    if let Err(error) =
+        crate::registry::check_text("terms", &form.terms, crate::registry::TERMS_BYTES_MAX)
+    {
+        errors.push(("terms", format!("The {error}.")));
+    }
+    if !agrees {
+        errors.push((
+            "agrees",
+            "You must agree to the producer terms to register a product.".into(),
+        ));
+    }
+    let module = module.filter(|bytes| !bytes.is_empty());
+    match &module {
+        None => errors.push(("taca", "Choose the TACA module (.wasm) to upload.".into())),
+        Some(bytes) => {
+            let owner = customer.cid;
+            let bid = service.bid;
+            let bytes = bytes.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let any_pid = proto::Pid::new(&bid, "1").expect("a valid PID");
+                let sample = PriceInput::invocation(owner, proto::Code::Commit, any_pid, 0);
+                Pricing::new().check(&bytes, &[sample]).map(|_| ())
+            })
+            .await;
+            match checked {
+                Ok(Ok(())) => {}
+                Ok(Err(refused)) => {
+                    errors.push(("taca", format!("The module was refused: {refused}.")))
+                }
+                Err(error) => return trouble(web, &session, &error),
+            }
+        }
+    }
+    if errors.is_empty() {
+        let module = module.expect("checked above");
+        match service.backoffice.store().create_product(
+            &service.bid,
+            &customer.cid,
+            &form.name,
+            &form.description,
+            &form.terms,
+            &module,
+        ) {
+            Ok(product) => {
+                return page(
+                    web,
+                    &session,
+                    false,
+                    StatusCode::OK,
+                    pages::product_added(&session, &product),
+                );
+            }
+            Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
+            Err(error) => return trouble(web, &session, &error),
+        }
+    }
+    page(
+        web,
+        &session,
+        false,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        pages::new_product(&session, &form, &errors),
+    )
+}
+
+async fn meters_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    match service.backoffice.store().meters_of(&customer.cid) {
+        Ok(meters) => page(
+            &service.web,
+            &session,
+            false,
+            StatusCode::OK,
+            pages::meters(&session, &meters, None, &service.web.config.public_url),
+        ),
+        Err(error) => trouble(&service.web, &session, &error),
+    }
+}
+
+async fn add_meter(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let web = &service.web;
+    if !csrf_ok(&session, &Fields::parse(&body)) {
+        return csrf_refused(web, &session, false);
+    }
+    let store = service.backoffice.store();
+    let created = store.create_meter(&service.bid, &customer.cid);
+    match (created, store.meters_of(&customer.cid)) {
+        (Ok(meter), Ok(meters)) => page(
+            web,
+            &session,
+            false,
+            StatusCode::OK,
+            pages::meters(&session, &meters, Some(&meter), &web.config.public_url),
+        ),
+        (Err(error), _) | (_, Err(error)) => trouble(web, &session, &error),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MonthQuery {
+    month: Option<String>,
+}
+
+/// One line of a statement, from the customer's side.
+pub struct Line {
+    /// The transfer.
+    pub transfer: Transfer,
+    /// Positive: money in; negative: money out.
+    pub signed: Amount,
+    /// The balance after it.
+    pub balance: Amount,
+}
+
+/// The customer's lines in `month` (`YYYYMM`), with the balance before it.
+fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line>) {
+    let account = AccountId::Customer(cid);
+    let mut opening = Amount::ZERO;
+    let mut lines = Vec::new();
+    let mut running = Amount::ZERO;
+    for transfer in service.backoffice.statement(&account) {
+        let signed = if transfer.credit == account {
+            transfer.amount
+        } else {
+            transfer.amount.negated()
+        };
+        // Balances are sums of amounts below 10^18 that the ledger already
+        // accepted, so this addition cannot overflow where the ledger's did not.
+        running = running.checked_add(signed).unwrap_or(running);
+        let posted = month_of(transfer.posted_ms);
+        if posted < month {
+            opening = running;
+        } else if posted == month {
+            lines.push(Line {
+                transfer,
+                signed,
+                balance: running,
+            });
+        }
+    }
+    (opening, lines)
+}
+
+fn month_param(query: &MonthQuery) -> u32 {
+    query
+        .month
+        .as_deref()
+        .and_then(|text| text.parse::<u32>().ok())
+        .filter(|month| (190_001..=999_912).contains(month) && (1..=12).contains(&(month % 100)))
+        .unwrap_or_else(this_month)
+}
+
+async fn statement_page(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<MonthQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let month = month_param(&query);
+    let (opening, lines) = statement_lines(&service, customer.cid, month);
+    page(
+        &service.web,
+        &session,
+        false,
+        StatusCode::OK,
+        pages::statement(&session, &customer, month, opening, &lines),
+    )
+}
+
+async fn statement_csv(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<MonthQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let (_session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let month = month_param(&query);
+    let (_, lines) = statement_lines(&service, customer.cid, month);
+    let mut csv = String::from("date,transfer,description,amount,balance\r\n");
+    for line in &lines {
+        csv.push_str(&format!(
+            "{},{},{},{},{}\r\n",
+            pages::date_of(line.transfer.posted_ms),
+            line.transfer.id.0,
+            pages::csv_field(&pages::describe(&line.transfer)),
+            line.signed,
+            line.balance
+        ));
+    }
+    let mut response = (
+        [
+            (CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"statement-{}-{month}.csv\"",
+                    customer.cid
+                ),
+            ),
+        ],
+        csv,
+    )
+        .into_response();
+    secure_headers(response.headers_mut());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_decode_like_browsers_send_them() {
+        let fields = form_urlencoded(b"a=%3Cb%3E+c&empty=&bad=%zz%4&plus=1%2B1&=x&last=1&last=2");
+        assert_eq!(
+            fields,
+            vec![
+                ("a".into(), "<b> c".into()),
+                ("empty".into(), String::new()),
+                ("bad".into(), "%zz%4".into()),
+                ("plus".into(), "1+1".into()),
+                (String::new(), "x".into()),
+                ("last".into(), "1".into()),
+                ("last".into(), "2".into()),
+            ]
+        );
+        assert_eq!(Fields::parse(b"last=1&last=2").get("last"), "2");
+        assert_eq!(Fields::parse(b"x=%C3%A9").get("x"), "é");
+    }
+}

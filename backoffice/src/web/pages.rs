@@ -1,0 +1,672 @@
+//! The HTML of the web pages. maud escapes every value it renders, so a
+//! name with markup in it shows as text.
+
+use maud::{DOCTYPE, Markup, html};
+use proto::Amount;
+
+use super::session::Session;
+use super::{Fields, Line};
+use crate::ledger::{Transfer, TransferKind};
+use crate::registry::{Customer, Meter, Product};
+use crate::send::civil_date;
+
+/// The one style sheet, served at `/style.css`.
+pub const STYLE: &str = "\
+body{font-family:system-ui,sans-serif;max-width:60rem;margin:0 auto;padding:1rem;color:#222}\
+header{display:flex;gap:1rem;align-items:center;border-bottom:1px solid #ccc;margin-bottom:1rem}\
+header form{display:inline}\
+label{display:block;margin:.5rem 0 .1rem}\
+input[type=text],input[type=email],input[type=password],textarea{width:100%;max-width:30rem}\
+.error{color:#a00}.notice{color:#060}\
+.refusal{border:1px solid #a00;padding:.5rem 1rem;margin:1rem 0}\
+table{border-collapse:collapse}td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}\
+td.amount{text-align:right;font-variant-numeric:tabular-nums}\
+pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}\
+.spend{fill:#b33}.income{fill:#383}\
+";
+
+fn layout(session: &Session, title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " - superdistribution branch" }
+                link rel="stylesheet" href="/style.css";
+            }
+            body {
+                header {
+                    strong { "Superdistribution branch" }
+                    @if session.cid.is_some() {
+                        a href="/account" { "Account" }
+                        a href="/products/new" { "Register a product" }
+                        a href="/meters" { "Meters" }
+                        a href="/statement" { "Transactions" }
+                        form method="post" action="/logout" {
+                            input type="hidden" name="csrf" value=(session.csrf);
+                            button type="submit" id="logout" { "Log out" }
+                        }
+                    } @else {
+                        a href="/" { "Register" }
+                        a href="/login" { "Start session" }
+                    }
+                }
+                main {
+                    h1 { (title) }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+fn csrf(session: &Session) -> Markup {
+    html! { input type="hidden" name="csrf" value=(session.csrf); }
+}
+
+fn field_errors(errors: &[(&'static str, String)], name: &str) -> Markup {
+    html! {
+        @for (_, message) in errors.iter().filter(|(field, _)| *field == name) {
+            p.error id={ (name) "-error" } { (message) }
+        }
+    }
+}
+
+/// A text input with its label and its errors.
+fn text_input(
+    label: &str,
+    name: &str,
+    kind: &str,
+    value: &str,
+    errors: &[(&'static str, String)],
+) -> Markup {
+    html! {
+        label for=(name) { (label) }
+        input type=(kind) id=(name) name=(name) value=(value);
+        (field_errors(errors, name))
+    }
+}
+
+/// A page with one message.
+pub fn message(session: &Session, title: &str, text: &str) -> Markup {
+    layout(session, title, html! { p { (text) } })
+}
+
+/// What the registration form holds, for showing it again.
+#[derive(Debug, Default, Clone)]
+pub struct RegistrationForm {
+    /// Cox's field names, in order.
+    pub values: Vec<(&'static str, String)>,
+    /// The agreement box.
+    pub agrees: bool,
+}
+
+/// The registration fields: name, label, input type. The passwords are
+/// never shown again.
+const REGISTRATION_FIELDS: [(&str, &str, &str); 15] = [
+    ("salutation", "Salutation (optional)", "text"),
+    ("firstName", "First name", "text"),
+    ("middleName", "Middle name (optional)", "text"),
+    ("lastName", "Last name", "text"),
+    ("emailAddress", "E-mail address", "email"),
+    ("street", "Street and number", "text"),
+    ("city", "City", "text"),
+    ("state", "State or region (optional)", "text"),
+    ("zipCode", "Postal code", "text"),
+    ("country", "Country", "text"),
+    (
+        "macroaccountCo",
+        "Card issuer or bank (your macro-account)",
+        "text",
+    ),
+    ("macroaccountID", "Card or account number", "text"),
+    ("expirationMonth", "Expires: month (1-12)", "text"),
+    ("expirationYear", "Expires: year", "text"),
+    ("password", "", ""),
+];
+
+impl RegistrationForm {
+    pub(super) fn from_fields(fields: &Fields) -> RegistrationForm {
+        RegistrationForm {
+            values: REGISTRATION_FIELDS
+                .iter()
+                .filter(|(name, _, _)| *name != "password")
+                .map(|(name, _, _)| (*name, fields.trimmed(name)))
+                .collect(),
+            agrees: !fields.get("agrees").is_empty(),
+        }
+    }
+
+    /// The form filled from a customer's record, for editing.
+    pub fn of(customer: &Customer) -> RegistrationForm {
+        let profile = customer.profile.clone().unwrap_or_default();
+        let month = if profile.expiration_month == 0 {
+            String::new()
+        } else {
+            profile.expiration_month.to_string()
+        };
+        let year = if profile.expiration_year == 0 {
+            String::new()
+        } else {
+            profile.expiration_year.to_string()
+        };
+        RegistrationForm {
+            values: vec![
+                ("salutation", profile.salutation),
+                ("firstName", profile.first_name),
+                ("middleName", profile.middle_name),
+                ("lastName", profile.last_name),
+                ("emailAddress", customer.email.clone()),
+                ("street", profile.street),
+                ("city", profile.city),
+                ("state", profile.state),
+                ("zipCode", profile.zip_code),
+                ("country", profile.country),
+                ("macroaccountCo", profile.macroaccount_co),
+                ("macroaccountID", profile.macroaccount_id),
+                ("expirationMonth", month),
+                ("expirationYear", year),
+            ],
+            agrees: true,
+        }
+    }
+
+    fn value(&self, name: &str) -> &str {
+        self.values
+            .iter()
+            .find(|(field, _)| *field == name)
+            .map_or("", |(_, value)| value.as_str())
+    }
+}
+
+fn profile_inputs(form: &RegistrationForm, errors: &[(&'static str, String)]) -> Markup {
+    html! {
+        @for (name, label, kind) in REGISTRATION_FIELDS.iter().filter(|(name, _, _)| *name != "password") {
+            (text_input(label, name, kind, form.value(name), errors))
+        }
+    }
+}
+
+/// The entry page: the registration form, with the refusal's reasons when
+/// it was refused.
+pub fn entry(
+    session: &Session,
+    form: &RegistrationForm,
+    errors: &[(&'static str, String)],
+    phone: &str,
+) -> Markup {
+    let body = html! {
+        @if !errors.is_empty() {
+            div.refusal id="refusal" {
+                p { strong { "Your registration was refused:" } }
+                ul { @for (_, message) in errors { li { (message) } } }
+                p { "Questions? Call the branch at " span id="phone" { (phone) } "." }
+            }
+        }
+        p {
+            "Register to pay for software by use, and to be paid for yours. "
+            "Already registered? " a href="/login" { "Start a session" } "."
+        }
+        form method="post" action="/" id="register" {
+            (csrf(session))
+            (profile_inputs(form, errors))
+            (text_input("Password (at least 10 characters)", "password", "password", "", errors))
+            (text_input("Password again", "passwordCopy", "password", "", errors))
+            label {
+                input type="checkbox" name="agrees" id="agrees" value="yes" checked[form.agrees];
+                " I agree to the branch's terms: uses of metered software are charged to my micro-account, which I fund from my macro-account."
+            }
+            (field_errors(errors, "agrees"))
+            (field_errors(errors, "form"))
+            p { button type="submit" id="register-submit" { "Register" } }
+        }
+    };
+    layout(session, "Register", body)
+}
+
+/// After a registration: the new CID.
+pub fn registered(session: &Session, customer: &Customer) -> Markup {
+    let body = html! {
+        p { "Welcome, " (customer.name) ". Your customer ID (CID) is:" }
+        p { strong id="cid" { (customer.cid.as_str()) } }
+        p {
+            "Log in to your meter with it: " code { "meterd login " (customer.cid.as_str()) }
+            ". Fund your micro-account before using metered software."
+        }
+        p { a href="/account" { "Go to your account" } }
+    };
+    layout(session, "Registered", body)
+}
+
+/// The login page.
+pub fn login(session: &Session, who: &str, error: Option<&str>) -> Markup {
+    let body = html! {
+        @if let Some(error) = error { p.error id="login-error" { (error) } }
+        form method="post" action="/login" id="login" {
+            (csrf(session))
+            label for="who" { "CID or e-mail address" }
+            input type="text" id="who" name="who" value=(who) autocomplete="username";
+            label for="password" { "Password" }
+            input type="password" id="password" name="password" autocomplete="current-password";
+            p { button type="submit" id="login-submit" { "Start session" } }
+        }
+        p { a href="/forgot" { "Forgot the password?" } " · " a href="/" { "Register" } }
+    };
+    layout(session, "Start session", body)
+}
+
+/// The page that asks for a reset link.
+pub fn forgot(session: &Session, notice: Option<&str>) -> Markup {
+    let body = html! {
+        @if let Some(notice) = notice { p.notice id="notice" { (notice) } }
+        form method="post" action="/forgot" id="forgot" {
+            (csrf(session))
+            label for="who" { "CID or e-mail address" }
+            input type="text" id="who" name="who";
+            p { button type="submit" { "Send me a link" } }
+        }
+    };
+    layout(session, "New password", body)
+}
+
+/// The page a reset link opens.
+pub fn reset(session: &Session, token: &str, problem: Option<&str>) -> Markup {
+    let body = html! {
+        @if let Some(problem) = problem { p.error id="password-error" { (problem) } }
+        form method="post" action="/reset" id="reset" {
+            (csrf(session))
+            input type="hidden" name="token" value=(token);
+            label for="password" { "New password (at least 10 characters)" }
+            input type="password" id="password" name="password" autocomplete="new-password";
+            label for="passwordCopy" { "New password again" }
+            input type="password" id="passwordCopy" name="passwordCopy" autocomplete="new-password";
+            p { button type="submit" { "Set the password" } }
+        }
+    };
+    layout(session, "Set a new password", body)
+}
+
+/// The mail with a reset link.
+pub fn reset_mail(customer: &Customer, link: &str, phone: &str) -> String {
+    format!(
+        "Hello {name},\r\n\r\nsomeone asked for a new password for the account {cid}.\r\n\
+         To set one, open this link within an hour; it works once:\r\n\r\n{link}\r\n\r\n\
+         If you did not ask for this, someone may be trying to break into your account.\r\n\
+         Your password has not changed. Please call the branch at {phone}.\r\n",
+        name = customer.name,
+        cid = customer.cid,
+    )
+}
+
+/// The account page.
+pub fn account(
+    session: &Session,
+    customer: &Customer,
+    balance: Amount,
+    products: &[Product],
+    errors: &[(&'static str, String)],
+    notice: Option<&str>,
+) -> Markup {
+    let form = RegistrationForm::of(customer);
+    let body = html! {
+        p { "CID " strong id="cid" { (customer.cid.as_str()) } }
+        p { "Micro-account balance: " strong id="balance" { (balance.round_dp(2)) } }
+        @if customer.denied { p.error { "Service is denied on this account. Call the branch." } }
+        p {
+            a href="/products/new" id="add-product" { "Register a product" } " · "
+            a href="/statement" id="details" { "Transaction details" } " · "
+            a href="/meters" { "Meters" }
+        }
+        h2 { "Your products" }
+        @if products.is_empty() {
+            p { "None yet." }
+        } @else {
+            table id="products" {
+                tr { th { "PID" } th { "Test PID" } th { "Name" } }
+                @for product in products {
+                    tr {
+                        td { (product.pid.as_str()) }
+                        td { (product.test_pid.as_str()) }
+                        td { (product.name) }
+                    }
+                }
+            }
+        }
+        h2 { "Registration" }
+        @if let Some(notice) = notice { p.notice id="notice" { (notice) } }
+        form method="post" action="/account" id="edit" {
+            (csrf(session))
+            (profile_inputs(&form, errors))
+            (field_errors(errors, "form"))
+            p { button type="submit" id="save" { "Save" } }
+        }
+    };
+    layout(session, &customer.name, body)
+}
+
+/// What the product form holds.
+#[derive(Debug, Default, Clone)]
+pub struct ProductForm {
+    /// Its name.
+    pub name: String,
+    /// What it is.
+    pub description: String,
+    /// The terms shown to customers.
+    pub terms: String,
+}
+
+/// The form to register a product.
+pub fn new_product(
+    session: &Session,
+    form: &ProductForm,
+    errors: &[(&'static str, String)],
+) -> Markup {
+    let body = html! {
+        @if !errors.is_empty() {
+            div.refusal id="refusal" {
+                p { strong { "The product was not registered:" } }
+                ul { @for (_, message) in errors { li { (message) } } }
+            }
+        }
+        form method="post" action="/products/new" enctype="multipart/form-data" id="product" {
+            (csrf(session))
+            (text_input("Name", "name", "text", &form.name, errors))
+            label for="description" { "Description" }
+            textarea id="description" name="description" rows="3" { (form.description) }
+            (field_errors(errors, "description"))
+            label for="terms" { "Terms shown to customers (what a use costs)" }
+            textarea id="terms" name="terms" rows="3" { (form.terms) }
+            (field_errors(errors, "terms"))
+            label for="taca" { "Pricing function (TACA): a WebAssembly module built with taca-sdk" }
+            input type="file" id="taca" name="taca" accept=".wasm,application/wasm";
+            (field_errors(errors, "taca"))
+            label {
+                input type="checkbox" name="agrees" id="agrees" value="yes";
+                " I agree to the producer terms: the branch runs this module to price every use and credits my micro-account."
+            }
+            (field_errors(errors, "agrees"))
+            (field_errors(errors, "form"))
+            p { button type="submit" id="product-submit" { "Register the product" } }
+        }
+    };
+    layout(session, "Register a product", body)
+}
+
+/// After a product is registered: its PIDs and how to use them.
+pub fn product_added(session: &Session, product: &Product) -> Markup {
+    let pid = product.pid.as_str();
+    let test_pid = product.test_pid.as_str();
+    let rust = format!(
+        "let mut meter = meterd::client::Meter::connect_default();\n\
+         let pid: proto::Pid = \"{pid}\".parse()?;\n\
+         if let Some(usage) = meter.begin(pid) {{\n    \
+         // ... the metered work ...\n    usage.commit()?;\n}}"
+    );
+    let python = format!(
+        "meter = xmlrpc.client.ServerProxy(\"http://meterd/RPC2\", transport=UnixTransport(SOCKET))\n\
+         if meter.query(\"{pid}\"):\n    \
+         # ... the metered work ...\n    meter.commit(\"{pid}\")"
+    );
+    let body = html! {
+        p { (product.name) " is registered." }
+        table {
+            tr { th { "PID" } td id="pid" { (pid) } }
+            tr { th { "Test PID (free, for your tests)" } td id="test-pid" { (test_pid) } }
+            tr { th { "TACA" } td { code { (product.taca.to_string()) } } }
+        }
+        h2 { "Coding it into your program" }
+        p { "Ask the meter before each use and commit after it. In Rust, with the meterd client library:" }
+        pre { code { (rust) } }
+        p { "In Python, with the README's Unix-socket transport for xmlrpc.client:" }
+        pre { code { (python) } }
+        p { "Use " code { (test_pid) } " while testing: its uses are free." }
+        p { a href="/account" { "Back to your account" } }
+    };
+    layout(session, "Product registered", body)
+}
+
+/// The meters page; `new` is a meter just registered, whose secret is shown
+/// this once.
+pub fn meters(
+    session: &Session,
+    meters: &[Meter],
+    new: Option<&Meter>,
+    public_url: &str,
+) -> Markup {
+    let url = format!("{}/RPC2", public_url.trim_end_matches('/'));
+    let body = html! {
+        @if let Some(meter) = new {
+            div.notice id="new-meter" {
+                p { "Meter " strong id="mid" { (meter.mid.as_str()) } " is registered. Its secret, shown only now:" }
+                pre id="secret" { (meter.secret_hex) }
+                p { "Save the secret in a file only meterd can read, then start meterd with it:" }
+                pre id="config" {
+                    "printf %s '" (meter.secret_hex) "' > meter.secret && chmod 600 meter.secret\n"
+                    "meterd serve --backoffice " (url) " --mid " (meter.mid.as_str()) " --secret-file meter.secret"
+                }
+            }
+        }
+        @if meters.is_empty() {
+            p { "No meters yet." }
+        } @else {
+            table id="meters" {
+                tr { th { "MID" } }
+                @for meter in meters { tr { td { (meter.mid.as_str()) } } }
+            }
+        }
+        form method="post" action="/meters" id="add-meter" {
+            (csrf(session))
+            p { button type="submit" id="meter-submit" { "Register a new meter" } }
+        }
+    };
+    layout(session, "Meters", body)
+}
+
+/// `YYYY-MM-DD` (UTC) of a time in ms since the Unix epoch.
+pub fn date_of(time_ms: u64) -> String {
+    let (year, month, day) = civil_date(time_ms);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// A CSV field, quoted when it must be; a leading `=`, `+`, `-` or `@` is
+/// neutralised so a spreadsheet does not run it as a formula.
+pub fn csv_field(text: &str) -> String {
+    let text = if text.starts_with(['=', '+', '-', '@']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    };
+    if text.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
+}
+
+/// What a transfer was, for a statement line.
+pub fn describe(transfer: &Transfer) -> String {
+    match &transfer.kind {
+        TransferKind::Deposit => "deposit from your macro-account".to_owned(),
+        TransferKind::Withdrawal => "withdrawal to your macro-account".to_owned(),
+        TransferKind::Use { pid, uses: 1, .. } => format!("1 use of {pid}"),
+        TransferKind::Use { pid, uses, .. } => format!("{uses} uses of {pid}"),
+        TransferKind::Correction { of } => format!("correction of transfer {}", of.0),
+    }
+}
+
+fn month_name(month: u32) -> String {
+    const NAMES: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let index = usize::try_from(month % 100).unwrap_or(1).clamp(1, 12) - 1;
+    format!("{} {}", NAMES[index], month / 100)
+}
+
+fn previous_month(month: u32) -> u32 {
+    if month % 100 == 1 {
+        month - 100 + 11
+    } else {
+        month - 1
+    }
+}
+
+fn next_month(month: u32) -> u32 {
+    if month % 100 == 12 {
+        month + 100 - 11
+    } else {
+        month + 1
+    }
+}
+
+/// Days in the month `YYYYMM`.
+fn days_in(month: u32) -> u32 {
+    let year = month / 100;
+    match month % 100 {
+        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
+            29
+        }
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// A day's total for a chart label, to the cent.
+fn shown(nanos: i128) -> String {
+    Amount::try_from_nanos(nanos).map_or_else(
+        |_| "more than the largest amount".to_owned(),
+        |amount| amount.round_dp(2).to_string(),
+    )
+}
+
+/// Daily spend and income as an SVG bar chart. Heights are whole pixels
+/// from exact amounts: nanos scaled with integer arithmetic.
+fn chart(month: u32, lines: &[Line]) -> Markup {
+    let days = days_in(month) as usize;
+    let mut spend = vec![0i128; days];
+    let mut income = vec![0i128; days];
+    for line in lines {
+        let (_, _, day) = civil_date(line.transfer.posted_ms);
+        let index = (day as usize).clamp(1, days) - 1;
+        let nanos = line.signed.nanos();
+        if nanos < 0 {
+            spend[index] -= nanos;
+        } else {
+            income[index] += nanos;
+        }
+    }
+    let top = spend
+        .iter()
+        .chain(&income)
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    const HEIGHT: i128 = 120;
+    let bar = |nanos: i128| (nanos * HEIGHT / top).max(i128::from(nanos > 0));
+    let width = days * 14 + 10;
+    html! {
+        svg id="chart" xmlns="http://www.w3.org/2000/svg" width=(width) height="150" viewBox={ "0 0 " (width) " 150" } role="img" aria-label="Daily spend and income" {
+            title { "Daily spend (red) and income (green), " (month_name(month)) }
+            @for day in 0..days {
+                @let x = 5 + day * 14;
+                @let s = bar(spend[day]);
+                @let i = bar(income[day]);
+                @if s > 0 {
+                    rect.spend x=(x) y=(130 - s) width="6" height=(s) {
+                        title { "Day " (day + 1) ": spent " (shown(spend[day])) }
+                    }
+                }
+                @if i > 0 {
+                    rect.income x=(x + 6) y=(130 - i) width="6" height=(i) {
+                        title { "Day " (day + 1) ": received " (shown(income[day])) }
+                    }
+                }
+                @if day % 5 == 0 {
+                    text x=(x) y="145" font-size="9" { (day + 1) }
+                }
+            }
+            line x1="0" y1="130" x2=(width) y2="130" stroke="#888" {}
+        }
+    }
+}
+
+/// The statement of one billing cycle (a calendar month).
+pub fn statement(
+    session: &Session,
+    customer: &Customer,
+    month: u32,
+    opening: Amount,
+    lines: &[Line],
+) -> Markup {
+    let closing = lines.last().map_or(opening, |line| line.balance);
+    let body = html! {
+        p {
+            a href={ "/statement?month=" (previous_month(month)) } { "« " (month_name(previous_month(month))) }
+            " · "
+            a href={ "/statement?month=" (next_month(month)) } { (month_name(next_month(month))) " »" }
+            " · "
+            a href={ "/statement.csv?month=" (month) } id="csv" { "Download CSV" }
+        }
+        p { "Account " (customer.cid.as_str()) ". Opening balance " strong { (opening) } ", closing balance " strong id="closing" { (closing) } "." }
+        (chart(month, lines))
+        @if lines.is_empty() {
+            p id="no-lines" { "No transactions in this month." }
+        } @else {
+            table id="lines" {
+                tr { th { "Date" } th { "Transfer" } th { "Description" } th { "Amount" } th { "Balance" } }
+                @for line in lines {
+                    tr {
+                        td { (date_of(line.transfer.posted_ms)) }
+                        td { (line.transfer.id.0) }
+                        td { (describe(&line.transfer)) }
+                        td.amount { (line.signed) }
+                        td.amount { (line.balance) }
+                    }
+                }
+            }
+        }
+    };
+    layout(
+        session,
+        &format!("Transactions, {}", month_name(month)),
+        body,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_step_across_years_and_have_their_days() {
+        assert_eq!(previous_month(202_601), 202_512);
+        assert_eq!(next_month(202_612), 202_701);
+        assert_eq!(next_month(202_603), 202_604);
+        assert_eq!(days_in(202_402), 29);
+        assert_eq!(days_in(190_002), 28);
+        assert_eq!(days_in(200_002), 29);
+        assert_eq!(days_in(202_604), 30);
+        assert_eq!(month_name(202_611), "November 2026");
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_and_formulas_defused() {
+        assert_eq!(csv_field("3 uses of B1-P1"), "3 uses of B1-P1");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+    }
+}

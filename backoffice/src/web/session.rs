@@ -1,0 +1,267 @@
+//! Visits, sessions and login throttling, kept in memory: a restart logs
+//! everyone out and forgets failed attempts, which loses nothing of value.
+//!
+//! Every visitor gets a session cookie on their first page; the session
+//! holds the CSRF token its forms carry and, after a login, the CID. A login
+//! replaces the session's token so a token planted before the login is
+//! useless after it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use proto::Cid;
+
+use super::password::random_token;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "bo_session";
+/// How long a session lasts after its last page.
+pub const IDLE_MAX: Duration = Duration::from_secs(2 * 3600);
+/// Sessions kept at most; the oldest anonymous ones go first.
+pub const SESSIONS_MAX: usize = 100_000;
+/// Failed logins allowed per account, and per address, within the window.
+pub const FAILURES_MAX: usize = 9;
+/// Per-address allowance (many people may share an address).
+pub const ADDRESS_FAILURES_MAX: usize = 30;
+/// The window failed logins are counted in.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Keys whose failures are remembered at most.
+pub const THROTTLE_KEYS_MAX: usize = 100_000;
+/// How long a password reset link works.
+pub const RESET_VALID: Duration = Duration::from_secs(3600);
+/// Reset links outstanding at most.
+pub const RESETS_MAX: usize = 10_000;
+
+/// One visitor's session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The cookie's value.
+    pub token: String,
+    /// The token every form of this session carries.
+    pub csrf: String,
+    /// The customer, once logged in.
+    pub cid: Option<Cid>,
+    last_seen: Instant,
+}
+
+/// Sessions, failed logins and reset links.
+#[derive(Default)]
+pub struct Sessions {
+    sessions: Mutex<HashMap<String, Session>>,
+    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    resets: Mutex<HashMap<String, (Cid, Instant)>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Sessions {
+    /// The live session with this cookie value, touched; or a new anonymous
+    /// one (the caller sets its cookie).
+    pub fn visit(&self, token: Option<&str>) -> (Session, bool) {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        if let Some(session) = token.and_then(|token| sessions.get_mut(token))
+            && now.duration_since(session.last_seen) < IDLE_MAX
+        {
+            session.last_seen = now;
+            return (session.clone(), false);
+        }
+        if let Some(token) = token {
+            sessions.remove(token);
+        }
+        let session = Session {
+            token: random_token(),
+            csrf: random_token(),
+            cid: None,
+            last_seen: now,
+        };
+        make_room(&mut sessions, now);
+        sessions.insert(session.token.clone(), session.clone());
+        (session, true)
+    }
+
+    /// Logs `cid` in: the visit gets a new token, a new CSRF token and the
+    /// CID.
+    pub fn log_in(&self, old_token: &str, cid: Cid) -> Session {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        sessions.remove(old_token);
+        let session = Session {
+            token: random_token(),
+            csrf: random_token(),
+            cid: Some(cid),
+            last_seen: now,
+        };
+        make_room(&mut sessions, now);
+        sessions.insert(session.token.clone(), session.clone());
+        session
+    }
+
+    /// Ends a session.
+    pub fn log_out(&self, token: &str) {
+        lock(&self.sessions).remove(token);
+    }
+
+    /// Ends every session of `cid` (after a password reset).
+    pub fn log_out_everywhere(&self, cid: Cid) {
+        lock(&self.sessions).retain(|_, session| session.cid != Some(cid));
+    }
+
+    /// Whether logins for these keys are refused for now.
+    pub fn throttled(&self, account: &str, address: &str) -> bool {
+        let now = Instant::now();
+        let mut failures = lock(&self.failures);
+        let mut recent = |key: &str| {
+            failures.get_mut(key).map_or(0, |times| {
+                while times
+                    .front()
+                    .is_some_and(|time| now.duration_since(*time) > FAILURE_WINDOW)
+                {
+                    times.pop_front();
+                }
+                times.len()
+            })
+        };
+        recent(&account_key(account)) >= FAILURES_MAX
+            || recent(&address_key(address)) >= ADDRESS_FAILURES_MAX
+    }
+
+    /// Counts a failed login against the account and the address.
+    pub fn failed(&self, account: &str, address: &str) {
+        let now = Instant::now();
+        let mut failures = lock(&self.failures);
+        if failures.len() >= THROTTLE_KEYS_MAX {
+            failures.retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|time| now.duration_since(*time) <= FAILURE_WINDOW)
+            });
+            if failures.len() >= THROTTLE_KEYS_MAX {
+                failures.clear();
+            }
+        }
+        for key in [account_key(account), address_key(address)] {
+            let times = failures.entry(key).or_default();
+            times.push_back(now);
+            if times.len() > ADDRESS_FAILURES_MAX {
+                times.pop_front();
+            }
+        }
+    }
+
+    /// Forgets an account's failures after a successful login.
+    pub fn succeeded(&self, account: &str) {
+        lock(&self.failures).remove(&account_key(account));
+    }
+
+    /// A new one-time reset token for `cid`.
+    pub fn new_reset(&self, cid: Cid) -> String {
+        let now = Instant::now();
+        let mut resets = lock(&self.resets);
+        resets.retain(|_, (_, made)| now.duration_since(*made) < RESET_VALID);
+        if resets.len() >= RESETS_MAX {
+            resets.clear();
+        }
+        let token = random_token();
+        resets.insert(token.clone(), (cid, now));
+        token
+    }
+
+    /// The customer a live reset token is for, without using it up.
+    pub fn reset_for(&self, token: &str) -> Option<Cid> {
+        let resets = lock(&self.resets);
+        resets
+            .get(token)
+            .filter(|(_, made)| made.elapsed() < RESET_VALID)
+            .map(|(cid, _)| *cid)
+    }
+
+    /// Uses up a reset token: the customer it was for, once.
+    pub fn take_reset(&self, token: &str) -> Option<Cid> {
+        lock(&self.resets)
+            .remove(token)
+            .filter(|(_, made)| made.elapsed() < RESET_VALID)
+            .map(|(cid, _)| cid)
+    }
+}
+
+fn account_key(account: &str) -> String {
+    format!("account:{}", account.trim().to_lowercase())
+}
+
+fn address_key(address: &str) -> String {
+    format!("address:{address}")
+}
+
+fn make_room(sessions: &mut HashMap<String, Session>, now: Instant) {
+    if sessions.len() < SESSIONS_MAX {
+        return;
+    }
+    sessions.retain(|_, session| now.duration_since(session.last_seen) < IDLE_MAX);
+    if sessions.len() >= SESSIONS_MAX {
+        // Still full of live sessions: drop the oldest anonymous visits.
+        let mut anonymous: Vec<(Instant, String)> = sessions
+            .values()
+            .filter(|session| session.cid.is_none())
+            .map(|session| (session.last_seen, session.token.clone()))
+            .collect();
+        anonymous.sort();
+        for (_, token) in anonymous.into_iter().take(SESSIONS_MAX / 10 + 1) {
+            sessions.remove(&token);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_replaces_the_token_and_logout_ends_it() {
+        let sessions = Sessions::default();
+        let (visit, new) = sessions.visit(None);
+        assert!(new);
+        assert_eq!(sessions.visit(Some(&visit.token)).0.csrf, visit.csrf);
+        let cid = Cid::parse("B1-C1").unwrap();
+        let logged_in = sessions.log_in(&visit.token, cid);
+        assert_ne!(logged_in.token, visit.token);
+        assert_ne!(logged_in.csrf, visit.csrf);
+        let (old, fresh) = sessions.visit(Some(&visit.token));
+        assert!(fresh && old.cid.is_none(), "the old token is dead");
+        assert_eq!(sessions.visit(Some(&logged_in.token)).0.cid, Some(cid));
+        sessions.log_out(&logged_in.token);
+        assert!(sessions.visit(Some(&logged_in.token)).0.cid.is_none());
+    }
+
+    #[test]
+    fn the_tenth_failure_in_a_row_is_throttled_and_success_clears_it() {
+        let sessions = Sessions::default();
+        for _ in 0..FAILURES_MAX {
+            assert!(!sessions.throttled("B1-C1", "127.0.0.1"));
+            sessions.failed("B1-C1", "127.0.0.1");
+        }
+        assert!(sessions.throttled("b1-c1", "127.0.0.2"), "per account");
+        assert!(
+            !sessions.throttled("B1-C2", "127.0.0.1"),
+            "address allows more"
+        );
+        sessions.succeeded("B1-C1");
+        assert!(!sessions.throttled("B1-C1", "127.0.0.1"));
+    }
+
+    #[test]
+    fn a_reset_token_works_once() {
+        let sessions = Sessions::default();
+        let cid = Cid::parse("B1-C3").unwrap();
+        let token = sessions.new_reset(cid);
+        assert_eq!(sessions.reset_for(&token), Some(cid));
+        assert_eq!(sessions.take_reset(&token), Some(cid));
+        assert_eq!(sessions.take_reset(&token), None);
+        assert_eq!(sessions.reset_for("nonsense"), None);
+    }
+}
