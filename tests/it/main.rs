@@ -5,3 +5,4 @@ mod meterd;
 mod money;
 mod support;
 mod validator1;
+mod web;

@@ -2,88 +2,15 @@
 //! registered with it, a metered program with a nested component, and exact
 //! balances and standings afterwards.
 
-use std::net::SocketAddr;
 use std::process::Command;
 
+use proto::FaultCode;
 use proto::xmlrpc::Value;
-use proto::{Fault, FaultCode};
 
-use crate::support::{MeterdSetup, Running, address_of, operator_call, start, workspace_binary};
+use crate::support::{Backoffice, MeterdSetup, operator_call, s, workspace_binary};
 
 #[path = "../../backoffice/tests/it/examples.rs"]
 mod examples;
-
-struct Backoffice {
-    running: Running,
-    address: SocketAddr,
-    token: String,
-}
-
-impl Backoffice {
-    fn start(dir: &std::path::Path) -> Backoffice {
-        Self::start_at(dir, "127.0.0.1:0")
-    }
-
-    fn start_at(dir: &std::path::Path, listen: &str) -> Backoffice {
-        let binary = workspace_binary("backoffice", "backoffice");
-        let data = dir.join("backoffice");
-        let running = start(
-            binary.to_str().expect("UTF-8 path"),
-            &[
-                "serve",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen",
-                listen,
-            ],
-        );
-        let url = running
-            .first_line
-            .strip_prefix("backoffice listening on ")
-            .expect("the listening line")
-            .to_owned();
-        let token = std::fs::read_to_string(data.join("operator-token")).expect("operator token");
-        Backoffice {
-            address: address_of(&url),
-            running,
-            token,
-        }
-    }
-
-    fn call(&self, method: &str, params: &[Value]) -> Result<Value, Fault> {
-        operator_call(self.address, &self.token, method, params)
-    }
-
-    /// Registers a meter of `owner`: its MID and secret.
-    fn meter(&self, owner: &str) -> (String, String) {
-        let meter = self
-            .call("meter.create", &[s(owner)])
-            .expect("meter.create");
-        let member = |name: &str| {
-            meter
-                .member(name)
-                .and_then(Value::as_str)
-                .expect("member")
-                .to_owned()
-        };
-        (member("MID"), member("secret"))
-    }
-
-    fn text(&self, method: &str, params: &[Value], member: &str) -> String {
-        let value = self
-            .call(method, params)
-            .unwrap_or_else(|fault| panic!("{method}: {fault}"));
-        value
-            .member(member)
-            .and_then(Value::as_str)
-            .expect("member present")
-            .to_owned()
-    }
-}
-
-fn s(text: &str) -> Value {
-    Value::string(text)
-}
 
 #[test]
 fn uses_through_meterd_become_exact_balances_and_standings() {

@@ -5,6 +5,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use proto::Fault;
+use proto::xmlrpc::Value;
+
 /// How long any one network read or write may take before the test fails.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -236,4 +239,83 @@ pub fn operator_call(
         MethodResponse::Success(value) => Ok(value),
         MethodResponse::Fault(fault) => Err(fault),
     }
+}
+
+/// A running backoffice on a temporary data folder, with its operator token.
+pub struct Backoffice {
+    pub running: Running,
+    pub address: SocketAddr,
+    pub token: String,
+    pub data: std::path::PathBuf,
+}
+
+impl Backoffice {
+    pub fn start(dir: &std::path::Path) -> Backoffice {
+        Self::start_at(dir, "127.0.0.1:0")
+    }
+
+    pub fn start_at(dir: &std::path::Path, listen: &str) -> Backoffice {
+        let binary = workspace_binary("backoffice", "backoffice");
+        let data = dir.join("backoffice");
+        let running = start(
+            binary.to_str().expect("UTF-8 path"),
+            &[
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                listen,
+                // Web logins in tests need not take half a second each.
+                "--password-iterations",
+                "1000",
+            ],
+        );
+        let url = running
+            .first_line
+            .strip_prefix("backoffice listening on ")
+            .expect("the listening line")
+            .to_owned();
+        let token = std::fs::read_to_string(data.join("operator-token")).expect("operator token");
+        Backoffice {
+            address: address_of(&url),
+            running,
+            token,
+            data,
+        }
+    }
+
+    pub fn call(&self, method: &str, params: &[Value]) -> Result<Value, Fault> {
+        operator_call(self.address, &self.token, method, params)
+    }
+
+    /// Registers a meter of `owner`: its MID and secret.
+    pub fn meter(&self, owner: &str) -> (String, String) {
+        let meter = self
+            .call("meter.create", &[s(owner)])
+            .expect("meter.create");
+        let member = |name: &str| {
+            meter
+                .member(name)
+                .and_then(Value::as_str)
+                .expect("member")
+                .to_owned()
+        };
+        (member("MID"), member("secret"))
+    }
+
+    pub fn text(&self, method: &str, params: &[Value], member: &str) -> String {
+        let value = self
+            .call(method, params)
+            .unwrap_or_else(|fault| panic!("{method}: {fault}"));
+        value
+            .member(member)
+            .and_then(Value::as_str)
+            .expect("member present")
+            .to_owned()
+    }
+}
+
+/// An XML-RPC string.
+pub fn s(text: &str) -> Value {
+    Value::string(text)
 }
