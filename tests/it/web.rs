@@ -412,7 +412,13 @@ fn registrations_are_refused_field_by_field_with_the_branch_phone() {
     let good = registration("Ada", "ada@example.org");
     let mut visitor = Visitor::new(office.address);
     assert_eq!(register(&mut visitor, &good, None).status, 200);
-    let cases: Vec<(&str, Vec<(&'static str, &str)>, &str)> = vec![
+    // The field, what is changed, the message shown at the field.
+    type Case = (
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "passwordCopy",
             vec![("passwordCopy", "tulip-Otter-94")],
