@@ -15,8 +15,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use crate::support::{Backoffice, MeterdSetup, s};
 use crate::web::{PASSWORD, registration};
 
-#[path = "../../backoffice/tests/it/examples.rs"]
-mod examples;
+use crate::examples;
 
 /// How long the browser may take to show an element.
 const WAIT: Duration = Duration::from_secs(20);

@@ -1,6 +1,10 @@
 //! End-to-end tests: each starts the real binaries on loopback with
 //! temporary state and talks to them as users' programs would.
 
+/// The TACA examples, built once for all tests.
+#[path = "../../backoffice/tests/it/examples.rs"]
+mod examples;
+
 mod browser;
 mod meterd;
 mod money;

@@ -9,8 +9,7 @@ use proto::xmlrpc::Value;
 
 use crate::support::{Backoffice, MeterdSetup, operator_call, s, workspace_binary};
 
-#[path = "../../backoffice/tests/it/examples.rs"]
-mod examples;
+use crate::examples;
 
 #[test]
 fn uses_through_meterd_become_exact_balances_and_standings() {
