@@ -78,7 +78,8 @@ impl Visitor {
             body.len()
         );
         stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
+        // A server may refuse an oversize body before reading it all.
+        let _ = stream.write_all(body);
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).unwrap();
         let text = String::from_utf8_lossy(&raw).into_owned();
@@ -121,6 +122,40 @@ impl Visitor {
             path,
             "application/x-www-form-urlencoded",
             body.as_bytes(),
+        )
+    }
+}
+
+impl Visitor {
+    /// A `multipart/form-data` POST: text fields and one file.
+    pub fn post_multipart(
+        &mut self,
+        path: &str,
+        fields: &[(&str, &str)],
+        file: (&str, &str, &[u8]),
+    ) -> Page {
+        const BOUNDARY: &str = "----boundary7MA4YWxkTrZu0gW";
+        let mut body = Vec::new();
+        for (name, value) in fields {
+            body.extend_from_slice(
+                format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                    .as_bytes(),
+            );
+        }
+        let (name, filename, bytes) = file;
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/wasm\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        self.request(
+            "POST",
+            path,
+            &format!("multipart/form-data; boundary={BOUNDARY}"),
+            &body,
         )
     }
 }
@@ -480,4 +515,48 @@ fn registrations_are_refused_field_by_field_with_the_branch_phone() {
         office.call("customer.show", &[s("B1-C2")]).is_err(),
         "no second customer"
     );
+}
+
+#[test]
+fn a_refused_module_shows_the_checkers_message_and_oversize_uploads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let mut ada = Visitor::new(office.address);
+    register(&mut ada, &registration("Ada", "ada@example.org"), None);
+    let form = ada.get("/products/new");
+    assert_eq!(form.status, 200);
+    let csrf = form.csrf();
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("name", "Loom"),
+        ("description", "Weaves."),
+        ("terms", "0.25 per use"),
+        ("agrees", "yes"),
+    ];
+    let garbage = ada.post_multipart("/products/new", &fields, ("taca", "loom.wasm", b"not wasm"));
+    assert_eq!(garbage.status, 422, "{}", garbage.body);
+    let message = garbage.text_of("taca-error").unwrap_or_default();
+    assert!(message.starts_with("The module was refused:"), "{message}");
+    assert!(
+        garbage.body.contains("value=\"Loom\""),
+        "what was typed is kept"
+    );
+    // A module past the size limit is refused before it is read whole.
+    let huge = vec![0u8; 2 * 1024 * 1024];
+    let oversize = ada.post_multipart("/products/new", &fields, ("taca", "huge.wasm", &huge));
+    assert_eq!(oversize.status, 413, "{}", oversize.body);
+    // Without the CSRF token nothing is registered, even with a good module.
+    let module = crate::examples::module("flat");
+    let forged = ada.post_multipart(
+        "/products/new",
+        &fields[1..],
+        ("taca", "flat.wasm", &module),
+    );
+    assert_eq!(forged.status, 403);
+    assert!(ada.get("/account").body.contains("None yet."), "no product");
+    // With everything right it is registered.
+    let done = ada.post_multipart("/products/new", &fields, ("taca", "flat.wasm", &module));
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(done.text_of("pid").as_deref(), Some("B1-P1"));
+    assert_eq!(done.text_of("test-pid").as_deref(), Some("B1-P1T"));
 }
