@@ -14,6 +14,19 @@ pub mod web;
 
 use proto::{Amount, Bid};
 
+/// Structured logs to stderr, filtered by `BACKOFFICE_LOG` (default
+/// `info`; for example `warn` or `backoffice=debug`).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKOFFICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second call (tests, embedding) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
 /// The wall clock in ms since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now()

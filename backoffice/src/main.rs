@@ -329,6 +329,7 @@ fn serve(
             backoffice::web::password::ITERATIONS_MIN
         );
     }
+    backoffice::init_logs();
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let opened = std::fs::create_dir_all(&dir)
         .map_err(|error| error.to_string())

@@ -10,6 +10,7 @@
 //! the stored answer, marked "already applied".
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use proto::auth::Secret;
@@ -83,6 +84,29 @@ pub struct Backoffice<S> {
     ledger: Mutex<Ledger>,
     seen: Mutex<SeenSignatures>,
     params: MeterParams,
+    counters: Counters,
+}
+
+/// What the money path has done since the process started, for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    /// Readings in uploads that passed authentication.
+    pub readings_received: AtomicU64,
+    /// Batches applied.
+    pub batches_applied: AtomicU64,
+    /// Batches sent again and answered from the store.
+    pub batches_repeated: AtomicU64,
+    /// Uploads refused (parse, signature, replay, unknown meter).
+    pub uploads_refused: AtomicU64,
+    /// Readings priced.
+    pub prices: AtomicU64,
+    /// Fuel the prices used.
+    pub pricing_fuel: AtomicU64,
+    /// Readings put in suspense.
+    pub suspended: AtomicU64,
+    /// For the last applied batch: ms between its oldest reading and its
+    /// arrival.
+    pub upload_lag_ms: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -328,7 +352,19 @@ impl<S: Store> Backoffice<S> {
             ledger: Mutex::new(ledger),
             seen: Mutex::new(SeenSignatures::default()),
             params,
+            counters: Counters::default(),
         })
+    }
+
+    /// What the money path has done since it started.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Transfers posted, and the number of accounts with postings.
+    pub fn ledger_size(&self) -> (usize, usize) {
+        let ledger = lock(&self.ledger);
+        (ledger.transfers().len(), ledger.balances().count())
     }
 
     /// The store, for the operator's calls.
@@ -373,12 +409,32 @@ impl<S: Store> Backoffice<S> {
 
     /// Answers one upload at `now_ms`.
     pub fn send(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
+        let outcome = self.send_counted(body, signed, now_ms);
+        if let Err(fault) = &outcome {
+            if fault.code != FaultCode::InternalError.code() {
+                self.counters
+                    .uploads_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(code = fault.code, fault = %fault.message, "upload refused");
+        }
+        outcome
+    }
+
+    fn send_counted(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
         let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
         if call.name != proto::upload::SEND_METHOD {
             return Err(Fault::method_not_found(&call.name));
         }
         let request = SendRequest::from_call(&call)?;
         let signature = self.authenticate(&request.mid, signed, body, now_ms)?;
+        let readings = match &request.body {
+            SendBody::Batch(batch) => batch.readings.len(),
+            SendBody::Minimal(events) => events.len(),
+        };
+        self.counters
+            .readings_received
+            .fetch_add(readings as u64, Ordering::Relaxed);
         let id = match &request.body {
             SendBody::Batch(batch) => batch.id.clone(),
             // Cox's form has no batch id: its signature names it.
@@ -395,6 +451,10 @@ impl<S: Store> Backoffice<S> {
             .applied_answer(&key)
             .map_err(|error| internal(&error))?
         {
+            self.counters
+                .batches_repeated
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(mid = %key.mid, batch = %key.id, "batch sent again: answered as before");
             return Self::repeat(&answer, &request.body);
         }
         self.apply(&key, &request, now_ms)
@@ -623,11 +683,17 @@ impl<S: Store> Backoffice<S> {
                 self.pricing.price(&job.taca, &job.input(job.count - shift))
             };
             fates[index] = match result {
-                Ok(priced) => Fate::Priced {
-                    payer: job.period.payer,
-                    owner: job.owner,
-                    amount: priced.amount,
-                },
+                Ok(priced) => {
+                    self.counters.prices.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .pricing_fuel
+                        .fetch_add(priced.fuel, Ordering::Relaxed);
+                    Fate::Priced {
+                        payer: job.period.payer,
+                        owner: job.owner,
+                        amount: priced.amount,
+                    }
+                }
                 Err(error) => {
                     *failed.entry(job.period).or_insert(0) += 1;
                     Fate::Suspense(error.to_string())
@@ -690,6 +756,7 @@ impl<S: Store> Backoffice<S> {
     }
 
     fn apply(&self, key: &BatchKey, request: &SendRequest, now_ms: u64) -> Result<Value, Fault> {
+        let started = std::time::Instant::now();
         let uses = match &request.body {
             SendBody::Batch(batch) => extended_uses(&batch.readings),
             SendBody::Minimal(events) => minimal_uses(events, now_ms),
@@ -758,9 +825,33 @@ impl<S: Store> Backoffice<S> {
             suspense: &suspense,
             answer: &answer,
         };
+        let transfer_count = prepared.len();
         match self.store.apply_batch(key, effects) {
             Ok(()) => {
                 ledger.commit(prepared);
+                drop(ledger);
+                let oldest = uses
+                    .iter()
+                    .map(|usage| usage.time_ms)
+                    .min()
+                    .unwrap_or(now_ms);
+                let counters = &self.counters;
+                counters.batches_applied.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .suspended
+                    .fetch_add(suspense.len() as u64, Ordering::Relaxed);
+                counters
+                    .upload_lag_ms
+                    .store(now_ms.saturating_sub(oldest), Ordering::Relaxed);
+                tracing::info!(
+                    mid = %key.mid,
+                    batch = %key.id,
+                    uses = uses.len(),
+                    transfers = transfer_count,
+                    suspense = suspense.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "batch applied"
+                );
                 Ok(value)
             }
             Err(StoreError::AlreadyApplied(_)) => {

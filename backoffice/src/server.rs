@@ -45,6 +45,7 @@ pub fn router(service: Arc<Service>) -> Router {
     Router::new()
         .route("/RPC2", post(answer))
         .layer(DefaultBodyLimit::max(Limits::BACKOFFICE.body_bytes_max))
+        .route("/metrics", axum::routing::get(metrics))
         .merge(crate::web::routes())
         .merge(crate::web::upload_routes())
         .with_state(service)
@@ -62,6 +63,93 @@ pub async fn run(
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// Prometheus text format: what the money path did since the process
+/// started, and the state of the store.
+async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = service.backoffice.counters();
+    let suspense = service.backoffice.store().suspense_count();
+    let (transfers, accounts) = service.backoffice.ledger_size();
+    let lag_ms = counters.upload_lag_ms.load(Relaxed);
+    let mut text = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = write!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    };
+    for (name, help, value) in [
+        (
+            "backoffice_readings_received_total",
+            "Readings in uploads that passed authentication.",
+            &counters.readings_received,
+        ),
+        (
+            "backoffice_batches_applied_total",
+            "Batches applied.",
+            &counters.batches_applied,
+        ),
+        (
+            "backoffice_batches_repeated_total",
+            "Batches sent again, answered as before.",
+            &counters.batches_repeated,
+        ),
+        (
+            "backoffice_uploads_refused_total",
+            "Uploads refused: malformed, unsigned, replayed, unknown meter.",
+            &counters.uploads_refused,
+        ),
+        (
+            "backoffice_prices_total",
+            "Readings priced by TACAs.",
+            &counters.prices,
+        ),
+        (
+            "backoffice_pricing_fuel_total",
+            "Wasm fuel the prices used.",
+            &counters.pricing_fuel,
+        ),
+        (
+            "backoffice_suspended_total",
+            "Readings put in suspense.",
+            &counters.suspended,
+        ),
+    ] {
+        metric(name, "counter", help, value.load(Relaxed).to_string());
+    }
+    if let Ok(suspense) = suspense {
+        metric(
+            "backoffice_suspense_readings",
+            "gauge",
+            "Readings in suspense now.",
+            suspense.to_string(),
+        );
+    }
+    metric(
+        "backoffice_ledger_transfers",
+        "gauge",
+        "Transfers posted.",
+        transfers.to_string(),
+    );
+    metric(
+        "backoffice_ledger_accounts",
+        "gauge",
+        "Accounts with postings.",
+        accounts.to_string(),
+    );
+    metric(
+        "backoffice_upload_lag_seconds",
+        "gauge",
+        "For the last applied batch: from its oldest reading to its arrival.",
+        format!("{}.{:03}", lag_ms / 1000, lag_ms % 1000),
+    );
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
 }
 
 async fn answer(

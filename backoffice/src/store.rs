@@ -129,6 +129,8 @@ pub trait Store {
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
     /// Every reading in suspense.
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
+    /// How many readings are in suspense.
+    fn suspense_count(&self) -> Result<usize, StoreError>;
     /// Takes re-priced readings out of suspense and records their transfers
     /// and period counts, atomically and durably.
     fn resolve_suspense(
@@ -412,6 +414,10 @@ impl Store for SledStore {
                 Ok(serde_json::from_slice(&record).expect("store: suspense record is corrupt"))
             })
             .collect()
+    }
+
+    fn suspense_count(&self) -> Result<usize, StoreError> {
+        Ok(self.suspense.len())
     }
 
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError> {

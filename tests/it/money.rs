@@ -70,6 +70,39 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     assert_eq!(balance(&producer), "2.5");
     assert_eq!(balance(&maker), "0");
 
+    // The operator's view: Prometheus metrics and the health page.
+    let mut visitor = crate::web::Visitor::new(office.address);
+    let metrics = visitor.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    assert_eq!(
+        metrics.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let value = |name: &str| -> u64 {
+        metrics
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {}", metrics.body))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("backoffice_batches_applied_total") >= 1);
+    // The demo's uses: 10 commits of the editor and 10 of the component
+    // (queries never committed are not uploaded), and the logins.
+    assert!(
+        value("backoffice_readings_received_total") >= 20,
+        "{}",
+        metrics.body
+    );
+    assert_eq!(value("backoffice_prices_total"), 20);
+    assert!(value("backoffice_pricing_fuel_total") > 0);
+    assert_eq!(value("backoffice_suspense_readings"), 0);
+    assert!(metrics.body.contains("\nbackoffice_upload_lag_seconds "));
+    let health = visitor.get("/health");
+    assert_eq!(health.status, 200);
+    assert!(health.body.starts_with("ok\n"), "{}", health.body);
+
     // Denied: the next upload tells the meter, and query answers false.
     office
         .call("account.deny", &[s(&consumer), Value::Bool(true)])

@@ -257,7 +257,7 @@ impl Backoffice {
     pub fn start_at(dir: &std::path::Path, listen: &str) -> Backoffice {
         let binary = workspace_binary("backoffice", "backoffice");
         let data = dir.join("backoffice");
-        let running = start(
+        let running = start_with_env(
             binary.to_str().expect("UTF-8 path"),
             &[
                 "serve",
@@ -269,6 +269,7 @@ impl Backoffice {
                 "--password-iterations",
                 "1000",
             ],
+            &[("BACKOFFICE_LOG", "warn")],
         );
         let url = running
             .first_line

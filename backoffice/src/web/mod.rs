@@ -293,8 +293,22 @@ async fn style() -> Response {
     response
 }
 
-async fn health() -> Response {
-    ([(CONTENT_TYPE, "text/plain; charset=utf-8")], "ok\n").into_response()
+/// For load balancers and operators: 200 `ok` while the store answers.
+async fn health(State(service): State<Arc<Service>>) -> Response {
+    let (transfers, accounts) = service.backoffice.ledger_size();
+    match service.backoffice.store().suspense_count() {
+        Ok(suspense) => (
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("ok\ntransfers {transfers}\naccounts {accounts}\nsuspense {suspense}\n"),
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("store unavailable: {error}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn entry_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
