@@ -264,28 +264,6 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-/// The operator token in `dir`, created (owner-only) on first start.
-fn operator_token(dir: &std::path::Path) -> std::io::Result<(PathBuf, String)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("operator-token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) => Ok((path, token.trim().to_owned())),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let token = backoffice::registry::new_meter_secret();
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            file.write_all(token.as_bytes())?;
-            file.sync_all()?;
-            Ok((path, token))
-        }
-        Err(error) => Err(error),
-    }
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
@@ -333,7 +311,7 @@ fn serve(
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let opened = std::fs::create_dir_all(&dir)
         .map_err(|error| error.to_string())
-        .and_then(|()| operator_token(&dir).map_err(|error| error.to_string()))
+        .and_then(|()| backoffice::server::operator_token(&dir).map_err(|error| error.to_string()))
         .and_then(|token| {
             let store = backoffice::store::SledStore::open(&dir.join("store"))
                 .map_err(|error| error.to_string())?;

@@ -51,6 +51,28 @@ pub fn router(service: Arc<Service>) -> Router {
         .with_state(service)
 }
 
+/// The operator token in `dir`, created (owner-only) on first start.
+pub fn operator_token(dir: &std::path::Path) -> std::io::Result<(std::path::PathBuf, String)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("operator-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok((path, token.trim().to_owned())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let token = crate::registry::new_meter_secret();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(token.as_bytes())?;
+            file.sync_all()?;
+            Ok((path, token))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Serves until `shutdown` completes.
 pub async fn run(
     listener: tokio::net::TcpListener,

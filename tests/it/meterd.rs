@@ -443,7 +443,7 @@ fn sigterm_drains_and_exits_and_a_second_meter_is_refused() {
 #[test]
 fn the_readme_shows_the_python_transport_the_tests_run() {
     let readme = include_str!("../../README.md");
-    let client = include_str!("../python/meter_client.py");
+    let client = include_str!("../../examples/python/meterd_client.py");
     let block = readme
         .split("```python")
         .nth(1)
@@ -462,7 +462,7 @@ fn the_readme_shows_the_python_transport_the_tests_run() {
     for line in transport {
         assert!(
             client.contains(line),
-            "README line not in meter_client.py: {line}"
+            "README line not in examples/python/meterd_client.py: {line}"
         );
     }
 }

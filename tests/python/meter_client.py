@@ -6,39 +6,13 @@ Logs CID in, then THREADS threads, each in a context of its own, use PRODUCT
 USES times with one use of COMPONENT inside each; prints the uses committed.
 """
 
-import http.client
-import socket
+import os
 import sys
 import threading
 import xmlrpc.client
 
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path):
-        super().__init__("meterd")
-        self.socket_path = socket_path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.socket_path)
-
-
-class UnixTransport(xmlrpc.client.Transport):
-    """xmlrpc.client's transport, connecting to a Unix socket instead of TCP."""
-
-    def __init__(self, socket_path):
-        super().__init__()
-        self.socket_path = socket_path
-
-    def make_connection(self, host):
-        if self._connection and host == self._connection[0]:
-            return self._connection[1]
-        self._connection = host, UnixConnection(self.socket_path)
-        return self._connection[1]
-
-
-def connect(socket_path):
-    return xmlrpc.client.ServerProxy("http://meterd/RPC2", transport=UnixTransport(socket_path))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../examples/python"))
+from meterd_client import connect  # noqa: E402
 
 
 def work(socket_path, product, component, uses, context, results):

@@ -8,10 +8,9 @@ use std::sync::OnceLock;
 pub fn module(name: &str) -> Vec<u8> {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
-        let manifest = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../taca-sdk/examples/Cargo.toml"
-        );
+        // From their own folder, as the SDK documents, so that its
+        // `.cargo/config.toml` (the 64 KiB stack) applies.
+        let folder = concat!(env!("CARGO_MANIFEST_DIR"), "/../taca-sdk/examples");
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
@@ -19,9 +18,8 @@ pub fn module(name: &str) -> Vec<u8> {
                 "--release",
                 "--target",
                 "wasm32-unknown-unknown",
-                "--manifest-path",
             ])
-            .arg(manifest)
+            .current_dir(folder)
             .status()
             .expect("cargo runs");
         assert!(
