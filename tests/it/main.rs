@@ -8,6 +8,7 @@ mod examples;
 mod browser;
 mod meterd;
 mod money;
+mod readme;
 mod support;
 mod validator1;
 mod web;
