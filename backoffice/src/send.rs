@@ -29,6 +29,8 @@ use crate::store::{BatchEffects, BatchKey, PeriodKey, Store, StoreError, Suspens
 
 /// How far a signature's time may be from the backoffice's clock.
 pub const SIGNATURE_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Suspended readings priced again between two progress lines.
+pub const REPRICE_CHUNK: usize = 10_000;
 /// Signatures remembered to refuse replays (older ones are outside the window).
 pub const SEEN_SIGNATURES_MAX: usize = 1_000_000;
 
@@ -730,7 +732,19 @@ impl<S: Store> Backoffice<S> {
                 time_ms: record.time_ms,
             })
             .collect();
-        let fates = self.price_uses(&mut lookups, &mut periods, &uses)?;
+        // In chunks, in order (the period counts carry over), with a
+        // progress line per chunk: suspense may hold millions of readings.
+        let mut fates = Vec::with_capacity(uses.len());
+        for (done, chunk) in uses.chunks(REPRICE_CHUNK).enumerate() {
+            fates.extend(self.price_uses(&mut lookups, &mut periods, chunk)?);
+            if uses.len() > REPRICE_CHUNK {
+                tracing::info!(
+                    priced = (done * REPRICE_CHUNK + chunk.len()),
+                    of = uses.len(),
+                    "re-pricing suspense"
+                );
+            }
+        }
         for (record, fate) in records.iter().zip(fates) {
             match fate {
                 Fate::Suspense(_) => continue,

@@ -243,9 +243,16 @@ impl Uploader {
         let saved = self.exchange(&request, &batch.id).await?;
         let cache = Arc::clone(&self.cache);
         let kept = saved.clone();
+        let id = batch.id.clone();
         blocking(move || cache.confirm_batch(&batch, &kept)).await?;
         lock(&self.table).replace(&saved);
-        tracing::info!(readings = count, "batch uploaded");
+        // With many readings waiting this is the upload's progress line.
+        tracing::info!(
+            batch = %id,
+            readings = count,
+            remaining = self.cache.pending(),
+            "batch uploaded"
+        );
         Ok(())
     }
 
