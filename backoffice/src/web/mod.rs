@@ -538,7 +538,22 @@ async fn login(
     }
     let who = fields.trimmed("who");
     let address = peer.ip().to_string();
-    if web.sessions.throttled(&who, &address) {
+    let store = service.backoffice.store();
+    let found = match Cid::parse(&who) {
+        Ok(cid) => store.customer(&cid),
+        Err(_) => store.customer_by_email(&who),
+    };
+    let customer = match found {
+        Ok(customer) => customer,
+        Err(error) => return trouble(web, &session, &error),
+    };
+    // Failures count against the account whichever name was typed for it
+    // (CID or address), so switching does not double the allowance; an
+    // unknown name counts against itself.
+    let account = customer
+        .as_ref()
+        .map_or_else(|| who.clone(), |customer| customer.cid.to_string());
+    if web.sessions.throttled(&account, &address) {
         return page(
             web,
             &session,
@@ -555,15 +570,6 @@ async fn login(
             ),
         );
     }
-    let store = service.backoffice.store();
-    let found = match Cid::parse(&who) {
-        Ok(cid) => store.customer(&cid),
-        Err(_) => store.customer_by_email(&who),
-    };
-    let customer = match found {
-        Ok(customer) => customer,
-        Err(error) => return trouble(web, &session, &error),
-    };
     let typed = fields.get("password").to_owned();
     let iterations = web.config.password_iterations;
     let stored = customer
@@ -580,16 +586,12 @@ async fn login(
     .unwrap_or(false);
     match customer {
         Some(customer) if matches => {
-            web.sessions.succeeded(&who);
-            web.sessions.succeeded(customer.cid.as_str());
+            web.sessions.succeeded(&account);
             let session = web.sessions.log_in(&session.token, customer.cid);
             redirect(web, "/account", Some(&session))
         }
         _ => {
-            // Count against what was typed and, when it names an account,
-            // against that account's CID as well, so switching between the
-            // CID and the address does not double the allowance.
-            web.sessions.failed(&who, &address);
+            web.sessions.failed(&account, &address);
             page(
                 web,
                 &session,
@@ -804,7 +806,6 @@ async fn reset(
     }
     web.sessions.log_out_everywhere(cid);
     web.sessions.succeeded(cid.as_str());
-    web.sessions.succeeded(&customer.email);
     let session = web.sessions.log_in(&session.token, cid);
     redirect(web, "/account", Some(&session))
 }
