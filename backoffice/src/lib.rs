@@ -3,6 +3,7 @@
 //! for now it holds the branch's fixed settings.
 #![forbid(unsafe_code)]
 
+pub mod funding;
 pub mod ledger;
 pub mod operator;
 pub mod pricing;

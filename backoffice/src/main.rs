@@ -354,6 +354,7 @@ fn serve(
             bid,
             operator_token,
             web,
+            funding: Box::new(backoffice::funding::RecordedByOperator),
         });
         backoffice::server::run(listener, service, shutdown_signal()).await
     });

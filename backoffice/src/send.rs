@@ -409,6 +409,34 @@ impl<S: Store> Backoffice<S> {
         Ok(prepared)
     }
 
+    /// Funds `customer`'s micro-account from their macro-account: the money
+    /// is collected first, then the deposit posted (durable, then in the
+    /// ledger). Nothing is posted when collection fails.
+    pub fn deposit(
+        &self,
+        funding: &dyn crate::funding::MacroAccounts,
+        customer: &crate::registry::Customer,
+        amount: proto::Amount,
+    ) -> Result<crate::ledger::Transfer, Fault> {
+        if !amount.is_positive() {
+            return Err(Fault::new(
+                FaultCode::InvalidParams,
+                format!("a deposit must be positive, not {amount}"),
+            ));
+        }
+        let reference = funding
+            .collect(customer, amount)
+            .map_err(|error| Fault::new(FaultCode::RecordRefused, error.to_string()))?;
+        let posted = self.post(vec![NewTransfer {
+            debit: AccountId::System(crate::ledger::SystemAccount::Funding),
+            credit: AccountId::Customer(customer.cid),
+            amount,
+            kind: TransferKind::Deposit,
+        }])?;
+        tracing::info!(cid = %customer.cid, %amount, %reference, "deposit posted");
+        Ok(posted.into_iter().next().expect("one transfer posted"))
+    }
+
     /// Answers one upload at `now_ms`.
     pub fn send(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
         let outcome = self.send_counted(body, signed, now_ms);

@@ -16,7 +16,7 @@ use proto::params::Params;
 use proto::xmlrpc::{Limits, MethodCall, Value, encode_fault, encode_response, parse_call};
 use proto::{Amount, Bid, Cid, Fault, FaultCode};
 
-use crate::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
+use crate::ledger::{AccountId, TransferKind};
 use crate::pricing::{PriceInput, Pricing};
 use crate::send::{Backoffice, Signed};
 use crate::store::{SledStore, Store, StoreError};
@@ -36,6 +36,8 @@ pub struct Service {
     pub operator_token: String,
     /// The web pages.
     pub web: crate::web::Web,
+    /// Where deposits are collected from.
+    pub funding: Box<dyn crate::funding::MacroAccounts>,
 }
 
 use crate::now_ms;
@@ -323,15 +325,12 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             params.arity(2, 2)?;
             let cid: Cid = params.parsed(0)?;
             let amount: Amount = params.parsed(1)?;
-            find_customer(service, &cid)?;
-            // The macro-account side: no card processor yet; an operator
-            // records a deposit that arrived.
-            service.backoffice.post(vec![NewTransfer {
-                debit: AccountId::System(SystemAccount::Funding),
-                credit: AccountId::Customer(cid),
-                amount,
-                kind: TransferKind::Deposit,
-            }])?;
+            let customer = find_customer(service, &cid)?;
+            // Collected through the configured macro-account processor (the
+            // operator's record until a card processor plugs in).
+            service
+                .backoffice
+                .deposit(service.funding.as_ref(), &customer, amount)?;
             customer_value(service, &cid)
         }
         "account.deny" => {

@@ -183,6 +183,7 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
             bid: cli.bid,
             operator_token,
             web,
+            funding: Box::new(backoffice::funding::RecordedByOperator),
         });
         let (stop_office, stopped) = tokio::sync::watch::channel(false);
         let mut stopped_office = stopped.clone();

@@ -511,3 +511,61 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
     world.backoffice.ledger().verify();
 }
+
+/// A processor that declines, or takes what it is asked.
+struct Processor {
+    declines: bool,
+}
+
+impl backoffice::funding::MacroAccounts for Processor {
+    fn collect(
+        &self,
+        customer: &backoffice::registry::Customer,
+        amount: Amount,
+    ) -> Result<String, backoffice::funding::FundingError> {
+        if self.declines {
+            Err(backoffice::funding::FundingError::Declined(format!(
+                "card of {} expired",
+                customer.cid
+            )))
+        } else {
+            Ok(format!("auth-{amount}"))
+        }
+    }
+}
+
+#[test]
+fn a_deposit_is_posted_only_when_the_macro_account_pays() {
+    let world = world();
+    let customer = world
+        .backoffice
+        .store()
+        .customer(&world.producer)
+        .unwrap()
+        .unwrap();
+    let before = world.backoffice.ledger().transfers().len();
+    let declined = world
+        .backoffice
+        .deposit(&Processor { declines: true }, &customer, amount("5"))
+        .unwrap_err();
+    assert_eq!(declined.registered(), Some(FaultCode::RecordRefused));
+    assert!(declined.message.contains("expired"), "{declined:?}");
+    assert_eq!(
+        world.backoffice.ledger().transfers().len(),
+        before,
+        "nothing posted"
+    );
+    assert_eq!(balance(&world, world.producer), Amount::ZERO);
+    let refused = world
+        .backoffice
+        .deposit(&Processor { declines: false }, &customer, amount("-1"))
+        .unwrap_err();
+    assert_eq!(refused.registered(), Some(FaultCode::InvalidParams));
+    let posted = world
+        .backoffice
+        .deposit(&Processor { declines: false }, &customer, amount("5"))
+        .unwrap();
+    assert_eq!(posted.kind, TransferKind::Deposit);
+    assert_eq!(balance(&world, world.producer), amount("5"));
+    world.backoffice.ledger().verify();
+}
