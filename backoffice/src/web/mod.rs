@@ -715,17 +715,7 @@ async fn reset_page(
     let web = &service.web;
     let (session, new) = visit(web, &headers);
     if web.sessions.reset_for(&query.token).is_none() {
-        return page(
-            web,
-            &session,
-            new,
-            StatusCode::GONE,
-            pages::message(
-                &session,
-                "Link used or expired",
-                "This link was used already or is older than an hour. Ask for a new one on the login page.",
-            ),
-        );
+        return link_gone(web, &session, new);
     }
     page(
         web,
@@ -749,17 +739,7 @@ async fn reset(
     }
     let token = fields.get("token").to_owned();
     let Some(cid) = web.sessions.reset_for(&token) else {
-        return page(
-            web,
-            &session,
-            new,
-            StatusCode::GONE,
-            pages::message(
-                &session,
-                "Link used or expired",
-                "This link was used already or is older than an hour. Ask for a new one on the login page.",
-            ),
-        );
+        return link_gone(web, &session, new);
     };
     let store = service.backoffice.store();
     let mut customer = match store.customer(&cid) {
@@ -783,17 +763,7 @@ async fn reset(
         );
     }
     if web.sessions.take_reset(&token) != Some(cid) {
-        return page(
-            web,
-            &session,
-            new,
-            StatusCode::GONE,
-            pages::message(
-                &session,
-                "Link used or expired",
-                "This link was used already.",
-            ),
-        );
+        return link_gone(web, &session, new);
     }
     let iterations = web.config.password_iterations;
     customer.password =
@@ -931,42 +901,12 @@ async fn add_product(
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break,
-            Err(error) => {
-                return page(
-                    web,
-                    &session,
-                    false,
-                    error.status(),
-                    pages::message(
-                        &session,
-                        "Upload refused",
-                        &format!(
-                            "The upload could not be read: {}. A TACA module may have at most {MODULE_BYTES_MAX} bytes.",
-                            error.body_text()
-                        ),
-                    ),
-                );
-            }
+            Err(error) => return upload_refused(web, &session, &error),
         };
         let name = field.name().unwrap_or_default().to_owned();
         let bytes = match field.bytes().await {
             Ok(bytes) => bytes,
-            Err(error) => {
-                return page(
-                    web,
-                    &session,
-                    false,
-                    error.status(),
-                    pages::message(
-                        &session,
-                        "Upload refused",
-                        &format!(
-                            "The upload could not be read: {}. A TACA module may have at most {MODULE_BYTES_MAX} bytes.",
-                            error.body_text()
-                        ),
-                    ),
-                );
-            }
+            Err(error) => return upload_refused(web, &session, &error),
         };
         let text = || String::from_utf8_lossy(&bytes).trim().to_owned();
         match name.as_str() {
@@ -1053,6 +993,43 @@ async fn add_product(
         false,
         StatusCode::UNPROCESSABLE_ENTITY,
         pages::new_product(&session, &form, &errors),
+    )
+}
+
+fn link_gone(web: &Web, session: &Session, new: bool) -> Response {
+    page(
+        web,
+        session,
+        new,
+        StatusCode::GONE,
+        pages::message(
+            session,
+            "Link used or expired",
+            "This link was used already or is older than an hour. Ask for a new one on the \
+             login page.",
+        ),
+    )
+}
+
+fn upload_refused(
+    web: &Web,
+    session: &Session,
+    error: &axum::extract::multipart::MultipartError,
+) -> Response {
+    page(
+        web,
+        session,
+        false,
+        error.status(),
+        pages::message(
+            session,
+            "Upload refused",
+            &format!(
+                "The upload could not be read: {}. A TACA module may have at most \
+                 {MODULE_BYTES_MAX} bytes.",
+                error.body_text()
+            ),
+        ),
     )
 }
 
