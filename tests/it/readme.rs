@@ -234,7 +234,7 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
     .map(|(key, value)| (key.to_owned(), value.to_owned()))
     .collect();
     env.remove("METERD_SOCKET");
-    let (_franchise, url) = run_command(dir.path(), &env);
+    let (mut franchise, url) = run_command(dir.path(), &env);
     env.insert("BACKOFFICE_URL".into(), format!("{url}/RPC2"));
     let address = crate::support::address_of(&format!("{url}/RPC2"));
 
@@ -308,4 +308,48 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
         statement.body
     );
     assert!(statement.body.contains("id=\"chart\""));
+    drop(run);
+
+    // Ctrl-C stops both cleanly; running it again reuses the data.
+    let pid = franchise.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = franchise.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the franchise did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !dir.path().join("meterd.sock").exists(),
+        "the meter removed its socket"
+    );
+    let (again, url) = run_command(dir.path(), &env);
+    assert!(again.first_line.starts_with("franchise: web pages at "));
+    let mut ada = Visitor::new(crate::support::address_of(&format!("{url}/RPC2")));
+    let token = ada.get("/login").csrf();
+    let back = ada.post_form(
+        "/login",
+        &[
+            ("csrf", &token),
+            ("who", "ada@example.org"),
+            ("password", crate::web::PASSWORD),
+        ],
+    );
+    assert_eq!(back.status, 303, "Ada's registration survived");
+    assert_eq!(
+        ada.get("/account").text_of("balance").as_deref(),
+        Some("1.50")
+    );
 }
