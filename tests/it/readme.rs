@@ -308,7 +308,6 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
         statement.body
     );
     assert!(statement.body.contains("id=\"chart\""));
-    drop(run);
 
     // Ctrl-C stops both cleanly; running it again reuses the data.
     let pid = franchise.child.id().to_string();
