@@ -168,6 +168,9 @@ pub enum LedgerError {
 pub struct Ledger {
     transfers: Vec<Transfer>,
     balances: HashMap<AccountId, Amount>,
+    /// The positions of each account's transfers, in order: statements
+    /// without a scan of the whole ledger.
+    by_account: HashMap<AccountId, Vec<usize>>,
 }
 
 impl Ledger {
@@ -181,17 +184,23 @@ impl Ledger {
     /// returns anything else is corrupt, so this panics.
     pub fn restore(transfers: Vec<Transfer>) -> Ledger {
         let mut balances: HashMap<AccountId, Amount> = HashMap::new();
-        for transfer in &transfers {
+        let mut by_account: HashMap<AccountId, Vec<usize>> = HashMap::new();
+        for (position, transfer) in transfers.iter().enumerate() {
             for posting in transfer.postings() {
                 let balance = balances.entry(posting.account).or_insert(Amount::ZERO);
                 *balance = balance
                     .checked_add(posting.amount)
                     .expect("ledger: restored balance in range");
+                by_account
+                    .entry(posting.account)
+                    .or_default()
+                    .push(position);
             }
         }
         let ledger = Ledger {
             transfers,
             balances,
+            by_account,
         };
         ledger.verify();
         ledger
@@ -214,10 +223,19 @@ impl Ledger {
 
     /// The postings of one account, in order.
     pub fn statement(&self, account: AccountId) -> impl Iterator<Item = Posting> + '_ {
-        self.transfers
-            .iter()
+        self.transfers_of(account)
             .flat_map(Transfer::postings)
             .filter(move |posting| posting.account == account)
+    }
+
+    /// The transfers that debit or credit `account`, in posting order.
+    pub fn transfers_of(&self, account: AccountId) -> impl Iterator<Item = &Transfer> + '_ {
+        self.by_account
+            .get(&account)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|position| &self.transfers[*position])
     }
 
     /// Posts `batch` atomically at `posted_ms`; returns the id of its first
@@ -282,11 +300,16 @@ impl Ledger {
                 self.transfers.len() as u64,
                 "ledger: prepared transfers committed out of order"
             );
+            let position = self.transfers.len();
             for posting in transfer.postings() {
                 let balance = self.balances.entry(posting.account).or_insert(Amount::ZERO);
                 *balance = balance
                     .checked_add(posting.amount)
                     .expect("ledger: prepared transfer stays in range");
+                self.by_account
+                    .entry(posting.account)
+                    .or_default()
+                    .push(position);
             }
             self.transfers.push(transfer);
         }
@@ -317,6 +340,7 @@ impl Ledger {
     /// invariants; a failure is a bug, so it panics.
     pub fn verify(&self) {
         let mut sums: HashMap<AccountId, Amount> = HashMap::new();
+        let mut positions: HashMap<AccountId, Vec<usize>> = HashMap::new();
         for (position, transfer) in self.transfers.iter().enumerate() {
             assert_eq!(
                 transfer.id.0, position as u64,
@@ -337,8 +361,13 @@ impl Ledger {
                 *sum = sum
                     .checked_add(posting.amount)
                     .expect("ledger: posting sum in range");
+                positions.entry(posting.account).or_default().push(position);
             }
         }
+        assert_eq!(
+            positions, self.by_account,
+            "ledger: the index of accounts' transfers differs from the transfers"
+        );
         let mut total = Amount::ZERO;
         for (account, balance) in &self.balances {
             let posted = sums.get(account).copied().unwrap_or(Amount::ZERO);

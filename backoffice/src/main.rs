@@ -389,7 +389,53 @@ fn print_value(value: &proto::xmlrpc::Value) {
     }
 }
 
+/// An operator call that answers in pages: asks for pages until one comes
+/// back short, printing each. A statement's pages start at a transfer
+/// number, suspense's at a count of records to skip.
+fn operator_pages(cli: &Cli, method: &str, params: &[proto::xmlrpc::Value]) -> ExitCode {
+    use proto::xmlrpc::Value;
+    let page_max = backoffice::server::PAGE_MAX;
+    let mut from: usize = 0;
+    loop {
+        let mut page_params = params.to_vec();
+        page_params.push(Value::string(from.to_string()));
+        page_params.push(Value::string(page_max.to_string()));
+        let value = match call_operator(cli, method, &page_params) {
+            Ok(value) => value,
+            Err(code) => return code,
+        };
+        print_value(&value);
+        let lines = match &value {
+            Value::Array(lines) => lines.as_slice(),
+            _ => &[],
+        };
+        if lines.len() < page_max {
+            return ExitCode::SUCCESS;
+        }
+        from = match lines.last().and_then(|line| line.member("transfer")) {
+            Some(Value::String(id)) => id.parse::<usize>().map_or(usize::MAX, |id| id + 1),
+            _ => from + lines.len(),
+        };
+    }
+}
+
 fn operator(cli: &Cli, method: &str, params: Vec<proto::xmlrpc::Value>) -> ExitCode {
+    match call_operator(cli, method, &params) {
+        Ok(value) => {
+            print_value(&value);
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// Calls the running backoffice with the operator token; an error is
+/// printed and becomes the exit status.
+fn call_operator(
+    cli: &Cli,
+    method: &str,
+    params: &[proto::xmlrpc::Value],
+) -> Result<proto::xmlrpc::Value, ExitCode> {
     let token_file = cli
         .token_file
         .clone()
@@ -401,23 +447,16 @@ fn operator(cli: &Cli, method: &str, params: Vec<proto::xmlrpc::Value>) -> ExitC
                 "backoffice: cannot read the operator token {}: {error}",
                 token_file.display()
             );
-            return ExitCode::from(EXIT_USAGE);
+            return Err(ExitCode::from(EXIT_USAGE));
         }
     };
-    match backoffice::operator::call(&cli.url, &token, method, &params) {
-        Ok(value) => {
-            print_value(&value);
-            ExitCode::SUCCESS
+    backoffice::operator::call(&cli.url, &token, method, params).map_err(|error| {
+        eprintln!("backoffice: {error}");
+        match error {
+            backoffice::operator::OperatorError::Refused(_) => ExitCode::from(2),
+            _ => ExitCode::from(69),
         }
-        Err(error @ backoffice::operator::OperatorError::Refused(_)) => {
-            eprintln!("backoffice: {error}");
-            ExitCode::from(2)
-        }
-        Err(error) => {
-            eprintln!("backoffice: {error}");
-            ExitCode::from(69)
-        }
-    }
+    })
 }
 
 fn main() -> ExitCode {
@@ -462,8 +501,8 @@ fn main() -> ExitCode {
             operator(&cli, "account.creditLimit", vec![text(cid), text(limit)])
         }
         Command::Show { cid } => operator(&cli, "customer.show", vec![text(cid)]),
-        Command::Statement { cid } => operator(&cli, "account.statement", vec![text(cid)]),
-        Command::Suspense => operator(&cli, "suspense.list", vec![]),
+        Command::Statement { cid } => operator_pages(&cli, "account.statement", &[text(cid)]),
+        Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
         Command::Taca {
             command: TacaCommand::Check { module, samples },

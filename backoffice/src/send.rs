@@ -381,12 +381,7 @@ impl<S: Store> Backoffice<S> {
 
     /// The transfers that debit or credit `account`, in order.
     pub fn statement(&self, account: &AccountId) -> Vec<crate::ledger::Transfer> {
-        lock(&self.ledger)
-            .transfers()
-            .iter()
-            .filter(|transfer| transfer.debit == *account || transfer.credit == *account)
-            .cloned()
-            .collect()
+        lock(&self.ledger).transfers_of(*account).cloned().collect()
     }
 
     /// A whole copy of the ledger, for checks (it copies every transfer).

@@ -265,6 +265,30 @@ fn customer_value(service: &Service, cid: &Cid) -> Result<Value, Fault> {
     ]))
 }
 
+/// Lines an operator call answers with at most, and by default.
+pub const PAGE_MAX: usize = 10_000;
+
+/// The optional paging parameters at `first` and `first + 1`: where to
+/// start (a transfer number, or how many records to skip; default 0) and
+/// how many (default and most [`PAGE_MAX`]), each a string or an int.
+fn page_of(params: &Params<'_>, first: usize) -> Result<(usize, usize), Fault> {
+    let number = |index: usize, default: usize| -> Result<usize, Fault> {
+        match params.get(index) {
+            Err(_) => Ok(default),
+            Ok(Value::Int(n)) => usize::try_from(*n)
+                .map_err(|_| params.wrong_type(index, "a count of 0 or more", &Value::Int(*n))),
+            Ok(Value::String(text)) => text.parse().map_err(|_| {
+                params.wrong_type(index, "a count of 0 or more", &Value::string(text.as_str()))
+            }),
+            Ok(other) => Err(params.wrong_type(index, "int or string", other)),
+        }
+    };
+    Ok((
+        number(first, 0)?,
+        number(first + 1, PAGE_MAX)?.min(PAGE_MAX),
+    ))
+}
+
 fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
     let params = Params::new(&call.name, &call.params);
     let store = service.backoffice.store();
@@ -349,12 +373,15 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             change_customer(service, &cid, |customer| customer.credit_limit = limit)
         }
         "account.statement" => {
-            params.arity(1, 1)?;
+            params.arity(1, 3)?;
             let cid: Cid = params.parsed(0)?;
+            let (from, limit) = page_of(&params, 1)?;
             let lines = service
                 .backoffice
                 .statement(&AccountId::Customer(cid))
                 .iter()
+                .filter(|transfer| transfer.id.0 >= from as u64)
+                .take(limit)
                 .map(|transfer| {
                     let signed = if transfer.credit == AccountId::Customer(cid) {
                         transfer.amount
@@ -393,8 +420,9 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             ]))
         }
         "suspense.list" => {
-            params.arity(0, 0)?;
-            let records = store.suspense().map_err(store_fault)?;
+            params.arity(0, 2)?;
+            let (skip, limit) = page_of(&params, 0)?;
+            let records = store.suspense_page(skip, limit).map_err(store_fault)?;
             Ok(Value::Array(
                 records
                     .into_iter()

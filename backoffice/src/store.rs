@@ -129,6 +129,9 @@ pub trait Store {
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
     /// Every reading in suspense.
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
+    /// At most `limit` readings in suspense, skipping the first `skip`, in
+    /// the store's order (meter, batch, sequence number).
+    fn suspense_page(&self, skip: usize, limit: usize) -> Result<Vec<Suspense>, StoreError>;
     /// How many readings are in suspense.
     fn suspense_count(&self) -> Result<usize, StoreError>;
     /// Takes re-priced readings out of suspense and records their transfers
@@ -409,6 +412,19 @@ impl Store for SledStore {
         self.suspense
             .iter()
             .values()
+            .map(|record| {
+                let record = record?;
+                Ok(serde_json::from_slice(&record).expect("store: suspense record is corrupt"))
+            })
+            .collect()
+    }
+
+    fn suspense_page(&self, skip: usize, limit: usize) -> Result<Vec<Suspense>, StoreError> {
+        self.suspense
+            .iter()
+            .values()
+            .skip(skip)
+            .take(limit)
             .map(|record| {
                 let record = record?;
                 Ok(serde_json::from_slice(&record).expect("store: suspense record is corrupt"))

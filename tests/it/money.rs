@@ -103,6 +103,31 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     assert_eq!(health.status, 200);
     assert!(health.body.starts_with("ok\n"), "{}", health.body);
 
+    // Statements come in pages: from a transfer number, at most so many.
+    let all = office.call("account.statement", &[s(&consumer)]).unwrap();
+    let all = all.as_array().unwrap();
+    assert!(all.len() >= 2, "a deposit and uses: {all:?}");
+    let transfer = |line: &Value| {
+        line.member("transfer")
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    let second = transfer(&all[1]);
+    let page = office
+        .call("account.statement", &[s(&consumer), s(&second), s("1")])
+        .unwrap();
+    let page = page.as_array().unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(transfer(&page[0]), second);
+    let bad = office.call("account.statement", &[s(&consumer), s("-3")]);
+    assert_eq!(
+        bad.unwrap_err().registered(),
+        Some(FaultCode::InvalidParams)
+    );
+    let none = office.call("suspense.list", &[s("0"), s("5")]).unwrap();
+    assert_eq!(none.as_array().map(<[Value]>::len), Some(0));
+
     // Denied: the next upload tells the meter, and query answers false.
     office
         .call("account.deny", &[s(&consumer), Value::Bool(true)])
