@@ -404,7 +404,8 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
          // ... the metered work ...\n    usage.commit()?;\n}}"
     );
     let python = format!(
-        "meter = xmlrpc.client.ServerProxy(\"http://meterd/RPC2\", transport=UnixTransport(SOCKET))\n\
+        "from meterd_client import connect\n\
+         meter = connect()\n\
          if meter.query(\"{pid}\"):\n    \
          # ... the metered work ...\n    meter.commit(\"{pid}\")"
     );
@@ -418,7 +419,7 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
         h2 { "Coding it into your program" }
         p { "Ask the meter before each use and commit after it. In Rust, with the meterd client library:" }
         pre { code { (rust) } }
-        p { "In Python, with the README's Unix-socket transport for xmlrpc.client:" }
+        p { "In Python, with the stock xmlrpc.client and the Unix-socket transport in the repository's " code { "examples/python/meterd_client.py" } ":" }
         pre { code { (python) } }
         p { "Use " code { (test_pid) } " while testing: its uses are free." }
         p { a href="/account" { "Back to your account" } }
