@@ -352,3 +352,27 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
         Some("1.50")
     );
 }
+
+#[test]
+fn the_franchise_says_clearly_when_its_port_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let output = Command::new(workspace_binary("franchise", "franchise"))
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--listen", &address])
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("FRANCHISE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains(&format!("cannot listen on {address}")) && said.contains("--listen"),
+        "{said}"
+    );
+    assert!(
+        !dir.path().join("meterd.sock").exists(),
+        "no meter was left running"
+    );
+}
