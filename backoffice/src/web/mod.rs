@@ -62,15 +62,36 @@ pub struct WebConfig {
 pub struct Web {
     config: WebConfig,
     sessions: Sessions,
+    /// Password derivations (and module checks) running at once: one per
+    /// core, so a burst of logins queues instead of taking every thread.
+    heavy: tokio::sync::Semaphore,
 }
 
 impl Web {
     /// The pages with `config`.
     pub fn new(config: WebConfig) -> Web {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Web {
             config,
             sessions: Sessions::default(),
+            heavy: tokio::sync::Semaphore::new(cores),
         }
+    }
+
+    /// Runs CPU-heavy work (PBKDF2, a module check) off the async workers,
+    /// at most one per core at a time.
+    async fn heavy<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let _permit = self
+            .heavy
+            .acquire()
+            .await
+            .map_err(|error| error.to_string())?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|error| error.to_string())
     }
 }
 
@@ -420,6 +441,7 @@ fn display_name(profile: &Profile) -> String {
 
 async fn register(
     State(service): State<Arc<Service>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -456,11 +478,24 @@ async fn register(
     }
     let form = pages::RegistrationForm::from_fields(&fields);
     if errors.is_empty() {
+        // A known address is refused before the costly password derivation.
+        match service.backoffice.store().customer_by_email(&email) {
+            Ok(None) => {}
+            Ok(Some(_)) => errors.push(("emailAddress", EMAIL_TAKEN.into())),
+            Err(error) => return trouble(web, &session, &error),
+        }
+    }
+    if errors.is_empty() && !web.sessions.may_register(&peer.ip().to_string()) {
+        errors.push((
+            "form",
+            "Too many registrations from your address; please try again later.".into(),
+        ));
+    }
+    if errors.is_empty() {
         let iterations = web.config.password_iterations;
-        let hashed: PasswordHash = match tokio::task::spawn_blocking(move || {
-            password::hash(&password, iterations)
-        })
-        .await
+        let hashed: PasswordHash = match web
+            .heavy(move || password::hash(&password, iterations))
+            .await
         {
             Ok(hashed) => hashed,
             Err(error) => return trouble(web, &session, &error),
@@ -486,12 +521,9 @@ async fn register(
                     pages::registered(&session, &customer),
                 );
             }
-            Err(StoreError::Registry(RegistryError::EmailTaken)) => errors.push((
-                "emailAddress",
-                "This e-mail address is already registered. Start a session instead, or ask \
-                 for a new password."
-                    .into(),
-            )),
+            Err(StoreError::Registry(RegistryError::EmailTaken)) => {
+                errors.push(("emailAddress", EMAIL_TAKEN.into()));
+            }
             Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
             Err(error) => return trouble(web, &session, &error),
         }
@@ -504,6 +536,9 @@ async fn register(
         pages::entry(&session, &form, &errors, &web.config.phone),
     )
 }
+
+const EMAIL_TAKEN: &str = "This e-mail address is already registered. Start a session instead, or ask for a new \
+     password.";
 
 fn registry_email_bad(email: &str) -> bool {
     crate::registry::check_email(email).is_err()
@@ -575,15 +610,16 @@ async fn login(
     let stored = customer
         .as_ref()
         .and_then(|customer| customer.password.clone());
-    let matches = tokio::task::spawn_blocking(move || match stored {
-        Some(stored) => password::verify(&typed, &stored),
-        None => {
-            password::verify_nothing(&typed, iterations);
-            false
-        }
-    })
-    .await
-    .unwrap_or(false);
+    let matches = web
+        .heavy(move || match stored {
+            Some(stored) => password::verify(&typed, &stored),
+            None => {
+                password::verify_nothing(&typed, iterations);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
     match customer {
         Some(customer) if matches => {
             web.sessions.succeeded(&account);
@@ -766,11 +802,10 @@ async fn reset(
         return link_gone(web, &session, new);
     }
     let iterations = web.config.password_iterations;
-    customer.password =
-        match tokio::task::spawn_blocking(move || password::hash(&typed, iterations)).await {
-            Ok(hashed) => Some(hashed),
-            Err(error) => return trouble(web, &session, &error),
-        };
+    customer.password = match web.heavy(move || password::hash(&typed, iterations)).await {
+        Ok(hashed) => Some(hashed),
+        Err(error) => return trouble(web, &session, &error),
+    };
     if let Err(error) = store.update_customer(&customer) {
         return trouble(web, &session, &error);
     }
@@ -949,12 +984,13 @@ async fn add_product(
             let owner = customer.cid;
             let bid = service.bid;
             let bytes = bytes.clone();
-            let checked = tokio::task::spawn_blocking(move || {
-                let any_pid = proto::Pid::new(&bid, "1").expect("a valid PID");
-                let sample = PriceInput::invocation(owner, proto::Code::Commit, any_pid, 0);
-                Pricing::new().check(&bytes, &[sample]).map(|_| ())
-            })
-            .await;
+            let checked = web
+                .heavy(move || {
+                    let any_pid = proto::Pid::new(&bid, "1").expect("a valid PID");
+                    let sample = PriceInput::invocation(owner, proto::Code::Commit, any_pid, 0);
+                    Pricing::new().check(&bytes, &[sample]).map(|_| ())
+                })
+                .await;
             match checked {
                 Ok(Ok(())) => {}
                 Ok(Err(refused)) => {

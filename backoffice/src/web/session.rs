@@ -28,6 +28,8 @@ pub const ADDRESS_FAILURES_MAX: usize = 30;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Keys whose failures are remembered at most.
 pub const THROTTLE_KEYS_MAX: usize = 100_000;
+/// Registrations accepted from one address within the window.
+pub const REGISTRATIONS_MAX: usize = 20;
 /// How long a password reset link works.
 pub const RESET_VALID: Duration = Duration::from_secs(3600);
 /// Reset links outstanding at most.
@@ -131,20 +133,32 @@ impl Sessions {
             || recent(&address_key(address)) >= ADDRESS_FAILURES_MAX
     }
 
+    /// Counts a registration from `address`: false (and not counted) once
+    /// the address made [`REGISTRATIONS_MAX`] within the window. Each one
+    /// costs a password derivation, so they are bounded like failed logins.
+    pub fn may_register(&self, address: &str) -> bool {
+        let now = Instant::now();
+        let mut failures = lock(&self.failures);
+        make_throttle_room(&mut failures, now);
+        let times = failures.entry(format!("register:{address}")).or_default();
+        while times
+            .front()
+            .is_some_and(|time| now.duration_since(*time) > FAILURE_WINDOW)
+        {
+            times.pop_front();
+        }
+        if times.len() >= REGISTRATIONS_MAX {
+            return false;
+        }
+        times.push_back(now);
+        true
+    }
+
     /// Counts a failed login against the account and the address.
     pub fn failed(&self, account: &str, address: &str) {
         let now = Instant::now();
         let mut failures = lock(&self.failures);
-        if failures.len() >= THROTTLE_KEYS_MAX {
-            failures.retain(|_, times| {
-                times
-                    .back()
-                    .is_some_and(|time| now.duration_since(*time) <= FAILURE_WINDOW)
-            });
-            if failures.len() >= THROTTLE_KEYS_MAX {
-                failures.clear();
-            }
-        }
+        make_throttle_room(&mut failures, now);
         for key in [account_key(account), address_key(address)] {
             let times = failures.entry(key).or_default();
             times.push_back(now);
@@ -187,6 +201,21 @@ impl Sessions {
             .remove(token)
             .filter(|(_, made)| made.elapsed() < RESET_VALID)
             .map(|(cid, _)| cid)
+    }
+}
+
+/// Keeps the throttle's memory bounded: forgets what is out of the window,
+/// and everything if that is not enough.
+fn make_throttle_room(failures: &mut HashMap<String, VecDeque<Instant>>, now: Instant) {
+    if failures.len() >= THROTTLE_KEYS_MAX {
+        failures.retain(|_, times| {
+            times
+                .back()
+                .is_some_and(|time| now.duration_since(*time) <= FAILURE_WINDOW)
+        });
+        if failures.len() >= THROTTLE_KEYS_MAX {
+            failures.clear();
+        }
     }
 }
 
@@ -252,6 +281,16 @@ mod tests {
         );
         sessions.succeeded("B1-C1");
         assert!(!sessions.throttled("B1-C1", "127.0.0.1"));
+    }
+
+    #[test]
+    fn registrations_per_address_are_bounded() {
+        let sessions = Sessions::default();
+        for _ in 0..REGISTRATIONS_MAX {
+            assert!(sessions.may_register("127.0.0.1"));
+        }
+        assert!(!sessions.may_register("127.0.0.1"));
+        assert!(sessions.may_register("127.0.0.2"));
     }
 
     #[test]
