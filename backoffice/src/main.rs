@@ -18,9 +18,11 @@ const EXIT_USAGE: u8 = 64;
     name = "backoffice",
     version,
     about = "The superdistribution backoffice.",
-    long_about = "The superdistribution backoffice. `serve` runs it; the operator's commands \
-(customer, product, meter, deposit, deny, allow, credit-limit, show, statement, suspense) call a \
-running backoffice with the operator token it wrote beside its store."
+    long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
+XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
+deposit, deny, allow, credit-limit, show, statement, suspense, reprice) call a running backoffice \
+with the operator token it wrote beside its store. `cargo run --release -p franchise` runs one \
+together with a meter."
 )]
 struct Cli {
     /// The running backoffice's XML-RPC URL, for the operator's commands.
@@ -45,8 +47,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the backoffice: XML-RPC on POST /RPC2 (meters' `send` and the
-    /// operator's calls) until SIGINT or SIGTERM.
+    /// Run the backoffice until SIGINT or SIGTERM: the web pages at /,
+    /// XML-RPC on POST /RPC2 (meters' `send` and the operator's calls),
+    /// GET /health and GET /metrics.
     Serve {
         /// Where the store lives [default: $XDG_STATE_HOME/backoffice, else ~/.local/state/backoffice].
         #[arg(long, env = "BACKOFFICE_DATA_DIR", value_name = "DIR")]
