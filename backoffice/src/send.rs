@@ -125,7 +125,9 @@ fn internal(error: &dyn std::fmt::Display) -> Fault {
 #[derive(Default)]
 struct Lookups {
     products: HashMap<Pid, Option<Product>>,
-    customers: HashMap<Cid, bool>,
+    /// What decides each customer's standing: credit limit and deny flag
+    /// (`None`: no such customer).
+    customers: HashMap<Cid, Option<(proto::Amount, bool)>>,
     tacas: HashMap<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
 }
 
@@ -572,19 +574,7 @@ impl<S: Store> Backoffice<S> {
         Ok(match payer {
             None => Err("nobody would pay: no enclosing login or query".to_owned()),
             Some(Payer::Customer(cid)) => {
-                let known = match lookups.customers.get(&cid) {
-                    Some(known) => *known,
-                    None => {
-                        let known = self
-                            .store
-                            .customer(&cid)
-                            .map_err(|error| internal(&error))?
-                            .is_some();
-                        lookups.customers.insert(cid, known);
-                        known
-                    }
-                };
-                if known {
+                if self.customer_terms(lookups, cid)?.is_some() {
                     Ok(cid)
                 } else {
                     Err(format!("unknown customer {cid}"))
@@ -838,7 +828,7 @@ impl<S: Store> Backoffice<S> {
                     .map_err(|error| internal(&error))?;
             }
         }
-        let standings = self.standings(&request.body, &mut lookups.products, |account| {
+        let standings = self.standings(&request.body, &mut lookups, |account| {
             balances
                 .get(account)
                 .copied()
@@ -906,28 +896,45 @@ impl<S: Store> Backoffice<S> {
         }
     }
 
+    /// A customer's credit limit and deny flag, read once per batch; `None`
+    /// when there is no such customer.
+    fn customer_terms(
+        &self,
+        lookups: &mut Lookups,
+        cid: Cid,
+    ) -> Result<Option<(proto::Amount, bool)>, Fault> {
+        if let Some(terms) = lookups.customers.get(&cid) {
+            return Ok(*terms);
+        }
+        let terms = self
+            .store
+            .customer(&cid)
+            .map_err(|error| internal(&error))?
+            .map(|customer| (customer.credit_limit, customer.denied));
+        lookups.customers.insert(cid, terms);
+        Ok(terms)
+    }
+
     fn standings(
         &self,
         body: &SendBody,
-        products: &mut HashMap<Pid, Option<Product>>,
+        lookups: &mut Lookups,
         balance: impl Fn(&AccountId) -> proto::Amount,
     ) -> Result<Vec<Standing>, Fault> {
         let mut standings = Vec::new();
         for party in parties(body) {
             let cid = match party {
                 Payer::Customer(cid) => Some(cid),
-                Payer::OwnerOf(pid) => self.product(products, pid)?.map(|product| product.owner),
+                Payer::OwnerOf(pid) => self
+                    .product(&mut lookups.products, pid)?
+                    .map(|product| product.owner),
             };
-            let customer = match cid {
-                Some(cid) => self
-                    .store
-                    .customer(&cid)
-                    .map_err(|error| internal(&error))?,
+            let terms = match cid {
+                Some(cid) => self.customer_terms(lookups, cid)?.map(|terms| (cid, terms)),
                 None => None,
             };
-            let allowed = customer.is_some_and(|customer| {
-                let account = AccountId::Customer(customer.cid);
-                in_good_standing(balance(&account), customer.credit_limit, customer.denied)
+            let allowed = terms.is_some_and(|(cid, (credit_limit, denied))| {
+                in_good_standing(balance(&AccountId::Customer(cid)), credit_limit, denied)
             });
             standings.push(Standing { party, allowed });
         }
