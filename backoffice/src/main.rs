@@ -393,15 +393,15 @@ fn print_value(value: &proto::xmlrpc::Value) {
 }
 
 /// An operator call that answers in pages: asks for pages until one comes
-/// back short, printing each. A statement's pages start at a transfer
-/// number, suspense's at a count of records to skip.
+/// back short, printing each. A statement's next page starts at the
+/// transfer after the last one; suspense's after the last record's cursor.
 fn operator_pages(cli: &Cli, method: &str, params: &[proto::xmlrpc::Value]) -> ExitCode {
     use proto::xmlrpc::Value;
     let page_max = backoffice::server::PAGE_MAX;
-    let mut from: usize = 0;
+    let mut from = String::new();
     loop {
         let mut page_params = params.to_vec();
-        page_params.push(Value::string(from.to_string()));
+        page_params.push(Value::string(from.as_str()));
         page_params.push(Value::string(page_max.to_string()));
         let value = match call_operator(cli, method, &page_params) {
             Ok(value) => value,
@@ -415,9 +415,17 @@ fn operator_pages(cli: &Cli, method: &str, params: &[proto::xmlrpc::Value]) -> E
         if lines.len() < page_max {
             return ExitCode::SUCCESS;
         }
-        from = match lines.last().and_then(|line| line.member("transfer")) {
-            Some(Value::String(id)) => id.parse::<usize>().map_or(usize::MAX, |id| id + 1),
-            _ => from + lines.len(),
+        let last = lines.last();
+        from = match (
+            last.and_then(|line| line.member("transfer")),
+            last.and_then(|line| line.member("cursor")),
+        ) {
+            (Some(Value::String(id)), _) => id
+                .parse::<u64>()
+                .map_or(u64::MAX, |id| id.saturating_add(1))
+                .to_string(),
+            (_, Some(Value::String(cursor))) => cursor.clone(),
+            _ => return ExitCode::SUCCESS,
         };
     }
 }

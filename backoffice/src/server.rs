@@ -19,7 +19,7 @@ use proto::{Amount, Bid, Cid, Fault, FaultCode};
 use crate::ledger::{AccountId, TransferKind};
 use crate::pricing::{PriceInput, Pricing};
 use crate::send::{Backoffice, Signed};
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{SledStore, Store, StoreError, SuspenseCursor};
 
 /// The header that carries the operator token.
 pub const OPERATOR_HEADER: &str = "x-operator-token";
@@ -268,24 +268,28 @@ fn customer_value(service: &Service, cid: &Cid) -> Result<Value, Fault> {
 /// Lines an operator call answers with at most, and by default.
 pub const PAGE_MAX: usize = 10_000;
 
+/// The optional count parameter at `index` (a string or an int), or
+/// `default` when it is absent or an empty string.
+fn count_param(params: &Params<'_>, index: usize, default: usize) -> Result<usize, Fault> {
+    let refuse = |value: &Value| params.wrong_type(index, "a count of 0 or more", value);
+    match params.get(index) {
+        Err(_) => Ok(default),
+        Ok(Value::String(text)) if text.trim().is_empty() => Ok(default),
+        Ok(Value::Int(n)) => usize::try_from(*n).map_err(|_| refuse(&Value::Int(*n))),
+        Ok(Value::String(text)) => text
+            .parse()
+            .map_err(|_| refuse(&Value::string(text.as_str()))),
+        Ok(other) => Err(params.wrong_type(index, "int or string", other)),
+    }
+}
+
 /// The optional paging parameters at `first` and `first + 1`: where to
-/// start (a transfer number, or how many records to skip; default 0) and
-/// how many (default and most [`PAGE_MAX`]), each a string or an int.
+/// start (a transfer number; default 0) and how many (default and most
+/// [`PAGE_MAX`]).
 fn page_of(params: &Params<'_>, first: usize) -> Result<(usize, usize), Fault> {
-    let number = |index: usize, default: usize| -> Result<usize, Fault> {
-        match params.get(index) {
-            Err(_) => Ok(default),
-            Ok(Value::Int(n)) => usize::try_from(*n)
-                .map_err(|_| params.wrong_type(index, "a count of 0 or more", &Value::Int(*n))),
-            Ok(Value::String(text)) => text.parse().map_err(|_| {
-                params.wrong_type(index, "a count of 0 or more", &Value::string(text.as_str()))
-            }),
-            Ok(other) => Err(params.wrong_type(index, "int or string", other)),
-        }
-    };
     Ok((
-        number(first, 0)?,
-        number(first + 1, PAGE_MAX)?.min(PAGE_MAX),
+        count_param(params, first, 0)?,
+        count_param(params, first + 1, PAGE_MAX)?.min(PAGE_MAX),
     ))
 }
 
@@ -421,13 +425,27 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
         }
         "suspense.list" => {
             params.arity(0, 2)?;
-            let (skip, limit) = page_of(&params, 0)?;
-            let records = store.suspense_page(skip, limit).map_err(store_fault)?;
+            let after = match params.get(0) {
+                Err(_) => None,
+                Ok(Value::String(text)) if text.trim().is_empty() => None,
+                Ok(Value::String(text)) => Some(SuspenseCursor::parse(text).ok_or_else(|| {
+                    Fault::invalid_params("suspense.list: the cursor is `MID BATCH SEQ`")
+                })?),
+                Ok(other) => return Err(params.wrong_type(0, "a cursor string", other)),
+            };
+            let limit = count_param(&params, 1, PAGE_MAX)?.min(PAGE_MAX);
+            let records = store
+                .suspense_page(after.as_ref(), limit)
+                .map_err(store_fault)?;
             Ok(Value::Array(
                 records
                     .into_iter()
                     .map(|record| {
                         Value::structure([
+                            (
+                                "cursor",
+                                Value::string(SuspenseCursor::of(&record).to_string()),
+                            ),
                             ("MID", Value::string(record.mid.as_str())),
                             ("batchId", Value::string(record.batch.as_str())),
                             ("seq", Value::string(record.seq.to_string())),

@@ -102,6 +102,46 @@ pub struct Suspense {
     pub reason: String,
 }
 
+/// Where a page of suspense starts: after the reading with this meter,
+/// batch and sequence number. Its text form is `MID BATCH SEQ`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuspenseCursor {
+    /// The meter.
+    pub mid: Mid,
+    /// The batch.
+    pub batch: BatchId,
+    /// The sequence number.
+    pub seq: u64,
+}
+
+impl SuspenseCursor {
+    /// The cursor of a reading in suspense.
+    pub fn of(record: &Suspense) -> SuspenseCursor {
+        SuspenseCursor {
+            mid: record.mid,
+            batch: record.batch.clone(),
+            seq: record.seq,
+        }
+    }
+
+    /// Reads `MID BATCH SEQ`.
+    pub fn parse(text: &str) -> Option<SuspenseCursor> {
+        let mut parts = text.split_whitespace();
+        let cursor = SuspenseCursor {
+            mid: Mid::parse(parts.next()?).ok()?,
+            batch: BatchId::parse(parts.next()?).ok()?,
+            seq: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(cursor)
+    }
+}
+
+impl std::fmt::Display for SuspenseCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.mid, self.batch, self.seq)
+    }
+}
+
 /// Everything one applied batch changes, written in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchEffects<'a> {
@@ -129,9 +169,13 @@ pub trait Store {
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
     /// Every reading in suspense.
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
-    /// At most `limit` readings in suspense, skipping the first `skip`, in
-    /// the store's order (meter, batch, sequence number).
-    fn suspense_page(&self, skip: usize, limit: usize) -> Result<Vec<Suspense>, StoreError>;
+    /// At most `limit` readings in suspense in the store's order (meter,
+    /// batch, sequence number), starting after the reading `after` names.
+    fn suspense_page(
+        &self,
+        after: Option<&SuspenseCursor>,
+        limit: usize,
+    ) -> Result<Vec<Suspense>, StoreError>;
     /// How many readings are in suspense.
     fn suspense_count(&self) -> Result<usize, StoreError>;
     /// Takes re-priced readings out of suspense and records their transfers
@@ -419,11 +463,18 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn suspense_page(&self, skip: usize, limit: usize) -> Result<Vec<Suspense>, StoreError> {
+    fn suspense_page(
+        &self,
+        after: Option<&SuspenseCursor>,
+        limit: usize,
+    ) -> Result<Vec<Suspense>, StoreError> {
+        let start = match after {
+            Some(cursor) => std::ops::Bound::Excluded(cursor_key(cursor)),
+            None => std::ops::Bound::Unbounded,
+        };
         self.suspense
-            .iter()
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
             .values()
-            .skip(skip)
             .take(limit)
             .map(|record| {
                 let record = record?;
@@ -689,10 +740,14 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
 }
 
 fn suspense_key(record: &Suspense) -> Vec<u8> {
+    cursor_key(&SuspenseCursor::of(record))
+}
+
+fn cursor_key(cursor: &SuspenseCursor) -> Vec<u8> {
     let mut key = Vec::with_capacity(96);
-    put_str(&mut key, record.mid.as_str());
-    put_str(&mut key, record.batch.as_str());
-    key.extend_from_slice(&record.seq.to_be_bytes());
+    put_str(&mut key, cursor.mid.as_str());
+    put_str(&mut key, cursor.batch.as_str());
+    key.extend_from_slice(&cursor.seq.to_be_bytes());
     key
 }
 

@@ -125,8 +125,13 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
         bad.unwrap_err().registered(),
         Some(FaultCode::InvalidParams)
     );
-    let none = office.call("suspense.list", &[s("0"), s("5")]).unwrap();
+    let none = office.call("suspense.list", &[s(""), s("5")]).unwrap();
     assert_eq!(none.as_array().map(<[Value]>::len), Some(0));
+    let bad = office.call("suspense.list", &[s("B1-M1 nonsense")]);
+    assert_eq!(
+        bad.unwrap_err().registered(),
+        Some(FaultCode::InvalidParams)
+    );
 
     // Denied: the next upload tells the meter, and query answers false.
     office

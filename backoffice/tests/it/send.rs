@@ -3,7 +3,7 @@
 
 use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
 use backoffice::send::{Backoffice, SIGNATURE_WINDOW_MS, Signed};
-use backoffice::store::{SledStore, Store};
+use backoffice::store::{SledStore, Store, SuspenseCursor};
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
 use proto::upload::{Batch, MeterParams, Outcome, SendAnswer, SendBody, SendRequest};
@@ -495,6 +495,22 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
     assert_eq!(balance(&world, world.producer), amount("0.000000003"));
     assert_eq!(world.backoffice.store().suspense().unwrap().len(), 298);
+    // Suspense pages by cursor: every record once, in the store's order.
+    let store = world.backoffice.store();
+    let mut paged = Vec::new();
+    let mut after: Option<SuspenseCursor> = None;
+    for _ in 0..10 {
+        let page = store.suspense_page(after.as_ref(), 100).unwrap();
+        let Some(last) = page.last() else { break };
+        let cursor = SuspenseCursor::of(last);
+        assert_eq!(
+            SuspenseCursor::parse(&cursor.to_string()),
+            Some(cursor.clone())
+        );
+        after = Some(cursor);
+        paged.extend(page);
+    }
+    assert_eq!(paged, store.suspense().unwrap());
     // The two priced uses are one statement line.
     let lines = world
         .backoffice
