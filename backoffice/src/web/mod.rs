@@ -254,6 +254,22 @@ fn csrf_ok(session: &Session, fields: &Fields) -> bool {
     proto::auth::equal_in_constant_time(fields.get("csrf").as_bytes(), session.csrf.as_bytes())
 }
 
+/// A posted form with its visit: the session (and whether it is new) and
+/// the fields, or the refusal when the form lacks the session's CSRF token.
+fn posted_form(
+    web: &Web,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Session, bool, Fields), Box<Response>> {
+    let (session, new) = visit(web, headers);
+    let fields = Fields::parse(body);
+    if csrf_ok(&session, &fields) {
+        Ok((session, new, fields))
+    } else {
+        Err(Box::new(csrf_refused(web, &session, new)))
+    }
+}
+
 fn csrf_refused(web: &Web, session: &Session, set_cookie: bool) -> Response {
     page(
         web,
@@ -446,11 +462,10 @@ async fn register(
     body: axum::body::Bytes,
 ) -> Response {
     let web = &service.web;
-    let (session, new) = visit(web, &headers);
-    let fields = Fields::parse(&body);
-    if !csrf_ok(&session, &fields) {
-        return csrf_refused(web, &session, new);
-    }
+    let (session, new, fields) = match posted_form(web, &headers, &body) {
+        Ok(posted) => posted,
+        Err(refused) => return *refused,
+    };
     let mut errors = Vec::new();
     let profile = check_profile(&fields, &mut errors);
     let email = fields.trimmed("emailAddress");
@@ -566,11 +581,10 @@ async fn login(
     body: axum::body::Bytes,
 ) -> Response {
     let web = &service.web;
-    let (session, new) = visit(web, &headers);
-    let fields = Fields::parse(&body);
-    if !csrf_ok(&session, &fields) {
-        return csrf_refused(web, &session, new);
-    }
+    let (session, new, fields) = match posted_form(web, &headers, &body) {
+        Ok(posted) => posted,
+        Err(refused) => return *refused,
+    };
     let who = fields.trimmed("who");
     let address = peer.ip().to_string();
     let store = service.backoffice.store();
@@ -649,11 +663,10 @@ async fn logout(
     body: axum::body::Bytes,
 ) -> Response {
     let web = &service.web;
-    let (session, new) = visit(web, &headers);
-    let fields = Fields::parse(&body);
-    if !csrf_ok(&session, &fields) {
-        return csrf_refused(web, &session, new);
-    }
+    let (session, _, _) = match posted_form(web, &headers, &body) {
+        Ok(posted) => posted,
+        Err(refused) => return *refused,
+    };
     web.sessions.log_out(&session.token);
     redirect(web, "/login", None)
 }
@@ -676,11 +689,10 @@ async fn forgot(
     body: axum::body::Bytes,
 ) -> Response {
     let web = &service.web;
-    let (session, new) = visit(web, &headers);
-    let fields = Fields::parse(&body);
-    if !csrf_ok(&session, &fields) {
-        return csrf_refused(web, &session, new);
-    }
+    let (session, new, fields) = match posted_form(web, &headers, &body) {
+        Ok(posted) => posted,
+        Err(refused) => return *refused,
+    };
     let who = fields.trimmed("who");
     let store = service.backoffice.store();
     let found = match Cid::parse(&who) {
@@ -768,11 +780,10 @@ async fn reset(
     body: axum::body::Bytes,
 ) -> Response {
     let web = &service.web;
-    let (session, new) = visit(web, &headers);
-    let fields = Fields::parse(&body);
-    if !csrf_ok(&session, &fields) {
-        return csrf_refused(web, &session, new);
-    }
+    let (session, new, fields) = match posted_form(web, &headers, &body) {
+        Ok(posted) => posted,
+        Err(refused) => return *refused,
+    };
     let token = fields.get("token").to_owned();
     let Some(cid) = web.sessions.reset_for(&token) else {
         return link_gone(web, &session, new);
