@@ -244,6 +244,9 @@ pub struct SledStore {
     meters: sled::Tree,
     period_uses: sled::Tree,
     suspense: sled::Tree,
+    /// Records in `suspense`, kept as it changes: sled counts a tree by
+    /// scanning it, and `/metrics` asks on every scrape.
+    suspense_records: std::sync::atomic::AtomicUsize,
     data_file: File,
 }
 
@@ -279,6 +282,7 @@ impl SledStore {
             tacas: db.open_tree("tacas")?,
             meters: db.open_tree("meters")?,
             period_uses: db.open_tree("period_uses")?,
+            suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
             db,
             data_file,
@@ -391,14 +395,24 @@ impl Store for SledStore {
                 for (key, uses) in &counters {
                     period_tree.insert(key.as_slice(), uses)?;
                 }
+                let mut added = 0;
                 for (key, record) in &suspended {
-                    suspense_tree.insert(key.as_slice(), record.as_slice())?;
+                    if suspense_tree
+                        .insert(key.as_slice(), record.as_slice())?
+                        .is_none()
+                    {
+                        added += 1;
+                    }
                 }
                 batch_tree.insert(batch_key.as_slice(), effects.answer)?;
-                Ok(())
+                Ok(added)
             });
         match outcome {
-            Ok(()) => self.sync(),
+            Ok(added) => {
+                self.suspense_records
+                    .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
+                self.sync()
+            }
             Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
@@ -431,7 +445,7 @@ impl Store for SledStore {
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError> {
         let trees = (&self.transfers, &self.period_uses, &self.suspense);
-        let outcome: Result<(), TransactionError<()>> =
+        let outcome: Result<usize, TransactionError<()>> =
             trees.transaction(|(transfer_tree, period_tree, suspense_tree)| {
                 for transfer in transfers {
                     transfer_tree
@@ -440,13 +454,20 @@ impl Store for SledStore {
                 for (period, uses) in period_uses {
                     period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
                 }
+                let mut removed = 0;
                 for record in resolved {
-                    suspense_tree.remove(suspense_key(record))?;
+                    if suspense_tree.remove(suspense_key(record))?.is_some() {
+                        removed += 1;
+                    }
                 }
-                Ok(())
+                Ok(removed)
             });
         match outcome {
-            Ok(()) => self.sync(),
+            Ok(removed) => {
+                self.suspense_records
+                    .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+                self.sync()
+            }
             Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
@@ -484,7 +505,9 @@ impl Store for SledStore {
     }
 
     fn suspense_count(&self) -> Result<usize, StoreError> {
-        Ok(self.suspense.len())
+        Ok(self
+            .suspense_records
+            .load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError> {

@@ -141,38 +141,11 @@ impl Fields {
     }
 }
 
-/// `application/x-www-form-urlencoded`, decoded.
+/// `application/x-www-form-urlencoded`, decoded as browsers encode it
+/// (invalid escapes kept as they are, invalid UTF-8 replaced).
 fn form_urlencoded(body: &[u8]) -> Vec<(String, String)> {
-    fn decode(part: &[u8]) -> String {
-        let mut out = Vec::with_capacity(part.len());
-        let mut index = 0;
-        while index < part.len() {
-            match part[index] {
-                b'+' => out.push(b' '),
-                b'%' if index + 2 < part.len() => {
-                    let digit = |byte: u8| char::from(byte).to_digit(16);
-                    match (digit(part[index + 1]), digit(part[index + 2])) {
-                        (Some(high), Some(low)) => {
-                            out.push(u8::try_from(high * 16 + low).expect("two hex digits"));
-                            index += 2;
-                        }
-                        _ => out.push(b'%'),
-                    }
-                }
-                byte => out.push(byte),
-            }
-            index += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    body.split(|byte| *byte == b'&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let mut halves = pair.splitn(2, |byte| *byte == b'=');
-            let name = decode(halves.next().unwrap_or_default());
-            let value = decode(halves.next().unwrap_or_default());
-            (name, value)
-        })
+    form_urlencoded::parse(body)
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
         .collect()
 }
 
@@ -559,6 +532,15 @@ fn registry_email_bad(email: &str) -> bool {
     crate::registry::check_email(email).is_err()
 }
 
+/// The customer a login or reset form names, by CID or e-mail address.
+fn customer_named(service: &Service, who: &str) -> Result<Option<Customer>, StoreError> {
+    let store = service.backoffice.store();
+    match Cid::parse(who) {
+        Ok(cid) => store.customer(&cid),
+        Err(_) => store.customer_by_email(who),
+    }
+}
+
 async fn login_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
     let web = &service.web;
     let (session, new) = visit(web, &headers);
@@ -587,12 +569,7 @@ async fn login(
     };
     let who = fields.trimmed("who");
     let address = peer.ip().to_string();
-    let store = service.backoffice.store();
-    let found = match Cid::parse(&who) {
-        Ok(cid) => store.customer(&cid),
-        Err(_) => store.customer_by_email(&who),
-    };
-    let customer = match found {
+    let customer = match customer_named(&service, &who) {
         Ok(customer) => customer,
         Err(error) => return trouble(web, &session, &error),
     };
@@ -694,13 +671,9 @@ async fn forgot(
         Err(refused) => return *refused,
     };
     let who = fields.trimmed("who");
-    let store = service.backoffice.store();
-    let found = match Cid::parse(&who) {
-        Ok(cid) => store.customer(&cid),
-        Err(_) => store.customer_by_email(&who),
-    };
-    match found {
-        Ok(Some(customer)) => {
+    match customer_named(&service, &who) {
+        // Past the allowance nothing more is sent, and the page reads the same.
+        Ok(Some(customer)) if web.sessions.may_mail_reset(customer.cid) => {
             let token = web.sessions.new_reset(customer.cid);
             let link = format!(
                 "{}/reset?token={token}",
@@ -715,7 +688,7 @@ async fn forgot(
                 return trouble(web, &session, &error);
             }
         }
-        Ok(None) => {}
+        Ok(_) => {}
         Err(error) => return trouble(web, &session, &error),
     }
     // The same answer whether or not the account exists.

@@ -30,6 +30,9 @@ pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 pub const THROTTLE_KEYS_MAX: usize = 100_000;
 /// Registrations accepted from one address within the window.
 pub const REGISTRATIONS_MAX: usize = 20;
+/// Reset mails sent to one account within the window: more would only fill
+/// the outbox and the customer's mailbox.
+pub const RESET_MAILS_MAX: usize = 5;
 /// How long a password reset link works.
 pub const RESET_VALID: Duration = Duration::from_secs(3600);
 /// Reset links outstanding at most.
@@ -137,17 +140,29 @@ impl Sessions {
     /// the address made [`REGISTRATIONS_MAX`] within the window. Each one
     /// costs a password derivation, so they are bounded like failed logins.
     pub fn may_register(&self, address: &str) -> bool {
+        self.within_allowance(format!("register:{address}"), REGISTRATIONS_MAX)
+    }
+
+    /// Counts a reset mail to `cid`: false (and not counted) once the
+    /// account was sent [`RESET_MAILS_MAX`] within the window.
+    pub fn may_mail_reset(&self, cid: Cid) -> bool {
+        self.within_allowance(format!("reset:{cid}"), RESET_MAILS_MAX)
+    }
+
+    /// Counts one more event under `key` unless `max` happened within the
+    /// window already.
+    fn within_allowance(&self, key: String, max: usize) -> bool {
         let now = Instant::now();
         let mut failures = lock(&self.failures);
         make_throttle_room(&mut failures, now);
-        let times = failures.entry(format!("register:{address}")).or_default();
+        let times = failures.entry(key).or_default();
         while times
             .front()
             .is_some_and(|time| now.duration_since(*time) > FAILURE_WINDOW)
         {
             times.pop_front();
         }
-        if times.len() >= REGISTRATIONS_MAX {
+        if times.len() >= max {
             return false;
         }
         times.push_back(now);
@@ -291,6 +306,12 @@ mod tests {
         }
         assert!(!sessions.may_register("127.0.0.1"));
         assert!(sessions.may_register("127.0.0.2"));
+        let (ada, bob) = (Cid::parse("B1-C1").unwrap(), Cid::parse("B1-C2").unwrap());
+        for _ in 0..RESET_MAILS_MAX {
+            assert!(sessions.may_mail_reset(ada));
+        }
+        assert!(!sessions.may_mail_reset(ada));
+        assert!(sessions.may_mail_reset(bob));
     }
 
     #[test]

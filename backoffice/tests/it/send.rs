@@ -430,6 +430,7 @@ fn suspense_is_repriced_once_what_was_missing_exists() {
     send(&world, &batch(&world, "B1-M1:1", events), NOW_MS).unwrap();
     let store = world.backoffice.store();
     assert_eq!(store.suspense().unwrap().len(), 1);
+    assert_eq!(store.suspense_count().unwrap(), 1);
     assert_eq!(
         world.backoffice.reprice_suspense().unwrap(),
         (0, 1),
@@ -445,6 +446,7 @@ fn suspense_is_repriced_once_what_was_missing_exists() {
     }
     assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, 0));
     assert!(store.suspense().unwrap().is_empty());
+    assert_eq!(store.suspense_count().unwrap(), 0);
     assert_eq!(
         balance(&world, stranger),
         amount("-0.25"),
@@ -495,6 +497,7 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
     assert_eq!(balance(&world, world.producer), amount("0.000000003"));
     assert_eq!(world.backoffice.store().suspense().unwrap().len(), 298);
+    assert_eq!(world.backoffice.store().suspense_count().unwrap(), 298);
     // Suspense pages by cursor: every record once, in the store's order.
     let store = world.backoffice.store();
     let mut paged = Vec::new();
@@ -524,6 +527,7 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     let body = batch(&world, "B1-M1:2000", commits(1));
     send(&world, &body, NOW_MS + 1).unwrap();
     assert_eq!(world.backoffice.store().suspense().unwrap().len(), 299);
+    assert_eq!(world.backoffice.store().suspense_count().unwrap(), 299);
     assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
     world.backoffice.ledger().verify();
 }
