@@ -12,8 +12,6 @@ use crate::cache::{Cache, CacheError, NewReading};
 
 /// Most readings written under one fsync.
 pub const GROUP_READINGS_MAX: usize = 4096;
-/// How long a group waits for more callers once two or more are queued.
-pub const GROUP_WAIT_US: u64 = 200;
 /// Most readings waiting for the writer; callers beyond it wait their turn.
 pub const QUEUE_READINGS_MAX: usize = 16_384;
 
@@ -98,13 +96,10 @@ fn write_loop(cache: &Cache, mut receiver: mpsc::Receiver<Request>) {
     let mut group: Vec<Request> = Vec::with_capacity(GROUP_READINGS_MAX);
     while let Some(first) = receiver.blocking_recv() {
         group.push(first);
+        // No waiting for more callers: those who arrive during this group's
+        // fsync form the next group (waiting 100-400 us measured no better
+        // once clients poll for their answers; docs/benchmarks.md).
         drain(&mut receiver, &mut group);
-        if group.len() > 1 {
-            // Callers are queueing up: let the others arrive too, so that one
-            // flush and fsync serve more of them. A lone caller never waits.
-            std::thread::sleep(std::time::Duration::from_micros(GROUP_WAIT_US));
-            drain(&mut receiver, &mut group);
-        }
         write_group(cache, &mut group);
     }
 }
