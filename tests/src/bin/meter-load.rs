@@ -22,7 +22,8 @@ const USAGE: &str =
 
 Starts METERD_BINARY serving in WORK_DIR (which must not exist), then measures:
   baseline: N raw Unix-socket round trips before and after the queries, the
-          machine's floor in the same run;
+          machine's floor in the same run (before them also with a caller
+          that polls for the answer, as the client library does);
   query:  N query round trips on one keep-alive connection (default 100000),
           median and p99, each followed by an untimed cancel;
   commit: query+commit pairs for SECONDS (default 5) with 1 client, then with
@@ -168,10 +169,12 @@ fn client(socket: &Path, name: &str) -> Meter {
 }
 
 /// The floor this machine sets: a 300-byte request and 200-byte answer
-/// between two threads over a Unix socket, blocking reads, no HTTP, no XML.
-fn measure_baseline(dir: &Path, count: usize) {
+/// between two threads over a Unix socket, no HTTP, no XML. The answering
+/// thread sleeps in `read`; the asking one too, or with `poll` it polls
+/// (yielding) as the client library does for calls answered from memory.
+fn measure_baseline(dir: &Path, count: usize, poll: bool) {
     use std::io::{Read, Write};
-    let path = dir.join("baseline.sock");
+    let path = dir.join(if poll { "baseline-poll.sock" } else { "baseline.sock" });
     let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind baseline socket");
     let echo = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().expect("accept");
@@ -181,20 +184,32 @@ fn measure_baseline(dir: &Path, count: usize) {
         }
     });
     let mut stream = std::os::unix::net::UnixStream::connect(&path).expect("connect baseline");
+    stream.set_nonblocking(poll).expect("socket mode");
     let request = [b'x'; 300];
     let mut answer = [0u8; 200];
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
         let started = Instant::now();
         stream.write_all(&request).expect("send");
-        stream.read_exact(&mut answer).expect("receive");
+        let mut received = 0;
+        while received < answer.len() {
+            match stream.read(&mut answer[received..]) {
+                Ok(0) => panic!("baseline echo closed"),
+                Ok(read) => received += read,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::yield_now();
+                }
+                Err(error) => panic!("baseline receive: {error}"),
+            }
+        }
         times.push(started.elapsed());
     }
     drop(stream);
     echo.join().expect("echo thread");
     times.sort_unstable();
+    let caller = if poll { "caller polls" } else { "caller sleeps" };
     println!(
-        "baseline: {count} raw Unix-socket round trips, median {:.1} us, p99 {:.1} us",
+        "baseline ({caller}): {count} raw Unix-socket round trips, median {:.1} us, p99 {:.1} us",
         percentile(&times, 0.5).as_secs_f64() * 1e6,
         percentile(&times, 0.99).as_secs_f64() * 1e6,
     );
@@ -308,9 +323,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    measure_baseline(&options.dir, options.queries);
+    measure_baseline(&options.dir, options.queries, false);
+    measure_baseline(&options.dir, options.queries, true);
     measure_queries(&daemon.socket, options.queries);
-    measure_baseline(&options.dir.join("data"), options.queries);
+    measure_baseline(&options.dir.join("data"), options.queries, false);
     measure_commits(&daemon.socket, 1, options.seconds);
     measure_commits(&daemon.socket, options.clients, options.seconds);
     if options.fill > 0 {
