@@ -1,6 +1,7 @@
 //! Pricing throughput on one core with the per-call limits in force: the
-//! flat-price example priced in a fresh instance each time, with the cost of
-//! instantiation alone measured beside it.
+//! flat-price example priced as the backoffice prices it (a reused instance,
+//! reset after each price), priced in a fresh instance each time, and the
+//! cost of a fresh instance alone, also for the smallest possible module.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -13,19 +14,42 @@ mod examples;
 fn pricing(c: &mut Criterion) {
     let pricing = Pricing::new();
     let taca = pricing.load(&examples::module("flat")).unwrap();
-    let input = PriceInput::invocation(
-        Cid::parse("B1-C1").unwrap(),
-        Code::Commit,
-        Pid::parse("B1-P7").unwrap(),
-        3,
-    );
+    assert!(taca.reuses_instances());
+    // Inputs that change from price to price, as in a batch.
+    let inputs: Vec<PriceInput> = (0..1000u64)
+        .map(|index| {
+            PriceInput::invocation(
+                Cid::parse(&format!("B1-C{}", 1 + index % 97)).unwrap(),
+                if index % 5 == 0 {
+                    Code::Query
+                } else {
+                    Code::Commit
+                },
+                Pid::parse("B1-P7").unwrap(),
+                index,
+            )
+        })
+        .collect();
     let mut group = c.benchmark_group("taca_flat");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("price (instantiate + call)", |b| {
-        b.iter(|| pricing.price(&taca, &input).unwrap())
+    let mut next = inputs.iter().cycle();
+    group.bench_function("price (reused instance, reset)", |b| {
+        b.iter(|| pricing.price(&taca, next.next().unwrap()).unwrap())
     });
-    group.bench_function("instantiate only", |b| {
+    group.bench_function("price (fresh instance)", |b| {
+        b.iter(|| pricing.price_fresh(&taca, next.next().unwrap()).unwrap())
+    });
+    group.bench_function("fresh instance only", |b| {
         b.iter(|| pricing.instantiate_only(&taca).unwrap())
+    });
+    let wat = wat::parse_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/flat.wat"
+    ))
+    .unwrap();
+    let smallest = pricing.load(&wat).unwrap();
+    group.bench_function("fresh instance only, hand-written module", |b| {
+        b.iter(|| pricing.instantiate_only(&smallest).unwrap())
     });
     group.finish();
 }

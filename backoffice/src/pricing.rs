@@ -2,20 +2,28 @@
 //! (`docs/taca-abi.md`). The only module that touches wasmtime.
 //!
 //! One `Engine` with every option set here; each module is compiled once and
-//! cached by the SHA-256 of its bytes as an `InstancePre`; every price is
-//! computed in a fresh `Store` and a fresh instance (from the pooling
-//! allocator), with its own fuel and memory limits, so no price depends on any
-//! price computed before it.
+//! cached by the SHA-256 of its bytes as an `InstancePre`; every price starts
+//! from the state an instance has right after instantiation, with its own fuel
+//! and memory limits, so no price depends on any price computed before it.
+//!
+//! Most modules are rewritten to track their writes (`track`), and their
+//! instances are reset to that state after each price and used again; the
+//! others get a fresh `Store` and instance (from the pooling allocator) for
+//! every price. Both give the same amount and the same fuel
+//! (`docs/taca-abi.md`, "How an instance is reused").
+
+mod track;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use proto::{Amount, Cid, Code, Pid};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, ModuleExport,
-    OptLevel, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
-    ValType,
+    Config, Engine, Global, Instance, InstanceAllocationStrategy, InstancePre, Linker, Memory,
+    Module, ModuleExport, OptLevel, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, TypedFunc, Val, ValType,
 };
 
 /// The ABI version this runtime runs.
@@ -34,8 +42,12 @@ pub const STACK_BYTES_MAX: usize = 512 * 1024;
 pub const INPUT_BYTES_MAX: usize = 1024;
 /// Longest Parlay X rating parameter, in bytes.
 pub const RATING_PARAMETER_BYTES_MAX: usize = 128;
-/// Instances that may exist at once (one per concurrent price).
+/// Instances that may exist at once for prices in progress.
 pub const CONCURRENT_INSTANCES_MAX: u32 = 64;
+/// Idle instances kept for reuse, over all modules.
+pub const WARM_INSTANCES_MAX: usize = 64;
+/// Idle instances kept for reuse per module (one per core is enough).
+pub const WARM_PER_MODULE_MAX: usize = 4;
 /// Bytes of each memory and table slot reset with memset, not madvise: enough
 /// for a Rust module's default layout (1 MiB of stack, then its data).
 pub const KEEP_RESIDENT_BYTES: usize = 2 * 1024 * 1024;
@@ -249,12 +261,62 @@ pub struct Taca {
     memory: ModuleExport,
     input: ModuleExport,
     price: ModuleExport,
+    /// Present when the module was rewritten to track its writes.
+    reuse: Option<Reuse>,
 }
 
 impl Taca {
     /// The module's hash.
     pub fn hash(&self) -> TacaHash {
         self.hash
+    }
+
+    /// Whether its instances are reset and reused rather than made anew.
+    pub fn reuses_instances(&self) -> bool {
+        self.reuse.is_some()
+    }
+}
+
+/// How instances of a rewritten module are found, reset and kept.
+struct Reuse {
+    low: ModuleExport,
+    high: ModuleExport,
+    globals: Vec<ModuleExport>,
+    /// The state right after instantiation, taken from the first instance.
+    base: OnceLock<Base>,
+    /// Idle instances, already reset.
+    warm: Mutex<Vec<Warm>>,
+}
+
+/// An instance's state right after instantiation.
+struct Base {
+    memory: Vec<u8>,
+    globals: Vec<Val>,
+    /// The write marks: a start function's writes are already in them.
+    marks: (i32, i32),
+    /// Fuel that instantiation used; part of every price's fuel.
+    fuel: u64,
+}
+
+/// An instance kept for reuse, with its own store.
+struct Warm {
+    store: Store<StoreState>,
+    memory: Memory,
+    input: TypedFunc<(), i32>,
+    price: TypedFunc<i32, i64>,
+    low: Global,
+    high: Global,
+    globals: Vec<Global>,
+    /// Counts this instance among the runtime's idle ones while it lives.
+    _count: WarmCount,
+}
+
+/// One unit of `Pricing::warm_count`, given back on drop.
+struct WarmCount(Arc<AtomicUsize>);
+
+impl Drop for WarmCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -269,6 +331,8 @@ pub struct Pricing {
     engine: Engine,
     linker: Linker<StoreState>,
     cache: Mutex<HashMap<TacaHash, Arc<Taca>>>,
+    /// Instances kept for reuse (idle or in use), over all modules.
+    warm_count: Arc<AtomicUsize>,
 }
 
 /// The engine configuration, every option chosen here rather than inherited.
@@ -302,9 +366,10 @@ fn config() -> Config {
     // copy-on-write image (4.6 us), whose page faults cost more than the copy.
     config.memory_init_cow(false);
     let mut pool = PoolingAllocationConfig::default();
-    pool.total_core_instances(CONCURRENT_INSTANCES_MAX);
-    pool.total_memories(CONCURRENT_INSTANCES_MAX);
-    pool.total_tables(CONCURRENT_INSTANCES_MAX);
+    let slots = CONCURRENT_INSTANCES_MAX + u32::try_from(WARM_INSTANCES_MAX).expect("small");
+    pool.total_core_instances(slots);
+    pool.total_memories(slots);
+    pool.total_tables(slots);
     pool.max_memories_per_module(1);
     pool.max_tables_per_module(1);
     pool.max_memory_size(MEMORY_BYTES_MAX);
@@ -317,12 +382,25 @@ fn config() -> Config {
     // wrote are reset: 4.1 us per price against 9.2 us with a 64 KiB memset
     // and madvise for the rest (docs/benchmarks.md).
     pool.linear_memory_keep_resident(KEEP_RESIDENT_BYTES);
-    pool.table_keep_resident(KEEP_RESIDENT_BYTES);
+    pool.table_keep_resident(4096);
     pool.pagemap_scan(wasmtime::Enabled::Auto);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config.memory_reservation(u64::try_from(MEMORY_BYTES_MAX).expect("fits u64"));
     config.memory_guard_size(64 * 1024);
     config
+}
+
+/// A new instance of `taca` in `store`; a full pool is `Busy`.
+fn instantiate(taca: &Taca, store: &mut Store<StoreState>) -> Result<Instance, PricingError> {
+    taca.pre.instantiate(store).map_err(|error| {
+        let text = format!("{error:#}");
+        if text.contains("maximum concurrent") || text.contains("pooling") && text.contains("limit")
+        {
+            PricingError::Busy
+        } else {
+            trap_error(&error)
+        }
+    })
 }
 
 fn trap_error(error: &wasmtime::Error) -> PricingError {
@@ -343,6 +421,54 @@ fn trap_error(error: &wasmtime::Error) -> PricingError {
     }
 }
 
+/// Puts a reused instance back into the state right after instantiation: the
+/// bytes written since instantiation (between the rewrite's marks, and where
+/// the host wrote the input), the mutable globals, the marks. False when it cannot (the memory
+/// grew, say): the instance is then dropped, not reused.
+fn reset(warm: &mut Warm, base: &Base, host_write: Option<std::ops::Range<usize>>) -> bool {
+    let mark = |global: &Global, store: &mut Store<StoreState>| global.get(store).i32();
+    let (Some(low), Some(high)) = (
+        mark(&warm.low, &mut warm.store),
+        mark(&warm.high, &mut warm.store),
+    ) else {
+        return false;
+    };
+    let data = warm.memory.data_mut(&mut warm.store);
+    if data.len() != base.memory.len() {
+        return false;
+    }
+    // The marks are unsigned addresses; nothing written leaves low > high.
+    let (mut low, mut high) = (low as u32 as usize, high as u32 as usize);
+    if let Some(range) = host_write {
+        low = low.min(range.start);
+        high = high.max(range.end);
+    }
+    let high = high.min(data.len());
+    if low < high {
+        data[low..high].copy_from_slice(&base.memory[low..high]);
+    }
+    for (global, value) in warm.globals.iter().zip(&base.globals) {
+        if global.set(&mut warm.store, *value).is_err() {
+            return false;
+        }
+    }
+    let (low, high) = base.marks;
+    warm.low.set(&mut warm.store, Val::I32(low)).is_ok()
+        && warm.high.set(&mut warm.store, Val::I32(high)).is_ok()
+}
+
+/// Bitwise equality of two global values (floats compared by their bits).
+fn same_value(a: &Val, b: &Val) -> bool {
+    match (a, b) {
+        (Val::I32(a), Val::I32(b)) => a == b,
+        (Val::I64(a), Val::I64(b)) => a == b,
+        (Val::F32(a), Val::F32(b)) => a == b,
+        (Val::F64(a), Val::F64(b)) => a == b,
+        (Val::V128(a), Val::V128(b)) => a.as_u128() == b.as_u128(),
+        _ => false,
+    }
+}
+
 impl Default for Pricing {
     fn default() -> Self {
         Self::new()
@@ -359,6 +485,7 @@ impl Pricing {
             engine,
             linker,
             cache: Mutex::new(HashMap::new()),
+            warm_count: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -372,9 +499,39 @@ impl Pricing {
         if let Some(taca) = self.lock_cache().get(&hash) {
             return Ok(Arc::clone(taca));
         }
-        let module = Module::from_binary(&self.engine, bytes)
-            .map_err(|error| ModuleError::Invalid(format!("{error:#}")))?;
-        let taca = Arc::new(self.prepare(hash, &module)?);
+        let compile = |bytes: &[u8]| {
+            Module::from_binary(&self.engine, bytes)
+                .map_err(|error| ModuleError::Invalid(format!("{error:#}")))
+        };
+        // The producer's module is validated and checked as uploaded; the
+        // rewrite (when the module is eligible) is what runs.
+        let module = compile(bytes)?;
+        let mut taca = self.prepare(hash, &module)?;
+        match track::rewrite(bytes) {
+            Ok(tracked) => {
+                let rewritten = compile(&tracked.bytes)?;
+                let mut rewritten_taca = self.prepare(hash, &rewritten)?;
+                let export = |name: &str| {
+                    rewritten
+                        .get_export_index(name)
+                        .ok_or_else(|| ModuleError::Invalid(format!("rewrite lost {name}")))
+                };
+                rewritten_taca.reuse = Some(Reuse {
+                    low: export(track::LOW_EXPORT)?,
+                    high: export(track::HIGH_EXPORT)?,
+                    globals: tracked
+                        .globals
+                        .iter()
+                        .map(|name| export(name))
+                        .collect::<Result<_, _>>()?,
+                    base: OnceLock::new(),
+                    warm: Mutex::new(Vec::new()),
+                });
+                taca = rewritten_taca;
+            }
+            Err(reason) => tracing::debug!(%hash, %reason, "fresh instance per price"),
+        }
+        let taca = Arc::new(taca);
         self.check_version(&taca)?;
         let mut cache = self.lock_cache();
         if cache.len() >= CACHED_MODULES_MAX {
@@ -455,6 +612,7 @@ impl Pricing {
             memory,
             input,
             price,
+            reuse: None,
         })
     }
 
@@ -492,20 +650,20 @@ impl Pricing {
         }
     }
 
-    /// Prices one reading in a fresh instance.
+    /// Prices one reading, in an instance in the state it had right after
+    /// instantiation: a reused one when the module allows it, else a new one.
     pub fn price(&self, taca: &Taca, input: &PriceInput) -> Result<Priced, PricingError> {
+        match &taca.reuse {
+            Some(reuse) => self.price_reused(taca, reuse, input),
+            None => self.price_fresh(taca, input),
+        }
+    }
+
+    /// Prices one reading in a new store and instance.
+    pub fn price_fresh(&self, taca: &Taca, input: &PriceInput) -> Result<Priced, PricingError> {
         let bytes = input.encode()?;
         let mut store = self.store()?;
-        let instance = taca.pre.instantiate(&mut store).map_err(|error| {
-            let text = format!("{error:#}");
-            if text.contains("maximum concurrent")
-                || text.contains("pooling") && text.contains("limit")
-            {
-                PricingError::Busy
-            } else {
-                trap_error(&error)
-            }
-        })?;
+        let instance = instantiate(taca, &mut store)?;
         let extern_of = |store: &mut Store<StoreState>, export: &ModuleExport| {
             instance
                 .get_module_export(&mut *store, export)
@@ -547,8 +705,152 @@ impl Pricing {
         })
     }
 
-    /// Prices many readings, each in its own fresh instance as [`price`]
-    /// does, spread over the machine's cores. Results come back in the order
+    /// Prices one reading in a reused instance of a rewritten module, then
+    /// resets the instance (`reset`) and keeps it for the next price.
+    fn price_reused(
+        &self,
+        taca: &Taca,
+        reuse: &Reuse,
+        input: &PriceInput,
+    ) -> Result<Priced, PricingError> {
+        let bytes = input.encode()?;
+        let idle = reuse
+            .warm
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let mut warm = match idle {
+            Some(warm) => warm,
+            None => self.warm(taca, reuse)?,
+        };
+        let base = reuse.base.get().expect("set by the first instance");
+        let budget = FUEL_PER_CALL - base.fuel;
+        warm.store
+            .set_fuel(budget)
+            .map_err(|error| trap_error(&error))?;
+        let mut host_write = None;
+        let outcome = (|| {
+            let address = warm
+                .input
+                .call(&mut warm.store, ())
+                .map_err(|error| trap_error(&error))?;
+            let start = usize::try_from(address).map_err(|_| PricingError::BadInputArea)?;
+            let area = warm
+                .memory
+                .data_mut(&mut warm.store)
+                .get_mut(start..start + INPUT_BYTES_MAX)
+                .ok_or(PricingError::BadInputArea)?;
+            area[..bytes.len()].copy_from_slice(&bytes);
+            host_write = Some(start..start + bytes.len());
+            let length = i32::try_from(bytes.len()).expect("input fits i32");
+            let result = warm
+                .price
+                .call(&mut warm.store, length)
+                .map_err(|error| trap_error(&error))?;
+            let left = warm.store.get_fuel().map_err(|error| trap_error(&error))?;
+            if result < 0 {
+                return Err(PricingError::Refused(result.unsigned_abs()));
+            }
+            Ok(Priced {
+                amount: Amount::from_nanos(result),
+                fuel: base.fuel + (budget - left),
+            })
+        })();
+        // Over either budget, the instance is dropped after this one price,
+        // as a fresh one would be.
+        if reset(&mut warm, base, host_write)
+            && self.warm_count.load(Ordering::Relaxed) <= WARM_INSTANCES_MAX
+        {
+            let mut idle = reuse
+                .warm
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if idle.len() < WARM_PER_MODULE_MAX {
+                idle.push(warm);
+            }
+        }
+        outcome
+    }
+
+    /// A new instance of a rewritten module for reuse. The first one of a
+    /// module records the state after instantiation; every later one is
+    /// checked against it.
+    fn warm(&self, taca: &Taca, reuse: &Reuse) -> Result<Warm, PricingError> {
+        self.warm_count.fetch_add(1, Ordering::Relaxed);
+        let count = WarmCount(Arc::clone(&self.warm_count));
+        let mut store = self.store()?;
+        let instance = instantiate(taca, &mut store)?;
+        let fuel = FUEL_PER_CALL - store.get_fuel().map_err(|error| trap_error(&error))?;
+        let export = |store: &mut Store<StoreState>, export: &ModuleExport| {
+            instance
+                .get_module_export(&mut *store, export)
+                .expect("exports checked at load")
+        };
+        let global = |store: &mut Store<StoreState>, index: &ModuleExport| {
+            export(store, index)
+                .into_global()
+                .expect("the rewrite exports globals")
+        };
+        let memory = export(&mut store, &taca.memory)
+            .into_memory()
+            .expect("memory checked at load");
+        let input = export(&mut store, &taca.input)
+            .into_func()
+            .expect("function checked at load")
+            .typed::<(), i32>(&store)
+            .expect("type checked at load");
+        let price = export(&mut store, &taca.price)
+            .into_func()
+            .expect("function checked at load")
+            .typed::<i32, i64>(&store)
+            .expect("type checked at load");
+        let low = global(&mut store, &reuse.low);
+        let high = global(&mut store, &reuse.high);
+        let globals: Vec<Global> = reuse
+            .globals
+            .iter()
+            .map(|index| global(&mut store, index))
+            .collect();
+        let values: Vec<Val> = globals.iter().map(|g| g.get(&mut store)).collect();
+        let marks = (
+            low.get(&mut store).unwrap_i32(),
+            high.get(&mut store).unwrap_i32(),
+        );
+        let base = reuse.base.get_or_init(|| Base {
+            memory: memory.data(&store).to_vec(),
+            globals: values.clone(),
+            marks,
+            fuel,
+        });
+        // Instantiation is deterministic; this guards the assumption.
+        let same_globals = values.len() == base.globals.len()
+            && values
+                .iter()
+                .zip(&base.globals)
+                .all(|(a, b)| same_value(a, b));
+        if base.fuel != fuel
+            || base.marks != marks
+            || memory.data(&store) != base.memory.as_slice()
+            || !same_globals
+        {
+            return Err(PricingError::Trap(
+                "instantiation is not deterministic".into(),
+            ));
+        }
+        Ok(Warm {
+            store,
+            memory,
+            input,
+            price,
+            low,
+            high,
+            globals,
+            _count: count,
+        })
+    }
+
+    /// Prices many readings as [`price`] does, spread over the machine's
+    /// cores. Results come back in the order
     /// of `jobs`; since no price depends on another, the order of work does
     /// not change them.
     ///

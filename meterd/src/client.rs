@@ -379,7 +379,8 @@ mod tests {
         let _theirs = late.join().expect("writer");
         // The socket is back in blocking mode for the next call: a read
         // waits for its timeout instead of returning at once.
-        ours.set_read_timeout(Some(Duration::from_millis(10))).expect("timeout");
+        ours.set_read_timeout(Some(Duration::from_millis(10)))
+            .expect("timeout");
         let waited = Instant::now();
         let mut byte = [0u8; 1];
         ours.read(&mut byte).expect_err("nothing more to read");

@@ -285,3 +285,116 @@ fn modules_are_cached_by_content_hash() {
     );
     assert_eq!(first.hash().to_string().len(), 64);
 }
+
+/// Varied inputs, each twice and in an order that revisits earlier ones:
+/// periods 1..=40, every code, and `unit` strings of changing length (so a
+/// long input is followed by a short one in the same input area).
+fn varied_inputs() -> Vec<PriceInput> {
+    let codes = [Code::Commit, Code::Query, Code::Login, Code::Logout];
+    let mut inputs: Vec<PriceInput> = (1..=40u64)
+        .map(|period| {
+            let mut input = input(codes[period as usize % codes.len()], "B1-P7", period);
+            input.volume = period * 3;
+            input.unit = "u".repeat((period as usize * 37) % 120);
+            input
+        })
+        .collect();
+    let again: Vec<PriceInput> = inputs.iter().rev().step_by(3).cloned().collect();
+    inputs.extend(again);
+    inputs.extend(inputs.clone());
+    inputs
+}
+
+/// Prices every varied input through `price` (a reused instance when the
+/// module allows it) and through a fresh instance: amounts, refusals, traps
+/// and fuel must all agree.
+fn reused_equals_fresh(bytes: &[u8], reused: bool) {
+    let pricing = Pricing::new();
+    let taca = pricing.load(bytes).expect("module loads");
+    assert_eq!(taca.reuses_instances(), reused, "eligibility for reuse");
+    for (index, input) in varied_inputs().iter().enumerate() {
+        let fresh = pricing.price_fresh(&taca, input);
+        let again = pricing.price(&taca, input);
+        assert_eq!(again, fresh, "input {index}: {input:?}");
+    }
+}
+
+#[test]
+fn every_example_reuses_instances_with_the_prices_and_fuel_of_fresh_ones() {
+    for name in ["flat", "free-test", "tiered", "per-unit", "capped"] {
+        reused_equals_fresh(&module(name), true);
+    }
+    let hand = wat::parse_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/flat.wat"
+    ))
+    .unwrap();
+    reused_equals_fresh(&hand, true);
+}
+
+#[test]
+fn state_kept_anywhere_does_not_survive_into_the_next_price() {
+    // Period uses sit at offset 16 of the input area (address 1024).
+    let cases = [
+        // A counter in memory.
+        "(i32.store (i32.const 4096) (i32.add (i32.load (i32.const 4096)) (i32.const 1)))
+         (i64.extend_i32_u (i32.load (i32.const 4096)))",
+        // At an address chosen by the input, through a memarg offset.
+        "(local $slot i32)
+         (local.set $slot (i32.shl (i32.wrap_i64 (i64.load (i32.const 1040))) (i32.const 3)))
+         (i64.store offset=8192 (local.get $slot) (i64.add (i64.load offset=8192 (local.get $slot)) (i64.const 7)))
+         (i64.load offset=8192 (local.get $slot))",
+        // Narrow and floating-point stores.
+        "(i64.store8 (i32.const 5000) (i64.add (i64.load8_u (i32.const 5000)) (i64.const 1)))
+         (f64.store (i32.const 5008) (f64.add (f64.load (i32.const 5008)) (f64.const 1.5)))
+         (i64.add (i64.load8_u (i32.const 5000)) (i64.trunc_f64_u (f64.load (i32.const 5008))))",
+        // SIMD stores, whole and one lane.
+        "(v128.store offset=12000 (i32.const 0)
+           (i32x4.add (v128.load offset=12000 (i32.const 0)) (v128.const i32x4 1 1 1 1)))
+         (v128.store8_lane offset=13000 0 (i32.const 0)
+           (i8x16.splat (i32.add (i32.load8_u offset=13000 (i32.const 0)) (i32.const 1))))
+         (i64.extend_i32_u (i32.add (i32.load offset=12000 (i32.const 0)) (i32.load8_u offset=13000 (i32.const 0))))",
+        // memory.fill and memory.copy.
+        "(memory.fill (i32.const 20000) (i32.add (i32.load8_u (i32.const 20000)) (i32.const 1)) (i32.const 100))
+         (if (i64.eqz (i64.load (i32.const 31000)))
+           (then (memory.copy (i32.const 31000) (i32.const 1040) (i32.const 8))))
+         (i64.add (i64.load8_u (i32.const 20099)) (i64.mul (i64.load (i32.const 31000)) (i64.const 1000)))",
+        // Written, then a trap on odd periods.
+        "(i32.store (i32.const 4096) (i32.add (i32.load (i32.const 4096)) (i32.const 1)))
+         (if (i64.ne (i64.const 0) (i64.and (i64.load (i32.const 1040)) (i64.const 1))) (then unreachable))
+         (i64.extend_i32_u (i32.load (i32.const 4096)))",
+        // Written, then out of fuel on every third period.
+        "(i32.store (i32.const 4096) (i32.add (i32.load (i32.const 4096)) (i32.const 1)))
+         (if (i64.eqz (i64.rem_u (i64.load (i32.const 1040)) (i64.const 3)))
+           (then (loop $again (br $again))))
+         (i64.extend_i32_u (i32.load (i32.const 4096)))",
+        // Reads past the end of this input, where a longer earlier one was.
+        "(i64.load (i32.const 1140))",
+        // Grows its memory and writes in the new page.
+        "(drop (memory.grow (i32.const 1)))
+         (i32.store (i32.const 70000) (i32.add (i32.load (i32.const 70000)) (i32.const 1)))
+         (i64.extend_i32_u (i32.add (memory.size) (i32.load (i32.const 70000))))",
+    ];
+    for body in cases {
+        reused_equals_fresh(&taca_wat("", body), true);
+    }
+    // Globals, and a start function whose work is part of the first state.
+    let started = taca_wat(
+        "(global $calls (mut i64) (i64.const 0))
+         (func $init (global.set $calls (i64.const 40)) (i32.store (i32.const 4096) (i32.const 2)))
+         (start $init)",
+        "(global.set $calls (i64.add (global.get $calls) (i64.const 1)))
+         (i32.store (i32.const 4096) (i32.mul (i32.load (i32.const 4096)) (i32.const 3)))
+         (if (i64.ne (i64.const 0) (i64.and (i64.load (i32.const 1040)) (i64.const 1))) (then unreachable))
+         (i64.add (global.get $calls) (i64.extend_i32_u (i32.load (i32.const 4096))))",
+    );
+    reused_equals_fresh(&started, true);
+    // A module that could change what the marks do not cover is not reused.
+    let drops = taca_wat(r#"(data $spare "abc")"#, "(data.drop $spare) (i64.const 5)");
+    reused_equals_fresh(&drops, false);
+    let table = taca_wat(
+        "(table $t 1 funcref) (func $f) (elem declare func $f)",
+        "(table.set $t (i32.const 0) (ref.func $f)) (i64.const 5)",
+    );
+    reused_equals_fresh(&table, false);
+}

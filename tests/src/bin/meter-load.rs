@@ -174,7 +174,11 @@ fn client(socket: &Path, name: &str) -> Meter {
 /// (yielding) as the client library does for calls answered from memory.
 fn measure_baseline(dir: &Path, count: usize, poll: bool) {
     use std::io::{Read, Write};
-    let path = dir.join(if poll { "baseline-poll.sock" } else { "baseline.sock" });
+    let path = dir.join(if poll {
+        "baseline-poll.sock"
+    } else {
+        "baseline.sock"
+    });
     let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind baseline socket");
     let echo = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().expect("accept");
@@ -207,7 +211,11 @@ fn measure_baseline(dir: &Path, count: usize, poll: bool) {
     drop(stream);
     echo.join().expect("echo thread");
     times.sort_unstable();
-    let caller = if poll { "caller polls" } else { "caller sleeps" };
+    let caller = if poll {
+        "caller polls"
+    } else {
+        "caller sleeps"
+    };
     println!(
         "baseline ({caller}): {count} raw Unix-socket round trips, median {:.1} us, p99 {:.1} us",
         percentile(&times, 0.5).as_secs_f64() * 1e6,
