@@ -663,7 +663,7 @@ impl<S: Store> Backoffice<S> {
     }
 
     /// Prices `uses` in order, as if one after the other: the prices
-    /// themselves run on all cores, each in a fresh instance.
+    /// themselves run on all cores, each in an instance as instantiated.
     fn price_uses(
         &self,
         lookups: &mut Lookups,

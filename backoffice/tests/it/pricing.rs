@@ -249,8 +249,8 @@ fn prices_and_fuel_are_deterministic_alone_or_in_a_batch() {
     let tiered = pricing.load(&module("tiered")).unwrap();
     let alone = pricing.price(&tiered, &commit(42)).unwrap();
     assert!(alone.fuel > 0 && alone.fuel < FUEL_PER_CALL);
-    // A module that keeps state in its memory would leak it between calls if
-    // instances were reused; every call gets a fresh one.
+    // A module that keeps state in a global would leak it between calls if
+    // a reused instance were not reset.
     let counter = taca_wat(
         "(global $calls (mut i64) (i64.const 0))",
         "(global.set $calls (i64.add (global.get $calls) (i64.const 1))) (global.get $calls)",
