@@ -108,28 +108,37 @@ fn main() {
             })
             .collect()
     };
-    let work: Vec<(Mid, &Secret, Vec<Vec<u8>>)> = meters
+    // Each body signed as its meter signs it, before the clock starts: the
+    // signing is the meter's work, not the backoffice's.
+    let work: Vec<(Mid, Vec<(Vec<u8>, String, String)>)> = meters
         .iter()
-        .map(|(mid, secret)| (*mid, secret, bodies(*mid)))
+        .map(|(mid, secret)| {
+            let signed = bodies(*mid)
+                .into_iter()
+                .enumerate()
+                .map(|(index, body)| {
+                    let time_ms = now_ms + index as u64;
+                    let signature = secret.sign(mid, time_ms, &body);
+                    (body, time_ms.to_string(), signature)
+                })
+                .collect();
+            (*mid, signed)
+        })
         .collect();
     let started = Instant::now();
     let latencies: Vec<Duration> = std::thread::scope(|scope| {
         let handles: Vec<_> = work
             .iter()
-            .map(|(mid, secret, bodies)| {
+            .map(|(mid, bodies)| {
                 let backoffice = &backoffice;
                 scope.spawn(move || {
                     bodies
                         .iter()
-                        .enumerate()
-                        .map(|(index, body)| {
-                            let time_ms = now_ms + index as u64;
-                            let signature = secret.sign(mid, time_ms, body);
-                            let time = time_ms.to_string();
+                        .map(|(body, time, signature)| {
                             let signed = Signed {
                                 mid: Some(mid.as_str()),
-                                time: Some(&time),
-                                signature: Some(&signature),
+                                time: Some(time),
+                                signature: Some(signature),
                             };
                             let begun = Instant::now();
                             backoffice

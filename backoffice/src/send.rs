@@ -84,6 +84,9 @@ pub struct Backoffice<S> {
     store: S,
     pricing: Pricing,
     ledger: Mutex<Ledger>,
+    /// Stored period counts already read, kept equal to the store's: locked
+    /// only while `ledger` is held, and updated where the store is.
+    period_counts: Mutex<PeriodCounts>,
     seen: Mutex<SeenSignatures>,
     params: MeterParams,
     counters: Counters,
@@ -124,11 +127,30 @@ fn internal(error: &dyn std::fmt::Display) -> Fault {
 /// What one batch looks up, kept for the batch so each is read once.
 #[derive(Default)]
 struct Lookups {
-    products: HashMap<Pid, Option<Product>>,
+    /// Shared, not cloned, by every reading of the product.
+    products: HashMap<Pid, Option<std::sync::Arc<Product>>>,
     /// What decides each customer's standing: credit limit and deny flag
     /// (`None`: no such customer).
     customers: HashMap<Cid, Option<(proto::Amount, bool)>>,
     tacas: HashMap<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
+}
+
+/// Most period counts kept in memory; past it the cache starts again empty.
+pub const PERIOD_COUNTS_CACHED_MAX: usize = 1_000_000;
+
+/// Period counts as stored, so that a batch reads each from sled only once
+/// per process instead of once per batch.
+#[derive(Default)]
+struct PeriodCounts(HashMap<PeriodKey, u64>);
+
+impl PeriodCounts {
+    /// Records counts that are now stored.
+    fn stored(&mut self, counts: &[(PeriodKey, u64)]) {
+        if self.0.len() + counts.len() > PERIOD_COUNTS_CACHED_MAX {
+            self.0.clear();
+        }
+        self.0.extend(counts.iter().copied());
+    }
 }
 
 /// A committed use, with its payer resolved, ready to price.
@@ -354,6 +376,7 @@ impl<S: Store> Backoffice<S> {
             store,
             pricing: Pricing::new(),
             ledger: Mutex::new(ledger),
+            period_counts: Mutex::new(PeriodCounts::default()),
             seen: Mutex::new(SeenSignatures::default()),
             params,
             counters: Counters::default(),
@@ -449,11 +472,16 @@ impl<S: Store> Backoffice<S> {
     }
 
     fn send_counted(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
-        let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
-        if call.name != proto::upload::SEND_METHOD {
-            return Err(Fault::method_not_found(&call.name));
-        }
-        let request = SendRequest::from_call(&call)?;
+        let request = match SendRequest::decode_extended(body, Limits::BACKOFFICE) {
+            Some(request) => request,
+            None => {
+                let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
+                if call.name != proto::upload::SEND_METHOD {
+                    return Err(Fault::method_not_found(&call.name));
+                }
+                SendRequest::from_call(&call)?
+            }
+        };
         let signature = self.authenticate(&request.mid, signed, body, now_ms)?;
         let readings = match &request.body {
             SendBody::Batch(batch) => batch.readings.len(),
@@ -555,13 +583,17 @@ impl<S: Store> Backoffice<S> {
 
     fn product(
         &self,
-        cache: &mut HashMap<Pid, Option<Product>>,
+        cache: &mut HashMap<Pid, Option<std::sync::Arc<Product>>>,
         pid: Pid,
-    ) -> Result<Option<Product>, Fault> {
+    ) -> Result<Option<std::sync::Arc<Product>>, Fault> {
         if let Some(product) = cache.get(&pid) {
             return Ok(product.clone());
         }
-        let product = self.store.product(&pid).map_err(|error| internal(&error))?;
+        let product = self
+            .store
+            .product(&pid)
+            .map_err(|error| internal(&error))?
+            .map(std::sync::Arc::new);
         cache.insert(pid, product.clone());
         Ok(product)
     }
@@ -617,6 +649,18 @@ impl<S: Store> Backoffice<S> {
         })
     }
 
+    /// Reads what `plan` needs of the store for `uses` into `lookups`:
+    /// payers, products and their modules.
+    fn look_up(&self, lookups: &mut Lookups, uses: &[Use]) -> Result<(), Fault> {
+        for usage in uses {
+            if let Some(product) = self.product(&mut lookups.products, usage.pid)? {
+                self.taca(lookups, &product)?.ok();
+            }
+            self.payer_cid(lookups, usage.payer)?.ok();
+        }
+        Ok(())
+    }
+
     /// Resolves one use up to its price: `Ok(Ok(None))` for the free test
     /// PID, `Ok(Err(reason))` when it belongs in suspense, `Err` when the
     /// store failed. Counts the use in its period, to be undone if its price
@@ -624,6 +668,7 @@ impl<S: Store> Backoffice<S> {
     fn plan(
         &self,
         lookups: &mut Lookups,
+        stored: &mut PeriodCounts,
         periods: &mut HashMap<PeriodKey, u64>,
         usage: &Use,
     ) -> Result<Result<Option<Job>, String>, Fault> {
@@ -646,12 +691,16 @@ impl<S: Store> Backoffice<S> {
             Ok(taca) => taca,
             Err(reason) => return Ok(Err(reason)),
         };
-        let count = match periods.get(&period) {
+        let count = match periods.get(&period).or_else(|| stored.0.get(&period)) {
             Some(count) => *count,
-            None => self
-                .store
-                .period_uses(&period)
-                .map_err(|error| internal(&error))?,
+            None => {
+                let count = self
+                    .store
+                    .period_uses(&period)
+                    .map_err(|error| internal(&error))?;
+                stored.stored(&[(period, count)]);
+                count
+            }
         };
         periods.insert(period, count + 1);
         Ok(Ok(Some(Job {
@@ -667,13 +716,14 @@ impl<S: Store> Backoffice<S> {
     fn price_uses(
         &self,
         lookups: &mut Lookups,
+        stored: &mut PeriodCounts,
         periods: &mut HashMap<PeriodKey, u64>,
         uses: &[Use],
     ) -> Result<Vec<Fate>, Fault> {
         let mut fates = Vec::with_capacity(uses.len());
         let mut jobs = Vec::new();
         for usage in uses {
-            match self.plan(lookups, periods, usage)? {
+            match self.plan(lookups, stored, periods, usage)? {
                 Err(reason) => fates.push(Fate::Suspense(reason)),
                 Ok(None) => fates.push(Fate::Free),
                 Ok(Some(job)) => {
@@ -733,6 +783,7 @@ impl<S: Store> Backoffice<S> {
         let mut totals = Totals::default();
         let mut resolved = Vec::new();
         let mut ledger = lock(&self.ledger);
+        let mut stored = lock(&self.period_counts);
         let uses: Vec<Use> = records
             .iter()
             .map(|record| Use {
@@ -749,7 +800,7 @@ impl<S: Store> Backoffice<S> {
         // progress line per chunk: suspense may hold millions of readings.
         let mut fates = Vec::with_capacity(uses.len());
         for (done, chunk) in uses.chunks(REPRICE_CHUNK).enumerate() {
-            fates.extend(self.price_uses(&mut lookups, &mut periods, chunk)?);
+            fates.extend(self.price_uses(&mut lookups, &mut stored, &mut periods, chunk)?);
             if uses.len() > REPRICE_CHUNK {
                 tracing::info!(
                     priced = (done * REPRICE_CHUNK + chunk.len()),
@@ -778,6 +829,7 @@ impl<S: Store> Backoffice<S> {
         self.store
             .resolve_suspense(&resolved, &prepared, &period_uses)
             .map_err(|error| internal(&error))?;
+        stored.stored(&period_uses);
         ledger.commit(prepared);
         Ok((resolved.len(), records.len() - resolved.len()))
     }
@@ -792,8 +844,12 @@ impl<S: Store> Backoffice<S> {
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut totals = Totals::default();
         let mut suspense = Vec::new();
+        // Customers, products and modules are read before the books are
+        // locked, so that another meter's batch is not kept waiting for them.
+        self.look_up(&mut lookups, &uses)?;
         let mut ledger = lock(&self.ledger);
-        let fates = self.price_uses(&mut lookups, &mut periods, &uses)?;
+        let mut stored = lock(&self.period_counts);
+        let fates = self.price_uses(&mut lookups, &mut stored, &mut periods, &uses)?;
         for (usage, fate) in uses.iter().zip(fates) {
             match fate {
                 Fate::Free => {}
@@ -855,6 +911,8 @@ impl<S: Store> Backoffice<S> {
         let transfer_count = prepared.len();
         match self.store.apply_batch(key, effects) {
             Ok(()) => {
+                stored.stored(&period_uses);
+                drop(stored);
                 ledger.commit(prepared);
                 drop(ledger);
                 let oldest = uses
@@ -882,6 +940,7 @@ impl<S: Store> Backoffice<S> {
                 Ok(value)
             }
             Err(StoreError::AlreadyApplied(_)) => {
+                drop(stored);
                 drop(ledger);
                 let stored = self
                     .store

@@ -1,6 +1,7 @@
 //! Any bytes given to a server's request path get an answer that is itself a
 //! valid XML-RPC response, and never a panic; any call that parses decodes as
-//! a meter call or an upload without panicking.
+//! a meter call or an upload without panicking; and whatever the streaming
+//! `send` decoder decodes, the general one decodes the same way.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,6 +14,12 @@ fuzz_target!(|body: &[u8]| {
     if let Ok(call) = parse_call(body, limits) {
         let _ = MeterCall::from_call(&call);
         let _ = SendRequest::from_call(&call);
+    }
+    for limits in [Limits::BACKOFFICE, Limits::METER_API] {
+        if let Some(fast) = SendRequest::decode_extended(body, limits) {
+            let call = parse_call(body, limits).expect("the streaming decoder's body parses");
+            assert_eq!(SendRequest::from_call(&call), Ok(fast));
+        }
     }
     let answer = handle_call(body, limits, |call| Ok(Value::Array(call.params)));
     parse_response(&answer, Limits::BACKOFFICE).expect("our own answer parses");

@@ -64,6 +64,9 @@ fn codec(c: &mut Criterion) {
             SendRequest::from_call(&call).unwrap()
         })
     });
+    group.bench_function(BenchmarkId::new("decode_extended", "proto"), |b| {
+        b.iter(|| SendRequest::decode_extended(&body, Limits::BACKOFFICE).unwrap())
+    });
     group.bench_function(BenchmarkId::new("encode", "proto"), |b| {
         b.iter(|| encode_call("send", &request.to_params()))
     });

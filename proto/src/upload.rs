@@ -12,7 +12,9 @@ use crate::fault::{Fault, FaultCode};
 use crate::id::{BatchId, Cid, Context, IdError, Mid, Payer, Pid};
 use crate::params::Params;
 use crate::reading::{Code, Event, Reading};
-use crate::xmlrpc::{Member, MethodCall, Value};
+use crate::xmlrpc::{Limits, Member, MethodCall, Value};
+
+mod stream;
 
 /// Most readings accepted in one batch. A batch of this many readings with
 /// every field at its longest still fits `Limits::BACKOFFICE.body_bytes_max`.
@@ -245,6 +247,16 @@ fn check_count(count: usize) -> Result<(), Fault> {
 }
 
 impl SendRequest {
+    /// Decodes a whole `send` body in the extended form straight from the
+    /// XML, without the intermediate `Value` tree (about twice as fast).
+    /// `None` for anything else, Cox's minimal form and every malformed body
+    /// included: decode those with `parse_call` and [`SendRequest::from_call`],
+    /// which also say what is wrong. Whenever this returns a request, those
+    /// return the same one.
+    pub fn decode_extended(body: &[u8], limits: Limits) -> Option<SendRequest> {
+        stream::decode(body, limits)
+    }
+
     /// Decodes a `send` call in either form.
     pub fn from_call(call: &MethodCall) -> Result<SendRequest, Fault> {
         let params = Params::new(SEND_METHOD, &call.params);

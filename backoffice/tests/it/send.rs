@@ -589,3 +589,36 @@ fn a_deposit_is_posted_only_when_the_macro_account_pays() {
     assert_eq!(balance(&world, world.producer), amount("5"));
     world.backoffice.ledger().verify();
 }
+
+#[test]
+fn period_counts_carry_from_batch_to_batch_as_within_one() {
+    // 18 uses of the tiered component, paid by the consumer: the first ten
+    // in the month are free, the next eight 0.05 each, whether they come in
+    // one batch or in three.
+    let commits = |world: &World, count: usize| -> Vec<Event> {
+        (0..count)
+            .map(|_| Event::Commit {
+                pid: world.component,
+                payer: Some(Payer::Customer(world.consumer)),
+            })
+            .collect()
+    };
+    let one = world();
+    let body = batch(&one, "B1-M1:100", commits(&one, 18));
+    send(&one, &body, NOW_MS).unwrap();
+    let three = world();
+    for (index, id) in ["B1-M1:100", "B1-M1:200", "B1-M1:300"].iter().enumerate() {
+        let body = batch(&three, id, commits(&three, 6));
+        send(&three, &body, NOW_MS + index as u64).unwrap();
+    }
+    for world in [&one, &three] {
+        assert_eq!(balance(world, world.consumer), amount("9.60"));
+        let period = backoffice::store::PeriodKey {
+            payer: world.consumer,
+            pid: world.component,
+            month: backoffice::send::month_of(NOW_MS - 1000),
+        };
+        assert_eq!(world.backoffice.store().period_uses(&period).unwrap(), 18);
+        world.backoffice.ledger().verify();
+    }
+}

@@ -149,7 +149,7 @@ fn is_method_name(name: &str) -> bool {
 
 /// The element names of XML-RPC; anything else is `Unknown`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tag {
+pub(crate) enum Tag {
     MethodCall,
     MethodResponse,
     MethodName,
@@ -201,26 +201,36 @@ fn tag_of(name: &[u8]) -> Tag {
     }
 }
 
-enum Token<'a> {
+pub(crate) enum Token<'a> {
     Open(Tag),
     Close,
     Text(Cow<'a, str>),
     Eof,
 }
 
-const END_OF_BODY: &str = "end of body";
+/// The start of a `<value>`'s content.
+pub(crate) enum ValueStart<'a> {
+    /// Bare text, a string; `</value>` is consumed.
+    Text(Cow<'a, str>),
+    /// The opening tag of the typed element; its content and `</value>` follow.
+    Typed(Tag),
+}
+
+pub(crate) const END_OF_BODY: &str = "end of body";
 
 /// Struct size from which duplicate names are found by sorting, not scanning.
 const STRUCT_SCAN_MEMBERS_MAX: usize = 16;
 
-struct Parser<'a> {
+/// The pull parser under `parse_call`, also driven directly by decoders that
+/// skip the `Value` tree (`upload`'s `send`).
+pub(crate) struct Parser<'a> {
     reader: Reader<&'a [u8]>,
     limits: Limits,
     depth: usize,
 }
 
 impl<'a> Parser<'a> {
-    fn new(body: &'a [u8], limits: Limits) -> Result<Self, CodecError> {
+    pub(crate) fn new(body: &'a [u8], limits: Limits) -> Result<Self, CodecError> {
         if body.len() > limits.body_bytes_max {
             return Err(CodecError::TooLarge {
                 len: body.len(),
@@ -295,7 +305,7 @@ impl<'a> Parser<'a> {
     }
 
     /// The next token that is not whitespace; other text is an error.
-    fn structural(&mut self, expected: &'static str) -> Result<Token<'a>, CodecError> {
+    pub(crate) fn structural(&mut self, expected: &'static str) -> Result<Token<'a>, CodecError> {
         loop {
             match self.token()? {
                 Token::Text(text) if is_xml_space(&text) => continue,
@@ -306,21 +316,25 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn expect_open(&mut self, tag: Tag, expected: &'static str) -> Result<(), CodecError> {
+    pub(crate) fn expect_open(
+        &mut self,
+        tag: Tag,
+        expected: &'static str,
+    ) -> Result<(), CodecError> {
         match self.structural(expected)? {
             Token::Open(found) if found == tag => Ok(()),
             _ => Err(self.structure(expected)),
         }
     }
 
-    fn expect_close(&mut self, expected: &'static str) -> Result<(), CodecError> {
+    pub(crate) fn expect_close(&mut self, expected: &'static str) -> Result<(), CodecError> {
         match self.structural(expected)? {
             Token::Close => Ok(()),
             _ => Err(self.structure(expected)),
         }
     }
 
-    fn expect_eof(&mut self) -> Result<(), CodecError> {
+    pub(crate) fn expect_eof(&mut self) -> Result<(), CodecError> {
         match self.structural(END_OF_BODY)? {
             Token::Eof => Ok(()),
             _ => Err(self.structure(END_OF_BODY)),
@@ -335,7 +349,10 @@ impl<'a> Parser<'a> {
     }
 
     /// Text up to the close of the current element, which must hold no elements.
-    fn text_until_close(&mut self, expected: &'static str) -> Result<Cow<'a, str>, CodecError> {
+    pub(crate) fn text_until_close(
+        &mut self,
+        expected: &'static str,
+    ) -> Result<Cow<'a, str>, CodecError> {
         let mut collected: Cow<'a, str> = Cow::Borrowed("");
         loop {
             match self.token()? {
@@ -367,27 +384,37 @@ impl<'a> Parser<'a> {
     /// The content of a `<value>` up to and including `</value>`: one typed
     /// element, or bare text (a string).
     fn value_body(&mut self) -> Result<Value, CodecError> {
+        match self.value_start()? {
+            ValueStart::Text(text) => Ok(Value::String(text.into_owned())),
+            ValueStart::Typed(tag) => {
+                let value = self.typed(tag)?;
+                self.expect_close("</value>")?;
+                Ok(value)
+            }
+        }
+    }
+
+    /// The start of a `<value>`'s content: bare text up to `</value>`
+    /// (consumed), or the opening tag of its typed element.
+    pub(crate) fn value_start(&mut self) -> Result<ValueStart<'a>, CodecError> {
         let mut text: Cow<'a, str> = Cow::Borrowed("");
         loop {
             match self.token()? {
                 Token::Text(piece) if text.is_empty() => text = piece,
                 Token::Text(piece) => text.to_mut().push_str(&piece),
-                Token::Close => return Ok(Value::String(text.into_owned())),
+                Token::Close => return Ok(ValueStart::Text(text)),
                 Token::Open(tag) => {
                     if !is_xml_space(&text) {
                         return Err(self.structure("either a type element or text in <value>"));
                     }
-                    let value = self.typed(tag)?;
-                    self.expect_close("</value>")?;
-                    return Ok(value);
+                    return Ok(ValueStart::Typed(tag));
                 }
                 Token::Eof => return Err(self.truncated()),
             }
         }
     }
 
-    /// A typed value after its opening tag, up to and including its close.
-    fn typed(&mut self, tag: Tag) -> Result<Value, CodecError> {
+    pub(crate) fn typed(&mut self, tag: Tag) -> Result<Value, CodecError> {
         match tag {
             Tag::String => Ok(Value::String(self.text_until_close("text")?.into_owned())),
             Tag::Char => {

@@ -307,3 +307,193 @@ fn codes_are_coxs_characters() {
     assert_eq!(Code::parse(""), None);
     assert_eq!(Code::parse("()"), None);
 }
+
+/// The general decoding of a `send` body: parse to values, then decode.
+fn general(body: &[u8]) -> Result<SendRequest, String> {
+    let call = parse_call(body, Limits::BACKOFFICE).map_err(|error| error.to_string())?;
+    SendRequest::from_call(&call).map_err(|fault| fault.message)
+}
+
+/// The streaming decoder may decline a body, but whatever it decodes, the
+/// general decoding decodes the same way.
+fn agrees(body: &[u8]) -> bool {
+    match SendRequest::decode_extended(body, Limits::BACKOFFICE) {
+        Some(fast) => {
+            assert_eq!(
+                Ok(&fast),
+                general(body).as_ref(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            true
+        }
+        None => false,
+    }
+}
+
+fn sample_request() -> SendRequest {
+    SendRequest {
+        mid: Mid::parse("B1-M1").unwrap(),
+        body: SendBody::Batch(sample_batch()),
+    }
+}
+
+#[test]
+fn the_streaming_decoder_decodes_what_meters_send_as_the_general_one_does() {
+    let request = sample_request();
+    let body = encode_call("send", &request.to_params());
+    assert!(agrees(&body), "the meter's own form takes the fast path");
+    assert_eq!(
+        SendRequest::decode_extended(&body, Limits::BACKOFFICE),
+        Some(request)
+    );
+    let mut empty = sample_batch();
+    empty.readings.clear();
+    empty.parties.clear();
+    let empty = SendRequest {
+        mid: Mid::parse("B1-M2").unwrap(),
+        body: SendBody::Batch(empty),
+    };
+    assert!(agrees(&encode_call("send", &empty.to_params())));
+}
+
+#[test]
+fn the_streaming_decoder_takes_every_spelling_the_general_one_takes() {
+    let reading = |members: &str| format!("<value><struct>{members}</struct></value>");
+    let member = |name: &str, value: &str| {
+        format!("<member><name>{name}</name><value>{value}</value></member>")
+    };
+    let plain = [
+        member("PID", "B1-P1"),
+        member("code", "<string>)</string>"),
+        member("seq", "<i8>7</i8>"),
+        member("context", "<string>42.7</string>"),
+        member("timeMs", "<int> 1764000000 </int>"),
+        member("payer", "<char>B</char>"),
+    ];
+    let bodies = [
+        // Untyped values, typed ints, members in another order, a char.
+        format!(
+            "<methodCall><methodName> send </methodName><params><param><value>B1-M1</value></param>\
+             <param><value><struct>{}{}</struct></value></param></params></methodCall>",
+            member(
+                "readings",
+                &format!(
+                    "<array><data>{}</data></array>",
+                    reading(
+                        &[
+                            plain[4].clone(),
+                            plain[0].clone(),
+                            plain[1].clone(),
+                            plain[2].clone(),
+                            plain[3].clone()
+                        ]
+                        .concat()
+                    )
+                )
+            ),
+            member("batchId", "B1-M1:7"),
+        ),
+        // Comments, CDATA, entities, an XML declaration, an empty array.
+        format!(
+            "<?xml version=\"1.0\"?>\n<methodCall><!-- hi --><methodName>send</methodName><params>\
+             <param><value><string><![CDATA[B1-M1]]></string></value></param><param><value>\
+             <struct>{}{}{}</struct></value></param></params></methodCall>\n",
+            member("batchId", "B1-M1&#58;8"),
+            member("readings", "<array><data></data></array>"),
+            member("parties", "<array/>"),
+        ),
+        // A payer that is a single character: valid XML-RPC, not a valid ID.
+        format!(
+            "<methodCall><methodName>send</methodName><params><param><value>B1-M1</value></param>\
+             <param><value><struct>{}{}</struct></value></param></params></methodCall>",
+            member("batchId", "B1-M1:9"),
+            member(
+                "readings",
+                &format!("<array><data>{}</data></array>", reading(&plain.concat()))
+            ),
+        ),
+    ];
+    assert!(agrees(bodies[0].as_bytes()), "{}", bodies[0]);
+    assert!(agrees(bodies[1].as_bytes()), "{}", bodies[1]);
+    assert!(!agrees(bodies[2].as_bytes()));
+    assert!(general(bodies[2].as_bytes()).is_err());
+}
+
+#[test]
+fn the_streaming_decoder_never_accepts_what_the_general_one_refuses() {
+    // Many small edits of a valid body: cut, doubled, swapped or replaced
+    // bytes and fragments. Whenever the streaming decoder still decodes the
+    // result, the general decoder must decode it the same way.
+    let body = encode_call("send", &sample_request().to_params());
+    let fragments: [&[u8]; 16] = [
+        b"<member><name>seq</name><value>5</value></member>",
+        b"<member><name>seq</name><value>9999</value></member>",
+        b"<member><name>batchId</name><value>B1-M1:1</value></member>",
+        b"<member><name>payer</name><value>B1-C2</value></member>",
+        b"<member><name>PID</name><value><int>3</int></value></member>",
+        b"<member><name>parties</name><value><array><data/></array></value></member>",
+        b"<member><name>extra</name><value>1</value></member>",
+        b"<value><int>-1</int></value>",
+        b"</struct>",
+        b"<struct>",
+        b"<param><value>x</value></param>",
+        b"<!DOCTYPE a>",
+        b"&bogus;",
+        b"\xff",
+        b"<![CDATA[)]]>",
+        b" ",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |bound: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % bound as u64) as usize
+    };
+    let (mut decoded, mut declined) = (0, 0);
+    for _ in 0..20_000 {
+        let mut edited = body.clone();
+        for _ in 0..1 + next(3) {
+            let at = next(edited.len());
+            match next(5) {
+                0 => {
+                    let end = (at + 1 + next(40)).min(edited.len());
+                    edited.drain(at..end);
+                }
+                1 => {
+                    let end = (at + 1 + next(60)).min(edited.len());
+                    let copy = edited[at..end].to_vec();
+                    let to = next(edited.len());
+                    edited.splice(to..to, copy);
+                }
+                2 => edited[at] = b"<>/ 0123456789:;-PCBT()\"&"[next(25)],
+                3 => {
+                    // Between two tags, where a fragment is most likely to
+                    // leave the XML well formed.
+                    let bounds: Vec<usize> = (0..edited.len())
+                        .filter(|&index| edited[index] == b'>')
+                        .map(|index| index + 1)
+                        .collect();
+                    let at = bounds.get(next(bounds.len().max(1))).copied().unwrap_or(0);
+                    let fragment = fragments[next(fragments.len())];
+                    edited.splice(at..at, fragment.iter().copied());
+                }
+                _ => {
+                    let other = next(edited.len());
+                    edited.swap(at, other);
+                }
+            }
+        }
+        if agrees(&edited) {
+            decoded += 1;
+        } else {
+            declined += 1;
+        }
+    }
+    // Some edits keep the body valid (inside text, say), most do not.
+    assert!(
+        decoded > 100 && declined > 10_000,
+        "{decoded} decoded, {declined} declined"
+    );
+}
