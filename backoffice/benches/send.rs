@@ -20,6 +20,9 @@ use proto::{Amount, BatchId, Bid, Cid, Context, Mid, Payer};
 #[path = "../tests/it/examples.rs"]
 mod examples;
 
+/// A body with the time and signature its meter sends with it.
+type SignedBody = (Vec<u8>, String, String);
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test` runs this without it.
     let testing = !std::env::args().any(|arg| arg == "--bench");
@@ -110,7 +113,7 @@ fn main() {
     };
     // Each body signed as its meter signs it, before the clock starts: the
     // signing is the meter's work, not the backoffice's.
-    let work: Vec<(Mid, Vec<(Vec<u8>, String, String)>)> = meters
+    let work: Vec<(Mid, Vec<SignedBody>)> = meters
         .iter()
         .map(|(mid, secret)| {
             let signed = bodies(*mid)
