@@ -16,7 +16,13 @@ fuzz_target!(|body: &[u8]| {
         let _ = SendRequest::from_call(&call);
     }
     for limits in [Limits::BACKOFFICE, Limits::METER_API] {
-        if let Some(fast) = SendRequest::decode_extended(body, limits) {
+        for fast in [
+            SendRequest::decode_extended(body, limits),
+            SendRequest::decode_extended_from_tokens(body, limits),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let call = parse_call(body, limits).expect("the streaming decoder's body parses");
             assert_eq!(SendRequest::from_call(&call), Ok(fast));
         }

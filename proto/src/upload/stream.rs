@@ -19,7 +19,7 @@ use crate::xmlrpc::{END_OF_BODY, Limits, Parser, Tag, Token, Value, ValueStart};
 const DEPTH_NEEDED: usize = 3;
 
 /// A scalar member value, borrowed from the body where it can be.
-enum Scalar<'a> {
+pub(super) enum Scalar<'a> {
     Text(Cow<'a, str>),
     Int(i64),
 }
@@ -207,32 +207,54 @@ fn party_array(p: &mut Parser<'_>) -> Option<Vec<Payer>> {
 /// After a reading's `<value>`: the reading struct through `</value>`.
 fn reading(p: &mut Parser<'_>) -> Option<Reading> {
     typed(p, Tag::Struct)?;
-    let mut id: Option<Cow<'_, str>> = None;
-    let mut code = None;
-    let mut seq = None;
-    let mut context = None;
-    let mut time_ms = None;
-    let mut payer = None;
+    let mut fields = ReadingFields::default();
     while let Some(name) = member_name(p)? {
         let value = scalar(p)?;
-        match name.as_ref() {
-            "PID" if id.is_none() => id = Some(text_of(value)?),
-            "code" if code.is_none() => code = Some(Code::parse(&text_of(value)?)?),
-            "seq" if seq.is_none() => seq = Some(u64_of(value)?),
-            "context" if context.is_none() => {
-                context = Some(Context::parse(&text_of(value)?).ok()?);
-            }
-            "timeMs" if time_ms.is_none() => time_ms = Some(u64_of(value)?),
-            "payer" if payer.is_none() => payer = Some(Payer::parse(&text_of(value)?).ok()?),
-            _ => return None,
-        }
+        fields.set(&name, value)?;
         p.expect_close("").ok()?; // </member>
     }
     p.expect_close("").ok()?; // </value>
-    Some(Reading {
-        seq: seq?,
-        time_ms: time_ms?,
-        context: context?,
-        event: super::event_of(code?, &id?, payer, 0).ok()?,
-    })
+    fields.reading()
+}
+
+/// A reading's members as they arrive, each at most once.
+#[derive(Default)]
+pub(super) struct ReadingFields<'a> {
+    id: Option<Cow<'a, str>>,
+    code: Option<Code>,
+    seq: Option<u64>,
+    context: Option<Context>,
+    time_ms: Option<u64>,
+    payer: Option<Payer>,
+}
+
+impl<'a> ReadingFields<'a> {
+    /// Takes member `name`; `None` for an unknown or repeated member or a
+    /// value `upload`'s general decoder would refuse.
+    pub(super) fn set(&mut self, name: &str, value: Scalar<'a>) -> Option<()> {
+        match name {
+            "PID" if self.id.is_none() => self.id = Some(text_of(value)?),
+            "code" if self.code.is_none() => self.code = Some(Code::parse(&text_of(value)?)?),
+            "seq" if self.seq.is_none() => self.seq = Some(u64_of(value)?),
+            "context" if self.context.is_none() => {
+                self.context = Some(Context::parse(&text_of(value)?).ok()?);
+            }
+            "timeMs" if self.time_ms.is_none() => self.time_ms = Some(u64_of(value)?),
+            "payer" if self.payer.is_none() => {
+                self.payer = Some(Payer::parse(&text_of(value)?).ok()?);
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// The reading, when every required member came.
+    pub(super) fn reading(self) -> Option<Reading> {
+        Some(Reading {
+            seq: self.seq?,
+            time_ms: self.time_ms?,
+            context: self.context?,
+            event: super::event_of(self.code?, &self.id?, self.payer, 0).ok()?,
+        })
+    }
 }

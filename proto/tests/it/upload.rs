@@ -315,8 +315,16 @@ fn general(body: &[u8]) -> Result<SendRequest, String> {
 }
 
 /// The streaming decoder may decline a body, but whatever it decodes, the
-/// general decoding decodes the same way.
+/// general decoding decodes the same way; so does its token-based way alone.
 fn agrees(body: &[u8]) -> bool {
+    if let Some(fast) = SendRequest::decode_extended_from_tokens(body, Limits::BACKOFFICE) {
+        assert_eq!(
+            Ok(&fast),
+            general(body).as_ref(),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
     match SendRequest::decode_extended(body, Limits::BACKOFFICE) {
         Some(fast) => {
             assert_eq!(
