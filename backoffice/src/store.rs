@@ -161,7 +161,15 @@ pub trait Store {
     fn load_ledger(&self) -> Result<Ledger, StoreError>;
     /// Records a batch's effects and the batch with its answer, atomically
     /// and durably; `AlreadyApplied` if the batch was applied before.
-    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError>;
+    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+        self.stage_batch(key, effects)?;
+        self.sync()
+    }
+    /// Records a batch as `apply_batch` does, atomically and visibly to later
+    /// reads, but durable only once a `sync` that starts after it returns.
+    fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError>;
+    /// Makes every write made before it durable (one fsync for all of them).
+    fn sync(&self) -> Result<(), StoreError>;
     /// Records transfers made outside uploads (deposits, withdrawals,
     /// corrections), atomically and durably.
     fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
@@ -248,6 +256,9 @@ pub struct SledStore {
     /// scanning it, and `/metrics` asks on every scrape.
     suspense_records: std::sync::atomic::AtomicUsize,
     data_file: File,
+    /// Makes `sync` fail, for tests of what follows a failed fsync.
+    #[cfg(test)]
+    fail_sync: std::sync::atomic::AtomicBool,
 }
 
 impl SledStore {
@@ -286,7 +297,16 @@ impl SledStore {
             suspense: db.open_tree("suspense")?,
             db,
             data_file,
+            #[cfg(test)]
+            fail_sync: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// From now on `sync` fails (or works again), as a failing disk would.
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&self, fail: bool) {
+        self.fail_sync
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Inserts a new record under the next serial of `kind`, atomically.
@@ -328,12 +348,6 @@ impl SledStore {
             serde_json::from_slice(&bytes).expect("store: registry record is corrupt")
         }))
     }
-
-    fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        Ok(())
-    }
 }
 
 impl Store for SledStore {
@@ -352,7 +366,19 @@ impl Store for SledStore {
         Ok(Ledger::restore(transfers))
     }
 
-    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_sync.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Sync(std::io::Error::other(
+                "injected fsync failure",
+            )));
+        }
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+
+    fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
         let batch_key = key.bytes();
         let records: Vec<(u64, Vec<u8>)> = effects
             .transfers
@@ -411,7 +437,7 @@ impl Store for SledStore {
             Ok(added) => {
                 self.suspense_records
                     .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
-                self.sync()
+                Ok(())
             }
             Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
