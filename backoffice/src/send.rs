@@ -477,6 +477,12 @@ impl<S: Store> Backoffice<S> {
         outcome
     }
 
+    /// False once a staged write could not be made durable: money operations
+    /// are refused until a restart (`/health` says so).
+    pub fn is_durable(&self) -> bool {
+        !self.not_durable.load(Ordering::SeqCst)
+    }
+
     /// Refuses money operations after a failed `sync` (see `not_durable`).
     fn still_durable(&self) -> Result<(), Fault> {
         if self.not_durable.load(Ordering::SeqCst) {
@@ -1210,6 +1216,7 @@ mod tests {
         assert!(refused.message.contains("restart"), "{refused:?}");
         let deposit = backoffice.post(Vec::new()).unwrap_err();
         assert!(deposit.message.contains("restart"), "{deposit:?}");
+        assert!(!backoffice.is_durable());
         // After a restart the meter's retry of the second batch is applied
         // exactly once, whether or not its staged writes reached the disk.
         drop(backoffice);

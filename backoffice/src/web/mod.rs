@@ -305,6 +305,14 @@ async fn style() -> Response {
 
 /// For load balancers and operators: 200 `ok` while the store answers.
 async fn health(State(service): State<Arc<Service>>) -> Response {
+    if !service.backoffice.is_durable() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "a write could not be made durable: restart the backoffice\n",
+        )
+            .into_response();
+    }
     let (transfers, accounts) = service.backoffice.ledger_size();
     match service.backoffice.store().suspense_count() {
         Ok(suspense) => (
