@@ -231,7 +231,8 @@ fn check(module: &PathBuf, samples: Vec<String>) -> ExitCode {
         bytes.len(),
         TacaHash::of(&bytes)
     );
-    let results = match Pricing::new().check(&bytes, &inputs) {
+    let pricing = Pricing::new();
+    let results = match pricing.check(&bytes, &inputs) {
         Ok(results) => results,
         Err(error) => {
             println!("refused: {error}");
@@ -252,6 +253,14 @@ fn check(module: &PathBuf, samples: Vec<String>) -> ExitCode {
                 "-"
             ),
             Err(error) => println!("{sample:<44} {error}"),
+        }
+    }
+    if let Ok(taca) = pricing.load(&bytes) {
+        match taca.fresh_instance_reason() {
+            None => println!("instances: reused, reset after each price"),
+            Some(reason) => {
+                println!("instances: a fresh one per price, about ten times slower ({reason})")
+            }
         }
     }
     println!("accepted: the module would be accepted for upload");

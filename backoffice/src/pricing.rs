@@ -263,6 +263,8 @@ pub struct Taca {
     price: ModuleExport,
     /// Present when the module was rewritten to track its writes.
     reuse: Option<Reuse>,
+    /// Why it was not, when it was not.
+    fresh_because: Option<String>,
 }
 
 impl Taca {
@@ -274,6 +276,11 @@ impl Taca {
     /// Whether its instances are reset and reused rather than made anew.
     pub fn reuses_instances(&self) -> bool {
         self.reuse.is_some()
+    }
+
+    /// Why every price of this module needs a fresh instance, if it does.
+    pub fn fresh_instance_reason(&self) -> Option<&str> {
+        self.fresh_because.as_deref()
     }
 }
 
@@ -507,29 +514,12 @@ impl Pricing {
         // rewrite (when the module is eligible) is what runs.
         let module = compile(bytes)?;
         let mut taca = self.prepare(hash, &module)?;
-        match track::rewrite(bytes) {
-            Ok(tracked) => {
-                let rewritten = compile(&tracked.bytes)?;
-                let mut rewritten_taca = self.prepare(hash, &rewritten)?;
-                let export = |name: &str| {
-                    rewritten
-                        .get_export_index(name)
-                        .ok_or_else(|| ModuleError::Invalid(format!("rewrite lost {name}")))
-                };
-                rewritten_taca.reuse = Some(Reuse {
-                    low: export(track::LOW_EXPORT)?,
-                    high: export(track::HIGH_EXPORT)?,
-                    globals: tracked
-                        .globals
-                        .iter()
-                        .map(|name| export(name))
-                        .collect::<Result<_, _>>()?,
-                    base: OnceLock::new(),
-                    warm: Mutex::new(Vec::new()),
-                });
-                taca = rewritten_taca;
+        match self.rewritten(hash, bytes) {
+            Ok(rewritten) => taca = rewritten,
+            Err(reason) => {
+                tracing::debug!(%hash, %reason, "a fresh instance per price");
+                taca.fresh_because = Some(reason);
             }
-            Err(reason) => tracing::debug!(%hash, %reason, "fresh instance per price"),
         }
         let taca = Arc::new(taca);
         self.check_version(&taca)?;
@@ -538,6 +528,33 @@ impl Pricing {
             cache.clear();
         }
         cache.insert(hash, Arc::clone(&taca));
+        Ok(taca)
+    }
+
+    /// The module rewritten for reuse (`track`), or why it is not.
+    fn rewritten(&self, hash: TacaHash, bytes: &[u8]) -> Result<Taca, String> {
+        let tracked = track::rewrite(bytes).map_err(|ineligible| ineligible.0)?;
+        let module = Module::from_binary(&self.engine, &tracked.bytes)
+            .map_err(|error| format!("the rewritten module does not compile: {error:#}"))?;
+        let mut taca = self
+            .prepare(hash, &module)
+            .map_err(|error| format!("the rewritten module: {error}"))?;
+        let export = |name: &str| {
+            module
+                .get_export_index(name)
+                .ok_or_else(|| format!("the rewrite lost {name}"))
+        };
+        taca.reuse = Some(Reuse {
+            low: export(track::LOW_EXPORT)?,
+            high: export(track::HIGH_EXPORT)?,
+            globals: tracked
+                .globals
+                .iter()
+                .map(|name| export(name))
+                .collect::<Result<_, _>>()?,
+            base: OnceLock::new(),
+            warm: Mutex::new(Vec::new()),
+        });
         Ok(taca)
     }
 
@@ -613,6 +630,7 @@ impl Pricing {
             input,
             price,
             reuse: None,
+            fresh_because: None,
         })
     }
 

@@ -25,6 +25,10 @@ fn check_prints_prices_and_fuel_for_samples() {
     );
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("accepted"), "{text}");
+    assert!(
+        text.contains("instances: reused, reset after each price"),
+        "{text}"
+    );
     let lines: Vec<&str> = text
         .lines()
         .filter(|line| line.starts_with("code="))
@@ -37,6 +41,26 @@ fn check_prints_prices_and_fuel_for_samples() {
     assert_eq!(prices, ["0", "0.05", "0"]);
     let fuel: u64 = lines[1].split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(fuel > 0, "{text}");
+}
+
+#[test]
+fn check_says_when_a_module_needs_a_fresh_instance_per_price() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drops.wasm");
+    let bytes = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (data $spare "abc")
+            (func (export "taca_abi_version") (result i32) (i32.const 1))
+            (func (export "taca_input") (result i32) (i32.const 0))
+            (func (export "taca_price") (param i32) (result i64) (data.drop $spare) (i64.const 1)))"#,
+    )
+    .unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    let (code, text) = check(&path, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("instances: a fresh one per price") && text.contains("data.drop"),
+        "{text}"
+    );
 }
 
 #[test]
