@@ -44,8 +44,9 @@ pub const INPUT_BYTES_MAX: usize = 1024;
 pub const RATING_PARAMETER_BYTES_MAX: usize = 128;
 /// Instances that may exist at once for prices in progress.
 pub const CONCURRENT_INSTANCES_MAX: u32 = 64;
-/// Idle instances kept for reuse, over all modules.
-pub const WARM_INSTANCES_MAX: usize = 64;
+/// Instances kept for reuse, over all modules; past it, a module that needs
+/// one takes the place of another module's idle one.
+pub const WARM_INSTANCES_MAX: usize = 256;
 /// Idle instances kept for reuse per module (one per core is enough).
 pub const WARM_PER_MODULE_MAX: usize = 4;
 /// Bytes of each memory and table slot reset with memset, not madvise: enough
@@ -297,12 +298,67 @@ struct Reuse {
 
 /// An instance's state right after instantiation.
 struct Base {
-    memory: Vec<u8>,
+    memory: Snapshot,
     globals: Vec<Val>,
     /// The write marks: a start function's writes are already in them.
     marks: (i32, i32),
     /// Fuel that instantiation used; part of every price's fuel.
     fuel: u64,
+}
+
+/// Bytes of memory kept per page of a snapshot.
+const SNAPSHOT_PAGE: usize = 4096;
+
+/// A memory as instantiated, keeping only its pages that are not all zeros
+/// (a Rust module's 64 KiB stack and most of its data are zeros).
+struct Snapshot {
+    len: usize,
+    /// Page index to contents, for the pages with a non-zero byte.
+    pages: std::collections::BTreeMap<usize, Box<[u8]>>,
+}
+
+impl Snapshot {
+    fn of(memory: &[u8]) -> Snapshot {
+        let pages = memory
+            .chunks(SNAPSHOT_PAGE)
+            .enumerate()
+            .filter(|(_, page)| page.iter().any(|&byte| byte != 0))
+            .map(|(index, page)| (index, Box::from(page)))
+            .collect();
+        Snapshot {
+            len: memory.len(),
+            pages,
+        }
+    }
+
+    /// Whether `memory` equals the snapshot.
+    fn matches(&self, memory: &[u8]) -> bool {
+        memory.len() == self.len
+            && memory
+                .chunks(SNAPSHOT_PAGE)
+                .enumerate()
+                .all(|(index, page)| match self.pages.get(&index) {
+                    Some(kept) => **kept == *page,
+                    None => page.iter().all(|&byte| byte == 0),
+                })
+    }
+
+    /// Puts `range` of `memory` back as it was.
+    fn restore(&self, memory: &mut [u8], range: std::ops::Range<usize>) {
+        let mut at = range.start;
+        while at < range.end {
+            let index = at / SNAPSHOT_PAGE;
+            let page_start = index * SNAPSHOT_PAGE;
+            let end = range.end.min(page_start + SNAPSHOT_PAGE);
+            match self.pages.get(&index) {
+                Some(kept) => {
+                    memory[at..end].copy_from_slice(&kept[at - page_start..end - page_start])
+                }
+                None => memory[at..end].fill(0),
+            }
+            at = end;
+        }
+    }
 }
 
 /// An instance kept for reuse, with its own store.
@@ -441,7 +497,7 @@ fn reset(warm: &mut Warm, base: &Base, host_write: Option<std::ops::Range<usize>
         return false;
     };
     let data = warm.memory.data_mut(&mut warm.store);
-    if data.len() != base.memory.len() {
+    if data.len() != base.memory.len {
         return false;
     }
     // The marks are unsigned addresses; nothing written leaves low > high.
@@ -452,7 +508,7 @@ fn reset(warm: &mut Warm, base: &Base, host_write: Option<std::ops::Range<usize>
     }
     let high = high.min(data.len());
     if low < high {
-        data[low..high].copy_from_slice(&base.memory[low..high]);
+        base.memory.restore(data, low..high);
     }
     for (global, value) in warm.globals.iter().zip(&base.globals) {
         if global.set(&mut warm.store, *value).is_err() {
@@ -794,6 +850,9 @@ impl Pricing {
     /// module records the state after instantiation; every later one is
     /// checked against it.
     fn warm(&self, taca: &Taca, reuse: &Reuse) -> Result<Warm, PricingError> {
+        if self.warm_count.load(Ordering::Relaxed) >= WARM_INSTANCES_MAX {
+            self.evict_idle(taca.hash);
+        }
         self.warm_count.fetch_add(1, Ordering::Relaxed);
         let count = WarmCount(Arc::clone(&self.warm_count));
         let mut store = self.store()?;
@@ -835,7 +894,7 @@ impl Pricing {
             high.get(&mut store).unwrap_i32(),
         );
         let base = reuse.base.get_or_init(|| Base {
-            memory: memory.data(&store).to_vec(),
+            memory: Snapshot::of(memory.data(&store)),
             globals: values.clone(),
             marks,
             fuel,
@@ -848,7 +907,7 @@ impl Pricing {
                 .all(|(a, b)| same_value(a, b));
         if base.fuel != fuel
             || base.marks != marks
-            || memory.data(&store) != base.memory.as_slice()
+            || !base.memory.matches(memory.data(&store))
             || !same_globals
         {
             return Err(PricingError::Trap(
@@ -865,6 +924,29 @@ impl Pricing {
             globals,
             _count: count,
         })
+    }
+
+    /// Drops one idle instance of a module other than `keep`, to make room.
+    fn evict_idle(&self, keep: TacaHash) {
+        let cache = self.lock_cache();
+        for (hash, other) in cache.iter() {
+            let Some(reuse) = other.reuse.as_ref().filter(|_| *hash != keep) else {
+                continue;
+            };
+            let idle = reuse
+                .warm
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop();
+            if idle.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Instances kept for reuse right now, idle or pricing.
+    pub fn kept_instances(&self) -> usize {
+        self.warm_count.load(Ordering::Relaxed)
     }
 
     /// Prices many readings as [`price`] does, spread over the machine's

@@ -398,3 +398,31 @@ fn state_kept_anywhere_does_not_survive_into_the_next_price() {
     );
     reused_equals_fresh(&table, false);
 }
+
+#[test]
+fn more_modules_than_kept_instances_still_price_exactly() {
+    use backoffice::pricing::WARM_INSTANCES_MAX;
+    let pricing = Pricing::new();
+    let tacas: Vec<_> = (0..WARM_INSTANCES_MAX as i64 + 8)
+        .map(|n| {
+            let body = format!(
+                "(i32.store (i32.const 4096) (i32.add (i32.load (i32.const 4096)) (i32.const 1)))
+                 (i64.add (i64.const {n}) (i64.extend_i32_u (i32.load (i32.const 4096))))"
+            );
+            pricing.load(&taca_wat("", &body)).unwrap()
+        })
+        .collect();
+    for round in 0..2 {
+        for (n, taca) in tacas.iter().enumerate() {
+            assert!(taca.reuses_instances());
+            let priced = pricing.price(taca, &commit(round)).unwrap();
+            assert_eq!(
+                priced.amount,
+                Amount::from_nanos(n as i64 + 1),
+                "module {n}"
+            );
+            assert!(pricing.kept_instances() <= WARM_INSTANCES_MAX);
+        }
+    }
+    assert_eq!(pricing.kept_instances(), WARM_INSTANCES_MAX);
+}
