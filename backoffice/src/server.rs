@@ -13,7 +13,9 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use proto::auth::{MID_HEADER, SIGNATURE_HEADER, TIME_HEADER};
 use proto::params::Params;
-use proto::xmlrpc::{Limits, MethodCall, Value, encode_fault, encode_response, parse_call};
+use proto::xmlrpc::{
+    Limits, MethodCall, Value, encode_fault, encode_response, method_name, parse_call,
+};
 use proto::{Amount, Bid, Cid, Fault, FaultCode};
 
 use crate::ledger::{AccountId, TransferKind};
@@ -197,8 +199,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value, Fault> {
-    let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
-    if call.name == proto::upload::SEND_METHOD {
+    // An upload is decoded once, by `send` itself (by its fast way when it
+    // can); only the method name is read here.
+    let name = method_name(body, Limits::BACKOFFICE).map_err(Fault::from)?;
+    if name == proto::upload::SEND_METHOD {
         let signed = Signed {
             mid: header(headers, MID_HEADER),
             time: header(headers, TIME_HEADER),
@@ -213,6 +217,7 @@ fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value
             "operator calls need the operator token",
         ));
     }
+    let call = parse_call(body, Limits::BACKOFFICE).map_err(Fault::from)?;
     operator_call(service, &call)
 }
 

@@ -7,7 +7,7 @@ mod parse;
 mod value;
 
 pub use encode::{encode_call, encode_fault, encode_response, encode_value};
-pub use parse::{CodecError, parse_call, parse_response};
+pub use parse::{CodecError, method_name, parse_call, parse_response};
 pub(crate) use parse::{END_OF_BODY, Parser, Tag, Token, ValueStart};
 pub use value::{Member, MethodCall, MethodResponse, Value};
 

@@ -105,6 +105,21 @@ pub fn parse_call(body: &[u8], limits: Limits) -> Result<MethodCall, CodecError>
     Ok(MethodCall { name, params })
 }
 
+/// The method name of a `<methodCall>` body, read without parsing the rest,
+/// so that a server can hand the whole body to the method's own decoder.
+/// Fails as `parse_call` would on the same prefix; the rest is not checked.
+pub fn method_name(body: &[u8], limits: Limits) -> Result<String, CodecError> {
+    let mut parser = Parser::new(body, limits)?;
+    parser.expect_open(Tag::MethodCall, "<methodCall>")?;
+    parser.expect_open(Tag::MethodName, "<methodName>")?;
+    let name = parser.text_until_close("method name")?;
+    let name = name.trim();
+    if !is_method_name(name) {
+        return Err(parser.structure("a method name of A-Z a-z 0-9 _ . : /"));
+    }
+    Ok(name.to_owned())
+}
+
 /// Parses a `<methodResponse>` body within `limits`.
 pub fn parse_response(body: &[u8], limits: Limits) -> Result<MethodResponse, CodecError> {
     let mut parser = Parser::new(body, limits)?;

@@ -373,3 +373,20 @@ fn handle_call_maps_errors_to_registered_faults() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_method_name_is_read_without_the_rest_and_refused_as_parse_call_refuses_it() {
+    use proto::xmlrpc::method_name;
+    let limits = Limits::BACKOFFICE;
+    let body = b"<?xml version=\"1.0\"?><methodCall><methodName> send </methodName><params>";
+    assert_eq!(method_name(body, limits), Ok("send".to_owned()));
+    for bad in [
+        &b"<methodCall><methodName>a b</methodName></methodCall>"[..],
+        b"<methodResponse><params/></methodResponse>",
+        b"<!DOCTYPE x><methodCall><methodName>send</methodName></methodCall>",
+        b"not xml",
+    ] {
+        let error = method_name(bad, limits).unwrap_err();
+        assert_eq!(Err(error), parse_call(bad, limits).map(|_| ()));
+    }
+}
