@@ -380,11 +380,15 @@ impl Reencode for Rewriter {
         while !operators.eof() {
             let operator = operators.read()?;
             if let Some((value, width, offset)) = store_shape(&operator, s) {
-                // [address, value] -> remember both, mark, then store.
-                let offset = i32::try_from(offset).unwrap_or(-1);
+                // [address, value] -> remember both, mark, then store. The
+                // start wraps like i32.add; a store whose address does wrap
+                // traps before writing, so its mark only restores more.
+                let offset = u32::try_from(offset).map_err(|_| {
+                    reencode::Error::UserError(Ineligible("a 64-bit offset".into()))
+                })?;
                 f.instruction(&Instruction::LocalSet(value));
                 f.instruction(&Instruction::LocalTee(s.address));
-                f.instruction(&Instruction::I32Const(offset));
+                f.instruction(&Instruction::I32Const(offset.cast_signed()));
                 f.instruction(&Instruction::I32Add);
                 f.instruction(&Instruction::LocalSet(s.mark));
                 record(&mut f, s, &Instruction::I32Const(width));

@@ -426,3 +426,17 @@ fn more_modules_than_kept_instances_still_price_exactly() {
     }
     assert_eq!(pricing.kept_instances(), WARM_INSTANCES_MAX);
 }
+
+#[test]
+fn stores_with_offsets_past_two_gibibytes_are_tracked_like_any_other() {
+    // An offset above i32::MAX: the store traps (memory is far smaller), and
+    // the address computed from it must still be handled as unsigned.
+    let far = taca_wat(
+        "",
+        "(i32.store (i32.const 4096) (i32.add (i32.load (i32.const 4096)) (i32.const 1)))
+         (if (i64.ne (i64.const 0) (i64.and (i64.load (i32.const 1040)) (i64.const 1)))
+           (then (i32.store offset=3000000000 (i32.const 0) (i32.const 7))))
+         (i64.extend_i32_u (i32.load (i32.const 4096)))",
+    );
+    reused_equals_fresh(&far, true);
+}
