@@ -4,7 +4,9 @@
 //! customers. Prints readings per second and batch latency (median, p99).
 //!
 //! `cargo bench -p backoffice --bench send` (BATCHES per meter: env
-//! `SEND_BENCH_BATCHES`, default 10; under `cargo test` it runs 1).
+//! `SEND_BENCH_BATCHES`, default 10; under `cargo test` it runs 1). With
+//! `SEND_BENCH_HTTP=1` the meters POST to the backoffice's own HTTP server on
+//! loopback instead of calling `send` in process (the smoke run always does).
 
 use std::time::{Duration, Instant};
 
@@ -78,7 +80,8 @@ fn main() {
         })
         .collect();
     backoffice.post(deposits).unwrap();
-    let now_ms = 1_764_000_000_000;
+    // The real time: over HTTP the server checks signatures against its clock.
+    let now_ms = backoffice::now_ms();
     let bodies = |mid: Mid| -> Vec<Vec<u8>> {
         (0..batches)
             .map(|index| {
@@ -128,25 +131,74 @@ fn main() {
             (*mid, signed)
         })
         .collect();
+    // The smoke run under `cargo test` goes over HTTP, which the tests of
+    // `send` itself do not.
+    let http = std::env::var("SEND_BENCH_HTTP").map_or(testing, |value| value == "1");
+    let service = std::sync::Arc::new(backoffice::server::Service {
+        backoffice,
+        bid,
+        operator_token: "bench".into(),
+        web: backoffice::web::Web::new(backoffice::web::WebConfig {
+            phone: String::new(),
+            password_iterations: std::num::NonZero::new(1000).unwrap(),
+            secure_cookies: false,
+            public_url: "http://127.0.0.1".into(),
+            outbox: dir.path().join("outbox"),
+        }),
+        funding: Box::new(backoffice::funding::RecordedByOperator),
+    });
+    let (stop, server) = if http {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound, address) = std::sync::mpsc::channel();
+        let service = std::sync::Arc::clone(&service);
+        let server = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                bound.send(listener.local_addr().unwrap()).unwrap();
+                backoffice::server::run(listener, service, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        (Some((stop, address.recv().unwrap())), Some(server))
+    } else {
+        (None, None)
+    };
+    let address = stop.as_ref().map(|(_, address)| *address);
     let started = Instant::now();
     let latencies: Vec<Duration> = std::thread::scope(|scope| {
         let handles: Vec<_> = work
             .iter()
             .map(|(mid, bodies)| {
-                let backoffice = &backoffice;
+                let backoffice = &service.backoffice;
                 scope.spawn(move || {
+                    let mut connection = address.map(|address| {
+                        std::net::TcpStream::connect(address).expect("connect to the backoffice")
+                    });
                     bodies
                         .iter()
                         .map(|(body, time, signature)| {
-                            let signed = Signed {
-                                mid: Some(mid.as_str()),
-                                time: Some(time),
-                                signature: Some(signature),
-                            };
                             let begun = Instant::now();
-                            backoffice
-                                .send(body, signed, now_ms)
-                                .expect("batch applied");
+                            match &mut connection {
+                                Some(stream) => post(stream, mid, time, signature, body),
+                                None => {
+                                    let signed = Signed {
+                                        mid: Some(mid.as_str()),
+                                        time: Some(time),
+                                        signature: Some(signature),
+                                    };
+                                    backoffice
+                                        .send(body, signed, now_ms)
+                                        .expect("batch applied");
+                                }
+                            }
                             begun.elapsed()
                         })
                         .collect::<Vec<_>>()
@@ -164,11 +216,55 @@ fn main() {
     let total = readings_per_batch * sorted.len();
     let pick = |fraction: f64| sorted[((sorted.len() - 1) as f64 * fraction).round() as usize];
     println!(
-        "send: {} batches of {readings_per_batch} readings from 2 meters, {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms",
+        "send{}: {} batches of {readings_per_batch} readings from 2 meters, {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms",
+        if http { " over HTTP" } else { "" },
         sorted.len(),
         total as f64 / elapsed,
         pick(0.5).as_secs_f64() * 1e3,
         pick(0.99).as_secs_f64() * 1e3,
     );
-    backoffice.ledger().verify();
+    if let (Some((stop, _)), Some(server)) = (stop, server) {
+        stop.send(()).unwrap();
+        server.join().unwrap();
+    }
+    service.backoffice.ledger().verify();
+}
+
+/// POSTs one signed body on a kept-alive connection and checks the answer.
+fn post(stream: &mut std::net::TcpStream, mid: &Mid, time: &str, signature: &str, body: &[u8]) {
+    use std::io::{Read, Write};
+    let head = format!(
+        "POST /RPC2 HTTP/1.1\r\nHost: bench\r\nContent-Type: text/xml\r\n{}: {mid}\r\n{}: {time}\r\n{}: {signature}\r\nContent-Length: {}\r\n\r\n",
+        proto::auth::MID_HEADER,
+        proto::auth::TIME_HEADER,
+        proto::auth::SIGNATURE_HEADER,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let (head_end, length) = loop {
+        let read = stream.read(&mut chunk).unwrap();
+        assert!(read > 0, "the backoffice closed the connection");
+        answer.extend_from_slice(&chunk[..read]);
+        if let Some(end) = answer.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .expect("a content length")
+                .trim()
+                .parse()
+                .unwrap();
+            break (end + 4, length);
+        }
+    };
+    while answer.len() < head_end + length {
+        let read = stream.read(&mut chunk).unwrap();
+        assert!(read > 0, "the backoffice closed the connection");
+        answer.extend_from_slice(&chunk[..read]);
+    }
+    let text = String::from_utf8_lossy(&answer[head_end..]);
+    assert!(!text.contains("<fault>"), "{text}");
 }
