@@ -31,9 +31,7 @@ pub fn decode(body: &[u8], limits: Limits) -> Option<SendRequest> {
         return None;
     }
     let mut p = Parser::new(body, limits).ok()?;
-    p.expect_open(Tag::MethodCall, "").ok()?;
-    p.expect_open(Tag::MethodName, "").ok()?;
-    if p.text_until_close("").ok()?.trim() != SEND_METHOD {
+    if p.method_name().ok()? != SEND_METHOD {
         return None;
     }
     open(&mut p, Tag::Params)?;

@@ -84,14 +84,7 @@ pub enum CodecError {
 /// Parses a `<methodCall>` body within `limits`.
 pub fn parse_call(body: &[u8], limits: Limits) -> Result<MethodCall, CodecError> {
     let mut parser = Parser::new(body, limits)?;
-    parser.expect_open(Tag::MethodCall, "<methodCall>")?;
-    parser.expect_open(Tag::MethodName, "<methodName>")?;
-    let name = parser.text_until_close("method name")?;
-    let name = name.trim();
-    if !is_method_name(name) {
-        return Err(parser.structure("a method name of A-Z a-z 0-9 _ . : /"));
-    }
-    let name = name.to_owned();
+    let name = parser.method_name()?;
     let mut params = Vec::new();
     match parser.structural("<params> or </methodCall>")? {
         Token::Open(Tag::Params) => {
@@ -109,15 +102,7 @@ pub fn parse_call(body: &[u8], limits: Limits) -> Result<MethodCall, CodecError>
 /// so that a server can hand the whole body to the method's own decoder.
 /// Fails as `parse_call` would on the same prefix; the rest is not checked.
 pub fn method_name(body: &[u8], limits: Limits) -> Result<String, CodecError> {
-    let mut parser = Parser::new(body, limits)?;
-    parser.expect_open(Tag::MethodCall, "<methodCall>")?;
-    parser.expect_open(Tag::MethodName, "<methodName>")?;
-    let name = parser.text_until_close("method name")?;
-    let name = name.trim();
-    if !is_method_name(name) {
-        return Err(parser.structure("a method name of A-Z a-z 0-9 _ . : /"));
-    }
-    Ok(name.to_owned())
+    Parser::new(body, limits)?.method_name()
 }
 
 /// Parses a `<methodResponse>` body within `limits`.
@@ -270,6 +255,18 @@ impl<'a> Parser<'a> {
             limits,
             depth: 0,
         })
+    }
+
+    /// `<methodCall><methodName>NAME</methodName>`: the checked name.
+    pub(crate) fn method_name(&mut self) -> Result<String, CodecError> {
+        self.expect_open(Tag::MethodCall, "<methodCall>")?;
+        self.expect_open(Tag::MethodName, "<methodName>")?;
+        let name = self.text_until_close("method name")?;
+        let name = name.trim();
+        if !is_method_name(name) {
+            return Err(self.structure("a method name of A-Z a-z 0-9 _ . : /"));
+        }
+        Ok(name.to_owned())
     }
 
     fn offset(&self) -> u64 {
