@@ -361,12 +361,75 @@ impl Snapshot {
     }
 }
 
-/// An instance kept for reuse, with its own store.
-struct Warm {
-    store: Store<StoreState>,
+/// What a price uses of an instance: its memory and the two ABI functions.
+struct Exports {
     memory: Memory,
     input: TypedFunc<(), i32>,
     price: TypedFunc<i32, i64>,
+}
+
+impl Exports {
+    fn of(taca: &Taca, instance: &Instance, store: &mut Store<StoreState>) -> Exports {
+        let mut export = |index: &ModuleExport| {
+            instance
+                .get_module_export(&mut *store, index)
+                .expect("exports checked at load")
+        };
+        let memory = export(&taca.memory)
+            .into_memory()
+            .expect("memory checked at load");
+        let input = export(&taca.input)
+            .into_func()
+            .expect("function checked at load");
+        let price = export(&taca.price)
+            .into_func()
+            .expect("function checked at load");
+        Exports {
+            memory,
+            input: input.typed(&*store).expect("type checked at load"),
+            price: price.typed(&*store).expect("type checked at load"),
+        }
+    }
+
+    /// Calls `taca_input` and writes `bytes` there; returns where.
+    fn write_input(
+        &self,
+        store: &mut Store<StoreState>,
+        bytes: &[u8],
+    ) -> Result<std::ops::Range<usize>, PricingError> {
+        let address = self
+            .input
+            .call(&mut *store, ())
+            .map_err(|error| trap_error(&error))?;
+        let start = usize::try_from(address).map_err(|_| PricingError::BadInputArea)?;
+        let area = self
+            .memory
+            .data_mut(&mut *store)
+            .get_mut(start..start + INPUT_BYTES_MAX)
+            .ok_or(PricingError::BadInputArea)?;
+        area[..bytes.len()].copy_from_slice(bytes);
+        Ok(start..start + bytes.len())
+    }
+
+    /// Calls `taca_price` on an input of `length` bytes: the amount, or the
+    /// refusal or trap.
+    fn price(&self, store: &mut Store<StoreState>, length: usize) -> Result<Amount, PricingError> {
+        let length = i32::try_from(length).expect("input fits i32");
+        let result = self
+            .price
+            .call(&mut *store, length)
+            .map_err(|error| trap_error(&error))?;
+        if result < 0 {
+            return Err(PricingError::Refused(result.unsigned_abs()));
+        }
+        Ok(Amount::from_nanos(result))
+    }
+}
+
+/// An instance kept for reuse, with its own store.
+struct Warm {
+    store: Store<StoreState>,
+    exports: Exports,
     low: Global,
     high: Global,
     globals: Vec<Global>,
@@ -496,7 +559,7 @@ fn reset(warm: &mut Warm, base: &Base, host_write: Option<std::ops::Range<usize>
     ) else {
         return false;
     };
-    let data = warm.memory.data_mut(&mut warm.store);
+    let data = warm.exports.memory.data_mut(&mut warm.store);
     if data.len() != base.memory.len {
         return false;
     }
@@ -738,45 +801,11 @@ impl Pricing {
         let bytes = input.encode()?;
         let mut store = self.store()?;
         let instance = instantiate(taca, &mut store)?;
-        let extern_of = |store: &mut Store<StoreState>, export: &ModuleExport| {
-            instance
-                .get_module_export(&mut *store, export)
-                .expect("exports checked at load")
-        };
-        let memory = extern_of(&mut store, &taca.memory)
-            .into_memory()
-            .expect("memory checked at load");
-        let input_fn = extern_of(&mut store, &taca.input)
-            .into_func()
-            .expect("function checked at load")
-            .typed::<(), i32>(&store)
-            .expect("type checked at load");
-        let price_fn = extern_of(&mut store, &taca.price)
-            .into_func()
-            .expect("function checked at load")
-            .typed::<i32, i64>(&store)
-            .expect("type checked at load");
-        let address = input_fn
-            .call(&mut store, ())
-            .map_err(|error| trap_error(&error))?;
-        let start = usize::try_from(address).map_err(|_| PricingError::BadInputArea)?;
-        let area = memory
-            .data_mut(&mut store)
-            .get_mut(start..start + INPUT_BYTES_MAX)
-            .ok_or(PricingError::BadInputArea)?;
-        area[..bytes.len()].copy_from_slice(&bytes);
-        let length = i32::try_from(bytes.len()).expect("input fits i32");
-        let result = price_fn
-            .call(&mut store, length)
-            .map_err(|error| trap_error(&error))?;
+        let exports = Exports::of(taca, &instance, &mut store);
+        exports.write_input(&mut store, &bytes)?;
+        let amount = exports.price(&mut store, bytes.len())?;
         let fuel = FUEL_PER_CALL - store.get_fuel().map_err(|error| trap_error(&error))?;
-        if result < 0 {
-            return Err(PricingError::Refused(result.unsigned_abs()));
-        }
-        Ok(Priced {
-            amount: Amount::from_nanos(result),
-            fuel,
-        })
+        Ok(Priced { amount, fuel })
     }
 
     /// Prices one reading in a reused instance of a rewritten module, then
@@ -804,29 +833,12 @@ impl Pricing {
             .map_err(|error| trap_error(&error))?;
         let mut host_write = None;
         let outcome = (|| {
-            let address = warm
-                .input
-                .call(&mut warm.store, ())
-                .map_err(|error| trap_error(&error))?;
-            let start = usize::try_from(address).map_err(|_| PricingError::BadInputArea)?;
-            let area = warm
-                .memory
-                .data_mut(&mut warm.store)
-                .get_mut(start..start + INPUT_BYTES_MAX)
-                .ok_or(PricingError::BadInputArea)?;
-            area[..bytes.len()].copy_from_slice(&bytes);
-            host_write = Some(start..start + bytes.len());
-            let length = i32::try_from(bytes.len()).expect("input fits i32");
-            let result = warm
-                .price
-                .call(&mut warm.store, length)
-                .map_err(|error| trap_error(&error))?;
+            let written = warm.exports.write_input(&mut warm.store, &bytes)?;
+            host_write = Some(written);
+            let amount = warm.exports.price(&mut warm.store, bytes.len())?;
             let left = warm.store.get_fuel().map_err(|error| trap_error(&error))?;
-            if result < 0 {
-                return Err(PricingError::Refused(result.unsigned_abs()));
-            }
             Ok(Priced {
-                amount: Amount::from_nanos(result),
+                amount,
                 fuel: base.fuel + (budget - left),
             })
         })();
@@ -858,29 +870,13 @@ impl Pricing {
         let mut store = self.store()?;
         let instance = instantiate(taca, &mut store)?;
         let fuel = FUEL_PER_CALL - store.get_fuel().map_err(|error| trap_error(&error))?;
-        let export = |store: &mut Store<StoreState>, export: &ModuleExport| {
-            instance
-                .get_module_export(&mut *store, export)
-                .expect("exports checked at load")
-        };
+        let exports = Exports::of(taca, &instance, &mut store);
         let global = |store: &mut Store<StoreState>, index: &ModuleExport| {
-            export(store, index)
-                .into_global()
+            instance
+                .get_module_export(&mut *store, index)
+                .and_then(wasmtime::Extern::into_global)
                 .expect("the rewrite exports globals")
         };
-        let memory = export(&mut store, &taca.memory)
-            .into_memory()
-            .expect("memory checked at load");
-        let input = export(&mut store, &taca.input)
-            .into_func()
-            .expect("function checked at load")
-            .typed::<(), i32>(&store)
-            .expect("type checked at load");
-        let price = export(&mut store, &taca.price)
-            .into_func()
-            .expect("function checked at load")
-            .typed::<i32, i64>(&store)
-            .expect("type checked at load");
         let low = global(&mut store, &reuse.low);
         let high = global(&mut store, &reuse.high);
         let globals: Vec<Global> = reuse
@@ -894,7 +890,7 @@ impl Pricing {
             high.get(&mut store).unwrap_i32(),
         );
         let base = reuse.base.get_or_init(|| Base {
-            memory: Snapshot::of(memory.data(&store)),
+            memory: Snapshot::of(exports.memory.data(&store)),
             globals: values.clone(),
             marks,
             fuel,
@@ -907,7 +903,7 @@ impl Pricing {
                 .all(|(a, b)| same_value(a, b));
         if base.fuel != fuel
             || base.marks != marks
-            || !base.memory.matches(memory.data(&store))
+            || !base.memory.matches(exports.memory.data(&store))
             || !same_globals
         {
             return Err(PricingError::Trap(
@@ -916,9 +912,7 @@ impl Pricing {
         }
         Ok(Warm {
             store,
-            memory,
-            input,
-            price,
+            exports,
             low,
             high,
             globals,
