@@ -44,6 +44,16 @@ pub enum StoreError {
     AlreadyApplied(String),
 }
 
+impl From<TransactionError<RegistryError>> for StoreError {
+    /// A registry transaction refused its record, or sled failed under it.
+    fn from(error: TransactionError<RegistryError>) -> Self {
+        match error {
+            TransactionError::Abort(error) => StoreError::Registry(error),
+            TransactionError::Storage(error) => StoreError::Storage(error),
+        }
+    }
+}
+
 /// An upload batch, named by its meter and its id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
@@ -331,11 +341,7 @@ impl SledStore {
             serials.insert(kind, &(serial + 1).to_be_bytes())?;
             Ok(record)
         });
-        let record = match outcome {
-            Ok(record) => record,
-            Err(TransactionError::Abort(error)) => return Err(StoreError::Registry(error)),
-            Err(TransactionError::Storage(error)) => return Err(StoreError::Storage(error)),
-        };
+        let record = outcome?;
         self.sync()?;
         Ok(record)
     }
@@ -591,11 +597,7 @@ impl Store for SledStore {
                 Ok(customer)
             },
         );
-        let customer = match outcome {
-            Ok(customer) => customer,
-            Err(TransactionError::Abort(error)) => return Err(StoreError::Registry(error)),
-            Err(TransactionError::Storage(error)) => return Err(StoreError::Storage(error)),
-        };
+        let customer = outcome?;
         self.sync()?;
         Ok(customer)
     }
@@ -637,11 +639,7 @@ impl Store for SledStore {
             customers.insert(key, bytes.as_slice())?;
             Ok(())
         });
-        match outcome {
-            Ok(()) => {}
-            Err(TransactionError::Abort(error)) => return Err(StoreError::Registry(error)),
-            Err(TransactionError::Storage(error)) => return Err(StoreError::Storage(error)),
-        }
+        outcome?;
         self.sync()
     }
 
