@@ -440,3 +440,23 @@ fn stores_with_offsets_past_two_gibibytes_are_tracked_like_any_other() {
     );
     reused_equals_fresh(&far, true);
 }
+
+#[test]
+fn a_module_whose_rewrite_cannot_compile_keeps_a_fresh_instance_per_price() {
+    // 49,995 locals are valid; the rewrite's 8 more exceed the 50,000 a
+    // function may have, so the rewritten module does not compile.
+    let locals = "i32 ".repeat(49_995);
+    let bytes = taca_wat(
+        &format!("(func $crowded (local {locals}))"),
+        "(call $crowded) (i64.const 7)",
+    );
+    let pricing = Pricing::new();
+    let taca = pricing.load(&bytes).expect("the module itself is valid");
+    assert!(!taca.reuses_instances());
+    let reason = taca.fresh_instance_reason().expect("a reason");
+    assert!(reason.contains("does not compile"), "{reason}");
+    assert_eq!(
+        pricing.price(&taca, &commit(0)).unwrap().amount,
+        Amount::from_nanos(7)
+    );
+}
