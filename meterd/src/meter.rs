@@ -51,9 +51,14 @@ pub struct UploadSignals {
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    /// The calling process and its ancestors, nearest first; empty when the
-    /// transport gave no process credentials.
+    /// The calling process and those of its ancestors that run as the same
+    /// user, nearest first; empty when the transport gave no process
+    /// credentials.
     pub lineage: Vec<ProcessId>,
+    /// The lineage stopped at an ancestor that runs as another user.
+    pub parent_is_other_user: bool,
+    /// The caller's uid, from the socket's peer credentials.
+    pub uid: Option<u32>,
     /// The connection's number, the context of callers without credentials.
     pub connection: u64,
 }
@@ -153,7 +158,11 @@ impl Meter {
         }
         if context.as_str() == PARENT_CONTEXT {
             if peer.lineage.len() < 2 {
-                return Err(Fault::invalid_params("the caller has no parent process"));
+                return Err(Fault::invalid_params(if peer.parent_is_other_user {
+                    "the caller's parent process runs as another user; its context is not the caller's"
+                } else {
+                    "the caller has no parent process"
+                }));
             }
             return Ok(as_process(&peer.lineage[1..]));
         }
@@ -399,5 +408,67 @@ impl Meter {
             ),
             ("tableAgeS", optional(table_age_s)),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A meter on a fresh cache in `dir`, without uploads.
+    fn meter(dir: &std::path::Path) -> Meter {
+        let cache = Arc::new(Cache::open(dir, 1_000).unwrap());
+        let (journal, _writer) = crate::journal::start(Arc::clone(&cache));
+        let (report, _) = watch::channel(UploadReport::default());
+        let signals = Arc::new(UploadSignals {
+            wake: Notify::new(),
+            report,
+            flush_tickets: std::sync::atomic::AtomicU64::new(0),
+        });
+        Meter::new(
+            cache,
+            journal,
+            Arc::default(),
+            signals,
+            false,
+            ContextLimits::default(),
+        )
+    }
+
+    fn process(pid: u32) -> ProcessId {
+        ProcessId {
+            pid,
+            start_ticks: u64::from(pid) * 10,
+        }
+    }
+
+    fn peer(uid: u32, pids: &[u32], parent_is_other_user: bool) -> Peer {
+        Peer {
+            lineage: pids.iter().copied().map(process).collect(),
+            parent_is_other_user,
+            uid: Some(uid),
+            connection: 1,
+        }
+    }
+
+    #[test]
+    fn the_parent_context_is_refused_when_the_parent_is_another_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let parent = Context::parse(PARENT_CONTEXT).unwrap();
+        let same_user = meter.caller(&peer(1000, &[20, 10], false), Some(&parent));
+        assert_eq!(same_user.unwrap().key, ContextKey::Process(process(10)));
+        let fault = meter
+            .caller(&peer(1000, &[20], true), Some(&parent))
+            .unwrap_err();
+        assert_eq!(fault.registered(), Some(FaultCode::InvalidParams));
+        assert!(fault.message.contains("another user"), "{}", fault.message);
+        let orphan = meter.caller(&peer(1000, &[20], false), Some(&parent));
+        assert!(orphan.unwrap_err().message.contains("no parent"));
+        // Without `..`, the caller's own process is its context, and only
+        // the ancestors the lineage kept enclose it.
+        let own = meter.caller(&peer(1000, &[20], true), None).unwrap();
+        assert_eq!(own.key, ContextKey::Process(process(20)));
+        assert!(own.enclosing.is_empty());
     }
 }

@@ -1,5 +1,6 @@
 //! What the meter learns about a calling process from `/proc`: its start time
-//! (so a reused PID is a new process) and its parent.
+//! (so a reused PID is a new process), its parent, and the user each
+//! ancestor runs as (the walk up the ancestors stops at a change of user).
 
 use std::path::Path;
 
@@ -37,15 +38,57 @@ pub fn read_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
     parse_stat(pid, &text)
 }
 
-/// The process and its ancestors, nearest first, at most `ANCESTORS_MAX` deep.
-pub fn lineage(proc_root: &Path, pid: u32) -> Vec<ProcessId> {
-    let mut lineage = Vec::new();
-    let mut next = pid;
-    while next != 0 && lineage.len() <= ANCESTORS_MAX {
+/// The real uid in the text of `/proc/PID/status` (the first number of its
+/// `Uid:` line).
+pub fn parse_status_uid(text: &str) -> Option<u32> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The real uid of process `pid` under `proc_root`; `None` when it is gone.
+pub fn read_uid(proc_root: &Path, pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    parse_status_uid(&text)
+}
+
+/// A calling process and the ancestors whose contexts enclose its calls.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// The process, then its ancestors that run as the caller's user,
+    /// nearest first.
+    pub processes: Vec<ProcessId>,
+    /// The walk stopped at an ancestor that runs as another user.
+    pub stopped_at_other_user: bool,
+}
+
+/// The process `pid` and its ancestors, nearest first, at most
+/// `ANCESTORS_MAX` of them, followed only while they run as `uid` (their
+/// real uid): a process never inherits the session, or the enclosing query,
+/// of another user's process. Without a `uid` only the process itself is
+/// returned.
+pub fn lineage(proc_root: &Path, pid: u32, uid: Option<u32>) -> Lineage {
+    let mut lineage = Lineage::default();
+    let Some(first) = read_stat(proc_root, pid) else {
+        return lineage;
+    };
+    lineage.processes.push(first.process);
+    let Some(uid) = uid else {
+        return lineage;
+    };
+    let mut next = first.parent_pid;
+    while next != 0 && lineage.processes.len() <= ANCESTORS_MAX {
         let Some(stat) = read_stat(proc_root, next) else {
             break;
         };
-        lineage.push(stat.process);
+        if read_uid(proc_root, next) != Some(uid) {
+            lineage.stopped_at_other_user = true;
+            break;
+        }
+        lineage.processes.push(stat.process);
         next = stat.parent_pid;
     }
     lineage
@@ -73,7 +116,9 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_has_a_lineage() {
         let root = Path::new("/proc");
-        let lineage = lineage(root, std::process::id());
+        let uid = read_uid(root, std::process::id());
+        assert!(uid.is_some(), "this process has a uid");
+        let lineage = lineage(root, std::process::id(), uid).processes;
         assert_eq!(lineage[0].pid, std::process::id());
         assert!(lineage.len() >= 2, "a test process has a parent");
         assert!(is_alive(root, &lineage[0]));
@@ -82,5 +127,54 @@ mod tests {
             ..lineage[0]
         };
         assert!(!is_alive(root, &imposter));
+    }
+
+    /// A fake `/proc` with processes `(pid, parent, uid)`.
+    fn fake_proc(processes: &[(u32, u32, u32)]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for &(pid, parent, uid) in processes {
+            let dir = root.path().join(pid.to_string());
+            std::fs::create_dir(&dir).unwrap();
+            let stat = format!(
+                "{pid} (p{pid}) S {parent} 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {} 1000 50",
+                100 + pid
+            );
+            std::fs::write(dir.join("stat"), stat).unwrap();
+            let status = format!("Name:\tp{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n");
+            std::fs::write(dir.join("status"), status).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn the_walk_stops_at_a_change_of_user() {
+        // 40 (uid 1000) <- 30 (uid 1000) <- 20 (uid 0, a root shell) <- 10 (uid 1000)
+        let root = fake_proc(&[(40, 30, 1000), (30, 20, 1000), (20, 10, 0), (10, 1, 1000)]);
+        let pids = |lineage: Lineage| -> (Vec<u32>, bool) {
+            (
+                lineage.processes.iter().map(|p| p.pid).collect(),
+                lineage.stopped_at_other_user,
+            )
+        };
+        assert_eq!(
+            pids(lineage(root.path(), 40, Some(1000))),
+            (vec![40, 30], true)
+        );
+        assert_eq!(pids(lineage(root.path(), 30, Some(1000))), (vec![30], true));
+        // Root's own processes walk on until process 10, which is not root's.
+        assert_eq!(pids(lineage(root.path(), 20, Some(0))), (vec![20], true));
+        // A process whose parent is gone (1 is missing here) ends the walk.
+        assert_eq!(
+            pids(lineage(root.path(), 10, Some(1000))),
+            (vec![10], false)
+        );
+        // Without a uid, no ancestor is trusted.
+        assert_eq!(pids(lineage(root.path(), 40, None)), (vec![40], false));
+        assert_eq!(
+            parse_status_uid("Name:\tx\nUid:\t1000\t0\t0\t0\n"),
+            Some(1000),
+            "the real uid, not the effective one"
+        );
+        assert_eq!(parse_status_uid("Name:\tx\n"), None);
     }
 }

@@ -35,15 +35,19 @@ static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 fn peer_of(stream: &UnixStream, proc_root: &Path) -> Peer {
     let connection = CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1;
-    let pid = stream
-        .peer_cred()
-        .ok()
+    let credentials = stream.peer_cred().ok();
+    let uid = credentials.as_ref().map(|credentials| credentials.uid());
+    let pid = credentials
         .and_then(|credentials| credentials.pid())
         .and_then(|pid| u32::try_from(pid).ok())
         .filter(|&pid| pid != 0);
-    let lineage = pid.map_or_else(Vec::new, |pid| procinfo::lineage(proc_root, pid));
+    let lineage = pid.map_or_else(procinfo::Lineage::default, |pid| {
+        procinfo::lineage(proc_root, pid, uid)
+    });
     Peer {
-        lineage,
+        lineage: lineage.processes,
+        parent_is_other_user: lineage.stopped_at_other_user,
+        uid,
         connection,
     }
 }
