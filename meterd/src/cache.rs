@@ -7,6 +7,11 @@
 //! the rest. sled's `flush` writes with `sync_file_range`, which does not make
 //! data durable across a power cut, so every flush that acknowledges a reading
 //! is followed by an fsync (`sync_data`) of sled's data file.
+//!
+//! A cache is made with a random **instance id** (64 bits), which every
+//! batch id it makes carries: a meter whose data folder was lost and made
+//! again, with the same MID and secret, never reuses a batch id it sent
+//! before.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proto::reading::{Code, Event, Reading};
 use proto::record::{Reader, put_str};
 use proto::upload::{MeterParams, Standing};
-use proto::{BatchId, Cid, Context, Mid, Payer, Pid};
+use proto::{BatchId, Cid, Context, Payer, Pid};
 
 /// Bytes of memory sled may use for its page cache; the rest stays on disk.
 pub const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
@@ -25,6 +30,7 @@ const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
 const SESSIONS_KEY: &[u8] = b"m:sessions";
+const INSTANCE_KEY: &[u8] = b"m:instance";
 const RECORD_VERSION: u8 = 1;
 
 /// Why the cache could not do what was asked.
@@ -61,7 +67,7 @@ pub struct NewReading {
 /// A batch fixed before its first send: same id and readings on every retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingBatch {
-    /// `MID:FIRST_SEQ`.
+    /// `INSTANCE:FIRST_SEQ`.
     pub id: BatchId,
     /// Sequence number of the first reading.
     pub first_seq: u64,
@@ -89,6 +95,15 @@ pub struct Cache {
     readings_max: u64,
     next_seq: AtomicU64,
     first_pending_seq: AtomicU64,
+    instance: AtomicU64,
+}
+
+/// A new random instance id.
+fn random_instance() -> Result<u64, CacheError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| std::io::Error::other("the system's random generator failed"))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn reading_key(seq: u64) -> [u8; 9] {
@@ -141,6 +156,18 @@ impl Cache {
             first_pending_seq <= next_seq,
             "cache: reading beyond next_seq"
         );
+        let instance = match tree.get(INSTANCE_KEY)? {
+            Some(bytes) => u64_of(&bytes),
+            None => {
+                // A new cache (or one made before instance ids): made once,
+                // durably, before any batch id uses it.
+                let instance = random_instance()?;
+                tree.insert(INSTANCE_KEY, &instance.to_be_bytes())?;
+                db.flush()?;
+                data_file.sync_data()?;
+                instance
+            }
+        };
         Ok(Cache {
             db,
             tree,
@@ -149,7 +176,20 @@ impl Cache {
             readings_max,
             next_seq: AtomicU64::new(next_seq),
             first_pending_seq: AtomicU64::new(first_pending_seq),
+            instance: AtomicU64::new(instance),
         })
+    }
+
+    /// This cache's instance id, 16 hex digits.
+    pub fn instance(&self) -> String {
+        format!("{:016x}", self.instance.load(Ordering::Acquire))
+    }
+
+    /// The id of an upload that carries no readings, sent at `now_ms` to
+    /// refresh the status table: `INSTANCE:tMS`.
+    pub fn refresh_id(&self, now_ms: u64) -> BatchId {
+        BatchId::parse(&format!("{}:t{now_ms}", self.instance()))
+            .expect("INSTANCE:tMS is a valid batch id")
     }
 
     /// Where the cache lives.
@@ -222,11 +262,7 @@ impl Cache {
     /// The batch to upload next: the pending one if there is one, else a new
     /// one of at most `readings_max` readings, made durable before it is
     /// returned. `None` when nothing waits.
-    pub fn pending_batch(
-        &self,
-        mid: &Mid,
-        readings_max: usize,
-    ) -> Result<Option<PendingBatch>, CacheError> {
+    pub fn pending_batch(&self, readings_max: usize) -> Result<Option<PendingBatch>, CacheError> {
         if let Some(bytes) = self.tree.get(BATCH_KEY)? {
             return Ok(Some(decode_batch(&bytes)));
         }
@@ -243,8 +279,8 @@ impl Cache {
         for key in seqs {
             last_seq = u64_of(&key?[1..]);
         }
-        let id =
-            BatchId::parse(&format!("{mid}:{first_seq}")).expect("MID:seq is a valid batch id");
+        let id = BatchId::parse(&format!("{}:{first_seq}", self.instance()))
+            .expect("INSTANCE:seq is a valid batch id");
         let batch = PendingBatch {
             id,
             first_seq,
@@ -519,21 +555,22 @@ mod tests {
     #[test]
     fn readings_survive_reopen_and_batches_keep_their_id() {
         let dir = tempfile::tempdir().unwrap();
-        let mid = Mid::parse("B1-M1").unwrap();
-        {
+        let instance = {
             let cache = Cache::open(dir.path(), 10).unwrap();
             assert_eq!(cache.append(&[new_reading(1), new_reading(2)]).unwrap(), 1);
             assert_eq!(cache.append(&[new_reading(3)]).unwrap(), 3);
             assert_eq!(cache.pending(), 3);
-            let batch = cache.pending_batch(&mid, 2).unwrap().unwrap();
+            let batch = cache.pending_batch(2).unwrap().unwrap();
             assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
-            assert_eq!(batch.id.as_str(), "B1-M1:1");
-        }
+            assert_eq!(batch.id.as_str(), format!("{}:1", cache.instance()));
+            cache.instance()
+        };
         let cache = Cache::open(dir.path(), 10).unwrap();
+        assert_eq!(cache.instance(), instance, "the instance id is kept");
         assert_eq!(cache.pending(), 3);
         assert_eq!(cache.oldest_time_ms().unwrap(), Some(1_001));
         // The same batch comes back after a restart, even with a larger limit.
-        let batch = cache.pending_batch(&mid, 100).unwrap().unwrap();
+        let batch = cache.pending_batch(100).unwrap().unwrap();
         assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
         let readings = cache.batch_readings(&batch).unwrap();
         assert_eq!(
@@ -551,10 +588,10 @@ mod tests {
         cache.confirm_batch(&batch, &table).unwrap();
         assert_eq!(cache.pending(), 1);
         assert_eq!(cache.saved_table().unwrap(), Some(table));
-        let next = cache.pending_batch(&mid, 100).unwrap().unwrap();
+        let next = cache.pending_batch(100).unwrap().unwrap();
         assert_eq!(
-            (next.first_seq, next.last_seq, next.id.as_str()),
-            (3, 3, "B1-M1:3")
+            (next.first_seq, next.last_seq, next.id.to_string()),
+            (3, 3, format!("{instance}:3"))
         );
         assert_eq!(
             cache.append(&[new_reading(4)]).unwrap(),
@@ -592,5 +629,25 @@ mod tests {
         assert_eq!(cache.pending(), 1);
         cache.append(&[new_reading(2)]).unwrap();
         assert_eq!(cache.pending(), 2);
+    }
+
+    #[test]
+    fn a_cache_made_again_in_the_same_place_never_reuses_a_batch_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let cache = Cache::open(dir.path(), 10).unwrap();
+            cache.append(&[new_reading(1)]).unwrap();
+            let batch = cache.pending_batch(10).unwrap().unwrap();
+            (batch.id, cache.refresh_id(5))
+        };
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        let cache = Cache::open(dir.path(), 10).unwrap();
+        cache.append(&[new_reading(1)]).unwrap();
+        let batch = cache.pending_batch(10).unwrap().unwrap();
+        assert_eq!(batch.first_seq, 1, "sequence numbers start over");
+        assert_ne!(batch.id, first.0, "but the batch id is new");
+        assert_ne!(cache.refresh_id(5), first.1);
+        assert_eq!(cache.instance().len(), 16);
+        assert!(batch.id.as_str().len() <= proto::id::TOKEN_LEN_MAX);
     }
 }

@@ -214,9 +214,7 @@ impl Uploader {
     async fn upload_all(&self) -> Result<(), UploadError> {
         loop {
             let cache = Arc::clone(&self.cache);
-            let mid = self.mid;
-            let pending =
-                blocking(move || cache.pending_batch(&mid, UPLOAD_BATCH_READINGS)).await?;
+            let pending = blocking(move || cache.pending_batch(UPLOAD_BATCH_READINGS)).await?;
             match pending {
                 Some(batch) => self.upload_batch(batch).await?,
                 None => return self.refresh_table().await,
@@ -261,7 +259,7 @@ impl Uploader {
     }
 
     async fn refresh_table(&self) -> Result<(), UploadError> {
-        let id = BatchId::parse(&format!("{}:t{}", self.mid, now_ms())).expect("valid batch id");
+        let id = self.cache.refresh_id(now_ms());
         let request = SendRequest {
             mid: self.mid,
             body: SendBody::Batch(Batch {
