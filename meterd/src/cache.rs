@@ -12,6 +12,13 @@
 //! batch id it makes carries: a meter whose data folder was lost and made
 //! again, with the same MID and secret, never reuses a batch id it sent
 //! before.
+//!
+//! A batch the backoffice answers with fault 205 (`BatchConflict`: that id
+//! was applied already, with other readings) is **set aside**: its readings
+//! move, in one atomic step, from `r` + seq to `c` + seq, where they are kept
+//! and never uploaded again; its record goes to `x` + first seq; and the
+//! cache takes a new instance id, so that later batches cannot collide with
+//! the batches of whatever copy of this cache sent that id first.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,6 +33,10 @@ use proto::{BatchId, Cid, Context, Payer, Pid};
 pub const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 const READING_PREFIX: u8 = b'r';
+const SET_ASIDE_READING_PREFIX: u8 = b'c';
+const SET_ASIDE_BATCH_PREFIX: u8 = b'x';
+/// How many set-aside batch ids the meter's status shows (the newest).
+pub const SET_ASIDE_SHOWN_MAX: usize = 16;
 const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
@@ -86,6 +97,28 @@ pub struct SavedTable {
     pub params: MeterParams,
 }
 
+/// Batches set aside after a conflict: what the meter's status shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetAside {
+    /// Batches set aside.
+    pub batches: u64,
+    /// Readings in them, kept in the cache.
+    pub readings: u64,
+    /// The ids of the newest `SET_ASIDE_SHOWN_MAX`, oldest first.
+    pub latest: Vec<BatchId>,
+}
+
+impl SetAside {
+    fn add(&mut self, batch: &PendingBatch) {
+        self.batches += 1;
+        self.readings += batch.last_seq - batch.first_seq + 1;
+        if self.latest.len() == SET_ASIDE_SHOWN_MAX {
+            self.latest.remove(0);
+        }
+        self.latest.push(batch.id.clone());
+    }
+}
+
 /// The meter's durable cache.
 pub struct Cache {
     db: sled::Db,
@@ -96,6 +129,7 @@ pub struct Cache {
     next_seq: AtomicU64,
     first_pending_seq: AtomicU64,
     instance: AtomicU64,
+    set_aside: std::sync::Mutex<SetAside>,
 }
 
 /// A new random instance id.
@@ -107,8 +141,12 @@ fn random_instance() -> Result<u64, CacheError> {
 }
 
 fn reading_key(seq: u64) -> [u8; 9] {
+    prefixed(READING_PREFIX, seq)
+}
+
+fn prefixed(prefix: u8, seq: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
-    key[0] = READING_PREFIX;
+    key[0] = prefix;
     key[1..].copy_from_slice(&seq.to_be_bytes());
     key
 }
@@ -168,6 +206,10 @@ impl Cache {
                 instance
             }
         };
+        let mut set_aside = SetAside::default();
+        for entry in tree.scan_prefix([SET_ASIDE_BATCH_PREFIX]) {
+            set_aside.add(&decode_batch(&entry?.1));
+        }
         Ok(Cache {
             db,
             tree,
@@ -177,6 +219,7 @@ impl Cache {
             next_seq: AtomicU64::new(next_seq),
             first_pending_seq: AtomicU64::new(first_pending_seq),
             instance: AtomicU64::new(instance),
+            set_aside: std::sync::Mutex::new(set_aside),
         })
     }
 
@@ -224,7 +267,7 @@ impl Cache {
     /// sequence number. Only one thread (the group committer) calls this.
     pub fn append(&self, readings: &[NewReading]) -> Result<u64, CacheError> {
         let count = readings.len() as u64;
-        if self.pending() + count > self.readings_max {
+        if self.pending() + self.set_aside().readings + count > self.readings_max {
             return Err(CacheError::Full {
                 max: self.readings_max,
             });
@@ -325,6 +368,56 @@ impl Cache {
         self.first_pending_seq
             .store(batch.last_seq + 1, Ordering::Release);
         Ok(())
+    }
+
+    /// The backoffice refused `batch` as a conflict (its id was applied with
+    /// other readings): keeps its readings, out of the upload path, and
+    /// takes a new instance id for the batches that follow, in one atomic
+    /// step.
+    pub fn set_aside_batch(&self, batch: &PendingBatch) -> Result<(), CacheError> {
+        let mut changes = sled::Batch::default();
+        let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
+        for entry in self.tree.range(range) {
+            let (key, record) = entry?;
+            let seq = u64_of(&key[1..]);
+            changes.remove(key);
+            changes.insert(&prefixed(SET_ASIDE_READING_PREFIX, seq), record);
+        }
+        changes.remove(BATCH_KEY);
+        changes.insert(
+            &prefixed(SET_ASIDE_BATCH_PREFIX, batch.first_seq),
+            encode_batch(batch),
+        );
+        let instance = random_instance()?;
+        changes.insert(INSTANCE_KEY, &instance.to_be_bytes());
+        self.tree.apply_batch(changes)?;
+        self.sync()?;
+        self.first_pending_seq
+            .store(batch.last_seq + 1, Ordering::Release);
+        self.instance.store(instance, Ordering::Release);
+        self.set_aside
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .add(batch);
+        Ok(())
+    }
+
+    /// The batches set aside so far.
+    pub fn set_aside(&self) -> SetAside {
+        self.set_aside
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The readings of the batches set aside, in order (they stay in the
+    /// cache for a person to look at; the meter never uploads them).
+    pub fn set_aside_readings(&self) -> Result<Vec<Reading>, CacheError> {
+        let mut readings = Vec::new();
+        for entry in self.tree.scan_prefix([SET_ASIDE_READING_PREFIX]) {
+            readings.push(checked_decode(&entry?.1));
+        }
+        Ok(readings)
     }
 
     /// Keeps an answer that confirmed no batch (a refresh of the table).
@@ -649,5 +742,52 @@ mod tests {
         assert_ne!(cache.refresh_id(5), first.1);
         assert_eq!(cache.instance().len(), 16);
         assert!(batch.id.as_str().len() <= proto::id::TOKEN_LEN_MAX);
+    }
+
+    #[test]
+    fn a_conflicting_batch_is_set_aside_with_its_readings_and_later_ones_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first_instance, kept) = {
+            let cache = Cache::open(dir.path(), 4).unwrap();
+            cache
+                .append(&[new_reading(1), new_reading(2), new_reading(3)])
+                .unwrap();
+            let instance = cache.instance();
+            let batch = cache.pending_batch(2).unwrap().unwrap();
+            cache.set_aside_batch(&batch).unwrap();
+            assert_ne!(cache.instance(), instance, "a new instance id");
+            assert_eq!(cache.pending(), 1);
+            let next = cache.pending_batch(10).unwrap().unwrap();
+            assert_eq!((next.first_seq, next.last_seq), (3, 3));
+            assert_eq!(next.id.to_string(), format!("{}:3", cache.instance()));
+            // Set-aside readings count against the cache's maximum.
+            assert!(matches!(
+                cache.append(&[new_reading(4), new_reading(5)]),
+                Err(CacheError::Full { max: 4 })
+            ));
+            (instance, cache.instance())
+        };
+        let cache = Cache::open(dir.path(), 4).unwrap();
+        assert_eq!(cache.instance(), kept);
+        let set_aside = cache.set_aside();
+        assert_eq!((set_aside.batches, set_aside.readings), (1, 2));
+        assert_eq!(
+            set_aside.latest[0].to_string(),
+            format!("{first_instance}:1")
+        );
+        let readings = cache.set_aside_readings().unwrap();
+        assert_eq!(readings.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(readings[0], {
+            let new = new_reading(1);
+            Reading {
+                seq: 1,
+                time_ms: new.time_ms,
+                context: new.context,
+                event: new.event,
+            }
+        });
+        // The batch after it is the one that was pending, not the set-aside one.
+        let next = cache.pending_batch(10).unwrap().unwrap();
+        assert_eq!((next.first_seq, next.last_seq), (3, 3));
     }
 }

@@ -232,6 +232,15 @@ fn print_status(status: &Value) {
             Value::String(text) => text.clone(),
             Value::Bool(truth) => truth.to_string(),
             Value::Nil => "-".to_owned(),
+            Value::Array(items) if items.is_empty() => "-".to_owned(),
+            Value::Array(items) => items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map_or_else(|| format!("{item:?}"), str::to_owned)
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
             other => format!("{other:?}"),
         };
         println!("{:<20} {shown}", member.name);

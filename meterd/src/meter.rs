@@ -388,6 +388,7 @@ impl Meter {
         let open_contexts = lock(&self.contexts).len();
         let received_ms = lock(&self.table).received_ms();
         let table_age_s = received_ms.map(|received| now_ms().saturating_sub(received) / 1000);
+        let set_aside = self.cache.set_aside();
         let optional =
             |value: Option<u64>| value.map_or(Value::Nil, |v| Value::string(v.to_string()));
         Value::structure([
@@ -407,6 +408,24 @@ impl Meter {
                 report.last_error.map_or(Value::Nil, Value::String),
             ),
             ("tableAgeS", optional(table_age_s)),
+            (
+                "conflictedBatches",
+                Value::string(set_aside.batches.to_string()),
+            ),
+            (
+                "conflictedReadings",
+                Value::string(set_aside.readings.to_string()),
+            ),
+            (
+                "conflictedBatchIds",
+                Value::Array(
+                    set_aside
+                        .latest
+                        .iter()
+                        .map(|id| Value::string(id.as_str()))
+                        .collect(),
+                ),
+            ),
         ])
     }
 }

@@ -6,7 +6,9 @@
 //! stale, and whenever woken (`flush()`, a full cache, an unconfirmed payer).
 //! A batch is fixed in the cache before its first send and resent unchanged,
 //! with the same id, until the backoffice confirms it; only then are its
-//! readings deleted. Failures back off exponentially up to
+//! readings deleted. A batch refused as a conflict (fault 205: its id was
+//! applied before with other readings) is set aside, its readings kept, and
+//! uploading goes on. Failures back off exponentially up to
 //! `RETRY_DELAY_MAX_MS`, for as long as the backoffice stays down.
 
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
 use proto::upload::{Batch, SendAnswer, SendBody, SendRequest};
 use proto::xmlrpc::{Limits, MethodResponse, encode_call, parse_response};
-use proto::{BatchId, Mid};
+use proto::{BatchId, FaultCode, Mid};
 
 use crate::cache::{Cache, PendingBatch, SavedTable};
 use crate::config::UploadSettings;
@@ -238,7 +240,26 @@ impl Uploader {
                 parties: self.known_parties(),
             }),
         };
-        let saved = self.exchange(&request, &batch.id).await?;
+        let saved = match self.exchange(&request, &batch.id).await {
+            Ok(saved) => saved,
+            Err(UploadError::Refused(fault))
+                if fault.registered() == Some(FaultCode::BatchConflict) =>
+            {
+                let cache = Arc::clone(&self.cache);
+                let id = batch.id.clone();
+                blocking(move || cache.set_aside_batch(&batch)).await?;
+                tracing::error!(
+                    batch = %id,
+                    readings = count,
+                    reason = %fault.message,
+                    "the backoffice applied this batch id before with other readings (205); \
+                     the batch is set aside and its readings kept in the cache, never uploaded; \
+                     later readings upload under a new instance id"
+                );
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
         let cache = Arc::clone(&self.cache);
         let kept = saved.clone();
         let id = batch.id.clone();
