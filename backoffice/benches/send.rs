@@ -56,11 +56,13 @@ fn main() {
     let product = store
         .create_product(
             &bid,
-            &owner,
-            "Editor",
-            "",
-            "flat",
-            &examples::module("flat"),
+            backoffice::store::NewProduct::new(
+                &owner,
+                "Editor",
+                "flat",
+                &examples::module("flat"),
+                proto::Amount::from_units(1).unwrap(),
+            ),
         )
         .unwrap();
     let meters: Vec<(Mid, Secret)> = (0..2)

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod funding;
+pub mod grant_calls;
+pub mod grants;
 pub mod ledger;
 pub mod operator;
 pub mod pricing;

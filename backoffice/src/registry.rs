@@ -111,6 +111,69 @@ pub struct Product {
     pub terms: String,
     /// The pricing module.
     pub taca: TacaHash,
+    /// The most one use may cost, declared at registration and shown with
+    /// the terms; a TACA price above it is refused (the use goes to
+    /// suspense). `None` only for products stored before maximums existed.
+    #[serde(default)]
+    pub max_price: Option<Amount>,
+}
+
+/// A customer's authorization for one meter to charge them (see
+/// `docs/security.md`). Never deleted: revoking sets `revoked_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Its number in the branch, for revoking.
+    pub id: u64,
+    /// The meter that may charge.
+    pub mid: Mid,
+    /// The customer who pays.
+    pub cid: Cid,
+    /// The local users of the meter's machine it is for.
+    pub scope: proto::grant::Scope,
+    /// The machine's label as the meter sent it.
+    pub label: String,
+    /// When the customer approved it, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// When it expires, if it does.
+    pub expires_ms: Option<u64>,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<u64>,
+}
+
+impl Grant {
+    /// True when a use at `time_ms` may be charged through this grant.
+    pub fn is_live_at(&self, time_ms: u64) -> bool {
+        self.created_ms <= time_ms
+            && self.expires_ms.is_none_or(|expires| time_ms < expires)
+            && self.revoked_ms.is_none_or(|revoked| time_ms < revoked)
+    }
+
+    /// The grant as the meter is told of it.
+    pub fn info(&self) -> proto::grant::GrantInfo {
+        proto::grant::GrantInfo {
+            cid: self.cid,
+            scope: self.scope.clone(),
+            created_ms: self.created_ms,
+            expires_ms: self.expires_ms,
+        }
+    }
+}
+
+/// A grant before it has a number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGrant {
+    /// The meter that may charge.
+    pub mid: Mid,
+    /// The customer who pays.
+    pub cid: Cid,
+    /// The local users it is for.
+    pub scope: proto::grant::Scope,
+    /// The machine's label.
+    pub label: String,
+    /// When it was approved.
+    pub created_ms: u64,
+    /// When it expires, if it does.
+    pub expires_ms: Option<u64>,
 }
 
 /// A registered meter.
@@ -147,6 +210,15 @@ pub enum RegistryError {
     /// No such product.
     #[error("no product {0}")]
     UnknownProduct(Pid),
+    /// No such meter.
+    #[error("no meter {0}")]
+    UnknownMeter(Mid),
+    /// No such grant (or not the customer's own).
+    #[error("no grant {0}")]
+    UnknownGrant(u64),
+    /// A maximum price per use that is not positive.
+    #[error("the maximum price per use must be more than 0, not {0}")]
+    BadMaxPrice(Amount),
     /// The serial space of this branch is used up.
     #[error("no more IDs of this kind can be issued")]
     SerialsExhausted,

@@ -24,8 +24,8 @@ use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
 use crate::now_ms;
 use crate::pricing::{PriceInput, Pricing};
-use crate::registry::Product;
-use crate::store::{BatchEffects, BatchKey, PeriodKey, Store, StoreError, Suspense};
+use crate::registry::{Grant, Product};
+use crate::store::{BatchDigest, BatchEffects, BatchKey, PeriodKey, Store, StoreError, Suspense};
 
 /// How far a signature's time may be from the backoffice's clock.
 pub const SIGNATURE_WINDOW_MS: u64 = 5 * 60 * 1000;
@@ -94,6 +94,8 @@ pub struct Backoffice<S> {
     /// memory may then hold what the disk does not, so money operations are
     /// refused until a restart reloads it.
     not_durable: std::sync::atomic::AtomicBool,
+    /// Grant codes waiting for a customer's decision.
+    device_codes: crate::grants::DeviceCodes,
 }
 
 /// What the money path has done since the process started, for `/metrics`.
@@ -137,6 +139,17 @@ struct Lookups {
     /// (`None`: no such customer).
     customers: HashMap<Cid, Option<(proto::Amount, bool)>>,
     tacas: HashMap<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
+    /// Every grant given to the sending meter, live or not.
+    grants: Vec<Grant>,
+}
+
+impl Lookups {
+    /// True when `cid` granted the sending meter a grant live at `time_ms`.
+    fn granted(&self, cid: Cid, time_ms: u64) -> bool {
+        self.grants
+            .iter()
+            .any(|grant| grant.cid == cid && grant.is_live_at(time_ms))
+    }
 }
 
 /// Most period counts kept in memory; past it the cache starts again empty.
@@ -163,6 +176,12 @@ struct Use {
     pid: Pid,
     payer: Option<Payer>,
     time_ms: u64,
+    /// The context it was used in (`None`: Cox's form, one context).
+    context: Option<proto::Context>,
+    /// Its payer may be charged: a customer with a live grant for the
+    /// sending meter, or the owner of a product whose use encloses it and
+    /// is itself authorized (see `authorize`).
+    authorized: bool,
 }
 
 /// A use ready to price: its TACA, its product's owner and its place in
@@ -172,6 +191,8 @@ struct Job {
     owner: Cid,
     period: PeriodKey,
     count: u64,
+    /// The most one use may cost (`None`: a product stored before maximums).
+    max_price: Option<Amount>,
 }
 
 impl Job {
@@ -321,6 +342,8 @@ fn minimal_uses(events: &[Event], time_ms: u64) -> Vec<Use> {
                     pid,
                     payer,
                     time_ms,
+                    context: None,
+                    authorized: false,
                 });
             }
         }
@@ -337,10 +360,56 @@ fn extended_uses(readings: &[Reading]) -> Vec<Use> {
                 pid,
                 payer,
                 time_ms: reading.time_ms,
+                context: Some(reading.context.clone()),
+                authorized: false,
             }),
             _ => None,
         })
         .collect()
+}
+
+/// Decides which uses of one batch may be charged to their payer. A
+/// customer pays only through a grant they gave the sending meter, live at
+/// the use's time. A component's use is charged to the owner of the
+/// product it was used in only when, later in the same batch and context,
+/// a use of that product is itself authorized: the chain of enclosing uses
+/// must end at a granted customer. (An inner use is committed before the
+/// use that encloses it, so one pass from the end decides every link.)
+fn authorize(uses: &mut [Use], lookups: &Lookups) {
+    let mut authorized_later: HashSet<(Option<&proto::Context>, Pid)> = HashSet::new();
+    let mut order: Vec<usize> = (0..uses.len()).collect();
+    order.sort_by_key(|&index| uses[index].seq);
+    let mut decided = vec![false; uses.len()];
+    for &index in order.iter().rev() {
+        let usage = &uses[index];
+        let authorized = match usage.payer {
+            Some(Payer::Customer(cid)) => lookups.granted(cid, usage.time_ms),
+            Some(Payer::OwnerOf(enclosing)) => {
+                authorized_later.contains(&(usage.context.as_ref(), enclosing))
+            }
+            None => false,
+        };
+        if authorized {
+            authorized_later.insert((usage.context.as_ref(), usage.pid));
+        }
+        decided[index] = authorized;
+    }
+    for (usage, authorized) in uses.iter_mut().zip(decided) {
+        usage.authorized = authorized;
+    }
+}
+
+/// Why a use's payer may not be charged, for its suspense record.
+fn unauthorized_reason(payer: Option<Payer>) -> String {
+    match payer {
+        Some(Payer::Customer(cid)) => {
+            format!("no grant: {cid} has no live grant for this meter at the use's time")
+        }
+        Some(Payer::OwnerOf(pid)) => {
+            format!("no grant: not inside an authorized use of {pid} in the same batch and context")
+        }
+        None => "nobody would pay: no enclosing login or query".to_owned(),
+    }
 }
 
 /// Every party whose standing the answer reports.
@@ -385,7 +454,13 @@ impl<S: Store> Backoffice<S> {
             params,
             counters: Counters::default(),
             not_durable: std::sync::atomic::AtomicBool::new(false),
+            device_codes: crate::grants::DeviceCodes::default(),
         })
+    }
+
+    /// Grant codes waiting for customers' decisions.
+    pub fn device_codes(&self) -> &crate::grants::DeviceCodes {
+        &self.device_codes
     }
 
     /// What the money path has done since it started.
@@ -535,23 +610,56 @@ impl<S: Store> Backoffice<S> {
             mid: request.mid,
             id,
         };
-        if let Some(answer) = self
+        let digest = match &request.body {
+            SendBody::Batch(batch) => Some(proto::upload::readings_digest(&batch.readings)),
+            // Cox's form is named by its signature, which covers the body.
+            SendBody::Minimal(_) => None,
+        };
+        if let Some(applied) = self
             .store
-            .applied_answer(&key)
+            .applied_batch(&key)
             .map_err(|error| internal(&error))?
         {
-            self.counters
-                .batches_repeated
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(mid = %key.mid, batch = %key.id, "batch sent again: answered as before");
-            // The first send may still be on its way to disk.
-            self.durable()?;
-            return Self::repeat(&answer, &request.body);
+            return self.repeated(&key, digest.as_ref(), applied, &request.body);
         }
-        self.apply(&key, &request, now_ms)
+        self.apply(&key, digest, &request, now_ms)
     }
 
-    fn authenticate(
+    /// Answers a batch id that was applied already: as before when the
+    /// readings are the same, fault 205 when they are not (a meter whose
+    /// data folder was restored or cloned, or a forged batch).
+    fn repeated(
+        &self,
+        key: &BatchKey,
+        digest: Option<&BatchDigest>,
+        applied: crate::store::AppliedBatch,
+        body: &SendBody,
+    ) -> Result<Value, Fault> {
+        // The first send may still be on its way to disk.
+        self.durable()?;
+        if let (Some(sent), Some(kept)) = (digest, applied.digest.as_ref())
+            && sent != kept
+        {
+            tracing::error!(mid = %key.mid, batch = %key.id, "batch id sent again with other readings: refused");
+            return Err(Fault::new(
+                FaultCode::BatchConflict,
+                format!(
+                    "batch {} of {} was applied with other readings; nothing was applied",
+                    key.id, key.mid
+                ),
+            ));
+        }
+        self.counters
+            .batches_repeated
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(mid = %key.mid, batch = %key.id, "batch sent again: answered as before");
+        Self::repeat(&applied.answer, body)
+    }
+
+    /// Checks that `body` comes from the registered meter `mid`: its
+    /// signature headers verify with the meter's secret, within the time
+    /// window, never seen before. Returns the signature.
+    pub(crate) fn authenticate(
         &self,
         mid: &Mid,
         signed: Signed<'_>,
@@ -708,6 +816,9 @@ impl<S: Store> Backoffice<S> {
         periods: &mut HashMap<PeriodKey, u64>,
         usage: &Use,
     ) -> Result<Result<Option<Job>, String>, Fault> {
+        if !usage.authorized {
+            return Ok(Err(unauthorized_reason(usage.payer)));
+        }
         let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
             return Ok(Err(format!("unknown PID {}", usage.pid)));
         };
@@ -744,6 +855,7 @@ impl<S: Store> Backoffice<S> {
             owner: product.owner,
             period,
             count,
+            max_price: product.max_price,
         })))
     }
 
@@ -783,6 +895,15 @@ impl<S: Store> Backoffice<S> {
             } else {
                 self.pricing.price(&job.taca, &job.input(job.count - shift))
             };
+            let result = result
+                .map_err(|error| error.to_string())
+                .and_then(|priced| match job.max_price {
+                    Some(max) if priced.amount > max => Err(format!(
+                        "price {} above the product's maximum of {max} per use",
+                        priced.amount
+                    )),
+                    _ => Ok(priced),
+                });
             fates[index] = match result {
                 Ok(priced) => {
                     self.counters.prices.fetch_add(1, Ordering::Relaxed);
@@ -795,9 +916,9 @@ impl<S: Store> Backoffice<S> {
                         amount: priced.amount,
                     }
                 }
-                Err(error) => {
+                Err(reason) => {
                     *failed.entry(job.period).or_insert(0) += 1;
-                    Fate::Suspense(error.to_string())
+                    Fate::Suspense(reason)
                 }
             };
         }
@@ -821,18 +942,41 @@ impl<S: Store> Backoffice<S> {
         let mut resolved = Vec::new();
         let mut ledger = lock(&self.ledger);
         let mut stored = lock(&self.period_counts);
-        let uses: Vec<Use> = records
-            .iter()
-            .map(|record| Use {
+        let mut grants: HashMap<Mid, Vec<Grant>> = HashMap::new();
+        let mut uses: Vec<Use> = Vec::with_capacity(records.len());
+        for record in &records {
+            let payer = record
+                .payer
+                .as_deref()
+                .and_then(|text| Payer::parse(text).ok());
+            // The same rules as when the batch came: a customer through a
+            // grant live at the use's time, a component only where the
+            // chain was shown then.
+            let authorized = match payer {
+                Some(Payer::Customer(cid)) => {
+                    if !grants.contains_key(&record.mid) {
+                        let of_meter = self
+                            .store
+                            .grants_of_meter(&record.mid)
+                            .map_err(|error| internal(&error))?;
+                        grants.insert(record.mid, of_meter);
+                    }
+                    grants[&record.mid]
+                        .iter()
+                        .any(|grant| grant.cid == cid && grant.is_live_at(record.time_ms))
+                }
+                Some(Payer::OwnerOf(_)) => record.authorized,
+                None => false,
+            };
+            uses.push(Use {
                 seq: record.seq,
                 pid: record.pid,
-                payer: record
-                    .payer
-                    .as_deref()
-                    .and_then(|text| Payer::parse(text).ok()),
+                payer,
                 time_ms: record.time_ms,
-            })
-            .collect();
+                context: None,
+                authorized,
+            });
+        }
         // In chunks, in order (the period counts carry over), with a
         // progress line per chunk: suspense may hold millions of readings.
         let mut fates = Vec::with_capacity(uses.len());
@@ -871,13 +1015,26 @@ impl<S: Store> Backoffice<S> {
         Ok((resolved.len(), records.len() - resolved.len()))
     }
 
-    fn apply(&self, key: &BatchKey, request: &SendRequest, now_ms: u64) -> Result<Value, Fault> {
+    fn apply(
+        &self,
+        key: &BatchKey,
+        digest: Option<BatchDigest>,
+        request: &SendRequest,
+        now_ms: u64,
+    ) -> Result<Value, Fault> {
         let started = std::time::Instant::now();
-        let uses = match &request.body {
+        let mut uses = match &request.body {
             SendBody::Batch(batch) => extended_uses(&batch.readings),
             SendBody::Minimal(events) => minimal_uses(events, now_ms),
         };
-        let mut lookups = Lookups::default();
+        let mut lookups = Lookups {
+            grants: self
+                .store
+                .grants_of_meter(&key.mid)
+                .map_err(|error| internal(&error))?,
+            ..Lookups::default()
+        };
+        authorize(&mut uses, &lookups);
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut totals = Totals::default();
         let mut suspense = Vec::new();
@@ -903,6 +1060,7 @@ impl<S: Store> Backoffice<S> {
                     payer: usage.payer.map(|payer| payer.to_string()),
                     time_ms: usage.time_ms,
                     reason,
+                    authorized: usage.authorized,
                 }),
             }
         }
@@ -921,7 +1079,7 @@ impl<S: Store> Backoffice<S> {
                     .map_err(|error| internal(&error))?;
             }
         }
-        let standings = self.standings(&request.body, &mut lookups, |account| {
+        let standings = self.standings(&request.body, &mut lookups, now_ms, |account| {
             balances
                 .get(account)
                 .copied()
@@ -944,6 +1102,7 @@ impl<S: Store> Backoffice<S> {
             period_uses: &period_uses,
             suspense: &suspense,
             answer: &answer,
+            digest,
         };
         let transfer_count = prepared.len();
         // Staged under the lock (so batches reach the store in the order they
@@ -983,15 +1142,12 @@ impl<S: Store> Backoffice<S> {
             Err(StoreError::AlreadyApplied(_)) => {
                 drop(stored);
                 drop(ledger);
-                let stored = self
+                let applied = self
                     .store
-                    .applied_answer(key)
-                    .map_err(|error| internal(&error))?;
-                self.durable()?;
-                Self::repeat(
-                    &stored.expect("an applied batch has an answer"),
-                    &request.body,
-                )
+                    .applied_batch(key)
+                    .map_err(|error| internal(&error))?
+                    .expect("an applied batch has an answer");
+                self.repeated(key, digest.as_ref(), applied, &request.body)
             }
             Err(error) => Err(internal(&error)),
         }
@@ -1016,15 +1172,21 @@ impl<S: Store> Backoffice<S> {
         Ok(terms)
     }
 
+    /// The standing of every party the answer reports. A customer is in
+    /// good standing for this meter only through a grant live now: a meter
+    /// learns nothing of customers who did not grant it (they are all
+    /// "deny"), and a revoked grant turns the meter's answers to "deny".
     fn standings(
         &self,
         body: &SendBody,
         lookups: &mut Lookups,
+        now_ms: u64,
         balance: impl Fn(&AccountId) -> proto::Amount,
     ) -> Result<Vec<Standing>, Fault> {
         let mut standings = Vec::new();
         for party in parties(body) {
             let cid = match party {
+                Payer::Customer(cid) if !lookups.granted(cid, now_ms) => None,
                 Payer::Customer(cid) => Some(cid),
                 Payer::OwnerOf(pid) => self
                     .product(&mut lookups.products, pid)?
@@ -1153,7 +1315,16 @@ mod tests {
         ))
         .unwrap();
         let product = store
-            .create_product(&bid, &producer.cid, "Editor", "", "flat", &flat)
+            .create_product(
+                &bid,
+                crate::store::NewProduct::new(
+                    &producer.cid,
+                    "Editor",
+                    "flat",
+                    &flat,
+                    Amount::from_units(1).unwrap(),
+                ),
+            )
             .unwrap();
         let meter = store.create_meter(&bid, &consumer.cid).unwrap();
         let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();

@@ -210,6 +210,14 @@ fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value
         };
         return service.backoffice.send(body, signed, now_ms());
     }
+    if let Some(grant_call) = crate::grant_calls::meter_method(&name) {
+        let signed = Signed {
+            mid: header(headers, MID_HEADER),
+            time: header(headers, TIME_HEADER),
+            signature: header(headers, SIGNATURE_HEADER),
+        };
+        return crate::grant_calls::answer(service, grant_call, signed, body, now_ms());
+    }
     let token = header(headers, OPERATOR_HEADER).unwrap_or("");
     if !proto::auth::equal_in_constant_time(token.as_bytes(), service.operator_token.as_bytes()) {
         return Err(Fault::new(
@@ -221,7 +229,7 @@ fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value
     operator_call(service, &call)
 }
 
-fn store_fault(error: StoreError) -> Fault {
+pub(crate) fn store_fault(error: StoreError) -> Fault {
     match error {
         StoreError::Registry(error) => Fault::new(FaultCode::RecordRefused, error.to_string()),
         other => Fault::new(FaultCode::InternalError, other.to_string()),
@@ -303,10 +311,18 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
     let store = service.backoffice.store();
     match call.name.as_str() {
         "customer.create" => {
-            params.arity(2, 2)?;
-            let customer = store
-                .create_customer(&service.bid, params.string(0)?, params.string(1)?)
-                .map_err(store_fault)?;
+            params.arity(2, 3)?;
+            let customer = match params.get(2) {
+                Err(_) => store
+                    .create_customer(&service.bid, params.string(0)?, params.string(1)?)
+                    .map_err(store_fault)?,
+                Ok(_) => crate::grant_calls::create_customer_with_password(
+                    service,
+                    params.string(0)?,
+                    params.string(1)?,
+                    params.string(2)?,
+                )?,
+            };
             Ok(Value::structure([(
                 "CID",
                 Value::string(customer.cid.as_str()),
@@ -317,7 +333,8 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             customer_value(service, &params.parsed(0)?)
         }
         "product.create" => {
-            params.arity(4, 4)?;
+            params.arity(5, 5)?;
+            let max_price: Amount = params.parsed(4)?;
             let owner: Cid = params.parsed(0)?;
             let module = match params.get(3)? {
                 Value::Base64(bytes) => bytes,
@@ -331,17 +348,20 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             let product = store
                 .create_product(
                     &service.bid,
-                    &owner,
-                    params.string(1)?,
-                    "",
-                    params.string(2)?,
-                    module,
+                    crate::store::NewProduct::new(
+                        &owner,
+                        params.string(1)?,
+                        params.string(2)?,
+                        module,
+                        max_price,
+                    ),
                 )
                 .map_err(store_fault)?;
             Ok(Value::structure([
                 ("PID", Value::string(product.pid.as_str())),
                 ("testPID", Value::string(product.test_pid.as_str())),
                 ("taca", Value::string(product.taca.to_string())),
+                ("maxPrice", Value::string(max_price.to_string())),
             ]))
         }
         "meter.create" => {
@@ -460,6 +480,41 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                     })
                     .collect(),
             ))
+        }
+        "grant.list" => {
+            params.arity(1, 1)?;
+            let id = params.string(0)?;
+            let grants = if let Ok(cid) = id.parse::<Cid>() {
+                store.grants_of_customer(&cid)
+            } else if let Ok(mid) = id.parse::<proto::Mid>() {
+                store.grants_of_meter(&mid)
+            } else {
+                return Err(Fault::invalid_params(
+                    "grant.list: parameter 1 must be a CID or an MID",
+                ));
+            };
+            Ok(Value::Array(
+                grants
+                    .map_err(store_fault)?
+                    .iter()
+                    .map(crate::grant_calls::grant_value)
+                    .collect(),
+            ))
+        }
+        "grant.revoke" => {
+            params.arity(1, 1)?;
+            let number: u64 = params.parsed(0)?;
+            let grant =
+                store
+                    .revoke_grant(number, None, now_ms())
+                    .map_err(|error| match error {
+                        StoreError::Registry(crate::registry::RegistryError::UnknownGrant(_)) => {
+                            Fault::new(FaultCode::NotFound, error.to_string())
+                        }
+                        other => store_fault(other),
+                    })?;
+            tracing::info!(grant = grant.id, mid = %grant.mid, cid = %grant.cid, "grant revoked by the operator");
+            Ok(crate::grant_calls::grant_value(&grant))
         }
         other => Err(Fault::method_not_found(other)),
     }

@@ -18,7 +18,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
 use crate::pricing::TacaHash;
-use crate::registry::{self, Customer, Meter, Product, Registration, RegistryError};
+use crate::registry::{
+    self, Customer, Grant, Meter, NewGrant, Product, Registration, RegistryError,
+};
 
 /// Bytes of memory sled may use for its page cache.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -110,6 +112,12 @@ pub struct Suspense {
     pub time_ms: u64,
     /// Why it was not priced.
     pub reason: String,
+    /// Its payer could be charged when the batch was applied (a live
+    /// grant, or a component inside an authorized use): re-pricing charges
+    /// a component's use only when this holds, since the batch that showed
+    /// the chain of enclosing uses is not kept.
+    #[serde(default)]
+    pub authorized: bool,
 }
 
 /// Where a page of suspense starts: after the reading with this meter,
@@ -163,6 +171,55 @@ pub struct BatchEffects<'a> {
     pub suspense: &'a [Suspense],
     /// The answer given, for a repeat of the batch.
     pub answer: &'a [u8],
+    /// The digest of the batch's readings, so that the same id sent again
+    /// with other readings is told apart from a retry.
+    pub digest: Option<BatchDigest>,
+}
+
+/// SHA-256 of a batch's readings in a canonical form (see `send`).
+pub type BatchDigest = [u8; 32];
+
+/// An applied batch as stored: the answer it was given and the digest of
+/// its readings (`None` for batches stored before digests were kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedBatch {
+    /// The digest of the readings applied.
+    pub digest: Option<BatchDigest>,
+    /// The answer given.
+    pub answer: Vec<u8>,
+}
+
+/// Marks a stored batch record that starts with a digest; records without
+/// it are answers alone (an XML answer starts with `<`).
+const BATCH_RECORD_DIGEST: u8 = 1;
+
+fn encode_applied(answer: &[u8], digest: Option<&BatchDigest>) -> Vec<u8> {
+    match digest {
+        Some(digest) => {
+            let mut record = Vec::with_capacity(33 + answer.len());
+            record.push(BATCH_RECORD_DIGEST);
+            record.extend_from_slice(digest);
+            record.extend_from_slice(answer);
+            record
+        }
+        None => answer.to_vec(),
+    }
+}
+
+fn decode_applied(record: &[u8]) -> AppliedBatch {
+    match record.first() {
+        Some(&BATCH_RECORD_DIGEST) => {
+            assert!(record.len() > 33, "store: applied batch record is corrupt");
+            AppliedBatch {
+                digest: Some(record[1..33].try_into().expect("32 bytes")),
+                answer: record[33..].to_vec(),
+            }
+        }
+        _ => AppliedBatch {
+            digest: None,
+            answer: record.to_vec(),
+        },
+    }
 }
 
 /// What the backoffice keeps durably.
@@ -204,8 +261,9 @@ pub trait Store {
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError>;
-    /// The answer given to an applied batch, if it was applied.
-    fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The answer given to an applied batch and its digest, if it was
+    /// applied.
+    fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError>;
     /// Registers a customer under a new CID of branch `bid`.
     fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError>;
     /// Registers a customer from the registration form under a new CID;
@@ -222,16 +280,9 @@ pub trait Store {
     /// Saves a changed customer (credit limit, deny flag, contact details);
     /// a changed e-mail address must be new.
     fn update_customer(&self, customer: &Customer) -> Result<(), StoreError>;
-    /// Registers a product of `owner` under a new PID, with its TACA module.
-    fn create_product(
-        &self,
-        bid: &Bid,
-        owner: &Cid,
-        name: &str,
-        description: &str,
-        terms: &str,
-        taca: &[u8],
-    ) -> Result<Product, StoreError>;
+    /// Registers a product of `owner` under a new PID, with its TACA module
+    /// and the most one use may cost.
+    fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError>;
     /// A product by its PID or its test PID.
     fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError>;
     /// A TACA module by its hash.
@@ -244,6 +295,53 @@ pub trait Store {
     fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError>;
     /// The meters `owner` registered, in MID order.
     fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError>;
+    /// Records a grant the customer approved, under a new number.
+    fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError>;
+    /// Every grant given to the meter `mid`, live or not, oldest first.
+    fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError>;
+    /// Every grant the customer `cid` gave, live or not, oldest first.
+    fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError>;
+    /// Revokes grant `id` at `at_ms` (kept, marked revoked); when `payer` is
+    /// given, only a grant of that customer (`UnknownGrant` otherwise).
+    /// Revoking a revoked grant changes nothing and answers it.
+    fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError>;
+}
+
+/// A new product's fields.
+#[derive(Debug, Clone, Copy)]
+pub struct NewProduct<'a> {
+    /// Who is credited for its uses.
+    pub owner: &'a Cid,
+    /// Its name.
+    pub name: &'a str,
+    /// What it is (may be empty).
+    pub description: &'a str,
+    /// The terms shown to customers.
+    pub terms: &'a str,
+    /// The TACA module.
+    pub taca: &'a [u8],
+    /// The most one use may cost; more than 0.
+    pub max_price: Amount,
+}
+
+impl<'a> NewProduct<'a> {
+    /// A product without a description.
+    pub fn new(
+        owner: &'a Cid,
+        name: &'a str,
+        terms: &'a str,
+        taca: &'a [u8],
+        max_price: Amount,
+    ) -> Self {
+        NewProduct {
+            owner,
+            name,
+            description: "",
+            terms,
+            taca,
+            max_price,
+        }
+    }
 }
 
 /// The embedded store on sled.
@@ -260,6 +358,11 @@ pub struct SledStore {
     products: sled::Tree,
     tacas: sled::Tree,
     meters: sled::Tree,
+    /// Grants by number.
+    grants: sled::Tree,
+    /// `m MID number` and `c CID number`: the grants of a meter and of a
+    /// customer, in order.
+    grant_index: sled::Tree,
     period_uses: sled::Tree,
     suspense: sled::Tree,
     /// Records in `suspense`, kept as it changes: sled counts a tree by
@@ -302,6 +405,8 @@ impl SledStore {
             products: db.open_tree("products")?,
             tacas: db.open_tree("tacas")?,
             meters: db.open_tree("meters")?,
+            grants: db.open_tree("grants")?,
+            grant_index: db.open_tree("grant_index")?,
             period_uses: db.open_tree("period_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
@@ -410,6 +515,7 @@ impl Store for SledStore {
                 )
             })
             .collect();
+        let applied = encode_applied(effects.answer, effects.digest.as_ref());
         let trees = (
             &self.transfers,
             &self.batches,
@@ -436,7 +542,7 @@ impl Store for SledStore {
                         added += 1;
                     }
                 }
-                batch_tree.insert(batch_key.as_slice(), effects.answer)?;
+                batch_tree.insert(batch_key.as_slice(), applied.as_slice())?;
                 Ok(added)
             });
         match outcome {
@@ -542,8 +648,11 @@ impl Store for SledStore {
             .load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    fn applied_answer(&self, key: &BatchKey) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.batches.get(key.bytes())?.map(|answer| answer.to_vec()))
+    fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError> {
+        Ok(self
+            .batches
+            .get(key.bytes())?
+            .map(|record| decode_applied(&record)))
     }
 
     fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError> {
@@ -643,15 +752,18 @@ impl Store for SledStore {
         self.sync()
     }
 
-    fn create_product(
-        &self,
-        bid: &Bid,
-        owner: &Cid,
-        name: &str,
-        description: &str,
-        terms: &str,
-        taca: &[u8],
-    ) -> Result<Product, StoreError> {
+    fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError> {
+        let NewProduct {
+            owner,
+            name,
+            description,
+            terms,
+            taca,
+            max_price,
+        } = new;
+        if !max_price.is_positive() {
+            return Err(RegistryError::BadMaxPrice(max_price).into());
+        }
         registry::check_text("name", name, registry::NAME_BYTES_MAX)?;
         if !description.is_empty() {
             registry::check_text("description", description, registry::TERMS_BYTES_MAX)?;
@@ -672,6 +784,7 @@ impl Store for SledStore {
                 description: description.to_owned(),
                 terms: terms.to_owned(),
                 taca: hash,
+                max_price: Some(max_price),
             };
             let keys = vec![
                 pid.as_str().as_bytes().to_vec(),
@@ -727,6 +840,22 @@ impl Store for SledStore {
         Ok(products)
     }
 
+    fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError> {
+        self.create_grant_record(grant)
+    }
+
+    fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError> {
+        self.indexed_grants(b'm', mid.as_str())
+    }
+
+    fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError> {
+        self.indexed_grants(b'c', cid.as_str())
+    }
+
+    fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError> {
+        self.revoke_grant_record(id, payer, at_ms)
+    }
+
     fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError> {
         let mut meters = Vec::new();
         for entry in self.meters.iter() {
@@ -738,6 +867,108 @@ impl Store for SledStore {
         }
         meters.sort_by_key(|meter| serial_of(meter.mid.as_str()));
         Ok(meters)
+    }
+}
+
+impl SledStore {
+    fn grant_index_key(kind: u8, id: &str, number: u64) -> Vec<u8> {
+        let mut key = vec![kind];
+        put_str(&mut key, id);
+        key.extend_from_slice(&number.to_be_bytes());
+        key
+    }
+
+    fn indexed_grants(&self, kind: u8, id: &str) -> Result<Vec<Grant>, StoreError> {
+        let mut prefix = vec![kind];
+        put_str(&mut prefix, id);
+        let mut grants = Vec::new();
+        for key in self.grant_index.scan_prefix(&prefix).keys() {
+            let key = key?;
+            let number = &key[key.len() - 8..];
+            let grant: Grant = Self::read(&self.grants, number)?
+                .expect("store: a grant index names a missing grant");
+            grants.push(grant);
+        }
+        Ok(grants)
+    }
+}
+
+impl SledStore {
+    /// The `Store` methods on grants, kept apart from the rest.
+    fn create_grant_record(&self, new: NewGrant) -> Result<Grant, StoreError> {
+        if self.customer(&new.cid)?.is_none() {
+            return Err(RegistryError::UnknownCustomer(new.cid).into());
+        }
+        if self.meter(&new.mid)?.is_none() {
+            return Err(RegistryError::UnknownMeter(new.mid).into());
+        }
+        let outcome = (&self.serials, &self.grants, &self.grant_index).transaction(
+            |(serials, grants, index)| {
+                let number = match serials.get(b"G")? {
+                    Some(bytes) => {
+                        u64::from_be_bytes(bytes.as_ref().try_into().expect("serials are 8 bytes"))
+                    }
+                    None => 1,
+                };
+                let grant = Grant {
+                    id: number,
+                    mid: new.mid,
+                    cid: new.cid,
+                    scope: new.scope.clone(),
+                    label: new.label.clone(),
+                    created_ms: new.created_ms,
+                    expires_ms: new.expires_ms,
+                    revoked_ms: None,
+                };
+                let bytes = serde_json::to_vec(&grant).expect("records serialize");
+                grants.insert(&number.to_be_bytes(), bytes)?;
+                index.insert(
+                    Self::grant_index_key(b'm', new.mid.as_str(), number),
+                    &[] as &[u8],
+                )?;
+                index.insert(
+                    Self::grant_index_key(b'c', new.cid.as_str(), number),
+                    &[] as &[u8],
+                )?;
+                serials.insert(b"G", &(number + 1).to_be_bytes())?;
+                Ok(grant)
+            },
+        );
+        let grant =
+            outcome.map_err(|error: TransactionError<RegistryError>| StoreError::from(error))?;
+        self.sync()?;
+        Ok(grant)
+    }
+
+    fn revoke_grant_record(
+        &self,
+        id: u64,
+        payer: Option<&Cid>,
+        at_ms: u64,
+    ) -> Result<Grant, StoreError> {
+        let outcome = self.grants.transaction(|grants| {
+            let Some(bytes) = grants.get(id.to_be_bytes())? else {
+                return Err(ConflictableTransactionError::Abort(
+                    RegistryError::UnknownGrant(id),
+                ));
+            };
+            let mut grant: Grant =
+                serde_json::from_slice(&bytes).expect("store: grant record is corrupt");
+            if payer.is_some_and(|payer| *payer != grant.cid) {
+                return Err(ConflictableTransactionError::Abort(
+                    RegistryError::UnknownGrant(id),
+                ));
+            }
+            if grant.revoked_ms.is_none() {
+                grant.revoked_ms = Some(at_ms.max(grant.created_ms));
+                let bytes = serde_json::to_vec(&grant).expect("records serialize");
+                grants.insert(&id.to_be_bytes(), bytes)?;
+            }
+            Ok(grant)
+        });
+        let grant = outcome?;
+        self.sync()?;
+        Ok(grant)
     }
 }
 
@@ -894,26 +1125,36 @@ mod tests {
                 store.create_customer(&bid, "Eve", "not an address"),
                 Err(StoreError::Registry(RegistryError::BadEmail))
             ));
-            let product = store
-                .create_product(
+            let editor = NewProduct {
+                owner: &ada.cid,
+                name: "Editor",
+                description: "",
+                terms: "0.25 per use",
+                taca: b"\0asm module",
+                max_price: Amount::parse("0.25").unwrap(),
+            };
+            let product = store.create_product(&bid, editor).unwrap();
+            assert_eq!(product.max_price, Some(Amount::parse("0.25").unwrap()));
+            assert!(matches!(
+                store.create_product(
                     &bid,
-                    &ada.cid,
-                    "Editor",
-                    "",
-                    "0.25 per use",
-                    b"\0asm module",
-                )
-                .unwrap();
+                    NewProduct {
+                        max_price: Amount::ZERO,
+                        ..editor
+                    }
+                ),
+                Err(StoreError::Registry(RegistryError::BadMaxPrice(_)))
+            ));
             assert_eq!(
                 (product.pid.as_str(), product.test_pid.as_str()),
                 ("B1-P1", "B1-P1T")
             );
             let stranger = Cid::parse("B1-C99").unwrap();
-            assert!(
-                store
-                    .create_product(&bid, &stranger, "X", "", "terms", b"m")
-                    .is_err()
-            );
+            let stranger_product = NewProduct {
+                owner: &stranger,
+                ..editor
+            };
+            assert!(store.create_product(&bid, stranger_product).is_err());
             let meter = store.create_meter(&bid, &bob.cid).unwrap();
             assert_eq!(meter.mid.as_str(), "B1-M1");
             (ada, product, meter)
@@ -976,6 +1217,7 @@ mod tests {
                 period_uses: &[],
                 suspense: &[],
                 answer,
+                digest: Some([7; 32]),
             };
             store.apply_batch(&key(1), effects(b"answer one")).unwrap();
             assert!(matches!(
@@ -983,10 +1225,13 @@ mod tests {
                 Err(StoreError::AlreadyApplied(_))
             ));
             assert_eq!(
-                store.applied_answer(&key(1)).unwrap().as_deref(),
-                Some(&b"answer one"[..])
+                store.applied_batch(&key(1)).unwrap(),
+                Some(AppliedBatch {
+                    digest: Some([7; 32]),
+                    answer: b"answer one".to_vec()
+                })
             );
-            assert_eq!(store.applied_answer(&key(2)).unwrap(), None);
+            assert_eq!(store.applied_batch(&key(2)).unwrap(), None);
             assert!(matches!(
                 SledStore::open(dir.path()),
                 Err(StoreError::Locked(_))
@@ -998,5 +1243,62 @@ mod tests {
         assert_eq!(restored.balance(&customer(1)), ledger.balance(&customer(1)));
         assert_eq!(restored.balance(&customer(2)), Amount::from_nanos(100));
         restored.verify();
+    }
+
+    #[test]
+    fn batches_stored_before_digests_read_back_without_one() {
+        let old = decode_applied(b"<?xml version=\"1.0\"?><methodResponse/>");
+        assert_eq!(old.digest, None);
+        let new = decode_applied(&encode_applied(b"<answer/>", Some(&[9; 32])));
+        assert_eq!(new.digest, Some([9; 32]));
+        assert_eq!(new.answer, b"<answer/>");
+    }
+
+    #[test]
+    fn grants_are_kept_listed_and_revoked_only_by_their_customer() {
+        let dir = tempfile::tempdir().unwrap();
+        let bid = Bid::parse("B1").unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let bob = store
+            .create_customer(&bid, "Bob", "bob@example.org")
+            .unwrap();
+        let meter = store.create_meter(&bid, &ada.cid).unwrap();
+        let new = |cid: Cid| NewGrant {
+            mid: meter.mid,
+            cid,
+            scope: proto::grant::Scope::User {
+                uid: 1000,
+                name: "bob".into(),
+            },
+            label: "laptop".into(),
+            created_ms: 1_000,
+            expires_ms: Some(5_000),
+        };
+        let first = store.create_grant(new(bob.cid)).unwrap();
+        let second = store.create_grant(new(ada.cid)).unwrap();
+        assert_eq!((first.id, second.id), (1, 2));
+        assert!(first.is_live_at(1_000) && first.is_live_at(4_999));
+        assert!(!first.is_live_at(999) && !first.is_live_at(5_000));
+        let stranger = Cid::parse("B1-C99").unwrap();
+        assert!(store.create_grant(new(stranger)).is_err());
+        assert!(matches!(
+            store.revoke_grant(first.id, Some(&ada.cid), 2_000),
+            Err(StoreError::Registry(RegistryError::UnknownGrant(1)))
+        ));
+        let revoked = store.revoke_grant(first.id, Some(&bob.cid), 2_000).unwrap();
+        assert!(revoked.is_live_at(1_999) && !revoked.is_live_at(2_000));
+        let again = store.revoke_grant(first.id, None, 3_000).unwrap();
+        assert_eq!(again.revoked_ms, Some(2_000), "a revocation is not moved");
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.grants_of_meter(&meter.mid).unwrap(),
+            vec![revoked.clone(), second.clone()]
+        );
+        assert_eq!(store.grants_of_customer(&bob.cid).unwrap(), vec![revoked]);
+        assert_eq!(store.grants_of_customer(&ada.cid).unwrap(), vec![second]);
     }
 }

@@ -73,6 +73,10 @@ fault_codes! {
     UnmatchedCommit = 104, "commit(PID) without an open query(PID) in the same context; nothing was recorded.";
     /// Too many open logins and queries in one context.
     FramesFull = 105, "This context has its maximum of open logins and queries; commit, cancel or log out first.";
+    /// `login(CID)` from a local user who holds no grant for that CID.
+    NotGranted = 106, "login(CID) from a local user who holds no grant of that customer on this meter; nothing was recorded. That user runs `meterd grant CID` first.";
+    /// The backoffice refused a grant, or could not be reached.
+    GrantFailed = 107, "The grant was not made: the backoffice refused it or could not be reached; the message says why.";
     /// The operator token is missing or wrong.
     Unauthorized = 301, "The call needs the operator's token (the X-Operator-Token header) and it was missing or wrong.";
     /// No such customer, product or meter.
@@ -93,6 +97,10 @@ fault_codes! {
     BatchConflict = 205, "This batch id was already applied with different contents; nothing was applied.";
     /// A reading in the batch is malformed.
     InvalidReading = 206, "A reading in the batch is malformed (bad code, ID of the wrong kind, sequence out of order); nothing was applied.";
+    /// A grant was refused.
+    GrantRefused = 207, "The grant was refused: wrong password, unknown customer, or a device code that is unknown, used or expired.";
+    /// Too many grant attempts.
+    TooManyAttempts = 208, "Too many grant attempts for this meter or customer; wait and try again.";
 }
 
 impl fmt::Display for FaultCode {

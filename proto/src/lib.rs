@@ -7,6 +7,7 @@
 pub mod amount;
 pub mod auth;
 pub mod fault;
+pub mod grant;
 pub mod id;
 pub mod meter_api;
 pub mod params;

@@ -525,3 +525,41 @@ impl SendAnswer {
         })
     }
 }
+
+/// SHA-256 of a batch's readings in a fixed byte form (each field
+/// length-prefixed), so that a batch id sent again with other readings is
+/// told apart from a retry of the same batch. The parties a meter asks
+/// about are not part of it: they may change between retries.
+pub fn readings_digest(readings: &[Reading]) -> [u8; 32] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut field = |bytes: &[u8]| {
+        context.update(&(bytes.len() as u64).to_be_bytes());
+        context.update(bytes);
+    };
+    field(b"readings-v1");
+    for reading in readings {
+        field(&reading.seq.to_be_bytes());
+        field(&reading.time_ms.to_be_bytes());
+        field(reading.context.as_str().as_bytes());
+        let mut code = [0u8; 4];
+        field(
+            reading
+                .event
+                .code()
+                .as_char()
+                .encode_utf8(&mut code)
+                .as_bytes(),
+        );
+        field(reading.event.id_str().as_bytes());
+        field(
+            reading
+                .event
+                .payer()
+                .as_ref()
+                .map_or("", Payer::as_str)
+                .as_bytes(),
+        );
+    }
+    let digest = context.finish();
+    digest.as_ref().try_into().expect("SHA-256 has 32 bytes")
+}

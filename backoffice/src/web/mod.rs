@@ -78,6 +78,16 @@ impl Web {
         }
     }
 
+    /// The visits, throttles and reset links, for the meters' grant calls.
+    pub(crate) fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The pages' settings.
+    pub(crate) fn config(&self) -> &WebConfig {
+        &self.config
+    }
+
     /// Runs CPU-heavy work (PBKDF2, a module check) off the async workers,
     /// at most one per core at a time.
     async fn heavy<T: Send + 'static>(
@@ -941,6 +951,7 @@ async fn add_product(
             "name" => form.name = text(),
             "description" => form.description = text(),
             "terms" => form.terms = text(),
+            "maxPrice" => form.max_price = text(),
             "agrees" => agrees = !bytes.is_empty(),
             "taca" => module = Some(bytes.to_vec()),
             _ => {}
@@ -963,6 +974,16 @@ async fn add_product(
     {
         errors.push(("terms", format!("The {error}.")));
     }
+    let max_price = match Amount::parse(&form.max_price) {
+        Ok(max) if max.is_positive() => Some(max),
+        _ => {
+            errors.push((
+                "maxPrice",
+                "The maximum price per use must be an amount above 0, such as 0.25.".into(),
+            ));
+            None
+        }
+    };
     if !agrees {
         errors.push((
             "agrees",
@@ -994,14 +1015,15 @@ async fn add_product(
     }
     if errors.is_empty() {
         let module = module.expect("checked above");
-        match service.backoffice.store().create_product(
-            &service.bid,
-            &customer.cid,
-            &form.name,
-            &form.description,
-            &form.terms,
-            &module,
-        ) {
+        let new = crate::store::NewProduct {
+            owner: &customer.cid,
+            name: &form.name,
+            description: &form.description,
+            terms: &form.terms,
+            taca: &module,
+            max_price: max_price.expect("checked above"),
+        };
+        match service.backoffice.store().create_product(&service.bid, new) {
             Ok(product) => {
                 return page(
                     web,

@@ -354,6 +354,8 @@ pub struct ProductForm {
     pub description: String,
     /// The terms shown to customers.
     pub terms: String,
+    /// The most one use may cost, as typed.
+    pub max_price: String,
 }
 
 /// The form to register a product.
@@ -378,6 +380,7 @@ pub fn new_product(
             label for="terms" { "Terms shown to customers (what a use costs)" }
             textarea id="terms" name="terms" rows="3" { (form.terms) }
             (field_errors(errors, "terms"))
+            (text_input("Maximum price per use (a TACA price above it is refused; changing it needs a new product)", "maxPrice", "text", &form.max_price, errors))
             label for="taca" { "Pricing function (TACA): a WebAssembly module built with taca-sdk" }
             input type="file" id="taca" name="taca" accept=".wasm,application/wasm";
             (field_errors(errors, "taca"))
@@ -415,6 +418,9 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
             tr { th { "PID" } td id="pid" { (pid) } }
             tr { th { "Test PID (free, for your tests)" } td id="test-pid" { (test_pid) } }
             tr { th { "TACA" } td { code { (product.taca.to_string()) } } }
+            @if let Some(max) = product.max_price {
+                tr { th { "Maximum price per use" } td id="max-price" { (max) } }
+            }
         }
         h2 { "Coding it into your program" }
         p { "Ask the meter before each use and commit after it. In Rust, with the meterd client library:" }

@@ -3,7 +3,7 @@
 
 use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
 use backoffice::send::{Backoffice, SIGNATURE_WINDOW_MS, Signed};
-use backoffice::store::{SledStore, Store, SuspenseCursor};
+use backoffice::store::{NewProduct, SledStore, Store, SuspenseCursor};
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
 use proto::upload::{Batch, MeterParams, Outcome, SendAnswer, SendBody, SendRequest};
@@ -52,15 +52,14 @@ fn world() -> World {
     let product = store
         .create_product(
             &bid,
-            &producer,
-            "Editor",
-            "",
-            "0.25 per use",
-            &module("flat"),
+            NewProduct::new(&producer, "Editor", "0.25 per use", &module("flat"), max()),
         )
         .unwrap();
     let component = store
-        .create_product(&bid, &maker, "Spell", "", "tiered", &module("tiered"))
+        .create_product(
+            &bid,
+            NewProduct::new(&maker, "Spell", "tiered", &module("tiered"), max()),
+        )
         .unwrap();
     let meter = store.create_meter(&bid, &consumer).unwrap();
     let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
@@ -376,7 +375,10 @@ fn a_taca_that_traps_sends_its_reading_to_suspense_and_the_rest_is_applied() {
     let risky = world
         .backoffice
         .store()
-        .create_product(&bid, &world.producer, "Risky", "", "traps", &trapping)
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Risky", "traps", &trapping, max()),
+        )
         .unwrap();
     let me = Some(Payer::Customer(world.consumer));
     let events = vec![
@@ -480,7 +482,10 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     let picky = world
         .backoffice
         .store()
-        .create_product(&bid, &world.producer, "Picky", "", "refuses", &picky)
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Picky", "refuses", &picky, max()),
+        )
         .unwrap();
     let me = Some(Payer::Customer(world.consumer));
     let commits = |n: usize| {

@@ -1,0 +1,303 @@
+//! Device codes for grants, after RFC 8628: a meter asks for a code in a
+//! signed call, the customer enters the short user code on the web pages
+//! while logged in, sees the meter and approves or refuses, and the meter
+//! learns the outcome by polling. Codes live in memory only: a pending code
+//! lost in a restart costs the customer a new `meterd grant`, nothing more.
+//! The grants themselves are durable, in the store.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use proto::grant::{GrantInfo, GrantRequest, PollStatus};
+use proto::{Cid, Mid};
+
+/// How long a device code may be entered, in ms.
+pub const CODE_VALID_MS: u64 = 10 * 60 * 1000;
+/// Seconds a meter waits between two polls.
+pub const POLL_INTERVAL_S: u64 = 5;
+/// Most codes pending in the branch at once.
+pub const CODES_MAX: usize = 10_000;
+/// Most codes pending for one meter at once.
+pub const CODES_PER_METER_MAX: usize = 5;
+/// The letters of user codes: no vowels (no words), none easily confused.
+pub const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
+/// Letters in a user code (shown as two groups of four): 20^8, about 2.6e10.
+pub const USER_CODE_LETTERS: usize = 8;
+
+/// Why a code was not issued or not approved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodeError {
+    /// Too many codes pending, for this meter or for the branch.
+    #[error("too many grant codes are pending; wait until they expire or are used")]
+    TooMany,
+    /// No pending code matches (unknown, expired, used, or another
+    /// customer's: these are told apart to nobody).
+    #[error("this code is unknown, used or expired; ask the meter for a new one")]
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Pending,
+    Approved(GrantInfo),
+    Denied,
+}
+
+#[derive(Debug, Clone)]
+struct Code {
+    device_code: String,
+    request: GrantRequest,
+    expires_ms: u64,
+    state: State,
+}
+
+#[derive(Default)]
+struct Codes {
+    /// By normalized user code.
+    by_user: HashMap<String, Code>,
+    /// User codes by device code.
+    by_device: HashMap<String, String>,
+}
+
+impl Codes {
+    fn forget_expired(&mut self, now_ms: u64) {
+        let by_device = &mut self.by_device;
+        self.by_user.retain(|_, code| {
+            let keep = code.expires_ms > now_ms;
+            if !keep {
+                by_device.remove(&code.device_code);
+            }
+            keep
+        });
+    }
+
+    fn remove(&mut self, user_code: &str) {
+        if let Some(code) = self.by_user.remove(user_code) {
+            self.by_device.remove(&code.device_code);
+        }
+    }
+}
+
+/// The pending device codes of the branch.
+#[derive(Default)]
+pub struct DeviceCodes {
+    codes: Mutex<Codes>,
+}
+
+/// A code as the customer types it: letters only, upper case.
+pub fn normalize(typed: &str) -> String {
+    typed
+        .chars()
+        .filter(char::is_ascii_alphabetic)
+        .map(|c| c.to_ascii_uppercase())
+        .take(USER_CODE_LETTERS + 1)
+        .collect()
+}
+
+/// A user code shown as `XXXX-XXXX`.
+pub fn display(user_code: &str) -> String {
+    let (first, second) = user_code.split_at(user_code.len() / 2);
+    format!("{first}-{second}")
+}
+
+fn random_user_code() -> String {
+    use ring::rand::SecureRandom;
+    let mut code = String::with_capacity(USER_CODE_LETTERS);
+    let rng = ring::rand::SystemRandom::new();
+    while code.len() < USER_CODE_LETTERS {
+        let mut byte = [0u8; 1];
+        rng.fill(&mut byte)
+            .expect("the system random generator works");
+        // 240 = 12 * 20: reject the rest so every letter is equally likely.
+        if byte[0] < 240 {
+            code.push(char::from(
+                USER_CODE_ALPHABET[usize::from(byte[0]) % USER_CODE_ALPHABET.len()],
+            ));
+        }
+    }
+    code
+}
+
+fn lock(codes: &Mutex<Codes>) -> std::sync::MutexGuard<'_, Codes> {
+    codes
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl DeviceCodes {
+    /// Issues a code for `request`: `(device code, user code)`, both new.
+    pub fn issue(&self, request: GrantRequest, now_ms: u64) -> Result<(String, String), CodeError> {
+        let mut codes = lock(&self.codes);
+        codes.forget_expired(now_ms);
+        let of_meter = codes
+            .by_user
+            .values()
+            .filter(|code| code.request.mid == request.mid)
+            .count();
+        if codes.by_user.len() >= CODES_MAX || of_meter >= CODES_PER_METER_MAX {
+            return Err(CodeError::TooMany);
+        }
+        let user_code = loop {
+            let candidate = random_user_code();
+            if !codes.by_user.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        let device_code = crate::registry::new_meter_secret();
+        codes
+            .by_device
+            .insert(device_code.clone(), user_code.clone());
+        codes.by_user.insert(
+            user_code.clone(),
+            Code {
+                device_code: device_code.clone(),
+                request,
+                expires_ms: now_ms + CODE_VALID_MS,
+                state: State::Pending,
+            },
+        );
+        Ok((device_code, user_code))
+    }
+
+    /// Where the code `device_code` of meter `mid` stands. An approval or a
+    /// refusal is answered once; the code is then gone.
+    pub fn poll(&self, mid: &Mid, device_code: &str, now_ms: u64) -> PollStatus {
+        let mut codes = lock(&self.codes);
+        codes.forget_expired(now_ms);
+        let Some(user_code) = codes.by_device.get(device_code).cloned() else {
+            return PollStatus::Expired;
+        };
+        let code = &codes.by_user[&user_code];
+        if code.request.mid != *mid {
+            return PollStatus::Expired;
+        }
+        let status = match &code.state {
+            State::Pending => return PollStatus::Pending,
+            State::Approved(grant) => PollStatus::Approved(grant.clone()),
+            State::Denied => PollStatus::Denied,
+        };
+        codes.remove(&user_code);
+        status
+    }
+
+    /// The request behind a pending `user_code`, when `cid` may decide it
+    /// (it asks for `cid`'s grant).
+    pub fn pending_for(&self, user_code: &str, cid: &Cid, now_ms: u64) -> Option<GrantRequest> {
+        let mut codes = lock(&self.codes);
+        codes.forget_expired(now_ms);
+        let code = codes.by_user.get(&normalize(user_code))?;
+        (matches!(code.state, State::Pending) && code.request.cid == *cid)
+            .then(|| code.request.clone())
+    }
+
+    /// Decides a pending code as `cid`: `record` makes the grant durable
+    /// (approval) and answers it for the meter; `None` refuses. A code is
+    /// decided once.
+    pub fn decide<E>(
+        &self,
+        user_code: &str,
+        cid: &Cid,
+        now_ms: u64,
+        record: Option<impl FnOnce(&GrantRequest) -> Result<GrantInfo, E>>,
+    ) -> Result<Result<GrantRequest, E>, CodeError> {
+        let user_code = normalize(user_code);
+        let mut codes = lock(&self.codes);
+        codes.forget_expired(now_ms);
+        let code = codes
+            .by_user
+            .get_mut(&user_code)
+            .filter(|code| matches!(code.state, State::Pending) && code.request.cid == *cid)
+            .ok_or(CodeError::Unknown)?;
+        // Recorded under the lock, so two approvals of one code cannot both
+        // make a grant.
+        match record {
+            Some(record) => match record(&code.request) {
+                Ok(grant) => code.state = State::Approved(grant),
+                Err(error) => return Ok(Err(error)),
+            },
+            None => code.state = State::Denied,
+        }
+        Ok(Ok(code.request.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::grant::Scope;
+
+    fn request(mid: &str, cid: &str) -> GrantRequest {
+        GrantRequest {
+            mid: mid.parse().unwrap(),
+            cid: cid.parse().unwrap(),
+            label: "host".into(),
+            scope: Scope::Machine,
+        }
+    }
+
+    fn info(cid: Cid) -> GrantInfo {
+        GrantInfo {
+            cid,
+            scope: Scope::Machine,
+            created_ms: 1,
+            expires_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_code_is_approved_once_by_its_customer_and_answered_once() {
+        let codes = DeviceCodes::default();
+        let mid: Mid = "B1-M1".parse().unwrap();
+        let bob: Cid = "B1-C4".parse().unwrap();
+        let eve: Cid = "B1-C5".parse().unwrap();
+        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), 0).unwrap();
+        assert_eq!(user.len(), USER_CODE_LETTERS);
+        assert!(user.bytes().all(|b| USER_CODE_ALPHABET.contains(&b)));
+        let typed = display(&user).to_lowercase();
+        assert_eq!(codes.poll(&mid, &device, 1), PollStatus::Pending);
+        assert!(codes.pending_for(&typed, &eve, 1).is_none(), "not Eve's");
+        let approve = |cid: &Cid| {
+            codes.decide(
+                &typed,
+                cid,
+                2,
+                Some(|r: &GrantRequest| Ok::<_, ()>(info(r.cid))),
+            )
+        };
+        assert_eq!(approve(&eve).unwrap_err(), CodeError::Unknown);
+        assert!(codes.pending_for(&typed, &bob, 1).is_some());
+        approve(&bob).unwrap().unwrap();
+        assert_eq!(approve(&bob).unwrap_err(), CodeError::Unknown, "used");
+        let other: Mid = "B1-M2".parse().unwrap();
+        assert_eq!(codes.poll(&other, &device, 3), PollStatus::Expired);
+        assert_eq!(
+            codes.poll(&mid, &device, 3),
+            PollStatus::Approved(info(bob))
+        );
+        assert_eq!(codes.poll(&mid, &device, 4), PollStatus::Expired, "once");
+    }
+
+    #[test]
+    fn codes_expire_refusals_are_answered_and_issuing_is_bounded() {
+        let codes = DeviceCodes::default();
+        let mid: Mid = "B1-M1".parse().unwrap();
+        let bob: Cid = "B1-C4".parse().unwrap();
+        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), 0).unwrap();
+        let refuse = None::<fn(&GrantRequest) -> Result<GrantInfo, ()>>;
+        codes.decide(&user, &bob, 1, refuse).unwrap().unwrap();
+        assert_eq!(codes.poll(&mid, &device, 2), PollStatus::Denied);
+        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), 0).unwrap();
+        let late = CODE_VALID_MS;
+        assert!(codes.pending_for(&user, &bob, late).is_none());
+        assert_eq!(codes.poll(&mid, &device, late), PollStatus::Expired);
+        for _ in 0..CODES_PER_METER_MAX {
+            codes.issue(request("B1-M1", "B1-C4"), late).unwrap();
+        }
+        assert_eq!(
+            codes.issue(request("B1-M1", "B1-C4"), late),
+            Err(CodeError::TooMany)
+        );
+        assert!(codes.issue(request("B1-M2", "B1-C4"), late).is_ok());
+        assert!(codes.issue(request("B1-M1", "B1-C4"), 2 * late).is_ok());
+    }
+}
