@@ -20,7 +20,7 @@ const EXIT_USAGE: u8 = 64;
     about = "The superdistribution backoffice.",
     long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
 XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
-deposit, deny, allow, credit-limit, show, statement, suspense, reprice) call a running backoffice \
+deposit, deny, allow, credit-limit, show, statement, suspense, reprice, grants, revoke) call a running backoffice \
 with the operator token it wrote beside its store. `cargo run --release -p franchise` runs one \
 together with a meter."
 )]
@@ -69,6 +69,10 @@ enum Command {
         name: String,
         /// The customer's e-mail address.
         email: String,
+        /// Read the password the customer chose from standard input (one
+        /// line), so they can log in and grant meters; never an argument.
+        #[arg(long)]
+        password_stdin: bool,
     },
     /// Register a product of OWNER with its TACA module: prints the PID and test PID.
     Product {
@@ -80,6 +84,21 @@ enum Command {
         terms: String,
         /// The TACA module (wasm).
         module: PathBuf,
+        /// The most one use may cost, shown with the terms; a price above it
+        /// is refused (the use goes to suspense). Changing it needs a new product.
+        #[arg(long, value_name = "AMOUNT")]
+        max_price: String,
+    },
+    /// List the grants a customer (CID) gave, or a meter (MID) holds.
+    Grants {
+        /// A CID or an MID.
+        id: String,
+    },
+    /// Revoke a grant by its number (from `grants`): that meter's later
+    /// uses of the customer go to suspense.
+    Revoke {
+        /// The grant's number.
+        grant: u64,
     },
     /// Register a meter of OWNER: prints the MID and its secret (shown once).
     Meter {
@@ -151,6 +170,10 @@ Example: backoffice taca check tiered.wasm code=\\),uses=0 code=\\),uses=50 unit
         module: PathBuf,
         /// Sample inputs.
         samples: Vec<String>,
+        /// The maximum price per use the product will declare: a sample
+        /// priced above it is flagged (such uses would go to suspense).
+        #[arg(long, value_name = "AMOUNT")]
+        max_price: Option<proto::Amount>,
     },
 }
 
@@ -201,7 +224,7 @@ fn parse_sample(text: &str) -> Result<PriceInput, String> {
     Ok(input)
 }
 
-fn check(module: &PathBuf, samples: Vec<String>) -> ExitCode {
+fn check(module: &PathBuf, samples: Vec<String>, max_price: Option<proto::Amount>) -> ExitCode {
     let bytes = match std::fs::read(module) {
         Ok(bytes) => bytes,
         Err(error) => {
@@ -240,13 +263,23 @@ fn check(module: &PathBuf, samples: Vec<String>) -> ExitCode {
         }
     };
     println!("{:<44} {:>22} {:>10}", "sample", "price", "fuel");
+    let mut above_max = 0;
     for (sample, result) in samples.iter().zip(results) {
         match result {
-            Ok(priced) => println!(
-                "{sample:<44} {:>22} {:>10}",
-                priced.amount.to_string(),
-                priced.fuel
-            ),
+            Ok(priced) => {
+                let warning = match max_price {
+                    Some(max) if priced.amount > max => {
+                        above_max += 1;
+                        format!("  WARNING: above the maximum of {max} per use")
+                    }
+                    _ => String::new(),
+                };
+                println!(
+                    "{sample:<44} {:>22} {:>10}{warning}",
+                    priced.amount.to_string(),
+                    priced.fuel
+                )
+            }
             Err(PricingError::Refused(code)) => println!(
                 "{sample:<44} {:>22} {:>10}",
                 format!("refused ({code})"),
@@ -262,6 +295,11 @@ fn check(module: &PathBuf, samples: Vec<String>) -> ExitCode {
                 println!("instances: a fresh one per price, about ten times slower ({reason})")
             }
         }
+    }
+    if above_max > 0 {
+        println!(
+            "warning: {above_max} sample(s) priced above the maximum per use; such uses go to suspense, not to the ledger"
+        );
     }
     println!("accepted: the module would be accepted for upload");
     ExitCode::SUCCESS
@@ -479,6 +517,23 @@ fn call_operator(
     })
 }
 
+/// One line of standard input, without its line ending: a password is
+/// never an argument, where `ps` and shell histories would show it.
+fn read_password() -> Result<String, ExitCode> {
+    let mut line = String::new();
+    match std::io::stdin().read_line(&mut line) {
+        Ok(0) => {
+            eprintln!("backoffice: --password-stdin: standard input is empty");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        Ok(_) => Ok(line.trim_end_matches(['\n', '\r']).to_owned()),
+        Err(error) => {
+            eprintln!("backoffice: --password-stdin: {error}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     use proto::xmlrpc::Value;
     let cli = Cli::parse();
@@ -490,19 +545,37 @@ fn main() -> ExitCode {
             bid,
             web,
         } => serve(data_dir.clone(), *listen, *bid, web),
-        Command::Customer { name, email } => {
-            operator(&cli, "customer.create", vec![text(name), text(email)])
+        Command::Customer {
+            name,
+            email,
+            password_stdin,
+        } => {
+            let mut params = vec![text(name), text(email)];
+            if *password_stdin {
+                match read_password() {
+                    Ok(password) => params.push(Value::string(password)),
+                    Err(code) => return code,
+                }
+            }
+            operator(&cli, "customer.create", params)
         }
         Command::Product {
             owner,
             name,
             terms,
             module,
+            max_price,
         } => match std::fs::read(module) {
             Ok(bytes) => operator(
                 &cli,
                 "product.create",
-                vec![text(owner), text(name), text(terms), Value::Base64(bytes)],
+                vec![
+                    text(owner),
+                    text(name),
+                    text(terms),
+                    Value::Base64(bytes),
+                    text(max_price),
+                ],
             ),
             Err(error) => {
                 eprintln!("backoffice: cannot read {}: {error}", module.display());
@@ -524,8 +597,15 @@ fn main() -> ExitCode {
         Command::Statement { cid } => operator_pages(&cli, "account.statement", &[text(cid)]),
         Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
+        Command::Grants { id } => operator(&cli, "grant.list", vec![text(id)]),
+        Command::Revoke { grant } => operator(&cli, "grant.revoke", vec![text(&grant.to_string())]),
         Command::Taca {
-            command: TacaCommand::Check { module, samples },
-        } => check(module, samples.clone()),
+            command:
+                TacaCommand::Check {
+                    module,
+                    samples,
+                    max_price,
+                },
+        } => check(module, samples.clone(), *max_price),
     }
 }

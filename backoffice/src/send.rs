@@ -1328,6 +1328,17 @@ mod tests {
             .unwrap();
         let meter = store.create_meter(&bid, &consumer.cid).unwrap();
         let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
+        let now_ms = 1_764_000_000_000;
+        store
+            .create_grant(crate::registry::NewGrant {
+                mid: meter.mid,
+                cid: consumer.cid,
+                scope: proto::grant::Scope::Machine,
+                label: "test".into(),
+                created_ms: now_ms - 60_000,
+                expires_ms: None,
+            })
+            .unwrap();
         let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
         backoffice
             .post(vec![NewTransfer {
@@ -1337,7 +1348,6 @@ mod tests {
                 kind: TransferKind::Deposit,
             }])
             .unwrap();
-        let now_ms = 1_764_000_000_000;
         let body = |mid: Mid, first_seq: u64| {
             let readings = (0..4)
                 .map(|offset| Reading {

@@ -87,3 +87,25 @@ fn check_refuses_bad_modules_and_bad_samples_clearly() {
     let (code, _) = check(&dir.path().join("missing.wasm"), &[]);
     assert_eq!(code, 64);
 }
+
+#[test]
+fn check_warns_of_samples_priced_above_the_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiered.wasm");
+    std::fs::write(&path, crate::examples::module("tiered")).unwrap();
+    let samples = ["code=),uses=0", "code=),uses=50"];
+    let (code, text) = check(&path, &["--max-price", "0.01", samples[0], samples[1]]);
+    assert_eq!(code, 0, "{text}");
+    let flagged: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("WARNING: above the maximum of 0.01"))
+        .collect();
+    assert_eq!(flagged.len(), 1, "only the 0.05 sample: {text}");
+    assert!(flagged[0].starts_with("code=),uses=50"), "{text}");
+    assert!(
+        text.contains("1 sample(s) priced above the maximum"),
+        "{text}"
+    );
+    let (_, text) = check(&path, &["--max-price", "0.05", samples[0], samples[1]]);
+    assert!(!text.contains("WARNING"), "0.05 is not above 0.05: {text}");
+}

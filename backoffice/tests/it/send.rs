@@ -2,6 +2,7 @@
 //! ledger, answered with standings; repeats, forgeries and replays.
 
 use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
+use backoffice::registry::NewGrant;
 use backoffice::send::{Backoffice, SIGNATURE_WINDOW_MS, Signed};
 use backoffice::store::{NewProduct, SledStore, Store, SuspenseCursor};
 use proto::auth::Secret;
@@ -63,6 +64,8 @@ fn world() -> World {
         .unwrap();
     let meter = store.create_meter(&bid, &consumer).unwrap();
     let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
+    // Ada lets her meter charge her, from before the uses in these tests.
+    store.create_grant(grant_of(meter.mid, consumer)).unwrap();
     let backoffice = Backoffice::open(store, PARAMS).unwrap();
     backoffice
         .post(vec![NewTransfer {
@@ -83,6 +86,26 @@ fn world() -> World {
         component: component.pid,
         mid: meter.mid,
         secret,
+    }
+}
+
+/// The most one use of the test products may cost.
+fn max() -> Amount {
+    Amount::from_units(1).unwrap()
+}
+
+/// A grant of `cid` to meter `mid`, live from before the tests' uses.
+fn grant_of(mid: Mid, cid: Cid) -> NewGrant {
+    NewGrant {
+        mid,
+        cid,
+        scope: proto::grant::Scope::User {
+            uid: 1000,
+            name: "ada".into(),
+        },
+        label: "test machine".into(),
+        created_ms: NOW_MS - 60_000,
+        expires_ms: None,
     }
 }
 
@@ -416,13 +439,18 @@ fn a_taca_that_traps_sends_its_reading_to_suspense_and_the_rest_is_applied() {
 }
 
 #[test]
-fn suspense_is_repriced_once_what_was_missing_exists() {
+fn suspense_is_repriced_once_what_was_missing_exists_under_the_same_rules() {
     let world = world();
-    let stranger = Cid::parse("B1-C9").unwrap();
+    let stranger = Cid::parse("B1-C4").unwrap();
+    let later = Pid::parse("B1-P3").unwrap();
     let events = vec![
         Event::Commit {
             pid: world.product,
             payer: Some(Payer::Customer(stranger)),
+        },
+        Event::Commit {
+            pid: later,
+            payer: Some(Payer::Customer(world.consumer)),
         },
         Event::Commit {
             pid: world.product,
@@ -431,33 +459,43 @@ fn suspense_is_repriced_once_what_was_missing_exists() {
     ];
     send(&world, &batch(&world, "B1-M1:1", events), NOW_MS).unwrap();
     let store = world.backoffice.store();
-    assert_eq!(store.suspense().unwrap().len(), 1);
-    assert_eq!(store.suspense_count().unwrap(), 1);
+    assert_eq!(store.suspense().unwrap().len(), 2);
+    assert_eq!(store.suspense_count().unwrap(), 2);
     assert_eq!(
         world.backoffice.reprice_suspense().unwrap(),
-        (0, 1),
+        (0, 2),
         "still unknown"
     );
-    // Customers 4 to 9 register; the ninth is the stranger.
+    // The product B1-P3 is registered; the stranger registers too and
+    // grants the meter, but only from now on: the use made before stays.
     let bid = Bid::parse("B1").unwrap();
-    for n in 4..=9 {
-        let customer = store
-            .create_customer(&bid, "New", &format!("new{n}@example.org"))
-            .unwrap();
-        assert_eq!(customer.cid.as_str(), format!("B1-C{n}"));
-    }
-    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, 0));
-    assert!(store.suspense().unwrap().is_empty());
-    assert_eq!(store.suspense_count().unwrap(), 0);
-    assert_eq!(
-        balance(&world, stranger),
-        amount("-0.25"),
-        "charged once priced"
-    );
+    let product = store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
+        )
+        .unwrap();
+    assert_eq!(product.pid, later);
+    let customer = store
+        .create_customer(&bid, "New", "new@example.org")
+        .unwrap();
+    assert_eq!(customer.cid, stranger);
+    store
+        .create_grant(NewGrant {
+            created_ms: NOW_MS,
+            ..grant_of(world.mid, stranger)
+        })
+        .unwrap();
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, 1));
+    let left = store.suspense().unwrap();
+    assert!(left[0].reason.starts_with("no grant"), "{left:?}");
+    assert_eq!(store.suspense_count().unwrap(), 1);
+    assert_eq!(balance(&world, stranger), Amount::ZERO, "never charged");
+    assert_eq!(balance(&world, world.consumer), amount("9.5"));
     assert_eq!(balance(&world, world.producer), amount("0.5"));
     assert_eq!(
         world.backoffice.reprice_suspense().unwrap(),
-        (0, 0),
+        (0, 1),
         "nothing twice"
     );
     world.backoffice.ledger().verify();
@@ -626,4 +664,269 @@ fn period_counts_carry_from_batch_to_batch_as_within_one() {
         assert_eq!(world.backoffice.store().period_uses(&period).unwrap(), 18);
         world.backoffice.ledger().verify();
     }
+}
+
+/// A hostile meter owner: their meter names other customers as payers and
+/// nests components under products it has no authorized use of.
+#[test]
+fn a_meter_charges_nobody_who_did_not_grant_it() {
+    let world = world();
+    let bid = Bid::parse("B1").unwrap();
+    let store = world.backoffice.store();
+    // Mallory registers, with a meter of her own and a product whose TACA
+    // asks for as much as the maximum allows.
+    let mallory = store
+        .create_customer(&bid, "Mallory", "mallory@example.org")
+        .unwrap()
+        .cid;
+    let meter = store.create_meter(&bid, &mallory).unwrap();
+    let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
+    let greedy = store
+        .create_product(
+            &bid,
+            NewProduct::new(&mallory, "Greedy", "flat", &module("flat"), max()),
+        )
+        .unwrap()
+        .pid;
+    let victims = [world.consumer, world.producer, world.maker];
+    let before: Vec<Amount> = victims.iter().map(|&cid| balance(&world, cid)).collect();
+    let mut events = Vec::new();
+    for &victim in &victims {
+        events.push(Event::Commit {
+            pid: greedy,
+            payer: Some(Payer::Customer(victim)),
+        });
+        // A component of Mallory's nested under the victims' products,
+        // whose owners would pay: no authorized use of them encloses it.
+        events.push(Event::Commit {
+            pid: greedy,
+            payer: Some(Payer::OwnerOf(world.product)),
+        });
+        events.push(Event::Commit {
+            pid: world.product,
+            payer: Some(Payer::Customer(victim)),
+        });
+    }
+    let body = batch_from(meter.mid, "x:1", events);
+    let signature = secret.sign(&meter.mid, NOW_MS, &body);
+    let time = NOW_MS.to_string();
+    let signed = Signed {
+        mid: Some(meter.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    let answer =
+        SendAnswer::from_value(&world.backoffice.send(&body, signed, NOW_MS).unwrap()).unwrap();
+    let after: Vec<Amount> = victims.iter().map(|&cid| balance(&world, cid)).collect();
+    assert_eq!(after, before, "no victim is charged");
+    assert_eq!(balance(&world, mallory), Amount::ZERO, "nothing credited");
+    let suspense = store.suspense().unwrap();
+    assert_eq!(suspense.len(), 9, "every reading kept: {suspense:?}");
+    assert!(
+        suspense
+            .iter()
+            .all(|record| record.reason.starts_with("no grant")),
+        "{suspense:?}"
+    );
+    // The meter learns nothing of customers who did not grant it.
+    for standing in &answer.standings {
+        if let Payer::Customer(_) = standing.party {
+            assert!(!standing.allowed, "{standing:?}");
+        }
+    }
+    // Re-pricing applies the same rules.
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 9));
+    world.backoffice.ledger().verify();
+}
+
+#[test]
+fn a_component_is_charged_to_the_owner_only_inside_an_authorized_use() {
+    let world = world();
+    let me = Some(Payer::Customer(world.consumer));
+    let inside = Some(Payer::OwnerOf(world.product));
+    let context = |name: &str| Context::parse(name).unwrap();
+    // 12 component uses (the tiered TACA's first 10 a month are free, then
+    // 0.05): 11 inside an authorized use in the same context, 1 whose
+    // enclosing use is in another context.
+    let mut readings = Vec::new();
+    let mut push = |context: &Context, event: Event| {
+        readings.push(Reading {
+            seq: 1 + readings.len() as u64,
+            time_ms: NOW_MS - 1000,
+            context: context.clone(),
+            event,
+        })
+    };
+    let main = context("42.7");
+    let other = context("43.7");
+    push(
+        &other,
+        Event::Commit {
+            pid: world.component,
+            payer: inside,
+        },
+    );
+    for _ in 0..11 {
+        push(
+            &main,
+            Event::Commit {
+                pid: world.component,
+                payer: inside,
+            },
+        );
+    }
+    push(
+        &main,
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+    );
+    let request = SendRequest {
+        mid: world.mid,
+        body: SendBody::Batch(Batch {
+            id: BatchId::parse("x:1").unwrap(),
+            readings,
+            parties: Vec::new(),
+        }),
+    };
+    let body = encode_call("send", &request.to_params());
+    send(&world, &body, NOW_MS).unwrap();
+    // Bob, the editor's owner, is credited 0.25 and pays 0.05 for the
+    // eleventh spell check; the twelfth (another context) goes to suspense.
+    assert_eq!(balance(&world, world.producer), amount("0.2"));
+    assert_eq!(balance(&world, world.maker), amount("0.05"));
+    let suspense = world.backoffice.store().suspense().unwrap();
+    assert_eq!(suspense.len(), 1, "{suspense:?}");
+    assert_eq!(suspense[0].seq, 1);
+    assert!(suspense[0].reason.starts_with("no grant"), "{suspense:?}");
+}
+
+#[test]
+fn a_revoked_or_expired_grant_charges_nothing_after_it_ends_and_answers_false() {
+    let world = world();
+    let store = world.backoffice.store();
+    let me = Some(Payer::Customer(world.consumer));
+    let grant = store.grants_of_meter(&world.mid).unwrap()[0].clone();
+    store
+        .revoke_grant(grant.id, Some(&world.consumer), NOW_MS - 500)
+        .unwrap();
+    // One use before the revocation, one after.
+    let readings = [NOW_MS - 1000, NOW_MS - 100]
+        .iter()
+        .enumerate()
+        .map(|(index, &time_ms)| Reading {
+            seq: 1 + index as u64,
+            time_ms,
+            context: Context::parse("42.7").unwrap(),
+            event: Event::Commit {
+                pid: world.product,
+                payer: me,
+            },
+        })
+        .collect();
+    let request = SendRequest {
+        mid: world.mid,
+        body: SendBody::Batch(Batch {
+            id: BatchId::parse("x:1").unwrap(),
+            readings,
+            parties: vec![Payer::Customer(world.consumer)],
+        }),
+    };
+    let body = encode_call("send", &request.to_params());
+    let answer = SendAnswer::from_value(&send(&world, &body, NOW_MS).unwrap()).unwrap();
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("9.75"),
+        "the first only"
+    );
+    let suspense = store.suspense().unwrap();
+    assert_eq!(suspense.len(), 1);
+    assert_eq!(suspense[0].seq, 2);
+    let standing = answer
+        .standings
+        .iter()
+        .find(|standing| standing.party == Payer::Customer(world.consumer))
+        .unwrap();
+    assert!(!standing.allowed, "the meter answers false from now on");
+}
+
+#[test]
+fn a_price_above_the_products_maximum_goes_to_suspense_and_posts_nothing() {
+    let world = world();
+    let bid = Bid::parse("B1").unwrap();
+    let store = world.backoffice.store();
+    // The flat TACA asks 0.25 a use; its producer declared at most 0.10.
+    let capped = store
+        .create_product(
+            &bid,
+            NewProduct::new(
+                &world.producer,
+                "Capped",
+                "0.10 per use",
+                &module("flat"),
+                amount("0.1"),
+            ),
+        )
+        .unwrap();
+    let me = Some(Payer::Customer(world.consumer));
+    let events = vec![
+        Event::Commit {
+            pid: capped.pid,
+            payer: me,
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+    ];
+    send(&world, &batch(&world, "x:1", events), NOW_MS).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.75"));
+    let suspense = store.suspense().unwrap();
+    assert_eq!(suspense.len(), 1);
+    assert_eq!(suspense[0].pid, capped.pid);
+    assert!(
+        suspense[0].reason.contains("above the product's maximum"),
+        "{}",
+        suspense[0].reason
+    );
+    world.backoffice.ledger().verify();
+}
+
+#[test]
+fn a_batch_id_sent_again_with_other_readings_is_refused_with_205() {
+    let world = world();
+    let me = Some(Payer::Customer(world.consumer));
+    let one = vec![Event::Commit {
+        pid: world.product,
+        payer: me,
+    }];
+    let two = vec![
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+    ];
+    send(&world, &batch(&world, "x:1", one.clone()), NOW_MS).unwrap();
+    let fault = send(&world, &batch(&world, "x:1", two), NOW_MS + 1).unwrap_err();
+    assert_eq!(
+        fault.registered(),
+        Some(FaultCode::BatchConflict),
+        "{fault:?}"
+    );
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("9.75"),
+        "applied once"
+    );
+    // The same readings again are a retry, answered as before.
+    let again = send(&world, &batch(&world, "x:1", one), NOW_MS + 2).unwrap();
+    assert_eq!(
+        SendAnswer::from_value(&again).unwrap().outcome,
+        Outcome::AlreadyApplied
+    );
 }
