@@ -71,6 +71,21 @@ fn main() {
             (meter.mid, Secret::new(meter.secret_hex.as_bytes()).unwrap())
         })
         .collect();
+    // Every customer lets both meters charge them.
+    for (mid, _) in &meters {
+        for cid in &customers {
+            store
+                .create_grant(backoffice::registry::NewGrant {
+                    mid: *mid,
+                    cid: *cid,
+                    scope: proto::grant::Scope::Machine,
+                    label: "bench".into(),
+                    created_ms: 0,
+                    expires_ms: None,
+                })
+                .unwrap();
+        }
+    }
     let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
     let deposits = customers
         .iter()
@@ -230,6 +245,11 @@ fn main() {
         server.join().unwrap();
     }
     service.backoffice.ledger().verify();
+    assert_eq!(
+        service.backoffice.store().suspense_count().unwrap(),
+        0,
+        "every use was priced and posted"
+    );
 }
 
 /// POSTs one signed body on a kept-alive connection and checks the answer.
