@@ -24,6 +24,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use proto::grant::{GrantInfo, Scope};
 use proto::reading::{Code, Event, Reading};
 use proto::record::{Reader, put_str};
 use proto::upload::{MeterParams, Standing};
@@ -40,7 +41,10 @@ pub const SET_ASIDE_SHOWN_MAX: usize = 16;
 const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
-const SESSIONS_KEY: &[u8] = b"m:sessions";
+/// Where sessions were kept before they carried the uid; dropped on save.
+const OLD_SESSIONS_KEY: &[u8] = b"m:sessions";
+const SESSIONS_KEY: &[u8] = b"m:logins";
+const GRANT_PREFIX: &[u8] = b"g:";
 const INSTANCE_KEY: &[u8] = b"m:instance";
 const RECORD_VERSION: u8 = 1;
 
@@ -84,6 +88,17 @@ pub struct PendingBatch {
     pub first_seq: u64,
     /// Sequence number of the last reading.
     pub last_seq: u64,
+}
+
+/// An open login, as kept across a restart of the meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSession {
+    /// The context, in the form recorded in readings.
+    pub context: String,
+    /// The customer logged in.
+    pub cid: Cid,
+    /// The uid that logged in (a grant must still admit it).
+    pub uid: u32,
 }
 
 /// The status table and parameters from the last upload answer.
@@ -426,31 +441,65 @@ impl Cache {
         self.sync()
     }
 
-    /// Keeps the open logins (context as recorded in readings, and CID), so
-    /// that sessions survive a restart of the meter.
-    pub fn save_sessions(&self, sessions: &[(String, Cid)]) -> Result<(), CacheError> {
-        let mut out = Vec::with_capacity(sessions.len() * 48);
-        for (context, cid) in sessions {
-            put_str(&mut out, context);
-            put_str(&mut out, cid.as_str());
+    /// Keeps the open logins (context as recorded in readings, CID, and the
+    /// uid that logged in), so that sessions survive a restart of the meter.
+    pub fn save_sessions(&self, sessions: &[SavedSession]) -> Result<(), CacheError> {
+        let mut out = Vec::with_capacity(sessions.len() * 52);
+        for session in sessions {
+            put_str(&mut out, &session.context);
+            put_str(&mut out, session.cid.as_str());
+            out.extend_from_slice(&session.uid.to_be_bytes());
         }
-        self.tree.insert(SESSIONS_KEY, out)?;
+        let mut changes = sled::Batch::default();
+        changes.insert(SESSIONS_KEY, out);
+        changes.remove(OLD_SESSIONS_KEY);
+        self.tree.apply_batch(changes)?;
         self.sync()
     }
 
-    /// The open logins saved last.
-    pub fn saved_sessions(&self) -> Result<Vec<(String, Cid)>, CacheError> {
+    /// The open logins saved last. Logins saved before sessions carried a
+    /// uid are not kept: no grant could be checked for them.
+    pub fn saved_sessions(&self) -> Result<Vec<SavedSession>, CacheError> {
         let Some(bytes) = self.tree.get(SESSIONS_KEY)? else {
             return Ok(Vec::new());
         };
         let mut fields = Reader::new(&bytes);
         let mut sessions = Vec::new();
         while !fields.is_empty() {
-            let decoded =
-                (|| Some((fields.text()?.to_owned(), Cid::parse(fields.text()?).ok()?)))();
+            let decoded = (|| {
+                Some(SavedSession {
+                    context: fields.text()?.to_owned(),
+                    cid: Cid::parse(fields.text()?).ok()?,
+                    uid: fields.u32()?,
+                })
+            })();
             sessions.push(decoded.expect("cache: sessions record is corrupt"));
         }
         Ok(sessions)
+    }
+
+    /// Keeps a grant durably, replacing an earlier one of the same customer
+    /// and scope, and drops grants expired before `now_ms`.
+    pub fn save_grant(&self, grant: &GrantInfo, now_ms: u64) -> Result<(), CacheError> {
+        let mut changes = sled::Batch::default();
+        for held in self.grants()? {
+            if held.expires_ms.is_some_and(|expires| expires <= now_ms) {
+                changes.remove(grant_key(&held));
+            }
+        }
+        changes.insert(grant_key(grant), encode_grant(grant));
+        self.tree.apply_batch(changes)?;
+        self.sync()
+    }
+
+    /// Every grant kept, expired ones included.
+    pub fn grants(&self) -> Result<Vec<GrantInfo>, CacheError> {
+        let mut grants = Vec::new();
+        for entry in self.tree.scan_prefix(GRANT_PREFIX) {
+            let (_, record) = entry?;
+            grants.push(decode_grant(&record).expect("cache: grant record is corrupt"));
+        }
+        Ok(grants)
     }
 
     /// The status table of the last upload, if any.
@@ -460,6 +509,55 @@ impl Cache {
             .get(TABLE_KEY)?
             .map(|bytes| decode_table(&bytes).expect("cache: status table record is corrupt")))
     }
+}
+
+/// `g:CID SCOPE`, with the scope without the user's name (a user renamed
+/// still has one grant).
+fn grant_key(grant: &GrantInfo) -> Vec<u8> {
+    let scope = match &grant.scope {
+        Scope::User { uid, .. } => format!("uid:{uid}"),
+        Scope::Machine => "machine".to_owned(),
+    };
+    let mut key = GRANT_PREFIX.to_vec();
+    key.extend_from_slice(format!("{} {scope}", grant.cid).as_bytes());
+    key
+}
+
+/// Record: version, created, expires (0: none, 1 + ms), CID, scope.
+fn encode_grant(grant: &GrantInfo) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80);
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&grant.created_ms.to_be_bytes());
+    match grant.expires_ms {
+        None => out.push(0),
+        Some(expires) => {
+            out.push(1);
+            out.extend_from_slice(&expires.to_be_bytes());
+        }
+    }
+    put_str(&mut out, grant.cid.as_str());
+    put_str(&mut out, &grant.scope.to_string());
+    out
+}
+
+fn decode_grant(record: &[u8]) -> Option<GrantInfo> {
+    let mut fields = Reader::new(record);
+    if fields.byte()? != RECORD_VERSION {
+        return None;
+    }
+    let created_ms = fields.u64()?;
+    let expires_ms = match fields.byte()? {
+        0 => None,
+        1 => Some(fields.u64()?),
+        _ => return None,
+    };
+    let grant = GrantInfo {
+        cid: Cid::parse(fields.text()?).ok()?,
+        scope: fields.text()?.parse().ok()?,
+        created_ms,
+        expires_ms,
+    };
+    fields.is_empty().then_some(grant)
 }
 
 fn checked_decode(record: &[u8]) -> Reading {
@@ -694,9 +792,52 @@ mod tests {
     }
 
     #[test]
+    fn grants_survive_reopen_and_a_new_one_replaces_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let grant = |cid: &str, scope: Scope, created_ms, expires_ms| GrantInfo {
+            cid: Cid::parse(cid).unwrap(),
+            scope,
+            created_ms,
+            expires_ms,
+        };
+        let bob = |name: &str| Scope::User {
+            uid: 1000,
+            name: name.into(),
+        };
+        let first = grant("B1-C4", bob("bob"), 10, None);
+        let machine = grant("B1-C4", Scope::Machine, 11, Some(500));
+        let short = grant("B1-C5", bob("bob"), 12, Some(100));
+        {
+            let cache = Cache::open(dir.path(), 10).unwrap();
+            assert_eq!(cache.grants().unwrap(), []);
+            for grant in [&first, &machine, &short] {
+                cache.save_grant(grant, 50).unwrap();
+            }
+            assert_eq!(cache.grants().unwrap().len(), 3);
+        }
+        let cache = Cache::open(dir.path(), 10).unwrap();
+        assert_eq!(cache.grants().unwrap().len(), 3);
+        // The same customer and uid again (the user was renamed): replaced;
+        // and the grant that expired at 100 is dropped.
+        let again = grant("B1-C4", bob("robert"), 200, Some(9_000));
+        cache.save_grant(&again, 200).unwrap();
+        let mut held = cache.grants().unwrap();
+        held.sort_by_key(|grant| grant.created_ms);
+        assert_eq!(held, [machine, again]);
+        let record = encode_grant(&held[1]);
+        for cut in 0..record.len() {
+            assert_eq!(decode_grant(&record[..cut]), None, "truncated at {cut}");
+        }
+    }
+
+    #[test]
     fn sessions_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = vec![("42.7".to_owned(), Cid::parse("B1-C1").unwrap())];
+        let sessions = vec![SavedSession {
+            context: "42.7".to_owned(),
+            cid: Cid::parse("B1-C1").unwrap(),
+            uid: 1000,
+        }];
         Cache::open(dir.path(), 10)
             .unwrap()
             .save_sessions(&sessions)

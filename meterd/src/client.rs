@@ -18,11 +18,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use proto::meter_api::MeterCall;
+use proto::grant::{GrantInfo, PollStatus};
+use proto::meter_api::{GrantStarted, MeterCall, Password, grants_from_value};
 use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
 use proto::{Cid, Context, Fault, Pid};
 
-/// How long a call may take; `flush` waits up to 30 s for an upload.
+/// How long a call may take; `flush` waits up to 30 s for an upload, and
+/// `grant.wait` up to 25 s for the customer plus one call to the backoffice.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(40);
 /// Largest response accepted, in bytes.
 pub const RESPONSE_BYTES_MAX: usize = 64 * 1024;
@@ -135,6 +137,54 @@ impl Meter {
         self.call(&MeterCall::Status)
     }
 
+    /// `grant.start(CID, machineWide)`: asks the backoffice, through the
+    /// meter, for a code with which `cid` grants this meter to charge them
+    /// for this user's uses (for root with `machine_wide`, every user's).
+    /// Show the customer the code and the page, then call `grant_wait`.
+    pub fn grant_start(
+        &mut self,
+        cid: Cid,
+        machine_wide: bool,
+    ) -> Result<GrantStarted, ClientError> {
+        let value = self.call(&MeterCall::GrantStart { cid, machine_wide })?;
+        GrantStarted::from_value(&value).map_err(|fault| ClientError::Protocol(fault.message))
+    }
+
+    /// `grant.wait(request)`: waits a bounded time (about 25 s) for the
+    /// customer's answer; call again while it answers `Pending`. On
+    /// `Approved` the meter holds the grant.
+    pub fn grant_wait(&mut self, request: &str) -> Result<PollStatus, ClientError> {
+        let value = self.call(&MeterCall::GrantWait {
+            request: request.to_owned(),
+        })?;
+        PollStatus::from_value(&value).map_err(|fault| ClientError::Protocol(fault.message))
+    }
+
+    /// `grant.password(CID, password, machineWide[, expiresInS])`: grants
+    /// with the customer's password; the meter holds the grant it answers.
+    pub fn grant_password(
+        &mut self,
+        cid: Cid,
+        password: &str,
+        machine_wide: bool,
+        expires_in_s: Option<u64>,
+    ) -> Result<GrantInfo, ClientError> {
+        let value = self.call(&MeterCall::GrantPassword {
+            cid,
+            password: Password(password.to_owned()),
+            machine_wide,
+            expires_in_s,
+        })?;
+        GrantInfo::from_value(&value).map_err(|fault| ClientError::Protocol(fault.message))
+    }
+
+    /// `grant.list()`: the grants the meter holds that admit this user
+    /// (every grant, for root).
+    pub fn grants(&mut self) -> Result<Vec<GrantInfo>, ClientError> {
+        let value = self.call(&MeterCall::GrantList)?;
+        grants_from_value(&value).map_err(|fault| ClientError::Protocol(fault.message))
+    }
+
     /// Queries `pid` and, when the use may begin, returns a guard that
     /// commits it with `Use::commit` or cancels it when dropped. `None` when
     /// the use may not begin or no meter answered.
@@ -163,7 +213,11 @@ impl Meter {
         let body = encode_call(name, &params);
         let reused = self.stream.is_some();
         let poll = match call {
-            MeterCall::Commit { .. } | MeterCall::Flush => Duration::ZERO,
+            MeterCall::Commit { .. }
+            | MeterCall::Flush
+            | MeterCall::GrantStart { .. }
+            | MeterCall::GrantWait { .. }
+            | MeterCall::GrantPassword { .. } => Duration::ZERO,
             _ => POLL_BEFORE_SLEEP,
         };
         match self.exchange(&body, poll) {

@@ -108,7 +108,12 @@ pub struct Caller {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
     /// `login(CID)`: uses are charged to this customer.
-    Login(Cid),
+    Login {
+        /// The customer.
+        cid: Cid,
+        /// The local user who logged in (a grant of `cid` admitted them).
+        uid: u32,
+    },
     /// `query(PID)` answered true: uses inside are charged to PID's owner.
     Query {
         /// The product in use.
@@ -122,7 +127,7 @@ impl Frame {
     /// Who pays for a use made inside this frame.
     pub fn payer_inside(&self) -> Payer {
         match *self {
-            Frame::Login(cid) => Payer::Customer(cid),
+            Frame::Login { cid, .. } => Payer::Customer(cid),
             Frame::Query { pid, .. } => Payer::OwnerOf(pid),
         }
     }
@@ -226,15 +231,18 @@ impl Contexts {
         Some(frame)
     }
 
-    /// `login(CID)` in the caller's context.
-    pub fn login(&mut self, caller: &Caller, cid: Cid) -> Result<(), ContextError> {
-        self.push(&caller.key, Frame::Login(cid))
+    /// `login(CID)` in the caller's context, by local user `uid`.
+    pub fn login(&mut self, caller: &Caller, cid: Cid, uid: u32) -> Result<(), ContextError> {
+        self.push(&caller.key, Frame::Login { cid, uid })
     }
 
     /// `logout(CID)`: true when a login of CID was open and is now closed.
     pub fn logout(&mut self, caller: &Caller, cid: Cid) -> bool {
-        self.pop_through(&caller.key, |frame| *frame == Frame::Login(cid))
-            .is_some()
+        self.pop_through(
+            &caller.key,
+            |frame| matches!(frame, Frame::Login { cid: open, .. } if *open == cid),
+        )
+        .is_some()
     }
 
     /// Opens a query of `pid` whose own use `payer` pays for.
@@ -256,25 +264,47 @@ impl Contexts {
         )?;
         match frame {
             Frame::Query { payer, .. } => Some(payer),
-            Frame::Login(_) => unreachable!("only a query frame matches"),
+            Frame::Login { .. } => unreachable!("only a query frame matches"),
         }
     }
 
-    /// Every open login, outermost first within each context, for saving.
-    pub fn logins(&self) -> Vec<(ContextKey, Cid)> {
-        let mut logins: Vec<(ContextKey, Cid)> = self
+    /// Every open login with its uid, outermost first within each context,
+    /// for saving.
+    pub fn logins(&self) -> Vec<(ContextKey, Cid, u32)> {
+        let mut logins: Vec<(ContextKey, Cid, u32)> = self
             .stacks
             .iter()
             .filter(|(key, _)| key.process().is_some())
             .flat_map(|(key, stack)| {
                 stack.iter().filter_map(move |frame| match frame {
-                    Frame::Login(cid) => Some((key.clone(), *cid)),
+                    Frame::Login { cid, uid } => Some((key.clone(), *cid, *uid)),
                     Frame::Query { .. } => None,
                 })
             })
             .collect();
-        logins.sort_by_key(|(key, _)| key.to_string());
+        logins.sort_by_key(|(key, _, _)| key.to_string());
         logins
+    }
+
+    /// Closes every login that `admitted` no longer allows (its grant
+    /// expired), with the frames above it, as a logout would; returns how
+    /// many were closed.
+    pub fn end_logins(&mut self, admitted: impl Fn(Cid, u32) -> bool) -> usize {
+        let mut ended = 0;
+        self.stacks.retain(|_, stack| {
+            let refused = stack.iter().position(
+                |frame| matches!(*frame, Frame::Login { cid, uid } if !admitted(cid, uid)),
+            );
+            if let Some(index) = refused {
+                ended += stack[index..]
+                    .iter()
+                    .filter(|frame| matches!(frame, Frame::Login { .. }))
+                    .count();
+                stack.truncate(index);
+            }
+            !stack.is_empty()
+        });
+        ended
     }
 
     /// Drops every context whose process `alive` says has exited; returns how
@@ -341,7 +371,7 @@ mod tests {
         let mut contexts = Contexts::default();
         let program = caller(10, &[1]);
         assert_eq!(contexts.payer(&program), None);
-        contexts.login(&program, cid(1)).unwrap();
+        contexts.login(&program, cid(1), 1000).unwrap();
         assert_eq!(contexts.payer(&program), Some(Payer::Customer(cid(1))));
         contexts
             .open_query(&program, pid(1), Payer::Customer(cid(1)))
@@ -372,8 +402,8 @@ mod tests {
     fn interleaved_programs_never_share_frames() {
         let mut contexts = Contexts::default();
         let (a, b) = (caller(10, &[1]), caller(11, &[1]));
-        contexts.login(&a, cid(1)).unwrap();
-        contexts.login(&b, cid(2)).unwrap();
+        contexts.login(&a, cid(1), 1000).unwrap();
+        contexts.login(&b, cid(2), 1000).unwrap();
         contexts
             .open_query(&a, pid(1), Payer::Customer(cid(1)))
             .unwrap();
@@ -397,7 +427,7 @@ mod tests {
         let shell = caller(5, &[1]);
         let program = caller(10, &[5, 1]);
         let child = caller(20, &[10, 5, 1]);
-        contexts.login(&shell, cid(7)).unwrap();
+        contexts.login(&shell, cid(7), 1000).unwrap();
         assert_eq!(contexts.payer(&child), Some(Payer::Customer(cid(7))));
         contexts
             .open_query(&program, pid(3), Payer::Customer(cid(7)))
@@ -419,7 +449,7 @@ mod tests {
     fn uncommitted_queries_are_closed_with_the_enclosing_one() {
         let mut contexts = Contexts::default();
         let program = caller(10, &[]);
-        contexts.login(&program, cid(1)).unwrap();
+        contexts.login(&program, cid(1), 1000).unwrap();
         contexts
             .open_query(&program, pid(1), Payer::Customer(cid(1)))
             .unwrap();
@@ -443,19 +473,19 @@ mod tests {
             frames_max: 2,
         });
         let (a, b, c) = (caller(1, &[]), caller(2, &[]), caller(3, &[]));
-        contexts.login(&a, cid(1)).unwrap();
-        contexts.login(&a, cid(1)).unwrap();
+        contexts.login(&a, cid(1), 1000).unwrap();
+        contexts.login(&a, cid(1), 1000).unwrap();
         assert_eq!(
-            contexts.login(&a, cid(1)),
+            contexts.login(&a, cid(1), 1000),
             Err(ContextError::FramesFull { max: 2 })
         );
-        contexts.login(&b, cid(2)).unwrap();
+        contexts.login(&b, cid(2), 1000).unwrap();
         assert_eq!(
-            contexts.login(&c, cid(3)),
+            contexts.login(&c, cid(3), 1000),
             Err(ContextError::ContextsFull { max: 2 })
         );
         assert_eq!(contexts.retain_processes(|process| process.pid != 1), 1);
-        contexts.login(&c, cid(3)).unwrap();
+        contexts.login(&c, cid(3), 1000).unwrap();
         assert_eq!(contexts.payer(&a), None);
     }
 
@@ -463,20 +493,42 @@ mod tests {
     fn logins_are_listed_for_saving_without_queries() {
         let mut contexts = Contexts::default();
         let program = caller(10, &[]);
-        contexts.login(&program, cid(1)).unwrap();
+        contexts.login(&program, cid(1), 1000).unwrap();
         contexts
             .open_query(&program, pid(1), Payer::Customer(cid(1)))
             .unwrap();
-        contexts.login(&program, cid(2)).unwrap();
+        contexts.login(&program, cid(2), 1000).unwrap();
         let connection = Caller {
             key: ContextKey::Connection(3),
             enclosing: Vec::new(),
         };
-        contexts.login(&connection, cid(3)).unwrap();
+        contexts.login(&connection, cid(3), 1000).unwrap();
         assert_eq!(
             contexts.logins(),
-            vec![(program.key.clone(), cid(1)), (program.key.clone(), cid(2))]
+            vec![
+                (program.key.clone(), cid(1), 1000),
+                (program.key.clone(), cid(2), 1000)
+            ]
         );
+    }
+
+    #[test]
+    fn logins_no_longer_admitted_are_closed_with_what_is_above_them() {
+        let mut contexts = Contexts::default();
+        let (a, b) = (caller(10, &[]), caller(11, &[]));
+        contexts.login(&a, cid(1), 1000).unwrap();
+        contexts.login(&a, cid(2), 1000).unwrap();
+        contexts
+            .open_query(&a, pid(1), Payer::Customer(cid(2)))
+            .unwrap();
+        contexts.login(&b, cid(2), 1001).unwrap();
+        // cid 2's grant for uid 1000 expired; uid 1001's did not.
+        let ended = contexts.end_logins(|cid_, uid| !(cid_ == cid(2) && uid == 1000));
+        assert_eq!(ended, 1);
+        assert_eq!(contexts.payer(&a), Some(Payer::Customer(cid(1))));
+        assert_eq!(contexts.payer(&b), Some(Payer::Customer(cid(2))));
+        assert_eq!(contexts.end_logins(|_, _| false), 2);
+        assert!(contexts.is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, watch};
 
+use crate::backoffice::Backoffice;
 use crate::cache::{Cache, CacheError};
 use crate::config::{CONTEXT_SWEEP_INTERVAL_MS, Config};
 use crate::meter::{Meter, UploadReport, UploadSignals};
@@ -102,30 +103,37 @@ pub async fn serve(
         report,
         flush_tickets: std::sync::atomic::AtomicU64::new(0),
     });
-    let uploader = match &config.upload {
+    let backoffice = match &config.upload {
         Some(settings) => {
             let secret = read_secret(&settings.secret_file)?;
-            let uploader = Uploader::new(
-                Arc::clone(&cache),
-                Arc::clone(&table),
-                Arc::clone(&signals),
-                settings,
-                secret,
-            )
-            .map_err(StartError::Upload)?;
-            Some(uploader)
+            let backoffice =
+                Backoffice::new(&settings.url, settings.mid, secret).map_err(StartError::Upload)?;
+            Some(Arc::new(backoffice))
         }
         None => None,
     };
+    let uploader = backoffice.as_ref().map(|backoffice| {
+        Uploader::new(
+            Arc::clone(&cache),
+            Arc::clone(&table),
+            Arc::clone(&signals),
+            Arc::clone(backoffice),
+        )
+    });
     let listener = bind(&config.socket, config.socket_mode)?;
-    let meter = Arc::new(Meter::new(
+    let meter = Meter::new(
         Arc::clone(&cache),
         journal,
         Arc::clone(&table),
         Arc::clone(&signals),
-        config.upload.is_some(),
+        backoffice,
         config.context_limits,
-    ));
+    )
+    .map_err(|source| StartError::Cache {
+        path: cache_dir.display().to_string(),
+        source,
+    })?;
+    let meter = Arc::new(meter);
     let sessions = cache.saved_sessions().map_err(|source| StartError::Cache {
         path: cache_dir.display().to_string(),
         source,
@@ -176,6 +184,10 @@ async fn sweep_contexts(meter: Arc<Meter>) {
         let dropped = meter.sweep_contexts();
         if dropped > 0 {
             tracing::debug!(dropped, "dropped contexts of exited processes");
+        }
+        let ended = meter.end_ungranted_logins().await;
+        if ended > 0 {
+            tracing::info!(ended, "closed logins whose grant expired");
         }
     }
 }

@@ -1,16 +1,19 @@
 //! `meterd`: the local meter daemon that metered programs call on every use,
 //! its client library (`client`) and the pieces of the daemon: `cache` (the
 //! only module that touches sled), `journal` (group commit), `context` (who
-//! pays), `standing` (the status table), `meter` (the calls), `server` (the
-//! Unix-socket XML-RPC server), `uploader` (`send` to the backoffice) and
-//! `daemon` (wiring and shutdown).
+//! pays), `standing` (the status table), `meter` (the calls), `grants` (who
+//! may log in as whom), `server` (the Unix-socket XML-RPC server),
+//! `backoffice` (the signed calls to the backoffice), `uploader` (`send` to
+//! the backoffice) and `daemon` (wiring and shutdown).
 #![forbid(unsafe_code)]
 
+pub mod backoffice;
 pub mod cache;
 pub mod client;
 pub mod config;
 pub mod context;
 pub mod daemon;
+pub mod grants;
 pub mod journal;
 pub mod meter;
 pub mod procinfo;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use meterd::client::{ClientError, Meter};
 use meterd::config::{self, FileSettings};
 use meterd::meter::PARENT_CONTEXT;
+use proto::grant::{GrantInfo, PollStatus, Scope};
 use proto::xmlrpc::Value;
 use proto::{Cid, Context, Pid};
 
@@ -80,6 +81,28 @@ enum Command {
     Flush,
     /// Show the meter's state.
     Status,
+    /// Let CID be charged for your uses on this meter: prints a code that CID
+    /// enters on the backoffice's pages, then waits for the approval. Exit 0
+    /// when granted, 2 when refused, expired or failed.
+    Grant {
+        /// The customer ID, such as B1-C42.
+        cid: Cid,
+        /// Grant every user of this machine, not only you (root only, and
+        /// only where the customer's approval allows it).
+        #[arg(long)]
+        machine: bool,
+        /// Read CID's password from standard input (one line) instead of
+        /// showing a code, for machines without a browser nearby. Never put
+        /// a password in an argument.
+        #[arg(long)]
+        password_stdin: bool,
+        /// With --password-stdin: the grant ends after SECONDS (default:
+        /// until revoked).
+        #[arg(long, value_name = "SECONDS", requires = "password_stdin")]
+        expires_in: Option<u64>,
+    },
+    /// List the grants this meter holds for you (every grant, for root).
+    Grants,
 }
 
 #[derive(clap::Args, Debug)]
@@ -198,9 +221,23 @@ async fn shutdown_signal() {
 
 fn call(socket: PathBuf, command: Command) -> ExitCode {
     let mut meter = Meter::connect(socket);
+    if let Command::Grant {
+        cid,
+        machine,
+        password_stdin,
+        expires_in,
+    } = command
+    {
+        return grant(&mut meter, cid, machine, password_stdin, expires_in);
+    }
     let with = |meter: Meter, context: ContextArg| meter.with_context(context.context);
     let outcome: Result<bool, ClientError> = match command {
         Command::Serve(_) => unreachable!("handled by serve"),
+        Command::Grant { .. } => unreachable!("handled by grant"),
+        Command::Grants => meter.grants().map(|grants| {
+            print_grants(&grants);
+            true
+        }),
         Command::Login { cid, context } => with(meter, context).login(cid).map(|()| true),
         Command::Logout { cid, context } => with(meter, context).logout(cid),
         Command::Query { pid, context } => with(meter, context).try_query(pid),
@@ -215,15 +252,126 @@ fn call(socket: PathBuf, command: Command) -> ExitCode {
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(error @ ClientError::Fault(_)) => {
-            eprintln!("meterd: {error}");
-            ExitCode::from(EXIT_REFUSED)
-        }
-        Err(error) => {
-            eprintln!("meterd: {error}");
-            ExitCode::from(EXIT_UNAVAILABLE)
-        }
+        Err(error) => client_error(&error),
     }
+}
+
+fn client_error(error: &ClientError) -> ExitCode {
+    eprintln!("meterd: {error}");
+    match error {
+        ClientError::Fault(_) => ExitCode::from(EXIT_REFUSED),
+        _ => ExitCode::from(EXIT_UNAVAILABLE),
+    }
+}
+
+/// `meterd grant CID`: by device code (the customer approves on the web
+/// pages) or by password on standard input.
+fn grant(
+    meter: &mut Meter,
+    cid: Cid,
+    machine: bool,
+    password_stdin: bool,
+    expires_in: Option<u64>,
+) -> ExitCode {
+    let granted = if password_stdin {
+        let mut line = String::new();
+        if let Err(error) = std::io::stdin().read_line(&mut line) {
+            return usage_error(&format!("cannot read the password: {error}"));
+        }
+        let password = line.strip_suffix('\n').unwrap_or(&line);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        if password.is_empty() {
+            return usage_error(&"--password-stdin needs the password on standard input");
+        }
+        match meter.grant_password(cid, password, machine, expires_in) {
+            Ok(granted) => granted,
+            Err(error) => return client_error(&error),
+        }
+    } else {
+        let started = match meter.grant_start(cid, machine) {
+            Ok(started) => started,
+            Err(error) => return client_error(&error),
+        };
+        println!(
+            "Open {}, log in as {cid} and enter the code {}",
+            started.verification_uri, started.user_code
+        );
+        eprintln!(
+            "meterd: waiting for {cid} to approve (the code expires in {} s)",
+            started.expires_in_s
+        );
+        loop {
+            match meter.grant_wait(&started.request) {
+                Ok(PollStatus::Pending) => continue,
+                Ok(PollStatus::Approved(granted)) => break granted,
+                Ok(PollStatus::Denied) => {
+                    eprintln!("meterd: {cid} refused the grant");
+                    return ExitCode::from(EXIT_REFUSED);
+                }
+                Ok(PollStatus::Expired) => {
+                    eprintln!(
+                        "meterd: the code expired before {cid} approved it; run `meterd grant {cid}` again"
+                    );
+                    return ExitCode::from(EXIT_REFUSED);
+                }
+                Err(error) => return client_error(&error),
+            }
+        }
+    };
+    let to = match &granted.scope {
+        Scope::User { uid, .. } => format!("uid {uid}"),
+        Scope::Machine => "every user of this machine".to_owned(),
+    };
+    match granted.expires_ms {
+        Some(expires) => println!("granted {} to {to} until {}", granted.cid, utc(expires)),
+        None => println!("granted {} to {to}", granted.cid),
+    }
+    ExitCode::SUCCESS
+}
+
+fn print_grants(grants: &[GrantInfo]) {
+    let now = meterd::meter::now_ms();
+    for grant in grants {
+        let until = match grant.expires_ms {
+            None => "until revoked".to_owned(),
+            Some(expires) if expires <= now => format!("expired {}", utc(expires)),
+            Some(expires) => format!("until {}", utc(expires)),
+        };
+        println!(
+            "{:<12} {:<24} since {}  {until}",
+            grant.cid,
+            grant.scope.to_string(),
+            utc(grant.created_ms)
+        );
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` for ms since the Unix epoch (proleptic Gregorian,
+/// UTC).
+fn utc(ms: u64) -> String {
+    let seconds = ms / 1000;
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 fn print_status(status: &Value) {
@@ -244,5 +392,17 @@ fn print_status(status: &Value) {
             other => format!("{other:?}"),
         };
         println!("{:<20} {shown}", member.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(1_796_195_045_123), "2026-12-02 07:04:05Z");
     }
 }

@@ -5,19 +5,27 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proto::meter_api::MeterCall;
+use proto::grant::{DeviceCode, GrantInfo, GrantRequest, PasswordGrant, PollStatus};
+use proto::meter_api::{GrantStarted, MeterCall, Password, grants_to_value};
 use proto::reading::Event;
 use proto::xmlrpc::Value;
 use proto::{Cid, Context, Fault, FaultCode, Pid};
 use tokio::sync::{Notify, watch};
 
-use crate::cache::{Cache, NewReading};
+use crate::backoffice::{Backoffice, BackofficeError};
+use crate::cache::{Cache, CacheError, NewReading, SavedSession};
 use crate::context::{Caller, ContextError, ContextKey, ContextLimits, Contexts, ProcessId};
+use crate::grants::{self, Held, Next, Requests};
 use crate::journal::{Journal, JournalError};
 use crate::standing::StatusTable;
 
 /// How long `flush()` waits for an upload before answering false.
 pub const FLUSH_WAIT_MS: u64 = 30_000;
+/// How long one `grant.wait` waits for the customer before answering
+/// `pending` (the caller then asks again); below the client's call timeout.
+pub const GRANT_WAIT_MS: u64 = 25_000;
+/// How long one grant call to the backoffice may take.
+pub const GRANT_CALL_TIMEOUT_MS: u64 = 10_000;
 
 /// The context name that means "my parent process".
 pub const PARENT_CONTEXT: &str = "..";
@@ -72,9 +80,15 @@ pub struct Meter {
     journal: Journal,
     cache: Arc<Cache>,
     signals: Arc<UploadSignals>,
-    uploads_configured: bool,
+    backoffice: Option<Arc<Backoffice>>,
+    grants: Mutex<Held>,
+    requests: Mutex<Requests>,
+    /// The machine's label, shown to customers asked for a grant.
+    label: String,
     /// Where `/proc` is, for telling live processes from exited ones.
     pub proc_root: PathBuf,
+    /// Where `passwd` is, for the names of local users.
+    pub etc_root: PathBuf,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -109,27 +123,57 @@ fn journal_fault(error: JournalError) -> Fault {
     Fault::new(code, error.to_string())
 }
 
+fn grant_failed(error: BackofficeError) -> Fault {
+    let message = match error {
+        BackofficeError::Refused(fault) => format!(
+            "the backoffice refused the grant: {} (fault {})",
+            fault.message, fault.code
+        ),
+        other => format!("the backoffice could not be asked: {other}"),
+    };
+    Fault::new(FaultCode::GrantFailed, message)
+}
+
+fn storage_fault(error: &dyn std::fmt::Display) -> Fault {
+    Fault::new(FaultCode::StorageFailed, error.to_string())
+}
+
+/// A new handle for a grant request: 128 random bits in hex.
+fn request_handle() -> Result<String, Fault> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| storage_fault(&"the system's random generator failed"))?;
+    Ok(proto::record::hex(&bytes))
+}
+
 impl Meter {
     /// A meter over `cache`, recording through `journal`, with `table` shared
-    /// with the uploader.
+    /// with the uploader, calling `backoffice` (if any) for grants; it holds
+    /// the grants kept in the cache.
     pub fn new(
         cache: Arc<Cache>,
         journal: Journal,
         table: Arc<Mutex<StatusTable>>,
         signals: Arc<UploadSignals>,
-        uploads_configured: bool,
+        backoffice: Option<Arc<Backoffice>>,
         limits: ContextLimits,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, CacheError> {
+        let held = Held::new(cache.grants()?);
+        let proc_root = PathBuf::from("/proc");
+        Ok(Self {
             contexts: Mutex::new(Contexts::new(limits)),
             sessions_saved: tokio::sync::Mutex::new(()),
             table,
             journal,
             cache,
             signals,
-            uploads_configured,
-            proc_root: PathBuf::from("/proc"),
-        }
+            backoffice,
+            grants: Mutex::new(held),
+            requests: Mutex::new(Requests::default()),
+            label: grants::machine_label(&proc_root),
+            proc_root,
+            etc_root: PathBuf::from("/etc"),
+        })
     }
 
     /// The caller of a call made by `peer`, with an optional explicit context.
@@ -194,7 +238,9 @@ impl Meter {
         match call {
             MeterCall::Login { cid, context } => {
                 let caller = self.caller(peer, context.as_ref())?;
-                self.login(&caller, cid).await.map(|()| Value::Bool(true))
+                self.login(&caller, cid, peer.uid)
+                    .await
+                    .map(|()| Value::Bool(true))
             }
             MeterCall::Logout { cid, context } => {
                 let caller = self.caller(peer, context.as_ref())?;
@@ -216,7 +262,239 @@ impl Meter {
             }
             MeterCall::Flush => Ok(Value::Bool(self.flush().await)),
             MeterCall::Status => Ok(self.status()),
+            MeterCall::GrantStart { cid, machine_wide } => self
+                .grant_start(peer, cid, machine_wide)
+                .await
+                .map(|started| started.to_value()),
+            MeterCall::GrantWait { request } => self
+                .grant_wait(peer, &request)
+                .await
+                .map(|status| status.to_value()),
+            MeterCall::GrantPassword {
+                cid,
+                password,
+                machine_wide,
+                expires_in_s,
+            } => self
+                .grant_password(peer, cid, password, machine_wide, expires_in_s)
+                .await
+                .map(|grant| grant.to_value()),
+            MeterCall::GrantList => {
+                let uid = Self::uid_of(peer.uid)?;
+                Ok(grants_to_value(&lock(&self.grants).visible_to(uid)))
+            }
         }
+    }
+
+    fn uid_of(uid: Option<u32>) -> Result<u32, Fault> {
+        uid.ok_or_else(|| {
+            Fault::new(
+                FaultCode::NotGranted,
+                "grants and logins need a caller with credentials (the Unix socket's peer uid)",
+            )
+        })
+    }
+
+    fn backoffice(&self) -> Result<&Arc<Backoffice>, Fault> {
+        self.backoffice.as_ref().ok_or_else(|| {
+            Fault::new(
+                FaultCode::GrantFailed,
+                "this meter has no backoffice configured (backoffice URL, MID and secret file), \
+                 so it cannot ask for a grant",
+            )
+        })
+    }
+
+    /// Asks the backoffice for a device code to grant `cid` to the caller.
+    pub async fn grant_start(
+        &self,
+        peer: &Peer,
+        cid: Cid,
+        machine_wide: bool,
+    ) -> Result<GrantStarted, Fault> {
+        let uid = Self::uid_of(peer.uid)?;
+        let scope = grants::scope_for(uid, machine_wide, &self.etc_root)?;
+        let backoffice = self.backoffice()?;
+        lock(&self.requests).check_room(uid, now_ms())?;
+        let request = GrantRequest {
+            mid: backoffice.mid(),
+            cid,
+            label: self.label.clone(),
+            scope: scope.clone(),
+        };
+        let (method, params) = request.to_call();
+        let timeout = Duration::from_millis(GRANT_CALL_TIMEOUT_MS);
+        let answer = backoffice
+            .call(method, &params, timeout)
+            .await
+            .map_err(grant_failed)?;
+        let code = DeviceCode::from_value(&answer).map_err(|fault| {
+            Fault::new(
+                FaultCode::GrantFailed,
+                format!(
+                    "the backoffice's answer was not a device code: {}",
+                    fault.message
+                ),
+            )
+        })?;
+        let now = now_ms();
+        let lifetime_s = code.expires_in_s.min(grants::REQUEST_LIFETIME_MAX_S);
+        let interval_s = code
+            .interval_s
+            .clamp(grants::POLL_INTERVAL_MIN_S, grants::POLL_INTERVAL_MAX_S);
+        let handle = request_handle()?;
+        let waiting = grants::Request {
+            uid,
+            cid,
+            scope,
+            device_code: code.device_code,
+            interval_s,
+            expires_ms: now + lifetime_s * 1000,
+            next_poll_ms: now + interval_s * 1000,
+        };
+        lock(&self.requests).insert(handle.clone(), waiting, now)?;
+        Ok(GrantStarted {
+            request: handle,
+            user_code: code.user_code,
+            verification_uri: code.verification_uri,
+            expires_in_s: lifetime_s,
+        })
+    }
+
+    /// Waits up to `GRANT_WAIT_MS` for the customer to answer the request
+    /// `handle` that the caller started, polling the backoffice at the
+    /// interval it asked for. An approved grant is kept before it is answered.
+    pub async fn grant_wait(&self, peer: &Peer, handle: &str) -> Result<PollStatus, Fault> {
+        let uid = Self::uid_of(peer.uid)?;
+        let backoffice = self.backoffice()?;
+        let deadline = now_ms() + GRANT_WAIT_MS;
+        loop {
+            let now = now_ms();
+            let next = lock(&self.requests).next(handle, uid, now)?;
+            let device_code = match next {
+                Next::Expired => return Ok(PollStatus::Expired),
+                Next::WaitUntil(when) if when >= deadline => return Ok(PollStatus::Pending),
+                Next::WaitUntil(when) => {
+                    tokio::time::sleep(Duration::from_millis(when.saturating_sub(now))).await;
+                    continue;
+                }
+                Next::Poll(device_code) => device_code,
+            };
+            let (method, params) = proto::grant::poll_call(&backoffice.mid(), &device_code);
+            let timeout = Duration::from_millis(GRANT_CALL_TIMEOUT_MS);
+            let answer = match backoffice.call(method, &params, timeout).await {
+                Ok(answer) => answer,
+                Err(BackofficeError::Refused(fault))
+                    if fault.registered() == Some(FaultCode::TooManyAttempts) =>
+                {
+                    lock(&self.requests).slow_down(handle);
+                    continue;
+                }
+                Err(error @ BackofficeError::Refused(_)) => {
+                    lock(&self.requests).remove(handle);
+                    return Err(grant_failed(error));
+                }
+                Err(error) => {
+                    // Unreachable for now: poll again after the interval.
+                    tracing::warn!(%error, "polling a grant request failed");
+                    continue;
+                }
+            };
+            let status = PollStatus::from_value(&answer).map_err(|fault| {
+                Fault::new(
+                    FaultCode::GrantFailed,
+                    format!(
+                        "the backoffice's answer was not a poll status: {}",
+                        fault.message
+                    ),
+                )
+            })?;
+            match &status {
+                PollStatus::Pending => continue,
+                PollStatus::Approved(grant) => {
+                    let Some(request) = lock(&self.requests).remove(handle) else {
+                        // Another waiter took the answer meanwhile.
+                        continue;
+                    };
+                    grants::check_answer(request.cid, &request.scope, uid, grant)?;
+                    self.keep_grant(grant.clone()).await?;
+                    tracing::info!(cid = %grant.cid, scope = %grant.scope, "grant approved");
+                }
+                PollStatus::Denied | PollStatus::Expired => {
+                    lock(&self.requests).remove(handle);
+                }
+            }
+            return Ok(status);
+        }
+    }
+
+    /// Grants `cid` to the caller with the customer's password.
+    pub async fn grant_password(
+        &self,
+        peer: &Peer,
+        cid: Cid,
+        password: Password,
+        machine_wide: bool,
+        expires_in_s: Option<u64>,
+    ) -> Result<GrantInfo, Fault> {
+        let uid = Self::uid_of(peer.uid)?;
+        let scope = grants::scope_for(uid, machine_wide, &self.etc_root)?;
+        let backoffice = self.backoffice()?;
+        let grant = PasswordGrant {
+            request: GrantRequest {
+                mid: backoffice.mid(),
+                cid,
+                label: self.label.clone(),
+                scope: scope.clone(),
+            },
+            password: password.0,
+            expires_in_s,
+        };
+        let (method, params) = grant.to_call();
+        let timeout = Duration::from_millis(GRANT_CALL_TIMEOUT_MS);
+        let answer = backoffice
+            .call(method, &params, timeout)
+            .await
+            .map_err(grant_failed)?;
+        let granted = GrantInfo::from_value(&answer).map_err(|fault| {
+            Fault::new(
+                FaultCode::GrantFailed,
+                format!("the backoffice's answer was not a grant: {}", fault.message),
+            )
+        })?;
+        grants::check_answer(cid, &scope, uid, &granted)?;
+        self.keep_grant(granted.clone()).await?;
+        tracing::info!(cid = %granted.cid, scope = %granted.scope, "grant made with a password");
+        Ok(granted)
+    }
+
+    /// Keeps a grant durably, then in memory.
+    async fn keep_grant(&self, grant: GrantInfo) -> Result<(), Fault> {
+        let cache = Arc::clone(&self.cache);
+        let kept = grant.clone();
+        let now = now_ms();
+        tokio::task::spawn_blocking(move || cache.save_grant(&kept, now))
+            .await
+            .map_err(|error| storage_fault(&error))?
+            .map_err(|error| storage_fault(&error))?;
+        lock(&self.grants).insert(grant, now);
+        Ok(())
+    }
+
+    /// Closes the logins whose grant no longer admits them (it expired);
+    /// returns how many were closed.
+    pub async fn end_ungranted_logins(&self) -> usize {
+        let now = now_ms();
+        let ended = {
+            let grants = lock(&self.grants);
+            lock(&self.contexts).end_logins(|cid, uid| grants.admits(cid, uid, now))
+        };
+        if ended > 0
+            && let Err(fault) = self.save_sessions().await
+        {
+            tracing::warn!(%fault, "could not save sessions");
+        }
+        ended
     }
 
     async fn record(&self, caller: &Caller, event: Event) -> Result<u64, Fault> {
@@ -234,9 +512,20 @@ impl Meter {
         outcome.map_err(journal_fault)
     }
 
-    async fn login(&self, caller: &Caller, cid: Cid) -> Result<(), Fault> {
+    async fn login(&self, caller: &Caller, cid: Cid, uid: Option<u32>) -> Result<(), Fault> {
+        let uid = Self::uid_of(uid)?;
+        if !lock(&self.grants).admits(cid, uid, now_ms()) {
+            return Err(Fault::new(
+                FaultCode::NotGranted,
+                format!(
+                    "uid {uid} holds no grant of {cid} on this meter, so it cannot log in as \
+                     {cid}; nothing was recorded. Run `meterd grant {cid}` as that user and \
+                     have {cid} approve it"
+                ),
+            ));
+        }
         lock(&self.contexts)
-            .login(caller, cid)
+            .login(caller, cid, uid)
             .map_err(context_fault)?;
         let saved = match self.record(caller, Event::Login(cid)).await {
             Ok(_) => self.save_sessions().await,
@@ -260,37 +549,42 @@ impl Meter {
     /// Saves the open logins durably, so a restarted meter still knows them.
     async fn save_sessions(&self) -> Result<(), Fault> {
         let _serial = self.sessions_saved.lock().await;
-        let sessions: Vec<(String, Cid)> = lock(&self.contexts)
+        let sessions: Vec<SavedSession> = lock(&self.contexts)
             .logins()
             .into_iter()
-            .map(|(key, cid)| (key.to_string(), cid))
+            .map(|(key, cid, uid)| SavedSession {
+                context: key.to_string(),
+                cid,
+                uid,
+            })
             .collect();
         let cache = Arc::clone(&self.cache);
-        let storage =
-            |error: &dyn std::fmt::Display| Fault::new(FaultCode::StorageFailed, error.to_string());
         tokio::task::spawn_blocking(move || cache.save_sessions(&sessions))
             .await
-            .map_err(|error| storage(&error))?
-            .map_err(|error| storage(&error))
+            .map_err(|error| storage_fault(&error))?
+            .map_err(|error| storage_fault(&error))
     }
 
-    /// Reopens the sessions saved before a restart whose processes still run.
-    /// Returns how many were restored.
-    pub fn restore_sessions(&self, saved: &[(String, Cid)]) -> usize {
+    /// Reopens the sessions saved before a restart whose processes still run
+    /// and whose grant still admits them. Returns how many were restored.
+    pub fn restore_sessions(&self, saved: &[SavedSession]) -> usize {
+        let now = now_ms();
+        let grants = lock(&self.grants);
         let mut contexts = lock(&self.contexts);
         let mut restored = 0;
-        for (text, cid) in saved {
-            let Some(key) = ContextKey::parse(text) else {
+        for session in saved {
+            let Some(key) = ContextKey::parse(&session.context) else {
                 continue;
             };
             let alive = key
                 .process()
                 .is_some_and(|process| crate::procinfo::is_alive(&self.proc_root, &process));
+            let granted = grants.admits(session.cid, session.uid, now);
             let caller = Caller {
                 key,
                 enclosing: Vec::new(),
             };
-            if alive && contexts.login(&caller, *cid).is_ok() {
+            if alive && granted && contexts.login(&caller, session.cid, session.uid).is_ok() {
                 restored += 1;
             }
         }
@@ -344,7 +638,7 @@ impl Meter {
 
     /// Uploads now; true when an upload succeeded within `FLUSH_WAIT_MS`.
     pub async fn flush(&self) -> bool {
-        if !self.uploads_configured {
+        if self.backoffice.is_none() {
             return false;
         }
         let mut reports = self.signals.report.subscribe();
@@ -401,7 +695,11 @@ impl Meter {
                 Value::string(self.cache.readings_max().to_string()),
             ),
             ("openContexts", Value::string(open_contexts.to_string())),
-            ("uploadsConfigured", Value::Bool(self.uploads_configured)),
+            ("uploadsConfigured", Value::Bool(self.backoffice.is_some())),
+            (
+                "grantsHeld",
+                Value::string(lock(&self.grants).live(now_ms()).to_string()),
+            ),
             ("lastUploadMs", optional(report.last_success_ms)),
             (
                 "lastError",
@@ -433,10 +731,26 @@ impl Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::grant::Scope;
+    use std::path::Path;
 
-    /// A meter on a fresh cache in `dir`, without uploads.
+    /// The CIDs of the grants `grant.list` shows `peer`.
+    async fn listed(meter: &Meter, peer: &Peer) -> Vec<String> {
+        let value = meter.call(peer, MeterCall::GrantList).await.unwrap();
+        proto::meter_api::grants_from_value(&value)
+            .unwrap()
+            .into_iter()
+            .map(|grant| grant.cid.to_string())
+            .collect()
+    }
+
+    /// A meter on a cache in `dir`, without uploads.
     fn meter(dir: &std::path::Path) -> Meter {
-        let cache = Arc::new(Cache::open(dir, 1_000).unwrap());
+        meter_on(Arc::new(Cache::open(dir, 1_000).unwrap()))
+    }
+
+    /// A meter on `cache`, without uploads.
+    fn meter_on(cache: Arc<Cache>) -> Meter {
         let (journal, _writer) = crate::journal::start(Arc::clone(&cache));
         let (report, _) = watch::channel(UploadReport::default());
         let signals = Arc::new(UploadSignals {
@@ -449,9 +763,10 @@ mod tests {
             journal,
             Arc::default(),
             signals,
-            false,
+            None,
             ContextLimits::default(),
         )
+        .unwrap()
     }
 
     fn process(pid: u32) -> ProcessId {
@@ -489,5 +804,195 @@ mod tests {
         let own = meter.caller(&peer(1000, &[20], true), None).unwrap();
         assert_eq!(own.key, ContextKey::Process(process(20)));
         assert!(own.enclosing.is_empty());
+    }
+
+    fn grant(cid: &str, scope: Scope, expires_ms: Option<u64>) -> GrantInfo {
+        GrantInfo {
+            cid: Cid::parse(cid).unwrap(),
+            scope,
+            created_ms: now_ms(),
+            expires_ms,
+        }
+    }
+
+    fn user(uid: u32) -> Scope {
+        Scope::User {
+            uid,
+            name: String::new(),
+        }
+    }
+
+    fn login_call(cid: &str) -> MeterCall {
+        MeterCall::Login {
+            cid: Cid::parse(cid).unwrap(),
+            context: None,
+        }
+    }
+
+    fn fault_of(outcome: Result<Value, Fault>) -> Option<FaultCode> {
+        outcome.err().and_then(|fault| fault.registered())
+    }
+
+    #[tokio::test]
+    async fn login_needs_a_live_grant_that_admits_the_callers_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let bob = peer(1000, &[20, 10], false);
+        let eve = peer(1001, &[30, 10], false);
+        let refused = meter.call(&bob, login_call("B1-C4")).await.unwrap_err();
+        assert_eq!(refused.registered(), Some(FaultCode::NotGranted));
+        assert!(
+            refused.message.contains("meterd grant B1-C4"),
+            "{}",
+            refused.message
+        );
+        meter
+            .keep_grant(grant("B1-C4", user(1000), None))
+            .await
+            .unwrap();
+        assert_eq!(
+            meter.call(&bob, login_call("B1-C4")).await,
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(
+            fault_of(meter.call(&eve, login_call("B1-C4")).await),
+            Some(FaultCode::NotGranted),
+            "another uid"
+        );
+        assert_eq!(
+            fault_of(meter.call(&bob, login_call("B1-C5")).await),
+            Some(FaultCode::NotGranted),
+            "another customer"
+        );
+        let anonymous = Peer {
+            uid: None,
+            ..peer(1000, &[], false)
+        };
+        assert_eq!(
+            fault_of(meter.call(&anonymous, login_call("B1-C4")).await),
+            Some(FaultCode::NotGranted),
+            "no credentials"
+        );
+        // An expired grant admits no one; a machine-wide one admits everyone.
+        meter
+            .keep_grant(grant("B1-C6", user(1001), Some(now_ms() - 1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            fault_of(meter.call(&eve, login_call("B1-C6")).await),
+            Some(FaultCode::NotGranted)
+        );
+        meter
+            .keep_grant(grant("B1-C7", Scope::Machine, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            meter.call(&eve, login_call("B1-C7")).await,
+            Ok(Value::Bool(true))
+        );
+        // The grants are in the cache: a meter started on it holds them.
+        // An expired grant was dropped when the next one was kept.
+        assert_eq!(listed(&meter, &bob).await, ["B1-C4", "B1-C7"]);
+        assert_eq!(listed(&meter, &eve).await, ["B1-C7"]);
+        assert_eq!(
+            listed(&meter, &peer(0, &[5], false)).await,
+            ["B1-C4", "B1-C7"]
+        );
+        let again = meter_on(Arc::clone(&meter.cache));
+        drop(meter);
+        assert_eq!(listed(&again, &bob).await, ["B1-C4", "B1-C7"]);
+        assert_eq!(
+            again.call(&bob, login_call("B1-C4")).await,
+            Ok(Value::Bool(true))
+        );
+    }
+
+    #[tokio::test]
+    async fn sessions_are_restored_only_while_their_grant_admits_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        // This test process is alive, so its sessions could be restored.
+        let me =
+            crate::procinfo::lineage(Path::new("/proc"), std::process::id(), None).processes[0];
+        let context = ContextKey::Process(me).to_string();
+        let session = |cid: &str, uid| SavedSession {
+            context: context.clone(),
+            cid: Cid::parse(cid).unwrap(),
+            uid,
+        };
+        meter
+            .keep_grant(grant("B1-C4", user(1000), None))
+            .await
+            .unwrap();
+        let saved = [
+            session("B1-C4", 1000),
+            session("B1-C4", 1001),
+            session("B1-C5", 1000),
+        ];
+        assert_eq!(meter.restore_sessions(&saved), 1);
+        let caller = Caller {
+            key: ContextKey::Process(me),
+            enclosing: Vec::new(),
+        };
+        assert_eq!(
+            lock(&meter.contexts).logins(),
+            [(caller.key.clone(), Cid::parse("B1-C4").unwrap(), 1000)]
+        );
+        // The grant expires: the sweep closes the login.
+        assert_eq!(meter.end_ungranted_logins().await, 0);
+        meter
+            .keep_grant(grant("B1-C4", user(1000), Some(now_ms() - 1)))
+            .await
+            .unwrap();
+        assert_eq!(meter.end_ungranted_logins().await, 1);
+        assert!(lock(&meter.contexts).logins().is_empty());
+        assert!(
+            meter.cache.saved_sessions().unwrap().is_empty(),
+            "saved too"
+        );
+    }
+
+    #[tokio::test]
+    async fn grants_need_a_backoffice_and_only_root_asks_for_the_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let cid = Cid::parse("B1-C4").unwrap();
+        let bob = peer(1000, &[20], false);
+        let root = peer(0, &[20], false);
+        let outcome = meter
+            .call(
+                &bob,
+                MeterCall::GrantStart {
+                    cid,
+                    machine_wide: true,
+                },
+            )
+            .await;
+        assert_eq!(fault_of(outcome), Some(FaultCode::InvalidParams));
+        let outcome = meter
+            .call(
+                &root,
+                MeterCall::GrantPassword {
+                    cid,
+                    password: Password("pw".into()),
+                    machine_wide: true,
+                    expires_in_s: None,
+                },
+            )
+            .await;
+        assert_eq!(
+            fault_of(outcome),
+            Some(FaultCode::GrantFailed),
+            "no backoffice"
+        );
+        let outcome = meter
+            .call(
+                &bob,
+                MeterCall::GrantWait {
+                    request: "00".into(),
+                },
+            )
+            .await;
+        assert_eq!(fault_of(outcome), Some(FaultCode::GrantFailed));
     }
 }

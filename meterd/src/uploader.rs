@@ -14,18 +14,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper::header::{CONTENT_TYPE, HOST};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
 use proto::upload::{Batch, SendAnswer, SendBody, SendRequest};
-use proto::xmlrpc::{Limits, MethodResponse, encode_call, parse_response};
 use proto::{BatchId, FaultCode, Mid};
 
+use crate::backoffice::{Backoffice, BackofficeError};
 use crate::cache::{Cache, PendingBatch, SavedTable};
-use crate::config::UploadSettings;
 use crate::meter::{UploadSignals, now_ms};
 use crate::standing::StatusTable;
 
@@ -39,6 +32,8 @@ pub const RETRY_DELAY_MIN_MS: u64 = 1_000;
 pub const RETRY_DELAY_MAX_MS: u64 = 300_000;
 /// Longest the uploader sleeps before looking at its triggers again.
 pub const CHECK_INTERVAL_MAX_MS: u64 = 60_000;
+
+pub use crate::backoffice::Endpoint;
 
 /// Why an upload failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,48 +52,13 @@ pub enum UploadError {
     Cache(String),
 }
 
-/// Where the backoffice listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Host name or address (IPv6 without brackets).
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Request path.
-    pub path: String,
-}
-
-impl Endpoint {
-    /// Parses `http://HOST[:PORT][/PATH]`; the path defaults to `/RPC2`.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or("the URL must start with http://")?;
-        let (authority, path) = match rest.find('/') {
-            Some(slash) => (&rest[..slash], &rest[slash..]),
-            None => (rest, "/RPC2"),
-        };
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed.split_once(']').ok_or("unclosed [ in the URL")?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
-        };
-        let port = match port {
-            Some(port) => port.parse().map_err(|_| format!("bad port {port:?}"))?,
-            None => 80,
-        };
-        if host.is_empty() {
-            return Err("the URL has no host".into());
+impl From<BackofficeError> for UploadError {
+    fn from(error: BackofficeError) -> Self {
+        match error {
+            BackofficeError::Unreachable(reason) => UploadError::Unreachable(reason),
+            BackofficeError::BadAnswer(reason) => UploadError::BadAnswer(reason),
+            BackofficeError::Refused(fault) => UploadError::Refused(fault),
         }
-        Ok(Endpoint {
-            host: host.to_owned(),
-            port,
-            path: path.to_owned(),
-        })
     }
 }
 
@@ -108,8 +68,7 @@ pub struct Uploader {
     table: Arc<Mutex<StatusTable>>,
     signals: Arc<UploadSignals>,
     mid: Mid,
-    secret: Secret,
-    endpoint: Endpoint,
+    backoffice: Arc<Backoffice>,
 }
 
 fn lock(table: &Mutex<StatusTable>) -> std::sync::MutexGuard<'_, StatusTable> {
@@ -128,22 +87,20 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Uploader {
-    /// An uploader for `settings`, whose secret has been read already.
+    /// An uploader that sends through `backoffice`.
     pub fn new(
         cache: Arc<Cache>,
         table: Arc<Mutex<StatusTable>>,
         signals: Arc<UploadSignals>,
-        settings: &UploadSettings,
-        secret: Secret,
-    ) -> Result<Uploader, String> {
-        Ok(Uploader {
+        backoffice: Arc<Backoffice>,
+    ) -> Uploader {
+        Uploader {
             cache,
             table,
             signals,
-            mid: settings.mid,
-            secret,
-            endpoint: Endpoint::parse(&settings.url)?,
-        })
+            mid: backoffice.mid(),
+            backoffice,
+        }
     }
 
     /// Milliseconds until a timed trigger fires (0: due now).
@@ -303,18 +260,11 @@ impl Uploader {
         request: &SendRequest,
         batch_id: &BatchId,
     ) -> Result<SavedTable, UploadError> {
-        let body = encode_call(proto::upload::SEND_METHOD, &request.to_params());
         let timeout = Duration::from_millis(UPLOAD_TIMEOUT_MS);
-        let answer = tokio::time::timeout(timeout, self.post(body))
-            .await
-            .map_err(|_| {
-                UploadError::Unreachable(format!("no answer within {UPLOAD_TIMEOUT_MS} ms"))
-            })??;
-        let value = match parse_response(&answer, Limits::BACKOFFICE) {
-            Ok(MethodResponse::Success(value)) => value,
-            Ok(MethodResponse::Fault(fault)) => return Err(UploadError::Refused(fault)),
-            Err(error) => return Err(UploadError::BadAnswer(error.to_string())),
-        };
+        let value = self
+            .backoffice
+            .call(proto::upload::SEND_METHOD, &request.to_params(), timeout)
+            .await?;
         let answer = SendAnswer::from_value(&value)
             .map_err(|fault| UploadError::BadAnswer(fault.message))?;
         if answer.batch_id != *batch_id {
@@ -328,74 +278,5 @@ impl Uploader {
             standings: answer.standings,
             params: answer.params,
         })
-    }
-
-    async fn post(&self, body: Vec<u8>) -> Result<Bytes, UploadError> {
-        let unreachable =
-            |error: &dyn std::fmt::Display| UploadError::Unreachable(error.to_string());
-        let endpoint = &self.endpoint;
-        let stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|error| unreachable(&error))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| unreachable(&error))?;
-        tokio::spawn(connection);
-        let time_ms = now_ms();
-        let signature = self.secret.sign(&self.mid, time_ms, &body);
-        let request = Request::post(endpoint.path.as_str())
-            .header(HOST, format!("{}:{}", endpoint.host, endpoint.port))
-            .header(CONTENT_TYPE, "text/xml")
-            .header(MID_HEADER, self.mid.as_str())
-            .header(TIME_HEADER, time_ms.to_string())
-            .header(SIGNATURE_HEADER, signature)
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|error| unreachable(&error))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|error| unreachable(&error))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), Limits::BACKOFFICE.body_bytes_max)
-            .collect()
-            .await
-            .map_err(|error| unreachable(&*error))?
-            .to_bytes();
-        if status != StatusCode::OK {
-            return Err(UploadError::BadAnswer(format!("HTTP status {status}")));
-        }
-        Ok(body)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoints_parse() {
-        let endpoint = Endpoint::parse("http://127.0.0.1:8080/RPC2").unwrap();
-        assert_eq!(
-            (
-                endpoint.host.as_str(),
-                endpoint.port,
-                endpoint.path.as_str()
-            ),
-            ("127.0.0.1", 8080, "/RPC2")
-        );
-        let endpoint = Endpoint::parse("http://[::1]:9").unwrap();
-        assert_eq!(
-            (
-                endpoint.host.as_str(),
-                endpoint.port,
-                endpoint.path.as_str()
-            ),
-            ("::1", 9, "/RPC2")
-        );
-        let endpoint = Endpoint::parse("http://backoffice.example").unwrap();
-        assert_eq!(endpoint.port, 80);
-        assert!(Endpoint::parse("https://x").is_err());
-        assert!(Endpoint::parse("http://:80/").is_err());
-        assert!(Endpoint::parse("http://x:port/").is_err());
     }
 }

@@ -1,0 +1,190 @@
+//! The meter's signed calls to its backoffice over HTTP/1.1: `send` (the
+//! uploader) and the grant calls (`grant.request`, `grant.poll`,
+//! `grant.password`). Every call's body is signed with the meter's secret in
+//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing").
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
+use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
+use proto::{Fault, Mid};
+
+use crate::meter::now_ms;
+
+/// Why a call to the backoffice got no answer it could use.
+#[derive(Debug, thiserror::Error)]
+pub enum BackofficeError {
+    /// The backoffice could not be reached or did not answer in time.
+    #[error("backoffice unreachable: {0}")]
+    Unreachable(String),
+    /// The backoffice answered with something other than a valid answer.
+    #[error("bad answer from the backoffice: {0}")]
+    BadAnswer(String),
+    /// The backoffice answered with a fault.
+    #[error("backoffice refused: {0}")]
+    Refused(Fault),
+}
+
+/// Where the backoffice listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Request path.
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `http://HOST[:PORT][/PATH]`; the path defaults to `/RPC2`.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("the URL must start with http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], &rest[slash..]),
+            None => (rest, "/RPC2"),
+        };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']').ok_or("unclosed [ in the URL")?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            Some(port) => port.parse().map_err(|_| format!("bad port {port:?}"))?,
+            None => 80,
+        };
+        if host.is_empty() {
+            return Err("the URL has no host".into());
+        }
+        Ok(Endpoint {
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// A meter's signed link to its backoffice.
+#[derive(Debug)]
+pub struct Backoffice {
+    mid: Mid,
+    secret: Secret,
+    endpoint: Endpoint,
+}
+
+impl Backoffice {
+    /// The backoffice at `url`, called as meter `mid` with `secret`.
+    pub fn new(url: &str, mid: Mid, secret: Secret) -> Result<Backoffice, String> {
+        Ok(Backoffice {
+            mid,
+            secret,
+            endpoint: Endpoint::parse(url)?,
+        })
+    }
+
+    /// The meter's MID.
+    pub fn mid(&self) -> Mid {
+        self.mid
+    }
+
+    /// Calls `method` with `params`, signed; the answer's value, or why
+    /// there is none. Gives up after `timeout`.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: &[Value],
+        timeout: Duration,
+    ) -> Result<Value, BackofficeError> {
+        let body = encode_call(method, params);
+        let answer = tokio::time::timeout(timeout, self.post(body))
+            .await
+            .map_err(|_| {
+                BackofficeError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))
+            })??;
+        match parse_response(&answer, Limits::BACKOFFICE) {
+            Ok(MethodResponse::Success(value)) => Ok(value),
+            Ok(MethodResponse::Fault(fault)) => Err(BackofficeError::Refused(fault)),
+            Err(error) => Err(BackofficeError::BadAnswer(error.to_string())),
+        }
+    }
+
+    async fn post(&self, body: Vec<u8>) -> Result<Bytes, BackofficeError> {
+        let unreachable =
+            |error: &dyn std::fmt::Display| BackofficeError::Unreachable(error.to_string());
+        let endpoint = &self.endpoint;
+        let stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|error| unreachable(&error))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| unreachable(&error))?;
+        tokio::spawn(connection);
+        let time_ms = now_ms();
+        let signature = self.secret.sign(&self.mid, time_ms, &body);
+        let request = Request::post(endpoint.path.as_str())
+            .header(HOST, format!("{}:{}", endpoint.host, endpoint.port))
+            .header(CONTENT_TYPE, "text/xml")
+            .header(MID_HEADER, self.mid.as_str())
+            .header(TIME_HEADER, time_ms.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| unreachable(&error))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| unreachable(&error))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), Limits::BACKOFFICE.body_bytes_max)
+            .collect()
+            .await
+            .map_err(|error| unreachable(&*error))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(BackofficeError::BadAnswer(format!("HTTP status {status}")));
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let endpoint = Endpoint::parse("http://127.0.0.1:8080/RPC2").unwrap();
+        assert_eq!(
+            (
+                endpoint.host.as_str(),
+                endpoint.port,
+                endpoint.path.as_str()
+            ),
+            ("127.0.0.1", 8080, "/RPC2")
+        );
+        let endpoint = Endpoint::parse("http://[::1]:9").unwrap();
+        assert_eq!(
+            (
+                endpoint.host.as_str(),
+                endpoint.port,
+                endpoint.path.as_str()
+            ),
+            ("::1", 9, "/RPC2")
+        );
+        let endpoint = Endpoint::parse("http://backoffice.example").unwrap();
+        assert_eq!(endpoint.port, 80);
+        assert!(Endpoint::parse("https://x").is_err());
+        assert!(Endpoint::parse("http://:80/").is_err());
+        assert!(Endpoint::parse("http://x:port/").is_err());
+    }
+}
