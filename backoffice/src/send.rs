@@ -139,16 +139,28 @@ struct Lookups {
     /// (`None`: no such customer).
     customers: HashMap<Cid, Option<(proto::Amount, bool)>>,
     tacas: HashMap<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
-    /// Every grant given to the sending meter, live or not.
-    grants: Vec<Grant>,
+    /// Every grant given to the sending meter, live or not, by customer.
+    grants: HashMap<Cid, Vec<Grant>>,
 }
 
 impl Lookups {
+    /// Keeps the sending meter's grants, by customer.
+    fn with_grants(grants: Vec<Grant>) -> Lookups {
+        let mut by_customer: HashMap<Cid, Vec<Grant>> = HashMap::new();
+        for grant in grants {
+            by_customer.entry(grant.cid).or_default().push(grant);
+        }
+        Lookups {
+            grants: by_customer,
+            ..Lookups::default()
+        }
+    }
+
     /// True when `cid` granted the sending meter a grant live at `time_ms`.
     fn granted(&self, cid: Cid, time_ms: u64) -> bool {
         self.grants
-            .iter()
-            .any(|grant| grant.cid == cid && grant.is_live_at(time_ms))
+            .get(&cid)
+            .is_some_and(|grants| grants.iter().any(|grant| grant.is_live_at(time_ms)))
     }
 }
 
@@ -1027,13 +1039,11 @@ impl<S: Store> Backoffice<S> {
             SendBody::Batch(batch) => extended_uses(&batch.readings),
             SendBody::Minimal(events) => minimal_uses(events, now_ms),
         };
-        let mut lookups = Lookups {
-            grants: self
-                .store
+        let mut lookups = Lookups::with_grants(
+            self.store
                 .grants_of_meter(&key.mid)
                 .map_err(|error| internal(&error))?,
-            ..Lookups::default()
-        };
+        );
         authorize(&mut uses, &lookups);
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut totals = Totals::default();

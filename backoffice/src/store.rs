@@ -363,6 +363,10 @@ pub struct SledStore {
     /// `m MID number` and `c CID number`: the grants of a meter and of a
     /// customer, in order.
     grant_index: sled::Tree,
+    /// The grants of meters read since they last changed, so that a batch
+    /// does not decode its meter's grants from sled again. Every change of
+    /// a grant goes through this store, which forgets its meter's entry.
+    meter_grants: std::sync::Mutex<std::collections::HashMap<Mid, Vec<Grant>>>,
     period_uses: sled::Tree,
     suspense: sled::Tree,
     /// Records in `suspense`, kept as it changes: sled counts a tree by
@@ -407,6 +411,7 @@ impl SledStore {
             meters: db.open_tree("meters")?,
             grants: db.open_tree("grants")?,
             grant_index: db.open_tree("grant_index")?,
+            meter_grants: std::sync::Mutex::default(),
             period_uses: db.open_tree("period_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
@@ -845,7 +850,17 @@ impl Store for SledStore {
     }
 
     fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError> {
-        self.indexed_grants(b'm', mid.as_str())
+        if let Some(grants) = self.cached_meter_grants().get(mid) {
+            return Ok(grants.clone());
+        }
+        let grants = self.indexed_grants(b'm', mid.as_str())?;
+        let mut cached = self.cached_meter_grants();
+        // Bounded: a branch with more meters than this rereads them.
+        if cached.len() >= METER_GRANTS_CACHED_MAX {
+            cached.clear();
+        }
+        cached.insert(*mid, grants.clone());
+        Ok(grants)
     }
 
     fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError> {
@@ -893,7 +908,18 @@ impl SledStore {
     }
 }
 
+/// Most meters whose grants are kept in memory.
+pub const METER_GRANTS_CACHED_MAX: usize = 100_000;
+
 impl SledStore {
+    fn cached_meter_grants(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Mid, Vec<Grant>>> {
+        self.meter_grants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The `Store` methods on grants, kept apart from the rest.
     fn create_grant_record(&self, new: NewGrant) -> Result<Grant, StoreError> {
         if self.customer(&new.cid)?.is_none() {
@@ -936,6 +962,7 @@ impl SledStore {
         );
         let grant =
             outcome.map_err(|error: TransactionError<RegistryError>| StoreError::from(error))?;
+        self.cached_meter_grants().remove(&grant.mid);
         self.sync()?;
         Ok(grant)
     }
@@ -967,6 +994,7 @@ impl SledStore {
             Ok(grant)
         });
         let grant = outcome?;
+        self.cached_meter_grants().remove(&grant.mid);
         self.sync()?;
         Ok(grant)
     }
@@ -1284,6 +1312,9 @@ mod tests {
         assert!(!first.is_live_at(999) && !first.is_live_at(5_000));
         let stranger = Cid::parse("B1-C99").unwrap();
         assert!(store.create_grant(new(stranger)).is_err());
+        // Read once, so the meter's grants are kept in memory: a change
+        // must still show.
+        assert_eq!(store.grants_of_meter(&meter.mid).unwrap().len(), 2);
         assert!(matches!(
             store.revoke_grant(first.id, Some(&ada.cid), 2_000),
             Err(StoreError::Registry(RegistryError::UnknownGrant(1)))
@@ -1292,6 +1323,7 @@ mod tests {
         assert!(revoked.is_live_at(1_999) && !revoked.is_live_at(2_000));
         let again = store.revoke_grant(first.id, None, 3_000).unwrap();
         assert_eq!(again.revoked_ms, Some(2_000), "a revocation is not moved");
+        assert_eq!(store.grants_of_meter(&meter.mid).unwrap()[0], revoked);
         drop(store);
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
