@@ -1,8 +1,11 @@
 //! meterd end to end: the real daemon, real programs (Rust and Python) as
-//! separate processes, and a stand-in backoffice speaking the `send` contract.
+//! separate processes, and a stand-in backoffice speaking the `send` contract
+//! and making grants.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
@@ -46,6 +49,118 @@ fn meterd_cli(socket: &std::path::Path, args: &[&str]) -> i32 {
     status.code().expect("exit code")
 }
 
+/// What one run of the meterd CLI printed and how it ended.
+#[derive(Debug)]
+struct CliRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the meterd CLI with `stdin`, as this test's user, or through
+/// `as_user` (a command prefix such as `setpriv --reuid=65534 ...`).
+fn meterd_run(socket: &Path, args: &[&str], stdin: &str, as_user: &[String]) -> CliRun {
+    let meterd = workspace_binary("meterd", "meterd");
+    let mut command = match as_user.split_first() {
+        Some((program, prefix)) => {
+            let mut command = Command::new(program);
+            command.args(prefix).arg(&meterd);
+            command
+        }
+        None => Command::new(&meterd),
+    };
+    let mut child = command
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("meterd CLI runs");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let output = child.wait_with_output().expect("meterd CLI ends");
+    CliRun {
+        code: output.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The real uid of this test process.
+fn own_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|uids| uids.split_whitespace().next())
+        .and_then(|uid| uid.parse().ok())
+        .expect("a Uid: line")
+}
+
+/// Grants `cid` to this test's user through `meterd grant --password-stdin`,
+/// the stand-in knowing the customer's password.
+fn grant_by_password(backoffice: &FakeBackoffice, socket: &Path, customer: &str) {
+    let password = format!("the password of {customer}");
+    backoffice.behave(|behaviour| {
+        behaviour.passwords.insert(cid(customer), password.clone());
+    });
+    let run = meterd_run(
+        socket,
+        &["grant", "--password-stdin", customer],
+        &format!("{password}\n"),
+        &[],
+    );
+    assert_eq!(run.code, 0, "meterd grant {customer}: {run:?}");
+    assert_eq!(
+        run.stdout.trim(),
+        format!("granted {customer} to uid {}", own_uid())
+    );
+}
+
+/// A command prefix that runs a program as a second user (nobody), or why
+/// this machine cannot.
+fn as_second_user(socket_dir: &Path) -> Result<Vec<String>, String> {
+    if own_uid() != 0 {
+        return Err(format!(
+            "the test runs as uid {}, not root, so it cannot start a client under a second uid",
+            own_uid()
+        ));
+    }
+    let prefix: Vec<String> = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let works = Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .arg(workspace_binary("meterd", "meterd"))
+        .arg("--version")
+        .output()
+        .map_err(|error| format!("setpriv does not run: {error}"))?;
+    if !works.status.success() {
+        return Err(format!(
+            "uid 65534 cannot run the meterd binary: {}",
+            String::from_utf8_lossy(&works.stderr).trim()
+        ));
+    }
+    // The second user must reach the socket (mode 666) through its folder.
+    std::fs::set_permissions(
+        socket_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .map_err(|error| format!("cannot open the socket's folder to uid 65534: {error}"))?;
+    Ok(prefix)
+}
+
 /// Commits per (product, payer) among `readings`.
 fn commits(readings: &[Reading]) -> HashMap<(Pid, Option<Payer>), usize> {
     let mut counts = HashMap::new();
@@ -62,6 +177,9 @@ fn interleaved_programs_and_threads_are_charged_to_the_right_payer() {
     let dir = tempfile::tempdir().unwrap();
     let (backoffice, setup) = with_backoffice(&dir);
     let meter = setup.start();
+    for customer in ["B1-C1", "B1-C2", "B1-C3"] {
+        grant_by_password(&backoffice, &meter.socket, customer);
+    }
     let socket = meter.socket.display().to_string();
     let component = "B1-P9";
     let demo = |cid: &str, product: &str, threads: &str, uses: &str| {
@@ -124,6 +242,7 @@ fn a_login_hook_session_covers_the_shells_children() {
     let dir = tempfile::tempdir().unwrap();
     let (backoffice, setup) = with_backoffice(&dir);
     let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C5");
     let meterd = workspace_binary("meterd", "meterd");
     let meterd = meterd.display();
     // One shell: login, a query/commit pair from separate commands, logout.
@@ -197,6 +316,21 @@ fn bad_input_gets_a_fault_and_the_daemon_keeps_serving() {
             call("commit", &string("B1-P1")),
             FaultCode::UnmatchedCommit,
         ),
+        (
+            "login without a grant",
+            call("login", &string("B1-C1")),
+            FaultCode::NotGranted,
+        ),
+        (
+            "a grant without a backoffice",
+            call("grant.start", &string("B1-C1")),
+            FaultCode::GrantFailed,
+        ),
+        (
+            "waiting on a request never made",
+            call("grant.wait", &string("0123")),
+            FaultCode::GrantFailed,
+        ),
     ];
     for (label, body, expected) in cases {
         let (status, answer) = unix_request(&meter.socket, "POST", body.as_bytes());
@@ -221,8 +355,9 @@ fn bad_input_gets_a_fault_and_the_daemon_keeps_serving() {
 fn backoffice_down_then_up_loses_nothing_and_charges_once() {
     let dir = tempfile::tempdir().unwrap();
     let (backoffice, setup) = with_backoffice(&dir);
-    backoffice.behave(|behaviour| behaviour.down = true);
     let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    backoffice.behave(|behaviour| behaviour.down = true);
     let socket = meter.socket.display().to_string();
     let run_demo = |uses: &str| {
         let status = Command::new(env!("CARGO_BIN_EXE_metered-demo"))
@@ -313,6 +448,8 @@ fn sigkill_at_random_moments_loses_no_acknowledged_commit_and_charges_none_twice
     let (backoffice, setup) = with_backoffice(&dir);
     // Small batches, so that kills also land during uploads.
     backoffice.behave(|behaviour| behaviour.params.flush_readings_max = 25);
+    // The grant is kept in the meter's cache across every restart.
+    grant_by_password(&backoffice, &setup.start().socket, "B1-C1");
     let mut random = Lcg(std::process::id().into());
     let mut acknowledged: Vec<u32> = Vec::new();
     let mut in_flight: Vec<u32> = Vec::new();
@@ -375,12 +512,10 @@ fn sigkill_at_random_moments_loses_no_acknowledged_commit_and_charges_none_twice
 #[test]
 fn sessions_survive_a_restart_of_the_meter() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = MeterdSetup {
-        dir: dir.path().to_owned(),
-        backoffice: None,
-    };
+    let (backoffice, setup) = with_backoffice(&dir);
     let product = pid("B1-P1");
     let mut meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
     // This test process is the caller: its context holds the session.
     let mut client = meterd::client::Meter::connect(&meter.socket);
     client.login(cid("B1-C1")).unwrap();
@@ -401,11 +536,9 @@ fn sessions_survive_a_restart_of_the_meter() {
 #[test]
 fn sigterm_drains_and_exits_and_a_second_meter_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = MeterdSetup {
-        dir: dir.path().to_owned(),
-        backoffice: None,
-    };
+    let (backoffice, setup) = with_backoffice(&dir);
     let mut meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
     // A second meter on the same socket and data directory says why it stops.
     let second = Command::new(workspace_binary("meterd", "meterd"))
         .arg("--socket")
@@ -465,4 +598,382 @@ fn the_readme_shows_the_python_transport_the_tests_run() {
             "README line not in examples/python/meterd_client.py: {line}"
         );
     }
+}
+
+#[test]
+fn login_needs_a_grant_of_the_callers_own_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start_with(&["--socket-mode", "666"]);
+    let mut client = meterd::client::Meter::connect(&meter.socket);
+    let refused = client.login(cid("B1-C4")).unwrap_err();
+    let meterd::client::ClientError::Fault(fault) = refused else {
+        panic!("a fault, not {refused}");
+    };
+    assert_eq!(fault.registered(), Some(FaultCode::NotGranted));
+    assert!(fault.message.contains("meterd grant B1-C4"), "{fault}");
+
+    // A wrong password: the backoffice's refusal, as fault 107.
+    backoffice.behave(|behaviour| {
+        behaviour.passwords.insert(cid("B1-C4"), "right".to_owned());
+    });
+    let wrong = meterd_run(
+        &meter.socket,
+        &["grant", "--password-stdin", "B1-C4"],
+        "wrong\n",
+        &[],
+    );
+    assert_eq!(wrong.code, 2, "{wrong:?}");
+    assert!(wrong.stderr.contains("fault 107"), "{wrong:?}");
+    assert!(wrong.stderr.contains("wrong password"), "{wrong:?}");
+    let empty = meterd_run(
+        &meter.socket,
+        &["grant", "--password-stdin", "B1-C4"],
+        "",
+        &[],
+    );
+    assert_eq!(empty.code, 64, "{empty:?}");
+    assert!(client.login(cid("B1-C4")).is_err());
+
+    grant_by_password(&backoffice, &meter.socket, "B1-C4");
+    let made = backoffice.ledger(|ledger| ledger.grants.clone());
+    assert_eq!(made.len(), 1);
+    assert_eq!(made[0].0, Mid::parse("B1-M1").unwrap());
+    client
+        .login(cid("B1-C4"))
+        .expect("granted: the login is allowed");
+    let listed = client.grants().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].cid, cid("B1-C4"));
+    let shown = meterd_run(&meter.socket, &["grants"], "", &[]);
+    assert!(shown.stdout.contains("B1-C4"), "{shown:?}");
+    assert!(shown.stdout.contains("until revoked"), "{shown:?}");
+
+    // Another local user may not use this user's grant, nor inherit its
+    // session from a parent process of this user.
+    let other = match as_second_user(dir.path()) {
+        Ok(prefix) => prefix,
+        Err(reason) => {
+            println!("skipping the second-uid assertions: {reason}");
+            return;
+        }
+    };
+    let login = meterd_run(
+        &meter.socket,
+        &["login", "B1-C4", "--context", "own"],
+        "",
+        &other,
+    );
+    assert_eq!(login.code, 2, "{login:?}");
+    assert!(login.stderr.contains("fault 106"), "{login:?}");
+    assert!(login.stderr.contains("uid 65534"), "{login:?}");
+    // This test process (root) holds a session of B1-C4; the second user's
+    // process, its child, must not be charged to it.
+    let query = meterd_run(
+        &meter.socket,
+        &["query", "B1-P1", "--context", "own"],
+        "",
+        &other,
+    );
+    assert_eq!(query.code, 1, "no payer for uid 65534: {query:?}");
+    let parent = meterd_run(&meter.socket, &["query", "B1-P1"], "", &other);
+    assert_eq!(parent.code, 2, "{parent:?}");
+    assert!(parent.stderr.contains("another user"), "{parent:?}");
+    // Only root may grant every user of the machine; then they all may log in.
+    backoffice.behave(|behaviour| {
+        behaviour.passwords.insert(cid("B1-C6"), "six".to_owned());
+    });
+    let machine = ["grant", "--machine", "--password-stdin", "B1-C6"];
+    let refused = meterd_run(&meter.socket, &machine, "six\n", &other);
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(refused.stderr.contains("only root"), "{refused:?}");
+    let granted = meterd_run(&meter.socket, &machine, "six\n", &[]);
+    assert_eq!(granted.code, 0, "{granted:?}");
+    assert_eq!(
+        granted.stdout.trim(),
+        "granted B1-C6 to every user of this machine"
+    );
+    let login = meterd_run(
+        &meter.socket,
+        &["login", "B1-C6", "--context", "own"],
+        "",
+        &other,
+    );
+    assert_eq!(login.code, 0, "{login:?}");
+    // The second user sees the machine-wide grant only; root sees both.
+    let theirs = meterd_run(&meter.socket, &["grants"], "", &other);
+    assert!(theirs.stdout.contains("B1-C6") && !theirs.stdout.contains("B1-C4"));
+}
+
+/// Starts `meterd grant CID` and reads the user code it prints.
+fn start_device_grant(socket: &Path, customer: &str) -> (std::process::Child, String) {
+    let mut child = Command::new(workspace_binary("meterd", "meterd"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["grant", customer])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("meterd grant runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("the instruction line");
+    let prefix =
+        format!("Open http://backoffice.test/grant, log in as {customer} and enter the code ");
+    let code = line
+        .trim()
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("instruction line: {line:?}"))
+        .to_owned();
+    (child, code)
+}
+
+fn finish(child: std::process::Child) -> CliRun {
+    let output = child.wait_with_output().expect("meterd grant ends");
+    CliRun {
+        code: output.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn the_device_flow_grants_once_the_customer_approves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start_with(&["--socket-mode", "666"]);
+    let (child, code) = start_device_grant(&meter.socket, "B1-C4");
+    let asked = backoffice.ledger(|ledger| ledger.device_requests.clone());
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].cid, cid("B1-C4"));
+    assert!(asked[0].scope.admits(own_uid()) && !asked[0].scope.admits(own_uid() + 1));
+    assert!(!asked[0].label.is_empty(), "the machine's label");
+    let mut client = meterd::client::Meter::connect(&meter.socket);
+    assert!(client.login(cid("B1-C4")).is_err(), "not approved yet");
+    assert!(backoffice.approve(&code, None));
+    let run = finish(child);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.stdout.lines().last(),
+        Some(format!("granted B1-C4 to uid {}", own_uid()).as_str())
+    );
+    client
+        .login(cid("B1-C4"))
+        .expect("approved: the login is allowed");
+
+    // Refused by the customer: exit 2, no grant.
+    let (child, code) = start_device_grant(&meter.socket, "B1-C5");
+    assert!(backoffice.deny(&code));
+    let run = finish(child);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("B1-C5 refused the grant"), "{run:?}");
+    assert!(client.login(cid("B1-C5")).is_err());
+
+    // Never approved: the code expires, exit 2.
+    backoffice.behave(|behaviour| behaviour.grant_expires_in_s = 1);
+    let (child, _) = start_device_grant(&meter.socket, "B1-C5");
+    let run = finish(child);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("expired"), "{run:?}");
+    assert!(client.login(cid("B1-C5")).is_err());
+
+    // Only the user who started a request may wait on it.
+    backoffice.behave(|behaviour| behaviour.grant_expires_in_s = 600);
+    let started = client.grant_start(cid("B1-C7"), false).unwrap();
+    // The system's Python: a user's own (pyenv, say) may be closed to others.
+    let python = Path::new("/usr/bin/python3");
+    let second_user = as_second_user(dir.path()).and_then(|other| {
+        if python.exists() {
+            Ok(other)
+        } else {
+            Err("there is no /usr/bin/python3 to run as uid 65534".to_owned())
+        }
+    });
+    match second_user {
+        Ok(other) => {
+            let waited = Command::new(&other[0])
+                .args(&other[1..])
+                .arg(python)
+                .arg("-c")
+                .arg(
+                    "import sys, xmlrpc.client\n\
+                     sys.path.insert(0, sys.argv[1])\n\
+                     from meterd_client import connect\n\
+                     try:\n    connect(sys.argv[2]).grant.wait(sys.argv[3])\n    print('answered')\n\
+                     except xmlrpc.client.Fault as fault:\n    print('fault', fault.faultCode)\n",
+                )
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python"))
+                .arg(&meter.socket)
+                .arg(&started.request)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&waited.stdout);
+            assert_eq!(said.trim(), "fault -32602", "{waited:?}");
+        }
+        Err(reason) => println!("skipping the second-uid assertion: {reason}"),
+    }
+    assert!(backoffice.approve(&started.user_code, Some(u64::MAX / 2)));
+    let status = loop {
+        match client.grant_wait(&started.request).unwrap() {
+            proto::grant::PollStatus::Pending => continue,
+            status => break status,
+        }
+    };
+    assert!(
+        matches!(status, proto::grant::PollStatus::Approved(_)),
+        "{status:?}"
+    );
+    client.login(cid("B1-C7")).unwrap();
+    assert!(
+        client.grant_wait(&started.request).is_err(),
+        "an answered request is forgotten"
+    );
+}
+
+/// Copies a folder tree.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Logs `customer` in and commits one use of each product.
+fn use_products(socket: &Path, customer: &str, products: &[&str]) {
+    let mut client = meterd::client::Meter::connect(socket);
+    client.login(cid(customer)).unwrap();
+    for product in products {
+        assert!(client.query(pid(product)), "{product} may be used");
+        client.commit(pid(product)).unwrap();
+    }
+    assert!(client.logout(cid(customer)).unwrap());
+}
+
+#[test]
+fn a_data_folder_made_again_uploads_everything_without_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let mut meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P1", "B1-P2"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    meter.running.child.kill().unwrap();
+    meter.running.child.wait().unwrap();
+    // The data folder is lost; the meter starts again with the same MID and
+    // secret, and its sequence numbers start again at 1.
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    let meter = setup.start();
+    let mut client = meterd::client::Meter::connect(&meter.socket);
+    assert!(
+        client.login(cid("B1-C1")).is_err(),
+        "the grant went with the folder"
+    );
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P3"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let (applied, conflicts) =
+        backoffice.ledger(|ledger| (ledger.applied.clone(), ledger.conflicts.clone()));
+    assert_eq!(conflicts, [], "no batch id was reused");
+    let ids: HashSet<_> = applied.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 2, "two batches, two ids: {ids:?}");
+    let counts = commits(&backoffice.applied_readings());
+    let customer = Some(Payer::Customer(cid("B1-C1")));
+    assert_eq!(
+        counts,
+        HashMap::from([
+            ((pid("B1-P1"), customer), 1),
+            ((pid("B1-P2"), customer), 1),
+            ((pid("B1-P3"), customer), 1),
+        ]),
+        "every use charged once"
+    );
+}
+
+/// The meter's status, as `meterd status` prints it.
+fn status_of(socket: &Path) -> HashMap<String, String> {
+    let run = meterd_run(socket, &["status"], "", &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    run.stdout
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(' ')?;
+            Some((name.to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let mut meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P1"]);
+    // A backup of the data folder, taken with these readings not yet sent.
+    meter.running.child.kill().unwrap();
+    meter.running.child.wait().unwrap();
+    let backup = dir.path().join("backup");
+    copy_tree(&dir.path().join("data"), &backup);
+    let mut meter = setup.start();
+    use_products(&meter.socket, "B1-C1", &["B1-P2"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    meter.running.child.kill().unwrap();
+    meter.running.child.wait().unwrap();
+    // The backup is restored: the same batch id now comes with other readings.
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    copy_tree(&backup, &dir.path().join("data"));
+    let meter = setup.start();
+    use_products(&meter.socket, "B1-C1", &["B1-P3"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let conflicts = backoffice.ledger(|ledger| ledger.conflicts.clone());
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let status = status_of(&meter.socket);
+    assert_eq!(status["conflictedBatches"], "1", "{status:?}");
+    assert_eq!(status["conflictedBatchIds"], conflicts[0].to_string());
+    // login, P1, logout from before the backup, then login, P3, logout.
+    assert_eq!(status["conflictedReadings"], "6", "{status:?}");
+    assert_eq!(status["pendingReadings"], "0");
+    // Later uses upload under new batch ids; the set-aside batch is not sent
+    // again.
+    use_products(&meter.socket, "B1-C1", &["B1-P4"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let (applied, attempts, conflicts) = backoffice.ledger(|ledger| {
+        (
+            ledger.applied.clone(),
+            ledger.attempts.clone(),
+            ledger.conflicts.clone(),
+        )
+    });
+    assert_eq!(conflicts.len(), 1, "no second conflict");
+    assert_eq!(
+        attempts[&conflicts[0]], 2,
+        "the first send and the conflict"
+    );
+    let counts = commits(&backoffice.applied_readings());
+    let customer = Some(Payer::Customer(cid("B1-C1")));
+    assert_eq!(
+        counts,
+        HashMap::from([
+            ((pid("B1-P1"), customer), 1),
+            ((pid("B1-P2"), customer), 1),
+            ((pid("B1-P4"), customer), 1),
+        ])
+    );
+    assert_eq!(applied.len(), 2);
+    assert_eq!(status_of(&meter.socket)["conflictedReadings"], "6");
+
+    // And on demand: a 205 for a fresh batch sets it aside too.
+    backoffice.behave(|behaviour| behaviour.conflict = true);
+    use_products(&meter.socket, "B1-C1", &["B1-P5"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let status = status_of(&meter.socket);
+    assert_eq!(status["conflictedBatches"], "2", "{status:?}");
+    assert_eq!(status["conflictedReadings"], "9", "{status:?}");
 }

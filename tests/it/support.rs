@@ -150,6 +150,11 @@ impl MeterdSetup {
 
     /// Starts `meterd serve` and waits until it listens.
     pub fn start(&self) -> MeterdRun {
+        self.start_with(&[])
+    }
+
+    /// Starts `meterd serve` with `extra` arguments (`--socket-mode 666`, say).
+    pub fn start_with(&self, extra: &[&str]) -> MeterdRun {
         let socket = self.socket();
         let data = self.dir.join("data");
         let mut args = vec![
@@ -169,6 +174,7 @@ impl MeterdSetup {
                 secret_file.display().to_string(),
             ]);
         }
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let meterd = workspace_binary("meterd", "meterd");
         // Warnings only: the tests kill and restart meters on purpose.

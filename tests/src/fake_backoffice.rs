@@ -1,7 +1,10 @@
 //! A stand-in backoffice that speaks the `send` contract, for testing the
 //! meter until the real one exists: it verifies signatures, applies each batch
-//! id once, records what it applied, answers status tables, and fails or
-//! loses answers on demand.
+//! id once (a batch id sent again with other readings is refused with 205,
+//! as the real one does), records what it applied, answers status tables,
+//! and fails, loses answers or answers 205 on demand. It also makes grants:
+//! `grant.password` with the passwords a test sets, and the device flow
+//! (`grant.request`, `grant.poll`) with codes a test approves or denies.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -14,10 +17,13 @@ use axum::http::{HeaderMap, StatusCode, header::CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
+use proto::grant::{
+    DeviceCode, GrantInfo, GrantRequest, PasswordGrant, PollStatus, poll_from_call,
+};
 use proto::reading::Reading;
 use proto::upload::{MeterParams, Outcome, SendAnswer, SendBody, SendRequest, Standing};
-use proto::xmlrpc::{Limits, encode_fault, encode_response, parse_call};
-use proto::{BatchId, Fault, FaultCode, Mid, Payer};
+use proto::xmlrpc::{Limits, MethodCall, Value, encode_fault, encode_response, parse_call};
+use proto::{BatchId, Cid, Fault, FaultCode, Mid, Payer};
 
 /// How the stand-in behaves; change it while a test runs.
 #[derive(Debug, Clone)]
@@ -30,6 +36,14 @@ pub struct Behaviour {
     pub denied: HashSet<Payer>,
     /// The upload parameters to program into meters.
     pub params: MeterParams,
+    /// Answer every batch with readings with fault 205, applying nothing.
+    pub conflict: bool,
+    /// Customers' passwords for `grant.password`.
+    pub passwords: HashMap<Cid, String>,
+    /// The poll interval answered to `grant.request`.
+    pub grant_interval_s: u64,
+    /// The lifetime of device codes.
+    pub grant_expires_in_s: u64,
 }
 
 impl Default for Behaviour {
@@ -37,6 +51,10 @@ impl Default for Behaviour {
         Self {
             down: false,
             lose_answers: false,
+            conflict: false,
+            passwords: HashMap::new(),
+            grant_interval_s: 1,
+            grant_expires_in_s: 600,
             denied: HashSet::new(),
             params: MeterParams {
                 flush_readings_max: 1_000_000,
@@ -57,12 +75,39 @@ pub struct Ledger {
     pub attempts: HashMap<BatchId, usize>,
     /// Sends refused for their signature.
     pub forged: usize,
+    /// Batches refused with 205.
+    pub conflicts: Vec<BatchId>,
+    /// Grants made, per meter.
+    pub grants: Vec<(Mid, GrantInfo)>,
+    /// Grant calls refused (wrong password, unknown code).
+    pub grants_refused: usize,
+    /// Device requests made, in order.
+    pub device_requests: Vec<GrantRequest>,
+}
+
+/// A device code's state.
+#[derive(Debug, Clone)]
+enum Device {
+    Pending,
+    Approved(GrantInfo),
+    Denied,
+    /// Answered to the meter once: a code is single-use.
+    Used,
+}
+
+#[derive(Debug, Clone)]
+struct DeviceEntry {
+    mid: Mid,
+    request: GrantRequest,
+    user_code: String,
+    state: Device,
 }
 
 #[derive(Default)]
 struct Shared {
     behaviour: Behaviour,
     ledger: Ledger,
+    devices: HashMap<String, DeviceEntry>,
 }
 
 /// A handle on a running stand-in.
@@ -90,7 +135,7 @@ impl FakeBackoffice {
     /// Serves on `listener` (run it on a tokio runtime).
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         let router = Router::new()
-            .route("/RPC2", post(send))
+            .route("/RPC2", post(rpc))
             .layer(DefaultBodyLimit::max(Limits::BACKOFFICE.body_bytes_max))
             .with_state(self);
         axum::serve(listener, router).await
@@ -139,6 +184,42 @@ impl FakeBackoffice {
         })
     }
 
+    /// Approves the device request whose user code is `user_code`, as the
+    /// customer would on the web pages, with an optional expiry; false when
+    /// no pending request has that code.
+    pub fn approve(&self, user_code: &str, expires_ms: Option<u64>) -> bool {
+        self.answer_device(user_code, |entry| {
+            Device::Approved(GrantInfo {
+                cid: entry.request.cid,
+                scope: entry.request.scope.clone(),
+                created_ms: now_ms(),
+                expires_ms,
+            })
+        })
+    }
+
+    /// Denies the device request whose user code is `user_code`.
+    pub fn deny(&self, user_code: &str) -> bool {
+        self.answer_device(user_code, |_| Device::Denied)
+    }
+
+    fn answer_device(&self, user_code: &str, answer: impl FnOnce(&DeviceEntry) -> Device) -> bool {
+        let mut shared = lock(&self.shared);
+        let Some(entry) = shared
+            .devices
+            .values_mut()
+            .find(|entry| entry.user_code == user_code && matches!(entry.state, Device::Pending))
+        else {
+            return false;
+        };
+        entry.state = answer(entry);
+        if let Device::Approved(grant) = &entry.state {
+            let made = (entry.mid, grant.clone());
+            shared.ledger.grants.push(made);
+        }
+        true
+    }
+
     fn verify(&self, headers: &HeaderMap, body: &[u8], mid: &Mid) -> Result<(), Fault> {
         let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
         let secret = self
@@ -164,16 +245,137 @@ fn xml(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(CONTENT_TYPE, "text/xml")], body).into_response()
 }
 
-async fn send(State(server): State<FakeBackoffice>, headers: HeaderMap, body: Bytes) -> Response {
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+async fn rpc(State(server): State<FakeBackoffice>, headers: HeaderMap, body: Bytes) -> Response {
     let call = match parse_call(&body, Limits::BACKOFFICE) {
         Ok(call) => call,
         Err(error) => return xml(StatusCode::OK, encode_fault(&Fault::from(error))),
     };
-    let request = match SendRequest::from_call(&call) {
+    let granted = match call.name.as_str() {
+        "send" => return send(&server, &headers, &body, &call),
+        proto::grant::REQUEST_METHOD => grant_request(&server, &headers, &body, &call),
+        proto::grant::POLL_METHOD => grant_poll(&server, &headers, &body, &call),
+        proto::grant::PASSWORD_METHOD => grant_password(&server, &headers, &body, &call),
+        other => Err(Fault::method_not_found(other)),
+    };
+    match granted {
+        Ok(value) => xml(StatusCode::OK, encode_response(&value)),
+        Err(fault) => xml(StatusCode::OK, encode_fault(&fault)),
+    }
+}
+
+fn refused(server: &FakeBackoffice, message: &str) -> Fault {
+    lock(&server.shared).ledger.grants_refused += 1;
+    Fault::new(FaultCode::GrantRefused, message)
+}
+
+fn grant_request(
+    server: &FakeBackoffice,
+    headers: &HeaderMap,
+    body: &[u8],
+    call: &MethodCall,
+) -> Result<Value, Fault> {
+    let request = GrantRequest::from_call(call)?;
+    server.verify(headers, body, &request.mid)?;
+    let mut shared = lock(&server.shared);
+    let n = shared.devices.len() + 1;
+    let device_code = format!("device-{n}-{}", now_ms());
+    let user_code = format!("CODE-{n:04}");
+    let answer = DeviceCode {
+        device_code: device_code.clone(),
+        user_code: user_code.clone(),
+        verification_uri: "http://backoffice.test/grant".to_owned(),
+        expires_in_s: shared.behaviour.grant_expires_in_s,
+        interval_s: shared.behaviour.grant_interval_s,
+    };
+    shared.ledger.device_requests.push(request.clone());
+    shared.devices.insert(
+        device_code,
+        DeviceEntry {
+            mid: request.mid,
+            request,
+            user_code,
+            state: Device::Pending,
+        },
+    );
+    Ok(answer.to_value())
+}
+
+fn grant_poll(
+    server: &FakeBackoffice,
+    headers: &HeaderMap,
+    body: &[u8],
+    call: &MethodCall,
+) -> Result<Value, Fault> {
+    let (mid, device_code) = poll_from_call(call)?;
+    server.verify(headers, body, &mid)?;
+    let mut shared = lock(&server.shared);
+    let Some(entry) = shared
+        .devices
+        .get_mut(&device_code)
+        .filter(|entry| entry.mid == mid)
+    else {
+        drop(shared);
+        return Err(refused(server, "unknown device code"));
+    };
+    let status = match std::mem::replace(&mut entry.state, Device::Used) {
+        Device::Pending => {
+            entry.state = Device::Pending;
+            PollStatus::Pending
+        }
+        Device::Approved(grant) => PollStatus::Approved(grant),
+        Device::Denied => PollStatus::Denied,
+        Device::Used => PollStatus::Expired,
+    };
+    Ok(status.to_value())
+}
+
+fn grant_password(
+    server: &FakeBackoffice,
+    headers: &HeaderMap,
+    body: &[u8],
+    call: &MethodCall,
+) -> Result<Value, Fault> {
+    let grant = PasswordGrant::from_call(call)?;
+    let request = &grant.request;
+    server.verify(headers, body, &request.mid)?;
+    let known = lock(&server.shared)
+        .behaviour
+        .passwords
+        .get(&request.cid)
+        .cloned();
+    if known.as_deref() != Some(grant.password.as_str()) {
+        return Err(refused(server, "wrong password or unknown customer"));
+    }
+    let created_ms = now_ms();
+    let info = GrantInfo {
+        cid: request.cid,
+        scope: request.scope.clone(),
+        created_ms,
+        expires_ms: grant
+            .expires_in_s
+            .map(|seconds| created_ms + seconds * 1000),
+    };
+    lock(&server.shared)
+        .ledger
+        .grants
+        .push((request.mid, info.clone()));
+    Ok(info.to_value())
+}
+
+fn send(server: &FakeBackoffice, headers: &HeaderMap, body: &[u8], call: &MethodCall) -> Response {
+    let request = match SendRequest::from_call(call) {
         Ok(request) => request,
         Err(fault) => return xml(StatusCode::OK, encode_fault(&fault)),
     };
-    if let Err(fault) = server.verify(&headers, &body, &request.mid) {
+    if let Err(fault) = server.verify(headers, body, &request.mid) {
         lock(&server.shared).ledger.forged += 1;
         return xml(StatusCode::OK, encode_fault(&fault));
     }
@@ -189,7 +391,25 @@ async fn send(State(server): State<FakeBackoffice>, headers: HeaderMap, body: By
     if shared.behaviour.down {
         return (StatusCode::SERVICE_UNAVAILABLE, "down on purpose").into_response();
     }
-    let already = shared.ledger.applied.iter().any(|(id, _)| *id == batch.id);
+    let earlier = shared
+        .ledger
+        .applied
+        .iter()
+        .find(|(id, _)| *id == batch.id)
+        .map(|(_, readings)| readings);
+    let conflict = match earlier {
+        Some(readings) => *readings != batch.readings,
+        None => shared.behaviour.conflict && !batch.readings.is_empty(),
+    };
+    if conflict {
+        shared.ledger.conflicts.push(batch.id.clone());
+        let fault = Fault::new(
+            FaultCode::BatchConflict,
+            format!("batch {} was applied with other readings", batch.id),
+        );
+        return xml(StatusCode::OK, encode_fault(&fault));
+    }
+    let already = earlier.is_some();
     let payers: HashSet<Payer> = batch
         .readings
         .iter()
