@@ -1,9 +1,11 @@
 //! The web pages in a real browser: headless Chromium driven through
 //! chromedriver (Debian's `chromium` and `chromium-driver`, which `.ci/run`
 //! installs). A producer registers, logs in, edits, registers a product
-//! with a real TACA module, sees a statement after metered uses of it,
-//! registers a meter and logs out. Every page is saved as a screenshot in
-//! `target/screenshots/`.
+//! with a real TACA module and a maximum price; a customer authorizes a
+//! meter with the code it asked for (RFC 8628's device code), uses the
+//! product through it and revokes the grant; the producer sees a statement
+//! of those uses, registers a meter and logs out. Every page is saved as a
+//! screenshot in `target/screenshots/`.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -11,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
+
+use proto::grant::{PollStatus, Scope};
 
 use crate::support::{Backoffice, MeterdSetup, s};
 use crate::web::{PASSWORD, registration};
@@ -128,6 +132,12 @@ async fn text_of(client: &Client, id: &str) -> String {
         .expect("text")
 }
 
+/// The uid of the local user running the tests.
+fn this_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").expect("/proc").uid()
+}
+
 #[test]
 fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,6 +193,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         fill(&client, "name", "Difference Engine").await;
         fill(&client, "description", "Tabulates polynomials.").await;
         fill(&client, "terms", "0.25 per use").await;
+        fill(&client, "maxPrice", "0.25").await;
         client
             .find(Locator::Id("taca"))
             .await
@@ -195,11 +206,19 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         let pid = text_of(&client, "pid").await;
         let test_pid = text_of(&client, "test-pid").await;
         assert_eq!((pid.as_str(), test_pid.as_str()), ("B1-P1", "B1-P1T"));
+        assert_eq!(text_of(&client, "max-price").await, "0.25");
         screenshot(&client, "06-product").await;
+        click(&client, "logout").await;
+        text_of(&client, "login-submit").await;
 
-        // A customer uses it three times through a meter.
+        // A customer with a web password and a meter, which may not let her
+        // log in before she grants it; it asks for a grant (as `meterd
+        // grant` does) and gets a code for her.
         let consumer = office
-            .call("customer.create", &[s("Cara"), s("cara@example.org")])
+            .call(
+                "customer.create",
+                &[s("Cara"), s("cara@example.org"), s(PASSWORD)],
+            )
             .unwrap();
         let consumer = consumer.member("CID").unwrap().as_str().unwrap().to_owned();
         office
@@ -214,7 +233,66 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         };
         let meterd = setup.start();
         let mut meter = meterd::client::Meter::connect(&meterd.socket);
-        meter.login(consumer.parse().unwrap()).unwrap();
+        let cara: proto::Cid = consumer.parse().unwrap();
+        assert!(meter.login(cara).is_err(), "no grant yet");
+        let code = meter.grant_start(cara, false).expect("grant.start");
+        assert_eq!(code.verification_uri, format!("{base}/grant"));
+
+        // Cara opens the page the meter named: first the login, then the code.
+        client.goto(&code.verification_uri).await.unwrap();
+        text_of(&client, "login-for-grant").await;
+        screenshot(&client, "07-login-for-grant").await;
+        fill(&client, "who", "cara@example.org").await;
+        fill(&client, "password", PASSWORD).await;
+        click(&client, "login-submit").await;
+        text_of(&client, "code-submit").await;
+        assert!(
+            client
+                .current_url()
+                .await
+                .unwrap()
+                .as_str()
+                .ends_with("/grant")
+        );
+        fill(&client, "code", &code.user_code.to_lowercase()).await;
+        screenshot(&client, "08-grant-code").await;
+        click(&client, "code-submit").await;
+        assert_eq!(text_of(&client, "grant-mid").await, mid);
+        let label = meterd::grants::machine_label(std::path::Path::new("/proc"));
+        assert_eq!(text_of(&client, "grant-label").await, label);
+        assert!(text_of(&client, "grant-owner").await.starts_with(&consumer));
+        let scope = text_of(&client, "grant-scope").await;
+        assert!(scope.contains(&format!("uid {}", this_uid())), "{scope}");
+        client
+            .find(Locator::Id("expires"))
+            .await
+            .unwrap()
+            .select_by_value("1y")
+            .await
+            .unwrap();
+        screenshot(&client, "09-grant-confirm").await;
+        click(&client, "approve").await;
+        text_of(&client, "grant-approved").await;
+        let number = text_of(&client, "grant-number").await;
+        screenshot(&client, "10-grant-approved").await;
+        // The meter learns of it (`meterd grant` waits like this).
+        let granted = loop {
+            match meter.grant_wait(&code.request).expect("grant.wait") {
+                PollStatus::Pending => continue,
+                PollStatus::Approved(grant) => break grant,
+                other => panic!("the meter was not told of the approval: {other:?}"),
+            }
+        };
+        assert_eq!(granted.cid, cara);
+        assert!(
+            matches!(granted.scope, Scope::User { uid, .. } if uid == this_uid()),
+            "{:?}",
+            granted.scope
+        );
+        assert!(granted.expires_ms.is_some(), "a year");
+
+        // Cara uses the product three times through that meter.
+        meter.login(cara).expect("granted now");
         for _ in 0..3 {
             meter
                 .begin(pid.parse().unwrap())
@@ -224,8 +302,34 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         }
         assert!(meter.flush().unwrap(), "uploaded");
 
-        // The statement shows them.
-        client.goto(&format!("{base}/account")).await.unwrap();
+        // Her account shows what she paid and the grant, which she revokes.
+        click(&client, "to-account").await;
+        assert_eq!(text_of(&client, "balance").await, "9.25");
+        let status = format!("grant-status-{number}");
+        assert_eq!(text_of(&client, &status).await, "live");
+        screenshot(&client, "11-grants").await;
+        click(&client, &format!("revoke-{number}")).await;
+        assert!(
+            text_of(&client, "grants-notice")
+                .await
+                .contains(&format!("Grant {number} is revoked"))
+        );
+        assert!(text_of(&client, &status).await.starts_with("revoked "));
+        screenshot(&client, "12-revoked").await;
+        let revoked = office.call("grant.list", &[s(&consumer)]).unwrap();
+        let revoked_ms = revoked.as_array().unwrap()[0]
+            .member("revokedMs")
+            .and_then(proto::xmlrpc::Value::as_str)
+            .unwrap()
+            .to_owned();
+        assert!(!revoked_ms.is_empty(), "recorded as revoked");
+        click(&client, "logout").await;
+        text_of(&client, "login-submit").await;
+
+        // The producer's statement shows the uses.
+        fill(&client, "who", "grace@example.org").await;
+        fill(&client, "password", PASSWORD).await;
+        click(&client, "login-submit").await;
         assert_eq!(text_of(&client, "balance").await, "0.75");
         click(&client, "details").await;
         text_of(&client, "lines").await;
@@ -249,7 +353,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
             .find(Locator::Id("chart"))
             .await
             .expect("the daily chart");
-        screenshot(&client, "07-statement").await;
+        screenshot(&client, "13-statement").await;
 
         // Register a meter: its secret is shown once.
         client.goto(&format!("{base}/meters")).await.unwrap();
@@ -260,7 +364,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         assert_eq!(shown_secret.trim().len(), 64, "{shown_secret}");
         let config = text_of(&client, "config").await;
         assert!(config.contains(&format!("--mid {new_mid}")), "{config}");
-        screenshot(&client, "08-meter").await;
+        screenshot(&client, "14-meter").await;
         client.goto(&format!("{base}/meters")).await.unwrap();
         let again = client.source().await.unwrap();
         assert!(
@@ -281,7 +385,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
                 .as_str()
                 .ends_with("/login")
         );
-        screenshot(&client, "09-logged-out").await;
+        screenshot(&client, "15-logged-out").await;
         client.close().await.unwrap();
     });
 }

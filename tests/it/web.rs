@@ -1,9 +1,15 @@
 //! The web pages over real HTTP, as a browser without JavaScript uses them:
 //! CSRF tokens, escaping, who may see what, login throttling, reset links,
-//! and the registration form's refusals.
+//! the registration form's refusals, and grants: a meter's device code
+//! approved, refused, reused, guessed, forged or revoked.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proto::grant::{DeviceCode, GrantRequest, PollStatus, Scope};
+use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
+use proto::{Fault, Mid};
 
 use crate::support::{Backoffice, IO_TIMEOUT, s};
 
@@ -222,7 +228,7 @@ pub fn register(
     visitor.post_form("/", &form)
 }
 
-fn log_in(visitor: &mut Visitor, who: &str, password: &str) -> Page {
+pub fn log_in(visitor: &mut Visitor, who: &str, password: &str) -> Page {
     let token = visitor.get("/login").csrf();
     visitor.post_form(
         "/login",
@@ -330,6 +336,9 @@ fn another_customers_pages_are_unreachable() {
             assert_eq!(page.status, 303, "{path}");
             assert_eq!(page.header("location"), Some("/login"), "{path}");
         }
+        let page = stranger.get("/grant");
+        assert_eq!(page.status, 303);
+        assert_eq!(page.header("location"), Some("/login?next=/grant"));
     }
     // Ada's statement does show her deposit.
     let csv = ada.get("/statement.csv");
@@ -543,6 +552,7 @@ fn a_refused_module_shows_the_checkers_message_and_oversize_uploads_are_refused(
         ("name", "Loom"),
         ("description", "Weaves."),
         ("terms", "0.25 per use"),
+        ("maxPrice", "0.25"),
         ("agrees", "yes"),
     ];
     let garbage = ada.post_multipart("/products/new", &fields, ("taca", "loom.wasm", b"not wasm"));
@@ -571,4 +581,537 @@ fn a_refused_module_shows_the_checkers_message_and_oversize_uploads_are_refused(
     assert_eq!(done.status, 200, "{}", done.body);
     assert_eq!(done.text_of("pid").as_deref(), Some("B1-P1"));
     assert_eq!(done.text_of("test-pid").as_deref(), Some("B1-P1T"));
+    assert_eq!(done.text_of("max-price").as_deref(), Some("0.25"));
+    // The account's product list shows the terms with their maximum.
+    let account = ada.get("/account");
+    assert_eq!(account.text_of("max-price-B1-P1").as_deref(), Some("0.25"));
+    assert!(account.body.contains("0.25 per use"), "{}", account.body);
+}
+
+#[test]
+fn a_product_without_a_positive_maximum_price_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let mut ada = Visitor::new(office.address);
+    register(&mut ada, &registration("Ada", "ada@example.org"), None);
+    let csrf = ada.get("/products/new").csrf();
+    let module = crate::examples::module("flat");
+    for max in ["", "0", "-1", "lots"] {
+        let fields = [
+            ("csrf", csrf.as_str()),
+            ("name", "Loom"),
+            ("terms", "0.25 per use"),
+            ("maxPrice", max),
+            ("agrees", "yes"),
+        ];
+        let page = ada.post_multipart("/products/new", &fields, ("taca", "flat.wasm", &module));
+        assert_eq!(page.status, 422, "{max:?}: {}", page.body);
+        let shown = page.text_of("maxPrice-error").unwrap_or_default();
+        assert!(shown.contains("maximum price"), "{max:?}: {shown}");
+    }
+    assert!(ada.get("/account").body.contains("None yet."), "no product");
+}
+
+/// A meter as the grant calls see it: the test signs `grant.request` and
+/// `grant.poll` itself, as `meterd grant` does.
+pub struct FakeMeter {
+    pub address: SocketAddr,
+    pub mid: Mid,
+    secret: proto::auth::Secret,
+}
+
+impl FakeMeter {
+    /// Registers a meter of `owner` through the operator's `meter.create`.
+    pub fn register(office: &Backoffice, owner: &str) -> FakeMeter {
+        let (mid, secret) = office.meter(owner);
+        FakeMeter::new(office.address, &mid, &secret)
+    }
+
+    /// The meter `mid` with its secret (hex, as `meter.create` answers it).
+    pub fn new(address: SocketAddr, mid: &str, secret: &str) -> FakeMeter {
+        FakeMeter {
+            address,
+            mid: mid.parse().unwrap(),
+            secret: proto::auth::Secret::new(secret.as_bytes()).unwrap(),
+        }
+    }
+
+    /// A signed call on `POST /RPC2`, as `send` is signed.
+    pub fn call(&self, method: &str, params: &[Value]) -> Result<Value, Fault> {
+        // Each signature is accepted once: give every call its own time.
+        static LAST_MS: AtomicU64 = AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let previous = LAST_MS.fetch_max(now, Ordering::SeqCst);
+        let time_ms = if previous >= now {
+            LAST_MS.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            now
+        };
+        let body = encode_call(method, params);
+        let signature = self.secret.sign(&self.mid, time_ms, &body);
+        let mut stream = TcpStream::connect_timeout(&self.address, IO_TIMEOUT).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let head = format!(
+            "POST /RPC2 HTTP/1.1\r\nHost: {}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\
+             {}: {}\r\n{}: {time_ms}\r\n{}: {signature}\r\nConnection: close\r\n\r\n",
+            self.address,
+            body.len(),
+            proto::auth::MID_HEADER,
+            self.mid,
+            proto::auth::TIME_HEADER,
+            proto::auth::SIGNATURE_HEADER,
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body).unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        let start = raw
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .expect("an HTTP answer")
+            + 4;
+        match parse_response(&raw[start..], Limits::BACKOFFICE).expect("an XML-RPC answer") {
+            MethodResponse::Success(value) => Ok(value),
+            MethodResponse::Fault(fault) => Err(fault),
+        }
+    }
+
+    /// Asks for a device code for `cid`, as `meterd grant CID` does.
+    pub fn request_code(&self, cid: &str, label: &str, scope: Scope) -> DeviceCode {
+        let request = GrantRequest {
+            mid: self.mid,
+            cid: cid.parse().unwrap(),
+            label: label.to_owned(),
+            scope,
+        };
+        let (method, params) = request.to_call();
+        let answer = self
+            .call(method, &params)
+            .unwrap_or_else(|fault| panic!("grant.request: {fault}"));
+        DeviceCode::from_value(&answer).expect("a device code")
+    }
+
+    /// Where the device code stands.
+    pub fn poll(&self, device_code: &str) -> PollStatus {
+        let (method, params) = proto::grant::poll_call(&self.mid, device_code);
+        let answer = self
+            .call(method, &params)
+            .unwrap_or_else(|fault| panic!("grant.poll: {fault}"));
+        PollStatus::from_value(&answer).expect("a poll status")
+    }
+}
+
+/// The grants the operator's `grant.list` shows for a CID or MID, each as
+/// (number, MID, CID, scope, label, expiresMs, revokedMs).
+pub fn grants_of(office: &Backoffice, id: &str) -> Vec<[String; 7]> {
+    let list = office.call("grant.list", &[s(id)]).expect("grant.list");
+    list.as_array()
+        .expect("an array")
+        .iter()
+        .map(|grant| {
+            [
+                "grant",
+                "MID",
+                "CID",
+                "scope",
+                "label",
+                "expiresMs",
+                "revokedMs",
+            ]
+            .map(|name| {
+                grant
+                    .member(name)
+                    .and_then(Value::as_str)
+                    .unwrap_or_else(|| panic!("{name} in {grant:?}"))
+                    .to_owned()
+            })
+        })
+        .collect()
+}
+
+fn registered(office: &Backoffice, first: &str) -> (Visitor, String) {
+    let mut visitor = Visitor::new(office.address);
+    let email = format!("{}@example.org", first.to_lowercase());
+    let page = register(&mut visitor, &registration(first, &email), None);
+    assert_eq!(page.status, 200, "{}", page.body);
+    let cid = page.text_of("cid").expect("a CID");
+    (visitor, cid)
+}
+
+/// Posts a user code on the code page.
+fn enter_code(visitor: &mut Visitor, code: &str) -> Page {
+    let csrf = visitor.get("/grant").csrf();
+    visitor.post_form("/grant", &[("csrf", &csrf), ("code", code)])
+}
+
+/// Approves or refuses a code as the confirmation page's buttons do.
+fn decide(visitor: &mut Visitor, code: &str, decision: &str, expires: &str) -> Page {
+    let csrf = visitor.get("/grant").csrf();
+    visitor.post_form(
+        "/grant/decide",
+        &[
+            ("csrf", &csrf),
+            ("code", code),
+            ("decision", decision),
+            ("expires", expires),
+        ],
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn a_device_code_is_approved_once_by_its_customer_and_the_meter_learns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let (mut bob, bob_cid) = registered(&office, "Bob");
+    // Bob's meter asks Ada for a grant, for one local user of its machine.
+    let meter = FakeMeter::register(&office, &bob_cid);
+    let ada_user = Scope::User {
+        uid: 1000,
+        name: "ada".into(),
+    };
+    let code = meter.request_code(&ada_cid, "bob's <b>laptop</b>", ada_user.clone());
+    assert!(code.verification_uri.ends_with("/grant"), "{code:?}");
+    assert_eq!(meter.poll(&code.device_code), PollStatus::Pending);
+
+    // Without a session the code page leads to the login page and back.
+    let mut stranger = Visitor::new(office.address);
+    let away = stranger.get("/grant");
+    assert_eq!(away.status, 303);
+    assert_eq!(away.header("location"), Some("/login?next=/grant"));
+    let login = stranger.get("/login?next=/grant");
+    assert!(login.body.contains("name=\"next\" value=\"/grant\""));
+    let back = stranger.post_form(
+        "/login",
+        &[
+            ("csrf", &login.csrf()),
+            ("who", "ada@example.org"),
+            ("password", PASSWORD),
+            ("next", "/grant"),
+        ],
+    );
+    assert_eq!(back.status, 303, "{}", back.body);
+    assert_eq!(back.header("location"), Some("/grant"));
+    // Only pages of the site's own list: never elsewhere.
+    let mut other = Visitor::new(office.address);
+    let csrf = other.get("/login").csrf();
+    let elsewhere = other.post_form(
+        "/login",
+        &[
+            ("csrf", &csrf),
+            ("who", "ada@example.org"),
+            ("password", PASSWORD),
+            ("next", "https://evil.example/"),
+        ],
+    );
+    assert_eq!(elsewhere.header("location"), Some("/account"));
+
+    // Ada types it (any case, with or without the dash) and sees the meter,
+    // its owner, the machine and who on it the grant is for.
+    let typed = code.user_code.to_lowercase().replace('-', " ");
+    let shown = enter_code(&mut ada, &typed);
+    assert_eq!(shown.status, 200, "{}", shown.body);
+    assert_eq!(
+        shown.text_of("grant-code-shown").as_deref(),
+        Some(code.user_code.as_str())
+    );
+    assert_eq!(shown.text_of("grant-mid"), Some(meter.mid.to_string()));
+    let owner = shown.text_of("grant-owner").unwrap();
+    assert!(
+        owner.starts_with(&bob_cid) && owner.contains("Bob"),
+        "{owner}"
+    );
+    assert!(
+        shown.body.contains("bob&#39;s &lt;b&gt;laptop&lt;/b&gt;")
+            || shown.body.contains("bob's &lt;b&gt;laptop&lt;/b&gt;"),
+        "the label is escaped: {}",
+        shown.body
+    );
+    assert!(!shown.body.contains("<b>laptop"), "{}", shown.body);
+    assert!(
+        shown.body.contains("<code>ada</code> (uid 1000)"),
+        "{}",
+        shown.body
+    );
+    assert!(
+        shown.text_of("grant-foreign").is_some(),
+        "another customer's meter"
+    );
+    assert!(shown.text_of("grant-machine").is_none());
+    assert!(shown.body.contains("id=\"approve\"") && shown.body.contains("id=\"refuse\""));
+
+    // Bob cannot see nor decide Ada's code: the same answer as a wrong one.
+    let wrong = enter_code(&mut bob, "BCDF-GHJK");
+    assert_eq!(wrong.status, 404, "{}", wrong.body);
+    let foreign = enter_code(&mut bob, &code.user_code);
+    assert_eq!(foreign.status, 404);
+    assert_eq!(foreign.text_of("code-error"), wrong.text_of("code-error"));
+    assert!(
+        !foreign.body.contains(meter.mid.as_str()),
+        "{}",
+        foreign.body
+    );
+    assert_eq!(
+        decide(&mut bob, &code.user_code, "approve", "never").status,
+        404
+    );
+    // A decision without the CSRF token, or with another session's, decides nothing.
+    let forged = ada.post_form(
+        "/grant/decide",
+        &[
+            ("code", &code.user_code),
+            ("decision", "approve"),
+            ("expires", "never"),
+        ],
+    );
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    let bobs_token = bob.get("/grant").csrf();
+    let cross = ada.post_form(
+        "/grant/decide",
+        &[
+            ("csrf", &bobs_token),
+            ("code", &code.user_code),
+            ("decision", "approve"),
+            ("expires", "never"),
+        ],
+    );
+    assert_eq!(cross.status, 403);
+    assert!(grants_of(&office, &ada_cid).is_empty(), "no grant yet");
+    assert!(grants_of(&office, meter.mid.as_str()).is_empty());
+    assert_eq!(meter.poll(&code.device_code), PollStatus::Pending);
+
+    // Ada approves for 30 days.
+    let before = now_ms();
+    let approved = decide(&mut ada, &code.user_code, "approve", "30d");
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    assert!(
+        approved.text_of("grant-approved").is_some(),
+        "{}",
+        approved.body
+    );
+    let grants = grants_of(&office, &ada_cid);
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    let [number, mid, cid, scope, label, expires, revoked] = grants[0].clone();
+    assert_eq!(approved.text_of("grant-number"), Some(number.clone()));
+    assert_eq!(
+        (mid.as_str(), cid.as_str()),
+        (meter.mid.as_str(), ada_cid.as_str())
+    );
+    assert_eq!(
+        (scope.as_str(), label.as_str()),
+        ("uid:1000:ada", "bob's <b>laptop</b>")
+    );
+    let expires: u64 = expires.parse().expect("an expiry");
+    let thirty_days = 30 * 24 * 3600 * 1000;
+    assert!(
+        (before + thirty_days..=now_ms() + thirty_days).contains(&expires),
+        "{expires}"
+    );
+    assert_eq!(revoked, "");
+    // The meter learns it once.
+    match meter.poll(&code.device_code) {
+        PollStatus::Approved(grant) => {
+            assert_eq!(grant.cid.as_str(), ada_cid);
+            assert_eq!(grant.scope, ada_user);
+            assert_eq!(grant.expires_ms, Some(expires));
+        }
+        other => panic!("not approved: {other:?}"),
+    }
+
+    // The code is used up: entering or approving it again is refused, and
+    // no second grant is made.
+    let again = enter_code(&mut ada, &code.user_code);
+    assert_eq!(again.status, 404);
+    assert_eq!(again.text_of("code-error"), wrong.text_of("code-error"));
+    assert_eq!(
+        decide(&mut ada, &code.user_code, "approve", "never").status,
+        404
+    );
+    assert_eq!(grants_of(&office, &ada_cid).len(), 1);
+
+    // The account page lists it, live, with a revoke button.
+    let account = ada.get("/account");
+    assert_eq!(
+        account
+            .text_of(&format!("grant-status-{number}"))
+            .as_deref(),
+        Some("live")
+    );
+    assert!(account.body.contains(&format!("id=\"revoke-{number}\"")));
+    assert!(
+        account.body.contains("href=\"/grant\""),
+        "a link to authorize a meter"
+    );
+    assert!(
+        bob.get("/account").text_of("no-grants").is_some(),
+        "Bob gave none"
+    );
+}
+
+#[test]
+fn a_refused_code_makes_no_grant_and_machine_wide_requests_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let meter = FakeMeter::register(&office, &ada_cid);
+    let code = meter.request_code(&ada_cid, "build-server", Scope::Machine);
+    let shown = enter_code(&mut ada, &code.user_code);
+    assert_eq!(shown.status, 200, "{}", shown.body);
+    assert!(
+        shown
+            .body
+            .contains("<strong>every user of that machine</strong>"),
+        "{}",
+        shown.body
+    );
+    assert!(shown.text_of("grant-machine").is_some());
+    assert!(shown.text_of("grant-foreign").is_none(), "Ada's own meter");
+    // An unknown decision or expiry decides nothing.
+    assert_eq!(
+        decide(&mut ada, &code.user_code, "maybe", "never").status,
+        422
+    );
+    assert_eq!(
+        decide(&mut ada, &code.user_code, "approve", "forever").status,
+        422
+    );
+    assert_eq!(meter.poll(&code.device_code), PollStatus::Pending);
+    let refused = decide(&mut ada, &code.user_code, "refuse", "never");
+    assert_eq!(refused.status, 200, "{}", refused.body);
+    assert!(refused.text_of("grant-refused").is_some());
+    assert_eq!(meter.poll(&code.device_code), PollStatus::Denied);
+    assert!(grants_of(&office, &ada_cid).is_empty());
+    // Refused once is decided: approving it now is refused.
+    assert_eq!(
+        decide(&mut ada, &code.user_code, "approve", "never").status,
+        404
+    );
+    assert!(grants_of(&office, &ada_cid).is_empty());
+}
+
+#[test]
+fn guessing_codes_is_throttled_per_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let meter = FakeMeter::register(&office, &ada_cid);
+    let code = meter.request_code(&ada_cid, "laptop", Scope::Machine);
+    // Nine wrong codes are answered as wrong (code pages and decisions both count)...
+    for attempt in 0..9 {
+        let guess = format!(
+            "BCDF-GHJ{}",
+            ["K", "L", "M", "N", "P", "Q", "R", "S", "T"][attempt]
+        );
+        let page = if attempt % 2 == 0 {
+            enter_code(&mut ada, &guess)
+        } else {
+            decide(&mut ada, &guess, "approve", "never")
+        };
+        assert_eq!(page.status, 404, "attempt {attempt}: {}", page.body);
+    }
+    // ...then even the right one is refused unseen, and nothing is decided.
+    let tenth = enter_code(&mut ada, &code.user_code);
+    assert_eq!(tenth.status, 429, "{}", tenth.body);
+    assert!(
+        tenth
+            .text_of("code-error")
+            .unwrap()
+            .contains("Too many wrong codes")
+    );
+    assert!(!tenth.body.contains(meter.mid.as_str()));
+    assert_eq!(
+        decide(&mut ada, &code.user_code, "approve", "never").status,
+        429
+    );
+    assert!(grants_of(&office, &ada_cid).is_empty());
+    assert_eq!(meter.poll(&code.device_code), PollStatus::Pending);
+    // Logins are a separate allowance: Ada can still log in elsewhere.
+    let mut elsewhere = Visitor::new(office.address);
+    assert_eq!(log_in(&mut elsewhere, &ada_cid, PASSWORD).status, 303);
+}
+
+/// Ada approves a code of `meter` for herself; the grant's number.
+fn approved_grant(
+    office: &Backoffice,
+    visitor: &mut Visitor,
+    meter: &FakeMeter,
+    cid: &str,
+) -> String {
+    let code = meter.request_code(cid, "laptop", Scope::Machine);
+    assert_eq!(enter_code(visitor, &code.user_code).status, 200);
+    let approved = decide(visitor, &code.user_code, "approve", "never");
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    let number = approved.text_of("grant-number").expect("a grant number");
+    assert!(
+        grants_of(office, cid)
+            .iter()
+            .any(|grant| grant[0] == number)
+    );
+    number
+}
+
+#[test]
+fn a_grant_is_revoked_on_the_account_page_only_by_its_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let (mut bob, bob_cid) = registered(&office, "Bob");
+    let meter = FakeMeter::register(&office, &bob_cid);
+    let adas = approved_grant(&office, &mut ada, &meter, &ada_cid);
+    let bobs = approved_grant(&office, &mut bob, &meter, &bob_cid);
+    assert_ne!(adas, bobs);
+    let revoked_of = |cid: &str, number: &str| {
+        grants_of(&office, cid)
+            .into_iter()
+            .find(|grant| grant[0] == number)
+            .map(|grant| grant[6].clone())
+            .expect("the grant")
+    };
+    // Bob cannot revoke Ada's grant by its number, nor one that does not exist.
+    let csrf = bob.get("/account").csrf();
+    for number in [adas.as_str(), "999", "x"] {
+        let page = bob.post_form("/grants/revoke", &[("csrf", &csrf), ("grant", number)]);
+        assert_eq!(page.status, 404, "{number}: {}", page.body);
+        assert!(page.body.contains("nothing was revoked"), "{}", page.body);
+    }
+    assert_eq!(revoked_of(&ada_cid, &adas), "", "Ada's grant is untouched");
+    // Nor can anyone without the CSRF token, Ada included.
+    let forged = ada.post_form("/grants/revoke", &[("grant", &adas)]);
+    assert_eq!(forged.status, 403);
+    assert_eq!(revoked_of(&ada_cid, &adas), "");
+    let mut stranger = Visitor::new(office.address);
+    let csrf = stranger.get("/login").csrf();
+    let anonymous = stranger.post_form("/grants/revoke", &[("csrf", &csrf), ("grant", &adas)]);
+    assert_eq!(anonymous.status, 303);
+    assert_eq!(revoked_of(&ada_cid, &adas), "");
+    // Ada revokes it: recorded, shown, no button any more; Bob's stays live.
+    let csrf = ada.get("/account").csrf();
+    let done = ada.post_form("/grants/revoke", &[("csrf", &csrf), ("grant", &adas)]);
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(
+        done.text_of("grants-notice")
+            .unwrap()
+            .contains(&format!("Grant {adas} is revoked"))
+    );
+    let status = done.text_of(&format!("grant-status-{adas}")).unwrap();
+    assert!(status.starts_with("revoked "), "{status}");
+    assert!(!done.body.contains(&format!("id=\"revoke-{adas}\"")));
+    assert_ne!(revoked_of(&ada_cid, &adas), "");
+    assert_eq!(revoked_of(&bob_cid, &bobs), "");
+    assert_eq!(
+        bob.get("/account")
+            .text_of(&format!("grant-status-{bobs}"))
+            .as_deref(),
+        Some("live")
+    );
 }

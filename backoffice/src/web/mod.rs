@@ -6,8 +6,10 @@
 //! SameSite=Strict (and Secure when served over TLS); failed logins are
 //! throttled per account and per address; a customer reaches only their own
 //! pages, since every page takes the CID from the session, never from the
-//! request.
+//! request. A meter is authorized to charge a customer only on the grant
+//! pages (`grant`), by a logged-in session with its CSRF token.
 
+mod grant;
 pub mod pages;
 pub mod password;
 pub mod session;
@@ -114,6 +116,9 @@ pub fn routes() -> Router<Arc<Service>> {
         .route("/forgot", get(forgot_page).post(forgot))
         .route("/reset", get(reset_page).post(reset))
         .route("/account", get(account_page).post(edit_account))
+        .route("/grant", get(grant::code_page).post(grant::enter_code))
+        .route("/grant/decide", axum::routing::post(grant::decide))
+        .route("/grants/revoke", axum::routing::post(grant::revoke))
         .route("/products/new", get(new_product_page))
         .route("/meters", get(meters_page).post(add_meter))
         .route("/statement", get(statement_page))
@@ -290,10 +295,33 @@ fn customer_of(
     service: &Service,
     headers: &HeaderMap,
 ) -> Result<(Session, Customer), Box<Response>> {
+    customer_or_login(service, headers, "/login")
+}
+
+/// Pages a login may lead back to (`/login?next=...`): a fixed list, so a
+/// link can never send a customer off the site after logging in.
+const NEXT_PAGES: [&str; 1] = ["/grant"];
+
+/// Where a login leads: `next` when it is one of [`NEXT_PAGES`], otherwise
+/// the account page.
+fn after_login(next: &str) -> &'static str {
+    NEXT_PAGES
+        .into_iter()
+        .find(|page| *page == next)
+        .unwrap_or("/account")
+}
+
+/// The logged-in customer of this request, or a redirect to `login` (the
+/// login page, perhaps with where to go after it).
+fn customer_or_login(
+    service: &Service,
+    headers: &HeaderMap,
+    login: &str,
+) -> Result<(Session, Customer), Box<Response>> {
     let web = &service.web;
     let (session, new) = visit(web, headers);
     let Some(cid) = session.cid else {
-        return Err(Box::new(redirect(web, "/login", new.then_some(&session))));
+        return Err(Box::new(redirect(web, login, new.then_some(&session))));
     };
     match service.backoffice.store().customer(&cid) {
         Ok(Some(customer)) => Ok((session, customer)),
@@ -559,18 +587,29 @@ fn customer_named(service: &Service, who: &str) -> Result<Option<Customer>, Stor
     }
 }
 
-async fn login_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+#[derive(serde::Deserialize)]
+struct NextQuery {
+    #[serde(default)]
+    next: String,
+}
+
+async fn login_page(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<NextQuery>,
+    headers: HeaderMap,
+) -> Response {
     let web = &service.web;
     let (session, new) = visit(web, &headers);
+    let next = after_login(&query.next);
     if session.cid.is_some() {
-        return redirect(web, "/account", None);
+        return redirect(web, next, None);
     }
     page(
         web,
         &session,
         new,
         StatusCode::OK,
-        pages::login(&session, "", None),
+        pages::login(&session, "", next, None),
     )
 }
 
@@ -586,6 +625,7 @@ async fn login(
         Err(refused) => return *refused,
     };
     let who = fields.trimmed("who");
+    let next = after_login(fields.get("next"));
     let address = peer.ip().to_string();
     let customer = match customer_named(&service, &who) {
         Ok(customer) => customer,
@@ -606,6 +646,7 @@ async fn login(
             pages::login(
                 &session,
                 &who,
+                next,
                 Some(&format!(
                     "Too many failed attempts. Wait 15 minutes, ask for a new password, or \
                      call the branch at {}.",
@@ -633,7 +674,7 @@ async fn login(
         Some(customer) if matches => {
             web.sessions.succeeded(&account);
             let session = web.sessions.log_in(&session.token, customer.cid);
-            redirect(web, "/account", Some(&session))
+            redirect(web, next, Some(&session))
         }
         _ => {
             web.sessions.failed(&account, &address);
@@ -645,6 +686,7 @@ async fn login(
                 pages::login(
                     &session,
                     &who,
+                    next,
                     Some("The CID or e-mail address, or the password, is wrong."),
                 ),
             )
@@ -822,32 +864,55 @@ async fn account_page(State(service): State<Arc<Service>>, headers: HeaderMap) -
         Ok(found) => found,
         Err(response) => return *response,
     };
-    account_response(&service, &session, &customer, &[], None, StatusCode::OK)
+    account_response(
+        &service,
+        &session,
+        &customer,
+        AccountNotes::default(),
+        StatusCode::OK,
+    )
+}
+
+/// What the account page says beyond the records: the registration form's
+/// refusals, and notices for the form and for the grants.
+#[derive(Default)]
+struct AccountNotes<'a> {
+    errors: &'a [(&'static str, String)],
+    notice: Option<&'a str>,
+    grants_notice: Option<&'a str>,
 }
 
 fn account_response(
     service: &Service,
     session: &Session,
     customer: &Customer,
-    errors: &[(&'static str, String)],
-    notice: Option<&str>,
+    notes: AccountNotes<'_>,
     status: StatusCode,
 ) -> Response {
     let web = &service.web;
-    let products = match service.backoffice.store().products_of(&customer.cid) {
+    let store = service.backoffice.store();
+    let products = match store.products_of(&customer.cid) {
         Ok(products) => products,
+        Err(error) => return trouble(web, session, &error),
+    };
+    let grants = match store.grants_of_customer(&customer.cid) {
+        Ok(grants) => grants,
         Err(error) => return trouble(web, session, &error),
     };
     let balance = service
         .backoffice
         .balance(&AccountId::Customer(customer.cid));
-    page(
-        web,
-        session,
-        false,
-        status,
-        pages::account(session, customer, balance, &products, errors, notice),
-    )
+    let view = pages::AccountView {
+        customer,
+        balance,
+        products: &products,
+        grants: &grants,
+        now_ms: crate::now_ms(),
+        errors: notes.errors,
+        notice: notes.notice,
+        grants_notice: notes.grants_notice,
+    };
+    page(web, session, false, status, pages::account(session, &view))
 }
 
 async fn edit_account(
@@ -883,8 +948,10 @@ async fn edit_account(
                     &service,
                     &session,
                     &customer,
-                    &[],
-                    Some("Saved."),
+                    AccountNotes {
+                        notice: Some("Saved."),
+                        ..AccountNotes::default()
+                    },
                     StatusCode::OK,
                 );
             }
@@ -900,8 +967,10 @@ async fn edit_account(
         &service,
         &session,
         &customer,
-        &errors,
-        None,
+        AccountNotes {
+            errors: &errors,
+            ..AccountNotes::default()
+        },
         StatusCode::UNPROCESSABLE_ENTITY,
     )
 }

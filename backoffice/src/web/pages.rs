@@ -3,11 +3,12 @@
 
 use maud::{DOCTYPE, Markup, html};
 use proto::Amount;
+use proto::grant::{GrantRequest, Scope};
 
 use super::session::Session;
 use super::{Fields, Line};
 use crate::ledger::{Transfer, TransferKind};
-use crate::registry::{Customer, Meter, Product};
+use crate::registry::{Customer, Grant, Meter, Product};
 use crate::send::civil_date;
 
 /// The one style sheet, served at `/style.css`.
@@ -23,6 +24,8 @@ table{border-collapse:collapse}td,th{padding:.2rem .6rem;border-bottom:1px solid
 td.amount{text-align:right;font-variant-numeric:tabular-nums}\
 pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}\
 .spend{fill:#b33}.income{fill:#383}\
+.warning{border:1px solid #b60;padding:.5rem 1rem;margin:1rem 0}\
+table form{margin:0}\
 ";
 
 fn layout(session: &Session, title: &str, body: Markup) -> Markup {
@@ -239,12 +242,16 @@ pub fn registered(session: &Session, customer: &Customer) -> Markup {
     layout(session, "Registered", body)
 }
 
-/// The login page.
-pub fn login(session: &Session, who: &str, error: Option<&str>) -> Markup {
+/// The login page; `next` is where a successful login leads.
+pub fn login(session: &Session, who: &str, next: &str, error: Option<&str>) -> Markup {
     let body = html! {
         @if let Some(error) = error { p.error id="login-error" { (error) } }
+        @if next == "/grant" {
+            p id="login-for-grant" { "Start a session to authorize a meter: you will enter its code next." }
+        }
         form method="post" action="/login" id="login" {
             (csrf(session))
+            input type="hidden" name="next" value=(next);
             label for="who" { "CID or e-mail address" }
             input type="text" id="who" name="who" value=(who) autocomplete="username";
             label for="password" { "Password" }
@@ -299,15 +306,118 @@ pub fn reset_mail(customer: &Customer, link: &str, phone: &str) -> String {
     )
 }
 
+/// What the account page shows.
+pub struct AccountView<'a> {
+    /// The logged-in customer.
+    pub customer: &'a Customer,
+    /// The micro-account's balance.
+    pub balance: Amount,
+    /// The customer's products.
+    pub products: &'a [Product],
+    /// The grants the customer gave, live or not.
+    pub grants: &'a [Grant],
+    /// Now, for telling live grants from expired ones.
+    pub now_ms: u64,
+    /// The registration form's refusals.
+    pub errors: &'a [(&'static str, String)],
+    /// A notice for the registration form ("Saved.").
+    pub notice: Option<&'a str>,
+    /// A notice for the grants (one revoked).
+    pub grants_notice: Option<&'a str>,
+}
+
+/// A product's maximum price per use, as its terms show it.
+fn max_price_text(product: &Product) -> String {
+    product.max_price.map_or_else(
+        || "none declared (registered before maximums)".to_owned(),
+        |max| max.to_string(),
+    )
+}
+
+/// `YYYY-MM-DD HH:MM UTC` of a time in ms since the Unix epoch.
+pub fn time_of(time_ms: u64) -> String {
+    let minutes = time_ms / 60_000 % (24 * 60);
+    format!(
+        "{} {:02}:{:02} UTC",
+        date_of(time_ms),
+        minutes / 60,
+        minutes % 60
+    )
+}
+
+/// Who on the meter's machine a grant is for: one user, or (in bold) all.
+fn scope_text(scope: &Scope) -> Markup {
+    html! {
+        @match scope {
+            Scope::User { uid, name } if name.is_empty() => { "the user with uid " (uid) }
+            Scope::User { uid, name } => { "the user " code { (name) } " (uid " (uid) ")" }
+            Scope::Machine => strong { "every user of that machine" }
+        }
+    }
+}
+
+/// Where a grant stands at `now_ms`.
+fn grant_status(grant: &Grant, now_ms: u64) -> String {
+    match (grant.revoked_ms, grant.expires_ms) {
+        (Some(revoked), _) if revoked <= now_ms => format!("revoked {}", time_of(revoked)),
+        (_, Some(expires)) if expires <= now_ms => "expired".to_owned(),
+        _ => "live".to_owned(),
+    }
+}
+
+fn grants_section(session: &Session, view: &AccountView<'_>) -> Markup {
+    html! {
+        h2 id="grants-heading" { "Meters that may charge you" }
+        p {
+            "A meter charges you only through a grant you approved. "
+            a href="/grant" id="authorize" { "Authorize a meter" }
+            " with the code that " code { "meterd grant" } " printed."
+        }
+        @if let Some(notice) = view.grants_notice { p.notice id="grants-notice" { (notice) } }
+        @if view.grants.is_empty() {
+            p id="no-grants" { "No meter may charge you." }
+        } @else {
+            table id="grants" {
+                tr {
+                    th { "Grant" } th { "Meter (MID)" } th { "Machine" } th { "For" }
+                    th { "Approved" } th { "Expires" } th { "Status" } th {}
+                }
+                @for grant in view.grants {
+                    @let status = grant_status(grant, view.now_ms);
+                    tr id={ "grant-row-" (grant.id) } {
+                        td { (grant.id) }
+                        td { (grant.mid.as_str()) }
+                        td { (grant.label) }
+                        td { (scope_text(&grant.scope)) }
+                        td { (time_of(grant.created_ms)) }
+                        td { (grant.expires_ms.map_or_else(|| "never".to_owned(), time_of)) }
+                        td id={ "grant-status-" (grant.id) } { (status) }
+                        td {
+                            @if status == "live" {
+                                form method="post" action="/grants/revoke" {
+                                    (csrf(session))
+                                    input type="hidden" name="grant" value=(grant.id);
+                                    button type="submit" id={ "revoke-" (grant.id) } { "Revoke" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The account page.
-pub fn account(
-    session: &Session,
-    customer: &Customer,
-    balance: Amount,
-    products: &[Product],
-    errors: &[(&'static str, String)],
-    notice: Option<&str>,
-) -> Markup {
+pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
+    let AccountView {
+        customer,
+        balance,
+        products,
+        errors,
+        notice,
+        ..
+    } = *view;
     let form = RegistrationForm::of(customer);
     let body = html! {
         p { "CID " strong id="cid" { (customer.cid.as_str()) } }
@@ -318,17 +428,20 @@ pub fn account(
             a href="/statement" id="details" { "Transaction details" } " · "
             a href="/meters" { "Meters" }
         }
+        (grants_section(session, view))
         h2 { "Your products" }
         @if products.is_empty() {
             p { "None yet." }
         } @else {
             table id="products" {
-                tr { th { "PID" } th { "Test PID" } th { "Name" } }
+                tr { th { "PID" } th { "Test PID" } th { "Name" } th { "Terms" } th { "Maximum price per use" } }
                 @for product in products {
                     tr {
                         td { (product.pid.as_str()) }
                         td { (product.test_pid.as_str()) }
                         td { (product.name) }
+                        td { (product.terms) }
+                        td.amount id={ "max-price-" (product.pid.as_str()) } { (max_price_text(product)) }
                     }
                 }
             }
@@ -417,10 +530,9 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
         table {
             tr { th { "PID" } td id="pid" { (pid) } }
             tr { th { "Test PID (free, for your tests)" } td id="test-pid" { (test_pid) } }
+            tr { th { "Terms" } td id="terms" { (product.terms) } }
+            tr { th { "Maximum price per use" } td id="max-price" { (max_price_text(product)) } }
             tr { th { "TACA" } td { code { (product.taca.to_string()) } } }
-            @if let Some(max) = product.max_price {
-                tr { th { "Maximum price per use" } td id="max-price" { (max) } }
-            }
         }
         h2 { "Coding it into your program" }
         p { "Ask the meter before each use and commit after it. In Rust, with the meterd client library:" }
@@ -468,6 +580,123 @@ pub fn meters(
         }
     };
     layout(session, "Meters", body)
+}
+
+/// The page to enter a meter's user code on; `problem` says why the last
+/// one was not taken.
+pub fn grant_code(session: &Session, typed: &str, problem: Option<&str>) -> Markup {
+    let body = html! {
+        p {
+            "A meter asks to charge you after " code { "meterd grant" } " printed a code and this page's address. "
+            "Enter the code here; you will see the meter before you approve anything."
+        }
+        @if let Some(problem) = problem { p.error id="code-error" { (problem) } }
+        form method="post" action="/grant" id="grant-code" {
+            (csrf(session))
+            label for="code" { "Code (like BCDF-GHJK)" }
+            input type="text" id="code" name="code" value=(typed) maxlength="20"
+                autocomplete="off" autocapitalize="characters" spellcheck="false";
+            p { button type="submit" id="code-submit" { "Continue" } }
+        }
+        p { "A code works once, for 10 minutes. Only you, logged in, can approve a code made for your CID." }
+    };
+    layout(session, "Authorize a meter", body)
+}
+
+/// What a code asks for, with Approve and Refuse.
+pub fn grant_confirm(
+    session: &Session,
+    customer: &Customer,
+    code: &str,
+    request: &GrantRequest,
+    owner: Option<&Customer>,
+) -> Markup {
+    let foreign = owner.is_none_or(|owner| owner.cid != customer.cid);
+    let body = html! {
+        p {
+            "The meter below asks to charge your micro-account (" (customer.cid.as_str()) ") "
+            "for metered software used on its machine. Approve only if you ran "
+            code { "meterd grant" } " there yourself just now and this is that machine."
+        }
+        table id="grant-request" {
+            tr { th { "Code" } td id="grant-code-shown" { (code) } }
+            tr { th { "Meter (MID)" } td id="grant-mid" { (request.mid.as_str()) } }
+            tr {
+                th { "Meter registered by" }
+                td id="grant-owner" {
+                    @match owner {
+                        Some(owner) => { (owner.cid.as_str()) " (" (owner.name) ")" }
+                        None => { "unknown" }
+                    }
+                }
+            }
+            tr { th { "Machine (as the meter names it)" } td id="grant-label" { (request.label) } }
+            tr { th { "For" } td id="grant-scope" { (scope_text(&request.scope)) } }
+        }
+        @if foreign {
+            p.warning id="grant-foreign" {
+                "This meter was registered by another customer, who runs that machine. "
+                "Approve only if you trust them with your micro-account."
+            }
+        }
+        @if request.scope == Scope::Machine {
+            p.warning id="grant-machine" {
+                "Every local user of that machine, and every program they run, could charge you."
+            }
+        }
+        form method="post" action="/grant/decide" id="grant-decide" {
+            (csrf(session))
+            input type="hidden" name="code" value=(code);
+            label for="expires" { "The grant expires" }
+            select id="expires" name="expires" {
+                @for (value, label, _) in super::grant::EXPIRIES {
+                    option value=(value) selected[value == "never"] { (label) }
+                }
+            }
+            p {
+                button type="submit" name="decision" value="approve" id="approve" { "Approve" }
+                " "
+                button type="submit" name="decision" value="refuse" id="refuse" { "Refuse" }
+            }
+        }
+        p { "You can revoke a grant at any time on your " a href="/account" { "account page" } "." }
+    };
+    layout(session, "Authorize this meter?", body)
+}
+
+/// What was decided: `grant` is the one made, or none for a refusal.
+pub fn grant_decided(session: &Session, request: &GrantRequest, grant: Option<&Grant>) -> Markup {
+    let body = html! {
+        @match grant {
+            Some(grant) => {
+                p id="grant-approved" {
+                    "Meter " (grant.mid.as_str()) " may now charge you for "
+                    (scope_text(&grant.scope)) " on " (grant.label) "."
+                }
+                p {
+                    "Grant " strong id="grant-number" { (grant.id) } ", "
+                    @match grant.expires_ms {
+                        Some(expires) => { "until " span id="grant-expires" { (time_of(expires)) } }
+                        None => { span id="grant-expires" { "until you revoke it" } }
+                    }
+                    ". The meter learns of it within seconds."
+                }
+            }
+            None => {
+                p id="grant-refused" {
+                    "You refused meter " (request.mid.as_str()) ": it will not charge you. "
+                    "The meter is told so."
+                }
+            }
+        }
+        p { a href="/account" id="to-account" { "Your grants, on the account page" } }
+    };
+    let title = if grant.is_some() {
+        "Meter authorized"
+    } else {
+        "Meter refused"
+    };
+    layout(session, title, body)
 }
 
 /// `YYYY-MM-DD` (UTC) of a time in ms since the Unix epoch.
