@@ -234,7 +234,10 @@ pub fn registered(session: &Session, customer: &Customer) -> Markup {
         p { "Welcome, " (customer.name) ". Your customer ID (CID) is:" }
         p { strong id="cid" { (customer.cid.as_str()) } }
         p {
-            "Log in to your meter with it: " code { "meterd login " (customer.cid.as_str()) }
+            "To use metered software on a machine, authorize its meter to charge you: run "
+            code { "meterd grant " (customer.cid.as_str()) } " there and enter the code it prints on "
+            a href="/grant" { "Authorize a meter" } ". Then log in to the meter with "
+            code { "meterd login " (customer.cid.as_str()) }
             ". Fund your micro-account before using metered software."
         }
         p { a href="/account" { "Go to your account" } }
@@ -563,6 +566,11 @@ pub fn meters(
                 pre id="config" {
                     "printf %s '" (meter.secret_hex) "' > meter.secret && chmod 600 meter.secret\n"
                     "meterd serve --backoffice " (url) " --mid " (meter.mid.as_str()) " --secret-file meter.secret"
+                }
+                p {
+                    "The meter charges only customers who grant it: each runs "
+                    code { "meterd grant CID" } " as their own user on that machine and approves the code it prints on "
+                    a href="/grant" { "Authorize a meter" } "."
                 }
             }
         }
