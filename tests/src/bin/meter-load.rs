@@ -124,6 +124,16 @@ fn start(options: &Options) -> Result<Daemon, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The customer grants this meter to this user (login needs it).
+    let customer = Cid::parse("B1-C1").unwrap();
+    backoffice.behave(|behaviour| {
+        behaviour
+            .passwords
+            .insert(customer, "load generator".to_owned());
+    });
+    Meter::connect(&socket)
+        .grant_password(customer, "load generator", false, None)
+        .map_err(|error| format!("the grant failed: {error}"))?;
     // One confirmed use puts the customer in the status table; then the
     // backoffice goes down, so nothing is drained while we measure.
     let mut meter = client(&socket, "setup");
