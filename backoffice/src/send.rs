@@ -966,14 +966,15 @@ impl<S: Store> Backoffice<S> {
             // chain was shown then.
             let authorized = match payer {
                 Some(Payer::Customer(cid)) => {
-                    if !grants.contains_key(&record.mid) {
-                        let of_meter = self
-                            .store
-                            .grants_of_meter(&record.mid)
-                            .map_err(|error| internal(&error))?;
-                        grants.insert(record.mid, of_meter);
-                    }
-                    grants[&record.mid]
+                    let of_meter = match grants.entry(record.mid) {
+                        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                            self.store
+                                .grants_of_meter(&record.mid)
+                                .map_err(|error| internal(&error))?,
+                        ),
+                    };
+                    of_meter
                         .iter()
                         .any(|grant| grant.cid == cid && grant.is_live_at(record.time_ms))
                 }
