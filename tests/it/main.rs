@@ -6,6 +6,7 @@
 mod examples;
 
 mod browser;
+mod hostile;
 mod meterd;
 mod money;
 mod readme;

@@ -7,7 +7,10 @@ use std::process::Command;
 use proto::FaultCode;
 use proto::xmlrpc::Value;
 
-use crate::support::{Backoffice, MeterdSetup, operator_call, s, workspace_binary};
+use crate::support::{
+    Backoffice, MeterdSetup, grant_by_password, operator_call, s, workspace_binary,
+};
+use crate::web::PASSWORD;
 
 use crate::examples;
 
@@ -15,7 +18,11 @@ use crate::examples;
 fn uses_through_meterd_become_exact_balances_and_standings() {
     let dir = tempfile::tempdir().unwrap();
     let office = Backoffice::start(dir.path());
-    let consumer = office.text("customer.create", &[s("Ada"), s("ada@example.org")], "CID");
+    let consumer = office.text(
+        "customer.create",
+        &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
+        "CID",
+    );
     let producer = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
     let maker = office.text(
         "customer.create",
@@ -26,12 +33,24 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     let tiered = Value::Base64(examples::module("tiered"));
     let product = office.text(
         "product.create",
-        &[s(&producer), s("Editor"), s("0.25 per use"), flat],
+        &[
+            s(&producer),
+            s("Editor"),
+            s("0.25 per use"),
+            flat,
+            s("0.25"),
+        ],
         "PID",
     );
     let component = office.text(
         "product.create",
-        &[s(&maker), s("Spell"), s("10 free, then 0.05"), tiered],
+        &[
+            s(&maker),
+            s("Spell"),
+            s("10 free, then 0.05"),
+            tiered,
+            s("0.05"),
+        ],
         "PID",
     );
     let (mid, secret) = office.meter(&consumer);
@@ -47,6 +66,7 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     };
     let meterd = setup.start();
     let socket = meterd.socket.display().to_string();
+    grant_by_password(&meterd.socket, &consumer, PASSWORD);
     let status = Command::new(env!("CARGO_BIN_EXE_metered-demo"))
         .args([&socket, &consumer, &product, &component, "2", "5"])
         .status()
@@ -159,6 +179,34 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     assert_eq!(cli(&["flush"]), Some(0));
     assert_eq!(query_in_session(&product), Some(0), "allowed again");
 
+    // Ada revokes the meter's grant: its later uses of hers go to
+    // suspense, and after the next upload `query` answers false for her.
+    let grants = office.call("grant.list", &[s(&consumer)]).unwrap();
+    let grants = grants.as_array().unwrap();
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    let number = grants[0].member("grant").and_then(Value::as_str).unwrap();
+    office.call("grant.revoke", &[s(number)]).unwrap();
+    let paid_before = balance(&consumer);
+    let status = Command::new(env!("CARGO_BIN_EXE_metered-demo"))
+        .args([&socket, &consumer, &product, &component, "1", "1"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the meter does not know yet");
+    assert_eq!(cli(&["flush"]), Some(0));
+    assert_eq!(balance(&consumer), paid_before, "nothing charged after");
+    let suspense = office.call("suspense.list", &[]).unwrap();
+    let reasons: Vec<&str> = suspense
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|record| record.member("reason").and_then(Value::as_str))
+        .collect();
+    assert!(
+        !reasons.is_empty() && reasons.iter().all(|reason| reason.starts_with("no grant")),
+        "{reasons:?}"
+    );
+    assert_eq!(query_in_session(&product), Some(1), "revoked");
+
     // Operator calls need the token.
     let refused = operator_call(office.address, "wrong", "customer.show", &[s(&consumer)]);
     assert_eq!(
@@ -209,12 +257,22 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
         .port();
     let listen = format!("127.0.0.1:{port}");
     let mut office = Backoffice::start_at(dir.path(), &listen);
-    let consumer = office.text("customer.create", &[s("Ada"), s("ada@example.org")], "CID");
+    let consumer = office.text(
+        "customer.create",
+        &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
+        "CID",
+    );
     let producer = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
     let flat = Value::Base64(examples::module("flat"));
     let product = office.text(
         "product.create",
-        &[s(&producer), s("Editor"), s("0.25 per use"), flat],
+        &[
+            s(&producer),
+            s("Editor"),
+            s("0.25 per use"),
+            flat,
+            s("0.25"),
+        ],
         "PID",
     );
     let (mid, secret) = office.meter(&consumer);
@@ -228,6 +286,7 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
         backoffice: Some((office.address, mid.parse().unwrap(), secret_file)),
     };
     let meterd = setup.start();
+    grant_by_password(&meterd.socket, &consumer, PASSWORD);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (consumer_id, product_id) = (consumer.parse().unwrap(), product.parse().unwrap());
     let (acknowledged, unsure) = std::thread::scope(|scope| {
@@ -324,11 +383,23 @@ fn the_operator_commands_drive_a_running_backoffice() {
         "Broken",
         "terms",
         garbage.to_str().unwrap(),
+        "--max-price",
+        "1",
     ]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("not a valid WebAssembly module"), "{text}");
     let (code, text) = run(&["show", "B1-C99"]);
     assert_eq!(code, Some(2), "{text}");
+    // A product needs its maximum price per use.
+    let (code, text) = run(&["product", "B1-C1", "Editor", "terms", "x.wasm"]);
+    assert_eq!(code, Some(2), "clap refuses: {text}");
+    assert!(text.contains("--max-price"), "{text}");
+    // Grants: none yet; an unknown number cannot be revoked.
+    let (code, text) = run(&["grants", "B1-C1"]);
+    assert_eq!((code, text.trim()), (Some(0), ""));
+    let (code, text) = run(&["revoke", "99"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("no grant 99"), "{text}");
     std::fs::write(dir.path().join("wrong-token"), "wrong").unwrap();
     let output = Command::new(workspace_binary("backoffice", "backoffice"))
         .arg("--url")

@@ -265,6 +265,7 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
     for value in [
         "`Editor`",
         "`0.25 per use`",
+        "maximum price per use `0.25`",
         module_path,
         "`B1-P1`",
         "`B1-P1T`",
@@ -279,6 +280,7 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
             ("csrf", &csrf),
             ("name", "Editor"),
             ("terms", "0.25 per use"),
+            ("maxPrice", "0.25"),
             ("agrees", "yes"),
         ],
         ("taca", "taca_flat.wasm", &module),

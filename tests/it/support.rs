@@ -326,3 +326,28 @@ impl Backoffice {
 pub fn s(text: &str) -> Value {
     Value::string(text)
 }
+
+/// Lets the real meter on `socket` charge `cid` for this test's user, as a
+/// customer on a headless machine does: `meterd grant --password-stdin`.
+pub fn grant_by_password(socket: &std::path::Path, cid: &str, password: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new(workspace_binary("meterd", "meterd"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["grant", "--password-stdin", cid])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("meterd grant runs");
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    writeln!(stdin, "{password}").unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && said.contains(&format!("granted {cid}")),
+        "meterd grant {cid}: {said}"
+    );
+}
