@@ -30,6 +30,8 @@ use proto::record::{Reader, put_str};
 use proto::upload::{MeterParams, Standing};
 use proto::{BatchId, Cid, Context, Payer, Pid};
 
+use crate::batching::BatchEnd;
+
 /// Bytes of memory sled may use for its page cache; the rest stays on disk.
 pub const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -321,22 +323,38 @@ impl Cache {
     /// one of at most `readings_max` readings, made durable before it is
     /// returned. `None` when nothing waits.
     pub fn pending_batch(&self, readings_max: usize) -> Result<Option<PendingBatch>, CacheError> {
+        self.pending_batch_ending(readings_max, |readings| BatchEnd::Take(readings.len()))
+    }
+
+    /// Like `pending_batch`, but a new batch takes as many of the first
+    /// `readings_max` waiting readings as `end` says (see
+    /// `batching::batch_end`); `None` also when `end` holds them back.
+    pub fn pending_batch_ending(
+        &self,
+        readings_max: usize,
+        end: impl FnOnce(&[Reading]) -> BatchEnd,
+    ) -> Result<Option<PendingBatch>, CacheError> {
         if let Some(bytes) = self.tree.get(BATCH_KEY)? {
             return Ok(Some(decode_batch(&bytes)));
         }
-        let mut seqs = self
+        let mut readings = Vec::new();
+        for record in self
             .tree
             .scan_prefix([READING_PREFIX])
-            .keys()
-            .take(readings_max.max(1));
-        let Some(first) = seqs.next() else {
-            return Ok(None);
-        };
-        let first_seq = u64_of(&first?[1..]);
-        let mut last_seq = first_seq;
-        for key in seqs {
-            last_seq = u64_of(&key?[1..]);
+            .values()
+            .take(readings_max.max(1))
+        {
+            readings.push(checked_decode(&record?));
         }
+        if readings.is_empty() {
+            return Ok(None);
+        }
+        let taken = match end(&readings) {
+            BatchEnd::Take(count) => count.clamp(1, readings.len()),
+            BatchEnd::Hold => return Ok(None),
+        };
+        let first_seq = readings[0].seq;
+        let last_seq = readings[taken - 1].seq;
         let id = BatchId::parse(&format!("{}:{first_seq}", self.instance()))
             .expect("INSTANCE:seq is a valid batch id");
         let batch = PendingBatch {

@@ -231,6 +231,18 @@ impl Contexts {
         Some(frame)
     }
 
+    /// True while a query of `pid` is open in the context recorded as
+    /// `context` in readings (its commit may still come).
+    pub fn has_open_query(&self, context: &Context, pid: Pid) -> bool {
+        ContextKey::parse(context.as_str())
+            .and_then(|key| self.stacks.get(&key))
+            .is_some_and(|stack| {
+                stack
+                    .iter()
+                    .any(|frame| matches!(frame, Frame::Query { pid: open, .. } if *open == pid))
+            })
+    }
+
     /// `login(CID)` in the caller's context, by local user `uid`.
     pub fn login(&mut self, caller: &Caller, cid: Cid, uid: u32) -> Result<(), ContextError> {
         self.push(&caller.key, Frame::Login { cid, uid })

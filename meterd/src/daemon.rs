@@ -112,14 +112,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let uploader = backoffice.as_ref().map(|backoffice| {
-        Uploader::new(
-            Arc::clone(&cache),
-            Arc::clone(&table),
-            Arc::clone(&signals),
-            Arc::clone(backoffice),
-        )
-    });
+    let uploading = backoffice.clone();
     let listener = bind(&config.socket, config.socket_mode)?;
     let meter = Meter::new(
         Arc::clone(&cache),
@@ -134,6 +127,15 @@ pub async fn serve(
         source,
     })?;
     let meter = Arc::new(meter);
+    let uploader = uploading.map(|backoffice| {
+        Uploader::new(
+            Arc::clone(&cache),
+            Arc::clone(&table),
+            Arc::clone(&signals),
+            backoffice,
+            meter.contexts(),
+        )
+    });
     let sessions = cache.saved_sessions().map_err(|source| StartError::Cache {
         path: cache_dir.display().to_string(),
         source,

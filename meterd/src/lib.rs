@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoffice;
+pub mod batching;
 pub mod cache;
 pub mod client;
 pub mod config;

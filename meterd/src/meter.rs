@@ -73,7 +73,7 @@ pub struct Peer {
 
 /// The meter's state, shared by every connection.
 pub struct Meter {
-    contexts: Mutex<Contexts>,
+    contexts: Arc<Mutex<Contexts>>,
     /// Serializes saving sessions, so an older list never overwrites a newer.
     sessions_saved: tokio::sync::Mutex<()>,
     table: Arc<Mutex<StatusTable>>,
@@ -147,6 +147,12 @@ fn request_handle() -> Result<String, Fault> {
 }
 
 impl Meter {
+    /// The open frames of every context, shared with the uploader, which
+    /// keeps a component's use in the batch of its enclosing use.
+    pub fn contexts(&self) -> Arc<Mutex<Contexts>> {
+        Arc::clone(&self.contexts)
+    }
+
     /// A meter over `cache`, recording through `journal`, with `table` shared
     /// with the uploader, calling `backoffice` (if any) for grants; it holds
     /// the grants kept in the cache.
@@ -161,7 +167,7 @@ impl Meter {
         let held = Held::new(cache.grants()?);
         let proc_root = PathBuf::from("/proc");
         Ok(Self {
-            contexts: Mutex::new(Contexts::new(limits)),
+            contexts: Arc::new(Mutex::new(Contexts::new(limits))),
             sessions_saved: tokio::sync::Mutex::new(()),
             table,
             journal,

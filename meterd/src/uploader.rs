@@ -18,7 +18,9 @@ use proto::upload::{Batch, SendAnswer, SendBody, SendRequest};
 use proto::{BatchId, FaultCode, Mid};
 
 use crate::backoffice::{Backoffice, BackofficeError};
+use crate::batching::batch_end;
 use crate::cache::{Cache, PendingBatch, SavedTable};
+use crate::context::Contexts;
 use crate::meter::{UploadSignals, now_ms};
 use crate::standing::StatusTable;
 
@@ -32,6 +34,9 @@ pub const RETRY_DELAY_MIN_MS: u64 = 1_000;
 pub const RETRY_DELAY_MAX_MS: u64 = 300_000;
 /// Longest the uploader sleeps before looking at its triggers again.
 pub const CHECK_INTERVAL_MAX_MS: u64 = 60_000;
+/// When the first waiting reading is held back for its enclosing use, how
+/// long until a timed upload looks again.
+pub const HOLD_RECHECK_MS: u64 = 5_000;
 
 pub use crate::backoffice::Endpoint;
 
@@ -69,6 +74,12 @@ pub struct Uploader {
     signals: Arc<UploadSignals>,
     mid: Mid,
     backoffice: Arc<Backoffice>,
+    /// The meter's open frames: a component's use waits in the cache while
+    /// its enclosing use is open (`batching`).
+    contexts: Arc<Mutex<Contexts>>,
+    /// Until when (ms since the Unix epoch) the first waiting reading is
+    /// held back for its enclosing use: no timed upload before then.
+    held_until_ms: std::sync::atomic::AtomicU64,
 }
 
 fn lock(table: &Mutex<StatusTable>) -> std::sync::MutexGuard<'_, StatusTable> {
@@ -93,11 +104,14 @@ impl Uploader {
         table: Arc<Mutex<StatusTable>>,
         signals: Arc<UploadSignals>,
         backoffice: Arc<Backoffice>,
+        contexts: Arc<Mutex<Contexts>>,
     ) -> Uploader {
         Uploader {
             cache,
             table,
             signals,
+            contexts,
+            held_until_ms: std::sync::atomic::AtomicU64::new(0),
             mid: backoffice.mid(),
             backoffice,
         }
@@ -119,8 +133,11 @@ impl Uploader {
             .ok()
             .flatten();
         let interval_ms = u64::from(params.flush_interval_s) * 1000;
+        let held_until = self
+            .held_until_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
         let readings_due = oldest.map_or(u64::MAX, |oldest| {
-            (oldest + interval_ms).saturating_sub(now)
+            (oldest + interval_ms).max(held_until).saturating_sub(now)
         });
         table_due.min(readings_due)
     }
@@ -173,7 +190,27 @@ impl Uploader {
     async fn upload_all(&self) -> Result<(), UploadError> {
         loop {
             let cache = Arc::clone(&self.cache);
-            let pending = blocking(move || cache.pending_batch(UPLOAD_BATCH_READINGS)).await?;
+            let contexts = Arc::clone(&self.contexts);
+            let now = now_ms();
+            let pending = blocking(move || {
+                cache.pending_batch_ending(UPLOAD_BATCH_READINGS, |readings| {
+                    let contexts = contexts
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    batch_end(
+                        readings,
+                        |context, pid| contexts.has_open_query(context, pid),
+                        now,
+                    )
+                })
+            })
+            .await?;
+            if pending.is_none() && self.cache.pending() > 0 {
+                // Held back for an enclosing use still open: look again a
+                // little later rather than at once.
+                self.held_until_ms
+                    .store(now + HOLD_RECHECK_MS, std::sync::atomic::Ordering::Relaxed);
+            }
             match pending {
                 Some(batch) => self.upload_batch(batch).await?,
                 None => return self.refresh_table().await,

@@ -977,3 +977,43 @@ fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept(
     assert_eq!(status["conflictedBatches"], "2", "{status:?}");
     assert_eq!(status["conflictedReadings"], "9", "{status:?}");
 }
+
+/// The backoffice charges a component to the enclosing product's owner only
+/// when the enclosing commit arrives in the same batch: a flush while the
+/// enclosing use is still open must not part them.
+#[test]
+fn a_component_is_uploaded_in_the_batch_of_its_enclosing_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    let (editor, speller, other) = (pid("B1-P1"), pid("B1-P2"), pid("B1-P3"));
+    let mut program = meterd::client::Meter::connect(&meter.socket);
+    program.login(cid("B1-C1")).unwrap();
+    // Another use, complete, before the component: it may go at once.
+    assert!(program.try_query(other).unwrap());
+    program.commit(other).unwrap();
+    assert!(program.try_query(editor).unwrap());
+    assert!(program.try_query(speller).unwrap());
+    program.commit(speller).unwrap();
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let uploaded = commits(&backoffice.applied_readings());
+    assert_eq!(
+        uploaded.get(&(other, Some(Payer::Customer(cid("B1-C1"))))),
+        Some(&1),
+        "what came before went: {uploaded:?}"
+    );
+    assert!(
+        !uploaded.contains_key(&(speller, Some(Payer::OwnerOf(editor)))),
+        "the spell check waits for the editor's commit: {uploaded:?}"
+    );
+    program.commit(editor).unwrap();
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let batches = backoffice.ledger(|ledger| ledger.applied.clone());
+    let together = batches.iter().any(|(_, readings)| {
+        let in_batch = commits(readings);
+        in_batch.contains_key(&(speller, Some(Payer::OwnerOf(editor))))
+            && in_batch.contains_key(&(editor, Some(Payer::Customer(cid("B1-C1")))))
+    });
+    assert!(together, "one batch holds both: {batches:?}");
+}
