@@ -102,6 +102,10 @@ pub struct Caller {
     pub key: ContextKey,
     /// Where to look for a payer when `key` has no frames, nearest first.
     pub enclosing: Vec<ContextKey>,
+    /// The caller's uid (the socket's peer credentials, its effective uid);
+    /// `None` for callers without credentials. A frame pays for the
+    /// caller's uses only when the same uid opened it.
+    pub uid: Option<u32>,
 }
 
 /// One open level of nesting.
@@ -120,6 +124,8 @@ pub enum Frame {
         pid: Pid,
         /// Who pays for this product's own use (resolved at query time).
         payer: Payer,
+        /// The uid of the caller that queried.
+        uid: Option<u32>,
     },
 }
 
@@ -130,6 +136,19 @@ impl Frame {
             Frame::Login { cid, .. } => Payer::Customer(cid),
             Frame::Query { pid, .. } => Payer::OwnerOf(pid),
         }
+    }
+
+    /// True when this frame was opened by a caller of uid `uid`: only then
+    /// does it pay for that caller's uses. A caller without a uid matches
+    /// no frame. (A process that logged in and then changed its uid in
+    /// place keeps its PID and start time, so its context alone does not
+    /// tell the two users apart.)
+    pub fn opened_by(&self, uid: Option<u32>) -> bool {
+        let opener = match *self {
+            Frame::Login { uid, .. } => Some(uid),
+            Frame::Query { uid, .. } => uid,
+        };
+        uid.is_some() && opener == uid
     }
 }
 
@@ -194,11 +213,15 @@ impl Contexts {
         self.stacks.is_empty()
     }
 
-    /// Who would pay for a use made by `caller` now: the nearest open frame.
+    /// Who would pay for a use made by `caller` now: the nearest open frame,
+    /// and only when the caller's uid opened it (a login by another uid, or
+    /// a query made under another uid, pays for nothing of this caller's:
+    /// `None`).
     pub fn payer(&self, caller: &Caller) -> Option<Payer> {
         std::iter::once(&caller.key)
             .chain(&caller.enclosing)
             .find_map(|key| self.stacks.get(key).and_then(|stack| stack.last()))
+            .filter(|frame| frame.opened_by(caller.uid))
             .map(Frame::payer_inside)
     }
 
@@ -257,23 +280,26 @@ impl Contexts {
         .is_some()
     }
 
-    /// Opens a query of `pid` whose own use `payer` pays for.
+    /// Opens a query of `pid`, made by the caller's uid, whose own use
+    /// `payer` pays for.
     pub fn open_query(
         &mut self,
         caller: &Caller,
         pid: Pid,
         payer: Payer,
     ) -> Result<(), ContextError> {
-        self.push(&caller.key, Frame::Query { pid, payer })
+        let uid = caller.uid;
+        self.push(&caller.key, Frame::Query { pid, payer, uid })
     }
 
-    /// Closes the nearest open query of `pid` in the caller's own context and
-    /// returns who pays for it; `None` when no such query is open.
+    /// Closes the nearest open query of `pid` in the caller's own context,
+    /// made by the caller's uid, and returns who pays for it; `None` when
+    /// no such query is open.
     pub fn close_query(&mut self, caller: &Caller, pid: Pid) -> Option<Payer> {
-        let frame = self.pop_through(
-            &caller.key,
-            |frame| matches!(frame, Frame::Query { pid: open, .. } if *open == pid),
-        )?;
+        let uid = caller.uid;
+        let frame = self.pop_through(&caller.key, |frame| {
+            matches!(frame, Frame::Query { pid: open, .. } if *open == pid) && frame.opened_by(uid)
+        })?;
         match frame {
             Frame::Query { payer, .. } => Some(payer),
             Frame::Login { .. } => unreachable!("only a query frame matches"),
@@ -347,7 +373,7 @@ mod tests {
         }
     }
 
-    /// A process whose ancestors are `parents`, nearest first.
+    /// A process of uid 1000 whose ancestors are `parents`, nearest first.
     fn caller(pid: u32, parents: &[u32]) -> Caller {
         Caller {
             key: ContextKey::Process(process(pid)),
@@ -355,6 +381,7 @@ mod tests {
                 .iter()
                 .map(|&p| ContextKey::Process(process(p)))
                 .collect(),
+            uid: Some(1000),
         }
     }
 
@@ -367,6 +394,7 @@ mod tests {
                 name: Context::parse(name).unwrap(),
             },
             enclosing,
+            uid: Some(1000),
         }
     }
 
@@ -502,6 +530,50 @@ mod tests {
     }
 
     #[test]
+    fn frames_pay_only_for_callers_of_the_uid_that_opened_them() {
+        let mut contexts = Contexts::default();
+        // Root logs in with its own grant, then the same process (same PID
+        // and start time) changes its uid to 1000 in place.
+        let as_root = Caller {
+            uid: Some(0),
+            ..caller(10, &[1])
+        };
+        let as_user = caller(10, &[1]);
+        let without_uid = Caller {
+            uid: None,
+            ..caller(10, &[1])
+        };
+        contexts.login(&as_root, cid(1), 0).unwrap();
+        assert_eq!(contexts.payer(&as_root), Some(Payer::Customer(cid(1))));
+        assert_eq!(
+            contexts.payer(&as_user),
+            None,
+            "root's login is not uid 1000's"
+        );
+        assert_eq!(contexts.payer(&without_uid), None, "no uid, no login");
+        // Nor does the session reach uid 1000's children through the walk.
+        let child = caller(20, &[10, 1]);
+        assert_eq!(contexts.payer(&child), None);
+        // A query root opened pays for root's components only, and only
+        // root commits it.
+        contexts
+            .open_query(&as_root, pid(1), Payer::Customer(cid(1)))
+            .unwrap();
+        assert_eq!(contexts.payer(&as_root), Some(Payer::OwnerOf(pid(1))));
+        assert_eq!(contexts.payer(&as_user), None);
+        assert_eq!(contexts.close_query(&as_user, pid(1)), None);
+        assert_eq!(contexts.close_query(&without_uid, pid(1)), None);
+        assert_eq!(
+            contexts.close_query(&as_root, pid(1)),
+            Some(Payer::Customer(cid(1)))
+        );
+        // Uid 1000's own login in the same context pays for uid 1000 only.
+        contexts.login(&as_user, cid(2), 1000).unwrap();
+        assert_eq!(contexts.payer(&as_user), Some(Payer::Customer(cid(2))));
+        assert_eq!(contexts.payer(&as_root), None);
+    }
+
+    #[test]
     fn logins_are_listed_for_saving_without_queries() {
         let mut contexts = Contexts::default();
         let program = caller(10, &[]);
@@ -513,6 +585,7 @@ mod tests {
         let connection = Caller {
             key: ContextKey::Connection(3),
             enclosing: Vec::new(),
+            uid: Some(1000),
         };
         contexts.login(&connection, cid(3), 1000).unwrap();
         assert_eq!(
@@ -527,7 +600,11 @@ mod tests {
     #[test]
     fn logins_no_longer_admitted_are_closed_with_what_is_above_them() {
         let mut contexts = Contexts::default();
-        let (a, b) = (caller(10, &[]), caller(11, &[]));
+        let a = caller(10, &[]);
+        let b = Caller {
+            uid: Some(1001),
+            ..caller(11, &[])
+        };
         contexts.login(&a, cid(1), 1000).unwrap();
         contexts.login(&a, cid(2), 1000).unwrap();
         contexts

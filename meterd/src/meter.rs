@@ -191,12 +191,14 @@ impl Meter {
                 .copied()
                 .map(ContextKey::Process)
                 .collect(),
+            uid: peer.uid,
         };
         let Some(context) = context else {
             return Ok(match peer.lineage.as_slice() {
                 [] => Caller {
                     key: ContextKey::Connection(peer.connection),
                     enclosing: Vec::new(),
+                    uid: peer.uid,
                 },
                 lineage => as_process(lineage),
             });
@@ -236,7 +238,11 @@ impl Meter {
             .copied()
             .map(ContextKey::Process)
             .collect();
-        Ok(Caller { key, enclosing })
+        Ok(Caller {
+            key,
+            enclosing,
+            uid: peer.uid,
+        })
     }
 
     /// Answers one call from `peer`.
@@ -589,6 +595,7 @@ impl Meter {
             let caller = Caller {
                 key,
                 enclosing: Vec::new(),
+                uid: Some(session.uid),
             };
             if alive && granted && contexts.login(&caller, session.cid, session.uid).is_ok() {
                 restored += 1;
@@ -913,6 +920,58 @@ mod tests {
         );
     }
 
+    fn query_call(pid: &str) -> MeterCall {
+        MeterCall::Query {
+            pid: Pid::parse(pid).unwrap(),
+            context: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_login_pays_only_for_the_uid_that_made_it_even_in_the_same_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        meter
+            .keep_grant(grant("B1-C4", user(0), None))
+            .await
+            .unwrap();
+        // Root logs in, then calls setuid(1000) in place: the same process
+        // (PID and start time), now calling with uid 1000.
+        let root = peer(0, &[20, 10], false);
+        let after_setuid = peer(1000, &[20, 10], false);
+        assert_eq!(
+            meter.call(&root, login_call("B1-C4")).await,
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(
+            meter.call(&after_setuid, query_call("B1-P1")).await,
+            Ok(Value::Bool(false)),
+            "root's session is not uid 1000's"
+        );
+        let anonymous = Peer {
+            uid: None,
+            ..root.clone()
+        };
+        assert_eq!(
+            meter.call(&anonymous, query_call("B1-P1")).await,
+            Ok(Value::Bool(false))
+        );
+        assert_eq!(
+            meter.call(&root, query_call("B1-P1")).await,
+            Ok(Value::Bool(true))
+        );
+        // Nor may uid 1000 commit the use root began.
+        let commit = MeterCall::Commit {
+            pid: Pid::parse("B1-P1").unwrap(),
+            context: None,
+        };
+        assert_eq!(
+            fault_of(meter.call(&after_setuid, commit.clone()).await),
+            Some(FaultCode::UnmatchedCommit)
+        );
+        assert_eq!(meter.call(&root, commit).await, Ok(Value::Bool(true)));
+    }
+
     #[tokio::test]
     async fn sessions_are_restored_only_while_their_grant_admits_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -939,6 +998,7 @@ mod tests {
         let caller = Caller {
             key: ContextKey::Process(me),
             enclosing: Vec::new(),
+            uid: Some(1000),
         };
         assert_eq!(
             lock(&meter.contexts).logins(),

@@ -1,6 +1,13 @@
 //! What the meter learns about a calling process from `/proc`: its start time
 //! (so a reused PID is a new process), its parent, and the user each
 //! ancestor runs as (the walk up the ancestors stops at a change of user).
+//!
+//! "The user a process runs as" is always its **effective** uid: that is the
+//! uid the socket's peer credentials (`SO_PEERCRED`) give for the caller, so
+//! its ancestors are compared by the same measure (the second number of the
+//! `Uid:` line of `/proc/PID/status`), never by their real uid. A setuid
+//! program, or a process that dropped privileges with `setresuid`, is the
+//! user it acts as.
 
 use std::path::Path;
 
@@ -38,18 +45,20 @@ pub fn read_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
     parse_stat(pid, &text)
 }
 
-/// The real uid in the text of `/proc/PID/status` (the first number of its
-/// `Uid:` line).
+/// The effective uid in the text of `/proc/PID/status` (the second number
+/// of its `Uid:` line: real, effective, saved, filesystem), the uid that
+/// `SO_PEERCRED` reports for a caller.
 pub fn parse_status_uid(text: &str) -> Option<u32> {
     text.lines()
         .find_map(|line| line.strip_prefix("Uid:"))?
         .split_ascii_whitespace()
-        .next()?
+        .nth(1)?
         .parse()
         .ok()
 }
 
-/// The real uid of process `pid` under `proc_root`; `None` when it is gone.
+/// The effective uid of process `pid` under `proc_root`; `None` when it is
+/// gone.
 pub fn read_uid(proc_root: &Path, pid: u32) -> Option<u32> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
     parse_status_uid(&text)
@@ -67,7 +76,7 @@ pub struct Lineage {
 
 /// The process `pid` and its ancestors, nearest first, at most
 /// `ANCESTORS_MAX` of them, followed only while they run as `uid` (their
-/// real uid): a process never inherits the session, or the enclosing query,
+/// effective uid, as the caller's `uid` from `SO_PEERCRED` is): a process never inherits the session, or the enclosing query,
 /// of another user's process. Without a `uid` only the process itself is
 /// returned.
 pub fn lineage(proc_root: &Path, pid: u32, uid: Option<u32>) -> Lineage {
@@ -129,7 +138,8 @@ mod tests {
         assert!(!is_alive(root, &imposter));
     }
 
-    /// A fake `/proc` with processes `(pid, parent, uid)`.
+    /// A fake `/proc` with processes `(pid, parent, uid)`, each with that
+    /// effective uid and real uid 4242.
     fn fake_proc(processes: &[(u32, u32, u32)]) -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap();
         for &(pid, parent, uid) in processes {
@@ -140,7 +150,7 @@ mod tests {
                 100 + pid
             );
             std::fs::write(dir.join("stat"), stat).unwrap();
-            let status = format!("Name:\tp{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n");
+            let status = format!("Name:\tp{pid}\nUid:\t4242\t{uid}\t{uid}\t{uid}\n");
             std::fs::write(dir.join("status"), status).unwrap();
         }
         root
@@ -172,9 +182,10 @@ mod tests {
         assert_eq!(pids(lineage(root.path(), 40, None)), (vec![40], false));
         assert_eq!(
             parse_status_uid("Name:\tx\nUid:\t1000\t0\t0\t0\n"),
-            Some(1000),
-            "the real uid, not the effective one"
+            Some(0),
+            "the effective uid, as SO_PEERCRED reports it, not the real one"
         );
+        assert_eq!(parse_status_uid("Uid:\t1000\n"), None);
         assert_eq!(parse_status_uid("Name:\tx\n"), None);
     }
 }

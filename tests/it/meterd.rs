@@ -705,6 +705,56 @@ fn login_needs_a_grant_of_the_callers_own_uid() {
     assert!(theirs.stdout.contains("B1-C6") && !theirs.stdout.contains("B1-C4"));
 }
 
+/// A root process that logged in with root's own grant and then calls
+/// setuid in place keeps its PID and start time, so its context is the
+/// same; the session must still not pay for the new uid's uses.
+#[test]
+fn a_session_does_not_follow_its_process_to_another_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start_with(&["--socket-mode", "666"]);
+    let python = Path::new("/usr/bin/python3");
+    let runnable = as_second_user(dir.path()).and_then(|_| {
+        if python.exists() {
+            Ok(())
+        } else {
+            Err("there is no /usr/bin/python3 to change its uid".to_owned())
+        }
+    });
+    if let Err(reason) = runnable {
+        println!("skipping: {reason}");
+        return;
+    }
+    grant_by_password(&backoffice, &meter.socket, "B1-C4");
+    let output = Command::new(python)
+        .arg("-c")
+        .arg(
+            "import os, sys\n\
+             sys.path.insert(0, sys.argv[1])\n\
+             from meterd_client import connect\n\
+             meter = connect(sys.argv[2])\n\
+             meter.login('B1-C4')\n\
+             print('root', meter.query('B1-P1'))\n\
+             meter.cancel('B1-P1')\n\
+             os.setgroups([])\n\
+             os.setgid(65534)\n\
+             os.setuid(65534)\n\
+             meter = connect(sys.argv[2])\n\
+             print('after setuid', meter.query('B1-P1'))\n",
+        )
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python"))
+        .arg(&meter.socket)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        ["root True", "after setuid False"],
+        "{output:?}"
+    );
+}
+
 /// Starts `meterd grant CID` and reads the user code it prints.
 fn start_device_grant(socket: &Path, customer: &str) -> (std::process::Child, String) {
     let mut child = Command::new(workspace_binary("meterd", "meterd"))
