@@ -75,6 +75,21 @@ impl Endpoint {
     }
 }
 
+/// True when `host` (a URL's host, IPv6 without brackets) names this
+/// machine: `localhost` (or a name under it), an address in 127.0.0.0/8,
+/// or `::1` (also written as an IPv4-mapped loopback address). Only then
+/// does plain http keep what is sent on the machine.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(address) => address.to_canonical().is_loopback(),
+        Err(_) => false,
+    }
+}
+
 /// A meter's signed link to its backoffice.
 #[derive(Debug)]
 pub struct Backoffice {
@@ -96,6 +111,11 @@ impl Backoffice {
     /// The meter's MID.
     pub fn mid(&self) -> Mid {
         self.mid
+    }
+
+    /// Where the backoffice listens.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Calls `method` with `params`, signed; the answer's value, or why
@@ -186,5 +206,39 @@ mod tests {
         assert!(Endpoint::parse("https://x").is_err());
         assert!(Endpoint::parse("http://:80/").is_err());
         assert!(Endpoint::parse("http://x:port/").is_err());
+    }
+
+    #[test]
+    fn only_this_machines_addresses_are_loopback() {
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "::ffff:127.0.0.1",
+            "localhost",
+            "LocalHost",
+            "localhost.",
+            "backoffice.localhost",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "10.0.0.1",
+            "128.0.0.1",
+            "0.0.0.0",
+            "::",
+            "::2",
+            "fe80::1",
+            "backoffice.example",
+            "localhost.example",
+            "mylocalhost",
+            "127.0.0.1.example",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+        // As the meter's settings give it.
+        let endpoint = Endpoint::parse("http://[::1]:8080/RPC2").unwrap();
+        assert!(is_loopback_host(&endpoint.host));
     }
 }

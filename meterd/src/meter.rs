@@ -138,6 +138,27 @@ fn storage_fault(error: &dyn std::fmt::Display) -> Fault {
     Fault::new(FaultCode::StorageFailed, error.to_string())
 }
 
+/// Refuses `grant.password` unless the backoffice is on this machine: the
+/// meter speaks plain http to it (TLS is issue 14), so anywhere else the
+/// customer's web password would cross the network readable by anyone on
+/// the way. The device code flow sends no password.
+fn password_may_be_sent(backoffice: &Backoffice, cid: Cid) -> Result<(), Fault> {
+    let endpoint = backoffice.endpoint();
+    if crate::backoffice::is_loopback_host(&endpoint.host) {
+        return Ok(());
+    }
+    Err(Fault::new(
+        FaultCode::GrantFailed,
+        format!(
+            "this meter reaches its backoffice ({}) over plain http, which is not on this \
+             machine, so it will not send {cid}'s password there; nothing was sent. Use the \
+             code flow instead: run `meterd grant {cid}` (without --password-stdin) and have \
+             {cid} approve the code on the backoffice's web pages",
+            endpoint.host
+        ),
+    ))
+}
+
 /// A new handle for a grant request: 128 random bits in hex.
 fn request_handle() -> Result<String, Fault> {
     let mut bytes = [0u8; 16];
@@ -452,6 +473,7 @@ impl Meter {
         let uid = Self::uid_of(peer.uid)?;
         let scope = grants::scope_for(uid, machine_wide, &self.etc_root)?;
         let backoffice = self.backoffice()?;
+        password_may_be_sent(backoffice, cid)?;
         let grant = PasswordGrant {
             request: GrantRequest {
                 mid: backoffice.mid(),
@@ -1015,6 +1037,57 @@ mod tests {
         assert!(
             meter.cache.saved_sessions().unwrap().is_empty(),
             "saved too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_password_is_sent_only_to_a_backoffice_on_this_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), 1_000).unwrap());
+        let (journal, _writer) = crate::journal::start(Arc::clone(&cache));
+        let (report, _) = watch::channel(UploadReport::default());
+        let signals = Arc::new(UploadSignals {
+            wake: Notify::new(),
+            report,
+            flush_tickets: std::sync::atomic::AtomicU64::new(0),
+        });
+        let secret = proto::auth::Secret::new(b"a test secret of thirty-two bytes").unwrap();
+        let mid = proto::Mid::parse("B1-M1").unwrap();
+        // A port where nothing listens: were the password sent, the fault
+        // would say the backoffice could not be reached.
+        let remote = Backoffice::new("http://192.0.2.1:9/RPC2", mid, secret).unwrap();
+        let meter = Meter::new(
+            cache,
+            journal,
+            Arc::default(),
+            signals,
+            Some(Arc::new(remote)),
+            ContextLimits::default(),
+        )
+        .unwrap();
+        let call = MeterCall::GrantPassword {
+            cid: Cid::parse("B1-C4").unwrap(),
+            password: Password("pw".into()),
+            machine_wide: false,
+            expires_in_s: None,
+        };
+        let fault = meter
+            .call(&peer(1000, &[20], false), call)
+            .await
+            .unwrap_err();
+        assert_eq!(fault.registered(), Some(FaultCode::GrantFailed));
+        assert!(fault.message.contains("plain http"), "{}", fault.message);
+        assert!(
+            fault
+                .message
+                .contains("`meterd grant B1-C4` (without --password-stdin)"),
+            "{}",
+            fault.message
+        );
+        assert!(
+            fault.message.contains("nothing was sent"),
+            "{}",
+            fault.message
         );
     }
 
