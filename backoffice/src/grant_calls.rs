@@ -98,10 +98,22 @@ fn customer(service: &Service, cid: &Cid) -> Result<Customer, Fault> {
 fn request(service: &Service, request: GrantRequest, now_ms: u64) -> Result<Value, Fault> {
     customer(service, &request.cid)?;
     let (mid, cid) = (request.mid, request.cid);
+    let owner = service
+        .backoffice
+        .store()
+        .meter(&mid)
+        .map_err(store_fault)?
+        .ok_or_else(|| {
+            Fault::new(
+                FaultCode::UnknownMeter,
+                format!("{mid} is not registered here"),
+            )
+        })?
+        .owner;
     let (device_code, user_code) = service
         .backoffice
         .device_codes()
-        .issue(request, now_ms)
+        .issue(request, owner, now_ms)
         .map_err(|error| match error {
             CodeError::TooMany => Fault::new(FaultCode::TooManyAttempts, error.to_string()),
             CodeError::Unknown => refused(error.to_string()),
@@ -144,6 +156,9 @@ fn by_password(service: &Service, asked: PasswordGrant, now_ms: u64) -> Result<V
     };
     let store = service.backoffice.store();
     let customer = store.customer(&request.cid).map_err(store_fault)?;
+    // One derivation per core at a time, shared with the login page, so a
+    // flood of guesses queues instead of taking every core from `send`.
+    let _permit = service.web.heavy_permit();
     let matches = match customer.as_ref().and_then(|c| c.password.as_ref()) {
         Some(stored) => password::verify(&asked.password, stored),
         None => {

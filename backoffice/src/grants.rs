@@ -19,6 +19,9 @@ pub const POLL_INTERVAL_S: u64 = 5;
 pub const CODES_MAX: usize = 10_000;
 /// Most codes pending for one meter at once.
 pub const CODES_PER_METER_MAX: usize = 5;
+/// Most codes pending for the meters of one owner at once, so that nobody
+/// fills the branch's allowance with meters of their own.
+pub const CODES_PER_OWNER_MAX: usize = 10;
 /// The letters of user codes: no vowels (no words), none easily confused.
 pub const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
 /// Letters in a user code (shown as two groups of four): 20^8, about 2.6e10.
@@ -47,6 +50,8 @@ enum State {
 struct Code {
     device_code: String,
     request: GrantRequest,
+    /// Who registered the meter that asked.
+    owner: Cid,
     expires_ms: u64,
     state: State,
 }
@@ -125,8 +130,14 @@ fn lock(codes: &Mutex<Codes>) -> std::sync::MutexGuard<'_, Codes> {
 }
 
 impl DeviceCodes {
-    /// Issues a code for `request`: `(device code, user code)`, both new.
-    pub fn issue(&self, request: GrantRequest, now_ms: u64) -> Result<(String, String), CodeError> {
+    /// Issues a code for `request` from a meter of `owner`: `(device code,
+    /// user code)`, both new.
+    pub fn issue(
+        &self,
+        request: GrantRequest,
+        owner: Cid,
+        now_ms: u64,
+    ) -> Result<(String, String), CodeError> {
         let mut codes = lock(&self.codes);
         codes.forget_expired(now_ms);
         let of_meter = codes
@@ -134,7 +145,15 @@ impl DeviceCodes {
             .values()
             .filter(|code| code.request.mid == request.mid)
             .count();
-        if codes.by_user.len() >= CODES_MAX || of_meter >= CODES_PER_METER_MAX {
+        let of_owner = codes
+            .by_user
+            .values()
+            .filter(|code| code.owner == owner)
+            .count();
+        if codes.by_user.len() >= CODES_MAX
+            || of_meter >= CODES_PER_METER_MAX
+            || of_owner >= CODES_PER_OWNER_MAX
+        {
             return Err(CodeError::TooMany);
         }
         let user_code = loop {
@@ -152,6 +171,7 @@ impl DeviceCodes {
             Code {
                 device_code: device_code.clone(),
                 request,
+                owner,
                 expires_ms: now_ms + CODE_VALID_MS,
                 state: State::Pending,
             },
@@ -235,6 +255,10 @@ mod tests {
         }
     }
 
+    fn owner() -> Cid {
+        "B1-C9".parse().unwrap()
+    }
+
     fn info(cid: Cid) -> GrantInfo {
         GrantInfo {
             cid,
@@ -250,7 +274,7 @@ mod tests {
         let mid: Mid = "B1-M1".parse().unwrap();
         let bob: Cid = "B1-C4".parse().unwrap();
         let eve: Cid = "B1-C5".parse().unwrap();
-        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), 0).unwrap();
+        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
         assert_eq!(user.len(), USER_CODE_LETTERS);
         assert!(user.bytes().all(|b| USER_CODE_ALPHABET.contains(&b)));
         let typed = display(&user).to_lowercase();
@@ -282,22 +306,51 @@ mod tests {
         let codes = DeviceCodes::default();
         let mid: Mid = "B1-M1".parse().unwrap();
         let bob: Cid = "B1-C4".parse().unwrap();
-        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), 0).unwrap();
+        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
         let refuse = None::<fn(&GrantRequest) -> Result<GrantInfo, ()>>;
         codes.decide(&user, &bob, 1, refuse).unwrap().unwrap();
         assert_eq!(codes.poll(&mid, &device, 2), PollStatus::Denied);
-        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), 0).unwrap();
+        let (device, user) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
         let late = CODE_VALID_MS;
         assert!(codes.pending_for(&user, &bob, late).is_none());
         assert_eq!(codes.poll(&mid, &device, late), PollStatus::Expired);
         for _ in 0..CODES_PER_METER_MAX {
-            codes.issue(request("B1-M1", "B1-C4"), late).unwrap();
+            codes
+                .issue(request("B1-M1", "B1-C4"), owner(), late)
+                .unwrap();
         }
         assert_eq!(
-            codes.issue(request("B1-M1", "B1-C4"), late),
+            codes.issue(request("B1-M1", "B1-C4"), owner(), late),
             Err(CodeError::TooMany)
         );
-        assert!(codes.issue(request("B1-M2", "B1-C4"), late).is_ok());
-        assert!(codes.issue(request("B1-M1", "B1-C4"), 2 * late).is_ok());
+        assert!(
+            codes
+                .issue(request("B1-M2", "B1-C4"), owner(), late)
+                .is_ok()
+        );
+        assert!(
+            codes
+                .issue(request("B1-M1", "B1-C4"), owner(), 2 * late)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn one_owners_meters_cannot_take_every_code() {
+        let codes = DeviceCodes::default();
+        for meter in 0..CODES_PER_OWNER_MAX {
+            let mid = format!("B1-M{}", 1 + meter / CODES_PER_METER_MAX);
+            codes.issue(request(&mid, "B1-C4"), owner(), 0).unwrap();
+        }
+        assert_eq!(
+            codes.issue(request("B1-M99", "B1-C4"), owner(), 0),
+            Err(CodeError::TooMany)
+        );
+        let someone_else: Cid = "B1-C10".parse().unwrap();
+        assert!(
+            codes
+                .issue(request("B1-M50", "B1-C4"), someone_else, 0)
+                .is_ok()
+        );
     }
 }

@@ -20,7 +20,7 @@ const EXIT_USAGE: u8 = 64;
     about = "The superdistribution backoffice.",
     long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
 XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
-deposit, deny, allow, credit-limit, show, statement, suspense, reprice, grants, revoke) call a running backoffice \
+deposit, deny, allow, credit-limit, show, statement, suspense, reprice, components, grants, revoke) call a running backoffice \
 with the operator token it wrote beside its store. `cargo run --release -p franchise` runs one \
 together with a meter."
 )]
@@ -88,6 +88,15 @@ enum Command {
         /// is refused (the use goes to suspense). Changing it needs a new product.
         #[arg(long, value_name = "AMOUNT")]
         max_price: String,
+    },
+    /// Declare the components PID uses inside (replacing those declared
+    /// before; none: it uses none): only their uses inside PID's uses are
+    /// charged to PID's owner.
+    Components {
+        /// The product.
+        pid: String,
+        /// The PIDs of the products it uses inside.
+        components: Vec<String>,
     },
     /// List the grants a customer (CID) gave, or a meter (MID) holds.
     Grants {
@@ -598,6 +607,14 @@ fn main() -> ExitCode {
         Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
         Command::Grants { id } => operator(&cli, "grant.list", vec![text(id)]),
+        Command::Components { pid, components } => operator(
+            &cli,
+            "product.components",
+            std::iter::once(pid)
+                .chain(components)
+                .map(|id| text(id))
+                .collect(),
+        ),
         Command::Revoke { grant } => operator(&cli, "grant.revoke", vec![text(&grant.to_string())]),
         Command::Taca {
             command:

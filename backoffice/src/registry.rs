@@ -12,6 +12,13 @@ pub const METER_SECRET_BYTES: usize = 32;
 pub const NAME_BYTES_MAX: usize = 200;
 /// Longest product terms text, in bytes.
 pub const TERMS_BYTES_MAX: usize = 10_000;
+/// Most components one product may declare.
+pub const COMPONENTS_MAX: usize = 100;
+/// Most meters one customer may register.
+pub const METERS_PER_CUSTOMER_MAX: usize = 100;
+/// Most grants (live or ended) kept for one meter; a new grant of the same
+/// customer and users replaces the one before it.
+pub const GRANTS_PER_METER_MAX: usize = 1_000;
 
 /// A customer's micro-account and what decides its standing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +123,10 @@ pub struct Product {
     /// suspense). `None` only for products stored before maximums existed.
     #[serde(default)]
     pub max_price: Option<Amount>,
+    /// The products its owner declared it uses inside (components): only
+    /// their uses inside this product's uses are charged to its owner.
+    #[serde(default)]
+    pub components: Vec<Pid>,
 }
 
 /// A customer's authorization for one meter to charge them (see
@@ -216,6 +227,18 @@ pub enum RegistryError {
     /// No such grant (or not the customer's own).
     #[error("no grant {0}")]
     UnknownGrant(u64),
+    /// A declared component that is not another registered product's PID.
+    #[error("{0} is not another registered product's PID")]
+    BadComponent(Pid),
+    /// The customer has registered the most meters allowed.
+    #[error("a customer registers at most {0} meters")]
+    TooManyMeters(usize),
+    /// The meter holds the most grants allowed.
+    #[error("a meter holds at most {0} grants")]
+    TooManyGrants(usize),
+    /// Too many components declared.
+    #[error("a product declares at most {0} components")]
+    TooManyComponents(usize),
     /// A maximum price per use that is not positive.
     #[error("the maximum price per use must be more than 0, not {0}")]
     BadMaxPrice(Amount),

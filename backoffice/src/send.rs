@@ -156,12 +156,37 @@ impl Lookups {
         }
     }
 
-    /// True when `cid` granted the sending meter a grant live at `time_ms`.
-    fn granted(&self, cid: Cid, time_ms: u64) -> bool {
-        self.grants
-            .get(&cid)
-            .is_some_and(|grants| grants.iter().any(|grant| grant.is_live_at(time_ms)))
+    /// True when a use by `cid` at `use_ms`, in a batch that arrived at
+    /// `arrived_ms`, may be charged through a grant of the sending meter.
+    fn granted(&self, cid: Cid, use_ms: u64, arrived_ms: u64, late_ms: u64) -> bool {
+        self.grants.get(&cid).is_some_and(|grants| {
+            grants
+                .iter()
+                .any(|grant| grant_covers(grant, use_ms, arrived_ms, late_ms))
+        })
     }
+}
+
+/// How far the meter's clock may be behind the backoffice's when a grant
+/// starts: uses stamped this much before the grant's approval still count.
+pub const CLOCK_SKEW_MS: u64 = SIGNATURE_WINDOW_MS;
+
+/// May a use at `use_ms` (the meter's clock), in a batch that arrived at
+/// `arrived_ms` (the backoffice's), be charged through `grant`? The grant
+/// must be live at the use's time (give or take `CLOCK_SKEW_MS` at its
+/// start, the meter's clock against ours), must have existed when the
+/// batch arrived (both by our clock: a grant made later never reaches
+/// back), and a batch arriving
+/// more than `late_ms` after the grant ended (revoked or expired) charges
+/// nothing through it: a meter cannot backdate uses past a revocation.
+pub fn grant_covers(grant: &Grant, use_ms: u64, arrived_ms: u64, late_ms: u64) -> bool {
+    let end = [grant.expires_ms, grant.revoked_ms]
+        .into_iter()
+        .flatten()
+        .min();
+    grant.created_ms.saturating_sub(CLOCK_SKEW_MS) <= use_ms
+        && grant.created_ms <= arrived_ms
+        && end.is_none_or(|end| use_ms < end && arrived_ms < end.saturating_add(late_ms))
 }
 
 /// Most period counts kept in memory; past it the cache starts again empty.
@@ -190,10 +215,11 @@ struct Use {
     time_ms: u64,
     /// The context it was used in (`None`: Cox's form, one context).
     context: Option<proto::Context>,
-    /// Its payer may be charged: a customer with a live grant for the
-    /// sending meter, or the owner of a product whose use encloses it and
-    /// is itself authorized (see `authorize`).
-    authorized: bool,
+    /// Why its payer may not be charged (`None`: they may be: a customer
+    /// through a grant for the sending meter, or the owner of a product that
+    /// declared it a component and whose use encloses it and is itself
+    /// authorized; see `authorize`).
+    refusal: Option<String>,
 }
 
 /// A use ready to price: its TACA, its product's owner and its place in
@@ -355,7 +381,7 @@ fn minimal_uses(events: &[Event], time_ms: u64) -> Vec<Use> {
                     payer,
                     time_ms,
                     context: None,
-                    authorized: false,
+                    refusal: None,
                 });
             }
         }
@@ -373,55 +399,96 @@ fn extended_uses(readings: &[Reading]) -> Vec<Use> {
                 payer,
                 time_ms: reading.time_ms,
                 context: Some(reading.context.clone()),
-                authorized: false,
+                refusal: None,
             }),
             _ => None,
         })
         .collect()
 }
 
-/// Decides which uses of one batch may be charged to their payer. A
-/// customer pays only through a grant they gave the sending meter, live at
-/// the use's time. A component's use is charged to the owner of the
-/// product it was used in only when, later in the same batch and context,
-/// a use of that product is itself authorized: the chain of enclosing uses
-/// must end at a granted customer. (An inner use is committed before the
-/// use that encloses it, so one pass from the end decides every link.)
-fn authorize(uses: &mut [Use], lookups: &Lookups) {
+/// Decides which uses of one batch, arrived at `arrived_ms`, may be
+/// charged to their payer, and why not the others.
+///
+/// A customer pays only through a grant they gave the sending meter (see
+/// `grant_covers`). A component's use is charged to the owner of the
+/// product it was used in only when that owner declared it a component of
+/// that product, and, later in the same batch and context, a use of that
+/// product (not of its free test PID) is itself authorized: the chain of
+/// enclosing uses must end at a granted customer. (An inner use is
+/// committed before the use that encloses it, so one pass from the end
+/// decides every link.) A use stamped after the batch arrived, beyond the
+/// signature window, is refused.
+fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, late_ms: u64) {
     let mut authorized_later: HashSet<(Option<&proto::Context>, Pid)> = HashSet::new();
     let mut order: Vec<usize> = (0..uses.len()).collect();
     order.sort_by_key(|&index| uses[index].seq);
-    let mut decided = vec![false; uses.len()];
+    let mut decided: Vec<Option<String>> = vec![None; uses.len()];
     for &index in order.iter().rev() {
         let usage = &uses[index];
-        let authorized = match usage.payer {
-            Some(Payer::Customer(cid)) => lookups.granted(cid, usage.time_ms),
-            Some(Payer::OwnerOf(enclosing)) => {
-                authorized_later.contains(&(usage.context.as_ref(), enclosing))
+        let refusal = if usage.time_ms > arrived_ms.saturating_add(SIGNATURE_WINDOW_MS) {
+            Some(format!(
+                "from the future: used at {} ms, after the batch arrived at {arrived_ms} ms",
+                usage.time_ms
+            ))
+        } else {
+            match usage.payer {
+                Some(Payer::Customer(cid)) => {
+                    (!lookups.granted(cid, usage.time_ms, arrived_ms, late_ms)).then(|| {
+                        format!(
+                            "no grant: {cid} has no live grant for this meter at the use's time"
+                        )
+                    })
+                }
+                Some(Payer::OwnerOf(enclosing)) => {
+                    component_refusal(lookups, usage, enclosing, &authorized_later)
+                }
+                None => Some("nobody would pay: no enclosing login or query".to_owned()),
             }
-            None => false,
         };
-        if authorized {
+        let real_pid = matches!(
+            lookups.products.get(&usage.pid),
+            Some(Some(product)) if product.pid == usage.pid
+        );
+        if refusal.is_none() && real_pid {
             authorized_later.insert((usage.context.as_ref(), usage.pid));
         }
-        decided[index] = authorized;
+        decided[index] = refusal;
     }
-    for (usage, authorized) in uses.iter_mut().zip(decided) {
-        usage.authorized = authorized;
+    for (usage, refusal) in uses.iter_mut().zip(decided) {
+        usage.refusal = refusal;
     }
 }
 
-/// Why a use's payer may not be charged, for its suspense record.
-fn unauthorized_reason(payer: Option<Payer>) -> String {
-    match payer {
-        Some(Payer::Customer(cid)) => {
-            format!("no grant: {cid} has no live grant for this meter at the use's time")
-        }
-        Some(Payer::OwnerOf(pid)) => {
-            format!("no grant: not inside an authorized use of {pid} in the same batch and context")
-        }
-        None => "nobody would pay: no enclosing login or query".to_owned(),
+/// Why the owner of `enclosing` may not be charged for `usage`, if not.
+fn component_refusal(
+    lookups: &Lookups,
+    usage: &Use,
+    enclosing: Pid,
+    authorized_later: &HashSet<(Option<&proto::Context>, Pid)>,
+) -> Option<String> {
+    let Some(Some(product)) = lookups.products.get(&enclosing) else {
+        return Some(format!("unknown enclosing product {enclosing}"));
+    };
+    if product.pid != enclosing {
+        return Some(format!(
+            "no grant: components are not charged inside a use of the test PID {enclosing}"
+        ));
     }
+    let Some(Some(component)) = lookups.products.get(&usage.pid) else {
+        return Some(format!("unknown PID {}", usage.pid));
+    };
+    if !product.components.contains(&component.pid) {
+        return Some(format!(
+            "no grant: {} did not declare {} a component of {enclosing}",
+            product.owner, component.pid
+        ));
+    }
+    if !authorized_later.contains(&(usage.context.as_ref(), enclosing)) {
+        return Some(format!(
+            "no grant: not inside an authorized use of {enclosing} in the same batch and context"
+        ));
+    }
+    None
 }
 
 /// Every party whose standing the answer reports.
@@ -473,6 +540,13 @@ impl<S: Store> Backoffice<S> {
     /// Grant codes waiting for customers' decisions.
     pub fn device_codes(&self) -> &crate::grants::DeviceCodes {
         &self.device_codes
+    }
+
+    /// How late after a grant ends (revoked or expired) a batch may still
+    /// arrive and charge its earlier uses through it: twice the flush
+    /// interval the backoffice gives meters. Later, they go to suspense.
+    pub fn late_ms(&self) -> u64 {
+        u64::from(self.params.flush_interval_s) * 2 * 1000
     }
 
     /// What the money path has done since it started.
@@ -828,8 +902,8 @@ impl<S: Store> Backoffice<S> {
         periods: &mut HashMap<PeriodKey, u64>,
         usage: &Use,
     ) -> Result<Result<Option<Job>, String>, Fault> {
-        if !usage.authorized {
-            return Ok(Err(unauthorized_reason(usage.payer)));
+        if let Some(refusal) = &usage.refusal {
+            return Ok(Err(refusal.clone()));
         }
         let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
             return Ok(Err(format!("unknown PID {}", usage.pid)));
@@ -840,6 +914,13 @@ impl<S: Store> Backoffice<S> {
         };
         if usage.pid == product.test_pid {
             return Ok(Ok(None)); // The test PID is free.
+        }
+        if product.max_price.is_none() {
+            return Ok(Err(format!(
+                "{} declares no maximum price per use (registered before maximums existed): \
+                 register it again",
+                product.pid
+            )));
         }
         let period = PeriodKey {
             payer,
@@ -962,9 +1043,13 @@ impl<S: Store> Backoffice<S> {
                 .as_deref()
                 .and_then(|text| Payer::parse(text).ok());
             // The same rules as when the batch came: a customer through a
-            // grant live at the use's time, a component only where the
-            // chain was shown then.
-            let authorized = match payer {
+            // grant that covered the use when its batch arrived, a
+            // component only where the chain was shown then.
+            let late_ms = self.late_ms();
+            let refusal = match payer {
+                _ if record.time_ms > record.arrived_ms.saturating_add(SIGNATURE_WINDOW_MS) => {
+                    Some("from the future: used after its batch arrived".to_owned())
+                }
                 Some(Payer::Customer(cid)) => {
                     let of_meter = match grants.entry(record.mid) {
                         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -974,12 +1059,14 @@ impl<S: Store> Backoffice<S> {
                                 .map_err(|error| internal(&error))?,
                         ),
                     };
-                    of_meter
-                        .iter()
-                        .any(|grant| grant.cid == cid && grant.is_live_at(record.time_ms))
+                    let covered = of_meter.iter().any(|grant| {
+                        grant.cid == cid
+                            && grant_covers(grant, record.time_ms, record.arrived_ms, late_ms)
+                    });
+                    (!covered).then(|| record.reason.clone())
                 }
-                Some(Payer::OwnerOf(_)) => record.authorized,
-                None => false,
+                Some(Payer::OwnerOf(_)) if record.authorized => None,
+                Some(Payer::OwnerOf(_)) | None => Some(record.reason.clone()),
             };
             uses.push(Use {
                 seq: record.seq,
@@ -987,7 +1074,7 @@ impl<S: Store> Backoffice<S> {
                 payer,
                 time_ms: record.time_ms,
                 context: None,
-                authorized,
+                refusal,
             });
         }
         // In chunks, in order (the period counts carry over), with a
@@ -1045,13 +1132,13 @@ impl<S: Store> Backoffice<S> {
                 .grants_of_meter(&key.mid)
                 .map_err(|error| internal(&error))?,
         );
-        authorize(&mut uses, &lookups);
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut totals = Totals::default();
         let mut suspense = Vec::new();
         // Customers, products and modules are read before the books are
         // locked, so that another meter's batch is not kept waiting for them.
         self.look_up(&mut lookups, &uses)?;
+        authorize(&mut uses, &lookups, now_ms, self.late_ms());
         let mut ledger = lock(&self.ledger);
         let mut stored = lock(&self.period_counts);
         let fates = self.price_uses(&mut lookups, &mut stored, &mut periods, &uses)?;
@@ -1071,7 +1158,8 @@ impl<S: Store> Backoffice<S> {
                     payer: usage.payer.map(|payer| payer.to_string()),
                     time_ms: usage.time_ms,
                     reason,
-                    authorized: usage.authorized,
+                    authorized: usage.refusal.is_none(),
+                    arrived_ms: now_ms,
                 }),
             }
         }
@@ -1197,7 +1285,7 @@ impl<S: Store> Backoffice<S> {
         let mut standings = Vec::new();
         for party in parties(body) {
             let cid = match party {
-                Payer::Customer(cid) if !lookups.granted(cid, now_ms) => None,
+                Payer::Customer(cid) if !lookups.granted(cid, now_ms, now_ms, 0) => None,
                 Payer::Customer(cid) => Some(cid),
                 Payer::OwnerOf(pid) => self
                     .product(&mut lookups.products, pid)?
@@ -1412,7 +1500,16 @@ mod tests {
         // After a restart the meter's retry of the second batch is applied
         // exactly once, whether or not its staged writes reached the disk.
         drop(backoffice);
-        let store = SledStore::open(dir.path()).unwrap();
+        // sled's own threads may hold the dropped store for a moment.
+        let reopen = std::time::Instant::now();
+        let store = loop {
+            match SledStore::open(dir.path()) {
+                Err(StoreError::Locked(_)) if reopen.elapsed().as_secs() < 10 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
         let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
         send(&backoffice, &second, now_ms + 3).unwrap();
         send(&backoffice, &second, now_ms + 4).unwrap();

@@ -481,6 +481,36 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                     .collect(),
             ))
         }
+        "product.components" => {
+            params.arity(1, 1 + crate::registry::COMPONENTS_MAX)?;
+            let pid: proto::Pid = params.parsed(0)?;
+            let components = (1..call.params.len())
+                .map(|index| params.parsed(index))
+                .collect::<Result<Vec<proto::Pid>, Fault>>()?;
+            let product =
+                store
+                    .set_components(&pid, None, &components)
+                    .map_err(|error| match error {
+                        StoreError::Registry(crate::registry::RegistryError::UnknownProduct(_)) => {
+                            Fault::new(FaultCode::NotFound, error.to_string())
+                        }
+                        other => store_fault(other),
+                    })?;
+            Ok(Value::structure([
+                ("PID", Value::string(product.pid.as_str())),
+                (
+                    "components",
+                    Value::string(
+                        product
+                            .components
+                            .iter()
+                            .map(proto::Pid::as_str)
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ),
+                ),
+            ]))
+        }
         "grant.list" => {
             params.arity(1, 1)?;
             let id = params.string(0)?;

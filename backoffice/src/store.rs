@@ -118,6 +118,10 @@ pub struct Suspense {
     /// the chain of enclosing uses is not kept.
     #[serde(default)]
     pub authorized: bool,
+    /// When its batch arrived, ms since the Unix epoch (0: before this was
+    /// kept): a grant made later never charges it.
+    #[serde(default)]
+    pub arrived_ms: u64,
 }
 
 /// Where a page of suspense starts: after the reading with this meter,
@@ -285,6 +289,16 @@ pub trait Store {
     fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError>;
     /// A product by its PID or its test PID.
     fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError>;
+    /// Declares the components product `pid` uses inside (replacing the
+    /// ones declared before): only their uses inside its uses are charged
+    /// to its owner. Each must be another registered product's PID; when
+    /// `owner` is given, `pid` must be theirs (`UnknownProduct` otherwise).
+    fn set_components(
+        &self,
+        pid: &Pid,
+        owner: Option<&Cid>,
+        components: &[Pid],
+    ) -> Result<Product, StoreError>;
     /// A TACA module by its hash.
     fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError>;
     /// Registers a meter of `owner` under a new MID with a new secret.
@@ -790,6 +804,7 @@ impl Store for SledStore {
                 terms: terms.to_owned(),
                 taca: hash,
                 max_price: Some(max_price),
+                components: Vec::new(),
             };
             let keys = vec![
                 pid.as_str().as_bytes().to_vec(),
@@ -803,6 +818,45 @@ impl Store for SledStore {
         Self::read(&self.products, pid.as_str().as_bytes())
     }
 
+    fn set_components(
+        &self,
+        pid: &Pid,
+        owner: Option<&Cid>,
+        components: &[Pid],
+    ) -> Result<Product, StoreError> {
+        if components.len() > registry::COMPONENTS_MAX {
+            return Err(RegistryError::TooManyComponents(registry::COMPONENTS_MAX).into());
+        }
+        let mut declared: Vec<Pid> = Vec::with_capacity(components.len());
+        for component in components {
+            let found = self.product(component)?;
+            if found.is_none_or(|found| found.pid != *component) || component == pid {
+                return Err(RegistryError::BadComponent(*component).into());
+            }
+            if !declared.contains(component) {
+                declared.push(*component);
+            }
+        }
+        let outcome = self.products.transaction(|products| {
+            let unknown =
+                || ConflictableTransactionError::Abort(RegistryError::UnknownProduct(*pid));
+            let bytes = products.get(pid.as_str().as_bytes())?.ok_or_else(unknown)?;
+            let mut product: Product =
+                serde_json::from_slice(&bytes).expect("store: product is corrupt");
+            if product.pid != *pid || owner.is_some_and(|owner| *owner != product.owner) {
+                return Err(unknown());
+            }
+            product.components = declared.clone();
+            let bytes = serde_json::to_vec(&product).expect("records serialize");
+            products.insert(product.pid.as_str().as_bytes(), bytes.as_slice())?;
+            products.insert(product.test_pid.as_str().as_bytes(), bytes.as_slice())?;
+            Ok(product)
+        });
+        let product = outcome?;
+        self.sync()?;
+        Ok(product)
+    }
+
     fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .tacas
@@ -813,6 +867,9 @@ impl Store for SledStore {
     fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
         if self.customer(owner)?.is_none() {
             return Err(RegistryError::UnknownCustomer(*owner).into());
+        }
+        if self.meters_of(owner)?.len() >= registry::METERS_PER_CUSTOMER_MAX {
+            return Err(RegistryError::TooManyMeters(registry::METERS_PER_CUSTOMER_MAX).into());
         }
         let secret_hex = registry::new_meter_secret();
         self.create(b"M", &self.meters, |serial| {
@@ -850,11 +907,13 @@ impl Store for SledStore {
     }
 
     fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError> {
-        if let Some(grants) = self.cached_meter_grants().get(mid) {
+        // Read under the lock: a change committed meanwhile forgets the
+        // entry only after this read put it there, never before.
+        let mut cached = self.cached_meter_grants();
+        if let Some(grants) = cached.get(mid) {
             return Ok(grants.clone());
         }
         let grants = self.indexed_grants(b'm', mid.as_str())?;
-        let mut cached = self.cached_meter_grants();
         // Bounded: a branch with more meters than this rereads them.
         if cached.len() >= METER_GRANTS_CACHED_MAX {
             cached.clear();
@@ -928,8 +987,31 @@ impl SledStore {
         if self.meter(&new.mid)?.is_none() {
             return Err(RegistryError::UnknownMeter(new.mid).into());
         }
+        let of_meter = self.indexed_grants(b'm', new.mid.as_str())?;
+        if of_meter.len() >= registry::GRANTS_PER_METER_MAX {
+            return Err(RegistryError::TooManyGrants(registry::GRANTS_PER_METER_MAX).into());
+        }
+        // A new grant of the same customer for the same users of the same
+        // meter replaces the ones before it (they end as it starts).
+        let replaced: Vec<u64> = of_meter
+            .iter()
+            .filter(|old| old.cid == new.cid && old.scope == new.scope && old.revoked_ms.is_none())
+            .map(|old| old.id)
+            .collect();
         let outcome = (&self.serials, &self.grants, &self.grant_index).transaction(
             |(serials, grants, index)| {
+                for old in &replaced {
+                    let bytes = grants
+                        .get(old.to_be_bytes())?
+                        .expect("store: an indexed grant exists");
+                    let mut old: Grant =
+                        serde_json::from_slice(&bytes).expect("store: grant record is corrupt");
+                    if old.revoked_ms.is_none() {
+                        old.revoked_ms = Some(new.created_ms.max(old.created_ms));
+                        let bytes = serde_json::to_vec(&old).expect("records serialize");
+                        grants.insert(&old.id.to_be_bytes(), bytes)?;
+                    }
+                }
                 let number = match serials.get(b"G")? {
                     Some(bytes) => {
                         u64::from_be_bytes(bytes.as_ref().try_into().expect("serials are 8 bytes"))
@@ -1324,13 +1406,29 @@ mod tests {
         let again = store.revoke_grant(first.id, None, 3_000).unwrap();
         assert_eq!(again.revoked_ms, Some(2_000), "a revocation is not moved");
         assert_eq!(store.grants_of_meter(&meter.mid).unwrap()[0], revoked);
+        // A new grant of Ada for the same users replaces her first.
+        let again = store
+            .create_grant(NewGrant {
+                created_ms: 3_000,
+                ..new(ada.cid)
+            })
+            .unwrap();
+        let of_meter = store.grants_of_meter(&meter.mid).unwrap();
+        assert_eq!(of_meter.len(), 3);
+        assert_eq!(of_meter[1].id, second.id);
+        assert_eq!(of_meter[1].revoked_ms, Some(3_000), "replaced");
+        assert_eq!(of_meter[2], again);
+        let second = of_meter[1].clone();
         drop(store);
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
             store.grants_of_meter(&meter.mid).unwrap(),
-            vec![revoked.clone(), second.clone()]
+            vec![revoked.clone(), second.clone(), again.clone()]
         );
         assert_eq!(store.grants_of_customer(&bob.cid).unwrap(), vec![revoked]);
-        assert_eq!(store.grants_of_customer(&ada.cid).unwrap(), vec![second]);
+        assert_eq!(
+            store.grants_of_customer(&ada.cid).unwrap(),
+            vec![second, again]
+        );
     }
 }

@@ -53,6 +53,10 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
         ],
         "PID",
     );
+    // Bob builds Carol's spell checker into his editor.
+    office
+        .call("product.components", &[s(&product), s(&component)])
+        .unwrap();
     let (mid, secret) = office.meter(&consumer);
     office
         .call("account.deposit", &[s(&consumer), s("10")])

@@ -294,6 +294,19 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
     assert_eq!(added.text_of("test-pid").as_deref(), Some("B1-P1T"));
 
     run(&blocks[1]);
+    // Ada declares the spell checker a component of her editor.
+    assert!(walk.contains("enters `B1-P2` as a component of `B1-P1`"));
+    let csrf = ada.get("/account").csrf();
+    let saved = ada.post_form(
+        "/products/components",
+        &[("csrf", &csrf), ("pid", "B1-P1"), ("components", "B1-P2")],
+    );
+    assert_eq!(saved.status, 200, "{}", saved.body);
+    assert!(
+        saved.body.contains("The components of B1-P1 are saved."),
+        "{}",
+        saved.body
+    );
     run(&blocks[2]);
     run(&blocks[3]);
 

@@ -90,6 +90,14 @@ impl Web {
         &self.config
     }
 
+    /// Waits, on a blocking thread, for a turn at CPU-heavy work (the same
+    /// turns as `heavy`): held until the permit is dropped.
+    pub(crate) fn heavy_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::runtime::Handle::try_current()
+            .ok()
+            .and_then(|runtime| runtime.block_on(self.heavy.acquire()).ok())
+    }
+
     /// Runs CPU-heavy work (PBKDF2, a module check) off the async workers,
     /// at most one per core at a time.
     async fn heavy<T: Send + 'static>(
@@ -119,6 +127,7 @@ pub fn routes() -> Router<Arc<Service>> {
         .route("/grant", get(grant::code_page).post(grant::enter_code))
         .route("/grant/decide", axum::routing::post(grant::decide))
         .route("/grants/revoke", axum::routing::post(grant::revoke))
+        .route("/products/components", axum::routing::post(set_components))
         .route("/products/new", get(new_product_page))
         .route("/meters", get(meters_page).post(add_meter))
         .route("/statement", get(statement_page))
@@ -880,6 +889,7 @@ struct AccountNotes<'a> {
     errors: &'a [(&'static str, String)],
     notice: Option<&'a str>,
     grants_notice: Option<&'a str>,
+    products_notice: Option<&'a str>,
 }
 
 fn account_response(
@@ -911,8 +921,79 @@ fn account_response(
         errors: notes.errors,
         notice: notes.notice,
         grants_notice: notes.grants_notice,
+        products_notice: notes.products_notice,
     };
     page(web, session, false, status, pages::account(session, &view))
+}
+
+/// The components a product of the session's customer uses inside.
+async fn set_components(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let web = &service.web;
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(web, &session, false);
+    }
+    let respond = |notice: &str, status| {
+        account_response(
+            &service,
+            &session,
+            &customer,
+            AccountNotes {
+                products_notice: Some(notice),
+                ..AccountNotes::default()
+            },
+            status,
+        )
+    };
+    let Ok(pid) = fields.trimmed("pid").parse::<proto::Pid>() else {
+        return respond(
+            "No such product of yours: nothing was changed.",
+            StatusCode::NOT_FOUND,
+        );
+    };
+    let typed = fields.get("components");
+    let mut components = Vec::new();
+    for word in typed
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|word| !word.is_empty())
+    {
+        match word.parse::<proto::Pid>() {
+            Ok(component) => components.push(component),
+            Err(_) => {
+                return respond(
+                    "Components are PIDs such as B1-P2, separated by spaces: nothing was changed.",
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                );
+            }
+        }
+    }
+    let store = service.backoffice.store();
+    match store.set_components(&pid, Some(&customer.cid), &components) {
+        Ok(product) => {
+            tracing::info!(pid = %product.pid, components = product.components.len(), "components declared");
+            respond(
+                &format!("The components of {pid} are saved."),
+                StatusCode::OK,
+            )
+        }
+        Err(StoreError::Registry(RegistryError::UnknownProduct(_))) => respond(
+            "No such product of yours: nothing was changed.",
+            StatusCode::NOT_FOUND,
+        ),
+        Err(StoreError::Registry(error)) => respond(
+            &format!("The components were not saved: {error}."),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        Err(error) => trouble(web, &session, &error),
+    }
 }
 
 async fn edit_account(

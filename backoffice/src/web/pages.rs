@@ -2,8 +2,8 @@
 //! name with markup in it shows as text.
 
 use maud::{DOCTYPE, Markup, html};
-use proto::Amount;
 use proto::grant::{GrantRequest, Scope};
+use proto::{Amount, Pid};
 
 use super::session::Session;
 use super::{Fields, Line};
@@ -327,6 +327,8 @@ pub struct AccountView<'a> {
     pub notice: Option<&'a str>,
     /// A notice for the grants (one revoked).
     pub grants_notice: Option<&'a str>,
+    /// A notice for the products (components saved or refused).
+    pub products_notice: Option<&'a str>,
 }
 
 /// A product's maximum price per use, as its terms show it.
@@ -433,11 +435,13 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
         }
         (grants_section(session, view))
         h2 { "Your products" }
+        @if let Some(notice) = view.products_notice { p.notice id="products-notice" { (notice) } }
         @if products.is_empty() {
             p { "None yet." }
         } @else {
+            p { "Components: the PIDs of other products yours uses inside. Only their uses inside uses of yours are charged to you; any other product's use claimed to be inside yours is not." }
             table id="products" {
-                tr { th { "PID" } th { "Test PID" } th { "Name" } th { "Terms" } th { "Maximum price per use" } }
+                tr { th { "PID" } th { "Test PID" } th { "Name" } th { "Terms" } th { "Maximum price per use" } th { "Components" } }
                 @for product in products {
                     tr {
                         td { (product.pid.as_str()) }
@@ -445,6 +449,16 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
                         td { (product.name) }
                         td { (product.terms) }
                         td.amount id={ "max-price-" (product.pid.as_str()) } { (max_price_text(product)) }
+                        td {
+                            form method="post" action="/products/components" id={ "components-" (product.pid.as_str()) } {
+                                (csrf(session))
+                                input type="hidden" name="pid" value=(product.pid.as_str());
+                                input type="text" name="components" aria-label="Components (PIDs separated by spaces)"
+                                    value=(product.components.iter().map(Pid::as_str).collect::<Vec<_>>().join(" "));
+                                " "
+                                button type="submit" { "Save" }
+                            }
+                        }
                     }
                 }
             }

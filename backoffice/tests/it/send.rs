@@ -62,6 +62,10 @@ fn world() -> World {
             NewProduct::new(&maker, "Spell", "tiered", &module("tiered"), max()),
         )
         .unwrap();
+    // Bob's editor has Carol's spell checker built in.
+    store
+        .set_components(&product.pid, Some(&producer), &[component.pid])
+        .unwrap();
     let meter = store.create_meter(&bid, &consumer).unwrap();
     let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
     // Ada lets her meter charge her, from before the uses in these tests.
@@ -482,7 +486,7 @@ fn suspense_is_repriced_once_what_was_missing_exists_under_the_same_rules() {
     assert_eq!(customer.cid, stranger);
     store
         .create_grant(NewGrant {
-            created_ms: NOW_MS,
+            created_ms: NOW_MS + 1,
             ..grant_of(world.mid, stranger)
         })
         .unwrap();
@@ -929,4 +933,143 @@ fn a_batch_id_sent_again_with_other_readings_is_refused_with_205() {
         SendAnswer::from_value(&again).unwrap().outcome,
         Outcome::AlreadyApplied
     );
+}
+
+/// Signs `body` with the world's meter at `now_ms` and sends it at `now_ms`.
+fn send_at(world: &World, body: &[u8], now_ms: u64) -> Result<Value, proto::Fault> {
+    let signature = world.secret.sign(&world.mid, now_ms, body);
+    let time = now_ms.to_string();
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    world.backoffice.send(body, signed, now_ms)
+}
+
+/// A customer who granted her own meter uses another producer's product
+/// and claims components inside it: only components its owner declared,
+/// inside uses of its real PID, are charged to that owner.
+#[test]
+fn a_granted_meter_makes_a_producer_pay_only_for_declared_components_of_real_uses() {
+    let world = world();
+    let bid = Bid::parse("B1").unwrap();
+    let store = world.backoffice.store();
+    let greedy = store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.maker, "Greedy", "flat", &module("flat"), max()),
+        )
+        .unwrap()
+        .pid;
+    let me = Some(Payer::Customer(world.consumer));
+    let inside = |pid: Pid| Some(Payer::OwnerOf(pid));
+    let events = vec![
+        // Not declared by Bob: never his to pay.
+        Event::Commit {
+            pid: greedy,
+            payer: inside(world.product),
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+        // Declared, but inside a free test use: not charged either.
+        Event::Commit {
+            pid: world.component,
+            payer: inside(world.test_pid),
+        },
+        Event::Commit {
+            pid: world.test_pid,
+            payer: me,
+        },
+    ];
+    send(&world, &batch(&world, "x:1", events), NOW_MS).unwrap();
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("9.75"),
+        "one real use"
+    );
+    assert_eq!(
+        balance(&world, world.producer),
+        amount("0.25"),
+        "paid nothing"
+    );
+    assert_eq!(balance(&world, world.maker), Amount::ZERO);
+    let suspense = store.suspense().unwrap();
+    let reasons: Vec<&str> = suspense
+        .iter()
+        .map(|record| record.reason.as_str())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("did not declare"), "{reasons:?}");
+    assert!(reasons[1].contains("test PID"), "{reasons:?}");
+    // Re-pricing keeps them there.
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 2));
+}
+
+#[test]
+fn a_meter_cannot_backdate_uses_past_a_revocation_or_date_them_in_the_future() {
+    let world = world();
+    let store = world.backoffice.store();
+    let me = Some(Payer::Customer(world.consumer));
+    let grant = store.grants_of_meter(&world.mid).unwrap()[0].clone();
+    store.revoke_grant(grant.id, None, NOW_MS - 500).unwrap();
+    let use_at = |time_ms: u64, seq: u64| Reading {
+        seq,
+        time_ms,
+        context: Context::parse("42.7").unwrap(),
+        event: Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+    };
+    let body = |id: &str, readings: Vec<Reading>| {
+        let request = SendRequest {
+            mid: world.mid,
+            body: SendBody::Batch(Batch {
+                id: BatchId::parse(id).unwrap(),
+                readings,
+                parties: Vec::new(),
+            }),
+        };
+        encode_call("send", &request.to_params())
+    };
+    // Stamped before the revocation, but arriving long after it ended.
+    let late = NOW_MS + world.backoffice.late_ms();
+    send_at(&world, &body("x:1", vec![use_at(NOW_MS - 1_000, 1)]), late).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("10"));
+    let suspense = store.suspense().unwrap();
+    assert!(suspense[0].reason.starts_with("no grant"), "{suspense:?}");
+    // The customer grants the meter again, later: that grant does not
+    // reach back to the use before, nor cover uses dated after a batch
+    // arrived.
+    let granted_at = late + 1_000;
+    store
+        .create_grant(NewGrant {
+            created_ms: granted_at,
+            ..grant_of(world.mid, world.consumer)
+        })
+        .unwrap();
+    let arrives = granted_at + 1_000;
+    let future = arrives + 2 * SIGNATURE_WINDOW_MS;
+    send_at(&world, &body("x:2", vec![use_at(future, 2)]), arrives).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("10"));
+    let suspense = store.suspense().unwrap();
+    assert!(
+        suspense
+            .iter()
+            .any(|record| record.reason.starts_with("from the future")),
+        "{suspense:?}"
+    );
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 2));
+    // Within the clock's tolerance a use just before the grant's approval
+    // counts: the meter's clock may be a little behind ours.
+    send_at(
+        &world,
+        &body("x:3", vec![use_at(granted_at - 1_000, 3)]),
+        arrives + 1,
+    )
+    .unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.75"));
 }
