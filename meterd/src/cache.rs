@@ -46,6 +46,8 @@ const TABLE_KEY: &[u8] = b"m:table";
 /// Where sessions were kept before they carried the uid; dropped on save.
 const OLD_SESSIONS_KEY: &[u8] = b"m:sessions";
 const SESSIONS_KEY: &[u8] = b"m:logins";
+/// The boot id of the machine when the sessions were saved.
+const SESSIONS_BOOT_KEY: &[u8] = b"m:logins_boot";
 const GRANT_PREFIX: &[u8] = b"g:";
 const INSTANCE_KEY: &[u8] = b"m:instance";
 const RECORD_VERSION: u8 = 1;
@@ -101,6 +103,18 @@ pub struct SavedSession {
     pub cid: Cid,
     /// The uid that logged in (a grant must still admit it).
     pub uid: u32,
+}
+
+/// The open logins saved last, and the boot they were saved in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedSessions {
+    /// The machine's boot id (`/proc/sys/kernel/random/boot_id`) when they
+    /// were saved; empty when it was unknown (or saved before boot ids were
+    /// kept). After a reboot PIDs and start times repeat, so sessions of
+    /// another boot name other processes.
+    pub boot_id: String,
+    /// The logins.
+    pub sessions: Vec<SavedSession>,
 }
 
 /// The status table and parameters from the last upload answer.
@@ -460,26 +474,33 @@ impl Cache {
     }
 
     /// Keeps the open logins (context as recorded in readings, CID, and the
-    /// uid that logged in), so that sessions survive a restart of the meter.
-    pub fn save_sessions(&self, sessions: &[SavedSession]) -> Result<(), CacheError> {
-        let mut out = Vec::with_capacity(sessions.len() * 52);
-        for session in sessions {
+    /// uid that logged in) with the boot id they belong to, so that sessions
+    /// survive a restart of the meter, but not a reboot.
+    pub fn save_sessions(&self, saved: &SavedSessions) -> Result<(), CacheError> {
+        let mut out = Vec::with_capacity(saved.sessions.len() * 52);
+        for session in &saved.sessions {
             put_str(&mut out, &session.context);
             put_str(&mut out, session.cid.as_str());
             out.extend_from_slice(&session.uid.to_be_bytes());
         }
         let mut changes = sled::Batch::default();
         changes.insert(SESSIONS_KEY, out);
+        changes.insert(SESSIONS_BOOT_KEY, saved.boot_id.as_bytes());
         changes.remove(OLD_SESSIONS_KEY);
         self.tree.apply_batch(changes)?;
         self.sync()
     }
 
     /// The open logins saved last. Logins saved before sessions carried a
-    /// uid are not kept: no grant could be checked for them.
-    pub fn saved_sessions(&self) -> Result<Vec<SavedSession>, CacheError> {
+    /// uid are not kept: no grant could be checked for them; those saved
+    /// before they carried a boot id come with an empty one.
+    pub fn saved_sessions(&self) -> Result<SavedSessions, CacheError> {
         let Some(bytes) = self.tree.get(SESSIONS_KEY)? else {
-            return Ok(Vec::new());
+            return Ok(SavedSessions::default());
+        };
+        let boot_id = match self.tree.get(SESSIONS_BOOT_KEY)? {
+            Some(boot) => String::from_utf8_lossy(&boot).into_owned(),
+            None => String::new(),
         };
         let mut fields = Reader::new(&bytes);
         let mut sessions = Vec::new();
@@ -493,7 +514,7 @@ impl Cache {
             })();
             sessions.push(decoded.expect("cache: sessions record is corrupt"));
         }
-        Ok(sessions)
+        Ok(SavedSessions { boot_id, sessions })
     }
 
     /// Keeps a grant durably, replacing an earlier one of the same customer
@@ -851,11 +872,14 @@ mod tests {
     #[test]
     fn sessions_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = vec![SavedSession {
-            context: "42.7".to_owned(),
-            cid: Cid::parse("B1-C1").unwrap(),
-            uid: 1000,
-        }];
+        let sessions = SavedSessions {
+            boot_id: "0b5e4c1e-0000-4000-8000-000000000001".to_owned(),
+            sessions: vec![SavedSession {
+                context: "42.7".to_owned(),
+                cid: Cid::parse("B1-C1").unwrap(),
+                uid: 1000,
+            }],
+        };
         Cache::open(dir.path(), 10)
             .unwrap()
             .save_sessions(&sessions)

@@ -136,11 +136,11 @@ pub async fn serve(
             meter.contexts(),
         )
     });
-    let sessions = cache.saved_sessions().map_err(|source| StartError::Cache {
+    let saved_sessions = cache.saved_sessions().map_err(|source| StartError::Cache {
         path: cache_dir.display().to_string(),
         source,
     })?;
-    let restored = meter.restore_sessions(&sessions);
+    let restored = meter.restore_sessions(&saved_sessions);
     if restored > 0 {
         tracing::info!(restored, "sessions restored");
     }

@@ -13,7 +13,7 @@ use proto::{Cid, Context, Fault, FaultCode, Pid};
 use tokio::sync::{Notify, watch};
 
 use crate::backoffice::{Backoffice, BackofficeError};
-use crate::cache::{Cache, CacheError, NewReading, SavedSession};
+use crate::cache::{Cache, CacheError, NewReading, SavedSession, SavedSessions};
 use crate::context::{Caller, ContextError, ContextKey, ContextLimits, Contexts, ProcessId};
 use crate::grants::{self, Held, Next, Requests};
 use crate::journal::{Journal, JournalError};
@@ -592,34 +592,57 @@ impl Meter {
                 uid,
             })
             .collect();
+        let saved = SavedSessions {
+            boot_id: crate::procinfo::read_boot_id(&self.proc_root).unwrap_or_default(),
+            sessions,
+        };
         let cache = Arc::clone(&self.cache);
-        tokio::task::spawn_blocking(move || cache.save_sessions(&sessions))
+        tokio::task::spawn_blocking(move || cache.save_sessions(&saved))
             .await
             .map_err(|error| storage_fault(&error))?
             .map_err(|error| storage_fault(&error))
     }
 
-    /// Reopens the sessions saved before a restart whose processes still run
-    /// and whose grant still admits them. Returns how many were restored.
-    pub fn restore_sessions(&self, saved: &[SavedSession]) -> usize {
+    /// Reopens the sessions saved before a restart of the meter, in this
+    /// boot of the machine, whose processes still run (same PID and start
+    /// time) as the uid that logged in and whose grant still admits that
+    /// uid. Returns how many were restored.
+    pub fn restore_sessions(&self, saved: &SavedSessions) -> usize {
+        if saved.sessions.is_empty() {
+            return 0;
+        }
+        let boot_id = crate::procinfo::read_boot_id(&self.proc_root);
+        if saved.boot_id.is_empty() || boot_id.as_deref() != Some(saved.boot_id.as_str()) {
+            // After a reboot, PIDs and start times repeat: the saved
+            // contexts may name other processes now.
+            tracing::info!(
+                saved = saved.sessions.len(),
+                "sessions saved in another boot of the machine are not restored"
+            );
+            return 0;
+        }
         let now = now_ms();
         let grants = lock(&self.grants);
         let mut contexts = lock(&self.contexts);
         let mut restored = 0;
-        for session in saved {
+        for session in &saved.sessions {
             let Some(key) = ContextKey::parse(&session.context) else {
                 continue;
             };
-            let alive = key
-                .process()
-                .is_some_and(|process| crate::procinfo::is_alive(&self.proc_root, &process));
+            // The process still runs, and still as the uid that logged in
+            // (it may have changed its uid in place since).
+            let alive_as_uid = key.process().is_some_and(|process| {
+                crate::procinfo::is_alive(&self.proc_root, &process)
+                    && crate::procinfo::read_uid(&self.proc_root, process.pid) == Some(session.uid)
+            });
             let granted = grants.admits(session.cid, session.uid, now);
             let caller = Caller {
                 key,
                 enclosing: Vec::new(),
                 uid: Some(session.uid),
             };
-            if alive && granted && contexts.login(&caller, session.cid, session.uid).is_ok() {
+            if alive_as_uid && granted && contexts.login(&caller, session.cid, session.uid).is_ok()
+            {
                 restored += 1;
             }
         }
@@ -767,7 +790,6 @@ impl Meter {
 mod tests {
     use super::*;
     use proto::grant::Scope;
-    use std::path::Path;
 
     /// The CIDs of the grants `grant.list` shows `peer`.
     async fn listed(meter: &Meter, peer: &Peer) -> Vec<String> {
@@ -994,16 +1016,35 @@ mod tests {
         assert_eq!(meter.call(&root, commit).await, Ok(Value::Bool(true)));
     }
 
+    /// A fake `/proc` with a boot id and processes `(pid, effective uid)`,
+    /// each started at `process(pid)`'s start time.
+    fn fake_proc(boot_id: &str, processes: &[(u32, u32)]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let random = root.path().join("sys/kernel/random");
+        std::fs::create_dir_all(&random).unwrap();
+        std::fs::write(random.join("boot_id"), format!("{boot_id}\n")).unwrap();
+        for &(pid, uid) in processes {
+            let dir = root.path().join(pid.to_string());
+            std::fs::create_dir(&dir).unwrap();
+            let start = process(pid).start_ticks;
+            let stat = format!("{pid} (p) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 1000 50");
+            std::fs::write(dir.join("stat"), stat).unwrap();
+            let status = format!("Name:\tp\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n");
+            std::fs::write(dir.join("status"), status).unwrap();
+        }
+        root
+    }
+
     #[tokio::test]
     async fn sessions_are_restored_only_while_their_grant_admits_them() {
         let dir = tempfile::tempdir().unwrap();
-        let meter = meter(dir.path());
-        // This test process is alive, so its sessions could be restored.
-        let me =
-            crate::procinfo::lineage(Path::new("/proc"), std::process::id(), None).processes[0];
-        let context = ContextKey::Process(me).to_string();
-        let session = |cid: &str, uid| SavedSession {
-            context: context.clone(),
+        let mut meter = meter(dir.path());
+        // Process 20 runs as uid 1000; process 30 logged in as uid 1000 and
+        // has since changed its uid to 0 in place; process 40 has exited.
+        let proc_root = fake_proc("boot-a", &[(20, 1000), (30, 0)]);
+        meter.proc_root = proc_root.path().to_owned();
+        let session = |pid: u32, cid: &str, uid| SavedSession {
+            context: ContextKey::Process(process(pid)).to_string(),
             cid: Cid::parse(cid).unwrap(),
             uid,
         };
@@ -1011,14 +1052,24 @@ mod tests {
             .keep_grant(grant("B1-C4", user(1000), None))
             .await
             .unwrap();
-        let saved = [
-            session("B1-C4", 1000),
-            session("B1-C4", 1001),
-            session("B1-C5", 1000),
-        ];
-        assert_eq!(meter.restore_sessions(&saved), 1);
+        let saved = |boot_id: &str| SavedSessions {
+            boot_id: boot_id.to_owned(),
+            sessions: vec![
+                session(20, "B1-C4", 1000),
+                session(20, "B1-C4", 1001),
+                session(20, "B1-C5", 1000),
+                session(30, "B1-C4", 1000),
+                session(40, "B1-C4", 1000),
+            ],
+        };
+        // Saved in another boot (or before boot ids were kept): PIDs and
+        // start times repeat after a reboot, so none is restored.
+        assert_eq!(meter.restore_sessions(&saved("boot-b")), 0);
+        assert_eq!(meter.restore_sessions(&saved("")), 0);
+        assert!(lock(&meter.contexts).logins().is_empty());
+        assert_eq!(meter.restore_sessions(&saved("boot-a")), 1);
         let caller = Caller {
-            key: ContextKey::Process(me),
+            key: ContextKey::Process(process(20)),
             enclosing: Vec::new(),
             uid: Some(1000),
         };
@@ -1026,7 +1077,8 @@ mod tests {
             lock(&meter.contexts).logins(),
             [(caller.key.clone(), Cid::parse("B1-C4").unwrap(), 1000)]
         );
-        // The grant expires: the sweep closes the login.
+        // The grant expires: the sweep closes the login, and saves that
+        // with this boot's id.
         assert_eq!(meter.end_ungranted_logins().await, 0);
         meter
             .keep_grant(grant("B1-C4", user(1000), Some(now_ms() - 1)))
@@ -1034,10 +1086,9 @@ mod tests {
             .unwrap();
         assert_eq!(meter.end_ungranted_logins().await, 1);
         assert!(lock(&meter.contexts).logins().is_empty());
-        assert!(
-            meter.cache.saved_sessions().unwrap().is_empty(),
-            "saved too"
-        );
+        let kept = meter.cache.saved_sessions().unwrap();
+        assert!(kept.sessions.is_empty(), "saved too");
+        assert_eq!(kept.boot_id, "boot-a");
     }
 
     #[tokio::test]

@@ -64,6 +64,14 @@ pub fn read_uid(proc_root: &Path, pid: u32) -> Option<u32> {
     parse_status_uid(&text)
 }
 
+/// The machine's boot id (`sys/kernel/random/boot_id` under `proc_root`),
+/// new at every boot; `None` when it cannot be read.
+pub fn read_boot_id(proc_root: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(proc_root.join("sys/kernel/random/boot_id")).ok()?;
+    let boot_id = text.trim();
+    (!boot_id.is_empty()).then(|| boot_id.to_owned())
+}
+
 /// A calling process and the ancestors whose contexts enclose its calls.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lineage {
