@@ -142,6 +142,69 @@ fn a_hostile_customer_charges_nobody_who_did_not_grant_their_meter() {
         let reason = record.member("reason").and_then(Value::as_str).unwrap();
         assert!(reason.starts_with("no grant"), "{reason}");
     }
+    // She grants her own meter and really uses Bob's editor (paying for
+    // it), claiming Greedy inside it and inside its free test PID: Bob
+    // never declared Greedy a component, so he pays for none of it.
+    let (method, params) = proto::grant::PasswordGrant {
+        request: proto::grant::GrantRequest {
+            mid: meter.mid,
+            cid: attacker.parse().unwrap(),
+            label: "mallory's box".into(),
+            scope: proto::grant::Scope::Machine,
+        },
+        password: crate::web::PASSWORD.to_owned(),
+        expires_in_s: None,
+    }
+    .to_call();
+    meter.call(method, &params).expect("her own grant");
+    office
+        .call("account.deposit", &[s(&attacker), s("1")])
+        .unwrap();
+    let me = Payer::Customer(attacker.parse().unwrap());
+    let test_pid: Pid = format!("{editor}T").parse().unwrap();
+    let events = [
+        (greedy, Payer::OwnerOf(editor)),
+        (editor, me),
+        (greedy, Payer::OwnerOf(test_pid)),
+        (test_pid, me),
+    ];
+    let readings = events
+        .iter()
+        .enumerate()
+        .map(|(index, &(pid, payer))| Reading {
+            seq: 100 + index as u64,
+            time_ms: now_ms,
+            context: context.clone(),
+            event: Event::Commit {
+                pid,
+                payer: Some(payer),
+            },
+        })
+        .collect();
+    let request = SendRequest {
+        mid: meter.mid,
+        body: SendBody::Batch(Batch {
+            id: BatchId::parse("evil:2").unwrap(),
+            readings,
+            parties: Vec::new(),
+        }),
+    };
+    meter
+        .call(proto::upload::SEND_METHOD, &request.to_params())
+        .expect("applied");
+    assert_eq!(
+        balance(&producer),
+        "0.25",
+        "Bob is paid for his editor only"
+    );
+    assert_eq!(
+        balance(&attacker),
+        "0.75",
+        "Mallory paid for it and got nothing"
+    );
+    let suspense = office.call("suspense.list", &[]).unwrap();
+    assert_eq!(suspense.as_array().unwrap().len(), 11);
+
     // Re-pricing applies the same rules.
     let repriced = office.call("suspense.reprice", &[]).unwrap();
     assert_eq!(
@@ -152,4 +215,5 @@ fn a_hostile_customer_charges_nobody_who_did_not_grant_their_meter() {
     for victim in &victims {
         assert_eq!(balance(victim), "10");
     }
+    assert_eq!(balance(&producer), "0.25");
 }

@@ -1115,3 +1115,68 @@ fn a_grant_is_revoked_on_the_account_page_only_by_its_customer() {
         Some("live")
     );
 }
+
+/// A producer declares the components their product uses inside, on the
+/// account page; only their own products, only registered PIDs.
+#[test]
+fn components_are_declared_only_by_the_products_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let (mut eve, _) = registered(&office, "Eve");
+    let product = |owner: &str, name: &str| {
+        office.text(
+            "product.create",
+            &[
+                s(owner),
+                s(name),
+                s("0.25 per use"),
+                Value::Base64(crate::examples::module("flat")),
+                s("0.25"),
+            ],
+            "PID",
+        )
+    };
+    let editor = product(&ada_cid, "Editor");
+    let speller = product(&ada_cid, "Speller");
+    let post = |visitor: &mut Visitor, pid: &str, components: &str, csrf: Option<&str>| {
+        let token = visitor.get("/account").csrf();
+        let mut fields = vec![("pid", pid), ("components", components)];
+        let token = csrf.map_or(token, str::to_owned);
+        if !token.is_empty() {
+            fields.push(("csrf", &token));
+        }
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, *v)).collect();
+        visitor.post_form("/products/components", &fields)
+    };
+    // Eve cannot declare anything for Ada's editor.
+    let refused = post(&mut eve, &editor, &speller, None);
+    assert_eq!(refused.status, 404, "{}", refused.body);
+    // Without the CSRF token, nothing changes.
+    let forged = post(&mut ada, &editor, &speller, Some(""));
+    assert_eq!(forged.status, 403);
+    for bad in [
+        "B1-P404",
+        "not-a-pid",
+        &format!("{editor}T"),
+        editor.as_str(),
+    ] {
+        let page = post(&mut ada, &editor, bad, None);
+        assert_eq!(page.status, 422, "{bad}: {}", page.body);
+        assert!(page.body.contains("nothing was changed") || page.body.contains("not saved"));
+    }
+    // The editor's components form, as the account page shows it.
+    let declared = |body: &str| {
+        let start = body
+            .find(&format!("id=\"components-{editor}\""))
+            .expect("the editor's components form");
+        let end = start + body[start..].find("</form>").unwrap();
+        let form = &body[start..end];
+        let input = &form[form.find("name=\"components\"").expect("the input")..];
+        input.contains(&format!("value=\"{speller}\""))
+    };
+    assert!(!declared(&ada.get("/account").body), "unchanged");
+    let saved = post(&mut ada, &editor, &speller, None);
+    assert_eq!(saved.status, 200, "{}", saved.body);
+    assert!(declared(&saved.body), "{}", saved.body);
+}
