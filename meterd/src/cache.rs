@@ -8,17 +8,28 @@
 //! data durable across a power cut, so every flush that acknowledges a reading
 //! is followed by an fsync (`sync_data`) of sled's data file.
 //!
-//! A cache is made with a random **instance id** (64 bits), which every
-//! batch id it makes carries: a meter whose data folder was lost and made
-//! again, with the same MID and secret, never reuses a batch id it sent
-//! before.
+//! Every batch id carries a random **instance id** (64 bits). The cache
+//! makes a new one **every time it is opened**, and the readings appended
+//! from then on are batched under it: a data folder restored from a
+//! backup, cloned, rolled back, or lost and made again, with the same MID
+//! and secret, never sends new readings under a batch id that it (or
+//! another copy of it) sent before. Readings already in the cache when it
+//! is opened keep the instance id they were appended under (the cache
+//! keeps, for each open, the first sequence number appended under its id,
+//! until those readings are uploaded), and a batch never mixes readings of
+//! two instance ids: a restored copy resends the readings it shares with
+//! the original under the same batch id, so the backoffice either answers
+//! "already applied" (same readings: nothing is charged twice) or 205 (other
+//! readings: set aside), never charges them a second time under a new id. A
+//! batch fixed before a restart keeps its id: retries are unchanged.
 //!
 //! A batch the backoffice answers with fault 205 (`BatchConflict`: that id
 //! was applied already, with other readings) is **set aside**: its readings
 //! move, in one atomic step, from `r` + seq to `c` + seq, where they are kept
 //! and never uploaded again; its record goes to `x` + first seq; and the
-//! cache takes a new instance id, so that later batches cannot collide with
-//! the batches of whatever copy of this cache sent that id first.
+//! cache takes a new instance id for the readings appended after that, so
+//! that they cannot collide with the batches of whatever copy of this cache
+//! sent that id first.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -49,7 +60,12 @@ const SESSIONS_KEY: &[u8] = b"m:logins";
 /// The boot id of the machine when the sessions were saved.
 const SESSIONS_BOOT_KEY: &[u8] = b"m:logins_boot";
 const GRANT_PREFIX: &[u8] = b"g:";
-const INSTANCE_KEY: &[u8] = b"m:instance";
+/// Where the single instance id was kept before there was one per open;
+/// read once as the id of every reading then cached, and dropped.
+const OLD_INSTANCE_KEY: &[u8] = b"m:instance";
+/// The instance ids: (first seq appended under it, id), 16 bytes each, in
+/// order; the last is the current one.
+const INSTANCES_KEY: &[u8] = b"m:instances";
 const RECORD_VERSION: u8 = 1;
 
 /// Why the cache could not do what was asked.
@@ -159,8 +175,55 @@ pub struct Cache {
     readings_max: u64,
     next_seq: AtomicU64,
     first_pending_seq: AtomicU64,
-    instance: AtomicU64,
+    /// (first seq, instance id), in order; the last is the current one.
+    instances: std::sync::Mutex<Vec<(u64, u64)>>,
     set_aside: std::sync::Mutex<SetAside>,
+}
+
+fn encode_instances(instances: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(instances.len() * 16);
+    for (start, instance) in instances {
+        out.extend_from_slice(&start.to_be_bytes());
+        out.extend_from_slice(&instance.to_be_bytes());
+    }
+    out
+}
+
+fn decode_instances(bytes: &[u8]) -> Vec<(u64, u64)> {
+    assert!(
+        bytes.len().is_multiple_of(16) && !bytes.is_empty(),
+        "cache: instances record is corrupt"
+    );
+    bytes
+        .chunks_exact(16)
+        .map(|pair| (u64_of(&pair[..8]), u64_of(&pair[8..])))
+        .collect()
+}
+
+/// Drops the instance ids that no waiting reading (sequence number
+/// `first_pending` or later) was appended under, keeping the last (current)
+/// one.
+fn prune_instances(instances: &mut Vec<(u64, u64)>, first_pending: u64) {
+    let mut kept = Vec::with_capacity(instances.len());
+    for (index, &(start, instance)) in instances.iter().enumerate() {
+        match instances.get(index + 1) {
+            Some(&(next_start, _)) if next_start <= first_pending || next_start <= start => {}
+            _ => kept.push((start, instance)),
+        }
+    }
+    *instances = kept;
+}
+
+/// Makes `instance` the id of readings from `next_seq` on.
+fn start_instance(instances: &mut Vec<(u64, u64)>, next_seq: u64, instance: u64) {
+    // The current id, if no reading was appended under it, is not needed.
+    if instances
+        .last()
+        .is_some_and(|&(start, _)| start >= next_seq)
+    {
+        instances.pop();
+    }
+    instances.push((next_seq, instance));
 }
 
 /// A new random instance id.
@@ -225,18 +288,22 @@ impl Cache {
             first_pending_seq <= next_seq,
             "cache: reading beyond next_seq"
         );
-        let instance = match tree.get(INSTANCE_KEY)? {
-            Some(bytes) => u64_of(&bytes),
-            None => {
-                // A new cache (or one made before instance ids): made once,
-                // durably, before any batch id uses it.
-                let instance = random_instance()?;
-                tree.insert(INSTANCE_KEY, &instance.to_be_bytes())?;
-                db.flush()?;
-                data_file.sync_data()?;
-                instance
-            }
+        // Readings already cached keep the instance ids they were appended
+        // under; those appended from now on get a new one, made durably
+        // before any batch id uses it.
+        let mut instances = match (tree.get(INSTANCES_KEY)?, tree.get(OLD_INSTANCE_KEY)?) {
+            (Some(bytes), _) => decode_instances(&bytes),
+            (None, Some(old)) => vec![(0, u64_of(&old))],
+            (None, None) => Vec::new(),
         };
+        prune_instances(&mut instances, first_pending_seq);
+        start_instance(&mut instances, next_seq, random_instance()?);
+        let mut changes = sled::Batch::default();
+        changes.insert(INSTANCES_KEY, encode_instances(&instances));
+        changes.remove(OLD_INSTANCE_KEY);
+        tree.apply_batch(changes)?;
+        db.flush()?;
+        data_file.sync_data()?;
         let mut set_aside = SetAside::default();
         for entry in tree.scan_prefix([SET_ASIDE_BATCH_PREFIX]) {
             set_aside.add(&decode_batch(&entry?.1));
@@ -249,14 +316,34 @@ impl Cache {
             readings_max,
             next_seq: AtomicU64::new(next_seq),
             first_pending_seq: AtomicU64::new(first_pending_seq),
-            instance: AtomicU64::new(instance),
+            instances: std::sync::Mutex::new(instances),
             set_aside: std::sync::Mutex::new(set_aside),
         })
     }
 
-    /// This cache's instance id, 16 hex digits.
+    fn instances(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.instances
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This cache's current instance id, 16 hex digits: new at every open,
+    /// the id of the readings appended since.
     pub fn instance(&self) -> String {
-        format!("{:016x}", self.instance.load(Ordering::Acquire))
+        let current = self.instances().last().map_or(0, |&(_, instance)| instance);
+        format!("{current:016x}")
+    }
+
+    /// The instance id that reading `seq` was appended under, and the first
+    /// sequence number appended under another (a batch stops before it).
+    fn instance_of(&self, seq: u64) -> (u64, Option<u64>) {
+        let instances = self.instances();
+        let index = instances
+            .iter()
+            .rposition(|&(start, _)| start <= seq)
+            .unwrap_or(0);
+        let bound = instances.get(index + 1).map(|&(start, _)| start);
+        (instances[index].1, bound)
     }
 
     /// The id of an upload that carries no readings, sent at `now_ms` to
@@ -363,13 +450,18 @@ impl Cache {
         if readings.is_empty() {
             return Ok(None);
         }
+        // A batch holds readings of one instance id only.
+        let (instance, bound) = self.instance_of(readings[0].seq);
+        if let Some(bound) = bound {
+            readings.retain(|reading| reading.seq < bound);
+        }
         let taken = match end(&readings) {
             BatchEnd::Take(count) => count.clamp(1, readings.len()),
             BatchEnd::Hold => return Ok(None),
         };
         let first_seq = readings[0].seq;
         let last_seq = readings[taken - 1].seq;
-        let id = BatchId::parse(&format!("{}:{first_seq}", self.instance()))
+        let id = BatchId::parse(&format!("{instance:016x}:{first_seq}"))
             .expect("INSTANCE:seq is a valid batch id");
         let batch = PendingBatch {
             id,
@@ -419,8 +511,9 @@ impl Cache {
 
     /// The backoffice refused `batch` as a conflict (its id was applied with
     /// other readings): keeps its readings, out of the upload path, and
-    /// takes a new instance id for the batches that follow, in one atomic
-    /// step.
+    /// takes a new instance id for the readings appended after this, in one
+    /// atomic step. Readings already cached keep their ids: another copy
+    /// of this cache may hold them too, and must not be charged twice.
     pub fn set_aside_batch(&self, batch: &PendingBatch) -> Result<(), CacheError> {
         let mut changes = sled::Batch::default();
         let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
@@ -435,13 +528,18 @@ impl Cache {
             &prefixed(SET_ASIDE_BATCH_PREFIX, batch.first_seq),
             encode_batch(batch),
         );
-        let instance = random_instance()?;
-        changes.insert(INSTANCE_KEY, &instance.to_be_bytes());
+        let mut instances = self.instances();
+        let mut updated = instances.clone();
+        prune_instances(&mut updated, batch.last_seq + 1);
+        let next_seq = self.next_seq.load(Ordering::Acquire);
+        start_instance(&mut updated, next_seq, random_instance()?);
+        changes.insert(INSTANCES_KEY, encode_instances(&updated));
         self.tree.apply_batch(changes)?;
         self.sync()?;
         self.first_pending_seq
             .store(batch.last_seq + 1, Ordering::Release);
-        self.instance.store(instance, Ordering::Release);
+        *instances = updated;
+        drop(instances);
         self.set_aside
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -783,7 +881,7 @@ mod tests {
     }
 
     #[test]
-    fn readings_survive_reopen_and_batches_keep_their_id() {
+    fn readings_survive_reopen_and_a_pending_batch_keeps_its_id() {
         let dir = tempfile::tempdir().unwrap();
         let instance = {
             let cache = Cache::open(dir.path(), 10).unwrap();
@@ -796,16 +894,28 @@ mod tests {
             cache.instance()
         };
         let cache = Cache::open(dir.path(), 10).unwrap();
-        assert_eq!(cache.instance(), instance, "the instance id is kept");
+        assert_ne!(
+            cache.instance(),
+            instance,
+            "a reopen makes a new instance id"
+        );
+        assert_eq!(cache.instance().len(), 16);
         assert_eq!(cache.pending(), 3);
         assert_eq!(cache.oldest_time_ms().unwrap(), Some(1_001));
-        // The same batch comes back after a restart, even with a larger limit.
+        // The same batch, with its id, comes back after a restart, even with
+        // a larger limit: a retry is the same batch.
         let batch = cache.pending_batch(100).unwrap().unwrap();
         assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
+        assert_eq!(batch.id.as_str(), format!("{instance}:1"));
         let readings = cache.batch_readings(&batch).unwrap();
         assert_eq!(
             readings.iter().map(|r| r.seq).collect::<Vec<_>>(),
             vec![1, 2]
+        );
+        assert_eq!(
+            cache.append(&[new_reading(4)]).unwrap(),
+            4,
+            "numbers never reused"
         );
         let table = SavedTable {
             received_ms: 77,
@@ -816,18 +926,98 @@ mod tests {
             params: params(),
         };
         cache.confirm_batch(&batch, &table).unwrap();
-        assert_eq!(cache.pending(), 1);
-        assert_eq!(cache.saved_table().unwrap(), Some(table));
+        assert_eq!(cache.pending(), 2);
+        assert_eq!(cache.saved_table().unwrap(), Some(table.clone()));
+        // Reading 3 was cached before the reopen: it keeps the old id, in a
+        // batch of its own; reading 4 goes under the new one.
         let next = cache.pending_batch(100).unwrap().unwrap();
         assert_eq!(
             (next.first_seq, next.last_seq, next.id.to_string()),
             (3, 3, format!("{instance}:3"))
         );
+        cache.confirm_batch(&next, &table).unwrap();
+        let after = cache.pending_batch(100).unwrap().unwrap();
         assert_eq!(
-            cache.append(&[new_reading(4)]).unwrap(),
-            4,
-            "numbers never reused"
+            (after.first_seq, after.last_seq, after.id.to_string()),
+            (4, 4, format!("{}:4", cache.instance()))
         );
+        assert_eq!(
+            cache.refresh_id(5).to_string(),
+            format!("{}:t5", cache.instance())
+        );
+    }
+
+    #[test]
+    fn a_restored_copy_resends_shared_readings_under_their_ids_and_new_ones_under_new_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (original, backup) = (dir.path().join("original"), dir.path().join("backup"));
+        {
+            let cache = Cache::open(&original, 10).unwrap();
+            cache.append(&[new_reading(1), new_reading(2)]).unwrap();
+        }
+        // A backup of the folder, taken with readings 1 and 2 not yet sent.
+        fn copy_tree(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                let target = to.join(entry.file_name());
+                if entry.file_type().unwrap().is_dir() {
+                    copy_tree(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), &target).unwrap();
+                }
+            }
+        }
+        copy_tree(&original, &backup);
+        // The original runs on (a new reading) and later the backup is
+        // restored (a new reading of its own): the shared readings go under
+        // the same batch id in both, so the backoffice applies them once;
+        // the new ones under ids that differ.
+        let mut ids = Vec::new();
+        for folder in [&original, &backup] {
+            let cache = Cache::open(folder, 10).unwrap();
+            cache.append(&[new_reading(3)]).unwrap();
+            let shared = cache.pending_batch(10).unwrap().unwrap();
+            assert_eq!((shared.first_seq, shared.last_seq), (1, 2));
+            cache
+                .confirm_batch(
+                    &shared,
+                    &SavedTable {
+                        received_ms: 1,
+                        standings: Vec::new(),
+                        params: params(),
+                    },
+                )
+                .unwrap();
+            let own = cache.pending_batch(10).unwrap().unwrap();
+            assert_eq!((own.first_seq, own.last_seq), (3, 3));
+            ids.push((shared.id, own.id));
+        }
+        assert_eq!(ids[0].0, ids[1].0, "the shared readings: one batch id");
+        assert_ne!(ids[0].1, ids[1].1, "new readings never collide");
+    }
+
+    #[test]
+    fn a_cache_made_before_instance_ids_per_open_keeps_its_id_for_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path(), 10).unwrap();
+            cache.append(&[new_reading(1)]).unwrap();
+            // As an older meterd left it: one instance id, kept forever.
+            cache.tree.remove(INSTANCES_KEY).unwrap();
+            cache
+                .tree
+                .insert(OLD_INSTANCE_KEY, &0x0123_4567_89ab_cdef_u64.to_be_bytes())
+                .unwrap();
+            cache.sync().unwrap();
+        }
+        let cache = Cache::open(dir.path(), 10).unwrap();
+        cache.append(&[new_reading(2)]).unwrap();
+        let old = cache.pending_batch(10).unwrap().unwrap();
+        assert_eq!(old.id.as_str(), "0123456789abcdef:1");
+        assert_eq!(old.last_seq, 1);
+        assert_ne!(cache.instance(), "0123456789abcdef");
+        assert_eq!(cache.tree.get(OLD_INSTANCE_KEY).unwrap(), None);
     }
 
     #[test]
@@ -940,9 +1130,11 @@ mod tests {
             cache.set_aside_batch(&batch).unwrap();
             assert_ne!(cache.instance(), instance, "a new instance id");
             assert_eq!(cache.pending(), 1);
+            // Reading 3 was cached before the conflict: it keeps its id
+            // (another copy may hold it too); later readings take the new one.
             let next = cache.pending_batch(10).unwrap().unwrap();
             assert_eq!((next.first_seq, next.last_seq), (3, 3));
-            assert_eq!(next.id.to_string(), format!("{}:3", cache.instance()));
+            assert_eq!(next.id.to_string(), format!("{instance}:3"));
             // Set-aside readings count against the cache's maximum.
             assert!(matches!(
                 cache.append(&[new_reading(4), new_reading(5)]),
@@ -951,7 +1143,7 @@ mod tests {
             (instance, cache.instance())
         };
         let cache = Cache::open(dir.path(), 4).unwrap();
-        assert_eq!(cache.instance(), kept);
+        assert_ne!(cache.instance(), kept, "new at every open");
         let set_aside = cache.set_aside();
         assert_eq!((set_aside.batches, set_aside.readings), (1, 2));
         assert_eq!(

@@ -959,8 +959,11 @@ fn status_of(socket: &Path) -> HashMap<String, String> {
         .collect()
 }
 
+/// A data folder restored from a backup: the readings it shares with what
+/// the original sent go again under the same batch id (applied once), its
+/// new readings under a new one (never a conflict, never charged twice).
 #[test]
-fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept() {
+fn a_restored_backup_charges_every_use_once() {
     let dir = tempfile::tempdir().unwrap();
     let (backoffice, setup) = with_backoffice(&dir);
     let mut meter = setup.start();
@@ -976,23 +979,66 @@ fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept(
     assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
     meter.running.child.kill().unwrap();
     meter.running.child.wait().unwrap();
-    // The backup is restored: the same batch id now comes with other readings.
+    // The backup is restored: it holds P1's readings, which the original
+    // sent, and takes P3's.
     std::fs::remove_dir_all(dir.path().join("data")).unwrap();
     copy_tree(&backup, &dir.path().join("data"));
     let meter = setup.start();
     use_products(&meter.socket, "B1-C1", &["B1-P3"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let (applied, attempts, conflicts) = backoffice.ledger(|ledger| {
+        (
+            ledger.applied.clone(),
+            ledger.attempts.clone(),
+            ledger.conflicts.clone(),
+        )
+    });
+    assert_eq!(conflicts, [], "new readings never reuse a batch id");
+    let counts = commits(&backoffice.applied_readings());
+    let customer = Some(Payer::Customer(cid("B1-C1")));
+    assert_eq!(
+        counts,
+        HashMap::from([
+            ((pid("B1-P1"), customer), 1),
+            ((pid("B1-P2"), customer), 1),
+            ((pid("B1-P3"), customer), 1),
+        ]),
+        "every use charged once: {applied:?}"
+    );
+    // P1's batch: sent by the original and again by the restored copy.
+    let first = &applied[0].0;
+    assert_eq!(attempts[first], 2, "{attempts:?}");
+    assert_eq!(applied.len(), 3, "P1's batch, P2's, P3's: {applied:?}");
+    let status = status_of(&meter.socket);
+    assert_eq!(status["conflictedBatches"], "0", "{status:?}");
+    assert_eq!(status["pendingReadings"], "0", "{status:?}");
+}
+
+#[test]
+fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P1"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    // The backoffice answers the next batch with 205, as it does for an id
+    // it applied before with other readings.
+    backoffice.behave(|behaviour| behaviour.conflict = true);
+    use_products(&meter.socket, "B1-C1", &["B1-P2"]);
     assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
     let conflicts = backoffice.ledger(|ledger| ledger.conflicts.clone());
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     let status = status_of(&meter.socket);
     assert_eq!(status["conflictedBatches"], "1", "{status:?}");
     assert_eq!(status["conflictedBatchIds"], conflicts[0].to_string());
-    // login, P1, logout from before the backup, then login, P3, logout.
-    assert_eq!(status["conflictedReadings"], "6", "{status:?}");
+    // login, P2, logout.
+    assert_eq!(status["conflictedReadings"], "3", "{status:?}");
     assert_eq!(status["pendingReadings"], "0");
-    // Later uses upload under new batch ids; the set-aside batch is not sent
-    // again.
-    use_products(&meter.socket, "B1-C1", &["B1-P4"]);
+    // Later uses upload under a new instance id; the set-aside batch is not
+    // sent again.
+    backoffice.behave(|behaviour| behaviour.conflict = false);
+    use_products(&meter.socket, "B1-C1", &["B1-P3"]);
     assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
     let (applied, attempts, conflicts) = backoffice.ledger(|ledger| {
         (
@@ -1002,30 +1048,25 @@ fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept(
         )
     });
     assert_eq!(conflicts.len(), 1, "no second conflict");
-    assert_eq!(
-        attempts[&conflicts[0]], 2,
-        "the first send and the conflict"
+    assert_eq!(attempts[&conflicts[0]], 1, "never sent again");
+    let instance = |id: &proto::BatchId| id.as_str().split(':').next().unwrap().to_owned();
+    assert_ne!(
+        instance(&applied.last().unwrap().0),
+        instance(&conflicts[0]),
+        "a new instance id after the conflict"
     );
     let counts = commits(&backoffice.applied_readings());
     let customer = Some(Payer::Customer(cid("B1-C1")));
     assert_eq!(
         counts,
-        HashMap::from([
-            ((pid("B1-P1"), customer), 1),
-            ((pid("B1-P2"), customer), 1),
-            ((pid("B1-P4"), customer), 1),
-        ])
+        HashMap::from([((pid("B1-P1"), customer), 1), ((pid("B1-P3"), customer), 1),])
     );
     assert_eq!(applied.len(), 2);
-    assert_eq!(status_of(&meter.socket)["conflictedReadings"], "6");
-
-    // And on demand: a 205 for a fresh batch sets it aside too.
-    backoffice.behave(|behaviour| behaviour.conflict = true);
-    use_products(&meter.socket, "B1-C1", &["B1-P5"]);
-    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
-    let status = status_of(&meter.socket);
-    assert_eq!(status["conflictedBatches"], "2", "{status:?}");
-    assert_eq!(status["conflictedReadings"], "9", "{status:?}");
+    assert_eq!(status_of(&meter.socket)["conflictedReadings"], "3");
+    // The set-aside readings are kept across a restart too.
+    drop(meter);
+    let meter = setup.start();
+    assert_eq!(status_of(&meter.socket)["conflictedReadings"], "3");
 }
 
 /// The backoffice charges a component to the enclosing product's owner only
