@@ -92,8 +92,9 @@ enum Command {
         #[arg(long)]
         machine: bool,
         /// Read CID's password from standard input (one line) instead of
-        /// showing a code, for machines without a browser nearby. Never put
-        /// a password in an argument.
+        /// showing a code. Never put a password in an argument. Only with a
+        /// backoffice on this machine (a loopback address): the meter speaks
+        /// plain http, so elsewhere it refuses; use the code flow.
         #[arg(long)]
         password_stdin: bool,
         /// With --password-stdin: the grant ends after SECONDS (default:
