@@ -22,6 +22,8 @@ use crate::registry::{
     self, Customer, Grant, Meter, NewGrant, Product, Registration, RegistryError,
 };
 
+/// How long opening waits for another holder of the store's lock to let go.
+pub const LOCK_WAIT_MS: u64 = 2_000;
 /// Bytes of memory sled may use for its page cache.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const RECORD_VERSION: u8 = 2;
@@ -396,22 +398,29 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             // Bounds memory; the ledger's history stays on disk.
             .cache_capacity(SLED_CACHE_BYTES)
             .mode(sled::Mode::HighThroughput)
             // Every batch is flushed and fsynced explicitly; no timer.
             .flush_every_ms(None)
-            .use_compression(false)
-            .open()
-            .map_err(|error| match error {
+            .use_compression(false);
+        // sled's own threads may hold a store closed a moment ago (a
+        // restart in the same process): wait a little for its lock.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
                 // sled 0.34.7 (pinned) reports its file lock this way.
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(dir.display().to_string())
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() >= std::time::Duration::from_millis(LOCK_WAIT_MS) {
+                        return Err(StoreError::Locked(dir.display().to_string()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                other => StoreError::Storage(other),
-            })?;
+                other => break other.map_err(StoreError::Storage)?,
+            }
+        };
         // sled 0.34 keeps its log in `<dir>/db`.
         let data_file = File::open(dir.join("db"))?;
         Ok(SledStore {

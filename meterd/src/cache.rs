@@ -43,6 +43,8 @@ use proto::{BatchId, Cid, Context, Payer, Pid};
 
 use crate::batching::BatchEnd;
 
+/// How long opening waits for another holder of the cache's lock to let go.
+pub const LOCK_WAIT_MS: u64 = 2_000;
 /// Bytes of memory sled may use for its page cache; the rest stays on disk.
 pub const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -255,7 +257,7 @@ impl Cache {
     /// readings.
     pub fn open(dir: &Path, readings_max: u64) -> Result<Cache, CacheError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             // Bounds memory; readings beyond it stay on disk.
             .cache_capacity(SLED_CACHE_BYTES)
@@ -263,15 +265,22 @@ impl Cache {
             .mode(sled::Mode::HighThroughput)
             // We flush (and fsync) explicitly at every group commit; no timer.
             .flush_every_ms(None)
-            .use_compression(false)
-            .open()
-            .map_err(|error| match error {
+            .use_compression(false);
+        // sled's own threads may hold a cache closed a moment ago (a
+        // restart in the same process): wait a little for its lock.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
                 // sled 0.34.7 (pinned) reports its file lock this way.
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    CacheError::Locked(dir.display().to_string())
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() >= std::time::Duration::from_millis(LOCK_WAIT_MS) {
+                        return Err(CacheError::Locked(dir.display().to_string()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                other => CacheError::Storage(other),
-            })?;
+                other => break other.map_err(CacheError::Storage)?,
+            }
+        };
         let tree = db.open_tree("cache")?;
         // sled 0.34 keeps its log in `<dir>/db`; fsync of any descriptor of it
         // makes its data durable.
