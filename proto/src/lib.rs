@@ -13,6 +13,7 @@ pub mod meter_api;
 pub mod params;
 pub mod reading;
 pub mod record;
+pub mod time;
 pub mod upload;
 pub mod xmlrpc;
 
