@@ -167,6 +167,10 @@ impl Lookups {
     }
 }
 
+/// The longest a batch may arrive after its grant ended and still charge
+/// its earlier uses through it, whatever the flush interval.
+pub const LATE_AFTER_GRANT_END_MAX_MS: u64 = 24 * 3600 * 1000;
+
 /// How far the meter's clock may be behind the backoffice's when a grant
 /// starts: uses stamped this much before the grant's approval still count.
 pub const CLOCK_SKEW_MS: u64 = SIGNATURE_WINDOW_MS;
@@ -220,6 +224,9 @@ struct Use {
     /// declared it a component and whose use encloses it and is itself
     /// authorized; see `authorize`).
     refusal: Option<String>,
+    /// For a component's use: the index (in the batch's uses) of the use
+    /// that encloses it, which must itself be charged for it to be.
+    enclosing: Option<usize>,
 }
 
 /// A use ready to price: its TACA, its product's owner and its place in
@@ -359,6 +366,7 @@ fn minimal_uses(events: &[Event], time_ms: u64) -> Vec<Use> {
                     time_ms,
                     context: None,
                     refusal: None,
+                    enclosing: None,
                 });
             }
         }
@@ -377,6 +385,7 @@ fn extended_uses(readings: &[Reading]) -> Vec<Use> {
                 time_ms: reading.time_ms,
                 context: Some(reading.context.clone()),
                 refusal: None,
+                enclosing: None,
             }),
             _ => None,
         })
@@ -396,10 +405,13 @@ fn extended_uses(readings: &[Reading]) -> Vec<Use> {
 /// decides every link.) A use stamped after the batch arrived, beyond the
 /// signature window, is refused.
 fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, late_ms: u64) {
-    let mut authorized_later: HashSet<(Option<&proto::Context>, Pid)> = HashSet::new();
+    // The next commit of each product in each context, as the pass goes
+    // from the end: the use that encloses a component committed before it.
+    let mut next_commit: HashMap<(Option<&proto::Context>, Pid), usize> = HashMap::new();
     let mut order: Vec<usize> = (0..uses.len()).collect();
     order.sort_by_key(|&index| uses[index].seq);
     let mut decided: Vec<Option<String>> = vec![None; uses.len()];
+    let mut enclosing: Vec<Option<usize>> = vec![None; uses.len()];
     for &index in order.iter().rev() {
         let usage = &uses[index];
         let refusal = if usage.time_ms > arrived_ms.saturating_add(SIGNATURE_WINDOW_MS) {
@@ -416,23 +428,21 @@ fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, late_ms: u64)
                         )
                     })
                 }
-                Some(Payer::OwnerOf(enclosing)) => {
-                    component_refusal(lookups, usage, enclosing, &authorized_later)
+                Some(Payer::OwnerOf(product)) => {
+                    let next = next_commit.get(&(usage.context.as_ref(), product)).copied();
+                    enclosing[index] = next;
+                    let enclosing_refused = next.is_none_or(|at| decided[at].is_some());
+                    component_refusal(lookups, usage, product, enclosing_refused)
                 }
                 None => Some("nobody would pay: no enclosing login or query".to_owned()),
             }
         };
-        let real_pid = matches!(
-            lookups.products.get(&usage.pid),
-            Some(Some(product)) if product.pid == usage.pid
-        );
-        if refusal.is_none() && real_pid {
-            authorized_later.insert((usage.context.as_ref(), usage.pid));
-        }
+        next_commit.insert((usage.context.as_ref(), usage.pid), index);
         decided[index] = refusal;
     }
-    for (usage, refusal) in uses.iter_mut().zip(decided) {
+    for ((usage, refusal), enclosing) in uses.iter_mut().zip(decided).zip(enclosing) {
         usage.refusal = refusal;
+        usage.enclosing = enclosing;
     }
 }
 
@@ -441,7 +451,7 @@ fn component_refusal(
     lookups: &Lookups,
     usage: &Use,
     enclosing: Pid,
-    authorized_later: &HashSet<(Option<&proto::Context>, Pid)>,
+    enclosing_refused: bool,
 ) -> Option<String> {
     let Some(Some(product)) = lookups.products.get(&enclosing) else {
         return Some(format!("unknown enclosing product {enclosing}"));
@@ -460,7 +470,7 @@ fn component_refusal(
             product.owner, component.pid
         ));
     }
-    if !authorized_later.contains(&(usage.context.as_ref(), enclosing)) {
+    if enclosing_refused {
         return Some(format!(
             "no grant: not inside an authorized use of {enclosing} in the same batch and context"
         ));
@@ -523,7 +533,7 @@ impl<S: Store> Backoffice<S> {
     /// arrive and charge its earlier uses through it: twice the flush
     /// interval the backoffice gives meters. Later, they go to suspense.
     pub fn late_ms(&self) -> u64 {
-        u64::from(self.params.flush_interval_s) * 2 * 1000
+        (u64::from(self.params.flush_interval_s) * 2 * 1000).min(LATE_AFTER_GRANT_END_MAX_MS)
     }
 
     /// What the money path has done since it started.
@@ -929,6 +939,39 @@ impl<S: Store> Backoffice<S> {
         })))
     }
 
+    /// Prices `uses` as `price_uses` does, then refuses every component
+    /// whose enclosing use was not charged (its price failed, or went above
+    /// the maximum) and prices again from the start, until no more change:
+    /// a producer pays for a component only inside a use that was charged.
+    fn price_chains(
+        &self,
+        lookups: &mut Lookups,
+        stored: &mut PeriodCounts,
+        periods: &mut HashMap<PeriodKey, u64>,
+        uses: &mut [Use],
+    ) -> Result<Vec<Fate>, Fault> {
+        loop {
+            let fates = self.price_uses(lookups, stored, periods, uses)?;
+            let mut changed = false;
+            for index in 0..uses.len() {
+                let Some(at) = uses[index].enclosing else {
+                    continue;
+                };
+                if uses[index].refusal.is_none() && !matches!(fates[at], Fate::Priced { .. }) {
+                    uses[index].refusal = Some(format!(
+                        "no grant: its enclosing use of {} (seq {}) was not charged",
+                        uses[at].pid, uses[at].seq
+                    ));
+                    changed = true;
+                }
+            }
+            if !changed {
+                return Ok(fates);
+            }
+            periods.clear();
+        }
+    }
+
     /// Prices `uses` in order, as if one after the other: the prices
     /// themselves run on all cores, each in an instance as instantiated.
     fn price_uses(
@@ -1024,6 +1067,12 @@ impl<S: Store> Backoffice<S> {
             // component only where the chain was shown then.
             let late_ms = self.late_ms();
             let refusal = match payer {
+                // Put in suspense before grants existed: decided under other
+                // rules, so never charged by re-pricing; for an operator.
+                _ if record.arrived_ms == 0 => Some(format!(
+                    "kept from before grants, for an operator to decide: {}",
+                    record.reason
+                )),
                 _ if record.time_ms > record.arrived_ms.saturating_add(SIGNATURE_WINDOW_MS) => {
                     Some("from the future: used after its batch arrived".to_owned())
                 }
@@ -1052,6 +1101,7 @@ impl<S: Store> Backoffice<S> {
                 time_ms: record.time_ms,
                 context: None,
                 refusal,
+                enclosing: None,
             });
         }
         // In chunks, in order (the period counts carry over), with a
@@ -1118,7 +1168,7 @@ impl<S: Store> Backoffice<S> {
         authorize(&mut uses, &lookups, now_ms, self.late_ms());
         let mut ledger = lock(&self.ledger);
         let mut stored = lock(&self.period_counts);
-        let fates = self.price_uses(&mut lookups, &mut stored, &mut periods, &uses)?;
+        let fates = self.price_chains(&mut lookups, &mut stored, &mut periods, &mut uses)?;
         for (usage, fate) in uses.iter().zip(fates) {
             match fate {
                 Fate::Free => {}

@@ -1073,3 +1073,63 @@ fn a_meter_cannot_backdate_uses_past_a_revocation_or_date_them_in_the_future() {
     .unwrap();
     assert_eq!(balance(&world, world.consumer), amount("9.75"));
 }
+
+/// A producer pays for a component only inside a use of theirs that was
+/// itself charged: not inside one whose price was refused, nor through a
+/// later use than the one that encloses it.
+#[test]
+fn a_component_is_charged_only_inside_an_enclosing_use_that_was_charged() {
+    let world = world();
+    let bid = Bid::parse("B1").unwrap();
+    let store = world.backoffice.store();
+    // Asks 0.25 a use but declared at most 0.10: every use is refused.
+    let capped = store
+        .create_product(
+            &bid,
+            NewProduct::new(
+                &world.producer,
+                "Capped",
+                "0.10",
+                &module("flat"),
+                amount("0.1"),
+            ),
+        )
+        .unwrap()
+        .pid;
+    store
+        .set_components(&capped, None, &[world.component])
+        .unwrap();
+    let me = Some(Payer::Customer(world.consumer));
+    let inside = |pid: Pid| Some(Payer::OwnerOf(pid));
+    // Eleven spell checks inside the refused use (the tiered TACA's first
+    // ten a month are free, so the eleventh would cost Bob 0.05).
+    let mut events: Vec<Event> = (0..11)
+        .map(|_| Event::Commit {
+            pid: world.component,
+            payer: inside(capped),
+        })
+        .collect();
+    events.push(Event::Commit {
+        pid: capped,
+        payer: me,
+    });
+    send(&world, &batch(&world, "x:1", events), NOW_MS).unwrap();
+    assert_eq!(
+        balance(&world, world.producer),
+        Amount::ZERO,
+        "Bob pays nothing"
+    );
+    assert_eq!(balance(&world, world.maker), Amount::ZERO);
+    assert_eq!(balance(&world, world.consumer), amount("10"));
+    let suspense = store.suspense().unwrap();
+    assert_eq!(suspense.len(), 12, "{suspense:?}");
+    assert!(
+        suspense[..11]
+            .iter()
+            .all(|record| record.reason.contains("was not charged") && !record.authorized),
+        "{suspense:?}"
+    );
+    // Re-pricing does not charge them either.
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 12));
+    assert_eq!(balance(&world, world.producer), Amount::ZERO);
+}
