@@ -25,7 +25,9 @@ use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standi
 use crate::now_ms;
 use crate::pricing::{PriceInput, Pricing};
 use crate::registry::{Grant, Product};
-use crate::store::{BatchDigest, BatchEffects, BatchKey, PeriodKey, Store, StoreError, Suspense};
+use crate::store::{
+    BatchDigest, BatchEffects, BatchKey, PeriodKey, SeqRange, Store, StoreError, Suspense,
+};
 
 /// How far a signature's time may be from the backoffice's clock.
 pub const SIGNATURE_WINDOW_MS: u64 = 5 * 60 * 1000;
@@ -476,6 +478,23 @@ fn component_refusal(
         ));
     }
     None
+}
+
+/// The sequence numbers a batch's readings span in their meter instance:
+/// the instance is the batch id up to its last `:` when what follows is the
+/// first sequence number, as our meter writes ids; `None` for other ids
+/// and for batches without readings.
+fn seq_range_of(key: &BatchKey, readings: &[Reading]) -> Option<SeqRange> {
+    let (instance, first) = key.id.as_str().rsplit_once(':')?;
+    let first: u64 = first.parse().ok()?;
+    let low = readings.iter().map(|reading| reading.seq).min()?;
+    let high = readings.iter().map(|reading| reading.seq).max()?;
+    (low == first).then(|| SeqRange {
+        mid: key.mid,
+        instance: instance.to_owned(),
+        first: low,
+        last: high,
+    })
 }
 
 /// Every party whose standing the answer reports.
@@ -1166,7 +1185,38 @@ impl<S: Store> Backoffice<S> {
         // locked, so that another meter's batch is not kept waiting for them.
         self.look_up(&mut lookups, &uses)?;
         authorize(&mut uses, &lookups, now_ms, self.late_ms());
+        let seq_range = match &request.body {
+            SendBody::Batch(batch) => seq_range_of(key, &batch.readings),
+            SendBody::Minimal(_) => None,
+        };
         let mut ledger = lock(&self.ledger);
+        // Under the lock, where batches are staged one at a time: a batch
+        // id that came meanwhile is a repeat, and readings that another
+        // batch id of the same meter instance brought are refused.
+        if let Some(applied) = self
+            .store
+            .applied_batch(key)
+            .map_err(|error| internal(&error))?
+        {
+            drop(ledger);
+            return self.repeated(key, digest.as_ref(), applied, &request.body);
+        }
+        if let Some(range) = &seq_range
+            && let Some((first, last)) = self
+                .store
+                .overlapping_range(range)
+                .map_err(|error| internal(&error))?
+        {
+            tracing::error!(mid = %key.mid, batch = %key.id, first, last, "readings sent again under another batch id: refused");
+            return Err(Fault::new(
+                FaultCode::BatchConflict,
+                format!(
+                    "batch {} of {} brings readings {first} to {last} of its meter instance \
+                     again, applied before in another batch; nothing was applied",
+                    key.id, key.mid
+                ),
+            ));
+        }
         let mut stored = lock(&self.period_counts);
         let fates = self.price_chains(&mut lookups, &mut stored, &mut periods, &mut uses)?;
         for (usage, fate) in uses.iter().zip(fates) {
@@ -1229,6 +1279,7 @@ impl<S: Store> Backoffice<S> {
             suspense: &suspense,
             answer: &answer,
             digest,
+            seq_range: seq_range.as_ref(),
         };
         let transfer_count = prepared.len();
         // Staged under the lock (so batches reach the store in the order they

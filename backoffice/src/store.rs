@@ -180,6 +180,39 @@ pub struct BatchEffects<'a> {
     /// The digest of the batch's readings, so that the same id sent again
     /// with other readings is told apart from a retry.
     pub digest: Option<BatchDigest>,
+    /// The sequence numbers the batch's readings span in their meter
+    /// instance, so that no other batch id can bring them again.
+    pub seq_range: Option<&'a SeqRange>,
+}
+
+/// The sequence numbers a batch's readings span, within one instance of a
+/// meter (the part of the batch id before its last `:`, as our meter
+/// writes it: `INSTANCE:FIRST_SEQ`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqRange {
+    /// The meter.
+    pub mid: Mid,
+    /// The meter's instance, from the batch id.
+    pub instance: String,
+    /// The lowest sequence number in the batch.
+    pub first: u64,
+    /// The highest.
+    pub last: u64,
+}
+
+impl SeqRange {
+    fn prefix(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(64);
+        put_str(&mut key, self.mid.as_str());
+        put_str(&mut key, &self.instance);
+        key
+    }
+
+    fn key(&self) -> Vec<u8> {
+        let mut key = self.prefix();
+        key.extend_from_slice(&self.first.to_be_bytes());
+        key
+    }
 }
 
 /// SHA-256 of a batch's readings in a canonical form (see `send`).
@@ -267,6 +300,9 @@ pub trait Store {
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError>;
+    /// A range of sequence numbers of the same meter instance, applied in an
+    /// earlier batch, that `range` overlaps, if any.
+    fn overlapping_range(&self, range: &SeqRange) -> Result<Option<(u64, u64)>, StoreError>;
     /// The answer given to an applied batch and its digest, if it was
     /// applied.
     fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError>;
@@ -385,6 +421,9 @@ pub struct SledStore {
     meter_grants: std::sync::Mutex<std::collections::HashMap<Mid, Vec<Grant>>>,
     period_uses: sled::Tree,
     suspense: sled::Tree,
+    /// `MID INSTANCE FIRST` -> `LAST`: the sequence numbers applied batches
+    /// spanned, per meter instance (`SeqRange`).
+    seq_ranges: sled::Tree,
     /// Records in `suspense`, kept as it changes: sled counts a tree by
     /// scanning it, and `/metrics` asks on every scrape.
     suspense_records: std::sync::atomic::AtomicUsize,
@@ -438,6 +477,7 @@ impl SledStore {
             period_uses: db.open_tree("period_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
+            seq_ranges: db.open_tree("seq_ranges")?,
             db,
             data_file,
             #[cfg(test)]
@@ -544,16 +584,23 @@ impl Store for SledStore {
             })
             .collect();
         let applied = encode_applied(effects.answer, effects.digest.as_ref());
+        let range = effects
+            .seq_range
+            .map(|range| (range.key(), range.last.to_be_bytes()));
         let trees = (
             &self.transfers,
             &self.batches,
             &self.period_uses,
             &self.suspense,
+            &self.seq_ranges,
         );
-        let outcome =
-            trees.transaction(|(transfer_tree, batch_tree, period_tree, suspense_tree)| {
+        let outcome = trees.transaction(
+            |(transfer_tree, batch_tree, period_tree, suspense_tree, range_tree)| {
                 if batch_tree.get(&batch_key)?.is_some() {
                     return Err(ConflictableTransactionError::Abort(()));
+                }
+                if let Some((key, last)) = &range {
+                    range_tree.insert(key.as_slice(), last)?;
                 }
                 for (id, record) in &records {
                     transfer_tree.insert(&id.to_be_bytes(), record.as_slice())?;
@@ -572,7 +619,8 @@ impl Store for SledStore {
                 }
                 batch_tree.insert(batch_key.as_slice(), applied.as_slice())?;
                 Ok(added)
-            });
+            },
+        );
         match outcome {
             Ok(added) => {
                 self.suspense_records
@@ -674,6 +722,29 @@ impl Store for SledStore {
         Ok(self
             .suspense_records
             .load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn overlapping_range(&self, range: &SeqRange) -> Result<Option<(u64, u64)>, StoreError> {
+        // Stored ranges of one instance never overlap, so the one starting
+        // last at or before `range.last` is the only one that can.
+        let prefix = range.prefix();
+        let mut end = prefix.clone();
+        end.extend_from_slice(&range.last.to_be_bytes());
+        let Some(entry) = self.seq_ranges.range(prefix.clone()..=end).next_back() else {
+            return Ok(None);
+        };
+        let (key, last) = entry?;
+        let first = u64::from_be_bytes(
+            key[key.len() - 8..]
+                .try_into()
+                .expect("store: a range key ends in 8 bytes"),
+        );
+        let last = u64::from_be_bytes(
+            last.as_ref()
+                .try_into()
+                .expect("store: a range end is 8 bytes"),
+        );
+        Ok((last >= range.first).then_some((first, last)))
     }
 
     fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError> {
@@ -1337,6 +1408,7 @@ mod tests {
                 suspense: &[],
                 answer,
                 digest: Some([7; 32]),
+                seq_range: None,
             };
             store.apply_batch(&key(1), effects(b"answer one")).unwrap();
             assert!(matches!(

@@ -1133,3 +1133,65 @@ fn a_component_is_charged_only_inside_an_enclosing_use_that_was_charged() {
     assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 12));
     assert_eq!(balance(&world, world.producer), Amount::ZERO);
 }
+
+/// A restored or cloned meter may cut its batches elsewhere than the
+/// original did: readings of one meter instance are applied once whatever
+/// batch id brings them.
+#[test]
+fn readings_applied_under_one_batch_id_are_refused_under_another() {
+    let world = world();
+    let me = Some(Payer::Customer(world.consumer));
+    let body = |id: &str, seqs: std::ops::RangeInclusive<u64>| {
+        let readings = seqs
+            .map(|seq| Reading {
+                seq,
+                time_ms: NOW_MS - 1_000,
+                context: Context::parse("42.7").unwrap(),
+                event: Event::Commit {
+                    pid: world.product,
+                    payer: me,
+                },
+            })
+            .collect();
+        let request = SendRequest {
+            mid: world.mid,
+            body: SendBody::Batch(Batch {
+                id: BatchId::parse(id).unwrap(),
+                readings,
+                parties: Vec::new(),
+            }),
+        };
+        encode_call("send", &request.to_params())
+    };
+    let instance = "0123456789abcdef";
+    send(&world, &body(&format!("{instance}:1"), 1..=3), NOW_MS).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.25"));
+    let fault = send(&world, &body(&format!("{instance}:3"), 3..=5), NOW_MS + 1).unwrap_err();
+    assert_eq!(
+        fault.registered(),
+        Some(FaultCode::BatchConflict),
+        "{fault:?}"
+    );
+    assert!(
+        fault.message.contains("readings 1 to 3"),
+        "{}",
+        fault.message
+    );
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("9.25"),
+        "nothing twice"
+    );
+    // The same batch again is a retry; the readings after it are new.
+    let again = send(&world, &body(&format!("{instance}:1"), 1..=3), NOW_MS + 2).unwrap();
+    assert_eq!(
+        SendAnswer::from_value(&again).unwrap().outcome,
+        Outcome::AlreadyApplied
+    );
+    send(&world, &body(&format!("{instance}:4"), 4..=5), NOW_MS + 3).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("8.75"));
+    // Another instance numbers its readings from 1 again.
+    send(&world, &body("fedcba9876543210:1", 1..=2), NOW_MS + 4).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("8.25"));
+    world.backoffice.ledger().verify();
+}
