@@ -109,7 +109,7 @@ pub struct Caller {
 }
 
 /// One open level of nesting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// `login(CID)`: uses are charged to this customer.
     Login {
@@ -126,6 +126,14 @@ pub enum Frame {
         payer: Payer,
         /// The uid of the caller that queried.
         uid: Option<u32>,
+        /// The context its commit is recorded in: the context of the
+        /// outermost use of its chain (the caller's own context for a use a
+        /// customer pays, the enclosing use's chain for a component). So a
+        /// component used in a child process or a named thread is recorded
+        /// where the product it was used inside is, and the backoffice can
+        /// see the chain (it matches components to enclosing uses by
+        /// context).
+        chain: ContextKey,
     },
 }
 
@@ -218,11 +226,24 @@ impl Contexts {
     /// a query made under another uid, pays for nothing of this caller's:
     /// `None`).
     pub fn payer(&self, caller: &Caller) -> Option<Payer> {
+        self.enclosing_frame(caller).map(Frame::payer_inside)
+    }
+
+    /// The frame a use by `caller` would be made inside.
+    fn enclosing_frame(&self, caller: &Caller) -> Option<&Frame> {
         std::iter::once(&caller.key)
             .chain(&caller.enclosing)
             .find_map(|key| self.stacks.get(key).and_then(|stack| stack.last()))
             .filter(|frame| frame.opened_by(caller.uid))
-            .map(Frame::payer_inside)
+    }
+
+    /// The context a query opened by `caller` now records its commit in
+    /// (see `Frame::Query::chain`).
+    fn chain_for(&self, caller: &Caller) -> ContextKey {
+        match self.enclosing_frame(caller) {
+            Some(Frame::Query { chain, .. }) => chain.clone(),
+            _ => caller.key.clone(),
+        }
     }
 
     fn push(&mut self, key: &ContextKey, frame: Frame) -> Result<(), ContextError> {
@@ -246,7 +267,7 @@ impl Contexts {
     fn pop_through(&mut self, key: &ContextKey, wanted: impl Fn(&Frame) -> bool) -> Option<Frame> {
         let stack = self.stacks.get_mut(key)?;
         let index = stack.iter().rposition(wanted)?;
-        let frame = stack[index];
+        let frame = stack[index].clone();
         stack.truncate(index);
         if stack.is_empty() {
             self.stacks.remove(key);
@@ -257,13 +278,14 @@ impl Contexts {
     /// True while a query of `pid` is open in the context recorded as
     /// `context` in readings (its commit may still come).
     pub fn has_open_query(&self, context: &Context, pid: Pid) -> bool {
-        ContextKey::parse(context.as_str())
-            .and_then(|key| self.stacks.get(&key))
-            .is_some_and(|stack| {
-                stack
-                    .iter()
-                    .any(|frame| matches!(frame, Frame::Query { pid: open, .. } if *open == pid))
-            })
+        let Some(key) = ContextKey::parse(context.as_str()) else {
+            return false;
+        };
+        // The query may be open in another context than the one its chain
+        // records (a product used inside another, in a child process).
+        self.stacks.values().flatten().any(|frame| {
+            matches!(frame, Frame::Query { pid: open, chain, .. } if *open == pid && *chain == key)
+        })
     }
 
     /// `login(CID)` in the caller's context, by local user `uid`.
@@ -289,19 +311,38 @@ impl Contexts {
         payer: Payer,
     ) -> Result<(), ContextError> {
         let uid = caller.uid;
-        self.push(&caller.key, Frame::Query { pid, payer, uid })
+        let chain = self.chain_for(caller);
+        self.push(
+            &caller.key,
+            Frame::Query {
+                pid,
+                payer,
+                uid,
+                chain,
+            },
+        )
     }
 
     /// Closes the nearest open query of `pid` in the caller's own context,
     /// made by the caller's uid, and returns who pays for it; `None` when
     /// no such query is open.
     pub fn close_query(&mut self, caller: &Caller, pid: Pid) -> Option<Payer> {
+        self.close_query_in_chain(caller, pid)
+            .map(|(payer, _)| payer)
+    }
+
+    /// Like `close_query`, with the context its commit is recorded in.
+    pub fn close_query_in_chain(
+        &mut self,
+        caller: &Caller,
+        pid: Pid,
+    ) -> Option<(Payer, ContextKey)> {
         let uid = caller.uid;
         let frame = self.pop_through(&caller.key, |frame| {
             matches!(frame, Frame::Query { pid: open, .. } if *open == pid) && frame.opened_by(uid)
         })?;
         match frame {
-            Frame::Query { payer, .. } => Some(payer),
+            Frame::Query { payer, chain, .. } => Some((payer, chain)),
             Frame::Login { .. } => unreachable!("only a query frame matches"),
         }
     }
@@ -436,6 +477,46 @@ mod tests {
         );
         assert!(contexts.logout(&program, cid(1)));
         assert!(contexts.is_empty());
+    }
+
+    #[test]
+    fn a_components_commit_is_recorded_in_the_context_of_its_outermost_use() {
+        let mut contexts = Contexts::default();
+        // A shell logs in; the editor runs in a child, the spell checker in
+        // the editor's child, its dictionary in a thread of that child.
+        let (shell, editor) = (caller(1, &[]), caller(10, &[1]));
+        let (speller, dictionary) = (caller(20, &[10, 1]), thread(20, "t", &[10, 1]));
+        contexts.login(&shell, cid(1), 1000).unwrap();
+        contexts
+            .open_query(&editor, pid(1), Payer::Customer(cid(1)))
+            .unwrap();
+        contexts
+            .open_query(&speller, pid(2), Payer::OwnerOf(pid(1)))
+            .unwrap();
+        contexts
+            .open_query(&dictionary, pid(3), Payer::OwnerOf(pid(2)))
+            .unwrap();
+        let chain = editor.key.clone();
+        let recorded = Context::parse(&chain.to_string()).unwrap();
+        assert!(contexts.has_open_query(&recorded, pid(1)));
+        assert!(
+            contexts.has_open_query(&recorded, pid(2)),
+            "open in a child"
+        );
+        assert!(!contexts.has_open_query(&recorded, pid(4)));
+        assert_eq!(
+            contexts.close_query_in_chain(&dictionary, pid(3)),
+            Some((Payer::OwnerOf(pid(2)), chain.clone()))
+        );
+        assert_eq!(
+            contexts.close_query_in_chain(&speller, pid(2)),
+            Some((Payer::OwnerOf(pid(1)), chain.clone()))
+        );
+        assert_eq!(
+            contexts.close_query_in_chain(&editor, pid(1)),
+            Some((Payer::Customer(cid(1)), chain))
+        );
+        assert!(!contexts.has_open_query(&recorded, pid(1)));
     }
 
     #[test]

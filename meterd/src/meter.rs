@@ -532,8 +532,12 @@ impl Meter {
     }
 
     async fn record(&self, caller: &Caller, event: Event) -> Result<u64, Fault> {
-        let context =
-            Context::parse(&caller.key.to_string()).expect("context keys are valid tokens");
+        self.record_in(&caller.key, event).await
+    }
+
+    /// Records `event` in the context `key` (a commit: its chain's).
+    async fn record_in(&self, key: &ContextKey, event: Event) -> Result<u64, Fault> {
+        let context = Context::parse(&key.to_string()).expect("context keys are valid tokens");
         let reading = NewReading {
             time_ms: now_ms(),
             context,
@@ -669,8 +673,8 @@ impl Meter {
     }
 
     async fn commit(&self, caller: &Caller, pid: Pid) -> Result<u64, Fault> {
-        let payer = lock(&self.contexts)
-            .close_query(caller, pid)
+        let (payer, chain) = lock(&self.contexts)
+            .close_query_in_chain(caller, pid)
             .ok_or_else(|| {
                 Fault::new(
                     FaultCode::UnmatchedCommit,
@@ -678,8 +682,8 @@ impl Meter {
                 )
             })?;
         let seq = self
-            .record(
-                caller,
+            .record_in(
+                &chain,
                 Event::Commit {
                     pid,
                     payer: Some(payer),

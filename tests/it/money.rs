@@ -416,3 +416,79 @@ fn the_operator_commands_drive_a_running_backoffice() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("operator token"));
 }
+
+/// A component used in a child process of the program that uses the
+/// product (a helper it runs) is charged to the product's owner: the meter
+/// records its commit where the product's use is.
+#[test]
+fn a_component_used_in_a_child_process_is_charged_to_the_products_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let consumer = office.text(
+        "customer.create",
+        &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
+        "CID",
+    );
+    let producer = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
+    let maker = office.text(
+        "customer.create",
+        &[s("Carol"), s("carol@example.org")],
+        "CID",
+    );
+    let flat = || Value::Base64(examples::module("flat"));
+    let product = office.text(
+        "product.create",
+        &[s(&producer), s("Editor"), s("0.25"), flat(), s("0.25")],
+        "PID",
+    );
+    let component = office.text(
+        "product.create",
+        &[s(&maker), s("Helper"), s("0.25"), flat(), s("0.25")],
+        "PID",
+    );
+    office
+        .call("product.components", &[s(&product), s(&component)])
+        .unwrap();
+    office
+        .call("account.deposit", &[s(&consumer), s("10")])
+        .unwrap();
+    office
+        .call("account.deposit", &[s(&producer), s("10")])
+        .unwrap();
+    let (mid, secret) = office.meter(&consumer);
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, &secret).unwrap();
+    let setup = MeterdSetup {
+        dir: dir.path().to_owned(),
+        backoffice: Some((office.address, mid.parse().unwrap(), secret_file)),
+    };
+    let meterd = setup.start();
+    grant_by_password(&meterd.socket, &consumer, PASSWORD);
+    let meter = format!(
+        "{} --socket {}",
+        workspace_binary("meterd", "meterd").display(),
+        meterd.socket.display()
+    );
+    // The shell uses the editor; a child shell, the helper inside it.
+    let script = format!(
+        "set -e; M='{meter}'; $M login {consumer}; $M query {product}; \
+         sh -c \"$M query {component} && $M commit {component}\"; \
+         $M commit {product}; $M logout {consumer}; $M flush"
+    );
+    let status = Command::new("sh").arg("-c").arg(&script).status().unwrap();
+    assert!(status.success());
+    let balance = |cid: &str| office.text("customer.show", &[s(cid)], "balance");
+    assert_eq!(balance(&consumer), "9.75");
+    assert_eq!(
+        balance(&producer),
+        "10",
+        "0.25 for the editor, 0.25 for its helper"
+    );
+    assert_eq!(balance(&maker), "0.25");
+    let suspense = office.call("suspense.list", &[]).unwrap();
+    assert_eq!(
+        suspense.as_array().map(<[Value]>::len),
+        Some(0),
+        "{suspense:?}"
+    );
+}
