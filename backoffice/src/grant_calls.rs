@@ -156,9 +156,19 @@ fn by_password(service: &Service, asked: PasswordGrant, now_ms: u64) -> Result<V
     };
     let store = service.backoffice.store();
     let customer = store.customer(&request.cid).map_err(store_fault)?;
-    // One derivation per core at a time, shared with the login page, so a
-    // flood of guesses queues instead of taking every core from `send`.
-    let _permit = service.web.heavy_permit();
+    // One derivation per core at a time, shared with the login page; when
+    // every core is deriving already, the meter is told to retry, so a
+    // flood of guesses neither takes every core nor piles up threads that
+    // `send` needs.
+    let Some(_permit) = service.web.try_heavy_permit() else {
+        return Err(Fault::new(
+            FaultCode::TooManyAttempts,
+            "the branch is busy checking passwords; try again in a moment",
+        ));
+    };
+    // Counted as a failure before the check, cleared by a success: guesses
+    // sent at once pass the allowance by at most one per core.
+    sessions.failed(&account, &address);
     let matches = match customer.as_ref().and_then(|c| c.password.as_ref()) {
         Some(stored) => password::verify(&asked.password, stored),
         None => {
@@ -168,7 +178,6 @@ fn by_password(service: &Service, asked: PasswordGrant, now_ms: u64) -> Result<V
         }
     };
     if !matches {
-        sessions.failed(&account, &address);
         tracing::warn!(mid = %request.mid, cid = %request.cid, "grant by password refused");
         return Err(refused(
             "the CID or the password is wrong (a customer without a web password grants on the web pages)",

@@ -16,8 +16,8 @@ pub const TERMS_BYTES_MAX: usize = 10_000;
 pub const COMPONENTS_MAX: usize = 100;
 /// Most meters one customer may register.
 pub const METERS_PER_CUSTOMER_MAX: usize = 100;
-/// Most grants (live or ended) kept for one meter; a new grant of the same
-/// customer and users replaces the one before it.
+/// Most live grants one meter holds; a new grant of the same customer and
+/// users replaces the one before it.
 pub const GRANTS_PER_METER_MAX: usize = 1_000;
 
 /// A customer's micro-account and what decides its standing.
@@ -233,8 +233,8 @@ pub enum RegistryError {
     /// The customer has registered the most meters allowed.
     #[error("a customer registers at most {0} meters")]
     TooManyMeters(usize),
-    /// The meter holds the most grants allowed.
-    #[error("a meter holds at most {0} grants")]
+    /// The meter holds the most live grants allowed.
+    #[error("a meter holds at most {0} live grants")]
     TooManyGrants(usize),
     /// Too many components declared.
     #[error("a product declares at most {0} components")]

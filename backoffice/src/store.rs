@@ -1068,7 +1068,11 @@ impl SledStore {
             return Err(RegistryError::UnknownMeter(new.mid).into());
         }
         let of_meter = self.indexed_grants(b'm', new.mid.as_str())?;
-        if of_meter.len() >= registry::GRANTS_PER_METER_MAX {
+        let live = of_meter
+            .iter()
+            .filter(|grant| grant.is_live_at(new.created_ms))
+            .count();
+        if live >= registry::GRANTS_PER_METER_MAX {
             return Err(RegistryError::TooManyGrants(registry::GRANTS_PER_METER_MAX).into());
         }
         // A new grant of the same customer for the same users of the same

@@ -90,12 +90,10 @@ impl Web {
         &self.config
     }
 
-    /// Waits, on a blocking thread, for a turn at CPU-heavy work (the same
-    /// turns as `heavy`): held until the permit is dropped.
-    pub(crate) fn heavy_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        tokio::runtime::Handle::try_current()
-            .ok()
-            .and_then(|runtime| runtime.block_on(self.heavy.acquire()).ok())
+    /// A turn at CPU-heavy work (the same turns as `heavy`) if one is free
+    /// now: held until the permit is dropped.
+    pub(crate) fn try_heavy_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.heavy.try_acquire().ok()
     }
 
     /// Runs CPU-heavy work (PBKDF2, a module check) off the async workers,
