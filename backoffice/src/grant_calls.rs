@@ -8,7 +8,7 @@ use proto::params::Params;
 use proto::xmlrpc::{Limits, Value, parse_call};
 use proto::{Cid, Fault, FaultCode, Mid};
 
-use crate::grants::{CODE_VALID_MS, CodeError, POLL_INTERVAL_S};
+use crate::grants::{CodeError, POLL_INTERVAL_S};
 use crate::registry::{Customer, Grant, NewGrant};
 use crate::send::Signed;
 use crate::server::{Service, store_fault};
@@ -124,7 +124,7 @@ fn request(service: &Service, request: GrantRequest, now_ms: u64) -> Result<Valu
         device_code,
         user_code: crate::grants::display(&user_code),
         verification_uri: format!("{public_url}/grant"),
-        expires_in_s: CODE_VALID_MS / 1000,
+        expires_in_s: service.backoffice.device_codes().valid_ms() / 1000,
         interval_s: POLL_INTERVAL_S,
     }
     .to_value())

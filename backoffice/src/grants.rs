@@ -84,10 +84,24 @@ impl Codes {
 }
 
 /// The pending device codes of the branch.
-#[derive(Default)]
 pub struct DeviceCodes {
     codes: Mutex<Codes>,
+    /// How long a code may be entered, in ms (`CODE_VALID_MS` unless the
+    /// operator set another).
+    valid_ms: std::sync::atomic::AtomicU64,
 }
+
+impl Default for DeviceCodes {
+    fn default() -> Self {
+        DeviceCodes {
+            codes: Mutex::default(),
+            valid_ms: std::sync::atomic::AtomicU64::new(CODE_VALID_MS),
+        }
+    }
+}
+
+/// The shortest and longest lifetimes an operator may give codes, in ms.
+pub const CODE_VALID_MS_RANGE: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
 
 /// A code as the customer types it: letters only, upper case.
 pub fn normalize(typed: &str) -> String {
@@ -130,6 +144,22 @@ fn lock(codes: &Mutex<Codes>) -> std::sync::MutexGuard<'_, Codes> {
 }
 
 impl DeviceCodes {
+    /// How long a code may be entered, in ms.
+    pub fn valid_ms(&self) -> u64 {
+        self.valid_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets how long new codes may be entered (within
+    /// `CODE_VALID_MS_RANGE`); false, and nothing changed, outside it.
+    pub fn set_valid_ms(&self, valid_ms: u64) -> bool {
+        let fine = CODE_VALID_MS_RANGE.contains(&valid_ms);
+        if fine {
+            self.valid_ms
+                .store(valid_ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        fine
+    }
+
     /// Issues a code for `request` from a meter of `owner`: `(device code,
     /// user code)`, both new.
     pub fn issue(
@@ -172,7 +202,7 @@ impl DeviceCodes {
                 device_code: device_code.clone(),
                 request,
                 owner,
-                expires_ms: now_ms + CODE_VALID_MS,
+                expires_ms: now_ms + self.valid_ms(),
                 state: State::Pending,
             },
         );
@@ -352,5 +382,18 @@ mod tests {
                 .issue(request("B1-M50", "B1-C4"), someone_else, 0)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_operator_sets_how_long_codes_live_within_bounds() {
+        let codes = DeviceCodes::default();
+        assert_eq!(codes.valid_ms(), CODE_VALID_MS);
+        assert!(!codes.set_valid_ms(0) && !codes.set_valid_ms(3_600_001));
+        assert_eq!(codes.valid_ms(), CODE_VALID_MS, "unchanged");
+        assert!(codes.set_valid_ms(2_000));
+        let mid: Mid = "B1-M1".parse().unwrap();
+        let (device, _) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
+        assert_eq!(codes.poll(&mid, &device, 1_999), PollStatus::Pending);
+        assert_eq!(codes.poll(&mid, &device, 2_000), PollStatus::Expired);
     }
 }

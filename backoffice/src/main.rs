@@ -348,6 +348,10 @@ struct WebArgs {
     /// Mark session cookies Secure (when a TLS proxy serves the pages).
     #[arg(long, env = "BACKOFFICE_SECURE_COOKIES")]
     secure_cookies: bool,
+    /// How long the code `meterd grant` prints may be entered on /grant,
+    /// in seconds (1 to 3600).
+    #[arg(long, env = "BACKOFFICE_GRANT_CODE_VALID_S", default_value_t = backoffice::grants::CODE_VALID_MS / 1000)]
+    grant_code_valid_s: u64,
 }
 
 fn serve(
@@ -377,6 +381,12 @@ fn serve(
             let params = backoffice::send::DEFAULT_PARAMS;
             let backoffice = backoffice::send::Backoffice::open(store, params)
                 .map_err(|error| error.to_string())?;
+            if !backoffice
+                .device_codes()
+                .set_valid_ms(web.grant_code_valid_s.saturating_mul(1000))
+            {
+                return Err("--grant-code-valid-s must be 1 to 3600".to_owned());
+            }
             Ok((token, backoffice))
         });
     let ((token_path, operator_token), backoffice) = match opened {

@@ -261,6 +261,11 @@ impl Backoffice {
     }
 
     pub fn start_at(dir: &std::path::Path, listen: &str) -> Backoffice {
+        Self::start_with(dir, listen, &[])
+    }
+
+    /// Like `start_at`, with more environment variables (settings).
+    pub fn start_with(dir: &std::path::Path, listen: &str, envs: &[(&str, &str)]) -> Backoffice {
         let binary = workspace_binary("backoffice", "backoffice");
         let data = dir.join("backoffice");
         let running = start_with_env(
@@ -275,7 +280,7 @@ impl Backoffice {
                 "--password-iterations",
                 "1000",
             ],
-            &[("BACKOFFICE_LOG", "warn")],
+            &[&[("BACKOFFICE_LOG", "warn")], envs].concat(),
         );
         let url = running
             .first_line

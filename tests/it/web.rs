@@ -1180,3 +1180,28 @@ fn components_are_declared_only_by_the_products_owner() {
     assert_eq!(saved.status, 200, "{}", saved.body);
     assert!(declared(&saved.body), "{}", saved.body);
 }
+
+/// A code the customer enters after it expired is refused like any other
+/// bad code, and the meter polling it hears `expired`.
+#[test]
+fn an_expired_code_is_refused_and_the_meter_hears_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("BACKOFFICE_GRANT_CODE_VALID_S", "1")],
+    );
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let meter = FakeMeter::register(&office, &ada_cid);
+    let code = meter.request_code(&ada_cid, "laptop", Scope::Machine);
+    assert_eq!(code.expires_in_s, 1);
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    let late = enter_code(&mut ada, &code.user_code);
+    assert_eq!(late.status, 404, "{}", late.body);
+    assert_eq!(meter.poll(&code.device_code), PollStatus::Expired);
+    assert!(grants_of(&office, &ada_cid).is_empty(), "no grant");
+    // A fresh code, entered in time, still works.
+    let fresh = meter.request_code(&ada_cid, "laptop", Scope::Machine);
+    let page = enter_code(&mut ada, &fresh.user_code);
+    assert_eq!(page.status, 200, "{}", page.body);
+}

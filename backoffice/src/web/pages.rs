@@ -620,7 +620,7 @@ pub fn grant_code(session: &Session, typed: &str, problem: Option<&str>) -> Mark
                 autocomplete="off" autocapitalize="characters" spellcheck="false";
             p { button type="submit" id="code-submit" { "Continue" } }
         }
-        p { "A code works once, for 10 minutes. Only you, logged in, can approve a code made for your CID." }
+        p { "A code works once, and only for a few minutes after the meter asked. Only you, logged in, can approve a code made for your CID." }
     };
     layout(session, "Authorize a meter", body)
 }
