@@ -129,12 +129,17 @@ fn batch_from(mid: Mid, id: &str, events: Vec<Event>) -> Vec<u8> {
             event,
         })
         .collect();
+    body_of(mid, id, readings, Vec::new())
+}
+
+/// The `send` body of batch `id` of meter `mid`.
+fn body_of(mid: Mid, id: &str, readings: Vec<Reading>, parties: Vec<Payer>) -> Vec<u8> {
     let request = SendRequest {
         mid,
         body: SendBody::Batch(Batch {
             id: BatchId::parse(id).unwrap(),
             readings,
-            parties: Vec::new(),
+            parties,
         }),
     };
     encode_call("send", &request.to_params())
@@ -786,15 +791,7 @@ fn a_component_is_charged_to_the_owner_only_inside_an_authorized_use() {
             payer: me,
         },
     );
-    let request = SendRequest {
-        mid: world.mid,
-        body: SendBody::Batch(Batch {
-            id: BatchId::parse("x:1").unwrap(),
-            readings,
-            parties: Vec::new(),
-        }),
-    };
-    let body = encode_call("send", &request.to_params());
+    let body = body_of(world.mid, "x:1", readings, Vec::new());
     send(&world, &body, NOW_MS).unwrap();
     // Bob, the editor's owner, is credited 0.25 and pays 0.05 for the
     // eleventh spell check; the twelfth (another context) goes to suspense.
@@ -829,15 +826,12 @@ fn a_revoked_or_expired_grant_charges_nothing_after_it_ends_and_answers_false() 
             },
         })
         .collect();
-    let request = SendRequest {
-        mid: world.mid,
-        body: SendBody::Batch(Batch {
-            id: BatchId::parse("x:1").unwrap(),
-            readings,
-            parties: vec![Payer::Customer(world.consumer)],
-        }),
-    };
-    let body = encode_call("send", &request.to_params());
+    let body = body_of(
+        world.mid,
+        "x:1",
+        readings,
+        vec![Payer::Customer(world.consumer)],
+    );
     let answer = SendAnswer::from_value(&send(&world, &body, NOW_MS).unwrap()).unwrap();
     assert_eq!(
         balance(&world, world.consumer),
@@ -1024,17 +1018,7 @@ fn a_meter_cannot_backdate_uses_past_a_revocation_or_date_them_in_the_future() {
             payer: me,
         },
     };
-    let body = |id: &str, readings: Vec<Reading>| {
-        let request = SendRequest {
-            mid: world.mid,
-            body: SendBody::Batch(Batch {
-                id: BatchId::parse(id).unwrap(),
-                readings,
-                parties: Vec::new(),
-            }),
-        };
-        encode_call("send", &request.to_params())
-    };
+    let body = |id: &str, readings: Vec<Reading>| body_of(world.mid, id, readings, Vec::new());
     // Stamped before the revocation, but arriving long after it ended.
     let late = NOW_MS + world.backoffice.late_ms();
     send_at(&world, &body("x:1", vec![use_at(NOW_MS - 1_000, 1)]), late).unwrap();
@@ -1153,15 +1137,7 @@ fn readings_applied_under_one_batch_id_are_refused_under_another() {
                 },
             })
             .collect();
-        let request = SendRequest {
-            mid: world.mid,
-            body: SendBody::Batch(Batch {
-                id: BatchId::parse(id).unwrap(),
-                readings,
-                parties: Vec::new(),
-            }),
-        };
-        encode_call("send", &request.to_params())
+        body_of(world.mid, id, readings, Vec::new())
     };
     let instance = "0123456789abcdef";
     send(&world, &body(&format!("{instance}:1"), 1..=3), NOW_MS).unwrap();
