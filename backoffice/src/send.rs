@@ -597,7 +597,9 @@ impl<S: Store> Backoffice<S> {
             .map_err(|error| Fault::invalid_params(&error))?;
         self.store
             .post_transfers(&prepared)
-            .map_err(|error| internal(&error))?;
+            .map_err(|error| self.stop_money(&error))?;
+        // Another thread's failed sync may have left a hole before ours.
+        self.still_durable()?;
         ledger.commit(prepared.clone());
         Ok(prepared)
     }
@@ -664,11 +666,19 @@ impl<S: Store> Backoffice<S> {
     /// batch staged meanwhile. A failure stops money operations (see
     /// `not_durable`).
     fn durable(&self) -> Result<(), Fault> {
-        self.store.sync().map_err(|error| {
-            self.not_durable.store(true, Ordering::SeqCst);
-            tracing::error!(%error, "a write could not be made durable: refusing money operations until restarted");
-            internal(&error)
-        })
+        self.store.sync().map_err(|error| self.stop_money(&error))?;
+        // A sync of ours that worked does not make up for an earlier one
+        // that failed: sled's log may have a hole before our write.
+        self.still_durable()
+    }
+
+    /// A write that may have reached sled but not the disk failed: the
+    /// store may hold what the ledger in memory does not (or the other way
+    /// round), so every money operation stops until a restart reloads it.
+    fn stop_money(&self, error: &dyn std::fmt::Display) -> Fault {
+        self.not_durable.store(true, Ordering::SeqCst);
+        tracing::error!(%error, "a write could not be made durable: refusing money operations until restarted");
+        internal(error)
     }
 
     fn send_counted(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
@@ -1155,7 +1165,8 @@ impl<S: Store> Backoffice<S> {
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
         self.store
             .resolve_suspense(&resolved, &prepared, &period_uses)
-            .map_err(|error| internal(&error))?;
+            .map_err(|error| self.stop_money(&error))?;
+        self.still_durable()?;
         stored.stored(&period_uses);
         ledger.commit(prepared);
         Ok((resolved.len(), records.len() - resolved.len()))
@@ -1582,5 +1593,76 @@ mod tests {
             ledger.balance(&AccountId::Customer(consumer.cid)),
             Amount::parse("9.988").unwrap()
         );
+    }
+
+    fn deposit_of(cid: Cid, units: i64) -> NewTransfer {
+        NewTransfer {
+            debit: AccountId::System(crate::ledger::SystemAccount::Funding),
+            credit: AccountId::Customer(cid),
+            amount: Amount::from_units(units).unwrap(),
+            kind: TransferKind::Deposit,
+        }
+    }
+
+    #[test]
+    fn a_failed_fsync_of_a_deposit_stops_money_operations_and_overwrites_nothing() {
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let bid = proto::Bid::parse("B1").unwrap();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        backoffice.post(vec![deposit_of(ada.cid, 1)]).unwrap();
+        backoffice.store().fail_syncs(true);
+        assert!(backoffice.post(vec![deposit_of(ada.cid, 2)]).is_err());
+        backoffice.store().fail_syncs(false);
+        // The next deposit would take the same transfer number as the one
+        // whose sync failed, and overwrite it: refused until a restart.
+        let refused = backoffice.post(vec![deposit_of(ada.cid, 4)]).unwrap_err();
+        assert!(refused.message.contains("restart"), "{refused:?}");
+        assert!(!backoffice.is_durable());
+        let repriced = backoffice.reprice_suspense().unwrap_err();
+        assert!(repriced.message.contains("restart"), "{repriced:?}");
+        // A sync of another operation that works does not answer "durable"
+        // while an earlier one failed.
+        assert!(backoffice.durable().is_err());
+        drop(backoffice);
+        let store = SledStore::open(dir.path()).unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        backoffice.post(vec![deposit_of(ada.cid, 4)]).unwrap();
+        let ledger = backoffice.ledger();
+        ledger.verify();
+        let ids: Vec<u64> = ledger
+            .transfers()
+            .iter()
+            .map(|transfer| transfer.id.0)
+            .collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+        // The deposit whose sync failed may or may not have reached the
+        // disk; the first and the last are there, each once.
+        let balance = ledger.balance(&AccountId::Customer(ada.cid));
+        assert!(
+            balance == Amount::from_units(5).unwrap() || balance == Amount::from_units(7).unwrap(),
+            "{balance}"
+        );
+    }
+
+    #[test]
+    fn a_failed_fsync_while_repricing_stops_money_operations() {
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let bid = proto::Bid::parse("B1").unwrap();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        backoffice.store().fail_syncs(true);
+        assert!(backoffice.reprice_suspense().is_err());
+        backoffice.store().fail_syncs(false);
+        let refused = backoffice.post(vec![deposit_of(ada.cid, 1)]).unwrap_err();
+        assert!(refused.message.contains("restart"), "{refused:?}");
     }
 }
