@@ -722,7 +722,7 @@ impl<S: Store> Backoffice<S> {
             .applied_batch(&key)
             .map_err(|error| internal(&error))?
         {
-            return self.repeated(&key, digest.as_ref(), applied, &request.body);
+            return self.repeated(&key, digest.as_ref(), applied, &request.body, now_ms);
         }
         self.apply(&key, digest, &request, now_ms)
     }
@@ -736,6 +736,7 @@ impl<S: Store> Backoffice<S> {
         digest: Option<&BatchDigest>,
         applied: crate::store::AppliedBatch,
         body: &SendBody,
+        now_ms: u64,
     ) -> Result<Value, Fault> {
         // The first send may still be on its way to disk.
         self.durable()?;
@@ -755,7 +756,24 @@ impl<S: Store> Backoffice<S> {
             .batches_repeated
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(mid = %key.mid, batch = %key.id, "batch sent again: answered as before");
-        Self::repeat(&applied.answer, body)
+        let value = Self::repeat(&applied.answer, body)?;
+        let SendBody::Batch(_) = body else {
+            return Ok(value);
+        };
+        // The same outcome and batch id, with the standings and parameters
+        // as they are now: the meter files them as fresh.
+        let mut answer = SendAnswer::from_value(&value).expect("store: a stored answer is corrupt");
+        let mut lookups = Lookups::with_grants(
+            self.store
+                .grants_of_meter(&key.mid)
+                .map_err(|error| internal(&error))?,
+        );
+        let ledger = lock(&self.ledger);
+        answer.standings = self.standings(body, &mut lookups, now_ms, |account| {
+            ledger.balance(account)
+        })?;
+        answer.params = self.params;
+        Ok(answer.to_value())
     }
 
     /// Checks that `body` comes from the registered meter `mid`: its
@@ -1210,7 +1228,7 @@ impl<S: Store> Backoffice<S> {
             .map_err(|error| internal(&error))?
         {
             drop(ledger);
-            return self.repeated(key, digest.as_ref(), applied, &request.body);
+            return self.repeated(key, digest.as_ref(), applied, &request.body, now_ms);
         }
         if let Some(range) = &seq_range
             && let Some((first, last)) = self
@@ -1335,7 +1353,7 @@ impl<S: Store> Backoffice<S> {
                     .applied_batch(key)
                     .map_err(|error| internal(&error))?
                     .expect("an applied batch has an answer");
-                self.repeated(key, digest.as_ref(), applied, &request.body)
+                self.repeated(key, digest.as_ref(), applied, &request.body, now_ms)
             }
             Err(error) => Err(internal(&error)),
         }

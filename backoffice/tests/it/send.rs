@@ -1171,3 +1171,37 @@ fn readings_applied_under_one_batch_id_are_refused_under_another() {
     assert_eq!(balance(&world, world.consumer), amount("8.25"));
     world.backoffice.ledger().verify();
 }
+
+/// A batch sent again is answered with the standings as they are now, not
+/// as they were when it was first applied: the meter files them as fresh.
+#[test]
+fn a_batch_sent_again_is_answered_with_the_standings_of_now() {
+    let world = world();
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    let first = SendAnswer::from_value(&send(&world, &body, NOW_MS).unwrap()).unwrap();
+    let standing = |answer: &SendAnswer| {
+        answer
+            .standings
+            .iter()
+            .find(|standing| standing.party == Payer::Customer(world.consumer))
+            .map(|standing| standing.allowed)
+    };
+    assert_eq!(standing(&first), Some(true));
+    let mut customer = world
+        .backoffice
+        .store()
+        .customer(&world.consumer)
+        .unwrap()
+        .unwrap();
+    customer.denied = true;
+    world.backoffice.store().update_customer(&customer).unwrap();
+    let again = SendAnswer::from_value(&send(&world, &body, NOW_MS + 1).unwrap()).unwrap();
+    assert_eq!(again.outcome, Outcome::AlreadyApplied);
+    assert_eq!(again.batch_id, first.batch_id);
+    assert_eq!(standing(&again), Some(false), "denied since");
+    assert_eq!(
+        balance(&world, world.consumer),
+        amount("9.25"),
+        "applied once"
+    );
+}
