@@ -693,6 +693,11 @@ impl<S: Store> Backoffice<S> {
                 SendRequest::from_call(&call)?
             }
         };
+        if let SendBody::Minimal(_) = &request.body
+            && let Some(answer) = self.minimal_resent(&request, signed, body, now_ms)?
+        {
+            return Ok(answer);
+        }
         let signature = self.authenticate(&request.mid, signed, body, now_ms)?;
         let readings = match &request.body {
             SendBody::Batch(batch) => batch.readings.len(),
@@ -776,6 +781,41 @@ impl<S: Store> Backoffice<S> {
         Ok(answer.to_value())
     }
 
+    /// Cox's form has no batch id: it is named by its signature. The very
+    /// same signed body sent again (a client whose answer was lost) gets
+    /// the stored answer, even outside the signature window, instead of a
+    /// replay fault; it is applied once. `None` when it was not applied.
+    fn minimal_resent(
+        &self,
+        request: &SendRequest,
+        signed: Signed<'_>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<Value>, Fault> {
+        let Some(named) = signed
+            .signature
+            .and_then(|signature| signature.get(..32))
+            .filter(|named| named.bytes().all(|byte| byte.is_ascii_hexdigit()))
+        else {
+            return Ok(None);
+        };
+        let key = BatchKey {
+            mid: request.mid,
+            id: BatchId::parse(&format!("sig:{named}")).expect("hex is a valid id"),
+        };
+        let Some(applied) = self
+            .store
+            .applied_batch(&key)
+            .map_err(|error| internal(&error))?
+        else {
+            return Ok(None);
+        };
+        // Only the meter's own signature of this very body names the batch.
+        self.verify_signature(&request.mid, signed, body)?;
+        self.repeated(&key, None, applied, &request.body, now_ms)
+            .map(Some)
+    }
+
     /// Checks that `body` comes from the registered meter `mid`: its
     /// signature headers verify with the meter's secret, within the time
     /// window, never seen before. Returns the signature.
@@ -786,6 +826,31 @@ impl<S: Store> Backoffice<S> {
         body: &[u8],
         now_ms: u64,
     ) -> Result<String, Fault> {
+        let (time_ms, signature) = self.verify_signature(mid, signed, body)?;
+        if time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
+            return Err(Fault::new(
+                FaultCode::Replay,
+                "the signature's time is outside the accepted window",
+            ));
+        }
+        if !lock(&self.seen).admit(signature, time_ms, now_ms) {
+            return Err(Fault::new(
+                FaultCode::Replay,
+                "this signature was used already",
+            ));
+        }
+        Ok(signature.to_owned())
+    }
+
+    /// Checks that the signature headers of `body` verify with the secret
+    /// of the registered meter `mid`; returns the signing time and the
+    /// signature.
+    fn verify_signature<'a>(
+        &self,
+        mid: &Mid,
+        signed: Signed<'a>,
+        body: &[u8],
+    ) -> Result<(u64, &'a str), Fault> {
         let meter = self
             .store
             .meter(mid)
@@ -813,19 +878,7 @@ impl<S: Store> Backoffice<S> {
         secret
             .verify(mid, time_ms, body, signature)
             .map_err(|error| bad(&error.to_string()))?;
-        if time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
-            return Err(Fault::new(
-                FaultCode::Replay,
-                "the signature's time is outside the accepted window",
-            ));
-        }
-        if !lock(&self.seen).admit(signature, time_ms, now_ms) {
-            return Err(Fault::new(
-                FaultCode::Replay,
-                "this signature was used already",
-            ));
-        }
-        Ok(signature.to_owned())
+        Ok((time_ms, signature))
     }
 
     /// The stored answer of an applied batch, marked "already applied".

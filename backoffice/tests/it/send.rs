@@ -1205,3 +1205,57 @@ fn a_batch_sent_again_is_answered_with_the_standings_of_now() {
         "applied once"
     );
 }
+
+/// Cox's minimal form has no batch id: the very same signed body sent
+/// again (an answer was lost) gets the stored answer, even later than the
+/// signature window, and is applied once.
+#[test]
+fn the_same_signed_minimal_body_sent_again_gets_its_answer_and_is_applied_once() {
+    let world = world();
+    let events = vec![
+        Event::Login(world.consumer),
+        Event::Query {
+            pid: world.product,
+            payer: None,
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: None,
+        },
+        Event::Logout(world.consumer),
+    ];
+    let request = SendRequest {
+        mid: world.mid,
+        body: SendBody::Minimal(events),
+    };
+    let body = encode_call("send", &request.to_params());
+    let signature = world.secret.sign(&world.mid, NOW_MS, &body);
+    let time = NOW_MS.to_string();
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    let first = world.backoffice.send(&body, signed, NOW_MS).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.75"));
+    for later in [NOW_MS + 1, NOW_MS + 2 * SIGNATURE_WINDOW_MS] {
+        let again = world.backoffice.send(&body, signed, later).unwrap();
+        assert_eq!(again, first, "the stored answer");
+        assert_eq!(balance(&world, world.consumer), amount("9.75"), "once");
+    }
+    // Another signature over the same body names no applied batch and is
+    // checked as any upload is.
+    let forged = Secret::new(b"not the meter's secret at all")
+        .unwrap()
+        .sign(&world.mid, NOW_MS, &body);
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&forged),
+    };
+    let fault = world
+        .backoffice
+        .send(&body, signed, NOW_MS + 3)
+        .unwrap_err();
+    assert_eq!(fault.registered(), Some(FaultCode::BadSignature));
+}
