@@ -293,6 +293,15 @@ impl Contexts {
         self.push(&caller.key, Frame::Login { cid, uid })
     }
 
+    /// True when a login of CID is open in the caller's own context.
+    pub fn has_login(&self, caller: &Caller, cid: Cid) -> bool {
+        self.stacks.get(&caller.key).is_some_and(|stack| {
+            stack
+                .iter()
+                .any(|frame| matches!(frame, Frame::Login { cid: open, .. } if *open == cid))
+        })
+    }
+
     /// `logout(CID)`: true when a login of CID was open and is now closed.
     pub fn logout(&mut self, caller: &Caller, cid: Cid) -> bool {
         self.pop_through(

@@ -575,20 +575,46 @@ impl Meter {
         saved
     }
 
+    /// `logout(CID)`: recorded, then saved without the session, and only
+    /// then closed, so that a logout refused on the way (a full cache, a
+    /// failing disk) leaves the session open both here and on disk, never
+    /// closed here and reopened by a restart.
     async fn logout(&self, caller: &Caller, cid: Cid) -> Result<bool, Fault> {
-        if !lock(&self.contexts).logout(caller, cid) {
+        if !lock(&self.contexts).has_login(caller, cid) {
             return Ok(false);
         }
         self.record(caller, Event::Logout(cid)).await?;
-        self.save_sessions().await?;
+        // Held until the session is closed, so no other save writes it back.
+        let _serial = self.sessions_saved.lock().await;
+        self.write_sessions(Some((&caller.key, cid))).await?;
+        lock(&self.contexts).logout(caller, cid);
         Ok(true)
     }
 
     /// Saves the open logins durably, so a restarted meter still knows them.
     async fn save_sessions(&self) -> Result<(), Fault> {
         let _serial = self.sessions_saved.lock().await;
-        let sessions: Vec<SavedSession> = lock(&self.contexts)
-            .logins()
+        self.write_sessions(None).await
+    }
+
+    /// Writes the open logins, without the nearest login of the CID in the
+    /// context given (and the logins above it, which its logout closes);
+    /// the caller holds `sessions_saved`.
+    async fn write_sessions(&self, closing: Option<(&ContextKey, Cid)>) -> Result<(), Fault> {
+        let mut logins = lock(&self.contexts).logins();
+        if let Some((key, cid)) = closing
+            && let Some(at) = logins
+                .iter()
+                .rposition(|(context, open, _)| context == key && *open == cid)
+        {
+            let mut index = 0;
+            logins.retain(|(context, _, _)| {
+                let keep = index < at || context != key;
+                index += 1;
+                keep
+            });
+        }
+        let sessions: Vec<SavedSession> = logins
             .into_iter()
             .map(|(key, cid, uid)| SavedSession {
                 context: key.to_string(),
@@ -973,6 +999,52 @@ mod tests {
             pid: Pid::parse(pid).unwrap(),
             context: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_logout_that_could_not_be_recorded_leaves_the_session_open_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for one reading: the login's. The logout's is refused.
+        let cache = Arc::new(Cache::open(dir.path(), 1).unwrap());
+        let meter = meter_on(Arc::clone(&cache));
+        meter
+            .keep_grant(grant("B1-C4", user(1000), None))
+            .await
+            .unwrap();
+        let program = peer(1000, &[20, 10], false);
+        meter.call(&program, login_call("B1-C4")).await.unwrap();
+        let logout = MeterCall::Logout {
+            cid: Cid::parse("B1-C4").unwrap(),
+            context: None,
+        };
+        assert_eq!(
+            fault_of(meter.call(&program, logout.clone()).await),
+            Some(FaultCode::CacheFull)
+        );
+        // Still open here, and still saved: a restart brings back what was
+        // open before, not a session that was closed.
+        assert_eq!(
+            meter.call(&program, query_call("B1-P1")).await,
+            Ok(Value::Bool(true)),
+            "the session is still open"
+        );
+        let saved = cache.saved_sessions().unwrap();
+        assert_eq!(saved.sessions.len(), 1, "{saved:?}");
+        // Where the reading fits, the logout closes it here and on disk.
+        let other = tempfile::tempdir().unwrap();
+        let roomy_cache = Arc::new(Cache::open(other.path(), 1_000).unwrap());
+        let roomy = meter_on(Arc::clone(&roomy_cache));
+        roomy
+            .keep_grant(grant("B1-C4", user(1000), None))
+            .await
+            .unwrap();
+        roomy.call(&program, login_call("B1-C4")).await.unwrap();
+        assert_eq!(roomy.call(&program, logout).await, Ok(Value::Bool(true)));
+        assert_eq!(
+            roomy.call(&program, query_call("B1-P1")).await,
+            Ok(Value::Bool(false))
+        );
+        assert!(roomy_cache.saved_sessions().unwrap().sessions.is_empty());
     }
 
     #[tokio::test]
