@@ -18,7 +18,7 @@ use proto::reading::{Event, Reading};
 use proto::upload::{
     MeterParams, Outcome, SendAnswer, SendBody, SendRequest, Standing, standings_value,
 };
-use proto::xmlrpc::{Limits, MethodResponse, Value, encode_response, parse_call, parse_response};
+use proto::xmlrpc::{Limits, Value, parse_call};
 use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
@@ -761,24 +761,28 @@ impl<S: Store> Backoffice<S> {
             .batches_repeated
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(mid = %key.mid, batch = %key.id, "batch sent again: answered as before");
-        let value = Self::repeat(&applied.answer, body)?;
-        let SendBody::Batch(_) = body else {
-            return Ok(value);
-        };
         // The same outcome and batch id, with the standings and parameters
-        // as they are now: the meter files them as fresh.
-        let mut answer = SendAnswer::from_value(&value).expect("store: a stored answer is corrupt");
+        // as they are now (the meter files them as fresh): nothing of the
+        // first answer needs keeping.
         let mut lookups = Lookups::with_grants(
             self.store
                 .grants_of_meter(&key.mid)
                 .map_err(|error| internal(&error))?,
         );
         let ledger = lock(&self.ledger);
-        answer.standings = self.standings(body, &mut lookups, now_ms, |account| {
+        let standings = self.standings(body, &mut lookups, now_ms, |account| {
             ledger.balance(account)
         })?;
-        answer.params = self.params;
-        Ok(answer.to_value())
+        Ok(match body {
+            SendBody::Batch(batch) => SendAnswer {
+                batch_id: batch.id.clone(),
+                outcome: Outcome::AlreadyApplied,
+                standings,
+                params: self.params,
+            }
+            .to_value(),
+            SendBody::Minimal(_) => standings_value(&standings),
+        })
     }
 
     /// Cox's form has no batch id: it is named by its signature. The very
@@ -879,23 +883,6 @@ impl<S: Store> Backoffice<S> {
             .verify(mid, time_ms, body, signature)
             .map_err(|error| bad(&error.to_string()))?;
         Ok((time_ms, signature))
-    }
-
-    /// The stored answer of an applied batch, marked "already applied".
-    fn repeat(answer: &[u8], body: &SendBody) -> Result<Value, Fault> {
-        let value = match parse_response(answer, Limits::BACKOFFICE) {
-            Ok(MethodResponse::Success(value)) => value,
-            _ => panic!("store: a stored answer is corrupt"),
-        };
-        match body {
-            SendBody::Batch(_) => {
-                let mut answer =
-                    SendAnswer::from_value(&value).expect("store: a stored answer is corrupt");
-                answer.outcome = Outcome::AlreadyApplied;
-                Ok(answer.to_value())
-            }
-            SendBody::Minimal(_) => Ok(value),
-        }
     }
 
     fn product(
@@ -1353,13 +1340,21 @@ impl<S: Store> Backoffice<S> {
             .to_value(),
             SendBody::Minimal(_) => standings_value(&standings),
         };
-        let answer = encode_response(&value);
+        if uses.is_empty()
+            && let SendBody::Batch(batch) = &request.body
+            && batch.readings.is_empty()
+        {
+            // A refresh of the status table changes nothing: nothing to
+            // apply once, so nothing is stored (any local user can ask for
+            // one with `meterd flush`).
+            return Ok(value);
+        }
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
         let effects = BatchEffects {
             transfers: &prepared,
             period_uses: &period_uses,
             suspense: &suspense,
-            answer: &answer,
+            answer: b"",
             digest,
             seq_range: seq_range.as_ref(),
         };

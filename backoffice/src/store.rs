@@ -175,7 +175,9 @@ pub struct BatchEffects<'a> {
     pub period_uses: &'a [(PeriodKey, u64)],
     /// Readings that could not be priced.
     pub suspense: &'a [Suspense],
-    /// The answer given, for a repeat of the batch.
+    /// An answer to keep with the batch; `send` keeps none (empty): it
+    /// answers a repeat from the current state, so an applied batch costs
+    /// only its key and digest.
     pub answer: &'a [u8],
     /// The digest of the batch's readings, so that the same id sent again
     /// with other readings is told apart from a retry.
@@ -248,7 +250,7 @@ fn encode_applied(answer: &[u8], digest: Option<&BatchDigest>) -> Vec<u8> {
 fn decode_applied(record: &[u8]) -> AppliedBatch {
     match record.first() {
         Some(&BATCH_RECORD_DIGEST) => {
-            assert!(record.len() > 33, "store: applied batch record is corrupt");
+            assert!(record.len() >= 33, "store: applied batch record is corrupt");
             AppliedBatch {
                 digest: Some(record[1..33].try_into().expect("32 bytes")),
                 answer: record[33..].to_vec(),

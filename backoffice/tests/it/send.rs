@@ -1259,3 +1259,39 @@ fn the_same_signed_minimal_body_sent_again_gets_its_answer_and_is_applied_once()
         .unwrap_err();
     assert_eq!(fault.registered(), Some(FaultCode::BadSignature));
 }
+
+/// Refreshes of the status table (batches without readings), which any
+/// local user can ask for, store nothing; a batch with readings keeps only
+/// its digest, and its repeat is still answered.
+#[test]
+fn refreshes_store_nothing_and_applied_batches_only_their_digest() {
+    let world = world();
+    let store = world.backoffice.store();
+    for n in 0..3 {
+        let id = format!("0123456789abcdef:t{n}");
+        let body = body_of(
+            world.mid,
+            &id,
+            Vec::new(),
+            vec![Payer::Customer(world.consumer)],
+        );
+        let answer = SendAnswer::from_value(&send(&world, &body, NOW_MS + n).unwrap()).unwrap();
+        assert!(answer.standings[0].allowed);
+        let key = backoffice::store::BatchKey {
+            mid: world.mid,
+            id: BatchId::parse(&id).unwrap(),
+        };
+        assert_eq!(store.applied_batch(&key).unwrap(), None, "nothing stored");
+    }
+    let body = batch(&world, "x:1", uses(&world));
+    send(&world, &body, NOW_MS).unwrap();
+    let key = backoffice::store::BatchKey {
+        mid: world.mid,
+        id: BatchId::parse("x:1").unwrap(),
+    };
+    let kept = store.applied_batch(&key).unwrap().expect("applied");
+    assert!(kept.digest.is_some() && kept.answer.is_empty(), "{kept:?}");
+    let again = SendAnswer::from_value(&send(&world, &body, NOW_MS + 9).unwrap()).unwrap();
+    assert_eq!(again.outcome, Outcome::AlreadyApplied);
+    assert_eq!(again.batch_id.as_str(), "x:1");
+}
