@@ -113,6 +113,8 @@ fn run_block(dir: &Path, env: &BTreeMap<String, String>, commands: &[String]) ->
         .arg(&script)
         .current_dir(dir)
         .envs(env)
+        // A developer's own meter must not leak into the walk-through.
+        .env_remove("METERD_SOCKET")
         .env("PATH", path)
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -33,6 +33,9 @@ pub fn start(program: &str, args: &[&str]) -> Running {
 pub fn start_with_env(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Running {
     let mut child = Command::new(program)
         .args(args)
+        // A developer's own meter must not leak into a test's binaries;
+        // a test that wants one passes it in `envs`.
+        .env_remove("METERD_SOCKET")
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -269,17 +269,31 @@ fn forged_replayed_stale_and_unknown_uploads_are_refused_with_nothing_applied() 
         code(send(&world, &body, NOW_MS - SIGNATURE_WINDOW_MS - 1)),
         FaultCode::Replay
     );
+    // A well-formed change: another customer named as the payer.
     let mut tampered = body.clone();
-    let at = tampered.len() / 2;
-    tampered[at] ^= 1;
+    let named = world.consumer.as_str().as_bytes();
+    let at = tampered
+        .windows(named.len())
+        .position(|window| window == named)
+        .expect("the body names the consumer")
+        + named.len()
+        - 1;
+    tampered[at] = if tampered[at] == b'9' {
+        b'8'
+    } else {
+        tampered[at] + 1
+    };
     let signature = world.secret.sign(&world.mid, NOW_MS, &body);
     let signed = Signed {
         mid: Some(world.mid.as_str()),
         time: Some(&time),
         signature: Some(&signature),
     };
-    let result = world.backoffice.send(&tampered, signed, NOW_MS);
-    assert!(result.is_err(), "a changed body never verifies");
+    assert_eq!(
+        code(world.backoffice.send(&tampered, signed, NOW_MS)),
+        FaultCode::BadSignature,
+        "a changed body never verifies"
+    );
     let stranger_mid = Mid::parse("B1-M99").unwrap();
     let stranger = batch_from(stranger_mid, "B1-M99:1", vec![]);
     let signature = world.secret.sign(&stranger_mid, NOW_MS, &stranger);
