@@ -133,12 +133,15 @@ impl Fault {
         FaultCode::from_code(self.code)
     }
 
-    /// "no such method".
+    /// "no such method". The name is not repeated: a fault never echoes
+    /// the request, and the caller knows what it called.
     pub fn method_not_found(name: &str) -> Self {
-        let shown: String = name.chars().take(64).collect();
         Self::new(
             FaultCode::MethodNotFound,
-            format!("no method named {shown:?}"),
+            format!(
+                "the server has no method of that name ({} bytes)",
+                name.len()
+            ),
         )
     }
 

@@ -362,13 +362,18 @@ fn handle_call_maps_errors_to_registered_faults() {
         None
     );
     let answer = handle_call(
-        b"<methodCall><methodName>nope</methodName></methodCall>",
+        b"<methodCall><methodName>nope.secret</methodName></methodCall>",
         LIMITS,
         |call| Err(Fault::method_not_found(&call.name)),
     );
     match parse_response(&answer, LIMITS).unwrap() {
         MethodResponse::Fault(fault) => {
-            assert_eq!(fault.registered(), Some(FaultCode::MethodNotFound))
+            assert_eq!(fault.registered(), Some(FaultCode::MethodNotFound));
+            assert!(
+                !fault.message.contains("nope") && !fault.message.contains("secret"),
+                "a fault never echoes the request: {}",
+                fault.message
+            );
         }
         other => panic!("{other:?}"),
     }
