@@ -38,6 +38,9 @@ pub fn batch_end(
     let mut next_commit: HashMap<(&Context, Pid), usize> = HashMap::new();
     let mut enclosed_by: Vec<Option<usize>> = vec![None; readings.len()];
     let mut waiting = Vec::new();
+    // Asked once per context and product: `still_open` looks through every
+    // open frame, and a batch may hold thousands of such components.
+    let mut open: HashMap<(&Context, Pid), bool> = HashMap::new();
     for (index, reading) in readings.iter().enumerate().rev() {
         let Event::Commit { pid, payer } = reading.event else {
             continue;
@@ -45,7 +48,12 @@ pub fn batch_end(
         if let Some(Payer::OwnerOf(enclosing)) = payer {
             match next_commit.get(&(&reading.context, enclosing)) {
                 Some(&at) => enclosed_by[index] = Some(at),
-                None if still_open(&reading.context, enclosing) => waiting.push(index),
+                None if *open
+                    .entry((&reading.context, enclosing))
+                    .or_insert_with(|| still_open(&reading.context, enclosing)) =>
+                {
+                    waiting.push(index)
+                }
                 None => {}
             }
         }

@@ -134,6 +134,27 @@ fn grant_failed(error: BackofficeError) -> Fault {
     Fault::new(FaultCode::GrantFailed, message)
 }
 
+/// One signed grant call to the backoffice, its answer decoded as `what`;
+/// every failure is fault 107.
+async fn grant_call<T>(
+    backoffice: &Backoffice,
+    (method, params): (&'static str, Vec<Value>),
+    what: &str,
+    decode: impl FnOnce(&Value) -> Result<T, Fault>,
+) -> Result<T, Fault> {
+    let timeout = Duration::from_millis(GRANT_CALL_TIMEOUT_MS);
+    let answer = backoffice
+        .call(method, &params, timeout)
+        .await
+        .map_err(grant_failed)?;
+    decode(&answer).map_err(|fault| {
+        Fault::new(
+            FaultCode::GrantFailed,
+            format!("the backoffice's answer was not {what}: {}", fault.message),
+        )
+    })
+}
+
 fn storage_fault(error: &dyn std::fmt::Display) -> Fault {
     Fault::new(FaultCode::StorageFailed, error.to_string())
 }
@@ -355,21 +376,13 @@ impl Meter {
             label: self.label.clone(),
             scope: scope.clone(),
         };
-        let (method, params) = request.to_call();
-        let timeout = Duration::from_millis(GRANT_CALL_TIMEOUT_MS);
-        let answer = backoffice
-            .call(method, &params, timeout)
-            .await
-            .map_err(grant_failed)?;
-        let code = DeviceCode::from_value(&answer).map_err(|fault| {
-            Fault::new(
-                FaultCode::GrantFailed,
-                format!(
-                    "the backoffice's answer was not a device code: {}",
-                    fault.message
-                ),
-            )
-        })?;
+        let code = grant_call(
+            backoffice,
+            request.to_call(),
+            "a device code",
+            DeviceCode::from_value,
+        )
+        .await?;
         let now = now_ms();
         let lifetime_s = code.expires_in_s.min(grants::REQUEST_LIFETIME_MAX_S);
         let interval_s = code
@@ -484,18 +497,13 @@ impl Meter {
             password: password.0,
             expires_in_s,
         };
-        let (method, params) = grant.to_call();
-        let timeout = Duration::from_millis(GRANT_CALL_TIMEOUT_MS);
-        let answer = backoffice
-            .call(method, &params, timeout)
-            .await
-            .map_err(grant_failed)?;
-        let granted = GrantInfo::from_value(&answer).map_err(|fault| {
-            Fault::new(
-                FaultCode::GrantFailed,
-                format!("the backoffice's answer was not a grant: {}", fault.message),
-            )
-        })?;
+        let granted = grant_call(
+            backoffice,
+            grant.to_call(),
+            "a grant",
+            GrantInfo::from_value,
+        )
+        .await?;
         grants::check_answer(cid, &scope, uid, &granted)?;
         self.keep_grant(granted.clone()).await?;
         tracing::info!(cid = %granted.cid, scope = %granted.scope, "grant made with a password");
