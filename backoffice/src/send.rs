@@ -5,9 +5,9 @@
 //! replay), then applied once: every committed use is priced with its
 //! product's TACA and becomes a transfer from the payer to the product's
 //! owner; what cannot be priced goes to suspense with its reason. Transfers,
-//! period counts, suspense and the answer are stored in one transaction
+//! period counts, suspense and the batch's digest are stored in one transaction
 //! before the in-memory ledger takes the transfers. A batch sent again gets
-//! the stored answer, marked "already applied".
+//! the standings of now, marked "already applied".
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,8 +3,9 @@
 //! `Store` is the interface (a PostgreSQL store can implement it later);
 //! `SledStore` is the embedded default. It keeps the registry (customers,
 //! products with their TACA modules, meters), every posted transfer, and
-//! every applied upload batch with the answer it was given, so that a batch
-//! sent again is answered the same and applied once. Each change is one sled
+//! every applied upload batch with the digest of its readings and the
+//! sequence numbers it spanned, so that a batch sent again is applied once
+//! (and one with other readings refused). Each change is one sled
 //! transaction, then made durable (sled's flush, then an fsync of its data
 //! file, since sled's flush uses `sync_file_range`).
 
@@ -220,7 +221,8 @@ impl SeqRange {
 /// SHA-256 of a batch's readings in a canonical form (see `send`).
 pub type BatchDigest = [u8; 32];
 
-/// An applied batch as stored: the answer it was given and the digest of
+/// An applied batch as stored: the answer kept with it (none since grants:
+/// repeats are answered from the current state) and the digest of
 /// its readings (`None` for batches stored before digests were kept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedBatch {
