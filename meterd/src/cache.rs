@@ -4,9 +4,16 @@
 //!
 //! Everything lives in one tree so that each change is one atomic
 //! `apply_batch`. Keys: `r` + seq (big-endian u64) for readings, `m:...` for
-//! the rest. sled's `flush` writes with `sync_file_range`, which does not make
-//! data durable across a power cut, so every flush that acknowledges a reading
-//! is followed by an fsync (`sync_data`) of sled's data file.
+//! the rest. Every change that acknowledges something is made durable first
+//! by `durable::SledDir::sync` (sled's flush, then an fsync of its log and of
+//! any blob file sled wrote: sled's flush alone survives no power cut).
+//!
+//! **Fail-stop.** Once a sync fails, the cache refuses every change until
+//! it is opened again (a restart recovers from what is on disk): after a
+//! failed fsync nothing later can be trusted to be durable. A group of
+//! readings whose sync failed is removed again, keeping `NEXT_SEQ` past it
+//! (a sequence number is never given twice); whether that removal reached
+//! the disk decides what the callers are told (`AppendError`).
 //!
 //! Every batch id carries a random **instance id** (64 bits). The cache
 //! makes a new one **every time it is opened**, and the readings appended
@@ -31,7 +38,6 @@
 //! that they cannot collide with the batches of whatever copy of this cache
 //! sent that id first.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,9 +91,34 @@ pub enum CacheError {
     /// sled failed (disk full, I/O error).
     #[error("storage failed: {0}")]
     Storage(#[from] sled::Error),
-    /// Making the data durable failed.
+    /// Opening the folder failed.
+    #[error("could not open the cache: {0}")]
+    Io(#[from] std::io::Error),
+    /// Making the data durable failed: the cache has stopped.
     #[error("could not make the cache durable: {0}")]
-    Sync(#[from] std::io::Error),
+    Sync(#[from] durable::SyncError),
+    /// A sync failed earlier: the cache takes no change until a restart.
+    #[error(
+        "the meter stopped recording after its storage failed ({0}); restart meterd once the disk is fixed"
+    )]
+    Stopped(String),
+    /// A group of readings was written but could not be made durable, and
+    /// removing it again could not be made durable either: the readings may
+    /// or may not be on disk, and may be uploaded after a restart.
+    #[error(
+        "the meter's storage failed while recording ({0}) and could not undo it: this reading may have been recorded; the meter stopped"
+    )]
+    InDoubt(String),
+}
+
+impl From<durable::OpenError> for CacheError {
+    fn from(error: durable::OpenError) -> Self {
+        match error {
+            durable::OpenError::Locked(dir) => CacheError::Locked(dir),
+            durable::OpenError::Storage(error) => CacheError::Storage(error),
+            durable::OpenError::Io(error) => CacheError::Io(error),
+        }
+    }
 }
 
 /// A reading before the cache gives it a sequence number.
@@ -170,9 +201,8 @@ impl SetAside {
 
 /// The meter's durable cache.
 pub struct Cache {
-    db: sled::Db,
     tree: sled::Tree,
-    data_file: File,
+    files: durable::SledDir,
     path: PathBuf,
     readings_max: u64,
     next_seq: AtomicU64,
@@ -256,35 +286,17 @@ impl Cache {
     /// Opens (or creates) the cache in `dir`, holding at most `readings_max`
     /// readings.
     pub fn open(dir: &Path, readings_max: u64) -> Result<Cache, CacheError> {
-        std::fs::create_dir_all(dir)?;
-        let config = sled::Config::new()
-            .path(dir)
-            // Bounds memory; readings beyond it stay on disk.
-            .cache_capacity(SLED_CACHE_BYTES)
-            // Throughput mode: writes are grouped by our own group commit.
-            .mode(sled::Mode::HighThroughput)
-            // We flush (and fsync) explicitly at every group commit; no timer.
-            .flush_every_ms(None)
-            .use_compression(false);
-        // sled's own threads may hold a cache closed a moment ago (a
-        // restart in the same process): wait a little for its lock.
-        let started = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                // sled 0.34.7 (pinned) reports its file lock this way.
-                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                    if started.elapsed() >= std::time::Duration::from_millis(LOCK_WAIT_MS) {
-                        return Err(CacheError::Locked(dir.display().to_string()));
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other.map_err(CacheError::Storage)?,
-            }
-        };
+        let (db, files) = durable::open(
+            dir,
+            &durable::Options {
+                // Bounds memory; readings beyond it stay on disk.
+                cache_bytes: SLED_CACHE_BYTES,
+                // sled's own threads may hold a cache closed a moment ago
+                // (a restart in the same process): wait a little.
+                lock_wait: std::time::Duration::from_millis(LOCK_WAIT_MS),
+            },
+        )?;
         let tree = db.open_tree("cache")?;
-        // sled 0.34 keeps its log in `<dir>/db`; fsync of any descriptor of it
-        // makes its data durable.
-        let data_file = File::open(dir.join("db"))?;
         let next_seq = match tree.get(NEXT_SEQ_KEY)? {
             Some(bytes) => u64_of(&bytes),
             None => 1,
@@ -311,16 +323,14 @@ impl Cache {
         changes.insert(INSTANCES_KEY, encode_instances(&instances));
         changes.remove(OLD_INSTANCE_KEY);
         tree.apply_batch(changes)?;
-        db.flush()?;
-        data_file.sync_data()?;
+        files.sync()?;
         let mut set_aside = SetAside::default();
         for entry in tree.scan_prefix([SET_ASIDE_BATCH_PREFIX]) {
             set_aside.add(&decode_batch(&entry?.1));
         }
         Ok(Cache {
-            db,
             tree,
-            data_file,
+            files,
             path: dir.to_owned(),
             readings_max,
             next_seq: AtomicU64::new(next_seq),
@@ -383,16 +393,38 @@ impl Cache {
     }
 
     fn sync(&self) -> Result<(), CacheError> {
-        self.db.flush()?;
-        // fdatasync: the data and the file's size, without the timestamps
-        // that `sync_all` would also write; enough to read everything back.
-        self.data_file.sync_data()?;
-        Ok(())
+        Ok(self.files.sync()?)
+    }
+
+    /// Refuses every change once a sync has failed.
+    fn running(&self) -> Result<(), CacheError> {
+        match self.files.failure() {
+            Some(reason) => Err(CacheError::Stopped(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the cache stopped taking changes, if it did: a sync failed.
+    pub fn stopped(&self) -> Option<String> {
+        self.files.failure()
+    }
+
+    /// From now on every fsync fails, as a failing disk would (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&self, fail: bool) {
+        self.files.fail_syncs(fail);
+    }
+
+    /// Keeps a power-cut image of the cache in `image` (tests).
+    #[cfg(test)]
+    pub(crate) fn keep_image_in(&self, image: &Path) {
+        self.files.keep_image_in(image).unwrap();
     }
 
     /// Appends readings durably, numbering them in order. Returns the first
     /// sequence number. Only one thread (the group committer) calls this.
     pub fn append(&self, readings: &[NewReading]) -> Result<u64, CacheError> {
+        self.running()?;
         let count = readings.len() as u64;
         if self.pending() + self.set_aside().readings + count > self.readings_max {
             return Err(CacheError::Full {
@@ -415,9 +447,37 @@ impl Cache {
         let next = first + count;
         batch.insert(NEXT_SEQ_KEY, &next.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.sync()?;
+        // From here these numbers are taken, whatever the sync says.
         self.next_seq.store(next, Ordering::Release);
+        if let Err(error) = self.sync() {
+            return Err(self.undo_append(first, next, &error));
+        }
         Ok(first)
+    }
+
+    /// A group's sync failed: its readings are in sled (and maybe on disk)
+    /// though nobody will be told they were recorded. Removes them, keeping
+    /// `NEXT_SEQ` past them, and tries to make that durable with one more
+    /// fsync straight on the log (the stopped `SledDir` refuses any): if it
+    /// works, the readings are gone (fault 102 is exact); if not, they may
+    /// come back after a restart (`InDoubt`).
+    fn undo_append(&self, first: u64, next: u64, error: &CacheError) -> CacheError {
+        let mut undo = sled::Batch::default();
+        for seq in first..next {
+            undo.remove(&reading_key(seq));
+        }
+        let undone = self
+            .tree
+            .apply_batch(undo)
+            .map_err(|error| error.to_string())
+            .and_then(|()| self.files.sync_after_failure());
+        match undone {
+            Ok(()) => CacheError::Stopped(error.to_string()),
+            Err(undo_error) => {
+                tracing::error!(%error, %undo_error, first, next, "readings in doubt");
+                CacheError::InDoubt(error.to_string())
+            }
+        }
     }
 
     /// Time of the oldest waiting reading, if any.
@@ -444,6 +504,7 @@ impl Cache {
         readings_max: usize,
         end: impl FnOnce(&[Reading]) -> BatchEnd,
     ) -> Result<Option<PendingBatch>, CacheError> {
+        self.running()?;
         if let Some(bytes) = self.tree.get(BATCH_KEY)? {
             return Ok(Some(decode_batch(&bytes)));
         }
@@ -504,6 +565,7 @@ impl Cache {
         batch: &PendingBatch,
         table: &SavedTable,
     ) -> Result<(), CacheError> {
+        self.running()?;
         let mut changes = sled::Batch::default();
         let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
         for key in self.tree.range(range).keys() {
@@ -524,6 +586,7 @@ impl Cache {
     /// atomic step. Readings already cached keep their ids: another copy
     /// of this cache may hold them too, and must not be charged twice.
     pub fn set_aside_batch(&self, batch: &PendingBatch) -> Result<(), CacheError> {
+        self.running()?;
         let mut changes = sled::Batch::default();
         let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
         for entry in self.tree.range(range) {
@@ -576,6 +639,7 @@ impl Cache {
 
     /// Keeps an answer that confirmed no batch (a refresh of the table).
     pub fn save_table(&self, table: &SavedTable) -> Result<(), CacheError> {
+        self.running()?;
         self.tree.insert(TABLE_KEY, encode_table(table))?;
         self.sync()
     }
@@ -584,6 +648,7 @@ impl Cache {
     /// uid that logged in) with the boot id they belong to, so that sessions
     /// survive a restart of the meter, but not a reboot.
     pub fn save_sessions(&self, saved: &SavedSessions) -> Result<(), CacheError> {
+        self.running()?;
         let mut out = Vec::with_capacity(saved.sessions.len() * 52);
         for session in &saved.sessions {
             put_str(&mut out, &session.context);
@@ -627,6 +692,7 @@ impl Cache {
     /// Keeps a grant durably, replacing an earlier one of the same customer
     /// and scope, and drops grants expired before `now_ms`.
     pub fn save_grant(&self, grant: &GrantInfo, now_ms: u64) -> Result<(), CacheError> {
+        self.running()?;
         let mut changes = sled::Batch::default();
         for held in self.grants()? {
             if held.expires_ms.is_some_and(|expires| expires <= now_ms) {
@@ -1088,6 +1154,166 @@ mod tests {
                 .unwrap()
                 .saved_sessions()
                 .unwrap(),
+            sessions
+        );
+    }
+
+    fn seqs(cache: &Cache) -> Vec<u64> {
+        let Some(batch) = cache.pending_batch(10_000).unwrap() else {
+            return Vec::new();
+        };
+        cache
+            .batch_readings(&batch)
+            .unwrap()
+            .iter()
+            .map(|reading| reading.seq)
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_group_sync_stops_the_cache_undoes_the_group_and_never_reuses_its_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path(), 100).unwrap();
+            assert_eq!(cache.append(&[new_reading(1), new_reading(2)]).unwrap(), 1);
+            cache.files.fail_next_syncs(1);
+            let failed = cache.append(&[new_reading(3), new_reading(4)]).unwrap_err();
+            // The undo reached the disk: the callers may be told "not recorded".
+            assert!(matches!(failed, CacheError::Stopped(_)), "{failed}");
+            assert!(cache.stopped().unwrap().contains("injected"));
+            // Nothing more is acknowledged, though the disk works again.
+            let refused = cache.append(&[new_reading(5)]).unwrap_err();
+            assert!(matches!(refused, CacheError::Stopped(_)), "{refused}");
+            assert!(matches!(
+                cache.pending_batch(10),
+                Err(CacheError::Stopped(_))
+            ));
+            assert!(matches!(
+                cache.save_grant(
+                    &GrantInfo {
+                        cid: Cid::parse("B1-C1").unwrap(),
+                        scope: Scope::User {
+                            uid: 1000,
+                            name: String::new()
+                        },
+                        created_ms: 1,
+                        expires_ms: None,
+                    },
+                    2
+                ),
+                Err(CacheError::Stopped(_))
+            ));
+        }
+        // A restart recovers from what is on disk: the acknowledged readings,
+        // not the group that failed, and the next number is past it.
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        assert_eq!(cache.stopped(), None);
+        assert_eq!(seqs(&cache), vec![1, 2]);
+        assert_eq!(
+            cache.append(&[new_reading(6)]).unwrap(),
+            5,
+            "3 and 4 are never given again"
+        );
+    }
+
+    #[test]
+    fn a_group_whose_undo_cannot_be_synced_either_is_in_doubt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        cache.append(&[new_reading(1)]).unwrap();
+        cache.fail_syncs(true);
+        let failed = cache.append(&[new_reading(2)]).unwrap_err();
+        assert!(matches!(failed, CacheError::InDoubt(_)), "{failed}");
+        assert!(matches!(
+            cache.append(&[new_reading(3)]),
+            Err(CacheError::Stopped(_))
+        ));
+        drop(cache);
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        assert_eq!(cache.append(&[new_reading(4)]).unwrap(), 3);
+    }
+
+    /// What a power cut would leave of a cache keeping its image in `image`.
+    fn after_power_cut(image: &Path, into: &Path) -> Cache {
+        durable::copy_image(image, into).unwrap();
+        Cache::open(into, 1_000).unwrap()
+    }
+
+    /// Every change the cache acknowledged is in what a power cut leaves
+    /// right after it (the image holds each file as of its last fsync): a
+    /// step that answered before its fsync fails here, where a SIGKILL test
+    /// passes (the page cache survives the process).
+    #[test]
+    fn every_step_the_cache_acknowledged_survives_a_power_cut_right_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, image) = (dir.path().join("data"), dir.path().join("image"));
+        let cut = dir.path().join("cut");
+        let table = SavedTable {
+            received_ms: 77,
+            standings: Vec::new(),
+            params: params(),
+        };
+        let grant = GrantInfo {
+            cid: Cid::parse("B1-C2").unwrap(),
+            scope: Scope::User {
+                uid: 1000,
+                name: String::new(),
+            },
+            created_ms: 1,
+            expires_ms: None,
+        };
+        let sessions = SavedSessions {
+            boot_id: "0b5e4c1e-0000-4000-8000-000000000002".to_owned(),
+            sessions: vec![SavedSession {
+                context: "42.7".to_owned(),
+                cid: Cid::parse("B1-C2").unwrap(),
+                uid: 1000,
+            }],
+        };
+        let cache = Cache::open(&data, 1_000).unwrap();
+        cache.keep_image_in(&image);
+        for n in 0..20 {
+            cache
+                .append(&[new_reading(2 * n), new_reading(2 * n + 1)])
+                .unwrap();
+            assert_eq!(after_power_cut(&image, &cut).pending(), 2 * n + 2);
+        }
+        let confirmed = cache.pending_batch(15).unwrap().unwrap();
+        assert_eq!(
+            after_power_cut(&image, &cut).pending_batch(100).unwrap(),
+            Some(confirmed.clone()),
+            "a batch is fixed durably before its first send"
+        );
+        cache.confirm_batch(&confirmed, &table).unwrap();
+        let after = after_power_cut(&image, &cut);
+        assert_eq!((after.pending(), seqs(&after)[0]), (25, 16));
+        assert_eq!(after.saved_table().unwrap(), Some(table.clone()));
+        drop(after);
+        let set_aside = cache.pending_batch(5).unwrap().unwrap();
+        cache.set_aside_batch(&set_aside).unwrap();
+        let after = after_power_cut(&image, &cut);
+        assert_eq!((after.pending(), seqs(&after)[0]), (20, 21));
+        assert_eq!(after.set_aside().readings, 5);
+        drop(after);
+        cache
+            .save_table(&SavedTable {
+                received_ms: 78,
+                ..table
+            })
+            .unwrap();
+        assert_eq!(
+            after_power_cut(&image, &cut)
+                .saved_table()
+                .unwrap()
+                .unwrap()
+                .received_ms,
+            78
+        );
+        cache.save_grant(&grant, 2).unwrap();
+        assert_eq!(after_power_cut(&image, &cut).grants().unwrap(), vec![grant]);
+        cache.save_sessions(&sessions).unwrap();
+        assert_eq!(
+            after_power_cut(&image, &cut).saved_sessions().unwrap(),
             sessions
         );
     }

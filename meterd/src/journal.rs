@@ -30,12 +30,24 @@ pub enum JournalError {
     /// The meter is shutting down.
     #[error("the meter is shutting down")]
     Closed,
+    /// A sync failed (this group's or an earlier one): nothing was
+    /// recorded, and nothing is until a restart.
+    #[error("{0}")]
+    Stopped(String),
+    /// This group's sync failed and could not be undone: the reading may
+    /// have been recorded.
+    #[error("{0}")]
+    InDoubt(String),
 }
 
 impl From<&CacheError> for JournalError {
     fn from(error: &CacheError) -> Self {
         match error {
             CacheError::Full { max } => JournalError::Full { max: *max },
+            CacheError::Stopped(_) | CacheError::Sync(_) => {
+                JournalError::Stopped(error.to_string())
+            }
+            CacheError::InDoubt(_) => JournalError::InDoubt(error.to_string()),
             other => JournalError::Storage(other.to_string()),
         }
     }
@@ -128,5 +140,93 @@ fn write_group(cache: &Cache, group: &mut Vec<Request>) {
                 let _ = reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::reading::Event;
+    use proto::{Context, Pid};
+
+    fn reading(n: u64) -> NewReading {
+        NewReading {
+            time_ms: 1_000 + n,
+            context: Context::parse("42.7").unwrap(),
+            event: Event::Query {
+                pid: Pid::parse("B1-P1").unwrap(),
+                payer: None,
+            },
+        }
+    }
+
+    /// `count` callers record at once; their answers, in call order.
+    async fn record_many(journal: &Journal, count: u64) -> Vec<Result<u64, JournalError>> {
+        let calls: Vec<_> = (0..count)
+            .map(|n| {
+                let journal = journal.clone();
+                tokio::spawn(async move { journal.record(reading(n)).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        answers
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_each_get_their_own_number_and_all_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), 10_000).unwrap());
+        let (journal, writer) = start(Arc::clone(&cache));
+        let mut seqs: Vec<u64> = record_many(&journal, 500)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=500).collect::<Vec<_>>());
+        drop(journal);
+        writer.join();
+        drop(cache);
+        assert_eq!(Cache::open(dir.path(), 10_000).unwrap().pending(), 500);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_cache_refuses_only_what_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), 30).unwrap());
+        let (journal, _writer) = start(Arc::clone(&cache));
+        let answers = record_many(&journal, 50).await;
+        let recorded = answers.iter().filter(|answer| answer.is_ok()).count();
+        let refused = answers
+            .iter()
+            .filter(|answer| matches!(answer, Err(JournalError::Full { max: 30 })))
+            .count();
+        assert_eq!((recorded, refused), (30, 20), "{answers:?}");
+        assert_eq!(cache.pending(), 30);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_sync_no_caller_is_told_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), 10_000).unwrap());
+        let (journal, _writer) = start(Arc::clone(&cache));
+        assert_eq!(journal.record(reading(0)).await, Ok(1));
+        cache.fail_syncs(true);
+        for answer in record_many(&journal, 40).await {
+            assert!(
+                matches!(
+                    answer,
+                    Err(JournalError::Stopped(_) | JournalError::InDoubt(_))
+                ),
+                "{answer:?}"
+            );
+        }
+        cache.fail_syncs(false);
+        let later = journal.record(reading(99)).await;
+        assert!(matches!(later, Err(JournalError::Stopped(_))), "{later:?}");
+        assert!(cache.stopped().is_some());
     }
 }

@@ -119,6 +119,8 @@ fn journal_fault(error: JournalError) -> Fault {
     let code = match error {
         JournalError::Full { .. } => FaultCode::CacheFull,
         JournalError::Storage(_) | JournalError::Closed => FaultCode::StorageFailed,
+        JournalError::Stopped(_) => FaultCode::MeterStopped,
+        JournalError::InDoubt(_) => FaultCode::RecordingInDoubt,
     };
     Fault::new(code, error.to_string())
 }
@@ -289,6 +291,16 @@ impl Meter {
 
     /// Answers one call from `peer`.
     pub async fn call(&self, peer: &Peer, call: MeterCall) -> Result<Value, Fault> {
+        // After a failed sync nothing is acknowledged: every call but
+        // `status` (which says why) gets the same clear fault.
+        if let Some(reason) = self.cache.stopped()
+            && !matches!(call, MeterCall::Status)
+        {
+            return Err(Fault::new(
+                FaultCode::MeterStopped,
+                CacheError::Stopped(reason).to_string(),
+            ));
+        }
         match call {
             MeterCall::Login { cid, context } => {
                 let caller = self.caller(peer, context.as_ref())?;
@@ -791,6 +803,10 @@ impl Meter {
                 Value::string(self.cache.readings_max().to_string()),
             ),
             ("openContexts", Value::string(open_contexts.to_string())),
+            (
+                "stopped",
+                self.cache.stopped().map_or(Value::Nil, Value::String),
+            ),
             ("uploadsConfigured", Value::Bool(self.backoffice.is_some())),
             (
                 "grantsHeld",
@@ -926,6 +942,50 @@ mod tests {
 
     fn fault_of(outcome: Result<Value, Fault>) -> Option<FaultCode> {
         outcome.err().and_then(|fault| fault.registered())
+    }
+
+    #[tokio::test]
+    async fn a_meter_whose_storage_failed_refuses_every_call_and_its_status_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let bob = peer(1000, &[20, 10], false);
+        let query = || MeterCall::Query {
+            pid: Pid::parse("B1-P1").unwrap(),
+            context: None,
+        };
+        let commit = || MeterCall::Commit {
+            pid: Pid::parse("B1-P1").unwrap(),
+            context: None,
+        };
+        meter
+            .keep_grant(grant("B1-C4", user(1000), None))
+            .await
+            .unwrap();
+        meter.call(&bob, login_call("B1-C4")).await.unwrap();
+        meter.call(&bob, query()).await.unwrap();
+        meter.cache.fail_syncs(true);
+        // The commit whose sync failed: not acknowledged, and in doubt
+        // because the undo could not be synced either.
+        assert_eq!(
+            fault_of(meter.call(&bob, commit()).await),
+            Some(FaultCode::RecordingInDoubt)
+        );
+        meter.cache.fail_syncs(false);
+        for call in [query(), commit(), login_call("B1-C4"), MeterCall::Flush] {
+            let fault = meter.call(&bob, call).await.unwrap_err();
+            assert_eq!(fault.registered(), Some(FaultCode::MeterStopped));
+            assert!(
+                fault.message.contains("restart meterd"),
+                "{}",
+                fault.message
+            );
+        }
+        let status = meter.call(&bob, MeterCall::Status).await.unwrap();
+        let stopped = status
+            .member("stopped")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        assert!(stopped.contains("injected fsync failure"), "{status:?}");
     }
 
     #[tokio::test]

@@ -77,6 +77,10 @@ fault_codes! {
     NotGranted = 106, "login(CID) from a local user who holds no grant of that customer on this meter; nothing was recorded. That user runs `meterd grant CID` first.";
     /// The backoffice refused a grant, or could not be reached.
     GrantFailed = 107, "The grant was not made: the backoffice refused it or could not be reached; the message says why.";
+    /// The meter stopped after its storage failed.
+    MeterStopped = 108, "The meter stopped after its storage failed to make data durable: this call was not recorded, and nothing is until meterd is restarted. `meterd status` says why.";
+    /// A reading may or may not have been recorded.
+    RecordingInDoubt = 109, "The meter's storage failed while recording this reading and could not undo it: it may have been recorded, and may be charged after a restart. The meter stopped; `meterd status` says why.";
     /// The operator token is missing or wrong.
     Unauthorized = 301, "The call needs the operator's token (the X-Operator-Token header) and it was missing or wrong.";
     /// No such customer, product or meter.

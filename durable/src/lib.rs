@@ -1,0 +1,384 @@
+//! A sled (0.34.7) data folder, opened the way both stores of record open
+//! it, and made durable the way sled does not do by itself.
+//!
+//! sled's `flush` writes its log with `sync_file_range`, which does not
+//! survive a power cut, so every flush that acknowledges something is
+//! followed by an fsync of the log file (`db`). That is not all: sled writes
+//! every log message larger than a quarter of a segment (128 KiB by default:
+//! a big value, or a leaf node of up to 16 values that together exceed it)
+//! to a file of its own under `blobs/`, with `write_all` and no fsync, and
+//! never fsyncs that folder (read in `pagecache/blob_io.rs`). The log then
+//! points at a blob that a power cut can take away. So [`SledDir::sync`]
+//! fsyncs every blob file it has not synced before, and the `blobs` folder
+//! when it holds new files, before it fsyncs the log.
+//!
+//! **Fail-stop.** After a failed fsync the kernel may have dropped the
+//! pages it could not write and mark them clean: a later fsync can succeed
+//! without them. So the first failure is kept and every later `sync` fails
+//! with it, until the folder is opened again (a restart recovers from what
+//! is on disk).
+//!
+//! **Power-cut image, for tests.** [`SledDir::keep_image_in`] makes every
+//! fsync also copy the file it made durable into another folder: at any
+//! moment that folder holds what a power cut would leave (every file as of
+//! its last fsync; nothing written after). A test opens the image as the
+//! data folder and checks that everything acknowledged is there. A store
+//! that forgets to sync before it acknowledges fails such a test, which a
+//! SIGKILL test cannot show (the page cache survives the process).
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// sled's log file in its folder.
+const LOG_FILE: &str = "db";
+/// sled's configuration file, written once when the folder is made.
+const CONF_FILE: &str = "conf";
+/// The folder where sled writes messages too big for its log.
+const BLOBS_DIR: &str = "blobs";
+
+/// Why a folder could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process (or a store of this one closed a moment ago and still
+    /// held by sled's threads) holds the folder's lock.
+    #[error("another process is already using {0}")]
+    Locked(String),
+    /// sled failed.
+    #[error("storage failed: {0}")]
+    Storage(#[from] sled::Error),
+    /// The folder or its files could not be made or synced.
+    #[error("could not open the data folder: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a sync failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SyncError {
+    /// This sync failed.
+    #[error("could not make the data durable: {0}")]
+    Failed(String),
+    /// An earlier sync failed: nothing is durable any more until the folder
+    /// is opened again.
+    #[error("an earlier fsync failed ({0}); nothing more is made durable until a restart")]
+    Stopped(String),
+}
+
+/// How sled is configured for both stores of record.
+pub struct Options {
+    /// Bytes of memory sled may use for its page cache.
+    pub cache_bytes: u64,
+    /// How long opening waits for another holder of the folder's lock.
+    pub lock_wait: Duration,
+}
+
+/// A sled folder's files, synced after every flush that acknowledges.
+pub struct SledDir {
+    db: sled::Db,
+    dir: PathBuf,
+    log: File,
+    /// Blob files already made durable (sled never rewrites one).
+    blobs_synced: Mutex<HashSet<OsString>>,
+    /// The first failed sync, kept: every later sync fails with it.
+    failed: Mutex<Option<String>>,
+    /// How many of the next fsyncs fail, as a failing disk's would (tests,
+    /// fault runs); `u64::MAX`: all of them.
+    failing: AtomicU64,
+    /// Where the power-cut image is kept, if a test asked for one.
+    image: Mutex<Option<PathBuf>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Opens (or makes) the sled folder `dir`: the database and its files.
+pub fn open(dir: &Path, options: &Options) -> Result<(sled::Db, SledDir), OpenError> {
+    std::fs::create_dir_all(dir)?;
+    let config = sled::Config::new()
+        .path(dir)
+        // Bounds memory; the rest stays on disk.
+        .cache_capacity(options.cache_bytes)
+        // Throughput mode: writes are grouped by the stores' own commits.
+        .mode(sled::Mode::HighThroughput)
+        // The stores flush (and fsync) explicitly; no timer.
+        .flush_every_ms(None)
+        .use_compression(false);
+    let started = Instant::now();
+    let db = loop {
+        match config.open() {
+            // sled 0.34.7 (pinned) reports its file lock this way.
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= options.lock_wait {
+                    return Err(OpenError::Locked(dir.display().to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    };
+    let log = File::open(dir.join(LOG_FILE))?;
+    // The files sled made when the folder was new, and their names.
+    File::open(dir.join(CONF_FILE))?.sync_all()?;
+    sync_folder(dir)?;
+    let files = SledDir {
+        db: db.clone(),
+        dir: dir.to_owned(),
+        log,
+        blobs_synced: Mutex::default(),
+        failed: Mutex::default(),
+        failing: AtomicU64::new(0),
+        image: Mutex::default(),
+    };
+    files.sync_blobs()?;
+    Ok((db, files))
+}
+
+/// Copies a power-cut image (see [`SledDir::keep_image_in`]) into `into`,
+/// emptied first, to be opened there: opening writes to the folder, and the
+/// image must go on as it was.
+pub fn copy_image(image: &Path, into: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(into) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    std::fs::create_dir_all(into.join(BLOBS_DIR))?;
+    for name in [CONF_FILE, LOG_FILE] {
+        std::fs::copy(image.join(name), into.join(name))?;
+    }
+    for entry in std::fs::read_dir(image.join(BLOBS_DIR))? {
+        let name = entry?.file_name();
+        std::fs::copy(
+            image.join(BLOBS_DIR).join(&name),
+            into.join(BLOBS_DIR).join(&name),
+        )?;
+    }
+    Ok(())
+}
+
+fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl SledDir {
+    /// Makes everything written to the database before this call durable:
+    /// sled's flush, then every new blob file and the folder that names it,
+    /// then the log. Once one fails, every later call fails.
+    pub fn sync(&self) -> Result<(), SyncError> {
+        let mut failed = lock(&self.failed);
+        if let Some(first) = failed.as_ref() {
+            return Err(SyncError::Stopped(first.clone()));
+        }
+        self.write_through().map_err(|reason| {
+            *failed = Some(reason.clone());
+            SyncError::Failed(reason)
+        })
+    }
+
+    /// The first failed sync since the folder was opened, if any.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.failed).clone()
+    }
+
+    /// From now on every fsync fails (or works again), as a failing disk
+    /// would. A sync that failed stays failed (see [`SledDir::sync`]).
+    pub fn fail_syncs(&self, fail: bool) {
+        self.failing
+            .store(if fail { u64::MAX } else { 0 }, Ordering::SeqCst);
+    }
+
+    /// The next `count` fsyncs fail, then they work again.
+    pub fn fail_next_syncs(&self, count: u64) {
+        self.failing.store(count, Ordering::SeqCst);
+    }
+
+    /// Whether this fsync is one that should fail (counting it).
+    fn injected_failure(&self) -> std::io::Result<()> {
+        let failing = self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+                0 | u64::MAX => None,
+                left => Some(left - 1),
+            });
+        match failing {
+            Err(0) => Ok(()),
+            _ => Err(std::io::Error::other("injected fsync failure")),
+        }
+    }
+
+    /// After a failed sync, one more attempt to make what was written since
+    /// durable (a store undoing what it could not acknowledge). The failure
+    /// stays: every later `sync` still fails. A success here is no proof that
+    /// what the failed sync held reached the disk, only that what came after
+    /// did, in log order.
+    pub fn sync_after_failure(&self) -> Result<(), String> {
+        self.write_through()
+    }
+
+    /// sled's flush, the new blob files, the log.
+    fn write_through(&self) -> Result<(), String> {
+        self.db
+            .flush()
+            .map_err(|error| error.to_string())
+            .and_then(|_| self.sync_blobs().map_err(|error| error.to_string()))
+            .and_then(|()| {
+                self.fsync(&self.log, &self.dir.join(LOG_FILE))
+                    .map_err(|error| error.to_string())
+            })
+    }
+
+    /// Keeps a power-cut image in `image` from now on: the folder's files
+    /// as they are now (after a sync), then every file again each time it
+    /// is fsynced. Opening `image` as a data folder is what a power cut at
+    /// that moment would leave.
+    pub fn keep_image_in(&self, image: &Path) -> Result<(), SyncError> {
+        self.sync()?;
+        let copy = || -> std::io::Result<()> {
+            std::fs::create_dir_all(image.join(BLOBS_DIR))?;
+            std::fs::copy(self.dir.join(CONF_FILE), image.join(CONF_FILE))?;
+            std::fs::copy(self.dir.join(LOG_FILE), image.join(LOG_FILE))?;
+            for name in lock(&self.blobs_synced).iter() {
+                let from = self.dir.join(BLOBS_DIR).join(name);
+                std::fs::copy(from, image.join(BLOBS_DIR).join(name))?;
+            }
+            Ok(())
+        };
+        copy().map_err(|error| SyncError::Failed(error.to_string()))?;
+        *lock(&self.image) = Some(image.to_owned());
+        Ok(())
+    }
+
+    /// fsyncs `file` (at `path`); with an image kept, copies the file as it
+    /// now is into the image.
+    fn fsync(&self, file: &File, path: &Path) -> std::io::Result<()> {
+        self.injected_failure()?;
+        file.sync_data()?;
+        if let Some(image) = lock(&self.image).as_ref() {
+            let relative = path.strip_prefix(&self.dir).expect("files of this folder");
+            std::fs::copy(path, image.join(relative))?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the blob files sled wrote since the last call, then the
+    /// folder that names them.
+    fn sync_blobs(&self) -> std::io::Result<()> {
+        let folder = self.dir.join(BLOBS_DIR);
+        let mut synced = lock(&self.blobs_synced);
+        let mut present = HashSet::new();
+        let mut added = false;
+        let entries = match std::fs::read_dir(&folder) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            let name = entry?.file_name();
+            if !synced.contains(&name) {
+                let path = folder.join(&name);
+                match File::open(&path) {
+                    Ok(file) => self.fsync(&file, &path)?,
+                    // Collected by sled meanwhile: nothing to keep.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(error),
+                }
+                added = true;
+            }
+            present.insert(name);
+        }
+        if added {
+            self.injected_failure()?;
+            sync_folder(&folder)?;
+        }
+        // Forget blobs sled has collected: the set stays as small as the folder.
+        *synced = present;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> Options {
+        Options {
+            cache_bytes: 1 << 20,
+            lock_wait: Duration::from_millis(2_000),
+        }
+    }
+
+    /// A value far above sled's blob threshold, different for each `seed`.
+    fn big_value(seed: u8) -> Vec<u8> {
+        (0..300_000u32)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn what_was_synced_survives_a_power_cut_and_what_was_not_is_gone() {
+        let folder = tempfile::tempdir().unwrap();
+        let data = folder.path().join("data");
+        let image = folder.path().join("image");
+        {
+            let (db, files) = open(&data, &options()).unwrap();
+            files.keep_image_in(&image).unwrap();
+            db.insert(b"small", b"kept".as_slice()).unwrap();
+            db.insert(b"big", big_value(1)).unwrap();
+            files.sync().unwrap();
+            assert!(
+                std::fs::read_dir(data.join(BLOBS_DIR)).unwrap().count() > 0,
+                "a 300 KB value goes to a blob file (else this test shows nothing)"
+            );
+            // Written, flushed, never fsynced: a power cut loses it.
+            db.insert(b"late", b"lost".as_slice()).unwrap();
+            db.flush().unwrap();
+        }
+        let (db, _files) = open(&image, &options()).unwrap();
+        assert_eq!(db.get(b"small").unwrap().unwrap().as_ref(), b"kept");
+        assert_eq!(db.get(b"big").unwrap().unwrap().as_ref(), big_value(1));
+        assert_eq!(db.get(b"late").unwrap(), None);
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_sync_until_reopened() {
+        let folder = tempfile::tempdir().unwrap();
+        {
+            let (db, files) = open(folder.path(), &options()).unwrap();
+            db.insert(b"a", b"1".as_slice()).unwrap();
+            files.fail_syncs(true);
+            assert!(matches!(files.sync(), Err(SyncError::Failed(_))));
+            files.fail_syncs(false);
+            db.insert(b"b", b"2".as_slice()).unwrap();
+            let later = files.sync().unwrap_err();
+            assert!(matches!(later, SyncError::Stopped(_)), "{later}");
+            assert!(later.to_string().contains("injected"), "{later}");
+            assert!(files.failure().is_some());
+        }
+        let (db, files) = open(folder.path(), &options()).unwrap();
+        assert_eq!(files.failure(), None);
+        db.insert(b"c", b"3".as_slice()).unwrap();
+        files.sync().unwrap();
+    }
+
+    #[test]
+    fn a_held_folder_is_reported_as_locked() {
+        let folder = tempfile::tempdir().unwrap();
+        let _held = open(folder.path(), &options()).unwrap();
+        let quick = Options {
+            lock_wait: Duration::from_millis(50),
+            ..options()
+        };
+        assert!(matches!(
+            open(folder.path(), &quick),
+            Err(OpenError::Locked(_))
+        ));
+    }
+}
