@@ -44,6 +44,10 @@ pub const INPUT_BYTES_MAX: usize = 1024;
 pub const RATING_PARAMETER_BYTES_MAX: usize = 128;
 /// Instances that may exist at once for prices in progress.
 pub const CONCURRENT_INSTANCES_MAX: u32 = 64;
+/// How long a price waits for one of the `CONCURRENT_INSTANCES_MAX` slots
+/// before it is answered `Busy` (which refuses its batch retryably: busy
+/// is not the TACA's failure, and never sends a use to suspense).
+pub const SLOT_WAIT_MS: u64 = 10_000;
 /// Instances kept for reuse, over all modules; past it, a module that needs
 /// one takes the place of another module's idle one.
 pub const WARM_INSTANCES_MAX: usize = 256;
@@ -459,6 +463,61 @@ pub struct Pricing {
     cache: Mutex<HashMap<TacaHash, Arc<Taca>>>,
     /// Instances kept for reuse (idle or in use), over all modules.
     warm_count: Arc<AtomicUsize>,
+    /// Prices in progress at most, so that the pool never runs out under
+    /// them: a price waits for a slot rather than failing.
+    slots: Slots,
+}
+
+/// A counting semaphore over the pool's slots for prices in progress.
+struct Slots {
+    free: Mutex<u32>,
+    freed: std::sync::Condvar,
+    wait: Mutex<std::time::Duration>,
+}
+
+/// One slot, given back when dropped.
+pub(crate) struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(count: u32) -> Slots {
+        Slots {
+            free: Mutex::new(count),
+            freed: std::sync::Condvar::new(),
+            wait: Mutex::new(std::time::Duration::from_millis(SLOT_WAIT_MS)),
+        }
+    }
+
+    /// A slot, waiting at most the configured time; `Busy` past it.
+    fn take(&self) -> Result<Slot<'_>, PricingError> {
+        let wait = *self
+            .wait
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let free = self
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (mut free, _) = self
+            .freed
+            .wait_timeout_while(free, wait, |free| *free == 0)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *free == 0 {
+            return Err(PricingError::Busy);
+        }
+        *free -= 1;
+        Ok(Slot(self))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// The engine configuration, every option chosen here rather than inherited.
@@ -612,6 +671,7 @@ impl Pricing {
             linker,
             cache: Mutex::new(HashMap::new()),
             warm_count: Arc::new(AtomicUsize::new(0)),
+            slots: Slots::new(CONCURRENT_INSTANCES_MAX),
         }
     }
 
@@ -771,6 +831,7 @@ impl Pricing {
     }
 
     fn check_version(&self, taca: &Taca) -> Result<(), ModuleError> {
+        let _slot = self.slots.take().map_err(ModuleError::SampleFailed)?;
         let mut store = self.store().map_err(ModuleError::SampleFailed)?;
         let instance = taca
             .pre
@@ -789,7 +850,9 @@ impl Pricing {
 
     /// Prices one reading, in an instance in the state it had right after
     /// instantiation: a reused one when the module allows it, else a new one.
+    /// Waits (at most `SLOT_WAIT_MS`) for a slot; `Busy` past that.
     pub fn price(&self, taca: &Taca, input: &PriceInput) -> Result<Priced, PricingError> {
+        let _slot = self.slots.take()?;
         match &taca.reuse {
             Some(reuse) => self.price_reused(taca, reuse, input),
             None => self.price_fresh(taca, input),
@@ -980,6 +1043,16 @@ impl Pricing {
                 })
                 .collect()
         })
+    }
+
+    /// Takes every pricing slot until the answer is dropped, and makes a
+    /// price wait `wait` for one: a pool filled by other prices (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_every_slot(&self, wait: std::time::Duration) -> Vec<Slot<'_>> {
+        *self.slots.wait.lock().unwrap() = wait;
+        (0..CONCURRENT_INSTANCES_MAX)
+            .map(|_| self.slots.take().unwrap())
+            .collect()
     }
 
     /// Creates a store and an instance and drops them: the fixed cost of a

@@ -23,7 +23,7 @@ use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
 use crate::now_ms;
-use crate::pricing::{PriceInput, Pricing};
+use crate::pricing::{PriceInput, Pricing, PricingError};
 use crate::registry::{Grant, Product};
 use crate::store::{
     BatchDigest, BatchEffects, BatchKey, PeriodKey, SeqRange, Store, StoreError, Suspense,
@@ -126,6 +126,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every pricing slot stayed busy past `SLOT_WAIT_MS`: the batch is
+/// refused as a whole, retryably (busy is no TACA's failure, and never
+/// sends a use to suspense).
+fn pricing_busy() -> Fault {
+    internal(&"every pricing slot stayed busy; nothing was applied: send the batch again")
 }
 
 fn internal(error: &dyn std::fmt::Display) -> Fault {
@@ -949,6 +956,9 @@ impl<S: Store> Backoffice<S> {
                     .insert(product.taca, std::sync::Arc::clone(&taca));
                 Ok(taca)
             }
+            Err(crate::pricing::ModuleError::SampleFailed(PricingError::Busy)) => {
+                return Err(pricing_busy());
+            }
             Err(error) => Err(error.to_string()),
         })
     }
@@ -1095,6 +1105,11 @@ impl<S: Store> Backoffice<S> {
             } else {
                 self.pricing.price(&job.taca, &job.input(job.count - shift))
             };
+            // Every slot busy past the wait is this server's state, not the
+            // TACA's failure: nothing is applied, and the meter retries.
+            if matches!(result, Err(PricingError::Busy)) {
+                return Err(pricing_busy());
+            }
             let result = result
                 .map_err(|error| error.to_string())
                 .and_then(|priced| match job.max_price {
@@ -1537,128 +1552,232 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_failed_fsync_stops_money_operations_until_a_restart_and_loses_nothing() {
-        use crate::store::SledStore;
-        use proto::auth::Secret;
-        use proto::upload::Batch;
-        use proto::xmlrpc::encode_call;
-        use proto::{Context, Mid};
+    /// A branch on sled in `dir`: Ada pays 0.001 per commit of Bob's
+    /// product (a hand-written TACA) through a machine-wide grant on her
+    /// meter, with 10 deposited.
+    struct Branch {
+        backoffice: Backoffice<crate::store::SledStore>,
+        meter: crate::registry::Meter,
+        consumer: Cid,
+        pid: Pid,
+        now_ms: u64,
+    }
 
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        let bid = proto::Bid::parse("B1").unwrap();
-        let consumer = store
-            .create_customer(&bid, "Ada", "ada@example.org")
+    impl Branch {
+        fn open(dir: &std::path::Path) -> Branch {
+            use crate::store::SledStore;
+            let store = SledStore::open(dir).unwrap();
+            let bid = proto::Bid::parse("B1").unwrap();
+            let consumer = store
+                .create_customer(&bid, "Ada", "ada@example.org")
+                .unwrap();
+            let producer = store
+                .create_customer(&bid, "Bob", "bob@example.org")
+                .unwrap();
+            // 0.001 per commit, written by hand from the ABI document.
+            let flat = wat::parse_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/flat.wat"
+            ))
             .unwrap();
-        let producer = store
-            .create_customer(&bid, "Bob", "bob@example.org")
-            .unwrap();
-        // 0.001 per commit, written by hand from the ABI document.
-        let flat = wat::parse_file(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/flat.wat"
-        ))
-        .unwrap();
-        let product = store
-            .create_product(
-                &bid,
-                crate::store::NewProduct::new(
-                    &producer.cid,
-                    "Editor",
-                    "flat",
-                    &flat,
-                    Amount::from_units(1).unwrap(),
-                ),
-            )
-            .unwrap();
-        let meter = store.create_meter(&bid, &consumer.cid).unwrap();
-        let secret = Secret::new(meter.secret_hex.as_bytes()).unwrap();
-        let now_ms = 1_764_000_000_000;
-        store
-            .create_grant(crate::registry::NewGrant {
-                mid: meter.mid,
-                cid: consumer.cid,
-                scope: proto::grant::Scope::Machine,
-                label: "test".into(),
-                created_ms: now_ms - 60_000,
-                expires_ms: None,
-            })
-            .unwrap();
-        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
-        backoffice
-            .post(vec![NewTransfer {
-                debit: AccountId::System(crate::ledger::SystemAccount::Funding),
-                credit: AccountId::Customer(consumer.cid),
-                amount: Amount::from_units(10).unwrap(),
-                kind: TransferKind::Deposit,
-            }])
-            .unwrap();
-        let body = |mid: Mid, first_seq: u64| {
+            let product = store
+                .create_product(
+                    &bid,
+                    crate::store::NewProduct::new(
+                        &producer.cid,
+                        "Editor",
+                        "flat",
+                        &flat,
+                        Amount::from_units(1).unwrap(),
+                    ),
+                )
+                .unwrap();
+            let meter = store.create_meter(&bid, &consumer.cid).unwrap();
+            let now_ms = 1_764_000_000_000;
+            store
+                .create_grant(crate::registry::NewGrant {
+                    mid: meter.mid,
+                    cid: consumer.cid,
+                    scope: proto::grant::Scope::Machine,
+                    label: "test".into(),
+                    created_ms: now_ms - 60_000,
+                    expires_ms: None,
+                })
+                .unwrap();
+            let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+            backoffice.post(vec![deposit_of(consumer.cid, 10)]).unwrap();
+            Branch {
+                backoffice,
+                meter,
+                consumer: consumer.cid,
+                pid: product.pid,
+                now_ms,
+            }
+        }
+
+        /// The same branch after a restart.
+        fn reopen(self, dir: &std::path::Path) -> Branch {
+            drop(self.backoffice);
+            let store = crate::store::SledStore::open(dir).unwrap();
+            Branch {
+                backoffice: Backoffice::open(store, DEFAULT_PARAMS).unwrap(),
+                ..self
+            }
+        }
+
+        /// A batch of 4 commits, readings `first_seq..first_seq + 4`.
+        fn body(&self, first_seq: u64) -> Vec<u8> {
             let readings = (0..4)
                 .map(|offset| Reading {
                     seq: first_seq + offset,
-                    time_ms: now_ms - 1000,
-                    context: Context::parse("7").unwrap(),
+                    time_ms: self.now_ms - 1000,
+                    context: proto::Context::parse("7").unwrap(),
                     event: Event::Commit {
-                        pid: product.pid,
-                        payer: Some(Payer::Customer(consumer.cid)),
+                        pid: self.pid,
+                        payer: Some(Payer::Customer(self.consumer)),
                     },
                 })
                 .collect();
+            let mid = self.meter.mid;
             let request = SendRequest {
                 mid,
-                body: SendBody::Batch(Batch {
+                body: SendBody::Batch(proto::upload::Batch {
                     id: BatchId::parse(&format!("{mid}:{first_seq}")).unwrap(),
                     readings,
                     parties: Vec::new(),
                 }),
             };
-            encode_call("send", &request.to_params())
-        };
-        let send = |backoffice: &Backoffice<SledStore>, body: &[u8], time_ms: u64| {
-            let signature = secret.sign(&meter.mid, time_ms, body);
+            proto::xmlrpc::encode_call("send", &request.to_params())
+        }
+
+        /// Sends `body`, signed at `time_ms`.
+        fn send(&self, body: &[u8], time_ms: u64) -> Result<Value, Fault> {
+            let secret = Secret::new(self.meter.secret_hex.as_bytes()).unwrap();
+            let signature = secret.sign(&self.meter.mid, time_ms, body);
             let time = time_ms.to_string();
-            backoffice.send(
+            self.backoffice.send(
                 body,
                 Signed {
-                    mid: Some(meter.mid.as_str()),
+                    mid: Some(self.meter.mid.as_str()),
                     time: Some(&time),
                     signature: Some(&signature),
                 },
-                now_ms,
+                self.now_ms,
             )
-        };
-        let first = body(meter.mid, 1);
-        send(&backoffice, &first, now_ms).unwrap();
+        }
+
+        fn balance(&self) -> Amount {
+            self.backoffice
+                .ledger()
+                .balance(&AccountId::Customer(self.consumer))
+        }
+    }
+
+    #[test]
+    fn a_failed_fsync_stops_money_operations_until_a_restart_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let branch = Branch::open(dir.path());
+        let now_ms = branch.now_ms;
+        let first = branch.body(1);
+        branch.send(&first, now_ms).unwrap();
         // The disk fails while the second batch is made durable.
-        backoffice.store().fail_syncs(true);
-        let second = body(meter.mid, 5);
-        let fault = send(&backoffice, &second, now_ms + 1).unwrap_err();
+        branch.backoffice.store().fail_syncs(true);
+        let second = branch.body(5);
+        let fault = branch.send(&second, now_ms + 1).unwrap_err();
         assert_eq!(fault.code, FaultCode::InternalError.code());
         // Even with the disk back, nothing moves money until a restart.
-        backoffice.store().fail_syncs(false);
-        let third = body(meter.mid, 9);
-        let refused = send(&backoffice, &third, now_ms + 2).unwrap_err();
+        branch.backoffice.store().fail_syncs(false);
+        let third = branch.body(9);
+        let refused = branch.send(&third, now_ms + 2).unwrap_err();
         assert!(refused.message.contains("restart"), "{refused:?}");
-        let deposit = backoffice.post(Vec::new()).unwrap_err();
+        let deposit = branch.backoffice.post(Vec::new()).unwrap_err();
         assert!(deposit.message.contains("restart"), "{deposit:?}");
-        assert!(!backoffice.is_durable());
+        assert!(!branch.backoffice.is_durable());
         // After a restart the meter's retry of the second batch is applied
         // exactly once, whether or not its staged writes reached the disk.
-        drop(backoffice);
-        let store = SledStore::open(dir.path()).unwrap();
-        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
-        send(&backoffice, &second, now_ms + 3).unwrap();
-        send(&backoffice, &second, now_ms + 4).unwrap();
-        send(&backoffice, &third, now_ms + 5).unwrap();
-        let ledger = backoffice.ledger();
-        ledger.verify();
+        let branch = branch.reopen(dir.path());
+        branch.send(&second, now_ms + 3).unwrap();
+        branch.send(&second, now_ms + 4).unwrap();
+        branch.send(&third, now_ms + 5).unwrap();
+        branch.backoffice.ledger().verify();
         // Twelve uses at 0.001.
+        assert_eq!(branch.balance(), Amount::parse("9.988").unwrap());
+    }
+
+    #[test]
+    fn busy_pricing_refuses_the_batch_retryably_and_sends_nothing_to_suspense() {
+        let dir = tempfile::tempdir().unwrap();
+        let branch = Branch::open(dir.path());
+        let body = branch.body(1);
+        let held = branch
+            .backoffice
+            .pricing
+            .hold_every_slot(std::time::Duration::from_millis(50));
+        let fault = branch.send(&body, branch.now_ms).unwrap_err();
         assert_eq!(
-            ledger.balance(&AccountId::Customer(consumer.cid)),
-            Amount::parse("9.988").unwrap()
+            fault.registered(),
+            Some(FaultCode::InternalError),
+            "{fault:?}"
         );
+        assert!(fault.message.contains("busy"), "{fault:?}");
+        assert_eq!(branch.backoffice.store().suspense_count().unwrap(), 0);
+        assert_eq!(branch.balance(), Amount::from_units(10).unwrap());
+        assert!(
+            branch.backoffice.is_durable(),
+            "busy is not a failure of the books"
+        );
+        drop(held);
+        // The meter's retry, signed anew, is applied: four uses at 0.001.
+        branch.send(&body, branch.now_ms + 1).unwrap();
+        assert_eq!(branch.balance(), Amount::parse("9.996").unwrap());
+        assert_eq!(branch.backoffice.store().suspense_count().unwrap(), 0);
+    }
+
+    /// A price waits for a slot another price frees, rather than failing.
+    #[test]
+    fn a_price_waits_for_a_slot_to_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let branch = Branch::open(dir.path());
+        let body = branch.body(1);
+        let held = branch
+            .backoffice
+            .pricing
+            .hold_every_slot(std::time::Duration::from_millis(5_000));
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                drop(held);
+            });
+            branch.send(&body, branch.now_ms).unwrap();
+        });
+        assert_eq!(branch.balance(), Amount::parse("9.996").unwrap());
+    }
+
+    /// Batches of one meter sent from many threads at once are each applied
+    /// once, and every one answered "applied" is in the store after a
+    /// restart (answered only after a sync that followed its staging).
+    #[test]
+    fn concurrent_sends_are_each_applied_once_and_durable_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let branch = Branch::open(dir.path());
+        let bodies: Vec<Vec<u8>> = (0..24).map(|n| branch.body(1 + 4 * n)).collect();
+        std::thread::scope(|scope| {
+            for worker in 0..4u64 {
+                let (branch, bodies) = (&branch, &bodies);
+                scope.spawn(move || {
+                    // Every worker sends every batch: each is applied once.
+                    for (n, body) in bodies.iter().enumerate() {
+                        let time = branch.now_ms + worker * 1_000 + n as u64;
+                        branch.send(body, time).unwrap();
+                    }
+                });
+            }
+        });
+        // 96 uses at 0.001, charged once each.
+        assert_eq!(branch.balance(), Amount::parse("9.904").unwrap());
+        let branch = branch.reopen(dir.path());
+        branch.backoffice.ledger().verify();
+        assert_eq!(branch.balance(), Amount::parse("9.904").unwrap());
     }
 
     fn deposit_of(cid: Cid, units: i64) -> NewTransfer {
