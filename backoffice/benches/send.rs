@@ -1,12 +1,17 @@
 //! `send` end to end in process: parse, verify the signature, price every
 //! commit with the flat TACA, post, make the batch durable, answer. Two
 //! meters send 10,000-reading batches at once, payers spread over 1,000
-//! customers. Prints readings per second and batch latency (median, p99).
+//! customers. Prints readings per second and batch latency (median, p99),
+//! and the latency of deposits made meanwhile (one every 20 ms): what a
+//! batch's hold on the ledger costs everyone else.
 //!
 //! `cargo bench -p backoffice --bench send` (BATCHES per meter: env
 //! `SEND_BENCH_BATCHES`, default 10; under `cargo test` it runs 1). With
 //! `SEND_BENCH_HTTP=1` the meters POST to the backoffice's own HTTP server on
 //! loopback instead of calling `send` in process (the smoke run always does).
+//! `SEND_BENCH_METERS=N` sends from N meters (default 2);
+//! `SEND_BENCH_PAYERS=own` gives each meter payers of its own (as machines
+//! of different customers have) instead of every payer on every meter.
 
 use std::time::{Duration, Instant};
 
@@ -65,7 +70,12 @@ fn main() {
             ),
         )
         .unwrap();
-    let meters: Vec<(Mid, Secret)> = (0..2)
+    let meter_count: usize = std::env::var("SEND_BENCH_METERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2);
+    let own_payers = std::env::var("SEND_BENCH_PAYERS").is_ok_and(|value| value == "own");
+    let meters: Vec<(Mid, Secret)> = (0..meter_count)
         .map(|_| {
             let meter = store.create_meter(&bid, &owner).unwrap();
             (meter.mid, Secret::new(meter.secret_hex.as_bytes()).unwrap())
@@ -99,13 +109,22 @@ fn main() {
     backoffice.post(deposits).unwrap();
     // The real time: over HTTP the server checks signatures against its clock.
     let now_ms = backoffice::now_ms();
-    let bodies = |mid: Mid| -> Vec<Vec<u8>> {
+    let bodies = |meter: usize, mid: Mid| -> Vec<Vec<u8>> {
         (0..batches)
             .map(|index| {
                 let readings = (0..readings_per_batch)
                     .map(|offset| {
                         let seq = (index * readings_per_batch + offset) as u64 + 1;
-                        let payer = customers[1 + (seq as usize) % (customer_count - 1)];
+                        let payers = customer_count - 1;
+                        let slot = if own_payers {
+                            // Meter m's payers: those whose number is m
+                            // modulo the meters.
+                            let share = payers / meter_count;
+                            meter + meter_count * ((seq as usize) % share)
+                        } else {
+                            (seq as usize) % payers
+                        };
+                        let payer = customers[1 + slot];
                         Reading {
                             seq,
                             time_ms: now_ms - 1000,
@@ -135,8 +154,9 @@ fn main() {
     // signing is the meter's work, not the backoffice's.
     let work: Vec<(Mid, Vec<SignedBody>)> = meters
         .iter()
-        .map(|(mid, secret)| {
-            let signed = bodies(*mid)
+        .enumerate()
+        .map(|(meter, (mid, secret))| {
+            let signed = bodies(meter, *mid)
                 .into_iter()
                 .enumerate()
                 .map(|(index, body)| {
@@ -190,7 +210,27 @@ fn main() {
     };
     let address = stop.as_ref().map(|(_, address)| *address);
     let started = Instant::now();
+    let sending = std::sync::atomic::AtomicBool::new(true);
+    let mut deposit_latencies: Vec<Duration> = Vec::new();
     let latencies: Vec<Duration> = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let mut waits = Vec::new();
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let begun = Instant::now();
+                service
+                    .backoffice
+                    .post(vec![NewTransfer {
+                        debit: AccountId::System(SystemAccount::Funding),
+                        credit: AccountId::Customer(owner),
+                        amount: Amount::from_units(1).unwrap(),
+                        kind: TransferKind::Deposit,
+                    }])
+                    .expect("deposit posted");
+                waits.push(begun.elapsed());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            waits
+        });
         let handles: Vec<_> = work
             .iter()
             .map(|(mid, bodies)| {
@@ -222,23 +262,34 @@ fn main() {
                 })
             })
             .collect();
-        handles
+        let latencies = handles
             .into_iter()
             .flat_map(|handle| handle.join().unwrap())
-            .collect()
+            .collect();
+        sending.store(false, std::sync::atomic::Ordering::Relaxed);
+        deposit_latencies = prober.join().unwrap();
+        latencies
     });
     let elapsed = started.elapsed().as_secs_f64();
     let mut sorted = latencies;
     sorted.sort_unstable();
     let total = readings_per_batch * sorted.len();
     let pick = |fraction: f64| sorted[((sorted.len() - 1) as f64 * fraction).round() as usize];
+    deposit_latencies.sort_unstable();
+    let deposit_pick = |fraction: f64| {
+        deposit_latencies[((deposit_latencies.len() - 1) as f64 * fraction).round() as usize]
+    };
     println!(
-        "send{}: {} batches of {readings_per_batch} readings from 2 meters, {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms",
+        "send{}: {} batches of {readings_per_batch} readings from {meter_count} meters ({} payers), {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms; {} deposits meanwhile: median {:.1} ms, p99 {:.1} ms",
         if http { " over HTTP" } else { "" },
         sorted.len(),
+        if own_payers { "own" } else { "shared" },
         total as f64 / elapsed,
         pick(0.5).as_secs_f64() * 1e3,
         pick(0.99).as_secs_f64() * 1e3,
+        deposit_latencies.len(),
+        deposit_pick(0.5).as_secs_f64() * 1e3,
+        deposit_pick(0.99).as_secs_f64() * 1e3,
     );
     if let (Some((stop, _)), Some(server)) = (stop, server) {
         stop.send(()).unwrap();

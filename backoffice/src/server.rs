@@ -143,6 +143,11 @@ async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
             "Readings put in suspense.",
             &counters.suspended,
         ),
+        (
+            "backoffice_batches_repriced_total",
+            "Batches priced again under the ledger's lock because another batch of the same payer, product and month was applied while they were priced.",
+            &counters.batches_repriced,
+        ),
     ] {
         metric(name, "counter", help, value.load(Relaxed).to_string());
     }
