@@ -89,6 +89,8 @@ pub struct Backoffice<S> {
     /// Stored period counts already read, kept equal to the store's: locked
     /// only while `ledger` is held, and updated where the store is.
     period_counts: Mutex<PeriodCounts>,
+    /// The billing periods batches are pricing now.
+    periods_in_use: PeriodsInUse,
     seen: Mutex<SeenSignatures>,
     params: MeterParams,
     counters: Counters,
@@ -221,6 +223,67 @@ impl PeriodCounts {
             self.0.clear();
         }
         self.0.extend(counts.iter().copied());
+    }
+}
+
+/// Longest a batch waits for the billing periods it prices to be free of
+/// other batches' pricing; past it the batch is refused retryably.
+pub const PERIODS_WAIT_MS: u64 = 60_000;
+
+/// The billing periods (payer, product, month) that batches are pricing
+/// now: a batch prices, outside the ledger's lock, only periods that no
+/// other batch is pricing, so that two batches never price the same
+/// payer's uses of a product from the same count (which would price one of
+/// them again under the lock, see `counts_unchanged`). Batches of
+/// different payers price at once; those of the same payer one after the
+/// other.
+#[derive(Default)]
+struct PeriodsInUse {
+    held: Mutex<HashSet<PeriodKey>>,
+    freed: std::sync::Condvar,
+}
+
+/// Periods reserved by one batch, freed when dropped.
+struct Reserved<'a> {
+    from: &'a PeriodsInUse,
+    keys: Vec<PeriodKey>,
+}
+
+impl PeriodsInUse {
+    /// Waits (at most `PERIODS_WAIT_MS`) until no other batch prices any
+    /// of `keys`, then reserves them all at once (so no two batches can
+    /// each wait for the other).
+    fn reserve(&self, keys: HashSet<PeriodKey>) -> Result<Reserved<'_>, Fault> {
+        let held = lock(&self.held);
+        let (mut held, _) = self
+            .freed
+            .wait_timeout_while(
+                held,
+                std::time::Duration::from_millis(PERIODS_WAIT_MS),
+                |held| keys.iter().any(|key| held.contains(key)),
+            )
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if keys.iter().any(|key| held.contains(key)) {
+            return Err(internal(
+                &"other batches of the same payers stayed in pricing; nothing was applied: send the batch again",
+            ));
+        }
+        held.extend(keys.iter().copied());
+        Ok(Reserved {
+            from: self,
+            keys: keys.into_iter().collect(),
+        })
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut held = lock(&self.from.held);
+        for key in &self.keys {
+            held.remove(key);
+        }
+        drop(held);
+        self.from.freed.notify_all();
     }
 }
 
@@ -547,6 +610,7 @@ impl<S: Store> Backoffice<S> {
             pricing: Pricing::new(),
             ledger: Mutex::new(ledger),
             period_counts: Mutex::new(PeriodCounts::default()),
+            periods_in_use: PeriodsInUse::default(),
             seen: Mutex::new(SeenSignatures::default()),
             params,
             counters: Counters::default(),
@@ -1041,6 +1105,31 @@ impl<S: Store> Backoffice<S> {
         })))
     }
 
+    /// The billing periods pricing `uses` may count in (a superset: a
+    /// component refused while pricing counts in none).
+    fn periods_of(&self, lookups: &mut Lookups, uses: &[Use]) -> Result<HashSet<PeriodKey>, Fault> {
+        let mut keys = HashSet::new();
+        for usage in uses {
+            if usage.refusal.is_some() {
+                continue;
+            }
+            let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
+                continue;
+            };
+            if usage.pid == product.test_pid {
+                continue;
+            }
+            if let Ok(payer) = self.payer_cid(lookups, usage.payer)? {
+                keys.insert(PeriodKey {
+                    payer,
+                    pid: product.pid,
+                    month: month_of(usage.time_ms),
+                });
+            }
+        }
+        Ok(keys)
+    }
+
     /// Whether every period count a batch was priced with (`bases`, read
     /// before the ledger was locked) is still the stored one; called with
     /// the ledger locked.
@@ -1305,11 +1394,15 @@ impl<S: Store> Backoffice<S> {
             SendBody::Batch(batch) => seq_range_of(key, &batch.readings),
             SendBody::Minimal(_) => None,
         };
-        // Priced before the books are locked, with the period counts as
-        // they are now, so that one meter's TACA calls keep no other batch
-        // or deposit waiting. Under the lock the counts are checked: if
-        // another batch of the same payer, product and month was applied
-        // meanwhile, the batch is priced again there (see `docs/benchmarks.md`).
+        // Priced before the books are locked, so that one meter's TACA
+        // calls keep no other batch or deposit waiting: the billing periods
+        // it counts in are reserved first (a batch of the same payers waits
+        // for them), and under the lock the counts it was priced with are
+        // checked (re-pricing, which does not reserve, may have moved them):
+        // if any moved, the batch is priced again there.
+        let reserved = self
+            .periods_in_use
+            .reserve(self.periods_of(&mut lookups, &uses)?)?;
         let unpriced = uses.clone();
         let mut bases = PeriodCounts::default();
         let mut periods_early: HashMap<PeriodKey, u64> = HashMap::new();
@@ -1433,6 +1526,7 @@ impl<S: Store> Backoffice<S> {
                 drop(stored);
                 ledger.commit(prepared);
                 drop(ledger);
+                drop(reserved);
                 self.durable()?;
                 let oldest = uses
                     .iter()
