@@ -114,12 +114,18 @@ enum Command {
         /// The owner's CID.
         owner: String,
     },
-    /// Record a deposit from the customer's macro-account.
+    /// Record a deposit from the customer's macro-account, once per
+    /// reference: run it again with the same --reference after a failure or
+    /// a lost answer, and it completes or repeats the answer, never deposits twice.
     Deposit {
         /// The customer.
         cid: String,
         /// The amount, a decimal such as 10 or 0.5.
         amount: String,
+        /// The deposit's reference: 1 to 64 letters, digits, '-', '_', '.'
+        /// or ':' [default: a new random one, printed first].
+        #[arg(long, value_name = "REFERENCE")]
+        reference: Option<String>,
     },
     /// Mark an account "deny service".
     Deny {
@@ -602,8 +608,34 @@ fn main() -> ExitCode {
             }
         },
         Command::Meter { owner } => operator(&cli, "meter.create", vec![text(owner)]),
-        Command::Deposit { cid, amount } => {
-            operator(&cli, "account.deposit", vec![text(cid), text(amount)])
+        Command::Deposit {
+            cid,
+            amount,
+            reference,
+        } => {
+            let reference = match reference {
+                Some(reference) => match backoffice::funding::Reference::parse(reference) {
+                    Ok(reference) => reference,
+                    Err(error) => {
+                        eprintln!("backoffice: --reference: {error}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                },
+                None => {
+                    let reference = backoffice::funding::Reference::random();
+                    // Before the call: whatever becomes of it, the operator
+                    // can retry under this reference.
+                    eprintln!(
+                        "backoffice: deposit reference {reference} (to retry: --reference {reference})"
+                    );
+                    reference
+                }
+            };
+            operator(
+                &cli,
+                "account.deposit",
+                vec![text(cid), text(amount), text(reference.as_str())],
+            )
         }
         Command::Deny { cid } => operator(&cli, "account.deny", vec![text(cid), Value::Bool(true)]),
         Command::Allow { cid } => {

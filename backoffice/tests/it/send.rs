@@ -608,6 +608,7 @@ impl backoffice::funding::MacroAccounts for Processor {
         &self,
         customer: &backoffice::registry::Customer,
         amount: Amount,
+        _idempotency_key: &str,
     ) -> Result<String, backoffice::funding::FundingError> {
         if self.declines {
             Err(backoffice::funding::FundingError::Declined(format!(
