@@ -262,6 +262,28 @@ fn change_customer(
     customer_value(service, cid)
 }
 
+/// A verification's report: `{ok, checked, problemCount, problems}`.
+pub fn report_value(report: &crate::verify::Report) -> Value {
+    Value::structure([
+        ("ok", Value::Bool(report.is_ok())),
+        ("checked", Value::string(report.summary())),
+        (
+            "problemCount",
+            Value::string(report.problem_count.to_string()),
+        ),
+        (
+            "problems",
+            Value::Array(
+                report
+                    .problems
+                    .iter()
+                    .map(|problem| Value::string(problem.as_str()))
+                    .collect(),
+            ),
+        ),
+    ])
+}
+
 /// The customer, as `customer_value`, then the deposit: its reference,
 /// its transfer and whether the reference was used before.
 fn deposit_value(
@@ -472,6 +494,10 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 })
                 .collect();
             Ok(Value::Array(lines))
+        }
+        "ledger.verify" => {
+            params.arity(0, 0)?;
+            Ok(report_value(&crate::verify::running(&service.backoffice)))
         }
         "suspense.reprice" => {
             params.arity(0, 0)?;

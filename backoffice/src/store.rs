@@ -13,6 +13,9 @@ use std::fs::File;
 use std::path::Path;
 
 mod deposits;
+mod verify;
+#[cfg(test)]
+pub(crate) use verify::encode_transfer_for_tests;
 
 use proto::record::{Reader, put_str};
 use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};

@@ -453,6 +453,29 @@ fn the_operator_commands_drive_a_running_backoffice() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("operator token"));
+    // The books check out, on the running branch and, once it is stopped,
+    // on its data folder.
+    let (code, text) = run(&["verify"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(" transfers=2 accounts=2 "), "{text}");
+    assert!(text.contains("deposits by reference=2"), "{text}");
+    assert!(text.contains("verified: no problems"), "{text}");
+    let data = dir.path().join("backoffice");
+    let offline = || {
+        Command::new(workspace_binary("backoffice", "backoffice"))
+            .arg("verify")
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let output = offline();
+    assert_eq!(output.status.code(), Some(69), "the store is in use");
+    drop(office);
+    let output = offline();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains(" transfers=2 "), "{text}");
 }
 
 /// A component used in a child process of the program that uses the
