@@ -13,6 +13,7 @@ pub mod registry;
 pub mod send;
 pub mod server;
 pub mod store;
+pub mod verify;
 pub mod web;
 
 use proto::{Amount, Bid};

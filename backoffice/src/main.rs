@@ -20,8 +20,8 @@ const EXIT_USAGE: u8 = 64;
     about = "The superdistribution backoffice.",
     long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
 XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
-deposit, deny, allow, credit-limit, show, statement, suspense, reprice, components, grants, revoke) call a running backoffice \
-with the operator token it wrote beside its store. `cargo run --release -p franchise` runs one \
+deposit, deny, allow, credit-limit, show, statement, suspense, reprice, components, grants, revoke, verify) call a running backoffice \
+with the operator token it wrote beside its store; `verify --data-dir DIR` checks a stopped one's books. `cargo run --release -p franchise` runs one \
 together with a meter."
 )]
 struct Cli {
@@ -114,12 +114,18 @@ enum Command {
         /// The owner's CID.
         owner: String,
     },
-    /// Record a deposit from the customer's macro-account.
+    /// Record a deposit from the customer's macro-account, once per
+    /// reference: run it again with the same --reference after a failure or
+    /// a lost answer, and it completes or repeats the answer, never deposits twice.
     Deposit {
         /// The customer.
         cid: String,
         /// The amount, a decimal such as 10 or 0.5.
         amount: String,
+        /// The deposit's reference: 1 to 64 letters, digits, '-', '_', '.'
+        /// or ':' [default: a new random one, printed first].
+        #[arg(long, value_name = "REFERENCE")]
+        reference: Option<String>,
     },
     /// Mark an account "deny service".
     Deny {
@@ -148,6 +154,15 @@ enum Command {
     Statement {
         /// The customer.
         cid: String,
+    },
+    /// Check the books: the ledger's invariants, every balance against its
+    /// postings, every record and index of the store. Prints what it
+    /// checked with counts and every problem found; exits 1 if any.
+    Verify {
+        /// Check the store of a stopped backoffice in DIR (its data
+        /// folder) instead of asking the running one (`ledger.verify`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// List the readings in suspense.
     Suspense,
@@ -553,6 +568,67 @@ fn read_password() -> Result<String, ExitCode> {
     }
 }
 
+/// `verify`: offline on a stopped branch's data folder, else through the
+/// running branch's `ledger.verify`.
+fn verify(cli: &Cli, data_dir: Option<&std::path::Path>) -> ExitCode {
+    use proto::xmlrpc::Value;
+    let (ok, checked, count, problems) = match data_dir {
+        Some(dir) => match backoffice::verify::offline(&dir.join("store")) {
+            Ok(report) => (
+                report.is_ok(),
+                report.summary(),
+                report.problem_count,
+                report.problems,
+            ),
+            Err(error) => {
+                eprintln!(
+                    "backoffice: cannot open the store in {}: {error} (on a running backoffice, leave out --data-dir)",
+                    dir.display()
+                );
+                return ExitCode::from(69);
+            }
+        },
+        None => {
+            let value = match call_operator(cli, "ledger.verify", &[]) {
+                Ok(value) => value,
+                Err(code) => return code,
+            };
+            let text = |name: &str| match value.member(name) {
+                Some(Value::String(text)) => text.clone(),
+                _ => String::new(),
+            };
+            let problems = match value.member("problems") {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .filter_map(|item| match item {
+                        Value::String(text) => Some(text.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (
+                matches!(value.member("ok"), Some(Value::Bool(true))),
+                text("checked"),
+                text("problemCount").parse().unwrap_or(u64::MAX),
+                problems,
+            )
+        }
+    };
+    println!("checked: {checked}");
+    for problem in &problems {
+        println!("problem: {problem}");
+    }
+    if ok {
+        println!("verified: no problems");
+        ExitCode::SUCCESS
+    } else {
+        let first = problems.first().map_or("", String::as_str);
+        eprintln!("backoffice: {count} problem(s) found; the first: {first}");
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     use proto::xmlrpc::Value;
     let cli = Cli::parse();
@@ -602,8 +678,34 @@ fn main() -> ExitCode {
             }
         },
         Command::Meter { owner } => operator(&cli, "meter.create", vec![text(owner)]),
-        Command::Deposit { cid, amount } => {
-            operator(&cli, "account.deposit", vec![text(cid), text(amount)])
+        Command::Deposit {
+            cid,
+            amount,
+            reference,
+        } => {
+            let reference = match reference {
+                Some(reference) => match backoffice::funding::Reference::parse(reference) {
+                    Ok(reference) => reference,
+                    Err(error) => {
+                        eprintln!("backoffice: --reference: {error}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                },
+                None => {
+                    let reference = backoffice::funding::Reference::random();
+                    // Before the call: whatever becomes of it, the operator
+                    // can retry under this reference.
+                    eprintln!(
+                        "backoffice: deposit reference {reference} (to retry: --reference {reference})"
+                    );
+                    reference
+                }
+            };
+            operator(
+                &cli,
+                "account.deposit",
+                vec![text(cid), text(amount), text(reference.as_str())],
+            )
         }
         Command::Deny { cid } => operator(&cli, "account.deny", vec![text(cid), Value::Bool(true)]),
         Command::Allow { cid } => {
@@ -614,6 +716,7 @@ fn main() -> ExitCode {
         }
         Command::Show { cid } => operator(&cli, "customer.show", vec![text(cid)]),
         Command::Statement { cid } => operator_pages(&cli, "account.statement", &[text(cid)]),
+        Command::Verify { data_dir } => verify(&cli, data_dir.as_deref()),
         Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
         Command::Grants { id } => operator(&cli, "grant.list", vec![text(id)]),

@@ -102,6 +102,19 @@ pub struct Backoffice<S> {
     device_codes: crate::grants::DeviceCodes,
 }
 
+/// A deposit made, or found made, under its reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deposited {
+    /// The deposit's reference.
+    pub reference: crate::funding::Reference,
+    /// Its transfer.
+    pub transfer: crate::ledger::Transfer,
+    /// The processor's reference for the collection.
+    pub processor: String,
+    /// The reference was used before: this call completed or repeated it.
+    pub repeated: bool,
+}
+
 /// What the money path has done since the process started, for `/metrics`.
 #[derive(Default)]
 pub struct Counters {
@@ -680,32 +693,117 @@ impl<S: Store> Backoffice<S> {
         Ok(prepared)
     }
 
-    /// Funds `customer`'s micro-account from their macro-account: the money
-    /// is collected first, then the deposit posted (durable, then in the
-    /// ledger). Nothing is posted when collection fails.
+    /// Funds `customer`'s micro-account from their macro-account under a
+    /// new random reference (see [`Backoffice::deposit_once`]); a caller
+    /// that may retry chooses its reference and calls that instead.
     pub fn deposit(
         &self,
         funding: &dyn crate::funding::MacroAccounts,
         customer: &crate::registry::Customer,
         amount: proto::Amount,
     ) -> Result<crate::ledger::Transfer, Fault> {
+        let reference = crate::funding::Reference::random();
+        self.deposit_once(funding, customer, amount, &reference)
+            .map(|deposited| deposited.transfer)
+    }
+
+    /// Funds `customer`'s micro-account from their macro-account, once per
+    /// `reference`: the deposit is recorded (durably) before the processor
+    /// is asked, the processor's answer is recorded, then the deposit is
+    /// posted in the transaction that marks it posted. A call with a
+    /// reference already used completes what an earlier call began (asking
+    /// the processor again only under the same idempotency key, when it
+    /// cannot know whether that call collected) and answers as it did; with
+    /// another customer or amount it is refused (304). Nothing is posted
+    /// when collection fails.
+    pub fn deposit_once(
+        &self,
+        funding: &dyn crate::funding::MacroAccounts,
+        customer: &crate::registry::Customer,
+        amount: proto::Amount,
+        reference: &crate::funding::Reference,
+    ) -> Result<Deposited, Fault> {
+        use crate::funding::{DepositRecord, DepositState};
+        self.still_durable()?;
         if !amount.is_positive() {
             return Err(Fault::new(
                 FaultCode::InvalidParams,
                 format!("a deposit must be positive, not {amount}"),
             ));
         }
-        let reference = funding
-            .collect(customer, amount)
-            .map_err(|error| Fault::new(FaultCode::RecordRefused, error.to_string()))?;
-        let posted = self.post(vec![NewTransfer {
-            debit: AccountId::System(crate::ledger::SystemAccount::Funding),
-            credit: AccountId::Customer(customer.cid),
+        let intent = DepositRecord {
+            cid: customer.cid,
             amount,
-            kind: TransferKind::Deposit,
-        }])?;
-        tracing::info!(cid = %customer.cid, %amount, %reference, "deposit posted");
-        Ok(posted.into_iter().next().expect("one transfer posted"))
+            created_ms: now_ms(),
+            state: DepositState::Collecting,
+        };
+        let (mut record, new) = self
+            .store
+            .begin_deposit(reference, &intent)
+            .map_err(|error| self.stop_money(&error))?;
+        self.still_durable()?;
+        if record.cid != customer.cid || record.amount != amount {
+            return Err(Fault::new(
+                FaultCode::RecordRefused,
+                "this deposit reference was used for another customer or amount: a retry repeats the deposit it names, a new deposit needs a new reference",
+            ));
+        }
+        if record.state == DepositState::Collecting {
+            // Asked again under the same key after a crash or a failed
+            // sync: the processor answers as it did, collecting nothing more.
+            let key = reference.idempotency_key(&customer.cid);
+            let processor = funding
+                .collect(customer, amount, &key)
+                .map_err(|error| Fault::new(FaultCode::RecordRefused, error.to_string()))?;
+            record = self
+                .store
+                .deposit_collected(reference, &processor)
+                .map_err(|error| self.stop_money(&error))?;
+            self.still_durable()?;
+        }
+        if let DepositState::Collected { .. } = record.state {
+            let mut ledger = lock(&self.ledger);
+            self.still_durable()?;
+            let prepared = ledger
+                .prepare(
+                    vec![NewTransfer {
+                        debit: AccountId::System(crate::ledger::SystemAccount::Funding),
+                        credit: AccountId::Customer(customer.cid),
+                        amount,
+                        kind: TransferKind::Deposit,
+                    }],
+                    now_ms(),
+                )
+                .map_err(|error| Fault::invalid_params(&error))?;
+            let ours = prepared[0].id.0;
+            record = self
+                .store
+                .post_deposit(reference, &prepared[0])
+                .map_err(|error| self.stop_money(&error))?;
+            // Another thread's failed sync may have left a hole before ours.
+            self.still_durable()?;
+            if matches!(record.state, DepositState::Posted { transfer, .. } if transfer == ours) {
+                ledger.commit(prepared);
+                tracing::info!(cid = %customer.cid, %amount, %reference, "deposit posted");
+            }
+        }
+        let DepositState::Posted {
+            processor,
+            transfer,
+        } = record.state
+        else {
+            return Err(internal(&"a deposit was collected but is not posted"));
+        };
+        let transfer = usize::try_from(transfer)
+            .ok()
+            .and_then(|position| lock(&self.ledger).transfers().get(position).cloned())
+            .ok_or_else(|| internal(&"a posted deposit's transfer is not in the ledger"))?;
+        Ok(Deposited {
+            reference: reference.clone(),
+            transfer,
+            processor,
+            repeated: !new,
+        })
     }
 
     /// Answers one upload at `now_ms`.
@@ -2016,5 +2114,202 @@ mod tests {
         backoffice.store().fail_syncs(false);
         let refused = backoffice.post(vec![deposit_of(ada.cid, 1)]).unwrap_err();
         assert!(refused.message.contains("restart"), "{refused:?}");
+    }
+    /// A card processor that honours idempotency keys: its books hold one
+    /// collection per key. It can make the backoffice's disk fail right
+    /// after it collects, as a crash between collection and posting would.
+    struct Processor<'a> {
+        books: &'a Mutex<HashMap<String, String>>,
+        calls: &'a AtomicU64,
+        fail_disk_after: Option<&'a crate::store::SledStore>,
+    }
+
+    impl crate::funding::MacroAccounts for Processor<'_> {
+        fn collect(
+            &self,
+            _customer: &crate::registry::Customer,
+            _amount: Amount,
+            idempotency_key: &str,
+        ) -> Result<String, crate::funding::FundingError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut books = lock(self.books);
+            let next = format!("auth-{}", books.len() + 1);
+            let answer = books
+                .entry(idempotency_key.to_owned())
+                .or_insert(next)
+                .clone();
+            if let Some(store) = self.fail_disk_after {
+                store.fail_syncs(true);
+            }
+            Ok(answer)
+        }
+    }
+
+    fn deposits_in(ledger: &Ledger) -> Vec<&crate::ledger::Transfer> {
+        ledger
+            .transfers()
+            .iter()
+            .filter(|transfer| transfer.kind == TransferKind::Deposit)
+            .collect()
+    }
+
+    #[test]
+    fn a_deposit_retried_after_a_crash_between_collection_and_posting_is_collected_and_posted_once()
+    {
+        use crate::funding::Reference;
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let bid = proto::Bid::parse("B1").unwrap();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let books = Mutex::new(HashMap::new());
+        let calls = AtomicU64::new(0);
+        let ten = Amount::from_units(10).unwrap();
+        let reference = Reference::parse("rent-2025-11").unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        // The processor collects, then the disk fails before the backoffice
+        // has recorded the collection, let alone posted the deposit.
+        let failing = Processor {
+            books: &books,
+            calls: &calls,
+            fail_disk_after: Some(backoffice.store()),
+        };
+        let fault = backoffice
+            .deposit_once(&failing, &ada, ten, &reference)
+            .unwrap_err();
+        assert_eq!(fault.code, FaultCode::InternalError.code(), "{fault:?}");
+        assert!(deposits_in(&backoffice.ledger()).is_empty());
+        assert!(!backoffice.is_durable());
+        assert_eq!(lock(&books).len(), 1, "the money was collected");
+        drop(backoffice);
+        // The restart reads what reached the disk; the operator retries
+        // with the same reference.
+        let store = SledStore::open(dir.path()).unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        let working = Processor {
+            books: &books,
+            calls: &calls,
+            fail_disk_after: None,
+        };
+        let first = backoffice
+            .deposit_once(&working, &ada, ten, &reference)
+            .unwrap();
+        assert!(first.repeated);
+        assert_eq!(first.processor, "auth-1");
+        assert_eq!(
+            lock(&books).keys().collect::<Vec<_>>(),
+            vec!["B1:rent-2025-11"],
+            "one collection, under one key"
+        );
+        let calls_then = calls.load(Ordering::SeqCst);
+        // Once posted, a retry asks nobody and posts nothing.
+        let again = backoffice
+            .deposit_once(&working, &ada, ten, &reference)
+            .unwrap();
+        assert_eq!(again.transfer, first.transfer);
+        assert_eq!(calls.load(Ordering::SeqCst), calls_then);
+        // The same reference for another amount or customer is refused.
+        let other = backoffice
+            .deposit_once(&working, &ada, Amount::from_units(11).unwrap(), &reference)
+            .unwrap_err();
+        assert_eq!(other.code, FaultCode::RecordRefused.code(), "{other:?}");
+        drop(backoffice);
+        let store = SledStore::open(dir.path()).unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        let ledger = backoffice.ledger();
+        ledger.verify();
+        assert_eq!(deposits_in(&ledger), vec![&first.transfer]);
+        assert_eq!(ledger.balance(&AccountId::Customer(ada.cid)), ten);
+        assert_eq!(lock(&books).len(), 1);
+    }
+
+    #[test]
+    fn a_deposit_is_completed_from_each_recorded_step_and_never_collected_twice() {
+        use crate::funding::{DepositRecord, DepositState, Reference};
+        use crate::store::{SledStore, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let bid = proto::Bid::parse("B1").unwrap();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let books = Mutex::new(HashMap::new());
+        let calls = AtomicU64::new(0);
+        let amount = Amount::parse("2.5").unwrap();
+        let intent = DepositRecord {
+            cid: ada.cid,
+            amount,
+            created_ms: 1,
+            state: DepositState::Collecting,
+        };
+        // What a process that stopped at each step left on disk: an intent
+        // (the processor collected meanwhile), and a recorded collection.
+        let asked = Reference::parse("asked").unwrap();
+        store.begin_deposit(&asked, &intent).unwrap();
+        lock(&books).insert("B1:asked".to_owned(), "auth-asked".to_owned());
+        let collected = Reference::parse("collected").unwrap();
+        store.begin_deposit(&collected, &intent).unwrap();
+        store
+            .deposit_collected(&collected, "auth-collected")
+            .unwrap();
+        let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+        let processor = Processor {
+            books: &books,
+            calls: &calls,
+            fail_disk_after: None,
+        };
+        let posted = backoffice
+            .deposit_once(&processor, &ada, amount, &collected)
+            .unwrap();
+        assert_eq!(posted.processor, "auth-collected");
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "posted only");
+        let posted = backoffice
+            .deposit_once(&processor, &ada, amount, &asked)
+            .unwrap();
+        assert_eq!(posted.processor, "auth-asked");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "asked again");
+        assert_eq!(lock(&books).len(), 1, "under the same key: nothing more");
+        // Retries at once, from many threads, post one deposit.
+        let racing = Reference::parse("racing").unwrap();
+        let transfers: Vec<u64> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        backoffice
+                            .deposit_once(&processor, &ada, amount, &racing)
+                            .unwrap()
+                            .transfer
+                            .id
+                            .0
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|thread| thread.join().unwrap())
+                .collect()
+        });
+        assert!(
+            transfers.iter().all(|id| *id == transfers[0]),
+            "{transfers:?}"
+        );
+        assert_eq!(lock(&books).len(), 2);
+        let ledger = backoffice.ledger();
+        ledger.verify();
+        assert_eq!(deposits_in(&ledger).len(), 3);
+        assert_eq!(
+            ledger.balance(&AccountId::Customer(ada.cid)),
+            Amount::parse("7.5").unwrap()
+        );
+        // A bad amount is refused before anything is recorded.
+        let zero = Reference::parse("zero").unwrap();
+        assert!(
+            backoffice
+                .deposit_once(&processor, &ada, Amount::ZERO, &zero)
+                .is_err()
+        );
+        assert_eq!(backoffice.store().deposit(&zero).unwrap(), None);
     }
 }

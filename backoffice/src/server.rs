@@ -267,6 +267,51 @@ fn change_customer(
     customer_value(service, cid)
 }
 
+/// A verification's report: `{ok, checked, problemCount, problems}`.
+pub fn report_value(report: &crate::verify::Report) -> Value {
+    Value::structure([
+        ("ok", Value::Bool(report.is_ok())),
+        ("checked", Value::string(report.summary())),
+        (
+            "problemCount",
+            Value::string(report.problem_count.to_string()),
+        ),
+        (
+            "problems",
+            Value::Array(
+                report
+                    .problems
+                    .iter()
+                    .map(|problem| Value::string(problem.as_str()))
+                    .collect(),
+            ),
+        ),
+    ])
+}
+
+/// The customer, as `customer_value`, then the deposit: its reference,
+/// its transfer and whether the reference was used before.
+fn deposit_value(
+    service: &Service,
+    cid: &Cid,
+    deposited: &crate::send::Deposited,
+) -> Result<Value, Fault> {
+    let mut value = customer_value(service, cid)?;
+    if let Value::Struct(members) = &mut value {
+        for (name, member) in [
+            ("reference", Value::string(deposited.reference.as_str())),
+            (
+                "transfer",
+                Value::string(deposited.transfer.id.0.to_string()),
+            ),
+            ("repeated", Value::Bool(deposited.repeated)),
+        ] {
+            members.push(proto::xmlrpc::Member::new(name, member));
+        }
+    }
+    Ok(value)
+}
+
 fn customer_value(service: &Service, cid: &Cid) -> Result<Value, Fault> {
     let customer = find_customer(service, cid)?;
     let balance = service.backoffice.balance(&AccountId::Customer(*cid));
@@ -380,16 +425,26 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             ]))
         }
         "account.deposit" => {
-            params.arity(2, 2)?;
+            params.arity(2, 3)?;
             let cid: Cid = params.parsed(0)?;
             let amount: Amount = params.parsed(1)?;
+            // Without a reference the deposit cannot be retried safely: a
+            // new one is made up and answered.
+            let reference = match params.get(2) {
+                Err(_) => crate::funding::Reference::random(),
+                Ok(_) => crate::funding::Reference::parse(params.string(2)?)
+                    .map_err(|error| Fault::invalid_params(&error))?,
+            };
             let customer = find_customer(service, &cid)?;
             // Collected through the configured macro-account processor (the
             // operator's record until a card processor plugs in).
-            service
-                .backoffice
-                .deposit(service.funding.as_ref(), &customer, amount)?;
-            customer_value(service, &cid)
+            let deposited = service.backoffice.deposit_once(
+                service.funding.as_ref(),
+                &customer,
+                amount,
+                &reference,
+            )?;
+            deposit_value(service, &cid, &deposited)
         }
         "account.deny" => {
             params.arity(2, 2)?;
@@ -444,6 +499,10 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 })
                 .collect();
             Ok(Value::Array(lines))
+        }
+        "ledger.verify" => {
+            params.arity(0, 0)?;
+            Ok(report_value(&crate::verify::running(&service.backoffice)))
         }
         "suspense.reprice" => {
             params.arity(0, 0)?;

@@ -13,11 +13,17 @@
 
 use std::path::Path;
 
+mod deposits;
+mod verify;
+#[cfg(test)]
+pub(crate) use verify::encode_transfer_for_tests;
+
 use proto::record::{Reader, put_str};
 use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use crate::funding::{DepositRecord, Reference};
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
 use crate::pricing::TacaHash;
 use crate::registry::{
@@ -48,6 +54,9 @@ pub enum StoreError {
     /// The batch was applied already (by a concurrent call).
     #[error("batch {0} was applied already")]
     AlreadyApplied(String),
+    /// A stored record is not what it should be (corrupt, or out of step).
+    #[error("the store is inconsistent: {0}")]
+    Corrupt(String),
 }
 
 impl From<durable::SyncError> for StoreError {
@@ -378,6 +387,31 @@ pub trait Store {
     /// given, only a grant of that customer (`UnknownGrant` otherwise).
     /// Revoking a revoked grant changes nothing and answers it.
     fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError>;
+    /// The deposit recorded under `reference`, if any.
+    fn deposit(&self, reference: &Reference) -> Result<Option<DepositRecord>, StoreError>;
+    /// Records `intent` (a deposit about to be collected) under
+    /// `reference`, durably, unless a deposit is recorded under it already;
+    /// answers the record stored and whether it is new.
+    fn begin_deposit(
+        &self,
+        reference: &Reference,
+        intent: &DepositRecord,
+    ) -> Result<(DepositRecord, bool), StoreError>;
+    /// Records, durably, that the processor collected the deposit under
+    /// `reference` (a deposit past that step is left as it is).
+    fn deposit_collected(
+        &self,
+        reference: &Reference,
+        processor: &str,
+    ) -> Result<DepositRecord, StoreError>;
+    /// Stores the collected deposit's `transfer` and marks it posted, in one
+    /// transaction, durably; a deposit posted already is left as it is (the
+    /// record answered names its transfer).
+    fn post_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError>;
 }
 
 /// A new product's fields.
@@ -447,6 +481,8 @@ pub struct SledStore {
     /// Records in `suspense`, kept as it changes: sled counts a tree by
     /// scanning it, and `/metrics` asks on every scrape.
     suspense_records: std::sync::atomic::AtomicUsize,
+    /// Deposits by their reference (`funding::DepositRecord`).
+    deposits: sled::Tree,
     files: durable::SledDir,
 }
 
@@ -479,6 +515,7 @@ impl SledStore {
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
             seq_ranges: db.open_tree("seq_ranges")?,
+            deposits: db.open_tree("deposits")?,
             files,
         })
     }
@@ -1016,6 +1053,34 @@ impl Store for SledStore {
         }
         meters.sort_by_key(|meter| serial_of(meter.mid.as_str()));
         Ok(meters)
+    }
+
+    fn deposit(&self, reference: &Reference) -> Result<Option<DepositRecord>, StoreError> {
+        self.deposit_record(reference)
+    }
+
+    fn begin_deposit(
+        &self,
+        reference: &Reference,
+        intent: &DepositRecord,
+    ) -> Result<(DepositRecord, bool), StoreError> {
+        self.begin_deposit_record(reference, intent)
+    }
+
+    fn deposit_collected(
+        &self,
+        reference: &Reference,
+        processor: &str,
+    ) -> Result<DepositRecord, StoreError> {
+        self.deposit_collected_record(reference, processor)
+    }
+
+    fn post_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError> {
+        self.post_deposit_record(reference, transfer)
     }
 }
 
@@ -1602,6 +1667,42 @@ mod tests {
         let restored = after_power_cut();
         assert_eq!(restored.suspense().unwrap(), Vec::new());
         assert_eq!(restored.period_uses(&period).unwrap(), 8);
+        drop(restored);
+        // A deposit's three steps, each durable before it is answered.
+        use crate::funding::{DepositRecord, DepositState, Reference};
+        let reference = Reference::parse("invoice-7").unwrap();
+        let intent = DepositRecord {
+            cid: ada.cid,
+            amount: Amount::from_nanos(5),
+            created_ms: 1,
+            state: DepositState::Collecting,
+        };
+        store.begin_deposit(&reference, &intent).unwrap();
+        assert_eq!(after_power_cut().deposit(&reference).unwrap(), Some(intent));
+        let collected = store.deposit_collected(&reference, "processor-1").unwrap();
+        assert_eq!(
+            after_power_cut().deposit(&reference).unwrap(),
+            Some(collected)
+        );
+        let next = ledger
+            .prepare(
+                vec![NewTransfer {
+                    debit: AccountId::System(SystemAccount::Funding),
+                    credit: AccountId::Customer(ada.cid),
+                    amount: Amount::from_nanos(5),
+                    kind: TransferKind::Deposit,
+                }],
+                0,
+            )
+            .unwrap();
+        let posted = store.post_deposit(&reference, &next[0]).unwrap();
+        ledger.commit(next);
+        let restored = after_power_cut();
+        assert_eq!(restored.deposit(&reference).unwrap(), Some(posted));
+        assert_eq!(
+            restored.load_ledger().unwrap().transfers(),
+            ledger.transfers()
+        );
     }
 
     #[test]

@@ -183,6 +183,11 @@ impl SledDir {
         })
     }
 
+    /// The database these files hold.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// The first failed sync since the folder was opened, if any.
     pub fn failure(&self) -> Option<String> {
         lock(&self.failed).clone()

@@ -389,6 +389,22 @@ fn the_operator_commands_drive_a_running_backoffice() {
     let (code, text) = run(&["deposit", "B1-C1", "5.5"]);
     assert_eq!(code, Some(0));
     assert!(text.contains("balance=5.5"), "{text}");
+    assert!(text.contains("deposit reference "), "{text}");
+    // A deposit run again with its reference is made once.
+    for _ in 0..2 {
+        let (code, text) = run(&["deposit", "B1-C1", "1", "--reference", "inv-7"]);
+        assert_eq!(code, Some(0), "{text}");
+        assert!(text.contains("balance=6.5"), "{text}");
+        assert!(text.contains("reference=inv-7"), "{text}");
+    }
+    let (code, text) = run(&["deposit", "B1-C1", "2", "--reference", "inv-7"]);
+    assert_eq!(
+        code,
+        Some(2),
+        "another amount under a used reference: {text}"
+    );
+    let (code, text) = run(&["deposit", "B1-C1", "1", "--reference", "no spaces"]);
+    assert_eq!(code, Some(64), "{text}");
     let (_, text) = run(&["credit-limit", "B1-C1", "-10"]);
     assert!(text.contains("creditLimit=-10"), "{text}");
     let (_, text) = run(&["deny", "B1-C1"]);
@@ -397,6 +413,7 @@ fn the_operator_commands_drive_a_running_backoffice() {
     assert!(text.contains("denied=false"), "{text}");
     let (_, text) = run(&["statement", "B1-C1"]);
     assert!(text.contains("amount=5.5 what=deposit"), "{text}");
+    assert_eq!(text.matches("what=deposit").count(), 2, "{text}");
     let (code, text) = run(&["customer", "Eve", "not-an-address"]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("not an e-mail address"), "{text}");
@@ -436,6 +453,29 @@ fn the_operator_commands_drive_a_running_backoffice() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("operator token"));
+    // The books check out, on the running branch and, once it is stopped,
+    // on its data folder.
+    let (code, text) = run(&["verify"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(" transfers=2 accounts=2 "), "{text}");
+    assert!(text.contains("deposits by reference=2"), "{text}");
+    assert!(text.contains("verified: no problems"), "{text}");
+    let data = dir.path().join("backoffice");
+    let offline = || {
+        Command::new(workspace_binary("backoffice", "backoffice"))
+            .arg("verify")
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let output = offline();
+    assert_eq!(output.status.code(), Some(69), "the store is in use");
+    drop(office);
+    let output = offline();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains(" transfers=2 "), "{text}");
 }
 
 /// A component used in a child process of the program that uses the

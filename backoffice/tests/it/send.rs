@@ -94,6 +94,12 @@ fn world() -> World {
 }
 
 /// The most one use of the test products may cost.
+/// `backoffice verify` on the running branch finds nothing wrong.
+fn books_verify(world: &World) {
+    let report = backoffice::verify::running(&world.backoffice);
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
 fn max() -> Amount {
     Amount::from_units(1).unwrap()
 }
@@ -228,6 +234,7 @@ fn uses_become_exact_transfers_and_components_are_paid_by_the_product_owner() {
         suspense[0]
     );
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 #[test]
@@ -459,6 +466,7 @@ fn a_taca_that_traps_sends_its_reading_to_suspense_and_the_rest_is_applied() {
         suspense[0].reason
     );
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 #[test]
@@ -522,6 +530,7 @@ fn suspense_is_repriced_once_what_was_missing_exists_under_the_same_rules() {
         "nothing twice"
     );
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 #[test]
@@ -596,6 +605,7 @@ fn a_refused_price_does_not_count_in_the_period_even_when_priced_on_all_cores() 
     assert_eq!(world.backoffice.store().suspense_count().unwrap(), 299);
     assert_eq!(balance(&world, world.consumer), amount("9.999999997"));
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 /// A processor that declines, or takes what it is asked.
@@ -608,6 +618,7 @@ impl backoffice::funding::MacroAccounts for Processor {
         &self,
         customer: &backoffice::registry::Customer,
         amount: Amount,
+        _idempotency_key: &str,
     ) -> Result<String, backoffice::funding::FundingError> {
         if self.declines {
             Err(backoffice::funding::FundingError::Declined(format!(
@@ -654,6 +665,7 @@ fn a_deposit_is_posted_only_when_the_macro_account_pays() {
     assert_eq!(posted.kind, TransferKind::Deposit);
     assert_eq!(balance(&world, world.producer), amount("5"));
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 #[test]
@@ -686,6 +698,7 @@ fn period_counts_carry_from_batch_to_batch_as_within_one() {
         };
         assert_eq!(world.backoffice.store().period_uses(&period).unwrap(), 18);
         world.backoffice.ledger().verify();
+        books_verify(world);
     }
 }
 
@@ -760,6 +773,7 @@ fn a_meter_charges_nobody_who_did_not_grant_it() {
     // Re-pricing applies the same rules.
     assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 9));
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 #[test]
@@ -903,6 +917,7 @@ fn a_price_above_the_products_maximum_goes_to_suspense_and_posts_nothing() {
         suspense[0].reason
     );
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 #[test]
@@ -1184,6 +1199,7 @@ fn readings_applied_under_one_batch_id_are_refused_under_another() {
     send(&world, &body("fedcba9876543210:1", 1..=2), NOW_MS + 4).unwrap();
     assert_eq!(balance(&world, world.consumer), amount("8.25"));
     world.backoffice.ledger().verify();
+    books_verify(&world);
 }
 
 /// A batch sent again is answered with the standings as they are now, not
@@ -1272,6 +1288,7 @@ fn the_same_signed_minimal_body_sent_again_gets_its_answer_and_is_applied_once()
         .send(&body, signed, NOW_MS + 3)
         .unwrap_err();
     assert_eq!(fault.registered(), Some(FaultCode::BadSignature));
+    books_verify(&world);
 }
 
 /// Refreshes of the status table (batches without readings), which any
