@@ -147,6 +147,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// An upload signed at `time_ms`, further than the window from `now_ms`:
+/// says by how much and which way, so that the meter's owner can set its
+/// clock (a meter's retries would never get through).
+fn clock_skew(time_ms: u64, now_ms: u64) -> Fault {
+    let off_s = time_ms.abs_diff(now_ms) / 1000;
+    let way = if time_ms > now_ms {
+        "ahead of"
+    } else {
+        "behind"
+    };
+    Fault::new(
+        FaultCode::ClockSkew,
+        format!(
+            "the meter's clock is {off_s} s {way} the backoffice's (signed at {}, received at {}); \
+             at most {} s is accepted: set the meter's clock; nothing was applied",
+            proto::time::utc_text(time_ms),
+            proto::time::utc_text(now_ms),
+            SIGNATURE_WINDOW_MS / 1000
+        ),
+    )
+}
+
 /// Every pricing slot stayed busy past `SLOT_WAIT_MS`: the batch is
 /// refused as a whole, retryably (busy is no TACA's failure, and never
 /// sends a use to suspense).
@@ -202,6 +224,12 @@ pub const LATE_AFTER_GRANT_END_MAX_MS: u64 = 24 * 3600 * 1000;
 /// How far the meter's clock may be behind the backoffice's when a grant
 /// starts: uses stamped this much before the grant's approval still count.
 pub const CLOCK_SKEW_MS: u64 = SIGNATURE_WINDOW_MS;
+
+/// Oldest a use may be when its batch arrives (62 days: two billing
+/// months, longer than a meter is expected to stay offline): an older one
+/// goes to suspense, so that a meter cannot date uses into a past month
+/// whose free tier is unspent.
+pub const USE_AGE_MAX_MS: u64 = 62 * 24 * 3600 * 1000;
 
 /// May a use at `use_ms` (the meter's clock), in a batch that arrived at
 /// `arrived_ms` (the backoffice's), be charged through `grant`? The grant
@@ -508,6 +536,12 @@ fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, late_ms: u64)
             Some(format!(
                 "from the future: used at {} ms, after the batch arrived at {arrived_ms} ms",
                 usage.time_ms
+            ))
+        } else if usage.time_ms < arrived_ms.saturating_sub(USE_AGE_MAX_MS) {
+            Some(format!(
+                "too old: used at {} ms, more than {} days before the batch arrived at {arrived_ms} ms",
+                usage.time_ms,
+                USE_AGE_MAX_MS / (24 * 3600 * 1000)
             ))
         } else {
             match usage.payer {
@@ -1006,10 +1040,7 @@ impl<S: Store> Backoffice<S> {
     ) -> Result<String, Fault> {
         let (time_ms, signature) = self.verify_signature(mid, signed, body)?;
         if time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
-            return Err(Fault::new(
-                FaultCode::Replay,
-                "the signature's time is outside the accepted window",
-            ));
+            return Err(clock_skew(time_ms, now_ms));
         }
         if !lock(&self.seen).admit(signature, time_ms, now_ms) {
             return Err(Fault::new(
@@ -1396,6 +1427,9 @@ impl<S: Store> Backoffice<S> {
                 )),
                 _ if record.time_ms > record.arrived_ms.saturating_add(SIGNATURE_WINDOW_MS) => {
                     Some("from the future: used after its batch arrived".to_owned())
+                }
+                _ if record.time_ms < record.arrived_ms.saturating_sub(USE_AGE_MAX_MS) => {
+                    Some("too old: used long before its batch arrived".to_owned())
                 }
                 Some(Payer::Customer(cid)) => {
                     let of_meter = match grants.entry(record.mid) {

@@ -177,6 +177,12 @@ impl Uploader {
                 Err(error) => {
                     retry_delay_ms =
                         (retry_delay_ms * 2).clamp(RETRY_DELAY_MIN_MS, RETRY_DELAY_MAX_MS);
+                    if matches!(&error, UploadError::Refused(fault) if fault.registered() == Some(FaultCode::ClockSkew))
+                    {
+                        // No retry gets through until someone sets the
+                        // clock: say so loudly (`status` shows it too).
+                        tracing::error!(%error, "the backoffice refuses this meter's clock: set it");
+                    }
                     tracing::warn!(%error, retry_in_ms = retry_delay_ms, "upload failed");
                     report.last_error = Some(error.to_string());
                 }

@@ -105,6 +105,8 @@ fault_codes! {
     GrantRefused = 207, "The grant was refused: wrong password, unknown customer, or a device code that is unknown, used or expired.";
     /// Too many grant attempts.
     TooManyAttempts = 208, "Too many grant attempts for this meter or customer; wait and try again.";
+    /// The meter's clock is too far from the backoffice's.
+    ClockSkew = 209, "The upload's time (X-Meter-Time) is further from the backoffice's clock than the signature window allows; the message gives both clocks. Set the meter's clock (NTP); nothing was applied.";
 }
 
 impl fmt::Display for FaultCode {

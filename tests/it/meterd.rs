@@ -1014,6 +1014,29 @@ fn a_restored_backup_charges_every_use_once() {
     assert_eq!(status["pendingReadings"], "0", "{status:?}");
 }
 
+/// A meter whose clock the backoffice refuses is told so in `status`
+/// (fault 209 with the offset), and uploads once the clocks agree.
+#[test]
+fn a_meter_whose_clock_is_refused_shows_why_in_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    backoffice.behave(|behaviour| behaviour.clock_offset_ms = 3_600_000);
+    use_products(&meter.socket, "B1-C1", &["B1-P1"]);
+    meterd_cli(&meter.socket, &["flush"]);
+    let status = status_of(&meter.socket);
+    let error = &status["lastError"];
+    assert!(error.contains("209"), "{status:?}");
+    assert!(error.contains("3600 s off"), "{status:?}");
+    assert_ne!(status["pendingReadings"], "0", "nothing was applied");
+    backoffice.behave(|behaviour| behaviour.clock_offset_ms = 0);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let status = status_of(&meter.socket);
+    assert_eq!(status["pendingReadings"], "0", "{status:?}");
+    assert_eq!(status["lastError"], "-", "{status:?}");
+}
+
 #[test]
 fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept() {
     let dir = tempfile::tempdir().unwrap();

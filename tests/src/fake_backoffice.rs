@@ -44,6 +44,10 @@ pub struct Behaviour {
     pub grant_interval_s: u64,
     /// The lifetime of device codes.
     pub grant_expires_in_s: u64,
+    /// How far this backoffice's clock is ahead of the machine's (ms; may
+    /// be negative): a signature more than 5 minutes from it gets fault
+    /// 209, as from the real backoffice.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for Behaviour {
@@ -55,6 +59,7 @@ impl Default for Behaviour {
             passwords: HashMap::new(),
             grant_interval_s: 1,
             grant_expires_in_s: 600,
+            clock_offset_ms: 0,
             denied: HashSet::new(),
             params: MeterParams {
                 flush_readings_max: 1_000_000,
@@ -227,9 +232,20 @@ impl FakeBackoffice {
             .get(mid)
             .ok_or_else(|| Fault::new(FaultCode::UnknownMeter, "unknown MID"))?;
         let claimed = header(MID_HEADER).and_then(|text| Mid::parse(text).ok());
-        let time_ms = header(TIME_HEADER).and_then(|text| text.parse().ok());
+        let time_ms: Option<u64> = header(TIME_HEADER).and_then(|text| text.parse().ok());
         let signature = header(SIGNATURE_HEADER);
+        let offset_ms = lock(&self.shared).behaviour.clock_offset_ms;
+        let clock_ms = now_ms().saturating_add_signed(offset_ms);
         match (claimed, time_ms, signature) {
+            (Some(_), Some(time_ms), Some(_)) if time_ms.abs_diff(clock_ms) > 5 * 60 * 1000 => {
+                Err(Fault::new(
+                    FaultCode::ClockSkew,
+                    format!(
+                        "the meter's clock is {} s off the backoffice's",
+                        time_ms.abs_diff(clock_ms) / 1000
+                    ),
+                ))
+            }
             (Some(claimed), Some(time_ms), Some(signature)) if claimed == *mid => secret
                 .verify(mid, time_ms, body, signature)
                 .map_err(|error| Fault::new(FaultCode::BadSignature, error.to_string())),

@@ -3,7 +3,7 @@
 
 use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
 use backoffice::registry::NewGrant;
-use backoffice::send::{Backoffice, SIGNATURE_WINDOW_MS, Signed};
+use backoffice::send::{Backoffice, SIGNATURE_WINDOW_MS, Signed, USE_AGE_MAX_MS};
 use backoffice::store::{NewProduct, SledStore, Store, SuspenseCursor};
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
@@ -272,9 +272,14 @@ fn forged_replayed_stale_and_unknown_uploads_are_refused_with_nothing_applied() 
         code(world.backoffice.send(&body, Signed::default(), NOW_MS)),
         FaultCode::BadSignature
     );
-    assert_eq!(
-        code(send(&world, &body, NOW_MS - SIGNATURE_WINDOW_MS - 1)),
-        FaultCode::Replay
+    let skewed = send(&world, &body, NOW_MS - SIGNATURE_WINDOW_MS - 1_000).unwrap_err();
+    assert_eq!(skewed.registered(), Some(FaultCode::ClockSkew));
+    assert!(
+        skewed
+            .message
+            .contains("the meter's clock is 301 s behind the backoffice's"),
+        "{}",
+        skewed.message
     );
     // A well-formed change: another customer named as the payer.
     let mut tampered = body.clone();
@@ -1029,6 +1034,44 @@ fn a_granted_meter_makes_a_producer_pay_only_for_declared_components_of_real_use
     assert!(reasons[1].contains("test PID"), "{reasons:?}");
     // Re-pricing keeps them there.
     assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 2));
+}
+
+/// A meter cannot date uses months back, into a billing month whose free
+/// tier is unspent: past `USE_AGE_MAX_MS` before arrival a use goes to
+/// suspense, even under a grant that was live then.
+#[test]
+fn a_use_dated_more_than_two_months_before_its_batch_arrived_goes_to_suspense() {
+    let world = world();
+    let store = world.backoffice.store();
+    let day = 24 * 3600 * 1000;
+    store
+        .create_grant(NewGrant {
+            created_ms: NOW_MS - 100 * day,
+            ..grant_of(world.mid, world.consumer)
+        })
+        .unwrap();
+    let use_at = |time_ms: u64, seq: u64| Reading {
+        seq,
+        time_ms,
+        context: Context::parse("42.7").unwrap(),
+        event: Event::Commit {
+            pid: world.product,
+            payer: Some(Payer::Customer(world.consumer)),
+        },
+    };
+    let old = use_at(NOW_MS - USE_AGE_MAX_MS - 1_000, 1);
+    let recent = use_at(NOW_MS - USE_AGE_MAX_MS + day, 2);
+    send_at(
+        &world,
+        &body_of(world.mid, "y:1", vec![old, recent], Vec::new()),
+        NOW_MS,
+    )
+    .unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.75"));
+    let suspense = store.suspense().unwrap();
+    assert_eq!(suspense.len(), 1, "{suspense:?}");
+    assert!(suspense[0].reason.starts_with("too old"), "{suspense:?}");
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 1));
 }
 
 #[test]
