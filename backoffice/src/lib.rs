@@ -6,6 +6,7 @@
 pub mod funding;
 pub mod grant_calls;
 pub mod grants;
+pub mod itemised;
 pub mod ledger;
 pub mod operator;
 pub mod pricing;

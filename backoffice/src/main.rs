@@ -62,6 +62,11 @@ enum Command {
         bid: proto::Bid,
         #[command(flatten)]
         web: WebArgs,
+        /// Days the readings of applied batches are kept itemised (for
+        /// statements' itemised uses and `audit`); older ones are deleted
+        /// at start and every hour.
+        #[arg(long, env = "BACKOFFICE_ITEMISED_RETENTION_DAYS", default_value_t = backoffice::itemised::RETENTION_DAYS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+        itemised_retention_days: u64,
     },
     /// Register a customer: prints the new CID.
     Customer {
@@ -354,11 +359,42 @@ struct WebArgs {
     grant_code_valid_s: u64,
 }
 
+/// Deletes itemised readings older than `retention_days` now and every
+/// `PRUNE_INTERVAL`, while the service lives.
+fn prune_itemised(service: std::sync::Weak<backoffice::server::Service>, retention_days: u64) {
+    let retention_ms = retention_days.saturating_mul(24 * 3600 * 1000);
+    let spawned = std::thread::Builder::new()
+        .name("itemised-pruning".into())
+        .spawn(move || {
+            while let Some(service) = service.upgrade() {
+                let store = service.backoffice.store();
+                match backoffice::itemised::prune(
+                    store,
+                    retention_ms,
+                    backoffice::now_ms(),
+                    std::time::Duration::from_millis(10),
+                ) {
+                    Ok(0) => {}
+                    Ok(deleted) => {
+                        tracing::info!(deleted, retention_days, "itemised readings pruned")
+                    }
+                    Err(error) => tracing::error!(%error, "pruning itemised readings failed"),
+                }
+                drop(service);
+                std::thread::sleep(backoffice::itemised::PRUNE_INTERVAL);
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start pruning itemised readings");
+    }
+}
+
 fn serve(
     data_dir: Option<PathBuf>,
     listen: std::net::SocketAddr,
     bid: proto::Bid,
     web: &WebArgs,
+    itemised_retention_days: u64,
 ) -> ExitCode {
     let Some(iterations) = std::num::NonZeroU32::new(web.password_iterations) else {
         eprintln!("backoffice: --password-iterations must be at least 1");
@@ -425,6 +461,7 @@ fn serve(
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
         });
+        prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
         backoffice::server::run(listener, service, shutdown_signal()).await
     });
     runtime.shutdown_timeout(std::time::Duration::from_millis(
@@ -563,7 +600,14 @@ fn main() -> ExitCode {
             listen,
             bid,
             web,
-        } => serve(data_dir.clone(), *listen, *bid, web),
+            itemised_retention_days,
+        } => serve(
+            data_dir.clone(),
+            *listen,
+            *bid,
+            web,
+            *itemised_retention_days,
+        ),
         Command::Customer {
             name,
             email,

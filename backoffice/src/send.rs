@@ -255,6 +255,11 @@ enum Fate {
         payer: Cid,
         owner: Cid,
         amount: Amount,
+        /// What the price cost and what the TACA was given, kept with the
+        /// batch's itemised readings (`itemised`).
+        fuel: u64,
+        taca: crate::pricing::TacaHash,
+        period_uses: u64,
     },
     /// The product's test PID: free.
     Free,
@@ -280,10 +285,23 @@ impl Totals {
         batch: &BatchId,
         amount: Amount,
     ) -> Result<(), Fault> {
+        self.add_at(payer, owner, pid, batch, amount).map(drop)
+    }
+
+    /// Adds as `add` does; returns the index of the transfer the amount
+    /// was summed into (`None`: it moves no money).
+    fn add_at(
+        &mut self,
+        payer: Cid,
+        owner: Cid,
+        pid: Pid,
+        batch: &BatchId,
+        amount: Amount,
+    ) -> Result<Option<usize>, Fault> {
         if !amount.is_positive() || payer == owner {
-            return Ok(());
+            return Ok(None);
         }
-        match self.index.entry((payer, owner, pid, batch.clone())) {
+        let at = match self.index.entry((payer, owner, pid, batch.clone())) {
             std::collections::hash_map::Entry::Occupied(entry) => {
                 let transfer = &mut self.transfers[*entry.get()];
                 transfer.amount = transfer
@@ -293,6 +311,7 @@ impl Totals {
                 if let TransferKind::Use { uses, .. } = &mut transfer.kind {
                     *uses += 1;
                 }
+                *entry.get()
             }
             std::collections::hash_map::Entry::Vacant(entry) => {
                 entry.insert(self.transfers.len());
@@ -306,9 +325,10 @@ impl Totals {
                         uses: 1,
                     },
                 });
+                self.transfers.len() - 1
             }
-        }
-        Ok(())
+        };
+        Ok(Some(at))
     }
 }
 
@@ -495,6 +515,57 @@ fn seq_range_of(key: &BatchKey, readings: &[Reading]) -> Option<SeqRange> {
         first: low,
         last: high,
     })
+}
+
+/// The itemised records of a batch applied at `arrived_ms` (`itemised`):
+/// every reading in order, each commit with its outcome (in the order of
+/// the batch's uses) and the number of the transfer it was summed into.
+fn itemised_records(
+    key: &BatchKey,
+    body: &SendBody,
+    outcomes: Vec<(crate::itemised::Outcome, Option<usize>)>,
+    prepared: &[crate::ledger::Transfer],
+    arrived_ms: u64,
+) -> Vec<Vec<u8>> {
+    use crate::itemised::{Encoder, MINIMAL_CONTEXT, Outcome};
+    let range = prepared.first().zip(prepared.last());
+    let mut encoder = Encoder::new(
+        key.mid,
+        key.id.clone(),
+        arrived_ms,
+        range.map(|(first, last)| (first.id, last.id)),
+    );
+    let mut outcomes = outcomes.into_iter().map(|(outcome, at)| match outcome {
+        Outcome::Priced(mut priced) => {
+            priced.transfer = at.map(|at| prepared[at].id);
+            Outcome::Priced(priced)
+        }
+        other => other,
+    });
+    let mut push = |reading: &Reading| {
+        let outcome = match reading.event {
+            Event::Commit { .. } => outcomes
+                .next()
+                .expect("send: every commit of a batch has an outcome"),
+            _ => Outcome::NotPriced,
+        };
+        encoder.push(reading, &outcome);
+    };
+    match body {
+        SendBody::Batch(batch) => batch.readings.iter().for_each(&mut push),
+        SendBody::Minimal(events) => {
+            let context = proto::Context::parse(MINIMAL_CONTEXT).expect("a valid context");
+            for (index, event) in events.iter().enumerate() {
+                push(&Reading {
+                    seq: index as u64,
+                    time_ms: arrived_ms,
+                    context: context.clone(),
+                    event: *event,
+                });
+            }
+        }
+    }
+    encoder.finish()
 }
 
 /// Every party whose standing the answer reports.
@@ -1114,6 +1185,9 @@ impl<S: Store> Backoffice<S> {
                         payer: job.period.payer,
                         owner: job.owner,
                         amount: priced.amount,
+                        fuel: priced.fuel,
+                        taca: job.taca.hash(),
+                        period_uses: job.count - shift,
                     }
                 }
                 Err(reason) => {
@@ -1212,6 +1286,7 @@ impl<S: Store> Backoffice<S> {
                     payer,
                     owner,
                     amount,
+                    ..
                 } => totals.add(payer, owner, record.pid, &record.batch, amount)?,
             }
             resolved.push(record.clone());
@@ -1288,25 +1363,47 @@ impl<S: Store> Backoffice<S> {
         }
         let mut stored = lock(&self.period_counts);
         let fates = self.price_chains(&mut lookups, &mut stored, &mut periods, &mut uses)?;
+        // What became of each use, for the batch's itemised readings, with
+        // the index of the transfer it was summed into.
+        let mut outcomes: Vec<(crate::itemised::Outcome, Option<usize>)> =
+            Vec::with_capacity(uses.len());
         for (usage, fate) in uses.iter().zip(fates) {
             match fate {
-                Fate::Free => {}
+                Fate::Free => outcomes.push((crate::itemised::Outcome::Free, None)),
                 Fate::Priced {
                     payer,
                     owner,
                     amount,
-                } => totals.add(payer, owner, usage.pid, &key.id, amount)?,
-                Fate::Suspense(reason) => suspense.push(Suspense {
-                    mid: key.mid,
-                    batch: key.id.clone(),
-                    seq: usage.seq,
-                    pid: usage.pid,
-                    payer: usage.payer.map(|payer| payer.to_string()),
-                    time_ms: usage.time_ms,
-                    reason,
-                    authorized: usage.refusal.is_none(),
-                    arrived_ms: now_ms,
-                }),
+                    fuel,
+                    taca,
+                    period_uses,
+                } => {
+                    let at = totals.add_at(payer, owner, usage.pid, &key.id, amount)?;
+                    let priced = crate::itemised::PricedUse {
+                        payer,
+                        owner,
+                        amount,
+                        fuel,
+                        taca,
+                        period_uses,
+                        transfer: None,
+                    };
+                    outcomes.push((crate::itemised::Outcome::Priced(priced), at));
+                }
+                Fate::Suspense(reason) => {
+                    outcomes.push((crate::itemised::Outcome::Suspense(reason.clone()), None));
+                    suspense.push(Suspense {
+                        mid: key.mid,
+                        batch: key.id.clone(),
+                        seq: usage.seq,
+                        pid: usage.pid,
+                        payer: usage.payer.map(|payer| payer.to_string()),
+                        time_ms: usage.time_ms,
+                        reason,
+                        authorized: usage.refusal.is_none(),
+                        arrived_ms: now_ms,
+                    });
+                }
             }
         }
         let transfers = totals.transfers;
@@ -1359,10 +1456,14 @@ impl<S: Store> Backoffice<S> {
             seq_range: seq_range.as_ref(),
         };
         let transfer_count = prepared.len();
+        let itemised = itemised_records(key, &request.body, outcomes, &prepared, now_ms);
         // Staged under the lock (so batches reach the store in the order they
         // reach the ledger), made durable after it: the fsync is shared with
         // the other meters' batches instead of keeping them waiting.
-        match self.store.stage_batch(key, effects) {
+        match self
+            .store
+            .stage_batch_itemised(key, effects, now_ms, &itemised)
+        {
             Ok(()) => {
                 stored.stored(&period_uses);
                 drop(stored);
