@@ -121,6 +121,50 @@ pub struct Record {
     pub items: Vec<Item>,
 }
 
+/// One use summed into a statement line, from a batch's kept readings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineItem {
+    /// The meter that sent it.
+    pub mid: Mid,
+    /// The batch that carried it.
+    pub batch: BatchId,
+    /// The reading.
+    pub reading: Reading,
+    /// Its price, fuel, TACA and period count.
+    pub priced: PricedUse,
+}
+
+/// The uses summed into transfer `id`, in the order of their batch; `None`
+/// when they are not kept (a transfer that is not a use, one applied
+/// before readings were kept, or pruned after the retention). At most a
+/// batch's readings (`BATCH_READINGS_MAX`).
+pub fn items_of_transfer<S: crate::store::Store>(
+    store: &S,
+    id: TransferId,
+) -> Result<Option<Vec<LineItem>>, crate::store::StoreError> {
+    let Some(key) = store.itemised_batch_of_transfer(id)? else {
+        return Ok(None);
+    };
+    let Some(records) = store.itemised_batch(&key)? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        records
+            .into_iter()
+            .flat_map(|record| record.items)
+            .filter_map(|item| match item.outcome {
+                Outcome::Priced(priced) if priced.transfer == Some(id) => Some(LineItem {
+                    mid: key.mid,
+                    batch: key.id.clone(),
+                    reading: item.reading,
+                    priced,
+                }),
+                _ => None,
+            })
+            .collect(),
+    ))
+}
+
 fn put_varint(out: &mut Vec<u8>, mut value: u128) {
     loop {
         let byte = (value & 0x7f) as u8;

@@ -3,6 +3,7 @@
 //! for now it holds the branch's fixed settings.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod funding;
 pub mod grant_calls;
 pub mod grants;
