@@ -8,7 +8,14 @@
 //! in the same transaction as the batch's transfers (`store`). A record is
 //! binary: a version byte, then varints; the IDs, contexts and reasons it
 //! names are written once each in a table at its start and referred to by
-//! number, so a use costs about 20 bytes. Records are kept for a
+//! number, so a priced use costs about 25 bytes. Layout: version (1), MID
+//! and batch id (one-byte length each), then varints: arrival ms, part
+//! number, first transfer + 1 (0: none) and the count after it, the
+//! strings (length, UTF-8), the TACA hashes (32 bytes each), the readings:
+//! seq and time as zigzag deltas from the reading before, context, code
+//! (one byte), ID, payer + 1 (0: none), outcome (0 not priced, 1 free, 2
+//! suspense: reason; 3 priced: payer, owner, price in nanos (zigzag),
+//! fuel, TACA, period count, transfer + 1). Records are kept for a
 //! retention (`--itemised-retention-days`, default 400 days) and pruned in
 //! bounded steps (`prune`).
 
@@ -568,6 +575,41 @@ mod tests {
             encoder.push(&item.reading, &item.outcome);
         }
         encoder.finish()
+    }
+
+    #[test]
+    fn a_priced_use_takes_about_25_bytes() {
+        // As the send benchmark's batches: 10,000 priced uses by 1,000
+        // payers, each summed into their payer's transfer.
+        let owner = Cid::parse("B1-C1").unwrap();
+        let pid = Pid::parse("B1-P1").unwrap();
+        let items: Vec<Item> = (0..10_000u64)
+            .map(|seq| {
+                let payer = Cid::parse(&format!("B1-C{}", 2 + seq % 1000)).unwrap();
+                Item {
+                    reading: reading(
+                        seq,
+                        Event::Commit {
+                            pid,
+                            payer: Some(Payer::Customer(payer)),
+                        },
+                    ),
+                    outcome: Outcome::Priced(PricedUse {
+                        payer,
+                        owner,
+                        amount: Amount::from_nanos(250_000_000),
+                        fuel: 2_345,
+                        taca: TacaHash::of(b"flat"),
+                        period_uses: seq / 1000,
+                        transfer: Some(TransferId(1_000_000 + seq % 1000)),
+                    }),
+                }
+            })
+            .collect();
+        let records = encode(&items);
+        let total: usize = records.iter().map(Vec::len).sum();
+        assert!(records.len() <= 5, "{} records", records.len());
+        assert!(total <= 10_000 * 30, "{total} bytes for 10,000 uses");
     }
 
     #[test]
