@@ -15,7 +15,7 @@ use crate::itemised::{Outcome, Record};
 use crate::ledger::{AccountId, Ledger, TransferId, TransferKind};
 use crate::pricing::{PriceInput, Pricing, PricingError, Taca, TacaHash};
 use crate::send::month_of;
-use crate::store::{BatchKey, Store, StoreError};
+use crate::store::{BatchKey, ItemisedAt, Store, StoreError};
 
 /// What to audit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,22 +83,25 @@ pub fn audit<S: Store>(
     pricing: &Pricing,
     scope: &Scope,
 ) -> Result<Report, AuditError> {
-    let mut keys: Vec<BatchKey> = Vec::new();
+    // Record sets to audit: a batch's own (`None`), or where a transfer's
+    // uses are kept (its batch's records, or a re-pricing's).
+    let mut keys: Vec<(BatchKey, Option<ItemisedAt>)> = Vec::new();
     let mut of_transfer = |id: TransferId| -> Result<(), AuditError> {
-        let key = store.itemised_batch_of_transfer(id)?.ok_or_else(|| {
+        let at = store.itemised_batch_of_transfer(id)?.ok_or_else(|| {
             AuditError::NotFound(format!(
                 "the readings of transfer {} are not kept (applied before itemised readings \
                  were, or older than the retention)",
                 id.0
             ))
         })?;
-        if !keys.contains(&key) {
-            keys.push(key);
+        let set = (at.key.clone(), Some(at));
+        if !keys.contains(&set) {
+            keys.push(set);
         }
         Ok(())
     };
     match scope {
-        Scope::Batch(key) => keys.push(key.clone()),
+        Scope::Batch(key) => keys.push((key.clone(), None)),
         Scope::Transfer(id) => {
             let transfer = usize::try_from(id.0)
                 .ok()
@@ -135,8 +138,12 @@ pub fn audit<S: Store>(
     }
     let mut report = Report::default();
     let mut tacas: HashMap<TacaHash, Result<Arc<Taca>, String>> = HashMap::new();
-    for key in &keys {
-        let records = store.itemised_batch(key)?.ok_or_else(|| {
+    for (key, at) in &keys {
+        let records = match at {
+            None => store.itemised_batch(key)?,
+            Some(at) => store.itemised_records_at(at)?,
+        };
+        let records = records.ok_or_else(|| {
             AuditError::NotFound(format!(
                 "the readings of batch {} of {} are not kept",
                 key.id, key.mid
@@ -178,16 +185,26 @@ fn audit_batch<S: Store>(
     tacas: &mut HashMap<TacaHash, Result<Arc<Taca>, String>>,
     report: &mut Report,
 ) -> Result<Option<String>, AuditError> {
-    let batch = format!("batch {} of {}", key.id, key.mid);
+    let repriced = records.first().is_some_and(|record| record.repriced);
+    let batch = match records.first() {
+        Some(record) if repriced => format!(
+            "the uses of batch {} of {} priced again at {} ms",
+            key.id, key.mid, record.arrived_ms
+        ),
+        _ => format!("batch {} of {}", key.id, key.mid),
+    };
     let items: Vec<_> = records.iter().flat_map(|record| &record.items).collect();
     report.readings += items.len();
-    // The readings kept are the readings applied.
+    // The readings kept are the readings applied (a re-pricing keeps only
+    // the uses it priced).
     let Some(applied) = store.applied_batch(key)? else {
         return Ok(Some(format!(
             "{batch} has readings kept but was never applied"
         )));
     };
-    if let Some(digest) = applied.digest {
+    if let Some(digest) = applied.digest
+        && !repriced
+    {
         let readings: Vec<_> = items.iter().map(|item| item.reading.clone()).collect();
         if proto::upload::readings_digest(&readings) != digest {
             return Ok(Some(format!(
@@ -296,6 +313,12 @@ fn audit_batch<S: Store>(
     let range = records.first().and_then(|record| record.transfers);
     let ids: Vec<TransferId> = match range {
         Some((first, last)) => (first.0..=last.0).map(TransferId).collect(),
+        // A re-pricing's transfers are those its uses name.
+        None if repriced => {
+            let mut ids: Vec<TransferId> = sums.keys().copied().collect();
+            ids.sort_unstable();
+            ids
+        }
         None => Vec::new(),
     };
     if let Some(stray) = sums.keys().find(|id| !ids.contains(id)) {

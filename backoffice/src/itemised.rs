@@ -122,8 +122,12 @@ pub struct Record {
     pub arrived_ms: u64,
     /// This record's number within the batch, from 0.
     pub part: u16,
-    /// The batch's transfers: the first and last number (`None`: none).
+    /// The batch's transfers: the first and last number (`None`: none, or
+    /// a re-pricing's record, whose transfers are those its uses name).
     pub transfers: Option<(TransferId, TransferId)>,
+    /// Uses of the batch that were in suspense, priced when suspense was
+    /// priced again at `arrived_ms` (not the batch's readings as applied).
+    pub repriced: bool,
     /// The readings.
     pub items: Vec<Item>,
 }
@@ -149,12 +153,13 @@ pub fn items_of_transfer<S: crate::store::Store>(
     store: &S,
     id: TransferId,
 ) -> Result<Option<Vec<LineItem>>, crate::store::StoreError> {
-    let Some(key) = store.itemised_batch_of_transfer(id)? else {
+    let Some(at) = store.itemised_batch_of_transfer(id)? else {
         return Ok(None);
     };
-    let Some(records) = store.itemised_batch(&key)? else {
+    let Some(records) = store.itemised_records_at(&at)? else {
         return Ok(None);
     };
+    let key = at.key;
     Ok(Some(
         records
             .into_iter()
@@ -238,6 +243,7 @@ pub struct Encoder {
     batch: BatchId,
     arrived_ms: u64,
     transfers: Option<(TransferId, TransferId)>,
+    repriced: bool,
     records: Vec<Vec<u8>>,
     part: Part,
 }
@@ -298,8 +304,18 @@ impl Encoder {
             batch,
             arrived_ms,
             transfers,
+            repriced: false,
             records: Vec::new(),
             part: Part::default(),
+        }
+    }
+
+    /// The records of uses of batch `batch` of meter `mid` that were in
+    /// suspense and were priced again at `arrived_ms`.
+    pub fn repriced(mid: Mid, batch: BatchId, arrived_ms: u64) -> Encoder {
+        Encoder {
+            repriced: true,
+            ..Encoder::new(mid, batch, arrived_ms, None)
         }
     }
 
@@ -375,6 +391,7 @@ impl Encoder {
         proto::record::put_str(&mut out, self.batch.as_str());
         put_varint(&mut out, u128::from(self.arrived_ms));
         put_varint(&mut out, self.records.len() as u128);
+        put_varint(&mut out, u128::from(self.repriced));
         match self.transfers {
             None => put_varint(&mut out, 0),
             Some((first, last)) => {
@@ -418,6 +435,11 @@ pub fn decode(record: &[u8]) -> Option<Record> {
     let mut fields = Fields(&record[consumed..]);
     let arrived_ms = fields.u64()?;
     let part = u16::try_from(fields.varint()?).ok()?;
+    let repriced = match fields.varint()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
     let transfers = match fields.u64()? {
         0 => None,
         first => {
@@ -501,6 +523,7 @@ pub fn decode(record: &[u8]) -> Option<Record> {
         arrived_ms,
         part,
         transfers,
+        repriced,
         items,
     })
 }

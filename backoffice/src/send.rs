@@ -277,19 +277,8 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(
-        &mut self,
-        payer: Cid,
-        owner: Cid,
-        pid: Pid,
-        batch: &BatchId,
-        amount: Amount,
-    ) -> Result<(), Fault> {
-        self.add_at(payer, owner, pid, batch, amount).map(drop)
-    }
-
-    /// Adds as `add` does; returns the index of the transfer the amount
-    /// was summed into (`None`: it moves no money).
+    /// Adds a priced use; returns the index of the transfer its amount was
+    /// summed into (`None`: it moves no money).
     fn add_at(
         &mut self,
         payer: Cid,
@@ -566,6 +555,72 @@ fn itemised_records(
         }
     }
     encoder.finish()
+}
+
+/// The itemised records of uses priced again out of suspense at
+/// `posted_ms`, one set per batch they came in, and when they are written:
+/// after every such batch arrived, so that they never share a key with the
+/// batch's own records.
+fn repriced_records(
+    resolved: &[Suspense],
+    outcomes: Vec<(crate::itemised::Outcome, Option<usize>)>,
+    prepared: &[crate::ledger::Transfer],
+    posted_ms: u64,
+) -> (u64, Vec<crate::store::RepricedItems>) {
+    use crate::itemised::{Encoder, Outcome};
+    let arrived_ms = resolved
+        .iter()
+        .map(|record| record.arrived_ms.saturating_add(1))
+        .fold(posted_ms, u64::max);
+    let context = proto::Context::parse("suspense").expect("a valid context");
+    let mut index: HashMap<BatchKey, usize> = HashMap::new();
+    let mut sets: Vec<(BatchKey, Encoder, Vec<crate::ledger::TransferId>)> = Vec::new();
+    for (record, (outcome, at)) in resolved.iter().zip(outcomes) {
+        let key = BatchKey {
+            mid: record.mid,
+            id: record.batch.clone(),
+        };
+        let set = *index.entry(key.clone()).or_insert_with(|| {
+            let encoder = Encoder::repriced(key.mid, key.id.clone(), arrived_ms);
+            sets.push((key, encoder, Vec::new()));
+            sets.len() - 1
+        });
+        let (_, encoder, transfers) = &mut sets[set];
+        let outcome = match outcome {
+            Outcome::Priced(mut priced) => {
+                priced.transfer = at.map(|at| prepared[at].id);
+                if let Some(id) = priced.transfer
+                    && !transfers.contains(&id)
+                {
+                    transfers.push(id);
+                }
+                Outcome::Priced(priced)
+            }
+            other => other,
+        };
+        let reading = Reading {
+            seq: record.seq,
+            time_ms: record.time_ms,
+            context: context.clone(),
+            event: Event::Commit {
+                pid: record.pid,
+                payer: record
+                    .payer
+                    .as_deref()
+                    .and_then(|text| Payer::parse(text).ok()),
+            },
+        };
+        encoder.push(&reading, &outcome);
+    }
+    let sets = sets
+        .into_iter()
+        .map(|(key, encoder, transfers)| crate::store::RepricedItems {
+            key,
+            transfers,
+            records: encoder.finish(),
+        })
+        .collect();
+    (arrived_ms, sets)
 }
 
 /// Every party whose standing the answer reports.
@@ -1278,26 +1333,46 @@ impl<S: Store> Backoffice<S> {
                 );
             }
         }
+        // What became of each use priced now, kept itemised with the
+        // transfers it was summed into (`itemised`).
+        let mut outcomes: Vec<(crate::itemised::Outcome, Option<usize>)> = Vec::new();
         for (record, fate) in records.iter().zip(fates) {
-            match fate {
+            let outcome = match fate {
                 Fate::Suspense(_) => continue,
-                Fate::Free => {}
+                Fate::Free => (crate::itemised::Outcome::Free, None),
                 Fate::Priced {
                     payer,
                     owner,
                     amount,
-                    ..
-                } => totals.add(payer, owner, record.pid, &record.batch, amount)?,
-            }
+                    fuel,
+                    taca,
+                    period_uses,
+                } => {
+                    let at = totals.add_at(payer, owner, record.pid, &record.batch, amount)?;
+                    let priced = crate::itemised::PricedUse {
+                        payer,
+                        owner,
+                        amount,
+                        fuel,
+                        taca,
+                        period_uses,
+                        transfer: None,
+                    };
+                    (crate::itemised::Outcome::Priced(priced), at)
+                }
+            };
+            outcomes.push(outcome);
             resolved.push(record.clone());
         }
         let transfers = totals.transfers;
+        let posted_ms = now_ms();
         let prepared = ledger
-            .prepare(transfers, now_ms())
+            .prepare(transfers, posted_ms)
             .map_err(|error| internal(&error))?;
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
+        let (arrived_ms, sets) = repriced_records(&resolved, outcomes, &prepared, posted_ms);
         self.store
-            .resolve_suspense(&resolved, &prepared, &period_uses)
+            .resolve_suspense_itemised(&resolved, &prepared, &period_uses, arrived_ms, &sets)
             .map_err(|error| self.stop_money(&error))?;
         self.still_durable()?;
         stored.stored(&period_uses);

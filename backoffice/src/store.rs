@@ -268,6 +268,28 @@ fn decode_applied(record: &[u8]) -> AppliedBatch {
     }
 }
 
+/// Where a set of itemised records is: the batch they are of and when
+/// they were written (the batch's arrival, or a re-pricing's time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ItemisedAt {
+    /// The batch.
+    pub key: BatchKey,
+    /// When the records were written, ms since the Unix epoch.
+    pub arrived_ms: u64,
+}
+
+/// A re-pricing's itemised records of one batch's uses that were in
+/// suspense, and the transfers their priced uses were summed into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepricedItems {
+    /// The batch the uses came in.
+    pub key: BatchKey,
+    /// The transfers the re-pricing posted for them.
+    pub transfers: Vec<TransferId>,
+    /// `itemised::Encoder::repriced`'s records.
+    pub records: Vec<Vec<u8>>,
+}
+
 /// What the backoffice keeps durably.
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.
@@ -299,9 +321,26 @@ pub trait Store {
         &self,
         key: &BatchKey,
     ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError>;
-    /// The batch whose itemised records hold the uses summed into transfer
-    /// `id`, if they are kept.
-    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<BatchKey>, StoreError>;
+    /// Where the itemised records that hold the uses summed into transfer
+    /// `id` are (its batch's, or a re-pricing's), if they are kept.
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError>;
+    /// The itemised records written for `at.key` at `at.arrived_ms`, in
+    /// order (`None`: none kept).
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError>;
+    /// Resolves suspense as `resolve_suspense` does, with the itemised
+    /// records of the uses priced (`sets`, one per batch, written at
+    /// `arrived_ms`) in the same transaction.
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError>;
     /// Deletes at most `records_max` itemised records of batches applied
     /// before `before_ms`, oldest first; returns how many it deleted.
     fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError>;
@@ -603,8 +642,26 @@ impl Store for SledStore {
         self.itemised_records(key)
     }
 
-    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<BatchKey>, StoreError> {
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError> {
         self.itemised_transfer(id)
+    }
+
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        self.itemised_set(at, None)
+    }
+
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        self.resolve(resolved, transfers, period_uses, arrived_ms, sets)
     }
 
     fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
@@ -623,7 +680,14 @@ impl Store for SledStore {
         itemised: &[Vec<u8>],
     ) -> Result<(), StoreError> {
         let batch_key = key.bytes();
-        let itemised = itemised_entries(key, effects.transfers, arrived_ms, itemised);
+        let range: Vec<(TransferId, TransferId)> = effects
+            .transfers
+            .first()
+            .zip(effects.transfers.last())
+            .map(|(first, last)| (first.id, last.id))
+            .into_iter()
+            .collect();
+        let itemised = itemised_entries(key, &range, arrived_ms, itemised, true);
         let records: Vec<(u64, Vec<u8>)> = effects
             .transfers
             .iter()
@@ -739,33 +803,7 @@ impl Store for SledStore {
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError> {
-        let trees = (&self.transfers, &self.period_uses, &self.suspense);
-        let outcome: Result<usize, TransactionError<()>> =
-            trees.transaction(|(transfer_tree, period_tree, suspense_tree)| {
-                for transfer in transfers {
-                    transfer_tree
-                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
-                }
-                for (period, uses) in period_uses {
-                    period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
-                }
-                let mut removed = 0;
-                for record in resolved {
-                    if suspense_tree.remove(suspense_key(record))?.is_some() {
-                        removed += 1;
-                    }
-                }
-                Ok(removed)
-            });
-        match outcome {
-            Ok(removed) => {
-                self.suspense_records
-                    .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
-                self.sync()
-            }
-            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
-            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
-        }
+        self.resolve(resolved, transfers, period_uses, 0, &[])
     }
 
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
@@ -1268,12 +1306,15 @@ fn itemised_transfer_index_key(first: TransferId) -> Vec<u8> {
 }
 
 /// The keys of a batch's itemised records (`ARRIVED_MS MID BATCH PART`) and
-/// of its index entries; nothing without records.
+/// of its index entries: one per range of transfers their uses were summed
+/// into, and (`batch_index`: the batch's own records, not a re-pricing's)
+/// the batch's; nothing without records.
 fn itemised_entries(
     key: &BatchKey,
-    transfers: &[Transfer],
+    ranges: &[(TransferId, TransferId)],
     arrived_ms: u64,
     records: &[Vec<u8>],
+    batch_index: bool,
 ) -> ItemisedEntries {
     if records.is_empty() {
         return ItemisedEntries {
@@ -1296,12 +1337,15 @@ fn itemised_entries(
         .collect();
     let mut located = arrived_ms.to_be_bytes().to_vec();
     located.extend_from_slice(&parts.to_be_bytes());
-    let mut index = vec![(itemised_batch_index_key(&batch_key), located)];
-    if let (Some(first), Some(last)) = (transfers.first(), transfers.last()) {
-        let mut value = last.id.0.to_be_bytes().to_vec();
+    let mut index = Vec::with_capacity(1 + ranges.len());
+    if batch_index {
+        index.push((itemised_batch_index_key(&batch_key), located));
+    }
+    for (first, last) in ranges {
+        let mut value = last.0.to_be_bytes().to_vec();
         value.extend_from_slice(&arrived_ms.to_be_bytes());
         value.extend_from_slice(&batch_key);
-        index.push((itemised_transfer_index_key(first.id), value));
+        index.push((itemised_transfer_index_key(*first), value));
     }
     ItemisedEntries { records, index }
 }
@@ -1316,27 +1360,105 @@ fn batch_key_of(bytes: &[u8]) -> Option<BatchKey> {
 }
 
 impl SledStore {
+    /// `resolve_suspense`, with a re-pricing's itemised records.
+    fn resolve(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        let itemised: Vec<ItemisedEntries> = sets
+            .iter()
+            .map(|set| {
+                let ranges: Vec<(TransferId, TransferId)> =
+                    set.transfers.iter().map(|id| (*id, *id)).collect();
+                itemised_entries(&set.key, &ranges, arrived_ms, &set.records, false)
+            })
+            .collect();
+        let trees = (
+            &self.transfers,
+            &self.period_uses,
+            &self.suspense,
+            &self.itemised,
+            &self.itemised_index,
+        );
+        let outcome: Result<usize, TransactionError<()>> = trees.transaction(
+            |(transfer_tree, period_tree, suspense_tree, itemised_tree, itemised_index)| {
+                for entries in &itemised {
+                    for (key, record) in &entries.records {
+                        itemised_tree.insert(key.as_slice(), record.as_slice())?;
+                    }
+                    for (key, value) in &entries.index {
+                        itemised_index.insert(key.as_slice(), value.as_slice())?;
+                    }
+                }
+                for transfer in transfers {
+                    transfer_tree
+                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
+                }
+                for (period, uses) in period_uses {
+                    period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
+                }
+                let mut removed = 0;
+                for record in resolved {
+                    if suspense_tree.remove(suspense_key(record))?.is_some() {
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            },
+        );
+        match outcome {
+            Ok(removed) => {
+                self.suspense_records
+                    .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+                self.sync()
+            }
+            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
+        }
+    }
+
     fn itemised_records(
         &self,
         key: &BatchKey,
     ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
-        let batch_key = key.bytes();
         let Some(located) = self
             .itemised_index
-            .get(itemised_batch_index_key(&batch_key))?
+            .get(itemised_batch_index_key(&key.bytes()))?
         else {
             return Ok(None);
         };
+        if located.len() != 10 {
+            return Err(StoreError::Corrupt(format!(
+                "the itemised index entry of batch {} of {}",
+                key.id, key.mid
+            )));
+        }
+        let at = ItemisedAt {
+            key: key.clone(),
+            arrived_ms: u64::from_be_bytes(located[..8].try_into().expect("8 bytes")),
+        };
+        let parts = u16::from_be_bytes([located[8], located[9]]);
+        self.itemised_set(&at, Some(parts))
+    }
+
+    /// The records written for `at`, checked whole: numbered from 0, of
+    /// that batch, `parts` of them when known.
+    fn itemised_set(
+        &self,
+        at: &ItemisedAt,
+        parts: Option<u16>,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        let key = &at.key;
         let corrupt = |what: String| {
             StoreError::Corrupt(format!("{what} of batch {} of {}", key.id, key.mid))
         };
-        if located.len() != 10 {
-            return Err(corrupt("the itemised index entry".into()));
-        }
-        let mut prefix = located[..8].to_vec();
-        let parts = u16::from_be_bytes([located[8], located[9]]);
-        prefix.extend_from_slice(&batch_key);
-        let mut records = Vec::with_capacity(usize::from(parts));
+        let mut prefix = at.arrived_ms.to_be_bytes().to_vec();
+        prefix.extend_from_slice(&key.bytes());
+        let mut records = Vec::new();
         for entry in self.itemised.scan_prefix(&prefix) {
             let (_, bytes) = entry?;
             let record = crate::itemised::decode(&bytes)
@@ -1349,16 +1471,17 @@ impl SledStore {
             }
             records.push(record);
         }
-        if records.len() != usize::from(parts) {
-            return Err(corrupt(format!(
+        match parts {
+            Some(parts) if records.len() != usize::from(parts) => Err(corrupt(format!(
                 "{} of {parts} itemised records",
                 records.len()
-            )));
+            ))),
+            None if records.is_empty() => Ok(None),
+            _ => Ok(Some(records)),
         }
-        Ok(Some(records))
     }
 
-    fn itemised_transfer(&self, id: TransferId) -> Result<Option<BatchKey>, StoreError> {
+    fn itemised_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError> {
         let start = itemised_transfer_index_key(TransferId(0));
         let end = itemised_transfer_index_key(id);
         let Some(entry) = self.itemised_index.range(start..=end).next_back() else {
@@ -1378,7 +1501,8 @@ impl SledStore {
             return Ok(None);
         }
         let key = value.get(16..).and_then(batch_key_of).ok_or_else(corrupt)?;
-        Ok(Some(key))
+        let arrived_ms = u64::from_be_bytes(value[8..16].try_into().expect("8 bytes"));
+        Ok(Some(ItemisedAt { key, arrived_ms }))
     }
 
     fn prune_itemised_records(
@@ -1392,14 +1516,26 @@ impl SledStore {
         for entry in self.itemised.range(..end.as_slice()).take(records_max) {
             let (key, bytes) = entry?;
             records.push(key.to_vec());
-            if key.len() < 10 || key[key.len() - 2..] != [0, 0] {
+            let Some(record) = crate::itemised::decode(&bytes) else {
+                continue;
+            };
+            if record.repriced {
+                // A re-pricing's records are found by their transfers only.
+                for item in &record.items {
+                    if let crate::itemised::Outcome::Priced(priced) = &item.outcome
+                        && let Some(transfer) = priced.transfer
+                    {
+                        index.push(itemised_transfer_index_key(transfer));
+                    }
+                }
+                continue;
+            }
+            if record.part != 0 || key.len() < 10 {
                 continue;
             }
             // The first record of a batch takes its index entries with it.
             index.push(itemised_batch_index_key(&key[8..key.len() - 2]));
-            if let Some((first, _)) =
-                crate::itemised::decode(&bytes).and_then(|record| record.transfers)
-            {
+            if let Some((first, _)) = record.transfers {
                 index.push(itemised_transfer_index_key(first));
             }
         }
@@ -1750,7 +1886,8 @@ mod tests {
             assert_eq!(
                 store
                     .itemised_batch_of_transfer(TransferId(transfer))
-                    .unwrap(),
+                    .unwrap()
+                    .map(|at| at.key),
                 Some(key(n)),
                 "transfer {transfer}"
             );
@@ -1781,7 +1918,10 @@ mod tests {
         assert_eq!(store.itemised_batch(&key(2)).unwrap(), None);
         assert_eq!(store.itemised_batch(&key(3)).unwrap().unwrap().len(), 2);
         assert_eq!(
-            store.itemised_batch_of_transfer(TransferId(4)).unwrap(),
+            store
+                .itemised_batch_of_transfer(TransferId(4))
+                .unwrap()
+                .map(|at| at.key),
             Some(key(3))
         );
         // A damaged record is reported, never a panic.

@@ -1534,3 +1534,92 @@ fn every_amount_traces_to_its_readings_and_audit_names_a_tampered_price_or_modul
     let (code, text) = audit_command(&store_dir, &["--transfer", "0"]);
     assert_eq!(code, 2, "{text}");
 }
+
+#[test]
+fn uses_priced_out_of_suspense_trace_to_their_readings_and_are_audited() {
+    use backoffice::audit::{Scope, audit};
+    use backoffice::itemised::{Outcome as Kept, items_of_transfer};
+    use backoffice::store::BatchKey;
+    let world = world();
+    let later = Pid::parse("B1-P3").unwrap();
+    let me = Some(Payer::Customer(world.consumer));
+    let events = vec![
+        Event::Commit {
+            pid: later,
+            payer: me,
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+        Event::Commit {
+            pid: later,
+            payer: me,
+        },
+    ];
+    send(&world, &batch(&world, "B1-M1:1", events), NOW_MS).unwrap();
+    let store = world.backoffice.store();
+    let bid = Bid::parse("B1").unwrap();
+    store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
+        )
+        .unwrap();
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (2, 0));
+    let ledger = world.backoffice.ledger();
+    let line = ledger.transfers().last().unwrap().clone();
+    assert_eq!(line.amount, amount("0.5"));
+    // The line's uses are the two readings that waited in suspense, priced
+    // as the first and second use of B1-P3 in the month.
+    let items = items_of_transfer(store, line.id).unwrap().unwrap();
+    let seen: Vec<(u64, u64, Amount)> = items
+        .iter()
+        .map(|item| {
+            (
+                item.reading.seq,
+                item.priced.period_uses,
+                item.priced.amount,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(100, 0, amount("0.25")), (102, 1, amount("0.25"))]
+    );
+    assert_eq!(items[0].batch.as_str(), "B1-M1:1");
+    // The batch's own records are as applied: those two in suspense.
+    let key = BatchKey {
+        mid: world.mid,
+        id: BatchId::parse("B1-M1:1").unwrap(),
+    };
+    let kept = store.itemised_batch(&key).unwrap().unwrap();
+    assert!(
+        matches!(&kept[0].items[0].outcome, Kept::Suspense(reason) if reason.contains("unknown PID"))
+    );
+    let pricing = backoffice::pricing::Pricing::new();
+    let month = backoffice::send::month_of(line.posted_ms);
+    for scope in [
+        Scope::Transfer(line.id),
+        Scope::Batch(key.clone()),
+        Scope::Month {
+            cid: world.consumer,
+            month,
+        },
+    ] {
+        let report = audit(store, &ledger, &pricing, &scope).unwrap();
+        assert_eq!(report.difference, None, "{scope:?}: {}", report.summary());
+    }
+    let report = audit(store, &ledger, &pricing, &Scope::Transfer(line.id)).unwrap();
+    assert_eq!((report.priced, report.transfers), (2, 1), "{report:?}");
+    // Pruned one record at a time, nothing of either is left findable.
+    while store.prune_itemised(u64::MAX, 1).unwrap() == 1 {}
+    assert_eq!(store.itemised_batch(&key).unwrap(), None);
+    for transfer in ledger.transfers() {
+        assert_eq!(
+            store.itemised_batch_of_transfer(transfer.id).unwrap(),
+            None,
+            "{transfer:?}"
+        );
+    }
+}
