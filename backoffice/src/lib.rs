@@ -3,9 +3,11 @@
 //! for now it holds the branch's fixed settings.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod funding;
 pub mod grant_calls;
 pub mod grants;
+pub mod itemised;
 pub mod ledger;
 pub mod operator;
 pub mod pricing;

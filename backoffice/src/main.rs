@@ -20,8 +20,8 @@ const EXIT_USAGE: u8 = 64;
     about = "The superdistribution backoffice.",
     long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
 XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
-deposit, deny, allow, credit-limit, show, statement, suspense, reprice, components, grants, revoke, verify) call a running backoffice \
-with the operator token it wrote beside its store; `verify --data-dir DIR` checks a stopped one's books. `cargo run --release -p franchise` runs one \
+deposit, deny, allow, credit-limit, show, statement, suspense, reprice, components, grants, revoke, verify, audit) call a running backoffice \
+with the operator token it wrote beside its store; `verify --data-dir DIR` and `audit --data-dir DIR` work on a stopped one. `cargo run --release -p franchise` runs one \
 together with a meter."
 )]
 struct Cli {
@@ -62,6 +62,11 @@ enum Command {
         bid: proto::Bid,
         #[command(flatten)]
         web: WebArgs,
+        /// Days the readings of applied batches are kept itemised (for
+        /// statements' itemised uses and `audit`); older ones are deleted
+        /// at start and every hour.
+        #[arg(long, env = "BACKOFFICE_ITEMISED_RETENTION_DAYS", default_value_t = backoffice::itemised::RETENTION_DAYS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+        itemised_retention_days: u64,
     },
     /// Register a customer: prints the new CID.
     Customer {
@@ -168,6 +173,33 @@ enum Command {
     Suspense,
     /// Price the readings in suspense again; what prices now is posted.
     Reprice,
+    /// Price the kept readings of a batch, of the batch behind a transfer,
+    /// or of every batch behind a customer's month again, with the stored
+    /// TACA modules, and confirm every amount. Exit 0 when every amount is
+    /// as posted, 1 naming the first that differs, 2 when there is nothing
+    /// to audit. Calls the running backoffice; with --data-dir, audits a
+    /// data folder no backoffice is using.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["batch", "transfer", "customer"])))]
+    Audit {
+        /// A batch id (with --meter).
+        #[arg(long, requires = "meter", value_name = "ID")]
+        batch: Option<String>,
+        /// The meter that sent the batch.
+        #[arg(long, value_name = "MID")]
+        meter: Option<String>,
+        /// A transfer number (a statement line).
+        #[arg(long, value_name = "N")]
+        transfer: Option<u64>,
+        /// A customer (with --month).
+        #[arg(long, requires = "month", value_name = "CID")]
+        customer: Option<String>,
+        /// The month, YYYY-MM (UTC).
+        #[arg(long, value_name = "YYYY-MM")]
+        month: Option<String>,
+        /// Audit this data folder offline (no backoffice may be using it).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Work with TACA pricing modules.
     Taca {
         #[command(subcommand)]
@@ -329,6 +361,129 @@ fn check(module: &PathBuf, samples: Vec<String>, max_price: Option<proto::Amount
     ExitCode::SUCCESS
 }
 
+/// Exit code of an audit that found an amount that differs.
+const EXIT_DIFFERS: u8 = 1;
+/// Exit code of an audit with nothing to audit (or a refused call).
+const EXIT_NOTHING: u8 = 2;
+
+struct AuditArgs<'a> {
+    batch: Option<&'a str>,
+    meter: Option<&'a str>,
+    transfer: Option<u64>,
+    customer: Option<&'a str>,
+    month: Option<&'a str>,
+}
+
+fn audit(cli: &Cli, args: &AuditArgs<'_>, data_dir: Option<&PathBuf>) -> ExitCode {
+    use backoffice::audit::{AuditError, Scope};
+    use proto::xmlrpc::Value;
+    let month = match args.month.map(backoffice::server::parse_month) {
+        Some(None) => {
+            eprintln!("backoffice: --month is YYYY-MM");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        month => month.flatten(),
+    };
+    let Some(data_dir) = data_dir else {
+        let (method, params) = match (args.batch, args.meter, args.transfer, args.customer) {
+            (Some(batch), Some(meter), _, _) => (
+                "audit.batch",
+                vec![Value::string(meter), Value::string(batch)],
+            ),
+            (_, _, Some(transfer), _) => {
+                ("audit.transfer", vec![Value::string(transfer.to_string())])
+            }
+            (_, _, _, Some(cid)) => (
+                "audit.month",
+                vec![
+                    Value::string(cid),
+                    Value::string(args.month.unwrap_or_default()),
+                ],
+            ),
+            _ => return ExitCode::from(EXIT_USAGE),
+        };
+        return match call_operator(cli, method, &params) {
+            Ok(report) => {
+                let text = |name: &str| match report.member(name) {
+                    Some(Value::String(text)) => text.clone(),
+                    _ => String::new(),
+                };
+                println!("{}", text("summary"));
+                if matches!(report.member("confirmed"), Some(Value::Bool(true))) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_DIFFERS)
+                }
+            }
+            Err(code) => code,
+        };
+    };
+    let parsed = (|| -> Result<Scope, String> {
+        Ok(
+            match (args.batch, args.meter, args.transfer, args.customer) {
+                (Some(batch), Some(meter), _, _) => Scope::Batch(backoffice::store::BatchKey {
+                    mid: meter
+                        .parse()
+                        .map_err(|error: proto::IdError| error.to_string())?,
+                    id: batch
+                        .parse()
+                        .map_err(|error: proto::IdError| error.to_string())?,
+                }),
+                (_, _, Some(transfer), _) => {
+                    Scope::Transfer(backoffice::ledger::TransferId(transfer))
+                }
+                (_, _, _, Some(cid)) => Scope::Month {
+                    cid: cid
+                        .parse()
+                        .map_err(|error: proto::IdError| error.to_string())?,
+                    month: month.ok_or("--customer needs --month")?,
+                },
+                _ => return Err("say what to audit".into()),
+            },
+        )
+    })();
+    let scope = match parsed {
+        Ok(scope) => scope,
+        Err(message) => {
+            eprintln!("backoffice: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let store = match backoffice::store::SledStore::open(&data_dir.join("store")) {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("backoffice: cannot open {}: {error}", data_dir.display());
+            return ExitCode::from(69);
+        }
+    };
+    use backoffice::store::Store as _;
+    let ledger = match store.load_ledger() {
+        Ok(ledger) => ledger,
+        Err(error) => {
+            eprintln!("backoffice: cannot read the ledger: {error}");
+            return ExitCode::from(69);
+        }
+    };
+    match backoffice::audit::audit(&store, &ledger, &Pricing::new(), &scope) {
+        Ok(report) => {
+            println!("{}", report.summary());
+            if report.difference.is_none() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DIFFERS)
+            }
+        }
+        Err(AuditError::NotFound(why)) => {
+            eprintln!("backoffice: {why}");
+            ExitCode::from(EXIT_NOTHING)
+        }
+        Err(AuditError::Store(error)) => {
+            eprintln!("backoffice: {error}");
+            ExitCode::from(69)
+        }
+    }
+}
+
 fn default_data_dir() -> PathBuf {
     let env = |key: &str| std::env::var(key).ok().filter(|value| !value.is_empty());
     match (env("XDG_STATE_HOME"), env("HOME")) {
@@ -369,11 +524,42 @@ struct WebArgs {
     grant_code_valid_s: u64,
 }
 
+/// Deletes itemised readings older than `retention_days` now and every
+/// `PRUNE_INTERVAL`, while the service lives.
+fn prune_itemised(service: std::sync::Weak<backoffice::server::Service>, retention_days: u64) {
+    let retention_ms = retention_days.saturating_mul(24 * 3600 * 1000);
+    let spawned = std::thread::Builder::new()
+        .name("itemised-pruning".into())
+        .spawn(move || {
+            while let Some(service) = service.upgrade() {
+                let store = service.backoffice.store();
+                match backoffice::itemised::prune(
+                    store,
+                    retention_ms,
+                    backoffice::now_ms(),
+                    std::time::Duration::from_millis(10),
+                ) {
+                    Ok(0) => {}
+                    Ok(deleted) => {
+                        tracing::info!(deleted, retention_days, "itemised readings pruned")
+                    }
+                    Err(error) => tracing::error!(%error, "pruning itemised readings failed"),
+                }
+                drop(service);
+                std::thread::sleep(backoffice::itemised::PRUNE_INTERVAL);
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start pruning itemised readings");
+    }
+}
+
 fn serve(
     data_dir: Option<PathBuf>,
     listen: std::net::SocketAddr,
     bid: proto::Bid,
     web: &WebArgs,
+    itemised_retention_days: u64,
 ) -> ExitCode {
     let Some(iterations) = std::num::NonZeroU32::new(web.password_iterations) else {
         eprintln!("backoffice: --password-iterations must be at least 1");
@@ -440,6 +626,7 @@ fn serve(
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
         });
+        prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
         backoffice::server::run(listener, service, shutdown_signal()).await
     });
     runtime.shutdown_timeout(std::time::Duration::from_millis(
@@ -639,7 +826,14 @@ fn main() -> ExitCode {
             listen,
             bid,
             web,
-        } => serve(data_dir.clone(), *listen, *bid, web),
+            itemised_retention_days,
+        } => serve(
+            data_dir.clone(),
+            *listen,
+            *bid,
+            web,
+            *itemised_retention_days,
+        ),
         Command::Customer {
             name,
             email,
@@ -729,6 +923,24 @@ fn main() -> ExitCode {
                 .collect(),
         ),
         Command::Revoke { grant } => operator(&cli, "grant.revoke", vec![text(&grant.to_string())]),
+        Command::Audit {
+            batch,
+            meter,
+            transfer,
+            customer,
+            month,
+            data_dir,
+        } => audit(
+            &cli,
+            &AuditArgs {
+                batch: batch.as_deref(),
+                meter: meter.as_deref(),
+                transfer: *transfer,
+                customer: customer.as_deref(),
+                month: month.as_deref(),
+            },
+            data_dir.as_ref(),
+        ),
         Command::Taca {
             command:
                 TacaCommand::Check {

@@ -76,6 +76,16 @@ impl TacaHash {
 }
 
 impl TacaHash {
+    /// The hash's 32 bytes.
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// The hash with these 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> TacaHash {
+        TacaHash(bytes)
+    }
+
     /// Parses the lower-case hex form that `Display` prints.
     pub fn parse_hex(text: &str) -> Option<TacaHash> {
         let bytes = proto::record::unhex(text, 32)?;

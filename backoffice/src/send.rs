@@ -371,6 +371,11 @@ enum Fate {
         payer: Cid,
         owner: Cid,
         amount: Amount,
+        /// What the price cost and what the TACA was given, kept with the
+        /// batch's itemised readings (`itemised`).
+        fuel: u64,
+        taca: crate::pricing::TacaHash,
+        period_uses: u64,
     },
     /// The product's test PID: free.
     Free,
@@ -388,18 +393,20 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(
+    /// Adds a priced use; returns the index of the transfer its amount was
+    /// summed into (`None`: it moves no money).
+    fn add_at(
         &mut self,
         payer: Cid,
         owner: Cid,
         pid: Pid,
         batch: &BatchId,
         amount: Amount,
-    ) -> Result<(), Fault> {
+    ) -> Result<Option<usize>, Fault> {
         if !amount.is_positive() || payer == owner {
-            return Ok(());
+            return Ok(None);
         }
-        match self.index.entry((payer, owner, pid, batch.clone())) {
+        let at = match self.index.entry((payer, owner, pid, batch.clone())) {
             std::collections::hash_map::Entry::Occupied(entry) => {
                 let transfer = &mut self.transfers[*entry.get()];
                 transfer.amount = transfer
@@ -409,6 +416,7 @@ impl Totals {
                 if let TransferKind::Use { uses, .. } = &mut transfer.kind {
                     *uses += 1;
                 }
+                *entry.get()
             }
             std::collections::hash_map::Entry::Vacant(entry) => {
                 entry.insert(self.transfers.len());
@@ -422,9 +430,10 @@ impl Totals {
                         uses: 1,
                     },
                 });
+                self.transfers.len() - 1
             }
-        }
-        Ok(())
+        };
+        Ok(Some(at))
     }
 }
 
@@ -617,6 +626,123 @@ fn seq_range_of(key: &BatchKey, readings: &[Reading]) -> Option<SeqRange> {
         first: low,
         last: high,
     })
+}
+
+/// The itemised records of a batch applied at `arrived_ms` (`itemised`):
+/// every reading in order, each commit with its outcome (in the order of
+/// the batch's uses) and the number of the transfer it was summed into.
+fn itemised_records(
+    key: &BatchKey,
+    body: &SendBody,
+    outcomes: Vec<(crate::itemised::Outcome, Option<usize>)>,
+    prepared: &[crate::ledger::Transfer],
+    arrived_ms: u64,
+) -> Vec<Vec<u8>> {
+    use crate::itemised::{Encoder, MINIMAL_CONTEXT, Outcome};
+    let range = prepared.first().zip(prepared.last());
+    let mut encoder = Encoder::new(
+        key.mid,
+        key.id.clone(),
+        arrived_ms,
+        range.map(|(first, last)| (first.id, last.id)),
+    );
+    let mut outcomes = outcomes.into_iter().map(|(outcome, at)| match outcome {
+        Outcome::Priced(mut priced) => {
+            priced.transfer = at.map(|at| prepared[at].id);
+            Outcome::Priced(priced)
+        }
+        other => other,
+    });
+    let mut push = |reading: &Reading| {
+        let outcome = match reading.event {
+            Event::Commit { .. } => outcomes
+                .next()
+                .expect("send: every commit of a batch has an outcome"),
+            _ => Outcome::NotPriced,
+        };
+        encoder.push(reading, &outcome);
+    };
+    match body {
+        SendBody::Batch(batch) => batch.readings.iter().for_each(&mut push),
+        SendBody::Minimal(events) => {
+            let context = proto::Context::parse(MINIMAL_CONTEXT).expect("a valid context");
+            for (index, event) in events.iter().enumerate() {
+                push(&Reading {
+                    seq: index as u64,
+                    time_ms: arrived_ms,
+                    context: context.clone(),
+                    event: *event,
+                });
+            }
+        }
+    }
+    encoder.finish()
+}
+
+/// The itemised records of uses priced again out of suspense at
+/// `posted_ms`, one set per batch they came in, and when they are written:
+/// after every such batch arrived, so that they never share a key with the
+/// batch's own records.
+fn repriced_records(
+    resolved: &[Suspense],
+    outcomes: Vec<(crate::itemised::Outcome, Option<usize>)>,
+    prepared: &[crate::ledger::Transfer],
+    posted_ms: u64,
+) -> (u64, Vec<crate::store::RepricedItems>) {
+    use crate::itemised::{Encoder, Outcome};
+    let arrived_ms = resolved
+        .iter()
+        .map(|record| record.arrived_ms.saturating_add(1))
+        .fold(posted_ms, u64::max);
+    let context = proto::Context::parse("suspense").expect("a valid context");
+    let mut index: HashMap<BatchKey, usize> = HashMap::new();
+    let mut sets: Vec<(BatchKey, Encoder, Vec<crate::ledger::TransferId>)> = Vec::new();
+    for (record, (outcome, at)) in resolved.iter().zip(outcomes) {
+        let key = BatchKey {
+            mid: record.mid,
+            id: record.batch.clone(),
+        };
+        let set = *index.entry(key.clone()).or_insert_with(|| {
+            let encoder = Encoder::repriced(key.mid, key.id.clone(), arrived_ms);
+            sets.push((key, encoder, Vec::new()));
+            sets.len() - 1
+        });
+        let (_, encoder, transfers) = &mut sets[set];
+        let outcome = match outcome {
+            Outcome::Priced(mut priced) => {
+                priced.transfer = at.map(|at| prepared[at].id);
+                if let Some(id) = priced.transfer
+                    && !transfers.contains(&id)
+                {
+                    transfers.push(id);
+                }
+                Outcome::Priced(priced)
+            }
+            other => other,
+        };
+        let reading = Reading {
+            seq: record.seq,
+            time_ms: record.time_ms,
+            context: context.clone(),
+            event: Event::Commit {
+                pid: record.pid,
+                payer: record
+                    .payer
+                    .as_deref()
+                    .and_then(|text| Payer::parse(text).ok()),
+            },
+        };
+        encoder.push(&reading, &outcome);
+    }
+    let sets = sets
+        .into_iter()
+        .map(|(key, encoder, transfers)| crate::store::RepricedItems {
+            key,
+            transfers,
+            records: encoder.finish(),
+        })
+        .collect();
+    (arrived_ms, sets)
 }
 
 /// Every party whose standing the answer reports.
@@ -1379,6 +1505,9 @@ impl<S: Store> Backoffice<S> {
                         payer: job.period.payer,
                         owner: job.owner,
                         amount: priced.amount,
+                        fuel: priced.fuel,
+                        taca: job.taca.hash(),
+                        period_uses: job.count - shift,
                     }
                 }
                 Err(reason) => {
@@ -1472,25 +1601,46 @@ impl<S: Store> Backoffice<S> {
                 );
             }
         }
+        // What became of each use priced now, kept itemised with the
+        // transfers it was summed into (`itemised`).
+        let mut outcomes: Vec<(crate::itemised::Outcome, Option<usize>)> = Vec::new();
         for (record, fate) in records.iter().zip(fates) {
-            match fate {
+            let outcome = match fate {
                 Fate::Suspense(_) => continue,
-                Fate::Free => {}
+                Fate::Free => (crate::itemised::Outcome::Free, None),
                 Fate::Priced {
                     payer,
                     owner,
                     amount,
-                } => totals.add(payer, owner, record.pid, &record.batch, amount)?,
-            }
+                    fuel,
+                    taca,
+                    period_uses,
+                } => {
+                    let at = totals.add_at(payer, owner, record.pid, &record.batch, amount)?;
+                    let priced = crate::itemised::PricedUse {
+                        payer,
+                        owner,
+                        amount,
+                        fuel,
+                        taca,
+                        period_uses,
+                        transfer: None,
+                    };
+                    (crate::itemised::Outcome::Priced(priced), at)
+                }
+            };
+            outcomes.push(outcome);
             resolved.push(record.clone());
         }
         let transfers = totals.transfers;
+        let posted_ms = now_ms();
         let prepared = ledger
-            .prepare(transfers, now_ms())
+            .prepare(transfers, posted_ms)
             .map_err(|error| internal(&error))?;
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
+        let (arrived_ms, sets) = repriced_records(&resolved, outcomes, &prepared, posted_ms);
         self.store
-            .resolve_suspense(&resolved, &prepared, &period_uses)
+            .resolve_suspense_itemised(&resolved, &prepared, &period_uses, arrived_ms, &sets)
             .map_err(|error| self.stop_money(&error))?;
         self.still_durable()?;
         stored.stored(&period_uses);
@@ -1578,25 +1728,47 @@ impl<S: Store> Backoffice<S> {
             uses = unpriced;
             self.price_chains(&mut lookups, &mut stored, &mut periods, &mut uses)?
         };
+        // What became of each use, for the batch's itemised readings, with
+        // the index of the transfer it was summed into.
+        let mut outcomes: Vec<(crate::itemised::Outcome, Option<usize>)> =
+            Vec::with_capacity(uses.len());
         for (usage, fate) in uses.iter().zip(fates) {
             match fate {
-                Fate::Free => {}
+                Fate::Free => outcomes.push((crate::itemised::Outcome::Free, None)),
                 Fate::Priced {
                     payer,
                     owner,
                     amount,
-                } => totals.add(payer, owner, usage.pid, &key.id, amount)?,
-                Fate::Suspense(reason) => suspense.push(Suspense {
-                    mid: key.mid,
-                    batch: key.id.clone(),
-                    seq: usage.seq,
-                    pid: usage.pid,
-                    payer: usage.payer.map(|payer| payer.to_string()),
-                    time_ms: usage.time_ms,
-                    reason,
-                    authorized: usage.refusal.is_none(),
-                    arrived_ms: now_ms,
-                }),
+                    fuel,
+                    taca,
+                    period_uses,
+                } => {
+                    let at = totals.add_at(payer, owner, usage.pid, &key.id, amount)?;
+                    let priced = crate::itemised::PricedUse {
+                        payer,
+                        owner,
+                        amount,
+                        fuel,
+                        taca,
+                        period_uses,
+                        transfer: None,
+                    };
+                    outcomes.push((crate::itemised::Outcome::Priced(priced), at));
+                }
+                Fate::Suspense(reason) => {
+                    outcomes.push((crate::itemised::Outcome::Suspense(reason.clone()), None));
+                    suspense.push(Suspense {
+                        mid: key.mid,
+                        batch: key.id.clone(),
+                        seq: usage.seq,
+                        pid: usage.pid,
+                        payer: usage.payer.map(|payer| payer.to_string()),
+                        time_ms: usage.time_ms,
+                        reason,
+                        authorized: usage.refusal.is_none(),
+                        arrived_ms: now_ms,
+                    });
+                }
             }
         }
         let transfers = totals.transfers;
@@ -1649,10 +1821,14 @@ impl<S: Store> Backoffice<S> {
             seq_range: seq_range.as_ref(),
         };
         let transfer_count = prepared.len();
+        let itemised = itemised_records(key, &request.body, outcomes, &prepared, now_ms);
         // Staged under the lock (so batches reach the store in the order they
         // reach the ledger), made durable after it: the fsync is shared with
         // the other meters' batches instead of keeping them waiting.
-        match self.store.stage_batch(key, effects) {
+        match self
+            .store
+            .stage_batch_itemised(key, effects, now_ms, &itemised)
+        {
             Ok(()) => {
                 stored.stored(&period_uses);
                 drop(stored);

@@ -268,7 +268,7 @@ fn change_customer(
 }
 
 /// A verification's report: `{ok, checked, problemCount, problems}`.
-pub fn report_value(report: &crate::verify::Report) -> Value {
+pub fn verify_value(report: &crate::verify::Report) -> Value {
     Value::structure([
         ("ok", Value::Bool(report.is_ok())),
         ("checked", Value::string(report.summary())),
@@ -502,7 +502,7 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
         }
         "ledger.verify" => {
             params.arity(0, 0)?;
-            Ok(report_value(&crate::verify::running(&service.backoffice)))
+            Ok(verify_value(&crate::verify::running(&service.backoffice)))
         }
         "suspense.reprice" => {
             params.arity(0, 0)?;
@@ -610,6 +610,120 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             tracing::info!(grant = grant.id, mid = %grant.mid, cid = %grant.cid, "grant revoked by the operator");
             Ok(crate::grant_calls::grant_value(&grant))
         }
+        "audit.batch" | "audit.transfer" | "audit.month" => {
+            audit_call(service, &call.name, &params)
+        }
+        "account.items" => items_call(service, &params),
         other => Err(Fault::method_not_found(other)),
     }
+}
+
+/// `YYYY-MM` as `YYYYMM`, or `None`.
+pub fn parse_month(text: &str) -> Option<u32> {
+    let (year, month) = text.split_once('-')?;
+    if year.len() != 4 || month.len() != 2 {
+        return None;
+    }
+    let (year, month): (u32, u32) = (year.parse().ok()?, month.parse().ok()?);
+    ((1900..=9999).contains(&year) && (1..=12).contains(&month)).then_some(year * 100 + month)
+}
+
+/// An audit's report as an operator call answers it.
+pub fn audit_value(report: &crate::audit::Report) -> Value {
+    Value::structure([
+        ("confirmed", Value::Bool(report.difference.is_none())),
+        ("batches", Value::string(report.batches.to_string())),
+        ("readings", Value::string(report.readings.to_string())),
+        ("priced", Value::string(report.priced.to_string())),
+        ("transfers", Value::string(report.transfers.to_string())),
+        (
+            "difference",
+            Value::string(report.difference.clone().unwrap_or_default()),
+        ),
+        ("summary", Value::string(report.summary())),
+    ])
+}
+
+/// `audit.batch(MID, batchId)`, `audit.transfer(N)`, `audit.month(CID,
+/// YYYY-MM)`: prices the kept readings again and confirms every amount.
+fn audit_call(service: &Service, method: &str, params: &Params<'_>) -> Result<Value, Fault> {
+    use crate::audit::{AuditError, Scope};
+    let scope = match method {
+        "audit.batch" => {
+            params.arity(2, 2)?;
+            Scope::Batch(crate::store::BatchKey {
+                mid: params.parsed(0)?,
+                id: params.parsed(1)?,
+            })
+        }
+        "audit.transfer" => {
+            params.arity(1, 1)?;
+            Scope::Transfer(crate::ledger::TransferId(params.parsed(0)?))
+        }
+        _ => {
+            params.arity(2, 2)?;
+            let month = parse_month(params.string(1)?)
+                .ok_or_else(|| Fault::invalid_params("audit.month: the month is YYYY-MM"))?;
+            Scope::Month {
+                cid: params.parsed(0)?,
+                month,
+            }
+        }
+    };
+    let ledger = service.backoffice.ledger();
+    let report = crate::audit::audit(service.backoffice.store(), &ledger, &Pricing::new(), &scope)
+        .map_err(|error| match error {
+            AuditError::NotFound(why) => Fault::new(FaultCode::NotFound, why),
+            AuditError::Store(error) => store_fault(error),
+        })?;
+    Ok(audit_value(&report))
+}
+
+/// `account.items(transfer [, from [, count]])`: the uses summed into a
+/// statement line, from the kept readings, in pages (`from`: the first
+/// item's index).
+fn items_call(service: &Service, params: &Params<'_>) -> Result<Value, Fault> {
+    params.arity(1, 3)?;
+    let id = crate::ledger::TransferId(params.parsed(0)?);
+    let (from, limit) = page_of(params, 1)?;
+    let items = crate::itemised::items_of_transfer(service.backoffice.store(), id)
+        .map_err(store_fault)?
+        .ok_or_else(|| {
+            Fault::new(
+                FaultCode::NotFound,
+                format!("the uses behind transfer {} are not kept", id.0),
+            )
+        })?;
+    Ok(Value::Array(
+        items
+            .iter()
+            .enumerate()
+            .skip(from)
+            .take(limit)
+            .map(|(index, item)| item_value(index, item))
+            .collect(),
+    ))
+}
+
+/// One use of a statement line as the operator calls answer it.
+pub fn item_value(index: usize, item: &crate::itemised::LineItem) -> Value {
+    let reading = &item.reading;
+    Value::structure([
+        ("item", Value::string(index.to_string())),
+        ("MID", Value::string(item.mid.as_str())),
+        ("batchId", Value::string(item.batch.as_str())),
+        ("seq", Value::string(reading.seq.to_string())),
+        ("timeMs", Value::string(reading.time_ms.to_string())),
+        ("context", Value::string(reading.context.as_str())),
+        ("PID", Value::string(reading.event.id_str())),
+        ("payer", Value::string(item.priced.payer.as_str())),
+        ("owner", Value::string(item.priced.owner.as_str())),
+        ("price", Value::string(item.priced.amount.to_string())),
+        ("fuel", Value::string(item.priced.fuel.to_string())),
+        ("taca", Value::string(item.priced.taca.to_string())),
+        (
+            "periodUses",
+            Value::string(item.priced.period_uses.to_string()),
+        ),
+    ])
 }

@@ -291,6 +291,28 @@ fn decode_applied(record: &[u8]) -> AppliedBatch {
     }
 }
 
+/// Where a set of itemised records is: the batch they are of and when
+/// they were written (the batch's arrival, or a re-pricing's time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ItemisedAt {
+    /// The batch.
+    pub key: BatchKey,
+    /// When the records were written, ms since the Unix epoch.
+    pub arrived_ms: u64,
+}
+
+/// A re-pricing's itemised records of one batch's uses that were in
+/// suspense, and the transfers their priced uses were summed into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepricedItems {
+    /// The batch the uses came in.
+    pub key: BatchKey,
+    /// The transfers the re-pricing posted for them.
+    pub transfers: Vec<TransferId>,
+    /// `itemised::Encoder::repriced`'s records.
+    pub records: Vec<Vec<u8>>,
+}
+
 /// What the backoffice keeps durably.
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.
@@ -306,6 +328,45 @@ pub trait Store {
     fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError>;
     /// Makes every write made before it durable (one fsync for all of them).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Stages a batch as `stage_batch` does, with its itemised readings
+    /// (`itemised::Encoder`'s records, the batch applied at `arrived_ms`)
+    /// in the same transaction: one is never kept without the other.
+    fn stage_batch_itemised(
+        &self,
+        key: &BatchKey,
+        effects: BatchEffects<'_>,
+        arrived_ms: u64,
+        itemised: &[Vec<u8>],
+    ) -> Result<(), StoreError>;
+    /// The itemised records of an applied batch, in order (`None`: none
+    /// kept: applied before they were, or pruned after the retention).
+    fn itemised_batch(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError>;
+    /// Where the itemised records that hold the uses summed into transfer
+    /// `id` are (its batch's, or a re-pricing's), if they are kept.
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError>;
+    /// The itemised records written for `at.key` at `at.arrived_ms`, in
+    /// order (`None`: none kept).
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError>;
+    /// Resolves suspense as `resolve_suspense` does, with the itemised
+    /// records of the uses priced (`sets`, one per batch, written at
+    /// `arrived_ms`) in the same transaction.
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError>;
+    /// Deletes at most `records_max` itemised records of batches applied
+    /// before `before_ms`, oldest first; returns how many it deleted.
+    fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError>;
     /// Records transfers made outside uploads (deposits, withdrawals,
     /// corrections), atomically and durably.
     fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
@@ -478,6 +539,14 @@ pub struct SledStore {
     /// `MID INSTANCE FIRST` -> `LAST`: the sequence numbers applied batches
     /// spanned, per meter instance (`SeqRange`).
     seq_ranges: sled::Tree,
+    /// `ARRIVED_MS MID BATCH PART` -> an itemised record (`itemised`): the
+    /// readings of applied batches, oldest first, so retention prunes from
+    /// the start.
+    itemised: sled::Tree,
+    /// `b MID BATCH` -> `ARRIVED_MS PARTS`, and `t FIRST` -> `LAST
+    /// ARRIVED_MS MID BATCH` (the transfers a batch posted, numbered FIRST
+    /// to LAST): how a batch's and a transfer's records are found.
+    itemised_index: sled::Tree,
     /// Records in `suspense`, kept as it changes: sled counts a tree by
     /// scanning it, and `/metrics` asks on every scrape.
     suspense_records: std::sync::atomic::AtomicUsize,
@@ -516,6 +585,8 @@ impl SledStore {
             suspense: db.open_tree("suspense")?,
             seq_ranges: db.open_tree("seq_ranges")?,
             deposits: db.open_tree("deposits")?,
+            itemised: db.open_tree("itemised")?,
+            itemised_index: db.open_tree("itemised_index")?,
             files,
         })
     }
@@ -589,8 +660,59 @@ impl Store for SledStore {
         Ok(self.files.sync()?)
     }
 
+    fn itemised_batch(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        self.itemised_records(key)
+    }
+
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError> {
+        self.itemised_transfer(id)
+    }
+
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        self.itemised_set(at, None)
+    }
+
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        self.resolve(resolved, transfers, period_uses, arrived_ms, sets)
+    }
+
+    fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
+        self.prune_itemised_records(before_ms, records_max)
+    }
+
     fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+        self.stage_batch_itemised(key, effects, 0, &[])
+    }
+
+    fn stage_batch_itemised(
+        &self,
+        key: &BatchKey,
+        effects: BatchEffects<'_>,
+        arrived_ms: u64,
+        itemised: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
         let batch_key = key.bytes();
+        let range: Vec<(TransferId, TransferId)> = effects
+            .transfers
+            .first()
+            .zip(effects.transfers.last())
+            .map(|(first, last)| (first.id, last.id))
+            .into_iter()
+            .collect();
+        let itemised = itemised_entries(key, &range, arrived_ms, itemised, true);
         let records: Vec<(u64, Vec<u8>)> = effects
             .transfers
             .iter()
@@ -625,11 +747,27 @@ impl Store for SledStore {
             &self.period_uses,
             &self.suspense,
             &self.seq_ranges,
+            &self.itemised,
+            &self.itemised_index,
         );
         let outcome = trees.transaction(
-            |(transfer_tree, batch_tree, period_tree, suspense_tree, range_tree)| {
+            |(
+                transfer_tree,
+                batch_tree,
+                period_tree,
+                suspense_tree,
+                range_tree,
+                itemised_tree,
+                itemised_index,
+            )| {
                 if batch_tree.get(&batch_key)?.is_some() {
                     return Err(ConflictableTransactionError::Abort(()));
+                }
+                for (key, record) in &itemised.records {
+                    itemised_tree.insert(key.as_slice(), record.as_slice())?;
+                }
+                for (key, value) in &itemised.index {
+                    itemised_index.insert(key.as_slice(), value.as_slice())?;
                 }
                 if let Some((key, last)) = &range {
                     range_tree.insert(key.as_slice(), last)?;
@@ -690,33 +828,7 @@ impl Store for SledStore {
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError> {
-        let trees = (&self.transfers, &self.period_uses, &self.suspense);
-        let outcome: Result<usize, TransactionError<()>> =
-            trees.transaction(|(transfer_tree, period_tree, suspense_tree)| {
-                for transfer in transfers {
-                    transfer_tree
-                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
-                }
-                for (period, uses) in period_uses {
-                    period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
-                }
-                let mut removed = 0;
-                for record in resolved {
-                    if suspense_tree.remove(suspense_key(record))?.is_some() {
-                        removed += 1;
-                    }
-                }
-                Ok(removed)
-            });
-        match outcome {
-            Ok(removed) => {
-                self.suspense_records
-                    .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
-                self.sync()
-            }
-            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
-            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
-        }
+        self.resolve(resolved, transfers, period_uses, 0, &[])
     }
 
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
@@ -1226,6 +1338,278 @@ impl SledStore {
     }
 }
 
+/// An itemised batch's records and index entries, keyed for their trees.
+struct ItemisedEntries {
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    index: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn itemised_batch_index_key(batch_key: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + batch_key.len());
+    key.push(b'b');
+    key.extend_from_slice(batch_key);
+    key
+}
+
+fn itemised_transfer_index_key(first: TransferId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9);
+    key.push(b't');
+    key.extend_from_slice(&first.0.to_be_bytes());
+    key
+}
+
+/// The keys of a batch's itemised records (`ARRIVED_MS MID BATCH PART`) and
+/// of its index entries: one per range of transfers their uses were summed
+/// into, and (`batch_index`: the batch's own records, not a re-pricing's)
+/// the batch's; nothing without records.
+fn itemised_entries(
+    key: &BatchKey,
+    ranges: &[(TransferId, TransferId)],
+    arrived_ms: u64,
+    records: &[Vec<u8>],
+    batch_index: bool,
+) -> ItemisedEntries {
+    if records.is_empty() {
+        return ItemisedEntries {
+            records: Vec::new(),
+            index: Vec::new(),
+        };
+    }
+    let batch_key = key.bytes();
+    let parts = u16::try_from(records.len()).expect("a batch takes fewer than 65,536 records");
+    let mut prefix = arrived_ms.to_be_bytes().to_vec();
+    prefix.extend_from_slice(&batch_key);
+    let records = records
+        .iter()
+        .enumerate()
+        .map(|(part, record)| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&(part as u16).to_be_bytes());
+            (key, record.clone())
+        })
+        .collect();
+    let mut located = arrived_ms.to_be_bytes().to_vec();
+    located.extend_from_slice(&parts.to_be_bytes());
+    let mut index = Vec::with_capacity(1 + ranges.len());
+    if batch_index {
+        index.push((itemised_batch_index_key(&batch_key), located));
+    }
+    for (first, last) in ranges {
+        let mut value = last.0.to_be_bytes().to_vec();
+        value.extend_from_slice(&arrived_ms.to_be_bytes());
+        value.extend_from_slice(&batch_key);
+        index.push((itemised_transfer_index_key(*first), value));
+    }
+    ItemisedEntries { records, index }
+}
+
+fn batch_key_of(bytes: &[u8]) -> Option<BatchKey> {
+    let mut fields = Reader::new(bytes);
+    let key = BatchKey {
+        mid: Mid::parse(fields.text()?).ok()?,
+        id: BatchId::parse(fields.text()?).ok()?,
+    };
+    fields.is_empty().then_some(key)
+}
+
+impl SledStore {
+    /// `resolve_suspense`, with a re-pricing's itemised records.
+    fn resolve(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        let itemised: Vec<ItemisedEntries> = sets
+            .iter()
+            .map(|set| {
+                let ranges: Vec<(TransferId, TransferId)> =
+                    set.transfers.iter().map(|id| (*id, *id)).collect();
+                itemised_entries(&set.key, &ranges, arrived_ms, &set.records, false)
+            })
+            .collect();
+        let trees = (
+            &self.transfers,
+            &self.period_uses,
+            &self.suspense,
+            &self.itemised,
+            &self.itemised_index,
+        );
+        let outcome: Result<usize, TransactionError<()>> = trees.transaction(
+            |(transfer_tree, period_tree, suspense_tree, itemised_tree, itemised_index)| {
+                for entries in &itemised {
+                    for (key, record) in &entries.records {
+                        itemised_tree.insert(key.as_slice(), record.as_slice())?;
+                    }
+                    for (key, value) in &entries.index {
+                        itemised_index.insert(key.as_slice(), value.as_slice())?;
+                    }
+                }
+                for transfer in transfers {
+                    transfer_tree
+                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
+                }
+                for (period, uses) in period_uses {
+                    period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
+                }
+                let mut removed = 0;
+                for record in resolved {
+                    if suspense_tree.remove(suspense_key(record))?.is_some() {
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            },
+        );
+        match outcome {
+            Ok(removed) => {
+                self.suspense_records
+                    .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+                self.sync()
+            }
+            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
+        }
+    }
+
+    fn itemised_records(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        let Some(located) = self
+            .itemised_index
+            .get(itemised_batch_index_key(&key.bytes()))?
+        else {
+            return Ok(None);
+        };
+        if located.len() != 10 {
+            return Err(StoreError::Corrupt(format!(
+                "the itemised index entry of batch {} of {}",
+                key.id, key.mid
+            )));
+        }
+        let at = ItemisedAt {
+            key: key.clone(),
+            arrived_ms: u64::from_be_bytes(located[..8].try_into().expect("8 bytes")),
+        };
+        let parts = u16::from_be_bytes([located[8], located[9]]);
+        self.itemised_set(&at, Some(parts))
+    }
+
+    /// The records written for `at`, checked whole: numbered from 0, of
+    /// that batch, `parts` of them when known.
+    fn itemised_set(
+        &self,
+        at: &ItemisedAt,
+        parts: Option<u16>,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        let key = &at.key;
+        let corrupt = |what: String| {
+            StoreError::Corrupt(format!("{what} of batch {} of {}", key.id, key.mid))
+        };
+        let mut prefix = at.arrived_ms.to_be_bytes().to_vec();
+        prefix.extend_from_slice(&key.bytes());
+        let mut records = Vec::new();
+        for entry in self.itemised.scan_prefix(&prefix) {
+            let (_, bytes) = entry?;
+            let record = crate::itemised::decode(&bytes)
+                .ok_or_else(|| corrupt(format!("itemised record {}", records.len())))?;
+            if usize::from(record.part) != records.len()
+                || record.mid != key.mid
+                || record.batch != key.id
+            {
+                return Err(corrupt(format!("itemised record {}", records.len())));
+            }
+            records.push(record);
+        }
+        match parts {
+            Some(parts) if records.len() != usize::from(parts) => Err(corrupt(format!(
+                "{} of {parts} itemised records",
+                records.len()
+            ))),
+            None if records.is_empty() => Ok(None),
+            _ => Ok(Some(records)),
+        }
+    }
+
+    fn itemised_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError> {
+        let start = itemised_transfer_index_key(TransferId(0));
+        let end = itemised_transfer_index_key(id);
+        let Some(entry) = self.itemised_index.range(start..=end).next_back() else {
+            return Ok(None);
+        };
+        let (_, value) = entry?;
+        let corrupt =
+            || StoreError::Corrupt(format!("the itemised index entry of transfer {}", id.0));
+        let last = u64::from_be_bytes(
+            value
+                .get(..8)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .expect("8 bytes"),
+        );
+        if last < id.0 {
+            return Ok(None);
+        }
+        let key = value.get(16..).and_then(batch_key_of).ok_or_else(corrupt)?;
+        let arrived_ms = u64::from_be_bytes(value[8..16].try_into().expect("8 bytes"));
+        Ok(Some(ItemisedAt { key, arrived_ms }))
+    }
+
+    fn prune_itemised_records(
+        &self,
+        before_ms: u64,
+        records_max: usize,
+    ) -> Result<usize, StoreError> {
+        let end = before_ms.to_be_bytes();
+        let mut records = Vec::new();
+        let mut index = Vec::new();
+        for entry in self.itemised.range(..end.as_slice()).take(records_max) {
+            let (key, bytes) = entry?;
+            records.push(key.to_vec());
+            let Some(record) = crate::itemised::decode(&bytes) else {
+                continue;
+            };
+            if record.repriced {
+                // A re-pricing's records are found by their transfers only.
+                for item in &record.items {
+                    if let crate::itemised::Outcome::Priced(priced) = &item.outcome
+                        && let Some(transfer) = priced.transfer
+                    {
+                        index.push(itemised_transfer_index_key(transfer));
+                    }
+                }
+                continue;
+            }
+            if record.part != 0 || key.len() < 10 {
+                continue;
+            }
+            // The first record of a batch takes its index entries with it.
+            index.push(itemised_batch_index_key(&key[8..key.len() - 2]));
+            if let Some((first, _)) = record.transfers {
+                index.push(itemised_transfer_index_key(first));
+            }
+        }
+        let outcome: Result<(), TransactionError<()>> = (&self.itemised, &self.itemised_index)
+            .transaction(|(itemised, itemised_index)| {
+                for key in &records {
+                    itemised.remove(key.as_slice())?;
+                }
+                for key in &index {
+                    itemised_index.remove(key.as_slice())?;
+                }
+                Ok(())
+            });
+        match outcome {
+            Ok(()) => Ok(records.len()),
+            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
+        }
+    }
+}
+
 /// The serial number at the end of an ID (`B1-P12` -> 12), for ordering.
 fn serial_of(id: &str) -> u64 {
     id.rsplit_once('-')
@@ -1703,6 +2087,109 @@ mod tests {
             restored.load_ledger().unwrap().transfers(),
             ledger.transfers()
         );
+    }
+
+    #[test]
+    fn itemised_records_are_kept_with_their_batch_found_by_transfer_and_pruned_in_bounded_steps() {
+        use crate::itemised::{Encoder, Outcome};
+        use proto::reading::{Event, Reading};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut ledger = Ledger::new();
+        // Three batches, applied on days 1, 2 and 3; each posts two transfers
+        // and keeps two records.
+        let day = 24 * 3600 * 1000;
+        for n in 1..=3u32 {
+            let first = ledger.post(batch(1, 2, 100), 0).unwrap();
+            let posted = &ledger.transfers()[usize::try_from(first.0).unwrap()..];
+            let mut encoder = Encoder::new(
+                key(n).mid,
+                key(n).id,
+                u64::from(n) * day,
+                Some((posted[0].id, posted[1].id)),
+            );
+            for seq in 0..12_000 {
+                let reading = Reading {
+                    seq,
+                    time_ms: 5,
+                    context: proto::Context::parse("pid:1").unwrap(),
+                    event: Event::Login(Cid::parse("B1-C1").unwrap()),
+                };
+                encoder.push(&reading, &Outcome::NotPriced);
+            }
+            let records = encoder.finish();
+            assert_eq!(records.len(), 2);
+            let effects = BatchEffects {
+                transfers: posted,
+                period_uses: &[],
+                suspense: &[],
+                answer: b"",
+                digest: None,
+                seq_range: None,
+            };
+            store
+                .stage_batch_itemised(&key(n), effects, u64::from(n) * day, &records)
+                .unwrap();
+            if n == 1 {
+                // Refused with the batch: nothing of it is kept twice.
+                assert!(matches!(
+                    store.stage_batch_itemised(&key(n), effects, 9 * day, &records),
+                    Err(StoreError::AlreadyApplied(_))
+                ));
+            }
+        }
+        store.sync().unwrap();
+        // Transfers 0-1 are batch 1's deposit and use, 2-3 batch 2's...
+        for (transfer, n) in [(0, 1), (1, 1), (2, 2), (5, 3)] {
+            assert_eq!(
+                store
+                    .itemised_batch_of_transfer(TransferId(transfer))
+                    .unwrap()
+                    .map(|at| at.key),
+                Some(key(n)),
+                "transfer {transfer}"
+            );
+        }
+        assert_eq!(
+            store.itemised_batch_of_transfer(TransferId(6)).unwrap(),
+            None
+        );
+        let kept = store.itemised_batch(&key(2)).unwrap().unwrap();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0].arrived_ms, 2 * day);
+        assert_eq!(kept[0].items.len() + kept[1].items.len(), 12_000);
+        // Pruning takes at most the records asked for, oldest first, and
+        // nothing applied at or after the cut.
+        assert_eq!(store.prune_itemised(3 * day, 3).unwrap(), 3);
+        assert_eq!(store.itemised_batch(&key(1)).unwrap(), None);
+        assert_eq!(
+            store.itemised_batch_of_transfer(TransferId(1)).unwrap(),
+            None
+        );
+        // Batch 2's first record went: it is no longer found.
+        assert_eq!(store.itemised_batch(&key(2)).unwrap(), None);
+        // A retention of one day, at the start of day 4: what came before
+        // day 3 goes, the rest stays.
+        let pruned = crate::itemised::prune(&store, day, 4 * day, std::time::Duration::ZERO);
+        assert_eq!(pruned.unwrap(), 1);
+        assert_eq!(store.prune_itemised(3 * day, 3).unwrap(), 0);
+        assert_eq!(store.itemised_batch(&key(2)).unwrap(), None);
+        assert_eq!(store.itemised_batch(&key(3)).unwrap().unwrap().len(), 2);
+        assert_eq!(
+            store
+                .itemised_batch_of_transfer(TransferId(4))
+                .unwrap()
+                .map(|at| at.key),
+            Some(key(3))
+        );
+        // A damaged record is reported, never a panic.
+        let mut damaged = store.itemised.iter().next().unwrap().unwrap();
+        damaged.1 = sled::IVec::from(&damaged.1[..damaged.1.len() - 1]);
+        store.itemised.insert(&damaged.0, damaged.1).unwrap();
+        assert!(matches!(
+            store.itemised_batch(&key(3)),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]

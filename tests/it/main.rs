@@ -7,6 +7,7 @@ mod examples;
 
 mod browser;
 mod hostile;
+mod itemised;
 mod meterd;
 mod money;
 mod readme;

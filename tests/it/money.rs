@@ -361,6 +361,45 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
         .checked_sub(balance(&consumer))
         .unwrap();
     assert_eq!(paid, earned, "every transfer balanced");
+    // Every use charged is kept itemised with its batch, whatever the
+    // kills interrupted, and prices again to what was charged.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut months: Vec<String> = [now_ms - 15 * 60 * 1000, now_ms]
+        .iter()
+        .map(|&ms| {
+            let (year, month, _) = proto::time::civil_date(ms);
+            format!("{year:04}-{month:02}")
+        })
+        .collect();
+    months.dedup();
+    let mut priced = 0;
+    for month in &months {
+        // (A month the test only touched the start of may have no uses.)
+        let report = match office.call("audit.month", &[s(&consumer), s(month)]) {
+            Err(fault) if fault.code == proto::FaultCode::NotFound.code() && months.len() > 1 => {
+                continue;
+            }
+            other => other.unwrap(),
+        };
+        assert_eq!(
+            report.member("confirmed"),
+            Some(&proto::xmlrpc::Value::Bool(true)),
+            "{report:?}"
+        );
+        priced += report
+            .member("priced")
+            .and_then(proto::xmlrpc::Value::as_str)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    }
+    assert_eq!(
+        priced, uploaded,
+        "every use charged is kept and priced again"
+    );
     println!(
         "{ROUNDS} kills of the backoffice: {acknowledged} uses acknowledged, {uploaded} charged once each"
     );

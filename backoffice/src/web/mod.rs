@@ -130,6 +130,8 @@ pub fn routes() -> Router<Arc<Service>> {
         .route("/meters", get(meters_page).post(add_meter))
         .route("/statement", get(statement_page))
         .route("/statement.csv", get(statement_csv))
+        .route("/statement/items", get(items_page))
+        .route("/statement/items.csv", get(items_csv))
         .route("/style.css", get(style))
         .route("/health", get(health))
         .layer(DefaultBodyLimit::max(FORM_BYTES_MAX))
@@ -1378,6 +1380,165 @@ async fn statement_csv(
                 format!(
                     "attachment; filename=\"statement-{}-{month}.csv\"",
                     customer.cid
+                ),
+            ),
+        ],
+        csv,
+    )
+        .into_response();
+    secure_headers(response.headers_mut());
+    response
+}
+
+/// Uses shown on one page of a statement line's itemisation.
+pub const ITEMS_PAGE_ROWS: usize = 1_000;
+
+#[derive(serde::Deserialize)]
+pub(crate) struct ItemsQuery {
+    transfer: Option<String>,
+    page: Option<String>,
+}
+
+/// A statement line's uses, as its customer may see them.
+pub struct LineItems {
+    /// The line.
+    pub transfer: Transfer,
+    /// The uses behind it (`None`: not kept).
+    pub items: Option<Vec<crate::itemised::LineItem>>,
+    /// The customer paid (sees where and how it was used); otherwise they
+    /// were paid (sees when and what, not who or on which machine).
+    pub paid: bool,
+}
+
+/// The uses behind the session customer's statement line `transfer`; `None`
+/// when the line is not theirs or not a use.
+fn line_items(
+    service: &Service,
+    cid: Cid,
+    query: &ItemsQuery,
+) -> Result<Option<LineItems>, StoreError> {
+    let Some(id) = query
+        .transfer
+        .as_deref()
+        .and_then(|text| text.parse::<u64>().ok())
+    else {
+        return Ok(None);
+    };
+    let account = AccountId::Customer(cid);
+    let Some(transfer) = service
+        .backoffice
+        .statement(&account)
+        .into_iter()
+        .find(|transfer| transfer.id.0 == id)
+    else {
+        return Ok(None);
+    };
+    if !matches!(transfer.kind, crate::ledger::TransferKind::Use { .. }) {
+        return Ok(None);
+    }
+    let items = crate::itemised::items_of_transfer(service.backoffice.store(), transfer.id)?;
+    Ok(Some(LineItems {
+        paid: transfer.debit == account,
+        transfer,
+        items,
+    }))
+}
+
+fn no_such_line(web: &Web, session: &Session) -> Response {
+    page(
+        web,
+        session,
+        false,
+        StatusCode::NOT_FOUND,
+        pages::message(
+            session,
+            "No such line",
+            "Your statement has no use line with that number.",
+        ),
+    )
+}
+
+async fn items_page(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<ItemsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let number = query
+        .page
+        .as_deref()
+        .and_then(|text| text.parse::<usize>().ok())
+        .filter(|number| *number >= 1)
+        .unwrap_or(1);
+    match line_items(&service, customer.cid, &query) {
+        Ok(Some(line)) => page(
+            &service.web,
+            &session,
+            false,
+            StatusCode::OK,
+            pages::items(&session, &line, number),
+        ),
+        Ok(None) => no_such_line(&service.web, &session),
+        Err(error) => trouble(&service.web, &session, &error),
+    }
+}
+
+async fn items_csv(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<ItemsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let line = match line_items(&service, customer.cid, &query) {
+        Ok(Some(line)) => line,
+        Ok(None) => return no_such_line(&service.web, &session),
+        Err(error) => return trouble(&service.web, &session, &error),
+    };
+    let mut csv = if line.paid {
+        String::from(
+            "time,meter,batch,seq,context,product,price,earlier_uses_in_month,fuel,taca\r\n",
+        )
+    } else {
+        String::from("time,product,price,earlier_uses_in_month,fuel,taca\r\n")
+    };
+    for item in line.items.iter().flatten() {
+        let reading = &item.reading;
+        let priced = &item.priced;
+        let place = if line.paid {
+            format!(
+                "{},{},{},{},",
+                pages::csv_field(item.mid.as_str()),
+                pages::csv_field(item.batch.as_str()),
+                reading.seq,
+                pages::csv_field(reading.context.as_str())
+            )
+        } else {
+            String::new()
+        };
+        csv.push_str(&format!(
+            "{},{place}{},{},{},{},{}\r\n",
+            pages::time_of_ms(reading.time_ms),
+            pages::csv_field(reading.event.id_str()),
+            priced.amount,
+            priced.period_uses,
+            priced.fuel,
+            priced.taca
+        ));
+    }
+    let mut response = (
+        [
+            (CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"uses-{}-{}.csv\"",
+                    customer.cid, line.transfer.id.0
                 ),
             ),
         ],

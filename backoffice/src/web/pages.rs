@@ -6,7 +6,7 @@ use proto::grant::{GrantRequest, Scope};
 use proto::{Amount, Pid};
 
 use super::session::Session;
-use super::{Fields, Line};
+use super::{Fields, ITEMS_PAGE_ROWS, Line, LineItems};
 use crate::ledger::{Transfer, TransferKind};
 use crate::registry::{Customer, Grant, Meter, Product};
 use crate::send::civil_date;
@@ -889,7 +889,13 @@ pub fn statement(
                     tr {
                         td { (date_of(line.transfer.posted_ms)) }
                         td { (line.transfer.id.0) }
-                        td { (describe(&line.transfer)) }
+                        td {
+                            @if matches!(line.transfer.kind, TransferKind::Use { .. }) {
+                                a href={ "/statement/items?transfer=" (line.transfer.id.0) } id={ "items-" (line.transfer.id.0) } { (describe(&line.transfer)) }
+                            } @else {
+                                (describe(&line.transfer))
+                            }
+                        }
                         td.amount { (line.signed) }
                         td.amount { (line.balance) }
                     }
@@ -902,6 +908,93 @@ pub fn statement(
         &format!("Transactions, {}", month_name(month)),
         body,
     )
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) of a time in ms since the Unix epoch:
+/// a use's time to the millisecond, as the meter stamped it.
+pub fn time_of_ms(time_ms: u64) -> String {
+    let seconds = time_ms / 1000 % (24 * 3600);
+    format!(
+        "{} {:02}:{:02}:{:02}.{:03}",
+        date_of(time_ms),
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+        time_ms % 1000
+    )
+}
+
+/// The uses behind one statement line, [`ITEMS_PAGE_ROWS`] to a page
+/// (`number` from 1).
+pub fn items(session: &Session, line: &LineItems, number: usize) -> Markup {
+    let transfer = &line.transfer;
+    let id = transfer.id.0;
+    let all = line.items.as_deref().unwrap_or_default();
+    let pages = all.len().div_ceil(ITEMS_PAGE_ROWS).max(1);
+    let shown: Vec<_> = all
+        .iter()
+        .skip((number - 1).saturating_mul(ITEMS_PAGE_ROWS))
+        .take(ITEMS_PAGE_ROWS)
+        .collect();
+    let body = html! {
+        p {
+            a href={ "/statement?month=" (crate::send::month_of(transfer.posted_ms)) } { "« Back to the statement" }
+            @if line.items.is_some() {
+                " · "
+                a href={ "/statement/items.csv?transfer=" (id) } id="items-csv" { "Download CSV" }
+            }
+        }
+        p {
+            "Transfer " (id) ", " (date_of(transfer.posted_ms)) ": " (describe(transfer)) ", "
+            strong id="line-amount" { (transfer.amount) }
+            @if line.paid { " paid." } @else { " received." }
+        }
+        @match &line.items {
+            None => p id="not-kept" {
+                "The uses behind this line are no longer kept: they are kept for a limited time (13 months or more) after their batch came. Call the branch if you dispute it."
+            },
+            Some(_) => {
+                p {
+                    "Each use was priced by the product's terms (its TACA, named by the SHA-256 of its module) with your earlier uses of the product in the month; "
+                    "anyone can price it again and get the same amount (" code { "backoffice audit --transfer " (id) } ")."
+                }
+                p id="items-count" { (all.len()) " uses; page " (number) " of " (pages) "." }
+                table id="items" {
+                    tr {
+                        th { "Time (UTC)" }
+                        @if line.paid { th { "Meter" } th { "Batch" } th { "Seq" } th { "Context" } }
+                        th { "Product" } th { "Price" } th { "Earlier uses in the month" } th { "Fuel" } th { "TACA" }
+                    }
+                    @for item in &shown {
+                        tr {
+                            td { (time_of_ms(item.reading.time_ms)) }
+                            @if line.paid {
+                                td { (item.mid.as_str()) }
+                                td { (item.batch.as_str()) }
+                                td { (item.reading.seq) }
+                                td { (item.reading.context.as_str()) }
+                            }
+                            td { (item.reading.event.id_str()) }
+                            td.amount { (item.priced.amount) }
+                            td.amount { (item.priced.period_uses) }
+                            td.amount { (item.priced.fuel) }
+                            td { code title=(item.priced.taca) { (item.priced.taca.to_string().get(..12).unwrap_or_default()) "…" } }
+                        }
+                    }
+                }
+                p {
+                    @if number > 1 {
+                        a href={ "/statement/items?transfer=" (id) "&page=" (number - 1) } id="items-previous" { "« Previous page" }
+                        " "
+                    }
+                    @if number < pages {
+                        a href={ "/statement/items?transfer=" (id) "&page=" (number + 1) } id="items-next" { "Next page »" }
+                    }
+                }
+            }
+        }
+    };
+    layout(session, &format!("Uses behind transfer {id}"), body)
 }
 
 #[cfg(test)]

@@ -1369,3 +1369,317 @@ fn refreshes_store_nothing_and_applied_batches_only_their_digest() {
     assert_eq!(again.outcome, Outcome::AlreadyApplied);
     assert_eq!(again.batch_id.as_str(), "x:1");
 }
+
+/// Rewrites the kept readings of batch `id` in the store in `dir` (closed),
+/// as someone with the disk could: `change` edits each reading's outcome.
+fn tamper_itemised(
+    dir: &std::path::Path,
+    id: &str,
+    change: impl Fn(&mut backoffice::itemised::Item),
+) {
+    let db = sled::Config::new().path(dir).open().unwrap();
+    let tree = db.open_tree("itemised").unwrap();
+    for entry in tree.iter() {
+        let (key, bytes) = entry.unwrap();
+        let record = backoffice::itemised::decode(&bytes).unwrap();
+        if record.batch.as_str() != id {
+            continue;
+        }
+        let mut encoder = backoffice::itemised::Encoder::new(
+            record.mid,
+            record.batch,
+            record.arrived_ms,
+            record.transfers,
+        );
+        for mut item in record.items {
+            change(&mut item);
+            encoder.push(&item.reading, &item.outcome);
+        }
+        tree.insert(key, encoder.finish().remove(0)).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+fn audit_in(dir: &std::path::Path, scope: &backoffice::audit::Scope) -> backoffice::audit::Report {
+    let store = SledStore::open(dir).unwrap();
+    let ledger = store.load_ledger().unwrap();
+    backoffice::audit::audit(&store, &ledger, &backoffice::pricing::Pricing::new(), scope).unwrap()
+}
+
+/// The command line's offline audit of the data folder whose store is `dir`.
+fn audit_command(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let data = dir.parent().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_backoffice"))
+        .arg("audit")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .expect("backoffice runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().expect("exit code"), text)
+}
+
+#[test]
+fn every_amount_traces_to_its_readings_and_audit_names_a_tampered_price_or_module() {
+    use backoffice::audit::Scope;
+    use backoffice::itemised::Outcome as Kept;
+    use backoffice::ledger::TransferId;
+    use backoffice::store::BatchKey;
+    let world = world();
+    let first = batch(&world, "B1-M1:100", uses(&world));
+    send(&world, &first, NOW_MS).unwrap();
+    // Twelve uses of the tiered component by Ada: ten free in the month,
+    // then 0.05 each.
+    let commits = (0..12)
+        .map(|_| Event::Commit {
+            pid: world.component,
+            payer: Some(Payer::Customer(world.consumer)),
+        })
+        .collect();
+    send(&world, &batch(&world, "X:100", commits), NOW_MS + 1).unwrap();
+    let store = world.backoffice.store();
+    let key = |id: &str| BatchKey {
+        mid: world.mid,
+        id: BatchId::parse(id).unwrap(),
+    };
+    // Every reading is kept, in order, with what became of it.
+    let records = store.itemised_batch(&key("B1-M1:100")).unwrap().unwrap();
+    let items: Vec<_> = records.iter().flat_map(|record| &record.items).collect();
+    assert_eq!(items.len(), uses(&world).len());
+    assert_eq!(items[0].outcome, Kept::NotPriced, "the login");
+    let Kept::Priced(component) = &items[1].outcome else {
+        panic!("{:?}", items[1]);
+    };
+    assert_eq!(
+        (
+            component.payer,
+            component.owner,
+            component.amount,
+            component.transfer
+        ),
+        (world.producer, world.maker, Amount::ZERO, None),
+        "Bob pays for Carol's component inside his editor: free in her tier, no money moves"
+    );
+    let Kept::Priced(editor) = &items[2].outcome else {
+        panic!("{:?}", items[2]);
+    };
+    assert_eq!(
+        (editor.payer, editor.amount),
+        (world.consumer, amount("0.25"))
+    );
+    assert_eq!(items[7].outcome, Kept::Free, "the test PID");
+    assert!(
+        matches!(&items[8].outcome, Kept::Suspense(reason) if reason.contains("unknown PID B1-P404")),
+        "{:?}",
+        items[8]
+    );
+    // The editor's statement line shows its three uses, adding up to it.
+    let line = editor.transfer.unwrap();
+    let behind = backoffice::itemised::items_of_transfer(store, line)
+        .unwrap()
+        .unwrap();
+    assert_eq!(behind.len(), 3);
+    let ledger = world.backoffice.ledger();
+    let posted = &ledger.transfers()[usize::try_from(line.0).unwrap()];
+    assert_eq!(posted.amount, amount("0.75"));
+    assert!(
+        behind
+            .iter()
+            .all(|item| item.priced.amount == amount("0.25"))
+    );
+    // Ada's tiered line: uses 0 to 11 of the month.
+    let tiered = store.itemised_batch(&key("X:100")).unwrap().unwrap();
+    let counts: Vec<u64> = tiered[0]
+        .items
+        .iter()
+        .map(|item| match &item.outcome {
+            Kept::Priced(priced) => priced.period_uses,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(counts, (0..12).collect::<Vec<u64>>());
+    // Every amount is confirmed by pricing again, whichever way asked.
+    let month = backoffice::send::month_of(NOW_MS);
+    let scopes = [
+        Scope::Batch(key("B1-M1:100")),
+        Scope::Transfer(line),
+        Scope::Month {
+            cid: world.consumer,
+            month,
+        },
+    ];
+    let pricing = backoffice::pricing::Pricing::new();
+    for scope in &scopes {
+        let report = backoffice::audit::audit(store, &ledger, &pricing, scope).unwrap();
+        assert_eq!(report.difference, None, "{scope:?}: {}", report.summary());
+        assert!(report.priced >= 3 && report.transfers >= 1, "{report:?}");
+    }
+    let month_report = backoffice::audit::audit(store, &ledger, &pricing, &scopes[2]).unwrap();
+    assert_eq!(month_report.batches, 2);
+    assert!(
+        matches!(
+            backoffice::audit::audit(store, &ledger, &pricing, &Scope::Transfer(TransferId(0))),
+            Err(backoffice::audit::AuditError::NotFound(_))
+        ),
+        "the deposit has no readings"
+    );
+    // Someone with the disk lowers the price of Ada's 12th tiered use.
+    let World {
+        _dir: dir,
+        backoffice,
+        ..
+    } = world;
+    drop(backoffice);
+    let lowered = |item: &mut backoffice::itemised::Item| {
+        if let Kept::Priced(priced) = &mut item.outcome
+            && item.reading.seq == 111
+        {
+            priced.amount = amount("0.04");
+        }
+    };
+    tamper_itemised(dir.path(), "X:100", lowered);
+    let report = audit_in(dir.path(), &Scope::Batch(key("X:100")));
+    let difference = report.difference.expect("the lowered price is found");
+    assert!(
+        difference.contains("reading 111") && difference.contains("stored price 0.04"),
+        "{difference}"
+    );
+    // The command line, offline on the data folder, names it and exits 1.
+    let data = tempfile::tempdir().unwrap();
+    let store_dir = data.path().join("store");
+    std::fs::rename(dir.path(), &store_dir).unwrap();
+    let (code, text) = audit_command(
+        &store_dir,
+        &[
+            "--customer",
+            world.consumer.as_str(),
+            "--month",
+            &format!("{}-{:02}", month / 100, month % 100),
+        ],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("reading 111"), "{text}");
+    // Put back, every amount is confirmed again (exit 0).
+    tamper_itemised(&store_dir, "X:100", |item| {
+        if let Kept::Priced(priced) = &mut item.outcome
+            && item.reading.seq == 111
+        {
+            priced.amount = amount("0.05");
+        }
+    });
+    let (code, text) = audit_command(
+        &store_dir,
+        &["--meter", world.mid.as_str(), "--batch", "X:100"],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("confirmed: 1 batches, 12 readings, 12 uses"),
+        "{text}"
+    );
+    // The tiered module replaced by the flat one under its hash: named.
+    {
+        let db = sled::Config::new().path(&store_dir).open().unwrap();
+        let tacas = db.open_tree("tacas").unwrap();
+        let tiered = backoffice::pricing::TacaHash::of(&module("tiered"));
+        tacas
+            .insert(tiered.to_string().as_bytes(), module("flat"))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let (code, text) = audit_command(&store_dir, &["--transfer", &line.0.to_string()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("is not the module of that hash"), "{text}");
+    let (code, text) = audit_command(&store_dir, &["--transfer", "0"]);
+    assert_eq!(code, 2, "{text}");
+}
+
+#[test]
+fn uses_priced_out_of_suspense_trace_to_their_readings_and_are_audited() {
+    use backoffice::audit::{Scope, audit};
+    use backoffice::itemised::{Outcome as Kept, items_of_transfer};
+    use backoffice::store::BatchKey;
+    let world = world();
+    let later = Pid::parse("B1-P3").unwrap();
+    let me = Some(Payer::Customer(world.consumer));
+    let events = vec![
+        Event::Commit {
+            pid: later,
+            payer: me,
+        },
+        Event::Commit {
+            pid: world.product,
+            payer: me,
+        },
+        Event::Commit {
+            pid: later,
+            payer: me,
+        },
+    ];
+    send(&world, &batch(&world, "B1-M1:1", events), NOW_MS).unwrap();
+    let store = world.backoffice.store();
+    let bid = Bid::parse("B1").unwrap();
+    store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
+        )
+        .unwrap();
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (2, 0));
+    let ledger = world.backoffice.ledger();
+    let line = ledger.transfers().last().unwrap().clone();
+    assert_eq!(line.amount, amount("0.5"));
+    // The line's uses are the two readings that waited in suspense, priced
+    // as the first and second use of B1-P3 in the month.
+    let items = items_of_transfer(store, line.id).unwrap().unwrap();
+    let seen: Vec<(u64, u64, Amount)> = items
+        .iter()
+        .map(|item| {
+            (
+                item.reading.seq,
+                item.priced.period_uses,
+                item.priced.amount,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(100, 0, amount("0.25")), (102, 1, amount("0.25"))]
+    );
+    assert_eq!(items[0].batch.as_str(), "B1-M1:1");
+    // The batch's own records are as applied: those two in suspense.
+    let key = BatchKey {
+        mid: world.mid,
+        id: BatchId::parse("B1-M1:1").unwrap(),
+    };
+    let kept = store.itemised_batch(&key).unwrap().unwrap();
+    assert!(
+        matches!(&kept[0].items[0].outcome, Kept::Suspense(reason) if reason.contains("unknown PID"))
+    );
+    let pricing = backoffice::pricing::Pricing::new();
+    let month = backoffice::send::month_of(line.posted_ms);
+    for scope in [
+        Scope::Transfer(line.id),
+        Scope::Batch(key.clone()),
+        Scope::Month {
+            cid: world.consumer,
+            month,
+        },
+    ] {
+        let report = audit(store, &ledger, &pricing, &scope).unwrap();
+        assert_eq!(report.difference, None, "{scope:?}: {}", report.summary());
+    }
+    let report = audit(store, &ledger, &pricing, &Scope::Transfer(line.id)).unwrap();
+    assert_eq!((report.priced, report.transfers), (2, 1), "{report:?}");
+    // Pruned one record at a time, nothing of either is left findable.
+    while store.prune_itemised(u64::MAX, 1).unwrap() == 1 {}
+    assert_eq!(store.itemised_batch(&key).unwrap(), None);
+    for transfer in ledger.transfers() {
+        assert_eq!(
+            store.itemised_batch_of_transfer(transfer.id).unwrap(),
+            None,
+            "{transfer:?}"
+        );
+    }
+}
