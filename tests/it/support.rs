@@ -24,6 +24,47 @@ impl Drop for Running {
     }
 }
 
+/// The variable that replays a kill test: its seed, as the test printed it.
+pub const KILL_TEST_SEED: &str = "KILL_TEST_SEED";
+
+/// The seed of a test that kills processes at moments it draws at random:
+/// `KILL_TEST_SEED` if set (to replay a failure), else a fresh one. Printed
+/// either way, so that it shows in a failing test's output (and with
+/// `--nocapture`). The seed fixes when the kills come; the threads and the
+/// machine's load still vary from run to run.
+pub fn kill_test_seed(test: &str) -> u64 {
+    let seed = match std::env::var(KILL_TEST_SEED) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{KILL_TEST_SEED}={text:?} is not a number")),
+        Err(_) => {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            since.as_secs().rotate_left(32)
+                ^ u64::from(since.subsec_nanos())
+                ^ u64::from(std::process::id()).rotate_left(16)
+        }
+    };
+    eprintln!("{test}: {KILL_TEST_SEED}={seed} replays this run's kill times");
+    seed
+}
+
+/// A pseudo-random sequence from a seed (see [`kill_test_seed`]).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next number in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % bound
+    }
+}
+
 /// Starts `program` with `args` and waits for the first line it prints.
 pub fn start(program: &str, args: &[&str]) -> Running {
     start_with_env(program, args, &[])
