@@ -321,6 +321,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         assert!(granted.expires_ms.is_some(), "a year");
 
         // Cara uses the product three times through that meter.
+        let used_from = crate::support::now_ms();
         meter.login(cara).expect("granted now");
         for _ in 0..3 {
             meter
@@ -361,14 +362,21 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         click(&client, "login-submit").await;
         assert_eq!(text_of(&client, "balance").await, "0.75");
         click(&client, "details").await;
-        text_of(&client, "lines").await;
-        let lines = client
-            .find(Locator::Id("lines"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text_of(&client, "closing").await;
+        // The statements of the month the uses were made in: each month
+        // since, in case one ended meanwhile (the link shows this month's).
+        let mut lines = String::new();
+        for month in crate::support::months_since(used_from) {
+            client
+                .goto(&format!("{base}/statement?month={month}"))
+                .await
+                .unwrap();
+            text_of(&client, "closing").await;
+            for table in client.find_all(Locator::Id("lines")).await.unwrap() {
+                lines += &table.text().await.unwrap();
+                lines.push('\n');
+            }
+        }
         // Three uses at 0.25, in as many statement lines as the meter made
         // uploads (one per batch).
         let uses: u32 = lines

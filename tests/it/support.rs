@@ -400,3 +400,47 @@ pub fn grant_by_password(socket: &std::path::Path, cid: &str, password: &str) {
         "meterd grant {cid}: {said}"
     );
 }
+
+/// Now, in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    u64::try_from(since.as_millis()).expect("ms fit in 64 bits")
+}
+
+/// The month (`YYYYMM`, UTC) of `time_ms`, as statements date their lines.
+pub fn month_of(time_ms: u64) -> u32 {
+    let (year, month, _) = proto::time::civil_date(time_ms);
+    u32::try_from(year * 100 + i64::from(month)).expect("a four-digit year")
+}
+
+/// Every month from the one of `since_ms` to the current one, in order.
+/// A test that dates its money with the clock reads the statement of each
+/// (`/statement?month=`), not "this month": lines made just before a month
+/// ends are on the previous month's page by the time it is read.
+pub fn months_since(since_ms: u64) -> Vec<u32> {
+    let last = month_of(now_ms());
+    let mut month = month_of(since_ms);
+    let mut months = vec![month];
+    while month < last {
+        month = if month % 100 == 12 {
+            month + 89
+        } else {
+            month + 1
+        };
+        months.push(month);
+    }
+    months
+}
+
+#[test]
+fn months_since_covers_a_year_end() {
+    // 2025-12-31T23:59:59.999Z and one ms later.
+    assert_eq!(month_of(1_767_225_599_999), 202_512);
+    assert_eq!(month_of(1_767_225_600_000), 202_601);
+    assert_eq!(month_of(0), 197_001);
+    let months = months_since(1_767_225_599_999);
+    assert_eq!(&months[..2], &[202_512, 202_601]);
+    assert!(months.windows(2).all(|pair| pair[0] < pair[1]));
+}
