@@ -7,10 +7,11 @@
 //! of those uses, registers a meter and logs out. Every page is saved as a
 //! screenshot in `target/screenshots/`.
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 
@@ -37,15 +38,13 @@ impl Drop for Chromedriver {
     }
 }
 
+/// Starts chromedriver on a port it picks itself (`--port=0`) and reads
+/// the port from the line it prints once it listens: a port chosen here
+/// and freed before chromedriver binds it could be taken in between.
 fn chromedriver() -> Chromedriver {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
+    let mut child = Command::new("chromedriver")
+        .arg("--port=0")
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|error| {
@@ -54,13 +53,43 @@ fn chromedriver() -> Chromedriver {
                  chromium-driver, as .ci/run does"
             )
         });
-    let driver = Chromedriver { child, port };
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let stdout = child.stdout.take().expect("stdout is piped");
+    // Dropped (and so killed) if the port never comes.
+    let mut driver = Chromedriver { child, port: 0 };
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut port = None;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if port.is_none() {
+                port = started_on(&line);
+                if let Some(port) = port {
+                    let _ = sender.send(port);
+                }
+            }
+            // Keep reading, so that later output never meets a closed pipe.
+        }
+    });
+    driver.port = receiver
+        .recv_timeout(WAIT)
+        .expect("chromedriver said which port it listens on");
+    assert!(
+        TcpStream::connect(("127.0.0.1", driver.port)).is_ok(),
+        "chromedriver listens on port {}",
+        driver.port
+    );
     driver
+}
+
+/// The port in chromedriver's "ChromeDriver was started successfully on
+/// port 40451." line.
+fn started_on(line: &str) -> Option<u16> {
+    line.split_once("started successfully on port ")?
+        .1
+        .trim_end_matches('.')
+        .trim()
+        .parse()
+        .ok()
 }
 
 async fn browser(driver: &Chromedriver) -> Client {
@@ -292,6 +321,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         assert!(granted.expires_ms.is_some(), "a year");
 
         // Cara uses the product three times through that meter.
+        let used_from = crate::support::now_ms();
         meter.login(cara).expect("granted now");
         for _ in 0..3 {
             meter
@@ -332,14 +362,21 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         click(&client, "login-submit").await;
         assert_eq!(text_of(&client, "balance").await, "0.75");
         click(&client, "details").await;
-        text_of(&client, "lines").await;
-        let lines = client
-            .find(Locator::Id("lines"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text_of(&client, "closing").await;
+        // The statements of the month the uses were made in: each month
+        // since, in case one ended meanwhile (the link shows this month's).
+        let mut lines = String::new();
+        for month in crate::support::months_since(used_from) {
+            client
+                .goto(&format!("{base}/statement?month={month}"))
+                .await
+                .unwrap();
+            text_of(&client, "closing").await;
+            for table in client.find_all(Locator::Id("lines")).await.unwrap() {
+                lines += &table.text().await.unwrap();
+                lines.push('\n');
+            }
+        }
         // Three uses at 0.25, in as many statement lines as the meter made
         // uploads (one per batch).
         let uses: u32 = lines

@@ -13,7 +13,9 @@ use proto::xmlrpc::Limits;
 use proto::{Cid, FaultCode, Mid, Payer, Pid};
 use tests::fake_backoffice::FakeBackoffice;
 
-use crate::support::{MeterdSetup, fault_code, unix_request, workspace_binary};
+use crate::support::{
+    Lcg, MeterdSetup, fault_code, kill_test_seed, unix_request, workspace_binary,
+};
 
 const SECRET: &[u8] = b"a test secret of thirty-two bytes";
 
@@ -401,19 +403,6 @@ fn backoffice_down_then_up_loses_nothing_and_charges_once() {
     assert_eq!(all.len(), 16);
 }
 
-/// A pseudo-random sequence, fixed per run so failures can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % bound
-    }
-}
-
 /// What one round's client saw: commits acknowledged, and the one in flight
 /// when the meter died (which may or may not have been recorded).
 fn commit_until_killed(socket: std::path::PathBuf, first: u32) -> (Vec<u32>, Option<u32>) {
@@ -450,7 +439,9 @@ fn sigkill_at_random_moments_loses_no_acknowledged_commit_and_charges_none_twice
     backoffice.behave(|behaviour| behaviour.params.flush_readings_max = 25);
     // The grant is kept in the meter's cache across every restart.
     grant_by_password(&backoffice, &setup.start().socket, "B1-C1");
-    let mut random = Lcg(std::process::id().into());
+    let mut random = Lcg(kill_test_seed(
+        "sigkill_at_random_moments_loses_no_acknowledged_commit_and_charges_none_twice",
+    ));
     let mut acknowledged: Vec<u32> = Vec::new();
     let mut in_flight: Vec<u32> = Vec::new();
     let mut next = 1;

@@ -8,7 +8,8 @@ use proto::FaultCode;
 use proto::xmlrpc::Value;
 
 use crate::support::{
-    Backoffice, MeterdSetup, grant_by_password, operator_call, s, workspace_binary,
+    Backoffice, Lcg, MeterdSetup, grant_by_password, kill_test_seed, operator_call, s,
+    workspace_binary,
 };
 use crate::web::PASSWORD;
 
@@ -258,13 +259,15 @@ fn commit_until(
 fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
     const ROUNDS: u32 = 8;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut office = Backoffice::start_at(dir.path(), &listen);
+    let mut random = Lcg(kill_test_seed(
+        "sigkill_of_the_backoffice_during_uploads_applies_every_batch_once",
+    ));
+    // The backoffice picks its port (port 0) and says which; each restart
+    // listens there again, since meterd was told that address. (A port
+    // reserved here and freed before the backoffice bound it could be
+    // taken in between; a killed listener's port is rebound at once.)
+    let mut office = Backoffice::start(dir.path());
+    let listen = office.address.to_string();
     let consumer = office.text(
         "customer.create",
         &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
@@ -308,10 +311,8 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
                 &progress,
             )
         });
-        for round in 0..ROUNDS {
-            std::thread::sleep(std::time::Duration::from_millis(
-                150 + u64::from(round) * 37 % 200,
-            ));
+        for _ in 0..ROUNDS {
+            std::thread::sleep(std::time::Duration::from_millis(150 + random.below(200)));
             office.running.child.kill().expect("SIGKILL the backoffice");
             office.running.child.wait().unwrap();
             // Its store must open again with every invariant holding.

@@ -24,6 +24,47 @@ impl Drop for Running {
     }
 }
 
+/// The variable that replays a kill test: its seed, as the test printed it.
+pub const KILL_TEST_SEED: &str = "KILL_TEST_SEED";
+
+/// The seed of a test that kills processes at moments it draws at random:
+/// `KILL_TEST_SEED` if set (to replay a failure), else a fresh one. Printed
+/// either way, so that it shows in a failing test's output (and with
+/// `--nocapture`). The seed fixes when the kills come; the threads and the
+/// machine's load still vary from run to run.
+pub fn kill_test_seed(test: &str) -> u64 {
+    let seed = match std::env::var(KILL_TEST_SEED) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{KILL_TEST_SEED}={text:?} is not a number")),
+        Err(_) => {
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            since.as_secs().rotate_left(32)
+                ^ u64::from(since.subsec_nanos())
+                ^ u64::from(std::process::id()).rotate_left(16)
+        }
+    };
+    eprintln!("{test}: {KILL_TEST_SEED}={seed} replays this run's kill times");
+    seed
+}
+
+/// A pseudo-random sequence from a seed (see [`kill_test_seed`]).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next number in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % bound
+    }
+}
+
 /// Starts `program` with `args` and waits for the first line it prints.
 pub fn start(program: &str, args: &[&str]) -> Running {
     start_with_env(program, args, &[])
@@ -358,4 +399,48 @@ pub fn grant_by_password(socket: &std::path::Path, cid: &str, password: &str) {
         output.status.success() && said.contains(&format!("granted {cid}")),
         "meterd grant {cid}: {said}"
     );
+}
+
+/// Now, in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    u64::try_from(since.as_millis()).expect("ms fit in 64 bits")
+}
+
+/// The month (`YYYYMM`, UTC) of `time_ms`, as statements date their lines.
+pub fn month_of(time_ms: u64) -> u32 {
+    let (year, month, _) = proto::time::civil_date(time_ms);
+    u32::try_from(year * 100 + i64::from(month)).expect("a four-digit year")
+}
+
+/// Every month from the one of `since_ms` to the current one, in order.
+/// A test that dates its money with the clock reads the statement of each
+/// (`/statement?month=`), not "this month": lines made just before a month
+/// ends are on the previous month's page by the time it is read.
+pub fn months_since(since_ms: u64) -> Vec<u32> {
+    let last = month_of(now_ms());
+    let mut month = month_of(since_ms);
+    let mut months = vec![month];
+    while month < last {
+        month = if month % 100 == 12 {
+            month + 89
+        } else {
+            month + 1
+        };
+        months.push(month);
+    }
+    months
+}
+
+#[test]
+fn months_since_covers_a_year_end() {
+    // 2025-12-31T23:59:59.999Z and one ms later.
+    assert_eq!(month_of(1_767_225_599_999), 202_512);
+    assert_eq!(month_of(1_767_225_600_000), 202_601);
+    assert_eq!(month_of(0), 197_001);
+    let months = months_since(1_767_225_599_999);
+    assert_eq!(&months[..2], &[202_512, 202_601]);
+    assert!(months.windows(2).all(|pair| pair[0] < pair[1]));
 }

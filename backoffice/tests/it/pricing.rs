@@ -1,7 +1,11 @@
 //! The TACA runtime on real modules: the SDK examples with known answers, a
 //! hand-written WAT module, a hostile suite, and determinism.
 
-use backoffice::pricing::{FUEL_PER_CALL, ModuleError, PriceInput, Pricing, PricingError};
+use std::sync::Arc;
+
+use backoffice::pricing::{
+    FUEL_PER_CALL, ModuleError, PARALLEL_JOBS_MIN, PriceInput, Pricing, PricingError,
+};
 use proto::{Amount, Cid, Code, Pid};
 
 use crate::examples::module;
@@ -221,13 +225,14 @@ fn malformed_modules_are_refused_at_load_with_a_clear_message() {
     assert!(matches!(load_error(&garbage), ModuleError::Invalid(_)));
     assert!(matches!(load_error(b"hello"), ModuleError::Invalid(_)));
 
-    let threads = wat::parse_str(r#"(module (memory (export "memory") 1 1 shared))"#);
-    if let Ok(bytes) = threads {
-        assert!(
-            matches!(load_error(&bytes), ModuleError::Invalid(_)),
-            "shared memory is off"
-        );
-    }
+    // Checked on every run: a module that cannot be built must fail the
+    // test, not skip the assertion.
+    let threads = wat::parse_str(r#"(module (memory (export "memory") 1 1 shared))"#)
+        .expect("a shared-memory module in WAT");
+    assert!(
+        matches!(load_error(&threads), ModuleError::Invalid(_)),
+        "shared memory is off"
+    );
 }
 
 #[test]
@@ -249,13 +254,14 @@ fn prices_and_fuel_are_deterministic_alone_or_in_a_batch() {
     let tiered = pricing.load(&module("tiered")).unwrap();
     let alone = pricing.price(&tiered, &commit(42)).unwrap();
     assert!(alone.fuel > 0 && alone.fuel < FUEL_PER_CALL);
+    assert_eq!(pricing.price_fresh(&tiered, &commit(42)).unwrap(), alone);
     // A module that keeps state in a global would leak it between calls if
     // a reused instance were not reset.
-    let counter = taca_wat(
+    let counter_wat = taca_wat(
         "(global $calls (mut i64) (i64.const 0))",
         "(global.set $calls (i64.add (global.get $calls) (i64.const 1))) (global.get $calls)",
     );
-    let counter = pricing.load(&counter).unwrap();
+    let counter = pricing.load(&counter_wat).unwrap();
     for index in 0..5000u64 {
         let priced = pricing.price(&tiered, &commit(index % 200)).unwrap();
         if index % 200 == 42 {
@@ -269,6 +275,37 @@ fn prices_and_fuel_are_deterministic_alone_or_in_a_batch() {
             counted.amount,
             Amount::from_nanos(1),
             "no state survives a call"
+        );
+    }
+
+    // A batch large enough for `price_many` to spread it over threads,
+    // mixing modules and inputs, priced by another `Pricing` one by one:
+    // the same amounts and fuel, in the same order.
+    let flat = pricing.load(&module("flat")).unwrap();
+    let modules = [tiered, flat, counter];
+    let jobs: Vec<_> = (0..4 * PARALLEL_JOBS_MIN as u64)
+        .map(|index| {
+            let taca = Arc::clone(&modules[(index % 3) as usize]);
+            (taca, commit(index * 7 % 200))
+        })
+        .collect();
+    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) < 2 {
+        eprintln!("one core: price_many prices this batch on one thread");
+    }
+    let batch = pricing.price_many(&jobs);
+    let solo = Pricing::new();
+    let solo_modules = [
+        solo.load(&module("tiered")).unwrap(),
+        solo.load(&module("flat")).unwrap(),
+        solo.load(&counter_wat).unwrap(),
+    ];
+    assert_eq!(batch.len(), jobs.len());
+    for (index, ((_, input), in_batch)) in jobs.iter().zip(&batch).enumerate() {
+        let by_itself = solo.price(&solo_modules[index % 3], input).unwrap();
+        assert_eq!(
+            in_batch.as_ref().unwrap(),
+            &by_itself,
+            "job {index}: the same price and fuel alone or in a batch"
         );
     }
 }
