@@ -844,12 +844,15 @@ impl<S: Store> Backoffice<S> {
         let prepared = ledger
             .prepare(transfers, now_ms())
             .map_err(|error| Fault::invalid_params(&error))?;
+        // Staged under the lock (transfers reach the store in ledger order),
+        // made durable after it, as batches are: the fsync keeps nobody
+        // waiting for the ledger.
         self.store
-            .post_transfers(&prepared)
+            .stage_transfers(&prepared)
             .map_err(|error| self.stop_money(&error))?;
-        // Another thread's failed sync may have left a hole before ours.
-        self.still_durable()?;
         ledger.commit(prepared.clone());
+        drop(ledger);
+        self.durable()?;
         Ok(prepared)
     }
 
@@ -938,12 +941,17 @@ impl<S: Store> Backoffice<S> {
             let ours = prepared[0].id.0;
             record = self
                 .store
-                .post_deposit(reference, &prepared[0])
+                .stage_deposit(reference, &prepared[0])
                 .map_err(|error| self.stop_money(&error))?;
-            // Another thread's failed sync may have left a hole before ours.
-            self.still_durable()?;
-            if matches!(record.state, DepositState::Posted { transfer, .. } if transfer == ours) {
+            let posted_now =
+                matches!(record.state, DepositState::Posted { transfer, .. } if transfer == ours);
+            if posted_now {
                 ledger.commit(prepared);
+            }
+            drop(ledger);
+            // Durable (and no earlier sync failed) before it is answered.
+            self.durable()?;
+            if posted_now {
                 tracing::info!(cid = %customer.cid, %amount, %reference, "deposit posted");
             }
         }

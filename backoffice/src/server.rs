@@ -50,7 +50,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/RPC2", post(answer))
         .layer(DefaultBodyLimit::max(Limits::BACKOFFICE.body_bytes_max))
         .route("/metrics", axum::routing::get(metrics))
-        .merge(crate::web::routes())
+        .merge(crate::web::routes(Arc::clone(&service)))
         .merge(crate::web::upload_routes())
         .with_state(service)
 }

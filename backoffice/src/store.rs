@@ -369,7 +369,14 @@ pub trait Store {
     fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError>;
     /// Records transfers made outside uploads (deposits, withdrawals,
     /// corrections), atomically and durably.
-    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
+    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        self.stage_transfers(transfers)?;
+        self.sync()
+    }
+    /// Records transfers as `post_transfers` does, atomically and visibly
+    /// to later reads, but durable only once a `sync` that starts after it
+    /// returns (so that the caller can sync after letting go of its locks).
+    fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
     /// Uses counted so far in a billing period.
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
     /// Every reading in suspense.
@@ -469,6 +476,17 @@ pub trait Store {
     /// transaction, durably; a deposit posted already is left as it is (the
     /// record answered names its transfer).
     fn post_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError> {
+        let record = self.stage_deposit(reference, transfer)?;
+        self.sync()?;
+        Ok(record)
+    }
+    /// Does what `post_deposit` does, durable only once a `sync` that
+    /// starts after it returns.
+    fn stage_deposit(
         &self,
         reference: &Reference,
         transfer: &Transfer,
@@ -802,13 +820,12 @@ impl Store for SledStore {
         }
     }
 
-    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+    fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for transfer in transfers {
             batch.insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer));
         }
-        self.transfers.apply_batch(batch)?;
-        self.sync()
+        Ok(self.transfers.apply_batch(batch)?)
     }
 
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError> {
@@ -1187,12 +1204,12 @@ impl Store for SledStore {
         self.deposit_collected_record(reference, processor)
     }
 
-    fn post_deposit(
+    fn stage_deposit(
         &self,
         reference: &Reference,
         transfer: &Transfer,
     ) -> Result<DepositRecord, StoreError> {
-        self.post_deposit_record(reference, transfer)
+        self.stage_deposit_record(reference, transfer)
     }
 }
 

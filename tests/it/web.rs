@@ -264,6 +264,92 @@ fn a_post_without_or_with_a_wrong_csrf_token_is_refused_and_changes_nothing() {
     assert_eq!(visitor.get("/account").status, 200, "still logged in");
 }
 
+/// Every form of the site, posted by a logged-in customer with a wrong
+/// token, is refused (403, "Form expired") and changes nothing. The list
+/// is every POST route of the web pages; the server checks the token for
+/// all of them in one place (`require_csrf`), the upload form in its own
+/// handler.
+#[test]
+fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, cid) = registered(&office, "Ada");
+    let account_before = ada.get("/account").body;
+    let meters_before = ada.get("/meters").body;
+    let wrong = "0".repeat(64);
+    let registration = registration("Eve", "eve@example.org");
+    let registration: Vec<(&str, &str)> = registration
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let forms: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("/", registration),
+        (
+            "/login",
+            vec![("who", "ada@example.org"), ("password", PASSWORD)],
+        ),
+        ("/logout", vec![]),
+        ("/forgot", vec![("who", "ada@example.org")]),
+        (
+            "/reset",
+            vec![
+                ("token", "x"),
+                ("password", PASSWORD),
+                ("passwordCopy", PASSWORD),
+            ],
+        ),
+        (
+            "/account",
+            vec![
+                ("firstName", "Mallory"),
+                ("emailAddress", "mallory@example.org"),
+            ],
+        ),
+        ("/grant", vec![("code", "BCDF-GHJK")]),
+        (
+            "/grant/decide",
+            vec![("code", "BCDF-GHJK"), ("decision", "approve")],
+        ),
+        ("/grants/revoke", vec![("grant", "1")]),
+        (
+            "/products/components",
+            vec![("pid", "B1-P1"), ("components", "B1-P2")],
+        ),
+        ("/meters", vec![]),
+    ];
+    for (path, fields) in forms {
+        for token in [wrong.as_str(), ""] {
+            let mut form = fields.clone();
+            form.push(("csrf", token));
+            let page = ada.post_form(path, &form);
+            assert_eq!(page.status, 403, "{path} with {token:?}: {}", page.body);
+            assert!(page.body.contains("Form expired"), "{path}: {}", page.body);
+        }
+    }
+    let module = crate::examples::module("flat");
+    let upload = ada.post_multipart(
+        "/products/new",
+        &[
+            ("csrf", wrong.as_str()),
+            ("name", "Loom"),
+            ("description", "Weaves."),
+            ("terms", "0.25 per use"),
+            ("maxPrice", "0.25"),
+            ("agrees", "yes"),
+        ],
+        ("taca", "loom.wasm", &module),
+    );
+    assert_eq!(upload.status, 403, "{}", upload.body);
+    // Nothing changed: still logged in, the same account and meters, no
+    // product, no second customer.
+    assert_eq!(ada.get("/account").body, account_before);
+    assert_eq!(ada.get("/meters").body, meters_before);
+    assert!(!account_before.contains("Mallory"));
+    assert!(office.call("customer.show", &[s("B1-C2")]).is_err());
+    let shown = office.call("customer.show", &[s(&cid)]).unwrap();
+    assert!(!format!("{shown:?}").contains("B1-P1"), "{shown:?}");
+}
+
 #[test]
 fn a_script_tag_in_a_name_is_shown_as_text() {
     let dir = tempfile::tempdir().unwrap();

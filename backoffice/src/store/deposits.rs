@@ -85,7 +85,7 @@ impl SledStore {
         Ok(record)
     }
 
-    pub(super) fn post_deposit_record(
+    pub(super) fn stage_deposit_record(
         &self,
         reference: &Reference,
         transfer: &Transfer,
@@ -122,9 +122,7 @@ impl SledStore {
             deposits.insert(key, encode(&record))?;
             Ok(record)
         });
-        let record = outcome.map_err(corrupt)?;
-        self.sync()?;
-        Ok(record)
+        outcome.map_err(corrupt)
     }
 }
 

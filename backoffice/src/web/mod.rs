@@ -113,8 +113,11 @@ impl Web {
     }
 }
 
-/// The routes of the web pages.
-pub fn routes() -> Router<Arc<Service>> {
+/// The routes of the web pages. Every form posted to them is checked for
+/// its session's CSRF token before its handler runs (`require_csrf`), so a
+/// form added later cannot forget to; the upload form (multipart) checks
+/// its own in `add_product`.
+pub fn routes(service: Arc<Service>) -> Router<Arc<Service>> {
     Router::new()
         .route("/", get(entry_page).post(register))
         .route("/login", get(login_page).post(login))
@@ -134,7 +137,32 @@ pub fn routes() -> Router<Arc<Service>> {
         .route("/statement/items.csv", get(items_csv))
         .route("/style.css", get(style))
         .route("/health", get(health))
+        .route_layer(axum::middleware::from_fn_with_state(service, require_csrf))
         .layer(DefaultBodyLimit::max(FORM_BYTES_MAX))
+}
+
+/// Refuses a POST whose form lacks its session's CSRF token (or is larger
+/// than a form may be), before the route's handler sees it.
+async fn require_csrf(
+    State(service): State<Arc<Service>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, FORM_BYTES_MAX).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "the form is too large").into_response();
+    };
+    if let Err(refused) = posted_form(&service.web, &parts.headers, &bytes) {
+        return *refused;
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// The routes that take uploads, with their own body limit.
