@@ -573,7 +573,7 @@ fn serve(
     }
     backoffice::init_logs();
     let dir = data_dir.unwrap_or_else(default_data_dir);
-    let opened = std::fs::create_dir_all(&dir)
+    let opened = durable::private_dir(&dir)
         .map_err(|error| error.to_string())
         .and_then(|()| backoffice::server::operator_token(&dir).map_err(|error| error.to_string()))
         .and_then(|token| {

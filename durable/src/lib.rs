@@ -100,9 +100,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Opens (or makes) the sled folder `dir`: the database and its files.
+/// Makes `dir` (and any missing parent) readable by its owner only (0700),
+/// whatever the umask; an existing `dir` loses any group and other access.
+/// For folders that hold secrets: a store of record holds meter secrets,
+/// password hashes and payment details.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
+/// Opens (or makes, owner-only: `private_dir`) the sled folder `dir`: the
+/// database and its files.
 pub fn open(dir: &Path, options: &Options) -> Result<(sled::Db, SledDir), OpenError> {
-    std::fs::create_dir_all(dir)?;
+    private_dir(dir)?;
     let config = sled::Config::new()
         .path(dir)
         // Bounds memory; the rest stays on disk.
@@ -371,6 +389,22 @@ mod tests {
         assert_eq!(files.failure(), None);
         db.insert(b"c", b"3".as_slice()).unwrap();
         files.sync().unwrap();
+    }
+
+    #[test]
+    fn a_store_folder_is_its_owners_only_new_or_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let folder = tempfile::tempdir().unwrap();
+        let mode = |dir: &Path| std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        let new = folder.path().join("new/store");
+        drop(open(&new, &options()).unwrap());
+        assert_eq!(mode(&new), 0o700);
+        assert_eq!(mode(&folder.path().join("new")), 0o700, "a parent made too");
+        let old = folder.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(open(&old, &options()).unwrap());
+        assert_eq!(mode(&old), 0o700);
     }
 
     #[test]

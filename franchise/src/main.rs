@@ -147,7 +147,7 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
     let office_dir = data.join("backoffice");
     let meter_dir = data.join("meterd");
     for dir in [&office_dir, &meter_dir] {
-        std::fs::create_dir_all(dir)
+        durable::private_dir(dir)
             .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
     }
     let (token_path, operator_token) = backoffice::server::operator_token(&office_dir)

@@ -500,6 +500,18 @@ fn a_reset_link_works_once_and_warns_of_a_break_in() {
         .filter(|path| path.extension().is_some_and(|ext| ext == "eml"))
         .collect();
     assert_eq!(outbox.len(), 1, "{outbox:?}");
+    // Secrets at rest are their owner's only: the data folder, the store
+    // (meter secrets, password hashes), the operator token, the outbox and
+    // its reset links (issue 14).
+    let mode = |path: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&office.data), 0o700);
+    assert_eq!(mode(&office.data.join("store")), 0o700);
+    assert_eq!(mode(&office.data.join("operator-token")), 0o600);
+    assert_eq!(mode(&office.data.join("outbox")), 0o700);
+    assert_eq!(mode(&outbox[0]), 0o600);
     let mail = std::fs::read_to_string(&outbox[0]).unwrap();
     assert!(mail.starts_with("To: ada@example.org\r\n"), "{mail}");
     assert!(

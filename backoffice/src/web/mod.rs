@@ -807,10 +807,16 @@ async fn forgot(
 /// the tests pick it up from there.
 fn send_mail(config: &WebConfig, to: &str, subject: &str, body: &str) -> std::io::Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(&config.outbox)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Messages carry reset links: owner-only, like the store.
+    durable::private_dir(&config.outbox)?;
     let name = format!("{}-{}.eml", crate::now_ms(), &password::random_token()[..8]);
     let temporary = config.outbox.join(format!(".{name}"));
-    let mut file = std::fs::File::create(&temporary)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)?;
     write!(
         file,
         "To: {to}\r\nSubject: {subject}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}"
