@@ -166,9 +166,14 @@ fn by_password(service: &Service, asked: PasswordGrant, now_ms: u64) -> Result<V
             "the branch is busy checking passwords; try again in a moment",
         ));
     };
-    // Counted as a failure before the check, cleared by a success: guesses
-    // sent at once pass the allowance by at most one per core.
-    sessions.failed(&account, &address);
+    // Counted as a failure before the check (atomically with the allowance
+    // check), cleared by a success: guesses sent at once never pass it.
+    let Some(attempt) = sessions.reserve_attempt(&account, &address) else {
+        return Err(Fault::new(
+            FaultCode::TooManyAttempts,
+            "too many failed attempts for this customer or meter; wait 15 minutes",
+        ));
+    };
     let matches = match customer.as_ref().and_then(|c| c.password.as_ref()) {
         Some(stored) => password::verify(&asked.password, stored),
         None => {
@@ -183,7 +188,7 @@ fn by_password(service: &Service, asked: PasswordGrant, now_ms: u64) -> Result<V
             "the CID or the password is wrong (a customer without a web password grants on the web pages)",
         ));
     }
-    sessions.succeeded(&account);
+    sessions.attempt_succeeded(&account, &address, attempt);
     let grant = store
         .create_grant(NewGrant {
             mid: request.mid,

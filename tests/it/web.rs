@@ -480,6 +480,50 @@ fn the_tenth_wrong_password_in_a_row_is_throttled() {
     assert!(tenth.body.contains("Too many failed attempts"));
 }
 
+/// Forty wrong passwords for one account sent at once: no more are checked
+/// than the allowance (each attempt is counted before its password is
+/// hashed), the rest are refused with 429, and then even the right password
+/// is refused until the window passes.
+#[test]
+fn parallel_guesses_are_counted_before_hashing_and_cannot_pass_the_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (_ada, cid) = registered(&office, "Ada");
+    let guessers: Vec<(Visitor, String)> = (0..40)
+        .map(|_| {
+            let mut visitor = Visitor::new(office.address);
+            let token = visitor.get("/login").csrf();
+            (visitor, token)
+        })
+        .collect();
+    let start = std::sync::Barrier::new(guessers.len());
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let calls: Vec<_> = guessers
+            .into_iter()
+            .enumerate()
+            .map(|(n, (mut visitor, token))| {
+                let (start, cid) = (&start, &cid);
+                scope.spawn(move || {
+                    start.wait();
+                    let guess = format!("wrong-guess-{n}");
+                    visitor
+                        .post_form(
+                            "/login",
+                            &[("csrf", &token), ("who", cid), ("password", &guess)],
+                        )
+                        .status
+                })
+            })
+            .collect();
+        calls.into_iter().map(|call| call.join().unwrap()).collect()
+    });
+    let checked = statuses.iter().filter(|status| **status == 401).count();
+    let refused = statuses.iter().filter(|status| **status == 429).count();
+    assert_eq!((checked, refused), (9, 31), "{statuses:?}");
+    let mut ada = Visitor::new(office.address);
+    assert_eq!(log_in(&mut ada, &cid, PASSWORD).status, 429);
+}
+
 #[test]
 fn a_reset_link_works_once_and_warns_of_a_break_in() {
     let dir = tempfile::tempdir().unwrap();

@@ -674,7 +674,7 @@ async fn login(
     let account = customer
         .as_ref()
         .map_or_else(|| who.clone(), |customer| customer.cid.to_string());
-    if web.sessions.throttled(&account, &address) {
+    let Some(attempt) = web.sessions.reserve_attempt(&account, &address) else {
         return page(
             web,
             &session,
@@ -691,7 +691,7 @@ async fn login(
                 )),
             ),
         );
-    }
+    };
     let typed = fields.get("password").to_owned();
     let iterations = web.config.password_iterations;
     let stored = customer
@@ -709,25 +709,23 @@ async fn login(
         .unwrap_or(false);
     match customer {
         Some(customer) if matches => {
-            web.sessions.succeeded(&account);
+            web.sessions.attempt_succeeded(&account, &address, attempt);
             let session = web.sessions.log_in(&session.token, customer.cid);
             redirect(web, next, Some(&session))
         }
-        _ => {
-            web.sessions.failed(&account, &address);
-            page(
-                web,
+        // Counted already, when it was reserved.
+        _ => page(
+            web,
+            &session,
+            new,
+            StatusCode::UNAUTHORIZED,
+            pages::login(
                 &session,
-                new,
-                StatusCode::UNAUTHORIZED,
-                pages::login(
-                    &session,
-                    &who,
-                    next,
-                    Some("The CID or e-mail address, or the password, is wrong."),
-                ),
-            )
-        }
+                &who,
+                next,
+                Some("The CID or e-mail address, or the password, is wrong."),
+            ),
+        ),
     }
 }
 

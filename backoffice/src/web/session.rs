@@ -169,6 +169,51 @@ impl Sessions {
         true
     }
 
+    /// Reserves one login attempt for `account` from `address` before its
+    /// password is hashed: counted as a failure now (so parallel guesses
+    /// cannot all be checked before the first is counted), refused
+    /// (`None`, nothing counted) once either allowance is used. A success
+    /// gives it back with [`Sessions::attempt_succeeded`]. This also bounds
+    /// the hashing an address can queue to its allowance per window.
+    pub fn reserve_attempt(&self, account: &str, address: &str) -> Option<Instant> {
+        let now = Instant::now();
+        let mut failures = lock(&self.failures);
+        make_throttle_room(&mut failures, now);
+        let keys = [
+            (account_key(account), FAILURES_MAX),
+            (address_key(address), ADDRESS_FAILURES_MAX),
+        ];
+        for (key, max) in &keys {
+            if let Some(times) = failures.get_mut(key) {
+                while times
+                    .front()
+                    .is_some_and(|time| now.duration_since(*time) > FAILURE_WINDOW)
+                {
+                    times.pop_front();
+                }
+                if times.len() >= *max {
+                    return None;
+                }
+            }
+        }
+        for (key, _) in keys {
+            failures.entry(key).or_default().push_back(now);
+        }
+        Some(now)
+    }
+
+    /// The attempt reserved at `at` logged in: the account's failures are
+    /// forgotten, and the attempt no longer counts against the address.
+    pub fn attempt_succeeded(&self, account: &str, address: &str, at: Instant) {
+        let mut failures = lock(&self.failures);
+        failures.remove(&account_key(account));
+        if let Some(times) = failures.get_mut(&address_key(address))
+            && let Some(position) = times.iter().position(|time| *time == at)
+        {
+            times.remove(position);
+        }
+    }
+
     /// Counts a failed login against the account and the address.
     pub fn failed(&self, account: &str, address: &str) {
         let now = Instant::now();
