@@ -843,10 +843,8 @@ impl Pricing {
     fn check_version(&self, taca: &Taca) -> Result<(), ModuleError> {
         let _slot = self.slots.take().map_err(ModuleError::SampleFailed)?;
         let mut store = self.store().map_err(ModuleError::SampleFailed)?;
-        let instance = taca
-            .pre
-            .instantiate(&mut store)
-            .map_err(|error| ModuleError::SampleFailed(trap_error(&error)))?;
+        // Through `instantiate`: a full pool is Busy, not the module's fault.
+        let instance = instantiate(taca, &mut store).map_err(ModuleError::SampleFailed)?;
         let version: TypedFunc<(), i32> =
             instance
                 .get_typed_func(&mut store, "taca_abi_version")
@@ -1026,11 +1024,26 @@ impl Pricing {
         &self,
         jobs: &[(Arc<Taca>, PriceInput)],
     ) -> Vec<Result<Priced, PricingError>> {
+        // Once one price found every slot busy past the wait, the batch is
+        // refused as a whole: the rest answer Busy at once instead of each
+        // waiting its own `SLOT_WAIT_MS`.
+        let busy = std::sync::atomic::AtomicBool::new(false);
+        let price = |taca: &Taca, input: &PriceInput| {
+            if busy.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(PricingError::Busy);
+            }
+            let priced = self.price(taca, input);
+            if matches!(priced, Err(PricingError::Busy)) {
+                busy.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            priced
+        };
+        let price = &price;
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         if threads < 2 || jobs.len() < PARALLEL_JOBS_MIN {
             return jobs
                 .iter()
-                .map(|(taca, input)| self.price(taca, input))
+                .map(|(taca, input)| price(taca, input))
                 .collect();
         }
         let chunk = jobs.len().div_ceil(threads);
@@ -1040,7 +1053,7 @@ impl Pricing {
                 .map(|part| {
                     scope.spawn(move || {
                         part.iter()
-                            .map(|(taca, input)| self.price(taca, input))
+                            .map(|(taca, input)| price(taca, input))
                             .collect::<Vec<_>>()
                     })
                 })

@@ -2174,12 +2174,13 @@ mod tests {
     fn busy_pricing_refuses_the_batch_retryably_and_sends_nothing_to_suspense() {
         let dir = tempfile::tempdir().unwrap();
         let branch = Branch::open(dir.path());
-        let body = branch.body(1);
+        // Busy while the module is loaded (its version check needs a slot).
+        let first = branch.body(1);
         let held = branch
             .backoffice
             .pricing
-            .hold_every_slot(std::time::Duration::from_millis(50));
-        let fault = branch.send(&body, branch.now_ms).unwrap_err();
+            .hold_every_slot(std::time::Duration::from_millis(300));
+        let fault = branch.send(&first, branch.now_ms).unwrap_err();
         assert_eq!(
             fault.registered(),
             Some(FaultCode::InternalError),
@@ -2194,8 +2195,27 @@ mod tests {
         );
         drop(held);
         // The meter's retry, signed anew, is applied: four uses at 0.001.
-        branch.send(&body, branch.now_ms + 1).unwrap();
+        branch.send(&first, branch.now_ms + 1).unwrap();
         assert_eq!(branch.balance(), Amount::parse("9.996").unwrap());
+        // Busy while pricing (the module is loaded now): one wait for the
+        // batch, not one per use (4 here), and nothing to suspense.
+        let second = branch.body(5);
+        let held = branch
+            .backoffice
+            .pricing
+            .hold_every_slot(std::time::Duration::from_millis(300));
+        let asked = std::time::Instant::now();
+        let fault = branch.send(&second, branch.now_ms + 2).unwrap_err();
+        assert!(
+            asked.elapsed() < std::time::Duration::from_millis(900),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert!(fault.message.contains("busy"), "{fault:?}");
+        assert_eq!(branch.backoffice.store().suspense_count().unwrap(), 0);
+        drop(held);
+        branch.send(&second, branch.now_ms + 3).unwrap();
+        assert_eq!(branch.balance(), Amount::parse("9.992").unwrap());
         assert_eq!(branch.backoffice.store().suspense_count().unwrap(), 0);
     }
 

@@ -94,6 +94,9 @@ pub enum CacheError {
     /// Opening the folder failed.
     #[error("could not open the cache: {0}")]
     Io(#[from] std::io::Error),
+    /// The pending batch had no readings; it was dropped.
+    #[error("the pending batch {0} held no readings and was dropped")]
+    EmptyBatch(String),
     /// Making the data durable failed: the cache has stopped.
     #[error("could not make the cache durable: {0}")]
     Sync(#[from] durable::SyncError),
@@ -447,11 +450,15 @@ impl Cache {
         let next = first + count;
         batch.insert(NEXT_SEQ_KEY, &next.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        // From here these numbers are taken, whatever the sync says.
-        self.next_seq.store(next, Ordering::Release);
         if let Err(error) = self.sync() {
+            // Stopped: no later append can take these numbers, and a
+            // restart reads `NEXT_SEQ` from the disk.
             return Err(self.undo_append(first, next, &error));
         }
+        // Only now may a batch take these readings: `next_seq` bounds what
+        // `pending_batch_ending` reads, so a reading whose sync is still
+        // running (or failed) is never uploaded.
+        self.next_seq.store(next, Ordering::Release);
         Ok(first)
     }
 
@@ -508,6 +515,9 @@ impl Cache {
         if let Some(bytes) = self.tree.get(BATCH_KEY)? {
             return Ok(Some(decode_batch(&bytes)));
         }
+        // Readings appended but not yet durable (their group's sync is
+        // running, or failed and is being undone) are not the uploader's.
+        let durable_next = self.next_seq.load(Ordering::Acquire);
         let mut readings = Vec::new();
         for record in self
             .tree
@@ -515,7 +525,11 @@ impl Cache {
             .values()
             .take(readings_max.max(1))
         {
-            readings.push(checked_decode(&record?));
+            let reading = checked_decode(&record?);
+            if reading.seq >= durable_next {
+                break;
+            }
+            readings.push(reading);
         }
         if readings.is_empty() {
             return Ok(None);
@@ -551,10 +565,14 @@ impl Cache {
             let (_, record) = entry?;
             readings.push(checked_decode(&record));
         }
-        assert!(
-            !readings.is_empty(),
-            "cache: pending batch without readings"
-        );
+        if readings.is_empty() {
+            // Cannot happen since batches take durable readings only; if a
+            // cache made before that holds one, it is dropped, not retried
+            // forever.
+            self.tree.remove(BATCH_KEY)?;
+            self.sync()?;
+            return Err(CacheError::EmptyBatch(batch.id.to_string()));
+        }
         Ok(readings)
     }
 
@@ -1214,6 +1232,61 @@ mod tests {
             5,
             "3 and 4 are never given again"
         );
+    }
+
+    /// The uploader runs while a group's sync is still going: the group's
+    /// readings are in sled already, but nobody has been told they are
+    /// recorded (the sync may yet fail and the group be undone), so no
+    /// batch may take them.
+    #[test]
+    fn a_batch_never_takes_readings_whose_group_is_not_yet_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        cache.append(&[new_reading(1), new_reading(2)]).unwrap();
+        // `append`'s first step for a group of 3 and 4, without its sync.
+        let mut group = sled::Batch::default();
+        for seq in [3, 4] {
+            let reading = Reading {
+                seq,
+                time_ms: 1_000 + seq,
+                context: Context::parse("42.7").unwrap(),
+                event: new_reading(seq).event,
+            };
+            group.insert(&reading_key(seq), encode_reading(&reading));
+        }
+        group.insert(NEXT_SEQ_KEY, &5u64.to_be_bytes());
+        cache.tree.apply_batch(group).unwrap();
+        let batch = cache.pending_batch(100).unwrap().unwrap();
+        assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
+        assert_eq!(
+            cache.batch_readings(&batch).unwrap().len(),
+            2,
+            "only the durable readings"
+        );
+    }
+
+    /// A pending batch without readings (a cache written before batches
+    /// took only durable readings) is dropped with an error, not retried
+    /// forever behind a panic.
+    #[test]
+    fn a_pending_batch_without_readings_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        cache.append(&[new_reading(1)]).unwrap();
+        let empty = PendingBatch {
+            id: BatchId::parse("00000000000000ff:7").unwrap(),
+            first_seq: 7,
+            last_seq: 8,
+        };
+        cache.tree.insert(BATCH_KEY, encode_batch(&empty)).unwrap();
+        let held = cache.pending_batch(100).unwrap().unwrap();
+        assert_eq!(held, empty);
+        assert!(matches!(
+            cache.batch_readings(&held),
+            Err(CacheError::EmptyBatch(_))
+        ));
+        let next = cache.pending_batch(100).unwrap().unwrap();
+        assert_eq!((next.first_seq, next.last_seq), (1, 1));
     }
 
     #[test]

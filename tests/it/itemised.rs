@@ -193,3 +193,116 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
         "{fault:?}"
     );
 }
+
+/// A producer who paid for a component used inside their product sees
+/// when and what it cost, never the end customer's meter, batch or
+/// context: only a use's own customer sees where it was made.
+#[test]
+fn a_producer_paying_for_a_component_does_not_see_where_the_customer_used_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let mut ada = Visitor::new(office.address);
+    let ada_cid = register(&mut ada, &registration("Ada", "ada@example.org"), None)
+        .text_of("cid")
+        .unwrap();
+    let mut carol = Visitor::new(office.address);
+    let carol_cid = register(
+        &mut carol,
+        &registration("Carol", "carol@example.org"),
+        None,
+    )
+    .text_of("cid")
+    .unwrap();
+    let mut bob = Visitor::new(office.address);
+    let bob_cid = register(&mut bob, &registration("Bob", "bob@example.org"), None)
+        .text_of("cid")
+        .unwrap();
+    for cid in [&ada_cid, &carol_cid] {
+        office.call("account.deposit", &[s(cid), s("10")]).unwrap();
+    }
+    let product = |owner: &str, name: &str| {
+        office.text(
+            "product.create",
+            &[
+                s(owner),
+                s(name),
+                s("0.25 per use"),
+                Value::Base64(crate::examples::module("flat")),
+                s("1"),
+            ],
+            "PID",
+        )
+    };
+    // Carol's editor uses Bob's library inside it, and says so.
+    let editor = product(&carol_cid, "Editor");
+    let library = product(&bob_cid, "Library");
+    office
+        .call("product.components", &[s(&editor), s(&library)])
+        .unwrap();
+    let meter = FakeMeter::register(&office, &ada_cid);
+    let (method, params) = proto::grant::PasswordGrant {
+        request: proto::grant::GrantRequest {
+            mid: meter.mid,
+            cid: ada_cid.parse().unwrap(),
+            label: "ada's laptop".into(),
+            scope: proto::grant::Scope::Machine,
+        },
+        password: PASSWORD.to_owned(),
+        expires_in_s: None,
+    }
+    .to_call();
+    meter.call(method, &params).expect("Ada's grant");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let commit = |seq: u64, pid: &str, payer: Payer| Reading {
+        seq,
+        time_ms: now_ms - 2_000 + seq,
+        context: Context::parse("4242.1").unwrap(),
+        event: Event::Commit {
+            pid: pid.parse().unwrap(),
+            payer: Some(payer),
+        },
+    };
+    let request = SendRequest {
+        mid: meter.mid,
+        body: SendBody::Batch(Batch {
+            id: BatchId::parse("laptop:1").unwrap(),
+            readings: vec![
+                commit(1, &library, Payer::OwnerOf(editor.parse().unwrap())),
+                commit(2, &editor, Payer::Customer(ada_cid.parse().unwrap())),
+            ],
+            parties: Vec::new(),
+        }),
+    };
+    meter
+        .call(proto::upload::SEND_METHOD, &request.to_params())
+        .expect("applied");
+    // Carol's statement (she is logged in since she registered): she was paid by Ada (editor) and paid Bob
+    // (library); the library line is hers to pay, its use Ada's.
+    let statement = carol.get("/statement");
+    let marker = "href=\"/statement/items?transfer=";
+    let lines: Vec<String> = statement
+        .body
+        .match_indices(marker)
+        .map(|(at, _)| {
+            statement.body[at + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect()
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", statement.body);
+    for line in &lines {
+        let page = carol.get(&format!("/statement/items?transfer={line}"));
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert!(
+            !page.body.contains("4242.1") && !page.body.contains("laptop:1"),
+            "line {line} shows where Ada used it: {}",
+            page.body
+        );
+        let csv = carol.get(&format!("/statement/items.csv?transfer={line}"));
+        assert!(!csv.body.contains("4242.1"), "{}", csv.body);
+    }
+}

@@ -1469,8 +1469,21 @@ fn line_items(
         return Ok(None);
     }
     let items = crate::itemised::items_of_transfer(service.backoffice.store(), transfer.id)?;
+    // Where and how a use was made is shown only to the customer whose use
+    // it was: a producer who paid for a component used inside their own
+    // product (the reading names the product's owner as payer) sees the
+    // paid-to view, not the end customer's meter and context.
+    let own_uses = items.as_ref().is_none_or(|items| {
+        items.iter().all(|item| {
+            matches!(
+                item.reading.event,
+                proto::reading::Event::Commit { payer: Some(proto::Payer::Customer(payer)), .. }
+                    if payer == cid
+            )
+        })
+    });
     Ok(Some(LineItems {
-        paid: transfer.debit == account,
+        paid: transfer.debit == account && own_uses,
         transfer,
         items,
     }))
