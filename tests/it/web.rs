@@ -524,6 +524,71 @@ fn parallel_guesses_are_counted_before_hashing_and_cannot_pass_the_allowance() {
     assert_eq!(log_in(&mut ada, &cid, PASSWORD).status, 429);
 }
 
+/// The reset links mailed to an account, newest last.
+fn reset_links(office: &Backoffice, to: &str) -> Vec<String> {
+    let mut mails: Vec<std::path::PathBuf> = std::fs::read_dir(office.data.join("outbox"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "eml"))
+        .collect();
+    mails.sort();
+    mails
+        .iter()
+        .map(|path| std::fs::read_to_string(path).unwrap())
+        .filter(|mail| mail.starts_with(&format!("To: {to}\r\n")))
+        .map(|mail| {
+            let link = mail
+                .split_whitespace()
+                .find(|word| word.contains("/reset?token="))
+                .expect("a link")
+                .to_owned();
+            link[link.find("/reset").unwrap()..].to_owned()
+        })
+        .collect()
+}
+
+/// Using one reset link, or logging in, voids every other link still
+/// outstanding for the account: a link left in a mailbox is of use only to
+/// whoever else reads it.
+#[test]
+fn a_used_link_or_a_login_voids_every_other_reset_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let mut ada = Visitor::new(office.address);
+    register(&mut ada, &registration("Ada", "ada@example.org"), None);
+    let mut visitor = Visitor::new(office.address);
+    for _ in 0..2 {
+        let token = visitor.get("/forgot").csrf();
+        let asked = visitor.post_form("/forgot", &[("csrf", &token), ("who", "ada@example.org")]);
+        assert_eq!(asked.status, 200);
+    }
+    let links = reset_links(&office, "ada@example.org");
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert_eq!(visitor.get(&links[0]).status, 200, "both links work");
+    let form = visitor.get(&links[1]);
+    let new_password = "new-Heron-2027";
+    let set = visitor.post_form(
+        "/reset",
+        &[
+            ("csrf", &form.csrf()),
+            ("token", links[1].split('=').nth(1).unwrap()),
+            ("password", new_password),
+            ("passwordCopy", new_password),
+        ],
+    );
+    assert_eq!(set.status, 303, "{}", set.body);
+    assert_eq!(visitor.get(&links[0]).status, 410, "the other link died");
+    // A link asked for, then a login: the link dies.
+    let token = visitor.get("/forgot").csrf();
+    visitor.post_form("/forgot", &[("csrf", &token), ("who", "ada@example.org")]);
+    let links = reset_links(&office, "ada@example.org");
+    let last = links.last().unwrap();
+    let mut other = Visitor::new(office.address);
+    assert_eq!(other.get(last).status, 200);
+    assert_eq!(log_in(&mut other, "B1-C1", new_password).status, 303);
+    assert_eq!(other.get(last).status, 410, "a login voids it");
+}
+
 #[test]
 fn a_reset_link_works_once_and_warns_of_a_break_in() {
     let dir = tempfile::tempdir().unwrap();

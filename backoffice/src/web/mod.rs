@@ -710,6 +710,7 @@ async fn login(
     match customer {
         Some(customer) if matches => {
             web.sessions.attempt_succeeded(&account, &address, attempt);
+            web.sessions.void_resets(customer.cid);
             let session = web.sessions.log_in(&session.token, customer.cid);
             redirect(web, next, Some(&session))
         }

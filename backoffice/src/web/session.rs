@@ -255,12 +255,23 @@ impl Sessions {
             .map(|(cid, _)| *cid)
     }
 
-    /// Uses up a reset token: the customer it was for, once.
+    /// Uses up a reset token: the customer it was for, once. Every other
+    /// link outstanding for that customer dies with it.
     pub fn take_reset(&self, token: &str) -> Option<Cid> {
-        lock(&self.resets)
+        let mut resets = lock(&self.resets);
+        let cid = resets
             .remove(token)
             .filter(|(_, made)| made.elapsed() < RESET_VALID)
-            .map(|(cid, _)| cid)
+            .map(|(cid, _)| cid)?;
+        resets.retain(|_, (other, _)| *other != cid);
+        Some(cid)
+    }
+
+    /// Voids every reset link outstanding for `cid` (they logged in: a
+    /// link mailed before is of no more use to them, only to whoever may
+    /// read their mail).
+    pub fn void_resets(&self, cid: Cid) {
+        lock(&self.resets).retain(|_, (other, _)| *other != cid);
     }
 }
 
