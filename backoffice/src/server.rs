@@ -52,6 +52,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/metrics", axum::routing::get(metrics))
         .merge(crate::web::routes(Arc::clone(&service)))
         .merge(crate::web::upload_routes())
+        .fallback(crate::web::not_found)
         .with_state(service)
 }
 

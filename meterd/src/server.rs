@@ -69,6 +69,18 @@ async fn answer(
         let fault = Fault::new(FaultCode::InvalidRequest, "XML-RPC calls are POST requests");
         return Ok(xml(StatusCode::METHOD_NOT_ALLOWED, encode_fault(&fault)));
     }
+    // A body of unstated length would be read as empty and answered with a
+    // parse fault that hides the cause: say what is missing.
+    let headers = request.headers();
+    if !headers.contains_key(hyper::header::CONTENT_LENGTH)
+        && !headers.contains_key(hyper::header::TRANSFER_ENCODING)
+    {
+        let fault = Fault::new(
+            FaultCode::InvalidRequest,
+            "a call needs a Content-Length header (or a chunked body)",
+        );
+        return Ok(xml(StatusCode::LENGTH_REQUIRED, encode_fault(&fault)));
+    }
     let limited = Limited::new(request.into_body(), LIMITS.body_bytes_max);
     let body = match limited.collect().await {
         Ok(collected) => collected.to_bytes(),

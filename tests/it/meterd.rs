@@ -347,6 +347,23 @@ fn bad_input_gets_a_fault_and_the_daemon_keeps_serving() {
     assert_eq!(status, 413, "oversize");
     let (status, _) = unix_request(&meter.socket, "GET", b"");
     assert_eq!(status, 405, "GET");
+    // A POST without a length is told so (411), not answered as a parse
+    // fault of an empty body.
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&meter.socket).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"POST /RPC2 HTTP/1.1\r\nHost: meterd\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 411"), "{answer}");
+        assert!(answer.contains("Content-Length"), "{answer}");
+    }
     let (status, answer) = unix_request(&meter.socket, "POST", call("status", "").as_bytes());
     assert_eq!((status, fault_code(&answer)), (200, None), "still serving");
     // Without a backoffice, flush answers false and the daemon says why.

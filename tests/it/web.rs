@@ -350,6 +350,29 @@ fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
     assert!(!format!("{shown:?}").contains("B1-P1"), "{shown:?}");
 }
 
+/// An address the branch has no page at gets a 404 page with the same
+/// security headers as every page.
+#[test]
+fn a_missing_page_has_the_security_headers_of_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let mut visitor = Visitor::new(office.address);
+    let entry = visitor.get("/");
+    let missing = visitor.get("/no/such/page");
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert!(missing.body.contains("Not found"), "{}", missing.body);
+    for name in [
+        "content-security-policy",
+        "x-content-type-options",
+        "x-frame-options",
+        "referrer-policy",
+        "cache-control",
+    ] {
+        assert!(entry.header(name).is_some(), "{name} on the entry page");
+        assert_eq!(missing.header(name), entry.header(name), "{name}");
+    }
+}
+
 #[test]
 fn a_script_tag_in_a_name_is_shown_as_text() {
     let dir = tempfile::tempdir().unwrap();

@@ -230,6 +230,30 @@ fn page(
     response
 }
 
+/// The answer for an address the branch has no page at, with the headers
+/// every page has. It makes no session: probes for pages create nothing.
+pub async fn not_found() -> Response {
+    let body = maud::html! {
+        (maud::DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "Not found - superdistribution branch" }
+                link rel="stylesheet" href="/style.css";
+            }
+            body {
+                main {
+                    h1 { "Not found" }
+                    p { "This branch has no page at this address. " a href="/" { "Start here." } }
+                }
+            }
+        }
+    };
+    let mut response = (StatusCode::NOT_FOUND, body).into_response();
+    secure_headers(response.headers_mut());
+    response
+}
+
 fn secure_headers(headers: &mut HeaderMap) {
     headers.insert(
         CONTENT_SECURITY_POLICY,

@@ -34,9 +34,9 @@ pub enum CodecError {
         max: usize,
     },
     /// The body is not valid UTF-8.
-    #[error("body is not UTF-8 (near byte {offset})")]
+    #[error("body is not UTF-8 (at byte {offset})")]
     NotUtf8 {
-        /// Byte offset of the markup or text holding the invalid bytes.
+        /// Byte offset of the first byte that is not valid UTF-8.
         offset: u64,
     },
     /// The body is not well-formed XML.
@@ -224,6 +224,7 @@ const STRUCT_SCAN_MEMBERS_MAX: usize = 16;
 /// The pull parser under `parse_call`, also driven directly by decoders that
 /// skip the `Value` tree (`upload`'s `send`).
 pub(crate) struct Parser<'a> {
+    body: &'a [u8],
     reader: Reader<&'a [u8]>,
     limits: Limits,
     depth: usize,
@@ -251,6 +252,7 @@ impl<'a> Parser<'a> {
         config.check_comments = true;
         config.allow_dangling_amp = false;
         Ok(Self {
+            body,
             reader,
             limits,
             depth: 0,
@@ -292,10 +294,21 @@ impl<'a> Parser<'a> {
     fn token(&mut self) -> Result<Token<'a>, CodecError> {
         loop {
             let offset = self.offset();
+            let body = self.body;
             let event = self.reader.read_event().map_err(|error| {
                 let offset = self.reader.error_position();
                 match error {
-                    quick_xml::Error::Encoding(_) => CodecError::NotUtf8 { offset },
+                    // The reader names where the event holding the bad
+                    // bytes starts; the first bad byte is found from there.
+                    quick_xml::Error::Encoding(_) => {
+                        let from = usize::try_from(offset).unwrap_or(0).min(body.len());
+                        let bad = std::str::from_utf8(&body[from..])
+                            .err()
+                            .map_or(0, |error| error.valid_up_to());
+                        CodecError::NotUtf8 {
+                            offset: offset + bad as u64,
+                        }
+                    }
                     _ => CodecError::Xml { offset },
                 }
             })?;

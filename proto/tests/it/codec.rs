@@ -313,7 +313,18 @@ fn non_utf8_is_refused() {
     let CodecError::NotUtf8 { offset } = refused(&body) else {
         panic!("expected NotUtf8")
     };
-    assert!(offset <= prefix as u64, "{offset} > {prefix}");
+    assert_eq!(offset, prefix as u64, "the first bad byte");
+    // Inside a longer text, and in markup.
+    let mut body = b"<methodCall><methodName>m</methodName><params><param><value>abc".to_vec();
+    let prefix = body.len();
+    body.extend_from_slice(&[0xc3, 0x28]);
+    body.extend_from_slice(b"</value></param></params></methodCall>");
+    assert_eq!(
+        refused(&body),
+        CodecError::NotUtf8 {
+            offset: prefix as u64
+        }
+    );
 }
 
 #[test]
