@@ -850,6 +850,28 @@ fn the_device_flow_grants_once_the_customer_approves() {
     });
     match second_user {
         Ok(other) => {
+            // The client module, where uid 65534 can read it whatever the
+            // checkout's own permissions (a clone in a 0700 folder, say).
+            let module_dir = dir.path().join("python");
+            std::fs::create_dir_all(&module_dir).unwrap();
+            std::fs::set_permissions(
+                &module_dir,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            std::fs::copy(
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../examples/python/meterd_client.py"
+                ),
+                module_dir.join("meterd_client.py"),
+            )
+            .unwrap();
+            std::fs::set_permissions(
+                module_dir.join("meterd_client.py"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )
+            .unwrap();
             let waited = Command::new(&other[0])
                 .args(&other[1..])
                 .arg(python)
@@ -861,7 +883,7 @@ fn the_device_flow_grants_once_the_customer_approves() {
                      try:\n    connect(sys.argv[2]).grant.wait(sys.argv[3])\n    print('answered')\n\
                      except xmlrpc.client.Fault as fault:\n    print('fault', fault.faultCode)\n",
                 )
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python"))
+                .arg(&module_dir)
                 .arg(&meter.socket)
                 .arg(&started.request)
                 .output()
