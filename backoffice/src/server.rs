@@ -256,14 +256,13 @@ fn find_customer(service: &Service, cid: &Cid) -> Result<crate::registry::Custom
 fn change_customer(
     service: &Service,
     cid: &Cid,
-    change: impl FnOnce(&mut crate::registry::Customer),
+    change: impl Fn(&mut crate::registry::Customer),
 ) -> Result<Value, Fault> {
-    let mut customer = find_customer(service, cid)?;
-    change(&mut customer);
+    find_customer(service, cid)?;
     service
         .backoffice
         .store()
-        .update_customer(&customer)
+        .change_customer(cid, &change)
         .map_err(store_fault)?;
     customer_value(service, cid)
 }

@@ -888,7 +888,7 @@ async fn reset(
         return link_gone(web, &session, new);
     };
     let store = service.backoffice.store();
-    let mut customer = match store.customer(&cid) {
+    let customer = match store.customer(&cid) {
         Ok(Some(customer)) => customer,
         Ok(None) => return redirect(web, "/login", None),
         Err(error) => return trouble(web, &session, &error),
@@ -912,11 +912,15 @@ async fn reset(
         return link_gone(web, &session, new);
     }
     let iterations = web.config.password_iterations;
-    customer.password = match web.heavy(move || password::hash(&typed, iterations)).await {
-        Ok(hashed) => Some(hashed),
+    let hashed = match web.heavy(move || password::hash(&typed, iterations)).await {
+        Ok(hashed) => hashed,
         Err(error) => return trouble(web, &session, &error),
     };
-    if let Err(error) = store.update_customer(&customer) {
+    // Only the password changes: an operator's deny or credit limit, or a
+    // profile edit, made meanwhile stays.
+    if let Err(error) = store.change_customer(&cid, &|customer| {
+        customer.password = Some(hashed.clone());
+    }) {
         return trouble(web, &session, &error);
     }
     web.sessions.log_out_everywhere(cid);
@@ -1077,11 +1081,20 @@ async fn edit_account(
         ));
     }
     if errors.is_empty() {
-        customer.name = display_name(&profile);
-        customer.email = email;
-        customer.profile = Some(profile);
-        match service.backoffice.store().update_customer(&customer) {
-            Ok(()) => {
+        // Only the contact details change: the deny flag, credit limit and
+        // password are whatever they are now, not what the page read.
+        let name = display_name(&profile);
+        let changed = service
+            .backoffice
+            .store()
+            .change_customer(&customer.cid, &|stored| {
+                stored.name.clone_from(&name);
+                stored.email.clone_from(&email);
+                stored.profile = Some(profile.clone());
+            });
+        match changed {
+            Ok(saved) => {
+                customer = saved;
                 return account_response(
                     &service,
                     &session,

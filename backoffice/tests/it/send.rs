@@ -401,14 +401,11 @@ fn a_denied_or_broke_customer_is_answered_false() {
             .unwrap();
     assert!(answer.standings[0].allowed);
     // An operator's "deny service" wins over any balance.
-    let mut customer = world
+    world
         .backoffice
         .store()
-        .customer(&world.consumer)
-        .unwrap()
+        .change_customer(&world.consumer, &|customer| customer.denied = true)
         .unwrap();
-    customer.denied = true;
-    world.backoffice.store().update_customer(&customer).unwrap();
     let login = vec![Event::Login(world.consumer)];
     let answer =
         SendAnswer::from_value(&send(&world, &batch(&world, "B1-M1:3", login), NOW_MS).unwrap())
@@ -1260,14 +1257,11 @@ fn a_batch_sent_again_is_answered_with_the_standings_of_now() {
             .map(|standing| standing.allowed)
     };
     assert_eq!(standing(&first), Some(true));
-    let mut customer = world
+    world
         .backoffice
         .store()
-        .customer(&world.consumer)
-        .unwrap()
+        .change_customer(&world.consumer, &|customer| customer.denied = true)
         .unwrap();
-    customer.denied = true;
-    world.backoffice.store().update_customer(&customer).unwrap();
     let again = SendAnswer::from_value(&send(&world, &body, NOW_MS + 1).unwrap()).unwrap();
     assert_eq!(again.outcome, Outcome::AlreadyApplied);
     assert_eq!(again.batch_id, first.batch_id);
