@@ -12,6 +12,8 @@ use proto::{Cid, Code, Pid};
 
 /// Exit code for a bad command line (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+/// Exit code when the backoffice cannot do it (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,7 +35,9 @@ struct Cli {
         default_value = "http://127.0.0.1:8080/RPC2"
     )]
     url: String,
-    /// The operator token file [default: DATA_DIR/operator-token].
+    /// The operator token file [default: DATA_DIR/operator-token, with
+    /// DATA_DIR from BACKOFFICE_DATA_DIR as `serve` reads it, else the
+    /// user's state folder].
     #[arg(
         long,
         global = true,
@@ -118,6 +122,10 @@ enum Command {
     Meter {
         /// The owner's CID.
         owner: String,
+        /// Write the meter's secret to FILE (made new, mode 0600) for
+        /// meterd's --secret-file, instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
     },
     /// Record a deposit from the customer's macro-account, once per
     /// reference: run it again with the same --reference after a failure or
@@ -484,8 +492,14 @@ fn audit(cli: &Cli, args: &AuditArgs<'_>, data_dir: Option<&PathBuf>) -> ExitCod
     }
 }
 
+/// `BACKOFFICE_DATA_DIR` if set (which `serve --data-dir` also reads, so
+/// the operator's commands find the token of a backoffice started with
+/// it), else the user's state folder.
 fn default_data_dir() -> PathBuf {
     let env = |key: &str| std::env::var(key).ok().filter(|value| !value.is_empty());
+    if let Some(dir) = env("BACKOFFICE_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
     match (env("XDG_STATE_HOME"), env("HOME")) {
         (Some(state), _) => PathBuf::from(state).join("backoffice"),
         (None, Some(home)) => PathBuf::from(home).join(".local/state/backoffice"),
@@ -639,6 +653,62 @@ fn serve(
             ExitCode::from(69)
         }
     }
+}
+
+/// Registers a meter of `owner` and writes its secret to `file` (new,
+/// 0600), printing only the MID: the secret is never shown.
+fn meter_to_file(cli: &Cli, owner: &str, file: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Made before the meter, so that a file that cannot be written leaves
+    // no meter whose secret nobody has.
+    let mut out = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Ok(out) => out,
+        Err(error) => {
+            eprintln!(
+                "backoffice: cannot make the secret file {}: {error}",
+                file.display()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let made = call_operator(cli, "meter.create", &[proto::xmlrpc::Value::string(owner)]);
+    let value = match made {
+        Ok(value) => value,
+        Err(code) => {
+            drop(out);
+            let _ = std::fs::remove_file(file);
+            return code;
+        }
+    };
+    let (Some(mid), Some(secret)) = (
+        value.member("MID").and_then(proto::xmlrpc::Value::as_str),
+        value
+            .member("secret")
+            .and_then(proto::xmlrpc::Value::as_str),
+    ) else {
+        eprintln!("backoffice: the answer to meter.create has no MID and secret");
+        return ExitCode::from(EXIT_UNAVAILABLE);
+    };
+    if let Err(error) = out
+        .write_all(secret.as_bytes())
+        .and_then(|()| out.sync_all())
+    {
+        // The meter exists: its secret must not be lost.
+        eprintln!(
+            "backoffice: meter {mid} was registered but its secret could not be written to {} \
+             ({error}); here it is: {secret}",
+            file.display()
+        );
+        return ExitCode::from(EXIT_UNAVAILABLE);
+    }
+    println!("MID={mid} secret-file={}", file.display());
+    ExitCode::SUCCESS
 }
 
 fn print_value(value: &proto::xmlrpc::Value) {
@@ -871,7 +941,14 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_USAGE)
             }
         },
-        Command::Meter { owner } => operator(&cli, "meter.create", vec![text(owner)]),
+        Command::Meter {
+            owner,
+            secret_file: None,
+        } => operator(&cli, "meter.create", vec![text(owner)]),
+        Command::Meter {
+            owner,
+            secret_file: Some(file),
+        } => meter_to_file(&cli, owner, file),
         Command::Deposit {
             cid,
             amount,

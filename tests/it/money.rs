@@ -482,6 +482,49 @@ fn the_operator_commands_drive_a_running_backoffice() {
     let (code, text) = run(&["revoke", "99"]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("no grant 99"), "{text}");
+    // Without --token-file, BACKOFFICE_DATA_DIR (which `serve` reads too)
+    // finds the token of the backoffice started on that folder.
+    let output = Command::new(workspace_binary("backoffice", "backoffice"))
+        .arg("--url")
+        .arg(format!("http://{}/RPC2", office.address))
+        .env("BACKOFFICE_DATA_DIR", dir.path().join("backoffice"))
+        .env_remove("BACKOFFICE_TOKEN_FILE")
+        .args(["show", "B1-C1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("CID=B1-C1"));
+    // A meter's secret goes straight to a file meterd can read, never to
+    // the screen.
+    let secret_file = dir.path().join("meter.secret");
+    let (code, text) = run(&[
+        "meter",
+        "B1-C1",
+        "--secret-file",
+        secret_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    assert_eq!(secret.len(), 64, "{secret}");
+    assert!(!text.contains(&secret), "{text}");
+    assert!(text.starts_with("MID=B1-M"), "{text}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&secret_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // An existing file is never overwritten, and no meter is made then.
+    let (code, text) = run(&[
+        "meter",
+        "B1-C1",
+        "--secret-file",
+        secret_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(64), "{text}");
+    assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
     std::fs::write(dir.path().join("wrong-token"), "wrong").unwrap();
     let output = Command::new(workspace_binary("backoffice", "backoffice"))
         .arg("--url")
