@@ -612,6 +612,72 @@ fn a_used_link_or_a_login_voids_every_other_reset_link() {
     assert_eq!(other.get(last).status, 410, "a login voids it");
 }
 
+/// The e-mail address is where password resets go: changing it takes the
+/// current password, and the old address is told; other edits do not.
+#[test]
+fn changing_the_email_address_needs_the_password_and_tells_the_old_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, _) = registered(&office, "Ada");
+    let edit = |visitor: &mut Visitor, email: &str, password: Option<&str>| {
+        let token = visitor.get("/account").csrf();
+        let fields = registration("Ada", email);
+        let mut form: Vec<(&str, &str)> = fields
+            .iter()
+            .filter(|(name, _)| !name.starts_with("password"))
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        form.push(("csrf", &token));
+        if let Some(password) = password {
+            form.push(("currentPassword", password));
+        }
+        visitor.post_form("/account", &form)
+    };
+    let mails_to = |to: &str| {
+        std::fs::read_dir(office.data.join("outbox"))
+            .map(|entries| {
+                entries
+                    .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+                    .filter(|mail| mail.starts_with(&format!("To: {to}\r\n")))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // Another field, same address: no password needed, nobody told.
+    let saved = edit(&mut ada, "ada@example.org", None);
+    assert_eq!(
+        saved.text_of("notice").as_deref(),
+        Some("Saved."),
+        "{}",
+        saved.body
+    );
+    for password in [None, Some("wrong-Guess-1")] {
+        let refused = edit(&mut ada, "mallory@example.org", password);
+        assert_eq!(refused.status, 422, "{}", refused.body);
+        assert!(
+            refused.body.contains("current password"),
+            "{}",
+            refused.body
+        );
+    }
+    assert!(
+        ada.get("/account")
+            .body
+            .contains("value=\"ada@example.org\"")
+    );
+    assert!(mails_to("ada@example.org").is_empty());
+    let changed = edit(&mut ada, "ada@new.example.org", Some(PASSWORD));
+    assert_eq!(
+        changed.text_of("notice").as_deref(),
+        Some("Saved."),
+        "{}",
+        changed.body
+    );
+    let told = mails_to("ada@example.org");
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].contains("ada@new.example.org"), "{}", told[0]);
+}
+
 #[test]
 fn a_reset_link_works_once_and_warns_of_a_break_in() {
     let dir = tempfile::tempdir().unwrap();

@@ -1080,6 +1080,48 @@ async fn edit_account(
             "Give an e-mail address like ada@example.org.".into(),
         ));
     }
+    // The address is where password resets go: changing it needs the
+    // current password (counted like a login attempt), and the old address
+    // is told.
+    let old_email = customer.email.clone();
+    let email_changes = !email.eq_ignore_ascii_case(&old_email);
+    if errors.is_empty() && email_changes {
+        let account = customer.cid.to_string();
+        let Some(attempt) = web.sessions.reserve_attempt(&account, "account page") else {
+            errors.push((
+                "currentPassword",
+                format!(
+                    "Too many wrong passwords. Wait 15 minutes, or call the branch at {}.",
+                    web.config.phone
+                ),
+            ));
+            return account_response(
+                &service,
+                &session,
+                &customer,
+                AccountNotes {
+                    errors: &errors,
+                    ..AccountNotes::default()
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+            );
+        };
+        let typed = fields.get("currentPassword").to_owned();
+        let stored = customer.password.clone();
+        let matches = web
+            .heavy(move || stored.is_some_and(|stored| password::verify(&typed, &stored)))
+            .await
+            .unwrap_or(false);
+        if matches {
+            web.sessions
+                .attempt_succeeded(&account, "account page", attempt);
+        } else {
+            errors.push((
+                "currentPassword",
+                "Give your current password to change the e-mail address.".into(),
+            ));
+        }
+    }
     if errors.is_empty() {
         // Only the contact details change: the deny flag, credit limit and
         // password are whatever they are now, not what the page read.
@@ -1095,6 +1137,16 @@ async fn edit_account(
         match changed {
             Ok(saved) => {
                 customer = saved;
+                if email_changes
+                    && let Err(error) = send_mail(
+                        &web.config,
+                        &old_email,
+                        "Your e-mail address was changed",
+                        &pages::email_changed_mail(&customer, &web.config.phone),
+                    )
+                {
+                    tracing::error!(%error, cid = %customer.cid, "could not tell the old address of its change");
+                }
                 return account_response(
                     &service,
                     &session,

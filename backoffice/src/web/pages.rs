@@ -309,6 +309,19 @@ pub fn reset_mail(customer: &Customer, link: &str, phone: &str) -> String {
     )
 }
 
+/// The notice to an account's former e-mail address after it changed.
+pub fn email_changed_mail(customer: &Customer, phone: &str) -> String {
+    format!(
+        "Hello {name},\r\n\r\nthe e-mail address of the account {cid} was changed to\r\n\
+         {email}; password resets go there from now on.\r\n\r\n\
+         If you did not do this, someone may have taken over your account.\r\n\
+         Please call the branch at {phone}.\r\n",
+        name = customer.name,
+        cid = customer.cid,
+        email = customer.email,
+    )
+}
+
 /// What the account page shows.
 pub struct AccountView<'a> {
     /// The logged-in customer.
@@ -468,6 +481,9 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
         form method="post" action="/account" id="edit" {
             (csrf(session))
             (profile_inputs(&form, errors))
+            label for="currentPassword" { "Current password (needed only to change the e-mail address, where password resets go)" }
+            input type="password" id="currentPassword" name="currentPassword" autocomplete="current-password";
+            (field_errors(errors, "currentPassword"))
             (field_errors(errors, "form"))
             p { button type="submit" id="save" { "Save" } }
         }
