@@ -66,7 +66,9 @@ pub struct Profile {
     pub country: String,
     /// The company keeping the macro-account (a card issuer, a bank).
     pub macroaccount_co: String,
-    /// The macro-account's number there.
+    /// The macro-account's number there, masked: only its last four
+    /// letters or digits are kept (`mask_account`), since no funding
+    /// adapter needs more.
     pub macroaccount_id: String,
     /// The macro-account's expiry month, 1 to 12.
     pub expiration_month: u8,
@@ -248,6 +250,27 @@ pub enum RegistryError {
 }
 
 /// Checks a text field: present, bounded, no control characters.
+/// A card or account number as it is kept and shown: `**** ` and its last
+/// four letters or digits (all masked when it has four or fewer). Masking a
+/// masked number gives it back.
+pub fn mask_account(number: &str) -> String {
+    let already = number.strip_prefix("****").is_some_and(|rest| {
+        rest.is_empty()
+            || rest.strip_prefix(' ').is_some_and(|last| {
+                last.len() == 4 && last.chars().all(|c| c.is_ascii_alphanumeric())
+            })
+    });
+    if already {
+        return number.to_owned();
+    }
+    let kept: Vec<char> = number.chars().filter(char::is_ascii_alphanumeric).collect();
+    if kept.len() <= 4 {
+        return "****".to_owned();
+    }
+    let last: String = kept[kept.len() - 4..].iter().collect();
+    format!("**** {last}")
+}
+
 pub fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), RegistryError> {
     let fine = !text.trim().is_empty() && text.len() <= max && !text.chars().any(char::is_control);
     if fine {
@@ -308,6 +331,19 @@ pub fn new_meter_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_numbers_keep_their_last_four_and_masking_twice_changes_nothing() {
+        assert_eq!(mask_account("4000-1234-5678"), "**** 5678");
+        assert_eq!(mask_account("DE89 3704 0044 0532 0130 00"), "**** 3000");
+        assert_eq!(mask_account("1234"), "****");
+        assert_eq!(mask_account(""), "****");
+        assert_eq!(mask_account("****<b>"), "****", "not a masked number");
+        for number in ["4000-1234-5678", "1234", "DE89 3704"] {
+            let masked = mask_account(number);
+            assert_eq!(mask_account(&masked), masked);
+        }
+    }
 
     #[test]
     fn texts_and_emails_are_checked() {

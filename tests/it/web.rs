@@ -612,6 +612,79 @@ fn a_used_link_or_a_login_voids_every_other_reset_link() {
     assert_eq!(other.get(last).status, 410, "a login voids it");
 }
 
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(std::fs::read(&path).unwrap());
+        }
+    }
+    found
+}
+
+/// A card number is kept and shown as its last four digits only: the full
+/// number is in no page and in no file of the store; sent back as shown it
+/// stays, and a new one replaces it.
+#[test]
+fn a_card_number_is_kept_and_shown_as_its_last_four_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, cid) = registered(&office, "Ada");
+    let account = ada.get("/account");
+    assert!(
+        account.body.contains("value=\"**** 5678\""),
+        "{}",
+        account.body
+    );
+    assert!(!account.body.contains("1234"), "{}", account.body);
+    let edit = |visitor: &mut Visitor, number: &str| {
+        let token = visitor.get("/account").csrf();
+        let fields = registration("Ada", "ada@example.org");
+        let mut form: Vec<(&str, &str)> = fields
+            .iter()
+            .filter(|(name, _)| !name.starts_with("password") && *name != "macroaccountID")
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        form.push(("csrf", &token));
+        form.push(("macroaccountID", number));
+        visitor.post_form("/account", &form)
+    };
+    let kept = edit(&mut ada, "**** 5678");
+    assert_eq!(
+        kept.text_of("notice").as_deref(),
+        Some("Saved."),
+        "{}",
+        kept.body
+    );
+    assert!(kept.body.contains("value=\"**** 5678\""));
+    let replaced = edit(&mut ada, "4111 2222 3333 9876");
+    assert_eq!(
+        replaced.text_of("notice").as_deref(),
+        Some("Saved."),
+        "{}",
+        replaced.body
+    );
+    assert!(
+        replaced.body.contains("value=\"**** 9876\""),
+        "{}",
+        replaced.body
+    );
+    drop(office);
+    let store = dir.path().join("backoffice").join("store");
+    for needle in ["4000-1234-5678", "1234-5678", "4111 2222", "3333 9876"] {
+        assert!(
+            !files_under(&store).iter().any(|file| file
+                .windows(needle.len())
+                .any(|window| window == needle.as_bytes())),
+            "{needle} is in a file of the store ({cid})"
+        );
+    }
+}
+
 /// The e-mail address is where password resets go: changing it takes the
 /// current password, and the old address is told; other edits do not.
 #[test]

@@ -472,17 +472,25 @@ fn check_profile(fields: &Fields, errors: &mut Vec<(&'static str, String)>) -> P
     let zip_code = text("zipCode", "Postal code", true, 20);
     let country = text("country", "Country", true, 100);
     let macroaccount_co = text("macroaccountCo", "Card or bank", true, 100);
-    let macroaccount_id = text("macroaccountID", "Account number", true, 34);
-    if !macroaccount_id.is_empty()
-        && !macroaccount_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '-')
-    {
-        errors.push((
-            "macroaccountID",
-            "The account number may have only letters, digits, spaces and dashes.".into(),
-        ));
-    }
+    let typed_account = text("macroaccountID", "Account number", true, 34);
+    // The form shows the kept number masked; sent back as shown, it stays.
+    let masked = crate::registry::mask_account(&typed_account);
+    let macroaccount_id = if typed_account == masked {
+        typed_account
+    } else {
+        if !typed_account.is_empty()
+            && !typed_account
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '-')
+        {
+            errors.push((
+                "macroaccountID",
+                "The account number may have only letters, digits, spaces and dashes.".into(),
+            ));
+        }
+        // Only the last four are kept: no funding adapter needs more.
+        masked
+    };
     let month = fields
         .trimmed("expirationMonth")
         .parse::<u8>()

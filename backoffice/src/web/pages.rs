@@ -123,7 +123,11 @@ const REGISTRATION_FIELDS: [(&str, &str, &str); 15] = [
         "Card issuer or bank (your macro-account)",
         "text",
     ),
-    ("macroaccountID", "Card or account number", "text"),
+    (
+        "macroaccountID",
+        "Card or account number (only its last four are kept; type a new one to replace it)",
+        "text",
+    ),
     ("expirationMonth", "Expires: month (1-12)", "text"),
     ("expirationYear", "Expires: year", "text"),
     ("password", "", ""),
@@ -167,7 +171,11 @@ impl RegistrationForm {
                 ("zipCode", profile.zip_code),
                 ("country", profile.country),
                 ("macroaccountCo", profile.macroaccount_co),
-                ("macroaccountID", profile.macroaccount_id),
+                // Kept masked; masked again for records from before.
+                (
+                    "macroaccountID",
+                    crate::registry::mask_account(&profile.macroaccount_id),
+                ),
                 ("expirationMonth", month),
                 ("expirationYear", year),
             ],
