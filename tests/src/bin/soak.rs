@@ -570,20 +570,27 @@ struct Running {
     meterd: Daemon,
     listen: String,
     status: Meter,
+    /// Starts that failed (a store whose first fsync failed: exit 69).
+    meterd_start_failures: u64,
+    office_start_failures: u64,
 }
 
 impl Running {
     fn restart_office(&mut self, world: &World, inject: Option<u64>) -> Result<(), String> {
         self.office.kill();
-        let mut tries = 0;
+        let mut tries = 0u64;
         loop {
+            // A start whose own first fsyncs fail (injected) exits: the
+            // next try draws other failures.
+            let inject = inject.map(|seed| seed ^ tries.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             match world.start_office(&self.listen, inject) {
                 Ok(office) => {
                     self.office = office;
                     return Ok(());
                 }
-                Err(error) if tries < 5 => {
-                    eprintln!("soak: restarting the backoffice failed ({error}); again");
+                Err(error) if tries < 20 => {
+                    eprintln!("soak: starting the backoffice failed ({error}); again");
+                    self.office_start_failures += 1;
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -594,15 +601,19 @@ impl Running {
 
     fn restart_meterd(&mut self, world: &World, inject: Option<u64>) -> Result<(), String> {
         self.meterd.kill();
-        let mut tries = 0;
+        let mut tries = 0u64;
         loop {
+            // A start whose own first fsyncs fail (injected) exits: the
+            // next try draws other failures.
+            let inject = inject.map(|seed| seed ^ tries.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             match world.start_meterd(self.office.address, inject) {
                 Ok(child) => {
                     self.meterd = child;
                     return Ok(());
                 }
-                Err(error) if tries < 5 => {
-                    eprintln!("soak: restarting meterd failed ({error}); again");
+                Err(error) if tries < 20 => {
+                    eprintln!("soak: starting meterd failed ({error}); again");
+                    self.meterd_start_failures += 1;
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -826,6 +837,8 @@ fn run(options: &Options, dir: &Path) -> Result<bool, String> {
         meterd,
         listen,
         status: Meter::connect(world.socket()),
+        meterd_start_failures: 0,
+        office_start_failures: 0,
     };
     {
         let mut first = Meter::connect(world.socket())
@@ -974,6 +987,10 @@ fn run(options: &Options, dir: &Path) -> Result<bool, String> {
         events.office_stops,
         events.meterd_exits,
         events.office_exits
+    );
+    println!(
+        "starts that failed (their first fsync failed) and were tried again: meterd={} backoffice={}",
+        running.meterd_start_failures, running.office_start_failures
     );
     println!(
         "commits: acknowledged={acknowledged} in-doubt(109)={in_doubt} unknown={unknown} refused: stopped(108)={} storage(102)={} full(101)={} unmatched-after-restart(104)={} other={}",
