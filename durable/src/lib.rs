@@ -25,6 +25,16 @@
 //! data folder and checks that everything acknowledged is there. A store
 //! that forgets to sync before it acknowledges fails such a test, which a
 //! SIGKILL test cannot show (the page cache survives the process).
+//!
+//! **Random fsync failures, for soak runs.** Only with the cargo feature
+//! `fault-injection` compiled in (off by default; without it the code does
+//! not exist), [`open`] reads `DURABLE_FAIL_SYNC_PERMILLE=N` (0 to 1000) and
+//! `DURABLE_FAIL_SYNC_SEED=S` (default 0) and makes each later fsync fail
+//! with probability N/1000, drawn from the seed and a counter of fsyncs (the
+//! same seed fails the same fsyncs of a process). The fsyncs of `open`
+//! itself never fail this way, so a restart always comes up. Each injected
+//! failure is reported on stderr as a line starting with
+//! `durable: injected fsync failure`.
 
 #![forbid(unsafe_code)]
 
@@ -92,6 +102,9 @@ pub struct SledDir {
     failing: AtomicU64,
     /// Where the power-cut image is kept, if a test asked for one.
     image: Mutex<Option<PathBuf>>,
+    /// Random fsync failures asked for in the environment (soak runs).
+    #[cfg(feature = "fault-injection")]
+    random: Option<injection::RandomFailures>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,8 +168,15 @@ pub fn open(dir: &Path, options: &Options) -> Result<(sled::Db, SledDir), OpenEr
         failed: Mutex::default(),
         failing: AtomicU64::new(0),
         image: Mutex::default(),
+        #[cfg(feature = "fault-injection")]
+        random: None,
     };
     files.sync_blobs()?;
+    #[cfg(feature = "fault-injection")]
+    let files = SledDir {
+        random: injection::RandomFailures::from_env(dir)?,
+        ..files
+    };
     Ok((db, files))
 }
 
@@ -232,9 +252,14 @@ impl SledDir {
                 left => Some(left - 1),
             });
         match failing {
-            Err(0) => Ok(()),
-            _ => Err(std::io::Error::other("injected fsync failure")),
+            Err(0) => {}
+            _ => return Err(std::io::Error::other("injected fsync failure")),
         }
+        #[cfg(feature = "fault-injection")]
+        if let Some(random) = &self.random {
+            random.check()?;
+        }
+        Ok(())
     }
 
     /// After a failed sync, one more attempt to make what was written since
@@ -324,6 +349,96 @@ impl SledDir {
         // Forget blobs sled has collected: the set stays as small as the folder.
         *synced = present;
         Ok(())
+    }
+}
+
+/// Random fsync failures from the environment: only in builds with the
+/// `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+mod injection {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Each fsync fails with probability N/1000 (0 to 1000).
+    pub const PERMILLE_VAR: &str = "DURABLE_FAIL_SYNC_PERMILLE";
+    /// The seed the failures are drawn from (default 0).
+    pub const SEED_VAR: &str = "DURABLE_FAIL_SYNC_SEED";
+
+    /// Fails each fsync with probability `permille`/1000, deterministically
+    /// from `seed` and the number of fsyncs asked so far.
+    pub struct RandomFailures {
+        permille: u64,
+        seed: u64,
+        count: AtomicU64,
+        dir: String,
+    }
+
+    /// SplitMix64's output function: a well-mixed 64-bit value per input.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn invalid(message: String) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
+    }
+
+    impl RandomFailures {
+        pub fn new(permille: u64, seed: u64, dir: &Path) -> RandomFailures {
+            RandomFailures {
+                permille,
+                seed,
+                count: AtomicU64::new(0),
+                dir: dir.display().to_string(),
+            }
+        }
+
+        /// The failures the environment asks for, if any; a value that is
+        /// not a number in range is an error, never ignored.
+        pub fn from_env(dir: &Path) -> std::io::Result<Option<RandomFailures>> {
+            let read = |name: &str| -> std::io::Result<Option<u64>> {
+                match std::env::var(name) {
+                    Err(std::env::VarError::NotPresent) => Ok(None),
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        Err(invalid(format!("{name} is not a number")))
+                    }
+                    Ok(text) => text
+                        .trim()
+                        .parse()
+                        .map(Some)
+                        .map_err(|_| invalid(format!("{name}={text:?} is not a number"))),
+                }
+            };
+            let Some(permille) = read(PERMILLE_VAR)? else {
+                return Ok(None);
+            };
+            if permille > 1000 {
+                return Err(invalid(format!(
+                    "{PERMILLE_VAR}={permille} is above 1000 (per mille)"
+                )));
+            }
+            let seed = read(SEED_VAR)?.unwrap_or(0);
+            eprintln!(
+                "durable: fault injection on for {}: each fsync fails with probability {permille}/1000 (seed {seed})",
+                dir.display()
+            );
+            Ok((permille > 0).then(|| RandomFailures::new(permille, seed, dir)))
+        }
+
+        /// Counts one fsync; an error when this one is to fail.
+        pub fn check(&self) -> std::io::Result<()> {
+            let number = self.count.fetch_add(1, Ordering::Relaxed);
+            let draw = mix(self.seed ^ mix(number.wrapping_add(0x9e37_79b9_7f4a_7c15)));
+            if draw % 1000 < self.permille {
+                eprintln!(
+                    "durable: injected fsync failure (fsync {number} of {}, seed {})",
+                    self.dir, self.seed
+                );
+                return Err(std::io::Error::other("injected fsync failure (random)"));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -419,5 +534,39 @@ mod tests {
             open(folder.path(), &quick),
             Err(OpenError::Locked(_))
         ));
+    }
+
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn random_failures_follow_the_seed_and_the_rate() {
+        let dir = Path::new("unused");
+        let draws = |permille, seed| {
+            let random = injection::RandomFailures::new(permille, seed, dir);
+            (0..10_000)
+                .map(|_| random.check().is_err())
+                .collect::<Vec<bool>>()
+        };
+        let first = draws(50, 7);
+        assert_eq!(first, draws(50, 7), "the same seed fails the same fsyncs");
+        assert_ne!(first, draws(50, 8), "another seed, other fsyncs");
+        let failed = first.iter().filter(|failed| **failed).count();
+        assert!((350..650).contains(&failed), "about 5%: {failed}");
+        assert!(draws(0, 7).iter().all(|failed| !failed));
+        assert!(draws(1000, 7).iter().all(|failed| *failed));
+    }
+
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn a_random_failure_stops_the_folder_like_any_other() {
+        let folder = tempfile::tempdir().unwrap();
+        let (db, files) = open(folder.path(), &options()).unwrap();
+        let files = SledDir {
+            random: Some(injection::RandomFailures::new(1000, 1, folder.path())),
+            ..files
+        };
+        db.insert(b"a", b"1".as_slice()).unwrap();
+        let failed = files.sync().unwrap_err();
+        assert!(failed.to_string().contains("injected"), "{failed}");
+        assert!(matches!(files.sync(), Err(SyncError::Stopped(_))));
     }
 }
