@@ -772,9 +772,11 @@ fn set_up(world: &mut World, office: &Office, taca: Vec<u8>) -> Result<Parties, 
     })
 }
 
-/// Uploads until nothing waits; the batches the backoffice refused with 205
-/// (set aside by the meter) and their readings.
-fn drain(socket: &Path) -> Result<(u64, u64), String> {
+/// Uploads until nothing waits, or for at most `DRAIN_TIMEOUT`: the
+/// readings still waiting then, with the meter's last upload error, and the
+/// batches the backoffice refused with 205 (set aside by the meter) and
+/// their readings.
+fn drain(socket: &Path) -> Result<(u64, String, u64, u64), String> {
     let mut meter = Meter::connect(socket);
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
@@ -788,13 +790,17 @@ fn drain(socket: &Path) -> Result<(u64, u64), String> {
                 .unwrap_or(0)
         };
         let pending = number("pendingReadings");
-        if flushed && pending == 0 {
-            return Ok((number("conflictedBatches"), number("conflictedReadings")));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "after {} s, {pending} readings still wait for upload",
-                DRAIN_TIMEOUT.as_secs()
+        if (flushed && pending == 0) || Instant::now() > deadline {
+            let error = status
+                .member("lastError")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            return Ok((
+                pending,
+                error,
+                number("conflictedBatches"),
+                number("conflictedReadings"),
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -946,7 +952,7 @@ fn run(options: &Options, dir: &Path) -> Result<bool, String> {
     running.restart_office(&world, None)?;
     running.restart_meterd(&world, None)?;
     wait_listening(&world.socket())?;
-    let (conflicts, set_aside) = drain(&world.socket())?;
+    let (stuck, upload_error, conflicts, set_aside) = drain(&world.socket())?;
     let office = &running.office;
     let earned = office.balance(&parties.producer)?;
     let left = office.balance(parties.consumer.as_str())?;
@@ -1037,6 +1043,13 @@ fn run(options: &Options, dir: &Path) -> Result<bool, String> {
         begun_run.elapsed().as_secs_f64()
     );
     let mut clean = lost == 0 && doubled == 0 && verified;
+    if stuck > 0 {
+        println!(
+            "after {} s of uploads {stuck} readings still wait in the meter; its last upload error: {upload_error}",
+            DRAIN_TIMEOUT.as_secs()
+        );
+        clean = false;
+    }
     if conflicts > 0 {
         // Nothing here restores a copy of a data folder: a batch id the
         // backoffice applied with other readings means the meter changed a
