@@ -340,6 +340,12 @@ fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
         ("taca", "loom.wasm", &module),
     );
     assert_eq!(upload.status, 403, "{}", upload.body);
+    // A form over the size limit is refused before its token is looked
+    // at, and before any handler reads it.
+    let huge = "x".repeat(64 * 1024 + 1); // FORM_BYTES_MAX, 64 KiB
+    let token = ada.get("/account").csrf();
+    let oversize = ada.post_form("/account", &[("csrf", &token), ("firstName", &huge)]);
+    assert_eq!(oversize.status, 413, "{}", oversize.body);
     // Nothing changed: still logged in, the same account and meters, no
     // product, no second customer.
     assert_eq!(ada.get("/account").body, account_before);
