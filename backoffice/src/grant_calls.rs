@@ -10,7 +10,7 @@ use proto::{Cid, Fault, FaultCode, Mid};
 
 use crate::grants::{CodeError, POLL_INTERVAL_S};
 use crate::registry::{Customer, Grant, NewGrant};
-use crate::send::Signed;
+use crate::send::Verified;
 use crate::server::{Service, store_fault};
 use crate::store::Store;
 use crate::web::password;
@@ -63,15 +63,15 @@ pub fn grant_value(grant: &Grant) -> Value {
 pub fn answer(
     service: &Service,
     method: MeterMethod,
-    signed: Signed<'_>,
+    verified: Verified<'_>,
     body: &[u8],
     now_ms: u64,
 ) -> Result<Value, Fault> {
+    // The signature is over the raw body: it was checked before decoding.
     let call = parse_call(body, Limits::METER_API).map_err(Fault::from)?;
     let mid: Mid = Params::new(&call.name, &call.params).parsed(0)?;
-    service
-        .backoffice
-        .authenticate(&mid, signed, body, now_ms)?;
+    verified.names(&mid)?;
+    service.backoffice.admit(&verified, now_ms)?;
     match method {
         MeterMethod::Request => request(service, GrantRequest::from_call(&call)?, now_ms),
         MeterMethod::Poll => {

@@ -9,6 +9,7 @@ pub mod grant_calls;
 pub mod grants;
 pub mod itemised;
 pub mod ledger;
+pub mod listen;
 pub mod operator;
 pub mod pricing;
 pub mod registry;

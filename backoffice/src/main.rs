@@ -643,9 +643,9 @@ fn serve(
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
         backoffice::server::run(listener, service, shutdown_signal()).await
     });
-    runtime.shutdown_timeout(std::time::Duration::from_millis(
-        backoffice::server::SHUTDOWN_GRACE_MS,
-    ));
+    // `run` gave requests in flight the whole grace already; what is left
+    // (a connection that never finished its request) is abandoned.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(250));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -55,6 +55,31 @@ pub struct Signed<'a> {
     pub signature: Option<&'a str>,
 }
 
+/// Signature headers that verified a body with the secret of the meter
+/// they name (`Backoffice::verify`).
+#[derive(Debug)]
+pub struct Verified<'a> {
+    /// The meter whose secret signed the body.
+    pub mid: Mid,
+    /// `X-Meter-Time`.
+    pub time_ms: u64,
+    /// `X-Meter-Signature`, hex.
+    pub signature: &'a str,
+}
+
+impl Verified<'_> {
+    /// Refuses a body that names another meter than the one that signed it.
+    pub fn names(&self, mid: &Mid) -> Result<(), Fault> {
+        if *mid != self.mid {
+            return Err(Fault::new(
+                FaultCode::BadSignature,
+                "the X-Meter-Id header names another meter than the request",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Signatures seen within the window, oldest first.
 #[derive(Default)]
 struct SeenSignatures {
@@ -976,7 +1001,24 @@ impl<S: Store> Backoffice<S> {
 
     /// Answers one upload at `now_ms`.
     pub fn send(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
-        let outcome = self.send_counted(body, signed, now_ms);
+        let outcome = self
+            .verify(signed, body)
+            .and_then(|verified| self.send_counted(body, verified, now_ms));
+        self.count_refused(outcome)
+    }
+
+    /// Answers one upload at `now_ms` whose signature `verify` checked.
+    pub(crate) fn send_verified(
+        &self,
+        body: &[u8],
+        verified: Verified<'_>,
+        now_ms: u64,
+    ) -> Result<Value, Fault> {
+        let outcome = self.send_counted(body, verified, now_ms);
+        self.count_refused(outcome)
+    }
+
+    fn count_refused(&self, outcome: Result<Value, Fault>) -> Result<Value, Fault> {
         if let Err(fault) = &outcome {
             if fault.code != FaultCode::InternalError.code() {
                 self.counters
@@ -1023,7 +1065,14 @@ impl<S: Store> Backoffice<S> {
         internal(error)
     }
 
-    fn send_counted(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
+    /// The signature is over the raw body and was verified before this:
+    /// nothing of the body is decoded for someone who cannot sign it.
+    fn send_counted(
+        &self,
+        body: &[u8],
+        verified: Verified<'_>,
+        now_ms: u64,
+    ) -> Result<Value, Fault> {
         self.still_durable()?;
         let request = match SendRequest::decode_extended(body, Limits::BACKOFFICE) {
             Some(request) => request,
@@ -1035,12 +1084,13 @@ impl<S: Store> Backoffice<S> {
                 SendRequest::from_call(&call)?
             }
         };
+        verified.names(&request.mid)?;
         if let SendBody::Minimal(_) = &request.body
-            && let Some(answer) = self.minimal_resent(&request, signed, body, now_ms)?
+            && let Some(answer) = self.minimal_resent(&request, &verified, now_ms)?
         {
             return Ok(answer);
         }
-        let signature = self.authenticate(&request.mid, signed, body, now_ms)?;
+        let signature = self.admit(&verified, now_ms)?;
         let readings = match &request.body {
             SendBody::Batch(batch) => batch.readings.len(),
             SendBody::Minimal(events) => events.len(),
@@ -1134,20 +1184,15 @@ impl<S: Store> Backoffice<S> {
     fn minimal_resent(
         &self,
         request: &SendRequest,
-        signed: Signed<'_>,
-        body: &[u8],
+        verified: &Verified<'_>,
         now_ms: u64,
     ) -> Result<Option<Value>, Fault> {
-        let Some(named) = signed
-            .signature
-            .and_then(|signature| signature.get(..32))
-            .filter(|named| named.bytes().all(|byte| byte.is_ascii_hexdigit()))
-        else {
-            return Ok(None);
-        };
+        // Only the meter's own signature of this very body (verified
+        // already) names the batch.
         let key = BatchKey {
             mid: request.mid,
-            id: BatchId::parse(&format!("sig:{named}")).expect("hex is a valid id"),
+            id: BatchId::parse(&format!("sig:{}", &verified.signature[..32]))
+                .expect("hex is a valid id"),
         };
         let Some(applied) = self
             .store
@@ -1156,47 +1201,27 @@ impl<S: Store> Backoffice<S> {
         else {
             return Ok(None);
         };
-        // Only the meter's own signature of this very body names the batch.
-        self.verify_signature(&request.mid, signed, body)?;
         self.repeated(&key, None, applied, &request.body, now_ms)
             .map(Some)
     }
 
-    /// Checks that `body` comes from the registered meter `mid`: its
-    /// signature headers verify with the meter's secret, within the time
-    /// window, never seen before. Returns the signature.
-    pub(crate) fn authenticate(
-        &self,
-        mid: &Mid,
-        signed: Signed<'_>,
-        body: &[u8],
-        now_ms: u64,
-    ) -> Result<String, Fault> {
-        let (time_ms, signature) = self.verify_signature(mid, signed, body)?;
-        if time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
-            return Err(clock_skew(time_ms, now_ms));
-        }
-        if !lock(&self.seen).admit(signature, time_ms, now_ms) {
-            return Err(Fault::new(
-                FaultCode::Replay,
-                "this signature was used already",
-            ));
-        }
-        Ok(signature.to_owned())
+    /// Checks what the signature headers say before the body is read: the
+    /// meter is registered here, the time is a number and a signature of
+    /// the right form is there. Enough to refuse most strangers without
+    /// reading a byte of what they send; `verify` checks the rest.
+    pub fn check_signed_headers(&self, signed: Signed<'_>) -> Result<Mid, Fault> {
+        self.signer(signed).map(|signer| signer.0)
     }
 
-    /// Checks that the signature headers of `body` verify with the secret
-    /// of the registered meter `mid`; returns the signing time and the
-    /// signature.
-    fn verify_signature<'a>(
-        &self,
-        mid: &Mid,
-        signed: Signed<'a>,
-        body: &[u8],
-    ) -> Result<(u64, &'a str), Fault> {
+    fn signer<'a>(&self, signed: Signed<'a>) -> Result<(Mid, Secret, u64, &'a str), Fault> {
+        let bad = |why: &str| Fault::new(FaultCode::BadSignature, why.to_owned());
+        let mid = signed
+            .mid
+            .ok_or_else(|| bad("the X-Meter-Id header is missing"))?;
+        let mid = Mid::parse(mid).map_err(|_| bad("the X-Meter-Id header is not a meter id"))?;
         let meter = self
             .store
-            .meter(mid)
+            .meter(&mid)
             .map_err(|error| internal(&error))?
             .ok_or_else(|| {
                 Fault::new(
@@ -1204,24 +1229,51 @@ impl<S: Store> Backoffice<S> {
                     format!("{mid} is not registered here"),
                 )
             })?;
-        let bad = |why: &str| Fault::new(FaultCode::BadSignature, why.to_owned());
-        if signed.mid != Some(mid.as_str()) {
-            return Err(bad(
-                "the X-Meter-Id header is missing or names another meter",
-            ));
-        }
         let time_ms: u64 = signed
             .time
             .and_then(|text| text.parse().ok())
             .ok_or_else(|| bad("the X-Meter-Time header is missing or not a number"))?;
         let signature = signed
             .signature
-            .ok_or_else(|| bad("the X-Meter-Signature header is missing"))?;
+            .filter(|signature| {
+                signature.len() == proto::auth::SIGNATURE_HEX_LEN
+                    && signature.bytes().all(|byte| byte.is_ascii_hexdigit())
+            })
+            .ok_or_else(|| bad("the X-Meter-Signature header is missing or not a signature"))?;
         let secret = Secret::new(meter.secret_hex.as_bytes()).map_err(|error| internal(&error))?;
+        Ok((mid, secret, time_ms, signature))
+    }
+
+    /// Checks that the signature headers verify `body` with the secret of
+    /// the registered meter they name, before anything of `body` is
+    /// decoded. The caller still checks that the body names the same meter
+    /// (`Verified::names`) and, for a new request, the time window and
+    /// replays (`admit`).
+    pub fn verify<'a>(&self, signed: Signed<'a>, body: &[u8]) -> Result<Verified<'a>, Fault> {
+        let (mid, secret, time_ms, signature) = self.signer(signed)?;
         secret
-            .verify(mid, time_ms, body, signature)
-            .map_err(|error| bad(&error.to_string()))?;
-        Ok((time_ms, signature))
+            .verify(&mid, time_ms, body, signature)
+            .map_err(|error| Fault::new(FaultCode::BadSignature, error.to_string()))?;
+        Ok(Verified {
+            mid,
+            time_ms,
+            signature,
+        })
+    }
+
+    /// Admits a verified request made now: its time is within the window
+    /// and its signature was never seen before. Returns the signature.
+    pub fn admit(&self, verified: &Verified<'_>, now_ms: u64) -> Result<String, Fault> {
+        if verified.time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
+            return Err(clock_skew(verified.time_ms, now_ms));
+        }
+        if !lock(&self.seen).admit(verified.signature, verified.time_ms, now_ms) {
+            return Err(Fault::new(
+                FaultCode::Replay,
+                "this signature was used already",
+            ));
+        }
+        Ok(verified.signature.to_owned())
     }
 
     fn product(

@@ -5,10 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::HeaderMap;
-use axum::http::header::CONTENT_TYPE;
+use axum::extract::State;
+use axum::http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use proto::auth::{MID_HEADER, SIGNATURE_HEADER, TIME_HEADER};
@@ -44,14 +43,46 @@ pub struct Service {
 
 use crate::now_ms;
 
+/// Meter calls (uploads and grant calls) read and answered at once; more
+/// are answered 503 with `Retry-After` before their body is read.
+pub const METER_CALLS_AT_ONCE: usize = 8;
+/// Operator calls read and answered at once; more get 503 likewise.
+pub const OPERATOR_CALLS_AT_ONCE: usize = 4;
+/// What a call refused for lack of a slot is told to wait, in seconds.
+pub const RETRY_AFTER_S: u64 = 1;
+/// How long a caller has to send its whole body once its headers are in.
+pub const BODY_READ_TIMEOUT_MS: u64 = 30_000;
+
+/// The slots of `/RPC2` calls: each one holds at most one maximum-size body
+/// in memory, so these bound what callers can make the server hold.
+struct Slots {
+    meter: Arc<tokio::sync::Semaphore>,
+    operator: Arc<tokio::sync::Semaphore>,
+}
+
 /// The router: `POST /RPC2` and the web pages.
 pub fn router(service: Arc<Service>) -> Router {
+    let slots = Arc::new(Slots {
+        meter: Arc::new(tokio::sync::Semaphore::new(METER_CALLS_AT_ONCE)),
+        operator: Arc::new(tokio::sync::Semaphore::new(OPERATOR_CALLS_AT_ONCE)),
+    });
     Router::new()
-        .route("/RPC2", post(answer))
-        .layer(DefaultBodyLimit::max(Limits::BACKOFFICE.body_bytes_max))
+        .route(
+            "/RPC2",
+            post(move |state, request| answer(state, Arc::clone(&slots), request)),
+        )
         .route("/metrics", axum::routing::get(metrics))
-        .merge(crate::web::routes(Arc::clone(&service)))
-        .merge(crate::web::upload_routes())
+        .merge(
+            crate::web::routes(Arc::clone(&service))
+                .merge(crate::web::upload_routes())
+                .layer(axum::middleware::from_fn(|request, next| {
+                    crate::listen::request_deadline(
+                        std::time::Duration::from_millis(crate::listen::REQUEST_TIMEOUT_MS),
+                        request,
+                        next,
+                    )
+                })),
+        )
         .fallback(crate::web::not_found)
         .with_state(service)
 }
@@ -78,18 +109,30 @@ pub fn operator_token(dir: &std::path::Path) -> std::io::Result<(std::path::Path
     }
 }
 
-/// Serves until `shutdown` completes.
+/// Serves until `shutdown` completes, within the documented connection
+/// limits and timeouts (`listen`).
 pub async fn run(
     listener: tokio::net::TcpListener,
     service: Arc<Service>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
+    run_with(
         listener,
-        router(service).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        service,
+        crate::listen::ConnectionLimits::default(),
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// `run` within `limits`.
+pub async fn run_with(
+    listener: tokio::net::TcpListener,
+    service: Arc<Service>,
+    limits: crate::listen::ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::listen::serve(listener, router(service), limits, shutdown).await
 }
 
 /// Prometheus text format: what the money path did since the process
@@ -184,45 +227,161 @@ async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
     )
 }
 
+fn xml_answer(status: StatusCode, body: Vec<u8>) -> axum::response::Response {
+    (status, [(CONTENT_TYPE, "text/xml")], body).into_response()
+}
+
+/// Answers a call whose body was not read; the connection is closed after
+/// it, since the unread body is still on its way.
+fn unread(status: StatusCode, fault: &Fault) -> axum::response::Response {
+    let mut response = xml_answer(status, encode_fault(fault));
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Who a call is from, by its headers alone.
+enum Caller {
+    /// Signature headers naming a registered meter.
+    Meter,
+    /// The operator token.
+    Operator,
+}
+
+fn signed(headers: &HeaderMap) -> Signed<'_> {
+    Signed {
+        mid: header(headers, MID_HEADER),
+        time: header(headers, TIME_HEADER),
+        signature: header(headers, SIGNATURE_HEADER),
+    }
+}
+
+/// Refuses, from the headers alone, a call that could not be authenticated
+/// whatever its body: no signature headers of a registered meter and no
+/// operator token. Such a body is never read.
+fn caller(service: &Service, headers: &HeaderMap) -> Result<Caller, Fault> {
+    if headers.contains_key(MID_HEADER) {
+        service
+            .backoffice
+            .check_signed_headers(signed(headers))
+            .map(|_| Caller::Meter)
+    } else if let Some(token) = header(headers, OPERATOR_HEADER) {
+        if proto::auth::equal_in_constant_time(token.as_bytes(), service.operator_token.as_bytes())
+        {
+            Ok(Caller::Operator)
+        } else {
+            Err(Fault::new(
+                FaultCode::Unauthorized,
+                "the operator token is wrong",
+            ))
+        }
+    } else {
+        Err(Fault::new(
+            FaultCode::Unauthorized,
+            "a call needs a meter's signature headers (X-Meter-Id, X-Meter-Time, X-Meter-Signature) or the operator token",
+        ))
+    }
+}
+
 async fn answer(
     State(service): State<Arc<Service>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> impl IntoResponse {
+    slots: Arc<Slots>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let caller = match caller(&service, &headers) {
+        Ok(caller) => caller,
+        Err(fault) => return unread(StatusCode::OK, &fault),
+    };
+    let slots = match caller {
+        Caller::Meter => &slots.meter,
+        Caller::Operator => &slots.operator,
+    };
+    let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
+        let fault = Fault::new(
+            FaultCode::InternalError,
+            format!("the backoffice is busy with as many calls of this kind as it takes at once; try again in {RETRY_AFTER_S} s"),
+        );
+        let mut response = unread(StatusCode::SERVICE_UNAVAILABLE, &fault);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        return response;
+    };
+    let limit = Limits::BACKOFFICE.body_bytes_max;
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    let body = match tokio::time::timeout(
+        std::time::Duration::from_millis(BODY_READ_TIMEOUT_MS),
+        read,
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            let fault = Fault::new(
+                FaultCode::RequestTooLarge,
+                format!("request body over {limit} bytes"),
+            );
+            return unread(StatusCode::PAYLOAD_TOO_LARGE, &fault);
+        }
+        Ok(Err(error)) => {
+            let fault = Fault::new(
+                FaultCode::InvalidRequest,
+                format!("the body could not be read: {error}"),
+            );
+            return unread(StatusCode::BAD_REQUEST, &fault);
+        }
+        Err(_) => {
+            let fault = Fault::new(
+                FaultCode::InvalidRequest,
+                format!("the body did not arrive within {BODY_READ_TIMEOUT_MS} ms"),
+            );
+            return unread(StatusCode::REQUEST_TIMEOUT, &fault);
+        }
+    };
     // Parsing, pricing and fsync block: keep them off the async workers.
-    let outcome = tokio::task::spawn_blocking(move || dispatch(&service, &headers, &body))
-        .await
-        .unwrap_or_else(|error| Err(Fault::new(FaultCode::InternalError, error.to_string())));
+    let outcome = tokio::task::spawn_blocking(move || {
+        let outcome = dispatch(&service, caller, &headers, &body);
+        drop(slot);
+        outcome
+    })
+    .await
+    .unwrap_or_else(|error| Err(Fault::new(FaultCode::InternalError, error.to_string())));
     let body = match outcome {
         Ok(value) => encode_response(&value),
         Err(fault) => encode_fault(&fault),
     };
-    ([(CONTENT_TYPE, "text/xml")], body)
+    xml_answer(StatusCode::OK, body)
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
-fn dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value, Fault> {
-    // An upload is decoded once, by `send` itself (by its fast way when it
-    // can); only the method name is read here.
-    let name = method_name(body, Limits::BACKOFFICE).map_err(Fault::from)?;
-    if name == proto::upload::SEND_METHOD {
-        let signed = Signed {
-            mid: header(headers, MID_HEADER),
-            time: header(headers, TIME_HEADER),
-            signature: header(headers, SIGNATURE_HEADER),
-        };
-        return service.backoffice.send(body, signed, now_ms());
-    }
-    if let Some(grant_call) = crate::grant_calls::meter_method(&name) {
-        let signed = Signed {
-            mid: header(headers, MID_HEADER),
-            time: header(headers, TIME_HEADER),
-            signature: header(headers, SIGNATURE_HEADER),
-        };
-        return crate::grant_calls::answer(service, grant_call, signed, body, now_ms());
+fn dispatch(
+    service: &Service,
+    caller: Caller,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Value, Fault> {
+    if let Caller::Meter = caller {
+        // The signature is over the raw body: check it before decoding
+        // anything. An upload is then decoded once, by `send` itself (by
+        // its fast way when it can); only the method name is read here.
+        let verified = service.backoffice.verify(signed(headers), body)?;
+        let name = method_name(body, Limits::BACKOFFICE).map_err(Fault::from)?;
+        if name == proto::upload::SEND_METHOD {
+            return service.backoffice.send_verified(body, verified, now_ms());
+        }
+        if let Some(grant_call) = crate::grant_calls::meter_method(&name) {
+            return crate::grant_calls::answer(service, grant_call, verified, body, now_ms());
+        }
+        return Err(Fault::new(
+            FaultCode::Unauthorized,
+            format!("a meter may call `{}` and the grant calls, not `{name}`", proto::upload::SEND_METHOD),
+        ));
     }
     let token = header(headers, OPERATOR_HEADER).unwrap_or("");
     if !proto::auth::equal_in_constant_time(token.as_bytes(), service.operator_token.as_bytes()) {

@@ -16,6 +16,8 @@ pub const MID_HEADER: &str = "x-meter-id";
 pub const TIME_HEADER: &str = "x-meter-time";
 /// Header carrying the signature, lower-case hex.
 pub const SIGNATURE_HEADER: &str = "x-meter-signature";
+/// Length of a signature in hex digits (HMAC-SHA256).
+pub const SIGNATURE_HEX_LEN: usize = 64;
 /// Shortest secret accepted, in bytes.
 pub const SECRET_BYTES_MIN: usize = 16;
 

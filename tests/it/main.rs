@@ -12,5 +12,6 @@ mod meterd;
 mod money;
 mod readme;
 mod support;
+mod traffic;
 mod validator1;
 mod web;

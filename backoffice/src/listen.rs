@@ -1,0 +1,249 @@
+//! The backoffice's HTTP listener: every connection counted against a
+//! total and a per-address limit, and timed in every phase of a request, so
+//! that silent, slow or idle connections cannot hold the server's file
+//! descriptors and lock out meters and customers.
+//!
+//! | phase | bound |
+//! | --- | --- |
+//! | connections at once | `ConnectionLimits::total` (at most the open-file limit less a reserve) |
+//! | connections at once from one address (IPv6: one /64) | `ConnectionLimits::per_address` |
+//! | a new connection's first request head, and an idle keep-alive connection's next | `ConnectionLimits::header_read` |
+//! | a request's body once its head is in | `server::BODY_READ_TIMEOUT_MS` (`/RPC2`), `ConnectionLimits::request` (pages) |
+//! | a page's whole request, body and handler | `ConnectionLimits::request` |
+//!
+//! A connection over a limit is closed at once, before anything is read.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+/// Most connections served at once (lowered to the open-file limit less
+/// `FILES_RESERVED`).
+pub const CONNECTIONS_MAX: usize = 4_096;
+/// Most connections served at once from one address (one /64 for IPv6).
+pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 64;
+/// File descriptors kept for the store, the log and the rest.
+pub const FILES_RESERVED: usize = 128;
+/// How long a connection may take to send a request's head, counted from
+/// when it is ready for one: a new connection and an idle keep-alive one.
+pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// How long a web page's whole request may take, body and handler.
+pub const REQUEST_TIMEOUT_MS: u64 = 60_000;
+
+/// The listener's bounds; `Default` is the documented values above.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections at once.
+    pub total: usize,
+    /// Connections at once from one address.
+    pub per_address: usize,
+    /// See `HEADER_READ_TIMEOUT_MS`.
+    pub header_read: Duration,
+    /// See `REQUEST_TIMEOUT_MS`.
+    pub request: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        let files = open_files_limit().unwrap_or(1_024);
+        ConnectionLimits {
+            total: CONNECTIONS_MAX.min(files.saturating_sub(FILES_RESERVED).max(16)),
+            per_address: CONNECTIONS_PER_ADDRESS_MAX,
+            header_read: Duration::from_millis(HEADER_READ_TIMEOUT_MS),
+            request: Duration::from_millis(REQUEST_TIMEOUT_MS),
+        }
+    }
+}
+
+/// The soft limit of open files of this process, from `/proc`.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Where a connection counts: its IPv4 address, or the /64 of its IPv6 one
+/// (one host commonly holds a whole /64).
+fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
+    }
+}
+
+/// Connections held now, in all and per address.
+#[derive(Default)]
+struct Table {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; leaves the table when dropped.
+struct Admitted {
+    table: Arc<Mutex<Table>>,
+    key: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut table = self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        table.total -= 1;
+        if let Some(count) = table.by_address.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                table.by_address.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn admit(
+    table: &Arc<Mutex<Table>>,
+    limits: &ConnectionLimits,
+    peer: SocketAddr,
+) -> Result<Admitted, &'static str> {
+    let key = address_key(peer.ip());
+    let mut held = table.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if held.total >= limits.total {
+        return Err("too many connections");
+    }
+    let from_address = held.by_address.entry(key).or_insert(0);
+    if *from_address >= limits.per_address {
+        return Err("too many connections from this address");
+    }
+    *from_address += 1;
+    held.total += 1;
+    Ok(Admitted {
+        table: Arc::clone(table),
+        key,
+    })
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown`
+/// completes, then gives requests in flight `server::SHUTDOWN_GRACE_MS`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let table = Arc::new(Mutex::new(Table::default()));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let admitted = match admit(&table, &limits, peer) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                tracing::debug!(%peer, why, "connection closed on accept");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            tower::ServiceExt::oneshot(router.clone(), request)
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let served = graceful.watch(served);
+        tokio::spawn(async move {
+            if let Err(error) = served.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    let grace = Duration::from_millis(crate::server::SHUTDOWN_GRACE_MS);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after the shutdown grace period; abandoning them");
+    }
+    Ok(())
+}
+
+/// Ends a web page's request that takes longer than `limit` (a body sent
+/// slowly, say) with 408.
+pub async fn request_deadline(
+    limit: Duration,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            [(axum::http::header::CONNECTION, "close")],
+            "the request took too long\n",
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_count_by_host_and_ipv6_by_its_64() {
+        let v6 = |text: &str| address_key(text.parse().unwrap());
+        assert_eq!(v6("2001:db8:1:2:aaaa::1"), v6("2001:db8:1:2:bbbb::2"));
+        assert_ne!(v6("2001:db8:1:2::1"), v6("2001:db8:1:3::1"));
+        assert_eq!(v6("::ffff:192.0.2.1"), v6("192.0.2.1"));
+        assert_ne!(v6("192.0.2.1"), v6("192.0.2.2"));
+    }
+
+    #[test]
+    fn a_full_table_or_address_refuses_and_a_closed_connection_frees_its_place() {
+        let limits = ConnectionLimits {
+            total: 3,
+            per_address: 2,
+            ..ConnectionLimits::default()
+        };
+        let table = Arc::new(Mutex::new(Table::default()));
+        let peer = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        let first = admit(&table, &limits, peer("192.0.2.1:1")).unwrap();
+        let _second = admit(&table, &limits, peer("192.0.2.1:2")).unwrap();
+        assert!(admit(&table, &limits, peer("192.0.2.1:3")).is_err());
+        let _third = admit(&table, &limits, peer("192.0.2.2:1")).unwrap();
+        assert!(admit(&table, &limits, peer("192.0.2.3:1")).is_err());
+        drop(first);
+        assert!(admit(&table, &limits, peer("192.0.2.1:4")).is_ok());
+    }
+}
