@@ -65,6 +65,8 @@ pub struct Verified<'a> {
     pub time_ms: u64,
     /// `X-Meter-Signature`, hex.
     pub signature: &'a str,
+    /// The secret that verified it, which signs the answer.
+    pub secret: Secret,
 }
 
 impl Verified<'_> {
@@ -1258,6 +1260,7 @@ impl<S: Store> Backoffice<S> {
             mid,
             time_ms,
             signature,
+            secret,
         })
     }
 

@@ -19,7 +19,7 @@ use proto::{Amount, Bid, Cid, Fault, FaultCode};
 
 use crate::ledger::{AccountId, TransferKind};
 use crate::pricing::{PriceInput, Pricing};
-use crate::send::{Backoffice, Signed};
+use crate::send::{Backoffice, Signed, Verified};
 use crate::store::{SledStore, Store, StoreError, SuspenseCursor};
 
 /// The header that carries the operator token.
@@ -342,47 +342,78 @@ async fn answer(
         }
     };
     // Parsing, pricing and fsync block: keep them off the async workers.
-    let outcome = tokio::task::spawn_blocking(move || {
-        let outcome = dispatch(&service, caller, &headers, &body);
+    let answered = tokio::task::spawn_blocking(move || {
+        let (outcome, signer) = dispatch(&service, caller, &headers, &body);
         drop(slot);
-        outcome
+        let body = match outcome {
+            Ok(value) => encode_response(&value),
+            Err(fault) => encode_fault(&fault),
+        };
+        let signature = signer.map(|(secret, call)| secret.sign_answer(&call, &body));
+        (body, signature)
     })
-    .await
-    .unwrap_or_else(|error| Err(Fault::new(FaultCode::InternalError, error.to_string())));
-    let body = match outcome {
-        Ok(value) => encode_response(&value),
-        Err(fault) => encode_fault(&fault),
-    };
-    xml_answer(StatusCode::OK, body)
+    .await;
+    let (body, signature) = answered.unwrap_or_else(|error| {
+        let fault = Fault::new(FaultCode::InternalError, error.to_string());
+        (encode_fault(&fault), None)
+    });
+    let mut response = xml_answer(StatusCode::OK, body);
+    if let Some(signature) = signature
+        && let Ok(value) = HeaderValue::from_str(&signature)
+    {
+        response
+            .headers_mut()
+            .insert(proto::auth::ANSWER_SIGNATURE_HEADER, value);
+    }
+    response
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
+/// The secret and call signature an answer to a meter is signed with.
+type AnswerSigner = (proto::auth::Secret, String);
+
 fn dispatch(
     service: &Service,
     caller: Caller,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Value, Fault> {
+) -> (Result<Value, Fault>, Option<AnswerSigner>) {
     if let Caller::Meter = caller {
         // The signature is over the raw body: check it before decoding
-        // anything. An upload is then decoded once, by `send` itself (by
-        // its fast way when it can); only the method name is read here.
-        let verified = service.backoffice.verify(signed(headers), body)?;
-        let name = method_name(body, Limits::BACKOFFICE).map_err(Fault::from)?;
-        if name == proto::upload::SEND_METHOD {
-            return service.backoffice.send_verified(body, verified, now_ms());
-        }
-        if let Some(grant_call) = crate::grant_calls::meter_method(&name) {
-            return crate::grant_calls::answer(service, grant_call, verified, body, now_ms());
-        }
-        return Err(Fault::new(
-            FaultCode::Unauthorized,
-            format!("a meter may call `{}` and the grant calls, not `{name}`", proto::upload::SEND_METHOD),
-        ));
+        // anything. Every answer to a verified call is signed back.
+        let verified = match service.backoffice.verify(signed(headers), body) {
+            Ok(verified) => verified,
+            Err(fault) => return (Err(fault), None),
+        };
+        let signer = (verified.secret.clone(), verified.signature.to_owned());
+        return (meter_call(service, verified, body), Some(signer));
     }
+    (operator_dispatch(service, headers, body), None)
+}
+
+fn meter_call(service: &Service, verified: Verified<'_>, body: &[u8]) -> Result<Value, Fault> {
+    // An upload is decoded once, by `send` itself (by its fast way when it
+    // can); only the method name is read here.
+    let name = method_name(body, Limits::BACKOFFICE).map_err(Fault::from)?;
+    if name == proto::upload::SEND_METHOD {
+        return service.backoffice.send_verified(body, verified, now_ms());
+    }
+    if let Some(grant_call) = crate::grant_calls::meter_method(&name) {
+        return crate::grant_calls::answer(service, grant_call, verified, body, now_ms());
+    }
+    Err(Fault::new(
+        FaultCode::Unauthorized,
+        format!(
+            "a meter may call `{}` and the grant calls, not `{name}`",
+            proto::upload::SEND_METHOD
+        ),
+    ))
+}
+
+fn operator_dispatch(service: &Service, headers: &HeaderMap, body: &[u8]) -> Result<Value, Fault> {
     let token = header(headers, OPERATOR_HEADER).unwrap_or("");
     if !proto::auth::equal_in_constant_time(token.as_bytes(), service.operator_token.as_bytes()) {
         return Err(Fault::new(

@@ -10,7 +10,7 @@ use hyper::body::Bytes;
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
+use proto::auth::{ANSWER_SIGNATURE_HEADER, MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
 use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
 use proto::{Fault, Mid};
 
@@ -72,6 +72,16 @@ impl Endpoint {
             port,
             path: path.to_owned(),
         })
+    }
+}
+
+/// What an answer that is not trusted says, for the log: the backoffice
+/// signs no answer to a call it could not verify (an unknown MID, a secret
+/// it no longer accepts), so its fault is shown, never acted on.
+fn unsigned_fault(body: &[u8]) -> String {
+    match parse_response(body, Limits::BACKOFFICE) {
+        Ok(MethodResponse::Fault(fault)) => format!(" (it says: {fault})"),
+        _ => String::new(),
     }
 }
 
@@ -157,7 +167,7 @@ impl Backoffice {
             .header(CONTENT_TYPE, "text/xml")
             .header(MID_HEADER, self.mid.as_str())
             .header(TIME_HEADER, time_ms.to_string())
-            .header(SIGNATURE_HEADER, signature)
+            .header(SIGNATURE_HEADER, signature.as_str())
             .body(Full::new(Bytes::from(body)))
             .map_err(|error| unreachable(&error))?;
         let response = sender
@@ -165,6 +175,11 @@ impl Backoffice {
             .await
             .map_err(|error| unreachable(&error))?;
         let status = response.status();
+        let answer_signature = response
+            .headers()
+            .get(ANSWER_SIGNATURE_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let body = Limited::new(response.into_body(), Limits::BACKOFFICE.body_bytes_max)
             .collect()
             .await
@@ -173,7 +188,24 @@ impl Backoffice {
         if status != StatusCode::OK {
             return Err(BackofficeError::BadAnswer(format!("HTTP status {status}")));
         }
-        Ok(body)
+        // Only the backoffice holds this meter's secret: an answer it did not
+        // sign for this very call (someone on the path, a replayed answer)
+        // changes nothing here, whatever it says.
+        let verified = answer_signature.as_deref().map(|answer_signature| {
+            self.secret
+                .verify_answer(&signature, &body, answer_signature)
+        });
+        match verified {
+            Some(Ok(())) => Ok(body),
+            Some(Err(error)) => Err(BackofficeError::BadAnswer(format!(
+                "the answer's signature ({ANSWER_SIGNATURE_HEADER}) {error}; it was not trusted{}",
+                unsigned_fault(&body)
+            ))),
+            None => Err(BackofficeError::BadAnswer(format!(
+                "the answer is not signed ({ANSWER_SIGNATURE_HEADER} missing); it was not trusted{}",
+                unsigned_fault(&body)
+            ))),
+        }
     }
 }
 

@@ -21,7 +21,13 @@ pub const SIGNATURE_HEX_LEN: usize = 64;
 /// Shortest secret accepted, in bytes.
 pub const SECRET_BYTES_MIN: usize = 16;
 
+/// Header carrying the backoffice's signature of its answer to a signed
+/// call: the meter's secret over the call's own signature and the answer's
+/// body (`Secret::sign_answer`).
+pub const ANSWER_SIGNATURE_HEADER: &str = "x-backoffice-signature";
+
 const DOMAIN: &[u8] = b"meterd-upload-v1";
+const ANSWER_DOMAIN: &[u8] = b"backoffice-answer-v1";
 
 /// A meter's secret, shared with the backoffice that issued it.
 #[derive(Clone)]
@@ -78,6 +84,41 @@ impl Secret {
             .collect()
     }
 
+    fn answer_context(&self, request_signature: &str, body: &[u8]) -> hmac::Context {
+        let mut context = hmac::Context::with_key(&self.0);
+        context.update(ANSWER_DOMAIN);
+        context.update(b"\n");
+        context.update(request_signature.as_bytes());
+        context.update(b"\n");
+        context.update(body);
+        context
+    }
+
+    /// The backoffice's signature of `body`, its answer to the call signed
+    /// `request_signature`: bound to that call, so that an answer cannot be
+    /// replayed to another one.
+    pub fn sign_answer(&self, request_signature: &str, body: &[u8]) -> String {
+        let tag = self.answer_context(request_signature, body).sign();
+        crate::record::hex(tag.as_ref())
+    }
+
+    /// Checks the signature of an answer to the call signed
+    /// `request_signature`, in constant time.
+    pub fn verify_answer(
+        &self,
+        request_signature: &str,
+        body: &[u8],
+        signature: &str,
+    ) -> Result<(), AuthError> {
+        let tag = crate::record::unhex(signature, 32).ok_or(AuthError::MalformedSignature)?;
+        let expected = self.answer_context(request_signature, body).sign();
+        if equal_in_constant_time(expected.as_ref(), &tag) {
+            Ok(())
+        } else {
+            Err(AuthError::Mismatch)
+        }
+    }
+
     /// Checks a signature in constant time.
     pub fn verify(
         &self,
@@ -111,6 +152,40 @@ pub fn equal_in_constant_time(left: &[u8], right: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_verify_only_for_their_own_call_and_body() {
+        let secret = Secret::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let other = Secret::new(b"fedcba9876543210fedcba9876543210").unwrap();
+        let mid = Mid::parse("B1-M1").unwrap();
+        let call = secret.sign(&mid, 1_000, b"<call/>");
+        let next_call = secret.sign(&mid, 1_001, b"<call/>");
+        let answer = secret.sign_answer(&call, b"<answer/>");
+        assert_eq!(answer.len(), SIGNATURE_HEX_LEN);
+        assert_eq!(secret.verify_answer(&call, b"<answer/>", &answer), Ok(()));
+        assert_eq!(
+            secret.verify_answer(&next_call, b"<answer/>", &answer),
+            Err(AuthError::Mismatch),
+            "an answer replayed to another call"
+        );
+        assert_eq!(
+            secret.verify_answer(&call, b"<answer />", &answer),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            other.verify_answer(&call, b"<answer/>", &answer),
+            Err(AuthError::Mismatch)
+        );
+        // A call's own signature is not an answer's: the domains differ.
+        assert_eq!(
+            secret.verify_answer(&call, b"<call/>", &call),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            secret.verify_answer(&call, b"<answer/>", "zz"),
+            Err(AuthError::MalformedSignature)
+        );
+    }
 
     #[test]
     fn signatures_verify_and_any_change_breaks_them() {

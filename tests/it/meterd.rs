@@ -1161,3 +1161,54 @@ fn a_component_is_uploaded_in_the_batch_of_its_enclosing_use() {
     });
     assert!(together, "one batch holds both: {batches:?}");
 }
+
+/// Someone on the path between meter and backoffice answers in its place:
+/// "applied" (which would make the meter delete readings), 205 (which would
+/// set the batch aside), or a real answer replayed from another call. The
+/// meter trusts only answers signed for the very call it made, and loses
+/// nothing.
+#[test]
+fn an_answer_not_signed_for_the_call_made_changes_nothing_on_the_meter() {
+    use tests::fake_backoffice::Answers;
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P1", "B1-P2"]);
+    let pending = status_of(&meter.socket)["pendingReadings"].clone();
+    assert_ne!(pending, "0");
+    for (answers, conflict) in [
+        (Answers::Unsigned, false),
+        (Answers::Unsigned, true),
+        (Answers::SignedForAnotherCall, false),
+    ] {
+        backoffice.behave(|behaviour| {
+            behaviour.answers = answers;
+            behaviour.conflict = conflict;
+        });
+        assert_eq!(meterd_cli(&meter.socket, &["flush"]), 1, "{answers:?}");
+        let status = status_of(&meter.socket);
+        assert!(
+            status["lastError"].contains("not trusted"),
+            "{answers:?}: {status:?}"
+        );
+        assert_eq!(status["pendingReadings"], pending, "{answers:?}: {status:?}");
+        assert_eq!(status["conflictedBatches"], "0", "{answers:?}: {status:?}");
+    }
+    backoffice.behave(|behaviour| {
+        behaviour.answers = Answers::Signed;
+        behaviour.conflict = false;
+    });
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    assert_eq!(status_of(&meter.socket)["pendingReadings"], "0");
+    let counts = commits(&backoffice.applied_readings());
+    let customer = Some(Payer::Customer(cid("B1-C1")));
+    assert_eq!(
+        counts,
+        HashMap::from([
+            ((pid("B1-P1"), customer), 1),
+            ((pid("B1-P2"), customer), 1),
+        ]),
+        "every use applied once"
+    );
+}

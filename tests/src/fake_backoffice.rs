@@ -16,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header::CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
+use proto::auth::{ANSWER_SIGNATURE_HEADER, MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
 use proto::grant::{
     DeviceCode, GrantInfo, GrantRequest, PasswordGrant, PollStatus, poll_from_call,
 };
@@ -48,6 +48,19 @@ pub struct Behaviour {
     /// be negative): a signature more than 5 minutes from it gets fault
     /// 209, as from the real backoffice.
     pub clock_offset_ms: i64,
+    /// How answers to meters are signed.
+    pub answers: Answers,
+}
+
+/// How the stand-in signs its answers to meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answers {
+    /// As the backoffice does.
+    Signed,
+    /// Not at all, as a man in the middle would answer.
+    Unsigned,
+    /// With the meter's secret, but for another call (a replayed answer).
+    SignedForAnotherCall,
 }
 
 impl Default for Behaviour {
@@ -60,6 +73,7 @@ impl Default for Behaviour {
             grant_interval_s: 1,
             grant_expires_in_s: 600,
             clock_offset_ms: 0,
+            answers: Answers::Signed,
             denied: HashSet::new(),
             params: MeterParams {
                 flush_readings_max: 1_000_000,
@@ -269,16 +283,48 @@ fn now_ms() -> u64 {
         })
 }
 
+/// Signs an answer to a meter's call as the backoffice does: with the
+/// secret of the MID in the call's headers, over the call's signature and
+/// the answer's body (unless the behaviour says otherwise).
 async fn rpc(State(server): State<FakeBackoffice>, headers: HeaderMap, body: Bytes) -> Response {
-    let call = match parse_call(&body, Limits::BACKOFFICE) {
+    let response = answer_rpc(&server, &headers, &body);
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let signer = header(MID_HEADER)
+        .and_then(|mid| Mid::parse(mid).ok())
+        .and_then(|mid| server.secrets.get(&mid).cloned())
+        .zip(header(SIGNATURE_HEADER));
+    let answers = lock(&server.shared).behaviour.answers;
+    let (parts, answer) = response.into_parts();
+    let Ok(answer) = axum::body::to_bytes(answer, usize::MAX).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "unreadable answer").into_response();
+    };
+    let mut response = Response::from_parts(parts, axum::body::Body::from(answer.clone()));
+    let signature = match (answers, signer) {
+        (Answers::Signed, Some((secret, call))) => Some(secret.sign_answer(call, &answer)),
+        (Answers::SignedForAnotherCall, Some((secret, call))) => {
+            Some(secret.sign_answer(&format!("{call}0"), &answer))
+        }
+        _ => None,
+    };
+    if let Some(signature) = signature {
+        response.headers_mut().insert(
+            ANSWER_SIGNATURE_HEADER,
+            signature.parse().expect("hex is a valid header value"),
+        );
+    }
+    response
+}
+
+fn answer_rpc(server: &FakeBackoffice, headers: &HeaderMap, body: &[u8]) -> Response {
+    let call = match parse_call(body, Limits::BACKOFFICE) {
         Ok(call) => call,
         Err(error) => return xml(StatusCode::OK, encode_fault(&Fault::from(error))),
     };
     let granted = match call.name.as_str() {
-        "send" => return send(&server, &headers, &body, &call),
-        proto::grant::REQUEST_METHOD => grant_request(&server, &headers, &body, &call),
-        proto::grant::POLL_METHOD => grant_poll(&server, &headers, &body, &call),
-        proto::grant::PASSWORD_METHOD => grant_password(&server, &headers, &body, &call),
+        "send" => return send(server, headers, body, &call),
+        proto::grant::REQUEST_METHOD => grant_request(server, headers, body, &call),
+        proto::grant::POLL_METHOD => grant_poll(server, headers, body, &call),
+        proto::grant::PASSWORD_METHOD => grant_password(server, headers, body, &call),
         other => Err(Fault::method_not_found(other)),
     };
     match granted {
