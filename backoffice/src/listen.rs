@@ -103,7 +103,10 @@ struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut table = self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         table.total -= 1;
         if let Some(count) = table.by_address.get_mut(&self.key) {
             *count -= 1;
@@ -120,7 +123,9 @@ fn admit(
     peer: SocketAddr,
 ) -> Result<Admitted, &'static str> {
     let key = address_key(peer.ip());
-    let mut held = table.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut held = table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if held.total >= limits.total {
         return Err("too many connections");
     }
@@ -136,12 +141,68 @@ fn admit(
     })
 }
 
+/// A TLS acceptor from a PEM certificate chain and a PEM private key
+/// (PKCS#8, PKCS#1 or SEC1), offering HTTP/1.1.
+pub fn tls_acceptor(
+    certificate: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(certificate)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| format!("{}: {error}", certificate.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in it", certificate.display()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|error| format!("{}: {error}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| error.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|error| format!("the certificate and key do not make a TLS identity: {error}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves one connection's requests with `router`, the head of each within
+/// `limits.header_read`.
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    limits: ConnectionLimits,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        tower::ServiceExt::oneshot(router.clone(), request)
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(served).await {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown`
 /// completes, then gives requests in flight `server::SHUTDOWN_GRACE_MS`.
+/// With `tls`, every connection is TLS, its handshake within
+/// `limits.header_read`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -169,19 +230,18 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            tower::ServiceExt::oneshot(router.clone(), request)
-        });
-        let served = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let served = graceful.watch(served);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(error) = served.await {
-                tracing::debug!(%error, "connection ended with an error");
+            match tls {
+                None => serve_connection(stream, peer, router, limits, watcher).await,
+                Some(tls) => match tokio::time::timeout(limits.header_read, tls.accept(stream))
+                    .await
+                {
+                    Ok(Ok(stream)) => serve_connection(stream, peer, router, limits, watcher).await,
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
             drop(admitted);
         });

@@ -536,6 +536,27 @@ struct WebArgs {
     /// in seconds (1 to 3600).
     #[arg(long, env = "BACKOFFICE_GRANT_CODE_VALID_S", default_value_t = backoffice::grants::CODE_VALID_MS / 1000)]
     grant_code_valid_s: u64,
+    /// Also serve /RPC2 and the pages over TLS on this address (meters and
+    /// customers on the internet); `--listen` stays plain http, for the
+    /// operator's commands on this machine. Needs --tls-cert and --tls-key.
+    #[arg(long, env = "BACKOFFICE_TLS_LISTEN", value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<std::net::SocketAddr>,
+    /// The TLS certificate chain, PEM (the server's first).
+    #[arg(
+        long,
+        env = "BACKOFFICE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_listen"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "BACKOFFICE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_listen"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 /// Deletes itemised readings older than `retention_days` now and every
@@ -586,6 +607,18 @@ fn serve(
         );
     }
     backoffice::init_logs();
+    let tls = match (&web.tls_cert, &web.tls_key) {
+        (Some(certificate), Some(key)) => {
+            match backoffice::listen::tls_acceptor(certificate, key) {
+                Ok(acceptor) => Some(acceptor),
+                Err(message) => {
+                    eprintln!("backoffice: TLS: {message}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
+        _ => None,
+    };
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let opened = durable::private_dir(&dir)
         .map_err(|error| error.to_string())
@@ -622,15 +655,30 @@ fn serve(
         let mut stdout = std::io::stdout();
         let _ = writeln!(stdout, "backoffice listening on http://{address}/RPC2");
         let _ = writeln!(stdout, "web pages at http://{address}/");
+        let tls_listener = match (web.tls_listen, tls) {
+            (Some(tls_listen), Some(tls)) => {
+                let tls_listener = tokio::net::TcpListener::bind(tls_listen).await?;
+                let tls_address = tls_listener.local_addr()?;
+                let _ = writeln!(
+                    stdout,
+                    "TLS on https://{tls_address}/RPC2 and https://{tls_address}/"
+                );
+                Some((tls_listener, tls_address, tls))
+            }
+            _ => None,
+        };
         let _ = writeln!(stdout, "operator token in {}", token_path.display());
+        let public_url = match (&web.public_url, &tls_listener) {
+            (Some(url), _) => url.clone(),
+            (None, Some((_, tls_address, _))) => format!("https://{tls_address}"),
+            (None, None) => format!("http://{address}"),
+        };
         let web = backoffice::web::Web::new(backoffice::web::WebConfig {
             phone: web.phone.clone(),
             password_iterations: iterations,
-            secure_cookies: web.secure_cookies,
-            public_url: web
-                .public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{address}")),
+            // Pages served over TLS get cookies that never travel in clear.
+            secure_cookies: web.secure_cookies || tls_listener.is_some(),
+            public_url,
             outbox: dir.join("outbox"),
         });
         let service = std::sync::Arc::new(backoffice::server::Service {
@@ -641,7 +689,31 @@ fn serve(
             funding: Box::new(backoffice::funding::RecordedByOperator),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
-        backoffice::server::run(listener, service, shutdown_signal()).await
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        };
+        let limits = backoffice::listen::ConnectionLimits::default();
+        let tls_served = tls_listener.map(|(tls_listener, _, tls)| {
+            tokio::spawn(backoffice::server::run_with(
+                tls_listener,
+                std::sync::Arc::clone(&service),
+                limits,
+                Some(tls),
+                until_stopped(stopped.clone()),
+            ))
+        });
+        let served =
+            backoffice::server::run_with(listener, service, limits, None, until_stopped(stopped))
+                .await;
+        if let Some(tls_served) = tls_served {
+            tls_served.await.map_err(std::io::Error::other)??;
+        }
+        served
     });
     // `run` gave requests in flight the whole grace already; what is left
     // (a connection that never finished its request) is abandoned.

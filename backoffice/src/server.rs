@@ -120,19 +120,21 @@ pub async fn run(
         listener,
         service,
         crate::listen::ConnectionLimits::default(),
+        None,
         shutdown,
     )
     .await
 }
 
-/// `run` within `limits`.
+/// `run` within `limits`, over TLS with `tls`.
 pub async fn run_with(
     listener: tokio::net::TcpListener,
     service: Arc<Service>,
     limits: crate::listen::ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::listen::serve(listener, router(service), limits, shutdown).await
+    crate::listen::serve(listener, router(service), limits, tls, shutdown).await
 }
 
 /// Prometheus text format: what the money path did since the process
@@ -302,7 +304,9 @@ async fn answer(
     let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
         let fault = Fault::new(
             FaultCode::InternalError,
-            format!("the backoffice is busy with as many calls of this kind as it takes at once; try again in {RETRY_AFTER_S} s"),
+            format!(
+                "the backoffice is busy with as many calls of this kind as it takes at once; try again in {RETRY_AFTER_S} s"
+            ),
         );
         let mut response = unread(StatusCode::SERVICE_UNAVAILABLE, &fault);
         response
@@ -312,35 +316,33 @@ async fn answer(
     };
     let limit = Limits::BACKOFFICE.body_bytes_max;
     let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
-    let body = match tokio::time::timeout(
-        std::time::Duration::from_millis(BODY_READ_TIMEOUT_MS),
-        read,
-    )
-    .await
-    {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            let fault = Fault::new(
-                FaultCode::RequestTooLarge,
-                format!("request body over {limit} bytes"),
-            );
-            return unread(StatusCode::PAYLOAD_TOO_LARGE, &fault);
-        }
-        Ok(Err(error)) => {
-            let fault = Fault::new(
-                FaultCode::InvalidRequest,
-                format!("the body could not be read: {error}"),
-            );
-            return unread(StatusCode::BAD_REQUEST, &fault);
-        }
-        Err(_) => {
-            let fault = Fault::new(
-                FaultCode::InvalidRequest,
-                format!("the body did not arrive within {BODY_READ_TIMEOUT_MS} ms"),
-            );
-            return unread(StatusCode::REQUEST_TIMEOUT, &fault);
-        }
-    };
+    let body =
+        match tokio::time::timeout(std::time::Duration::from_millis(BODY_READ_TIMEOUT_MS), read)
+            .await
+        {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                let fault = Fault::new(
+                    FaultCode::RequestTooLarge,
+                    format!("request body over {limit} bytes"),
+                );
+                return unread(StatusCode::PAYLOAD_TOO_LARGE, &fault);
+            }
+            Ok(Err(error)) => {
+                let fault = Fault::new(
+                    FaultCode::InvalidRequest,
+                    format!("the body could not be read: {error}"),
+                );
+                return unread(StatusCode::BAD_REQUEST, &fault);
+            }
+            Err(_) => {
+                let fault = Fault::new(
+                    FaultCode::InvalidRequest,
+                    format!("the body did not arrive within {BODY_READ_TIMEOUT_MS} ms"),
+                );
+                return unread(StatusCode::REQUEST_TIMEOUT, &fault);
+            }
+        };
     // Parsing, pricing and fsync block: keep them off the async workers.
     let answered = tokio::task::spawn_blocking(move || {
         let (outcome, signer) = dispatch(&service, caller, &headers, &body);

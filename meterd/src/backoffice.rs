@@ -39,14 +39,19 @@ pub struct Endpoint {
     pub port: u16,
     /// Request path.
     pub path: String,
+    /// `https://`: TLS, the backoffice's certificate checked.
+    pub tls: bool,
 }
 
 impl Endpoint {
-    /// Parses `http://HOST[:PORT][/PATH]`; the path defaults to `/RPC2`.
+    /// Parses `http://HOST[:PORT][/PATH]` or `https://...`; the path
+    /// defaults to `/RPC2`, the port to 80 or 443.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or("the URL must start with http://")?;
+        let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err("the URL must start with http:// or https://".into()),
+        };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, "/RPC2"),
@@ -62,6 +67,7 @@ impl Endpoint {
         };
         let port = match port {
             Some(port) => port.parse().map_err(|_| format!("bad port {port:?}"))?,
+            None if tls => 443,
             None => 80,
         };
         if host.is_empty() {
@@ -71,8 +77,29 @@ impl Endpoint {
             host: host.to_owned(),
             port,
             path: path.to_owned(),
+            tls,
         })
     }
+}
+
+/// Sends `request` on a fresh connection `io` and returns the answer's head.
+async fn send_on<I>(
+    io: I,
+    request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, BackofficeError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let unreachable =
+        |error: &dyn std::fmt::Display| BackofficeError::Unreachable(error.to_string());
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|error| unreachable(&error))?;
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|error| unreachable(&error))
 }
 
 /// What an answer that is not trusted says, for the log: the backoffice
@@ -101,20 +128,81 @@ pub fn is_loopback_host(host: &str) -> bool {
 }
 
 /// A meter's signed link to its backoffice.
-#[derive(Debug)]
 pub struct Backoffice {
     mid: Mid,
     secret: Secret,
     endpoint: Endpoint,
+    /// For `https://`: the roots its certificate must chain to.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Backoffice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backoffice")
+            .field("mid", &self.mid)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TLS client of an `https://` backoffice: trusting the certificates
+/// in `ca_file` (PEM) if given, else the system's roots.
+fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates: Vec<CertificateDer<'static>> = match ca_file {
+        Some(path) => CertificateDer::pem_file_iter(path)
+            .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+            .map_err(|error| format!("the CA file {}: {error}", path.display()))?,
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    let (added, _) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        return Err(match ca_file {
+            Some(path) => format!("the CA file {} holds no usable certificate", path.display()),
+            None => "no trusted root certificates found on this system; give the backoffice's CA with --backoffice-ca".into(),
+        });
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| error.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
 }
 
 impl Backoffice {
-    /// The backoffice at `url`, called as meter `mid` with `secret`.
+    /// The backoffice at `url`, called as meter `mid` with `secret`; an
+    /// `https://` one is trusted through the system's roots.
     pub fn new(url: &str, mid: Mid, secret: Secret) -> Result<Backoffice, String> {
+        Self::with_ca(url, mid, secret, None)
+    }
+
+    /// Like `new`; an `https://` backoffice must chain to a certificate in
+    /// `ca_file` (PEM) when given, else to the system's roots.
+    pub fn with_ca(
+        url: &str,
+        mid: Mid,
+        secret: Secret,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Backoffice, String> {
+        let endpoint = Endpoint::parse(url)?;
+        let tls = if endpoint.tls {
+            Some(tls_connector(ca_file)?)
+        } else {
+            None
+        };
         Ok(Backoffice {
             mid,
             secret,
-            endpoint: Endpoint::parse(url)?,
+            endpoint,
+            tls,
         })
     }
 
@@ -156,10 +244,6 @@ impl Backoffice {
         let stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|error| unreachable(&error))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| unreachable(&error))?;
-        tokio::spawn(connection);
         let time_ms = now_ms();
         let signature = self.secret.sign(&self.mid, time_ms, &body);
         let request = Request::post(endpoint.path.as_str())
@@ -170,10 +254,18 @@ impl Backoffice {
             .header(SIGNATURE_HEADER, signature.as_str())
             .body(Full::new(Bytes::from(body)))
             .map_err(|error| unreachable(&error))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|error| unreachable(&error))?;
+        let response = match &self.tls {
+            None => send_on(stream, request).await?,
+            Some(connector) => {
+                let name = rustls_pki_types::ServerName::try_from(endpoint.host.clone())
+                    .map_err(|error| unreachable(&error))?;
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|error| unreachable(&format!("TLS: {error}")))?;
+                send_on(stream, request).await?
+            }
+        };
         let status = response.status();
         let answer_signature = response
             .headers()

@@ -58,6 +58,9 @@ pub struct FileSettings {
     pub mid: Option<String>,
     /// A file holding this meter's secret.
     pub secret_file: Option<PathBuf>,
+    /// For an `https://` backoffice: the CA certificates (PEM) its
+    /// certificate must chain to, instead of the system's roots.
+    pub backoffice_ca: Option<PathBuf>,
     /// Most contexts with open frames.
     pub contexts_max: Option<usize>,
     /// Most open frames per context.
@@ -73,6 +76,8 @@ pub struct UploadSettings {
     pub mid: Mid,
     /// The file holding this meter's secret.
     pub secret_file: PathBuf,
+    /// The CA file for an `https://` backoffice (system roots if `None`).
+    pub backoffice_ca: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -165,12 +170,13 @@ pub fn resolve(
     let url = overrides.backoffice_url.or(file.backoffice_url);
     let mid = overrides.mid.or(file.mid);
     let secret_file = overrides.secret_file.or(file.secret_file);
+    let backoffice_ca = overrides.backoffice_ca.or(file.backoffice_ca);
     let upload = match (url, mid, secret_file) {
         (None, None, None) => None,
         (Some(url), Some(mid), Some(secret_file)) => {
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(ConfigError::Invalid(format!(
-                    "backoffice URL {url:?} must start with http://"
+                    "backoffice URL {url:?} must start with https:// (or http:// on this machine)"
                 )));
             }
             let mid = Mid::parse(&mid).map_err(|error| ConfigError::Invalid(error.to_string()))?;
@@ -178,6 +184,7 @@ pub fn resolve(
                 url,
                 mid,
                 secret_file,
+                backoffice_ca,
             })
         }
         _ => {

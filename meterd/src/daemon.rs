@@ -106,8 +106,20 @@ pub async fn serve(
     let backoffice = match &config.upload {
         Some(settings) => {
             let secret = read_secret(&settings.secret_file)?;
-            let backoffice =
-                Backoffice::new(&settings.url, settings.mid, secret).map_err(StartError::Upload)?;
+            let backoffice = Backoffice::with_ca(
+                &settings.url,
+                settings.mid,
+                secret,
+                settings.backoffice_ca.as_deref(),
+            )
+            .map_err(StartError::Upload)?;
+            let endpoint = backoffice.endpoint();
+            if !endpoint.tls && !crate::backoffice::is_loopback_host(&endpoint.host) {
+                tracing::warn!(
+                    host = %endpoint.host,
+                    "uploading over plain http to another machine: anyone on the way reads the readings; use https://"
+                );
+            }
             Some(Arc::new(backoffice))
         }
         None => None,

@@ -128,7 +128,8 @@ struct ServeArgs {
     /// Readings the cache may hold before it refuses new ones [default: 10000000].
     #[arg(long, env = "METERD_CACHE_READINGS_MAX", value_name = "N")]
     cache_readings_max: Option<u64>,
-    /// The backoffice's XML-RPC URL, such as http://127.0.0.1:8080/RPC2.
+    /// The backoffice's XML-RPC URL, such as https://backoffice.example/RPC2
+    /// (http:// only on this machine, such as http://127.0.0.1:8080/RPC2).
     #[arg(long, env = "METERD_BACKOFFICE", value_name = "URL")]
     backoffice: Option<String>,
     /// This meter's MID, issued by the backoffice.
@@ -137,6 +138,10 @@ struct ServeArgs {
     /// A file holding this meter's secret, issued with the MID.
     #[arg(long, env = "METERD_SECRET_FILE", value_name = "FILE")]
     secret_file: Option<PathBuf>,
+    /// For an https:// backoffice: CA certificates (PEM) its certificate
+    /// must chain to [default: the system's roots].
+    #[arg(long, env = "METERD_BACKOFFICE_CA", value_name = "FILE")]
+    backoffice_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +180,7 @@ fn serve(socket: Option<PathBuf>, args: ServeArgs) -> ExitCode {
         backoffice_url: args.backoffice,
         mid: args.mid,
         secret_file: args.secret_file,
+        backoffice_ca: args.backoffice_ca,
         contexts_max: None,
         frames_max: None,
     };

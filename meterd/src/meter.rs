@@ -162,12 +162,12 @@ fn storage_fault(error: &dyn std::fmt::Display) -> Fault {
 }
 
 /// Refuses `grant.password` unless the backoffice is on this machine: the
-/// meter speaks plain http to it (TLS is issue 14), so anywhere else the
+/// meter speaks https to it: over plain http anywhere else the
 /// customer's web password would cross the network readable by anyone on
 /// the way. The device code flow sends no password.
 fn password_may_be_sent(backoffice: &Backoffice, cid: Cid) -> Result<(), Fault> {
     let endpoint = backoffice.endpoint();
-    if crate::backoffice::is_loopback_host(&endpoint.host) {
+    if endpoint.tls || crate::backoffice::is_loopback_host(&endpoint.host) {
         return Ok(());
     }
     Err(Fault::new(

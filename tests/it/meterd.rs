@@ -1192,7 +1192,10 @@ fn an_answer_not_signed_for_the_call_made_changes_nothing_on_the_meter() {
             status["lastError"].contains("not trusted"),
             "{answers:?}: {status:?}"
         );
-        assert_eq!(status["pendingReadings"], pending, "{answers:?}: {status:?}");
+        assert_eq!(
+            status["pendingReadings"], pending,
+            "{answers:?}: {status:?}"
+        );
         assert_eq!(status["conflictedBatches"], "0", "{answers:?}: {status:?}");
     }
     backoffice.behave(|behaviour| {
@@ -1205,10 +1208,7 @@ fn an_answer_not_signed_for_the_call_made_changes_nothing_on_the_meter() {
     let customer = Some(Payer::Customer(cid("B1-C1")));
     assert_eq!(
         counts,
-        HashMap::from([
-            ((pid("B1-P1"), customer), 1),
-            ((pid("B1-P2"), customer), 1),
-        ]),
+        HashMap::from([((pid("B1-P1"), customer), 1), ((pid("B1-P2"), customer), 1),]),
         "every use applied once"
     );
 }

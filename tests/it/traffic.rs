@@ -25,11 +25,7 @@ fn office() -> (tempfile::TempDir, Backoffice) {
 
 /// A registered meter: its MID.
 fn meter(office: &Backoffice) -> String {
-    let owner = office.text(
-        "customer.create",
-        &[s("Bob"), s("bob@example.org")],
-        "CID",
-    );
+    let owner = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
     office.meter(&owner).0
 }
 
@@ -293,8 +289,12 @@ fn flood(address: SocketAddr, headers: &[(&str, String)], count: usize) -> Vec<u
             let head = head(address, headers, BODY_MAX);
             std::thread::spawn(move || {
                 let mut stream = connect(address);
-                stream.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-                stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                stream
+                    .set_write_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
                 let _ = stream.write_all(head.as_bytes());
                 // A refused body is cut off by the server: that is fine.
                 let _ = stream.write_all(&garbage);
@@ -307,7 +307,10 @@ fn flood(address: SocketAddr, headers: &[(&str, String)], count: usize) -> Vec<u
             })
         })
         .collect();
-    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+    threads
+        .into_iter()
+        .map(|thread| thread.join().unwrap())
+        .collect()
 }
 
 #[test]
@@ -392,7 +395,8 @@ fn silent_and_slow_connections_beyond_the_limits_lock_nobody_out_and_are_closed(
         }
         false
     });
-    let closed = closed_within(&mut quiet, HEADER_READ_TIMEOUT).expect("a silent connection is closed");
+    let closed =
+        closed_within(&mut quiet, HEADER_READ_TIMEOUT).expect("a silent connection is closed");
     assert!(
         closed >= HEADER_READ_TIMEOUT - Duration::from_secs(1)
             && closed < HEADER_READ_TIMEOUT + Duration::from_secs(5),
@@ -409,7 +413,8 @@ fn silent_and_slow_connections_beyond_the_limits_lock_nobody_out_and_are_closed(
 fn sigterm_ends_the_backoffice_within_its_grace_while_a_request_is_half_sent() {
     let (_dir, mut office) = office();
     let mut half = connect(office.address);
-    half.write_all(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\n").unwrap();
+    half.write_all(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let mut idle = connect(office.address);
     idle.write_all(b"").unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -433,4 +438,151 @@ fn sigterm_ends_the_backoffice_within_its_grace_while_a_request_is_half_sent() {
         assert!(Instant::now() < deadline, "still running after 15 s");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A certificate authority made for one test, and a server certificate it
+/// signed for `localhost` and 127.0.0.1: their PEM files.
+struct TestPki {
+    ca: std::path::PathBuf,
+    certificate: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+fn test_pki(dir: &std::path::Path, name: &str) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let server = server_params.signed_by(&server_key, &issuer).unwrap();
+    let pki = TestPki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        certificate: dir.join(format!("{name}-server.pem")),
+        key: dir.join(format!("{name}-server.key")),
+    };
+    std::fs::write(&pki.ca, ca.pem()).unwrap();
+    std::fs::write(&pki.certificate, server.pem()).unwrap();
+    std::fs::write(&pki.key, server_key.serialize_pem()).unwrap();
+    pki
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_meter_uploads_over_tls_to_the_backoffice_it_trusts_and_to_no_other() {
+    use crate::support::{MeterdSetup, grant_by_password, workspace_binary};
+    use crate::web::PASSWORD;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = test_pki(dir.path(), "branch");
+    let stranger = test_pki(dir.path(), "stranger");
+    let port = free_port();
+    let tls_listen = format!("127.0.0.1:{port}");
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            ("BACKOFFICE_TLS_LISTEN", tls_listen.as_str()),
+            ("BACKOFFICE_TLS_CERT", pki.certificate.to_str().unwrap()),
+            ("BACKOFFICE_TLS_KEY", pki.key.to_str().unwrap()),
+        ],
+    );
+    let consumer = office.text(
+        "customer.create",
+        &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
+        "CID",
+    );
+    let (mid, secret) = office.meter(&consumer);
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, &secret).unwrap();
+    // Plain http on the TLS port gets nothing served.
+    let mut plain = connect(format!("127.0.0.1:{port}").parse().unwrap());
+    plain
+        .write_all(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let meter_with = |name: &str, ca: &std::path::Path| {
+        let meter_dir = dir.path().join(name);
+        std::fs::create_dir_all(&meter_dir).unwrap();
+        let setup = MeterdSetup {
+            dir: meter_dir,
+            backoffice: None,
+        };
+        let url = format!("https://localhost:{port}/RPC2");
+        let run = setup.start_with(&[
+            "--backoffice",
+            &url,
+            "--mid",
+            &mid,
+            "--secret-file",
+            secret_file.to_str().unwrap(),
+            "--backoffice-ca",
+            ca.to_str().unwrap(),
+        ]);
+        (setup, run)
+    };
+    let meterd_cli = |socket: &std::path::Path, args: &[&str]| {
+        let output = std::process::Command::new(workspace_binary("meterd", "meterd"))
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    // A meter that trusts another CA reaches nothing: the password is not
+    // sent, no batch is either.
+    let (_, wary) = meter_with("wary", &stranger.ca);
+    let (code, _) = meterd_cli(&wary.socket, &["flush"]);
+    assert_eq!(code, Some(1));
+    let (_, status) = meterd_cli(&wary.socket, &["status"]);
+    assert!(status.contains("TLS"), "{status}");
+    drop(wary);
+
+    // The meter that trusts the branch's CA grants (the password goes over
+    // TLS, not in clear) and uploads.
+    let (_, meter) = meter_with("trusting", &pki.ca);
+    grant_by_password(&meter.socket, &consumer, PASSWORD);
+    let socket = meter.socket.display().to_string();
+    let demo = std::process::Command::new(env!("CARGO_BIN_EXE_metered-demo"))
+        .args([&socket, &consumer, "B1-P1", "B1-P9", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(demo.success());
+    let (code, _) = meterd_cli(&meter.socket, &["flush"]);
+    assert_eq!(code, Some(0), "uploaded over TLS");
+    let (_, status) = meterd_cli(&meter.socket, &["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|line| line.split_whitespace().collect::<Vec<_>>() == ["pendingReadings", "0"]),
+        "{status}"
+    );
+    // The backoffice has the batch: the uses of unknown products wait in
+    // its suspense.
+    let suspense = office.call("suspense.list", &[]).unwrap();
+    assert!(format!("{suspense:?}").contains("B1-P1"), "{suspense:?}");
 }
