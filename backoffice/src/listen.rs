@@ -8,7 +8,7 @@
 //! | connections at once | `ConnectionLimits::total` (at most the open-file limit less a reserve) |
 //! | connections at once from one address (IPv6: one /64) | `ConnectionLimits::per_address` |
 //! | a new connection's first request head, and an idle keep-alive connection's next | `ConnectionLimits::header_read` |
-//! | a request's body once its head is in | `server::BODY_READ_TIMEOUT_MS` (`/RPC2`), `ConnectionLimits::request` (pages) |
+//! | a request's body once its head is in | `ConnectionLimits::body_read` (`/RPC2`), `ConnectionLimits::request` (pages) |
 //! | a page's whole request, body and handler | `ConnectionLimits::request` |
 //!
 //! A connection over a limit is closed at once, before anything is read.
@@ -49,6 +49,8 @@ pub struct ConnectionLimits {
     pub header_read: Duration,
     /// See `REQUEST_TIMEOUT_MS`.
     pub request: Duration,
+    /// See `server::BODY_READ_TIMEOUT_MS`.
+    pub body_read: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -59,6 +61,7 @@ impl Default for ConnectionLimits {
             per_address: CONNECTIONS_PER_ADDRESS_MAX,
             header_read: Duration::from_millis(HEADER_READ_TIMEOUT_MS),
             request: Duration::from_millis(REQUEST_TIMEOUT_MS),
+            body_read: Duration::from_millis(crate::server::BODY_READ_TIMEOUT_MS),
         }
     }
 }

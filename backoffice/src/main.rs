@@ -557,6 +557,22 @@ struct WebArgs {
         requires = "tls_listen"
     )]
     tls_key: Option<PathBuf>,
+    /// Seconds a connection has to send a request's head, once it is new
+    /// or idle between requests; then it is closed.
+    #[arg(long, env = "BACKOFFICE_HEADER_TIMEOUT_S", value_name = "S",
+        default_value_t = backoffice::listen::HEADER_READ_TIMEOUT_MS / 1000,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout_s: u64,
+    /// Seconds an /RPC2 call has to send its body once its head is in.
+    #[arg(long, env = "BACKOFFICE_BODY_TIMEOUT_S", value_name = "S",
+        default_value_t = backoffice::server::BODY_READ_TIMEOUT_MS / 1000,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    body_timeout_s: u64,
+    /// Seconds a web page's whole request (body and answer) may take.
+    #[arg(long, env = "BACKOFFICE_PAGE_TIMEOUT_S", value_name = "S",
+        default_value_t = backoffice::listen::REQUEST_TIMEOUT_MS / 1000,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    page_timeout_s: u64,
 }
 
 /// Deletes itemised readings older than `retention_days` now and every
@@ -618,6 +634,12 @@ fn serve(
             }
         }
         _ => None,
+    };
+    let limits = backoffice::listen::ConnectionLimits {
+        header_read: std::time::Duration::from_secs(web.header_timeout_s),
+        body_read: std::time::Duration::from_secs(web.body_timeout_s),
+        request: std::time::Duration::from_secs(web.page_timeout_s),
+        ..backoffice::listen::ConnectionLimits::default()
     };
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let opened = durable::private_dir(&dir)
@@ -697,7 +719,6 @@ fn serve(
         let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stopped| *stopped).await;
         };
-        let limits = backoffice::listen::ConnectionLimits::default();
         let tls_served = tls_listener.map(|(tls_listener, _, tls)| {
             tokio::spawn(backoffice::server::run_with(
                 tls_listener,

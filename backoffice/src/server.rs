@@ -58,13 +58,21 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 30_000;
 struct Slots {
     meter: Arc<tokio::sync::Semaphore>,
     operator: Arc<tokio::sync::Semaphore>,
+    /// How long a body may take once its head is in.
+    body_read: std::time::Duration,
 }
 
-/// The router: `POST /RPC2` and the web pages.
+/// The router: `POST /RPC2` and the web pages, with the documented limits.
 pub fn router(service: Arc<Service>) -> Router {
+    router_with(service, crate::listen::ConnectionLimits::default())
+}
+
+/// The router, its bodies and pages timed by `limits`.
+pub fn router_with(service: Arc<Service>, limits: crate::listen::ConnectionLimits) -> Router {
     let slots = Arc::new(Slots {
         meter: Arc::new(tokio::sync::Semaphore::new(METER_CALLS_AT_ONCE)),
         operator: Arc::new(tokio::sync::Semaphore::new(OPERATOR_CALLS_AT_ONCE)),
+        body_read: limits.body_read,
     });
     Router::new()
         .route(
@@ -75,12 +83,8 @@ pub fn router(service: Arc<Service>) -> Router {
         .merge(
             crate::web::routes(Arc::clone(&service))
                 .merge(crate::web::upload_routes())
-                .layer(axum::middleware::from_fn(|request, next| {
-                    crate::listen::request_deadline(
-                        std::time::Duration::from_millis(crate::listen::REQUEST_TIMEOUT_MS),
-                        request,
-                        next,
-                    )
+                .layer(axum::middleware::from_fn(move |request, next| {
+                    crate::listen::request_deadline(limits.request, request, next)
                 })),
         )
         .fallback(crate::web::not_found)
@@ -134,7 +138,14 @@ pub async fn run_with(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::listen::serve(listener, router(service), limits, tls, shutdown).await
+    crate::listen::serve(
+        listener,
+        router_with(service, limits),
+        limits,
+        tls,
+        shutdown,
+    )
+    .await
 }
 
 /// Prometheus text format: what the money path did since the process
@@ -297,6 +308,7 @@ async fn answer(
         Ok(caller) => caller,
         Err(fault) => return unread(StatusCode::OK, &fault),
     };
+    let slots_of = &slots;
     let slots = match caller {
         Caller::Meter => &slots.meter,
         Caller::Operator => &slots.operator,
@@ -316,33 +328,34 @@ async fn answer(
     };
     let limit = Limits::BACKOFFICE.body_bytes_max;
     let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
-    let body =
-        match tokio::time::timeout(std::time::Duration::from_millis(BODY_READ_TIMEOUT_MS), read)
-            .await
-        {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-                let fault = Fault::new(
-                    FaultCode::RequestTooLarge,
-                    format!("request body over {limit} bytes"),
-                );
-                return unread(StatusCode::PAYLOAD_TOO_LARGE, &fault);
-            }
-            Ok(Err(error)) => {
-                let fault = Fault::new(
-                    FaultCode::InvalidRequest,
-                    format!("the body could not be read: {error}"),
-                );
-                return unread(StatusCode::BAD_REQUEST, &fault);
-            }
-            Err(_) => {
-                let fault = Fault::new(
-                    FaultCode::InvalidRequest,
-                    format!("the body did not arrive within {BODY_READ_TIMEOUT_MS} ms"),
-                );
-                return unread(StatusCode::REQUEST_TIMEOUT, &fault);
-            }
-        };
+    let body_read = slots_of.body_read;
+    let body = match tokio::time::timeout(body_read, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            let fault = Fault::new(
+                FaultCode::RequestTooLarge,
+                format!("request body over {limit} bytes"),
+            );
+            return unread(StatusCode::PAYLOAD_TOO_LARGE, &fault);
+        }
+        Ok(Err(error)) => {
+            let fault = Fault::new(
+                FaultCode::InvalidRequest,
+                format!("the body could not be read: {error}"),
+            );
+            return unread(StatusCode::BAD_REQUEST, &fault);
+        }
+        Err(_) => {
+            let fault = Fault::new(
+                FaultCode::InvalidRequest,
+                format!(
+                    "the body did not arrive within {} ms",
+                    body_read.as_millis()
+                ),
+            );
+            return unread(StatusCode::REQUEST_TIMEOUT, &fault);
+        }
+    };
     // Parsing, pricing and fsync block: keep them off the async workers.
     let answered = tokio::task::spawn_blocking(move || {
         let (outcome, signer) = dispatch(&service, caller, &headers, &body);

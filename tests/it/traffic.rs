@@ -586,3 +586,52 @@ fn a_meter_uploads_over_tls_to_the_backoffice_it_trusts_and_to_no_other() {
     let suspense = office.call("suspense.list", &[]).unwrap();
     assert!(format!("{suspense:?}").contains("B1-P1"), "{suspense:?}");
 }
+
+#[test]
+fn a_body_sent_too_slowly_is_cut_off_on_rpc2_and_on_the_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            ("BACKOFFICE_BODY_TIMEOUT_S", "2"),
+            ("BACKOFFICE_PAGE_TIMEOUT_S", "3"),
+        ],
+    );
+    let mid = meter(&office);
+    // A meter call whose body stops half-way.
+    let mut stream = connect(office.address);
+    stream
+        .write_all(head(office.address, &signed_headers(&mid), 1_000).as_bytes())
+        .unwrap();
+    stream.write_all(b"<?xml version=").unwrap();
+    let started = Instant::now();
+    let (status, _, body) = read_answer(&mut stream);
+    let took = started.elapsed();
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        took >= Duration::from_millis(1_500) && took < Duration::from_secs(6),
+        "/RPC2 cut off after {took:?}"
+    );
+    // A login form whose body stops half-way.
+    let mut stream = connect(office.address);
+    stream
+        .write_all(
+            format!(
+                "POST /login HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nemail=a",
+                office.address
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let started = Instant::now();
+    let (status, _, _) = read_answer(&mut stream);
+    let took = started.elapsed();
+    assert_eq!(status, 408);
+    assert!(
+        took >= Duration::from_millis(2_500) && took < Duration::from_secs(7),
+        "the page cut off after {took:?}"
+    );
+    // The server goes on answering.
+    assert!(office.call("ledger.verify", &[]).is_ok());
+}
