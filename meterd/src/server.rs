@@ -16,7 +16,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -49,6 +49,12 @@ pub const FDS_RESERVED: usize = 64;
 pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// How long a request's body may take to arrive whole once its head has.
 pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
+/// A connection that answered a call less than this ago is never closed to
+/// make room (nor at once at shutdown): its answer may not have left yet,
+/// and a client that finds its kept-alive connection closed with nothing
+/// read sends the call again, which must never happen to a call that was
+/// made.
+pub const ANSWERED_KEPT_MS: u64 = 1_000;
 /// How long calls in flight may take to finish after shutdown begins;
 /// connections without a call in progress are closed at once.
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
@@ -163,6 +169,7 @@ async fn answer(
 pub struct Connections {
     table: Mutex<Table>,
     max: usize,
+    answered_kept: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -180,6 +187,8 @@ struct Slot {
     busy: bool,
     /// When the slot last began to wait: admitted, or a call answered.
     waiting_since: u64,
+    /// When its last call was answered, if it made one.
+    answered_at: Option<Instant>,
     /// Told to close the connection.
     close: Arc<Notify>,
 }
@@ -200,6 +209,7 @@ impl Drop for Call<'_> {
         if let Some(slot) = table.slots.get_mut(&self.connection) {
             slot.busy = false;
             slot.waiting_since = now;
+            slot.answered_at = Some(Instant::now());
         }
     }
 }
@@ -209,17 +219,33 @@ impl Drop for Call<'_> {
 pub enum Admission {
     /// Served; close it when this is notified.
     Admitted(Arc<Notify>),
-    /// Every connection is in a call: refused.
+    /// Every connection is in a call or just answered one: refused.
     Full,
 }
 
 impl Connections {
     /// A table of at most `max` connections.
     pub fn new(max: usize) -> Connections {
+        Connections::keeping_answered(max, Duration::from_millis(ANSWERED_KEPT_MS))
+    }
+
+    /// A table of at most `max` connections that keeps those that answered
+    /// a call less than `answered_kept` ago.
+    pub fn keeping_answered(max: usize, answered_kept: Duration) -> Connections {
         Connections {
             table: Mutex::new(Table::default()),
             max: max.max(1),
+            answered_kept,
         }
+    }
+
+    /// May `slot` be closed now: no call in progress, and no answer that
+    /// may still be on its way.
+    fn closable(&self, slot: &Slot, now: Instant) -> bool {
+        !slot.busy
+            && slot
+                .answered_at
+                .is_none_or(|answered| now.duration_since(answered) >= self.answered_kept)
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -245,7 +271,7 @@ impl Connections {
         if table.closing {
             return Admission::Full;
         }
-        if table.slots.len() >= self.max && !Self::evict_oldest_waiting(&mut table) {
+        if table.slots.len() >= self.max && !self.evict_oldest_waiting(&mut table) {
             return Admission::Full;
         }
         table.clock += 1;
@@ -253,6 +279,7 @@ impl Connections {
         let slot = Slot {
             busy: false,
             waiting_since: table.clock,
+            answered_at: None,
             close: Arc::clone(&close),
         };
         table.slots.insert(connection, slot);
@@ -260,16 +287,17 @@ impl Connections {
     }
 
     /// Closes the connection that has waited longest without a call in
-    /// progress; false when every connection is in a call.
+    /// progress (or an answer just made); false when there is none.
     pub fn evict_oldest(&self) -> bool {
-        Self::evict_oldest_waiting(&mut self.lock())
+        self.evict_oldest_waiting(&mut self.lock())
     }
 
-    fn evict_oldest_waiting(table: &mut Table) -> bool {
+    fn evict_oldest_waiting(&self, table: &mut Table) -> bool {
+        let now = Instant::now();
         let oldest = table
             .slots
             .iter()
-            .filter(|(_, slot)| !slot.busy)
+            .filter(|(_, slot)| self.closable(slot, now))
             .min_by_key(|(_, slot)| slot.waiting_since)
             .map(|(connection, _)| *connection);
         let Some(connection) = oldest else {
@@ -306,12 +334,14 @@ impl Connections {
         self.lock().slots.remove(&connection);
     }
 
-    /// Shutdown: no new calls, and every connection not in a call is closed.
+    /// Shutdown: no new calls, and every connection neither in a call nor
+    /// just answered is closed (the rest close once their answer is out).
     pub fn close_waiting(&self) {
+        let now = Instant::now();
         let mut table = self.lock();
         table.closing = true;
         table.slots.retain(|_, slot| {
-            if slot.busy {
+            if !self.closable(slot, now) {
                 return true;
             }
             slot.close.notify_one();
@@ -450,7 +480,7 @@ mod tests {
 
     #[test]
     fn a_full_table_closes_the_longest_waiting_connection_never_one_in_a_call() {
-        let connections = Connections::new(3);
+        let connections = Connections::keeping_answered(3, Duration::ZERO);
         let mut closers = Vec::new();
         for connection in 1..=3 {
             match connections.admit(connection) {
@@ -480,8 +510,24 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_that_just_answered_is_not_closed_before_its_answer_is_out() {
+        let connections = Connections::new(2);
+        let _first = connections.admit(1);
+        let _second = connections.admit(2);
+        let call = connections.begin_call(1).expect("1 calls");
+        drop(call);
+        let _busy = connections.begin_call(2).expect("2 calls");
+        assert!(
+            matches!(connections.admit(3), Admission::Full),
+            "1 answered just now, 2 is in a call"
+        );
+        connections.close_waiting();
+        assert!(connections.serves(1), "kept at shutdown too");
+    }
+
+    #[test]
     fn shutdown_closes_the_waiting_and_keeps_calls_in_flight() {
-        let connections = Connections::new(8);
+        let connections = Connections::keeping_answered(8, Duration::ZERO);
         let Admission::Admitted(waiting) = connections.admit(1) else {
             panic!("admitted")
         };
