@@ -324,3 +324,51 @@ fn clients_refuse_a_socket_owned_by_another_user() {
     assert_eq!(status(Some("nobody")).status.code(), Some(0));
     assert!(python_status(&meter.socket, Some("65534")).status.success());
 }
+
+#[test]
+fn under_a_low_open_files_limit_bad_connections_never_lock_callers_out() {
+    // A soft limit of 1,024 (systemd's default) is below what 1,024
+    // connections and the meter's own files need; here 200, for speed.
+    let limit = 200;
+    let works = Command::new("prlimit")
+        .args([&format!("--nofile={limit}:{limit}"), "--", "true"])
+        .status();
+    if !matches!(works, Ok(status) if status.success()) {
+        eprintln!("skipped: prlimit cannot lower the open-files limit here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("meterd.sock");
+    let meterd = workspace_binary("meterd", "meterd");
+    let nofile = format!("--nofile={limit}:{limit}");
+    let data = dir.path().join("data");
+    let args = [
+        nofile.as_str(),
+        "--",
+        meterd.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let _meter = crate::support::start_with_env("prlimit", &args, &[("METERD_LOG", "error")]);
+    let kinds = [Stall::Silent, Stall::HalfHead, Stall::HalfBody];
+    let started = Instant::now();
+    let mut held: Vec<UnixStream> = (0..limit + 100)
+        .map(|n| stall(&socket, kinds[n % kinds.len()]))
+        .collect();
+    for round in 0..3 {
+        held.extend((0..20).map(|n| stall(&socket, kinds[n % kinds.len()])));
+        let took = served_within(&socket, Duration::from_secs(3));
+        eprintln!(
+            "round {round}: served in {took:?} with {} bad connections made, open-files limit {limit}",
+            held.len()
+        );
+    }
+    let flood = started.elapsed();
+    assert!(
+        flood < Duration::from_millis(HEADER_READ_TIMEOUT_MS),
+        "the flood took {flood:?}: a timeout, not room made, may have served the callers"
+    );
+}
