@@ -420,7 +420,7 @@ pub async fn run(listener: UnixListener, meter: Arc<Meter>, shutdown: impl Futur
             Admission::Full => {
                 tracing::warn!(
                     limit = connections.max,
-                    "connection refused: every connection is in a call"
+                    "connection refused: every connection is in a call or has just answered one"
                 );
                 continue;
             }
