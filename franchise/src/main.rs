@@ -43,7 +43,7 @@ struct Cli {
     #[arg(long, env = "FRANCHISE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// The meter's socket [default: $METERD_SOCKET, else
-    /// $XDG_RUNTIME_DIR/meterd.sock, else /tmp/meterd.sock].
+    /// $XDG_RUNTIME_DIR/meterd.sock, else /run/meterd/meterd.sock for root].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// This branch's code; every ID it issues starts with it.

@@ -47,6 +47,10 @@ pub enum ClientError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The socket belongs to a user the client does not trust to be its
+    /// meter (`socket::check_owner`).
+    #[error("{0}")]
+    Untrusted(#[from] crate::socket::Untrusted),
     /// The meter answered something that is not a valid response.
     #[error("bad answer from the meter: {0}")]
     Protocol(String),
@@ -65,7 +69,11 @@ pub struct Meter {
 
 impl Meter {
     /// A meter at `path`. Connects on the first call (and reconnects when the
-    /// meter restarts), so this never fails.
+    /// meter restarts or closed an idle connection), so this never fails.
+    /// Every connection is made only to a socket whose owner is this user,
+    /// root, `$METERD_SOCKET_OWNER`, or the owner of a directory only root
+    /// could have made (`socket::check_owner`); otherwise calls fail with
+    /// `ClientError::Untrusted` (and `query` answers false).
     pub fn connect(path: impl Into<PathBuf>) -> Meter {
         Meter {
             path: path.into(),
@@ -74,7 +82,8 @@ impl Meter {
         }
     }
 
-    /// A meter at the default socket path (`$METERD_SOCKET`, ...).
+    /// A meter at the default socket path (`$METERD_SOCKET`, else
+    /// `$XDG_RUNTIME_DIR/meterd.sock`, else `/run/meterd/meterd.sock`).
     pub fn connect_default() -> Meter {
         Meter::connect(crate::default_socket_path(|key| std::env::var(key).ok()))
     }
@@ -235,6 +244,7 @@ impl Meter {
                     source,
                 },
                 Exchange::Protocol(message) => ClientError::Protocol(message),
+                Exchange::Untrusted(untrusted) => ClientError::Untrusted(untrusted),
             }
         })
         .and_then(|response| match response {
@@ -243,18 +253,24 @@ impl Meter {
         })
     }
 
-    fn stream(&mut self) -> std::io::Result<&mut UnixStream> {
+    /// The connection, made anew when there is none, to a socket whose
+    /// owner the client trusts.
+    fn stream(&mut self) -> Result<&mut UnixStream, Exchange> {
         if self.stream.is_none() {
-            let stream = UnixStream::connect(&self.path)?;
-            stream.set_read_timeout(Some(CALL_TIMEOUT))?;
-            stream.set_write_timeout(Some(CALL_TIMEOUT))?;
-            self.stream = Some(stream);
+            crate::socket::check_owner_for_this_process(&self.path).map_err(Exchange::Untrusted)?;
+            let connect = || -> std::io::Result<UnixStream> {
+                let stream = UnixStream::connect(&self.path)?;
+                stream.set_read_timeout(Some(CALL_TIMEOUT))?;
+                stream.set_write_timeout(Some(CALL_TIMEOUT))?;
+                Ok(stream)
+            };
+            self.stream = Some(connect().map_err(Exchange::Io)?);
         }
         Ok(self.stream.as_mut().expect("just connected"))
     }
 
     fn exchange(&mut self, body: &[u8], poll: Duration) -> Result<MethodResponse, Exchange> {
-        let stream = self.stream().map_err(Exchange::Io)?;
+        let stream = self.stream()?;
         let head = format!(
             "POST /RPC2 HTTP/1.1\r\nHost: meterd\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -276,6 +292,8 @@ enum Exchange {
     Io(std::io::Error),
     /// Something came back that is not a valid answer.
     Protocol(String),
+    /// The socket's owner is not trusted: nothing was sent.
+    Untrusted(crate::socket::Untrusted),
 }
 
 /// Waits up to `poll` for the first bytes of an answer without sleeping.

@@ -135,10 +135,21 @@ pub fn resolve(
     file: FileSettings,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let socket = overrides
-        .socket
-        .or(file.socket)
-        .unwrap_or_else(|| crate::default_socket_path(&lookup));
+    resolve_as(overrides, file, lookup, crate::procinfo::effective_uid())
+}
+
+/// `resolve` for a process running as `euid`, which decides the default
+/// socket (`socket::serve_default`).
+pub fn resolve_as(
+    overrides: FileSettings,
+    file: FileSettings,
+    lookup: impl Fn(&str) -> Option<String>,
+    euid: Option<u32>,
+) -> Result<Config, ConfigError> {
+    let socket = match overrides.socket.or(file.socket) {
+        Some(socket) => socket,
+        None => crate::socket::serve_default(&lookup, euid).map_err(ConfigError::Invalid)?,
+    };
     let socket_mode = match overrides.socket_mode.or(file.socket_mode) {
         Some(text) => parse_mode(&text)?,
         None => SOCKET_MODE_DEFAULT,
@@ -221,14 +232,20 @@ mod tests {
             socket: Some("/flag.sock".into()),
             ..FileSettings::default()
         };
-        let config = resolve(overrides, file, no_env).unwrap();
+        let config = resolve_as(overrides, file, no_env, Some(1000)).unwrap();
         assert_eq!(config.socket, PathBuf::from("/flag.sock"));
         assert_eq!(config.data_dir, PathBuf::from("/file-data"));
         assert_eq!(config.cache_readings_max, 5);
         assert_eq!(config.socket_mode, 0o660);
         assert_eq!(config.upload, None);
-        let defaults = resolve(FileSettings::default(), FileSettings::default(), no_env).unwrap();
-        assert_eq!(defaults.socket, PathBuf::from("/tmp/meterd.sock"));
+        let defaults = resolve_as(
+            FileSettings::default(),
+            FileSettings::default(),
+            no_env,
+            Some(0),
+        )
+        .unwrap();
+        assert_eq!(defaults.socket, PathBuf::from(crate::socket::SYSTEM_SOCKET));
         assert_eq!(defaults.data_dir, PathBuf::from("meterd-data"));
         assert_eq!(defaults.socket_mode, SOCKET_MODE_DEFAULT);
     }
@@ -240,12 +257,21 @@ mod tests {
             socket_mode: Some("999".into()),
             ..FileSettings::default()
         };
-        assert!(resolve(bad_mode, FileSettings::default(), no_env).is_err());
+        assert!(resolve_as(bad_mode, FileSettings::default(), no_env, Some(0)).is_err());
+        // Not root and no XDG_RUNTIME_DIR: say where, never /tmp.
+        let error = resolve_as(
+            FileSettings::default(),
+            FileSettings::default(),
+            no_env,
+            Some(1000),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("--socket"), "{error}");
         let half_upload = FileSettings {
             backoffice_url: Some("http://127.0.0.1:1/RPC2".into()),
             ..FileSettings::default()
         };
-        let error = resolve(half_upload, FileSettings::default(), no_env).unwrap_err();
+        let error = resolve_as(half_upload, FileSettings::default(), no_env, Some(0)).unwrap_err();
         assert!(error.to_string().contains("all three"), "{error}");
         let bad_mid = FileSettings {
             backoffice_url: Some("http://127.0.0.1:1/RPC2".into()),
@@ -253,7 +279,7 @@ mod tests {
             secret_file: Some("/s".into()),
             ..FileSettings::default()
         };
-        assert!(resolve(bad_mid, FileSettings::default(), no_env).is_err());
+        assert!(resolve_as(bad_mid, FileSettings::default(), no_env, Some(0)).is_err());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum StartError {
     /// Another meter answers on the socket.
     #[error("another meterd is already listening on {0}")]
     AlreadyRunning(String),
+    /// The socket's directory is writable by every user (`socket::check_directory`).
+    #[error("{0}")]
+    UnsafeSocketDirectory(String),
     /// The socket could not be created.
     #[error("cannot listen on {path}: {source}")]
     Socket {
@@ -54,18 +57,21 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
         path: path.display().to_string(),
         source,
     };
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(socket_error)?;
+    }
+    // Before anything is removed or bound: a directory every user may write
+    // could hold a socket another user made to answer in the meter's place.
+    crate::socket::check_directory(path).map_err(StartError::UnsafeSocketDirectory)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(StartError::AlreadyRunning(path.display().to_string()));
         }
         // A socket left behind by a meter that did not exit cleanly.
         std::fs::remove_file(path).map_err(socket_error)?;
-    }
-    if let Some(parent) = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(parent).map_err(socket_error)?;
     }
     let listener = UnixListener::bind(path).map_err(socket_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(socket_error)?;

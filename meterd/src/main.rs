@@ -31,7 +31,7 @@ const EXIT_REFUSED: u8 = 2;
 `meterd query PID` exits 0 when the use may begin and 1 when it may not."
 )]
 struct Cli {
-    /// The meter's socket [env: METERD_SOCKET] [default: $XDG_RUNTIME_DIR/meterd.sock, else /tmp/meterd.sock]
+    /// The meter's socket [env: METERD_SOCKET] [default: $XDG_RUNTIME_DIR/meterd.sock, else /run/meterd/meterd.sock (serve: root only)]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -204,6 +204,8 @@ fn serve(socket: Option<PathBuf>, args: ServeArgs) -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        // A setting to change, like any other bad setting.
+        Err(error @ meterd::daemon::StartError::UnsafeSocketDirectory(_)) => usage_error(&error),
         Err(error) => {
             eprintln!("meterd: {error}");
             ExitCode::from(EXIT_UNAVAILABLE)

@@ -64,6 +64,13 @@ pub fn read_uid(proc_root: &Path, pid: u32) -> Option<u32> {
     parse_status_uid(&text)
 }
 
+/// This process's effective uid, from `/proc/self/status`; `None` when it
+/// cannot be read.
+pub fn effective_uid() -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status_uid(&text)
+}
+
 /// The machine's boot id (`sys/kernel/random/boot_id` under `proc_root`),
 /// new at every boot; `None` when it cannot be read.
 pub fn read_boot_id(proc_root: &Path) -> Option<String> {

@@ -9,6 +9,7 @@ mod browser;
 mod hostile;
 mod itemised;
 mod meterd;
+mod meterd_connections;
 mod money;
 mod readme;
 mod support;
