@@ -24,7 +24,7 @@ use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
 use crate::now_ms;
 use crate::pricing::{PriceInput, Pricing, PricingError};
-use crate::registry::{Grant, Product};
+use crate::registry::{Grant, Product, SecretUsed};
 use crate::store::{
     BatchDigest, BatchEffects, BatchKey, PeriodKey, SeqRange, Store, StoreError, Suspense,
 };
@@ -1157,7 +1157,7 @@ impl<S: Store> Backoffice<S> {
             return Ok(None);
         };
         // Only the meter's own signature of this very body names the batch.
-        self.verify_signature(&request.mid, signed, body)?;
+        self.verify_signature(&request.mid, signed, body, now_ms)?;
         self.repeated(&key, None, applied, &request.body, now_ms)
             .map(Some)
     }
@@ -1172,7 +1172,7 @@ impl<S: Store> Backoffice<S> {
         body: &[u8],
         now_ms: u64,
     ) -> Result<String, Fault> {
-        let (time_ms, signature) = self.verify_signature(mid, signed, body)?;
+        let (time_ms, signature) = self.verify_signature(mid, signed, body, now_ms)?;
         if time_ms.abs_diff(now_ms) > SIGNATURE_WINDOW_MS {
             return Err(clock_skew(time_ms, now_ms));
         }
@@ -1186,13 +1186,17 @@ impl<S: Store> Backoffice<S> {
     }
 
     /// Checks that the signature headers of `body` verify with the secret
-    /// of the registered meter `mid`; returns the signing time and the
-    /// signature.
+    /// of the registered meter `mid` (or, inside the grace after a
+    /// rotation, the one before it: the record is read once, so a
+    /// rotation committing meanwhile is seen whole or not at all); returns
+    /// the signing time and the signature. A revoked meter is refused
+    /// with 210 before any signature is looked at.
     fn verify_signature<'a>(
         &self,
         mid: &Mid,
         signed: Signed<'a>,
         body: &[u8],
+        now_ms: u64,
     ) -> Result<(u64, &'a str), Fault> {
         let meter = self
             .store
@@ -1204,6 +1208,17 @@ impl<S: Store> Backoffice<S> {
                     format!("{mid} is not registered here"),
                 )
             })?;
+        if let Some(revoked) = &meter.revoked {
+            return Err(Fault::new(
+                FaultCode::MeterRevoked,
+                format!(
+                    "meter {mid} was revoked by {} at {}; nothing was applied. \
+                     Register a new meter (a new MID and secret) to upload again",
+                    revoked.by,
+                    proto::time::utc_text(revoked.at_ms)
+                ),
+            ));
+        }
         let bad = |why: &str| Fault::new(FaultCode::BadSignature, why.to_owned());
         if signed.mid != Some(mid.as_str()) {
             return Err(bad(
@@ -1217,11 +1232,38 @@ impl<S: Store> Backoffice<S> {
         let signature = signed
             .signature
             .ok_or_else(|| bad("the X-Meter-Signature header is missing"))?;
-        let secret = Secret::new(meter.secret_hex.as_bytes()).map_err(|error| internal(&error))?;
-        secret
-            .verify(mid, time_ms, body, signature)
-            .map_err(|error| bad(&error.to_string()))?;
-        Ok((time_ms, signature))
+        let mut refusal = None;
+        for (secret_hex, used) in meter.secrets_at(now_ms) {
+            let secret = Secret::new(secret_hex.as_bytes()).map_err(|error| internal(&error))?;
+            match secret.verify(mid, time_ms, body, signature) {
+                Ok(()) => {
+                    if used == SecretUsed::Current && meter.previous.is_some() {
+                        // The meter has the new secret: the old one is done.
+                        self.store
+                            .retire_previous_secret(mid, &meter.secret_hex)
+                            .map_err(|error| internal(&error))?;
+                        tracing::info!(%mid, "the previous secret verifies no more: the meter signs with the new one");
+                    }
+                    return Ok((time_ms, signature));
+                }
+                Err(error) => {
+                    refusal.get_or_insert(error);
+                }
+            }
+        }
+        let mut why = refusal.map_or_else(
+            || "no secret of this meter verifies".to_owned(),
+            |error| error.to_string(),
+        );
+        if let Some(rotated) = &meter.rotated {
+            why.push_str(&format!(
+                "; this meter's secret was rotated by {} at {}: give meterd the new secret file \
+                 and restart it",
+                rotated.by,
+                proto::time::utc_text(rotated.at_ms)
+            ));
+        }
+        Err(bad(&why))
     }
 
     fn product(
