@@ -1,8 +1,13 @@
 //! The meter's signed calls to its backoffice over HTTP/1.1: `send` (the
 //! uploader) and the grant calls (`grant.request`, `grant.poll`,
 //! `grant.password`). Every call's body is signed with the meter's secret in
-//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing").
+//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing"). When the
+//! backoffice refuses a signature (fault 202, as after a rotation of the
+//! meter's secret), the secret file is read again and the call, signed
+//! anew, sent once more: replacing the file is enough, no restart.
 
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -12,7 +17,7 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use proto::auth::{MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
 use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
-use proto::{Fault, Mid};
+use proto::{Fault, FaultCode, Mid};
 
 use crate::meter::now_ms;
 
@@ -94,8 +99,30 @@ pub fn is_loopback_host(host: &str) -> bool {
 #[derive(Debug)]
 pub struct Backoffice {
     mid: Mid,
-    secret: Secret,
+    secret: Mutex<Secret>,
+    secret_file: Option<SecretFile>,
     endpoint: Endpoint,
+}
+
+/// Where the secret was read from, and what it held then.
+struct SecretFile {
+    path: PathBuf,
+    text: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for SecretFile {
+    /// The path only: the secret is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Backoffice {
@@ -103,9 +130,24 @@ impl Backoffice {
     pub fn new(url: &str, mid: Mid, secret: Secret) -> Result<Backoffice, String> {
         Ok(Backoffice {
             mid,
-            secret,
+            secret: Mutex::new(secret),
+            secret_file: None,
             endpoint: Endpoint::parse(url)?,
         })
+    }
+
+    /// Reads the secret again from `path` (where it was read from) when
+    /// the backoffice refuses a signature: a rotated secret takes effect
+    /// once the file is replaced.
+    pub fn rereading(mut self, path: PathBuf) -> Backoffice {
+        let text = std::fs::read_to_string(&path)
+            .ok()
+            .map(|text| text.trim().to_owned());
+        self.secret_file = Some(SecretFile {
+            path,
+            text: Mutex::new(text),
+        });
+        self
     }
 
     /// The meter's MID.
@@ -119,27 +161,74 @@ impl Backoffice {
     }
 
     /// Calls `method` with `params`, signed; the answer's value, or why
-    /// there is none. Gives up after `timeout`.
+    /// there is none. Gives up after `timeout`. A call refused for its
+    /// signature is sent once more when the secret file holds a new secret.
     pub async fn call(
         &self,
         method: &str,
         params: &[Value],
         timeout: Duration,
     ) -> Result<Value, BackofficeError> {
-        let body = encode_call(method, params);
-        let answer = tokio::time::timeout(timeout, self.post(body))
-            .await
-            .map_err(|_| {
-                BackofficeError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))
-            })??;
-        match parse_response(&answer, Limits::BACKOFFICE) {
-            Ok(MethodResponse::Success(value)) => Ok(value),
-            Ok(MethodResponse::Fault(fault)) => Err(BackofficeError::Refused(fault)),
-            Err(error) => Err(BackofficeError::BadAnswer(error.to_string())),
+        let body = Bytes::from(encode_call(method, params));
+        let mut reread = false;
+        loop {
+            let answer = tokio::time::timeout(timeout, self.post(body.clone()))
+                .await
+                .map_err(|_| {
+                    BackofficeError::Unreachable(format!(
+                        "no answer within {} ms",
+                        timeout.as_millis()
+                    ))
+                })??;
+            match parse_response(&answer, Limits::BACKOFFICE) {
+                Ok(MethodResponse::Success(value)) => return Ok(value),
+                Ok(MethodResponse::Fault(fault)) => {
+                    if !reread
+                        && fault.registered() == Some(FaultCode::BadSignature)
+                        && self.reread_secret()
+                    {
+                        reread = true;
+                        continue;
+                    }
+                    return Err(BackofficeError::Refused(fault));
+                }
+                Err(error) => return Err(BackofficeError::BadAnswer(error.to_string())),
+            }
         }
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<Bytes, BackofficeError> {
+    /// Reads the secret file again; true when it holds a new, valid secret,
+    /// which signs from now on.
+    fn reread_secret(&self) -> bool {
+        let Some(file) = &self.secret_file else {
+            return false;
+        };
+        let text = match std::fs::read_to_string(&file.path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(error) => {
+                tracing::warn!(file = %file.path.display(), %error, "cannot read the secret file again");
+                return false;
+            }
+        };
+        let mut last = lock(&file.text);
+        if last.as_deref() == Some(text.as_str()) {
+            return false;
+        }
+        match Secret::new(text.as_bytes()) {
+            Ok(secret) => {
+                *lock(&self.secret) = secret;
+                *last = Some(text);
+                tracing::info!(file = %file.path.display(), "a new secret in the secret file signs from now on");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(file = %file.path.display(), %error, "the secret file holds no valid secret; the one before still signs");
+                false
+            }
+        }
+    }
+
+    async fn post(&self, body: Bytes) -> Result<Bytes, BackofficeError> {
         let unreachable =
             |error: &dyn std::fmt::Display| BackofficeError::Unreachable(error.to_string());
         let endpoint = &self.endpoint;
@@ -151,14 +240,14 @@ impl Backoffice {
             .map_err(|error| unreachable(&error))?;
         tokio::spawn(connection);
         let time_ms = now_ms();
-        let signature = self.secret.sign(&self.mid, time_ms, &body);
+        let signature = lock(&self.secret).sign(&self.mid, time_ms, &body);
         let request = Request::post(endpoint.path.as_str())
             .header(HOST, format!("{}:{}", endpoint.host, endpoint.port))
             .header(CONTENT_TYPE, "text/xml")
             .header(MID_HEADER, self.mid.as_str())
             .header(TIME_HEADER, time_ms.to_string())
             .header(SIGNATURE_HEADER, signature)
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|error| unreachable(&error))?;
         let response = sender
             .send_request(request)

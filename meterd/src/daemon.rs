@@ -106,8 +106,9 @@ pub async fn serve(
     let backoffice = match &config.upload {
         Some(settings) => {
             let secret = read_secret(&settings.secret_file)?;
-            let backoffice =
-                Backoffice::new(&settings.url, settings.mid, secret).map_err(StartError::Upload)?;
+            let backoffice = Backoffice::new(&settings.url, settings.mid, secret)
+                .map_err(StartError::Upload)?
+                .rereading(settings.secret_file.clone());
             Some(Arc::new(backoffice))
         }
         None => None,
