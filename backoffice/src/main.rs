@@ -54,7 +54,8 @@ struct Cli {
 enum MeterCommand {
     /// Give meter MID a new secret (printed once, or written to a new file):
     /// the old one still verifies for --grace-hours, or until the meter
-    /// uploads with the new one. Replace meterd's secret file and restart it.
+    /// uploads with the new one. Move the new file over meterd's secret
+    /// file: meterd reads it again when its signature is refused.
     Rotate {
         /// The meter.
         mid: String,

@@ -1257,8 +1257,8 @@ impl<S: Store> Backoffice<S> {
         );
         if let Some(rotated) = &meter.rotated {
             why.push_str(&format!(
-                "; this meter's secret was rotated by {} at {}: give meterd the new secret file \
-                 and restart it",
+                "; this meter's secret was rotated by {} at {}: put the new secret in meterd's \
+                 secret file",
                 rotated.by,
                 proto::time::utc_text(rotated.at_ms)
             ));

@@ -650,10 +650,10 @@ pub fn meters(
                         },
                         None => p id="grace" { "The old secret is refused from now on." },
                     }
-                    p { "Save the new secret over the meter's secret file and restart meterd, which reads the file when it starts. Readings waiting on the meter are kept and uploaded with the new secret:" }
+                    p { "Save the new secret over the meter's secret file; meterd reads the file again when its signature is refused (or when it starts), so it needs no restart. Readings waiting on the meter are kept and uploaded with the new secret:" }
                     pre id="config" {
                         "(umask 077 && printf %s '" (meter.secret_hex) "' > meter.secret.new) && mv meter.secret.new meter.secret\n"
-                        "# then restart meterd (--mid " (meter.mid.as_str()) " --secret-file meter.secret)"
+                        "# meter.secret: the file meterd was started with (--mid " (meter.mid.as_str()) " --secret-file meter.secret)"
                     }
                 }
             }
