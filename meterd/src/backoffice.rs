@@ -1,10 +1,11 @@
 //! The meter's signed calls to its backoffice over HTTP/1.1: `send` (the
 //! uploader) and the grant calls (`grant.request`, `grant.poll`,
 //! `grant.password`). Every call's body is signed with the meter's secret in
-//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing"). When the
-//! backoffice refuses a signature (fault 202, as after a rotation of the
-//! meter's secret), the secret file is read again and the call, signed
-//! anew, sent once more: replacing the file is enough, no restart.
+//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing"). The secret
+//! file is read again before a call when its modification time changed,
+//! and when the backoffice refuses a signature (fault 202, as after a
+//! rotation of the meter's secret; the call, signed anew, is sent once
+//! more): replacing the file is enough, no restart.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
@@ -108,6 +109,7 @@ pub struct Backoffice {
 struct SecretFile {
     path: PathBuf,
     text: Mutex<Option<String>>,
+    modified: Mutex<Option<std::time::SystemTime>>,
 }
 
 impl std::fmt::Debug for SecretFile {
@@ -117,6 +119,13 @@ impl std::fmt::Debug for SecretFile {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
+}
+
+/// When the file at `path` was last modified, if that can be known.
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .ok()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,9 +152,11 @@ impl Backoffice {
         let text = std::fs::read_to_string(&path)
             .ok()
             .map(|text| text.trim().to_owned());
+        let modified = modified(&path);
         self.secret_file = Some(SecretFile {
             path,
             text: Mutex::new(text),
+            modified: Mutex::new(modified),
         });
         self
     }
@@ -170,6 +181,7 @@ impl Backoffice {
         timeout: Duration,
     ) -> Result<Value, BackofficeError> {
         let body = Bytes::from(encode_call(method, params));
+        self.reread_secret_if_changed();
         let mut reread = false;
         loop {
             let answer = tokio::time::timeout(timeout, self.post(body.clone()))
@@ -194,6 +206,17 @@ impl Backoffice {
                 }
                 Err(error) => return Err(BackofficeError::BadAnswer(error.to_string())),
             }
+        }
+    }
+
+    /// Reads the secret file again when its modification time changed.
+    fn reread_secret_if_changed(&self) {
+        let Some(file) = &self.secret_file else {
+            return;
+        };
+        let now = modified(&file.path);
+        if std::mem::replace(&mut *lock(&file.modified), now) != now {
+            self.reread_secret();
         }
     }
 

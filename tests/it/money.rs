@@ -771,6 +771,22 @@ fn the_operator_rotates_and_revokes_a_meter_and_meterd_loses_no_reading() {
     ]);
     assert_eq!(code, Some(64), "{text}");
     assert_eq!(office.call("meter.show", &[s(&mid)]).unwrap(), before);
+    // The new file moved over meterd's: the running meterd signs with it
+    // from its next call on, which ends the old secret's grace early.
+    let grace = |member: &str| {
+        let shown = office.call("meter.show", &[s(&mid)]).unwrap();
+        shown
+            .member(member)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    assert_ne!(grace("previousValidUntilMs"), "");
+    std::fs::rename(&second_file, &secret_file).unwrap();
+    use_twice(&meterd.socket);
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "8.5");
+    assert_eq!(grace("previousValidUntilMs"), "", "the grace is over");
 
     // Rotated again without a grace (a leaked secret): the old secret is
     // refused; the readings wait on the meter, which says why.
@@ -790,19 +806,27 @@ fn the_operator_rotates_and_revokes_a_meter_and_meterd_loses_no_reading() {
     let (_, status) = meterd_cli(&meterd.socket, &["status"]);
     assert!(status.contains("202"), "{status}");
     assert!(status.contains("rotated by the operator"), "{status}");
-    assert_eq!(balance(), "9");
-    // The new secret file moved over the old one: the running meterd reads
-    // it again when its signature is refused, and the waiting readings are
-    // charged, once.
-    std::fs::rename(&third_file, &secret_file).unwrap();
-    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
     assert_eq!(balance(), "8.5");
+    // The new secret file moved over the old one, with the old one's
+    // modification time (as `cp -p` or a restored backup would leave it):
+    // the running meterd reads it again when its signature is refused, and
+    // the waiting readings are charged, once.
+    let modified = std::fs::metadata(&secret_file).unwrap().modified().unwrap();
+    std::fs::rename(&third_file, &secret_file).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&secret_file)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "8");
     // A restart reads the file too, and loses nothing.
     drop(meterd);
     let meterd = setup.start();
     use_twice(&meterd.socket);
     assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
-    assert_eq!(balance(), "8");
+    assert_eq!(balance(), "7.5");
 
     // Revoked: recorded with who and when; every later upload is refused
     // with 210 and charges nothing; it cannot be rotated any more.
@@ -814,7 +838,7 @@ fn the_operator_rotates_and_revokes_a_meter_and_meterd_loses_no_reading() {
     assert_ne!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
     let (_, status) = meterd_cli(&meterd.socket, &["status"]);
     assert!(status.contains("210"), "{status}");
-    assert_eq!(balance(), "8");
+    assert_eq!(balance(), "7.5");
     let (code, text) = run(&["meter", "rotate", &mid]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("revoked"), "{text}");
