@@ -55,7 +55,7 @@ enum MeterCommand {
     /// Give meter MID a new secret (printed once, or written to a new file):
     /// the old one still verifies for --grace-hours, or until the meter
     /// uploads with the new one. Move the new file over meterd's secret
-    /// file: meterd reads it again when its signature is refused.
+    /// file: meterd reads it again when it changes.
     Rotate {
         /// The meter.
         mid: String,

@@ -650,7 +650,7 @@ pub fn meters(
                         },
                         None => p id="grace" { "The old secret is refused from now on." },
                     }
-                    p { "Save the new secret over the meter's secret file; meterd reads the file again when its signature is refused (or when it starts), so it needs no restart. Readings waiting on the meter are kept and uploaded with the new secret:" }
+                    p { "Save the new secret over the meter's secret file; meterd reads the file again when it changes, so it needs no restart, and its first upload with the new secret ends the old one's day. Readings waiting on the meter are kept and uploaded with the new secret:" }
                     pre id="config" {
                         "(umask 077 && printf %s '" (meter.secret_hex) "' > meter.secret.new) && mv meter.secret.new meter.secret\n"
                         "# meter.secret: the file meterd was started with (--mid " (meter.mid.as_str()) " --secret-file meter.secret)"
