@@ -49,6 +49,34 @@ struct Cli {
     command: Command,
 }
 
+/// What the operator does to a registered meter.
+#[derive(Subcommand, Debug)]
+enum MeterCommand {
+    /// Give meter MID a new secret (printed once, or written to a new file):
+    /// the old one still verifies for --grace-hours, or until the meter
+    /// uploads with the new one. Move the new file over meterd's secret
+    /// file: meterd reads it again when it changes.
+    Rotate {
+        /// The meter.
+        mid: String,
+        /// Write the new secret to FILE (made new, mode 0600) instead of
+        /// printing it; move it over meterd's secret file afterwards.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        /// Hours the old secret still verifies (0: not at all, for a secret
+        /// that leaked; at most 168).
+        #[arg(long, value_name = "HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(0..=168))]
+        grace_hours: u64,
+    },
+    /// Revoke meter MID for good: every later upload and grant call of it is
+    /// refused (fault 210); batches applied stay applied. Its owner
+    /// registers a new meter to go on.
+    Revoke {
+        /// The meter.
+        mid: String,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the backoffice until SIGINT or SIGTERM: the web pages at /,
@@ -118,14 +146,19 @@ enum Command {
         /// The grant's number.
         grant: u64,
     },
-    /// Register a meter of OWNER: prints the MID and its secret (shown once).
+    /// Register a meter of OWNER: prints the MID and its secret (shown
+    /// once). `meter rotate MID` and `meter revoke MID` change a meter's secret.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Meter {
         /// The owner's CID.
-        owner: String,
+        #[arg(required = true)]
+        owner: Option<String>,
         /// Write the meter's secret to FILE (made new, mode 0600) for
         /// meterd's --secret-file, instead of printing it.
         #[arg(long, value_name = "FILE")]
         secret_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<MeterCommand>,
     },
     /// Record a deposit from the customer's macro-account, once per
     /// reference: run it again with the same --reference after a failure or
@@ -748,13 +781,19 @@ fn serve(
     }
 }
 
-/// Registers a meter of `owner` and writes its secret to `file` (new,
-/// 0600), printing only the MID: the secret is never shown.
-fn meter_to_file(cli: &Cli, owner: &str, file: &std::path::Path) -> ExitCode {
+/// Calls `method` (`meter.create`: registers a meter; `meter.rotate`:
+/// gives one a new secret) and writes the secret it answers to `file`
+/// (new, 0600), printing only the MID: the secret is never shown.
+fn secret_to_file(
+    cli: &Cli,
+    method: &str,
+    params: &[proto::xmlrpc::Value],
+    file: &std::path::Path,
+) -> ExitCode {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    // Made before the meter, so that a file that cannot be written leaves
-    // no meter whose secret nobody has.
+    // Made before the call, so that a file that cannot be written leaves
+    // no meter (or new secret) whose secret nobody has.
     let mut out = match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -770,7 +809,7 @@ fn meter_to_file(cli: &Cli, owner: &str, file: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let made = call_operator(cli, "meter.create", &[proto::xmlrpc::Value::string(owner)]);
+    let made = call_operator(cli, method, params);
     let value = match made {
         Ok(value) => value,
         Err(code) => {
@@ -785,16 +824,16 @@ fn meter_to_file(cli: &Cli, owner: &str, file: &std::path::Path) -> ExitCode {
             .member("secret")
             .and_then(proto::xmlrpc::Value::as_str),
     ) else {
-        eprintln!("backoffice: the answer to meter.create has no MID and secret");
+        eprintln!("backoffice: the answer to {method} has no MID and secret");
         return ExitCode::from(EXIT_UNAVAILABLE);
     };
     if let Err(error) = out
         .write_all(secret.as_bytes())
         .and_then(|()| out.sync_all())
     {
-        // The meter exists: its secret must not be lost.
+        // The meter has this secret now: it must not be lost.
         eprintln!(
-            "backoffice: meter {mid} was registered but its secret could not be written to {} \
+            "backoffice: meter {mid} has a new secret but it could not be written to {} \
              ({error}); here it is: {secret}",
             file.display()
         );
@@ -1035,13 +1074,38 @@ fn main() -> ExitCode {
             }
         },
         Command::Meter {
-            owner,
+            action:
+                Some(MeterCommand::Rotate {
+                    mid,
+                    secret_file,
+                    grace_hours,
+                }),
+            ..
+        } => {
+            let params = vec![text(mid), text(&(grace_hours * 3600).to_string())];
+            match secret_file {
+                None => operator(&cli, "meter.rotate", params),
+                Some(file) => secret_to_file(&cli, "meter.rotate", &params, file),
+            }
+        }
+        Command::Meter {
+            action: Some(MeterCommand::Revoke { mid }),
+            ..
+        } => operator(&cli, "meter.revoke", vec![text(mid)]),
+        Command::Meter {
+            owner: Some(owner),
             secret_file: None,
+            action: None,
         } => operator(&cli, "meter.create", vec![text(owner)]),
         Command::Meter {
-            owner,
+            owner: Some(owner),
             secret_file: Some(file),
-        } => meter_to_file(&cli, owner, file),
+            action: None,
+        } => secret_to_file(&cli, "meter.create", &[text(owner)], file),
+        Command::Meter { owner: None, .. } => {
+            eprintln!("backoffice: meter needs OWNER, or rotate MID, or revoke MID");
+            ExitCode::from(EXIT_USAGE)
+        }
         Command::Deposit {
             cid,
             amount,

@@ -189,6 +189,14 @@ pub struct NewGrant {
     pub expires_ms: Option<u64>,
 }
 
+/// How long the secret before a rotation still verifies, unless the owner
+/// or operator asks otherwise: a day, time to give meterd the new secret
+/// file and restart it; an upload signed with the new secret ends it
+/// sooner.
+pub const ROTATION_GRACE_MS_DEFAULT: u64 = 24 * 3600 * 1000;
+/// The longest grace an operator may give the secret before a rotation.
+pub const ROTATION_GRACE_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+
 /// A registered meter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meter {
@@ -198,6 +206,81 @@ pub struct Meter {
     pub owner: Cid,
     /// The HMAC secret it signs uploads with, lower-case hex.
     pub secret_hex: String,
+    /// The secret before the last rotation, while it still verifies.
+    #[serde(default)]
+    pub previous: Option<PreviousSecret>,
+    /// The last rotation of its secret: when, and by whom.
+    #[serde(default)]
+    pub rotated: Option<Change>,
+    /// Its revocation, for good: every later upload and grant call of this
+    /// MID is refused (fault 210). Never undone: the owner registers a new
+    /// meter, under a new MID.
+    #[serde(default)]
+    pub revoked: Option<Change>,
+}
+
+/// A meter's secret before its last rotation, and until when it verifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousSecret {
+    /// The secret, lower-case hex.
+    pub secret_hex: String,
+    /// It verifies uploads signed before this time (ms since the Unix
+    /// epoch, the backoffice's clock), unless an upload signed with the
+    /// new secret came first.
+    pub valid_until_ms: u64,
+}
+
+/// Who changed a meter's record, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Who.
+    pub by: Actor,
+}
+
+/// Who may rotate or revoke a meter's secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Actor {
+    /// The operator, with the operator token.
+    Operator,
+    /// The customer who registered the meter, on the web pages.
+    Owner(Cid),
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Operator => f.write_str("the operator"),
+            Actor::Owner(cid) => write!(f, "its owner {cid}"),
+        }
+    }
+}
+
+/// Which of a meter's secrets an upload verified with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretUsed {
+    /// The current one.
+    Current,
+    /// The one before the last rotation, inside its grace.
+    Previous,
+}
+
+impl Meter {
+    /// The secrets that verify an upload arriving at `now_ms`: the current
+    /// one, then the previous one while its grace lasts. None once revoked.
+    pub fn secrets_at(&self, now_ms: u64) -> Vec<(&str, SecretUsed)> {
+        if self.revoked.is_some() {
+            return Vec::new();
+        }
+        let mut secrets = vec![(self.secret_hex.as_str(), SecretUsed::Current)];
+        if let Some(previous) = &self.previous
+            && now_ms < previous.valid_until_ms
+        {
+            secrets.push((previous.secret_hex.as_str(), SecretUsed::Previous));
+        }
+        secrets
+    }
 }
 
 /// Why a new record is refused.
@@ -226,6 +309,13 @@ pub enum RegistryError {
     /// No such meter.
     #[error("no meter {0}")]
     UnknownMeter(Mid),
+    /// The meter was revoked: its secret can no longer change, and no
+    /// grant can be made for it.
+    #[error("meter {0} was revoked")]
+    MeterRevoked(Mid),
+    /// A grace for the previous secret longer than allowed.
+    #[error("the old secret may stay valid at most {} hours", ROTATION_GRACE_MS_MAX / 3_600_000)]
+    GraceTooLong,
     /// No such grant (or not the customer's own).
     #[error("no grant {0}")]
     UnknownGrant(u64),

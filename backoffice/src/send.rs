@@ -24,7 +24,7 @@ use proto::{Amount, BatchId, Cid, Code, Fault, FaultCode, Mid, Payer, Pid};
 use crate::ledger::{AccountId, Ledger, NewTransfer, TransferKind, in_good_standing};
 use crate::now_ms;
 use crate::pricing::{PriceInput, Pricing, PricingError};
-use crate::registry::{Grant, Product};
+use crate::registry::{Grant, Product, SecretUsed};
 use crate::store::{
     BatchDigest, BatchEffects, BatchKey, PeriodKey, SeqRange, Store, StoreError, Suspense,
 };
@@ -1004,7 +1004,7 @@ impl<S: Store> Backoffice<S> {
     /// Answers one upload at `now_ms`.
     pub fn send(&self, body: &[u8], signed: Signed<'_>, now_ms: u64) -> Result<Value, Fault> {
         let outcome = self
-            .verify(signed, body)
+            .verify(signed, body, now_ms)
             .and_then(|verified| self.send_counted(body, verified, now_ms));
         self.count_refused(outcome)
     }
@@ -1208,14 +1208,20 @@ impl<S: Store> Backoffice<S> {
     }
 
     /// Checks what the signature headers say before the body is read: the
-    /// meter is registered here, the time is a number and a signature of
-    /// the right form is there. Enough to refuse most strangers without
-    /// reading a byte of what they send; `verify` checks the rest.
+    /// meter is registered here and not revoked, the time is a number and a
+    /// signature of the right form is there. Enough to refuse most
+    /// strangers without reading a byte of what they send; `verify` checks
+    /// the rest.
     pub fn check_signed_headers(&self, signed: Signed<'_>) -> Result<Mid, Fault> {
         self.signer(signed).map(|signer| signer.0)
     }
 
-    fn signer<'a>(&self, signed: Signed<'a>) -> Result<(Mid, Secret, u64, &'a str), Fault> {
+    /// The registered, unrevoked meter the headers name, with their time
+    /// and signature.
+    fn signer<'a>(
+        &self,
+        signed: Signed<'a>,
+    ) -> Result<(Mid, crate::registry::Meter, u64, &'a str), Fault> {
         let bad = |why: &str| Fault::new(FaultCode::BadSignature, why.to_owned());
         let mid = signed
             .mid
@@ -1231,6 +1237,17 @@ impl<S: Store> Backoffice<S> {
                     format!("{mid} is not registered here"),
                 )
             })?;
+        if let Some(revoked) = &meter.revoked {
+            return Err(Fault::new(
+                FaultCode::MeterRevoked,
+                format!(
+                    "meter {mid} was revoked by {} at {}; nothing was applied. \
+                     Register a new meter (a new MID and secret) to upload again",
+                    revoked.by,
+                    proto::time::utc_text(revoked.at_ms)
+                ),
+            ));
+        }
         let time_ms: u64 = signed
             .time
             .and_then(|text| text.parse().ok())
@@ -1242,26 +1259,61 @@ impl<S: Store> Backoffice<S> {
                     && signature.bytes().all(|byte| byte.is_ascii_hexdigit())
             })
             .ok_or_else(|| bad("the X-Meter-Signature header is missing or not a signature"))?;
-        let secret = Secret::new(meter.secret_hex.as_bytes()).map_err(|error| internal(&error))?;
-        Ok((mid, secret, time_ms, signature))
+        Ok((mid, meter, time_ms, signature))
     }
 
     /// Checks that the signature headers verify `body` with the secret of
-    /// the registered meter they name, before anything of `body` is
-    /// decoded. The caller still checks that the body names the same meter
-    /// (`Verified::names`) and, for a new request, the time window and
-    /// replays (`admit`).
-    pub fn verify<'a>(&self, signed: Signed<'a>, body: &[u8]) -> Result<Verified<'a>, Fault> {
-        let (mid, secret, time_ms, signature) = self.signer(signed)?;
-        secret
-            .verify(&mid, time_ms, body, signature)
-            .map_err(|error| Fault::new(FaultCode::BadSignature, error.to_string()))?;
-        Ok(Verified {
-            mid,
-            time_ms,
-            signature,
-            secret,
-        })
+    /// the registered meter they name (or, inside the grace after a
+    /// rotation, the one before it: the record is read once, so a rotation
+    /// committing meanwhile is seen whole or not at all), before anything
+    /// of `body` is decoded. A revoked meter is refused with 210 before any
+    /// signature is looked at. The caller still checks that the body names
+    /// the same meter (`Verified::names`) and, for a new request, the time
+    /// window and replays (`admit`).
+    pub fn verify<'a>(
+        &self,
+        signed: Signed<'a>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Verified<'a>, Fault> {
+        let (mid, meter, time_ms, signature) = self.signer(signed)?;
+        let mut refusal = None;
+        for (secret_hex, used) in meter.secrets_at(now_ms) {
+            let secret = Secret::new(secret_hex.as_bytes()).map_err(|error| internal(&error))?;
+            match secret.verify(&mid, time_ms, body, signature) {
+                Ok(()) => {
+                    if used == SecretUsed::Current && meter.previous.is_some() {
+                        // The meter has the new secret: the old one is done.
+                        self.store
+                            .retire_previous_secret(&mid, &meter.secret_hex)
+                            .map_err(|error| internal(&error))?;
+                        tracing::info!(%mid, "the previous secret verifies no more: the meter signs with the new one");
+                    }
+                    return Ok(Verified {
+                        mid,
+                        time_ms,
+                        signature,
+                        secret,
+                    });
+                }
+                Err(error) => {
+                    refusal.get_or_insert(error);
+                }
+            }
+        }
+        let mut why = refusal.map_or_else(
+            || "no secret of this meter verifies".to_owned(),
+            |error| error.to_string(),
+        );
+        if let Some(rotated) = &meter.rotated {
+            why.push_str(&format!(
+                "; this meter's secret was rotated by {} at {}: put the new secret in meterd's \
+                 secret file",
+                rotated.by,
+                proto::time::utc_text(rotated.at_ms)
+            ));
+        }
+        Err(Fault::new(FaultCode::BadSignature, why))
     }
 
     /// Admits a verified request made now: its time is within the window

@@ -399,7 +399,7 @@ fn dispatch(
     if let Caller::Meter = caller {
         // The signature is over the raw body: check it before decoding
         // anything. Every answer to a verified call is signed back.
-        let verified = match service.backoffice.verify(signed(headers), body) {
+        let verified = match service.backoffice.verify(signed(headers), body, now_ms()) {
             Ok(verified) => verified,
             Err(fault) => return (Err(fault), None),
         };
@@ -629,6 +629,47 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 ("secret", Value::string(meter.secret_hex)),
             ]))
         }
+        "meter.rotate" => {
+            params.arity(1, 2)?;
+            let mid: proto::Mid = params.parsed(0)?;
+            let grace_ms = match params.get(1) {
+                Err(_) => crate::registry::ROTATION_GRACE_MS_DEFAULT,
+                Ok(_) => {
+                    let seconds: u64 = params.parsed(1)?;
+                    seconds.saturating_mul(1000)
+                }
+            };
+            let meter = store
+                .rotate_meter_secret(&mid, crate::registry::Actor::Operator, now_ms(), grace_ms)
+                .map_err(meter_fault)?;
+            tracing::info!(%mid, grace_ms, "meter secret rotated by the operator");
+            let mut value = meter_value(&meter);
+            if let Value::Struct(members) = &mut value {
+                members.insert(
+                    1,
+                    proto::xmlrpc::Member::new("secret", Value::string(meter.secret_hex)),
+                );
+            }
+            Ok(value)
+        }
+        "meter.revoke" => {
+            params.arity(1, 1)?;
+            let mid: proto::Mid = params.parsed(0)?;
+            let meter = store
+                .revoke_meter(&mid, crate::registry::Actor::Operator, now_ms())
+                .map_err(meter_fault)?;
+            tracing::info!(%mid, "meter revoked by the operator");
+            Ok(meter_value(&meter))
+        }
+        "meter.show" => {
+            params.arity(1, 1)?;
+            let mid: proto::Mid = params.parsed(0)?;
+            let meter = store
+                .meter(&mid)
+                .map_err(store_fault)?
+                .ok_or_else(|| Fault::new(FaultCode::NotFound, format!("no meter {mid}")))?;
+            Ok(meter_value(&meter))
+        }
         "account.deposit" => {
             params.arity(2, 3)?;
             let cid: Cid = params.parsed(0)?;
@@ -820,6 +861,53 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
         }
         "account.items" => items_call(service, &params),
         other => Err(Fault::method_not_found(other)),
+    }
+}
+
+/// A meter's record as the operator's calls show it, never its secrets:
+/// `{MID, owner, rotatedMs, rotatedBy, previousValidUntilMs, revokedMs,
+/// revokedBy}` (empty strings for what did not happen).
+fn meter_value(meter: &crate::registry::Meter) -> Value {
+    let at = |change: &Option<crate::registry::Change>| {
+        Value::string(
+            change
+                .as_ref()
+                .map_or(String::new(), |change| change.at_ms.to_string()),
+        )
+    };
+    let by = |change: &Option<crate::registry::Change>| {
+        Value::string(
+            change
+                .as_ref()
+                .map_or(String::new(), |change| match change.by {
+                    crate::registry::Actor::Operator => "operator".to_owned(),
+                    crate::registry::Actor::Owner(cid) => cid.as_str().to_owned(),
+                }),
+        )
+    };
+    Value::structure([
+        ("MID", Value::string(meter.mid.as_str())),
+        ("owner", Value::string(meter.owner.as_str())),
+        ("rotatedMs", at(&meter.rotated)),
+        ("rotatedBy", by(&meter.rotated)),
+        (
+            "previousValidUntilMs",
+            Value::string(meter.previous.as_ref().map_or(String::new(), |previous| {
+                previous.valid_until_ms.to_string()
+            })),
+        ),
+        ("revokedMs", at(&meter.revoked)),
+        ("revokedBy", by(&meter.revoked)),
+    ])
+}
+
+/// A refused rotation or revocation: 302 for an unknown MID.
+fn meter_fault(error: StoreError) -> Fault {
+    match error {
+        StoreError::Registry(crate::registry::RegistryError::UnknownMeter(_)) => {
+            Fault::new(FaultCode::NotFound, error.to_string())
+        }
+        other => store_fault(other),
     }
 }
 

@@ -27,7 +27,8 @@ use crate::funding::{DepositRecord, Reference};
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
 use crate::pricing::TacaHash;
 use crate::registry::{
-    self, Customer, Grant, Meter, NewGrant, Product, Registration, RegistryError,
+    self, Actor, Change, Customer, Grant, Meter, NewGrant, PreviousSecret, Product, Registration,
+    RegistryError,
 };
 
 /// How long opening waits for another holder of the store's lock to let go.
@@ -452,6 +453,29 @@ pub trait Store {
     fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError>;
     /// The meters `owner` registered, in MID order.
     fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError>;
+    /// Gives meter `mid` a new secret at `at_ms`, durably, and answers
+    /// the record. The secret before it still verifies until `at_ms +
+    /// grace_ms` (at most `registry::ROTATION_GRACE_MS_MAX`), or until
+    /// an upload signed with the new one (`retire_previous_secret`); a
+    /// secret older than that verifies no more. `Actor::Owner` may rotate
+    /// only a meter of theirs (`UnknownMeter` otherwise); a revoked meter
+    /// is refused (`MeterRevoked`).
+    fn rotate_meter_secret(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        at_ms: u64,
+        grace_ms: u64,
+    ) -> Result<Meter, StoreError>;
+    /// Revokes meter `mid` at `at_ms`, for good, durably, and answers the
+    /// record: no secret of it verifies any more. `Actor::Owner` may revoke
+    /// only a meter of theirs (`UnknownMeter` otherwise). Revoking a
+    /// revoked meter changes nothing and answers it.
+    fn revoke_meter(&self, mid: &Mid, by: Actor, at_ms: u64) -> Result<Meter, StoreError>;
+    /// Ends the grace of meter `mid`'s previous secret, once an upload
+    /// verified with `current_hex` while it is still the current one. Not
+    /// synced: lost to a power cut, the grace merely runs its time.
+    fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError>;
     /// Records a grant the customer approved, under a new number.
     fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError>;
     /// Every grant given to the meter `mid`, live or not, oldest first.
@@ -1131,6 +1155,9 @@ impl Store for SledStore {
                 mid,
                 owner: *owner,
                 secret_hex: secret_hex.clone(),
+                previous: None,
+                rotated: None,
+                revoked: None,
             };
             Ok((vec![mid.as_str().as_bytes().to_vec()], meter))
         })
@@ -1194,6 +1221,58 @@ impl Store for SledStore {
         }
         meters.sort_by_key(|meter| serial_of(meter.mid.as_str()));
         Ok(meters)
+    }
+
+    fn rotate_meter_secret(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        at_ms: u64,
+        grace_ms: u64,
+    ) -> Result<Meter, StoreError> {
+        if grace_ms > registry::ROTATION_GRACE_MS_MAX {
+            return Err(RegistryError::GraceTooLong.into());
+        }
+        let secret_hex = registry::new_meter_secret();
+        self.change_meter(mid, by, &|meter| {
+            if meter.revoked.is_some() {
+                return Err(RegistryError::MeterRevoked(meter.mid));
+            }
+            let old = std::mem::replace(&mut meter.secret_hex, secret_hex.clone());
+            meter.previous = (grace_ms > 0).then(|| PreviousSecret {
+                secret_hex: old,
+                valid_until_ms: at_ms.saturating_add(grace_ms),
+            });
+            meter.rotated = Some(Change { at_ms, by });
+            Ok(())
+        })
+    }
+
+    fn revoke_meter(&self, mid: &Mid, by: Actor, at_ms: u64) -> Result<Meter, StoreError> {
+        self.change_meter(mid, by, &|meter| {
+            if meter.revoked.is_none() {
+                meter.revoked = Some(Change { at_ms, by });
+                meter.previous = None;
+            }
+            Ok(())
+        })
+    }
+
+    fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError> {
+        let outcome = self.meters.transaction(|meters| {
+            let key = mid.as_str().as_bytes();
+            let Some(bytes) = meters.get(key)? else {
+                return Ok(());
+            };
+            let mut meter: Meter = serde_json::from_slice(&bytes).expect("store: meter is corrupt");
+            if meter.previous.is_some() && meter.secret_hex == current_hex {
+                meter.previous = None;
+                let bytes = serde_json::to_vec(&meter).expect("records serialize");
+                meters.insert(key, bytes.as_slice())?;
+            }
+            Ok(())
+        });
+        outcome.map_err(|error: TransactionError<RegistryError>| StoreError::from(error))
     }
 
     fn deposit(&self, reference: &Reference) -> Result<Option<DepositRecord>, StoreError> {
@@ -1260,13 +1339,45 @@ impl SledStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Changes meter `mid`'s record as `change` says, in one transaction
+    /// on the record as stored (a concurrent upload reads it whole, before
+    /// or after), then syncs. `Actor::Owner` finds only their own meters.
+    fn change_meter(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        change: &dyn Fn(&mut Meter) -> Result<(), RegistryError>,
+    ) -> Result<Meter, StoreError> {
+        let outcome = self.meters.transaction(|meters| {
+            let key = mid.as_str().as_bytes();
+            let unknown = || ConflictableTransactionError::Abort(RegistryError::UnknownMeter(*mid));
+            let bytes = meters.get(key)?.ok_or_else(unknown)?;
+            let mut meter: Meter = serde_json::from_slice(&bytes).expect("store: meter is corrupt");
+            if matches!(by, Actor::Owner(owner) if owner != meter.owner) {
+                return Err(unknown());
+            }
+            change(&mut meter).map_err(ConflictableTransactionError::Abort)?;
+            let bytes = serde_json::to_vec(&meter).expect("records serialize");
+            meters.insert(key, bytes.as_slice())?;
+            Ok(meter)
+        });
+        let meter =
+            outcome.map_err(|error: TransactionError<RegistryError>| StoreError::from(error))?;
+        self.sync()?;
+        Ok(meter)
+    }
+
     /// The `Store` methods on grants, kept apart from the rest.
     fn create_grant_record(&self, new: NewGrant) -> Result<Grant, StoreError> {
         if self.customer(&new.cid)?.is_none() {
             return Err(RegistryError::UnknownCustomer(new.cid).into());
         }
-        if self.meter(&new.mid)?.is_none() {
-            return Err(RegistryError::UnknownMeter(new.mid).into());
+        match self.meter(&new.mid)? {
+            None => return Err(RegistryError::UnknownMeter(new.mid).into()),
+            Some(meter) if meter.revoked.is_some() => {
+                return Err(RegistryError::MeterRevoked(new.mid).into());
+            }
+            Some(_) => {}
         }
         let of_meter = self.indexed_grants(b'm', new.mid.as_str())?;
         let live = of_meter
@@ -2062,6 +2173,21 @@ mod tests {
         store.revoke_grant(grant.id, None, 2_000).unwrap();
         let revoked = after_power_cut().grants_of_meter(&meter.mid).unwrap();
         assert_eq!(revoked[0].revoked_ms, Some(2_000));
+        // A meter's new secret and its revocation are durable once answered.
+        let rotated = store
+            .rotate_meter_secret(&meter.mid, Actor::Operator, 2_500, 1_000)
+            .unwrap();
+        assert_eq!(
+            after_power_cut().meter(&meter.mid).unwrap(),
+            Some(rotated.clone())
+        );
+        let revoked_meter = store
+            .revoke_meter(&meter.mid, Actor::Owner(ada.cid), 2_600)
+            .unwrap();
+        assert_eq!(
+            after_power_cut().meter(&meter.mid).unwrap(),
+            Some(revoked_meter)
+        );
         let mut ledger = Ledger::new();
         let first = ledger.post(batch(1, 2, 100), 0).unwrap();
         let posted = ledger.transfers()[usize::try_from(first.0).unwrap()..].to_vec();
@@ -2342,5 +2468,116 @@ mod tests {
             store.grants_of_customer(&ada.cid).unwrap(),
             vec![second, again]
         );
+    }
+    #[test]
+    fn a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let bid = Bid::parse("B1").unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let bob = store
+            .create_customer(&bid, "Bob", "bob@example.org")
+            .unwrap();
+        let meter = store.create_meter(&bid, &ada.cid).unwrap();
+        let secrets = |meter: &Meter, now_ms: u64| -> Vec<String> {
+            meter
+                .secrets_at(now_ms)
+                .into_iter()
+                .map(|(hex, _)| hex.to_owned())
+                .collect()
+        };
+        // Bob finds no meter of his under Ada's MID: nothing changes.
+        for attempt in [
+            store.rotate_meter_secret(&meter.mid, Actor::Owner(bob.cid), 1_000, 0),
+            store.revoke_meter(&meter.mid, Actor::Owner(bob.cid), 1_000),
+        ] {
+            assert!(matches!(
+                attempt,
+                Err(StoreError::Registry(RegistryError::UnknownMeter(_)))
+            ));
+        }
+        assert_eq!(store.meter(&meter.mid).unwrap(), Some(meter.clone()));
+        assert!(matches!(
+            store.rotate_meter_secret(
+                &meter.mid,
+                Actor::Operator,
+                1_000,
+                registry::ROTATION_GRACE_MS_MAX + 1
+            ),
+            Err(StoreError::Registry(RegistryError::GraceTooLong))
+        ));
+        // Ada rotates: both secrets verify inside the grace, the new one after.
+        let rotated = store
+            .rotate_meter_secret(&meter.mid, Actor::Owner(ada.cid), 1_000, 500)
+            .unwrap();
+        assert_ne!(rotated.secret_hex, meter.secret_hex);
+        assert_eq!(
+            secrets(&rotated, 1_499),
+            vec![rotated.secret_hex.clone(), meter.secret_hex.clone()]
+        );
+        assert_eq!(secrets(&rotated, 1_500), vec![rotated.secret_hex.clone()]);
+        assert_eq!(
+            rotated.rotated,
+            Some(Change {
+                at_ms: 1_000,
+                by: Actor::Owner(ada.cid)
+            })
+        );
+        // An upload with an older secret than the current one retires nothing.
+        store
+            .retire_previous_secret(&meter.mid, &meter.secret_hex)
+            .unwrap();
+        assert_eq!(store.meter(&meter.mid).unwrap(), Some(rotated.clone()));
+        store
+            .retire_previous_secret(&meter.mid, &rotated.secret_hex)
+            .unwrap();
+        let retired = store.meter(&meter.mid).unwrap().unwrap();
+        assert_eq!(retired.previous, None);
+        assert_eq!(secrets(&retired, 1_001), vec![rotated.secret_hex.clone()]);
+        // Without a grace (a leaked secret) the old one is refused at once.
+        let at_once = store
+            .rotate_meter_secret(&meter.mid, Actor::Operator, 2_000, 0)
+            .unwrap();
+        assert_eq!(secrets(&at_once, 2_000), vec![at_once.secret_hex.clone()]);
+        // Revoked: no secret verifies, for good; no new secret, no new grant.
+        let revoked = store
+            .revoke_meter(&meter.mid, Actor::Operator, 3_000)
+            .unwrap();
+        assert!(secrets(&revoked, 3_000).is_empty());
+        assert!(secrets(&revoked, 0).is_empty());
+        let again = store
+            .revoke_meter(&meter.mid, Actor::Owner(ada.cid), 4_000)
+            .unwrap();
+        assert_eq!(again, revoked, "a revocation is not moved or undone");
+        assert!(matches!(
+            store.rotate_meter_secret(&meter.mid, Actor::Operator, 4_000, 0),
+            Err(StoreError::Registry(RegistryError::MeterRevoked(_)))
+        ));
+        assert!(matches!(
+            store.create_grant(NewGrant {
+                mid: meter.mid,
+                cid: ada.cid,
+                scope: proto::grant::Scope::Machine,
+                label: "laptop".into(),
+                created_ms: 4_000,
+                expires_ms: None,
+            }),
+            Err(StoreError::Registry(RegistryError::MeterRevoked(_)))
+        ));
+        assert_eq!(
+            revoked.revoked,
+            Some(Change {
+                at_ms: 3_000,
+                by: Actor::Operator
+            })
+        );
+        // A new meter of Ada's gets a new MID.
+        let new = store.create_meter(&bid, &ada.cid).unwrap();
+        assert_ne!(new.mid, meter.mid);
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.meter(&meter.mid).unwrap(), Some(revoked));
     }
 }

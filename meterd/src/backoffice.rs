@@ -1,8 +1,14 @@
 //! The meter's signed calls to its backoffice over HTTP/1.1: `send` (the
 //! uploader) and the grant calls (`grant.request`, `grant.poll`,
 //! `grant.password`). Every call's body is signed with the meter's secret in
-//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing").
+//! the `X-Meter-*` headers (see `docs/protocol.md`, "Signing"). The secret
+//! file is read again before a call when its modification time changed,
+//! and when the backoffice refuses a signature (fault 202, as after a
+//! rotation of the meter's secret; the call, signed anew, is sent once
+//! more): replacing the file is enough, no restart.
 
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -12,7 +18,7 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use proto::auth::{ANSWER_SIGNATURE_HEADER, MID_HEADER, SIGNATURE_HEADER, Secret, TIME_HEADER};
 use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
-use proto::{Fault, Mid};
+use proto::{Fault, FaultCode, Mid};
 
 use crate::meter::now_ms;
 
@@ -105,11 +111,19 @@ where
 /// What an answer that is not trusted says, for the log: the backoffice
 /// signs no answer to a call it could not verify (an unknown MID, a secret
 /// it no longer accepts), so its fault is shown, never acted on.
-fn unsigned_fault(body: &[u8]) -> String {
+fn unsigned_fault(body: &[u8]) -> Option<Fault> {
     match parse_response(body, Limits::BACKOFFICE) {
-        Ok(MethodResponse::Fault(fault)) => format!(" (it says: {fault})"),
-        _ => String::new(),
+        Ok(MethodResponse::Fault(fault)) => Some(fault),
+        _ => None,
     }
+}
+
+/// An answer with HTTP status 200.
+struct Answer {
+    body: Bytes,
+    /// Why it is not to be trusted; `None` when the backoffice signed it
+    /// for the call it answers.
+    distrust: Option<String>,
 }
 
 /// True when `host` (a URL's host, IPv6 without brackets) names this
@@ -130,7 +144,8 @@ pub fn is_loopback_host(host: &str) -> bool {
 /// A meter's signed link to its backoffice.
 pub struct Backoffice {
     mid: Mid,
-    secret: Secret,
+    secret: Mutex<Secret>,
+    secret_file: Option<SecretFile>,
     endpoint: Endpoint,
     /// For `https://`: the roots its certificate must chain to.
     tls: Option<tokio_rustls::TlsConnector>,
@@ -177,6 +192,35 @@ fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<tokio_rustls::TlsC
     )))
 }
 
+/// Where the secret was read from, and what it held then.
+struct SecretFile {
+    path: PathBuf,
+    text: Mutex<Option<String>>,
+    modified: Mutex<Option<std::time::SystemTime>>,
+}
+
+impl std::fmt::Debug for SecretFile {
+    /// The path only: the secret is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// When the file at `path` was last modified, if that can be known.
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Backoffice {
     /// The backoffice at `url`, called as meter `mid` with `secret`; an
     /// `https://` one is trusted through the system's roots.
@@ -200,10 +244,27 @@ impl Backoffice {
         };
         Ok(Backoffice {
             mid,
-            secret,
+            secret: Mutex::new(secret),
+            secret_file: None,
             endpoint,
             tls,
         })
+    }
+
+    /// Reads the secret again from `path` (where it was read from) when
+    /// the backoffice refuses a signature: a rotated secret takes effect
+    /// once the file is replaced.
+    pub fn rereading(mut self, path: PathBuf) -> Backoffice {
+        let text = std::fs::read_to_string(&path)
+            .ok()
+            .map(|text| text.trim().to_owned());
+        let modified = modified(&path);
+        self.secret_file = Some(SecretFile {
+            path,
+            text: Mutex::new(text),
+            modified: Mutex::new(modified),
+        });
+        self
     }
 
     /// The meter's MID.
@@ -217,27 +278,107 @@ impl Backoffice {
     }
 
     /// Calls `method` with `params`, signed; the answer's value, or why
-    /// there is none. Gives up after `timeout`.
+    /// there is none. Gives up after `timeout`. A call refused for its
+    /// signature is sent once more when the secret file holds a new secret.
     pub async fn call(
         &self,
         method: &str,
         params: &[Value],
         timeout: Duration,
     ) -> Result<Value, BackofficeError> {
-        let body = encode_call(method, params);
-        let answer = tokio::time::timeout(timeout, self.post(body))
-            .await
-            .map_err(|_| {
-                BackofficeError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))
-            })??;
-        match parse_response(&answer, Limits::BACKOFFICE) {
-            Ok(MethodResponse::Success(value)) => Ok(value),
-            Ok(MethodResponse::Fault(fault)) => Err(BackofficeError::Refused(fault)),
-            Err(error) => Err(BackofficeError::BadAnswer(error.to_string())),
+        let body = Bytes::from(encode_call(method, params));
+        self.reread_secret_if_changed();
+        let mut reread = false;
+        loop {
+            let answer = tokio::time::timeout(timeout, self.post(body.clone()))
+                .await
+                .map_err(|_| {
+                    BackofficeError::Unreachable(format!(
+                        "no answer within {} ms",
+                        timeout.as_millis()
+                    ))
+                })??;
+            if let Some(why) = answer.distrust {
+                // The backoffice signs no answer to a call it could not
+                // verify: a 202 may mean the secret was rotated. Reading
+                // the local file again is all an untrusted answer can
+                // cause; anything else it says is only logged.
+                let fault = unsigned_fault(&answer.body);
+                if !reread
+                    && fault.as_ref().and_then(Fault::registered) == Some(FaultCode::BadSignature)
+                    && self.reread_secret()
+                {
+                    reread = true;
+                    continue;
+                }
+                return Err(BackofficeError::BadAnswer(format!(
+                    "{why}; it was not trusted{}",
+                    fault.map_or_else(String::new, |fault| format!(" (it says: {fault})"))
+                )));
+            }
+            let answer = answer.body;
+            match parse_response(&answer, Limits::BACKOFFICE) {
+                Ok(MethodResponse::Success(value)) => return Ok(value),
+                Ok(MethodResponse::Fault(fault)) => {
+                    if !reread
+                        && fault.registered() == Some(FaultCode::BadSignature)
+                        && self.reread_secret()
+                    {
+                        reread = true;
+                        continue;
+                    }
+                    return Err(BackofficeError::Refused(fault));
+                }
+                Err(error) => return Err(BackofficeError::BadAnswer(error.to_string())),
+            }
         }
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<Bytes, BackofficeError> {
+    /// Reads the secret file again when its modification time changed.
+    fn reread_secret_if_changed(&self) {
+        let Some(file) = &self.secret_file else {
+            return;
+        };
+        let now = modified(&file.path);
+        if std::mem::replace(&mut *lock(&file.modified), now) != now {
+            self.reread_secret();
+        }
+    }
+
+    /// Reads the secret file again; true when it holds a new, valid secret,
+    /// which signs from now on.
+    fn reread_secret(&self) -> bool {
+        let Some(file) = &self.secret_file else {
+            return false;
+        };
+        let text = match std::fs::read_to_string(&file.path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(error) => {
+                tracing::warn!(file = %file.path.display(), %error, "cannot read the secret file again");
+                return false;
+            }
+        };
+        let mut last = lock(&file.text);
+        if last.as_deref() == Some(text.as_str()) {
+            return false;
+        }
+        match Secret::new(text.as_bytes()) {
+            Ok(secret) => {
+                *lock(&self.secret) = secret;
+                *last = Some(text);
+                tracing::info!(file = %file.path.display(), "a new secret in the secret file signs from now on");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(file = %file.path.display(), %error, "the secret file holds no valid secret; the one before still signs");
+                false
+            }
+        }
+    }
+
+    /// Posts a signed call; the answer's body, and whether the backoffice
+    /// signed it for this call (`Answer::trusted`).
+    async fn post(&self, body: Bytes) -> Result<Answer, BackofficeError> {
         let unreachable =
             |error: &dyn std::fmt::Display| BackofficeError::Unreachable(error.to_string());
         let endpoint = &self.endpoint;
@@ -245,14 +386,17 @@ impl Backoffice {
             .await
             .map_err(|error| unreachable(&error))?;
         let time_ms = now_ms();
-        let signature = self.secret.sign(&self.mid, time_ms, &body);
+        // The secret that signs the call checks its answer, even if the
+        // secret file is read again meanwhile.
+        let secret = lock(&self.secret).clone();
+        let signature = secret.sign(&self.mid, time_ms, &body);
         let request = Request::post(endpoint.path.as_str())
             .header(HOST, format!("{}:{}", endpoint.host, endpoint.port))
             .header(CONTENT_TYPE, "text/xml")
             .header(MID_HEADER, self.mid.as_str())
             .header(TIME_HEADER, time_ms.to_string())
             .header(SIGNATURE_HEADER, signature.as_str())
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|error| unreachable(&error))?;
         let response = match &self.tls {
             None => send_on(stream, request).await?,
@@ -283,21 +427,16 @@ impl Backoffice {
         // Only the backoffice holds this meter's secret: an answer it did not
         // sign for this very call (someone on the path, a replayed answer)
         // changes nothing here, whatever it says.
-        let verified = answer_signature.as_deref().map(|answer_signature| {
-            self.secret
+        let distrust = match answer_signature.as_deref() {
+            Some(answer_signature) => secret
                 .verify_answer(&signature, &body, answer_signature)
-        });
-        match verified {
-            Some(Ok(())) => Ok(body),
-            Some(Err(error)) => Err(BackofficeError::BadAnswer(format!(
-                "the answer's signature ({ANSWER_SIGNATURE_HEADER}) {error}; it was not trusted{}",
-                unsigned_fault(&body)
-            ))),
-            None => Err(BackofficeError::BadAnswer(format!(
-                "the answer is not signed ({ANSWER_SIGNATURE_HEADER} missing); it was not trusted{}",
-                unsigned_fault(&body)
-            ))),
-        }
+                .err()
+                .map(|error| format!("the answer's signature ({ANSWER_SIGNATURE_HEADER}) {error}")),
+            None => Some(format!(
+                "the answer is not signed ({ANSWER_SIGNATURE_HEADER} missing)"
+            )),
+        };
+        Ok(Answer { body, distrust })
     }
 }
 
@@ -327,7 +466,15 @@ mod tests {
         );
         let endpoint = Endpoint::parse("http://backoffice.example").unwrap();
         assert_eq!(endpoint.port, 80);
-        assert!(Endpoint::parse("https://x").is_err());
+        let tls = Endpoint::parse("https://x").unwrap();
+        assert_eq!((tls.host.as_str(), tls.port, tls.tls), ("x", 443, true));
+        let tls = Endpoint::parse("https://[::1]/other").unwrap();
+        assert_eq!(
+            (tls.host.as_str(), tls.port, tls.path.as_str(), tls.tls),
+            ("::1", 443, "/other", true)
+        );
+        assert!(!Endpoint::parse("http://x").unwrap().tls);
+        assert!(Endpoint::parse("ftp://x").is_err());
         assert!(Endpoint::parse("http://:80/").is_err());
         assert!(Endpoint::parse("http://x:port/").is_err());
     }

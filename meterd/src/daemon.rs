@@ -118,7 +118,8 @@ pub async fn serve(
                 secret,
                 settings.backoffice_ca.as_deref(),
             )
-            .map_err(StartError::Upload)?;
+            .map_err(StartError::Upload)?
+            .rereading(settings.secret_file.clone());
             let endpoint = backoffice.endpoint();
             if !endpoint.tls && !crate::backoffice::is_loopback_host(&endpoint.host) {
                 tracing::warn!(

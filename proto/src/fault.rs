@@ -107,6 +107,8 @@ fault_codes! {
     TooManyAttempts = 208, "Too many grant attempts for this meter or customer; wait and try again.";
     /// The meter's clock is too far from the backoffice's.
     ClockSkew = 209, "The upload's time (X-Meter-Time) is further from the backoffice's clock than the signature window allows; the message gives both clocks. Set the meter's clock (NTP); nothing was applied.";
+    /// The meter was revoked.
+    MeterRevoked = 210, "The meter was revoked by its owner or the operator (the message says who and when); nothing was applied. Revocation is for good: register a new meter, with a new MID and secret.";
 }
 
 impl fmt::Display for FaultCode {

@@ -408,6 +408,30 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
             !again.contains(shown_secret.trim()),
             "the secret is shown only once"
         );
+        // A new secret for it, shown once; then revoked, which the browser
+        // does not even send until the "for good" box is ticked.
+        click(&client, &format!("rotate-{new_mid}")).await;
+        let rotated = text_of(&client, "secret").await;
+        assert_eq!(rotated.trim().len(), 64, "{rotated}");
+        assert_ne!(rotated.trim(), shown_secret.trim());
+        let grace = text_of(&client, "grace").await;
+        assert!(grace.contains("still works until"), "{grace}");
+        screenshot(&client, "14a-meter-rotated").await;
+        click(&client, &format!("revoke-{new_mid}")).await;
+        assert_eq!(
+            text_of(&client, &format!("meter-status-{new_mid}")).await,
+            "live"
+        );
+        click(&client, &format!("confirm-{new_mid}")).await;
+        click(&client, &format!("revoke-{new_mid}")).await;
+        text_of(&client, "revoked-meter").await;
+        let status = text_of(&client, &format!("meter-status-{new_mid}")).await;
+        assert!(status.starts_with("revoked "), "{status}");
+        assert!(
+            !client.source().await.unwrap().contains(rotated.trim()),
+            "the new secret is shown only once"
+        );
+        screenshot(&client, "14b-meter-revoked").await;
 
         // Log out: the account is out of reach.
         click(&client, "logout").await;

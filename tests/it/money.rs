@@ -636,3 +636,217 @@ fn a_component_used_in_a_child_process_is_charged_to_the_products_owner() {
         "{suspense:?}"
     );
 }
+
+/// The operator rotates a meter's secret and revokes the meter with the
+/// command line, while the real meterd records and uploads uses: inside the
+/// grace the running meterd goes on with its old secret; once the old one
+/// is refused, its readings wait on the meter, and once its secret file
+/// is replaced (no restart needed) every one of them is charged, once;
+/// after the revocation uploads are refused with 210 and nothing more is
+/// charged.
+#[test]
+fn the_operator_rotates_and_revokes_a_meter_and_meterd_loses_no_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let token_file = dir.path().join("backoffice").join("operator-token");
+    let run = |args: &[&str]| {
+        let output = Command::new(workspace_binary("backoffice", "backoffice"))
+            .arg("--url")
+            .arg(format!("http://{}/RPC2", office.address))
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    let consumer = office.text(
+        "customer.create",
+        &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
+        "CID",
+    );
+    let producer = office.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
+    let product = office.text(
+        "product.create",
+        &[
+            s(&producer),
+            s("Editor"),
+            s("0.25 per use"),
+            Value::Base64(examples::module("flat")),
+            s("0.25"),
+        ],
+        "PID",
+    );
+    let spell = office.text(
+        "product.create",
+        &[
+            s(&producer),
+            s("Spell"),
+            s("0.25 per use"),
+            Value::Base64(examples::module("flat")),
+            s("0.25"),
+        ],
+        "PID",
+    );
+    office
+        .call("account.deposit", &[s(&consumer), s("10")])
+        .unwrap();
+    let secret_file = dir.path().join("secret");
+    let path = |file: &std::path::Path| file.to_str().unwrap().to_owned();
+    let (code, text) = run(&["meter", &consumer, "--secret-file", &path(&secret_file)]);
+    assert_eq!(code, Some(0), "{text}");
+    let mid = text
+        .trim()
+        .strip_prefix("MID=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("MID=")
+        .to_owned();
+    let setup = MeterdSetup {
+        dir: dir.path().to_owned(),
+        backoffice: Some((office.address, mid.parse().unwrap(), secret_file.clone())),
+    };
+    let meterd = setup.start();
+    grant_by_password(&meterd.socket, &consumer, PASSWORD);
+    let meterd_cli = |socket: &std::path::Path, args: &[&str]| {
+        let output = Command::new(workspace_binary("meterd", "meterd"))
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    // Its component's uses go to suspense (not declared): Ada pays 0.5 a run.
+    let use_twice = |socket: &std::path::Path| {
+        let status = Command::new(env!("CARGO_BIN_EXE_metered-demo"))
+            .args([
+                socket.to_str().unwrap(),
+                &consumer,
+                &product,
+                &spell,
+                "1",
+                "2",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let balance = || office.text("customer.show", &[s(&consumer)], "balance");
+    use_twice(&meterd.socket);
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "9.5");
+
+    // Rotated with the default grace: the running meterd, still signing
+    // with the old secret, goes on uploading. The new secret goes to a new
+    // file, never to the screen.
+    let second_file = dir.path().join("secret.2");
+    let (code, text) = run(&[
+        "meter",
+        "rotate",
+        &mid,
+        "--secret-file",
+        &path(&second_file),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    let second = std::fs::read_to_string(&second_file).unwrap();
+    assert_eq!(second.len(), 64);
+    assert!(!text.contains(&second), "{text}");
+    assert_ne!(second, std::fs::read_to_string(&secret_file).unwrap());
+    use_twice(&meterd.socket);
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "9");
+    // An existing file is never overwritten, and no new secret is made then.
+    let before = office.call("meter.show", &[s(&mid)]).unwrap();
+    let (code, text) = run(&[
+        "meter",
+        "rotate",
+        &mid,
+        "--secret-file",
+        &path(&second_file),
+    ]);
+    assert_eq!(code, Some(64), "{text}");
+    assert_eq!(office.call("meter.show", &[s(&mid)]).unwrap(), before);
+    // The new file moved over meterd's: the running meterd signs with it
+    // from its next call on, which ends the old secret's grace early.
+    let grace = |member: &str| {
+        let shown = office.call("meter.show", &[s(&mid)]).unwrap();
+        shown
+            .member(member)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    assert_ne!(grace("previousValidUntilMs"), "");
+    std::fs::rename(&second_file, &secret_file).unwrap();
+    use_twice(&meterd.socket);
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "8.5");
+    assert_eq!(grace("previousValidUntilMs"), "", "the grace is over");
+
+    // Rotated again without a grace (a leaked secret): the old secret is
+    // refused; the readings wait on the meter, which says why.
+    let third_file = dir.path().join("secret.3");
+    let (code, text) = run(&[
+        "meter",
+        "rotate",
+        &mid,
+        "--grace-hours",
+        "0",
+        "--secret-file",
+        &path(&third_file),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    use_twice(&meterd.socket);
+    assert_ne!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    let (_, status) = meterd_cli(&meterd.socket, &["status"]);
+    assert!(status.contains("202"), "{status}");
+    assert!(status.contains("rotated by the operator"), "{status}");
+    assert_eq!(balance(), "8.5");
+    // The new secret file moved over the old one, with the old one's
+    // modification time (as `cp -p` or a restored backup would leave it):
+    // the running meterd reads it again when its signature is refused, and
+    // the waiting readings are charged, once.
+    let modified = std::fs::metadata(&secret_file).unwrap().modified().unwrap();
+    std::fs::rename(&third_file, &secret_file).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&secret_file)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "8");
+    // A restart reads the file too, and loses nothing.
+    drop(meterd);
+    let meterd = setup.start();
+    use_twice(&meterd.socket);
+    assert_eq!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    assert_eq!(balance(), "7.5");
+
+    // Revoked: recorded with who and when; every later upload is refused
+    // with 210 and charges nothing; it cannot be rotated any more.
+    let (code, revoked) = run(&["meter", "revoke", &mid]);
+    assert_eq!(code, Some(0), "{revoked}");
+    assert!(revoked.contains("revokedBy=operator"), "{revoked}");
+    assert!(!revoked.contains("revokedMs= "), "{revoked}");
+    use_twice(&meterd.socket);
+    assert_ne!(meterd_cli(&meterd.socket, &["flush"]).0, Some(0));
+    let (_, status) = meterd_cli(&meterd.socket, &["status"]);
+    assert!(status.contains("210"), "{status}");
+    assert_eq!(balance(), "7.5");
+    let (code, text) = run(&["meter", "rotate", &mid]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("revoked"), "{text}");
+    let (code, text) = run(&["meter", "revoke", "B1-M99"]);
+    assert_eq!(code, Some(2), "{text}");
+    // Revoking again changes nothing; the uses charged before stay charged.
+    let (code, again) = run(&["meter", "revoke", &mid]);
+    assert_eq!((code, again), (Some(0), revoked));
+    let (code, text) = run(&["verify"]);
+    assert_eq!(code, Some(0), "{text}");
+}

@@ -316,6 +316,8 @@ fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
             vec![("pid", "B1-P1"), ("components", "B1-P2")],
         ),
         ("/meters", vec![]),
+        ("/meters/rotate", vec![("mid", "B1-M1")]),
+        ("/meters/revoke", vec![("mid", "B1-M1"), ("confirm", "yes")]),
     ];
     for (path, fields) in forms {
         for token in [wrong.as_str(), ""] {
@@ -1582,4 +1584,192 @@ fn an_expired_code_is_refused_and_the_meter_hears_so() {
     let fresh = meter.request_code(&ada_cid, "laptop", Scope::Machine);
     let page = enter_code(&mut ada, &fresh.user_code);
     assert_eq!(page.status, 200, "{}", page.body);
+}
+
+/// The meter `mid` as the operator's `meter.show` shows it: (rotatedMs,
+/// rotatedBy, previousValidUntilMs, revokedMs, revokedBy).
+fn meter_record(office: &Backoffice, mid: &str) -> [String; 5] {
+    let shown = office.call("meter.show", &[s(mid)]).expect("meter.show");
+    [
+        "rotatedMs",
+        "rotatedBy",
+        "previousValidUntilMs",
+        "revokedMs",
+        "revokedBy",
+    ]
+    .map(|name| {
+        shown
+            .member(name)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{name} in {shown:?}"))
+            .to_owned()
+    })
+}
+
+/// A meter's owner gives it a new secret on the meters page (shown once;
+/// the old one works a day more, or not at all when it leaked) and revokes
+/// it for good; nobody else can, by MID, with or without a session or the
+/// CSRF token.
+#[test]
+fn a_meter_is_rotated_and_revoked_on_the_meters_page_only_by_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, ada_cid) = registered(&office, "Ada");
+    let (mut bob, bob_cid) = registered(&office, "Bob");
+    let csrf = ada.get("/meters").csrf();
+    let made = ada.post_form("/meters", &[("csrf", &csrf)]);
+    let mid = made.text_of("mid").expect("a MID");
+    let first = FakeMeter::new(
+        office.address,
+        &mid,
+        made.text_of("secret").expect("a secret").trim(),
+    );
+    let code = first.request_code(&ada_cid, "laptop", Scope::Machine);
+    let untouched = meter_record(&office, &mid);
+    assert_eq!(untouched, ["", "", "", "", ""].map(str::to_owned));
+    // Bob, as an attacker would: Ada's MID in his own session's forms.
+    let csrf = bob.get("/meters").csrf();
+    for path in ["/meters/rotate", "/meters/revoke"] {
+        for target in [mid.as_str(), "B1-M99", "x"] {
+            let page = bob.post_form(
+                path,
+                &[("csrf", &csrf), ("mid", target), ("confirm", "yes")],
+            );
+            assert_eq!(page.status, 404, "{path} {target}: {}", page.body);
+            assert!(page.body.contains("nothing was changed"), "{}", page.body);
+        }
+    }
+    assert!(
+        !bob.get("/meters").body.contains(&mid),
+        "Bob's page shows no meter of Ada"
+    );
+    // Without the token, or without a session, nothing either.
+    let forged = ada.post_form("/meters/revoke", &[("mid", &mid), ("confirm", "yes")]);
+    assert_eq!(forged.status, 403);
+    let mut stranger = Visitor::new(office.address);
+    let csrf = stranger.get("/login").csrf();
+    let anonymous = stranger.post_form("/meters/rotate", &[("csrf", &csrf), ("mid", &mid)]);
+    assert_eq!(anonymous.status, 303);
+    assert_eq!(meter_record(&office, &mid), untouched);
+    first
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .expect("the old secret still works");
+    // Ada rotates: the new secret is shown once, the old one works a day more.
+    let csrf = ada.get("/meters").csrf();
+    let rotated = ada.post_form("/meters/rotate", &[("csrf", &csrf), ("mid", &mid)]);
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    assert!(
+        rotated.body.contains("id=\"rotated-meter\""),
+        "{}",
+        rotated.body
+    );
+    let new_secret = rotated.text_of("secret").expect("the new secret");
+    let new_secret = new_secret.trim();
+    assert_eq!(new_secret.len(), 64);
+    assert!(
+        rotated
+            .text_of("grace")
+            .unwrap()
+            .contains("still works until")
+    );
+    let [rotated_ms, by, until, revoked_ms, _] = meter_record(&office, &mid);
+    assert_eq!(by, ada_cid);
+    let day = 24 * 3600 * 1000;
+    assert_eq!(
+        until.parse::<u64>().unwrap() - rotated_ms.parse::<u64>().unwrap(),
+        day
+    );
+    assert_eq!(revoked_ms, "");
+    let page = ada.get("/meters");
+    assert!(
+        !page.body.contains(new_secret),
+        "the secret is shown only once"
+    );
+    let status = page.text_of(&format!("meter-secret-{mid}")).unwrap();
+    assert!(status.starts_with("rotated "), "{status}");
+    // Both secrets verify now; the new one ends the old one's grace.
+    let second = FakeMeter::new(office.address, &mid, new_secret);
+    first
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .expect("inside the grace");
+    second
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .expect("the new secret");
+    let refused = first
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .unwrap_err();
+    assert_eq!(refused.registered(), Some(proto::FaultCode::BadSignature));
+    assert_eq!(meter_record(&office, &mid)[2], "", "the grace is over");
+    // A leaked secret: rotated with no grace, the old one is refused at once.
+    let csrf = ada.get("/meters").csrf();
+    let leaked = ada.post_form(
+        "/meters/rotate",
+        &[("csrf", &csrf), ("mid", &mid), ("leaked", "yes")],
+    );
+    assert_eq!(leaked.status, 200, "{}", leaked.body);
+    assert!(
+        leaked
+            .text_of("grace")
+            .unwrap()
+            .contains("refused from now on")
+    );
+    let third = FakeMeter::new(
+        office.address,
+        &mid,
+        leaked.text_of("secret").unwrap().trim(),
+    );
+    let refused = second
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .unwrap_err();
+    assert_eq!(refused.registered(), Some(proto::FaultCode::BadSignature));
+    third
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .expect("the newest secret");
+    // Revoking needs the box ticked: it cannot be undone.
+    let csrf = ada.get("/meters").csrf();
+    let unticked = ada.post_form("/meters/revoke", &[("csrf", &csrf), ("mid", &mid)]);
+    assert_eq!(unticked.status, 422, "{}", unticked.body);
+    assert_eq!(meter_record(&office, &mid)[3], "");
+    let revoked = ada.post_form(
+        "/meters/revoke",
+        &[("csrf", &csrf), ("mid", &mid), ("confirm", "yes")],
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    assert!(
+        revoked.body.contains("id=\"revoked-meter\""),
+        "{}",
+        revoked.body
+    );
+    let status = revoked.text_of(&format!("meter-status-{mid}")).unwrap();
+    assert!(status.starts_with("revoked "), "{status}");
+    assert!(
+        !revoked.body.contains(&format!("id=\"rotate-{mid}\"")),
+        "no buttons any more"
+    );
+    let [_, _, _, revoked_ms, by] = meter_record(&office, &mid);
+    assert!(!revoked_ms.is_empty());
+    assert_eq!(by, ada_cid);
+    // Every later call of the meter is refused with 210, grant calls too.
+    let refused = third
+        .call("grant.poll", &[s(&mid), s(&code.device_code)])
+        .unwrap_err();
+    assert_eq!(refused.registered(), Some(proto::FaultCode::MeterRevoked));
+    assert!(
+        refused
+            .message
+            .contains(&format!("revoked by its owner {ada_cid}")),
+        "{}",
+        refused.message
+    );
+    // It stays revoked: no new secret, and revoking again changes nothing.
+    let csrf = ada.get("/meters").csrf();
+    let again = ada.post_form("/meters/rotate", &[("csrf", &csrf), ("mid", &mid)]);
+    assert_eq!(again.status, 409, "{}", again.body);
+    let again = ada.post_form(
+        "/meters/revoke",
+        &[("csrf", &csrf), ("mid", &mid), ("confirm", "yes")],
+    );
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(meter_record(&office, &mid)[3], revoked_ms);
+    let _ = bob_cid;
 }

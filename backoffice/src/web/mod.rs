@@ -34,7 +34,7 @@ use proto::{Amount, Cid};
 
 use crate::ledger::{AccountId, Transfer};
 use crate::pricing::{MODULE_BYTES_MAX, PriceInput, Pricing};
-use crate::registry::{Customer, PasswordHash, Profile, Registration, RegistryError};
+use crate::registry::{Customer, Meter, PasswordHash, Profile, Registration, RegistryError};
 use crate::send::month_of;
 use crate::server::Service;
 use crate::store::{Store, StoreError};
@@ -131,6 +131,8 @@ pub fn routes(service: Arc<Service>) -> Router<Arc<Service>> {
         .route("/products/components", axum::routing::post(set_components))
         .route("/products/new", get(new_product_page))
         .route("/meters", get(meters_page).post(add_meter))
+        .route("/meters/rotate", axum::routing::post(rotate_meter))
+        .route("/meters/revoke", axum::routing::post(revoke_meter))
         .route("/statement", get(statement_page))
         .route("/statement.csv", get(statement_csv))
         .route("/statement/items", get(items_page))
@@ -1401,9 +1403,149 @@ async fn add_meter(
             &session,
             false,
             StatusCode::OK,
-            pages::meters(&session, &meters, Some(&meter), &web.config.public_url),
+            pages::meters(
+                &session,
+                &meters,
+                Some(pages::MeterNotice::Registered(&meter)),
+                &web.config.public_url,
+            ),
         ),
         (Err(error), _) | (_, Err(error)) => trouble(web, &session, &error),
+    }
+}
+
+/// `POST /meters/rotate` (`csrf`, `mid`, `leaked`): gives a meter of the
+/// session's customer a new secret, shown once on the answer; the old one
+/// works for `ROTATION_GRACE_MS_DEFAULT` more, or not at all when
+/// `leaked=yes`.
+async fn rotate_meter(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let grace_ms = if fields.get("leaked") == "yes" {
+        0
+    } else {
+        crate::registry::ROTATION_GRACE_MS_DEFAULT
+    };
+    change_meter(&service, &headers, &fields, |store, mid, by| {
+        store
+            .rotate_meter_secret(mid, by, crate::now_ms(), grace_ms)
+            .map(|meter| {
+                tracing::info!(%mid, grace_ms, "meter secret rotated on the web pages");
+                (meter, MeterChange::Rotated)
+            })
+    })
+}
+
+/// `POST /meters/revoke` (`csrf`, `mid`, `confirm=yes`): revokes a meter of
+/// the session's customer, for good.
+async fn revoke_meter(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let confirmed = fields.get("confirm") == "yes";
+    change_meter(&service, &headers, &fields, |store, mid, by| {
+        if !confirmed {
+            return Ok((
+                store.meter(mid)?.ok_or(RegistryError::UnknownMeter(*mid))?,
+                MeterChange::NotConfirmed,
+            ));
+        }
+        store.revoke_meter(mid, by, crate::now_ms()).map(|meter| {
+            tracing::info!(%mid, "meter revoked on the web pages");
+            (meter, MeterChange::Revoked)
+        })
+    })
+}
+
+/// What a meter form did.
+enum MeterChange {
+    Rotated,
+    Revoked,
+    NotConfirmed,
+}
+
+/// Runs `change` on the meter the form names, as its owner (the
+/// session's customer: another customer's MID reads as no meter at all),
+/// and answers the meters page.
+fn change_meter(
+    service: &Service,
+    headers: &HeaderMap,
+    fields: &Fields,
+    change: impl FnOnce(
+        &crate::store::SledStore,
+        &proto::Mid,
+        crate::registry::Actor,
+    ) -> Result<(Meter, MeterChange), StoreError>,
+) -> Response {
+    let (session, customer) = match customer_of(service, headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let web = &service.web;
+    if !csrf_ok(&session, fields) {
+        return csrf_refused(web, &session, false);
+    }
+    let refused = |status: StatusCode, title: &str, text: &str| {
+        page(
+            web,
+            &session,
+            false,
+            status,
+            pages::message(&session, title, text),
+        )
+    };
+    let unknown = || {
+        refused(
+            StatusCode::NOT_FOUND,
+            "No such meter",
+            "You registered no meter with this MID, so nothing was changed. Your meters are \
+             listed on the meters page.",
+        )
+    };
+    let Ok(mid) = fields.trimmed("mid").parse::<proto::Mid>() else {
+        return unknown();
+    };
+    let store = service.backoffice.store();
+    let by = crate::registry::Actor::Owner(customer.cid);
+    let (meter, done) = match change(store, &mid, by) {
+        Ok((meter, _)) if meter.owner != customer.cid => return unknown(),
+        Ok(changed) => changed,
+        Err(StoreError::Registry(RegistryError::UnknownMeter(_))) => return unknown(),
+        Err(StoreError::Registry(RegistryError::MeterRevoked(_))) => {
+            return refused(
+                StatusCode::CONFLICT,
+                "Meter revoked",
+                "This meter is revoked, so it gets no new secret. Register a new meter.",
+            );
+        }
+        Err(error) => return trouble(web, &session, &error),
+    };
+    let notice = match done {
+        MeterChange::Rotated => pages::MeterNotice::Rotated(&meter),
+        MeterChange::Revoked => pages::MeterNotice::Revoked(&meter),
+        MeterChange::NotConfirmed => {
+            return refused(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Not revoked",
+                "Revoking a meter cannot be undone: tick the box beside its Revoke button to \
+                 confirm. Nothing was changed.",
+            );
+        }
+    };
+    match store.meters_of(&customer.cid) {
+        Ok(meters) => page(
+            web,
+            &session,
+            false,
+            StatusCode::OK,
+            pages::meters(&session, &meters, Some(notice), &web.config.public_url),
+        ),
+        Err(error) => trouble(web, &session, &error),
     }
 }
 

@@ -586,38 +586,141 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
     layout(session, "Product registered", body)
 }
 
-/// The meters page; `new` is a meter just registered, whose secret is shown
-/// this once.
+/// What the meters page reports above its table.
+#[derive(Debug, Clone, Copy)]
+pub enum MeterNotice<'a> {
+    /// A meter just registered: its secret, shown this once.
+    Registered(&'a Meter),
+    /// A meter whose secret was just rotated: the new one, shown this once.
+    Rotated(&'a Meter),
+    /// A meter just revoked.
+    Revoked(&'a Meter),
+}
+
+/// Who changed a meter, as its owner reads it.
+fn actor_text(by: crate::registry::Actor) -> String {
+    match by {
+        crate::registry::Actor::Operator => "the operator".to_owned(),
+        crate::registry::Actor::Owner(cid) => format!("you ({cid})"),
+    }
+}
+
+/// The lines that start `meterd` with `meter`'s secret, for a fresh file.
+fn meterd_setup(meter: &Meter, url: &str, file: &str) -> Markup {
+    html! {
+        pre id="config" {
+            "(umask 077 && printf %s '" (meter.secret_hex) "' > " (file) ")\n"
+            "meterd serve --backoffice " (url) " --mid " (meter.mid.as_str()) " --secret-file " (file)
+        }
+    }
+}
+
+/// The meters page, with what was just done (`notice`): a new meter's or
+/// a rotated meter's secret is shown this once, never again.
 pub fn meters(
     session: &Session,
     meters: &[Meter],
-    new: Option<&Meter>,
+    notice: Option<MeterNotice<'_>>,
     public_url: &str,
 ) -> Markup {
     let url = format!("{}/RPC2", public_url.trim_end_matches('/'));
     let body = html! {
-        @if let Some(meter) = new {
-            div.notice id="new-meter" {
-                p { "Meter " strong id="mid" { (meter.mid.as_str()) } " is registered. Its secret, shown only now:" }
-                pre id="secret" { (meter.secret_hex) }
-                p { "Save the secret in a file only meterd can read, then start meterd with it:" }
-                pre id="config" {
-                    "printf %s '" (meter.secret_hex) "' > meter.secret && chmod 600 meter.secret\n"
-                    "meterd serve --backoffice " (url) " --mid " (meter.mid.as_str()) " --secret-file meter.secret"
-                }
-                p {
-                    "The meter charges only customers who grant it: each runs "
-                    code { "meterd grant CID" } " as their own user on that machine and approves the code it prints on "
-                    a href="/grant" { "Authorize a meter" } "."
+        @match notice {
+            Some(MeterNotice::Registered(meter)) => {
+                div.notice id="new-meter" {
+                    p { "Meter " strong id="mid" { (meter.mid.as_str()) } " is registered. Its secret, shown only now:" }
+                    pre id="secret" { (meter.secret_hex) }
+                    p { "Save the secret in a file only meterd can read, then start meterd with it:" }
+                    (meterd_setup(meter, &url, "meter.secret"))
+                    p {
+                        "The meter charges only customers who grant it: each runs "
+                        code { "meterd grant CID" } " as their own user on that machine and approves the code it prints on "
+                        a href="/grant" { "Authorize a meter" } "."
+                    }
                 }
             }
+            Some(MeterNotice::Rotated(meter)) => {
+                div.notice id="rotated-meter" {
+                    p { "Meter " strong id="mid" { (meter.mid.as_str()) } " has a new secret, shown only now:" }
+                    pre id="secret" { (meter.secret_hex) }
+                    @match &meter.previous {
+                        Some(previous) => p id="grace" {
+                            "The old secret still works until " (time_of(previous.valid_until_ms))
+                            ", or until the meter uploads with the new one; after that it is refused."
+                        },
+                        None => p id="grace" { "The old secret is refused from now on." },
+                    }
+                    p { "Save the new secret over the meter's secret file; meterd reads the file again when it changes, so it needs no restart, and its first upload with the new secret ends the old one's day. Readings waiting on the meter are kept and uploaded with the new secret:" }
+                    pre id="config" {
+                        "(umask 077 && printf %s '" (meter.secret_hex) "' > meter.secret.new) && mv meter.secret.new meter.secret\n"
+                        "# meter.secret: the file meterd was started with (--mid " (meter.mid.as_str()) " --secret-file meter.secret)"
+                    }
+                }
+            }
+            Some(MeterNotice::Revoked(meter)) => {
+                div.notice id="revoked-meter" {
+                    p {
+                        "Meter " strong id="mid" { (meter.mid.as_str()) } " is revoked: the backoffice refuses every upload and grant request of it from now on. "
+                        "Uses it uploaded before stay charged. To go on metering on that machine, register a new meter."
+                    }
+                }
+            }
+            None => {}
         }
         @if meters.is_empty() {
             p { "No meters yet." }
         } @else {
             table id="meters" {
-                tr { th { "MID" } }
-                @for meter in meters { tr { td { (meter.mid.as_str()) } } }
+                tr { th { "MID" } th { "Status" } th { "Secret" } th { } th { } }
+                @for meter in meters {
+                    @let mid = meter.mid.as_str();
+                    tr {
+                        td { (mid) }
+                        td id={ "meter-status-" (mid) } {
+                            @match &meter.revoked {
+                                Some(revoked) => { "revoked " (time_of(revoked.at_ms)) " by " (actor_text(revoked.by)) }
+                                None => "live",
+                            }
+                        }
+                        td id={ "meter-secret-" (mid) } {
+                            @match &meter.rotated {
+                                Some(rotated) => {
+                                    "rotated " (time_of(rotated.at_ms)) " by " (actor_text(rotated.by))
+                                    @if let Some(previous) = &meter.previous {
+                                        "; the old one works until " (time_of(previous.valid_until_ms))
+                                    }
+                                }
+                                None => "as registered",
+                            }
+                        }
+                        @if meter.revoked.is_none() {
+                            td {
+                                form method="post" action="/meters/rotate" {
+                                    (csrf(session))
+                                    input type="hidden" name="mid" value=(mid);
+                                    label {
+                                        input type="checkbox" name="leaked" value="yes" id={ "leaked-" (mid) };
+                                        " the old secret may have leaked: refuse it at once (otherwise it works for one more day)"
+                                    }
+                                    button type="submit" id={ "rotate-" (mid) } { "New secret" }
+                                }
+                            }
+                            td {
+                                form method="post" action="/meters/revoke" {
+                                    (csrf(session))
+                                    input type="hidden" name="mid" value=(mid);
+                                    label {
+                                        input type="checkbox" name="confirm" value="yes" required id={ "confirm-" (mid) };
+                                        " for good: it cannot be undone"
+                                    }
+                                    button type="submit" id={ "revoke-" (mid) } { "Revoke" }
+                                }
+                            }
+                        } @else {
+                            td { } td { }
+                        }
+                    }
+                }
             }
         }
         form method="post" action="/meters" id="add-meter" {

@@ -1677,3 +1677,134 @@ fn uses_priced_out_of_suspense_trace_to_their_readings_and_are_audited() {
         );
     }
 }
+
+/// Signs `body` as meter `world.mid` with `secret` at `now_ms`, and sends
+/// it at `now_ms`.
+fn send_with(
+    world: &World,
+    secret: &Secret,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<Value, proto::Fault> {
+    let signature = secret.sign(&world.mid, now_ms, body);
+    let time = now_ms.to_string();
+    let signed = Signed {
+        mid: Some(world.mid.as_str()),
+        time: Some(&time),
+        signature: Some(&signature),
+    };
+    world.backoffice.send(body, signed, now_ms)
+}
+
+/// One use of the product by the consumer (0.25), in a batch of its own
+/// meter instance (`instance`), so that batches never share readings.
+fn one_use(world: &World, instance: &str) -> Vec<u8> {
+    let me = Some(Payer::Customer(world.consumer));
+    batch(
+        world,
+        &format!("{instance}:1"),
+        vec![
+            Event::Login(world.consumer),
+            Event::Commit {
+                pid: world.product,
+                payer: me,
+            },
+            Event::Logout(world.consumer),
+        ],
+    )
+}
+
+/// A meter whose secret was rotated goes on uploading with the old one
+/// inside the grace (readings signed before the new secret reached it are
+/// not lost), the old one is refused after the grace or once the meter
+/// uploaded with the new one; a revoked meter gets 210 for any secret, and
+/// what it uploaded before stays applied.
+#[test]
+fn a_rotated_secret_verifies_only_inside_its_grace_and_a_revoked_meter_with_none() {
+    use backoffice::registry::Actor;
+    let world = world();
+    let store = world.backoffice.store();
+    let code = |result: Result<Value, proto::Fault>| result.unwrap_err().registered().unwrap();
+    let hour = 3_600_000;
+    let first = world.secret.clone();
+    let rotated = store
+        .rotate_meter_secret(&world.mid, Actor::Owner(world.consumer), NOW_MS, hour)
+        .unwrap();
+    let second = Secret::new(rotated.secret_hex.as_bytes()).unwrap();
+    // Inside the grace the old secret still verifies: the upload is applied.
+    send_with(&world, &first, &one_use(&world, "a"), NOW_MS + 1_000).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.75"));
+    // After it, the old secret is refused, saying why, and nothing applied.
+    let late = send_with(&world, &first, &one_use(&world, "b"), NOW_MS + hour).unwrap_err();
+    assert_eq!(late.registered(), Some(FaultCode::BadSignature));
+    assert!(
+        late.message.contains("secret was rotated by its owner"),
+        "{}",
+        late.message
+    );
+    assert_eq!(balance(&world, world.consumer), amount("9.75"));
+    // The same readings signed with the new secret go through.
+    send_with(&world, &second, &one_use(&world, "b"), NOW_MS + hour).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.5"));
+    // The first upload signed with the new secret ends the grace early.
+    let later = NOW_MS + 2 * hour;
+    let rotated = store
+        .rotate_meter_secret(&world.mid, Actor::Operator, later, hour)
+        .unwrap();
+    let third = Secret::new(rotated.secret_hex.as_bytes()).unwrap();
+    send_with(&world, &second, &one_use(&world, "c"), later + 1).unwrap();
+    send_with(&world, &third, &one_use(&world, "d"), later + 2).unwrap();
+    assert_eq!(
+        code(send_with(&world, &second, &one_use(&world, "e"), later + 3)),
+        FaultCode::BadSignature,
+        "inside the grace, but the meter uses the new secret already"
+    );
+    assert_eq!(balance(&world, world.consumer), amount("9"));
+    // Revoked: every secret is refused with 210, which says by whom and when.
+    store
+        .revoke_meter(&world.mid, Actor::Owner(world.consumer), later + 10)
+        .unwrap();
+    for secret in [&first, &second, &third] {
+        let refused = send_with(&world, secret, &one_use(&world, "e"), later + 20).unwrap_err();
+        assert_eq!(refused.registered(), Some(FaultCode::MeterRevoked));
+        assert!(
+            refused
+                .message
+                .contains(&format!("revoked by its owner {}", world.consumer)),
+            "{}",
+            refused.message
+        );
+    }
+    // A batch applied before, sent again, is refused too; it stays applied.
+    let again = send_with(&world, &third, &one_use(&world, "d"), later + 30).unwrap_err();
+    assert_eq!(again.registered(), Some(FaultCode::MeterRevoked));
+    assert_eq!(balance(&world, world.consumer), amount("9"));
+    books_verify(&world);
+}
+
+/// A meter with batches in flight while its owner rotates its secret: the
+/// uploads signed with the old one during the rotation are all applied
+/// (each reads the meter's record once: the old secret is current, or the
+/// previous one inside its grace), none is refused.
+#[test]
+fn uploads_signed_with_the_old_secret_during_a_rotation_are_all_applied() {
+    use backoffice::registry::Actor;
+    let world = world();
+    let old = world.secret.clone();
+    std::thread::scope(|scope| {
+        let uploads = scope.spawn(|| {
+            for n in 0..20 {
+                send_with(&world, &old, &one_use(&world, &format!("f{n}")), NOW_MS + n)
+                    .unwrap_or_else(|fault| panic!("upload {n}: {fault}"));
+            }
+        });
+        world
+            .backoffice
+            .store()
+            .rotate_meter_secret(&world.mid, Actor::Operator, NOW_MS, 3_600_000)
+            .unwrap();
+        uploads.join().unwrap();
+    });
+    assert_eq!(balance(&world, world.consumer), amount("5"));
+    books_verify(&world);
+}
