@@ -30,6 +30,10 @@ use tokio::net::TcpListener;
 pub const CONNECTIONS_MAX: usize = 4_096;
 /// Most connections served at once from one address (one /64 for IPv6).
 pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 64;
+/// Most meter calls (uploads and grant calls) read and answered at once for
+/// one address (one /64 for IPv6): a meter makes one at a time, and anyone
+/// who knows a MID (they are not secret) must not take every slot.
+pub const METER_CALLS_PER_ADDRESS_MAX: usize = 2;
 /// File descriptors kept for the store, the log and the rest.
 pub const FILES_RESERVED: usize = 128;
 /// How long a connection may take to send a request's head, counted from
@@ -45,6 +49,8 @@ pub struct ConnectionLimits {
     pub total: usize,
     /// Connections at once from one address.
     pub per_address: usize,
+    /// Meter calls at once from one address (`METER_CALLS_PER_ADDRESS_MAX`).
+    pub meter_calls_per_address: usize,
     /// See `HEADER_READ_TIMEOUT_MS`.
     pub header_read: Duration,
     /// See `REQUEST_TIMEOUT_MS`.
@@ -59,6 +65,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             total: CONNECTIONS_MAX.min(files.saturating_sub(FILES_RESERVED).max(16)),
             per_address: CONNECTIONS_PER_ADDRESS_MAX,
+            meter_calls_per_address: METER_CALLS_PER_ADDRESS_MAX,
             header_read: Duration::from_millis(HEADER_READ_TIMEOUT_MS),
             request: Duration::from_millis(REQUEST_TIMEOUT_MS),
             body_read: Duration::from_millis(crate::server::BODY_READ_TIMEOUT_MS),
@@ -77,7 +84,7 @@ fn open_files_limit() -> Option<usize> {
 
 /// Where a connection counts: its IPv4 address, or the /64 of its IPv6 one
 /// (one host commonly holds a whole /64).
-fn address_key(address: IpAddr) -> IpAddr {
+pub(crate) fn address_key(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -88,6 +95,62 @@ fn address_key(address: IpAddr) -> IpAddr {
                 IpAddr::V6(segments.into())
             }
         },
+    }
+}
+
+/// Things held per address (one /64 for IPv6), each address at most
+/// `limit` at once.
+pub(crate) struct PerAddress {
+    limit: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One thing `PerAddress` counts; given back when dropped.
+pub(crate) struct AddressHold {
+    of: Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl PerAddress {
+    pub(crate) fn new(limit: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress {
+            limit,
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// One more for `address`, unless it holds its limit already.
+    pub(crate) fn take(self: &Arc<Self>, address: IpAddr) -> Option<AddressHold> {
+        let key = address_key(address);
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = held.entry(key).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(AddressHold {
+            of: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressHold {
+    fn drop(&mut self) {
+        let mut held = self
+            .of
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -197,30 +260,60 @@ async fn serve_connection<I>(
     }
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown`
-/// completes, then gives requests in flight `server::SHUTDOWN_GRACE_MS`.
-/// With `tls`, every connection is TLS, its handshake within
-/// `limits.header_read`.
+/// One address the server listens on, plain or TLS.
+pub struct Listener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// TLS for every connection on it, or none.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Serves `router` on every one of `listeners` within `limits` (one table of
+/// connections for all of them) until `shutdown` completes, then gives
+/// requests in flight `server::SHUTDOWN_GRACE_MS`. A TLS connection's
+/// handshake and its first request's head share `limits.header_read`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     router: Router,
     limits: ConnectionLimits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let table = Arc::new(Mutex::new(Table::default()));
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(64);
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let accepted_tx = accepted_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match listener.socket.accept().await {
+                        Ok((stream, peer)) => {
+                            if accepted_tx
+                                .send((stream, peer, listener.tls.clone()))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            // Out of file descriptors, say: wait instead of spinning.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(accepted_tx);
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, say: wait instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+        let (stream, peer, tls) = tokio::select! {
+            next = accepted.recv() => match next {
+                Some(next) => next,
+                None => break,
             },
             () = &mut shutdown => break,
         };
@@ -234,22 +327,32 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
                 None => serve_connection(stream, peer, router, limits, watcher).await,
-                Some(tls) => match tokio::time::timeout(limits.header_read, tls.accept(stream))
-                    .await
-                {
-                    Ok(Ok(stream)) => serve_connection(stream, peer, router, limits, watcher).await,
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                Some(tls) => {
+                    let started = tokio::time::Instant::now();
+                    match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            // The handshake's time comes off the first head's.
+                            let left = limits.header_read.saturating_sub(started.elapsed());
+                            let limits = ConnectionLimits {
+                                header_read: left.max(Duration::from_millis(1)),
+                                ..limits
+                            };
+                            serve_connection(stream, peer, router, limits, watcher).await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(admitted);
         });
     }
-    drop(listener);
+    for task in accepting {
+        task.abort();
+    }
     let grace = Duration::from_millis(crate::server::SHUTDOWN_GRACE_MS);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -290,6 +393,18 @@ mod tests {
         assert_ne!(v6("2001:db8:1:2::1"), v6("2001:db8:1:3::1"));
         assert_eq!(v6("::ffff:192.0.2.1"), v6("192.0.2.1"));
         assert_ne!(v6("192.0.2.1"), v6("192.0.2.2"));
+    }
+
+    #[test]
+    fn an_address_holds_its_limit_and_gets_each_back() {
+        let per_address = PerAddress::new(2);
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        let first = per_address.take(ip("192.0.2.1")).unwrap();
+        let _second = per_address.take(ip("192.0.2.1")).unwrap();
+        assert!(per_address.take(ip("192.0.2.1")).is_none());
+        assert!(per_address.take(ip("192.0.2.2")).is_some());
+        drop(first);
+        assert!(per_address.take(ip("192.0.2.1")).is_some());
     }
 
     #[test]

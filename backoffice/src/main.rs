@@ -606,6 +606,19 @@ struct WebArgs {
         default_value_t = backoffice::listen::REQUEST_TIMEOUT_MS / 1000,
         value_parser = clap::value_parser!(u64).range(1..=3600))]
     page_timeout_s: u64,
+    /// Connections at once from one address (one /64 for IPv6); behind a
+    /// reverse proxy every connection comes from its address: raise this
+    /// and limit per client in the proxy.
+    #[arg(long, env = "BACKOFFICE_CONNECTIONS_PER_ADDRESS", value_name = "N",
+        default_value_t = backoffice::listen::CONNECTIONS_PER_ADDRESS_MAX,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    connections_per_address: usize,
+    /// Meter calls (uploads, grant calls) read at once from one address;
+    /// behind a reverse proxy raise this to 8 (all of them).
+    #[arg(long, env = "BACKOFFICE_METER_CALLS_PER_ADDRESS", value_name = "N",
+        default_value_t = backoffice::listen::METER_CALLS_PER_ADDRESS_MAX,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
+    meter_calls_per_address: usize,
 }
 
 /// Deletes itemised readings older than `retention_days` now and every
@@ -672,6 +685,8 @@ fn serve(
         header_read: std::time::Duration::from_secs(web.header_timeout_s),
         body_read: std::time::Duration::from_secs(web.body_timeout_s),
         request: std::time::Duration::from_secs(web.page_timeout_s),
+        per_address: web.connections_per_address,
+        meter_calls_per_address: web.meter_calls_per_address,
         ..backoffice::listen::ConnectionLimits::default()
     };
     let dir = data_dir.unwrap_or_else(default_data_dir);
@@ -744,30 +759,17 @@ fn serve(
             funding: Box::new(backoffice::funding::RecordedByOperator),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop.send(true);
-        });
-        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = stopped.wait_for(|stopped| *stopped).await;
-        };
-        let tls_served = tls_listener.map(|(tls_listener, _, tls)| {
-            tokio::spawn(backoffice::server::run_with(
-                tls_listener,
-                std::sync::Arc::clone(&service),
-                limits,
-                Some(tls),
-                until_stopped(stopped.clone()),
-            ))
-        });
-        let served =
-            backoffice::server::run_with(listener, service, limits, None, until_stopped(stopped))
-                .await;
-        if let Some(tls_served) = tls_served {
-            tls_served.await.map_err(std::io::Error::other)??;
+        let mut listeners = vec![backoffice::listen::Listener {
+            socket: listener,
+            tls: None,
+        }];
+        if let Some((socket, _, tls)) = tls_listener {
+            listeners.push(backoffice::listen::Listener {
+                socket,
+                tls: Some(tls),
+            });
         }
-        served
+        backoffice::server::run_with(listeners, service, limits, shutdown_signal()).await
     });
     // `run` gave requests in flight the whole grace already; what is left
     // (a connection that never finished its request) is abandoned.

@@ -1021,15 +1021,18 @@ impl<S: Store> Backoffice<S> {
     }
 
     fn count_refused(&self, outcome: Result<Value, Fault>) -> Result<Value, Fault> {
-        if let Err(fault) = &outcome {
-            if fault.code != FaultCode::InternalError.code() {
-                self.counters
-                    .uploads_refused
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            tracing::warn!(code = fault.code, fault = %fault.message, "upload refused");
+        outcome.map_err(|fault| self.refused(fault))
+    }
+
+    /// Counts and logs a refused meter call (`uploads_refused`).
+    pub(crate) fn refused(&self, fault: Fault) -> Fault {
+        if fault.code != FaultCode::InternalError.code() {
+            self.counters
+                .uploads_refused
+                .fetch_add(1, Ordering::Relaxed);
         }
-        outcome
+        tracing::warn!(code = fault.code, fault = %fault.message, "upload refused");
+        fault
     }
 
     /// False once a staged write could not be made durable: money operations

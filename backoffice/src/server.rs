@@ -58,6 +58,8 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 30_000;
 struct Slots {
     meter: Arc<tokio::sync::Semaphore>,
     operator: Arc<tokio::sync::Semaphore>,
+    /// Meter calls per address.
+    meter_by_address: Arc<crate::listen::PerAddress>,
     /// How long a body may take once its head is in.
     body_read: std::time::Duration,
 }
@@ -72,6 +74,7 @@ pub fn router_with(service: Arc<Service>, limits: crate::listen::ConnectionLimit
     let slots = Arc::new(Slots {
         meter: Arc::new(tokio::sync::Semaphore::new(METER_CALLS_AT_ONCE)),
         operator: Arc::new(tokio::sync::Semaphore::new(OPERATOR_CALLS_AT_ONCE)),
+        meter_by_address: crate::listen::PerAddress::new(limits.meter_calls_per_address),
         body_read: limits.body_read,
     });
     Router::new()
@@ -91,22 +94,45 @@ pub fn router_with(service: Arc<Service>, limits: crate::listen::ConnectionLimit
         .with_state(service)
 }
 
-/// The operator token in `dir`, created (owner-only) on first start.
+/// Fewest characters in an operator token: a shorter one (an empty file
+/// left by a crash, say) would let anyone be the operator.
+pub const OPERATOR_TOKEN_CHARS_MIN: usize = 32;
+
+/// The operator token in `dir`, created (owner-only) on first start: written
+/// whole to a new file, synced, then renamed into place and the folder
+/// synced, so a crash leaves either no token or the whole one.
 pub fn operator_token(dir: &std::path::Path) -> std::io::Result<(std::path::PathBuf, String)> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("operator-token");
     match std::fs::read_to_string(&path) {
-        Ok(token) => Ok((path, token.trim().to_owned())),
+        Ok(token) => {
+            let token = token.trim();
+            if token.chars().count() < OPERATOR_TOKEN_CHARS_MIN {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the operator token in {} has fewer than {OPERATOR_TOKEN_CHARS_MIN} characters, \
+                         which anyone could guess; delete the file and start again to make a new one",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok((path, token.to_owned()))
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let token = crate::registry::new_meter_secret();
+            let fresh = dir.join("operator-token.new");
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(true)
                 .mode(0o600)
-                .open(&path)?;
+                .open(&fresh)?;
             file.write_all(token.as_bytes())?;
             file.sync_all()?;
+            std::fs::rename(&fresh, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
             Ok((path, token))
         }
         Err(error) => Err(error),
@@ -121,31 +147,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     run_with(
-        listener,
+        vec![crate::listen::Listener {
+            socket: listener,
+            tls: None,
+        }],
         service,
         crate::listen::ConnectionLimits::default(),
-        None,
         shutdown,
     )
     .await
 }
 
-/// `run` within `limits`, over TLS with `tls`.
+/// `run` on every one of `listeners` (plain or TLS) within `limits`: one
+/// set of call slots and one connection table for all of them.
 pub async fn run_with(
-    listener: tokio::net::TcpListener,
+    listeners: Vec<crate::listen::Listener>,
     service: Arc<Service>,
     limits: crate::listen::ConnectionLimits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::listen::serve(
-        listener,
-        router_with(service, limits),
-        limits,
-        tls,
-        shutdown,
-    )
-    .await
+    crate::listen::serve(listeners, router_with(service, limits), limits, shutdown).await
 }
 
 /// Prometheus text format: what the money path did since the process
@@ -275,10 +296,10 @@ fn signed(headers: &HeaderMap) -> Signed<'_> {
 /// operator token. Such a body is never read.
 fn caller(service: &Service, headers: &HeaderMap) -> Result<Caller, Fault> {
     if headers.contains_key(MID_HEADER) {
-        service
-            .backoffice
-            .check_signed_headers(signed(headers))
-            .map(|_| Caller::Meter)
+        match service.backoffice.check_signed_headers(signed(headers)) {
+            Ok(_) => Ok(Caller::Meter),
+            Err(fault) => Err(service.backoffice.refused(fault)),
+        }
     } else if let Some(token) = header(headers, OPERATOR_HEADER) {
         if proto::auth::equal_in_constant_time(token.as_bytes(), service.operator_token.as_bytes())
         {
@@ -303,63 +324,40 @@ async fn answer(
     request: axum::extract::Request,
 ) -> axum::response::Response {
     let (parts, body) = request.into_parts();
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
     let headers = parts.headers;
     let caller = match caller(&service, &headers) {
         Ok(caller) => caller,
         Err(fault) => return unread(StatusCode::OK, &fault),
     };
     let slots_of = &slots;
+    // A meter calls once at a time: one address cannot take every slot.
+    let address_hold = match (&caller, peer) {
+        (Caller::Meter, Some(peer)) => match slots.meter_by_address.take(peer) {
+            Some(hold) => Some(hold),
+            None => return busy(),
+        },
+        _ => None,
+    };
     let slots = match caller {
         Caller::Meter => &slots.meter,
         Caller::Operator => &slots.operator,
     };
     let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
-        let fault = Fault::new(
-            FaultCode::InternalError,
-            format!(
-                "the backoffice is busy with as many calls of this kind as it takes at once; try again in {RETRY_AFTER_S} s"
-            ),
-        );
-        let mut response = unread(StatusCode::SERVICE_UNAVAILABLE, &fault);
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
-        return response;
+        return busy();
     };
-    let limit = Limits::BACKOFFICE.body_bytes_max;
-    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
-    let body_read = slots_of.body_read;
-    let body = match tokio::time::timeout(body_read, read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            let fault = Fault::new(
-                FaultCode::RequestTooLarge,
-                format!("request body over {limit} bytes"),
-            );
-            return unread(StatusCode::PAYLOAD_TOO_LARGE, &fault);
-        }
-        Ok(Err(error)) => {
-            let fault = Fault::new(
-                FaultCode::InvalidRequest,
-                format!("the body could not be read: {error}"),
-            );
-            return unread(StatusCode::BAD_REQUEST, &fault);
-        }
-        Err(_) => {
-            let fault = Fault::new(
-                FaultCode::InvalidRequest,
-                format!(
-                    "the body did not arrive within {} ms",
-                    body_read.as_millis()
-                ),
-            );
-            return unread(StatusCode::REQUEST_TIMEOUT, &fault);
-        }
+    let body = match read_body(body, slots_of.body_read).await {
+        Ok(body) => body,
+        Err(response) => return *response,
     };
     // Parsing, pricing and fsync block: keep them off the async workers.
     let answered = tokio::task::spawn_blocking(move || {
         let (outcome, signer) = dispatch(&service, caller, &headers, &body);
         drop(slot);
+        drop(address_hold);
         let body = match outcome {
             Ok(value) => encode_response(&value),
             Err(fault) => encode_fault(&fault),
@@ -383,6 +381,55 @@ async fn answer(
     response
 }
 
+/// 503 with `Retry-After`, the body unread.
+fn busy() -> axum::response::Response {
+    let fault = Fault::new(
+        FaultCode::InternalError,
+        format!(
+            "the backoffice is busy with as many calls of this kind as it takes at once; try again in {RETRY_AFTER_S} s"
+        ),
+    );
+    let mut response = unread(StatusCode::SERVICE_UNAVAILABLE, &fault);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+    response
+}
+
+/// The whole body, at most the backoffice's limit, within `deadline`; or
+/// the answer that says why not.
+async fn read_body(
+    body: axum::body::Body,
+    deadline: std::time::Duration,
+) -> Result<axum::body::Bytes, Box<axum::response::Response>> {
+    let limit = Limits::BACKOFFICE.body_bytes_max;
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            let fault = Fault::new(
+                FaultCode::RequestTooLarge,
+                format!("request body over {limit} bytes"),
+            );
+            Err(Box::new(unread(StatusCode::PAYLOAD_TOO_LARGE, &fault)))
+        }
+        Ok(Err(error)) => {
+            let fault = Fault::new(
+                FaultCode::InvalidRequest,
+                format!("the body could not be read: {error}"),
+            );
+            Err(Box::new(unread(StatusCode::BAD_REQUEST, &fault)))
+        }
+        Err(_) => {
+            let fault = Fault::new(
+                FaultCode::InvalidRequest,
+                format!("the body did not arrive within {} ms", deadline.as_millis()),
+            );
+            Err(Box::new(unread(StatusCode::REQUEST_TIMEOUT, &fault)))
+        }
+    }
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
@@ -401,7 +448,7 @@ fn dispatch(
         // anything. Every answer to a verified call is signed back.
         let verified = match service.backoffice.verify(signed(headers), body, now_ms()) {
             Ok(verified) => verified,
-            Err(fault) => return (Err(fault), None),
+            Err(fault) => return (Err(service.backoffice.refused(fault)), None),
         };
         let signer = (verified.secret.clone(), verified.signature.to_owned());
         return (meter_call(service, verified, body), Some(signer));
@@ -1019,4 +1066,29 @@ pub fn item_value(index: usize, item: &crate::itemised::LineItem) -> Value {
             Value::string(item.priced.period_uses.to_string()),
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_or_short_operator_token_stops_the_start_and_a_new_one_is_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, token) = operator_token(dir.path()).unwrap();
+        assert!(token.len() >= OPERATOR_TOKEN_CHARS_MIN);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(operator_token(dir.path()).unwrap().1, token, "read back");
+        assert!(!dir.path().join("operator-token.new").exists());
+        for short in ["", "  \n", "0123456789abcdef"] {
+            std::fs::write(&path, short).unwrap();
+            let error = operator_token(dir.path()).unwrap_err();
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{short:?}");
+            assert!(error.to_string().contains("delete the file"), "{error}");
+        }
+    }
 }

@@ -221,9 +221,9 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
             Err(error) => Err(format!("backoffice: {error}")),
         }
     });
-    runtime.shutdown_timeout(std::time::Duration::from_millis(
-        backoffice::server::SHUTDOWN_GRACE_MS,
-    ));
+    // The meter and the backoffice gave calls in flight their grace
+    // already; what is left is abandoned.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(250));
     outcome
 }
 

@@ -187,7 +187,7 @@ pub fn resolve_as(
         (Some(url), Some(mid), Some(secret_file)) => {
             if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(ConfigError::Invalid(format!(
-                    "backoffice URL {url:?} must start with https:// (or http:// on this machine)"
+                    "backoffice URL {url:?} must start with https:// (or http://, meant for this machine)"
                 )));
             }
             let mid = Mid::parse(&mid).map_err(|error| ConfigError::Invalid(error.to_string()))?;

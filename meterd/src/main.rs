@@ -129,7 +129,8 @@ struct ServeArgs {
     #[arg(long, env = "METERD_CACHE_READINGS_MAX", value_name = "N")]
     cache_readings_max: Option<u64>,
     /// The backoffice's XML-RPC URL, such as https://backoffice.example/RPC2
-    /// (http:// only on this machine, such as http://127.0.0.1:8080/RPC2).
+    /// (http:// is meant for this machine, such as http://127.0.0.1:8080/RPC2;
+    /// to another one it works but is read by anyone on the way).
     #[arg(long, env = "METERD_BACKOFFICE", value_name = "URL")]
     backoffice: Option<String>,
     /// This meter's MID, issued by the backoffice.

@@ -448,6 +448,17 @@ impl Meter {
                     lock(&self.requests).slow_down(handle);
                     continue;
                 }
+                Err(BackofficeError::Refused(fault))
+                    if matches!(
+                        fault.registered(),
+                        Some(FaultCode::Replay | FaultCode::ClockSkew | FaultCode::InternalError)
+                    ) =>
+                {
+                    // Not an answer about the request (a poll seen twice, a
+                    // clock to set, a busy backoffice): poll again.
+                    tracing::warn!(%fault, "polling a grant request was refused for now");
+                    continue;
+                }
                 Err(error @ BackofficeError::Refused(_)) => {
                     lock(&self.requests).remove(handle);
                     return Err(grant_failed(error));

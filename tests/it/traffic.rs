@@ -14,6 +14,7 @@ use crate::support::{Backoffice, IO_TIMEOUT, fault_code, now_ms, s};
 
 /// The server's own bounds, as `backoffice::server` and `listen` document them.
 const METER_CALLS_AT_ONCE: usize = 8;
+const METER_CALLS_PER_ADDRESS: usize = 2;
 const BODY_MAX: usize = 32 * 1024 * 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,7 +48,11 @@ fn connect_from(from: &str, address: SocketAddr) -> std::io::Result<TcpStream> {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.bind(format!("{from}:0").parse().unwrap())?;
         let stream = socket.connect(address).await?;
-        stream.into_std()
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(stream)
     })
 }
 
@@ -205,12 +210,12 @@ fn garbage_from_a_registered_meter_is_refused_by_its_signature_not_decoded() {
     }
 }
 
-/// Holds `count` meter calls whose heads are in and whose bodies are not,
-/// each holding one of the server's slots.
-fn hold_meter_calls(office: &Backoffice, mid: &str, count: usize) -> Vec<TcpStream> {
+/// Holds `count` meter calls from `from` whose heads are in and whose
+/// bodies are not, each holding one of the server's slots.
+fn hold_meter_calls(office: &Backoffice, from: &str, mid: &str, count: usize) -> Vec<TcpStream> {
     (0..count)
         .map(|_| {
-            let mut stream = connect(office.address);
+            let mut stream = connect_from(from, office.address).unwrap();
             stream
                 .write_all(head(office.address, &signed_headers(mid), 1_000).as_bytes())
                 .unwrap();
@@ -220,52 +225,65 @@ fn hold_meter_calls(office: &Backoffice, mid: &str, count: usize) -> Vec<TcpStre
         .collect()
 }
 
+/// A meter call from `from` with a 10-byte body: its status, head and body
+/// (once the server has taken the heads of calls sent before it).
+fn meter_call_from(office: &Backoffice, from: &str, mid: &str) -> (u16, String, Vec<u8>) {
+    let mut stream = connect_from(from, office.address).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+        .write_all(head(office.address, &signed_headers(mid), 10).as_bytes())
+        .unwrap();
+    stream.write_all(b"0123456789").unwrap();
+    read_answer(&mut stream)
+}
+
+/// Tries a meter call from `from` until it gets `status` (the server takes
+/// the held calls' heads in its own time).
+fn until_status(office: &Backoffice, from: &str, mid: &str, status: u16) -> (String, Vec<u8>) {
+    for _ in 0..100 {
+        let (got, head, body) = meter_call_from(office, from, mid);
+        if got == status {
+            return (head, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no call from {from} got {status}");
+}
+
 #[test]
 fn past_its_slots_a_call_gets_503_with_retry_after_and_the_next_one_gets_through() {
     let (_dir, office) = office();
     let mid = meter(&office);
-    let held = hold_meter_calls(&office, &mid, METER_CALLS_AT_ONCE);
-    // The slots are taken once the heads are read: wait for that.
-    let mut refused = None;
-    for _ in 0..100 {
-        let mut stream = connect(office.address);
-        stream
-            .write_all(head(office.address, &signed_headers(&mid), 10).as_bytes())
-            .unwrap();
-        stream.write_all(b"0123456789").unwrap();
-        let (status, head, body) = read_answer(&mut stream);
-        if status == 503 {
-            refused = Some((head, body));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (answer_head, body) = refused.expect("a call past the slots is refused with 503");
+    // One address holds its two meter calls: its third waits, others not.
+    let mut held = hold_meter_calls(&office, "127.0.0.1", &mid, METER_CALLS_PER_ADDRESS);
+    let (answer_head, body) = until_status(&office, "127.0.0.1", &mid, 503);
     assert!(
         answer_head.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer_head}"
     );
     assert_eq!(fault_code(&body), Some(FaultCode::InternalError));
+    let (status, _, body) = meter_call_from(&office, "127.0.0.2", &mid);
+    assert_eq!(status, 200, "another address is served");
+    assert_eq!(fault_code(&body), Some(FaultCode::BadSignature));
+    // Every slot held, from several addresses: one more waits too.
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        held.extend(hold_meter_calls(
+            &office,
+            from,
+            &mid,
+            METER_CALLS_PER_ADDRESS,
+        ));
+    }
+    assert_eq!(held.len(), METER_CALLS_AT_ONCE);
+    until_status(&office, "127.0.0.5", &mid, 503);
     // Operator calls have slots of their own.
     assert!(office.call("ledger.verify", &[]).is_ok());
     drop(held);
-    let mut answered = None;
-    for _ in 0..100 {
-        let mut stream = connect(office.address);
-        stream
-            .write_all(head(office.address, &signed_headers(&mid), 10).as_bytes())
-            .unwrap();
-        stream.write_all(b"0123456789").unwrap();
-        let (status, _, body) = read_answer(&mut stream);
-        if status == 200 {
-            answered = Some(body);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_, body) = until_status(&office, "127.0.0.1", &mid, 200);
     assert_eq!(
-        fault_code(&answered.expect("slots come back when the calls end")),
-        Some(FaultCode::BadSignature)
+        fault_code(&body),
+        Some(FaultCode::BadSignature),
+        "slots come back when the calls end"
     );
 }
 
@@ -284,11 +302,13 @@ fn peak_kib(pid: u32) -> u64 {
 fn flood(address: SocketAddr, headers: &[(&str, String)], count: usize) -> Vec<u16> {
     let garbage = std::sync::Arc::new(vec![b'x'; BODY_MAX]);
     let threads: Vec<_> = (0..count)
-        .map(|_| {
+        .map(|n| {
             let garbage = std::sync::Arc::clone(&garbage);
             let head = head(address, headers, BODY_MAX);
+            // From as many addresses as there are slots, so that all fill.
+            let from = format!("127.0.0.{}", 1 + n % METER_CALLS_AT_ONCE);
             std::thread::spawn(move || {
-                let mut stream = connect(address);
+                let mut stream = connect_from(&from, address).unwrap();
                 stream
                     .set_write_timeout(Some(Duration::from_secs(60)))
                     .unwrap();
