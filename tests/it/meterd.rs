@@ -1212,3 +1212,37 @@ fn an_answer_not_signed_for_the_call_made_changes_nothing_on_the_meter() {
         "every use applied once"
     );
 }
+
+/// A grant answered by someone else than the backoffice (a forged "granted"
+/// for a customer who never said yes) is not recorded on the meter.
+#[test]
+fn a_grant_answer_not_signed_for_the_call_made_grants_nothing() {
+    use tests::fake_backoffice::Answers;
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    let password = "the password of B1-C1";
+    backoffice.behave(|behaviour| {
+        behaviour
+            .passwords
+            .insert(cid("B1-C1"), password.to_owned());
+    });
+    for answers in [Answers::Unsigned, Answers::SignedForAnotherCall] {
+        backoffice.behave(|behaviour| behaviour.answers = answers);
+        let run = meterd_run(
+            &meter.socket,
+            &["grant", "--password-stdin", "B1-C1"],
+            &format!("{password}\n"),
+            &[],
+        );
+        assert_ne!(run.code, 0, "{answers:?}: {run:?}");
+        assert!(
+            run.stderr.contains("not trusted") || run.stdout.contains("not trusted"),
+            "{answers:?}: {run:?}"
+        );
+        assert_eq!(status_of(&meter.socket)["grantsHeld"], "0", "{answers:?}");
+    }
+    backoffice.behave(|behaviour| behaviour.answers = Answers::Signed);
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    assert_eq!(status_of(&meter.socket)["grantsHeld"], "1");
+}
