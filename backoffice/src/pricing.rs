@@ -19,8 +19,8 @@ mod limits;
 mod track;
 
 pub use limits::{
-    CODE_BYTES_MAX, FUNCTION_BODY_BYTES_MAX, FUNCTIONS_MAX, LOCALS_MAX, NESTING_DEPTH_MAX,
-    Structure,
+    CODE_BYTES_MAX, FUNCTION_BODY_BYTES_MAX, FUNCTIONS_MAX, LOCALS_MAX, LOOPS_MAX,
+    NESTING_DEPTH_MAX, Structure,
 };
 
 use std::collections::HashMap;

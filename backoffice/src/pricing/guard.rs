@@ -120,6 +120,7 @@ pub enum GuardError {
 pub struct Guard {
     program: PathBuf,
     wall: Duration,
+    cpu_seconds: u64,
 }
 
 /// Sets the flag when dropped: the check's future went away.
@@ -137,11 +138,20 @@ impl Guard {
         Guard {
             program: program.into(),
             wall: Duration::from_millis(CHECK_WALL_MS_MAX),
+            cpu_seconds: CHECK_CPU_SECONDS_MAX,
         }
     }
 
     /// The same with another wall-clock deadline (tests).
     pub fn with_deadline(mut self, wall: Duration) -> Guard {
+        self.wall = wall;
+        self
+    }
+
+    /// The same with other time bounds (tests of a debug build, whose
+    /// compiler is about twenty times slower).
+    pub fn with_time_bounds(mut self, cpu_seconds: u64, wall: Duration) -> Guard {
+        self.cpu_seconds = cpu_seconds;
         self.wall = wall;
         self
     }
@@ -203,7 +213,7 @@ impl Guard {
             .map_err(|error| internal(&format!("starting {}", self.program.display()), &error))?;
         // The limits are set before the child has the module: it waits for
         // its input before doing any work.
-        if let Err(error) = limit(&child) {
+        if let Err(error) = limit(&child, self.cpu_seconds) {
             let _ = child.kill();
             let _ = child.wait();
             return Err(internal("limiting the check's process", &error));
@@ -257,7 +267,11 @@ impl Guard {
         let stdout = reader.join().unwrap_or_default();
         let stderr = errors.join().unwrap_or_default();
         if !status.success() {
-            return Err(GuardError::Refused(abnormal_end(status, &stderr)));
+            return Err(GuardError::Refused(abnormal_end(
+                status,
+                &stderr,
+                self.cpu_seconds,
+            )));
         }
         match serde_json::from_slice::<Answer>(&stdout) {
             Ok(Answer::Accepted(report)) => Ok(report),
@@ -269,7 +283,7 @@ impl Guard {
 }
 
 /// Caps the child's address space and CPU time.
-fn limit(child: &std::process::Child) -> std::io::Result<()> {
+fn limit(child: &std::process::Child, cpu_seconds: u64) -> std::io::Result<()> {
     use rustix::process::{Pid, Resource, Rlimit, prlimit};
     let pid = Pid::from_child(child);
     let cap = |resource, soft: u64, hard: u64| {
@@ -286,15 +300,11 @@ fn limit(child: &std::process::Child) -> std::io::Result<()> {
     };
     cap(Resource::As, CHECK_MEMORY_BYTES_MAX, CHECK_MEMORY_BYTES_MAX)?;
     // SIGXCPU at the soft limit, SIGKILL a second later.
-    cap(
-        Resource::Cpu,
-        CHECK_CPU_SECONDS_MAX,
-        CHECK_CPU_SECONDS_MAX + 1,
-    )
+    cap(Resource::Cpu, cpu_seconds, cpu_seconds + 1)
 }
 
 /// The producer's message for a check that ended without an answer.
-fn abnormal_end(status: std::process::ExitStatus, stderr: &[u8]) -> String {
+fn abnormal_end(status: std::process::ExitStatus, stderr: &[u8], cpu_seconds: u64) -> String {
     use std::os::unix::process::ExitStatusExt;
     let text = String::from_utf8_lossy(stderr);
     let memory = text.contains("memory allocation")
@@ -306,8 +316,8 @@ fn abnormal_end(status: std::process::ExitStatus, stderr: &[u8]) -> String {
     let cpu = matches!(status.signal(), Some(24) | Some(9));
     if cpu {
         format!(
-            "checking the module used more than {CHECK_CPU_SECONDS_MAX} s of CPU, the most a \
-             check may use (docs/taca-abi.md, \"Bounds\")"
+            "checking the module used more than {cpu_seconds} s of CPU, the most a check may \
+             use (docs/taca-abi.md, \"Bounds\")"
         )
     } else if memory {
         format!(

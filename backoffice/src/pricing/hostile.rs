@@ -10,7 +10,8 @@ use wasm_encoder::{
 };
 
 use super::limits::{
-    CODE_BYTES_MAX, FUNCTION_BODY_BYTES_MAX, FUNCTIONS_MAX, LOCALS_MAX, NESTING_DEPTH_MAX,
+    CODE_BYTES_MAX, FUNCTION_BODY_BYTES_MAX, FUNCTIONS_MAX, LOCALS_MAX, LOOPS_MAX,
+    NESTING_DEPTH_MAX,
 };
 
 /// Room left in each body for its header and the code section's header.
@@ -72,43 +73,45 @@ fn bodies_that_fit(body_bytes: usize) -> usize {
         .max(1)
 }
 
-/// Loops nested `NESTING_DEPTH_MAX` deep, again and again, in bodies of
-/// almost `FUNCTION_BODY_BYTES_MAX`, in as many functions as the code may
-/// hold (the shape of issue 14's 340,000 nested loops, cut to the limits).
+/// `LOOPS_MAX` loops in every function, nested `NESTING_DEPTH_MAX` deep, in
+/// as many functions as the code may hold (the shape of issue 14's 340,000
+/// nested loops, cut to the limits).
 pub fn nested_loops() -> Vec<u8> {
     let depth = NESTING_DEPTH_MAX as usize;
-    // `loop` is 2 bytes, `end` 1.
-    let nests = (FUNCTION_BODY_BYTES_MAX - SLACK) / (3 * depth);
     let mut body = Function::new([]);
-    for _ in 0..nests {
-        for _ in 0..depth {
+    let mut left = LOOPS_MAX as usize;
+    while left > 0 {
+        let nest = depth.min(left);
+        for _ in 0..nest {
             body.instruction(&Instruction::Loop(BlockType::Empty));
         }
-        for _ in 0..depth {
+        for _ in 0..nest {
             body.instruction(&Instruction::End);
         }
+        left -= nest;
     }
     body.instruction(&Instruction::End);
     let count = bodies_that_fit(body.byte_len());
     taca(&vec![body; count], false)
 }
 
-/// Loops nested `NESTING_DEPTH_MAX` deep where every level branches to
-/// every enclosing one (`br_if` to each): many edges between nested loops.
+/// `LOOPS_MAX` loops in every function where each level branches back to
+/// an enclosing one (`br_if`): many edges between nested loops.
 pub fn branching_loops() -> Vec<u8> {
     let depth = NESTING_DEPTH_MAX as usize;
     let mut body = Function::new([(1, ValType::I32)]);
-    let mut bytes = 0;
-    while bytes + depth * 12 < FUNCTION_BODY_BYTES_MAX - SLACK {
-        for level in 0..depth {
+    let mut left = LOOPS_MAX as usize;
+    while left > 0 {
+        let nest = depth.min(left);
+        for level in 0..nest {
             body.instruction(&Instruction::Loop(BlockType::Empty));
             body.instruction(&Instruction::LocalGet(0));
             body.instruction(&Instruction::BrIf(u32::try_from(level / 2).expect("small")));
         }
-        for _ in 0..depth {
+        for _ in 0..nest {
             body.instruction(&Instruction::End);
         }
-        bytes = body.byte_len();
+        left -= nest;
     }
     body.instruction(&Instruction::End);
     let count = bodies_that_fit(body.byte_len());

@@ -127,6 +127,9 @@ fn traps_on_a_query() -> Vec<u8> {
 fn check_and_the_upload_refuse_a_module_that_traps_on_one_default_sample() {
     use backoffice::pricing::UPLOAD_SAMPLES;
     use backoffice::pricing::guard::{Guard, GuardError};
+    let _one = crate::bounds::CHECKS_IN_THIS_PROCESS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("query-trap.wasm");
     std::fs::write(&path, traps_on_a_query()).unwrap();
