@@ -6,9 +6,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use backoffice::pricing::{PriceInput, Pricing, PricingError, TacaHash};
+use backoffice::pricing::{PriceInput, Pricing, TacaHash};
 use clap::{Parser, Subcommand};
-use proto::{Cid, Code, Pid};
 
 /// Exit code for a bad command line (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -259,7 +258,9 @@ A SAMPLE is comma-separated key=value pairs; keys left out take the default:
   volume=1      units consumed
   unit= contract= service= operation=   Parlay X rating parameters
   payer=B1-C1   pid=B1-P1 (a PID ending in T is a product's test PID)
-Without samples, a few typical inputs are tried.
+Without samples, the samples an upload is tried on: code=),uses=0
+code=),uses=10 code=),uses=100 code=( code=),pid=B1-P1T. The module is
+checked as an upload is, in a process of its own within the same bounds.
 
 Example: backoffice taca check tiered.wasm code=\\),uses=0 code=\\),uses=50 unit=MB,volume=1500")]
     Check {
@@ -274,54 +275,8 @@ Example: backoffice taca check tiered.wasm code=\\),uses=0 code=\\),uses=50 unit
     },
 }
 
-fn default_samples() -> Vec<String> {
-    [
-        "code=),uses=0",
-        "code=),uses=10",
-        "code=),uses=100",
-        "code=(",
-        "code=),pid=B1-P1T",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
-fn parse_sample(text: &str) -> Result<PriceInput, String> {
-    let mut input = PriceInput::invocation(
-        Cid::parse("B1-C1").expect("valid default"),
-        Code::Commit,
-        Pid::parse("B1-P1").expect("valid default"),
-        0,
-    );
-    for pair in text.split(',').filter(|pair| !pair.is_empty()) {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
-        let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|_| format!("{key} needs a number, not {value:?}"))
-        };
-        match key {
-            "code" => {
-                input.code = Code::parse(value)
-                    .ok_or_else(|| format!("code must be one of {{ }} ( ), not {value:?}"))?
-            }
-            "uses" => input.period_uses = number()?,
-            "volume" => input.volume = number()?,
-            "unit" => input.unit = value.to_owned(),
-            "contract" => input.contract = value.to_owned(),
-            "service" => input.service = value.to_owned(),
-            "operation" => input.operation = value.to_owned(),
-            "payer" => input.payer = Cid::parse(value).map_err(|error| error.to_string())?,
-            "pid" => input.pid = Pid::parse(value).map_err(|error| error.to_string())?,
-            _ => return Err(format!("unknown sample key {key:?}")),
-        }
-    }
-    Ok(input)
-}
-
 fn check(module: &PathBuf, samples: Vec<String>, max_price: Option<proto::Amount>) -> ExitCode {
+    use backoffice::pricing::guard::{Guard, GuardError, Outcome};
     let bytes = match std::fs::read(module) {
         Ok(bytes) => bytes,
         Err(error) => {
@@ -329,70 +284,88 @@ fn check(module: &PathBuf, samples: Vec<String>, max_price: Option<proto::Amount
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let samples = if samples.is_empty() {
-        default_samples()
+    let upload_samples = samples.is_empty();
+    let samples = if upload_samples {
+        backoffice::pricing::UPLOAD_SAMPLES
+            .map(str::to_owned)
+            .to_vec()
     } else {
         samples
     };
-    let inputs = match samples
-        .iter()
-        .map(|text| parse_sample(text))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(inputs) => inputs,
-        Err(message) => {
-            eprintln!("backoffice: {message}");
+    // A bad sample is the caller's error: said before the module is read.
+    for (index, text) in samples.iter().enumerate() {
+        if let Err(message) = PriceInput::parse_sample(text) {
+            eprintln!("backoffice: sample {} ({text:?}): {message}", index + 1);
             return ExitCode::from(EXIT_USAGE);
         }
-    };
+    }
     println!(
         "module: {} ({} bytes, sha256 {})",
         module.display(),
         bytes.len(),
         TacaHash::of(&bytes)
     );
-    let pricing = Pricing::new();
-    let results = match pricing.check(&bytes, &inputs) {
-        Ok(results) => results,
+    if upload_samples {
+        println!("samples: the {} an upload is tried on", samples.len());
+    } else {
+        println!(
+            "samples: yours; an upload is tried on these {} instead: {}",
+            backoffice::pricing::UPLOAD_SAMPLES.len(),
+            backoffice::pricing::UPLOAD_SAMPLES.join(" ")
+        );
+    }
+    // Checked as an upload is: in a process of its own, within the same
+    // bounds (`pricing::guard`).
+    let report = match Guard::current().and_then(|guard| guard.check_blocking(&bytes, &samples)) {
+        Ok(report) => report,
+        Err(GuardError::Refused(message)) => {
+            println!("refused: {message}");
+            return ExitCode::FAILURE;
+        }
+        Err(GuardError::BadSample(message)) => {
+            eprintln!("backoffice: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
         Err(error) => {
-            println!("refused: {error}");
+            eprintln!("backoffice: {error}");
             return ExitCode::FAILURE;
         }
     };
     println!("{:<44} {:>22} {:>10}", "sample", "price", "fuel");
     let mut above_max = 0;
-    for (sample, result) in samples.iter().zip(results) {
-        match result {
-            Ok(priced) => {
+    for (sample, outcome) in samples.iter().zip(report.outcomes) {
+        match outcome {
+            Outcome::Priced { amount, fuel } => {
                 let warning = match max_price {
-                    Some(max) if priced.amount > max => {
+                    Some(max) if amount > max => {
                         above_max += 1;
                         format!("  WARNING: above the maximum of {max} per use")
                     }
                     _ => String::new(),
                 };
                 println!(
-                    "{sample:<44} {:>22} {:>10}{warning}",
-                    priced.amount.to_string(),
-                    priced.fuel
+                    "{sample:<44} {:>22} {fuel:>10}{warning}",
+                    amount.to_string()
                 )
             }
-            Err(PricingError::Refused(code)) => println!(
+            Outcome::Refused { code } => println!(
                 "{sample:<44} {:>22} {:>10}",
                 format!("refused ({code})"),
                 "-"
             ),
-            Err(error) => println!("{sample:<44} {error}"),
         }
     }
-    if let Ok(taca) = pricing.load(&bytes) {
-        match taca.fresh_instance_reason() {
-            None => println!("instances: reused, reset after each price"),
-            Some(reason) => {
-                println!("instances: a fresh one per price, about ten times slower ({reason})")
-            }
+    println!(
+        "fuel: all a price used (instantiation included), at most {} (docs/taca-abi.md)",
+        backoffice::pricing::FUEL_PER_CALL
+    );
+    match &report.fresh_because {
+        None => println!("instances: reused, reset after each price"),
+        Some(reason) => {
+            println!("instances: a fresh one per price, about ten times slower ({reason})")
         }
     }
+    println!("check: {} ms of CPU", report.cpu_ms);
     if above_max > 0 {
         println!(
             "warning: {above_max} sample(s) priced above the maximum per use; such uses go to suspense, not to the ledger"
@@ -1022,6 +995,10 @@ fn verify(cli: &Cli, data_dir: Option<&std::path::Path>) -> ExitCode {
 
 fn main() -> ExitCode {
     use proto::xmlrpc::Value;
+    // A child process checking an uploaded module (`pricing::guard`).
+    if let Some(code) = backoffice::pricing::guard::child_main() {
+        return code;
+    }
     let cli = Cli::parse();
     let text = |text: &str| Value::string(text);
     match &cli.command {

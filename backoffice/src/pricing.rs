@@ -12,7 +12,16 @@
 //! every price. Both give the same amount and the same fuel
 //! (`docs/taca-abi.md`, "How an instance is reused").
 
+pub mod guard;
+#[doc(hidden)]
+pub mod hostile;
+mod limits;
 mod track;
+
+pub use limits::{
+    CODE_BYTES_MAX, FUNCTION_BODY_BYTES_MAX, FUNCTIONS_MAX, LOCALS_MAX, LOOPS_MAX,
+    NESTING_DEPTH_MAX, Structure,
+};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,8 +39,17 @@ use wasmtime::{
 pub const ABI_VERSION: i32 = 1;
 /// Largest module accepted, in bytes.
 pub const MODULE_BYTES_MAX: usize = 1024 * 1024;
-/// Fuel for one price: instantiation, start function and `taca_price`.
+/// Fuel for one price: instantiation (its data and element copies, its start
+/// function) and `taca_input` and `taca_price`. A price that used more fails
+/// with `OutOfFuel`, even when it got to the end (see `FUEL_GIVEN`).
 pub const FUEL_PER_CALL: u64 = 1_000_000;
+/// Fuel a price's store starts with: one unit more than `FUEL_PER_CALL`.
+/// wasmtime checks fuel only at function entries and loop headers, so
+/// straight-line code can run past the budget and return; a store left with
+/// no fuel at the end therefore used more than `FUEL_PER_CALL` (wasmtime
+/// saturates at 0) and the price fails with `OutOfFuel`, and one left with
+/// some used exactly `FUEL_GIVEN` minus that.
+const FUEL_GIVEN: u64 = FUEL_PER_CALL + 1;
 /// Largest linear memory, in bytes (256 pages).
 pub const MEMORY_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Most table elements.
@@ -155,6 +173,40 @@ pub enum ModuleError {
     /// The module failed on a sample input.
     #[error("on a sample input the module failed: {0}")]
     SampleFailed(PricingError),
+    /// The module is over one of the structural limits checked before it is
+    /// compiled (`limits`).
+    #[error("the module has {seen} {what}; at most {max} are accepted ({limit})")]
+    OverLimit {
+        /// The limit's name, as in `docs/taca-abi.md`.
+        limit: &'static str,
+        /// What was counted, and where.
+        what: String,
+        /// The value seen.
+        seen: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Checking the module in its own process went over that process's
+    /// time or memory (`guard`).
+    #[error("{0}")]
+    CompileBound(String),
+}
+
+/// Why `Pricing::check` did not judge a module: a sample is not a valid
+/// input (the caller's error), or the module was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// Sample number `index` (from 1) cannot be given to any module.
+    #[error("sample {index} is not a valid input (the sample's error, not the module's): {error}")]
+    BadSample {
+        /// Which sample, counted from 1.
+        index: usize,
+        /// Why.
+        error: PricingError,
+    },
+    /// The module was refused.
+    #[error("{0}")]
+    Module(#[from] ModuleError),
 }
 
 /// Why a reading could not be priced. Each is bounded in cost.
@@ -166,9 +218,14 @@ pub enum PricingError {
     /// The call ran out of fuel (an endless loop, or simply too much work).
     #[error("out of fuel after {FUEL_PER_CALL} units")]
     OutOfFuel,
-    /// The module tried to grow memory or tables beyond the limits.
-    #[error("memory or table limit exceeded ({MEMORY_BYTES_MAX} bytes of memory)")]
+    /// The module tried to grow its memory beyond the limit (`memory.grow`
+    /// traps rather than returning -1).
+    #[error("memory limit exceeded ({MEMORY_BYTES_MAX} bytes of memory)")]
     ResourceLimit,
+    /// The module tried to grow its table beyond the limit (`table.grow`
+    /// traps rather than returning -1), or declared a larger one.
+    #[error("table limit exceeded ({TABLE_ELEMENTS_MAX} elements in 1 table)")]
+    TableLimit,
     /// Recursion too deep.
     #[error("wasm stack exhausted ({STACK_BYTES_MAX} bytes)")]
     StackOverflow,
@@ -179,7 +236,7 @@ pub enum PricingError {
     #[error("taca_input points outside the module's memory")]
     BadInputArea,
     /// An input field is too long for the ABI.
-    #[error("input field {0} is too long")]
+    #[error("input field {0} is longer than {RATING_PARAMETER_BYTES_MAX} bytes")]
     InputTooLong(&'static str),
     /// The price is beyond what the ledger holds.
     #[error("the price is out of range")]
@@ -212,7 +269,68 @@ pub struct PriceInput {
     pub operation: String,
 }
 
+/// The samples an upload is tried on, and `taca check` without samples: in
+/// this order, `code=),uses=0`, `code=),uses=10`, `code=),uses=100`,
+/// `code=(` and `code=),pid=B1-P1T` (`PriceInput::parse_sample`), each
+/// paid by `B1-C1` for `B1-P1` unless it says otherwise.
+pub const UPLOAD_SAMPLES: [&str; 5] = [
+    "code=),uses=0",
+    "code=),uses=10",
+    "code=),uses=100",
+    "code=(",
+    "code=),pid=B1-P1T",
+];
+
+/// `UPLOAD_SAMPLES` as inputs.
+pub fn upload_samples() -> Vec<PriceInput> {
+    UPLOAD_SAMPLES
+        .iter()
+        .map(|text| PriceInput::parse_sample(text).expect("the upload's samples are valid"))
+        .collect()
+}
+
 impl PriceInput {
+    /// A sample as `taca check` takes it: comma-separated `key=value` pairs
+    /// (`code`, `uses`, `volume`, `unit`, `contract`, `service`,
+    /// `operation`, `payer`, `pid`); keys left out take a commit of `B1-P1`
+    /// paid by `B1-C1`, volume 1, no earlier uses, empty rating parameters.
+    /// The result is a valid input (its fields fit the ABI).
+    pub fn parse_sample(text: &str) -> Result<PriceInput, String> {
+        let mut input = PriceInput::invocation(
+            Cid::parse("B1-C1").expect("valid default"),
+            Code::Commit,
+            Pid::parse("B1-P1").expect("valid default"),
+            0,
+        );
+        for pair in text.split(',').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("{key} needs a number, not {value:?}"))
+            };
+            match key {
+                "code" => {
+                    input.code = Code::parse(value)
+                        .ok_or_else(|| format!("code must be one of {{ }} ( ), not {value:?}"))?
+                }
+                "uses" => input.period_uses = number()?,
+                "volume" => input.volume = number()?,
+                "unit" => input.unit = value.to_owned(),
+                "contract" => input.contract = value.to_owned(),
+                "service" => input.service = value.to_owned(),
+                "operation" => input.operation = value.to_owned(),
+                "payer" => input.payer = Cid::parse(value).map_err(|error| error.to_string())?,
+                "pid" => input.pid = Pid::parse(value).map_err(|error| error.to_string())?,
+                _ => return Err(format!("unknown sample key {key:?}")),
+            }
+        }
+        input.encode().map_err(|error| error.to_string())?;
+        Ok(input)
+    }
+
     /// A plain invocation: volume 1, no rating parameters.
     pub fn invocation(payer: Cid, code: Code, pid: Pid, period_uses: u64) -> PriceInput {
         PriceInput {
@@ -280,6 +398,8 @@ pub struct Taca {
     reuse: Option<Reuse>,
     /// Why it was not, when it was not.
     fresh_because: Option<String>,
+    /// Fuel charged for instantiation's copies (`Structure::init_fuel`).
+    init_fuel: u64,
 }
 
 impl Taca {
@@ -531,7 +651,8 @@ impl Drop for Slot<'_> {
 }
 
 /// The engine configuration, every option chosen here rather than inherited.
-fn config() -> Config {
+/// `slots` sizes the instance pool only; compiled code does not depend on it.
+fn config(slots: u32) -> Config {
     let mut config = Config::new();
     // Bounded work per call, counted in instructions: deterministic, unlike time.
     config.consume_fuel(true);
@@ -561,7 +682,6 @@ fn config() -> Config {
     // copy-on-write image (4.6 us), whose page faults cost more than the copy.
     config.memory_init_cow(false);
     let mut pool = PoolingAllocationConfig::default();
-    let slots = CONCURRENT_INSTANCES_MAX + u32::try_from(WARM_INSTANCES_MAX).expect("small");
     pool.total_core_instances(slots);
     pool.total_memories(slots);
     pool.total_tables(slots);
@@ -585,6 +705,16 @@ fn config() -> Config {
     config
 }
 
+/// Fuel used in `store` since it was given `given`; `OutOfFuel` when none is
+/// left, which means more than `FUEL_PER_CALL` was used in all (see
+/// `FUEL_GIVEN`): straight-line code can run past the budget unchecked.
+fn fuel_used(store: &Store<StoreState>, given: u64) -> Result<u64, PricingError> {
+    match store.get_fuel().map_err(|error| trap_error(&error))? {
+        0 => Err(PricingError::OutOfFuel),
+        left => Ok(given - left),
+    }
+}
+
 /// A new instance of `taca` in `store`; a full pool is `Busy`.
 fn instantiate(taca: &Taca, store: &mut Store<StoreState>) -> Result<Instance, PricingError> {
     taca.pre.instantiate(store).map_err(|error| {
@@ -606,8 +736,11 @@ fn trap_error(error: &wasmtime::Error) -> PricingError {
         Some(trap) => PricingError::Trap(trap.to_string()),
         None => {
             let text = format!("{error:#}");
-            // StoreLimits' `trap_on_grow_failure` reports this way.
-            if text.contains("forcing trap when growing") || text.contains("limit") {
+            // StoreLimits' `trap_on_grow_failure` reports this way, naming
+            // the memory or the table.
+            if text.contains("table") && (text.contains("grow") || text.contains("limit")) {
+                PricingError::TableLimit
+            } else if text.contains("forcing trap when growing") || text.contains("limit") {
                 PricingError::ResourceLimit
             } else {
                 PricingError::Trap(text)
@@ -664,6 +797,12 @@ fn same_value(a: &Val, b: &Val) -> bool {
     }
 }
 
+/// What the structural reading of `bytes` finds, or the first structural
+/// limit it exceeds (checked by `Pricing::load` before compiling).
+pub fn structure(bytes: &[u8]) -> Result<Structure, ModuleError> {
+    limits::check(bytes)
+}
+
 impl Default for Pricing {
     fn default() -> Self {
         Self::new()
@@ -673,7 +812,16 @@ impl Default for Pricing {
 impl Pricing {
     /// A runtime with the fixed configuration.
     pub fn new() -> Pricing {
-        let engine = Engine::new(&config()).expect("the engine configuration is valid");
+        Pricing::with_pool(
+            CONCURRENT_INSTANCES_MAX + u32::try_from(WARM_INSTANCES_MAX).expect("small"),
+        )
+    }
+
+    /// The same runtime with an instance pool of `slots` (each reserves
+    /// `MEMORY_BYTES_MAX` of address space): small for a process that only
+    /// checks one module under a memory cap (`guard`).
+    pub fn with_pool(slots: u32) -> Pricing {
+        let engine = Engine::new(&config(slots)).expect("the engine configuration is valid");
         // No host functions: TACAs import nothing.
         let linker = Linker::new(&engine);
         Pricing {
@@ -695,6 +843,9 @@ impl Pricing {
         if let Some(taca) = self.lock_cache().get(&hash) {
             return Ok(Arc::clone(taca));
         }
+        // Bounded work before any compiling: a module over a structural
+        // limit never reaches the compiler.
+        let structure = limits::check(bytes)?;
         let compile = |bytes: &[u8]| {
             Module::from_binary(&self.engine, bytes)
                 .map_err(|error| ModuleError::Invalid(format!("{error:#}")))
@@ -710,6 +861,7 @@ impl Pricing {
                 taca.fresh_because = Some(reason);
             }
         }
+        taca.init_fuel = structure.init_fuel;
         let taca = Arc::new(taca);
         self.check_version(&taca)?;
         let mut cache = self.lock_cache();
@@ -820,10 +972,13 @@ impl Pricing {
             price,
             reuse: None,
             fresh_because: None,
+            init_fuel: 0,
         })
     }
 
-    fn store(&self) -> Result<Store<StoreState>, PricingError> {
+    /// A store with a price's limits, and `FUEL_GIVEN` less what
+    /// instantiation's copies cost.
+    fn store(&self, init_fuel: u64) -> Result<Store<StoreState>, PricingError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(MEMORY_BYTES_MAX)
             .table_elements(TABLE_ELEMENTS_MAX)
@@ -835,14 +990,16 @@ impl Pricing {
         let mut store = Store::new(&self.engine, StoreState { limits });
         store.limiter(|state| &mut state.limits);
         store
-            .set_fuel(FUEL_PER_CALL)
+            .set_fuel(FUEL_GIVEN.saturating_sub(init_fuel))
             .map_err(|error| trap_error(&error))?;
         Ok(store)
     }
 
     fn check_version(&self, taca: &Taca) -> Result<(), ModuleError> {
         let _slot = self.slots.take().map_err(ModuleError::SampleFailed)?;
-        let mut store = self.store().map_err(ModuleError::SampleFailed)?;
+        let mut store = self
+            .store(taca.init_fuel)
+            .map_err(ModuleError::SampleFailed)?;
         // Through `instantiate`: a full pool is Busy, not the module's fault.
         let instance = instantiate(taca, &mut store).map_err(ModuleError::SampleFailed)?;
         let version: TypedFunc<(), i32> =
@@ -870,12 +1027,12 @@ impl Pricing {
     /// Prices one reading in a new store and instance.
     pub fn price_fresh(&self, taca: &Taca, input: &PriceInput) -> Result<Priced, PricingError> {
         let bytes = input.encode()?;
-        let mut store = self.store()?;
+        let mut store = self.store(taca.init_fuel)?;
         let instance = instantiate(taca, &mut store)?;
         let exports = Exports::of(taca, &instance, &mut store);
         exports.write_input(&mut store, &bytes)?;
         let amount = exports.price(&mut store, bytes.len())?;
-        let fuel = FUEL_PER_CALL - store.get_fuel().map_err(|error| trap_error(&error))?;
+        let fuel = fuel_used(&store, FUEL_GIVEN)?;
         Ok(Priced { amount, fuel })
     }
 
@@ -898,7 +1055,8 @@ impl Pricing {
             None => self.warm(taca, reuse)?,
         };
         let base = reuse.base.get().expect("set by the first instance");
-        let budget = FUEL_PER_CALL - base.fuel;
+        // At least 1: `base.fuel` is at most `FUEL_PER_CALL`.
+        let budget = FUEL_GIVEN - base.fuel;
         warm.store
             .set_fuel(budget)
             .map_err(|error| trap_error(&error))?;
@@ -907,10 +1065,10 @@ impl Pricing {
             let written = warm.exports.write_input(&mut warm.store, &bytes)?;
             host_write = Some(written);
             let amount = warm.exports.price(&mut warm.store, bytes.len())?;
-            let left = warm.store.get_fuel().map_err(|error| trap_error(&error))?;
+            let used = fuel_used(&warm.store, budget)?;
             Ok(Priced {
                 amount,
-                fuel: base.fuel + (budget - left),
+                fuel: base.fuel + used,
             })
         })();
         // Over either budget, the instance is dropped after this one price,
@@ -938,9 +1096,11 @@ impl Pricing {
         }
         self.warm_count.fetch_add(1, Ordering::Relaxed);
         let count = WarmCount(Arc::clone(&self.warm_count));
-        let mut store = self.store()?;
+        let mut store = self.store(taca.init_fuel)?;
         let instance = instantiate(taca, &mut store)?;
-        let fuel = FUEL_PER_CALL - store.get_fuel().map_err(|error| trap_error(&error))?;
+        // Instantiation that used more than a whole price's fuel (a start
+        // function of straight-line code) fails as a fresh price would.
+        let fuel = fuel_used(&store, FUEL_GIVEN)?;
         let exports = Exports::of(taca, &instance, &mut store);
         let global = |store: &mut Store<StoreState>, index: &ModuleExport| {
             instance
@@ -1081,7 +1241,7 @@ impl Pricing {
     /// Creates a store and an instance and drops them: the fixed cost of a
     /// price, for benchmarks.
     pub fn instantiate_only(&self, taca: &Taca) -> Result<(), PricingError> {
-        let mut store = self.store()?;
+        let mut store = self.store(taca.init_fuel)?;
         taca.pre
             .instantiate(&mut store)
             .map_err(|error| trap_error(&error))?;
@@ -1089,18 +1249,25 @@ impl Pricing {
     }
 
     /// What upload validation does: load the module and price every sample;
-    /// any failure other than a refusal refuses the module.
+    /// any failure other than a refusal refuses the module. A sample that is
+    /// no valid input is the caller's error, found before the module runs.
     pub fn check(
         &self,
         bytes: &[u8],
         samples: &[PriceInput],
-    ) -> Result<Vec<Result<Priced, PricingError>>, ModuleError> {
+    ) -> Result<Vec<Result<Priced, PricingError>>, CheckError> {
+        for (index, sample) in samples.iter().enumerate() {
+            sample.encode().map_err(|error| CheckError::BadSample {
+                index: index + 1,
+                error,
+            })?;
+        }
         let taca = self.load(bytes)?;
         let mut results = Vec::with_capacity(samples.len());
         for sample in samples {
             match self.price(&taca, sample) {
                 Err(PricingError::Refused(code)) => results.push(Err(PricingError::Refused(code))),
-                Err(error) => return Err(ModuleError::SampleFailed(error)),
+                Err(error) => return Err(ModuleError::SampleFailed(error).into()),
                 Ok(priced) => results.push(Ok(priced)),
             }
         }

@@ -18,7 +18,7 @@ use proto::xmlrpc::{
 use proto::{Amount, Bid, Cid, Fault, FaultCode};
 
 use crate::ledger::{AccountId, TransferKind};
-use crate::pricing::{PriceInput, Pricing};
+use crate::pricing::Pricing;
 use crate::send::{Backoffice, Signed, Verified};
 use crate::store::{SledStore, Store, StoreError, SuspenseCursor};
 
@@ -642,11 +642,16 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 Value::Base64(bytes) => bytes,
                 other => return Err(params.wrong_type(3, "base64", other)),
             };
-            let any_pid = proto::Pid::new(&service.bid, "1").expect("a valid PID");
-            let sample = PriceInput::invocation(owner, proto::Code::Commit, any_pid, 0);
-            Pricing::new()
-                .check(module, &[sample])
-                .map_err(|error| Fault::new(FaultCode::ModuleRefused, error.to_string()))?;
+            // As an upload is: in a process of its own (`pricing::guard`).
+            let samples = crate::pricing::UPLOAD_SAMPLES.map(str::to_owned).to_vec();
+            crate::pricing::guard::Guard::current()
+                .and_then(|guard| guard.check_blocking(module, &samples))
+                .map_err(|error| match error {
+                    crate::pricing::guard::GuardError::Refused(message) => {
+                        Fault::new(FaultCode::ModuleRefused, message)
+                    }
+                    other => Fault::new(FaultCode::InternalError, other.to_string()),
+                })?;
             let product = store
                 .create_product(
                     &service.bid,

@@ -58,6 +58,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // A child process checking an uploaded module (`pricing::guard`).
+    if let Some(code) = backoffice::pricing::guard::child_main() {
+        return code;
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("FRANCHISE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

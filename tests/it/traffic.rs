@@ -238,9 +238,9 @@ fn meter_call_from(office: &Backoffice, from: &str, mid: &str) -> (u16, String, 
 }
 
 /// Tries a meter call from `from` until it gets `status` (the server takes
-/// the held calls' heads in its own time).
+/// the held calls' heads in its own time; up to 20 s on a loaded machine).
 fn until_status(office: &Backoffice, from: &str, mid: &str, status: u16) -> (String, Vec<u8>) {
-    for _ in 0..100 {
+    for _ in 0..400 {
         let (got, head, body) = meter_call_from(office, from, mid);
         if got == status {
             return (head, body);

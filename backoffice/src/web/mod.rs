@@ -33,7 +33,8 @@ use maud::Markup;
 use proto::{Amount, Cid};
 
 use crate::ledger::{AccountId, Transfer};
-use crate::pricing::{MODULE_BYTES_MAX, PriceInput, Pricing};
+use crate::pricing::MODULE_BYTES_MAX;
+use crate::pricing::guard::{CHECKS_AT_ONCE_MAX, Guard, GuardError};
 use crate::registry::{Customer, Meter, PasswordHash, Profile, Registration, RegistryError};
 use crate::send::month_of;
 use crate::server::Service;
@@ -1273,23 +1274,33 @@ async fn add_product(
         ));
     }
     let module = module.filter(|bytes| !bytes.is_empty());
+    let mut busy = false;
     match &module {
         None => errors.push(("taca", "Choose the TACA module (.wasm) to upload.".into())),
         Some(bytes) => {
-            let owner = customer.cid;
-            let bid = service.bid;
-            let bytes = bytes.clone();
-            let checked = web
-                .heavy(move || {
-                    let any_pid = proto::Pid::new(&bid, "1").expect("a valid PID");
-                    let sample = PriceInput::invocation(owner, proto::Code::Commit, any_pid, 0);
-                    Pricing::new().check(&bytes, &[sample]).map(|_| ())
-                })
-                .await;
+            // Checked in a process of its own, bounded in time and memory,
+            // on the samples `taca check` tries (`pricing::guard`); if the
+            // uploader goes away, dropping this future kills it.
+            let samples = crate::pricing::UPLOAD_SAMPLES.map(str::to_owned).to_vec();
+            let checked = match Guard::current() {
+                Ok(guard) => guard.check(bytes.clone(), samples).await,
+                Err(error) => Err(error),
+            };
             match checked {
-                Ok(Ok(())) => {}
-                Ok(Err(refused)) => {
+                Ok(_) => {}
+                Err(GuardError::Refused(refused)) => {
                     errors.push(("taca", format!("The module was refused: {refused}.")))
+                }
+                Err(GuardError::Busy) => {
+                    busy = true;
+                    errors.push((
+                        "taca",
+                        format!(
+                            "Busy, try again: the backoffice is checking {CHECKS_AT_ONCE_MAX} \
+                             other modules right now. Nothing was registered; send the form \
+                             again in a minute."
+                        ),
+                    ))
                 }
                 Err(error) => return trouble(web, &session, &error),
             }
@@ -1319,11 +1330,16 @@ async fn add_product(
             Err(error) => return trouble(web, &session, &error),
         }
     }
+    let status = if busy {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
     page(
         web,
         &session,
         false,
-        StatusCode::UNPROCESSABLE_ENTITY,
+        status,
         pages::new_product(&session, &form, &errors),
     )
 }

@@ -109,3 +109,104 @@ fn check_warns_of_samples_priced_above_the_maximum() {
     let (_, text) = check(&path, &["--max-price", "0.05", samples[0], samples[1]]);
     assert!(!text.contains("WARNING"), "0.05 is not above 0.05: {text}");
 }
+
+/// A module that traps on a query (`code=(`), one of the default samples.
+fn traps_on_a_query() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+            (func (export "taca_abi_version") (result i32) (i32.const 1))
+            (func (export "taca_input") (result i32) (i32.const 1024))
+            (func (export "taca_price") (param i32) (result i64)
+              (if (i32.eq (i32.load (i32.const 1028)) (i32.const 40)) (then unreachable))
+              (i64.const 1000)))"#,
+    )
+    .unwrap()
+}
+
+#[test]
+fn check_and_the_upload_refuse_a_module_that_traps_on_one_default_sample() {
+    use backoffice::pricing::UPLOAD_SAMPLES;
+    use backoffice::pricing::guard::{Guard, GuardError};
+    let _one = crate::bounds::CHECKS_IN_THIS_PROCESS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("query-trap.wasm");
+    std::fs::write(&path, traps_on_a_query()).unwrap();
+    let (code, text) = check(&path, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("samples: the 5 an upload is tried on"),
+        "{text}"
+    );
+    let refusal = text
+        .lines()
+        .find_map(|line| line.strip_prefix("refused: "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    assert!(refusal.contains("unreachable"), "{refusal}");
+    // The upload's check: the same samples, the same refusal.
+    let samples = UPLOAD_SAMPLES.map(str::to_owned).to_vec();
+    let upload = Guard::new(env!("CARGO_BIN_EXE_backoffice"))
+        .check_blocking(&traps_on_a_query(), &samples)
+        .unwrap_err();
+    assert_eq!(upload, GuardError::Refused(refusal));
+    // With samples of one's own, `taca check` says what the upload tries.
+    let (code, text) = check(&path, &["code=)"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("an upload is tried on these 5 instead: code=),uses=0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_reports_the_fuel_each_sample_used() {
+    use backoffice::pricing::{FUEL_PER_CALL, Pricing, upload_samples};
+    let dir = tempfile::tempdir().unwrap();
+    let module = |stores: usize| {
+        let body = "(i32.store (i32.const 64) (i32.const 7))".repeat(stores);
+        wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1)
+                (func (export "taca_abi_version") (result i32) (i32.const 1))
+                (func (export "taca_input") (result i32) (i32.const 1024))
+                (func $stores {body})
+                (func (export "taca_price") (param i32) (result i64)
+                  {calls} (i64.const 1)))"#,
+            calls = "(call $stores)".repeat(40)
+        ))
+        .unwrap()
+    };
+    // 40 calls of 1,000 stores: about 840,000 units, under the budget.
+    let bytes = module(1_000);
+    let expected: Vec<u64> = Pricing::new()
+        .check(&bytes, &upload_samples())
+        .unwrap()
+        .into_iter()
+        .map(|priced| priced.unwrap().fuel)
+        .collect();
+    assert!(
+        expected
+            .iter()
+            .all(|&fuel| fuel > 800_000 && fuel < FUEL_PER_CALL)
+    );
+    let path = dir.path().join("stores.wasm");
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, text) = check(&path, &[]);
+    assert_eq!(code, 0, "{text}");
+    let shown: Vec<u64> = text
+        .lines()
+        .filter(|line| line.starts_with("code="))
+        .map(|line| line.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(shown, expected, "{text}");
+    // 40 calls of enough stores to cross the budget inside the last call,
+    // with nothing after it to stop them: out of fuel, not "1000000".
+    let per_store = expected[0] / 40_000;
+    let stores = usize::try_from(FUEL_PER_CALL * 2 / (79 * per_store)).unwrap();
+    std::fs::write(&path, module(stores)).unwrap();
+    let (code, text) = check(&path, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("out of fuel"), "{text}");
+    assert!(!text.contains("accepted"), "{text}");
+}

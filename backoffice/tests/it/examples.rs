@@ -19,6 +19,9 @@ pub fn module(name: &str) -> Vec<u8> {
                 "--target",
                 "wasm32-unknown-unknown",
             ])
+            // Into the examples' own target folder, where it is read below,
+            // whatever folder the tests themselves were built in.
+            .env_remove("CARGO_TARGET_DIR")
             .current_dir(folder)
             .status()
             .expect("cargo runs");

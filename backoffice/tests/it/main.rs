@@ -1,5 +1,6 @@
 //! The backoffice test binary.
 
+mod bounds;
 mod cli;
 mod examples;
 mod ledger;

@@ -244,7 +244,10 @@ fn upload_checks_run_samples_and_refuse_modules_that_fail_them() {
     assert_eq!(results[1].as_ref().unwrap().amount, amount("0.05"));
     let endless = taca_wat("", "(loop $again (br $again)) (i64.const 0)");
     let error = pricing.check(&endless, &samples).unwrap_err();
-    assert_eq!(error, ModuleError::SampleFailed(PricingError::OutOfFuel));
+    assert_eq!(
+        error,
+        backoffice::pricing::CheckError::Module(ModuleError::SampleFailed(PricingError::OutOfFuel))
+    );
     assert!(error.to_string().contains("out of fuel"), "{error}");
 }
 
@@ -479,21 +482,24 @@ fn stores_with_offsets_past_two_gibibytes_are_tracked_like_any_other() {
 }
 
 #[test]
-fn a_module_whose_rewrite_cannot_compile_keeps_a_fresh_instance_per_price() {
-    // 49,995 locals are valid; the rewrite's 8 more exceed the 50,000 a
-    // function may have, so the rewritten module does not compile.
+fn a_function_at_wasmtimes_locals_limit_is_refused_before_compiling() {
+    // 49,995 locals are valid wasm; their rewrite (8 more) would exceed the
+    // 50,000 a function may have. The structural limit refuses far sooner,
+    // so every accepted module's rewrite compiles.
     let locals = "i32 ".repeat(49_995);
     let bytes = taca_wat(
         &format!("(func $crowded (local {locals}))"),
         "(call $crowded) (i64.const 7)",
     );
-    let pricing = Pricing::new();
-    let taca = pricing.load(&bytes).expect("the module itself is valid");
-    assert!(!taca.reuses_instances());
-    let reason = taca.fresh_instance_reason().expect("a reason");
-    assert!(reason.contains("does not compile"), "{reason}");
-    assert_eq!(
-        pricing.price(&taca, &commit(0)).unwrap().amount,
-        Amount::from_nanos(7)
+    let error = Pricing::new().load(&bytes).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ModuleError::OverLimit {
+                limit: "LOCALS_MAX",
+                ..
+            }
+        ),
+        "{error}"
     );
 }
