@@ -154,56 +154,56 @@ impl Drop for AddressHold {
     }
 }
 
-/// Connections held now, in all and per address.
-#[derive(Default)]
+/// Connections held now: in all, and per address through `PerAddress`.
 struct Table {
-    total: usize,
-    by_address: HashMap<IpAddr, usize>,
+    total: Mutex<usize>,
+    limit: usize,
+    by_address: Arc<PerAddress>,
 }
 
-/// One admitted connection; leaves the table when dropped.
+impl Table {
+    fn new(limits: &ConnectionLimits) -> Arc<Table> {
+        Arc::new(Table {
+            total: Mutex::new(0),
+            limit: limits.total,
+            by_address: PerAddress::new(limits.per_address),
+        })
+    }
+}
+
+/// One admitted connection; leaves the table (and its address's count)
+/// when dropped.
 struct Admitted {
-    table: Arc<Mutex<Table>>,
-    key: IpAddr,
+    table: Arc<Table>,
+    _address: AddressHold,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut table = self
+        *self
             .table
+            .total
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        table.total -= 1;
-        if let Some(count) = table.by_address.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                table.by_address.remove(&self.key);
-            }
-        }
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) -= 1;
     }
 }
 
-fn admit(
-    table: &Arc<Mutex<Table>>,
-    limits: &ConnectionLimits,
-    peer: SocketAddr,
-) -> Result<Admitted, &'static str> {
-    let key = address_key(peer.ip());
-    let mut held = table
+fn admit(table: &Arc<Table>, peer: SocketAddr) -> Result<Admitted, &'static str> {
+    let mut total = table
+        .total
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if held.total >= limits.total {
+    if *total >= table.limit {
         return Err("too many connections");
     }
-    let from_address = held.by_address.entry(key).or_insert(0);
-    if *from_address >= limits.per_address {
-        return Err("too many connections from this address");
-    }
-    *from_address += 1;
-    held.total += 1;
+    let address = table
+        .by_address
+        .take(peer.ip())
+        .ok_or("too many connections from this address")?;
+    *total += 1;
     Ok(Admitted {
         table: Arc::clone(table),
-        key,
+        _address: address,
     })
 }
 
@@ -279,7 +279,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let table = Arc::new(Mutex::new(Table::default()));
+    let table = Table::new(&limits);
     let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(64);
     let accepting: Vec<_> = listeners
         .into_iter()
@@ -317,7 +317,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let admitted = match admit(&table, &limits, peer) {
+        let admitted = match admit(&table, peer) {
             Ok(admitted) => admitted,
             Err(why) => {
                 tracing::debug!(%peer, why, "connection closed on accept");
@@ -414,14 +414,14 @@ mod tests {
             per_address: 2,
             ..ConnectionLimits::default()
         };
-        let table = Arc::new(Mutex::new(Table::default()));
+        let table = Table::new(&limits);
         let peer = |text: &str| -> SocketAddr { text.parse().unwrap() };
-        let first = admit(&table, &limits, peer("192.0.2.1:1")).unwrap();
-        let _second = admit(&table, &limits, peer("192.0.2.1:2")).unwrap();
-        assert!(admit(&table, &limits, peer("192.0.2.1:3")).is_err());
-        let _third = admit(&table, &limits, peer("192.0.2.2:1")).unwrap();
-        assert!(admit(&table, &limits, peer("192.0.2.3:1")).is_err());
+        let first = admit(&table, peer("192.0.2.1:1")).unwrap();
+        let _second = admit(&table, peer("192.0.2.1:2")).unwrap();
+        assert!(admit(&table, peer("192.0.2.1:3")).is_err());
+        let _third = admit(&table, peer("192.0.2.2:1")).unwrap();
+        assert!(admit(&table, peer("192.0.2.3:1")).is_err());
         drop(first);
-        assert!(admit(&table, &limits, peer("192.0.2.1:4")).is_ok());
+        assert!(admit(&table, peer("192.0.2.1:4")).is_ok());
     }
 }
