@@ -21,7 +21,7 @@ const EXIT_UNAVAILABLE: u8 = 69;
     about = "The superdistribution backoffice.",
     long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
 XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
-deposit, deny, allow, credit-limit, show, statement, suspense, reprice, components, grants, revoke, verify, audit) call a running backoffice \
+deposit, deny, allow, credit-limit, show, statement, free-uses, suspense, reprice, components, grants, revoke, verify, audit) call a running backoffice \
 with the operator token it wrote beside its store; `verify --data-dir DIR` and `audit --data-dir DIR` work on a stopped one. `cargo run --release -p franchise` runs one \
 together with a meter."
 )]
@@ -199,6 +199,16 @@ enum Command {
     Statement {
         /// The customer.
         cid: String,
+    },
+    /// How many of a customer's uses in a month moved no money (priced at
+    /// zero, of their own products, or of a test PID), per product: these
+    /// make no statement line.
+    FreeUses {
+        /// The customer.
+        cid: String,
+        /// The month of the uses, YYYY-MM (UTC).
+        #[arg(long, value_name = "YYYY-MM")]
+        month: String,
     },
     /// Check the books: the ledger's invariants, every balance against its
     /// postings, every record and index of the store. Prints what it
@@ -1123,6 +1133,9 @@ fn main() -> ExitCode {
         }
         Command::Show { cid } => operator(&cli, "customer.show", vec![text(cid)]),
         Command::Statement { cid } => operator_pages(&cli, "account.statement", &[text(cid)]),
+        Command::FreeUses { cid, month } => {
+            operator(&cli, "account.freeUses", vec![text(cid), text(month)])
+        }
         Command::Verify { data_dir } => verify(&cli, data_dir.as_deref()),
         Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),

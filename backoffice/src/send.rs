@@ -404,8 +404,9 @@ enum Fate {
         taca: crate::pricing::TacaHash,
         period_uses: u64,
     },
-    /// The product's test PID: free.
-    Free,
+    /// The product's test PID: free (`payer`: who used it; `None` only
+    /// while a use waits for its price).
+    Free { payer: Option<Cid> },
     /// Not priced, for this reason: it goes to suspense.
     Suspense(String),
 }
@@ -461,6 +462,30 @@ impl Totals {
             }
         };
         Ok(Some(at))
+    }
+}
+
+/// Uses that moved no money (priced at zero, of one's own product, or of a
+/// product's test PID), counted per payer, product and month of use, so
+/// that statements say how many uses were free and not only those charged.
+#[derive(Default)]
+struct FreeUses(HashMap<PeriodKey, u64>);
+
+impl FreeUses {
+    fn count(&mut self, payer: Option<Cid>, pid: Pid, time_ms: u64) {
+        if let Some(payer) = payer {
+            let period = PeriodKey {
+                payer,
+                pid,
+                month: month_of(time_ms),
+            };
+            *self.0.entry(period).or_insert(0) += 1;
+        }
+    }
+
+    /// What to add to the stored counts.
+    fn added(self) -> Vec<(PeriodKey, u64)> {
+        self.0.into_iter().collect()
     }
 }
 
@@ -1417,8 +1442,8 @@ impl<S: Store> Backoffice<S> {
         Ok(())
     }
 
-    /// Resolves one use up to its price: `Ok(Ok(None))` for the free test
-    /// PID, `Ok(Err(reason))` when it belongs in suspense, `Err` when the
+    /// Resolves one use up to its price: `Ok(Ok(Err(payer)))` for the free
+    /// test PID, `Ok(Err(reason))` when it belongs in suspense, `Err` when the
     /// store failed. Counts the use in its period, to be undone if its price
     /// fails.
     fn plan(
@@ -1427,7 +1452,7 @@ impl<S: Store> Backoffice<S> {
         stored: &mut PeriodCounts,
         periods: &mut HashMap<PeriodKey, u64>,
         usage: &Use,
-    ) -> Result<Result<Option<Job>, String>, Fault> {
+    ) -> Result<Result<Result<Job, Cid>, String>, Fault> {
         if let Some(refusal) = &usage.refusal {
             return Ok(Err(refusal.clone()));
         }
@@ -1439,7 +1464,7 @@ impl<S: Store> Backoffice<S> {
             Err(reason) => return Ok(Err(reason)),
         };
         if usage.pid == product.test_pid {
-            return Ok(Ok(None)); // The test PID is free.
+            return Ok(Ok(Err(payer))); // The test PID is free.
         }
         if product.max_price.is_none() {
             return Ok(Err(format!(
@@ -1469,7 +1494,7 @@ impl<S: Store> Backoffice<S> {
             }
         };
         periods.insert(period, count + 1);
-        Ok(Ok(Some(Job {
+        Ok(Ok(Ok(Job {
             taca,
             owner: product.owner,
             period,
@@ -1577,10 +1602,10 @@ impl<S: Store> Backoffice<S> {
         for usage in uses {
             match self.plan(lookups, stored, periods, usage)? {
                 Err(reason) => fates.push(Fate::Suspense(reason)),
-                Ok(None) => fates.push(Fate::Free),
-                Ok(Some(job)) => {
+                Ok(Err(payer)) => fates.push(Fate::Free { payer: Some(payer) }),
+                Ok(Ok(job)) => {
                     jobs.push((fates.len(), job));
-                    fates.push(Fate::Free); // Replaced by its price below.
+                    fates.push(Fate::Free { payer: None }); // Replaced by its price below.
                 }
             }
         }
@@ -1722,10 +1747,14 @@ impl<S: Store> Backoffice<S> {
         // What became of each use priced now, kept itemised with the
         // transfers it was summed into (`itemised`).
         let mut outcomes: Vec<(crate::itemised::Outcome, Option<usize>)> = Vec::new();
+        let mut free = FreeUses::default();
         for (record, fate) in records.iter().zip(fates) {
             let outcome = match fate {
                 Fate::Suspense(_) => continue,
-                Fate::Free => (crate::itemised::Outcome::Free, None),
+                Fate::Free { payer } => {
+                    free.count(payer, record.pid, record.time_ms);
+                    (crate::itemised::Outcome::Free, None)
+                }
                 Fate::Priced {
                     payer,
                     owner,
@@ -1735,6 +1764,9 @@ impl<S: Store> Backoffice<S> {
                     period_uses,
                 } => {
                     let at = totals.add_at(payer, owner, record.pid, &record.batch, amount)?;
+                    if at.is_none() {
+                        free.count(Some(payer), record.pid, record.time_ms);
+                    }
                     let priced = crate::itemised::PricedUse {
                         payer,
                         owner,
@@ -1756,9 +1788,17 @@ impl<S: Store> Backoffice<S> {
             .prepare(transfers, posted_ms)
             .map_err(|error| internal(&error))?;
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
+        let free_uses = free.added();
         let (arrived_ms, sets) = repriced_records(&resolved, outcomes, &prepared, posted_ms);
         self.store
-            .resolve_suspense_itemised(&resolved, &prepared, &period_uses, arrived_ms, &sets)
+            .resolve_suspense_itemised(
+                &resolved,
+                &prepared,
+                &period_uses,
+                &free_uses,
+                arrived_ms,
+                &sets,
+            )
             .map_err(|error| self.stop_money(&error))?;
         self.still_durable()?;
         stored.stored(&period_uses);
@@ -1850,9 +1890,13 @@ impl<S: Store> Backoffice<S> {
         // the index of the transfer it was summed into.
         let mut outcomes: Vec<(crate::itemised::Outcome, Option<usize>)> =
             Vec::with_capacity(uses.len());
+        let mut free = FreeUses::default();
         for (usage, fate) in uses.iter().zip(fates) {
             match fate {
-                Fate::Free => outcomes.push((crate::itemised::Outcome::Free, None)),
+                Fate::Free { payer } => {
+                    free.count(payer, usage.pid, usage.time_ms);
+                    outcomes.push((crate::itemised::Outcome::Free, None));
+                }
                 Fate::Priced {
                     payer,
                     owner,
@@ -1862,6 +1906,9 @@ impl<S: Store> Backoffice<S> {
                     period_uses,
                 } => {
                     let at = totals.add_at(payer, owner, usage.pid, &key.id, amount)?;
+                    if at.is_none() {
+                        free.count(Some(payer), usage.pid, usage.time_ms);
+                    }
                     let priced = crate::itemised::PricedUse {
                         payer,
                         owner,
@@ -1930,9 +1977,11 @@ impl<S: Store> Backoffice<S> {
             return Ok(value);
         }
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
+        let free_uses = free.added();
         let effects = BatchEffects {
             transfers: &prepared,
             period_uses: &period_uses,
+            free_uses: &free_uses,
             suspense: &suspense,
             answer: b"",
             digest,

@@ -798,6 +798,27 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                 .collect();
             Ok(Value::Array(lines))
         }
+        "account.freeUses" => {
+            params.arity(2, 2)?;
+            let cid: Cid = params.parsed(0)?;
+            let month = parse_month(params.string(1)?)
+                .ok_or_else(|| Fault::invalid_params("account.freeUses: the month is YYYY-MM"))?;
+            let free = service
+                .backoffice
+                .store()
+                .free_uses(&cid, month)
+                .map_err(store_fault)?;
+            Ok(Value::Array(
+                free.into_iter()
+                    .map(|(pid, uses)| {
+                        Value::structure([
+                            ("pid", Value::string(pid.as_str())),
+                            ("uses", Value::string(uses.to_string())),
+                        ])
+                    })
+                    .collect(),
+            ))
+        }
         "ledger.verify" => {
             params.arity(0, 0)?;
             Ok(verify_value(&crate::verify::running(&service.backoffice)))

@@ -201,6 +201,9 @@ pub struct BatchEffects<'a> {
     pub transfers: &'a [Transfer],
     /// New totals of uses per billing period.
     pub period_uses: &'a [(PeriodKey, u64)],
+    /// Uses that moved no money, per billing period: added to the counts
+    /// kept for statements (`free_uses`).
+    pub free_uses: &'a [(PeriodKey, u64)],
     /// Readings that could not be priced.
     pub suspense: &'a [Suspense],
     /// An answer to keep with the batch; `send` keeps none (empty): it
@@ -362,6 +365,7 @@ pub trait Store {
         resolved: &[Suspense],
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
+        free_uses: &[(PeriodKey, u64)],
         arrived_ms: u64,
         sets: &[RepricedItems],
     ) -> Result<(), StoreError>;
@@ -380,6 +384,10 @@ pub trait Store {
     fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
     /// Uses counted so far in a billing period.
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
+    /// How many of `payer`'s uses made in `month` (`YYYYMM`) moved no money,
+    /// per product (priced at zero, of their own product, or of a test PID),
+    /// in PID order.
+    fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError>;
     /// Every reading in suspense.
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
     /// At most `limit` readings in suspense in the store's order (meter,
@@ -584,6 +592,8 @@ pub struct SledStore {
     /// a grant goes through this store, which forgets its meter's entry.
     meter_grants: std::sync::Mutex<std::collections::HashMap<Mid, Vec<Grant>>>,
     period_uses: sled::Tree,
+    /// `PeriodKey` -> uses of that period that moved no money (`free_uses`).
+    free_uses: sled::Tree,
     suspense: sled::Tree,
     /// `MID INSTANCE FIRST` -> `LAST`: the sequence numbers applied batches
     /// spanned, per meter instance (`SeqRange`).
@@ -630,6 +640,7 @@ impl SledStore {
             grant_index: db.open_tree("grant_index")?,
             meter_grants: std::sync::Mutex::default(),
             period_uses: db.open_tree("period_uses")?,
+            free_uses: db.open_tree("free_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
             seq_ranges: db.open_tree("seq_ranges")?,
@@ -732,10 +743,15 @@ impl Store for SledStore {
         resolved: &[Suspense],
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
+        free_uses: &[(PeriodKey, u64)],
         arrived_ms: u64,
         sets: &[RepricedItems],
     ) -> Result<(), StoreError> {
-        self.resolve(resolved, transfers, period_uses, arrived_ms, sets)
+        let counts = Counts {
+            period_uses,
+            free_uses,
+        };
+        self.resolve(resolved, transfers, counts, arrived_ms, sets)
     }
 
     fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
@@ -776,6 +792,11 @@ impl Store for SledStore {
             .iter()
             .map(|(period, uses)| (period.bytes(), uses.to_be_bytes()))
             .collect();
+        let free: Vec<(Vec<u8>, u64)> = effects
+            .free_uses
+            .iter()
+            .map(|(period, uses)| (period.bytes(), *uses))
+            .collect();
         let suspended: Vec<(Vec<u8>, Vec<u8>)> = effects
             .suspense
             .iter()
@@ -798,6 +819,7 @@ impl Store for SledStore {
             &self.seq_ranges,
             &self.itemised,
             &self.itemised_index,
+            &self.free_uses,
         );
         let outcome = trees.transaction(
             |(
@@ -808,6 +830,7 @@ impl Store for SledStore {
                 range_tree,
                 itemised_tree,
                 itemised_index,
+                free_tree,
             )| {
                 if batch_tree.get(&batch_key)?.is_some() {
                     return Err(ConflictableTransactionError::Abort(()));
@@ -826,6 +849,9 @@ impl Store for SledStore {
                 }
                 for (key, uses) in &counters {
                     period_tree.insert(key.as_slice(), uses)?;
+                }
+                for (key, uses) in &free {
+                    add_count(free_tree, key, *uses)?;
                 }
                 let mut added = 0;
                 for (key, record) in &suspended {
@@ -870,13 +896,41 @@ impl Store for SledStore {
         }))
     }
 
+    fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError> {
+        let mut prefix = Vec::with_capacity(40);
+        put_str(&mut prefix, payer.as_str());
+        let mut found = Vec::new();
+        for entry in self.free_uses.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            let mut fields = Reader::new(&key);
+            let parsed = (|| {
+                fields.text()?;
+                let pid = Pid::parse(fields.text()?).ok()?;
+                let of = fields.u32()?;
+                let uses = u64::from_be_bytes(value.as_ref().try_into().ok()?);
+                fields.is_empty().then_some((pid, of, uses))
+            })();
+            let (pid, of, uses) =
+                parsed.ok_or_else(|| StoreError::Corrupt("a free-use count".to_owned()))?;
+            if of == month {
+                found.push((pid, uses));
+            }
+        }
+        found.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(found)
+    }
+
     fn resolve_suspense(
         &self,
         resolved: &[Suspense],
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError> {
-        self.resolve(resolved, transfers, period_uses, 0, &[])
+        let counts = Counts {
+            period_uses,
+            free_uses: &[],
+        };
+        self.resolve(resolved, transfers, counts, 0, &[])
     }
 
     fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
@@ -1543,6 +1597,27 @@ fn itemised_entries(
     ItemisedEntries { records, index }
 }
 
+/// The period counts a re-pricing writes: new totals, and free uses to add.
+#[derive(Clone, Copy)]
+struct Counts<'a> {
+    period_uses: &'a [(PeriodKey, u64)],
+    free_uses: &'a [(PeriodKey, u64)],
+}
+
+/// Adds `uses` to the count at `key` (a big-endian u64; absent: zero).
+fn add_count<E>(
+    tree: &sled::transaction::TransactionalTree,
+    key: &[u8],
+    uses: u64,
+) -> Result<(), ConflictableTransactionError<E>> {
+    let before = tree
+        .get(key)?
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    tree.insert(key, &before.saturating_add(uses).to_be_bytes())?;
+    Ok(())
+}
+
 fn batch_key_of(bytes: &[u8]) -> Option<BatchKey> {
     let mut fields = Reader::new(bytes);
     let key = BatchKey {
@@ -1558,7 +1633,7 @@ impl SledStore {
         &self,
         resolved: &[Suspense],
         transfers: &[Transfer],
-        period_uses: &[(PeriodKey, u64)],
+        counts: Counts<'_>,
         arrived_ms: u64,
         sets: &[RepricedItems],
     ) -> Result<(), StoreError> {
@@ -1576,9 +1651,17 @@ impl SledStore {
             &self.suspense,
             &self.itemised,
             &self.itemised_index,
+            &self.free_uses,
         );
         let outcome: Result<usize, TransactionError<()>> = trees.transaction(
-            |(transfer_tree, period_tree, suspense_tree, itemised_tree, itemised_index)| {
+            |(
+                transfer_tree,
+                period_tree,
+                suspense_tree,
+                itemised_tree,
+                itemised_index,
+                free_tree,
+            )| {
                 for entries in &itemised {
                     for (key, record) in &entries.records {
                         itemised_tree.insert(key.as_slice(), record.as_slice())?;
@@ -1591,8 +1674,11 @@ impl SledStore {
                     transfer_tree
                         .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
                 }
-                for (period, uses) in period_uses {
+                for (period, uses) in counts.period_uses {
                     period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
+                }
+                for (period, uses) in counts.free_uses {
+                    add_count(free_tree, &period.bytes(), *uses)?;
                 }
                 let mut removed = 0;
                 for record in resolved {
@@ -2037,6 +2123,7 @@ mod tests {
             let effects = |answer: &'static [u8]| BatchEffects {
                 transfers: posted,
                 period_uses: &[],
+                free_uses: &[],
                 suspense: &[],
                 answer,
                 digest: Some([7; 32]),
@@ -2213,6 +2300,7 @@ mod tests {
                 BatchEffects {
                     transfers: &posted,
                     period_uses: &[(period, 7)],
+                    free_uses: &[(period, 2)],
                     suspense: std::slice::from_ref(&held),
                     answer: b"",
                     digest: Some([7; 32]),
@@ -2226,6 +2314,11 @@ mod tests {
             ledger.transfers()
         );
         assert_eq!(restored.period_uses(&period).unwrap(), 7);
+        assert_eq!(
+            restored.free_uses(&ada.cid, 202_612).unwrap(),
+            vec![(product.pid, 2)]
+        );
+        assert_eq!(restored.free_uses(&ada.cid, 202_611).unwrap(), vec![]);
         assert_eq!(restored.suspense().unwrap(), vec![held.clone()]);
         assert!(restored.applied_batch(&key(1)).unwrap().is_some());
         drop(restored);
@@ -2323,6 +2416,7 @@ mod tests {
             let effects = BatchEffects {
                 transfers: posted,
                 period_uses: &[],
+                free_uses: &[],
                 suspense: &[],
                 answer: b"",
                 digest: None,

@@ -29,17 +29,26 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
     let mut eve = Visitor::new(office.address);
     register(&mut eve, &registration("Eve", "eve@example.org"), None);
     // Bob's product, 0.25 a use (flat); Ada's meter, which she grants.
-    let editor = office.text(
-        "product.create",
-        &[
-            s(&bob_cid),
-            s("Editor"),
-            s("0.25 per use"),
-            Value::Base64(crate::examples::module("flat")),
-            s("1"),
-        ],
-        "PID",
-    );
+    let created = office
+        .call(
+            "product.create",
+            &[
+                s(&bob_cid),
+                s("Editor"),
+                s("0.25 per use"),
+                Value::Base64(crate::examples::module("flat")),
+                s("1"),
+            ],
+        )
+        .unwrap();
+    let pid_of = |member: &str| {
+        created
+            .member(member)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    let (editor, editor_test) = (pid_of("PID"), pid_of("testPID"));
     let meter = FakeMeter::register(&office, &ada_cid);
     let (method, params) = proto::grant::PasswordGrant {
         request: proto::grant::GrantRequest {
@@ -192,6 +201,57 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
         proto::FaultCode::InvalidParams.code(),
         "{fault:?}"
     );
+
+    // Two uses of the editor's test PID are free: no line, but the
+    // statement, its CSV and the operator say how many.
+    let readings = (0..2)
+        .map(|index| Reading {
+            seq: 4 + index,
+            time_ms: now_ms - 1_000 + index,
+            context: Context::parse("4242.1").unwrap(),
+            event: Event::Commit {
+                pid: editor_test.parse().unwrap(),
+                payer: Some(Payer::Customer(ada_cid.parse().unwrap())),
+            },
+        })
+        .collect();
+    let request = SendRequest {
+        mid: meter.mid,
+        body: SendBody::Batch(Batch {
+            id: BatchId::parse("laptop:4").unwrap(),
+            readings,
+            parties: Vec::new(),
+        }),
+    };
+    meter
+        .call(proto::upload::SEND_METHOD, &request.to_params())
+        .expect("applied");
+    let yyyymm = month.replace('-', "");
+    let statement = ada.get(&format!("/statement?month={yyyymm}"));
+    assert_eq!(
+        statement.text_of(&format!("free-{editor_test}")).as_deref(),
+        Some("2"),
+        "{}",
+        statement.body
+    );
+    assert_eq!(statement.text_of(&format!("free-{editor}")), None);
+    let csv = ada.get(&format!("/statement.csv?month={yyyymm}"));
+    assert!(
+        csv.body
+            .contains(&format!("\r\n,,2 free uses of {editor_test},,\r\n")),
+        "{}",
+        csv.body
+    );
+    let free = office
+        .call("account.freeUses", &[s(&ada_cid), s(&month)])
+        .unwrap();
+    let free = free.as_array().unwrap();
+    assert_eq!(free.len(), 1, "{free:?}");
+    assert_eq!(member(&free[0], "pid"), editor_test);
+    assert_eq!(member(&free[0], "uses"), "2");
+    // Bob's statement shows none of Ada's free uses.
+    let statement = bob.get(&format!("/statement?month={yyyymm}"));
+    assert!(!statement.body.contains("free-uses"), "{}", statement.body);
 }
 
 /// A producer who paid for a component used inside their product sees

@@ -8,8 +8,8 @@ use proto::FaultCode;
 use proto::xmlrpc::Value;
 
 use crate::support::{
-    Backoffice, Lcg, MeterdSetup, grant_by_password, kill_test_seed, operator_call, s,
-    workspace_binary,
+    Backoffice, Lcg, MeterdSetup, grant_by_password, kill_test_seed, months_since, now_ms,
+    operator_call, s, workspace_binary,
 };
 use crate::web::PASSWORD;
 
@@ -17,6 +17,7 @@ use crate::examples;
 
 #[test]
 fn uses_through_meterd_become_exact_balances_and_standings() {
+    let started_ms = now_ms();
     let dir = tempfile::tempdir().unwrap();
     let office = Backoffice::start(dir.path());
     let consumer = office.text(
@@ -94,6 +95,27 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     assert_eq!(balance(&consumer), "7.5");
     assert_eq!(balance(&producer), "2.5");
     assert_eq!(balance(&maker), "0");
+    // Those ten free uses are on Bob's side, per month of use.
+    let free: u64 = months_since(started_ms)
+        .into_iter()
+        .map(|month| format!("{}-{:02}", month / 100, month % 100))
+        .flat_map(|month| {
+            let free = office.call("account.freeUses", &[s(&producer), s(&month)]);
+            free.unwrap().as_array().unwrap().to_vec()
+        })
+        .map(|line| {
+            assert_eq!(
+                line.member("pid").and_then(Value::as_str),
+                Some(&*component)
+            );
+            line.member("uses")
+                .and_then(Value::as_str)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(free, 10);
 
     // The operator's view: Prometheus metrics and the health page.
     let mut visitor = crate::web::Visitor::new(office.address);
@@ -454,6 +476,12 @@ fn the_operator_commands_drive_a_running_backoffice() {
     let (_, text) = run(&["statement", "B1-C1"]);
     assert!(text.contains("amount=5.5 what=deposit"), "{text}");
     assert_eq!(text.matches("what=deposit").count(), 2, "{text}");
+    // No uses yet, so none free; a month that is not one is refused.
+    let (code, text) = run(&["free-uses", "B1-C1", "--month", "2026-11"]);
+    assert_eq!((code, text.trim()), (Some(0), ""), "{text}");
+    let (code, text) = run(&["free-uses", "B1-C1", "--month", "2026-13"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("YYYY-MM"), "{text}");
     let (code, text) = run(&["customer", "Eve", "not-an-address"]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("not an e-mail address"), "{text}");

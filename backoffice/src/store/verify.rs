@@ -414,38 +414,59 @@ impl SledStore {
         products: &HashSet<Pid>,
         report: &mut Report,
     ) {
-        let mut count = 0u64;
-        for (key, value) in entries(&self.period_uses, "period_uses", report) {
-            count += 1;
-            let mut fields = Reader::new(&key);
-            let parsed = (|| {
-                let payer = Cid::parse(fields.text()?).ok()?;
-                let pid = Pid::parse(fields.text()?).ok()?;
-                let month = fields.u32()?;
-                fields.is_empty().then_some((payer, pid, month))
-            })();
-            let Some((payer, pid, month)) = parsed else {
-                report.problem("a period count's key does not decode");
-                continue;
-            };
-            if be_u64(&value).is_none() {
-                report.problem(format!(
-                    "the count of {payer} for {pid} in {month} is not 8 bytes"
-                ));
+        let trees = [
+            (
+                &self.period_uses,
+                "period_uses",
+                "period count",
+                "period counts",
+            ),
+            (
+                &self.free_uses,
+                "free_uses",
+                "free-use count",
+                "free-use counts",
+            ),
+        ];
+        for (tree, name, what, counted) in trees {
+            let mut count = 0u64;
+            for (key, value) in entries(tree, name, report) {
+                count += 1;
+                let mut fields = Reader::new(&key);
+                let parsed = (|| {
+                    let payer = Cid::parse(fields.text()?).ok()?;
+                    let pid = Pid::parse(fields.text()?).ok()?;
+                    let month = fields.u32()?;
+                    fields.is_empty().then_some((payer, pid, month))
+                })();
+                let Some((payer, pid, month)) = parsed else {
+                    report.problem(format!("a {what}'s key does not decode"));
+                    continue;
+                };
+                if be_u64(&value).is_none() {
+                    report.problem(format!(
+                        "the {what} of {payer} for {pid} in {month} is not 8 bytes"
+                    ));
+                }
+                if !(1..=12).contains(&(month % 100)) {
+                    report.problem(format!(
+                        "a {what} of {payer} for {pid} has the month {month}"
+                    ));
+                }
+                if !customers.contains_key(&payer) {
+                    report.problem(format!("a {what} names {payer}, not a customer"));
+                }
+                // Free uses may be of a product's test PID, which the
+                // products tree indexes beside its PID.
+                let known = products.contains(&pid)
+                    || (name == "free_uses"
+                        && matches!(self.products.contains_key(pid.as_str()), Ok(true)));
+                if !known {
+                    report.problem(format!("a {what} names {pid}, not a product"));
+                }
             }
-            if !(1..=12).contains(&(month % 100)) {
-                report.problem(format!(
-                    "a period count of {payer} for {pid} has the month {month}"
-                ));
-            }
-            if !customers.contains_key(&payer) {
-                report.problem(format!("a period count names {payer}, not a customer"));
-            }
-            if !products.contains(&pid) {
-                report.problem(format!("a period count names {pid}, not a product"));
-            }
+            report.checked(counted, count);
         }
-        report.checked("period counts", count);
     }
 
     fn verify_suspense(&self, report: &mut Report) {
@@ -654,6 +675,7 @@ mod tests {
                         },
                         3,
                     )],
+                    free_uses: &[],
                     suspense: &[suspended],
                     answer: b"",
                     digest: Some([1; 32]),

@@ -1629,12 +1629,16 @@ async fn statement_page(
     };
     let month = month_param(&query);
     let (opening, lines) = statement_lines(&service, customer.cid, month);
+    let free = match service.backoffice.store().free_uses(&customer.cid, month) {
+        Ok(free) => free,
+        Err(error) => return trouble(&service.web, &session, &error),
+    };
     page(
         &service.web,
         &session,
         false,
         StatusCode::OK,
-        pages::statement(&session, &customer, month, opening, &lines),
+        pages::statement(&session, &customer, month, opening, &lines, &free),
     )
 }
 
@@ -1643,12 +1647,16 @@ async fn statement_csv(
     Query(query): Query<MonthQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let (_session, customer) = match customer_of(&service, &headers) {
+    let (session, customer) = match customer_of(&service, &headers) {
         Ok(found) => found,
         Err(response) => return *response,
     };
     let month = month_param(&query);
     let (_, lines) = statement_lines(&service, customer.cid, month);
+    let free = match service.backoffice.store().free_uses(&customer.cid, month) {
+        Ok(free) => free,
+        Err(error) => return trouble(&service.web, &session, &error),
+    };
     let mut csv = String::from("date,transfer,description,amount,balance\r\n");
     for line in &lines {
         csv.push_str(&format!(
@@ -1658,6 +1666,13 @@ async fn statement_csv(
             pages::csv_field(&pages::describe(&line.transfer)),
             line.signed,
             line.balance
+        ));
+    }
+    // Free uses move no money: rows without a transfer, amount or balance.
+    for (pid, uses) in &free {
+        csv.push_str(&format!(
+            ",,{},,\r\n",
+            pages::csv_field(&pages::free_uses(*uses, pid))
         ));
     }
     let mut response = (

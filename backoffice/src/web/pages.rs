@@ -880,6 +880,12 @@ pub fn describe(transfer: &Transfer) -> String {
     }
 }
 
+/// "3 free uses of B1-P1": uses of `pid` in the month that moved no money.
+pub fn free_uses(uses: u64, pid: &Pid) -> String {
+    let noun = if uses == 1 { "use" } else { "uses" };
+    format!("{uses} free {noun} of {pid}")
+}
+
 fn month_name(month: u32) -> String {
     const NAMES: [&str; 12] = [
         "January",
@@ -995,6 +1001,7 @@ pub fn statement(
     month: u32,
     opening: Amount,
     lines: &[Line],
+    free: &[(Pid, u64)],
 ) -> Markup {
     let closing = lines.last().map_or(opening, |line| line.balance);
     let body = html! {
@@ -1025,6 +1032,19 @@ pub fn statement(
                         }
                         td.amount { (line.signed) }
                         td.amount { (line.balance) }
+                    }
+                }
+            }
+        }
+        @if !free.is_empty() {
+            h2 { "Free uses" }
+            p { "Uses you made in " (month_name(month)) " that cost you nothing (priced at zero, of your own products, or of a product's test PID): they move no money, so no line above shows them." }
+            table id="free-uses" {
+                tr { th { "Product" } th { "Free uses" } }
+                @for (pid, uses) in free {
+                    tr {
+                        td { (pid.as_str()) }
+                        td.amount id={ "free-" (pid.as_str()) } { (uses) }
                     }
                 }
             }

@@ -1808,3 +1808,59 @@ fn uploads_signed_with_the_old_secret_during_a_rotation_are_all_applied() {
     assert_eq!(balance(&world, world.consumer), amount("5"));
     books_verify(&world);
 }
+
+#[test]
+fn uses_that_move_no_money_are_counted_for_statements_once_in_batches_and_repricing() {
+    let world = world();
+    let me = Some(Payer::Customer(world.consumer));
+    let later = Pid::parse("B1-P3").unwrap();
+    let commits = |pid: Pid, n: usize| (0..n).map(move |_| Event::Commit { pid, payer: me });
+    // 12 uses of the tiered component (the first 10 a month are free), 2 of
+    // the editor's test PID (free), 1 of the editor (0.25), 3 of a product
+    // not registered yet (suspense).
+    let events: Vec<Event> = commits(world.component, 12)
+        .chain(commits(world.test_pid, 2))
+        .chain(commits(world.product, 1))
+        .chain(commits(later, 3))
+        .collect();
+    let body = batch(&world, "B1-M1:1", events);
+    send(&world, &body, NOW_MS).unwrap();
+    assert_eq!(balance(&world, world.consumer), amount("9.65"));
+    let store = world.backoffice.store();
+    let month = backoffice::send::month_of(NOW_MS - 1000);
+    let sorted = |mut free: Vec<(Pid, u64)>| {
+        free.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        free
+    };
+    assert_eq!(
+        store.free_uses(&world.consumer, month).unwrap(),
+        sorted(vec![(world.component, 10), (world.test_pid, 2)])
+    );
+    // Other months, other payers: none.
+    assert_eq!(store.free_uses(&world.consumer, month - 1).unwrap(), vec![]);
+    assert_eq!(store.free_uses(&world.producer, month).unwrap(), vec![]);
+    // The same batch again is a retry: nothing counted twice.
+    send(&world, &body, NOW_MS + 1).unwrap();
+    assert_eq!(
+        store.free_uses(&world.consumer, month).unwrap(),
+        sorted(vec![(world.component, 10), (world.test_pid, 2)])
+    );
+    // The missing product is registered with the tiered terms: its 3 uses
+    // leave suspense priced at zero, and are counted as free once.
+    let bid = Bid::parse("B1").unwrap();
+    let product = store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Later", "tiered", &module("tiered"), max()),
+        )
+        .unwrap();
+    assert_eq!(product.pid, later);
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (3, 0));
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (0, 0));
+    assert_eq!(
+        store.free_uses(&world.consumer, month).unwrap(),
+        sorted(vec![(world.component, 10), (world.test_pid, 2), (later, 3)])
+    );
+    assert_eq!(balance(&world, world.consumer), amount("9.65"));
+    books_verify(&world);
+}
