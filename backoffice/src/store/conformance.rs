@@ -1,0 +1,520 @@
+//! The suite every store must pass: what the rest of the backoffice may
+//! rely on whichever store runs. A store's tests call
+//! `conformance_tests!(harness)` with a harness that opens the store under
+//! test, fresh for each test and again on the same data when asked (what
+//! a restart sees). What only one store can show (sled's behaviour after a
+//! power cut, its on-disk records) stays in that store's own tests.
+
+use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
+
+use super::*;
+use crate::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
+use crate::registry::{self, Change};
+
+/// Opens the store under test: a new, empty one for each harness, and the
+/// same data again on each later call (the previous store dropped first).
+pub(crate) trait Harness {
+    /// The store.
+    type Store: Store + Sync;
+    /// Opens it.
+    fn open(&self) -> Self::Store;
+    /// Cuts the last byte off the first itemised record `store` keeps, as a
+    /// bad disk or a wrong hand would.
+    fn damage_an_itemised_record(&self, store: &Self::Store);
+}
+
+/// One `#[test]` per conformance case, each with a fresh `$harness`.
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        #[test]
+        fn the_registry_issues_ids_in_order_and_keeps_records() {
+            $crate::store::conformance::the_registry_issues_ids_in_order_and_keeps_records(&$harness);
+        }
+        #[test]
+        fn concurrent_changes_of_a_customer_never_undo_each_other() {
+            $crate::store::conformance::concurrent_changes_of_a_customer_never_undo_each_other(&$harness);
+        }
+        #[test]
+        fn batches_apply_once_and_survive_reopen() {
+            $crate::store::conformance::batches_apply_once_and_survive_reopen(&$harness);
+        }
+        #[test]
+        fn itemised_records_are_kept_with_their_batch_found_by_transfer_and_pruned_in_bounded_steps() {
+            $crate::store::conformance::itemised_records_are_kept_with_their_batch_found_by_transfer_and_pruned_in_bounded_steps(&$harness);
+        }
+        #[test]
+        fn grants_are_kept_listed_and_revoked_only_by_their_customer() {
+            $crate::store::conformance::grants_are_kept_listed_and_revoked_only_by_their_customer(&$harness);
+        }
+        #[test]
+        fn a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_operator() {
+            $crate::store::conformance::a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_operator(&$harness);
+        }
+    };
+}
+pub(crate) use conformance_tests;
+
+pub(crate) fn customer(n: u32) -> AccountId {
+    AccountId::Customer(Cid::parse(&format!("B1-C{n}")).unwrap())
+}
+
+pub(crate) fn key(n: u32) -> BatchKey {
+    BatchKey {
+        mid: Mid::parse("B1-M1").unwrap(),
+        id: BatchId::parse(&format!("B1-M1:{n}")).unwrap(),
+    }
+}
+
+pub(crate) fn batch(payer: u32, owner: u32, nanos: i64) -> Vec<NewTransfer> {
+    vec![
+        NewTransfer {
+            debit: AccountId::System(SystemAccount::Funding),
+            credit: customer(payer),
+            amount: Amount::from_nanos(nanos * 10),
+            kind: TransferKind::Deposit,
+        },
+        NewTransfer {
+            debit: customer(payer),
+            credit: customer(owner),
+            amount: Amount::from_nanos(nanos),
+            kind: TransferKind::Use {
+                pid: Pid::parse("B1-P1").unwrap(),
+                batch: key(1).id,
+                uses: 7,
+            },
+        },
+    ]
+}
+
+pub(crate) fn the_registry_issues_ids_in_order_and_keeps_records(harness: &impl Harness) {
+    let bid = Bid::parse("B1").unwrap();
+    let (ada, product, meter) = {
+        let store = harness.open();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let bob = store
+            .create_customer(&bid, "Bob", "bob@example.org")
+            .unwrap();
+        assert_eq!((ada.cid.as_str(), bob.cid.as_str()), ("B1-C1", "B1-C2"));
+        assert!(matches!(
+            store.create_customer(&bid, "Eve", "not an address"),
+            Err(StoreError::Registry(RegistryError::BadEmail))
+        ));
+        let editor = NewProduct {
+            owner: &ada.cid,
+            name: "Editor",
+            description: "",
+            terms: "0.25 per use",
+            taca: b"\0asm module",
+            max_price: Amount::parse("0.25").unwrap(),
+        };
+        let product = store.create_product(&bid, editor).unwrap();
+        assert_eq!(product.max_price, Some(Amount::parse("0.25").unwrap()));
+        assert!(matches!(
+            store.create_product(
+                &bid,
+                NewProduct {
+                    max_price: Amount::ZERO,
+                    ..editor
+                }
+            ),
+            Err(StoreError::Registry(RegistryError::BadMaxPrice(_)))
+        ));
+        assert_eq!(
+            (product.pid.as_str(), product.test_pid.as_str()),
+            ("B1-P1", "B1-P1T")
+        );
+        let stranger = Cid::parse("B1-C99").unwrap();
+        let stranger_product = NewProduct {
+            owner: &stranger,
+            ..editor
+        };
+        assert!(store.create_product(&bid, stranger_product).is_err());
+        let meter = store.create_meter(&bid, &bob.cid).unwrap();
+        assert_eq!(meter.mid.as_str(), "B1-M1");
+        (ada, product, meter)
+    };
+    let store = harness.open();
+    assert_eq!(store.customer(&ada.cid).unwrap(), Some(ada.clone()));
+    assert_eq!(store.product(&product.pid).unwrap(), Some(product.clone()));
+    assert_eq!(
+        store.product(&product.test_pid).unwrap(),
+        Some(product.clone())
+    );
+    assert_eq!(
+        store.taca_module(&product.taca).unwrap().as_deref(),
+        Some(&b"\0asm module"[..])
+    );
+    assert_eq!(store.meter(&meter.mid).unwrap(), Some(meter));
+    let denied = Customer {
+        denied: true,
+        ..ada
+    };
+    store
+        .change_customer(&denied.cid, &|customer| customer.denied = true)
+        .unwrap();
+    assert_eq!(store.customer(&denied.cid).unwrap(), Some(denied));
+    // Serials continue after a reopen.
+    let carol = store
+        .create_customer(&bid, "Carol", "carol@example.org")
+        .unwrap();
+    assert_eq!(carol.cid.as_str(), "B1-C3");
+}
+
+/// Two writers change different fields of one customer at once (an
+/// operator's credit limit, the customer's own name): neither undoes
+/// the other, as writing back a whole record read earlier would.
+pub(crate) fn concurrent_changes_of_a_customer_never_undo_each_other(harness: &impl Harness) {
+    let store = harness.open();
+    let bid = Bid::parse("B1").unwrap();
+    let ada = store
+        .create_customer(&bid, "Ada", "ada@example.org")
+        .unwrap();
+    std::thread::scope(|scope| {
+        let (store, cid) = (&store, ada.cid);
+        scope.spawn(move || {
+            for n in 1..=100 {
+                store
+                    .change_customer(&cid, &|customer| customer.name = format!("Ada {n}"))
+                    .unwrap();
+            }
+        });
+        scope.spawn(move || {
+            for n in 1..=100 {
+                store
+                    .change_customer(&cid, &|customer| {
+                        customer.credit_limit = Amount::from_units(n).unwrap();
+                    })
+                    .unwrap();
+            }
+        });
+    });
+    let saved = store.customer(&ada.cid).unwrap().unwrap();
+    assert_eq!(saved.name, "Ada 100");
+    assert_eq!(saved.credit_limit, Amount::from_units(100).unwrap());
+    // A change that breaks a rule changes nothing.
+    let refused = store.change_customer(&ada.cid, &|customer| customer.email = "nope".into());
+    assert!(matches!(
+        refused,
+        Err(StoreError::Registry(RegistryError::BadEmail))
+    ));
+    assert_eq!(store.customer(&ada.cid).unwrap().unwrap(), saved);
+}
+
+pub(crate) fn batches_apply_once_and_survive_reopen(harness: &impl Harness) {
+    let mut ledger = Ledger::new();
+    {
+        let store = harness.open();
+        let first = ledger.post(batch(1, 2, 100), 0).unwrap();
+        let posted = &ledger.transfers()[usize::try_from(first.0).unwrap()..];
+        let effects = |answer: &'static [u8]| BatchEffects {
+            transfers: posted,
+            period_uses: &[],
+            free_uses: &[],
+            suspense: &[],
+            answer,
+            digest: Some([7; 32]),
+            seq_range: None,
+        };
+        store.apply_batch(&key(1), effects(b"answer one")).unwrap();
+        assert!(matches!(
+            store.apply_batch(&key(1), effects(b"again")),
+            Err(StoreError::AlreadyApplied(_))
+        ));
+        assert_eq!(
+            store.applied_batch(&key(1)).unwrap(),
+            Some(AppliedBatch {
+                digest: Some([7; 32]),
+                answer: b"answer one".to_vec()
+            })
+        );
+        assert_eq!(store.applied_batch(&key(2)).unwrap(), None);
+    }
+    let store = harness.open();
+    let restored = store.load_ledger().unwrap();
+    assert_eq!(restored.transfers(), ledger.transfers());
+    assert_eq!(restored.balance(&customer(1)), ledger.balance(&customer(1)));
+    assert_eq!(restored.balance(&customer(2)), Amount::from_nanos(100));
+    restored.verify();
+}
+
+pub(crate) fn itemised_records_are_kept_with_their_batch_found_by_transfer_and_pruned_in_bounded_steps(
+    harness: &impl Harness,
+) {
+    use crate::itemised::{Encoder, Outcome};
+    use proto::reading::{Event, Reading};
+    let store = harness.open();
+    let mut ledger = Ledger::new();
+    // Three batches, applied on days 1, 2 and 3; each posts two transfers
+    // and keeps two records.
+    let day = 24 * 3600 * 1000;
+    for n in 1..=3u32 {
+        let first = ledger.post(batch(1, 2, 100), 0).unwrap();
+        let posted = &ledger.transfers()[usize::try_from(first.0).unwrap()..];
+        let mut encoder = Encoder::new(
+            key(n).mid,
+            key(n).id,
+            u64::from(n) * day,
+            Some((posted[0].id, posted[1].id)),
+        );
+        for seq in 0..12_000 {
+            let reading = Reading {
+                seq,
+                time_ms: 5,
+                context: proto::Context::parse("pid:1").unwrap(),
+                event: Event::Login(Cid::parse("B1-C1").unwrap()),
+            };
+            encoder.push(&reading, &Outcome::NotPriced);
+        }
+        let records = encoder.finish();
+        assert_eq!(records.len(), 2);
+        let effects = BatchEffects {
+            transfers: posted,
+            period_uses: &[],
+            free_uses: &[],
+            suspense: &[],
+            answer: b"",
+            digest: None,
+            seq_range: None,
+        };
+        store
+            .stage_batch_itemised(&key(n), effects, u64::from(n) * day, &records)
+            .unwrap();
+        if n == 1 {
+            // Refused with the batch: nothing of it is kept twice.
+            assert!(matches!(
+                store.stage_batch_itemised(&key(n), effects, 9 * day, &records),
+                Err(StoreError::AlreadyApplied(_))
+            ));
+        }
+    }
+    store.sync().unwrap();
+    // Transfers 0-1 are batch 1's deposit and use, 2-3 batch 2's...
+    for (transfer, n) in [(0, 1), (1, 1), (2, 2), (5, 3)] {
+        assert_eq!(
+            store
+                .itemised_batch_of_transfer(TransferId(transfer))
+                .unwrap()
+                .map(|at| at.key),
+            Some(key(n)),
+            "transfer {transfer}"
+        );
+    }
+    assert_eq!(
+        store.itemised_batch_of_transfer(TransferId(6)).unwrap(),
+        None
+    );
+    let kept = store.itemised_batch(&key(2)).unwrap().unwrap();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0].arrived_ms, 2 * day);
+    assert_eq!(kept[0].items.len() + kept[1].items.len(), 12_000);
+    // Pruning takes at most the records asked for, oldest first, and
+    // nothing applied at or after the cut.
+    assert_eq!(store.prune_itemised(3 * day, 3).unwrap(), 3);
+    assert_eq!(store.itemised_batch(&key(1)).unwrap(), None);
+    assert_eq!(
+        store.itemised_batch_of_transfer(TransferId(1)).unwrap(),
+        None
+    );
+    // Batch 2's first record went: it is no longer found.
+    assert_eq!(store.itemised_batch(&key(2)).unwrap(), None);
+    // A retention of one day, at the start of day 4: what came before
+    // day 3 goes, the rest stays.
+    let pruned = crate::itemised::prune(&store, day, 4 * day, std::time::Duration::ZERO);
+    assert_eq!(pruned.unwrap(), 1);
+    assert_eq!(store.prune_itemised(3 * day, 3).unwrap(), 0);
+    assert_eq!(store.itemised_batch(&key(2)).unwrap(), None);
+    assert_eq!(store.itemised_batch(&key(3)).unwrap().unwrap().len(), 2);
+    assert_eq!(
+        store
+            .itemised_batch_of_transfer(TransferId(4))
+            .unwrap()
+            .map(|at| at.key),
+        Some(key(3))
+    );
+    // A damaged record is reported, never a panic.
+    harness.damage_an_itemised_record(&store);
+    assert!(matches!(
+        store.itemised_batch(&key(3)),
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+pub(crate) fn grants_are_kept_listed_and_revoked_only_by_their_customer(harness: &impl Harness) {
+    let bid = Bid::parse("B1").unwrap();
+    let store = harness.open();
+    let ada = store
+        .create_customer(&bid, "Ada", "ada@example.org")
+        .unwrap();
+    let bob = store
+        .create_customer(&bid, "Bob", "bob@example.org")
+        .unwrap();
+    let meter = store.create_meter(&bid, &ada.cid).unwrap();
+    let new = |cid: Cid| NewGrant {
+        mid: meter.mid,
+        cid,
+        scope: proto::grant::Scope::User {
+            uid: 1000,
+            name: "bob".into(),
+        },
+        label: "laptop".into(),
+        created_ms: 1_000,
+        expires_ms: Some(5_000),
+    };
+    let first = store.create_grant(new(bob.cid)).unwrap();
+    let second = store.create_grant(new(ada.cid)).unwrap();
+    assert_eq!((first.id, second.id), (1, 2));
+    assert!(first.is_live_at(1_000) && first.is_live_at(4_999));
+    assert!(!first.is_live_at(999) && !first.is_live_at(5_000));
+    let stranger = Cid::parse("B1-C99").unwrap();
+    assert!(store.create_grant(new(stranger)).is_err());
+    // Read once, so the meter's grants are kept in memory: a change
+    // must still show.
+    assert_eq!(store.grants_of_meter(&meter.mid).unwrap().len(), 2);
+    assert!(matches!(
+        store.revoke_grant(first.id, Some(&ada.cid), 2_000),
+        Err(StoreError::Registry(RegistryError::UnknownGrant(1)))
+    ));
+    let revoked = store.revoke_grant(first.id, Some(&bob.cid), 2_000).unwrap();
+    assert!(revoked.is_live_at(1_999) && !revoked.is_live_at(2_000));
+    let again = store.revoke_grant(first.id, None, 3_000).unwrap();
+    assert_eq!(again.revoked_ms, Some(2_000), "a revocation is not moved");
+    assert_eq!(store.grants_of_meter(&meter.mid).unwrap()[0], revoked);
+    // A new grant of Ada for the same users replaces her first.
+    let again = store
+        .create_grant(NewGrant {
+            created_ms: 3_000,
+            ..new(ada.cid)
+        })
+        .unwrap();
+    let of_meter = store.grants_of_meter(&meter.mid).unwrap();
+    assert_eq!(of_meter.len(), 3);
+    assert_eq!(of_meter[1].id, second.id);
+    assert_eq!(of_meter[1].revoked_ms, Some(3_000), "replaced");
+    assert_eq!(of_meter[2], again);
+    let second = of_meter[1].clone();
+    drop(store);
+    let store = harness.open();
+    assert_eq!(
+        store.grants_of_meter(&meter.mid).unwrap(),
+        vec![revoked.clone(), second.clone(), again.clone()]
+    );
+    assert_eq!(store.grants_of_customer(&bob.cid).unwrap(), vec![revoked]);
+    assert_eq!(
+        store.grants_of_customer(&ada.cid).unwrap(),
+        vec![second, again]
+    );
+}
+
+pub(crate) fn a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_operator(
+    harness: &impl Harness,
+) {
+    let bid = Bid::parse("B1").unwrap();
+    let store = harness.open();
+    let ada = store
+        .create_customer(&bid, "Ada", "ada@example.org")
+        .unwrap();
+    let bob = store
+        .create_customer(&bid, "Bob", "bob@example.org")
+        .unwrap();
+    let meter = store.create_meter(&bid, &ada.cid).unwrap();
+    let secrets = |meter: &Meter, now_ms: u64| -> Vec<String> {
+        meter
+            .secrets_at(now_ms)
+            .into_iter()
+            .map(|(hex, _)| hex.to_owned())
+            .collect()
+    };
+    // Bob finds no meter of his under Ada's MID: nothing changes.
+    for attempt in [
+        store.rotate_meter_secret(&meter.mid, Actor::Owner(bob.cid), 1_000, 0),
+        store.revoke_meter(&meter.mid, Actor::Owner(bob.cid), 1_000),
+    ] {
+        assert!(matches!(
+            attempt,
+            Err(StoreError::Registry(RegistryError::UnknownMeter(_)))
+        ));
+    }
+    assert_eq!(store.meter(&meter.mid).unwrap(), Some(meter.clone()));
+    assert!(matches!(
+        store.rotate_meter_secret(
+            &meter.mid,
+            Actor::Operator,
+            1_000,
+            registry::ROTATION_GRACE_MS_MAX + 1
+        ),
+        Err(StoreError::Registry(RegistryError::GraceTooLong))
+    ));
+    // Ada rotates: both secrets verify inside the grace, the new one after.
+    let rotated = store
+        .rotate_meter_secret(&meter.mid, Actor::Owner(ada.cid), 1_000, 500)
+        .unwrap();
+    assert_ne!(rotated.secret_hex, meter.secret_hex);
+    assert_eq!(
+        secrets(&rotated, 1_499),
+        vec![rotated.secret_hex.clone(), meter.secret_hex.clone()]
+    );
+    assert_eq!(secrets(&rotated, 1_500), vec![rotated.secret_hex.clone()]);
+    assert_eq!(
+        rotated.rotated,
+        Some(Change {
+            at_ms: 1_000,
+            by: Actor::Owner(ada.cid)
+        })
+    );
+    // An upload with an older secret than the current one retires nothing.
+    store
+        .retire_previous_secret(&meter.mid, &meter.secret_hex)
+        .unwrap();
+    assert_eq!(store.meter(&meter.mid).unwrap(), Some(rotated.clone()));
+    store
+        .retire_previous_secret(&meter.mid, &rotated.secret_hex)
+        .unwrap();
+    let retired = store.meter(&meter.mid).unwrap().unwrap();
+    assert_eq!(retired.previous, None);
+    assert_eq!(secrets(&retired, 1_001), vec![rotated.secret_hex.clone()]);
+    // Without a grace (a leaked secret) the old one is refused at once.
+    let at_once = store
+        .rotate_meter_secret(&meter.mid, Actor::Operator, 2_000, 0)
+        .unwrap();
+    assert_eq!(secrets(&at_once, 2_000), vec![at_once.secret_hex.clone()]);
+    // Revoked: no secret verifies, for good; no new secret, no new grant.
+    let revoked = store
+        .revoke_meter(&meter.mid, Actor::Operator, 3_000)
+        .unwrap();
+    assert!(secrets(&revoked, 3_000).is_empty());
+    assert!(secrets(&revoked, 0).is_empty());
+    let again = store
+        .revoke_meter(&meter.mid, Actor::Owner(ada.cid), 4_000)
+        .unwrap();
+    assert_eq!(again, revoked, "a revocation is not moved or undone");
+    assert!(matches!(
+        store.rotate_meter_secret(&meter.mid, Actor::Operator, 4_000, 0),
+        Err(StoreError::Registry(RegistryError::MeterRevoked(_)))
+    ));
+    assert!(matches!(
+        store.create_grant(NewGrant {
+            mid: meter.mid,
+            cid: ada.cid,
+            scope: proto::grant::Scope::Machine,
+            label: "laptop".into(),
+            created_ms: 4_000,
+            expires_ms: None,
+        }),
+        Err(StoreError::Registry(RegistryError::MeterRevoked(_)))
+    ));
+    assert_eq!(
+        revoked.revoked,
+        Some(Change {
+            at_ms: 3_000,
+            by: Actor::Operator
+        })
+    );
+    // A new meter of Ada's gets a new MID.
+    let new = store.create_meter(&bid, &ada.cid).unwrap();
+    assert_ne!(new.mid, meter.mid);
+    drop(store);
+    let store = harness.open();
+    assert_eq!(store.meter(&meter.mid).unwrap(), Some(revoked));
+}

@@ -1,0 +1,501 @@
+//! The backoffice's durable store.
+//!
+//! `Store` is the interface every store implements, and nothing outside this
+//! folder knows which one runs: `SledStore` (`sled.rs`) is the embedded
+//! default, one process on one disk. A store keeps the registry (customers,
+//! products with their TACA modules, meters, grants), every posted transfer,
+//! every applied upload batch with the digest of its readings and the
+//! sequence numbers it spanned (so that a batch sent again is applied once,
+//! and one with other readings refused), suspense, period counts and
+//! deposits. `conformance.rs` is the suite every store must pass.
+
+#[cfg(test)]
+pub(crate) mod conformance;
+mod sled;
+
+#[cfg(test)]
+pub(crate) use self::sled::encode_transfer_for_tests;
+pub use self::sled::{LOCK_WAIT_MS, METER_GRANTS_CACHED_MAX, SLED_CACHE_BYTES, SledStore};
+
+use proto::record::put_str;
+use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
+
+use crate::funding::{DepositRecord, Reference};
+use crate::ledger::{Ledger, Transfer, TransferId};
+use crate::pricing::TacaHash;
+use crate::registry::{
+    Actor, Customer, Grant, Meter, NewGrant, Product, Registration, RegistryError,
+};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another backoffice holds the store.
+    #[error("another backoffice is already using {0}")]
+    Locked(String),
+    /// sled failed (disk full, I/O error).
+    #[error("storage failed: {0}")]
+    Storage(#[from] ::sled::Error),
+    /// Making the data durable failed.
+    #[error("could not make the store durable: {0}")]
+    Sync(#[from] std::io::Error),
+    /// A new record was refused.
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    /// The batch was applied already (by a concurrent call).
+    #[error("batch {0} was applied already")]
+    AlreadyApplied(String),
+    /// A stored record is not what it should be (corrupt, or out of step).
+    #[error("the store is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// An upload batch, named by its meter and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// The meter that sent it.
+    pub mid: Mid,
+    /// The meter's id for it.
+    pub id: BatchId,
+}
+
+impl BatchKey {
+    fn bytes(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(96);
+        put_str(&mut key, self.mid.as_str());
+        put_str(&mut key, self.id.as_str());
+        key
+    }
+}
+
+/// The billing period a use counts in: a payer, a product, a calendar month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeriodKey {
+    /// Who paid.
+    pub payer: Cid,
+    /// For which product.
+    pub pid: Pid,
+    /// The month, as `YYYYMM` (UTC).
+    pub month: u32,
+}
+
+impl PeriodKey {
+    fn bytes(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(72);
+        put_str(&mut key, self.payer.as_str());
+        put_str(&mut key, self.pid.as_str());
+        key.extend_from_slice(&self.month.to_be_bytes());
+        key
+    }
+}
+
+/// A reading that could not be priced, kept for operators to see and re-price.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Suspense {
+    /// The meter that sent it.
+    pub mid: Mid,
+    /// The batch that carried it.
+    pub batch: BatchId,
+    /// Its sequence number in the meter (its position, in Cox's minimal form).
+    pub seq: u64,
+    /// The product.
+    pub pid: Pid,
+    /// The payer as the meter designated it, if any.
+    pub payer: Option<String>,
+    /// When it was used, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// Why it was not priced.
+    pub reason: String,
+    /// Its payer could be charged when the batch was applied (a live
+    /// grant, or a component inside an authorized use): re-pricing charges
+    /// a component's use only when this holds, since the batch that showed
+    /// the chain of enclosing uses is not kept.
+    #[serde(default)]
+    pub authorized: bool,
+    /// When its batch arrived, ms since the Unix epoch (0: before this was
+    /// kept): a grant made later never charges it.
+    #[serde(default)]
+    pub arrived_ms: u64,
+}
+
+/// Where a page of suspense starts: after the reading with this meter,
+/// batch and sequence number. Its text form is `MID BATCH SEQ`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuspenseCursor {
+    /// The meter.
+    pub mid: Mid,
+    /// The batch.
+    pub batch: BatchId,
+    /// The sequence number.
+    pub seq: u64,
+}
+
+impl SuspenseCursor {
+    /// The cursor of a reading in suspense.
+    pub fn of(record: &Suspense) -> SuspenseCursor {
+        SuspenseCursor {
+            mid: record.mid,
+            batch: record.batch.clone(),
+            seq: record.seq,
+        }
+    }
+
+    /// Reads `MID BATCH SEQ`.
+    pub fn parse(text: &str) -> Option<SuspenseCursor> {
+        let mut parts = text.split_whitespace();
+        let cursor = SuspenseCursor {
+            mid: Mid::parse(parts.next()?).ok()?,
+            batch: BatchId::parse(parts.next()?).ok()?,
+            seq: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(cursor)
+    }
+}
+
+impl std::fmt::Display for SuspenseCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.mid, self.batch, self.seq)
+    }
+}
+
+/// Everything one applied batch changes, written in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEffects<'a> {
+    /// Transfers already posted to the in-memory ledger.
+    pub transfers: &'a [Transfer],
+    /// New totals of uses per billing period.
+    pub period_uses: &'a [(PeriodKey, u64)],
+    /// Uses that moved no money, per billing period: added to the counts
+    /// kept for statements (`free_uses`).
+    pub free_uses: &'a [(PeriodKey, u64)],
+    /// Readings that could not be priced.
+    pub suspense: &'a [Suspense],
+    /// An answer to keep with the batch; `send` keeps none (empty): it
+    /// answers a repeat from the current state, so an applied batch costs
+    /// only its key and digest.
+    pub answer: &'a [u8],
+    /// The digest of the batch's readings, so that the same id sent again
+    /// with other readings is told apart from a retry.
+    pub digest: Option<BatchDigest>,
+    /// The sequence numbers the batch's readings span in their meter
+    /// instance, so that no other batch id can bring them again.
+    pub seq_range: Option<&'a SeqRange>,
+}
+
+/// The sequence numbers a batch's readings span, within one instance of a
+/// meter (the part of the batch id before its last `:`, as our meter
+/// writes it: `INSTANCE:FIRST_SEQ`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqRange {
+    /// The meter.
+    pub mid: Mid,
+    /// The meter's instance, from the batch id.
+    pub instance: String,
+    /// The lowest sequence number in the batch.
+    pub first: u64,
+    /// The highest.
+    pub last: u64,
+}
+
+impl SeqRange {
+    fn prefix(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(64);
+        put_str(&mut key, self.mid.as_str());
+        put_str(&mut key, &self.instance);
+        key
+    }
+
+    fn key(&self) -> Vec<u8> {
+        let mut key = self.prefix();
+        key.extend_from_slice(&self.first.to_be_bytes());
+        key
+    }
+}
+
+/// SHA-256 of a batch's readings in a canonical form (see `send`).
+pub type BatchDigest = [u8; 32];
+
+/// An applied batch as stored: the answer kept with it (none since grants:
+/// repeats are answered from the current state) and the digest of
+/// its readings (`None` for batches stored before digests were kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedBatch {
+    /// The digest of the readings applied.
+    pub digest: Option<BatchDigest>,
+    /// The answer given.
+    pub answer: Vec<u8>,
+}
+
+/// Where a set of itemised records is: the batch they are of and when
+/// they were written (the batch's arrival, or a re-pricing's time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ItemisedAt {
+    /// The batch.
+    pub key: BatchKey,
+    /// When the records were written, ms since the Unix epoch.
+    pub arrived_ms: u64,
+}
+
+/// A re-pricing's itemised records of one batch's uses that were in
+/// suspense, and the transfers their priced uses were summed into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepricedItems {
+    /// The batch the uses came in.
+    pub key: BatchKey,
+    /// The transfers the re-pricing posted for them.
+    pub transfers: Vec<TransferId>,
+    /// `itemised::Encoder::repriced`'s records.
+    pub records: Vec<Vec<u8>>,
+}
+
+/// What the backoffice keeps durably.
+pub trait Store {
+    /// Every transfer posted, in order, as a ledger.
+    fn load_ledger(&self) -> Result<Ledger, StoreError>;
+    /// Records a batch's effects and the batch with its answer, atomically
+    /// and durably; `AlreadyApplied` if the batch was applied before.
+    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+        self.stage_batch(key, effects)?;
+        self.sync()
+    }
+    /// Records a batch as `apply_batch` does, atomically and visibly to later
+    /// reads, but durable only once a `sync` that starts after it returns.
+    fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError>;
+    /// Makes every write made before it durable (one fsync for all of them).
+    fn sync(&self) -> Result<(), StoreError>;
+    /// Stages a batch as `stage_batch` does, with its itemised readings
+    /// (`itemised::Encoder`'s records, the batch applied at `arrived_ms`)
+    /// in the same transaction: one is never kept without the other.
+    fn stage_batch_itemised(
+        &self,
+        key: &BatchKey,
+        effects: BatchEffects<'_>,
+        arrived_ms: u64,
+        itemised: &[Vec<u8>],
+    ) -> Result<(), StoreError>;
+    /// The itemised records of an applied batch, in order (`None`: none
+    /// kept: applied before they were, or pruned after the retention).
+    fn itemised_batch(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError>;
+    /// Where the itemised records that hold the uses summed into transfer
+    /// `id` are (its batch's, or a re-pricing's), if they are kept.
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError>;
+    /// The itemised records written for `at.key` at `at.arrived_ms`, in
+    /// order (`None`: none kept).
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError>;
+    /// Resolves suspense as `resolve_suspense` does, with the itemised
+    /// records of the uses priced (`sets`, one per batch, written at
+    /// `arrived_ms`) in the same transaction.
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        free_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError>;
+    /// Deletes at most `records_max` itemised records of batches applied
+    /// before `before_ms`, oldest first; returns how many it deleted.
+    fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError>;
+    /// Records transfers made outside uploads (deposits, withdrawals,
+    /// corrections), atomically and durably.
+    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        self.stage_transfers(transfers)?;
+        self.sync()
+    }
+    /// Records transfers as `post_transfers` does, atomically and visibly
+    /// to later reads, but durable only once a `sync` that starts after it
+    /// returns (so that the caller can sync after letting go of its locks).
+    fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
+    /// Uses counted so far in a billing period.
+    fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
+    /// How many of `payer`'s uses made in `month` (`YYYYMM`) moved no money,
+    /// per product (priced at zero, of their own product, or of a test PID),
+    /// in PID order.
+    fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError>;
+    /// Every reading in suspense.
+    fn suspense(&self) -> Result<Vec<Suspense>, StoreError>;
+    /// At most `limit` readings in suspense in the store's order (meter,
+    /// batch, sequence number), starting after the reading `after` names.
+    fn suspense_page(
+        &self,
+        after: Option<&SuspenseCursor>,
+        limit: usize,
+    ) -> Result<Vec<Suspense>, StoreError>;
+    /// How many readings are in suspense.
+    fn suspense_count(&self) -> Result<usize, StoreError>;
+    /// Takes re-priced readings out of suspense and records their transfers
+    /// and period counts, atomically and durably.
+    fn resolve_suspense(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+    ) -> Result<(), StoreError>;
+    /// A range of sequence numbers of the same meter instance, applied in an
+    /// earlier batch, that `range` overlaps, if any.
+    fn overlapping_range(&self, range: &SeqRange) -> Result<Option<(u64, u64)>, StoreError>;
+    /// The answer given to an applied batch and its digest, if it was
+    /// applied.
+    fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError>;
+    /// Registers a customer under a new CID of branch `bid`.
+    fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError>;
+    /// Registers a customer from the registration form under a new CID;
+    /// the e-mail address must be new.
+    fn register_customer(
+        &self,
+        bid: &Bid,
+        registration: Registration,
+    ) -> Result<Customer, StoreError>;
+    /// A customer by CID.
+    fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError>;
+    /// A customer by e-mail address (any case).
+    fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError>;
+    /// Changes the customer `cid` as `change` says, applied to the record
+    /// as stored at that moment, atomically (a concurrent change of
+    /// another field is never undone: `change` may run again on the newer
+    /// record), and durably; answers the record as saved. A changed e-mail
+    /// address must be new. The CID cannot change.
+    fn change_customer(
+        &self,
+        cid: &Cid,
+        change: &dyn Fn(&mut Customer),
+    ) -> Result<Customer, StoreError>;
+    /// Registers a product of `owner` under a new PID, with its TACA module
+    /// and the most one use may cost.
+    fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError>;
+    /// A product by its PID or its test PID.
+    fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError>;
+    /// Declares the components product `pid` uses inside (replacing the
+    /// ones declared before): only their uses inside its uses are charged
+    /// to its owner. Each must be another registered product's PID; when
+    /// `owner` is given, `pid` must be theirs (`UnknownProduct` otherwise).
+    fn set_components(
+        &self,
+        pid: &Pid,
+        owner: Option<&Cid>,
+        components: &[Pid],
+    ) -> Result<Product, StoreError>;
+    /// A TACA module by its hash.
+    fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Registers a meter of `owner` under a new MID with a new secret.
+    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError>;
+    /// A meter by MID.
+    fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError>;
+    /// The products `owner` registered, in PID order.
+    fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError>;
+    /// The meters `owner` registered, in MID order.
+    fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError>;
+    /// Gives meter `mid` a new secret at `at_ms`, durably, and answers
+    /// the record. The secret before it still verifies until `at_ms +
+    /// grace_ms` (at most `registry::ROTATION_GRACE_MS_MAX`), or until
+    /// an upload signed with the new one (`retire_previous_secret`); a
+    /// secret older than that verifies no more. `Actor::Owner` may rotate
+    /// only a meter of theirs (`UnknownMeter` otherwise); a revoked meter
+    /// is refused (`MeterRevoked`).
+    fn rotate_meter_secret(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        at_ms: u64,
+        grace_ms: u64,
+    ) -> Result<Meter, StoreError>;
+    /// Revokes meter `mid` at `at_ms`, for good, durably, and answers the
+    /// record: no secret of it verifies any more. `Actor::Owner` may revoke
+    /// only a meter of theirs (`UnknownMeter` otherwise). Revoking a
+    /// revoked meter changes nothing and answers it.
+    fn revoke_meter(&self, mid: &Mid, by: Actor, at_ms: u64) -> Result<Meter, StoreError>;
+    /// Ends the grace of meter `mid`'s previous secret, once an upload
+    /// verified with `current_hex` while it is still the current one. Not
+    /// synced: lost to a power cut, the grace merely runs its time.
+    fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError>;
+    /// Records a grant the customer approved, under a new number.
+    fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError>;
+    /// Every grant given to the meter `mid`, live or not, oldest first.
+    fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError>;
+    /// Every grant the customer `cid` gave, live or not, oldest first.
+    fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError>;
+    /// Revokes grant `id` at `at_ms` (kept, marked revoked); when `payer` is
+    /// given, only a grant of that customer (`UnknownGrant` otherwise).
+    /// Revoking a revoked grant changes nothing and answers it.
+    fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError>;
+    /// The deposit recorded under `reference`, if any.
+    fn deposit(&self, reference: &Reference) -> Result<Option<DepositRecord>, StoreError>;
+    /// Records `intent` (a deposit about to be collected) under
+    /// `reference`, durably, unless a deposit is recorded under it already;
+    /// answers the record stored and whether it is new.
+    fn begin_deposit(
+        &self,
+        reference: &Reference,
+        intent: &DepositRecord,
+    ) -> Result<(DepositRecord, bool), StoreError>;
+    /// Records, durably, that the processor collected the deposit under
+    /// `reference` (a deposit past that step is left as it is).
+    fn deposit_collected(
+        &self,
+        reference: &Reference,
+        processor: &str,
+    ) -> Result<DepositRecord, StoreError>;
+    /// Stores the collected deposit's `transfer` and marks it posted, in one
+    /// transaction, durably; a deposit posted already is left as it is (the
+    /// record answered names its transfer).
+    fn post_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError> {
+        let record = self.stage_deposit(reference, transfer)?;
+        self.sync()?;
+        Ok(record)
+    }
+    /// Does what `post_deposit` does, durable only once a `sync` that
+    /// starts after it returns.
+    fn stage_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError>;
+}
+
+/// A new product's fields.
+#[derive(Debug, Clone, Copy)]
+pub struct NewProduct<'a> {
+    /// Who is credited for its uses.
+    pub owner: &'a Cid,
+    /// Its name.
+    pub name: &'a str,
+    /// What it is (may be empty).
+    pub description: &'a str,
+    /// The terms shown to customers.
+    pub terms: &'a str,
+    /// The TACA module.
+    pub taca: &'a [u8],
+    /// The most one use may cost; more than 0.
+    pub max_price: Amount,
+}
+
+impl<'a> NewProduct<'a> {
+    /// A product without a description.
+    pub fn new(
+        owner: &'a Cid,
+        name: &'a str,
+        terms: &'a str,
+        taca: &'a [u8],
+        max_price: Amount,
+    ) -> Self {
+        NewProduct {
+            owner,
+            name,
+            description: "",
+            terms,
+            taca,
+            max_price,
+        }
+    }
+}
