@@ -210,6 +210,18 @@ enum Command {
         #[arg(long, value_name = "YYYY-MM")]
         month: String,
     },
+    /// Bring a PostgreSQL store's schema up to date and exit: the
+    /// versioned migrations it lacks, in order, each once, under a lock (so
+    /// that nodes starting at once do not race). Refuses a database made by
+    /// a newer backoffice. Exit 0 when the schema is current, 69 when the
+    /// database cannot be reached, 65 when its schema cannot be used.
+    Migrate {
+        /// The database: postgres://USER@HOST:PORT/DB (or key=value
+        /// settings). Messages name its host, port and database, never a
+        /// password.
+        #[arg(long, env = "BACKOFFICE_STORE", value_name = "URL")]
+        store: String,
+    },
     /// Check the books: the ledger's invariants, every balance against its
     /// postings, every record and index of the store. Prints what it
     /// checked with counts and every problem found; exits 1 if any.
@@ -944,6 +956,47 @@ fn read_password() -> Result<String, ExitCode> {
 
 /// `verify`: offline on a stopped branch's data folder, else through the
 /// running branch's `ledger.verify`.
+fn migrate(url: &str) -> ExitCode {
+    use backoffice::store::{PgStore, StoreError, postgres::MIGRATIONS};
+    let failed = |error: StoreError| {
+        eprintln!("backoffice: {error}");
+        match error {
+            StoreError::Schema(_) => ExitCode::from(65),
+            _ => ExitCode::from(69),
+        }
+    };
+    let store = match PgStore::open(url) {
+        Ok(store) => store,
+        Err(error) => return failed(error),
+    };
+    match store.migrate(MIGRATIONS) {
+        Ok(done) if done.applied.is_empty() => {
+            println!(
+                "the schema of {} is at version {}: nothing to apply",
+                store.shown(),
+                done.version
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(done) => {
+            for version in &done.applied {
+                let name = MIGRATIONS
+                    .iter()
+                    .find(|step| step.version == *version)
+                    .map_or("", |step| step.name);
+                println!("applied migration {version} ({name})");
+            }
+            println!(
+                "the schema of {} is at version {}",
+                store.shown(),
+                done.version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => failed(error),
+    }
+}
+
 fn verify(cli: &Cli, data_dir: Option<&std::path::Path>) -> ExitCode {
     use proto::xmlrpc::Value;
     let (ok, checked, count, problems) = match data_dir {
@@ -1137,6 +1190,7 @@ fn main() -> ExitCode {
             operator(&cli, "account.freeUses", vec![text(cid), text(month)])
         }
         Command::Verify { data_dir } => verify(&cli, data_dir.as_deref()),
+        Command::Migrate { store } => migrate(store),
         Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
         Command::Grants { id } => operator(&cli, "grant.list", vec![text(id)]),

@@ -11,8 +11,10 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod postgres;
 mod sled;
 
+pub use self::postgres::PgStore;
 #[cfg(test)]
 pub(crate) use self::sled::encode_transfer_for_tests;
 pub use self::sled::{LOCK_WAIT_MS, METER_GRANTS_CACHED_MAX, SLED_CACHE_BYTES, SledStore};
@@ -48,6 +50,12 @@ pub enum StoreError {
     /// A stored record is not what it should be (corrupt, or out of step).
     #[error("the store is inconsistent: {0}")]
     Corrupt(String),
+    /// The database failed or could not be reached (PostgreSQL).
+    #[error("the database failed: {0}")]
+    Database(String),
+    /// The database's schema is not one this backoffice can use.
+    #[error("the database's schema: {0}")]
+    Schema(String),
 }
 
 /// An upload batch, named by its meter and its id.

@@ -4,5 +4,6 @@ mod bounds;
 mod cli;
 mod examples;
 mod ledger;
+mod postgres;
 mod pricing;
 mod send;

@@ -1,0 +1,319 @@
+//! The PostgreSQL store: a branch whose state lives in a database that
+//! several backoffice nodes share, backed up and replicated the way
+//! operators of payment systems already do it.
+//!
+//! Built in steps (issue 15). Here so far: connecting (a pool of
+//! `tokio-postgres` connections on a runtime of the store's own, so that
+//! the synchronous `Store` interface can be called from any thread,
+//! async handlers included), and the versioned schema: `MIGRATIONS`,
+//! applied in order at start or alone by `backoffice migrate`, each once,
+//! under an advisory lock so that nodes starting together do not race,
+//! each checked against the SHA-256 it was applied with. A database made by
+//! a newer backoffice, or whose applied migration differs from this one's,
+//! is refused with a message that says which.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::StoreError;
+
+/// One step of the schema.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Its number: applied in increasing order, each once.
+    pub version: i64,
+    /// What it is for, in a word or two.
+    pub name: &'static str,
+    /// The SQL, run in the migration's transaction.
+    pub sql: &'static str,
+}
+
+impl Migration {
+    /// The SHA-256 of its SQL, hex: what a database records it applied.
+    pub fn sha256(&self) -> String {
+        proto::record::hex(
+            ring::digest::digest(&ring::digest::SHA256, self.sql.as_bytes()).as_ref(),
+        )
+    }
+}
+
+/// The schema's steps, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "branch",
+    sql: include_str!("postgres/0001_branch.sql"),
+}];
+
+/// The advisory lock migrations take (the bytes of "backoffi").
+const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
+/// How long connecting, and waiting for a free connection, may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections per node.
+pub const POOL_SIZE: usize = 16;
+
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// The versions applied now, in order.
+    pub applied: Vec<i64>,
+    /// The schema's version after.
+    pub version: i64,
+}
+
+/// A branch in PostgreSQL.
+pub struct PgStore {
+    pool: deadpool_postgres::Pool,
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Where it is, without any password: for messages.
+    shown: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("at", &self.shown).finish()
+    }
+}
+
+/// `host:port/dbname` of a connection string, never its password.
+fn shown(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("postgres")
+    )
+}
+
+fn database(error: &dyn std::fmt::Display, at: &str) -> StoreError {
+    StoreError::Database(format!("{at}: {error}"))
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`,
+    /// or `host=... dbname=...`) and brings its schema up to date.
+    pub fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let store = PgStore::open(url)?;
+        store.migrate(MIGRATIONS)?;
+        Ok(store)
+    }
+
+    /// Connects without touching the schema.
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.contains('='))
+        {
+            return Err(StoreError::Database(
+                "a PostgreSQL store is named by a postgres:// URL (or key=value settings)"
+                    .to_owned(),
+            ));
+        }
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|error| {
+            // The parser's message never repeats the URL (which may hold a
+            // password).
+            StoreError::Database(format!("not a PostgreSQL connection string: {error}"))
+        })?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name("backoffice");
+        }
+        let shown = shown(&config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("store-postgres")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Sync)?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            // Building the pool needs the runtime it will run on.
+            let _entered = runtime.enter();
+            deadpool_postgres::Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(CONNECT_TIMEOUT))
+                .create_timeout(Some(CONNECT_TIMEOUT))
+                .build()
+                .map_err(|error| database(&error, &shown))?
+        };
+        let store = PgStore {
+            pool,
+            runtime: Some(runtime),
+            shown,
+        };
+        // Fail now, with the reason, rather than at the first request.
+        let pool = store.pool.clone();
+        let at = store.shown.clone();
+        store.run(async move {
+            let client = pool.get().await.map_err(|error| database(&error, &at))?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|error| database(&error, &at))?;
+            Ok::<(), StoreError>(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `work` on the store's runtime and waits for it: callable from
+    /// any thread, inside an async handler too (where it blocks that
+    /// worker as a disk read would).
+    fn run<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> T {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives as long as the store")
+            .spawn(async move {
+                // The caller waits on the other end until this sends.
+                let _ = sender.send(work.await);
+            });
+        receiver
+            .recv()
+            .expect("the store's runtime runs every task it is given")
+    }
+
+    /// Where it is (host, port, database; never a password).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// Applies the steps of `migrations` the database lacks, in order, in
+    /// one transaction under the migration lock.
+    pub fn migrate(&self, migrations: &'static [Migration]) -> Result<Migrated, StoreError> {
+        let pool = self.pool.clone();
+        let at = self.shown.clone();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(|error| database(&error, &at))?;
+            migrate(&mut client, migrations)
+                .await
+                .map_err(|error| match error {
+                    Failure::Database(error) => database(&error, &at),
+                    Failure::Schema(message) => StoreError::Schema(format!("{at}: {message}")),
+                })
+        })
+    }
+
+    /// The schema's version (0: none yet).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        let pool = self.pool.clone();
+        let at = self.shown.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(|error| database(&error, &at))?;
+            let exists = client
+                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+                .await
+                .map_err(|error| database(&error, &at))?
+                .get::<_, bool>(0);
+            if !exists {
+                return Ok(0);
+            }
+            let row = client
+                .query_one(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                    &[],
+                )
+                .await
+                .map_err(|error| database(&error, &at))?;
+            Ok(row.get::<_, i64>(0))
+        })
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Safe from any thread, inside another runtime too.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+enum Failure {
+    Database(tokio_postgres::Error),
+    Schema(String),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Failure::Database(error)
+    }
+}
+
+async fn migrate(
+    client: &mut deadpool_postgres::Object,
+    migrations: &[Migration],
+) -> Result<Migrated, Failure> {
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    transaction
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version bigint PRIMARY KEY,
+                name text NOT NULL,
+                sha256 text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    let rows = transaction
+        .query(
+            "SELECT version, name, sha256 FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?;
+    let known = migrations.last().map_or(0, |last| last.version);
+    let mut version = 0;
+    for row in &rows {
+        let (applied, name, sha256): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+        let Some(ours) = migrations.iter().find(|ours| ours.version == applied) else {
+            return Err(Failure::Schema(format!(
+                "the database's schema is at version {} ({name}), made by a newer backoffice: \
+                 this one knows versions up to {known}; run the newer backoffice",
+                rows.last().map_or(applied, |row| row.get(0))
+            )));
+        };
+        if ours.sha256() != sha256 {
+            return Err(Failure::Schema(format!(
+                "migration {applied} ({name}) was applied with other SQL than this \
+                 backoffice's (SHA-256 {sha256}, here {}): the database and this backoffice \
+                 disagree on the schema; nothing was changed",
+                ours.sha256()
+            )));
+        }
+        version = applied;
+    }
+    let mut applied = Vec::new();
+    let from = version;
+    for migration in migrations.iter().filter(|step| step.version > from) {
+        transaction.batch_execute(migration.sql).await?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version, name, sha256) VALUES ($1, $2, $3)",
+                &[&migration.version, &migration.name, &migration.sha256()],
+            )
+            .await?;
+        applied.push(migration.version);
+        version = migration.version;
+    }
+    transaction.commit().await?;
+    Ok(Migrated { applied, version })
+}

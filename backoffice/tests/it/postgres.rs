@@ -1,0 +1,246 @@
+//! The PostgreSQL store's schema on a real, throw-away PostgreSQL cluster
+//! (`pgtest`): migrations applied once, in order, under a lock; databases
+//! made by a newer backoffice or with other SQL refused; posted transfers
+//! never changed; clear errors for a wrong or unreachable database.
+
+use std::process::Command;
+
+use backoffice::store::postgres::{MIGRATIONS, Migrated, Migration};
+use backoffice::store::{PgStore, StoreError};
+use pgtest::Cluster;
+
+fn cluster() -> Cluster {
+    Cluster::start().unwrap_or_else(|error| panic!("a PostgreSQL cluster: {error}"))
+}
+
+fn tables(cluster: &Cluster, db: &str) -> Vec<String> {
+    cluster
+        .psql(
+            db,
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = 'public' ORDER BY table_name",
+        )
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    // Four nodes start at once on an empty database.
+    let versions: Vec<i64> = std::thread::scope(|scope| {
+        let nodes: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let store = PgStore::connect(&url).unwrap();
+                    store.schema_version().unwrap()
+                })
+            })
+            .collect();
+        nodes.into_iter().map(|node| node.join().unwrap()).collect()
+    });
+    let latest = MIGRATIONS.last().unwrap().version;
+    assert_eq!(versions, vec![latest; 4]);
+    assert_eq!(
+        cluster
+            .psql("branch", "SELECT count(*) FROM schema_migrations")
+            .unwrap()
+            .trim(),
+        MIGRATIONS.len().to_string()
+    );
+    let all = tables(&cluster, "branch");
+    for table in [
+        "balances",
+        "batches",
+        "customers",
+        "deposits",
+        "free_uses",
+        "grants",
+        "itemised",
+        "meters",
+        "period_uses",
+        "products",
+        "schema_migrations",
+        "seq_ranges",
+        "serials",
+        "suspense",
+        "tacas",
+        "transfers",
+    ] {
+        assert!(all.iter().any(|name| name == table), "{table} in {all:?}");
+    }
+    // Again: nothing to apply.
+    let store = PgStore::open(&url).unwrap();
+    assert_eq!(
+        store.migrate(MIGRATIONS).unwrap(),
+        Migrated {
+            applied: vec![],
+            version: latest
+        }
+    );
+}
+
+static UPGRADE: [Migration; 2] = [
+    MIGRATIONS[0],
+    Migration {
+        version: 2,
+        name: "notes",
+        sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
+    },
+];
+
+static CHANGED: [Migration; 1] = [Migration {
+    version: 1,
+    name: "branch",
+    sql: "CREATE TABLE other (id bigint);",
+}];
+
+#[test]
+fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let store = PgStore::connect(&url).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 1);
+    // A later backoffice with a second step upgrades it, keeping the data.
+    cluster
+        .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
+        .unwrap();
+    assert_eq!(
+        store.migrate(&UPGRADE).unwrap(),
+        Migrated {
+            applied: vec![2],
+            version: 2
+        }
+    );
+    assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
+    assert_eq!(
+        cluster
+            .psql("branch", "SELECT last FROM serials WHERE kind = 'C'")
+            .unwrap()
+            .trim(),
+        "7"
+    );
+    // This backoffice knows only version 1: it refuses the database and
+    // changes nothing.
+    let refused = PgStore::connect(&url).unwrap_err();
+    assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
+    let message = refused.to_string();
+    assert!(
+        message.contains("version 2") && message.contains("newer backoffice"),
+        "{message}"
+    );
+    // A database whose version 1 was other SQL is refused too.
+    let other = cluster.create_database("other").unwrap();
+    PgStore::open(&other).unwrap().migrate(&CHANGED).unwrap();
+    let refused = PgStore::connect(&other).unwrap_err();
+    let message = refused.to_string();
+    assert!(
+        message.contains("migration 1") && message.contains("other SQL"),
+        "{message}"
+    );
+    assert!(!tables(&cluster, "other").contains(&"transfers".to_owned()));
+}
+
+#[test]
+fn posted_transfers_cannot_be_changed_or_deleted_even_in_sql() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    PgStore::connect(&url).unwrap();
+    cluster
+        .psql(
+            "branch",
+            "INSERT INTO transfers (id, debit, credit, amount, kind, posted_ms) \
+             VALUES (0, ':funding', 'B1-C1', 10.5, 'deposit', 1)",
+        )
+        .unwrap();
+    for change in [
+        "UPDATE transfers SET amount = 1000 WHERE id = 0",
+        "DELETE FROM transfers WHERE id = 0",
+        "TRUNCATE transfers",
+    ] {
+        let refused = cluster.psql("branch", change).unwrap_err();
+        assert!(refused.contains("never changed"), "{change}: {refused}");
+    }
+    // Nor can money be a float's approximation, or a transfer be negative.
+    assert!(
+        cluster
+            .psql(
+                "branch",
+                "INSERT INTO transfers (id, debit, credit, amount, kind, posted_ms) \
+                 VALUES (1, ':funding', 'B1-C1', -1, 'deposit', 1)"
+            )
+            .is_err()
+    );
+    assert_eq!(
+        cluster
+            .psql("branch", "SELECT amount FROM transfers")
+            .unwrap()
+            .trim(),
+        "10.500000000"
+    );
+}
+
+#[test]
+fn a_wrong_or_unreachable_database_gets_a_clear_error_without_its_password() {
+    let refused = PgStore::open("mysql://root@127.0.0.1/branch").unwrap_err();
+    assert!(refused.to_string().contains("postgres://"), "{refused}");
+    // A port nothing listens on: refused at once, the password never shown.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let started = std::time::Instant::now();
+    let refused =
+        PgStore::connect(&format!("postgres://ada:s3cret-pw@127.0.0.1:{port}/branch")).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    let message = refused.to_string();
+    assert!(matches!(refused, StoreError::Database(_)), "{message}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{port}/branch")),
+        "{message}"
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+}
+
+#[test]
+fn the_migrate_command_applies_once_and_reads_the_store_from_the_environment() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let migrate = |args: &[&str], env: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backoffice"));
+        command
+            .arg("migrate")
+            .args(args)
+            .env_remove("BACKOFFICE_STORE");
+        if let Some(url) = env {
+            command.env("BACKOFFICE_STORE", url);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, text) = migrate(&["--store", &url], None);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("applied migration 1 (branch)"), "{text}");
+    let (code, text) = migrate(&[], Some(&url));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("nothing to apply"), "{text}");
+    cluster
+        .psql(
+            "branch",
+            "INSERT INTO schema_migrations (version, name, sha256) VALUES (9, 'future', '')",
+        )
+        .unwrap();
+    let (code, text) = migrate(&["--store", &url], None);
+    assert_eq!(code, Some(65), "{text}");
+    assert!(text.contains("newer backoffice"), "{text}");
+    let (code, text) = migrate(&["--store", &cluster.url("missing")], None);
+    assert_eq!(code, Some(69), "{text}");
+    assert!(text.contains("missing"), "{text}");
+}
