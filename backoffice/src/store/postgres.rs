@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use super::StoreError;
 
+mod branch;
+
 /// One step of the schema.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
@@ -159,34 +161,44 @@ impl PgStore {
             shown,
         };
         // Fail now, with the reason, rather than at the first request.
-        let pool = store.pool.clone();
-        let at = store.shown.clone();
-        store.run(async move {
-            let client = pool.get().await.map_err(|error| database(&error, &at))?;
+        store.block(async {
+            let client = store.client().await?;
             client
                 .simple_query("SELECT 1")
                 .await
-                .map_err(|error| database(&error, &at))?;
+                .map_err(|error| database(&error, &store.shown))?;
             Ok::<(), StoreError>(())
         })?;
         Ok(store)
     }
 
     /// Runs `work` on the store's runtime and waits for it: callable from
-    /// any thread, inside an async handler too (where it blocks that
-    /// worker as a disk read would).
-    fn run<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> T {
-        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-        self.runtime
+    /// any thread, inside an async handler too (there on a thread of its
+    /// own, since a runtime's worker may not block on another runtime; the
+    /// caller's worker waits as it would for a disk read).
+    fn block<T: Send>(&self, work: impl Future<Output = T> + Send) -> T {
+        let handle = self
+            .runtime
             .as_ref()
             .expect("the runtime lives as long as the store")
-            .spawn(async move {
-                // The caller waits on the other end until this sends.
-                let _ = sender.send(work.await);
-            });
-        receiver
-            .recv()
-            .expect("the store's runtime runs every task it is given")
+            .handle();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return handle.block_on(work);
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(work))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// A connection from the pool.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|error| database(&error, &self.shown))
     }
 
     /// Where it is (host, port, database; never a password).
@@ -196,15 +208,14 @@ impl PgStore {
 
     /// Applies the steps of `migrations` the database lacks, in order, in
     /// one transaction under the migration lock.
-    pub fn migrate(&self, migrations: &'static [Migration]) -> Result<Migrated, StoreError> {
-        let pool = self.pool.clone();
-        let at = self.shown.clone();
-        self.run(async move {
-            let mut client = pool.get().await.map_err(|error| database(&error, &at))?;
+    pub fn migrate(&self, migrations: &[Migration]) -> Result<Migrated, StoreError> {
+        let at = &self.shown;
+        self.block(async {
+            let mut client = self.client().await?;
             migrate(&mut client, migrations)
                 .await
                 .map_err(|error| match error {
-                    Failure::Database(error) => database(&error, &at),
+                    Failure::Database(error) => database(&error, at),
                     Failure::Schema(message) => StoreError::Schema(format!("{at}: {message}")),
                 })
         })
@@ -212,14 +223,13 @@ impl PgStore {
 
     /// The schema's version (0: none yet).
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        let pool = self.pool.clone();
-        let at = self.shown.clone();
-        self.run(async move {
-            let client = pool.get().await.map_err(|error| database(&error, &at))?;
+        let at = &self.shown;
+        self.block(async {
+            let client = self.client().await?;
             let exists = client
                 .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
                 .await
-                .map_err(|error| database(&error, &at))?
+                .map_err(|error| database(&error, at))?
                 .get::<_, bool>(0);
             if !exists {
                 return Ok(0);
@@ -230,7 +240,7 @@ impl PgStore {
                     &[],
                 )
                 .await
-                .map_err(|error| database(&error, &at))?;
+                .map_err(|error| database(&error, at))?;
             Ok(row.get::<_, i64>(0))
         })
     }
@@ -316,4 +326,44 @@ async fn migrate(
     }
     transaction.commit().await?;
     Ok(Migrated { applied, version })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{Harness, conformance_tests};
+
+    /// A database of its own on a throw-away cluster of its own.
+    struct PgHarness {
+        cluster: pgtest::Cluster,
+        url: String,
+    }
+
+    impl PgHarness {
+        fn new() -> Self {
+            let cluster = pgtest::Cluster::start().unwrap();
+            let url = cluster.create_database("branch").unwrap();
+            PgHarness { cluster, url }
+        }
+    }
+
+    impl Harness for PgHarness {
+        type Store = PgStore;
+        fn open(&self) -> PgStore {
+            PgStore::connect(&self.url).unwrap()
+        }
+        fn damage_an_itemised_record(&self, _store: &PgStore) {
+            self.cluster
+                .psql(
+                    "branch",
+                    "UPDATE itemised SET record = substring(record FROM 1 FOR length(record) - 1) \
+                     WHERE (arrived_ms, mid, batch, part) = \
+                     (SELECT arrived_ms, mid, batch, part FROM itemised \
+                      ORDER BY arrived_ms, mid, batch, part LIMIT 1)",
+                )
+                .unwrap();
+        }
+    }
+
+    conformance_tests!(PgHarness::new());
 }

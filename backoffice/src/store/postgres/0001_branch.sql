@@ -1,20 +1,21 @@
 -- Version 1: everything one branch keeps, so that any node can answer any
 -- request. Money is numeric (exact: 9 decimal places, as `Amount`), never a
--- float; registry records are the same versioned binary records the sled
--- store keeps (`record`), beside the columns that find them.
+-- float; registry records are the same JSON records the sled store keeps
+-- (`record`), beside the columns that find them. Keys that are paged in
+-- order use the "C" collation: the same order whatever the server's locale.
 
--- The last number issued per kind of ID: C (customers), P (products), M
+-- The next number to issue per kind of ID: C (customers), P (products), M
 -- (meters), G (grants).
 CREATE TABLE serials (
     kind text PRIMARY KEY,
-    last bigint NOT NULL CHECK (last >= 0)
+    next bigint NOT NULL CHECK (next >= 1)
 );
 
 CREATE TABLE customers (
     cid text PRIMARY KEY,
     -- Lower case: one customer per address, in any case.
     email text NOT NULL UNIQUE,
-    record bytea NOT NULL
+    record jsonb NOT NULL
 );
 
 -- TACA modules by the SHA-256 of their bytes (hex).
@@ -28,20 +29,20 @@ CREATE TABLE products (
     test_pid text NOT NULL UNIQUE,
     owner text NOT NULL REFERENCES customers (cid),
     taca text NOT NULL REFERENCES tacas (hash),
-    record bytea NOT NULL
+    record jsonb NOT NULL
 );
 
 CREATE TABLE meters (
     mid text PRIMARY KEY,
     owner text NOT NULL REFERENCES customers (cid),
-    record bytea NOT NULL
+    record jsonb NOT NULL
 );
 
 CREATE TABLE grants (
     number bigint PRIMARY KEY,
     mid text NOT NULL REFERENCES meters (mid),
     cid text NOT NULL REFERENCES customers (cid),
-    record bytea NOT NULL
+    record jsonb NOT NULL
 );
 CREATE INDEX grants_by_meter ON grants (mid, number);
 CREATE INDEX grants_by_customer ON grants (cid, number);
@@ -98,6 +99,7 @@ CREATE TABLE batches (
 CREATE TABLE seq_ranges (
     mid text NOT NULL,
     instance text NOT NULL,
+    -- As in suspense: u64 with the sign bit flipped.
     first bigint NOT NULL,
     last bigint NOT NULL CHECK (last >= first),
     PRIMARY KEY (mid, instance, first)
@@ -122,8 +124,10 @@ CREATE TABLE free_uses (
 
 -- Readings that could not be priced, in the store's order.
 CREATE TABLE suspense (
-    mid text NOT NULL,
-    batch text NOT NULL,
+    mid text COLLATE "C" NOT NULL,
+    batch text COLLATE "C" NOT NULL,
+    -- Sequence numbers are u64: stored with the sign bit flipped, so that
+    -- bigint order is their order.
     seq bigint NOT NULL,
     record jsonb NOT NULL,
     PRIMARY KEY (mid, batch, seq)

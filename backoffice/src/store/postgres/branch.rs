@@ -1,0 +1,1457 @@
+//! `Store` on PostgreSQL: each change one transaction, durable when it
+//! commits (so `sync` has nothing left to do). Read-modify-write steps lock
+//! the rows they change (`FOR UPDATE`); IDs come from `serials` rows,
+//! locked by the `UPDATE` that takes the next number.
+
+use std::collections::HashMap;
+
+use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
+use tokio_postgres::error::SqlState;
+
+use super::PgStore;
+use crate::funding::{DepositRecord, DepositState, Reference};
+use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
+use crate::pricing::TacaHash;
+use crate::registry::{
+    self, Actor, Change, Customer, Grant, Meter, NewGrant, PreviousSecret, Product, Registration,
+    RegistryError,
+};
+use crate::store::{
+    AppliedBatch, BatchEffects, BatchKey, ItemisedAt, NewProduct, PeriodKey, RepricedItems,
+    SeqRange, Store, StoreError, Suspense, SuspenseCursor,
+};
+
+type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        StoreError::Database(error.to_string())
+    }
+}
+
+/// A number the store keeps in a bigint (IDs, times, counts).
+fn int(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} does not fit a bigint")))
+}
+
+fn uint(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} is negative")))
+}
+
+/// A sequence number (any u64) as a bigint in the same order: the sign bit
+/// flipped.
+fn seq_in(seq: u64) -> i64 {
+    i64::from_be_bytes((seq ^ (1 << 63)).to_be_bytes())
+}
+
+fn seq_out(stored: i64) -> u64 {
+    u64::from_be_bytes(stored.to_be_bytes()) ^ (1 << 63)
+}
+
+fn account_text(account: &AccountId) -> String {
+    match account {
+        AccountId::Customer(cid) => cid.as_str().to_owned(),
+        AccountId::System(SystemAccount::Funding) => ":funding".to_owned(),
+    }
+}
+
+fn account_of(text: &str) -> Result<AccountId, StoreError> {
+    match text {
+        ":funding" => Ok(AccountId::System(SystemAccount::Funding)),
+        cid => Cid::parse(cid)
+            .map(AccountId::Customer)
+            .map_err(|_| StoreError::Corrupt(format!("an account named {cid:?}"))),
+    }
+}
+
+fn amount_of(text: &str) -> Result<Amount, StoreError> {
+    Amount::parse(text).map_err(|_| StoreError::Corrupt(format!("the amount {text:?}")))
+}
+
+fn json<T: serde::Serialize>(record: &T) -> String {
+    serde_json::to_string(record).expect("records serialize")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("{what}: {error}")))
+}
+
+fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// The serial number at the end of an ID (`B1-P12` -> 12), for ordering.
+fn serial_of(id: &str) -> u64 {
+    id.rsplit_once('-')
+        .and_then(|(_, tail)| tail.get(1..))
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Takes the next number of `kind` (from 1), locking its row until the
+/// transaction ends.
+async fn next_serial(transaction: &Transaction<'_>, kind: &str) -> Result<u64, StoreError> {
+    let row = transaction
+        .query_one(
+            "INSERT INTO serials (kind, next) VALUES ($1, 2) \
+             ON CONFLICT (kind) DO UPDATE SET next = serials.next + 1 \
+             RETURNING next - 1",
+            &[&kind],
+        )
+        .await?;
+    uint(row.get(0))
+}
+
+/// Writes `transfers` and moves the balances they change.
+async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(), StoreError> {
+    if transfers.is_empty() {
+        return Ok(());
+    }
+    let insert = transaction
+        .prepare(
+            "INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms) \
+             VALUES ($1, $2, $3, ($4::text)::numeric, $5, $6, $7, $8, $9, $10)",
+        )
+        .await?;
+    let mut moved: HashMap<AccountId, Amount> = HashMap::new();
+    for transfer in transfers {
+        let (kind, pid, batch, uses, corrects) = match &transfer.kind {
+            TransferKind::Deposit => ("deposit", None, None, None, None),
+            TransferKind::Withdrawal => ("withdrawal", None, None, None, None),
+            TransferKind::Use { pid, batch, uses } => (
+                "use",
+                Some(pid.as_str().to_owned()),
+                Some(batch.as_str().to_owned()),
+                Some(int(*uses)?),
+                None,
+            ),
+            TransferKind::Correction { of } => ("correction", None, None, None, Some(int(of.0)?)),
+        };
+        let result = transaction
+            .execute(
+                &insert,
+                &[
+                    &int(transfer.id.0)?,
+                    &account_text(&transfer.debit),
+                    &account_text(&transfer.credit),
+                    &transfer.amount.to_string(),
+                    &kind,
+                    &pid,
+                    &batch,
+                    &uses,
+                    &corrects,
+                    &int(transfer.posted_ms)?,
+                ],
+            )
+            .await;
+        match result {
+            Err(error) if is_unique_violation(&error) => {
+                return Err(StoreError::Corrupt(format!(
+                    "transfer {} exists already; a posted transfer is never overwritten",
+                    transfer.id.0
+                )));
+            }
+            other => other?,
+        };
+        for posting in transfer.postings() {
+            let balance = moved.entry(posting.account).or_insert(Amount::ZERO);
+            *balance = balance
+                .checked_add(posting.amount)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        }
+    }
+    // In account order, so that concurrent writers lock rows in one order.
+    let mut moved: Vec<(AccountId, Amount)> = moved.into_iter().collect();
+    moved.sort();
+    let upsert = transaction
+        .prepare(
+            "INSERT INTO balances (account, balance) VALUES ($1, ($2::text)::numeric) \
+             ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance",
+        )
+        .await?;
+    for (account, amount) in moved {
+        transaction
+            .execute(&upsert, &[&account_text(&account), &amount.to_string()])
+            .await?;
+    }
+    Ok(())
+}
+
+async fn set_period_uses(
+    transaction: &Transaction<'_>,
+    period_uses: &[(PeriodKey, u64)],
+    free_uses: &[(PeriodKey, u64)],
+) -> Result<(), StoreError> {
+    let mut set: Vec<&(PeriodKey, u64)> = period_uses.iter().collect();
+    set.sort_by_key(|(key, _)| (key.payer, key.pid, key.month));
+    for (key, uses) in set {
+        transaction
+            .execute(
+                "INSERT INTO period_uses (payer, pid, month, uses) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (payer, pid, month) DO UPDATE SET uses = excluded.uses",
+                &[
+                    &key.payer.as_str(),
+                    &key.pid.as_str(),
+                    &i32::try_from(key.month).unwrap_or(i32::MAX),
+                    &int(*uses)?,
+                ],
+            )
+            .await?;
+    }
+    let mut add: Vec<&(PeriodKey, u64)> = free_uses.iter().collect();
+    add.sort_by_key(|(key, _)| (key.payer, key.pid, key.month));
+    for (key, uses) in add {
+        transaction
+            .execute(
+                "INSERT INTO free_uses (payer, pid, month, uses) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (payer, pid, month) DO UPDATE SET uses = free_uses.uses + excluded.uses",
+                &[
+                    &key.payer.as_str(),
+                    &key.pid.as_str(),
+                    &i32::try_from(key.month).unwrap_or(i32::MAX),
+                    &int(*uses)?,
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes one set of itemised records of `key` at `arrived_ms`, indexed by
+/// the batch (`batch_index`) and by each range of transfers.
+async fn write_itemised(
+    transaction: &Transaction<'_>,
+    key: &BatchKey,
+    ranges: &[(TransferId, TransferId)],
+    arrived_ms: u64,
+    records: &[Vec<u8>],
+    batch_index: bool,
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let parts = u16::try_from(records.len()).expect("a batch takes fewer than 65,536 records");
+    let (mid, batch, arrived) = (key.mid.as_str(), key.id.as_str(), int(arrived_ms)?);
+    let insert = transaction
+        .prepare("INSERT INTO itemised (arrived_ms, mid, batch, part, record) VALUES ($1, $2, $3, $4, $5)")
+        .await?;
+    for (part, record) in records.iter().enumerate() {
+        let part = i32::try_from(part).expect("fewer than 65,536 parts");
+        transaction
+            .execute(&insert, &[&arrived, &mid, &batch, &part, record])
+            .await?;
+    }
+    if batch_index {
+        transaction
+            .execute(
+                "INSERT INTO itemised_batches (mid, batch, arrived_ms, parts) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (mid, batch) DO UPDATE SET arrived_ms = excluded.arrived_ms, parts = excluded.parts",
+                &[&mid, &batch, &arrived, &i32::from(parts)],
+            )
+            .await?;
+    }
+    for (first, last) in ranges {
+        transaction
+            .execute(
+                "INSERT INTO itemised_transfers (first, last, arrived_ms, mid, batch) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (first) DO UPDATE SET last = excluded.last, arrived_ms = excluded.arrived_ms, \
+                 mid = excluded.mid, batch = excluded.batch",
+                &[&int(first.0)?, &int(last.0)?, &arrived, &mid, &batch],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+fn registry_error(error: RegistryError) -> StoreError {
+    StoreError::Registry(error)
+}
+
+impl PgStore {
+    async fn customer_in(
+        client: &impl deadpool_postgres::GenericClient,
+        cid: &Cid,
+    ) -> Result<Option<Customer>, StoreError> {
+        let row = client
+            .query_opt(
+                "SELECT record::text FROM customers WHERE cid = $1",
+                &[&cid.as_str()],
+            )
+            .await?;
+        row.map(|row| from_json(row.get(0), "a customer record"))
+            .transpose()
+    }
+
+    async fn meter_in(
+        client: &impl deadpool_postgres::GenericClient,
+        mid: &Mid,
+        lock: bool,
+    ) -> Result<Option<Meter>, StoreError> {
+        let sql = if lock {
+            "SELECT record::text FROM meters WHERE mid = $1 FOR UPDATE"
+        } else {
+            "SELECT record::text FROM meters WHERE mid = $1"
+        };
+        let row = client.query_opt(sql, &[&mid.as_str()]).await?;
+        row.map(|row| from_json(row.get(0), "a meter record"))
+            .transpose()
+    }
+
+    async fn grants_where(&self, column: &str, id: &str) -> Result<Vec<Grant>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT record::text FROM grants WHERE {column} = $1 ORDER BY number");
+        let rows = client.query(sql.as_str(), &[&id]).await?;
+        rows.iter()
+            .map(|row| from_json(row.get(0), "a grant record"))
+            .collect()
+    }
+
+    /// Changes meter `mid`'s record as stored, under its row lock.
+    fn change_meter(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        change: &(dyn Fn(&mut Meter) -> Result<(), RegistryError> + Sync),
+    ) -> Result<Meter, StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let unknown = || registry_error(RegistryError::UnknownMeter(*mid));
+            let mut meter = Self::meter_in(&transaction, mid, true)
+                .await?
+                .ok_or_else(unknown)?;
+            if matches!(by, Actor::Owner(owner) if owner != meter.owner) {
+                return Err(unknown());
+            }
+            change(&mut meter).map_err(registry_error)?;
+            transaction
+                .execute(
+                    "UPDATE meters SET record = ($2::text)::jsonb WHERE mid = $1",
+                    &[&mid.as_str(), &json(&meter)],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(meter)
+        })
+    }
+
+    async fn itemised_set_in(
+        &self,
+        at: &ItemisedAt,
+        parts: Option<u16>,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        let key = &at.key;
+        let corrupt = |what: String| {
+            StoreError::Corrupt(format!("{what} of batch {} of {}", key.id, key.mid))
+        };
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT record FROM itemised WHERE arrived_ms = $1 AND mid = $2 AND batch = $3 ORDER BY part",
+                &[&int(at.arrived_ms)?, &key.mid.as_str(), &key.id.as_str()],
+            )
+            .await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let bytes: &[u8] = row.get(0);
+            let record = crate::itemised::decode(bytes)
+                .ok_or_else(|| corrupt(format!("itemised record {}", records.len())))?;
+            if usize::from(record.part) != records.len()
+                || record.mid != key.mid
+                || record.batch != key.id
+            {
+                return Err(corrupt(format!("itemised record {}", records.len())));
+            }
+            records.push(record);
+        }
+        match parts {
+            Some(parts) if records.len() != usize::from(parts) => Err(corrupt(format!(
+                "{} of {parts} itemised records",
+                records.len()
+            ))),
+            None if records.is_empty() => Ok(None),
+            _ => Ok(Some(records)),
+        }
+    }
+
+    async fn deposit_in(
+        transaction: &Transaction<'_>,
+        reference: &Reference,
+    ) -> Result<DepositRecord, StoreError> {
+        let row = transaction
+            .query_opt(
+                "SELECT record::text FROM deposits WHERE reference = $1 FOR UPDATE",
+                &[&reference.as_str()],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("no deposit record under this reference".into()))?;
+        from_json(row.get(0), "a deposit record")
+    }
+
+    async fn resolve_in(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        free_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        for set in sets {
+            let ranges: Vec<(TransferId, TransferId)> =
+                set.transfers.iter().map(|id| (*id, *id)).collect();
+            write_itemised(
+                &transaction,
+                &set.key,
+                &ranges,
+                arrived_ms,
+                &set.records,
+                false,
+            )
+            .await?;
+        }
+        post(&transaction, transfers).await?;
+        set_period_uses(&transaction, period_uses, free_uses).await?;
+        for record in resolved {
+            transaction
+                .execute(
+                    "DELETE FROM suspense WHERE mid = $1 AND batch = $2 AND seq = $3",
+                    &[
+                        &record.mid.as_str(),
+                        &record.batch.as_str(),
+                        &seq_in(record.seq),
+                    ],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+impl Store for PgStore {
+    fn load_ledger(&self) -> Result<Ledger, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
+                     FROM transfers ORDER BY id",
+                    &[],
+                )
+                .await?;
+            let mut transfers = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let kind: &str = row.get(4);
+                let corrupt = || StoreError::Corrupt(format!("transfer {}", row.get::<_, i64>(0)));
+                let kind = match kind {
+                    "deposit" => TransferKind::Deposit,
+                    "withdrawal" => TransferKind::Withdrawal,
+                    "use" => TransferKind::Use {
+                        pid: Pid::parse(row.get::<_, Option<&str>>(5).ok_or_else(corrupt)?)
+                            .map_err(|_| corrupt())?,
+                        batch: BatchId::parse(row.get::<_, Option<&str>>(6).ok_or_else(corrupt)?)
+                            .map_err(|_| corrupt())?,
+                        uses: uint(row.get::<_, Option<i64>>(7).ok_or_else(corrupt)?)?,
+                    },
+                    "correction" => TransferKind::Correction {
+                        of: TransferId(uint(row.get::<_, Option<i64>>(8).ok_or_else(corrupt)?)?),
+                    },
+                    _ => return Err(corrupt()),
+                };
+                transfers.push(Transfer {
+                    id: TransferId(uint(row.get(0))?),
+                    debit: account_of(row.get(1))?,
+                    credit: account_of(row.get(2))?,
+                    amount: amount_of(row.get(3))?,
+                    kind,
+                    posted_ms: uint(row.get(9))?,
+                });
+            }
+            Ok(Ledger::restore(transfers))
+        })
+    }
+
+    fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+        self.stage_batch_itemised(key, effects, 0, &[])
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // Every change was durable when its transaction committed.
+        Ok(())
+    }
+
+    fn stage_batch_itemised(
+        &self,
+        key: &BatchKey,
+        effects: BatchEffects<'_>,
+        arrived_ms: u64,
+        itemised: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let digest: Option<&[u8]> = effects.digest.as_ref().map(|digest| &digest[..]);
+            let inserted = transaction
+                .execute(
+                    "INSERT INTO batches (mid, batch, digest, answer) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (mid, batch) DO NOTHING",
+                    &[&key.mid.as_str(), &key.id.as_str(), &digest, &effects.answer],
+                )
+                .await?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyApplied(key.id.to_string()));
+            }
+            let range: Vec<(TransferId, TransferId)> = effects
+                .transfers
+                .first()
+                .zip(effects.transfers.last())
+                .map(|(first, last)| (first.id, last.id))
+                .into_iter()
+                .collect();
+            write_itemised(&transaction, key, &range, arrived_ms, itemised, true).await?;
+            if let Some(range) = effects.seq_range {
+                transaction
+                    .execute(
+                        "INSERT INTO seq_ranges (mid, instance, first, last) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (mid, instance, first) DO UPDATE SET last = excluded.last",
+                        &[
+                            &range.mid.as_str(),
+                            &range.instance,
+                            &seq_in(range.first),
+                            &seq_in(range.last),
+                        ],
+                    )
+                    .await?;
+            }
+            post(&transaction, effects.transfers).await?;
+            set_period_uses(&transaction, effects.period_uses, effects.free_uses).await?;
+            for record in effects.suspense {
+                transaction
+                    .execute(
+                        "INSERT INTO suspense (mid, batch, seq, record) VALUES ($1, $2, $3, ($4::text)::jsonb) \
+                         ON CONFLICT (mid, batch, seq) DO UPDATE SET record = excluded.record",
+                        &[
+                            &record.mid.as_str(),
+                            &record.batch.as_str(),
+                            &seq_in(record.seq),
+                            &json(record),
+                        ],
+                    )
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn itemised_batch(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let Some(row) = client
+                .query_opt(
+                    "SELECT arrived_ms, parts FROM itemised_batches WHERE mid = $1 AND batch = $2",
+                    &[&key.mid.as_str(), &key.id.as_str()],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            drop(client);
+            let at = ItemisedAt {
+                key: key.clone(),
+                arrived_ms: uint(row.get(0))?,
+            };
+            let parts = u16::try_from(row.get::<_, i32>(1)).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "the itemised index entry of batch {} of {}",
+                    key.id, key.mid
+                ))
+            })?;
+            self.itemised_set_in(&at, Some(parts)).await
+        })
+    }
+
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let Some(row) = client
+                .query_opt(
+                    "SELECT last, arrived_ms, mid, batch FROM itemised_transfers \
+                     WHERE first <= $1 ORDER BY first DESC LIMIT 1",
+                    &[&int(id.0)?],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            if uint(row.get(0))? < id.0 {
+                return Ok(None);
+            }
+            let corrupt =
+                || StoreError::Corrupt(format!("the itemised index entry of transfer {}", id.0));
+            let key = BatchKey {
+                mid: Mid::parse(row.get(2)).map_err(|_| corrupt())?,
+                id: BatchId::parse(row.get(3)).map_err(|_| corrupt())?,
+            };
+            Ok(Some(ItemisedAt {
+                key,
+                arrived_ms: uint(row.get(1))?,
+            }))
+        })
+    }
+
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        self.block(self.itemised_set_in(at, None))
+    }
+
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        free_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        self.block(self.resolve_in(
+            resolved,
+            transfers,
+            period_uses,
+            free_uses,
+            arrived_ms,
+            sets,
+        ))
+    }
+
+    fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let rows = transaction
+                .query(
+                    "SELECT arrived_ms, mid, batch, part, record FROM itemised WHERE arrived_ms < $1 \
+                     ORDER BY arrived_ms, mid, batch, part LIMIT $2 FOR UPDATE",
+                    &[&int(before_ms)?, &int(records_max as u64)?],
+                )
+                .await?;
+            for row in &rows {
+                let (arrived, mid, batch, part): (i64, &str, &str, i32) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                transaction
+                    .execute(
+                        "DELETE FROM itemised WHERE arrived_ms = $1 AND mid = $2 AND batch = $3 AND part = $4",
+                        &[&arrived, &mid, &batch, &part],
+                    )
+                    .await?;
+                let Some(record) = crate::itemised::decode(row.get(4)) else {
+                    continue;
+                };
+                let mut firsts: Vec<u64> = Vec::new();
+                if record.repriced {
+                    // A re-pricing's records are found by their transfers only.
+                    for item in &record.items {
+                        if let crate::itemised::Outcome::Priced(priced) = &item.outcome
+                            && let Some(transfer) = priced.transfer
+                        {
+                            firsts.push(transfer.0);
+                        }
+                    }
+                } else if record.part == 0 {
+                    // The first record of a batch takes its index entries with it.
+                    transaction
+                        .execute(
+                            "DELETE FROM itemised_batches WHERE mid = $1 AND batch = $2",
+                            &[&mid, &batch],
+                        )
+                        .await?;
+                    if let Some((first, _)) = record.transfers {
+                        firsts.push(first.0);
+                    }
+                }
+                for first in firsts {
+                    transaction
+                        .execute(
+                            "DELETE FROM itemised_transfers WHERE first = $1",
+                            &[&int(first)?],
+                        )
+                        .await?;
+                }
+            }
+            transaction.commit().await?;
+            Ok(rows.len())
+        })
+    }
+
+    fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            post(&transaction, transfers).await?;
+            transaction.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT uses FROM period_uses WHERE payer = $1 AND pid = $2 AND month = $3",
+                    &[
+                        &key.payer.as_str(),
+                        &key.pid.as_str(),
+                        &i32::try_from(key.month).unwrap_or(i32::MAX),
+                    ],
+                )
+                .await?;
+            row.map_or(Ok(0), |row| uint(row.get(0)))
+        })
+    }
+
+    fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT pid, uses FROM free_uses WHERE payer = $1 AND month = $2",
+                    &[&payer.as_str(), &i32::try_from(month).unwrap_or(i32::MAX)],
+                )
+                .await?;
+            let mut found = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let pid = Pid::parse(row.get(0))
+                    .map_err(|_| StoreError::Corrupt("a free-use count".to_owned()))?;
+                found.push((pid, uint(row.get(1))?));
+            }
+            found.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            Ok(found)
+        })
+    }
+
+    fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
+        self.suspense_page(None, usize::MAX)
+    }
+
+    fn suspense_page(
+        &self,
+        after: Option<&SuspenseCursor>,
+        limit: usize,
+    ) -> Result<Vec<Suspense>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = match after {
+                None => {
+                    client
+                        .query(
+                            "SELECT record::text FROM suspense ORDER BY mid, batch, seq LIMIT $1",
+                            &[&limit],
+                        )
+                        .await?
+                }
+                Some(cursor) => client
+                    .query(
+                        "SELECT record::text FROM suspense WHERE (mid, batch, seq) > ($1, $2, $3) \
+                             ORDER BY mid, batch, seq LIMIT $4",
+                        &[
+                            &cursor.mid.as_str(),
+                            &cursor.batch.as_str(),
+                            &seq_in(cursor.seq),
+                            &limit,
+                        ],
+                    )
+                    .await?,
+            };
+            rows.iter()
+                .map(|row| from_json(row.get(0), "a suspense record"))
+                .collect()
+        })
+    }
+
+    fn suspense_count(&self) -> Result<usize, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT count(*) FROM suspense", &[])
+                .await?;
+            Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn resolve_suspense(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+    ) -> Result<(), StoreError> {
+        self.block(self.resolve_in(resolved, transfers, period_uses, &[], 0, &[]))
+    }
+
+    fn overlapping_range(&self, range: &SeqRange) -> Result<Option<(u64, u64)>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            // Stored ranges of one instance never overlap, so the one
+            // starting last at or before `range.last` is the only one that can.
+            let row = client
+                .query_opt(
+                    "SELECT first, last FROM seq_ranges WHERE mid = $1 AND instance = $2 AND first <= $3 \
+                     ORDER BY first DESC LIMIT 1",
+                    &[&range.mid.as_str(), &range.instance, &seq_in(range.last)],
+                )
+                .await?;
+            Ok(row.and_then(|row| {
+                let (first, last) = (seq_out(row.get(0)), seq_out(row.get(1)));
+                (last >= range.first).then_some((first, last))
+            }))
+        })
+    }
+
+    fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT digest, answer FROM batches WHERE mid = $1 AND batch = $2",
+                    &[&key.mid.as_str(), &key.id.as_str()],
+                )
+                .await?;
+            row.map(|row| {
+                let digest = match row.get::<_, Option<&[u8]>>(0) {
+                    None => None,
+                    Some(bytes) => Some(bytes.try_into().map_err(|_| {
+                        StoreError::Corrupt(format!("the digest of batch {}", key.id))
+                    })?),
+                };
+                Ok(AppliedBatch {
+                    digest,
+                    answer: row.get::<_, &[u8]>(1).to_vec(),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError> {
+        self.register_customer(
+            bid,
+            Registration {
+                name: name.to_owned(),
+                email: email.to_owned(),
+                profile: None,
+                password: None,
+            },
+        )
+    }
+
+    fn register_customer(
+        &self,
+        bid: &Bid,
+        registration: Registration,
+    ) -> Result<Customer, StoreError> {
+        registry::check_text("name", &registration.name, registry::NAME_BYTES_MAX)?;
+        registry::check_email(&registration.email)?;
+        let email_key = registration.email.to_lowercase();
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let taken = transaction
+                .query_opt("SELECT 1 FROM customers WHERE email = $1", &[&email_key])
+                .await?;
+            if taken.is_some() {
+                return Err(registry_error(RegistryError::EmailTaken));
+            }
+            let serial = next_serial(&transaction, "C").await?;
+            let cid = registry::customer_id(bid, serial)?;
+            let customer = Customer {
+                cid,
+                name: registration.name.clone(),
+                email: registration.email.clone(),
+                credit_limit: Amount::ZERO,
+                denied: false,
+                profile: registration.profile.clone(),
+                password: registration.password.clone(),
+            };
+            let inserted = transaction
+                .execute(
+                    "INSERT INTO customers (cid, email, record) VALUES ($1, $2, ($3::text)::jsonb)",
+                    &[&cid.as_str(), &email_key, &json(&customer)],
+                )
+                .await;
+            match inserted {
+                Err(error) if is_unique_violation(&error) => {
+                    return Err(registry_error(RegistryError::EmailTaken));
+                }
+                other => other?,
+            };
+            transaction.commit().await?;
+            Ok(customer)
+        })
+    }
+
+    fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            Self::customer_in(&client, cid).await
+        })
+    }
+
+    fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT record::text FROM customers WHERE email = $1",
+                    &[&email.to_lowercase()],
+                )
+                .await?;
+            row.map(|row| from_json(row.get(0), "a customer record"))
+                .transpose()
+        })
+    }
+
+    fn change_customer(
+        &self,
+        cid: &Cid,
+        change: &dyn Fn(&mut Customer),
+    ) -> Result<Customer, StoreError> {
+        // Read and changed under the row's lock: a concurrent change waits,
+        // then applies to this one's result (never to a stale copy).
+        let mut client = self.block(self.client())?;
+        let transaction = self.block(client.transaction())?;
+        let row = self.block(transaction.query_opt(
+            "SELECT record::text FROM customers WHERE cid = $1 FOR UPDATE",
+            &[&cid.as_str()],
+        ))?;
+        let Some(row) = row else {
+            return Err(registry_error(RegistryError::UnknownCustomer(*cid)));
+        };
+        let old: Customer = from_json(row.get(0), "a customer record")?;
+        let mut customer = old.clone();
+        change(&mut customer);
+        customer.cid = old.cid;
+        registry::check_text("name", &customer.name, registry::NAME_BYTES_MAX)?;
+        registry::check_email(&customer.email)?;
+        let new_email = customer.email.to_lowercase();
+        if new_email != old.email.to_lowercase() {
+            let taken = self.block(
+                transaction.query_opt("SELECT 1 FROM customers WHERE email = $1", &[&new_email]),
+            )?;
+            if taken.is_some() {
+                return Err(registry_error(RegistryError::EmailTaken));
+            }
+        }
+        let updated = self.block(transaction.execute(
+            "UPDATE customers SET email = $2, record = ($3::text)::jsonb WHERE cid = $1",
+            &[&cid.as_str(), &new_email, &json(&customer)],
+        ));
+        match updated {
+            Err(error) if is_unique_violation(&error) => {
+                return Err(registry_error(RegistryError::EmailTaken));
+            }
+            other => other?,
+        };
+        self.block(transaction.commit())?;
+        Ok(customer)
+    }
+
+    fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError> {
+        let NewProduct {
+            owner,
+            name,
+            description,
+            terms,
+            taca,
+            max_price,
+        } = new;
+        if !max_price.is_positive() {
+            return Err(RegistryError::BadMaxPrice(max_price).into());
+        }
+        registry::check_text("name", name, registry::NAME_BYTES_MAX)?;
+        if !description.is_empty() {
+            registry::check_text("description", description, registry::TERMS_BYTES_MAX)?;
+        }
+        registry::check_text("terms", terms, registry::TERMS_BYTES_MAX)?;
+        let hash = TacaHash::of(taca);
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            if Self::customer_in(&transaction, owner).await?.is_none() {
+                return Err(RegistryError::UnknownCustomer(*owner).into());
+            }
+            transaction
+                .execute(
+                    "INSERT INTO tacas (hash, module) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+                    &[&hash.to_string(), &taca],
+                )
+                .await?;
+            let serial = next_serial(&transaction, "P").await?;
+            let (pid, test_pid) = registry::product_ids(bid, serial)?;
+            let product = Product {
+                pid,
+                test_pid,
+                owner: *owner,
+                name: name.to_owned(),
+                description: description.to_owned(),
+                terms: terms.to_owned(),
+                taca: hash,
+                max_price: Some(max_price),
+                components: Vec::new(),
+            };
+            transaction
+                .execute(
+                    "INSERT INTO products (pid, test_pid, owner, taca, record) \
+                     VALUES ($1, $2, $3, $4, ($5::text)::jsonb)",
+                    &[
+                        &pid.as_str(),
+                        &test_pid.as_str(),
+                        &owner.as_str(),
+                        &hash.to_string(),
+                        &json(&product),
+                    ],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(product)
+        })
+    }
+
+    fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT record::text FROM products WHERE pid = $1 OR test_pid = $1",
+                    &[&pid.as_str()],
+                )
+                .await?;
+            row.map(|row| from_json(row.get(0), "a product record"))
+                .transpose()
+        })
+    }
+
+    fn set_components(
+        &self,
+        pid: &Pid,
+        owner: Option<&Cid>,
+        components: &[Pid],
+    ) -> Result<Product, StoreError> {
+        if components.len() > registry::COMPONENTS_MAX {
+            return Err(RegistryError::TooManyComponents(registry::COMPONENTS_MAX).into());
+        }
+        let mut declared: Vec<Pid> = Vec::with_capacity(components.len());
+        for component in components {
+            let found = self.product(component)?;
+            if found.is_none_or(|found| found.pid != *component) || component == pid {
+                return Err(RegistryError::BadComponent(*component).into());
+            }
+            if !declared.contains(component) {
+                declared.push(*component);
+            }
+        }
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let unknown = || registry_error(RegistryError::UnknownProduct(*pid));
+            let row = transaction
+                .query_opt(
+                    "SELECT record::text FROM products WHERE pid = $1 FOR UPDATE",
+                    &[&pid.as_str()],
+                )
+                .await?
+                .ok_or_else(unknown)?;
+            let mut product: Product = from_json(row.get(0), "a product record")?;
+            if owner.is_some_and(|owner| *owner != product.owner) {
+                return Err(unknown());
+            }
+            product.components = declared.clone();
+            transaction
+                .execute(
+                    "UPDATE products SET record = ($2::text)::jsonb WHERE pid = $1",
+                    &[&pid.as_str(), &json(&product)],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(product)
+        })
+    }
+
+    fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT module FROM tacas WHERE hash = $1",
+                    &[&hash.to_string()],
+                )
+                .await?;
+            Ok(row.map(|row| row.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+        let secret_hex = registry::new_meter_secret();
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            // The owner's row is locked: two meters made at once are counted
+            // one after the other against the limit.
+            let known = transaction
+                .query_opt(
+                    "SELECT 1 FROM customers WHERE cid = $1 FOR UPDATE",
+                    &[&owner.as_str()],
+                )
+                .await?;
+            if known.is_none() {
+                return Err(RegistryError::UnknownCustomer(*owner).into());
+            }
+            let count: i64 = transaction
+                .query_one(
+                    "SELECT count(*) FROM meters WHERE owner = $1",
+                    &[&owner.as_str()],
+                )
+                .await?
+                .get(0);
+            if uint(count)? >= registry::METERS_PER_CUSTOMER_MAX as u64 {
+                return Err(RegistryError::TooManyMeters(registry::METERS_PER_CUSTOMER_MAX).into());
+            }
+            let serial = next_serial(&transaction, "M").await?;
+            let mid = registry::meter_id(bid, serial)?;
+            let meter = Meter {
+                mid,
+                owner: *owner,
+                secret_hex: secret_hex.clone(),
+                previous: None,
+                rotated: None,
+                revoked: None,
+            };
+            transaction
+                .execute(
+                    "INSERT INTO meters (mid, owner, record) VALUES ($1, $2, ($3::text)::jsonb)",
+                    &[&mid.as_str(), &owner.as_str(), &json(&meter)],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(meter)
+        })
+    }
+
+    fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            Self::meter_in(&client, mid, false).await
+        })
+    }
+
+    fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT record::text FROM products WHERE owner = $1",
+                    &[&owner.as_str()],
+                )
+                .await?;
+            let mut products: Vec<Product> = rows
+                .iter()
+                .map(|row| from_json(row.get(0), "a product record"))
+                .collect::<Result<_, _>>()?;
+            products.sort_by_key(|product| serial_of(product.pid.as_str()));
+            Ok(products)
+        })
+    }
+
+    fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT record::text FROM meters WHERE owner = $1",
+                    &[&owner.as_str()],
+                )
+                .await?;
+            let mut meters: Vec<Meter> = rows
+                .iter()
+                .map(|row| from_json(row.get(0), "a meter record"))
+                .collect::<Result<_, _>>()?;
+            meters.sort_by_key(|meter| serial_of(meter.mid.as_str()));
+            Ok(meters)
+        })
+    }
+
+    fn rotate_meter_secret(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        at_ms: u64,
+        grace_ms: u64,
+    ) -> Result<Meter, StoreError> {
+        if grace_ms > registry::ROTATION_GRACE_MS_MAX {
+            return Err(RegistryError::GraceTooLong.into());
+        }
+        let secret_hex = registry::new_meter_secret();
+        self.change_meter(mid, by, &|meter| {
+            if meter.revoked.is_some() {
+                return Err(RegistryError::MeterRevoked(meter.mid));
+            }
+            let old = std::mem::replace(&mut meter.secret_hex, secret_hex.clone());
+            meter.previous = (grace_ms > 0).then(|| PreviousSecret {
+                secret_hex: old,
+                valid_until_ms: at_ms.saturating_add(grace_ms),
+            });
+            meter.rotated = Some(Change { at_ms, by });
+            Ok(())
+        })
+    }
+
+    fn revoke_meter(&self, mid: &Mid, by: Actor, at_ms: u64) -> Result<Meter, StoreError> {
+        self.change_meter(mid, by, &|meter| {
+            if meter.revoked.is_none() {
+                meter.revoked = Some(Change { at_ms, by });
+                meter.previous = None;
+            }
+            Ok(())
+        })
+    }
+
+    fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let Some(mut meter) = Self::meter_in(&transaction, mid, true).await? else {
+                return Ok(());
+            };
+            if meter.previous.is_some() && meter.secret_hex == current_hex {
+                meter.previous = None;
+                transaction
+                    .execute(
+                        "UPDATE meters SET record = ($2::text)::jsonb WHERE mid = $1",
+                        &[&mid.as_str(), &json(&meter)],
+                    )
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn create_grant(&self, new: NewGrant) -> Result<Grant, StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            if Self::customer_in(&transaction, &new.cid).await?.is_none() {
+                return Err(RegistryError::UnknownCustomer(new.cid).into());
+            }
+            // The meter's row is locked: its grants change one at a time.
+            match Self::meter_in(&transaction, &new.mid, true).await? {
+                None => return Err(RegistryError::UnknownMeter(new.mid).into()),
+                Some(meter) if meter.revoked.is_some() => {
+                    return Err(RegistryError::MeterRevoked(new.mid).into());
+                }
+                Some(_) => {}
+            }
+            let rows = transaction
+                .query(
+                    "SELECT record::text FROM grants WHERE mid = $1 ORDER BY number",
+                    &[&new.mid.as_str()],
+                )
+                .await?;
+            let of_meter: Vec<Grant> = rows
+                .iter()
+                .map(|row| from_json(row.get(0), "a grant record"))
+                .collect::<Result<_, _>>()?;
+            let live = of_meter
+                .iter()
+                .filter(|grant| grant.is_live_at(new.created_ms))
+                .count();
+            if live >= registry::GRANTS_PER_METER_MAX {
+                return Err(RegistryError::TooManyGrants(registry::GRANTS_PER_METER_MAX).into());
+            }
+            // A new grant of the same customer for the same users of the
+            // same meter replaces the ones before it (they end as it starts).
+            for old in of_meter.iter().filter(|old| {
+                old.cid == new.cid && old.scope == new.scope && old.revoked_ms.is_none()
+            }) {
+                let mut old = old.clone();
+                old.revoked_ms = Some(new.created_ms.max(old.created_ms));
+                transaction
+                    .execute(
+                        "UPDATE grants SET record = ($2::text)::jsonb WHERE number = $1",
+                        &[&int(old.id)?, &json(&old)],
+                    )
+                    .await?;
+            }
+            let number = next_serial(&transaction, "G").await?;
+            let grant = Grant {
+                id: number,
+                mid: new.mid,
+                cid: new.cid,
+                scope: new.scope.clone(),
+                label: new.label.clone(),
+                created_ms: new.created_ms,
+                expires_ms: new.expires_ms,
+                revoked_ms: None,
+            };
+            transaction
+                .execute(
+                    "INSERT INTO grants (number, mid, cid, record) VALUES ($1, $2, $3, ($4::text)::jsonb)",
+                    &[
+                        &int(number)?,
+                        &new.mid.as_str(),
+                        &new.cid.as_str(),
+                        &json(&grant),
+                    ],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(grant)
+        })
+    }
+
+    fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError> {
+        self.block(self.grants_where("mid", mid.as_str()))
+    }
+
+    fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError> {
+        self.block(self.grants_where("cid", cid.as_str()))
+    }
+
+    fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let unknown = || registry_error(RegistryError::UnknownGrant(id));
+            let row = transaction
+                .query_opt(
+                    "SELECT record::text FROM grants WHERE number = $1 FOR UPDATE",
+                    &[&int(id)?],
+                )
+                .await?
+                .ok_or_else(unknown)?;
+            let mut grant: Grant = from_json(row.get(0), "a grant record")?;
+            if payer.is_some_and(|payer| *payer != grant.cid) {
+                return Err(unknown());
+            }
+            if grant.revoked_ms.is_none() {
+                grant.revoked_ms = Some(at_ms.max(grant.created_ms));
+                transaction
+                    .execute(
+                        "UPDATE grants SET record = ($2::text)::jsonb WHERE number = $1",
+                        &[&int(id)?, &json(&grant)],
+                    )
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(grant)
+        })
+    }
+
+    fn deposit(&self, reference: &Reference) -> Result<Option<DepositRecord>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT record::text FROM deposits WHERE reference = $1",
+                    &[&reference.as_str()],
+                )
+                .await?;
+            row.map(|row| from_json(row.get(0), "a deposit record"))
+                .transpose()
+        })
+    }
+
+    fn begin_deposit(
+        &self,
+        reference: &Reference,
+        intent: &DepositRecord,
+    ) -> Result<(DepositRecord, bool), StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let inserted = client
+                .execute(
+                    "INSERT INTO deposits (reference, record) VALUES ($1, ($2::text)::jsonb) \
+                     ON CONFLICT (reference) DO NOTHING",
+                    &[&reference.as_str(), &json(intent)],
+                )
+                .await?;
+            if inserted == 1 {
+                return Ok((intent.clone(), true));
+            }
+            let row = client
+                .query_one(
+                    "SELECT record::text FROM deposits WHERE reference = $1",
+                    &[&reference.as_str()],
+                )
+                .await?;
+            Ok((from_json(row.get(0), "a deposit record")?, false))
+        })
+    }
+
+    fn deposit_collected(
+        &self,
+        reference: &Reference,
+        processor: &str,
+    ) -> Result<DepositRecord, StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let mut record = Self::deposit_in(&transaction, reference).await?;
+            if record.state == DepositState::Collecting {
+                record.state = DepositState::Collected {
+                    processor: processor.to_owned(),
+                };
+                transaction
+                    .execute(
+                        "UPDATE deposits SET record = ($2::text)::jsonb WHERE reference = $1",
+                        &[&reference.as_str(), &json(&record)],
+                    )
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(record)
+        })
+    }
+
+    fn stage_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError> {
+        self.block(async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            let mut record = Self::deposit_in(&transaction, reference).await?;
+            let processor = match &record.state {
+                DepositState::Posted { .. } => return Ok(record),
+                DepositState::Collecting => {
+                    return Err(StoreError::Corrupt(
+                        "a deposit not collected cannot be posted".to_owned(),
+                    ));
+                }
+                DepositState::Collected { processor } => processor.clone(),
+            };
+            post(&transaction, std::slice::from_ref(transfer)).await?;
+            record.state = DepositState::Posted {
+                processor,
+                transfer: transfer.id.0,
+            };
+            transaction
+                .execute(
+                    "UPDATE deposits SET record = ($2::text)::jsonb WHERE reference = $1",
+                    &[&reference.as_str(), &json(&record)],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(record)
+        })
+    }
+}
