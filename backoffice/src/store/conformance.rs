@@ -50,6 +50,26 @@ macro_rules! conformance_tests {
         fn a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_operator() {
             $crate::store::conformance::a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_operator(&$harness);
         }
+        #[test]
+        fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once() {
+            $crate::store::conformance::suspense_is_kept_paged_in_one_order_counted_and_resolved_once(&$harness);
+        }
+        #[test]
+        fn period_counts_are_set_and_free_counts_added_per_payer_product_and_month() {
+            $crate::store::conformance::period_counts_are_set_and_free_counts_added_per_payer_product_and_month(&$harness);
+        }
+        #[test]
+        fn the_one_sequence_range_a_batch_overlaps_is_found_at_any_u64() {
+            $crate::store::conformance::the_one_sequence_range_a_batch_overlaps_is_found_at_any_u64(&$harness);
+        }
+        #[test]
+        fn a_deposit_moves_through_its_steps_once_and_posts_one_transfer() {
+            $crate::store::conformance::a_deposit_moves_through_its_steps_once_and_posts_one_transfer(&$harness);
+        }
+        #[test]
+        fn transfers_posted_outside_batches_load_back_as_the_same_ledger() {
+            $crate::store::conformance::transfers_posted_outside_batches_load_back_as_the_same_ledger(&$harness);
+        }
     };
 }
 pub(crate) use conformance_tests;
@@ -517,4 +537,333 @@ pub(crate) fn a_meter_secret_is_rotated_and_revoked_only_by_its_owner_or_the_ope
     drop(store);
     let store = harness.open();
     assert_eq!(store.meter(&meter.mid).unwrap(), Some(revoked));
+}
+
+fn suspended(mid: &str, batch: &str, seq: u64) -> Suspense {
+    Suspense {
+        mid: Mid::parse(mid).unwrap(),
+        batch: BatchId::parse(batch).unwrap(),
+        seq,
+        pid: Pid::parse("B1-P1").unwrap(),
+        payer: Some("B1-C1".to_owned()),
+        time_ms: 1_000 + seq % 1_000,
+        reason: format!("unknown product (reading {seq})"),
+        authorized: true,
+        arrived_ms: 2_000,
+    }
+}
+
+fn effects<'a>(
+    transfers: &'a [Transfer],
+    suspense: &'a [Suspense],
+    seq_range: Option<&'a SeqRange>,
+) -> BatchEffects<'a> {
+    BatchEffects {
+        transfers,
+        period_uses: &[],
+        free_uses: &[],
+        suspense,
+        answer: b"",
+        digest: Some([1; 32]),
+        seq_range,
+    }
+}
+
+pub(crate) fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once(
+    harness: &impl Harness,
+) {
+    let store = harness.open();
+    // Two meters, two batches each, sequence numbers out of order and one
+    // past 2^63; one reading sent again in a later batch is kept once.
+    let first = vec![
+        suspended("B1-M2", "B1-M2:1", 7),
+        suspended("B1-M2", "B1-M2:1", 3),
+        suspended("B1-M1", "B1-M1:9", u64::MAX - 1),
+    ];
+    let second = vec![
+        suspended("B1-M1", "B1-M1:9", 1 << 63),
+        suspended("B1-M1", "B1-M1:10", 0),
+        suspended("B1-M2", "B1-M2:1", 3),
+    ];
+    store
+        .apply_batch(&key(1), effects(&[], &first, None))
+        .unwrap();
+    store
+        .apply_batch(&key(2), effects(&[], &second, None))
+        .unwrap();
+    assert_eq!(store.suspense_count().unwrap(), 5);
+    let all = store.suspense().unwrap();
+    assert_eq!(all.len(), 5);
+    // Pages of two from cursors give the same readings in the same order.
+    let mut paged = Vec::new();
+    let mut after: Option<SuspenseCursor> = None;
+    loop {
+        let page = store.suspense_page(after.as_ref(), 2).unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(SuspenseCursor::of(last));
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    // Within a batch, in sequence order, u64 order past 2^63 too.
+    let seqs: Vec<u64> = all
+        .iter()
+        .filter(|record| record.batch.as_str() == "B1-M1:9")
+        .map(|record| record.seq)
+        .collect();
+    assert_eq!(seqs, vec![1 << 63, u64::MAX - 1]);
+    // Two readings are priced: out of suspense with their transfer and
+    // counts, in one step; resolving them again changes nothing.
+    let mut ledger = Ledger::new();
+    ledger.post(batch(1, 2, 3), 5).unwrap();
+    let period = PeriodKey {
+        payer: Cid::parse("B1-C1").unwrap(),
+        pid: Pid::parse("B1-P1").unwrap(),
+        month: 202_612,
+    };
+    let resolved = vec![all[0].clone(), all[3].clone()];
+    store
+        .resolve_suspense_itemised(
+            &resolved,
+            ledger.transfers(),
+            &[(period, 2)],
+            &[(period, 1)],
+            9_000,
+            &[],
+        )
+        .unwrap();
+    assert_eq!(store.suspense_count().unwrap(), 3);
+    store
+        .resolve_suspense_itemised(&resolved, &[], &[(period, 2)], &[], 9_001, &[])
+        .unwrap();
+    drop(store);
+    let store = harness.open();
+    assert_eq!(store.suspense_count().unwrap(), 3);
+    let left = store.suspense().unwrap();
+    assert!(left.iter().all(|record| !resolved.contains(record)));
+    assert_eq!(left.len(), 3);
+    assert_eq!(store.period_uses(&period).unwrap(), 2);
+    assert_eq!(
+        store.free_uses(&period.payer, period.month).unwrap(),
+        vec![(period.pid, 1)]
+    );
+    assert_eq!(store.load_ledger().unwrap().transfers(), ledger.transfers());
+}
+
+pub(crate) fn period_counts_are_set_and_free_counts_added_per_payer_product_and_month(
+    harness: &impl Harness,
+) {
+    let store = harness.open();
+    let ada = Cid::parse("B1-C1").unwrap();
+    let bob = Cid::parse("B1-C2").unwrap();
+    let (editor, spell) = (Pid::parse("B1-P1").unwrap(), Pid::parse("B1-P2").unwrap());
+    let period = |payer, pid, month| PeriodKey { payer, pid, month };
+    let apply = |n: u32, period_uses: &[(PeriodKey, u64)], free_uses: &[(PeriodKey, u64)]| {
+        let effects = BatchEffects {
+            period_uses,
+            free_uses,
+            ..effects(&[], &[], None)
+        };
+        store.apply_batch(&key(n), effects).unwrap();
+    };
+    apply(
+        1,
+        &[(period(ada, editor, 202_611), 4)],
+        &[
+            (period(ada, editor, 202_611), 4),
+            (period(ada, spell, 202_611), 1),
+        ],
+    );
+    apply(
+        2,
+        &[
+            (period(ada, editor, 202_611), 9),
+            (period(bob, editor, 202_612), 1),
+        ],
+        &[
+            (period(ada, editor, 202_611), 2),
+            (period(ada, editor, 202_612), 3),
+        ],
+    );
+    // The same batch again adds nothing.
+    assert!(matches!(
+        store.apply_batch(
+            &key(2),
+            BatchEffects {
+                free_uses: &[(period(ada, editor, 202_611), 50)],
+                ..effects(&[], &[], None)
+            }
+        ),
+        Err(StoreError::AlreadyApplied(_))
+    ));
+    drop(store);
+    let store = harness.open();
+    assert_eq!(store.period_uses(&period(ada, editor, 202_611)).unwrap(), 9);
+    assert_eq!(store.period_uses(&period(bob, editor, 202_612)).unwrap(), 1);
+    assert_eq!(store.period_uses(&period(ada, spell, 202_611)).unwrap(), 0);
+    assert_eq!(
+        store.free_uses(&ada, 202_611).unwrap(),
+        vec![(editor, 6), (spell, 1)]
+    );
+    assert_eq!(store.free_uses(&ada, 202_612).unwrap(), vec![(editor, 3)]);
+    assert_eq!(store.free_uses(&bob, 202_612).unwrap(), vec![]);
+}
+
+pub(crate) fn the_one_sequence_range_a_batch_overlaps_is_found_at_any_u64(harness: &impl Harness) {
+    let store = harness.open();
+    let range = |instance: &str, first: u64, last: u64| SeqRange {
+        mid: Mid::parse("B1-M1").unwrap(),
+        instance: instance.to_owned(),
+        first,
+        last,
+    };
+    let high = 1u64 << 63;
+    let stored = [
+        range("a", 1, 10),
+        range("a", 20, 30),
+        range("a", high - 2, high + 5),
+        range("a", u64::MAX - 3, u64::MAX),
+        range("b", 5, 6),
+    ];
+    for (n, stored) in stored.iter().enumerate() {
+        let n = u32::try_from(n).unwrap();
+        store
+            .apply_batch(&key(n), effects(&[], &[], Some(stored)))
+            .unwrap();
+    }
+    drop(store);
+    let store = harness.open();
+    for (asked, found) in [
+        (range("a", 11, 19), None),
+        (range("a", 5, 12), Some((1, 10))),
+        (range("a", 0, 1), Some((1, 10))),
+        (range("a", 25, 40), Some((20, 30))),
+        (range("a", 31, high - 3), None),
+        (range("a", 31, high - 2), Some((high - 2, high + 5))),
+        (range("a", high + 5, high + 9), Some((high - 2, high + 5))),
+        (range("a", high + 6, u64::MAX - 4), None),
+        (
+            range("a", u64::MAX, u64::MAX),
+            Some((u64::MAX - 3, u64::MAX)),
+        ),
+        (range("b", 1, 4), None),
+        (range("b", 6, 6), Some((5, 6))),
+        (range("c", 0, u64::MAX), None),
+    ] {
+        assert_eq!(store.overlapping_range(&asked).unwrap(), found, "{asked:?}");
+    }
+}
+
+pub(crate) fn a_deposit_moves_through_its_steps_once_and_posts_one_transfer(
+    harness: &impl Harness,
+) {
+    use crate::funding::{DepositRecord, DepositState, Reference};
+    let store = harness.open();
+    let reference = Reference::parse("invoice-7").unwrap();
+    assert_eq!(store.deposit(&reference).unwrap(), None);
+    let intent = DepositRecord {
+        cid: Cid::parse("B1-C1").unwrap(),
+        amount: Amount::parse("12.5").unwrap(),
+        created_ms: 10,
+        state: DepositState::Collecting,
+    };
+    assert_eq!(
+        store.begin_deposit(&reference, &intent).unwrap(),
+        (intent.clone(), true)
+    );
+    // A retry, even with other fields, finds the first.
+    let other = DepositRecord {
+        amount: Amount::parse("99").unwrap(),
+        ..intent.clone()
+    };
+    assert_eq!(
+        store.begin_deposit(&reference, &other).unwrap(),
+        (intent.clone(), false)
+    );
+    let mut ledger = Ledger::new();
+    ledger
+        .post(
+            vec![NewTransfer {
+                debit: AccountId::System(SystemAccount::Funding),
+                credit: customer(1),
+                amount: intent.amount,
+                kind: TransferKind::Deposit,
+            }],
+            11,
+        )
+        .unwrap();
+    let transfer = ledger.transfers()[0].clone();
+    assert!(
+        store.stage_deposit(&reference, &transfer).is_err(),
+        "not collected yet"
+    );
+    let collected = store.deposit_collected(&reference, "card-1").unwrap();
+    assert_eq!(
+        collected.state,
+        DepositState::Collected {
+            processor: "card-1".into()
+        }
+    );
+    // Collected again (a retry): the first processor reference stays.
+    assert_eq!(
+        store.deposit_collected(&reference, "card-2").unwrap(),
+        collected
+    );
+    let posted = store.post_deposit(&reference, &transfer).unwrap();
+    assert_eq!(
+        posted.state,
+        DepositState::Posted {
+            processor: "card-1".into(),
+            transfer: transfer.id.0
+        }
+    );
+    // Posted again: the same record, no second transfer.
+    assert_eq!(store.post_deposit(&reference, &transfer).unwrap(), posted);
+    drop(store);
+    let store = harness.open();
+    assert_eq!(store.deposit(&reference).unwrap(), Some(posted));
+    assert_eq!(store.load_ledger().unwrap().transfers(), ledger.transfers());
+    let unknown = Reference::parse("never-begun").unwrap();
+    assert!(store.deposit_collected(&unknown, "card-3").is_err());
+    assert_eq!(store.deposit(&unknown).unwrap(), None);
+}
+
+pub(crate) fn transfers_posted_outside_batches_load_back_as_the_same_ledger(
+    harness: &impl Harness,
+) {
+    let store = harness.open();
+    let mut ledger = Ledger::new();
+    let first = ledger.post(batch(1, 2, 7), 100).unwrap();
+    ledger
+        .post(
+            vec![
+                NewTransfer {
+                    debit: customer(2),
+                    credit: customer(1),
+                    amount: Amount::from_nanos(3),
+                    kind: TransferKind::Correction { of: TransferId(1) },
+                },
+                NewTransfer {
+                    debit: customer(1),
+                    credit: AccountId::System(SystemAccount::Funding),
+                    amount: Amount::parse("0.000000001").unwrap(),
+                    kind: TransferKind::Withdrawal,
+                },
+            ],
+            200,
+        )
+        .unwrap();
+    let all = ledger.transfers();
+    store
+        .post_transfers(&all[usize::try_from(first.0).unwrap()..2])
+        .unwrap();
+    store.post_transfers(&all[2..]).unwrap();
+    drop(store);
+    let store = harness.open();
+    let restored = store.load_ledger().unwrap();
+    assert_eq!(restored.transfers(), ledger.transfers());
+    for n in 1..=2 {
+        assert_eq!(restored.balance(&customer(n)), ledger.balance(&customer(n)));
+    }
+    restored.verify();
 }
