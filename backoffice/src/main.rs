@@ -85,6 +85,12 @@ enum Command {
         /// Where the store lives [default: $XDG_STATE_HOME/backoffice, else ~/.local/state/backoffice].
         #[arg(long, env = "BACKOFFICE_DATA_DIR", value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Keep the branch in PostgreSQL instead of the data folder:
+        /// postgres://USER@HOST:PORT/DB (or key=value settings). Its schema
+        /// is brought up to date at start (see `migrate`). The data folder
+        /// still holds the operator token and the outbox.
+        #[arg(long, env = "BACKOFFICE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// The address to listen on.
         #[arg(long, env = "BACKOFFICE_LISTEN", default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
@@ -648,6 +654,7 @@ fn prune_itemised(service: std::sync::Weak<backoffice::server::Service>, retenti
 
 fn serve(
     data_dir: Option<PathBuf>,
+    store: Option<&str>,
     listen: std::net::SocketAddr,
     bid: proto::Bid,
     web: &WebArgs,
@@ -689,7 +696,7 @@ fn serve(
         .map_err(|error| error.to_string())
         .and_then(|()| backoffice::server::operator_token(&dir).map_err(|error| error.to_string()))
         .and_then(|token| {
-            let store = backoffice::store::SledStore::open(&dir.join("store"))
+            let store = backoffice::store::AnyStore::open(store, &dir)
                 .map_err(|error| error.to_string())?;
             let params = backoffice::send::DEFAULT_PARAMS;
             let backoffice = backoffice::send::Backoffice::open(store, params)
@@ -733,6 +740,7 @@ fn serve(
             _ => None,
         };
         let _ = writeln!(stdout, "operator token in {}", token_path.display());
+        let _ = writeln!(stdout, "store: {}", backoffice.store().describe());
         let public_url = match (&web.public_url, &tls_listener) {
             (Some(url), _) => url.clone(),
             (None, Some((_, tls_address, _))) => format!("https://{tls_address}"),
@@ -1067,12 +1075,14 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Serve {
             data_dir,
+            store,
             listen,
             bid,
             web,
             itemised_retention_days,
         } => serve(
             data_dir.clone(),
+            store.as_deref(),
             *listen,
             *bid,
             web,

@@ -20,7 +20,7 @@ use proto::{Amount, Bid, Cid, Fault, FaultCode};
 use crate::ledger::{AccountId, TransferKind};
 use crate::pricing::Pricing;
 use crate::send::{Backoffice, Signed, Verified};
-use crate::store::{SledStore, Store, StoreError, SuspenseCursor};
+use crate::store::{AnyStore, Store, StoreError, SuspenseCursor};
 
 /// The header that carries the operator token.
 pub const OPERATOR_HEADER: &str = "x-operator-token";
@@ -30,7 +30,7 @@ pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// What the server needs.
 pub struct Service {
     /// The money path and the store.
-    pub backoffice: Backoffice<SledStore>,
+    pub backoffice: Backoffice<AnyStore>,
     /// This branch.
     pub bid: Bid,
     /// The token operator calls must carry.

@@ -10,7 +10,7 @@ use proto::Amount;
 
 use crate::ledger::{AccountId, Ledger, Transfer};
 use crate::send::Backoffice;
-use crate::store::{SledStore, StoreError};
+use crate::store::{SledStore, Store, StoreError};
 
 /// Problems a report lists at most; the rest are counted.
 pub const PROBLEMS_KEPT: usize = 100;
@@ -165,7 +165,7 @@ pub fn offline(dir: &std::path::Path) -> Result<Report, StoreError> {
 /// Checks a running branch: its store, and its ledger in memory against
 /// the store. The ledger is copied first (under its lock, briefly), then
 /// the store read without holding it.
-pub fn running(backoffice: &Backoffice<SledStore>) -> Report {
+pub fn running<S: Store>(backoffice: &Backoffice<S>) -> Report {
     let ledger = backoffice.ledger();
     let (mut report, stored) = backoffice.store().verify();
     compare_ledger(&ledger, &stored, &mut report);

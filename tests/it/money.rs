@@ -17,9 +17,28 @@ use crate::examples;
 
 #[test]
 fn uses_through_meterd_become_exact_balances_and_standings() {
+    uses_through_meterd(None);
+}
+
+/// The same money path with the branch in PostgreSQL (a throw-away
+/// cluster), checked by `ledger.verify` against the balances it keeps.
+#[test]
+fn uses_through_meterd_become_exact_balances_and_standings_in_postgresql() {
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    uses_through_meterd(Some(&url));
+}
+
+fn uses_through_meterd(store: Option<&str>) {
     let started_ms = now_ms();
     let dir = tempfile::tempdir().unwrap();
-    let office = Backoffice::start(dir.path());
+    let office = match store {
+        None => Backoffice::start(dir.path()),
+        Some(url) => {
+            Backoffice::start_with(dir.path(), "127.0.0.1:0", &[("BACKOFFICE_STORE", url)])
+        }
+    };
+
     let consumer = office.text(
         "customer.create",
         &[s("Ada"), s("ada@example.org"), s(PASSWORD)],
@@ -239,6 +258,21 @@ fn uses_through_meterd_become_exact_balances_and_standings() {
     assert_eq!(
         refused.unwrap_err().registered(),
         Some(FaultCode::Unauthorized)
+    );
+
+    // The books verify: the store's records, and its transfers against the
+    // ledger in memory (and, in PostgreSQL, the balances it keeps).
+    let verified = office.call("ledger.verify", &[]).unwrap();
+    assert_eq!(
+        verified.member("ok"),
+        Some(&Value::Bool(true)),
+        "{verified:?}"
+    );
+    let checked = verified.member("checked").and_then(Value::as_str).unwrap();
+    assert_eq!(
+        checked.contains("balances kept"),
+        store.is_some(),
+        "the store asked for is the one that ran: {checked}"
     );
 }
 

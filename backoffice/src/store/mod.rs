@@ -260,6 +260,10 @@ pub struct RepricedItems {
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.
     fn load_ledger(&self) -> Result<Ledger, StoreError>;
+    /// Checks every record and index the store keeps, reporting (never
+    /// panicking on) what is wrong; returns the transfers it read, for a
+    /// running branch to compare with its ledger in memory.
+    fn verify(&self) -> (crate::verify::Report, Vec<Transfer>);
     /// Records a batch's effects and the batch with its answer, atomically
     /// and durably; `AlreadyApplied` if the batch was applied before.
     fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
@@ -504,6 +508,439 @@ impl<'a> NewProduct<'a> {
             terms,
             taca,
             max_price,
+        }
+    }
+}
+
+/// The store a branch runs on, chosen at start (`backoffice serve --store`):
+/// the embedded sled store in the data folder, or PostgreSQL. The rest of
+/// the backoffice sees only `Store`.
+pub enum AnyStore {
+    /// The embedded default.
+    Sled(SledStore),
+    /// A PostgreSQL database.
+    Postgres(PgStore),
+}
+
+impl AnyStore {
+    /// Opens the store `store` names: a `postgres://` URL (or key=value
+    /// settings), else the sled store in `data_dir`'s `store` folder.
+    pub fn open(store: Option<&str>, data_dir: &std::path::Path) -> Result<AnyStore, StoreError> {
+        match store {
+            Some(url) => Ok(AnyStore::Postgres(PgStore::connect(url)?)),
+            None => Ok(AnyStore::Sled(SledStore::open(&data_dir.join("store"))?)),
+        }
+    }
+
+    /// What it is and where, for the start-up line (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            AnyStore::Sled(_) => "sled (the data folder)".to_owned(),
+            AnyStore::Postgres(store) => format!("PostgreSQL at {}", store.shown()),
+        }
+    }
+}
+
+impl Store for AnyStore {
+    fn load_ledger(&self) -> Result<Ledger, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.load_ledger(),
+            AnyStore::Postgres(store) => store.load_ledger(),
+        }
+    }
+
+    fn verify(&self) -> (crate::verify::Report, Vec<Transfer>) {
+        match self {
+            AnyStore::Sled(store) => store.verify(),
+            AnyStore::Postgres(store) => store.verify(),
+        }
+    }
+
+    fn apply_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.apply_batch(key, effects),
+            AnyStore::Postgres(store) => store.apply_batch(key, effects),
+        }
+    }
+
+    fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.stage_batch(key, effects),
+            AnyStore::Postgres(store) => store.stage_batch(key, effects),
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.sync(),
+            AnyStore::Postgres(store) => store.sync(),
+        }
+    }
+
+    fn stage_batch_itemised(
+        &self,
+        key: &BatchKey,
+        effects: BatchEffects<'_>,
+        arrived_ms: u64,
+        itemised: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.stage_batch_itemised(key, effects, arrived_ms, itemised),
+            AnyStore::Postgres(store) => {
+                store.stage_batch_itemised(key, effects, arrived_ms, itemised)
+            }
+        }
+    }
+
+    fn itemised_batch(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.itemised_batch(key),
+            AnyStore::Postgres(store) => store.itemised_batch(key),
+        }
+    }
+
+    fn itemised_batch_of_transfer(&self, id: TransferId) -> Result<Option<ItemisedAt>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.itemised_batch_of_transfer(id),
+            AnyStore::Postgres(store) => store.itemised_batch_of_transfer(id),
+        }
+    }
+
+    fn itemised_records_at(
+        &self,
+        at: &ItemisedAt,
+    ) -> Result<Option<Vec<crate::itemised::Record>>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.itemised_records_at(at),
+            AnyStore::Postgres(store) => store.itemised_records_at(at),
+        }
+    }
+
+    fn resolve_suspense_itemised(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+        free_uses: &[(PeriodKey, u64)],
+        arrived_ms: u64,
+        sets: &[RepricedItems],
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.resolve_suspense_itemised(
+                resolved,
+                transfers,
+                period_uses,
+                free_uses,
+                arrived_ms,
+                sets,
+            ),
+            AnyStore::Postgres(store) => store.resolve_suspense_itemised(
+                resolved,
+                transfers,
+                period_uses,
+                free_uses,
+                arrived_ms,
+                sets,
+            ),
+        }
+    }
+
+    fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.prune_itemised(before_ms, records_max),
+            AnyStore::Postgres(store) => store.prune_itemised(before_ms, records_max),
+        }
+    }
+
+    fn post_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.post_transfers(transfers),
+            AnyStore::Postgres(store) => store.post_transfers(transfers),
+        }
+    }
+
+    fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.stage_transfers(transfers),
+            AnyStore::Postgres(store) => store.stage_transfers(transfers),
+        }
+    }
+
+    fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.period_uses(key),
+            AnyStore::Postgres(store) => store.period_uses(key),
+        }
+    }
+
+    fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.free_uses(payer, month),
+            AnyStore::Postgres(store) => store.free_uses(payer, month),
+        }
+    }
+
+    fn suspense(&self) -> Result<Vec<Suspense>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.suspense(),
+            AnyStore::Postgres(store) => store.suspense(),
+        }
+    }
+
+    fn suspense_page(
+        &self,
+        after: Option<&SuspenseCursor>,
+        limit: usize,
+    ) -> Result<Vec<Suspense>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.suspense_page(after, limit),
+            AnyStore::Postgres(store) => store.suspense_page(after, limit),
+        }
+    }
+
+    fn suspense_count(&self) -> Result<usize, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.suspense_count(),
+            AnyStore::Postgres(store) => store.suspense_count(),
+        }
+    }
+
+    fn resolve_suspense(
+        &self,
+        resolved: &[Suspense],
+        transfers: &[Transfer],
+        period_uses: &[(PeriodKey, u64)],
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.resolve_suspense(resolved, transfers, period_uses),
+            AnyStore::Postgres(store) => store.resolve_suspense(resolved, transfers, period_uses),
+        }
+    }
+
+    fn overlapping_range(&self, range: &SeqRange) -> Result<Option<(u64, u64)>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.overlapping_range(range),
+            AnyStore::Postgres(store) => store.overlapping_range(range),
+        }
+    }
+
+    fn applied_batch(&self, key: &BatchKey) -> Result<Option<AppliedBatch>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.applied_batch(key),
+            AnyStore::Postgres(store) => store.applied_batch(key),
+        }
+    }
+
+    fn create_customer(&self, bid: &Bid, name: &str, email: &str) -> Result<Customer, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.create_customer(bid, name, email),
+            AnyStore::Postgres(store) => store.create_customer(bid, name, email),
+        }
+    }
+
+    fn register_customer(
+        &self,
+        bid: &Bid,
+        registration: Registration,
+    ) -> Result<Customer, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.register_customer(bid, registration),
+            AnyStore::Postgres(store) => store.register_customer(bid, registration),
+        }
+    }
+
+    fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.customer(cid),
+            AnyStore::Postgres(store) => store.customer(cid),
+        }
+    }
+
+    fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.customer_by_email(email),
+            AnyStore::Postgres(store) => store.customer_by_email(email),
+        }
+    }
+
+    fn change_customer(
+        &self,
+        cid: &Cid,
+        change: &dyn Fn(&mut Customer),
+    ) -> Result<Customer, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.change_customer(cid, change),
+            AnyStore::Postgres(store) => store.change_customer(cid, change),
+        }
+    }
+
+    fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.create_product(bid, new),
+            AnyStore::Postgres(store) => store.create_product(bid, new),
+        }
+    }
+
+    fn product(&self, pid: &Pid) -> Result<Option<Product>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.product(pid),
+            AnyStore::Postgres(store) => store.product(pid),
+        }
+    }
+
+    fn set_components(
+        &self,
+        pid: &Pid,
+        owner: Option<&Cid>,
+        components: &[Pid],
+    ) -> Result<Product, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.set_components(pid, owner, components),
+            AnyStore::Postgres(store) => store.set_components(pid, owner, components),
+        }
+    }
+
+    fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.taca_module(hash),
+            AnyStore::Postgres(store) => store.taca_module(hash),
+        }
+    }
+
+    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.create_meter(bid, owner),
+            AnyStore::Postgres(store) => store.create_meter(bid, owner),
+        }
+    }
+
+    fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.meter(mid),
+            AnyStore::Postgres(store) => store.meter(mid),
+        }
+    }
+
+    fn products_of(&self, owner: &Cid) -> Result<Vec<Product>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.products_of(owner),
+            AnyStore::Postgres(store) => store.products_of(owner),
+        }
+    }
+
+    fn meters_of(&self, owner: &Cid) -> Result<Vec<Meter>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.meters_of(owner),
+            AnyStore::Postgres(store) => store.meters_of(owner),
+        }
+    }
+
+    fn rotate_meter_secret(
+        &self,
+        mid: &Mid,
+        by: Actor,
+        at_ms: u64,
+        grace_ms: u64,
+    ) -> Result<Meter, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.rotate_meter_secret(mid, by, at_ms, grace_ms),
+            AnyStore::Postgres(store) => store.rotate_meter_secret(mid, by, at_ms, grace_ms),
+        }
+    }
+
+    fn revoke_meter(&self, mid: &Mid, by: Actor, at_ms: u64) -> Result<Meter, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.revoke_meter(mid, by, at_ms),
+            AnyStore::Postgres(store) => store.revoke_meter(mid, by, at_ms),
+        }
+    }
+
+    fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.retire_previous_secret(mid, current_hex),
+            AnyStore::Postgres(store) => store.retire_previous_secret(mid, current_hex),
+        }
+    }
+
+    fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.create_grant(grant),
+            AnyStore::Postgres(store) => store.create_grant(grant),
+        }
+    }
+
+    fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.grants_of_meter(mid),
+            AnyStore::Postgres(store) => store.grants_of_meter(mid),
+        }
+    }
+
+    fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.grants_of_customer(cid),
+            AnyStore::Postgres(store) => store.grants_of_customer(cid),
+        }
+    }
+
+    fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.revoke_grant(id, payer, at_ms),
+            AnyStore::Postgres(store) => store.revoke_grant(id, payer, at_ms),
+        }
+    }
+
+    fn deposit(&self, reference: &Reference) -> Result<Option<DepositRecord>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.deposit(reference),
+            AnyStore::Postgres(store) => store.deposit(reference),
+        }
+    }
+
+    fn begin_deposit(
+        &self,
+        reference: &Reference,
+        intent: &DepositRecord,
+    ) -> Result<(DepositRecord, bool), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.begin_deposit(reference, intent),
+            AnyStore::Postgres(store) => store.begin_deposit(reference, intent),
+        }
+    }
+
+    fn deposit_collected(
+        &self,
+        reference: &Reference,
+        processor: &str,
+    ) -> Result<DepositRecord, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.deposit_collected(reference, processor),
+            AnyStore::Postgres(store) => store.deposit_collected(reference, processor),
+        }
+    }
+
+    fn post_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.post_deposit(reference, transfer),
+            AnyStore::Postgres(store) => store.post_deposit(reference, transfer),
+        }
+    }
+
+    fn stage_deposit(
+        &self,
+        reference: &Reference,
+        transfer: &Transfer,
+    ) -> Result<DepositRecord, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.stage_deposit(reference, transfer),
+            AnyStore::Postgres(store) => store.stage_deposit(reference, transfer),
         }
     }
 }

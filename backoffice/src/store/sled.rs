@@ -225,6 +225,10 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn verify(&self) -> (crate::verify::Report, Vec<Transfer>) {
+        self.verify_records()
+    }
+
     fn load_ledger(&self) -> Result<Ledger, StoreError> {
         let mut transfers = Vec::new();
         for entry in self.transfers.iter() {

@@ -1493,7 +1493,7 @@ fn change_meter(
     headers: &HeaderMap,
     fields: &Fields,
     change: impl FnOnce(
-        &crate::store::SledStore,
+        &crate::store::AnyStore,
         &proto::Mid,
         crate::registry::Actor,
     ) -> Result<(Meter, MeterChange), StoreError>,

@@ -268,6 +268,120 @@ fn registry_error(error: RegistryError) -> StoreError {
 }
 
 impl PgStore {
+    /// Every posted transfer, in order.
+    fn transfers(&self) -> Result<Vec<Transfer>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
+                     FROM transfers ORDER BY id",
+                    &[],
+                )
+                .await?;
+            let mut transfers = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let kind: &str = row.get(4);
+                let corrupt = || StoreError::Corrupt(format!("transfer {}", row.get::<_, i64>(0)));
+                let kind = match kind {
+                    "deposit" => TransferKind::Deposit,
+                    "withdrawal" => TransferKind::Withdrawal,
+                    "use" => TransferKind::Use {
+                        pid: Pid::parse(row.get::<_, Option<&str>>(5).ok_or_else(corrupt)?)
+                            .map_err(|_| corrupt())?,
+                        batch: BatchId::parse(row.get::<_, Option<&str>>(6).ok_or_else(corrupt)?)
+                            .map_err(|_| corrupt())?,
+                        uses: uint(row.get::<_, Option<i64>>(7).ok_or_else(corrupt)?)?,
+                    },
+                    "correction" => TransferKind::Correction {
+                        of: TransferId(uint(row.get::<_, Option<i64>>(8).ok_or_else(corrupt)?)?),
+                    },
+                    _ => return Err(corrupt()),
+                };
+                transfers.push(Transfer {
+                    id: TransferId(uint(row.get(0))?),
+                    debit: account_of(row.get(1))?,
+                    credit: account_of(row.get(2))?,
+                    amount: amount_of(row.get(3))?,
+                    kind,
+                    posted_ms: uint(row.get(9))?,
+                });
+            }
+            Ok(transfers)
+        })
+    }
+
+    /// Checks the balances kept against `sums` (the transfers' own), and
+    /// that every record reads.
+    async fn verify_rows(
+        &self,
+        sums: &HashMap<AccountId, Amount>,
+        report: &mut crate::verify::Report,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT account, balance::text FROM balances", &[])
+            .await?;
+        let mut kept: HashMap<AccountId, Amount> = HashMap::new();
+        for row in &rows {
+            match (account_of(row.get(0)), amount_of(row.get(1))) {
+                (Ok(account), Ok(balance)) => {
+                    kept.insert(account, balance);
+                }
+                _ => report.problem(format!(
+                    "the balance row of {:?} does not read",
+                    row.get::<_, &str>(0)
+                )),
+            }
+        }
+        for (account, sum) in sums {
+            let balance = kept.get(account).copied().unwrap_or(Amount::ZERO);
+            if balance != *sum {
+                report.problem(format!(
+                    "the balance kept for {account} is {balance}; its transfers add up to {sum}"
+                ));
+            }
+        }
+        for (account, balance) in &kept {
+            if !sums.contains_key(account) && !balance.is_zero() {
+                report.problem(format!(
+                    "a balance of {balance} is kept for {account}, which no transfer moved"
+                ));
+            }
+        }
+        report.checked("balances kept", kept.len() as u64);
+        for (table, what) in [
+            ("customers", "customer records"),
+            ("products", "product records"),
+            ("meters", "meter records"),
+            ("grants", "grant records"),
+            ("suspense", "readings in suspense"),
+            ("deposits", "deposits by reference"),
+        ] {
+            let rows = client
+                .query(format!("SELECT record::text FROM {table}").as_str(), &[])
+                .await?;
+            let mut count = 0;
+            for row in &rows {
+                count += 1;
+                let text: &str = row.get(0);
+                let read = match table {
+                    "customers" => from_json::<Customer>(text, what).map(drop),
+                    "products" => from_json::<Product>(text, what).map(drop),
+                    "meters" => from_json::<Meter>(text, what).map(drop),
+                    "grants" => from_json::<Grant>(text, what).map(drop),
+                    "suspense" => from_json::<Suspense>(text, what).map(drop),
+                    _ => from_json::<DepositRecord>(text, what).map(drop),
+                };
+                if let Err(error) = read {
+                    report.problem(error.to_string());
+                }
+            }
+            report.checked(what, count);
+        }
+        Ok(())
+    }
+
     async fn customer_in(
         client: &impl deadpool_postgres::GenericClient,
         cid: &Cid,
@@ -433,45 +547,23 @@ impl PgStore {
 
 impl Store for PgStore {
     fn load_ledger(&self) -> Result<Ledger, StoreError> {
-        self.block(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
-                     FROM transfers ORDER BY id",
-                    &[],
-                )
-                .await?;
-            let mut transfers = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let kind: &str = row.get(4);
-                let corrupt = || StoreError::Corrupt(format!("transfer {}", row.get::<_, i64>(0)));
-                let kind = match kind {
-                    "deposit" => TransferKind::Deposit,
-                    "withdrawal" => TransferKind::Withdrawal,
-                    "use" => TransferKind::Use {
-                        pid: Pid::parse(row.get::<_, Option<&str>>(5).ok_or_else(corrupt)?)
-                            .map_err(|_| corrupt())?,
-                        batch: BatchId::parse(row.get::<_, Option<&str>>(6).ok_or_else(corrupt)?)
-                            .map_err(|_| corrupt())?,
-                        uses: uint(row.get::<_, Option<i64>>(7).ok_or_else(corrupt)?)?,
-                    },
-                    "correction" => TransferKind::Correction {
-                        of: TransferId(uint(row.get::<_, Option<i64>>(8).ok_or_else(corrupt)?)?),
-                    },
-                    _ => return Err(corrupt()),
-                };
-                transfers.push(Transfer {
-                    id: TransferId(uint(row.get(0))?),
-                    debit: account_of(row.get(1))?,
-                    credit: account_of(row.get(2))?,
-                    amount: amount_of(row.get(3))?,
-                    kind,
-                    posted_ms: uint(row.get(9))?,
-                });
+        Ok(Ledger::restore(self.transfers()?))
+    }
+
+    fn verify(&self) -> (crate::verify::Report, Vec<Transfer>) {
+        let mut report = crate::verify::Report::default();
+        let transfers = match self.transfers() {
+            Ok(transfers) => transfers,
+            Err(error) => {
+                report.problem(format!("the transfers cannot be read: {error}"));
+                return (report, Vec::new());
             }
-            Ok(Ledger::restore(transfers))
-        })
+        };
+        let sums = crate::verify::check_transfers(&transfers, &mut report);
+        if let Err(error) = self.block(self.verify_rows(&sums, &mut report)) {
+            report.problem(format!("the store cannot be read: {error}"));
+        }
+        (report, transfers)
     }
 
     fn stage_batch(&self, key: &BatchKey, effects: BatchEffects<'_>) -> Result<(), StoreError> {

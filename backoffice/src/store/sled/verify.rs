@@ -41,7 +41,7 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
 impl SledStore {
     /// Checks every record and index; answers the report and the transfers
     /// that decoded, in order (for a comparison with the ledger in memory).
-    pub fn verify(&self) -> (Report, Vec<Transfer>) {
+    pub fn verify_records(&self) -> (Report, Vec<Transfer>) {
         let mut report = Report::default();
         let serials = self.verify_serials(&mut report);
         let customers = self.verify_customers(&serials, &mut report);
@@ -710,7 +710,7 @@ mod tests {
     }
 
     fn problems(store: &SledStore) -> Vec<String> {
-        let (report, _) = store.verify();
+        let (report, _) = store.verify_records();
         assert_eq!(report.problem_count, report.problems.len() as u64);
         report.problems
     }
@@ -727,7 +727,7 @@ mod tests {
     fn a_clean_store_verifies_and_corrupted_records_and_indexes_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let (store, transfers) = filled(dir.path());
-        let (report, read) = store.verify();
+        let (report, read) = store.verify_records();
         assert!(report.is_ok(), "{:?}", report.problems);
         assert_eq!(read, transfers);
         let summary = report.summary();
