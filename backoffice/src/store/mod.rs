@@ -516,8 +516,9 @@ impl<'a> NewProduct<'a> {
 /// the embedded sled store in the data folder, or PostgreSQL. The rest of
 /// the backoffice sees only `Store`.
 pub enum AnyStore {
-    /// The embedded default.
-    Sled(SledStore),
+    /// The embedded default (boxed: it is several times the size of the
+    /// other, and a branch has one store for its whole run).
+    Sled(Box<SledStore>),
     /// A PostgreSQL database.
     Postgres(PgStore),
 }
@@ -528,7 +529,9 @@ impl AnyStore {
     pub fn open(store: Option<&str>, data_dir: &std::path::Path) -> Result<AnyStore, StoreError> {
         match store {
             Some(url) => Ok(AnyStore::Postgres(PgStore::connect(url)?)),
-            None => Ok(AnyStore::Sled(SledStore::open(&data_dir.join("store"))?)),
+            None => Ok(AnyStore::Sled(Box::new(SledStore::open(
+                &data_dir.join("store"),
+            )?))),
         }
     }
 
