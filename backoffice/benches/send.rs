@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use backoffice::ledger::{AccountId, NewTransfer, SystemAccount, TransferKind};
 use backoffice::send::{Backoffice, DEFAULT_PARAMS, Signed};
-use backoffice::store::{SledStore, Store};
+use backoffice::store::{AnyStore, Store};
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
 use proto::upload::{Batch, SendBody, SendRequest};
@@ -47,7 +47,9 @@ fn main() {
         (batches, 10_000, 1_000)
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    // BENCH_STORE=postgres://... measures the PostgreSQL store (an empty
+    // database); by default the sled store in a temporary folder.
+    let store = AnyStore::open(std::env::var("BENCH_STORE").ok().as_deref(), dir.path()).unwrap();
     let bid = Bid::parse("B1").unwrap();
     let customers: Vec<Cid> = (0..customer_count)
         .map(|n| {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use backoffice::send::{Backoffice, DEFAULT_PARAMS};
-use backoffice::store::{SledStore, Store};
+use backoffice::store::{AnyStore, Store};
 use clap::Parser;
 use meterd::config::FileSettings;
 use proto::{Bid, Mid};
@@ -91,7 +91,7 @@ struct LocalMeter {
 
 /// The meter registered on an earlier run, if its files and its record
 /// agree; else a new one, registered to the franchise's operator customer.
-fn local_meter(store: &SledStore, bid: &Bid, dir: &Path) -> Result<(LocalMeter, bool), String> {
+fn local_meter(store: &AnyStore, bid: &Bid, dir: &Path) -> Result<(LocalMeter, bool), String> {
     let mid_file = dir.join("mid");
     let secret_file = dir.join("meter.secret");
     let earlier = std::fs::read_to_string(&mid_file)
@@ -156,7 +156,8 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
     }
     let (token_path, operator_token) = backoffice::server::operator_token(&office_dir)
         .map_err(|error| format!("cannot keep the operator token: {error}"))?;
-    let store = SledStore::open(&office_dir.join("store")).map_err(|error| error.to_string())?;
+    // The local franchise keeps its branch on its embedded defaults.
+    let store = AnyStore::open(None, &office_dir).map_err(|error| error.to_string())?;
     let (meter, new_meter) = local_meter(&store, &cli.bid, &meter_dir)?;
     let office = Backoffice::open(store, DEFAULT_PARAMS).map_err(|error| error.to_string())?;
 
