@@ -580,10 +580,16 @@ pub(crate) fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once(
         suspended("B1-M2", "B1-M2:1", 3),
         suspended("B1-M1", "B1-M1:9", u64::MAX - 1),
     ];
+    // A reading named twice in one batch is kept once, as last named.
+    let renamed = Suspense {
+        reason: "named again".to_owned(),
+        ..suspended("B1-M1", "B1-M1:10", 0)
+    };
     let second = vec![
         suspended("B1-M1", "B1-M1:9", 1 << 63),
         suspended("B1-M1", "B1-M1:10", 0),
         suspended("B1-M2", "B1-M2:1", 3),
+        renamed.clone(),
     ];
     store
         .apply_batch(&key(1), effects(&[], &first, None))
@@ -594,6 +600,7 @@ pub(crate) fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once(
     assert_eq!(store.suspense_count().unwrap(), 5);
     let all = store.suspense().unwrap();
     assert_eq!(all.len(), 5);
+    assert!(all.contains(&renamed), "{all:?}");
     // Pages of two from cursors give the same readings in the same order.
     let mut paged = Vec::new();
     let mut after: Option<SuspenseCursor> = None;

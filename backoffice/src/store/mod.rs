@@ -528,7 +528,11 @@ impl AnyStore {
     /// settings), else the sled store in `data_dir`'s `store` folder.
     pub fn open(store: Option<&str>, data_dir: &std::path::Path) -> Result<AnyStore, StoreError> {
         match store {
-            Some(url) => Ok(AnyStore::Postgres(PgStore::connect(url)?)),
+            Some(url) => {
+                let mut store = PgStore::connect(url)?;
+                store.claim_sole_node()?;
+                Ok(AnyStore::Postgres(store))
+            }
             None => Ok(AnyStore::Sled(Box::new(SledStore::open(
                 &data_dir.join("store"),
             )?))),

@@ -49,6 +49,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The advisory lock migrations take (the bytes of "backoffi").
 const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
+/// The advisory lock the one node serving a database holds (the bytes of
+/// "backnode").
+const NODE_LOCK: i64 = 0x6261_636b_6e6f_6465;
 /// How long connecting, and waiting for a free connection, may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections per node.
@@ -66,6 +69,8 @@ pub struct Migrated {
 /// A branch in PostgreSQL.
 pub struct PgStore {
     pool: deadpool_postgres::Pool,
+    /// The connection that holds the node lock (`claim_sole_node`).
+    sole: Option<deadpool_postgres::ClientWrapper>,
     runtime: Option<tokio::runtime::Runtime>,
     /// Where it is, without any password: for messages.
     shown: String,
@@ -157,6 +162,7 @@ impl PgStore {
         };
         let store = PgStore {
             pool,
+            sole: None,
             runtime: Some(runtime),
             shown,
         };
@@ -199,6 +205,36 @@ impl PgStore {
             .get()
             .await
             .map_err(|error| database(&error, &self.shown))
+    }
+
+    /// Claims the database for this node alone, for as long as the store
+    /// is open: a second backoffice serving it is refused. Each node still
+    /// keeps the ledger in its memory and numbers the transfers it posts,
+    /// so two would post under the same numbers; several nodes on one
+    /// database come with the next step of this store (issue 15), which
+    /// moves that numbering into the database.
+    pub fn claim_sole_node(&mut self) -> Result<(), StoreError> {
+        let claimed = self.block(async {
+            let object = self.client().await?;
+            // Out of the pool: the lock lives as long as this connection.
+            let client = deadpool_postgres::Object::take(object);
+            let held: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])
+                .await
+                .map_err(|error| database(&error, &self.shown))?
+                .get(0);
+            Ok::<_, StoreError>(held.then_some(client))
+        })?;
+        match claimed {
+            Some(client) => {
+                self.sole = Some(client);
+                Ok(())
+            }
+            None => Err(StoreError::Locked(format!(
+                "the database at {} (one node per database for now)",
+                self.shown
+            ))),
+        }
     }
 
     /// Where it is (host, port, database; never a password).
@@ -249,6 +285,8 @@ impl PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         // Safe from any thread, inside another runtime too.
+        // The lock's connection first, while its runtime still runs.
+        drop(self.sole.take());
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }

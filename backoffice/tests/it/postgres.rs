@@ -118,7 +118,7 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
     assert_eq!(
         cluster
-            .psql("branch", "SELECT last FROM serials WHERE kind = 'C'")
+            .psql("branch", "SELECT next FROM serials WHERE kind = 'C'")
             .unwrap()
             .trim(),
         "7"
@@ -243,4 +243,59 @@ fn the_migrate_command_applies_once_and_reads_the_store_from_the_environment() {
     let (code, text) = migrate(&["--store", &cluster.url("missing")], None);
     assert_eq!(code, Some(69), "{text}");
     assert!(text.contains("missing"), "{text}");
+}
+
+/// Starts `backoffice serve` on the database at `url` with its own data
+/// folder; returns the child once it listens, or its exit code and output
+/// if it stopped instead.
+fn serve(url: &str, data: &std::path::Path) -> Result<std::process::Child, (Option<i32>, String)> {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backoffice"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--password-iterations",
+            "1000",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .env("BACKOFFICE_STORE", url)
+        .env("BACKOFFICE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    if first.starts_with("backoffice listening on") {
+        return Ok(child);
+    }
+    let output = child.wait_with_output().unwrap();
+    Err((
+        output.status.code(),
+        first + &String::from_utf8_lossy(&output.stderr),
+    ))
+}
+
+#[test]
+fn a_second_node_on_the_same_database_is_refused_until_the_first_is_gone() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve(&url, &dir.path().join("first")).expect("the first node serves");
+    let (code, text) = serve(&url, &dir.path().join("second")).expect_err("a second node");
+    assert_eq!(code, Some(69), "{text}");
+    assert!(
+        text.contains("one node per database") && text.contains("/branch"),
+        "{text}"
+    );
+    // A crashed node's lock goes with its connection.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut third = serve(&url, &dir.path().join("third")).expect("the database is free again");
+    third.kill().unwrap();
+    third.wait().unwrap();
 }

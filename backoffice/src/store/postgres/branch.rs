@@ -102,20 +102,27 @@ async fn next_serial(transaction: &Transaction<'_>, kind: &str) -> Result<u64, S
     uint(row.get(0))
 }
 
-/// Writes `transfers` and moves the balances they change.
+/// Writes `transfers` and moves the balances they change: one statement
+/// for the transfers and one for the balances, whatever their number (a
+/// batch posts up to one transfer per payer, owner and product).
 async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(), StoreError> {
     if transfers.is_empty() {
         return Ok(());
     }
-    let insert = transaction
-        .prepare(
-            "INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms) \
-             VALUES ($1, $2, $3, ($4::text)::numeric, $5, $6, $7, $8, $9, $10)",
-        )
-        .await?;
+    let count = transfers.len();
+    let mut ids = Vec::with_capacity(count);
+    let mut debits = Vec::with_capacity(count);
+    let mut credits = Vec::with_capacity(count);
+    let mut amounts = Vec::with_capacity(count);
+    let mut kinds = Vec::with_capacity(count);
+    let mut pids: Vec<Option<String>> = Vec::with_capacity(count);
+    let mut batches: Vec<Option<String>> = Vec::with_capacity(count);
+    let mut uses: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut corrects: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut posted = Vec::with_capacity(count);
     let mut moved: HashMap<AccountId, Amount> = HashMap::new();
     for transfer in transfers {
-        let (kind, pid, batch, uses, corrects) = match &transfer.kind {
+        let (kind, pid, batch, used, corrected) = match &transfer.kind {
             TransferKind::Deposit => ("deposit", None, None, None, None),
             TransferKind::Withdrawal => ("withdrawal", None, None, None, None),
             TransferKind::Use { pid, batch, uses } => (
@@ -127,32 +134,16 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
             ),
             TransferKind::Correction { of } => ("correction", None, None, None, Some(int(of.0)?)),
         };
-        let result = transaction
-            .execute(
-                &insert,
-                &[
-                    &int(transfer.id.0)?,
-                    &account_text(&transfer.debit),
-                    &account_text(&transfer.credit),
-                    &transfer.amount.to_string(),
-                    &kind,
-                    &pid,
-                    &batch,
-                    &uses,
-                    &corrects,
-                    &int(transfer.posted_ms)?,
-                ],
-            )
-            .await;
-        match result {
-            Err(error) if is_unique_violation(&error) => {
-                return Err(StoreError::Corrupt(format!(
-                    "transfer {} exists already; a posted transfer is never overwritten",
-                    transfer.id.0
-                )));
-            }
-            other => other?,
-        };
+        ids.push(int(transfer.id.0)?);
+        debits.push(account_text(&transfer.debit));
+        credits.push(account_text(&transfer.credit));
+        amounts.push(transfer.amount.to_string());
+        kinds.push(kind);
+        pids.push(pid);
+        batches.push(batch);
+        uses.push(used);
+        corrects.push(corrected);
+        posted.push(int(transfer.posted_ms)?);
         for posting in transfer.postings() {
             let balance = moved.entry(posting.account).or_insert(Amount::ZERO);
             *balance = balance
@@ -160,21 +151,72 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
         }
     }
+    let result = transaction
+        .execute(
+            "INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms) \
+             SELECT id, debit, credit, amount::numeric, kind, pid, batch, uses, corrects, posted_ms \
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+                  AS t (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms)",
+            &[
+                &ids, &debits, &credits, &amounts, &kinds, &pids, &batches, &uses, &corrects,
+                &posted,
+            ],
+        )
+        .await;
+    match result {
+        Err(error) if is_unique_violation(&error) => {
+            return Err(StoreError::Corrupt(format!(
+                "a transfer numbered {}..={} exists already; a posted transfer is never overwritten",
+                transfers[0].id.0,
+                transfers[count - 1].id.0
+            )));
+        }
+        other => other?,
+    };
     // In account order, so that concurrent writers lock rows in one order.
     let mut moved: Vec<(AccountId, Amount)> = moved.into_iter().collect();
     moved.sort();
-    let upsert = transaction
-        .prepare(
-            "INSERT INTO balances (account, balance) VALUES ($1, ($2::text)::numeric) \
+    let accounts: Vec<String> = moved
+        .iter()
+        .map(|(account, _)| account_text(account))
+        .collect();
+    let amounts: Vec<String> = moved.iter().map(|(_, amount)| amount.to_string()).collect();
+    transaction
+        .execute(
+            "INSERT INTO balances (account, balance) \
+             SELECT account, amount::numeric FROM unnest($1::text[], $2::text[]) AS m (account, amount) \
              ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance",
+            &[&accounts, &amounts],
         )
         .await?;
-    for (account, amount) in moved {
-        transaction
-            .execute(&upsert, &[&account_text(&account), &amount.to_string()])
-            .await?;
-    }
     Ok(())
+}
+
+/// The columns of period counts, in key order (so that concurrent writers
+/// lock rows in one order).
+fn period_columns(
+    counts: &[(PeriodKey, u64)],
+) -> Result<(Vec<String>, Vec<String>, Vec<i32>, Vec<i64>), StoreError> {
+    let mut sorted: Vec<&(PeriodKey, u64)> = counts.iter().collect();
+    sorted.sort_by(|(a, _), (b, _)| {
+        (a.payer.as_str(), a.pid.as_str(), a.month).cmp(&(
+            b.payer.as_str(),
+            b.pid.as_str(),
+            b.month,
+        ))
+    });
+    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (key, uses) in sorted {
+        columns.0.push(key.payer.as_str().to_owned());
+        columns.1.push(key.pid.as_str().to_owned());
+        columns.2.push(
+            i32::try_from(key.month)
+                .map_err(|_| StoreError::Corrupt(format!("the month {}", key.month)))?,
+        );
+        columns.3.push(int(*uses)?);
+    }
+    Ok(columns)
 }
 
 async fn set_period_uses(
@@ -182,35 +224,25 @@ async fn set_period_uses(
     period_uses: &[(PeriodKey, u64)],
     free_uses: &[(PeriodKey, u64)],
 ) -> Result<(), StoreError> {
-    let mut set: Vec<&(PeriodKey, u64)> = period_uses.iter().collect();
-    set.sort_by_key(|(key, _)| (key.payer, key.pid, key.month));
-    for (key, uses) in set {
+    if !period_uses.is_empty() {
+        let (payers, pids, months, uses) = period_columns(period_uses)?;
         transaction
             .execute(
-                "INSERT INTO period_uses (payer, pid, month, uses) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO period_uses (payer, pid, month, uses) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[]) \
                  ON CONFLICT (payer, pid, month) DO UPDATE SET uses = excluded.uses",
-                &[
-                    &key.payer.as_str(),
-                    &key.pid.as_str(),
-                    &i32::try_from(key.month).unwrap_or(i32::MAX),
-                    &int(*uses)?,
-                ],
+                &[&payers, &pids, &months, &uses],
             )
             .await?;
     }
-    let mut add: Vec<&(PeriodKey, u64)> = free_uses.iter().collect();
-    add.sort_by_key(|(key, _)| (key.payer, key.pid, key.month));
-    for (key, uses) in add {
+    if !free_uses.is_empty() {
+        let (payers, pids, months, uses) = period_columns(free_uses)?;
         transaction
             .execute(
-                "INSERT INTO free_uses (payer, pid, month, uses) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO free_uses (payer, pid, month, uses) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[]) \
                  ON CONFLICT (payer, pid, month) DO UPDATE SET uses = free_uses.uses + excluded.uses",
-                &[
-                    &key.payer.as_str(),
-                    &key.pid.as_str(),
-                    &i32::try_from(key.month).unwrap_or(i32::MAX),
-                    &int(*uses)?,
-                ],
+                &[&payers, &pids, &months, &uses],
             )
             .await?;
     }
@@ -232,15 +264,14 @@ async fn write_itemised(
     }
     let parts = u16::try_from(records.len()).expect("a batch takes fewer than 65,536 records");
     let (mid, batch, arrived) = (key.mid.as_str(), key.id.as_str(), int(arrived_ms)?);
-    let insert = transaction
-        .prepare("INSERT INTO itemised (arrived_ms, mid, batch, part, record) VALUES ($1, $2, $3, $4, $5)")
+    let numbers: Vec<i32> = (0..i32::from(parts)).collect();
+    transaction
+        .execute(
+            "INSERT INTO itemised (arrived_ms, mid, batch, part, record) \
+             SELECT $1, $2, $3, part, record FROM unnest($4::integer[], $5::bytea[]) AS r (part, record)",
+            &[&arrived, &mid, &batch, &numbers, &records],
+        )
         .await?;
-    for (part, record) in records.iter().enumerate() {
-        let part = i32::try_from(part).expect("fewer than 65,536 parts");
-        transaction
-            .execute(&insert, &[&arrived, &mid, &batch, &part, record])
-            .await?;
-    }
     if batch_index {
         transaction
             .execute(
@@ -250,13 +281,22 @@ async fn write_itemised(
             )
             .await?;
     }
-    for (first, last) in ranges {
+    if !ranges.is_empty() {
+        let firsts: Vec<i64> = ranges
+            .iter()
+            .map(|(first, _)| int(first.0))
+            .collect::<Result<_, _>>()?;
+        let lasts: Vec<i64> = ranges
+            .iter()
+            .map(|(_, last)| int(last.0))
+            .collect::<Result<_, _>>()?;
         transaction
             .execute(
-                "INSERT INTO itemised_transfers (first, last, arrived_ms, mid, batch) VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO itemised_transfers (first, last, arrived_ms, mid, batch) \
+                 SELECT first, last, $3, $4, $5 FROM unnest($1::bigint[], $2::bigint[]) AS r (first, last) \
                  ON CONFLICT (first) DO UPDATE SET last = excluded.last, arrived_ms = excluded.arrived_ms, \
                  mid = excluded.mid, batch = excluded.batch",
-                &[&int(first.0)?, &int(last.0)?, &arrived, &mid, &batch],
+                &[&firsts, &lasts, &arrived, &mid, &batch],
             )
             .await?;
     }
@@ -620,17 +660,29 @@ impl Store for PgStore {
             }
             post(&transaction, effects.transfers).await?;
             set_period_uses(&transaction, effects.period_uses, effects.free_uses).await?;
-            for record in effects.suspense {
+            if !effects.suspense.is_empty() {
+                // One row per reading: a reading named twice keeps its last
+                // record (as a second write of the same key would).
+                let mut last: HashMap<(Mid, &str, u64), usize> = HashMap::new();
+                for (at, record) in effects.suspense.iter().enumerate() {
+                    last.insert((record.mid, record.batch.as_str(), record.seq), at);
+                }
+                let mut kept: Vec<usize> = last.into_values().collect();
+                kept.sort_unstable();
+                let suspense: Vec<&Suspense> =
+                    kept.into_iter().map(|at| &effects.suspense[at]).collect();
+                let mids: Vec<&str> = suspense.iter().map(|record| record.mid.as_str()).collect();
+                let batches: Vec<&str> =
+                    suspense.iter().map(|record| record.batch.as_str()).collect();
+                let seqs: Vec<i64> = suspense.iter().map(|record| seq_in(record.seq)).collect();
+                let records: Vec<String> = suspense.iter().map(|record| json(record)).collect();
                 transaction
                     .execute(
-                        "INSERT INTO suspense (mid, batch, seq, record) VALUES ($1, $2, $3, ($4::text)::jsonb) \
+                        "INSERT INTO suspense (mid, batch, seq, record) \
+                         SELECT mid, batch, seq, record::jsonb \
+                         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS s (mid, batch, seq, record) \
                          ON CONFLICT (mid, batch, seq) DO UPDATE SET record = excluded.record",
-                        &[
-                            &record.mid.as_str(),
-                            &record.batch.as_str(),
-                            &seq_in(record.seq),
-                            &json(record),
-                        ],
+                        &[&mids, &batches, &seqs, &records],
                     )
                     .await?;
             }
