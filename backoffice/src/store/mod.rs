@@ -516,11 +516,11 @@ impl<'a> NewProduct<'a> {
 /// the embedded sled store in the data folder, or PostgreSQL. The rest of
 /// the backoffice sees only `Store`.
 pub enum AnyStore {
-    /// The embedded default (boxed: it is several times the size of the
-    /// other, and a branch has one store for its whole run).
+    /// The embedded default (each boxed: they differ in size, and a branch
+    /// has one store for its whole run).
     Sled(Box<SledStore>),
     /// A PostgreSQL database.
-    Postgres(PgStore),
+    Postgres(Box<PgStore>),
 }
 
 impl AnyStore {
@@ -531,7 +531,7 @@ impl AnyStore {
             Some(url) => {
                 let mut store = PgStore::connect(url)?;
                 store.claim_sole_node()?;
-                Ok(AnyStore::Postgres(store))
+                Ok(AnyStore::Postgres(Box::new(store)))
             }
             None => Ok(AnyStore::Sled(Box::new(SledStore::open(
                 &data_dir.join("store"),

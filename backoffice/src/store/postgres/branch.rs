@@ -193,11 +193,12 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
     Ok(())
 }
 
+/// Payers, PIDs, months and counts, as `unnest` takes them.
+type PeriodColumns = (Vec<String>, Vec<String>, Vec<i32>, Vec<i64>);
+
 /// The columns of period counts, in key order (so that concurrent writers
 /// lock rows in one order).
-fn period_columns(
-    counts: &[(PeriodKey, u64)],
-) -> Result<(Vec<String>, Vec<String>, Vec<i32>, Vec<i64>), StoreError> {
+fn period_columns(counts: &[(PeriodKey, u64)]) -> Result<PeriodColumns, StoreError> {
     let mut sorted: Vec<&(PeriodKey, u64)> = counts.iter().collect();
     sorted.sort_by(|(a, _), (b, _)| {
         (a.payer.as_str(), a.pid.as_str(), a.month).cmp(&(
@@ -675,7 +676,7 @@ impl Store for PgStore {
                 let batches: Vec<&str> =
                     suspense.iter().map(|record| record.batch.as_str()).collect();
                 let seqs: Vec<i64> = suspense.iter().map(|record| seq_in(record.seq)).collect();
-                let records: Vec<String> = suspense.iter().map(|record| json(record)).collect();
+                let records: Vec<String> = suspense.iter().map(json).collect();
                 transaction
                     .execute(
                         "INSERT INTO suspense (mid, batch, seq, record) \
