@@ -1433,6 +1433,25 @@ impl<S: Store> Backoffice<S> {
     /// Reads what `plan` needs of the store for `uses` into `lookups`:
     /// payers, products and their modules.
     fn look_up(&self, lookups: &mut Lookups, uses: &[Use]) -> Result<(), Fault> {
+        // The payers first, all in one read (a batch may name thousands).
+        let mut payers: Vec<Cid> = Vec::new();
+        let mut seen: HashSet<Cid> = HashSet::new();
+        for usage in uses {
+            if let Some(Payer::Customer(cid)) = usage.payer
+                && !lookups.customers.contains_key(&cid)
+                && seen.insert(cid)
+            {
+                payers.push(cid);
+            }
+        }
+        let found = self
+            .store
+            .customers(&payers)
+            .map_err(|error| internal(&error))?;
+        for (cid, customer) in payers.into_iter().zip(found) {
+            let terms = customer.map(|customer| (customer.credit_limit, customer.denied));
+            lookups.customers.insert(cid, terms);
+        }
         for usage in uses {
             if let Some(product) = self.product(&mut lookups.products, usage.pid)? {
                 self.taca(lookups, &product)?.ok();
@@ -1528,6 +1547,22 @@ impl<S: Store> Backoffice<S> {
         Ok(keys)
     }
 
+    /// Reads the stored counts of `periods` into `counts`, in one step.
+    fn read_counts(
+        &self,
+        counts: &mut PeriodCounts,
+        periods: impl IntoIterator<Item = PeriodKey>,
+    ) -> Result<(), Fault> {
+        let periods: Vec<PeriodKey> = periods.into_iter().collect();
+        let read = self
+            .store
+            .period_uses_many(&periods)
+            .map_err(|error| internal(&error))?;
+        let read: Vec<(PeriodKey, u64)> = periods.into_iter().zip(read).collect();
+        counts.stored(&read);
+        Ok(())
+    }
+
     /// Whether every period count a batch was priced with (`bases`, read
     /// before the ledger was locked) is still the stored one; called with
     /// the ledger locked.
@@ -1536,6 +1571,13 @@ impl<S: Store> Backoffice<S> {
         stored: &mut PeriodCounts,
         bases: &PeriodCounts,
     ) -> Result<bool, Fault> {
+        let missing: Vec<PeriodKey> = bases
+            .0
+            .keys()
+            .filter(|period| !stored.0.contains_key(period))
+            .copied()
+            .collect();
+        self.read_counts(stored, missing)?;
         for (period, base) in &bases.0 {
             let now = match stored.0.get(period) {
                 Some(count) => *count,
@@ -1840,11 +1882,12 @@ impl<S: Store> Backoffice<S> {
         // for them), and under the lock the counts it was priced with are
         // checked (re-pricing, which does not reserve, may have moved them):
         // if any moved, the batch is priced again there.
-        let reserved = self
-            .periods_in_use
-            .reserve(self.periods_of(&mut lookups, &uses)?)?;
+        let priced_in = self.periods_of(&mut lookups, &uses)?;
+        let reserved = self.periods_in_use.reserve(priced_in.clone())?;
         let unpriced = uses.clone();
+        // The counts they start from, read in one step once reserved.
         let mut bases = PeriodCounts::default();
+        self.read_counts(&mut bases, priced_in)?;
         let mut periods_early: HashMap<PeriodKey, u64> = HashMap::new();
         let early = self.price_chains(&mut lookups, &mut bases, &mut periods_early, &mut uses)?;
         let mut ledger = lock(&self.ledger);

@@ -117,6 +117,20 @@ pub(crate) fn the_registry_issues_ids_in_order_and_keeps_records(harness: &impl 
             .create_customer(&bid, "Bob", "bob@example.org")
             .unwrap();
         assert_eq!((ada.cid.as_str(), bob.cid.as_str()), ("B1-C1", "B1-C2"));
+        // Read together, in the order asked, unknown ones as none.
+        let nobody = Cid::parse("B1-C99").unwrap();
+        assert_eq!(
+            store
+                .customers(&[bob.cid, nobody, ada.cid, bob.cid])
+                .unwrap(),
+            vec![
+                Some(bob.clone()),
+                None,
+                Some(ada.clone()),
+                Some(bob.clone())
+            ]
+        );
+        assert_eq!(store.customers(&[]).unwrap(), vec![]);
         assert!(matches!(
             store.create_customer(&bid, "Eve", "not an address"),
             Err(StoreError::Registry(RegistryError::BadEmail))
@@ -708,6 +722,18 @@ pub(crate) fn period_counts_are_set_and_free_counts_added_per_payer_product_and_
     assert_eq!(store.period_uses(&period(ada, editor, 202_611)).unwrap(), 9);
     assert_eq!(store.period_uses(&period(bob, editor, 202_612)).unwrap(), 1);
     assert_eq!(store.period_uses(&period(ada, spell, 202_611)).unwrap(), 0);
+    assert_eq!(
+        store
+            .period_uses_many(&[
+                period(bob, editor, 202_612),
+                period(ada, spell, 202_611),
+                period(ada, editor, 202_611),
+                period(bob, editor, 202_612),
+            ])
+            .unwrap(),
+        vec![1, 0, 9, 1]
+    );
+    assert_eq!(store.period_uses_many(&[]).unwrap(), Vec::<u64>::new());
     assert_eq!(
         store.free_uses(&ada, 202_611).unwrap(),
         vec![(editor, 6), (spell, 1)]

@@ -327,6 +327,12 @@ pub trait Store {
     fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError>;
     /// Uses counted so far in a billing period.
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError>;
+    /// Uses counted so far in each of `keys`' billing periods, in order:
+    /// one round trip where the store has them (a batch reads up to one per
+    /// payer and product).
+    fn period_uses_many(&self, keys: &[PeriodKey]) -> Result<Vec<u64>, StoreError> {
+        keys.iter().map(|key| self.period_uses(key)).collect()
+    }
     /// How many of `payer`'s uses made in `month` (`YYYYMM`) moved no money,
     /// per product (priced at zero, of their own product, or of a test PID),
     /// in PID order.
@@ -367,6 +373,11 @@ pub trait Store {
     ) -> Result<Customer, StoreError>;
     /// A customer by CID.
     fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError>;
+    /// Customers by CID, in the order asked (`None`: no such customer), in
+    /// one round trip where the store has them.
+    fn customers(&self, cids: &[Cid]) -> Result<Vec<Option<Customer>>, StoreError> {
+        cids.iter().map(|cid| self.customer(cid)).collect()
+    }
     /// A customer by e-mail address (any case).
     fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError>;
     /// Changes the customer `cid` as `change` says, applied to the record
@@ -683,6 +694,13 @@ impl Store for AnyStore {
         }
     }
 
+    fn period_uses_many(&self, keys: &[PeriodKey]) -> Result<Vec<u64>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.period_uses_many(keys),
+            AnyStore::Postgres(store) => store.period_uses_many(keys),
+        }
+    }
+
     fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError> {
         match self {
             AnyStore::Sled(store) => store.free_uses(payer, month),
@@ -763,6 +781,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.customer(cid),
             AnyStore::Postgres(store) => store.customer(cid),
+        }
+    }
+
+    fn customers(&self, cids: &[Cid]) -> Result<Vec<Option<Customer>>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.customers(cids),
+            AnyStore::Postgres(store) => store.customers(cids),
         }
     }
 

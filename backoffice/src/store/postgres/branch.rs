@@ -863,6 +863,31 @@ impl Store for PgStore {
         })
     }
 
+    fn period_uses_many(&self, keys: &[PeriodKey]) -> Result<Vec<u64>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payers: Vec<&str> = keys.iter().map(|key| key.payer.as_str()).collect();
+        let pids: Vec<&str> = keys.iter().map(|key| key.pid.as_str()).collect();
+        let months: Vec<i32> = keys
+            .iter()
+            .map(|key| i32::try_from(key.month).unwrap_or(i32::MAX))
+            .collect();
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT coalesce(p.uses, 0) \
+                     FROM unnest($1::text[], $2::text[], $3::integer[]) WITH ORDINALITY AS k (payer, pid, month, at) \
+                     LEFT JOIN period_uses p ON (p.payer, p.pid, p.month) = (k.payer, k.pid, k.month) \
+                     ORDER BY k.at",
+                    &[&payers, &pids, &months],
+                )
+                .await?;
+            rows.iter().map(|row| uint(row.get(0))).collect()
+        })
+    }
+
     fn free_uses(&self, payer: &Cid, month: u32) -> Result<Vec<(Pid, u64)>, StoreError> {
         self.block(async {
             let client = self.client().await?;
@@ -1047,6 +1072,31 @@ impl Store for PgStore {
         self.block(async {
             let client = self.client().await?;
             Self::customer_in(&client, cid).await
+        })
+    }
+
+    fn customers(&self, cids: &[Cid]) -> Result<Vec<Option<Customer>>, StoreError> {
+        if cids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked: Vec<&str> = cids.iter().map(Cid::as_str).collect();
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT c.record::text \
+                     FROM unnest($1::text[]) WITH ORDINALITY AS k (cid, at) \
+                     LEFT JOIN customers c ON c.cid = k.cid ORDER BY k.at",
+                    &[&asked],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    row.get::<_, Option<&str>>(0)
+                        .map(|text| from_json(text, "a customer record"))
+                        .transpose()
+                })
+                .collect()
         })
     }
 
