@@ -313,16 +313,38 @@ fn commit_until(
 
 #[test]
 fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
+    sigkill_during_uploads(
+        "sigkill_of_the_backoffice_during_uploads_applies_every_batch_once",
+        None,
+    );
+}
+
+/// The same kills with the branch in PostgreSQL: each killed node's
+/// transaction is rolled back with its connection, and the next node
+/// claims the database as soon as the dead one's connection is gone.
+#[test]
+fn sigkill_of_the_backoffice_in_postgresql_during_uploads_applies_every_batch_once() {
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    sigkill_during_uploads(
+        "sigkill_of_the_backoffice_in_postgresql_during_uploads_applies_every_batch_once",
+        Some(&url),
+    );
+}
+
+fn sigkill_during_uploads(test: &str, store: Option<&str>) {
     const ROUNDS: u32 = 8;
     let dir = tempfile::tempdir().unwrap();
-    let mut random = Lcg(kill_test_seed(
-        "sigkill_of_the_backoffice_during_uploads_applies_every_batch_once",
-    ));
+    let mut random = Lcg(kill_test_seed(test));
+    let envs: Vec<(&str, &str)> = store
+        .map(|url| ("BACKOFFICE_STORE", url))
+        .into_iter()
+        .collect();
     // The backoffice picks its port (port 0) and says which; each restart
     // listens there again, since meterd was told that address. (A port
     // reserved here and freed before the backoffice bound it could be
     // taken in between; a killed listener's port is rebound at once.)
-    let mut office = Backoffice::start(dir.path());
+    let mut office = Backoffice::start_with(dir.path(), "127.0.0.1:0", &envs);
     let listen = office.address.to_string();
     let consumer = office.text(
         "customer.create",
@@ -372,7 +394,7 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
             office.running.child.kill().expect("SIGKILL the backoffice");
             office.running.child.wait().unwrap();
             // Its store must open again with every invariant holding.
-            office = Backoffice::start_at(dir.path(), &listen);
+            office = Backoffice::start_with(dir.path(), &listen, &envs);
         }
         // On a loaded machine the kills may have left no upload time to
         // confirm the customer: with the backoffice up, let the uses go on

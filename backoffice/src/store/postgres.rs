@@ -52,6 +52,8 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
 /// The advisory lock the one node serving a database holds (the bytes of
 /// "backnode").
 const NODE_LOCK: i64 = 0x6261_636b_6e6f_6465;
+/// How long a node waits for another to let go of the database.
+pub const NODE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long connecting, and waiting for a free connection, may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections per node.
@@ -218,12 +220,23 @@ impl PgStore {
             let object = self.client().await?;
             // Out of the pool: the lock lives as long as this connection.
             let client = deadpool_postgres::Object::take(object);
-            let held: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])
-                .await
-                .map_err(|error| database(&error, &self.shown))?
-                .get(0);
-            Ok::<_, StoreError>(held.then_some(client))
+            // A node restarted right after a crash may find the dead one's
+            // session not yet ended: wait for it a little.
+            let deadline = tokio::time::Instant::now() + NODE_LOCK_WAIT;
+            loop {
+                let held: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])
+                    .await
+                    .map_err(|error| database(&error, &self.shown))?
+                    .get(0);
+                if held {
+                    return Ok::<_, StoreError>(Some(client));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         })?;
         match claimed {
             Some(client) => {
