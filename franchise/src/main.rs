@@ -39,6 +39,10 @@ struct Cli {
     /// Where the backoffice's store, the meter's cache and its secret live.
     #[arg(long, env = "FRANCHISE_DATA_DIR", default_value = "local-data")]
     data_dir: PathBuf,
+    /// Keep the branch in PostgreSQL instead of the data folder:
+    /// postgres://USER@HOST:PORT/DB (see docs/postgres.md).
+    #[arg(long, env = "BACKOFFICE_STORE", value_name = "URL")]
+    store: Option<String>,
     /// The backoffice's address: web pages at /, XML-RPC at /RPC2.
     #[arg(long, env = "FRANCHISE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -156,8 +160,8 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
     }
     let (token_path, operator_token) = backoffice::server::operator_token(&office_dir)
         .map_err(|error| format!("cannot keep the operator token: {error}"))?;
-    // The local franchise keeps its branch on its embedded defaults.
-    let store = AnyStore::open(None, &office_dir).map_err(|error| error.to_string())?;
+    let store =
+        AnyStore::open(cli.store.as_deref(), &office_dir).map_err(|error| error.to_string())?;
     let (meter, new_meter) = local_meter(&store, &cli.bid, &meter_dir)?;
     let office = Backoffice::open(store, DEFAULT_PARAMS).map_err(|error| error.to_string())?;
 

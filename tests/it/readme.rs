@@ -197,6 +197,37 @@ fn run_command(dir: &Path, env: &BTreeMap<String, String>) -> (Running, String) 
 
 #[test]
 fn the_readme_run_command_and_walk_through_work_as_written() {
+    walk_through(None);
+}
+
+/// The same walk-through with the branch in PostgreSQL (a throw-away
+/// cluster): the franchise started with `BACKOFFICE_STORE`.
+#[test]
+fn the_readme_walk_through_works_with_the_branch_in_postgresql() {
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    walk_through(Some(&url));
+    // The money moved there: Bob's deposit and his uses of Ada's editor,
+    // with the balances kept beside them.
+    let kept = cluster
+        .psql(
+            "branch",
+            "SELECT count(*) FROM transfers; SELECT account, balance FROM balances ORDER BY account",
+        )
+        .unwrap();
+    assert_eq!(
+        kept.lines().collect::<Vec<_>>(),
+        [
+            "2",
+            ":funding|-10.000000000",
+            "B1-C2|1.500000000",
+            "B1-C4|8.500000000"
+        ],
+        "{kept}"
+    );
+}
+
+fn walk_through(store: Option<&str>) {
     let walk = README
         .split("<!-- walkthrough")
         .nth(1)
@@ -236,6 +267,9 @@ fn the_readme_run_command_and_walk_through_work_as_written() {
     .map(|(key, value)| (key.to_owned(), value.to_owned()))
     .collect();
     env.remove("METERD_SOCKET");
+    if let Some(url) = store {
+        env.insert("BACKOFFICE_STORE".into(), url.to_owned());
+    }
     let (mut franchise, url) = run_command(dir.path(), &env);
     env.insert("BACKOFFICE_URL".into(), format!("{url}/RPC2"));
     let address = crate::support::address_of(&format!("{url}/RPC2"));
