@@ -319,6 +319,21 @@ fn sigkill_of_the_backoffice_during_uploads_applies_every_batch_once() {
     );
 }
 
+/// PostgreSQL itself crashes (`pg_ctl stop -m immediate`) during uploads
+/// and comes back; the backoffice, which stops taking money once a write
+/// fails, is restarted as its supervisor would. Nothing acknowledged is
+/// lost and nothing is charged twice.
+#[test]
+fn postgresql_crashing_during_uploads_loses_and_doubles_nothing() {
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    sigkill_during_uploads_with(
+        "postgresql_crashing_during_uploads_loses_and_doubles_nothing",
+        Some(&url),
+        Some(&cluster),
+    );
+}
+
 /// The same kills with the branch in PostgreSQL: each killed node's
 /// transaction is rolled back with its connection, and the next node
 /// claims the database as soon as the dead one's connection is gone.
@@ -333,6 +348,16 @@ fn sigkill_of_the_backoffice_in_postgresql_during_uploads_applies_every_batch_on
 }
 
 fn sigkill_during_uploads(test: &str, store: Option<&str>) {
+    sigkill_during_uploads_with(test, store, None);
+}
+
+/// Kills the backoffice `ROUNDS` times during uploads; with `database`,
+/// crashes the database first each time.
+fn sigkill_during_uploads_with(
+    test: &str,
+    store: Option<&str>,
+    database: Option<&pgtest::Cluster>,
+) {
     const ROUNDS: u32 = 8;
     let dir = tempfile::tempdir().unwrap();
     let mut random = Lcg(kill_test_seed(test));
@@ -391,6 +416,11 @@ fn sigkill_during_uploads(test: &str, store: Option<&str>) {
         });
         for _ in 0..ROUNDS {
             std::thread::sleep(std::time::Duration::from_millis(150 + random.below(200)));
+            if let Some(cluster) = database {
+                cluster.stop_immediately().expect("crash the database");
+                std::thread::sleep(std::time::Duration::from_millis(random.below(300)));
+                cluster.restart().expect("the database recovers");
+            }
             office.running.child.kill().expect("SIGKILL the backoffice");
             office.running.child.wait().unwrap();
             // Its store must open again with every invariant holding.
