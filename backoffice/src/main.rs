@@ -89,7 +89,12 @@ enum Command {
         /// postgres://USER@HOST:PORT/DB (or key=value settings). Its schema
         /// is brought up to date at start (see `migrate`). The data folder
         /// still holds the operator token and the outbox.
-        #[arg(long, env = "BACKOFFICE_STORE", value_name = "URL")]
+        #[arg(
+            long,
+            env = "BACKOFFICE_STORE",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
         store: Option<String>,
         /// The address to listen on.
         #[arg(long, env = "BACKOFFICE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -225,7 +230,12 @@ enum Command {
         /// The database: postgres://USER@HOST:PORT/DB (or key=value
         /// settings). Messages name its host, port and database, never a
         /// password.
-        #[arg(long, env = "BACKOFFICE_STORE", value_name = "URL")]
+        #[arg(
+            long,
+            env = "BACKOFFICE_STORE",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
         store: String,
     },
     /// Check the books: the ledger's invariants, every balance against its

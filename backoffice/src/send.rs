@@ -1089,7 +1089,12 @@ impl<S: Store> Backoffice<S> {
     /// A write that may have reached sled but not the disk failed: the
     /// store may hold what the ledger in memory does not (or the other way
     /// round), so every money operation stops until a restart reloads it.
-    fn stop_money(&self, error: &dyn std::fmt::Display) -> Fault {
+    fn stop_money(&self, error: &StoreError) -> Fault {
+        // Nothing reached the store: nothing can be out of step with it.
+        if let StoreError::Unavailable(_) = error {
+            tracing::warn!(%error, "the store is unavailable");
+            return internal(error);
+        }
         self.not_durable.store(true, Ordering::SeqCst);
         tracing::error!(%error, "a write could not be made durable: refusing money operations until restarted");
         internal(error)
@@ -1714,12 +1719,14 @@ impl<S: Store> Backoffice<S> {
     /// the rest stays. Returns how many were priced and how many remain.
     pub fn reprice_suspense(&self) -> Result<(usize, usize), Fault> {
         self.still_durable()?;
+        // Read under the ledger's lock: two re-pricings at once would
+        // otherwise both price (and post) the same readings.
+        let mut ledger = lock(&self.ledger);
         let records = self.store.suspense().map_err(|error| internal(&error))?;
         let mut lookups = Lookups::default();
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
         let mut totals = Totals::default();
         let mut resolved = Vec::new();
-        let mut ledger = lock(&self.ledger);
         let mut stored = lock(&self.period_counts);
         let mut grants: HashMap<Mid, Vec<Grant>> = HashMap::new();
         let mut uses: Vec<Use> = Vec::with_capacity(records.len());
@@ -2080,7 +2087,9 @@ impl<S: Store> Backoffice<S> {
                     .expect("an applied batch has an answer");
                 self.repeated(key, digest.as_ref(), applied, &request.body, now_ms)
             }
-            Err(error) => Err(internal(&error)),
+            // The batch may or may not be stored (a database can commit and
+            // lose the answer): the ledger in memory may be out of step.
+            Err(error) => Err(self.stop_money(&error)),
         }
     }
 

@@ -41,7 +41,12 @@ struct Cli {
     data_dir: PathBuf,
     /// Keep the branch in PostgreSQL instead of the data folder:
     /// postgres://USER@HOST:PORT/DB (see docs/postgres.md).
-    #[arg(long, env = "BACKOFFICE_STORE", value_name = "URL")]
+    #[arg(
+        long,
+        env = "BACKOFFICE_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     store: Option<String>,
     /// The backoffice's address: web pages at /, XML-RPC at /RPC2.
     #[arg(long, env = "FRANCHISE_LISTEN", default_value = "127.0.0.1:8080")]

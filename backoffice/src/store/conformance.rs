@@ -654,9 +654,35 @@ pub(crate) fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once(
         )
         .unwrap();
     assert_eq!(store.suspense_count().unwrap(), 3);
-    store
-        .resolve_suspense_itemised(&resolved, &[], &[(period, 2)], &[], 9_001, &[])
-        .unwrap();
+    // Resolving them again (a second re-pricing that read them before the
+    // first ended) is refused whole: no second transfer, no second count.
+    let mut again = ledger.clone();
+    let before = again.transfers().len();
+    again.post(batch(1, 2, 3), 6).unwrap();
+    assert!(matches!(
+        store.resolve_suspense_itemised(
+            &resolved,
+            &again.transfers()[before..],
+            &[(period, 4)],
+            &[(period, 1)],
+            9_001,
+            &[],
+        ),
+        Err(StoreError::Corrupt(_))
+    ));
+    // One of them still in suspense and one not: refused whole as well.
+    assert!(
+        store
+            .resolve_suspense_itemised(
+                &[all[1].clone(), all[0].clone()],
+                &again.transfers()[before..],
+                &[],
+                &[],
+                9_002,
+                &[],
+            )
+            .is_err()
+    );
     drop(store);
     let store = harness.open();
     assert_eq!(store.suspense_count().unwrap(), 3);

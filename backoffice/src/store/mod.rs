@@ -53,6 +53,10 @@ pub enum StoreError {
     /// The database failed or could not be reached (PostgreSQL).
     #[error("the database failed: {0}")]
     Database(String),
+    /// The store could not be reached, and nothing was sent to it (no
+    /// connection free or to be made in time).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
     /// The database's schema is not one this backoffice can use.
     #[error("the database's schema: {0}")]
     Schema(String),

@@ -206,7 +206,7 @@ impl PgStore {
         self.pool
             .get()
             .await
-            .map_err(|error| database(&error, &self.shown))
+            .map_err(|error| StoreError::Unavailable(format!("{}: {error}", self.shown)))
     }
 
     /// Claims the database for this node alone, for as long as the store

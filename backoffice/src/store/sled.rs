@@ -1214,6 +1214,11 @@ impl SledStore {
                         removed += 1;
                     }
                 }
+                if removed != resolved.len() {
+                    // Priced by someone else meanwhile: posting again would
+                    // charge twice. Aborting writes none of it.
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
                 Ok(removed)
             },
         );
@@ -1223,7 +1228,11 @@ impl SledStore {
                     .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
                 self.sync()
             }
-            Err(TransactionError::Abort(())) => unreachable!("nothing aborts this transaction"),
+            Err(TransactionError::Abort(())) => Err(StoreError::Corrupt(
+                "a reading to take out of suspense is no longer there (priced meanwhile?): \
+                 nothing was changed"
+                    .to_owned(),
+            )),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
     }

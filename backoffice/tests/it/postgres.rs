@@ -197,7 +197,7 @@ fn a_wrong_or_unreachable_database_gets_a_clear_error_without_its_password() {
         PgStore::connect(&format!("postgres://ada:s3cret-pw@127.0.0.1:{port}/branch")).unwrap_err();
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
     let message = refused.to_string();
-    assert!(matches!(refused, StoreError::Database(_)), "{message}");
+    assert!(matches!(refused, StoreError::Unavailable(_)), "{message}");
     assert!(
         message.contains(&format!("127.0.0.1:{port}/branch")),
         "{message}"
@@ -243,6 +243,20 @@ fn the_migrate_command_applies_once_and_reads_the_store_from_the_environment() {
     let (code, text) = migrate(&["--store", &cluster.url("missing")], None);
     assert_eq!(code, Some(69), "{text}");
     assert!(text.contains("missing"), "{text}");
+    // `--help` names the variable, never its value.
+    for command in ["serve", "migrate"] {
+        let help = Command::new(env!("CARGO_BIN_EXE_backoffice"))
+            .args([command, "--help"])
+            .env(
+                "BACKOFFICE_STORE",
+                "postgres://ada:s3cret-pw@db.example/branch",
+            )
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert!(text.contains("BACKOFFICE_STORE"), "{text}");
+        assert!(!text.contains("s3cret"), "{command} --help: {text}");
+    }
 }
 
 /// Starts `backoffice serve` on the database at `url` with its own data

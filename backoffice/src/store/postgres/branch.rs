@@ -304,6 +304,13 @@ async fn write_itemised(
     Ok(())
 }
 
+fn not_in_suspense() -> StoreError {
+    StoreError::Corrupt(
+        "a reading to take out of suspense is no longer there (priced meanwhile?): nothing was changed"
+            .to_owned(),
+    )
+}
+
 fn registry_error(error: RegistryError) -> StoreError {
     StoreError::Registry(error)
 }
@@ -569,8 +576,9 @@ impl PgStore {
         }
         post(&transaction, transfers).await?;
         set_period_uses(&transaction, period_uses, free_uses).await?;
+        let mut removed = 0;
         for record in resolved {
-            transaction
+            removed += transaction
                 .execute(
                     "DELETE FROM suspense WHERE mid = $1 AND batch = $2 AND seq = $3",
                     &[
@@ -580,6 +588,11 @@ impl PgStore {
                     ],
                 )
                 .await?;
+        }
+        if removed != resolved.len() as u64 {
+            // Priced by someone else meanwhile: posting again would charge
+            // twice. Dropping the transaction rolls it all back.
+            return Err(not_in_suspense());
         }
         transaction.commit().await?;
         Ok(())
