@@ -501,6 +501,10 @@ fn audit(cli: &Cli, args: &AuditArgs<'_>, data_dir: Option<&PathBuf>) -> ExitCod
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Err(message) = kept_in_folder(data_dir) {
+        eprintln!("backoffice: {message}");
+        return ExitCode::from(69);
+    }
     let store = match backoffice::store::SledStore::open(&data_dir.join("store")) {
         Ok(store) => store,
         Err(error) => {
@@ -974,6 +978,24 @@ fn read_password() -> Result<String, ExitCode> {
 
 /// `verify`: offline on a stopped branch's data folder, else through the
 /// running branch's `ledger.verify`.
+/// Whether `dir` holds a branch kept in the folder itself (sled), for the
+/// commands that read one offline: never an empty store made on the spot.
+fn kept_in_folder(dir: &std::path::Path) -> Result<(), String> {
+    if dir.join("store").is_dir() {
+        return Ok(());
+    }
+    let marker = dir.join(backoffice::store::STORE_MARKER);
+    Err(match std::fs::read_to_string(&marker) {
+        Ok(text) => format!(
+            "the branch of {} is kept in PostgreSQL ({}): check it through the running \
+             backoffice (leave out --data-dir)",
+            dir.display(),
+            text.trim()
+        ),
+        Err(_) => format!("{} holds no branch (no store folder in it)", dir.display()),
+    })
+}
+
 fn migrate(url: &str) -> ExitCode {
     use backoffice::store::{PgStore, StoreError, postgres::MIGRATIONS};
     let failed = |error: StoreError| {
@@ -1017,6 +1039,12 @@ fn migrate(url: &str) -> ExitCode {
 
 fn verify(cli: &Cli, data_dir: Option<&std::path::Path>) -> ExitCode {
     use proto::xmlrpc::Value;
+    if let Some(dir) = data_dir
+        && let Err(message) = kept_in_folder(dir)
+    {
+        eprintln!("backoffice: {message}");
+        return ExitCode::from(69);
+    }
     let (ok, checked, count, problems) = match data_dir {
         Some(dir) => match backoffice::verify::offline(&dir.join("store")) {
             Ok(report) => (

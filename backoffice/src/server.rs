@@ -102,8 +102,6 @@ pub const OPERATOR_TOKEN_CHARS_MIN: usize = 32;
 /// whole to a new file, synced, then renamed into place and the folder
 /// synced, so a crash leaves either no token or the whole one.
 pub fn operator_token(dir: &std::path::Path) -> std::io::Result<(std::path::PathBuf, String)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("operator-token");
     match std::fs::read_to_string(&path) {
         Ok(token) => {
@@ -122,17 +120,7 @@ pub fn operator_token(dir: &std::path::Path) -> std::io::Result<(std::path::Path
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let token = crate::registry::new_meter_secret();
-            let fresh = dir.join("operator-token.new");
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&fresh)?;
-            file.write_all(token.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&fresh, &path)?;
-            std::fs::File::open(dir)?.sync_all()?;
+            durable::write_private(&path, token.as_bytes())?;
             Ok((path, token))
         }
         Err(error) => Err(error),

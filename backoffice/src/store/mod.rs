@@ -53,6 +53,9 @@ pub enum StoreError {
     /// The database failed or could not be reached (PostgreSQL).
     #[error("the database failed: {0}")]
     Database(String),
+    /// The data folder's branch is kept in another store than the one asked.
+    #[error("{0}")]
+    WrongStore(String),
     /// The store could not be reached, and nothing was sent to it (no
     /// connection free or to be made in time).
     #[error("the store is unavailable: {0}")]
@@ -527,6 +530,10 @@ impl<'a> NewProduct<'a> {
     }
 }
 
+/// The file in a data folder that names the PostgreSQL database its branch
+/// is kept in (absent: the branch is in the folder itself).
+pub const STORE_MARKER: &str = "store-location";
+
 /// The store a branch runs on, chosen at start (`backoffice serve --store`):
 /// the embedded sled store in the data folder, or PostgreSQL. The rest of
 /// the backoffice sees only `Store`.
@@ -542,15 +549,45 @@ impl AnyStore {
     /// Opens the store `store` names: a `postgres://` URL (or key=value
     /// settings), else the sled store in `data_dir`'s `store` folder.
     pub fn open(store: Option<&str>, data_dir: &std::path::Path) -> Result<AnyStore, StoreError> {
+        // The data folder says where its branch is, so that a start without
+        // `--store` does not begin an empty branch beside one in PostgreSQL,
+        // nor one with it hide a branch kept in the folder.
+        let marker = data_dir.join(STORE_MARKER);
+        let marked = std::fs::read_to_string(&marker).ok();
+        let wrong = |message: String| Err(StoreError::WrongStore(message));
         match store {
             Some(url) => {
+                if data_dir.join("store").exists() {
+                    return wrong(format!(
+                        "{} holds a branch kept in the data folder (sled); a PostgreSQL \
+                         branch needs a data folder of its own",
+                        data_dir.display()
+                    ));
+                }
                 let mut store = PgStore::connect(url)?;
                 store.claim_sole_node()?;
+                let text = format!("postgres {}\n", store.shown());
+                if marked.as_deref() != Some(text.as_str()) {
+                    durable::write_private(&marker, text.as_bytes()).map_err(StoreError::Sync)?;
+                }
                 Ok(AnyStore::Postgres(Box::new(store)))
             }
-            None => Ok(AnyStore::Sled(Box::new(SledStore::open(
-                &data_dir.join("store"),
-            )?))),
+            None => {
+                if let Some(at) = marked
+                    .as_deref()
+                    .and_then(|text| text.strip_prefix("postgres "))
+                {
+                    return wrong(format!(
+                        "the branch of {} is kept in PostgreSQL at {}: start with --store \
+                         (or BACKOFFICE_STORE) naming it",
+                        data_dir.display(),
+                        at.trim()
+                    ));
+                }
+                Ok(AnyStore::Sled(Box::new(SledStore::open(
+                    &data_dir.join("store"),
+                )?)))
+            }
         }
     }
 

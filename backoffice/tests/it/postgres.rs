@@ -263,8 +263,21 @@ fn the_migrate_command_applies_once_and_reads_the_store_from_the_environment() {
 /// folder; returns the child once it listens, or its exit code and output
 /// if it stopped instead.
 fn serve(url: &str, data: &std::path::Path) -> Result<std::process::Child, (Option<i32>, String)> {
+    serve_on(Some(url), data)
+}
+
+/// `serve`, with the branch in PostgreSQL at `url` or (`None`) in `data`.
+fn serve_on(
+    url: Option<&str>,
+    data: &std::path::Path,
+) -> Result<std::process::Child, (Option<i32>, String)> {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_backoffice"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_backoffice"));
+    command.env_remove("BACKOFFICE_STORE");
+    if let Some(url) = url {
+        command.env("BACKOFFICE_STORE", url);
+    }
+    let mut child = command
         .args([
             "serve",
             "--listen",
@@ -274,7 +287,6 @@ fn serve(url: &str, data: &std::path::Path) -> Result<std::process::Child, (Opti
         ])
         .arg("--data-dir")
         .arg(data)
-        .env("BACKOFFICE_STORE", url)
         .env("BACKOFFICE_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -312,4 +324,37 @@ fn a_second_node_on_the_same_database_is_refused_until_the_first_is_gone() {
     let mut third = serve(&url, &dir.path().join("third")).expect("the database is free again");
     third.kill().unwrap();
     third.wait().unwrap();
+}
+
+#[test]
+fn a_data_folder_remembers_where_its_branch_is_kept() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let in_pg = dir.path().join("in-postgresql");
+    let mut node = serve(&url, &in_pg).expect("serves from PostgreSQL");
+    node.kill().unwrap();
+    node.wait().unwrap();
+    // Started again without --store: refused, never an empty branch.
+    let (code, text) = serve_on(None, &in_pg).expect_err("no --store");
+    assert_eq!(code, Some(69), "{text}");
+    assert!(text.contains("kept in PostgreSQL at 127.0.0.1:"), "{text}");
+    assert!(!in_pg.join("store").exists(), "no sled store was made");
+    // Nor does an offline check report an empty store as verified.
+    let verify = Command::new(env!("CARGO_BIN_EXE_backoffice"))
+        .args(["verify", "--data-dir"])
+        .arg(&in_pg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verify.stderr);
+    assert_eq!(verify.status.code(), Some(69), "{text}");
+    assert!(text.contains("kept in PostgreSQL"), "{text}");
+    // A folder with a sled branch is not served from PostgreSQL.
+    let in_sled = dir.path().join("in-sled");
+    let mut node = serve_on(None, &in_sled).expect("serves from sled");
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let (code, text) = serve(&url, &in_sled).expect_err("--store on a sled folder");
+    assert_eq!(code, Some(69), "{text}");
+    assert!(text.contains("kept in the data folder"), "{text}");
 }
