@@ -53,6 +53,10 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
 /// "backnode").
 const NODE_LOCK: i64 = 0x6261_636b_6e6f_6465;
 /// How long a node waits for another to let go of the database.
+/// Every money write holds this shared for its transaction; a node that
+/// claims the database takes it exclusively once, so it waits for the
+/// writes in flight of a node whose claim ended before it reads anything.
+const WRITERS_LOCK: i64 = 0x6261_636b_7772_6974;
 pub const NODE_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long connecting, and waiting for a free connection, may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,6 +77,9 @@ pub struct PgStore {
     pool: deadpool_postgres::Pool,
     /// The connection that holds the node lock (`claim_sole_node`).
     sole: Option<deadpool_postgres::ClientWrapper>,
+    /// Its server process: every money write checks that it still holds
+    /// the lock.
+    sole_pid: Option<i32>,
     runtime: Option<tokio::runtime::Runtime>,
     /// Where it is, without any password: for messages.
     shown: String,
@@ -172,6 +179,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             sole: None,
+            sole_pid: None,
             runtime: Some(runtime),
             shown,
         };
@@ -237,7 +245,23 @@ impl PgStore {
                     .map_err(|error| database(&error, &self.shown))?
                     .get(0);
                 if held {
-                    return Ok::<_, StoreError>(Some(client));
+                    let pid: i32 = client
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .await
+                        .map_err(|error| database(&error, &self.shown))?
+                        .get(0);
+                    // A write of the node before us that checked its claim
+                    // just before that claim ended may still be committing:
+                    // wait for it, so the ledger this node loads next has it.
+                    // Writes that start later see the claim is ours.
+                    client
+                        .batch_execute(&format!(
+                            "SELECT pg_advisory_lock({WRITERS_LOCK}); \
+                             SELECT pg_advisory_unlock({WRITERS_LOCK});"
+                        ))
+                        .await
+                        .map_err(|error| database(&error, &self.shown))?;
+                    return Ok::<_, StoreError>(Some((client, pid)));
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(None);
@@ -246,14 +270,51 @@ impl PgStore {
             }
         })?;
         match claimed {
-            Some(client) => {
+            Some((client, pid)) => {
                 self.sole = Some(client);
+                self.sole_pid = Some(pid);
                 Ok(())
             }
             None => Err(StoreError::Locked(format!(
                 "the database at {} (one node per database for now)",
                 self.shown
             ))),
+        }
+    }
+
+    /// Inside a money write: fails the write unless this node's claim
+    /// still holds (its session can end under it: a database restart, a
+    /// failover, a dropped connection, and another node may have claimed
+    /// the database since). Nothing to check for a store that never claimed.
+    async fn still_sole(
+        &self,
+        transaction: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<(), StoreError> {
+        let Some(pid) = self.sole_pid else {
+            return Ok(());
+        };
+        // The shared writers' lock first (held to the commit), then the
+        // check: a node claiming the database waits for this write, or this
+        // write sees the claim is no longer ours.
+        let held: bool = transaction
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND pid = $1 AND objsubid = 1 \
+                 AND ((classid::bigint << 32) | objid::bigint) = $2) \
+                 FROM (SELECT pg_advisory_xact_lock_shared($3)) AS writer",
+                &[&pid, &NODE_LOCK, &WRITERS_LOCK],
+            )
+            .await
+            .map_err(|error| database(&error, &self.shown))?
+            .get(0);
+        if held {
+            Ok(())
+        } else {
+            Err(StoreError::Locked(format!(
+                "the database at {} is no longer claimed by this node: its claim ended (a restart or \
+                 failover of the database?); restart the backoffice",
+                self.shown
+            )))
         }
     }
 

@@ -327,6 +327,49 @@ fn a_second_node_on_the_same_database_is_refused_until_the_first_is_gone() {
 }
 
 #[test]
+fn a_node_whose_claim_ended_posts_nothing_more() {
+    use backoffice::ledger::{AccountId, SystemAccount, Transfer, TransferId, TransferKind};
+    use backoffice::store::Store;
+    use proto::{Amount, Cid};
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let transfer = |id: u64| Transfer {
+        id: TransferId(id),
+        debit: AccountId::System(SystemAccount::Funding),
+        credit: AccountId::Customer(Cid::parse("B1-C1").unwrap()),
+        amount: Amount::from_nanos(1_000),
+        kind: TransferKind::Deposit,
+        posted_ms: 1,
+    };
+    let mut first = PgStore::connect(&url).unwrap();
+    first.claim_sole_node().unwrap();
+    first.stage_transfers(&[transfer(0)]).unwrap();
+    // The claim's session ends under the node (a database restart, a
+    // failover, a proxy dropping it) and another node claims the database.
+    let ended = cluster
+        .psql(
+            "branch",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    assert_eq!(ended.trim(), "1");
+    let mut second = PgStore::connect(&url).unwrap();
+    second.claim_sole_node().unwrap();
+    let refused = first.stage_transfers(&[transfer(1)]).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Locked(text) if text.contains("no longer claimed")),
+        "{refused:?}"
+    );
+    second.stage_transfers(&[transfer(1)]).unwrap();
+    assert_eq!(second.load_ledger().unwrap().transfers().len(), 2);
+    let posted = cluster
+        .psql("branch", "SELECT count(*) FROM transfers")
+        .unwrap();
+    assert_eq!(posted.trim(), "2");
+}
+
+#[test]
 fn a_data_folder_remembers_where_its_branch_is_kept() {
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();

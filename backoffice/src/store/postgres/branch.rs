@@ -561,6 +561,7 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
+        self.still_sole(&transaction).await?;
         for set in sets {
             let ranges: Vec<(TransferId, TransferId)> =
                 set.transfers.iter().map(|id| (*id, *id)).collect();
@@ -639,6 +640,7 @@ impl Store for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
+            self.still_sole(&transaction).await?;
             let digest: Option<&[u8]> = effects.digest.as_ref().map(|digest| &digest[..]);
             let inserted = transaction
                 .execute(
@@ -853,6 +855,7 @@ impl Store for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
+            self.still_sole(&transaction).await?;
             post(&transaction, transfers).await?;
             transaction.commit().await?;
             Ok(())
@@ -1637,6 +1640,7 @@ impl Store for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
+            self.still_sole(&transaction).await?;
             let mut record = Self::deposit_in(&transaction, reference).await?;
             let processor = match &record.state {
                 DepositState::Posted { .. } => return Ok(record),
