@@ -21,8 +21,9 @@ const EXIT_UNAVAILABLE: u8 = 69;
     about = "The superdistribution backoffice.",
     long_about = "The superdistribution backoffice. `serve` runs it: the web pages at /, \
 XML-RPC at /RPC2, /health and /metrics. The operator's commands (customer, product, meter, \
-deposit, deny, allow, credit-limit, show, statement, free-uses, suspense, reprice, components, grants, revoke, verify, audit) call a running backoffice \
-with the operator token it wrote beside its store; `verify --data-dir DIR` and `audit --data-dir DIR` work on a stopped one. `cargo run --release -p franchise` runs one \
+deposit, deny, allow, credit-limit, show, statement, free-uses, suspense, reprice, components, grants, revoke, verify, audit, backup) call a running backoffice \
+with the operator token it wrote beside its store; `verify`, `audit` and `backup` with `--data-dir DIR` work on a stopped one, \
+and `restore` brings a backup back into one. `cargo run --release -p franchise` runs one \
 together with a meter."
 )]
 struct Cli {
@@ -246,6 +247,37 @@ enum Command {
         /// folder) instead of asking the running one (`ledger.verify`).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+    },
+    /// Copy the embedded store (sled) into DEST, a new folder, while the
+    /// backoffice runs: the copy is the store at one instant (writes wait
+    /// while the records are copied; reads and pages go on), verified
+    /// before it is named DEST. A kill meanwhile leaves no DEST, only
+    /// DEST.partial, removed by the next backup. Prints progress on stderr.
+    /// A branch kept in PostgreSQL is backed up with PostgreSQL's tools.
+    Backup {
+        /// The backup folder to make (it must not exist). Without
+        /// --data-dir the running backoffice writes it, so it is a path on
+        /// its machine.
+        dest: PathBuf,
+        /// Back up the store of a stopped backoffice in DIR (its data
+        /// folder) instead of asking the running one.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Bring a backup back as the store of a data folder that has none
+    /// (move the old store folder aside first; the backoffice must be
+    /// stopped). The backup is copied, then opened and verified, before it
+    /// becomes the store; the backup itself is never changed.
+    Restore {
+        /// A folder made by `backoffice backup`.
+        backup: PathBuf,
+        /// The data folder to restore into [default: as `serve`'s].
+        #[arg(long, env = "BACKOFFICE_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Restore a backup whose records do not verify as it is (it
+        /// copied a store that had the same problems).
+        #[arg(long)]
+        unverified: bool,
     },
     /// List the readings in suspense.
     Suspense,
@@ -996,6 +1028,166 @@ fn kept_in_folder(dir: &std::path::Path) -> Result<(), String> {
     })
 }
 
+/// One progress line of a backup on stderr.
+fn backup_progress(records: u64, bytes: u64) {
+    eprintln!(
+        "backoffice: backup: {records} records, {:.1} MiB copied",
+        bytes as f64 / 1_048_576.0
+    );
+}
+
+/// The last line of a backup or a restore, and its exit: 1 when the copy
+/// holds problems (of the store it copied).
+fn copied_line(
+    done: &str,
+    at: &std::path::Path,
+    copied: &backoffice::store::backup::Copied,
+) -> ExitCode {
+    println!(
+        "{done} {}: {} records ({} transfers), {} bytes",
+        at.display(),
+        copied.records,
+        copied.transfers,
+        copied.bytes
+    );
+    if copied.problems == 0 {
+        println!("verified: no problems");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "backoffice: the copy is faithful, but what it copied has {} problem(s) (see \
+             `backoffice verify`); the first: {}",
+            copied.problems,
+            copied.first_problem.as_deref().unwrap_or("")
+        );
+        ExitCode::from(1)
+    }
+}
+
+fn backup(cli: &Cli, dest: &std::path::Path, data_dir: Option<&std::path::Path>) -> ExitCode {
+    use backoffice::store::backup::Copied;
+    use proto::xmlrpc::Value;
+    let started = std::time::Instant::now();
+    if let Some(dir) = data_dir {
+        if let Err(message) = kept_in_folder(dir) {
+            eprintln!("backoffice: {message}");
+            return ExitCode::from(69);
+        }
+        let store = match backoffice::store::SledStore::open(&dir.join("store")) {
+            Ok(store) => store,
+            Err(error) => {
+                eprintln!(
+                    "backoffice: cannot open the store in {}: {error} (on a running backoffice, \
+                     leave out --data-dir)",
+                    dir.display()
+                );
+                return ExitCode::from(69);
+            }
+        };
+        let mut shown = std::time::Instant::now();
+        return match store.backup(dest, &mut |records, bytes| {
+            if shown.elapsed() >= std::time::Duration::from_secs(2) {
+                backup_progress(records, bytes);
+                shown = std::time::Instant::now();
+            }
+        }) {
+            Ok(copied) => {
+                eprintln!(
+                    "backoffice: backup took {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                copied_line("backed up into", dest, &copied)
+            }
+            Err(error) => {
+                eprintln!("backoffice: the backup failed: {error}");
+                ExitCode::from(69)
+            }
+        };
+    }
+    // The running backoffice writes it: a path it reads the same way.
+    let dest = match std::path::absolute(dest) {
+        Ok(dest) => dest,
+        Err(error) => {
+            eprintln!("backoffice: {}: {error}", dest.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut status = match call_operator(
+        cli,
+        "store.backup",
+        &[Value::string(dest.display().to_string())],
+    ) {
+        Ok(value) => value,
+        Err(code) => return code,
+    };
+    let mut shown = std::time::Instant::now();
+    loop {
+        let text = |name: &str| match status.member(name) {
+            Some(Value::String(text)) => text.clone(),
+            _ => String::new(),
+        };
+        let number = |name: &str| text(name).parse::<u64>().unwrap_or(0);
+        match text("state").as_str() {
+            "running" => {
+                if shown.elapsed() >= std::time::Duration::from_secs(2) {
+                    backup_progress(number("records"), number("bytes"));
+                    shown = std::time::Instant::now();
+                }
+            }
+            "done" => {
+                let copied = Copied {
+                    records: number("records"),
+                    bytes: number("bytes"),
+                    transfers: number("transfers"),
+                    problems: number("problems"),
+                    first_problem: Some(text("firstProblem")).filter(|text| !text.is_empty()),
+                };
+                eprintln!(
+                    "backoffice: backup took {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                return copied_line("backed up into", &dest, &copied);
+            }
+            _ => {
+                eprintln!("backoffice: the backup failed: {}", text("error"));
+                return ExitCode::from(69);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        status = match call_operator(cli, "store.backupStatus", &[]) {
+            Ok(value) => value,
+            Err(code) => return code,
+        };
+    }
+}
+
+fn restore(backup: &std::path::Path, data_dir: &std::path::Path, unverified: bool) -> ExitCode {
+    let marker = data_dir.join(backoffice::store::STORE_MARKER);
+    if let Ok(text) = std::fs::read_to_string(&marker)
+        && text.starts_with("postgres ")
+    {
+        eprintln!(
+            "backoffice: the branch of {} is kept in PostgreSQL ({}): a backup of the \
+             embedded store is restored into a data folder of its own",
+            data_dir.display(),
+            text.trim()
+        );
+        return ExitCode::from(69);
+    }
+    if let Err(error) = durable::private_dir(data_dir) {
+        eprintln!("backoffice: cannot make {}: {error}", data_dir.display());
+        return ExitCode::from(69);
+    }
+    let store = data_dir.join("store");
+    match backoffice::store::backup::restore(backup, &store, unverified) {
+        Ok(copied) => copied_line("restored into", &store, &copied),
+        Err(error) => {
+            eprintln!("backoffice: the restore failed: {error}");
+            ExitCode::from(69)
+        }
+    }
+}
+
 fn migrate(url: &str) -> ExitCode {
     use backoffice::store::{PgStore, StoreError, postgres::MIGRATIONS};
     let failed = |error: StoreError| {
@@ -1239,6 +1431,16 @@ fn main() -> ExitCode {
         }
         Command::Verify { data_dir } => verify(&cli, data_dir.as_deref()),
         Command::Migrate { store } => migrate(store),
+        Command::Backup { dest, data_dir } => backup(&cli, dest, data_dir.as_deref()),
+        Command::Restore {
+            backup,
+            data_dir,
+            unverified,
+        } => restore(
+            backup,
+            &data_dir.clone().unwrap_or_else(default_data_dir),
+            *unverified,
+        ),
         Command::Suspense => operator_pages(&cli, "suspense.list", &[]),
         Command::Reprice => operator(&cli, "suspense.reprice", vec![]),
         Command::Grants { id } => operator(&cli, "grant.list", vec![text(id)]),

@@ -482,6 +482,39 @@ pub(crate) fn store_fault(error: StoreError) -> Fault {
     }
 }
 
+/// `store.backup` and `store.backupStatus`: where the backup goes and how
+/// it stands (`state`: running, done or failed; counts as strings).
+fn backup_value(job: &crate::store::backup::BackupJob) -> Value {
+    use crate::store::backup::BackupState;
+    let dest = ("dest", Value::string(job.dest.display().to_string()));
+    let count = |n: u64| Value::string(n.to_string());
+    match job.state() {
+        BackupState::Running { records, bytes } => Value::structure([
+            ("state", Value::string("running")),
+            dest,
+            ("records", count(records)),
+            ("bytes", count(bytes)),
+        ]),
+        BackupState::Done(copied) => Value::structure([
+            ("state", Value::string("done")),
+            dest,
+            ("records", count(copied.records)),
+            ("bytes", count(copied.bytes)),
+            ("transfers", count(copied.transfers)),
+            ("problems", count(copied.problems)),
+            (
+                "firstProblem",
+                Value::string(copied.first_problem.unwrap_or_default()),
+            ),
+        ]),
+        BackupState::Failed(reason) => Value::structure([
+            ("state", Value::string("failed")),
+            dest,
+            ("error", Value::string(reason)),
+        ]),
+    }
+}
+
 /// The customer `cid`, or fault 302.
 fn find_customer(service: &Service, cid: &Cid) -> Result<crate::registry::Customer, Fault> {
     service
@@ -806,6 +839,27 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                     })
                     .collect(),
             ))
+        }
+        "store.backup" => {
+            params.arity(1, 1)?;
+            let dest = std::path::PathBuf::from(params.string(0)?);
+            if !dest.is_absolute() {
+                return Err(Fault::invalid_params(
+                    "store.backup: the destination is an absolute path on the backoffice's machine",
+                ));
+            }
+            let job = store.start_backup(&dest).map_err(|error| match error {
+                StoreError::WrongStore(message) => Fault::new(FaultCode::RecordRefused, message),
+                other => store_fault(other),
+            })?;
+            Ok(backup_value(&job))
+        }
+        "store.backupStatus" => {
+            params.arity(0, 0)?;
+            match store.backup_job() {
+                Some(job) => Ok(backup_value(&job)),
+                None => Err(Fault::new(FaultCode::NotFound, "no backup was started")),
+            }
         }
         "ledger.verify" => {
             params.arity(0, 0)?;

@@ -15,6 +15,7 @@ pub mod postgres;
 mod sled;
 
 pub use self::postgres::PgStore;
+pub use self::sled::backup;
 #[cfg(test)]
 pub(crate) use self::sled::encode_transfer_for_tests;
 pub use self::sled::{LOCK_WAIT_MS, METER_GRANTS_CACHED_MAX, SLED_CACHE_BYTES, SledStore};
@@ -546,6 +547,31 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// Starts a backup of the embedded store into `dest` (see
+    /// [`backup`]); a branch kept in PostgreSQL is backed up with
+    /// PostgreSQL's own tools.
+    pub fn start_backup(
+        &self,
+        dest: &std::path::Path,
+    ) -> Result<std::sync::Arc<backup::BackupJob>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.start_backup(dest),
+            AnyStore::Postgres(_) => Err(StoreError::WrongStore(
+                "this branch is kept in PostgreSQL: back it up with PostgreSQL's own tools \
+                 (pg_basebackup with WAL archiving, or pg_dump); see docs/postgres.md"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The last backup started, if any.
+    pub fn backup_job(&self) -> Option<std::sync::Arc<backup::BackupJob>> {
+        match self {
+            AnyStore::Sled(store) => store.backup_job(),
+            AnyStore::Postgres(_) => None,
+        }
+    }
+
     /// Opens the store `store` names: a `postgres://` URL (or key=value
     /// settings), else the sled store in `data_dir`'s `store` folder.
     pub fn open(store: Option<&str>, data_dir: &std::path::Path) -> Result<AnyStore, StoreError> {

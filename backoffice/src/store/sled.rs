@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+pub mod backup;
 mod deposits;
 mod verify;
 #[cfg(test)]
@@ -136,6 +137,11 @@ pub struct SledStore {
     /// Deposits by their reference (`funding::DepositRecord`).
     deposits: sled::Tree,
     files: durable::SledDir,
+    /// Taken shared by every write, exclusively by a backup while it copies
+    /// (`backup`).
+    gate: std::sync::Arc<parking_lot::RwLock<()>>,
+    /// The last backup started.
+    backup: std::sync::Mutex<Option<std::sync::Arc<backup::BackupJob>>>,
 }
 
 impl SledStore {
@@ -172,6 +178,8 @@ impl SledStore {
             itemised: db.open_tree("itemised")?,
             itemised_index: db.open_tree("itemised_index")?,
             files,
+            gate: std::sync::Arc::default(),
+            backup: std::sync::Mutex::default(),
         })
     }
 
@@ -275,6 +283,7 @@ impl Store for SledStore {
         arrived_ms: u64,
         sets: &[RepricedItems],
     ) -> Result<(), StoreError> {
+        let _writing = self.writing();
         let counts = Counts {
             period_uses,
             free_uses,
@@ -283,6 +292,7 @@ impl Store for SledStore {
     }
 
     fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
+        let _writing = self.writing();
         self.prune_itemised_records(before_ms, records_max)
     }
 
@@ -297,6 +307,7 @@ impl Store for SledStore {
         arrived_ms: u64,
         itemised: &[Vec<u8>],
     ) -> Result<(), StoreError> {
+        let _writing = self.writing();
         let batch_key = key.bytes();
         let range: Vec<(TransferId, TransferId)> = effects
             .transfers
@@ -406,6 +417,7 @@ impl Store for SledStore {
     }
 
     fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
+        let _writing = self.writing();
         let mut batch = sled::Batch::default();
         for transfer in transfers {
             batch.insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer));
@@ -454,6 +466,7 @@ impl Store for SledStore {
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError> {
+        let _writing = self.writing();
         let counts = Counts {
             period_uses,
             free_uses: &[],
@@ -545,6 +558,7 @@ impl Store for SledStore {
         bid: &Bid,
         registration: Registration,
     ) -> Result<Customer, StoreError> {
+        let _writing = self.writing();
         registry::check_text("name", &registration.name, registry::NAME_BYTES_MAX)?;
         registry::check_email(&registration.email)?;
         let email_key = registration.email.to_lowercase();
@@ -600,6 +614,7 @@ impl Store for SledStore {
         cid: &Cid,
         change: &dyn Fn(&mut Customer),
     ) -> Result<Customer, StoreError> {
+        let _writing = self.writing();
         let key = cid.as_str().as_bytes();
         let outcome = (&self.customers, &self.emails).transaction(|(customers, emails)| {
             let abort = ConflictableTransactionError::Abort;
@@ -631,6 +646,7 @@ impl Store for SledStore {
     }
 
     fn create_product(&self, bid: &Bid, new: NewProduct<'_>) -> Result<Product, StoreError> {
+        let _writing = self.writing();
         let NewProduct {
             owner,
             name,
@@ -683,6 +699,7 @@ impl Store for SledStore {
         owner: Option<&Cid>,
         components: &[Pid],
     ) -> Result<Product, StoreError> {
+        let _writing = self.writing();
         if components.len() > registry::COMPONENTS_MAX {
             return Err(RegistryError::TooManyComponents(registry::COMPONENTS_MAX).into());
         }
@@ -724,6 +741,7 @@ impl Store for SledStore {
     }
 
     fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+        let _writing = self.writing();
         if self.customer(owner)?.is_none() {
             return Err(RegistryError::UnknownCustomer(*owner).into());
         }
@@ -765,6 +783,7 @@ impl Store for SledStore {
     }
 
     fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError> {
+        let _writing = self.writing();
         self.create_grant_record(grant)
     }
 
@@ -789,6 +808,7 @@ impl Store for SledStore {
     }
 
     fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError> {
+        let _writing = self.writing();
         self.revoke_grant_record(id, payer, at_ms)
     }
 
@@ -812,6 +832,7 @@ impl Store for SledStore {
         at_ms: u64,
         grace_ms: u64,
     ) -> Result<Meter, StoreError> {
+        let _writing = self.writing();
         if grace_ms > registry::ROTATION_GRACE_MS_MAX {
             return Err(RegistryError::GraceTooLong.into());
         }
@@ -831,6 +852,7 @@ impl Store for SledStore {
     }
 
     fn revoke_meter(&self, mid: &Mid, by: Actor, at_ms: u64) -> Result<Meter, StoreError> {
+        let _writing = self.writing();
         self.change_meter(mid, by, &|meter| {
             if meter.revoked.is_none() {
                 meter.revoked = Some(Change { at_ms, by });
@@ -841,6 +863,7 @@ impl Store for SledStore {
     }
 
     fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError> {
+        let _writing = self.writing();
         let outcome = self.meters.transaction(|meters| {
             let key = mid.as_str().as_bytes();
             let Some(bytes) = meters.get(key)? else {
@@ -866,6 +889,7 @@ impl Store for SledStore {
         reference: &Reference,
         intent: &DepositRecord,
     ) -> Result<(DepositRecord, bool), StoreError> {
+        let _writing = self.writing();
         self.begin_deposit_record(reference, intent)
     }
 
@@ -874,6 +898,7 @@ impl Store for SledStore {
         reference: &Reference,
         processor: &str,
     ) -> Result<DepositRecord, StoreError> {
+        let _writing = self.writing();
         self.deposit_collected_record(reference, processor)
     }
 
@@ -882,6 +907,7 @@ impl Store for SledStore {
         reference: &Reference,
         transfer: &Transfer,
     ) -> Result<DepositRecord, StoreError> {
+        let _writing = self.writing();
         self.stage_deposit_record(reference, transfer)
     }
 }

@@ -1,5 +1,6 @@
 //! The backoffice test binary.
 
+mod backup;
 mod bounds;
 mod cli;
 mod examples;
