@@ -239,6 +239,29 @@ enum Command {
         )]
         store: String,
     },
+    /// Move a branch kept in a data folder (sled) into an empty PostgreSQL
+    /// database: every record in one transaction, then every table, every
+    /// transfer and every balance compared before it says so. The
+    /// backoffice must be stopped. Once moved, the folder's store is
+    /// renamed store.moved-to-postgres (kept, never used again unless
+    /// renamed back) and the folder remembers the database, so that
+    /// `serve --data-dir DIR` alone refuses and `serve --store URL
+    /// --data-dir DIR` serves the moved branch. Exit 0 when moved and
+    /// equal, 65 when the folder's store has problems or the database is
+    /// not empty, 69 when either cannot be opened.
+    MigrateStore {
+        /// The data folder of the branch to move.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The empty database: postgres://USER@HOST:PORT/DB.
+        #[arg(
+            long,
+            env = "BACKOFFICE_STORE",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        to: String,
+    },
     /// Check the books: the ledger's invariants, every balance against its
     /// postings, every record and index of the store. Prints what it
     /// checked with counts and every problem found; exits 1 if any.
@@ -1188,6 +1211,94 @@ fn restore(backup: &std::path::Path, data_dir: &std::path::Path, unverified: boo
     }
 }
 
+fn migrate_store(dir: &std::path::Path, url: &str) -> ExitCode {
+    use backoffice::store::{PgStore, SledStore, StoreError, moving};
+    let failed = |error: StoreError| {
+        eprintln!("backoffice: nothing was moved: {error}");
+        match error {
+            StoreError::Corrupt(_) | StoreError::WrongStore(_) | StoreError::Schema(_) => {
+                ExitCode::from(65)
+            }
+            _ => ExitCode::from(69),
+        }
+    };
+    if let Err(message) = kept_in_folder(dir) {
+        eprintln!("backoffice: {message}");
+        return ExitCode::from(69);
+    }
+    let from = match SledStore::open(&dir.join("store")) {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!(
+                "backoffice: cannot open the store in {}: {error} (stop the backoffice first)",
+                dir.display()
+            );
+            return ExitCode::from(69);
+        }
+    };
+    let mut to = match PgStore::connect(url) {
+        Ok(store) => store,
+        Err(error) => return failed(error),
+    };
+    if let Err(error) = to.claim_sole_node() {
+        return failed(error);
+    }
+    let started = std::time::Instant::now();
+    let mut shown = std::time::Instant::now();
+    let mut rows = 0u64;
+    let moved = moving::sled_to_postgres(&from, &to, &mut |table, count| {
+        rows += count;
+        if shown.elapsed() >= std::time::Duration::from_secs(2) {
+            eprintln!("backoffice: migrate-store: {rows} rows written (now {table})");
+            shown = std::time::Instant::now();
+        }
+    });
+    let moved = match moved {
+        Ok(moved) => moved,
+        Err(error) => return failed(error),
+    };
+    for (table, count) in &moved.tables {
+        println!("{table}: {count}");
+    }
+    println!(
+        "moved the branch of {} into {} in {:.1} s; compared {} transfers and {} balances: equal",
+        dir.display(),
+        to.shown(),
+        started.elapsed().as_secs_f64(),
+        moved.transfers,
+        moved.balances
+    );
+    // The folder's store is never served again by mistake beside the
+    // database: set aside, and the folder names where its branch now is.
+    drop(from);
+    let store = dir.join("store");
+    let aside = dir.join("store.moved-to-postgres");
+    let marker = dir.join(backoffice::store::STORE_MARKER);
+    let retired = std::fs::rename(&store, &aside).and_then(|()| {
+        durable::write_private(&marker, format!("postgres {}\n", to.shown()).as_bytes())
+    });
+    match retired {
+        Ok(()) => {
+            println!(
+                "{} is now {} (kept, not used); serve this branch with --store naming the \
+                 database, --data-dir {}",
+                store.display(),
+                aside.display(),
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "backoffice: the branch was moved, but {} could not be set aside: {error}; \
+                 do not serve it again",
+                store.display()
+            );
+            ExitCode::from(69)
+        }
+    }
+}
+
 fn migrate(url: &str) -> ExitCode {
     use backoffice::store::{PgStore, StoreError, postgres::MIGRATIONS};
     let failed = |error: StoreError| {
@@ -1431,6 +1542,7 @@ fn main() -> ExitCode {
         }
         Command::Verify { data_dir } => verify(&cli, data_dir.as_deref()),
         Command::Migrate { store } => migrate(store),
+        Command::MigrateStore { from, to } => migrate_store(from, to),
         Command::Backup { dest, data_dir } => backup(&cli, dest, data_dir.as_deref()),
         Command::Restore {
             backup,

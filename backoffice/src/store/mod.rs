@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod moving;
 pub mod postgres;
 mod sled;
 

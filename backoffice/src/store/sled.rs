@@ -8,6 +8,7 @@ use std::path::Path;
 
 pub mod backup;
 mod deposits;
+mod export;
 mod verify;
 #[cfg(test)]
 pub(crate) use verify::encode_transfer_for_tests;

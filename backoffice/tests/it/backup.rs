@@ -1,7 +1,8 @@
-//! `backoffice backup` and `restore` as an operator runs them: a backup of
-//! a running branch while it takes deposits, restored into a new data
-//! folder that serves the same balances; a backup killed at any moment
-//! leaves a whole backup or none.
+//! `backoffice backup`, `restore` and `migrate-store` as an operator runs
+//! them: a backup of a running branch while it takes deposits, restored
+//! into a new data folder that serves the same balances; a backup killed at
+//! any moment leaves a whole backup or none; a branch moved into PostgreSQL
+//! serves the same balances from there, and its folder never again alone.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -27,7 +28,17 @@ fn backoffice() -> Command {
 
 /// `backoffice serve` on a sled branch in `data`; the child and its URL.
 fn serve(data: &Path) -> (Child, String) {
-    let mut child = backoffice()
+    serve_on(None, data)
+}
+
+/// `backoffice serve` with its data folder `data` and, if given, its
+/// branch in PostgreSQL at `store`.
+fn serve_on(store: Option<&str>, data: &Path) -> (Child, String) {
+    let mut command = backoffice();
+    if let Some(url) = store {
+        command.env("BACKOFFICE_STORE", url);
+    }
+    let mut child = command
         .args([
             "serve",
             "--listen",
@@ -286,4 +297,95 @@ fn a_backup_killed_at_any_moment_leaves_a_whole_backup_or_none() {
         "whole backup {:.0} ms; killed {killed_none} times before it ended, {killed_whole} after",
         whole.as_secs_f64() * 1e3
     );
+}
+
+#[test]
+fn a_branch_moved_into_postgresql_serves_the_same_balances_and_its_folder_never_alone() {
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("moved").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (server, address) = serve(&data);
+    let mut cids = Vec::new();
+    for n in 0..3 {
+        let out = stdout(&operator(
+            &address,
+            &data,
+            &["customer", "Someone", &format!("c{n}@example.org")],
+        ));
+        let cid = out.trim().trim_start_matches("CID=").to_owned();
+        stdout(&operator(
+            &address,
+            &data,
+            &[
+                "deposit",
+                &cid,
+                &format!("{n}.75"),
+                "--reference",
+                &format!("d{n}"),
+            ],
+        ));
+        cids.push(cid);
+    }
+    let shown: Vec<String> = cids
+        .iter()
+        .map(|cid| stdout(&operator(&address, &data, &["show", cid])))
+        .collect();
+    // Not while the backoffice runs.
+    let busy = backoffice()
+        .args(["migrate-store", "--from"])
+        .arg(&data)
+        .arg("--to")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(69), "{busy:?}");
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop the backoffice"));
+    stop(server);
+    let out = stdout(
+        &backoffice()
+            .args(["migrate-store", "--from"])
+            .arg(&data)
+            .env("BACKOFFICE_STORE", &url)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        out.contains("customers: 3") && out.contains("transfers: 3") && out.contains("deposits: 3"),
+        "{out}"
+    );
+    assert!(
+        out.contains("compared 3 transfers and 4 balances: equal"),
+        "{out}"
+    );
+    assert!(data.join("store.moved-to-postgres").is_dir() && !data.join("store").exists());
+    // The folder alone no longer serves (nor starts an empty branch).
+    let alone = backoffice()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(alone.status.code(), Some(69), "{alone:?}");
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("kept in PostgreSQL"));
+    // Moving again into the same database is refused: it holds the branch.
+    let other = dir.path().join("other");
+    let (server, _) = serve(&other);
+    stop(server);
+    let again = backoffice()
+        .args(["migrate-store", "--from"])
+        .arg(&other)
+        .arg("--to")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(65), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a branch"));
+    // Served from PostgreSQL with the same folder: the same balances.
+    let (server, address) = serve_on(Some(&url), &data);
+    for (cid, before) in cids.iter().zip(&shown) {
+        assert_eq!(&stdout(&operator(&address, &data, &["show", cid])), before);
+    }
+    let verified = stdout(&operator(&address, &data, &["verify"]));
+    assert!(verified.contains("verified: no problems"), "{verified}");
+    stop(server);
 }

@@ -1864,3 +1864,173 @@ fn uses_that_move_no_money_are_counted_for_statements_once_in_batches_and_repric
     assert_eq!(balance(&world, world.consumer), amount("9.65"));
     books_verify(&world);
 }
+
+#[test]
+fn a_branch_moved_into_postgresql_keeps_every_record_and_applies_a_retried_batch_once() {
+    use backoffice::store::{AnyStore, PgStore, StoreError, moving};
+    let cluster = pgtest::Cluster::start().unwrap();
+    let world = world();
+    // Everything a branch keeps: priced uses (transfers, period and free
+    // counts, itemised records, an applied batch with its digest), a
+    // reading in suspense, a deposit by reference, products with modules,
+    // a meter and its grant.
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    let first = SendAnswer::from_value(&send(&world, &body, NOW_MS).unwrap()).unwrap();
+    assert_eq!(first.outcome, Outcome::Applied);
+    let customer = world
+        .backoffice
+        .store()
+        .customer(&world.producer)
+        .unwrap()
+        .unwrap();
+    world
+        .backoffice
+        .deposit(&Processor { declines: false }, &customer, amount("5"))
+        .unwrap();
+    let suspense = world.backoffice.store().suspense().unwrap();
+    assert_eq!(suspense.len(), 1);
+    let balances: Vec<(Cid, Amount)> = [world.consumer, world.producer, world.maker]
+        .into_iter()
+        .map(|cid| (cid, balance(&world, cid)))
+        .collect();
+    let World {
+        _dir: dir,
+        backoffice,
+        mid,
+        secret,
+        consumer,
+        product,
+        ..
+    } = world;
+    drop(backoffice);
+    let sled = SledStore::open(dir.path()).unwrap();
+    let key = backoffice::store::BatchKey {
+        mid,
+        id: BatchId::parse("B1-M1:100").unwrap(),
+    };
+    let applied = sled.applied_batch(&key).unwrap().unwrap();
+    let itemised = sled.itemised_batch(&key).unwrap().unwrap();
+    let grants = sled.grants_of_meter(&mid).unwrap();
+
+    let url = cluster.create_database("moved").unwrap();
+    let mut pg = PgStore::connect(&url).unwrap();
+    pg.claim_sole_node().unwrap();
+    let mut rows = 0;
+    let moved = moving::sled_to_postgres(&sled, &pg, &mut |_, count| rows += count).unwrap();
+    assert_eq!(
+        moved.transfers,
+        sled.load_ledger().unwrap().transfers().len() as u64
+    );
+    let table = |name: &str| moved.tables.iter().find(|(t, _)| *t == name).unwrap().1;
+    assert_eq!(table("customers"), 3);
+    assert_eq!(
+        table("products"),
+        2,
+        "each product once, not under its test PID too"
+    );
+    assert_eq!(
+        (table("meters"), table("grants"), table("deposits")),
+        (1, 1, 1)
+    );
+    assert_eq!((table("batches"), table("suspense")), (1, 1));
+    assert!(table("itemised") >= 1 && table("period_uses") >= 1 && table("free_uses") >= 1);
+    assert_eq!(rows, moved.tables.iter().map(|(_, n)| n).sum::<u64>());
+    // Read back through the PostgreSQL store as a node would.
+    assert_eq!(pg.applied_batch(&key).unwrap().unwrap(), applied);
+    assert_eq!(pg.itemised_batch(&key).unwrap().unwrap(), itemised);
+    assert_eq!(pg.grants_of_meter(&mid).unwrap(), grants);
+    assert_eq!(pg.suspense().unwrap(), suspense);
+    assert_eq!(
+        pg.product(&product).unwrap(),
+        sled.product(&product).unwrap()
+    );
+    let taca = sled.product(&product).unwrap().unwrap().taca;
+    assert_eq!(
+        pg.taca_module(&taca).unwrap(),
+        sled.taca_module(&taca).unwrap()
+    );
+    assert_eq!(
+        pg.customer_by_email("ADA@example.org")
+            .unwrap()
+            .map(|c| c.cid),
+        Some(consumer)
+    );
+    // Nothing moves into a database that holds a branch: refused whole.
+    let again = moving::sled_to_postgres(&sled, &pg, &mut |_, _| {}).unwrap_err();
+    assert!(
+        matches!(&again, StoreError::WrongStore(text) if text.contains("already holds")),
+        "{again:?}"
+    );
+    drop(sled);
+    drop(pg);
+    // The moved branch serves: the meter's retry of the same batch is
+    // applied once, and the balances are the same.
+    std::fs::create_dir(dir.path().join("node")).unwrap();
+    let store = AnyStore::open(Some(&url), &dir.path().join("node")).unwrap();
+    let backoffice = Backoffice::open(store, PARAMS).unwrap();
+    let time = (NOW_MS + 5).to_string();
+    let signature = secret.sign(&mid, NOW_MS + 5, &body);
+    let retried = backoffice
+        .send(
+            &body,
+            Signed {
+                mid: Some(mid.as_str()),
+                time: Some(&time),
+                signature: Some(&signature),
+            },
+            NOW_MS,
+        )
+        .unwrap();
+    let retried = SendAnswer::from_value(&retried).unwrap();
+    assert_eq!(retried.outcome, Outcome::AlreadyApplied);
+    for (cid, before) in balances {
+        assert_eq!(
+            backoffice.ledger().balance(&AccountId::Customer(cid)),
+            before
+        );
+    }
+    let report = backoffice::verify::running(&backoffice);
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn a_damaged_branch_is_not_moved_and_the_database_stays_empty() {
+    use backoffice::store::{PgStore, moving};
+    let cluster = pgtest::Cluster::start().unwrap();
+    let world = world();
+    let body = batch(&world, "B1-M1:100", uses(&world));
+    send(&world, &body, NOW_MS).unwrap();
+    let World {
+        _dir: dir,
+        backoffice,
+        ..
+    } = world;
+    drop(backoffice);
+    // A reading in suspense that no longer decodes.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let suspense = db.open_tree("suspense").unwrap();
+        let (key, _) = suspense.iter().next().unwrap().unwrap();
+        suspense.insert(key, &b"{not json"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let sled = SledStore::open(dir.path()).unwrap();
+    let url = cluster.create_database("moved").unwrap();
+    let mut pg = PgStore::connect(&url).unwrap();
+    pg.claim_sole_node().unwrap();
+    let refused = moving::sled_to_postgres(&sled, &pg, &mut |_, _| {}).unwrap_err();
+    assert!(refused.to_string().contains("problem"), "{refused}");
+    assert!(pg.table_counts().unwrap().iter().all(|(_, n)| *n == 0));
+    // A failure while reading, after some records were written, rolls back
+    // everything written before it.
+    let (sender, receiver) = std::sync::mpsc::sync_channel(4);
+    sender
+        .send(Ok(moving::Chunk::Serials(vec![("C".into(), 5)])))
+        .unwrap();
+    sender
+        .send(Err(backoffice::store::StoreError::Corrupt("cut".into())))
+        .unwrap();
+    drop(sender);
+    assert!(pg.import(receiver, &mut |_, _| {}).is_err());
+    assert!(pg.table_counts().unwrap().iter().all(|(_, n)| *n == 0));
+}

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use proto::{Amount, BatchId, Bid, Cid, Mid, Pid};
 use tokio_postgres::error::SqlState;
 
+mod import;
+
 use super::PgStore;
 use crate::funding::{DepositRecord, DepositState, Reference};
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};

@@ -18,7 +18,10 @@ const CHUNK: usize = 2_000;
 fn corrupt(tree: &str, key: &[u8], what: &str) -> StoreError {
     StoreError::Corrupt(format!(
         "{tree}: the record at {:?} {what}",
-        String::from_utf8_lossy(key).chars().take(80).collect::<String>()
+        String::from_utf8_lossy(key)
+            .chars()
+            .take(80)
+            .collect::<String>()
     ))
 }
 
@@ -36,7 +39,6 @@ fn batch_key(fields: &mut Reader<'_>) -> Option<BatchKey> {
 /// them to `each` in chunks made by `make`.
 fn chunks<T>(
     tree: &sled::Tree,
-    name: &str,
     decode: impl Fn(&[u8], &[u8]) -> Result<Option<T>, StoreError>,
     make: impl Fn(Vec<T>) -> Chunk,
     each: &mut dyn FnMut(Chunk) -> Result<(), StoreError>,
@@ -57,11 +59,14 @@ fn chunks<T>(
     if !chunk.is_empty() {
         each(make(chunk))?;
     }
-    let _ = name;
     Ok(())
 }
 
-fn json<T: serde::de::DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+fn json<T: serde::de::DeserializeOwned>(
+    tree: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|_| corrupt(tree, key, "does not decode"))
 }
 
@@ -71,14 +76,18 @@ impl SledStore {
     /// modules, products, meters, grants, applied batches and their
     /// sequence ranges, transfers (by number), period and free-use counts,
     /// suspense, itemised records and their index, deposits.
-    pub fn export(&self, each: &mut dyn FnMut(Chunk) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    pub fn export(
+        &self,
+        each: &mut dyn FnMut(Chunk) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let _quiet = self.gate.write();
         chunks(
             &self.serials,
-            "serials",
             |key, value| {
-                let kind = std::str::from_utf8(key).map_err(|_| corrupt("serials", key, "is not a kind"))?;
-                let next = be_u64(value).ok_or_else(|| corrupt("serials", key, "is not 8 bytes"))?;
+                let kind = std::str::from_utf8(key)
+                    .map_err(|_| corrupt("serials", key, "is not a kind"))?;
+                let next =
+                    be_u64(value).ok_or_else(|| corrupt("serials", key, "is not 8 bytes"))?;
                 Ok(Some((kind.to_owned(), next)))
             },
             Chunk::Serials,
@@ -86,17 +95,17 @@ impl SledStore {
         )?;
         chunks(
             &self.customers,
-            "customers",
             |key, value| json::<Customer>("customers", key, value).map(Some),
             Chunk::Customers,
             each,
         )?;
         chunks(
             &self.tacas,
-            "tacas",
             |key, value| {
-                let text = std::str::from_utf8(key).map_err(|_| corrupt("tacas", key, "is not a hash"))?;
-                let hash = TacaHash::parse_hex(text).ok_or_else(|| corrupt("tacas", key, "is not a hash"))?;
+                let text =
+                    std::str::from_utf8(key).map_err(|_| corrupt("tacas", key, "is not a hash"))?;
+                let hash = TacaHash::parse_hex(text)
+                    .ok_or_else(|| corrupt("tacas", key, "is not a hash"))?;
                 Ok(Some((hash, value.to_vec())))
             },
             Chunk::Tacas,
@@ -105,7 +114,6 @@ impl SledStore {
         // Each product is kept under its PID and its test PID: once.
         chunks(
             &self.products,
-            "products",
             |key, value| {
                 let product: Product = json("products", key, value)?;
                 Ok((product.pid.as_str().as_bytes() == key).then_some(product))
@@ -115,21 +123,18 @@ impl SledStore {
         )?;
         chunks(
             &self.meters,
-            "meters",
             |key, value| json::<Meter>("meters", key, value).map(Some),
             Chunk::Meters,
             each,
         )?;
         chunks(
             &self.grants,
-            "grants",
             |key, value| json::<Grant>("grants", key, value).map(Some),
             Chunk::Grants,
             each,
         )?;
         chunks(
             &self.batches,
-            "batches",
             |key, value| {
                 let parsed = batch_key(&mut Reader::new(key))
                     .ok_or_else(|| corrupt("batches", key, "has a key that does not decode"))?;
@@ -140,12 +145,14 @@ impl SledStore {
         )?;
         chunks(
             &self.seq_ranges,
-            "seq_ranges",
             |key, value| {
                 let bad = || corrupt("seq_ranges", key, "does not decode");
                 let at = key.len().checked_sub(8).ok_or_else(bad)?;
                 let mut fields = Reader::new(&key[..at]);
-                let mid = fields.text().and_then(|text| Mid::parse(text).ok()).ok_or_else(bad)?;
+                let mid = fields
+                    .text()
+                    .and_then(|text| Mid::parse(text).ok())
+                    .ok_or_else(bad)?;
                 let instance = fields.text().ok_or_else(bad)?.to_owned();
                 Ok(Some(SeqRange {
                     mid,
@@ -159,7 +166,6 @@ impl SledStore {
         )?;
         chunks(
             &self.transfers,
-            "transfers",
             |key, value| {
                 let transfer = decode_transfer(value)
                     .ok_or_else(|| corrupt("transfers", key, "does not decode"))?;
@@ -175,30 +181,44 @@ impl SledStore {
             move |key: &[u8], value: &[u8]| {
                 let bad = || corrupt(tree, key, "does not decode");
                 let mut fields = Reader::new(key);
-                let payer = fields.text().and_then(|text| Cid::parse(text).ok()).ok_or_else(bad)?;
-                let pid = fields.text().and_then(|text| Pid::parse(text).ok()).ok_or_else(bad)?;
+                let payer = fields
+                    .text()
+                    .and_then(|text| Cid::parse(text).ok())
+                    .ok_or_else(bad)?;
+                let pid = fields
+                    .text()
+                    .and_then(|text| Pid::parse(text).ok())
+                    .ok_or_else(bad)?;
                 let month = fields.u32().ok_or_else(bad)?;
-                Ok(Some((PeriodKey { payer, pid, month }, be_u64(value).ok_or_else(bad)?)))
+                Ok(Some((
+                    PeriodKey { payer, pid, month },
+                    be_u64(value).ok_or_else(bad)?,
+                )))
             }
         };
-        chunks(&self.period_uses, "period_uses", counts("period_uses"), Chunk::PeriodUses, each)?;
-        chunks(&self.free_uses, "free_uses", counts("free_uses"), Chunk::FreeUses, each)?;
+        chunks(
+            &self.period_uses,
+            counts("period_uses"),
+            Chunk::PeriodUses,
+            each,
+        )?;
+        chunks(&self.free_uses, counts("free_uses"), Chunk::FreeUses, each)?;
         chunks(
             &self.suspense,
-            "suspense",
             |key, value| json::<Suspense>("suspense", key, value).map(Some),
             Chunk::Suspense,
             each,
         )?;
         chunks(
             &self.itemised,
-            "itemised",
             |key, value| {
                 let bad = || corrupt("itemised", key, "has a key that does not decode");
                 let arrived_ms = key.get(..8).and_then(be_u64).ok_or_else(bad)?;
                 let rest = key.get(8..key.len().saturating_sub(2)).ok_or_else(bad)?;
                 let mut fields = Reader::new(rest);
-                let batch = batch_key(&mut fields).filter(|_| fields.is_empty()).ok_or_else(bad)?;
+                let batch = batch_key(&mut fields)
+                    .filter(|_| fields.is_empty())
+                    .ok_or_else(bad)?;
                 let part = key
                     .get(key.len() - 2..)
                     .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]))
@@ -215,7 +235,6 @@ impl SledStore {
         )?;
         chunks(
             &self.itemised_index,
-            "itemised_index",
             |key, value| {
                 let bad = || corrupt("itemised_index", key, "does not decode");
                 match key.first() {
@@ -254,13 +273,15 @@ impl SledStore {
         )?;
         chunks(
             &self.deposits,
-            "deposits",
             |key, value| {
                 let reference = std::str::from_utf8(key)
                     .ok()
                     .and_then(|text| Reference::parse(text).ok())
                     .ok_or_else(|| corrupt("deposits", key, "is not under a reference"))?;
-                Ok(Some((reference, json::<DepositRecord>("deposits", key, value)?)))
+                Ok(Some((
+                    reference,
+                    json::<DepositRecord>("deposits", key, value)?,
+                )))
             },
             Chunk::Deposits,
             each,
