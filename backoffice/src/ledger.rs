@@ -291,6 +291,31 @@ impl Ledger {
         Ok(prepared)
     }
 
+    /// Adds transfers another node posted, read back from the shared store
+    /// in order from this ledger's next number; refuses (changing nothing)
+    /// a gap, a number out of order, or a transfer that is not valid.
+    pub fn append_stored(&mut self, transfers: Vec<Transfer>) -> Result<(), String> {
+        let first = self.transfers.len() as u64;
+        for (index, (next, transfer)) in (first..).zip(&transfers).enumerate() {
+            if transfer.id.0 != next {
+                return Err(format!(
+                    "the store's transfer {} came where {next} was expected",
+                    transfer.id.0
+                ));
+            }
+            let new = NewTransfer {
+                debit: transfer.debit,
+                credit: transfer.credit,
+                amount: transfer.amount,
+                kind: transfer.kind.clone(),
+            };
+            self.check(index, &new)
+                .map_err(|error| format!("the store's transfer {next}: {error}"))?;
+        }
+        self.commit(transfers);
+        Ok(())
+    }
+
     /// Applies transfers from `prepare` on the same ledger state; anything
     /// else is a bug, so it panics.
     pub fn commit(&mut self, prepared: Vec<Transfer>) {
@@ -405,6 +430,36 @@ mod tests {
 
     fn amount(text: &str) -> Amount {
         Amount::parse(text).unwrap()
+    }
+
+    #[test]
+    fn another_nodes_transfers_are_added_only_in_order_and_valid() {
+        let deposit = |n: u64, to: u32, text: &str| Transfer {
+            id: TransferId(n),
+            debit: FUNDING,
+            credit: customer(to),
+            amount: amount(text),
+            kind: TransferKind::Deposit,
+            posted_ms: 1,
+        };
+        let mut ledger = Ledger::new();
+        ledger
+            .append_stored(vec![deposit(0, 1, "2"), deposit(1, 2, "3")])
+            .unwrap();
+        // A gap, a repeat, or an amount that is not positive: refused,
+        // nothing of the call added.
+        for bad in [
+            vec![deposit(2, 1, "1"), deposit(4, 1, "1")],
+            vec![deposit(1, 1, "1")],
+            vec![deposit(2, 1, "1"), deposit(3, 1, "0")],
+        ] {
+            assert!(ledger.append_stored(bad).is_err());
+            assert_eq!(ledger.transfers().len(), 2);
+        }
+        ledger.append_stored(vec![deposit(2, 1, "0.5")]).unwrap();
+        assert_eq!(ledger.balance(&customer(1)), amount("2.5"));
+        assert_eq!(ledger.balance(&FUNDING), amount("-5.5"));
+        ledger.verify();
     }
 
     fn deposit(to: AccountId, how_much: &str) -> NewTransfer {

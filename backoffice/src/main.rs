@@ -1236,13 +1236,10 @@ fn migrate_store(dir: &std::path::Path, url: &str) -> ExitCode {
             return ExitCode::from(69);
         }
     };
-    let mut to = match PgStore::connect(url) {
+    let to = match PgStore::connect(url) {
         Ok(store) => store,
         Err(error) => return failed(error),
     };
-    if let Err(error) = to.claim_sole_node() {
-        return failed(error);
-    }
     let started = std::time::Instant::now();
     let mut shown = std::time::Instant::now();
     let mut rows = 0u64;

@@ -26,7 +26,8 @@ use crate::now_ms;
 use crate::pricing::{PriceInput, Pricing, PricingError};
 use crate::registry::{Grant, Product, SecretUsed};
 use crate::store::{
-    BatchDigest, BatchEffects, BatchKey, PeriodKey, SeqRange, Store, StoreError, Suspense,
+    BatchDigest, BatchEffects, BatchKey, LedgerHold, PeriodKey, SeqRange, Store, StoreError,
+    Suspense,
 };
 
 /// How far a signature's time may be from the backoffice's clock.
@@ -127,6 +128,28 @@ pub struct Backoffice<S> {
     not_durable: std::sync::atomic::AtomicBool,
     /// Grant codes waiting for a customer's decision.
     device_codes: crate::grants::DeviceCodes,
+}
+
+/// The ledger locked for a money write (`Backoffice::ledger_for_write`):
+/// the store's ledger lock is let go of before this node's, so that no
+/// other thread of this node takes the store's lock while it is still held.
+struct LedgerWrite<'a> {
+    /// Held for its drop: declared first, so let go of first.
+    _hold: LedgerHold<'a>,
+    ledger: MutexGuard<'a, Ledger>,
+}
+
+impl std::ops::Deref for LedgerWrite<'_> {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+impl std::ops::DerefMut for LedgerWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Ledger {
+        &mut self.ledger
+    }
 }
 
 /// A deposit made, or found made, under its reference.
@@ -863,7 +886,7 @@ impl<S: Store> Backoffice<S> {
 
     /// Transfers posted, and the number of accounts with postings.
     pub fn ledger_size(&self) -> (usize, usize) {
-        let ledger = lock(&self.ledger);
+        let ledger = self.ledger_read();
         (ledger.transfers().len(), ledger.balances().count())
     }
 
@@ -874,17 +897,64 @@ impl<S: Store> Backoffice<S> {
 
     /// The balance of `account` now.
     pub fn balance(&self, account: &AccountId) -> proto::Amount {
-        lock(&self.ledger).balance(account)
+        self.ledger_read().balance(account)
     }
 
     /// The transfers that debit or credit `account`, in order.
     pub fn statement(&self, account: &AccountId) -> Vec<crate::ledger::Transfer> {
-        lock(&self.ledger).transfers_of(*account).cloned().collect()
+        self.ledger_read().transfers_of(*account).cloned().collect()
     }
 
     /// A whole copy of the ledger, for checks (it copies every transfer).
     pub fn ledger(&self) -> Ledger {
-        lock(&self.ledger).clone()
+        self.ledger_read().clone()
+    }
+
+    /// Brings `ledger` up to the store's: the transfers other nodes posted
+    /// since (none where this process owns the store).
+    fn catch_up(&self, ledger: &mut Ledger) -> Result<(), Fault> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        let next = ledger.transfers().len() as u64;
+        let newer = self
+            .store
+            .transfers_from(next)
+            .map_err(|error| internal(&error))?;
+        ledger
+            .append_stored(newer)
+            .map_err(|error| internal(&error))
+    }
+
+    /// The ledger, locked, with what other nodes posted: for reads. If the
+    /// store cannot be read just now, the ledger as this node last saw it
+    /// (and a warning in the log).
+    fn ledger_read(&self) -> MutexGuard<'_, Ledger> {
+        let mut ledger = lock(&self.ledger);
+        if let Err(fault) = self.catch_up(&mut ledger) {
+            tracing::warn!(
+                "the ledger could not be brought up to the store's: {}",
+                fault.message
+            );
+        }
+        ledger
+    }
+
+    /// The ledger locked for a money write: where nodes share the store,
+    /// with the store's ledger lock held too (until the hold is dropped),
+    /// and the ledger and the period counts brought up to the store's.
+    fn ledger_for_write(&self) -> Result<LedgerWrite<'_>, Fault> {
+        let mut ledger = lock(&self.ledger);
+        let hold = self.store.hold_ledger().map_err(|error| internal(&error))?;
+        if self.store.shared() {
+            self.catch_up(&mut ledger)?;
+            // Another node may have counted uses since.
+            lock(&self.period_counts).0.clear();
+        }
+        Ok(LedgerWrite {
+            _hold: hold,
+            ledger,
+        })
     }
 
     /// Posts transfers made outside uploads (a deposit from a customer's
@@ -892,7 +962,7 @@ impl<S: Store> Backoffice<S> {
     /// ledger. Returns the posted transfers.
     pub fn post(&self, transfers: Vec<NewTransfer>) -> Result<Vec<crate::ledger::Transfer>, Fault> {
         self.still_durable()?;
-        let mut ledger = lock(&self.ledger);
+        let mut ledger = self.ledger_for_write()?;
         let prepared = ledger
             .prepare(transfers, now_ms())
             .map_err(|error| Fault::invalid_params(&error))?;
@@ -977,7 +1047,7 @@ impl<S: Store> Backoffice<S> {
             self.still_durable()?;
         }
         if let DepositState::Collected { .. } = record.state {
-            let mut ledger = lock(&self.ledger);
+            let mut ledger = self.ledger_for_write()?;
             self.still_durable()?;
             let prepared = ledger
                 .prepare(
@@ -1016,7 +1086,7 @@ impl<S: Store> Backoffice<S> {
         };
         let transfer = usize::try_from(transfer)
             .ok()
-            .and_then(|position| lock(&self.ledger).transfers().get(position).cloned())
+            .and_then(|position| self.ledger_read().transfers().get(position).cloned())
             .ok_or_else(|| internal(&"a posted deposit's transfer is not in the ledger"))?;
         Ok(Deposited {
             reference: reference.clone(),
@@ -1093,6 +1163,13 @@ impl<S: Store> Backoffice<S> {
         // Nothing reached the store: nothing can be out of step with it.
         if let StoreError::Unavailable(_) = error {
             tracing::warn!(%error, "the store is unavailable");
+            return internal(error);
+        }
+        // A store several nodes share is the only authority: every money
+        // write first brings the ledger in memory up to it (`catch_up`), so
+        // a write whose outcome is unknown puts nothing out of step.
+        if self.store.shared() {
+            tracing::error!(%error, "a write to the shared store failed; its outcome is read back before the next");
             return internal(error);
         }
         self.not_durable.store(true, Ordering::SeqCst);
@@ -1196,7 +1273,7 @@ impl<S: Store> Backoffice<S> {
                 .grants_of_meter(&key.mid)
                 .map_err(|error| internal(&error))?,
         );
-        let ledger = lock(&self.ledger);
+        let ledger = self.ledger_read();
         let standings = self.standings(body, &mut lookups, now_ms, |account| {
             ledger.balance(account)
         })?;
@@ -1721,7 +1798,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         // Read under the ledger's lock: two re-pricings at once would
         // otherwise both price (and post) the same readings.
-        let mut ledger = lock(&self.ledger);
+        let mut ledger = self.ledger_for_write()?;
         let records = self.store.suspense().map_err(|error| internal(&error))?;
         let mut lookups = Lookups::default();
         let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
@@ -1897,7 +1974,7 @@ impl<S: Store> Backoffice<S> {
         self.read_counts(&mut bases, priced_in)?;
         let mut periods_early: HashMap<PeriodKey, u64> = HashMap::new();
         let early = self.price_chains(&mut lookups, &mut bases, &mut periods_early, &mut uses)?;
-        let mut ledger = lock(&self.ledger);
+        let mut ledger = self.ledger_for_write()?;
         // Under the lock, where batches are staged one at a time: a batch
         // id that came meanwhile is a repeat, and readings that another
         // batch id of the same meter instance brought are refused.

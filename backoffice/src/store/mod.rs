@@ -269,6 +269,30 @@ pub struct RepricedItems {
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.
     fn load_ledger(&self) -> Result<Ledger, StoreError>;
+
+    /// Whether other nodes write this store too (PostgreSQL): the ledger
+    /// in a node's memory is then brought up to the store's
+    /// (`transfers_from`) before it is read, and money is written only
+    /// under `hold_ledger`.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes the store's ledger lock for one money write (numbering
+    /// transfers, checking standings, writing a batch), until the hold is
+    /// dropped: nodes sharing the store take turns. Nothing to take where
+    /// one process owns the store.
+    fn hold_ledger(&self) -> Result<LedgerHold<'_>, StoreError> {
+        Ok(LedgerHold(None))
+    }
+
+    /// The transfers numbered `from` on, in order: what other nodes posted
+    /// since this node's ledger last caught up. Empty where one process
+    /// owns the store.
+    fn transfers_from(&self, from: u64) -> Result<Vec<Transfer>, StoreError> {
+        let _ = from;
+        Ok(Vec::new())
+    }
     /// Checks every record and index the store keeps, reporting (never
     /// panicking on) what is wrong; returns the transfers it read, for a
     /// running branch to compare with its ledger in memory.
@@ -547,6 +571,26 @@ pub enum AnyStore {
     Postgres(Box<PgStore>),
 }
 
+/// A node's hold of a store's ledger lock (`Store::hold_ledger`),
+/// released when dropped.
+#[must_use = "the ledger lock is released when the hold is dropped"]
+pub struct LedgerHold<'a>(Option<&'a PgStore>);
+
+impl<'a> LedgerHold<'a> {
+    /// The hold of `store`'s lock, just taken.
+    pub(crate) fn of(store: &'a PgStore) -> LedgerHold<'a> {
+        LedgerHold(Some(store))
+    }
+}
+
+impl Drop for LedgerHold<'_> {
+    fn drop(&mut self) {
+        if let Some(store) = self.0 {
+            store.release_ledger();
+        }
+    }
+}
+
 impl AnyStore {
     /// Starts a backup of the embedded store into `dest` (see
     /// [`backup`]); a branch kept in PostgreSQL is backed up with
@@ -591,8 +635,7 @@ impl AnyStore {
                         data_dir.display()
                     ));
                 }
-                let mut store = PgStore::connect(url)?;
-                store.claim_sole_node()?;
+                let store = PgStore::connect(url)?;
                 let text = format!("postgres {}\n", store.shown());
                 if marked.as_deref() != Some(text.as_str()) {
                     durable::write_private(&marker, text.as_bytes()).map_err(StoreError::Sync)?;
@@ -632,6 +675,27 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.load_ledger(),
             AnyStore::Postgres(store) => store.load_ledger(),
+        }
+    }
+
+    fn shared(&self) -> bool {
+        match self {
+            AnyStore::Sled(store) => store.shared(),
+            AnyStore::Postgres(store) => store.shared(),
+        }
+    }
+
+    fn hold_ledger(&self) -> Result<LedgerHold<'_>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.hold_ledger(),
+            AnyStore::Postgres(store) => store.hold_ledger(),
+        }
+    }
+
+    fn transfers_from(&self, from: u64) -> Result<Vec<Transfer>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.transfers_from(from),
+            AnyStore::Postgres(store) => store.transfers_from(from),
         }
     }
 

@@ -49,15 +49,19 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// The advisory lock migrations take (the bytes of "backoffi").
 const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
-/// The advisory lock the one node serving a database holds (the bytes of
-/// "backnode").
-const NODE_LOCK: i64 = 0x6261_636b_6e6f_6465;
-/// How long a node waits for another to let go of the database.
+/// The branch's ledger lock (the bytes of "backledg"): a node holds it
+/// while it numbers and writes transfers, period counts and batches, so
+/// that nodes sharing the database take turns and each sees the last one's
+/// writes (`hold_ledger`).
+const LEDGER_LOCK: i64 = 0x6261_636b_6c65_6467;
 /// Every money write holds this shared for its transaction; a node that
-/// claims the database takes it exclusively once, so it waits for the
-/// writes in flight of a node whose claim ended before it reads anything.
+/// takes the ledger lock takes this one exclusively once, so it waits for
+/// the writes in flight of a node whose hold ended under it (its session
+/// dropped) before it reads anything.
 const WRITERS_LOCK: i64 = 0x6261_636b_7772_6974;
-pub const NODE_LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long a node waits for the ledger lock before the call is refused
+/// (retryably): another node holds it for one batch at a time.
+pub const LEDGER_LOCK_WAIT: Duration = Duration::from_secs(30);
 /// How long connecting, and waiting for a free connection, may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections per node.
@@ -75,11 +79,12 @@ pub struct Migrated {
 /// A branch in PostgreSQL.
 pub struct PgStore {
     pool: deadpool_postgres::Pool,
-    /// The connection that holds the node lock (`claim_sole_node`).
-    sole: Option<deadpool_postgres::ClientWrapper>,
-    /// Its server process: every money write checks that it still holds
-    /// the lock.
-    sole_pid: Option<i32>,
+    /// The connection that takes the ledger lock (`hold_ledger`), out of
+    /// the pool, with its server process.
+    ledger_lock: std::sync::Mutex<Option<(deadpool_postgres::ClientWrapper, i32)>>,
+    /// That server process while this node holds the ledger lock: every
+    /// money write checks that it still does.
+    holding: std::sync::Mutex<Option<i32>>,
     runtime: Option<tokio::runtime::Runtime>,
     /// Where it is, without any password: for messages.
     shown: String,
@@ -89,6 +94,12 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").field("at", &self.shown).finish()
     }
+}
+
+fn lock_std<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `host:port/dbname` of a connection string, never its password.
@@ -178,8 +189,8 @@ impl PgStore {
         };
         let store = PgStore {
             pool,
-            sole: None,
-            sole_pid: None,
+            ledger_lock: std::sync::Mutex::default(),
+            holding: std::sync::Mutex::default(),
             runtime: Some(runtime),
             shown,
         };
@@ -224,85 +235,105 @@ impl PgStore {
             .map_err(|error| StoreError::Unavailable(format!("{}: {error}", self.shown)))
     }
 
-    /// Claims the database for this node alone, for as long as the store
-    /// is open: a second backoffice serving it is refused. Each node still
-    /// keeps the ledger in its memory and numbers the transfers it posts,
-    /// so two would post under the same numbers; several nodes on one
-    /// database come with the next step of this store (issue 15), which
-    /// moves that numbering into the database.
-    pub fn claim_sole_node(&mut self) -> Result<(), StoreError> {
-        let claimed = self.block(async {
-            let object = self.client().await?;
-            // Out of the pool: the lock lives as long as this connection.
-            let client = deadpool_postgres::Object::take(object);
-            // A node restarted right after a crash may find the dead one's
-            // session not yet ended: wait for it a little.
-            let deadline = tokio::time::Instant::now() + NODE_LOCK_WAIT;
-            loop {
-                let held: bool = client
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])
-                    .await
-                    .map_err(|error| database(&error, &self.shown))?
-                    .get(0);
-                if held {
+    /// Takes the branch's ledger lock, waiting for another node to let go
+    /// of it (at most `LEDGER_LOCK_WAIT`), then for the writes in flight of
+    /// a node whose hold ended under it. Held on a connection of its own
+    /// until [`PgStore::release_ledger`]; one hold at a time per store.
+    pub fn hold_ledger_lock(&self) -> Result<(), StoreError> {
+        // The lock is re-entrant per session: a second hold on the same
+        // connection would take it again at once, and one release would
+        // not let go of it.
+        if lock_std(&self.holding).is_some() {
+            return Err(StoreError::Locked(format!(
+                "{}: this node already holds the ledger lock",
+                self.shown
+            )));
+        }
+        let taken = lock_std(&self.ledger_lock).take();
+        let (client, pid) = self.block(async {
+            let (client, pid) = match taken {
+                Some((client, pid)) if !client.is_closed() => (client, pid),
+                _ => {
+                    let object = self.client().await?;
+                    // Out of the pool: the lock lives as long as this
+                    // connection, never lent to another call.
+                    let client = deadpool_postgres::Object::take(object);
                     let pid: i32 = client
                         .query_one("SELECT pg_backend_pid()", &[])
                         .await
                         .map_err(|error| database(&error, &self.shown))?
                         .get(0);
-                    // A write of the node before us that checked its claim
-                    // just before that claim ended may still be committing:
-                    // wait for it, so the ledger this node loads next has it.
-                    // Writes that start later see the claim is ours.
                     client
                         .batch_execute(&format!(
-                            "SELECT pg_advisory_lock({WRITERS_LOCK}); \
-                             SELECT pg_advisory_unlock({WRITERS_LOCK});"
+                            "SET lock_timeout = {}",
+                            LEDGER_LOCK_WAIT.as_millis()
                         ))
                         .await
                         .map_err(|error| database(&error, &self.shown))?;
-                    return Ok::<_, StoreError>(Some((client, pid)));
+                    (client, pid)
                 }
-                if tokio::time::Instant::now() >= deadline {
-                    return Ok(None);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            };
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_advisory_lock({LEDGER_LOCK}); \
+                     SELECT pg_advisory_lock({WRITERS_LOCK}); \
+                     SELECT pg_advisory_unlock({WRITERS_LOCK});"
+                ))
+                .await
+                .map_err(|error| {
+                    StoreError::Unavailable(format!(
+                        "{}: the ledger lock, held by another node: {error}",
+                        self.shown
+                    ))
+                })?;
+            Ok::<_, StoreError>((client, pid))
         })?;
-        match claimed {
-            Some((client, pid)) => {
-                self.sole = Some(client);
-                self.sole_pid = Some(pid);
-                Ok(())
-            }
-            None => Err(StoreError::Locked(format!(
-                "the database at {} (one node per database for now)",
-                self.shown
-            ))),
+        *lock_std(&self.holding) = Some(pid);
+        *lock_std(&self.ledger_lock) = Some((client, pid));
+        Ok(())
+    }
+
+    /// Lets go of the ledger lock. If that cannot be said (the connection
+    /// broke), the connection is dropped, which ends its session and so
+    /// the lock.
+    pub fn release_ledger(&self) {
+        *lock_std(&self.holding) = None;
+        let Some((client, pid)) = lock_std(&self.ledger_lock).take() else {
+            return;
+        };
+        let released = self.block(async {
+            client
+                .batch_execute(&format!("SELECT pg_advisory_unlock({LEDGER_LOCK})"))
+                .await
+                .map(|()| client)
+        });
+        if let Ok(client) = released {
+            *lock_std(&self.ledger_lock) = Some((client, pid));
         }
     }
 
-    /// Inside a money write: fails the write unless this node's claim
-    /// still holds (its session can end under it: a database restart, a
-    /// failover, a dropped connection, and another node may have claimed
-    /// the database since). Nothing to check for a store that never claimed.
-    async fn still_sole(
+    /// Inside a money write: fails it unless this node holds the ledger
+    /// lock it took (its session can end under it: a database restart, a
+    /// failover, a dropped connection, and another node may hold the lock
+    /// since). Nothing to check for a write made outside a hold (tests of
+    /// the store alone).
+    async fn still_holding(
         &self,
         transaction: &deadpool_postgres::Transaction<'_>,
     ) -> Result<(), StoreError> {
-        let Some(pid) = self.sole_pid else {
+        let Some(pid) = *lock_std(&self.holding) else {
             return Ok(());
         };
         // The shared writers' lock first (held to the commit), then the
-        // check: a node claiming the database waits for this write, or this
-        // write sees the claim is no longer ours.
+        // check: a node taking the ledger lock waits for this write, or
+        // this write sees the lock is no longer ours.
         let held: bool = transaction
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
                  AND pid = $1 AND objsubid = 1 \
                  AND ((classid::bigint << 32) | objid::bigint) = $2) \
                  FROM (SELECT pg_advisory_xact_lock_shared($3)) AS writer",
-                &[&pid, &NODE_LOCK, &WRITERS_LOCK],
+                &[&pid, &LEDGER_LOCK, &WRITERS_LOCK],
             )
             .await
             .map_err(|error| database(&error, &self.shown))?
@@ -310,9 +341,9 @@ impl PgStore {
         if held {
             Ok(())
         } else {
-            Err(StoreError::Locked(format!(
-                "the database at {} is no longer claimed by this node: its claim ended (a restart or \
-                 failover of the database?); restart the backoffice",
+            Err(StoreError::Unavailable(format!(
+                "{}: this node's hold of the ledger lock ended under it (the database \
+                 restarted or the connection dropped); nothing was written: try again",
                 self.shown
             )))
         }
@@ -367,7 +398,7 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         // Safe from any thread, inside another runtime too.
         // The lock's connection first, while its runtime still runs.
-        drop(self.sole.take());
+        drop(lock_std(&self.ledger_lock).take());
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }

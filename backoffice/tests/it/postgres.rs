@@ -307,27 +307,7 @@ fn serve_on(
 }
 
 #[test]
-fn a_second_node_on_the_same_database_is_refused_until_the_first_is_gone() {
-    let cluster = cluster();
-    let url = cluster.create_database("branch").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut first = serve(&url, &dir.path().join("first")).expect("the first node serves");
-    let (code, text) = serve(&url, &dir.path().join("second")).expect_err("a second node");
-    assert_eq!(code, Some(69), "{text}");
-    assert!(
-        text.contains("one node per database") && text.contains("/branch"),
-        "{text}"
-    );
-    // A crashed node's lock goes with its connection.
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let mut third = serve(&url, &dir.path().join("third")).expect("the database is free again");
-    third.kill().unwrap();
-    third.wait().unwrap();
-}
-
-#[test]
-fn a_node_whose_claim_ended_posts_nothing_more() {
+fn a_node_whose_hold_of_the_ledger_ended_writes_nothing_until_it_holds_it_again() {
     use backoffice::ledger::{AccountId, SystemAccount, Transfer, TransferId, TransferKind};
     use backoffice::store::Store;
     use proto::{Amount, Cid};
@@ -341,11 +321,12 @@ fn a_node_whose_claim_ended_posts_nothing_more() {
         kind: TransferKind::Deposit,
         posted_ms: 1,
     };
-    let mut first = PgStore::connect(&url).unwrap();
-    first.claim_sole_node().unwrap();
+    let first = PgStore::connect(&url).unwrap();
+    let second = PgStore::connect(&url).unwrap();
+    let hold = first.hold_ledger().unwrap();
     first.stage_transfers(&[transfer(0)]).unwrap();
-    // The claim's session ends under the node (a database restart, a
-    // failover, a proxy dropping it) and another node claims the database.
+    // The hold's session ends under the node (a database restart, a
+    // failover, a proxy dropping it) and another node takes the lock.
     let ended = cluster
         .psql(
             "branch",
@@ -354,19 +335,57 @@ fn a_node_whose_claim_ended_posts_nothing_more() {
         )
         .unwrap();
     assert_eq!(ended.trim(), "1");
-    let mut second = PgStore::connect(&url).unwrap();
-    second.claim_sole_node().unwrap();
+    let other = second.hold_ledger().unwrap();
     let refused = first.stage_transfers(&[transfer(1)]).unwrap_err();
     assert!(
-        matches!(&refused, StoreError::Locked(text) if text.contains("no longer claimed")),
+        matches!(&refused, StoreError::Unavailable(text) if text.contains("ended under it")),
         "{refused:?}"
     );
     second.stage_transfers(&[transfer(1)]).unwrap();
-    assert_eq!(second.load_ledger().unwrap().transfers().len(), 2);
-    let posted = cluster
-        .psql("branch", "SELECT count(*) FROM transfers")
-        .unwrap();
-    assert_eq!(posted.trim(), "2");
+    assert_eq!(second.transfers_from(1).unwrap().len(), 1);
+    drop(other);
+    drop(hold);
+    // Held again (on a new connection), the first node writes again.
+    let again = first.hold_ledger().unwrap();
+    assert_eq!(first.transfers_from(0).unwrap().len(), 2);
+    first.stage_transfers(&[transfer(2)]).unwrap();
+    drop(again);
+    assert_eq!(
+        cluster
+            .psql("branch", "SELECT count(*) FROM transfers")
+            .unwrap()
+            .trim(),
+        "3"
+    );
+}
+
+#[test]
+fn the_ledger_lock_is_held_by_one_node_at_a_time() {
+    use backoffice::store::Store;
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let first = PgStore::connect(&url).unwrap();
+    let second = std::sync::Arc::new(PgStore::connect(&url).unwrap());
+    let hold = first.hold_ledger().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let waiting = {
+        let second = std::sync::Arc::clone(&second);
+        std::thread::spawn(move || {
+            let hold = second.hold_ledger().unwrap();
+            sender.send(std::time::Instant::now()).unwrap();
+            drop(hold);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        receiver.try_recv().is_err(),
+        "taken while the first node held it"
+    );
+    let released = std::time::Instant::now();
+    drop(hold);
+    let taken = receiver.recv().unwrap();
+    assert!(taken >= released);
+    waiting.join().unwrap();
 }
 
 #[test]

@@ -1913,8 +1913,7 @@ fn a_branch_moved_into_postgresql_keeps_every_record_and_applies_a_retried_batch
     let grants = sled.grants_of_meter(&mid).unwrap();
 
     let url = cluster.create_database("moved").unwrap();
-    let mut pg = PgStore::connect(&url).unwrap();
-    pg.claim_sole_node().unwrap();
+    let pg = PgStore::connect(&url).unwrap();
     let mut rows = 0;
     let moved = moving::sled_to_postgres(&sled, &pg, &mut |_, count| rows += count).unwrap();
     assert_eq!(
@@ -2016,8 +2015,7 @@ fn a_damaged_branch_is_not_moved_and_the_database_stays_empty() {
     }
     let sled = SledStore::open(dir.path()).unwrap();
     let url = cluster.create_database("moved").unwrap();
-    let mut pg = PgStore::connect(&url).unwrap();
-    pg.claim_sole_node().unwrap();
+    let pg = PgStore::connect(&url).unwrap();
     let refused = moving::sled_to_postgres(&sled, &pg, &mut |_, _| {}).unwrap_err();
     assert!(refused.to_string().contains("problem"), "{refused}");
     assert!(pg.table_counts().unwrap().iter().all(|(_, n)| *n == 0));
@@ -2033,4 +2031,146 @@ fn a_damaged_branch_is_not_moved_and_the_database_stays_empty() {
     drop(sender);
     assert!(pg.import(receiver, &mut |_, _| {}).is_err());
     assert!(pg.table_counts().unwrap().iter().all(|(_, n)| *n == 0));
+}
+
+/// Two nodes (two `Backoffice`s, two connection pools) on one PostgreSQL
+/// database: uploads of two meters and deposits on both, one batch sent to
+/// both, all at once.
+#[test]
+fn two_nodes_on_one_database_apply_each_batch_once_and_share_one_ledger() {
+    use backoffice::store::PgStore;
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    let setup = PgStore::connect(&url).unwrap();
+    let bid = Bid::parse("B1").unwrap();
+    let producer = setup
+        .create_customer(&bid, "Bob", "bob@example.org")
+        .unwrap()
+        .cid;
+    let product = setup
+        .create_product(
+            &bid,
+            NewProduct::new(&producer, "Editor", "0.25 per use", &module("flat"), max()),
+        )
+        .unwrap()
+        .pid;
+    // Two payers, each with a meter, each funded with 10.
+    let mut meters = Vec::new();
+    for (name, email) in [("Ada", "ada@example.org"), ("Cy", "cy@example.org")] {
+        let cid = setup.create_customer(&bid, name, email).unwrap().cid;
+        let meter = setup.create_meter(&bid, &cid).unwrap();
+        setup.create_grant(grant_of(meter.mid, cid)).unwrap();
+        meters.push((
+            cid,
+            meter.mid,
+            Secret::new(meter.secret_hex.as_bytes()).unwrap(),
+        ));
+    }
+    drop(setup);
+    let nodes: Vec<Backoffice<PgStore>> = (0..2)
+        .map(|_| Backoffice::open(PgStore::connect(&url).unwrap(), PARAMS).unwrap())
+        .collect();
+    for (cid, _, _) in &meters {
+        nodes[0]
+            .post(vec![NewTransfer {
+                debit: AccountId::System(SystemAccount::Funding),
+                credit: AccountId::Customer(*cid),
+                amount: Amount::from_units(10).unwrap(),
+                kind: TransferKind::Deposit,
+            }])
+            .unwrap();
+    }
+    let body_for = |mid: Mid, cid: Cid, n: u64| {
+        let events = (0..4)
+            .map(|_| Event::Commit {
+                pid: product,
+                payer: Some(Payer::Customer(cid)),
+            })
+            .collect::<Vec<_>>();
+        let readings = events
+            .into_iter()
+            .enumerate()
+            .map(|(index, event)| Reading {
+                seq: n * 100 + index as u64,
+                time_ms: NOW_MS - 1000,
+                context: Context::parse("42.7").unwrap(),
+                event,
+            })
+            .collect();
+        body_of(mid, &format!("{mid}:{n}"), readings, Vec::new())
+    };
+    let send_to = |node: &Backoffice<PgStore>, secret: &Secret, mid: Mid, body: &[u8], at: u64| {
+        let time = at.to_string();
+        let signature = secret.sign(&mid, at, body);
+        let answer = node
+            .send(
+                body,
+                Signed {
+                    mid: Some(mid.as_str()),
+                    time: Some(&time),
+                    signature: Some(&signature),
+                },
+                NOW_MS,
+            )
+            .unwrap();
+        SendAnswer::from_value(&answer).unwrap().outcome
+    };
+    // Each meter uploads to both nodes in turn, at once with the other
+    // meter; every batch is also retried on the other node (a meter whose
+    // first node failed): applied once. Deposits go to both nodes too.
+    std::thread::scope(|scope| {
+        for (m, (cid, mid, secret)) in meters.iter().enumerate() {
+            let nodes = &nodes;
+            scope.spawn(move || {
+                for n in 0..10u64 {
+                    let body = body_for(*mid, *cid, n);
+                    let (first, other) = (
+                        &nodes[(n as usize + m) % 2],
+                        &nodes[(n as usize + m + 1) % 2],
+                    );
+                    let at = NOW_MS + n * 10 + m as u64;
+                    assert_eq!(send_to(first, secret, *mid, &body, at), Outcome::Applied);
+                    assert_eq!(
+                        send_to(other, secret, *mid, &body, at + 1_000),
+                        Outcome::AlreadyApplied
+                    );
+                    other
+                        .post(vec![NewTransfer {
+                            debit: AccountId::System(SystemAccount::Funding),
+                            credit: AccountId::Customer(*cid),
+                            amount: amount("0.5"),
+                            kind: TransferKind::Deposit,
+                        }])
+                        .unwrap();
+                }
+            });
+        }
+    });
+    // 10 + 10 * 0.5 deposited, 10 batches of 4 uses at 0.25 charged: 5
+    // left each, on both nodes; the producer has 20.
+    for node in &nodes {
+        for (cid, _, _) in &meters {
+            assert_eq!(
+                node.balance(&AccountId::Customer(*cid)),
+                amount("5"),
+                "{cid}"
+            );
+        }
+        assert_eq!(node.balance(&AccountId::Customer(producer)), amount("20"));
+        let ledger = node.ledger();
+        let ids: Vec<u64> = ledger.transfers().iter().map(|t| t.id.0).collect();
+        assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>());
+        let report = backoffice::verify::running(node);
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
+    // The period counts both nodes priced from add up: 40 uses of each payer.
+    let month = backoffice::send::month_of(NOW_MS - 1000);
+    for (cid, _, _) in &meters {
+        let key = backoffice::store::PeriodKey {
+            payer: *cid,
+            pid: product,
+            month,
+        };
+        assert_eq!(nodes[1].store().period_uses(&key).unwrap(), 40);
+    }
 }

@@ -320,13 +320,19 @@ fn registry_error(error: RegistryError) -> StoreError {
 impl PgStore {
     /// Every posted transfer, in order.
     fn transfers(&self) -> Result<Vec<Transfer>, StoreError> {
+        self.transfers_numbered_from(0)
+    }
+
+    /// The transfers numbered `from` on, in order.
+    fn transfers_numbered_from(&self, from: u64) -> Result<Vec<Transfer>, StoreError> {
+        let from = int(from)?;
         self.block(async {
             let client = self.client().await?;
             let rows = client
                 .query(
                     "SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
-                     FROM transfers ORDER BY id",
-                    &[],
+                     FROM transfers WHERE id >= $1 ORDER BY id",
+                    &[&from],
                 )
                 .await?;
             let mut transfers = Vec::with_capacity(rows.len());
@@ -563,7 +569,7 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
-        self.still_sole(&transaction).await?;
+        self.still_holding(&transaction).await?;
         for set in sets {
             let ranges: Vec<(TransferId, TransferId)> =
                 set.transfers.iter().map(|id| (*id, *id)).collect();
@@ -607,6 +613,19 @@ impl Store for PgStore {
         Ok(Ledger::restore(self.transfers()?))
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn hold_ledger(&self) -> Result<crate::store::LedgerHold<'_>, StoreError> {
+        self.hold_ledger_lock()?;
+        Ok(crate::store::LedgerHold::of(self))
+    }
+
+    fn transfers_from(&self, from: u64) -> Result<Vec<Transfer>, StoreError> {
+        self.transfers_numbered_from(from)
+    }
+
     fn verify(&self) -> (crate::verify::Report, Vec<Transfer>) {
         let mut report = crate::verify::Report::default();
         let transfers = match self.transfers() {
@@ -642,7 +661,7 @@ impl Store for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
-            self.still_sole(&transaction).await?;
+            self.still_holding(&transaction).await?;
             let digest: Option<&[u8]> = effects.digest.as_ref().map(|digest| &digest[..]);
             let inserted = transaction
                 .execute(
@@ -857,7 +876,7 @@ impl Store for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
-            self.still_sole(&transaction).await?;
+            self.still_holding(&transaction).await?;
             post(&transaction, transfers).await?;
             transaction.commit().await?;
             Ok(())
@@ -1642,7 +1661,7 @@ impl Store for PgStore {
         self.block(async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
-            self.still_sole(&transaction).await?;
+            self.still_holding(&transaction).await?;
             let mut record = Self::deposit_in(&transaction, reference).await?;
             let processor = match &record.state {
                 DepositState::Posted { .. } => return Ok(record),
