@@ -514,6 +514,172 @@ fn sigkill_during_uploads_with(
     );
 }
 
+/// Two `backoffice serve` processes on one PostgreSQL database, each with
+/// a meter uploading to it: node A is killed with SIGKILL during uploads and
+/// its meter is pointed at node B, which gets the batch A was applying (or
+/// had applied without answering); then PostgreSQL itself is stopped with
+/// `pg_ctl stop -m immediate` during uploads and restarted, with both
+/// meters on B and nobody restarted. Nothing acknowledged is lost, nothing
+/// is charged twice, and both nodes (A started again) show one ledger that
+/// verifies.
+#[test]
+fn two_nodes_on_one_database_survive_a_killed_node_and_a_crashed_database() {
+    let test = "two_nodes_on_one_database_survive_a_killed_node_and_a_crashed_database";
+    let mut random = Lcg(kill_test_seed(test));
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    let envs = [("BACKOFFICE_STORE", url.as_str())];
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    let node_a = Backoffice::start_with(&dir_a, "127.0.0.1:0", &envs);
+    let node_b = Backoffice::start_with(&dir_b, "127.0.0.1:0", &envs);
+    // Registered on A, seen by B: one branch.
+    let producer = node_a.text("customer.create", &[s("Bob"), s("bob@example.org")], "CID");
+    let product = node_b.text(
+        "product.create",
+        &[
+            s(&producer),
+            s("Editor"),
+            s("0.25 per use"),
+            Value::Base64(examples::module("flat")),
+            s("0.25"),
+        ],
+        "PID",
+    );
+    let mut payers = Vec::new();
+    for (n, (name, email)) in [("Ada", "ada@example.org"), ("Cy", "cy@example.org")]
+        .into_iter()
+        .enumerate()
+    {
+        let office = if n == 0 { &node_a } else { &node_b };
+        let cid = office.text("customer.create", &[s(name), s(email), s(PASSWORD)], "CID");
+        let (mid, secret) = office.meter(&cid);
+        let meter_dir = dir.path().join(format!("meter-{n}"));
+        std::fs::create_dir_all(&meter_dir).unwrap();
+        let secret_file = meter_dir.join("secret");
+        std::fs::write(&secret_file, &secret).unwrap();
+        office
+            .call("account.deposit", &[s(&cid), s("100000")])
+            .unwrap();
+        payers.push((
+            cid,
+            mid.parse::<proto::Mid>().unwrap(),
+            meter_dir,
+            secret_file,
+        ));
+    }
+    let setup = |n: usize, at: std::net::SocketAddr| MeterdSetup {
+        dir: payers[n].2.clone(),
+        backoffice: Some((at, payers[n].1, payers[n].3.clone())),
+    };
+    let mut meter_a = setup(0, node_a.address).start();
+    let meter_b = setup(1, node_b.address).start();
+    grant_by_password(&meter_a.socket, &payers[0].0, PASSWORD);
+    grant_by_password(&meter_b.socket, &payers[1].0, PASSWORD);
+    let product_id: proto::Pid = product.parse().unwrap();
+    let cids: Vec<proto::Cid> = payers.iter().map(|p| p.0.parse().unwrap()).collect();
+    // Both meters use the product until `stop`; `during` runs meanwhile.
+    let run = |sockets: [&std::path::Path; 2], during: &mut dyn FnMut()| {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let progress = [
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        ];
+        std::thread::scope(|scope| {
+            let clients: Vec<_> = (0..2)
+                .map(|n| {
+                    let (socket, stop, progress) = (sockets[n].to_owned(), &stop, &progress[n]);
+                    let cid = cids[n];
+                    scope.spawn(move || commit_until(socket, cid, product_id, stop, progress))
+                })
+                .collect();
+            during();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while progress
+                .iter()
+                .any(|p| p.load(std::sync::atomic::Ordering::Relaxed) <= 30)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            clients
+                .into_iter()
+                .map(|client| client.join().expect("client thread"))
+                .collect::<Vec<(u64, u64)>>()
+        })
+    };
+    // 1. Node A dies with SIGKILL during uploads.
+    let mut node_a = Some(node_a);
+    let first = run([&meter_a.socket, &meter_b.socket], &mut || {
+        std::thread::sleep(std::time::Duration::from_millis(300 + random.below(400)));
+        let mut killed = node_a.take().unwrap();
+        killed.running.child.kill().expect("SIGKILL node A");
+        killed.running.child.wait().unwrap();
+    });
+    // Its meter now uploads to B: what it had not seen acknowledged
+    // (the batch A died in, applied or not) goes to B under the same ids.
+    drop(meter_a);
+    meter_a = setup(0, node_b.address).start();
+    // 2. PostgreSQL crashes during uploads to B and comes back; no node is
+    // restarted.
+    let second = run([&meter_a.socket, &meter_b.socket], &mut || {
+        std::thread::sleep(std::time::Duration::from_millis(300 + random.below(400)));
+        cluster.stop_immediately().expect("crash the database");
+        std::thread::sleep(std::time::Duration::from_millis(random.below(300)));
+        cluster.restart().expect("the database recovers");
+    });
+    for meter in [&meter_a, &meter_b] {
+        let flushed = Command::new(workspace_binary("meterd", "meterd"))
+            .arg("--socket")
+            .arg(&meter.socket)
+            .arg("flush")
+            .status()
+            .unwrap();
+        assert!(
+            flushed.success(),
+            "the last upload of {}",
+            meter.socket.display()
+        );
+    }
+    // Node A again, on its own data folder: the same ledger as B.
+    let node_a = Backoffice::start_with(&dir_a, "127.0.0.1:0", &envs);
+    let balance = |office: &Backoffice, cid: &str| -> proto::Amount {
+        office
+            .text("customer.show", &[s(cid)], "balance")
+            .parse()
+            .unwrap()
+    };
+    let mut charged_total = 0u64;
+    for (n, (cid, ..)) in payers.iter().enumerate() {
+        let acknowledged = first[n].0 + second[n].0;
+        let unsure = first[n].1 + second[n].1;
+        let paid = proto::Amount::from_units(100_000)
+            .unwrap()
+            .checked_sub(balance(&node_b, cid))
+            .unwrap();
+        assert_eq!(paid.nanos() % 250_000_000, 0, "whole uses only: {paid}");
+        let charged = u64::try_from(paid.nanos() / 250_000_000).unwrap();
+        assert!(
+            (acknowledged..=acknowledged + unsure).contains(&charged),
+            "{cid}: {charged} uses charged for {acknowledged} acknowledged (+{unsure} unsure)"
+        );
+        assert_eq!(balance(&node_a, cid), balance(&node_b, cid));
+        charged_total += charged;
+    }
+    let earned = balance(&node_b, &producer);
+    assert_eq!(earned.nanos(), i128::from(charged_total) * 250_000_000);
+    assert_eq!(balance(&node_a, &producer), earned);
+    for office in [&node_a, &node_b] {
+        let report = office.call("ledger.verify", &[]).unwrap();
+        assert_eq!(report.member("ok"), Some(&Value::Bool(true)), "{report:?}");
+    }
+    println!(
+        "two nodes: {charged_total} uses charged once each ({:?} then {:?} acknowledged, unsure)",
+        first, second
+    );
+}
+
 #[test]
 fn the_operator_commands_drive_a_running_backoffice() {
     let dir = tempfile::tempdir().unwrap();
