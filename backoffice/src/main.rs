@@ -815,14 +815,18 @@ fn serve(
             (None, Some((_, tls_address, _))) => format!("https://{tls_address}"),
             (None, None) => format!("http://{address}"),
         };
-        let web = backoffice::web::Web::new(backoffice::web::WebConfig {
-            phone: web.phone.clone(),
-            password_iterations: iterations,
-            // Pages served over TLS get cookies that never travel in clear.
-            secure_cookies: web.secure_cookies || tls_listener.is_some(),
-            public_url,
-            outbox: dir.join("outbox"),
-        });
+        let sessions = backoffice.store().web_sessions();
+        let web = backoffice::web::Web::with_sessions(
+            backoffice::web::WebConfig {
+                phone: web.phone.clone(),
+                password_iterations: iterations,
+                // Pages served over TLS get cookies that never travel in clear.
+                secure_cookies: web.secure_cookies || tls_listener.is_some(),
+                public_url,
+                outbox: dir.join("outbox"),
+            },
+            sessions,
+        );
         let service = std::sync::Arc::new(backoffice::server::Service {
             backoffice,
             bid,

@@ -185,13 +185,17 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
                 )
             })?;
         let address = listener.local_addr().map_err(|error| error.to_string())?;
-        let web = backoffice::web::Web::new(backoffice::web::WebConfig {
-            phone: cli.phone.clone(),
-            password_iterations: iterations,
-            secure_cookies: false,
-            public_url: format!("http://{address}"),
-            outbox: office_dir.join("outbox"),
-        });
+        let sessions = office.store().web_sessions();
+        let web = backoffice::web::Web::with_sessions(
+            backoffice::web::WebConfig {
+                phone: cli.phone.clone(),
+                password_iterations: iterations,
+                secure_cookies: false,
+                public_url: format!("http://{address}"),
+                outbox: office_dir.join("outbox"),
+            },
+            sessions,
+        );
         let service = std::sync::Arc::new(backoffice::server::Service {
             backoffice: office,
             bid: cli.bid,

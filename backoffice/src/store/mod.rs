@@ -609,6 +609,18 @@ impl AnyStore {
         }
     }
 
+    /// Where the web pages keep visits, failed logins and reset links: in
+    /// memory for a branch one process owns, in the database where nodes
+    /// share it.
+    pub fn web_sessions(&self) -> crate::web::session::Sessions {
+        match self {
+            AnyStore::Sled(_) => crate::web::session::Sessions::default(),
+            AnyStore::Postgres(store) => {
+                crate::web::session::Sessions::shared(store.web_sessions())
+            }
+        }
+    }
+
     /// The last backup started, if any.
     pub fn backup_job(&self) -> Option<std::sync::Arc<backup::BackupJob>> {
         match self {

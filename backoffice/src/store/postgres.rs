@@ -19,6 +19,7 @@ use std::time::Duration;
 use super::StoreError;
 
 mod branch;
+pub mod web;
 
 /// One step of the schema.
 #[derive(Debug, Clone, Copy)]
@@ -41,11 +42,18 @@ impl Migration {
 }
 
 /// The schema's steps, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "branch",
-    sql: include_str!("postgres/0001_branch.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "branch",
+        sql: include_str!("postgres/0001_branch.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "web",
+        sql: include_str!("postgres/0002_web.sql"),
+    },
+];
 
 /// The advisory lock migrations take (the bytes of "backoffi").
 const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
@@ -94,6 +102,20 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").field("at", &self.shown).finish()
     }
+}
+
+/// Runs `work` on the runtime of `handle` from any thread, inside an async
+/// handler too (see `PgStore::block`).
+fn block_on<T: Send>(handle: &tokio::runtime::Handle, work: impl Future<Output = T> + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return handle.block_on(work);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| handle.block_on(work))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 fn lock_std<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,15 +238,7 @@ impl PgStore {
             .as_ref()
             .expect("the runtime lives as long as the store")
             .handle();
-        if tokio::runtime::Handle::try_current().is_err() {
-            return handle.block_on(work);
-        }
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| handle.block_on(work))
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        block_on(handle, work)
     }
 
     /// A connection from the pool.

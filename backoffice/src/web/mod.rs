@@ -73,10 +73,16 @@ pub struct Web {
 impl Web {
     /// The pages with `config`.
     pub fn new(config: WebConfig) -> Web {
+        Web::with_sessions(config, Sessions::default())
+    }
+
+    /// The pages with `config`, keeping visits in `sessions` (shared by
+    /// the nodes of a branch in PostgreSQL).
+    pub fn with_sessions(config: WebConfig, sessions: Sessions) -> Web {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Web {
             config,
-            sessions: Sessions::default(),
+            sessions,
             heavy: tokio::sync::Semaphore::new(cores),
         }
     }

@@ -1,5 +1,8 @@
-//! Visits, sessions and login throttling, kept in memory: a restart logs
-//! everyone out and forgets failed attempts, which loses nothing of value.
+//! Visits, sessions and login throttling: kept in memory for a branch one
+//! process serves (a restart logs everyone out and forgets failed attempts,
+//! which loses nothing of value), in the branch's database when several
+//! nodes share it (`store::postgres::web`), so that each node knows every
+//! session and counts every attempt.
 //!
 //! Every visitor gets a session cookie on their first page; the session
 //! holds the CSRF token its forms carry and, after a login, the CID. A login
@@ -50,12 +53,37 @@ pub struct Session {
     last_seen: Instant,
 }
 
+impl Session {
+    /// A session seen now.
+    pub(crate) fn new(token: String, csrf: String, cid: Option<Cid>) -> Session {
+        Session {
+            token,
+            csrf,
+            cid,
+            last_seen: Instant::now(),
+        }
+    }
+}
+
+/// A login attempt reserved by [`Sessions::reserve_attempt`], to give back
+/// when it succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt(AttemptAt);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptAt {
+    Memory(Instant),
+    Shared(Option<i64>),
+}
+
 /// Sessions, failed logins and reset links.
 #[derive(Default)]
 pub struct Sessions {
     sessions: Mutex<HashMap<String, Session>>,
     failures: Mutex<HashMap<String, VecDeque<Instant>>>,
     resets: Mutex<HashMap<String, (Cid, Instant)>>,
+    /// Where several nodes keep them instead (`None`: in this memory).
+    shared: Option<crate::store::postgres::web::PgSessions>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,9 +93,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sessions {
+    /// Sessions kept in the branch's database, shared by every node.
+    pub fn shared(store: crate::store::postgres::web::PgSessions) -> Sessions {
+        Sessions {
+            shared: Some(store),
+            ..Sessions::default()
+        }
+    }
+
     /// The live session with this cookie value, touched; or a new anonymous
     /// one (the caller sets its cookie).
     pub fn visit(&self, token: Option<&str>) -> (Session, bool) {
+        if let Some(shared) = &self.shared {
+            return shared.visit(token);
+        }
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         if let Some(session) = token.and_then(|token| sessions.get_mut(token))
@@ -93,6 +132,12 @@ impl Sessions {
     /// Logs `cid` in: the visit gets a new token, a new CSRF token and the
     /// CID.
     pub fn log_in(&self, old_token: &str, cid: Cid) -> Session {
+        if let Some(shared) = &self.shared {
+            // Not kept: the visitor is not logged in (fail closed).
+            return shared
+                .log_in(old_token, cid)
+                .unwrap_or_else(|| Session::new(random_token(), random_token(), None));
+        }
         let now = Instant::now();
         let mut sessions = lock(&self.sessions);
         sessions.remove(old_token);
@@ -109,16 +154,28 @@ impl Sessions {
 
     /// Ends a session.
     pub fn log_out(&self, token: &str) {
+        if let Some(shared) = &self.shared {
+            return shared.log_out(token);
+        }
         lock(&self.sessions).remove(token);
     }
 
     /// Ends every session of `cid` (after a password reset).
     pub fn log_out_everywhere(&self, cid: Cid) {
+        if let Some(shared) = &self.shared {
+            return shared.log_out_everywhere(cid);
+        }
         lock(&self.sessions).retain(|_, session| session.cid != Some(cid));
     }
 
     /// Whether logins for these keys are refused for now.
     pub fn throttled(&self, account: &str, address: &str) -> bool {
+        if let Some(shared) = &self.shared {
+            return shared.over(&[
+                (&account_key(account), FAILURES_MAX),
+                (&address_key(address), ADDRESS_FAILURES_MAX),
+            ]);
+        }
         let now = Instant::now();
         let mut failures = lock(&self.failures);
         let mut recent = |key: &str| {
@@ -152,6 +209,9 @@ impl Sessions {
     /// Counts one more event under `key` unless `max` happened within the
     /// window already.
     fn within_allowance(&self, key: String, max: usize) -> bool {
+        if let Some(shared) = &self.shared {
+            return shared.count_within(&[(&key, max)]).is_some();
+        }
         let now = Instant::now();
         let mut failures = lock(&self.failures);
         make_throttle_room(&mut failures, now);
@@ -175,7 +235,16 @@ impl Sessions {
     /// (`None`, nothing counted) once either allowance is used. A success
     /// gives it back with [`Sessions::attempt_succeeded`]. This also bounds
     /// the hashing an address can queue to its allowance per window.
-    pub fn reserve_attempt(&self, account: &str, address: &str) -> Option<Instant> {
+    pub fn reserve_attempt(&self, account: &str, address: &str) -> Option<Attempt> {
+        if let Some(shared) = &self.shared {
+            // The address's event last: its id is the one given back.
+            return shared
+                .count_within(&[
+                    (&account_key(account), FAILURES_MAX),
+                    (&address_key(address), ADDRESS_FAILURES_MAX),
+                ])
+                .map(|event| Attempt(AttemptAt::Shared(Some(event))));
+        }
         let now = Instant::now();
         let mut failures = lock(&self.failures);
         make_throttle_room(&mut failures, now);
@@ -199,12 +268,21 @@ impl Sessions {
         for (key, _) in keys {
             failures.entry(key).or_default().push_back(now);
         }
-        Some(now)
+        Some(Attempt(AttemptAt::Memory(now)))
     }
 
     /// The attempt reserved at `at` logged in: the account's failures are
     /// forgotten, and the attempt no longer counts against the address.
-    pub fn attempt_succeeded(&self, account: &str, address: &str, at: Instant) {
+    pub fn attempt_succeeded(&self, account: &str, address: &str, attempt: Attempt) {
+        let at = match attempt.0 {
+            AttemptAt::Memory(at) => at,
+            AttemptAt::Shared(event) => {
+                if let Some(shared) = &self.shared {
+                    shared.forget(&account_key(account), event);
+                }
+                return;
+            }
+        };
         let mut failures = lock(&self.failures);
         failures.remove(&account_key(account));
         if let Some(times) = failures.get_mut(&address_key(address))
@@ -216,6 +294,9 @@ impl Sessions {
 
     /// Counts a failed login against the account and the address.
     pub fn failed(&self, account: &str, address: &str) {
+        if let Some(shared) = &self.shared {
+            return shared.record(&[&account_key(account), &address_key(address)]);
+        }
         let now = Instant::now();
         let mut failures = lock(&self.failures);
         make_throttle_room(&mut failures, now);
@@ -230,11 +311,18 @@ impl Sessions {
 
     /// Forgets an account's failures after a successful login.
     pub fn succeeded(&self, account: &str) {
+        if let Some(shared) = &self.shared {
+            return shared.forget(&account_key(account), None);
+        }
         lock(&self.failures).remove(&account_key(account));
     }
 
     /// A new one-time reset token for `cid`.
     pub fn new_reset(&self, cid: Cid) -> String {
+        if let Some(shared) = &self.shared {
+            // Not kept: the link mailed will not work (fail closed).
+            return shared.new_reset(cid).unwrap_or_else(random_token);
+        }
         let now = Instant::now();
         let mut resets = lock(&self.resets);
         resets.retain(|_, (_, made)| now.duration_since(*made) < RESET_VALID);
@@ -248,6 +336,9 @@ impl Sessions {
 
     /// The customer a live reset token is for, without using it up.
     pub fn reset_for(&self, token: &str) -> Option<Cid> {
+        if let Some(shared) = &self.shared {
+            return shared.reset_for(token);
+        }
         let resets = lock(&self.resets);
         resets
             .get(token)
@@ -258,6 +349,9 @@ impl Sessions {
     /// Uses up a reset token: the customer it was for, once. Every other
     /// link outstanding for that customer dies with it.
     pub fn take_reset(&self, token: &str) -> Option<Cid> {
+        if let Some(shared) = &self.shared {
+            return shared.take_reset(token);
+        }
         let mut resets = lock(&self.resets);
         let cid = resets
             .remove(token)
@@ -271,6 +365,9 @@ impl Sessions {
     /// link mailed before is of no more use to them, only to whoever may
     /// read their mail).
     pub fn void_resets(&self, cid: Cid) {
+        if let Some(shared) = &self.shared {
+            return shared.void_resets(cid);
+        }
         lock(&self.resets).retain(|_, (other, _)| *other != cid);
     }
 }

@@ -83,10 +83,11 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 2] = [
+static UPGRADE: [Migration; 3] = [
     MIGRATIONS[0],
+    MIGRATIONS[1],
     Migration {
-        version: 2,
+        version: 3,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
     },
@@ -103,16 +104,16 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
-    // A later backoffice with a second step upgrades it, keeping the data.
+    assert_eq!(store.schema_version().unwrap(), 2);
+    // A later backoffice with a third step upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
         store.migrate(&UPGRADE).unwrap(),
         Migrated {
-            applied: vec![2],
-            version: 2
+            applied: vec![3],
+            version: 3
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -123,13 +124,13 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 1: it refuses the database and
+    // This backoffice knows only version 2: it refuses the database and
     // changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 2") && message.contains("newer backoffice"),
+        message.contains("version 3") && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -142,6 +143,122 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
         "{message}"
     );
     assert!(!tables(&cluster, "other").contains(&"transfers".to_owned()));
+}
+
+#[test]
+fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    // What the previous backoffice (schema version 1) made and kept.
+    PgStore::open(&url)
+        .unwrap()
+        .migrate(&MIGRATIONS[..1])
+        .unwrap();
+    cluster
+        .psql(
+            "branch",
+            "INSERT INTO serials VALUES ('C', 2); \
+             INSERT INTO customers VALUES ('B1-C1', 'ada@example.org', \
+               '{\"cid\":\"B1-C1\",\"name\":\"Ada\",\"email\":\"ada@example.org\",\
+                 \"credit_limit\":\"0\",\"denied\":false}'); \
+             INSERT INTO transfers (id, debit, credit, amount, kind, posted_ms) \
+               VALUES (0, ':funding', 'B1-C1', 12.5, 'deposit', 1); \
+             INSERT INTO balances VALUES (':funding', -12.5), ('B1-C1', 12.5);",
+        )
+        .unwrap();
+    assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
+    // This one upgrades it as it starts.
+    let store = PgStore::connect(&url).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    for table in ["web_sessions", "web_events", "web_resets"] {
+        assert!(
+            tables(&cluster, "branch").contains(&table.to_owned()),
+            "{table}"
+        );
+    }
+    use backoffice::store::Store;
+    let ledger = store.load_ledger().unwrap();
+    assert_eq!(ledger.transfers().len(), 1);
+    let cid = proto::Cid::parse("B1-C1").unwrap();
+    assert_eq!(
+        ledger.balance(&backoffice::ledger::AccountId::Customer(cid)),
+        proto::Amount::parse("12.5").unwrap()
+    );
+    assert_eq!(store.customer(&cid).unwrap().unwrap().name, "Ada");
+    let (report, _) = store.verify();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn two_nodes_share_sessions_failed_logins_and_reset_links() {
+    use backoffice::web::session::{FAILURES_MAX, Sessions};
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let (store_a, store_b) = (
+        PgStore::connect(&url).unwrap(),
+        PgStore::connect(&url).unwrap(),
+    );
+    let (a, b) = (
+        Sessions::shared(store_a.web_sessions()),
+        Sessions::shared(store_b.web_sessions()),
+    );
+    // A visit on A is known on B, with its CSRF token; a login on B is
+    // seen on A; a logout on A ends it on B.
+    let (visit, new) = a.visit(None);
+    assert!(new);
+    let (seen, new) = b.visit(Some(&visit.token));
+    assert!(!new && seen.csrf == visit.csrf);
+    let cid = proto::Cid::parse("B1-C1").unwrap();
+    let logged_in = b.log_in(&visit.token, cid);
+    assert_ne!(logged_in.token, visit.token);
+    assert_eq!(a.visit(Some(&logged_in.token)).0.cid, Some(cid));
+    let (old, fresh) = a.visit(Some(&visit.token));
+    assert!(
+        fresh && old.cid.is_none(),
+        "the token from before the login is dead"
+    );
+    a.log_out(&logged_in.token);
+    assert!(b.visit(Some(&logged_in.token)).0.cid.is_none());
+    // Tokens are kept only as hashes.
+    let kept = cluster
+        .psql("branch", "SELECT token_hash FROM web_sessions")
+        .unwrap();
+    assert!(!kept.contains(&visit.token) && !kept.contains(&logged_in.token));
+    // Failed logins count across nodes: guesses spread over both are
+    // throttled as on one.
+    for n in 0..FAILURES_MAX {
+        let node = if n % 2 == 0 { &a } else { &b };
+        let attempt = node.reserve_attempt("B1-C2", &format!("10.0.0.{n}"));
+        assert!(attempt.is_some(), "attempt {n}");
+    }
+    assert!(a.reserve_attempt("B1-C2", "10.0.1.1").is_none());
+    assert!(b.throttled("b1-c2", "10.0.1.2"));
+    // A success gives its attempt back and clears the account.
+    let other = b.reserve_attempt("B1-C3", "10.0.2.1").unwrap();
+    a.attempt_succeeded("B1-C3", "10.0.2.1", other);
+    assert!(!a.throttled("B1-C3", "10.0.2.1"));
+    // Reset links: made on A, honoured once, on either node.
+    let token = a.new_reset(cid);
+    assert_eq!(b.reset_for(&token), Some(cid));
+    assert_eq!(b.take_reset(&token), Some(cid));
+    assert_eq!(a.take_reset(&token), None);
+    let voided = a.new_reset(cid);
+    b.void_resets(cid);
+    assert_eq!(a.reset_for(&voided), None);
+    // Guesses at once on both nodes cannot pass the limit together.
+    let results: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2 * FAILURES_MAX)
+            .map(|n| {
+                let node = if n % 2 == 0 { &a } else { &b };
+                scope.spawn(move || {
+                    node.reserve_attempt("B1-C9", &format!("10.0.3.{n}"))
+                        .is_some()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|ok| **ok).count(), FAILURES_MAX);
 }
 
 #[test]
