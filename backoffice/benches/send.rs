@@ -12,6 +12,9 @@
 //! `SEND_BENCH_METERS=N` sends from N meters (default 2);
 //! `SEND_BENCH_PAYERS=own` gives each meter payers of its own (as machines
 //! of different customers have) instead of every payer on every meter.
+//! With `BENCH_STORE=postgres://...`, `SEND_BENCH_NODES=N` opens N
+//! backoffices (nodes, each with its own connections) on the one database
+//! and sends meter m's batches to node m modulo N (in process).
 
 use std::time::{Duration, Instant};
 
@@ -99,6 +102,11 @@ fn main() {
         }
     }
     let backoffice = Backoffice::open(store, DEFAULT_PARAMS).unwrap();
+    let node_count: usize = std::env::var("SEND_BENCH_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let deposits = customers
         .iter()
         .map(|cid| NewTransfer {
@@ -109,6 +117,15 @@ fn main() {
         })
         .collect();
     backoffice.post(deposits).unwrap();
+    // The other nodes, opened once the setup is stored (they load it).
+    let other_nodes: Vec<Backoffice<AnyStore>> = (1..node_count)
+        .map(|node| {
+            let url = std::env::var("BENCH_STORE").expect("several nodes share a PostgreSQL store");
+            let dir = dir.path().join(format!("node-{node}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Backoffice::open(AnyStore::open(Some(&url), &dir).unwrap(), DEFAULT_PARAMS).unwrap()
+        })
+        .collect();
     // The real time: over HTTP the server checks signatures against its clock.
     let now_ms = backoffice::now_ms();
     let bodies = |meter: usize, mid: Mid| -> Vec<Vec<u8>> {
@@ -235,8 +252,12 @@ fn main() {
         });
         let handles: Vec<_> = work
             .iter()
-            .map(|(mid, bodies)| {
-                let backoffice = &service.backoffice;
+            .enumerate()
+            .map(|(meter, (mid, bodies))| {
+                let backoffice = match meter % node_count {
+                    0 => &service.backoffice,
+                    node => &other_nodes[node - 1],
+                };
                 scope.spawn(move || {
                     let mut connection = address.map(|address| {
                         std::net::TcpStream::connect(address).expect("connect to the backoffice")
@@ -282,7 +303,7 @@ fn main() {
         deposit_latencies[((deposit_latencies.len() - 1) as f64 * fraction).round() as usize]
     };
     println!(
-        "send{}: {} batches of {readings_per_batch} readings from {meter_count} meters ({} payers), {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms; {} deposits meanwhile: median {:.1} ms, p99 {:.1} ms",
+        "send{}: {} batches of {readings_per_batch} readings from {meter_count} meters ({} payers) to {node_count} node(s), {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms; {} deposits meanwhile: median {:.1} ms, p99 {:.1} ms",
         if http { " over HTTP" } else { "" },
         sorted.len(),
         if own_payers { "own" } else { "shared" },
@@ -298,6 +319,13 @@ fn main() {
         server.join().unwrap();
     }
     service.backoffice.ledger().verify();
+    for node in &other_nodes {
+        assert_eq!(
+            node.ledger().transfers().len(),
+            service.backoffice.ledger().transfers().len(),
+            "every node sees one ledger"
+        );
+    }
     assert_eq!(
         service.backoffice.store().suspense_count().unwrap(),
         0,
