@@ -72,6 +72,10 @@ const WRITERS_LOCK: i64 = 0x6261_636b_7772_6974;
 pub const LEDGER_LOCK_WAIT: Duration = Duration::from_secs(30);
 /// How long connecting, and waiting for a free connection, may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one statement may run (`statement_timeout`), unless the
+/// connection string sets its own `options`; migrations and `migrate-store`
+/// lift it for their own transaction.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections per node.
 pub const POOL_SIZE: usize = 16;
 
@@ -183,6 +187,15 @@ impl PgStore {
             .keepalives_retries(3);
         if config.get_application_name().is_none() {
             config.application_name("backoffice");
+        }
+        // No call waits forever on the database (a lock held by a stuck
+        // session, a runaway query): it fails, and the meter retries.
+        // Settings given in the URL's `options` win.
+        if config.get_options().is_none() {
+            config.options(&format!(
+                "-c statement_timeout={}",
+                STATEMENT_TIMEOUT.as_millis()
+            ));
         }
         let shown = shown(&config);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -435,6 +448,10 @@ async fn migrate(
     migrations: &[Migration],
 ) -> Result<Migrated, Failure> {
     let transaction = client.transaction().await?;
+    // A migration of a large branch may take longer than any one call.
+    transaction
+        .batch_execute("SET LOCAL statement_timeout = 0")
+        .await?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -530,4 +547,35 @@ mod tests {
     }
 
     conformance_tests!(PgHarness::new());
+
+    #[test]
+    fn every_statement_has_a_time_limit_unless_the_url_sets_its_own() {
+        let harness = PgHarness::new();
+        let setting = |store: &PgStore| {
+            store.block(async {
+                let client = store.client().await.unwrap();
+                client
+                    .query_one("SHOW statement_timeout", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0)
+            })
+        };
+        assert_eq!(setting(&harness.open()), "1min");
+        let own = format!("{}?options=-c%20statement_timeout%3D5s", harness.url);
+        assert_eq!(setting(&PgStore::connect(&own).unwrap()), "5s");
+        // What a stuck statement gets: an error, not a wait without end.
+        let quick = format!("{}?options=-c%20statement_timeout%3D200ms", harness.url);
+        let store = PgStore::connect(&quick).unwrap();
+        let failed = store.block(async {
+            let client = store.client().await.unwrap();
+            client.query_one("SELECT pg_sleep(5)", &[]).await
+        });
+        let error = failed.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "a sleep past the limit is cancelled: {error:?}"
+        );
+    }
 }

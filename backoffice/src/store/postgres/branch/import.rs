@@ -57,6 +57,10 @@ impl PgStore {
         self.block(async move {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
+            // A whole branch may take longer than any one call.
+            transaction
+                .batch_execute("SET LOCAL statement_timeout = 0")
+                .await?;
             // No node writes meanwhile (they take this lock for every write),
             // and the database must hold no branch yet.
             transaction
