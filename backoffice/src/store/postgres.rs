@@ -192,7 +192,7 @@ impl PgStore {
         // session, a runaway query): it fails, and the meter retries.
         // Settings given in the URL's `options` win.
         if config.get_options().is_none() {
-            config.options(&format!(
+            config.options(format!(
                 "-c statement_timeout={}",
                 STATEMENT_TIMEOUT.as_millis()
             ));
