@@ -1954,6 +1954,14 @@ fn a_branch_moved_into_postgresql_keeps_every_record_and_applies_a_retried_batch
             .map(|c| c.cid),
         Some(consumer)
     );
+    // Numbering goes on where sled left it: no ID is issued twice.
+    let bid = Bid::parse("B1").unwrap();
+    let next = pg.create_customer(&bid, "Dee", "dee@example.org").unwrap();
+    assert_eq!(next.cid.as_str(), "B1-C4");
+    let grant = pg.create_grant(grant_of(mid, next.cid)).unwrap();
+    assert_eq!(grant.id, grants.iter().map(|g| g.id).max().unwrap() + 1);
+    let meter = pg.create_meter(&bid, &next.cid).unwrap();
+    assert_eq!(meter.mid.as_str(), "B1-M2");
     // Nothing moves into a database that holds a branch: refused whole.
     let again = moving::sled_to_postgres(&sled, &pg, &mut |_, _| {}).unwrap_err();
     assert!(
