@@ -1154,6 +1154,16 @@ fn backup(cli: &Cli, dest: &std::path::Path, data_dir: Option<&std::path::Path>)
             _ => String::new(),
         };
         let number = |name: &str| text(name).parse::<u64>().unwrap_or(0);
+        // The status of the last backup started: another caller's, if one
+        // started since.
+        if text("dest") != dest.display().to_string() {
+            eprintln!(
+                "backoffice: another backup (into {}) was started meanwhile; see its status \
+                 with store.backupStatus",
+                text("dest")
+            );
+            return ExitCode::from(69);
+        }
         match text("state").as_str() {
             "running" => {
                 if shown.elapsed() >= std::time::Duration::from_secs(2) {
@@ -1218,7 +1228,11 @@ fn restore(backup: &std::path::Path, data_dir: &std::path::Path, unverified: boo
 fn migrate_store(dir: &std::path::Path, url: &str) -> ExitCode {
     use backoffice::store::{PgStore, SledStore, StoreError, moving};
     let failed = |error: StoreError| {
-        eprintln!("backoffice: nothing was moved: {error}");
+        if error.to_string().contains(moving::DIFFERS) {
+            eprintln!("backoffice: {error}");
+        } else {
+            eprintln!("backoffice: nothing was moved: {error}");
+        }
         match error {
             StoreError::Corrupt(_) | StoreError::WrongStore(_) | StoreError::Schema(_) => {
                 ExitCode::from(65)
@@ -1275,9 +1289,10 @@ fn migrate_store(dir: &std::path::Path, url: &str) -> ExitCode {
     let store = dir.join("store");
     let aside = dir.join("store.moved-to-postgres");
     let marker = dir.join(backoffice::store::STORE_MARKER);
-    let retired = std::fs::rename(&store, &aside).and_then(|()| {
-        durable::write_private(&marker, format!("postgres {}\n", to.shown()).as_bytes())
-    });
+    // The marker first: from then on `serve` without --store refuses this
+    // folder, whether or not the rename below happens.
+    let retired = durable::write_private(&marker, format!("postgres {}\n", to.shown()).as_bytes())
+        .and_then(|()| std::fs::rename(&store, &aside));
     match retired {
         Ok(()) => {
             println!(

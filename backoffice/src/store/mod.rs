@@ -666,6 +666,15 @@ impl AnyStore {
                         at.trim()
                     ));
                 }
+                if data_dir.join("store.moved-to-postgres").exists()
+                    && !data_dir.join("store").exists()
+                {
+                    return wrong(format!(
+                        "the branch of {} was moved to PostgreSQL (`migrate-store`): start \
+                         with --store (or BACKOFFICE_STORE) naming its database",
+                        data_dir.display()
+                    ));
+                }
                 Ok(AnyStore::Sled(Box::new(SledStore::open(
                     &data_dir.join("store"),
                 )?)))

@@ -21,6 +21,10 @@ use crate::ledger::Transfer;
 use crate::pricing::TacaHash;
 use crate::registry::{Customer, Grant, Meter, Product};
 
+/// How a comparison after the commit that found a difference begins: the
+/// database then holds the branch, unlike any other failure of the move.
+pub const DIFFERS: &str = "the moved branch differs from sled";
+
 /// Chunks read ahead of the database.
 const CHUNKS_AHEAD: usize = 4;
 
@@ -158,7 +162,7 @@ pub fn sled_to_postgres(
         )));
     }
     let read = std::thread::scope(|scope| {
-        let (sender, receiver) = sync_channel::<Result<Chunk, StoreError>>(CHUNKS_AHEAD);
+        let (sender, receiver) = sync_channel::<Result<Option<Chunk>, StoreError>>(CHUNKS_AHEAD);
         let reader = scope.spawn(move || {
             let mut read: BTreeMap<&'static str, u64> = BTreeMap::new();
             let exported = from.export(&mut |chunk| {
@@ -166,11 +170,12 @@ pub fn sled_to_postgres(
                     *read.entry(table).or_default() += rows;
                 }
                 sender
-                    .send(Ok(chunk))
+                    .send(Ok(Some(chunk)))
                     .map_err(|_| StoreError::Unavailable("the database's side stopped".into()))
             });
             match exported {
-                Ok(()) => Some(read),
+                // Only this lets the import commit.
+                Ok(()) => sender.send(Ok(None)).ok().map(|()| read),
                 Err(error) => {
                     // The import then rolls back instead of committing.
                     let _ = sender.send(Err(error));
@@ -197,7 +202,8 @@ fn compare(
 ) -> Result<Moved, StoreError> {
     let differs = |what: String| {
         Err(StoreError::Corrupt(format!(
-            "after the move, {what}: the database must not be used (drop it and move again)"
+            "{DIFFERS}: {what}; the database was written but must not be used (drop it, \
+             create it again empty and move again)"
         )))
     };
     let tables = to.table_counts()?;

@@ -92,11 +92,11 @@ pub struct Migrated {
 pub struct PgStore {
     pool: deadpool_postgres::Pool,
     /// The connection that takes the ledger lock (`hold_ledger`), out of
-    /// the pool, with its server process.
-    ledger_lock: std::sync::Mutex<Option<(deadpool_postgres::ClientWrapper, i32)>>,
-    /// That server process while this node holds the ledger lock: every
-    /// money write checks that it still does.
-    holding: std::sync::Mutex<Option<i32>>,
+    /// the pool, with its session (`Session`).
+    ledger_lock: std::sync::Mutex<Option<(deadpool_postgres::ClientWrapper, Session)>>,
+    /// That session while this node holds the ledger lock: every money
+    /// write checks that it still does.
+    holding: std::sync::Mutex<Option<Session>>,
     runtime: Option<tokio::runtime::Runtime>,
     /// Where it is, without any password: for messages.
     shown: String,
@@ -106,6 +106,15 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").field("at", &self.shown).finish()
     }
+}
+
+/// A database session: its server process and when that started (µs since
+/// the Unix epoch). A process number alone may be reused after the
+/// database restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Session {
+    pid: i32,
+    started_us: i64,
 }
 
 /// Runs `work` on the runtime of `handle` from any thread, inside an async
@@ -277,19 +286,26 @@ impl PgStore {
             )));
         }
         let taken = lock_std(&self.ledger_lock).take();
-        let (client, pid) = self.block(async {
-            let (client, pid) = match taken {
-                Some((client, pid)) if !client.is_closed() => (client, pid),
+        let (client, session) = self.block(async {
+            let (client, session) = match taken {
+                Some((client, session)) if !client.is_closed() => (client, session),
                 _ => {
                     let object = self.client().await?;
                     // Out of the pool: the lock lives as long as this
                     // connection, never lent to another call.
                     let client = deadpool_postgres::Object::take(object);
-                    let pid: i32 = client
-                        .query_one("SELECT pg_backend_pid()", &[])
+                    let row = client
+                        .query_one(
+                            "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::bigint \
+                             FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                            &[],
+                        )
                         .await
-                        .map_err(|error| database(&error, &self.shown))?
-                        .get(0);
+                        .map_err(|error| database(&error, &self.shown))?;
+                    let session = Session {
+                        pid: row.get(0),
+                        started_us: row.get(1),
+                    };
                     client
                         .batch_execute(&format!(
                             "SET lock_timeout = {}",
@@ -297,7 +313,7 @@ impl PgStore {
                         ))
                         .await
                         .map_err(|error| database(&error, &self.shown))?;
-                    (client, pid)
+                    (client, session)
                 }
             };
             client
@@ -313,10 +329,10 @@ impl PgStore {
                         self.shown
                     ))
                 })?;
-            Ok::<_, StoreError>((client, pid))
+            Ok::<_, StoreError>((client, session))
         })?;
-        *lock_std(&self.holding) = Some(pid);
-        *lock_std(&self.ledger_lock) = Some((client, pid));
+        *lock_std(&self.holding) = Some(session);
+        *lock_std(&self.ledger_lock) = Some((client, session));
         Ok(())
     }
 
@@ -325,7 +341,7 @@ impl PgStore {
     /// the lock.
     pub fn release_ledger(&self) {
         *lock_std(&self.holding) = None;
-        let Some((client, pid)) = lock_std(&self.ledger_lock).take() else {
+        let Some((client, session)) = lock_std(&self.ledger_lock).take() else {
             return;
         };
         let released = self.block(async {
@@ -335,7 +351,7 @@ impl PgStore {
                 .map(|()| client)
         });
         if let Ok(client) = released {
-            *lock_std(&self.ledger_lock) = Some((client, pid));
+            *lock_std(&self.ledger_lock) = Some((client, session));
         }
     }
 
@@ -348,7 +364,7 @@ impl PgStore {
         &self,
         transaction: &deadpool_postgres::Transaction<'_>,
     ) -> Result<(), StoreError> {
-        let Some(pid) = *lock_std(&self.holding) else {
+        let Some(session) = *lock_std(&self.holding) else {
             return Ok(());
         };
         // The shared writers' lock first (held to the commit), then the
@@ -356,11 +372,17 @@ impl PgStore {
         // this write sees the lock is no longer ours.
         let held: bool = transaction
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                 AND pid = $1 AND objsubid = 1 \
-                 AND ((classid::bigint << 32) | objid::bigint) = $2) \
+                "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.pid = $1 AND l.objsubid = 1 \
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) = $2 \
+                 AND (extract(epoch FROM a.backend_start) * 1000000)::bigint = $4) \
                  FROM (SELECT pg_advisory_xact_lock_shared($3)) AS writer",
-                &[&pid, &LEDGER_LOCK, &WRITERS_LOCK],
+                &[
+                    &session.pid,
+                    &LEDGER_LOCK,
+                    &WRITERS_LOCK,
+                    &session.started_us,
+                ],
             )
             .await
             .map_err(|error| database(&error, &self.shown))?
@@ -547,6 +569,40 @@ mod tests {
     }
 
     conformance_tests!(PgHarness::new());
+
+    #[test]
+    fn a_write_checks_the_session_that_holds_the_ledger_lock_not_only_its_process_number() {
+        use crate::ledger::{AccountId, SystemAccount, Transfer, TransferId, TransferKind};
+        use crate::store::Store;
+        let harness = PgHarness::new();
+        let (holder, other) = (harness.open(), harness.open());
+        let hold = holder.hold_ledger().unwrap();
+        let session = lock_std(&holder.holding).unwrap();
+        let transfer = Transfer {
+            id: TransferId(0),
+            debit: AccountId::System(SystemAccount::Funding),
+            credit: AccountId::Customer(proto::Cid::parse("B1-C1").unwrap()),
+            amount: proto::Amount::from_nanos(1),
+            kind: TransferKind::Deposit,
+            posted_ms: 1,
+        };
+        // The same process number from another session (as after a
+        // restart of the database reused it): refused.
+        *lock_std(&other.holding) = Some(Session {
+            pid: session.pid,
+            started_us: session.started_us + 1,
+        });
+        let refused = other.stage_transfers(std::slice::from_ref(&transfer));
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        // The very session: the check passes.
+        *lock_std(&other.holding) = Some(session);
+        other.stage_transfers(&[transfer]).unwrap();
+        *lock_std(&other.holding) = None;
+        drop(hold);
+    }
 
     #[test]
     fn every_statement_has_a_time_limit_unless_the_url_sets_its_own() {

@@ -367,6 +367,17 @@ fn a_branch_moved_into_postgresql_serves_the_same_balances_and_its_folder_never_
         .unwrap();
     assert_eq!(alone.status.code(), Some(69), "{alone:?}");
     assert!(String::from_utf8_lossy(&alone.stderr).contains("kept in PostgreSQL"));
+    // Even with its marker lost, the folder whose store was set aside does
+    // not start an empty branch.
+    std::fs::remove_file(data.join("store-location")).unwrap();
+    let alone = backoffice()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(alone.status.code(), Some(69), "{alone:?}");
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("was moved to PostgreSQL"));
+    assert!(!data.join("store").exists());
     // Moving again into the same database is refused: it holds the branch.
     let other = dir.path().join("other");
     let (server, _) = serve(&other);

@@ -2031,13 +2031,25 @@ fn a_damaged_branch_is_not_moved_and_the_database_stays_empty() {
     // everything written before it.
     let (sender, receiver) = std::sync::mpsc::sync_channel(4);
     sender
-        .send(Ok(moving::Chunk::Serials(vec![("C".into(), 5)])))
+        .send(Ok(Some(moving::Chunk::Serials(vec![("C".into(), 5)]))))
         .unwrap();
     sender
         .send(Err(backoffice::store::StoreError::Corrupt("cut".into())))
         .unwrap();
     drop(sender);
     assert!(pg.import(receiver, &mut |_, _| {}).is_err());
+    assert!(pg.table_counts().unwrap().iter().all(|(_, n)| *n == 0));
+    // Nor does a reader that stops without saying it is done (a panic).
+    let (sender, receiver) = std::sync::mpsc::sync_channel(4);
+    sender
+        .send(Ok(Some(moving::Chunk::Serials(vec![("C".into(), 5)]))))
+        .unwrap();
+    drop(sender);
+    let stopped = pg.import(receiver, &mut |_, _| {}).unwrap_err();
+    assert!(
+        stopped.to_string().contains("stopped before it ended"),
+        "{stopped}"
+    );
     assert!(pg.table_counts().unwrap().iter().all(|(_, n)| *n == 0));
 }
 

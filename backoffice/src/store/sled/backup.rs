@@ -25,6 +25,9 @@ use super::{SledStore, Store, StoreError};
 pub const BACKUP_STORE: &str = "store";
 /// The description beside it.
 pub const BACKUP_INFO: &str = "backup-info";
+/// The file that marks a partial backup or restore as one this code made,
+/// so that only such a folder is ever removed.
+const PARTIAL_MARK: &str = ".backoffice-partial";
 /// Records written to the copy per sled batch.
 const COPY_BATCH: usize = 10_000;
 
@@ -145,6 +148,36 @@ fn sync_parent(path: &Path) -> Result<(), StoreError> {
         .map_err(|error| io("cannot sync the folder", parent, error))
 }
 
+/// Renames `from` to `to` unless `to` exists (even as an empty folder).
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), StoreError> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|error| io("cannot rename to", to, std::io::Error::from(error)))
+}
+
+/// Makes `partial`, marked as ours, removing a marked one an interrupted
+/// backup or restore left; refuses one without the mark.
+fn make_partial(partial: &Path) -> Result<(), StoreError> {
+    if partial.exists() {
+        if !partial.join(PARTIAL_MARK).exists() {
+            return Err(StoreError::WrongStore(format!(
+                "{} exists and was not left by a backup or restore: remove or rename it",
+                partial.display()
+            )));
+        }
+        std::fs::remove_dir_all(partial)
+            .map_err(|error| io("cannot remove the partial copy", partial, error))?;
+    }
+    std::fs::create_dir(partial).map_err(|error| io("cannot make", partial, error))?;
+    std::fs::write(partial.join(PARTIAL_MARK), b"")
+        .map_err(|error| io("cannot mark", partial, error))
+}
+
 /// Checks that `dest` can take a new backup: it does not exist, its parent
 /// does; removes a partial one an interrupted backup left.
 fn prepare(dest: &Path) -> Result<PathBuf, StoreError> {
@@ -161,13 +194,7 @@ fn prepare(dest: &Path) -> Result<PathBuf, StoreError> {
         )));
     }
     let partial = partial_of(dest);
-    match std::fs::remove_dir_all(&partial) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("cannot remove the partial backup", &partial, error));
-        }
-        _ => {}
-    }
-    std::fs::create_dir(&partial).map_err(|error| io("cannot make", &partial, error))?;
+    make_partial(&partial)?;
     Ok(partial)
 }
 
@@ -177,7 +204,19 @@ impl SledStore {
     /// of writes cannot starve a backup; hence never taken twice by one
     /// thread (a write that calls another takes it in one of them only).
     pub(super) fn writing(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.gate.read()
+        if let Some(guard) = self.gate.try_read() {
+            return guard;
+        }
+        // A backup holds the gate. A write from an async handler (the web
+        // pages write to the store on their worker) must not stall that
+        // worker's other tasks (health checks, uploads, the backup's own
+        // status) for the length of the copy: tokio moves them elsewhere.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.gate.read())
+            }
+            _ => self.gate.read(),
+        }
     }
 
     /// Starts a backup into `dest` (a new folder) on a thread of its own,
@@ -299,11 +338,12 @@ fn backup_into(
     let info_path = partial.join(BACKUP_INFO);
     durable::write_private(&info_path, info.as_bytes())
         .map_err(|error| io("cannot write", &info_path, error))?;
+    std::fs::remove_file(partial.join(PARTIAL_MARK))
+        .map_err(|error| io("cannot unmark", partial, error))?;
     std::fs::File::open(partial)
         .and_then(|folder| folder.sync_all())
         .map_err(|error| io("cannot sync", partial, error))?;
-    std::fs::rename(partial, &job.dest)
-        .map_err(|error| io("cannot rename the backup to", &job.dest, error))?;
+    rename_no_replace(partial, &job.dest)?;
     sync_parent(&job.dest)?;
     Ok(copied)
 }
@@ -385,21 +425,29 @@ pub fn restore(backup: &Path, store_dir: &Path, unverified: bool) -> Result<Copi
             store_dir.display()
         )));
     }
+    // Neither inside the other: a copy into its own source never ends,
+    // and the backup is never changed.
+    if let (Ok(from), Ok(into)) = (backup.canonicalize(), std::path::absolute(store_dir))
+        && (into.starts_with(&from) || from.starts_with(&into))
+    {
+        return Err(StoreError::WrongStore(format!(
+            "{} and {} are one inside the other: restore into a data folder elsewhere",
+            backup.display(),
+            store_dir.display()
+        )));
+    }
     if let Some(parent) = store_dir.parent() {
         durable::private_dir(parent)
             .map_err(|error| io("cannot make the folder", parent, error))?;
     }
+    // The copy is made inside a marked folder, then renamed out of it.
     let partial = partial_of(store_dir);
-    match std::fs::remove_dir_all(&partial) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("cannot remove the partial restore", &partial, error));
-        }
-        _ => {}
-    }
-    let bytes = durable::copy_folder(&source, &partial)
-        .map_err(|error| io("cannot copy the backup into", &partial, error))?;
+    make_partial(&partial)?;
+    let copy = partial.join(BACKUP_STORE);
+    let bytes = durable::copy_folder(&source, &copy)
+        .map_err(|error| io("cannot copy the backup into", &copy, error))?;
     let checked = (|| {
-        let store = SledStore::open(&partial)?;
+        let store = SledStore::open(&copy)?;
         let records = store
             .files
             .db()
@@ -437,9 +485,9 @@ pub fn restore(backup: &Path, store_dir: &Path, unverified: bool) -> Result<Copi
             return Err(error);
         }
     };
-    std::fs::rename(&partial, store_dir)
-        .map_err(|error| io("cannot rename the restored store to", store_dir, error))?;
+    rename_no_replace(&copy, store_dir)?;
     sync_parent(store_dir)?;
+    let _ = std::fs::remove_dir_all(&partial);
     Ok(copied)
 }
 
@@ -535,6 +583,35 @@ mod tests {
     }
 
     #[test]
+    fn a_write_waiting_for_a_backup_does_not_stall_its_async_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // A backup holds the gate.
+        let copying = store.gate.write();
+        let writer = {
+            let store = Arc::clone(&store);
+            runtime.spawn(async move { store.stage_transfers(&[deposit(0)]) })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // The only worker's other tasks still run meanwhile.
+        let (sender, answered) = std::sync::mpsc::channel();
+        runtime.spawn(async move { sender.send(42).unwrap() });
+        assert_eq!(
+            answered.recv_timeout(std::time::Duration::from_secs(5)),
+            Ok(42),
+            "another task of the worker ran"
+        );
+        assert!(!writer.is_finished(), "the write waits for the backup");
+        drop(copying);
+        runtime.block_on(writer).unwrap().unwrap();
+    }
+
+    #[test]
     fn a_backup_never_replaces_anything_and_a_restore_never_replaces_a_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(&dir.path().join("store")).unwrap();
@@ -548,8 +625,12 @@ mod tests {
         let refused = store.start_backup(&dest).unwrap_err().to_string();
         assert!(refused.contains("already exists"), "{refused}");
         std::fs::remove_dir(&dest).unwrap();
-        // A partial one left by a kill is removed, never taken as a backup.
+        // A folder of that name not made by a backup is never removed.
         std::fs::create_dir(partial_of(&dest)).unwrap();
+        let refused = store.start_backup(&dest).unwrap_err().to_string();
+        assert!(refused.contains("not left by a backup"), "{refused}");
+        // A partial one left by a kill is removed, never taken as a backup.
+        std::fs::write(partial_of(&dest).join(PARTIAL_MARK), b"").unwrap();
         std::fs::write(partial_of(&dest).join("junk"), b"x").unwrap();
         let refused = restore(&partial_of(&dest), &dir.path().join("r1/store"), true).unwrap_err();
         assert!(
@@ -571,6 +652,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(refused.to_string().contains("not a backup"), "{refused}");
+        // Into a folder inside the backup: refused, the backup unchanged.
+        let refused = restore(&dest, &dest.join("inside/store"), true).unwrap_err();
+        assert!(
+            refused.to_string().contains("one inside the other"),
+            "{refused}"
+        );
+        assert!(!dest.join("inside").exists());
         // Into a folder that has a store: refused, the store untouched.
         let refused = restore(&dest, &dir.path().join("store"), true).unwrap_err();
         assert!(refused.to_string().contains("already exists"), "{refused}");

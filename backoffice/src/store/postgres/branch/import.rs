@@ -46,12 +46,13 @@ impl PgStore {
     }
 
     /// Writes every chunk `chunks` brings, in one transaction committed
-    /// when the sender is done (`Ok` from `done`); refuses a database that
-    /// holds any branch's records. `progress` hears each chunk's table and
+    /// only when the sender says it is done (`Ok(None)`); an error it sends,
+    /// or a sender gone without saying so (a panic), rolls everything back.
+    /// Refuses a database that holds any record in the tables it fills. `progress` hears each chunk's table and
     /// its rows.
     pub fn import(
         &self,
-        chunks: Receiver<Result<Chunk, StoreError>>,
+        chunks: Receiver<Result<Option<Chunk>, StoreError>>,
         progress: &mut (dyn FnMut(&'static str, u64) + Send),
     ) -> Result<(), StoreError> {
         self.block(async move {
@@ -61,21 +62,21 @@ impl PgStore {
             transaction
                 .batch_execute("SET LOCAL statement_timeout = 0")
                 .await?;
-            // No node writes meanwhile (they take this lock for every write),
-            // and the database must hold no branch yet.
+            // Nodes serving the database meanwhile wait for the tables
+            // their batches and registrations write, and catch up after.
             transaction
                 .execute(
                     "LOCK TABLE serials, customers, transfers, batches IN EXCLUSIVE MODE",
                     &[],
                 )
                 .await?;
+            let counts: Vec<String> = TABLES
+                .iter()
+                .chain(&["balances"])
+                .map(|table| format!("(SELECT count(*) FROM {table})"))
+                .collect();
             let held: i64 = transaction
-                .query_one(
-                    "SELECT (SELECT count(*) FROM serials) + (SELECT count(*) FROM customers) \
-                     + (SELECT count(*) FROM transfers) + (SELECT count(*) FROM batches) \
-                     + (SELECT count(*) FROM deposits)",
-                    &[],
-                )
+                .query_one(&format!("SELECT {}", counts.join(" + ")), &[])
                 .await?
                 .get(0);
             if held != 0 {
@@ -87,8 +88,17 @@ impl PgStore {
             }
             // Blocking for the next chunk: nothing of this connection is
             // under way meanwhile.
-            while let Ok(chunk) = chunks.recv() {
-                let chunk = chunk?;
+            loop {
+                let chunk = match chunks.recv() {
+                    Ok(Ok(Some(chunk))) => chunk,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => {
+                        return Err(StoreError::Corrupt(
+                            "reading the sled store stopped before it ended".into(),
+                        ));
+                    }
+                };
                 let rows = chunk.rows();
                 write(&transaction, chunk).await?;
                 for (table, count) in rows {
