@@ -10,7 +10,7 @@
 
 use proto::Cid;
 
-use super::{PgStore, StoreError, block_on, database};
+use super::{PgStore, StoreError, block_on};
 use crate::web::password::random_token;
 use crate::web::session::{FAILURE_WINDOW, IDLE_MAX, RESET_VALID, Session};
 
@@ -54,12 +54,7 @@ impl PgStore {
 }
 
 fn hash(token: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    digest
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    proto::record::hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 fn now_ms() -> i64 {
@@ -133,27 +128,13 @@ impl PgSessions {
 
     async fn sweep(&self, client: &deadpool_postgres::Object, now: i64) -> Result<(), StoreError> {
         if self.sweep_now() {
-            client
-                .execute(
-                    "DELETE FROM web_sessions WHERE last_seen_ms < $1",
-                    &[&(now - ms(IDLE_MAX))],
-                )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
-            client
-                .execute(
-                    "DELETE FROM web_events WHERE at_ms < $1",
-                    &[&(now - ms(FAILURE_WINDOW))],
-                )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
-            client
-                .execute(
-                    "DELETE FROM web_resets WHERE made_ms < $1",
-                    &[&(now - ms(RESET_VALID))],
-                )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+            for (past, kept) in [
+                ("DELETE FROM web_sessions WHERE last_seen_ms < $1", IDLE_MAX),
+                ("DELETE FROM web_events WHERE at_ms < $1", FAILURE_WINDOW),
+                ("DELETE FROM web_resets WHERE made_ms < $1", RESET_VALID),
+            ] {
+                client.execute(past, &[&(now - ms(kept))]).await?;
+            }
         }
         Ok(())
     }
@@ -175,8 +156,7 @@ impl PgSessions {
                     &now,
                 ],
             )
-            .await
-            .map_err(|error| database(&error, &self.shown))?;
+            .await?;
         self.sweep(client, now).await?;
         Ok(session)
     }
@@ -193,8 +173,7 @@ impl PgSessions {
                          WHERE token_hash = $1 AND last_seen_ms > $3 RETURNING csrf, cid",
                         &[&hash(token), &now, &(now - ms(IDLE_MAX))],
                     )
-                    .await
-                    .map_err(|error| database(&error, &self.shown))?;
+                    .await?;
                 if let Some(row) = row {
                     let cid = row
                         .get::<_, Option<&str>>(1)
@@ -206,8 +185,7 @@ impl PgSessions {
                         "DELETE FROM web_sessions WHERE token_hash = $1",
                         &[&hash(token)],
                     )
-                    .await
-                    .map_err(|error| database(&error, &self.shown))?;
+                    .await?;
             }
             Ok((self.insert_session(&client, None, now).await?, true))
         });
@@ -225,8 +203,7 @@ impl PgSessions {
                     "DELETE FROM web_sessions WHERE token_hash = $1",
                     &[&hash(old_token)],
                 )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             self.insert_session(&client, Some(cid), now).await
         })
     }
@@ -240,8 +217,7 @@ impl PgSessions {
                     "DELETE FROM web_sessions WHERE token_hash = $1",
                     &[&hash(token)],
                 )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             Ok(())
         });
     }
@@ -252,8 +228,7 @@ impl PgSessions {
             let client = self.client().await?;
             client
                 .execute("DELETE FROM web_sessions WHERE cid = $1", &[&cid.as_str()])
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             Ok(())
         });
     }
@@ -318,8 +293,7 @@ impl PgSessions {
                         "INSERT INTO web_events (key, at_ms) VALUES ($1, $2)",
                         &[key, &now],
                     )
-                    .await
-                    .map_err(|error| database(&error, &self.shown))?;
+                    .await?;
             }
             self.sweep(&client, now).await
         });
@@ -334,8 +308,7 @@ impl PgSessions {
                     "DELETE FROM web_events WHERE key = $1 OR id = $2",
                     &[&key, &event.unwrap_or(-1)],
                 )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             Ok(())
         });
     }
@@ -351,8 +324,7 @@ impl PgSessions {
                     "INSERT INTO web_resets (token_hash, cid, made_ms) VALUES ($1, $2, $3)",
                     &[&hash(&token), &cid.as_str(), &now],
                 )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             self.sweep(&client, now).await?;
             Ok(token)
         })
@@ -368,8 +340,7 @@ impl PgSessions {
                     "SELECT cid FROM web_resets WHERE token_hash = $1 AND made_ms > $2",
                     &[&hash(token), &(now - ms(RESET_VALID))],
                 )
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             Ok(row.and_then(|row| Cid::parse(row.get::<_, &str>(0)).ok()))
         })
         .flatten()
@@ -411,8 +382,7 @@ impl PgSessions {
             let client = self.client().await?;
             client
                 .execute("DELETE FROM web_resets WHERE cid = $1", &[&cid.as_str()])
-                .await
-                .map_err(|error| database(&error, &self.shown))?;
+                .await?;
             Ok(())
         });
     }

@@ -625,6 +625,11 @@ mod tests {
         let refused = store.start_backup(&dest).unwrap_err().to_string();
         assert!(refused.contains("already exists"), "{refused}");
         std::fs::remove_dir(&dest).unwrap();
+        // Into a folder that cannot be made: refused at once, nothing made.
+        let nowhere = dir.path().join("missing/backup");
+        let refused = store.start_backup(&nowhere).unwrap_err().to_string();
+        assert!(refused.contains("cannot make"), "{refused}");
+        assert!(!dir.path().join("missing").exists());
         // A folder of that name not made by a backup is never removed.
         std::fs::create_dir(partial_of(&dest)).unwrap();
         let refused = store.start_backup(&dest).unwrap_err().to_string();
