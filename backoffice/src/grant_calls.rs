@@ -76,13 +76,22 @@ pub fn answer(
         MeterMethod::Request => request(service, GrantRequest::from_call(&call)?, now_ms),
         MeterMethod::Poll => {
             let (polled, device_code) = grant::poll_from_call(&call)?;
-            Ok(service
+            service
                 .backoffice
                 .device_codes()
                 .poll(&polled, &device_code, now_ms)
-                .to_value())
+                .map(|status| status.to_value())
+                .map_err(code_fault)
         }
         MeterMethod::Password => by_password(service, PasswordGrant::from_call(&call)?, now_ms),
+    }
+}
+
+fn code_fault(error: CodeError) -> Fault {
+    match error {
+        CodeError::TooMany => Fault::new(FaultCode::TooManyAttempts, error.to_string()),
+        CodeError::Unknown => refused(error.to_string()),
+        CodeError::Unavailable(_) => Fault::new(FaultCode::InternalError, error.to_string()),
     }
 }
 
@@ -114,10 +123,7 @@ fn request(service: &Service, request: GrantRequest, now_ms: u64) -> Result<Valu
         .backoffice
         .device_codes()
         .issue(request, owner, now_ms)
-        .map_err(|error| match error {
-            CodeError::TooMany => Fault::new(FaultCode::TooManyAttempts, error.to_string()),
-            CodeError::Unknown => refused(error.to_string()),
-        })?;
+        .map_err(code_fault)?;
     tracing::info!(%mid, %cid, "grant code issued");
     let public_url = service.web.config().public_url.trim_end_matches('/');
     Ok(DeviceCode {

@@ -1,9 +1,12 @@
 //! Device codes for grants, after RFC 8628: a meter asks for a code in a
 //! signed call, the customer enters the short user code on the web pages
 //! while logged in, sees the meter and approves or refuses, and the meter
-//! learns the outcome by polling. Codes live in memory only: a pending code
-//! lost in a restart costs the customer a new `meterd grant`, nothing more.
-//! The grants themselves are durable, in the store.
+//! learns the outcome by polling. Where one process owns the branch (sled),
+//! codes live in its memory: a pending code lost in a restart costs the
+//! customer a new `meterd grant`, nothing more. Where nodes share a
+//! PostgreSQL store, codes live in its database (`store::postgres::codes`),
+//! so that the meter, the customer's browser and the meter's polls may
+//! reach different nodes. The grants themselves are durable, in the store.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,6 +40,9 @@ pub enum CodeError {
     /// customer's: these are told apart to nobody).
     #[error("this code is unknown, used or expired; ask the meter for a new one")]
     Unknown,
+    /// The database that keeps the codes failed; nothing was decided.
+    #[error("grant codes cannot be reached: {0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +92,9 @@ impl Codes {
 /// The pending device codes of the branch.
 pub struct DeviceCodes {
     codes: Mutex<Codes>,
+    /// Where nodes share the branch: the codes in its database (`codes`
+    /// is then unused).
+    shared: Option<crate::store::postgres::codes::PgCodes>,
     /// How long a code may be entered, in ms (`CODE_VALID_MS` unless the
     /// operator set another).
     valid_ms: std::sync::atomic::AtomicU64,
@@ -95,6 +104,7 @@ impl Default for DeviceCodes {
     fn default() -> Self {
         DeviceCodes {
             codes: Mutex::default(),
+            shared: None,
             valid_ms: std::sync::atomic::AtomicU64::new(CODE_VALID_MS),
         }
     }
@@ -144,6 +154,14 @@ fn lock(codes: &Mutex<Codes>) -> std::sync::MutexGuard<'_, Codes> {
 }
 
 impl DeviceCodes {
+    /// Codes kept in the branch's database, shared by every node.
+    pub fn shared(codes: crate::store::postgres::codes::PgCodes) -> DeviceCodes {
+        DeviceCodes {
+            shared: Some(codes),
+            ..DeviceCodes::default()
+        }
+    }
+
     /// How long a code may be entered, in ms.
     pub fn valid_ms(&self) -> u64 {
         self.valid_ms.load(std::sync::atomic::Ordering::Relaxed)
@@ -168,6 +186,19 @@ impl DeviceCodes {
         owner: Cid,
         now_ms: u64,
     ) -> Result<(String, String), CodeError> {
+        if let Some(shared) = &self.shared {
+            let device_code = crate::registry::new_meter_secret();
+            let expires_ms = now_ms.saturating_add(self.valid_ms());
+            let user_code = shared.issue(
+                &request,
+                owner,
+                &device_code,
+                now_ms,
+                expires_ms,
+                random_user_code,
+            )?;
+            return Ok((device_code, user_code));
+        }
         let mut codes = lock(&self.codes);
         codes.forget_expired(now_ms);
         let of_meter = codes
@@ -211,33 +242,46 @@ impl DeviceCodes {
 
     /// Where the code `device_code` of meter `mid` stands. An approval or a
     /// refusal is answered once; the code is then gone.
-    pub fn poll(&self, mid: &Mid, device_code: &str, now_ms: u64) -> PollStatus {
+    pub fn poll(&self, mid: &Mid, device_code: &str, now_ms: u64) -> Result<PollStatus, CodeError> {
+        if let Some(shared) = &self.shared {
+            return shared.poll(mid, device_code, now_ms);
+        }
         let mut codes = lock(&self.codes);
         codes.forget_expired(now_ms);
         let Some(user_code) = codes.by_device.get(device_code).cloned() else {
-            return PollStatus::Expired;
+            return Ok(PollStatus::Expired);
         };
         let code = &codes.by_user[&user_code];
         if code.request.mid != *mid {
-            return PollStatus::Expired;
+            return Ok(PollStatus::Expired);
         }
         let status = match &code.state {
-            State::Pending => return PollStatus::Pending,
+            State::Pending => return Ok(PollStatus::Pending),
             State::Approved(grant) => PollStatus::Approved(grant.clone()),
             State::Denied => PollStatus::Denied,
         };
         codes.remove(&user_code);
-        status
+        Ok(status)
     }
 
     /// The request behind a pending `user_code`, when `cid` may decide it
     /// (it asks for `cid`'s grant).
-    pub fn pending_for(&self, user_code: &str, cid: &Cid, now_ms: u64) -> Option<GrantRequest> {
+    pub fn pending_for(
+        &self,
+        user_code: &str,
+        cid: &Cid,
+        now_ms: u64,
+    ) -> Result<Option<GrantRequest>, CodeError> {
+        let user_code = normalize(user_code);
+        if let Some(shared) = &self.shared {
+            return shared.pending_for(&user_code, cid, now_ms);
+        }
         let mut codes = lock(&self.codes);
         codes.forget_expired(now_ms);
-        let code = codes.by_user.get(&normalize(user_code))?;
-        (matches!(code.state, State::Pending) && code.request.cid == *cid)
-            .then(|| code.request.clone())
+        Ok(codes.by_user.get(&user_code).and_then(|code| {
+            (matches!(code.state, State::Pending) && code.request.cid == *cid)
+                .then(|| code.request.clone())
+        }))
     }
 
     /// Decides a pending code as `cid`: `record` makes the grant durable
@@ -251,6 +295,30 @@ impl DeviceCodes {
         record: Option<impl FnOnce(&GrantRequest) -> Result<GrantInfo, E>>,
     ) -> Result<Result<GrantRequest, E>, CodeError> {
         let user_code = normalize(user_code);
+        if let Some(shared) = &self.shared {
+            let request = shared
+                .take_for_decision(&user_code, cid, now_ms, record.is_some())?
+                .ok_or(CodeError::Unknown)?;
+            let Some(record) = record else {
+                return Ok(Ok(request));
+            };
+            // The code is `deciding`: no other node can decide it meanwhile.
+            return match record(&request) {
+                Ok(grant) => {
+                    // The grant stands even where this is not recorded: the
+                    // meter then hears the code expired and asks again.
+                    if let Err(error) = shared.finish_decision(&user_code, Some(&grant)) {
+                        tracing::warn!(mid = %request.mid, %error, "a grant was made but its code could not be marked approved");
+                    }
+                    Ok(Ok(request))
+                }
+                Err(error) => {
+                    // Best effort: a code left `deciding` expires unused.
+                    let _ = shared.finish_decision(&user_code, None);
+                    Ok(Err(error))
+                }
+            };
+        }
         let mut codes = lock(&self.codes);
         codes.forget_expired(now_ms);
         let code = codes
@@ -271,8 +339,10 @@ impl DeviceCodes {
     }
 }
 
+/// The rules every keeper of codes follows, each run on empty codes: in
+/// memory here, in PostgreSQL by the store's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod rules {
     use super::*;
     use proto::grant::Scope;
 
@@ -298,9 +368,29 @@ mod tests {
         }
     }
 
+    /// A rule, run on empty codes.
+    pub(crate) type Rule = fn(&DeviceCodes);
+
+    /// Each rule by name.
+    pub(crate) const RULES: &[(&str, Rule)] = &[
+        ("approved once, answered once", approved_once_answered_once),
+        ("expiry, refusals, limits", expiry_refusals_and_limits),
+        (
+            "one owner cannot take every code",
+            one_owner_cannot_take_every_code,
+        ),
+        ("lifetime set by the operator", lifetime_set_by_the_operator),
+    ];
+
     #[test]
-    fn a_code_is_approved_once_by_its_customer_and_answered_once() {
-        let codes = DeviceCodes::default();
+    fn codes_in_memory_follow_the_rules() {
+        for (name, rule) in RULES {
+            eprintln!("rule: {name}");
+            rule(&DeviceCodes::default());
+        }
+    }
+
+    fn approved_once_answered_once(codes: &DeviceCodes) {
         let mid: Mid = "B1-M1".parse().unwrap();
         let bob: Cid = "B1-C4".parse().unwrap();
         let eve: Cid = "B1-C5".parse().unwrap();
@@ -308,8 +398,11 @@ mod tests {
         assert_eq!(user.len(), USER_CODE_LETTERS);
         assert!(user.bytes().all(|b| USER_CODE_ALPHABET.contains(&b)));
         let typed = display(&user).to_lowercase();
-        assert_eq!(codes.poll(&mid, &device, 1), PollStatus::Pending);
-        assert!(codes.pending_for(&typed, &eve, 1).is_none(), "not Eve's");
+        assert_eq!(codes.poll(&mid, &device, 1).unwrap(), PollStatus::Pending);
+        assert!(
+            codes.pending_for(&typed, &eve, 1).unwrap().is_none(),
+            "not Eve's"
+        );
         let approve = |cid: &Cid| {
             codes.decide(
                 &typed,
@@ -319,31 +412,40 @@ mod tests {
             )
         };
         assert_eq!(approve(&eve).unwrap_err(), CodeError::Unknown);
-        assert!(codes.pending_for(&typed, &bob, 1).is_some());
+        // A grant that cannot be made leaves the code to decide again.
+        let failing = Some(|_: &GrantRequest| Err::<GrantInfo, _>("disk full"));
+        assert_eq!(codes.decide(&typed, &bob, 2, failing), Ok(Err("disk full")));
+        assert_eq!(codes.poll(&mid, &device, 2).unwrap(), PollStatus::Pending);
+        assert!(codes.pending_for(&typed, &bob, 1).unwrap().is_some());
         approve(&bob).unwrap().unwrap();
         assert_eq!(approve(&bob).unwrap_err(), CodeError::Unknown, "used");
         let other: Mid = "B1-M2".parse().unwrap();
-        assert_eq!(codes.poll(&other, &device, 3), PollStatus::Expired);
+        assert_eq!(codes.poll(&other, &device, 3).unwrap(), PollStatus::Expired);
         assert_eq!(
-            codes.poll(&mid, &device, 3),
+            codes.poll(&mid, &device, 3).unwrap(),
             PollStatus::Approved(info(bob))
         );
-        assert_eq!(codes.poll(&mid, &device, 4), PollStatus::Expired, "once");
+        assert_eq!(
+            codes.poll(&mid, &device, 4).unwrap(),
+            PollStatus::Expired,
+            "once"
+        );
     }
 
-    #[test]
-    fn codes_expire_refusals_are_answered_and_issuing_is_bounded() {
-        let codes = DeviceCodes::default();
+    fn expiry_refusals_and_limits(codes: &DeviceCodes) {
         let mid: Mid = "B1-M1".parse().unwrap();
         let bob: Cid = "B1-C4".parse().unwrap();
         let (device, user) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
         let refuse = None::<fn(&GrantRequest) -> Result<GrantInfo, ()>>;
         codes.decide(&user, &bob, 1, refuse).unwrap().unwrap();
-        assert_eq!(codes.poll(&mid, &device, 2), PollStatus::Denied);
+        assert_eq!(codes.poll(&mid, &device, 2).unwrap(), PollStatus::Denied);
         let (device, user) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
         let late = CODE_VALID_MS;
-        assert!(codes.pending_for(&user, &bob, late).is_none());
-        assert_eq!(codes.poll(&mid, &device, late), PollStatus::Expired);
+        assert!(codes.pending_for(&user, &bob, late).unwrap().is_none());
+        assert_eq!(
+            codes.poll(&mid, &device, late).unwrap(),
+            PollStatus::Expired
+        );
         for _ in 0..CODES_PER_METER_MAX {
             codes
                 .issue(request("B1-M1", "B1-C4"), owner(), late)
@@ -365,9 +467,7 @@ mod tests {
         );
     }
 
-    #[test]
-    fn one_owners_meters_cannot_take_every_code() {
-        let codes = DeviceCodes::default();
+    fn one_owner_cannot_take_every_code(codes: &DeviceCodes) {
         for meter in 0..CODES_PER_OWNER_MAX {
             let mid = format!("B1-M{}", 1 + meter / CODES_PER_METER_MAX);
             codes.issue(request(&mid, "B1-C4"), owner(), 0).unwrap();
@@ -384,16 +484,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_operator_sets_how_long_codes_live_within_bounds() {
-        let codes = DeviceCodes::default();
+    fn lifetime_set_by_the_operator(codes: &DeviceCodes) {
         assert_eq!(codes.valid_ms(), CODE_VALID_MS);
         assert!(!codes.set_valid_ms(0) && !codes.set_valid_ms(3_600_001));
         assert_eq!(codes.valid_ms(), CODE_VALID_MS, "unchanged");
         assert!(codes.set_valid_ms(2_000));
         let mid: Mid = "B1-M1".parse().unwrap();
         let (device, _) = codes.issue(request("B1-M1", "B1-C4"), owner(), 0).unwrap();
-        assert_eq!(codes.poll(&mid, &device, 1_999), PollStatus::Pending);
-        assert_eq!(codes.poll(&mid, &device, 2_000), PollStatus::Expired);
+        assert_eq!(
+            codes.poll(&mid, &device, 1_999).unwrap(),
+            PollStatus::Pending
+        );
+        assert_eq!(
+            codes.poll(&mid, &device, 2_000).unwrap(),
+            PollStatus::Expired
+        );
     }
 }

@@ -853,6 +853,7 @@ impl<S: Store> Backoffice<S> {
     /// The money path over `store`, whose ledger it loads.
     pub fn open(store: S, params: MeterParams) -> Result<Self, StoreError> {
         let ledger = store.load_ledger()?;
+        let device_codes = store.device_codes();
         Ok(Self {
             store,
             pricing: Pricing::new(),
@@ -863,7 +864,7 @@ impl<S: Store> Backoffice<S> {
             params,
             counters: Counters::default(),
             not_durable: std::sync::atomic::AtomicBool::new(false),
-            device_codes: crate::grants::DeviceCodes::default(),
+            device_codes,
         })
     }
 

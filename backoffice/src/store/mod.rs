@@ -278,6 +278,13 @@ pub trait Store {
         false
     }
 
+    /// Where grant codes wait for customers' decisions: in the node's
+    /// memory where one process owns the store, in the store where nodes
+    /// share it.
+    fn device_codes(&self) -> crate::grants::DeviceCodes {
+        crate::grants::DeviceCodes::default()
+    }
+
     /// Takes the store's ledger lock for one money write (numbering
     /// transfers, checking standings, writing a batch), until the hold is
     /// dropped: nodes sharing the store take turns. Nothing to take where
@@ -703,6 +710,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.shared(),
             AnyStore::Postgres(store) => store.shared(),
+        }
+    }
+
+    fn device_codes(&self) -> crate::grants::DeviceCodes {
+        match self {
+            AnyStore::Sled(store) => store.device_codes(),
+            AnyStore::Postgres(store) => store.device_codes(),
         }
     }
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 use super::StoreError;
 
 mod branch;
+pub mod codes;
 pub mod web;
 
 /// One step of the schema.
@@ -52,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "web",
         sql: include_str!("postgres/0002_web.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "grant codes",
+        sql: include_str!("postgres/0003_grant_codes.sql"),
     },
 ];
 
@@ -569,6 +575,17 @@ mod tests {
     }
 
     conformance_tests!(PgHarness::new());
+
+    #[test]
+    fn grant_codes_in_the_database_follow_the_rules_of_codes_in_memory() {
+        let cluster = pgtest::Cluster::start().unwrap();
+        for (n, (name, rule)) in crate::grants::rules::RULES.iter().enumerate() {
+            eprintln!("rule: {name}");
+            let url = cluster.create_database(&format!("codes{n}")).unwrap();
+            let store = PgStore::connect(&url).unwrap();
+            rule(&crate::grants::DeviceCodes::shared(store.grant_codes()));
+        }
+    }
 
     #[test]
     fn a_write_checks_the_session_that_holds_the_ledger_lock_not_only_its_process_number() {

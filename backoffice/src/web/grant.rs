@@ -145,8 +145,10 @@ pub(super) async fn enter_code(
         return code_throttled(web, &session, &typed);
     }
     let codes = service.backoffice.device_codes();
-    let Some(request) = codes.pending_for(&typed, &customer.cid, crate::now_ms()) else {
-        return code_refused(web, &session, &typed, &account, &address);
+    let request = match codes.pending_for(&typed, &customer.cid, crate::now_ms()) {
+        Ok(Some(request)) => request,
+        Ok(None) => return code_refused(web, &session, &typed, &account, &address),
+        Err(error) => return trouble(web, &session, &error),
     };
     let owner = match meter_owner(&service, &request) {
         Ok(owner) => owner,
@@ -232,6 +234,7 @@ pub(super) async fn decide(
         Err(CodeError::Unknown | CodeError::TooMany) => {
             code_refused(web, &session, &typed, &account, &address)
         }
+        Err(error @ CodeError::Unavailable(_)) => trouble(web, &session, &error),
         Ok(Err(error)) => trouble(web, &session, &error),
         Ok(Ok(request)) => {
             match &made {

@@ -58,6 +58,7 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
         "customers",
         "deposits",
         "free_uses",
+        "grant_codes",
         "grants",
         "itemised",
         "meters",
@@ -83,11 +84,12 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 3] = [
+static UPGRADE: [Migration; 4] = [
     MIGRATIONS[0],
     MIGRATIONS[1],
+    MIGRATIONS[2],
     Migration {
-        version: 3,
+        version: 4,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
     },
@@ -104,16 +106,16 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
-    // A later backoffice with a third step upgrades it, keeping the data.
+    assert_eq!(store.schema_version().unwrap(), 3);
+    // A later backoffice with a fourth step upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
         store.migrate(&UPGRADE).unwrap(),
         Migrated {
-            applied: vec![3],
-            version: 3
+            applied: vec![4],
+            version: 4
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -124,13 +126,13 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 2: it refuses the database and
+    // This backoffice knows only version 3: it refuses the database and
     // changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 3") && message.contains("newer backoffice"),
+        message.contains("version 4") && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -169,8 +171,8 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
     // This one upgrades it as it starts.
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
-    for table in ["web_sessions", "web_events", "web_resets"] {
+    assert_eq!(store.schema_version().unwrap(), 3);
+    for table in ["web_sessions", "web_events", "web_resets", "grant_codes"] {
         assert!(
             tables(&cluster, "branch").contains(&table.to_owned()),
             "{table}"
@@ -259,6 +261,146 @@ fn two_nodes_share_sessions_failed_logins_and_reset_links() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(results.iter().filter(|ok| **ok).count(), FAILURES_MAX);
+}
+
+#[test]
+fn a_grant_code_asked_on_one_node_is_decided_on_another_once_and_polled_on_a_third() {
+    use backoffice::grants::{CODES_PER_METER_MAX, CodeError, DeviceCodes};
+    use proto::grant::{GrantInfo, GrantRequest, PollStatus, Scope};
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let stores: Vec<PgStore> = (0..3).map(|_| PgStore::connect(&url).unwrap()).collect();
+    let nodes: Vec<DeviceCodes> = stores
+        .iter()
+        .map(|store| DeviceCodes::shared(store.grant_codes()))
+        .collect();
+    let (mid, cid, owner) = (
+        proto::Mid::parse("B1-M1").unwrap(),
+        proto::Cid::parse("B1-C4").unwrap(),
+        proto::Cid::parse("B1-C9").unwrap(),
+    );
+    let asked = GrantRequest {
+        mid,
+        cid,
+        label: "build host".into(),
+        scope: Scope::User {
+            uid: 1000,
+            name: "bob".into(),
+        },
+    };
+    let now = 1_000;
+    let (device, user) = nodes[0].issue(asked.clone(), owner, now).unwrap();
+    // The device code is kept only as a hash.
+    let kept = cluster
+        .psql("branch", "SELECT device_code_hash FROM grant_codes")
+        .unwrap();
+    assert!(!kept.contains(&device), "{kept}");
+    assert_eq!(
+        nodes[2].poll(&mid, &device, now).unwrap(),
+        PollStatus::Pending
+    );
+    assert_eq!(
+        nodes[1]
+            .pending_for(&user.to_lowercase(), &cid, now)
+            .unwrap(),
+        Some(asked.clone())
+    );
+    // The customer approves on two nodes at once (a double click through
+    // two balancers): one grant is made.
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    let grant = GrantInfo {
+        cid,
+        scope: asked.scope.clone(),
+        created_ms: now + 1,
+        expires_ms: Some(now + 86_400_000),
+    };
+    let decided: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|n| {
+                let (node, made, grant, user) = (&nodes[n % 2], &made, &grant, &user);
+                scope.spawn(move || {
+                    let record = |_: &GrantRequest| {
+                        made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        Ok::<_, ()>(grant.clone())
+                    };
+                    match node.decide(user, &cid, now + 1, Some(record)) {
+                        Ok(Ok(request)) => {
+                            assert_eq!(request.mid, mid);
+                            true
+                        }
+                        Err(CodeError::Unknown) => false,
+                        other => panic!("{other:?}"),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(decided.iter().filter(|d| **d).count(), 1, "{decided:?}");
+    assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Answered once, on whichever node the meter reaches; another meter
+    // with the same device code learns nothing.
+    let other_meter = proto::Mid::parse("B1-M2").unwrap();
+    assert_eq!(
+        nodes[1].poll(&other_meter, &device, now + 2).unwrap(),
+        PollStatus::Expired
+    );
+    assert_eq!(
+        nodes[2].poll(&mid, &device, now + 2).unwrap(),
+        PollStatus::Approved(grant)
+    );
+    assert_eq!(
+        nodes[0].poll(&mid, &device, now + 2).unwrap(),
+        PollStatus::Expired
+    );
+    // The per-meter limit holds across nodes asked at once.
+    let issued: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3 * CODES_PER_METER_MAX)
+            .map(|n| {
+                let (node, asked) = (&nodes[n % 3], asked.clone());
+                scope.spawn(move || match node.issue(asked, owner, now + 3) {
+                    Ok(_) => true,
+                    Err(CodeError::TooMany) => false,
+                    Err(other) => panic!("{other:?}"),
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        issued.iter().filter(|i| **i).count(),
+        CODES_PER_METER_MAX,
+        "{issued:?}"
+    );
+    // A backoffice on a PostgreSQL store keeps its codes there.
+    let office = backoffice::send::Backoffice::open(
+        backoffice::store::AnyStore::Postgres(Box::new(PgStore::connect(&url).unwrap())),
+        backoffice::send::DEFAULT_PARAMS,
+    )
+    .unwrap();
+    let third = GrantRequest {
+        mid: proto::Mid::parse("B1-M3").unwrap(),
+        ..asked.clone()
+    };
+    let (device, _) = office.device_codes().issue(third, owner, now).unwrap();
+    assert_eq!(
+        nodes[0]
+            .poll(&proto::Mid::parse("B1-M3").unwrap(), &device, now)
+            .unwrap(),
+        PollStatus::Pending
+    );
+    drop(office);
+    // A database that is gone is an error, not a pending code.
+    drop(nodes);
+    drop(stores);
+    let store = PgStore::connect(&url).unwrap();
+    let codes = DeviceCodes::shared(store.grant_codes());
+    cluster.stop_immediately().unwrap();
+    assert!(matches!(
+        codes.poll(&mid, &device, now + 4),
+        Err(CodeError::Unavailable(_))
+    ));
 }
 
 #[test]

@@ -617,6 +617,10 @@ impl Store for PgStore {
         true
     }
 
+    fn device_codes(&self) -> crate::grants::DeviceCodes {
+        crate::grants::DeviceCodes::shared(self.grant_codes())
+    }
+
     fn hold_ledger(&self) -> Result<crate::store::LedgerHold<'_>, StoreError> {
         self.hold_ledger_lock()?;
         Ok(crate::store::LedgerHold::of(self))
