@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "grant codes",
         sql: include_str!("postgres/0003_grant_codes.sql"),
     },
+    Migration {
+        version: 4,
+        name: "itemised lz4",
+        sql: include_str!("postgres/0004_itemised_lz4.sql"),
+    },
 ];
 
 /// The advisory lock migrations take (the bytes of "backoffi").

@@ -73,6 +73,24 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     ] {
         assert!(all.iter().any(|name| name == table), "{table} in {all:?}");
     }
+    // Itemised records are compressed with lz4 (Debian's server has it).
+    cluster
+        .psql(
+            "branch",
+            "INSERT INTO itemised (arrived_ms, mid, batch, part, record) \
+             VALUES (1, 'B1-M1', 'b1', 0, convert_to(repeat('reading ', 4000), 'UTF8'))",
+        )
+        .unwrap();
+    assert_eq!(
+        cluster
+            .psql(
+                "branch",
+                "SELECT pg_column_compression(record) FROM itemised"
+            )
+            .unwrap()
+            .trim(),
+        "lz4"
+    );
     // Again: nothing to apply.
     let store = PgStore::open(&url).unwrap();
     assert_eq!(
@@ -84,12 +102,13 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 4] = [
+static UPGRADE: [Migration; 5] = [
     MIGRATIONS[0],
     MIGRATIONS[1],
     MIGRATIONS[2],
+    MIGRATIONS[3],
     Migration {
-        version: 4,
+        version: 5,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
     },
@@ -106,16 +125,16 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 3);
-    // A later backoffice with a fourth step upgrades it, keeping the data.
+    assert_eq!(store.schema_version().unwrap(), 4);
+    // A later backoffice with a fifth step upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
         store.migrate(&UPGRADE).unwrap(),
         Migrated {
-            applied: vec![4],
-            version: 4
+            applied: vec![5],
+            version: 5
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -126,13 +145,13 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 3: it refuses the database and
+    // This backoffice knows only version 4: it refuses the database and
     // changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 4") && message.contains("newer backoffice"),
+        message.contains("version 5") && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -171,7 +190,7 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
     // This one upgrades it as it starts.
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     for table in ["web_sessions", "web_events", "web_resets", "grant_codes"] {
         assert!(
             tables(&cluster, "branch").contains(&table.to_owned()),
