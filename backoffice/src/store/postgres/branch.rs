@@ -95,9 +95,13 @@ fn serial_of(id: &str) -> u64 {
 async fn next_serial(transaction: &Transaction<'_>, kind: &str) -> Result<u64, StoreError> {
     let row = transaction
         .query_one(
-            "INSERT INTO serials (kind, next) VALUES ($1, 2) \
+            &transaction
+                .prepare_cached(
+                    "INSERT INTO serials (kind, next) VALUES ($1, 2) \
              ON CONFLICT (kind) DO UPDATE SET next = serials.next + 1 \
              RETURNING next - 1",
+                )
+                .await?,
             &[&kind],
         )
         .await?;
@@ -155,11 +159,11 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
     }
     let result = transaction
         .execute(
-            "INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms) \
+            &transaction.prepare_cached("INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms) \
              SELECT id, debit, credit, amount::numeric, kind, pid, batch, uses, corrects, posted_ms \
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
                          $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
-                  AS t (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms)",
+                  AS t (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms)").await?,
             &[
                 &ids, &debits, &credits, &amounts, &kinds, &pids, &batches, &uses, &corrects,
                 &posted,
@@ -186,9 +190,9 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
     let amounts: Vec<String> = moved.iter().map(|(_, amount)| amount.to_string()).collect();
     transaction
         .execute(
-            "INSERT INTO balances (account, balance) \
+            &transaction.prepare_cached("INSERT INTO balances (account, balance) \
              SELECT account, amount::numeric FROM unnest($1::text[], $2::text[]) AS m (account, amount) \
-             ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance",
+             ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance").await?,
             &[&accounts, &amounts],
         )
         .await?;
@@ -231,9 +235,13 @@ async fn set_period_uses(
         let (payers, pids, months, uses) = period_columns(period_uses)?;
         transaction
             .execute(
-                "INSERT INTO period_uses (payer, pid, month, uses) \
+                &transaction
+                    .prepare_cached(
+                        "INSERT INTO period_uses (payer, pid, month, uses) \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[]) \
                  ON CONFLICT (payer, pid, month) DO UPDATE SET uses = excluded.uses",
+                    )
+                    .await?,
                 &[&payers, &pids, &months, &uses],
             )
             .await?;
@@ -242,9 +250,9 @@ async fn set_period_uses(
         let (payers, pids, months, uses) = period_columns(free_uses)?;
         transaction
             .execute(
-                "INSERT INTO free_uses (payer, pid, month, uses) \
+                &transaction.prepare_cached("INSERT INTO free_uses (payer, pid, month, uses) \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[]) \
-                 ON CONFLICT (payer, pid, month) DO UPDATE SET uses = free_uses.uses + excluded.uses",
+                 ON CONFLICT (payer, pid, month) DO UPDATE SET uses = free_uses.uses + excluded.uses").await?,
                 &[&payers, &pids, &months, &uses],
             )
             .await?;
@@ -270,16 +278,16 @@ async fn write_itemised(
     let numbers: Vec<i32> = (0..i32::from(parts)).collect();
     transaction
         .execute(
-            "INSERT INTO itemised (arrived_ms, mid, batch, part, record) \
-             SELECT $1, $2, $3, part, record FROM unnest($4::integer[], $5::bytea[]) AS r (part, record)",
+            &transaction.prepare_cached("INSERT INTO itemised (arrived_ms, mid, batch, part, record) \
+             SELECT $1, $2, $3, part, record FROM unnest($4::integer[], $5::bytea[]) AS r (part, record)").await?,
             &[&arrived, &mid, &batch, &numbers, &records],
         )
         .await?;
     if batch_index {
         transaction
             .execute(
-                "INSERT INTO itemised_batches (mid, batch, arrived_ms, parts) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (mid, batch) DO UPDATE SET arrived_ms = excluded.arrived_ms, parts = excluded.parts",
+                &transaction.prepare_cached("INSERT INTO itemised_batches (mid, batch, arrived_ms, parts) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (mid, batch) DO UPDATE SET arrived_ms = excluded.arrived_ms, parts = excluded.parts").await?,
                 &[&mid, &batch, &arrived, &i32::from(parts)],
             )
             .await?;
@@ -295,10 +303,10 @@ async fn write_itemised(
             .collect::<Result<_, _>>()?;
         transaction
             .execute(
-                "INSERT INTO itemised_transfers (first, last, arrived_ms, mid, batch) \
+                &transaction.prepare_cached("INSERT INTO itemised_transfers (first, last, arrived_ms, mid, batch) \
                  SELECT first, last, $3, $4, $5 FROM unnest($1::bigint[], $2::bigint[]) AS r (first, last) \
                  ON CONFLICT (first) DO UPDATE SET last = excluded.last, arrived_ms = excluded.arrived_ms, \
-                 mid = excluded.mid, batch = excluded.batch",
+                 mid = excluded.mid, batch = excluded.batch").await?,
                 &[&firsts, &lasts, &arrived, &mid, &batch],
             )
             .await?;
@@ -330,8 +338,8 @@ impl PgStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
-                     FROM transfers WHERE id >= $1 ORDER BY id",
+                    &client.prepare_cached("SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
+                     FROM transfers WHERE id >= $1 ORDER BY id").await?,
                     &[&from],
                 )
                 .await?;
@@ -376,7 +384,12 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let client = self.client().await?;
         let rows = client
-            .query("SELECT account, balance::text FROM balances", &[])
+            .query(
+                &client
+                    .prepare_cached("SELECT account, balance::text FROM balances")
+                    .await?,
+                &[],
+            )
             .await?;
         let mut kept: HashMap<AccountId, Amount> = HashMap::new();
         for row in &rows {
@@ -444,7 +457,9 @@ impl PgStore {
     ) -> Result<Option<Customer>, StoreError> {
         let row = client
             .query_opt(
-                "SELECT record::text FROM customers WHERE cid = $1",
+                &client
+                    .prepare_cached("SELECT record::text FROM customers WHERE cid = $1")
+                    .await?,
                 &[&cid.as_str()],
             )
             .await?;
@@ -496,7 +511,11 @@ impl PgStore {
             change(&mut meter).map_err(registry_error)?;
             transaction
                 .execute(
-                    "UPDATE meters SET record = ($2::text)::jsonb WHERE mid = $1",
+                    &transaction
+                        .prepare_cached(
+                            "UPDATE meters SET record = ($2::text)::jsonb WHERE mid = $1",
+                        )
+                        .await?,
                     &[&mid.as_str(), &json(&meter)],
                 )
                 .await?;
@@ -517,7 +536,7 @@ impl PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT record FROM itemised WHERE arrived_ms = $1 AND mid = $2 AND batch = $3 ORDER BY part",
+                &client.prepare_cached("SELECT record FROM itemised WHERE arrived_ms = $1 AND mid = $2 AND batch = $3 ORDER BY part").await?,
                 &[&int(at.arrived_ms)?, &key.mid.as_str(), &key.id.as_str()],
             )
             .await?;
@@ -550,7 +569,11 @@ impl PgStore {
     ) -> Result<DepositRecord, StoreError> {
         let row = transaction
             .query_opt(
-                "SELECT record::text FROM deposits WHERE reference = $1 FOR UPDATE",
+                &transaction
+                    .prepare_cached(
+                        "SELECT record::text FROM deposits WHERE reference = $1 FOR UPDATE",
+                    )
+                    .await?,
                 &[&reference.as_str()],
             )
             .await?
@@ -589,7 +612,11 @@ impl PgStore {
         for record in resolved {
             removed += transaction
                 .execute(
-                    "DELETE FROM suspense WHERE mid = $1 AND batch = $2 AND seq = $3",
+                    &transaction
+                        .prepare_cached(
+                            "DELETE FROM suspense WHERE mid = $1 AND batch = $2 AND seq = $3",
+                        )
+                        .await?,
                     &[
                         &record.mid.as_str(),
                         &record.batch.as_str(),
@@ -669,8 +696,8 @@ impl Store for PgStore {
             let digest: Option<&[u8]> = effects.digest.as_ref().map(|digest| &digest[..]);
             let inserted = transaction
                 .execute(
-                    "INSERT INTO batches (mid, batch, digest, answer) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (mid, batch) DO NOTHING",
+                    &transaction.prepare_cached("INSERT INTO batches (mid, batch, digest, answer) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (mid, batch) DO NOTHING").await?,
                     &[&key.mid.as_str(), &key.id.as_str(), &digest, &effects.answer],
                 )
                 .await?;
@@ -688,8 +715,8 @@ impl Store for PgStore {
             if let Some(range) = effects.seq_range {
                 transaction
                     .execute(
-                        "INSERT INTO seq_ranges (mid, instance, first, last) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (mid, instance, first) DO UPDATE SET last = excluded.last",
+                        &transaction.prepare_cached("INSERT INTO seq_ranges (mid, instance, first, last) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (mid, instance, first) DO UPDATE SET last = excluded.last").await?,
                         &[
                             &range.mid.as_str(),
                             &range.instance,
@@ -719,10 +746,10 @@ impl Store for PgStore {
                 let records: Vec<String> = suspense.iter().map(json).collect();
                 transaction
                     .execute(
-                        "INSERT INTO suspense (mid, batch, seq, record) \
+                        &transaction.prepare_cached("INSERT INTO suspense (mid, batch, seq, record) \
                          SELECT mid, batch, seq, record::jsonb \
                          FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS s (mid, batch, seq, record) \
-                         ON CONFLICT (mid, batch, seq) DO UPDATE SET record = excluded.record",
+                         ON CONFLICT (mid, batch, seq) DO UPDATE SET record = excluded.record").await?,
                         &[&mids, &batches, &seqs, &records],
                     )
                     .await?;
@@ -740,7 +767,7 @@ impl Store for PgStore {
             let client = self.client().await?;
             let Some(row) = client
                 .query_opt(
-                    "SELECT arrived_ms, parts FROM itemised_batches WHERE mid = $1 AND batch = $2",
+                    &client.prepare_cached("SELECT arrived_ms, parts FROM itemised_batches WHERE mid = $1 AND batch = $2").await?,
                     &[&key.mid.as_str(), &key.id.as_str()],
                 )
                 .await?
@@ -767,8 +794,12 @@ impl Store for PgStore {
             let client = self.client().await?;
             let Some(row) = client
                 .query_opt(
-                    "SELECT last, arrived_ms, mid, batch FROM itemised_transfers \
+                    &client
+                        .prepare_cached(
+                            "SELECT last, arrived_ms, mid, batch FROM itemised_transfers \
                      WHERE first <= $1 ORDER BY first DESC LIMIT 1",
+                        )
+                        .await?,
                     &[&int(id.0)?],
                 )
                 .await?
@@ -823,8 +854,8 @@ impl Store for PgStore {
             let transaction = client.transaction().await?;
             let rows = transaction
                 .query(
-                    "SELECT arrived_ms, mid, batch, part, record FROM itemised WHERE arrived_ms < $1 \
-                     ORDER BY arrived_ms, mid, batch, part LIMIT $2 FOR UPDATE",
+                    &transaction.prepare_cached("SELECT arrived_ms, mid, batch, part, record FROM itemised WHERE arrived_ms < $1 \
+                     ORDER BY arrived_ms, mid, batch, part LIMIT $2 FOR UPDATE").await?,
                     &[&int(before_ms)?, &int(records_max as u64)?],
                 )
                 .await?;
@@ -833,7 +864,7 @@ impl Store for PgStore {
                     (row.get(0), row.get(1), row.get(2), row.get(3));
                 transaction
                     .execute(
-                        "DELETE FROM itemised WHERE arrived_ms = $1 AND mid = $2 AND batch = $3 AND part = $4",
+                        &transaction.prepare_cached("DELETE FROM itemised WHERE arrived_ms = $1 AND mid = $2 AND batch = $3 AND part = $4").await?,
                         &[&arrived, &mid, &batch, &part],
                     )
                     .await?;
@@ -854,7 +885,7 @@ impl Store for PgStore {
                     // The first record of a batch takes its index entries with it.
                     transaction
                         .execute(
-                            "DELETE FROM itemised_batches WHERE mid = $1 AND batch = $2",
+                            &transaction.prepare_cached("DELETE FROM itemised_batches WHERE mid = $1 AND batch = $2").await?,
                             &[&mid, &batch],
                         )
                         .await?;
@@ -865,7 +896,7 @@ impl Store for PgStore {
                 for first in firsts {
                     transaction
                         .execute(
-                            "DELETE FROM itemised_transfers WHERE first = $1",
+                            &transaction.prepare_cached("DELETE FROM itemised_transfers WHERE first = $1").await?,
                             &[&int(first)?],
                         )
                         .await?;
@@ -892,7 +923,7 @@ impl Store for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT uses FROM period_uses WHERE payer = $1 AND pid = $2 AND month = $3",
+                    &client.prepare_cached("SELECT uses FROM period_uses WHERE payer = $1 AND pid = $2 AND month = $3").await?,
                     &[
                         &key.payer.as_str(),
                         &key.pid.as_str(),
@@ -918,10 +949,10 @@ impl Store for PgStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT coalesce(p.uses, 0) \
+                    &client.prepare_cached("SELECT coalesce(p.uses, 0) \
                      FROM unnest($1::text[], $2::text[], $3::integer[]) WITH ORDINALITY AS k (payer, pid, month, at) \
                      LEFT JOIN period_uses p ON (p.payer, p.pid, p.month) = (k.payer, k.pid, k.month) \
-                     ORDER BY k.at",
+                     ORDER BY k.at").await?,
                     &[&payers, &pids, &months],
                 )
                 .await?;
@@ -934,7 +965,11 @@ impl Store for PgStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT pid, uses FROM free_uses WHERE payer = $1 AND month = $2",
+                    &client
+                        .prepare_cached(
+                            "SELECT pid, uses FROM free_uses WHERE payer = $1 AND month = $2",
+                        )
+                        .await?,
                     &[&payer.as_str(), &i32::try_from(month).unwrap_or(i32::MAX)],
                 )
                 .await?;
@@ -965,15 +1000,15 @@ impl Store for PgStore {
                 None => {
                     client
                         .query(
-                            "SELECT record::text FROM suspense ORDER BY mid, batch, seq LIMIT $1",
+                            &client.prepare_cached("SELECT record::text FROM suspense ORDER BY mid, batch, seq LIMIT $1").await?,
                             &[&limit],
                         )
                         .await?
                 }
                 Some(cursor) => client
                     .query(
-                        "SELECT record::text FROM suspense WHERE (mid, batch, seq) > ($1, $2, $3) \
-                             ORDER BY mid, batch, seq LIMIT $4",
+                        &client.prepare_cached("SELECT record::text FROM suspense WHERE (mid, batch, seq) > ($1, $2, $3) \
+                             ORDER BY mid, batch, seq LIMIT $4").await?,
                         &[
                             &cursor.mid.as_str(),
                             &cursor.batch.as_str(),
@@ -993,7 +1028,12 @@ impl Store for PgStore {
         self.block(async {
             let client = self.client().await?;
             let row = client
-                .query_one("SELECT count(*) FROM suspense", &[])
+                .query_one(
+                    &client
+                        .prepare_cached("SELECT count(*) FROM suspense")
+                        .await?,
+                    &[],
+                )
                 .await?;
             Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX))
         })
@@ -1015,8 +1055,8 @@ impl Store for PgStore {
             // starting last at or before `range.last` is the only one that can.
             let row = client
                 .query_opt(
-                    "SELECT first, last FROM seq_ranges WHERE mid = $1 AND instance = $2 AND first <= $3 \
-                     ORDER BY first DESC LIMIT 1",
+                    &client.prepare_cached("SELECT first, last FROM seq_ranges WHERE mid = $1 AND instance = $2 AND first <= $3 \
+                     ORDER BY first DESC LIMIT 1").await?,
                     &[&range.mid.as_str(), &range.instance, &seq_in(range.last)],
                 )
                 .await?;
@@ -1032,7 +1072,11 @@ impl Store for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT digest, answer FROM batches WHERE mid = $1 AND batch = $2",
+                    &client
+                        .prepare_cached(
+                            "SELECT digest, answer FROM batches WHERE mid = $1 AND batch = $2",
+                        )
+                        .await?,
                     &[&key.mid.as_str(), &key.id.as_str()],
                 )
                 .await?;
@@ -1076,7 +1120,7 @@ impl Store for PgStore {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let taken = transaction
-                .query_opt("SELECT 1 FROM customers WHERE email = $1", &[&email_key])
+                .query_opt(&transaction.prepare_cached("SELECT 1 FROM customers WHERE email = $1").await?, &[&email_key])
                 .await?;
             if taken.is_some() {
                 return Err(registry_error(RegistryError::EmailTaken));
@@ -1094,7 +1138,7 @@ impl Store for PgStore {
             };
             let inserted = transaction
                 .execute(
-                    "INSERT INTO customers (cid, email, record) VALUES ($1, $2, ($3::text)::jsonb)",
+                    &transaction.prepare_cached("INSERT INTO customers (cid, email, record) VALUES ($1, $2, ($3::text)::jsonb)").await?,
                     &[&cid.as_str(), &email_key, &json(&customer)],
                 )
                 .await;
@@ -1125,9 +1169,13 @@ impl Store for PgStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT c.record::text \
+                    &client
+                        .prepare_cached(
+                            "SELECT c.record::text \
                      FROM unnest($1::text[]) WITH ORDINALITY AS k (cid, at) \
                      LEFT JOIN customers c ON c.cid = k.cid ORDER BY k.at",
+                        )
+                        .await?,
                     &[&asked],
                 )
                 .await?;
@@ -1146,7 +1194,9 @@ impl Store for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT record::text FROM customers WHERE email = $1",
+                    &client
+                        .prepare_cached("SELECT record::text FROM customers WHERE email = $1")
+                        .await?,
                     &[&email.to_lowercase()],
                 )
                 .await?;
@@ -1226,7 +1276,7 @@ impl Store for PgStore {
             }
             transaction
                 .execute(
-                    "INSERT INTO tacas (hash, module) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+                    &transaction.prepare_cached("INSERT INTO tacas (hash, module) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING").await?,
                     &[&hash.to_string(), &taca],
                 )
                 .await?;
@@ -1245,8 +1295,8 @@ impl Store for PgStore {
             };
             transaction
                 .execute(
-                    "INSERT INTO products (pid, test_pid, owner, taca, record) \
-                     VALUES ($1, $2, $3, $4, ($5::text)::jsonb)",
+                    &transaction.prepare_cached("INSERT INTO products (pid, test_pid, owner, taca, record) \
+                     VALUES ($1, $2, $3, $4, ($5::text)::jsonb)").await?,
                     &[
                         &pid.as_str(),
                         &test_pid.as_str(),
@@ -1266,7 +1316,11 @@ impl Store for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT record::text FROM products WHERE pid = $1 OR test_pid = $1",
+                    &client
+                        .prepare_cached(
+                            "SELECT record::text FROM products WHERE pid = $1 OR test_pid = $1",
+                        )
+                        .await?,
                     &[&pid.as_str()],
                 )
                 .await?;
@@ -1300,7 +1354,11 @@ impl Store for PgStore {
             let unknown = || registry_error(RegistryError::UnknownProduct(*pid));
             let row = transaction
                 .query_opt(
-                    "SELECT record::text FROM products WHERE pid = $1 FOR UPDATE",
+                    &transaction
+                        .prepare_cached(
+                            "SELECT record::text FROM products WHERE pid = $1 FOR UPDATE",
+                        )
+                        .await?,
                     &[&pid.as_str()],
                 )
                 .await?
@@ -1312,7 +1370,11 @@ impl Store for PgStore {
             product.components = declared.clone();
             transaction
                 .execute(
-                    "UPDATE products SET record = ($2::text)::jsonb WHERE pid = $1",
+                    &transaction
+                        .prepare_cached(
+                            "UPDATE products SET record = ($2::text)::jsonb WHERE pid = $1",
+                        )
+                        .await?,
                     &[&pid.as_str(), &json(&product)],
                 )
                 .await?;
@@ -1326,7 +1388,9 @@ impl Store for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT module FROM tacas WHERE hash = $1",
+                    &client
+                        .prepare_cached("SELECT module FROM tacas WHERE hash = $1")
+                        .await?,
                     &[&hash.to_string()],
                 )
                 .await?;
@@ -1343,7 +1407,7 @@ impl Store for PgStore {
             // one after the other against the limit.
             let known = transaction
                 .query_opt(
-                    "SELECT 1 FROM customers WHERE cid = $1 FOR UPDATE",
+                    &transaction.prepare_cached("SELECT 1 FROM customers WHERE cid = $1 FOR UPDATE").await?,
                     &[&owner.as_str()],
                 )
                 .await?;
@@ -1352,7 +1416,7 @@ impl Store for PgStore {
             }
             let count: i64 = transaction
                 .query_one(
-                    "SELECT count(*) FROM meters WHERE owner = $1",
+                    &transaction.prepare_cached("SELECT count(*) FROM meters WHERE owner = $1").await?,
                     &[&owner.as_str()],
                 )
                 .await?
@@ -1372,7 +1436,7 @@ impl Store for PgStore {
             };
             transaction
                 .execute(
-                    "INSERT INTO meters (mid, owner, record) VALUES ($1, $2, ($3::text)::jsonb)",
+                    &transaction.prepare_cached("INSERT INTO meters (mid, owner, record) VALUES ($1, $2, ($3::text)::jsonb)").await?,
                     &[&mid.as_str(), &owner.as_str(), &json(&meter)],
                 )
                 .await?;
@@ -1393,7 +1457,9 @@ impl Store for PgStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT record::text FROM products WHERE owner = $1",
+                    &client
+                        .prepare_cached("SELECT record::text FROM products WHERE owner = $1")
+                        .await?,
                     &[&owner.as_str()],
                 )
                 .await?;
@@ -1411,7 +1477,9 @@ impl Store for PgStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT record::text FROM meters WHERE owner = $1",
+                    &client
+                        .prepare_cached("SELECT record::text FROM meters WHERE owner = $1")
+                        .await?,
                     &[&owner.as_str()],
                 )
                 .await?;
@@ -1470,7 +1538,11 @@ impl Store for PgStore {
                 meter.previous = None;
                 transaction
                     .execute(
-                        "UPDATE meters SET record = ($2::text)::jsonb WHERE mid = $1",
+                        &transaction
+                            .prepare_cached(
+                                "UPDATE meters SET record = ($2::text)::jsonb WHERE mid = $1",
+                            )
+                            .await?,
                         &[&mid.as_str(), &json(&meter)],
                     )
                     .await?;
@@ -1497,7 +1569,7 @@ impl Store for PgStore {
             }
             let rows = transaction
                 .query(
-                    "SELECT record::text FROM grants WHERE mid = $1 ORDER BY number",
+                    &transaction.prepare_cached("SELECT record::text FROM grants WHERE mid = $1 ORDER BY number").await?,
                     &[&new.mid.as_str()],
                 )
                 .await?;
@@ -1521,7 +1593,7 @@ impl Store for PgStore {
                 old.revoked_ms = Some(new.created_ms.max(old.created_ms));
                 transaction
                     .execute(
-                        "UPDATE grants SET record = ($2::text)::jsonb WHERE number = $1",
+                        &transaction.prepare_cached("UPDATE grants SET record = ($2::text)::jsonb WHERE number = $1").await?,
                         &[&int(old.id)?, &json(&old)],
                     )
                     .await?;
@@ -1539,7 +1611,7 @@ impl Store for PgStore {
             };
             transaction
                 .execute(
-                    "INSERT INTO grants (number, mid, cid, record) VALUES ($1, $2, $3, ($4::text)::jsonb)",
+                    &transaction.prepare_cached("INSERT INTO grants (number, mid, cid, record) VALUES ($1, $2, $3, ($4::text)::jsonb)").await?,
                     &[
                         &int(number)?,
                         &new.mid.as_str(),
@@ -1568,7 +1640,11 @@ impl Store for PgStore {
             let unknown = || registry_error(RegistryError::UnknownGrant(id));
             let row = transaction
                 .query_opt(
-                    "SELECT record::text FROM grants WHERE number = $1 FOR UPDATE",
+                    &transaction
+                        .prepare_cached(
+                            "SELECT record::text FROM grants WHERE number = $1 FOR UPDATE",
+                        )
+                        .await?,
                     &[&int(id)?],
                 )
                 .await?
@@ -1581,7 +1657,11 @@ impl Store for PgStore {
                 grant.revoked_ms = Some(at_ms.max(grant.created_ms));
                 transaction
                     .execute(
-                        "UPDATE grants SET record = ($2::text)::jsonb WHERE number = $1",
+                        &transaction
+                            .prepare_cached(
+                                "UPDATE grants SET record = ($2::text)::jsonb WHERE number = $1",
+                            )
+                            .await?,
                         &[&int(id)?, &json(&grant)],
                     )
                     .await?;
@@ -1596,7 +1676,9 @@ impl Store for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT record::text FROM deposits WHERE reference = $1",
+                    &client
+                        .prepare_cached("SELECT record::text FROM deposits WHERE reference = $1")
+                        .await?,
                     &[&reference.as_str()],
                 )
                 .await?;
@@ -1614,8 +1696,8 @@ impl Store for PgStore {
             let client = self.client().await?;
             let inserted = client
                 .execute(
-                    "INSERT INTO deposits (reference, record) VALUES ($1, ($2::text)::jsonb) \
-                     ON CONFLICT (reference) DO NOTHING",
+                    &client.prepare_cached("INSERT INTO deposits (reference, record) VALUES ($1, ($2::text)::jsonb) \
+                     ON CONFLICT (reference) DO NOTHING").await?,
                     &[&reference.as_str(), &json(intent)],
                 )
                 .await?;
@@ -1624,7 +1706,7 @@ impl Store for PgStore {
             }
             let row = client
                 .query_one(
-                    "SELECT record::text FROM deposits WHERE reference = $1",
+                    &client.prepare_cached("SELECT record::text FROM deposits WHERE reference = $1").await?,
                     &[&reference.as_str()],
                 )
                 .await?;
@@ -1647,7 +1729,7 @@ impl Store for PgStore {
                 };
                 transaction
                     .execute(
-                        "UPDATE deposits SET record = ($2::text)::jsonb WHERE reference = $1",
+                        &transaction.prepare_cached("UPDATE deposits SET record = ($2::text)::jsonb WHERE reference = $1").await?,
                         &[&reference.as_str(), &json(&record)],
                     )
                     .await?;
@@ -1683,7 +1765,11 @@ impl Store for PgStore {
             };
             transaction
                 .execute(
-                    "UPDATE deposits SET record = ($2::text)::jsonb WHERE reference = $1",
+                    &transaction
+                        .prepare_cached(
+                            "UPDATE deposits SET record = ($2::text)::jsonb WHERE reference = $1",
+                        )
+                        .await?,
                     &[&reference.as_str(), &json(&record)],
                 )
                 .await?;
