@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "itemised lz4",
         sql: include_str!("postgres/0004_itemised_lz4.sql"),
     },
+    Migration {
+        version: 5,
+        name: "fillfactor",
+        sql: include_str!("postgres/0005_fillfactor.sql"),
+    },
 ];
 
 /// The advisory lock migrations take (the bytes of "backoffi").

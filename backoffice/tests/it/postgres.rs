@@ -91,6 +91,19 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
             .trim(),
         "lz4"
     );
+    // The rows every batch updates leave room for updates on their page.
+    assert_eq!(
+        cluster
+            .psql(
+                "branch",
+                "SELECT string_agg(relname || ' ' || array_to_string(reloptions, ','), '; ' \
+                 ORDER BY relname) FROM pg_class \
+                 WHERE relname IN ('balances', 'period_uses', 'free_uses')"
+            )
+            .unwrap()
+            .trim(),
+        "balances fillfactor=50; free_uses fillfactor=50; period_uses fillfactor=50"
+    );
     // Again: nothing to apply.
     let store = PgStore::open(&url).unwrap();
     assert_eq!(
@@ -102,13 +115,14 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 5] = [
+static UPGRADE: [Migration; 6] = [
     MIGRATIONS[0],
     MIGRATIONS[1],
     MIGRATIONS[2],
     MIGRATIONS[3],
+    MIGRATIONS[4],
     Migration {
-        version: 5,
+        version: 6,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
     },
@@ -125,16 +139,16 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 4);
-    // A later backoffice with a fifth step upgrades it, keeping the data.
+    assert_eq!(store.schema_version().unwrap(), 5);
+    // A later backoffice with a sixth step upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
         store.migrate(&UPGRADE).unwrap(),
         Migrated {
-            applied: vec![5],
-            version: 5
+            applied: vec![6],
+            version: 6
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -145,13 +159,13 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 4: it refuses the database and
+    // This backoffice knows only version 5: it refuses the database and
     // changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 5") && message.contains("newer backoffice"),
+        message.contains("version 6") && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -190,7 +204,7 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
     // This one upgrades it as it starts.
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 4);
+    assert_eq!(store.schema_version().unwrap(), 5);
     for table in ["web_sessions", "web_events", "web_resets", "grant_codes"] {
         assert!(
             tables(&cluster, "branch").contains(&table.to_owned()),
