@@ -947,7 +947,9 @@ impl<S: Store> Backoffice<S> {
     fn ledger_for_write(&self) -> Result<LedgerWrite<'_>, Fault> {
         let mut ledger = lock(&self.ledger);
         let hold = self.store.hold_ledger().map_err(|error| internal(&error))?;
-        if self.store.shared() {
+        // Where nobody else wrote since this node's last write, its ledger
+        // and period counts are the store's (`LedgerHold::others_wrote`).
+        if self.store.shared() && hold.others_wrote() {
             self.catch_up(&mut ledger)?;
             // Another node may have counted uses since.
             lock(&self.period_counts).0.clear();

@@ -290,7 +290,7 @@ pub trait Store {
     /// dropped: nodes sharing the store take turns. Nothing to take where
     /// one process owns the store.
     fn hold_ledger(&self) -> Result<LedgerHold<'_>, StoreError> {
-        Ok(LedgerHold(None))
+        Ok(LedgerHold::none())
     }
 
     /// The transfers numbered `from` on, in order: what other nodes posted
@@ -581,18 +581,41 @@ pub enum AnyStore {
 /// A node's hold of a store's ledger lock (`Store::hold_ledger`),
 /// released when dropped.
 #[must_use = "the ledger lock is released when the hold is dropped"]
-pub struct LedgerHold<'a>(Option<&'a PgStore>);
+pub struct LedgerHold<'a> {
+    store: Option<&'a PgStore>,
+    others_wrote: bool,
+}
 
 impl<'a> LedgerHold<'a> {
-    /// The hold of `store`'s lock, just taken.
-    pub(crate) fn of(store: &'a PgStore) -> LedgerHold<'a> {
-        LedgerHold(Some(store))
+    /// No lock to take: one process owns the store.
+    pub(crate) fn none() -> LedgerHold<'a> {
+        LedgerHold {
+            store: None,
+            others_wrote: false,
+        }
+    }
+
+    /// The hold of `store`'s lock, just taken; `others_wrote` when money
+    /// may have been written by another writer since this node's last
+    /// write.
+    pub(crate) fn of(store: &'a PgStore, others_wrote: bool) -> LedgerHold<'a> {
+        LedgerHold {
+            store: Some(store),
+            others_wrote,
+        }
+    }
+
+    /// Whether what this node keeps of the ledger (its transfers, period
+    /// counts) must be read again from the store: another node, or a
+    /// write whose outcome this node does not know, may have changed it.
+    pub fn others_wrote(&self) -> bool {
+        self.others_wrote
     }
 }
 
 impl Drop for LedgerHold<'_> {
     fn drop(&mut self) {
-        if let Some(store) = self.0 {
+        if let Some(store) = self.store {
             store.release_ledger();
         }
     }

@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fillfactor",
         sql: include_str!("postgres/0005_fillfactor.sql"),
     },
+    Migration {
+        version: 6,
+        name: "ledger epoch",
+        sql: include_str!("postgres/0006_ledger_epoch.sql"),
+    },
 ];
 
 /// The advisory lock migrations take (the bytes of "backoffi").
@@ -113,6 +118,10 @@ pub struct PgStore {
     /// That session while this node holds the ledger lock: every money
     /// write checks that it still does.
     holding: std::sync::Mutex<Option<Session>>,
+    /// The ledger epoch (migration 6) this node's last money write left,
+    /// committed under its hold; `None` while a write is under way or
+    /// after one failed (its outcome may be unknown).
+    epoch_seen: std::sync::Mutex<Option<i64>>,
     runtime: Option<tokio::runtime::Runtime>,
     /// Where it is, without any password: for messages.
     shown: String,
@@ -251,6 +260,7 @@ impl PgStore {
             pool,
             ledger_lock: std::sync::Mutex::default(),
             holding: std::sync::Mutex::default(),
+            epoch_seen: std::sync::Mutex::default(),
             runtime: Some(runtime),
             shown,
         };
@@ -291,7 +301,10 @@ impl PgStore {
     /// of it (at most `LEDGER_LOCK_WAIT`), then for the writes in flight of
     /// a node whose hold ended under it. Held on a connection of its own
     /// until [`PgStore::release_ledger`]; one hold at a time per store.
-    pub fn hold_ledger_lock(&self) -> Result<(), StoreError> {
+    /// True when another writer may have written money since this node's
+    /// last write (the ledger epoch moved, or this node does not know
+    /// where it stands): what the node keeps in memory must be read again.
+    pub fn hold_ledger_lock(&self) -> Result<bool, StoreError> {
         // The lock is re-entrant per session: a second hold on the same
         // connection would take it again at once, and one release would
         // not let go of it.
@@ -347,8 +360,50 @@ impl PgStore {
                 })?;
             Ok::<_, StoreError>((client, session))
         })?;
+        // Read once the lock is held and every write in flight is done.
+        let epoch = self.block(async {
+            let row = client
+                .query_one(
+                    &client.prepare_cached("SELECT n FROM ledger_epoch").await?,
+                    &[],
+                )
+                .await?;
+            Ok::<i64, tokio_postgres::Error>(row.get(0))
+        });
         *lock_std(&self.holding) = Some(session);
         *lock_std(&self.ledger_lock) = Some((client, session));
+        let epoch = match epoch {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                self.release_ledger();
+                return Err(database(&error, &self.shown));
+            }
+        };
+        Ok(*lock_std(&self.epoch_seen) != Some(epoch))
+    }
+
+    /// Commits a money write made under the hold (`still_holding` began
+    /// it), and remembers the ledger epoch it leaves: the next hold that
+    /// finds it unchanged knows no other writer came between.
+    async fn commit_money(
+        &self,
+        transaction: deadpool_postgres::Transaction<'_>,
+    ) -> Result<(), StoreError> {
+        if lock_std(&self.holding).is_none() {
+            transaction.commit().await?;
+            return Ok(());
+        }
+        let epoch: i64 = transaction
+            .query_one(
+                &transaction
+                    .prepare_cached("SELECT n FROM ledger_epoch")
+                    .await?,
+                &[],
+            )
+            .await?
+            .get(0);
+        transaction.commit().await?;
+        *lock_std(&self.epoch_seen) = Some(epoch);
         Ok(())
     }
 
@@ -380,6 +435,8 @@ impl PgStore {
         &self,
         transaction: &deadpool_postgres::Transaction<'_>,
     ) -> Result<(), StoreError> {
+        // Until this write commits, where the ledger stands is not known.
+        *lock_std(&self.epoch_seen) = None;
         let Some(session) = *lock_std(&self.holding) else {
             return Ok(());
         };

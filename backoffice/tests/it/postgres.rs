@@ -115,14 +115,15 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 6] = [
+static UPGRADE: [Migration; 7] = [
     MIGRATIONS[0],
     MIGRATIONS[1],
     MIGRATIONS[2],
     MIGRATIONS[3],
     MIGRATIONS[4],
+    MIGRATIONS[5],
     Migration {
-        version: 6,
+        version: 7,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
     },
@@ -139,16 +140,16 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 5);
-    // A later backoffice with a sixth step upgrades it, keeping the data.
+    assert_eq!(store.schema_version().unwrap(), 6);
+    // A later backoffice with a seventh step upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
         store.migrate(&UPGRADE).unwrap(),
         Migrated {
-            applied: vec![6],
-            version: 6
+            applied: vec![7],
+            version: 7
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -159,13 +160,13 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 5: it refuses the database and
+    // This backoffice knows only version 6: it refuses the database and
     // changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 6") && message.contains("newer backoffice"),
+        message.contains("version 7") && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -204,7 +205,7 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
     // This one upgrades it as it starts.
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 5);
+    assert_eq!(store.schema_version().unwrap(), 6);
     for table in ["web_sessions", "web_events", "web_resets", "grant_codes"] {
         assert!(
             tables(&cluster, "branch").contains(&table.to_owned()),
@@ -678,6 +679,61 @@ fn the_ledger_lock_is_held_by_one_node_at_a_time() {
     let taken = receiver.recv().unwrap();
     assert!(taken >= released);
     waiting.join().unwrap();
+}
+
+#[test]
+fn a_node_rereads_the_ledger_only_when_someone_else_wrote_money_since_its_own_last_write() {
+    use backoffice::ledger::{AccountId, SystemAccount, Transfer, TransferId, TransferKind};
+    use backoffice::store::Store;
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let (a, b) = (
+        PgStore::connect(&url).unwrap(),
+        PgStore::connect(&url).unwrap(),
+    );
+    let deposit = |id: u64| Transfer {
+        id: TransferId(id),
+        debit: AccountId::System(SystemAccount::Funding),
+        credit: AccountId::Customer(proto::Cid::parse("B1-C1").unwrap()),
+        amount: proto::Amount::from_nanos(1),
+        kind: TransferKind::Deposit,
+        posted_ms: 1,
+    };
+    let write = |store: &PgStore, id: u64| {
+        let hold = store.hold_ledger().unwrap();
+        let others = hold.others_wrote();
+        let written = store
+            .stage_transfers(&[deposit(id)])
+            .map_err(|error| error.to_string());
+        drop(hold);
+        (others, written)
+    };
+    // A node that never wrote knows nothing: it reads.
+    assert_eq!(write(&a, 0), (true, Ok(())));
+    // Its own write since: nothing to read again.
+    assert_eq!(write(&a, 1), (false, Ok(())));
+    assert!(
+        !a.hold_ledger().unwrap().others_wrote(),
+        "a hold without a write"
+    );
+    // Another node wrote: both read.
+    assert_eq!(write(&b, 2), (true, Ok(())));
+    assert_eq!(write(&a, 3), (true, Ok(())));
+    assert_eq!(write(&a, 4), (false, Ok(())));
+    // A write the database refused (a number taken): this node does not
+    // know where the ledger stands, so it reads.
+    let (others, refused) = write(&a, 4);
+    assert!(!others && refused.is_err(), "{refused:?}");
+    assert_eq!(write(&a, 5), (true, Ok(())));
+    // Period counts written by anyone, even by hand, count as a write.
+    assert_eq!(write(&a, 6), (false, Ok(())));
+    cluster
+        .psql(
+            "branch",
+            "INSERT INTO period_uses (payer, pid, month, uses) VALUES ('B1-C1', 'B1-P1', 1, 1)",
+        )
+        .unwrap();
+    assert_eq!(write(&a, 7), (true, Ok(())));
 }
 
 #[test]

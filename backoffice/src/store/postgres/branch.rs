@@ -630,7 +630,7 @@ impl PgStore {
             // twice. Dropping the transaction rolls it all back.
             return Err(not_in_suspense());
         }
-        transaction.commit().await?;
+        self.commit_money(transaction).await?;
         Ok(())
     }
 }
@@ -649,8 +649,8 @@ impl Store for PgStore {
     }
 
     fn hold_ledger(&self) -> Result<crate::store::LedgerHold<'_>, StoreError> {
-        self.hold_ledger_lock()?;
-        Ok(crate::store::LedgerHold::of(self))
+        let others_wrote = self.hold_ledger_lock()?;
+        Ok(crate::store::LedgerHold::of(self, others_wrote))
     }
 
     fn transfers_from(&self, from: u64) -> Result<Vec<Transfer>, StoreError> {
@@ -754,7 +754,7 @@ impl Store for PgStore {
                     )
                     .await?;
             }
-            transaction.commit().await?;
+            self.commit_money(transaction).await?;
             Ok(())
         })
     }
@@ -913,7 +913,7 @@ impl Store for PgStore {
             let transaction = client.transaction().await?;
             self.still_holding(&transaction).await?;
             post(&transaction, transfers).await?;
-            transaction.commit().await?;
+            self.commit_money(transaction).await?;
             Ok(())
         })
     }
@@ -1773,7 +1773,7 @@ impl Store for PgStore {
                     &[&reference.as_str(), &json(&record)],
                 )
                 .await?;
-            transaction.commit().await?;
+            self.commit_money(transaction).await?;
             Ok(record)
         })
     }
