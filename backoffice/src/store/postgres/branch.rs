@@ -314,6 +314,63 @@ async fn write_itemised(
     Ok(())
 }
 
+/// Records the range of readings of a meter instance a batch brought.
+async fn write_seq_range(
+    transaction: &Transaction<'_>,
+    seq_range: Option<&SeqRange>,
+) -> Result<(), StoreError> {
+    if let Some(range) = seq_range {
+        transaction
+            .execute(
+                &transaction.prepare_cached("INSERT INTO seq_ranges (mid, instance, first, last) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (mid, instance, first) DO UPDATE SET last = excluded.last").await?,
+                &[
+                    &range.mid.as_str(),
+                    &range.instance,
+                    &seq_in(range.first),
+                    &seq_in(range.last),
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes a batch's readings in suspense.
+async fn write_suspense(
+    transaction: &Transaction<'_>,
+    suspense: &[Suspense],
+) -> Result<(), StoreError> {
+    if !suspense.is_empty() {
+        // One row per reading: a reading named twice keeps its last
+        // record (as a second write of the same key would).
+        let mut last: HashMap<(Mid, &str, u64), usize> = HashMap::new();
+        for (at, record) in suspense.iter().enumerate() {
+            last.insert((record.mid, record.batch.as_str(), record.seq), at);
+        }
+        let mut kept: Vec<usize> = last.into_values().collect();
+        kept.sort_unstable();
+        let suspense: Vec<&Suspense> = kept.into_iter().map(|at| &suspense[at]).collect();
+        let mids: Vec<&str> = suspense.iter().map(|record| record.mid.as_str()).collect();
+        let batches: Vec<&str> = suspense
+            .iter()
+            .map(|record| record.batch.as_str())
+            .collect();
+        let seqs: Vec<i64> = suspense.iter().map(|record| seq_in(record.seq)).collect();
+        let records: Vec<String> = suspense.iter().map(json).collect();
+        transaction
+            .execute(
+                &transaction.prepare_cached("INSERT INTO suspense (mid, batch, seq, record) \
+                 SELECT mid, batch, seq, record::jsonb \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS s (mid, batch, seq, record) \
+                 ON CONFLICT (mid, batch, seq) DO UPDATE SET record = excluded.record").await?,
+                &[&mids, &batches, &seqs, &records],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 fn not_in_suspense() -> StoreError {
     StoreError::Corrupt(
         "a reading to take out of suspense is no longer there (priced meanwhile?): nothing was changed"
@@ -711,49 +768,17 @@ impl Store for PgStore {
                 .map(|(first, last)| (first.id, last.id))
                 .into_iter()
                 .collect();
-            write_itemised(&transaction, key, &range, arrived_ms, itemised, true).await?;
-            if let Some(range) = effects.seq_range {
-                transaction
-                    .execute(
-                        &transaction.prepare_cached("INSERT INTO seq_ranges (mid, instance, first, last) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (mid, instance, first) DO UPDATE SET last = excluded.last").await?,
-                        &[
-                            &range.mid.as_str(),
-                            &range.instance,
-                            &seq_in(range.first),
-                            &seq_in(range.last),
-                        ],
-                    )
-                    .await?;
-            }
-            post(&transaction, effects.transfers).await?;
-            set_period_uses(&transaction, effects.period_uses, effects.free_uses).await?;
-            if !effects.suspense.is_empty() {
-                // One row per reading: a reading named twice keeps its last
-                // record (as a second write of the same key would).
-                let mut last: HashMap<(Mid, &str, u64), usize> = HashMap::new();
-                for (at, record) in effects.suspense.iter().enumerate() {
-                    last.insert((record.mid, record.batch.as_str(), record.seq), at);
-                }
-                let mut kept: Vec<usize> = last.into_values().collect();
-                kept.sort_unstable();
-                let suspense: Vec<&Suspense> =
-                    kept.into_iter().map(|at| &effects.suspense[at]).collect();
-                let mids: Vec<&str> = suspense.iter().map(|record| record.mid.as_str()).collect();
-                let batches: Vec<&str> =
-                    suspense.iter().map(|record| record.batch.as_str()).collect();
-                let seqs: Vec<i64> = suspense.iter().map(|record| seq_in(record.seq)).collect();
-                let records: Vec<String> = suspense.iter().map(json).collect();
-                transaction
-                    .execute(
-                        &transaction.prepare_cached("INSERT INTO suspense (mid, batch, seq, record) \
-                         SELECT mid, batch, seq, record::jsonb \
-                         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS s (mid, batch, seq, record) \
-                         ON CONFLICT (mid, batch, seq) DO UPDATE SET record = excluded.record").await?,
-                        &[&mids, &batches, &seqs, &records],
-                    )
-                    .await?;
-            }
+            // The rest touches other tables and depends on nothing read
+            // back: sent at once (tokio-postgres pipelines the statements
+            // of one connection), so the database works through them while
+            // the next one's rows are being encoded.
+            tokio::try_join!(
+                write_itemised(&transaction, key, &range, arrived_ms, itemised, true),
+                write_seq_range(&transaction, effects.seq_range),
+                post(&transaction, effects.transfers),
+                set_period_uses(&transaction, effects.period_uses, effects.free_uses),
+                write_suspense(&transaction, effects.suspense),
+            )?;
             self.commit_money(transaction).await?;
             Ok(())
         })
