@@ -1648,6 +1648,32 @@ impl<S: Store> Backoffice<S> {
         Ok(())
     }
 
+    /// The counts of `periods` a batch prices with before the ledger is
+    /// locked: those this node keeps in memory where nobody else wrote
+    /// since its last write (and no other batch is using them just now),
+    /// the rest read from the store. Only a starting point: under the lock
+    /// `counts_unchanged` checks them against the store's.
+    fn early_counts(
+        &self,
+        periods: impl IntoIterator<Item = PeriodKey>,
+    ) -> Result<PeriodCounts, Fault> {
+        let mut counts = PeriodCounts::default();
+        let mut missing: Vec<PeriodKey> = periods.into_iter().collect();
+        if self.store.unchanged_since_own_write()
+            && let Ok(kept) = self.period_counts.try_lock()
+        {
+            missing.retain(|period| match kept.0.get(period) {
+                Some(count) => {
+                    counts.0.insert(*period, *count);
+                    false
+                }
+                None => true,
+            });
+        }
+        self.read_counts(&mut counts, missing)?;
+        Ok(counts)
+    }
+
     /// Whether every period count a batch was priced with (`bases`, read
     /// before the ledger was locked) is still the stored one; called with
     /// the ledger locked.
@@ -1973,8 +1999,7 @@ impl<S: Store> Backoffice<S> {
         let reserved = self.periods_in_use.reserve(priced_in.clone())?;
         let unpriced = uses.clone();
         // The counts they start from, read in one step once reserved.
-        let mut bases = PeriodCounts::default();
-        self.read_counts(&mut bases, priced_in)?;
+        let mut bases = self.early_counts(priced_in)?;
         let mut periods_early: HashMap<PeriodKey, u64> = HashMap::new();
         let early = self.price_chains(&mut lookups, &mut bases, &mut periods_early, &mut uses)?;
         let mut ledger = self.ledger_for_write()?;

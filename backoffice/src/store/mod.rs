@@ -293,6 +293,15 @@ pub trait Store {
         Ok(LedgerHold::none())
     }
 
+    /// Whether, as far as the store can tell now, nobody else wrote money
+    /// since this node's last write, so that what the node keeps in memory
+    /// (period counts) is the store's. A hint for work done before the
+    /// ledger lock, checked again under it (`LedgerHold::others_wrote`);
+    /// always true where one process owns the store.
+    fn unchanged_since_own_write(&self) -> bool {
+        true
+    }
+
     /// The transfers numbered `from` on, in order: what other nodes posted
     /// since this node's ledger last caught up. Empty where one process
     /// owns the store.
@@ -740,6 +749,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.device_codes(),
             AnyStore::Postgres(store) => store.device_codes(),
+        }
+    }
+
+    fn unchanged_since_own_write(&self) -> bool {
+        match self {
+            AnyStore::Sled(store) => store.unchanged_since_own_write(),
+            AnyStore::Postgres(store) => store.unchanged_since_own_write(),
         }
     }
 

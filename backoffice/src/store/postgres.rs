@@ -382,6 +382,25 @@ impl PgStore {
         Ok(*lock_std(&self.epoch_seen) != Some(epoch))
     }
 
+    /// Whether the ledger epoch is where this node's last write left it
+    /// (false when that is not known, or the database cannot be read).
+    pub(crate) fn epoch_unchanged(&self) -> bool {
+        let Some(seen) = *lock_std(&self.epoch_seen) else {
+            return false;
+        };
+        let now = self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    &client.prepare_cached("SELECT n FROM ledger_epoch").await?,
+                    &[],
+                )
+                .await?;
+            Ok::<i64, StoreError>(row.get(0))
+        });
+        matches!(now, Ok(now) if now == seen)
+    }
+
     /// Commits a money write made under the hold (`still_holding` began
     /// it), and remembers the ledger epoch it leaves: the next hold that
     /// finds it unchanged knows no other writer came between.

@@ -705,6 +705,10 @@ impl Store for PgStore {
         crate::grants::DeviceCodes::shared(self.grant_codes())
     }
 
+    fn unchanged_since_own_write(&self) -> bool {
+        self.epoch_unchanged()
+    }
+
     fn hold_ledger(&self) -> Result<crate::store::LedgerHold<'_>, StoreError> {
         let others_wrote = self.hold_ledger_lock()?;
         Ok(crate::store::LedgerHold::of(self, others_wrote))
