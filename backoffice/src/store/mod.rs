@@ -55,6 +55,13 @@ pub enum StoreError {
     /// The database failed or could not be reached (PostgreSQL).
     #[error("the database failed: {0}")]
     Database(String),
+    /// The database aborted the transaction for a conflict with another
+    /// (a serialization failure or a deadlock): nothing was changed, and
+    /// the same call may be made again.
+    #[error(
+        "the database aborted the change for a conflict with another; nothing was changed: {0}"
+    )]
+    Conflict(String),
     /// The data folder's branch is kept in another store than the one asked.
     #[error("{0}")]
     WrongStore(String),

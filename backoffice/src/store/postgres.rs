@@ -76,6 +76,23 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// Most times a transaction aborted for a conflict is run again.
+pub const CONFLICT_RETRIES: u32 = 8;
+
+/// The pause before attempt `attempt` (from 1) of a transaction that met a
+/// conflict: 1, 2, 4 ... ms, and up to as much again at random, so that
+/// the transactions that met do not meet again.
+fn conflict_pause(attempt: u32) -> std::time::Duration {
+    use ring::rand::SecureRandom;
+    let base = 1u64 << attempt.min(10).saturating_sub(1);
+    let mut byte = [0u8; 1];
+    let extra = match ring::rand::SystemRandom::new().fill(&mut byte) {
+        Ok(()) => base * u64::from(byte[0]) / 255,
+        Err(_) => 0,
+    };
+    std::time::Duration::from_millis(base + extra)
+}
+
 /// The advisory lock migrations take (the bytes of "backoffi").
 const MIGRATION_LOCK: i64 = 0x6261_636b_6f66_6669;
 /// The branch's ledger lock (the bytes of "backledg"): a node holds it
@@ -287,6 +304,34 @@ impl PgStore {
             .expect("the runtime lives as long as the store")
             .handle();
         block_on(handle, work)
+    }
+
+    /// Runs `work`, one transaction, as `block` does; when the database
+    /// aborts it for a conflict with another transaction (a serialization
+    /// failure, under `SERIALIZABLE` isolation or an engine that always
+    /// runs it, or a deadlock), runs it again from the start, at most
+    /// `CONFLICT_RETRIES` times, after a short growing pause. The aborted
+    /// attempt changed nothing.
+    fn block_retrying<T: Send, F>(
+        &self,
+        mut work: impl FnMut() -> F + Send,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send,
+    {
+        self.block(async {
+            let mut attempt = 0;
+            loop {
+                match work().await {
+                    Err(StoreError::Conflict(reason)) if attempt < CONFLICT_RETRIES => {
+                        attempt += 1;
+                        tracing::debug!(at = %self.shown, attempt, %reason, "a transaction met a conflict: run again");
+                        tokio::time::sleep(conflict_pause(attempt)).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
     }
 
     /// A connection from the pool.

@@ -27,7 +27,13 @@ type Transaction<'a> = deadpool_postgres::Transaction<'a>;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
-        StoreError::Database(error.to_string())
+        use tokio_postgres::error::SqlState;
+        match error.code() {
+            Some(&SqlState::T_R_SERIALIZATION_FAILURE | &SqlState::T_R_DEADLOCK_DETECTED) => {
+                StoreError::Conflict(error.to_string())
+            }
+            _ => StoreError::Database(error.to_string()),
+        }
     }
 }
 
@@ -555,7 +561,7 @@ impl PgStore {
         by: Actor,
         change: &(dyn Fn(&mut Meter) -> Result<(), RegistryError> + Sync),
     ) -> Result<Meter, StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let unknown = || registry_error(RegistryError::UnknownMeter(*mid));
@@ -750,7 +756,7 @@ impl Store for PgStore {
         arrived_ms: u64,
         itemised: &[Vec<u8>],
     ) -> Result<(), StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             self.still_holding(&transaction).await?;
@@ -867,18 +873,20 @@ impl Store for PgStore {
         arrived_ms: u64,
         sets: &[RepricedItems],
     ) -> Result<(), StoreError> {
-        self.block(self.resolve_in(
-            resolved,
-            transfers,
-            period_uses,
-            free_uses,
-            arrived_ms,
-            sets,
-        ))
+        self.block_retrying(|| {
+            self.resolve_in(
+                resolved,
+                transfers,
+                period_uses,
+                free_uses,
+                arrived_ms,
+                sets,
+            )
+        })
     }
 
     fn prune_itemised(&self, before_ms: u64, records_max: usize) -> Result<usize, StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let rows = transaction
@@ -937,7 +945,7 @@ impl Store for PgStore {
     }
 
     fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             self.still_holding(&transaction).await?;
@@ -1074,7 +1082,7 @@ impl Store for PgStore {
         transfers: &[Transfer],
         period_uses: &[(PeriodKey, u64)],
     ) -> Result<(), StoreError> {
-        self.block(self.resolve_in(resolved, transfers, period_uses, &[], 0, &[]))
+        self.block_retrying(|| self.resolve_in(resolved, transfers, period_uses, &[], 0, &[]))
     }
 
     fn overlapping_range(&self, range: &SeqRange) -> Result<Option<(u64, u64)>, StoreError> {
@@ -1145,7 +1153,7 @@ impl Store for PgStore {
         registry::check_text("name", &registration.name, registry::NAME_BYTES_MAX)?;
         registry::check_email(&registration.email)?;
         let email_key = registration.email.to_lowercase();
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let taken = transaction
@@ -1297,7 +1305,7 @@ impl Store for PgStore {
         }
         registry::check_text("terms", terms, registry::TERMS_BYTES_MAX)?;
         let hash = TacaHash::of(taca);
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             if Self::customer_in(&transaction, owner).await?.is_none() {
@@ -1377,7 +1385,7 @@ impl Store for PgStore {
                 declared.push(*component);
             }
         }
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let unknown = || registry_error(RegistryError::UnknownProduct(*pid));
@@ -1429,7 +1437,7 @@ impl Store for PgStore {
 
     fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
         let secret_hex = registry::new_meter_secret();
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             // The owner's row is locked: two meters made at once are counted
@@ -1557,7 +1565,7 @@ impl Store for PgStore {
     }
 
     fn retire_previous_secret(&self, mid: &Mid, current_hex: &str) -> Result<(), StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let Some(mut meter) = Self::meter_in(&transaction, mid, true).await? else {
@@ -1582,7 +1590,7 @@ impl Store for PgStore {
     }
 
     fn create_grant(&self, new: NewGrant) -> Result<Grant, StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             if Self::customer_in(&transaction, &new.cid).await?.is_none() {
@@ -1663,7 +1671,7 @@ impl Store for PgStore {
     }
 
     fn revoke_grant(&self, id: u64, payer: Option<&Cid>, at_ms: u64) -> Result<Grant, StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let unknown = || registry_error(RegistryError::UnknownGrant(id));
@@ -1748,7 +1756,7 @@ impl Store for PgStore {
         reference: &Reference,
         processor: &str,
     ) -> Result<DepositRecord, StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let mut record = Self::deposit_in(&transaction, reference).await?;
@@ -1773,7 +1781,7 @@ impl Store for PgStore {
         reference: &Reference,
         transfer: &Transfer,
     ) -> Result<DepositRecord, StoreError> {
-        self.block(async {
+        self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             self.still_holding(&transaction).await?;
