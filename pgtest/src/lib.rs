@@ -215,6 +215,32 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// Turns TLS on with the certificate chain and key given (PEM), kept
+    /// in the data folder as the server's own (`server.crt`, `server.key`,
+    /// readable by the server's user only), and waits until new sessions
+    /// see it. Clients that do not ask for TLS are still served plain.
+    pub fn enable_tls(&self, certificate_pem: &str, key_pem: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, text) in [("server.crt", certificate_pem), ("server.key", key_pem)] {
+            let path = self.data().join(name);
+            std::fs::write(&path, text).map_err(|error| format!("{}: {error}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|error| format!("{}: {error}", path.display()))?;
+            if self.as_postgres {
+                run(Command::new("chown").arg("postgres:").arg(&path))?;
+            }
+        }
+        self.psql("postgres", "ALTER SYSTEM SET ssl = on")?;
+        self.psql("postgres", "SELECT pg_reload_conf()")?;
+        for _ in 0..100 {
+            if self.psql("postgres", "SHOW ssl")?.trim() == "on" {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(format!("TLS did not come on:\n{}", self.log()))
+    }
+
     /// The server's log so far (for a failing test's message).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

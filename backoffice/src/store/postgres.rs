@@ -179,6 +179,146 @@ fn lock_std<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What a connection string says about TLS beyond what `tokio-postgres`
+/// reads: `sslrootcert=FILE` (the CA to trust, PEM; libpq's name) is taken
+/// out, libpq's `sslmode=verify-full` and `verify-ca` read as `require`
+/// (which here always verifies the server's certificate and name).
+#[derive(Debug, PartialEq, Eq)]
+struct TlsSettings {
+    /// The string without `sslrootcert`.
+    rest: String,
+    root_file: Option<std::path::PathBuf>,
+    /// Whether `sslmode` was given at all.
+    mode_given: bool,
+}
+
+impl TlsSettings {
+    fn take_from(url: &str) -> TlsSettings {
+        let key_value = url.contains('=') && !url.starts_with("postgres");
+        // Key=value settings are rewritten only where they must be: a
+        // quoted value may hold spaces, which a simple split would break.
+        if key_value && !(url.contains("sslrootcert=") || url.contains("sslmode=verify-")) {
+            return TlsSettings {
+                rest: url.to_owned(),
+                root_file: None,
+                mode_given: url
+                    .split_whitespace()
+                    .any(|pair| pair.starts_with("sslmode=")),
+            };
+        }
+        let mut root_file = None;
+        let mut mode_given = false;
+        let mut setting = |key: &str, value: &str| -> Option<String> {
+            match key {
+                "sslrootcert" => {
+                    root_file = Some(std::path::PathBuf::from(percent_decoded(value)));
+                    None
+                }
+                "sslmode" => {
+                    mode_given = true;
+                    Some(match value {
+                        "verify-full" | "verify-ca" => "require".to_owned(),
+                        other => other.to_owned(),
+                    })
+                }
+                _ => Some(value.to_owned()),
+            }
+        };
+        let rest = if let Some((base, query)) = url
+            .split_once('?')
+            .filter(|_| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            let kept: Vec<String> = query
+                .split('&')
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    setting(key, value).map(|value| format!("{key}={value}"))
+                })
+                .collect();
+            if kept.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}?{}", kept.join("&"))
+            }
+        } else if key_value {
+            url.split_whitespace()
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    setting(key, value).map(|value| format!("{key}={value}"))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            url.to_owned()
+        };
+        TlsSettings {
+            rest,
+            root_file,
+            mode_given,
+        }
+    }
+}
+
+/// `%XX` escapes of a URL's query value decoded (a path may hold them).
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes
+            .get(at + 1..at + 3)
+            .and_then(|pair| std::str::from_utf8(pair).ok())
+            .and_then(|pair| u8::from_str_radix(pair, 16).ok());
+        match (bytes[at], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                at += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The TLS client for the database: trusting the certificates in
+/// `root_file` (PEM) if given, else the system's roots.
+fn tls_client(root_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certificates: Vec<CertificateDer<'static>> = match root_file {
+        Some(path) => CertificateDer::pem_file_iter(path)
+            .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+            .map_err(|error| format!("the CA file {}: {error}", path.display()))?,
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        return Err(match root_file {
+            Some(path) => format!("the CA file {} holds no usable certificate", path.display()),
+            None => "no trusted root certificates found on this system; name the database's \
+                     CA with sslrootcert=FILE"
+                .into(),
+        });
+    }
+    tls_client_with(roots)
+}
+
+fn tls_client_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
 /// `host:port/dbname` of a connection string, never its password.
 fn shown(config: &tokio_postgres::Config) -> String {
     let host = config
@@ -223,11 +363,17 @@ impl PgStore {
                     .to_owned(),
             ));
         }
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|error| {
+        let tls = TlsSettings::take_from(url);
+        let mut config = tokio_postgres::Config::from_str(&tls.rest).map_err(|error| {
             // The parser's message never repeats the URL (which may hold a
             // password).
             StoreError::Database(format!("not a PostgreSQL connection string: {error}"))
         })?;
+        if !tls.mode_given {
+            // Plain, as libpq's `prefer` would be against a server without
+            // TLS; TLS only where the string asks for it (`sslmode=require`).
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
         config.connect_timeout(CONNECT_TIMEOUT);
         // A database host that vanishes (no reset ever comes) is noticed
         // within about a minute instead of the system's two hours.
@@ -255,9 +401,20 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(StoreError::Sync)?;
+        let connector = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => None,
+            _ => Some(tls_client(tls.root_file.as_deref()).map_err(|error| {
+                StoreError::Database(format!("{shown}: TLS to the database: {error}"))
+            })?),
+        };
         let manager = deadpool_postgres::Manager::from_config(
             config,
-            tokio_postgres::NoTls,
+            tokio_postgres_rustls::MakeRustlsConnect::new(match connector {
+                Some(connector) => connector,
+                // Never used: the mode says no TLS.
+                None => tls_client_with(rustls::RootCertStore::empty())
+                    .map_err(|error| StoreError::Database(format!("{shown}: {error}")))?,
+            }),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -706,6 +863,54 @@ mod tests {
     }
 
     conformance_tests!(PgHarness::new());
+
+    #[test]
+    fn libpq_tls_settings_are_read_and_taken_out_of_the_connection_string() {
+        let read = |url: &str| TlsSettings::take_from(url);
+        assert_eq!(
+            read("postgres://u@db:5432/branch"),
+            TlsSettings {
+                rest: "postgres://u@db:5432/branch".into(),
+                root_file: None,
+                mode_given: false
+            }
+        );
+        assert_eq!(
+            read(
+                "postgres://u:p@db/branch?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x"
+            ),
+            TlsSettings {
+                rest: "postgres://u:p@db/branch?sslmode=require&application_name=x".into(),
+                root_file: Some("/etc/ca.pem".into()),
+                mode_given: true
+            }
+        );
+        assert_eq!(
+            read("postgres://u@db/branch?sslrootcert=/ca.pem").rest,
+            "postgres://u@db/branch"
+        );
+        assert_eq!(
+            read("host=db dbname=branch sslmode=verify-ca sslrootcert=/ca.pem"),
+            TlsSettings {
+                rest: "host=db dbname=branch sslmode=require".into(),
+                root_file: Some("/ca.pem".into()),
+                mode_given: true
+            }
+        );
+        // A quoted value with a space is left alone where nothing needs
+        // rewriting.
+        let quoted = "host=db password='a b' sslmode=require";
+        assert_eq!(
+            read(quoted),
+            TlsSettings {
+                rest: quoted.into(),
+                root_file: None,
+                mode_given: true
+            }
+        );
+        // A setting that does not parse is refused, never read as plain.
+        assert!(PgStore::open("postgres://u@db/branch?sslmode=sometimes").is_err());
+    }
 
     #[test]
     fn grant_codes_in_the_database_follow_the_rules_of_codes_in_memory() {

@@ -816,6 +816,89 @@ fn transactions_aborted_for_a_conflict_are_run_again_under_serializable_isolatio
     assert_eq!(transfers.len(), 40);
 }
 
+/// A CA and a certificate it signed for 127.0.0.1 and localhost: (CA PEM,
+/// certificate PEM, key PEM).
+fn test_pki(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    (ca.pem(), server.pem(), server_key.serialize_pem())
+}
+
+#[test]
+fn the_database_is_reached_over_tls_it_verifies_when_the_connection_string_asks() {
+    let cluster = cluster();
+    cluster.create_database("branch").unwrap();
+    let (ca, certificate, key) = test_pki("database");
+    cluster.enable_tls(&certificate, &key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = dir.path().join("ca.pem");
+    std::fs::write(&trusted, ca).unwrap();
+    let stranger = dir.path().join("other-ca.pem");
+    std::fs::write(&stranger, test_pki("other").0).unwrap();
+    let base = cluster.url("branch");
+    let sessions = |ssl: bool| {
+        cluster
+            .psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = 'backoffice' AND s.ssl = {ssl}"
+                ),
+            )
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    // Asked for, with the CA that signed the server's certificate: TLS.
+    let store = PgStore::connect(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        trusted.display()
+    ))
+    .unwrap();
+    assert!(sessions(true) >= 1, "a TLS session");
+    assert_eq!(sessions(false), 0, "and no plain one");
+    drop(store);
+    // A server whose certificate another CA signed is refused, naming why.
+    let refused = PgStore::connect(&format!(
+        "{base}?sslmode=require&sslrootcert={}",
+        stranger.display()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("certificate") || refused.contains("TLS"),
+        "{refused}"
+    );
+    assert!(!refused.contains("sslrootcert"), "{refused}");
+    // A CA file that holds none is refused before any connection.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let refused = PgStore::connect(&format!(
+        "{base}?sslmode=require&sslrootcert={}",
+        empty.display()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("holds no usable certificate"), "{refused}");
+    // Not asked for: plain, as before.
+    let plain = PgStore::connect(&base).unwrap();
+    assert!(sessions(false) >= 1, "a plain session");
+    drop(plain);
+}
+
 #[test]
 fn a_data_folder_remembers_where_its_branch_is_kept() {
     let cluster = cluster();
