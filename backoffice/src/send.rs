@@ -128,6 +128,9 @@ pub struct Backoffice<S> {
     not_durable: std::sync::atomic::AtomicBool,
     /// Grant codes waiting for a customer's decision.
     device_codes: crate::grants::DeviceCodes,
+    /// When the last re-pricing of suspense wrote its itemised records
+    /// (ms); the next one writes after it.
+    repriced_at_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The ledger locked for a money write (`Backoffice::ledger_for_write`):
@@ -865,6 +868,7 @@ impl<S: Store> Backoffice<S> {
             counters: Counters::default(),
             not_durable: std::sync::atomic::AtomicBool::new(false),
             device_codes,
+            repriced_at_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -1944,7 +1948,16 @@ impl<S: Store> Backoffice<S> {
             .map_err(|error| internal(&error))?;
         let period_uses: Vec<(PeriodKey, u64)> = periods.into_iter().collect();
         let free_uses = free.added();
-        let (arrived_ms, sets) = repriced_records(&resolved, outcomes, &prepared, posted_ms);
+        // Each re-pricing's records get a time of their own, after the
+        // last one's: two in one millisecond would otherwise take the same
+        // keys, which the store refuses.
+        let after = self.repriced_at_ms.load(Ordering::Relaxed);
+        let (arrived_ms, sets) = repriced_records(
+            &resolved,
+            outcomes,
+            &prepared,
+            posted_ms.max(after.saturating_add(1)),
+        );
         self.store
             .resolve_suspense_itemised(
                 &resolved,
@@ -1955,6 +1968,7 @@ impl<S: Store> Backoffice<S> {
                 &sets,
             )
             .map_err(|error| self.stop_money(&error))?;
+        self.repriced_at_ms.store(arrived_ms, Ordering::Relaxed);
         self.still_durable()?;
         stored.stored(&period_uses);
         ledger.commit(prepared);

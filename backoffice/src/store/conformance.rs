@@ -683,12 +683,67 @@ pub(crate) fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once(
             )
             .is_err()
     );
+    // Itemised records are never overwritten: a second re-pricing whose
+    // records of the same batch would take the same key is refused whole,
+    // and the first one's records stay.
+    let left = store.suspense().unwrap();
+    let (one, other) = (left[0].clone(), left[1].clone());
+    // Both sets name the first one's batch (the store keys them by it).
+    let repriced = |record: &Suspense, uses: u64| {
+        use crate::itemised::{Encoder, Outcome};
+        let mut encoder = Encoder::repriced(one.mid, one.batch.clone(), 9_100);
+        let reading = proto::reading::Reading {
+            seq: record.seq,
+            time_ms: 5,
+            context: proto::Context::parse("suspense").unwrap(),
+            event: proto::reading::Event::Login(Cid::parse("B1-C1").unwrap()),
+        };
+        for _ in 0..uses {
+            encoder.push(&reading, &Outcome::NotPriced);
+        }
+        RepricedItems {
+            key: BatchKey {
+                mid: one.mid,
+                id: one.batch.clone(),
+            },
+            transfers: Vec::new(),
+            records: encoder.finish(),
+        }
+    };
+    let first_set = repriced(&one, 1);
+    store
+        .resolve_suspense_itemised(
+            std::slice::from_ref(&one),
+            &[],
+            &[],
+            &[],
+            9_100,
+            std::slice::from_ref(&first_set),
+        )
+        .unwrap();
+    let taken = store.resolve_suspense_itemised(
+        std::slice::from_ref(&other),
+        &[],
+        &[],
+        &[],
+        9_100,
+        &[repriced(&other, 2)],
+    );
+    assert!(matches!(taken, Err(StoreError::Corrupt(_))), "{taken:?}");
+    let at = ItemisedAt {
+        key: first_set.key.clone(),
+        arrived_ms: 9_100,
+    };
+    let kept = store.itemised_records_at(&at).unwrap().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].items.len(), 1, "the first re-pricing's record");
+    assert!(store.suspense().unwrap().contains(&other));
     drop(store);
     let store = harness.open();
-    assert_eq!(store.suspense_count().unwrap(), 3);
+    assert_eq!(store.suspense_count().unwrap(), 2);
     let left = store.suspense().unwrap();
     assert!(left.iter().all(|record| !resolved.contains(record)));
-    assert_eq!(left.len(), 3);
+    assert_eq!(left.len(), 2);
     assert_eq!(store.period_uses(&period).unwrap(), 2);
     assert_eq!(
         store.free_uses(&period.payer, period.month).unwrap(),

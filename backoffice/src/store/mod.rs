@@ -272,6 +272,16 @@ pub struct RepricedItems {
     pub records: Vec<Vec<u8>>,
 }
 
+/// Itemised records already kept under the key a write would use: they
+/// are never overwritten.
+pub(crate) fn itemised_taken(key: &BatchKey, arrived_ms: u64) -> StoreError {
+    StoreError::Corrupt(format!(
+        "itemised records of batch {} of {} written at {arrived_ms} exist already; \
+         records are never overwritten: nothing was changed",
+        key.id, key.mid
+    ))
+}
+
 /// What the backoffice keeps durably.
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.

@@ -1182,6 +1182,15 @@ fn batch_key_of(bytes: &[u8]) -> Option<BatchKey> {
     fields.is_empty().then_some(key)
 }
 
+/// Why a re-pricing's transaction wrote nothing.
+enum Refusal {
+    /// A reading it takes out of suspense is no longer there.
+    NotInSuspense,
+    /// The itemised records of set N would take the key of records kept
+    /// already.
+    ItemisedTaken(usize),
+}
+
 impl SledStore {
     /// `resolve_suspense`, with a re-pricing's itemised records.
     fn resolve(
@@ -1208,7 +1217,7 @@ impl SledStore {
             &self.itemised_index,
             &self.free_uses,
         );
-        let outcome: Result<usize, TransactionError<()>> = trees.transaction(
+        let outcome: Result<usize, TransactionError<Refusal>> = trees.transaction(
             |(
                 transfer_tree,
                 period_tree,
@@ -1217,9 +1226,17 @@ impl SledStore {
                 itemised_index,
                 free_tree,
             )| {
-                for entries in &itemised {
+                for (set, entries) in itemised.iter().enumerate() {
                     for (key, record) in &entries.records {
-                        itemised_tree.insert(key.as_slice(), record.as_slice())?;
+                        // Never over another re-pricing's records.
+                        if itemised_tree
+                            .insert(key.as_slice(), record.as_slice())?
+                            .is_some()
+                        {
+                            return Err(ConflictableTransactionError::Abort(
+                                Refusal::ItemisedTaken(set),
+                            ));
+                        }
                     }
                     for (key, value) in &entries.index {
                         itemised_index.insert(key.as_slice(), value.as_slice())?;
@@ -1244,7 +1261,7 @@ impl SledStore {
                 if removed != resolved.len() {
                     // Priced by someone else meanwhile: posting again would
                     // charge twice. Aborting writes none of it.
-                    return Err(ConflictableTransactionError::Abort(()));
+                    return Err(ConflictableTransactionError::Abort(Refusal::NotInSuspense));
                 }
                 Ok(removed)
             },
@@ -1255,11 +1272,14 @@ impl SledStore {
                     .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
                 self.sync()
             }
-            Err(TransactionError::Abort(())) => Err(StoreError::Corrupt(
+            Err(TransactionError::Abort(Refusal::NotInSuspense)) => Err(StoreError::Corrupt(
                 "a reading to take out of suspense is no longer there (priced meanwhile?): \
                  nothing was changed"
                     .to_owned(),
             )),
+            Err(TransactionError::Abort(Refusal::ItemisedTaken(set))) => {
+                Err(crate::store::itemised_taken(&sets[set].key, arrived_ms))
+            }
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
     }

@@ -972,6 +972,65 @@ fn send_at(world: &World, body: &[u8], now_ms: u64) -> Result<Value, proto::Faul
     world.backoffice.send(body, signed, now_ms)
 }
 
+/// Two re-pricings of one batch's suspense, each pricing one of its uses,
+/// would date their records the same millisecond (one after the batch
+/// arrived, when that is later than the clock): each gets its own, and
+/// both sets of records are kept.
+#[test]
+fn two_repricings_of_one_batch_keep_each_their_own_itemised_records() {
+    let world = world();
+    let store = world.backoffice.store();
+    let bid = Bid::parse("B1").unwrap();
+    // The batch arrives "tomorrow" by the backoffice's clock of the call.
+    let tomorrow = backoffice::now_ms() + 86_400_000;
+    let pids = [Pid::parse("B1-P3").unwrap(), Pid::parse("B1-P4").unwrap()];
+    let readings = pids
+        .iter()
+        .enumerate()
+        .map(|(index, pid)| Reading {
+            seq: 100 + index as u64,
+            time_ms: tomorrow - 1000,
+            context: Context::parse("42.7").unwrap(),
+            event: Event::Commit {
+                pid: *pid,
+                payer: Some(Payer::Customer(world.consumer)),
+            },
+        })
+        .collect();
+    let body = body_of(world.mid, "B1-M1:1", readings, Vec::new());
+    send_at(&world, &body, tomorrow).unwrap();
+    assert_eq!(store.suspense_count().unwrap(), 2);
+    for (left, pid) in [(1, pids[0]), (0, pids[1])] {
+        let made = store
+            .create_product(
+                &bid,
+                NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
+            )
+            .unwrap();
+        assert_eq!(made.pid, pid);
+        assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, left));
+    }
+    let key = backoffice::store::BatchKey {
+        mid: world.mid,
+        id: BatchId::parse("B1-M1:1").unwrap(),
+    };
+    for (after, pid) in [(1, pids[0]), (2, pids[1])] {
+        let at = backoffice::store::ItemisedAt {
+            key: key.clone(),
+            arrived_ms: tomorrow + after,
+        };
+        let records = store.itemised_records_at(&at).unwrap().unwrap();
+        let items: Vec<_> = records.iter().flat_map(|record| &record.items).collect();
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert!(
+            format!("{:?}", items[0]).contains(pid.as_str()),
+            "{items:?}"
+        );
+    }
+    world.backoffice.ledger().verify();
+    books_verify(&world);
+}
+
 /// A customer who granted her own meter uses another producer's product
 /// and claims components inside it: only components its owner declared,
 /// inside uses of its real PID, are charged to that owner.

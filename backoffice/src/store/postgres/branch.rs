@@ -32,7 +32,11 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(&SqlState::T_R_SERIALIZATION_FAILURE | &SqlState::T_R_DEADLOCK_DETECTED) => {
                 StoreError::Conflict(error.to_string())
             }
-            _ => StoreError::Database(error.to_string()),
+            _ => StoreError::Database(match error.as_db_error() {
+                // The server's own words: "db error" alone says nothing.
+                Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                None => error.to_string(),
+            }),
         }
     }
 }
@@ -288,7 +292,14 @@ async fn write_itemised(
              SELECT $1, $2, $3, part, record FROM unnest($4::integer[], $5::bytea[]) AS r (part, record)").await?,
             &[&arrived, &mid, &batch, &numbers, &records],
         )
-        .await?;
+        .await
+        .map_err(|error| {
+            if is_unique_violation(&error) {
+                crate::store::itemised_taken(key, arrived_ms)
+            } else {
+                error.into()
+            }
+        })?;
     if batch_index {
         transaction
             .execute(
