@@ -139,6 +139,8 @@ pub struct PgStore {
     /// committed under its hold; `None` while a write is under way or
     /// after one failed (its outcome may be unknown).
     epoch_seen: std::sync::Mutex<Option<i64>>,
+    /// How long a hold waits for another node's (`LEDGER_LOCK_WAIT`).
+    ledger_lock_wait: Duration,
     runtime: Option<tokio::runtime::Runtime>,
     /// Where it is, without any password: for messages.
     shown: String,
@@ -435,6 +437,7 @@ impl PgStore {
             ledger_lock: std::sync::Mutex::default(),
             holding: std::sync::Mutex::default(),
             epoch_seen: std::sync::Mutex::default(),
+            ledger_lock_wait: LEDGER_LOCK_WAIT,
             runtime: Some(runtime),
             shown,
         };
@@ -499,6 +502,14 @@ impl PgStore {
             .map_err(|error| StoreError::Unavailable(format!("{}: {error}", self.shown)))
     }
 
+    /// The same store, waiting at most `wait` for the ledger lock instead
+    /// of `LEDGER_LOCK_WAIT` (for tests of a lock that is not let go of).
+    #[must_use]
+    pub fn with_ledger_lock_wait(mut self, wait: Duration) -> PgStore {
+        self.ledger_lock_wait = wait;
+        self
+    }
+
     /// Takes the branch's ledger lock, waiting for another node to let go
     /// of it (at most `LEDGER_LOCK_WAIT`), then for the writes in flight of
     /// a node whose hold ended under it. Held on a connection of its own
@@ -540,7 +551,7 @@ impl PgStore {
                     client
                         .batch_execute(&format!(
                             "SET lock_timeout = {}",
-                            LEDGER_LOCK_WAIT.as_millis()
+                            self.ledger_lock_wait.as_millis()
                         ))
                         .await
                         .map_err(|error| database(&error, &self.shown))?;

@@ -900,6 +900,35 @@ fn the_database_is_reached_over_tls_it_verifies_when_the_connection_string_asks(
 }
 
 #[test]
+fn a_node_that_never_lets_go_of_the_ledger_lock_makes_others_fail_retryably_not_hang() {
+    use backoffice::store::Store;
+    let cluster = cluster();
+    let url = cluster.create_database("branch").unwrap();
+    let stuck = PgStore::connect(&url).unwrap();
+    let other = PgStore::connect(&url)
+        .unwrap()
+        .with_ledger_lock_wait(std::time::Duration::from_millis(300));
+    let hold = stuck.hold_ledger().unwrap();
+    let started = std::time::Instant::now();
+    let refused = other.hold_ledger().map(drop).unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+    assert!(
+        refused.to_string().contains("held by another node"),
+        "{refused}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(250)
+            && waited < std::time::Duration::from_secs(10),
+        "{waited:?}"
+    );
+    // Once it lets go, the other node takes the lock at once.
+    drop(hold);
+    let taken = other.hold_ledger().unwrap();
+    assert!(taken.others_wrote(), "a first hold reads everything");
+}
+
+#[test]
 fn a_data_folder_remembers_where_its_branch_is_kept() {
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
