@@ -13,7 +13,8 @@ use proto::{Fault, FaultCode, Mid, Payer};
 
 use super::price::{Fate, FreeUses, Lookups, Totals, Use, authorize, extended_uses, minimal_uses};
 use super::{
-    Backoffice, REPRICE_CHUNK, SIGNATURE_WINDOW_MS, USE_AGE_MAX_MS, grant_covers, internal, lock,
+    Backoffice, REPRICE_CHUNK, REPRICE_DATE_TRIES, SIGNATURE_WINDOW_MS, USE_AGE_MAX_MS,
+    grant_covers, internal, lock,
 };
 use crate::ledger::{AccountId, NewTransfer, TransferKind};
 use crate::now_ms;
@@ -488,24 +489,37 @@ impl<S: Store> Backoffice<S> {
         let free_uses = free.added();
         // Each re-pricing's records get a time of their own, after the
         // last one's: two in one millisecond would otherwise take the same
-        // keys, which the store refuses.
-        let after = self.repriced_at_ms.load(Ordering::Relaxed);
-        let (arrived_ms, sets) = repriced_records(
-            &resolved,
-            outcomes,
-            &prepared,
-            posted_ms.max(after.saturating_add(1)),
+        // keys, which the store refuses. The last one may not be this
+        // node's (another node, or this one before a restart): a refusal
+        // wrote nothing, so the records are dated a millisecond later and
+        // written again.
+        let mut floor = posted_ms.max(
+            self.repriced_at_ms
+                .load(Ordering::Relaxed)
+                .saturating_add(1),
         );
-        self.store
-            .resolve_suspense_itemised(
+        let mut tries = 0;
+        let arrived_ms = loop {
+            let (arrived_ms, sets) =
+                repriced_records(&resolved, outcomes.clone(), &prepared, floor);
+            match self.store.resolve_suspense_itemised(
                 &resolved,
                 &prepared,
                 &period_uses,
                 &free_uses,
                 arrived_ms,
                 &sets,
-            )
-            .map_err(|error| self.stop_money(&error))?;
+            ) {
+                Ok(()) => break arrived_ms,
+                Err(StoreError::ItemisedTaken(_)) if tries < REPRICE_DATE_TRIES => {
+                    tries += 1;
+                    floor = arrived_ms.saturating_add(1);
+                }
+                // Refused whole: nothing was written.
+                Err(error @ StoreError::ItemisedTaken(_)) => return Err(internal(&error)),
+                Err(error) => return Err(self.stop_money(&error)),
+            }
+        };
         self.repriced_at_ms.store(arrived_ms, Ordering::Relaxed);
         self.still_durable()?;
         stored.stored(&period_uses);

@@ -43,6 +43,9 @@ use price::{PeriodCounts, PeriodsInUse};
 pub const SIGNATURE_WINDOW_MS: u64 = 5 * 60 * 1000;
 /// Suspended readings priced again between two progress lines.
 pub const REPRICE_CHUNK: usize = 10_000;
+/// Most times a re-pricing dates its itemised records a millisecond later
+/// because records of the same batch are kept at the time it chose.
+pub const REPRICE_DATE_TRIES: u32 = 1_000;
 /// Signatures remembered to refuse replays (older ones are outside the window).
 pub const SEEN_SIGNATURES_MAX: usize = 1_000_000;
 

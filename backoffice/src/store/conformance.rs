@@ -729,7 +729,10 @@ pub(crate) fn suspense_is_kept_paged_in_one_order_counted_and_resolved_once(
         9_100,
         &[repriced(&other, 2)],
     );
-    assert!(matches!(taken, Err(StoreError::Corrupt(_))), "{taken:?}");
+    assert!(
+        matches!(taken, Err(StoreError::ItemisedTaken(_))),
+        "{taken:?}"
+    );
     let at = ItemisedAt {
         key: first_set.key.clone(),
         arrived_ms: 9_100,

@@ -55,6 +55,10 @@ pub enum StoreError {
     /// The database failed or could not be reached (PostgreSQL).
     #[error("the database failed: {0}")]
     Database(String),
+    /// Itemised records are kept already under the key a write would give
+    /// its own: they are never overwritten, and nothing was written.
+    #[error("{0}")]
+    ItemisedTaken(String),
     /// The database aborted the transaction for a conflict with another
     /// (a serialization failure or a deadlock): nothing was changed, and
     /// the same call may be made again.
@@ -275,7 +279,7 @@ pub struct RepricedItems {
 /// Itemised records already kept under the key a write would use: they
 /// are never overwritten.
 pub(crate) fn itemised_taken(key: &BatchKey, arrived_ms: u64) -> StoreError {
-    StoreError::Corrupt(format!(
+    StoreError::ItemisedTaken(format!(
         "itemised records of batch {} of {} written at {arrived_ms} exist already; \
          records are never overwritten: nothing was changed",
         key.id, key.mid

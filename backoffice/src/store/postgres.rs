@@ -76,8 +76,33 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// Where the ledger epoch stands (migration 6): its count and the token
+/// its last raise drew.
+type Epoch = (i64, String);
+
+const READ_EPOCH: &str = "SELECT n, token FROM ledger_epoch";
+
 /// Most times a transaction aborted for a conflict is run again.
 pub const CONFLICT_RETRIES: u32 = 8;
+
+/// Runs `work`, one transaction, and again from its start when the
+/// database aborted it for a conflict, at most `CONFLICT_RETRIES` times.
+async fn retrying<T, F>(shown: &str, mut work: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match work().await {
+            Err(StoreError::Conflict(reason)) if attempt < CONFLICT_RETRIES => {
+                attempt += 1;
+                tracing::debug!(at = %shown, attempt, %reason, "a transaction met a conflict: run again");
+                tokio::time::sleep(conflict_pause(attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// The pause before attempt `attempt` (from 1) of a transaction that met a
 /// conflict: 1, 2, 4 ... ms, and up to as much again at random, so that
@@ -138,7 +163,7 @@ pub struct PgStore {
     /// The ledger epoch (migration 6) this node's last money write left,
     /// committed under its hold; `None` while a write is under way or
     /// after one failed (its outcome may be unknown).
-    epoch_seen: std::sync::Mutex<Option<i64>>,
+    epoch_seen: std::sync::Mutex<Option<Epoch>>,
     /// How long a hold waits for another node's (`LEDGER_LOCK_WAIT`).
     ledger_lock_wait: Duration,
     runtime: Option<tokio::runtime::Runtime>,
@@ -181,84 +206,190 @@ fn lock_std<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether connections are TLS: only where the connection string asks for
+/// it, and then never falling back to plain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    /// No `sslmode`, or `sslmode=disable`.
+    Off,
+    /// `sslmode=require`, `verify-ca` or `verify-full`: TLS, the server's
+    /// certificate and name verified.
+    Required,
+}
+
 /// What a connection string says about TLS beyond what `tokio-postgres`
 /// reads: `sslrootcert=FILE` (the CA to trust, PEM; libpq's name) is taken
-/// out, libpq's `sslmode=verify-full` and `verify-ca` read as `require`
-/// (which here always verifies the server's certificate and name).
+/// out, and `sslmode` is decided here (`TlsMode`), libpq's names accepted;
+/// `prefer` and `allow`, which may fall back to plain text, are refused.
 #[derive(Debug, PartialEq, Eq)]
 struct TlsSettings {
-    /// The string without `sslrootcert`.
+    /// The string without `sslrootcert`, `sslmode` as `tokio-postgres`
+    /// reads it.
     rest: String,
     root_file: Option<std::path::PathBuf>,
-    /// Whether `sslmode` was given at all.
-    mode_given: bool,
+    mode: TlsMode,
 }
 
 impl TlsSettings {
-    fn take_from(url: &str) -> TlsSettings {
-        let key_value = url.contains('=') && !url.starts_with("postgres");
-        // Key=value settings are rewritten only where they must be: a
-        // quoted value may hold spaces, which a simple split would break.
-        if key_value && !(url.contains("sslrootcert=") || url.contains("sslmode=verify-")) {
-            return TlsSettings {
-                rest: url.to_owned(),
-                root_file: None,
-                mode_given: url
-                    .split_whitespace()
-                    .any(|pair| pair.starts_with("sslmode=")),
-            };
-        }
+    /// Reads `url`; an error never repeats a value (a password may be one).
+    fn take_from(url: &str) -> Result<TlsSettings, String> {
         let mut root_file = None;
-        let mut mode_given = false;
-        let mut setting = |key: &str, value: &str| -> Option<String> {
+        let mut mode = TlsMode::Off;
+        let mut negotiation = false;
+        let mut setting = |key: &str, value: &str| -> Result<Option<String>, String> {
             match key {
                 "sslrootcert" => {
-                    root_file = Some(std::path::PathBuf::from(percent_decoded(value)));
-                    None
+                    root_file = Some(std::path::PathBuf::from(value));
+                    Ok(None)
                 }
                 "sslmode" => {
-                    mode_given = true;
-                    Some(match value {
-                        "verify-full" | "verify-ca" => "require".to_owned(),
-                        other => other.to_owned(),
-                    })
+                    mode = match value {
+                        "disable" => TlsMode::Off,
+                        "require" | "verify-ca" | "verify-full" => TlsMode::Required,
+                        "prefer" | "allow" => {
+                            return Err(format!(
+                                "sslmode={value} may fall back to plain text: say sslmode=require \
+                                 (TLS, the server's certificate verified) or sslmode=disable"
+                            ));
+                        }
+                        _ => {
+                            return Err(
+                                "sslmode is one of disable, require, verify-ca or verify-full"
+                                    .to_owned(),
+                            );
+                        }
+                    };
+                    Ok(Some(
+                        if mode == TlsMode::Required {
+                            "require"
+                        } else {
+                            "disable"
+                        }
+                        .to_owned(),
+                    ))
                 }
-                _ => Some(value.to_owned()),
+                "sslnegotiation" => {
+                    negotiation = true;
+                    Ok(Some(value.to_owned()))
+                }
+                _ => Ok(Some(value.to_owned())),
             }
         };
-        let rest = if let Some((base, query)) = url
-            .split_once('?')
-            .filter(|_| url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            let kept: Vec<String> = query
-                .split('&')
-                .filter_map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    setting(key, value).map(|value| format!("{key}={value}"))
-                })
-                .collect();
-            if kept.is_empty() {
-                base.to_owned()
-            } else {
-                format!("{base}?{}", kept.join("&"))
+        let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let rest = if is_url {
+            match url.split_once('?') {
+                None => url.to_owned(),
+                Some((base, query)) => {
+                    let mut kept = Vec::new();
+                    for pair in query.split('&') {
+                        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                        let decoded = percent_decoded(value);
+                        if let Some(value) = setting(key, &decoded)? {
+                            // Only what this reading changed is written anew.
+                            if key == "sslmode" {
+                                kept.push(format!("{key}={value}"));
+                            } else {
+                                kept.push(pair.to_owned());
+                            }
+                        }
+                    }
+                    if kept.is_empty() {
+                        base.to_owned()
+                    } else {
+                        format!("{base}?{}", kept.join("&"))
+                    }
+                }
             }
-        } else if key_value {
-            url.split_whitespace()
-                .filter_map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    setting(key, value).map(|value| format!("{key}={value}"))
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
         } else {
-            url.to_owned()
+            let mut kept = Vec::new();
+            for (key, value) in key_values(url)? {
+                if let Some(value) = setting(&key, &value)? {
+                    kept.push(format!("{key}={}", quoted(&value)));
+                }
+            }
+            kept.join(" ")
         };
-        TlsSettings {
+        if negotiation && mode != TlsMode::Required {
+            return Err("sslnegotiation needs sslmode=require".to_owned());
+        }
+        Ok(TlsSettings {
             rest,
             root_file,
-            mode_given,
-        }
+            mode,
+        })
     }
+}
+
+/// Key=value settings as libpq reads them: `key = value` pairs separated
+/// by white space (spaces around `=` allowed); a value in single quotes may
+/// hold spaces, and `\` escapes the next character. An error never
+/// repeats what it read (a password may be in it).
+fn key_values(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut chars = text.chars().peekable();
+    let mut pairs = Vec::new();
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+    };
+    loop {
+        skip_spaces(&mut chars);
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        skip_spaces(&mut chars);
+        if chars.next() != Some('=') {
+            return Err(format!(
+                "setting {} of the connection string has no \"=\"",
+                pairs.len() + 1
+            ));
+        }
+        skip_spaces(&mut chars);
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(format!("the quoted value of {key} is not closed")),
+                    },
+                    Some(c) => value.push(c),
+                    None => return Err(format!("the quoted value of {key} is not closed")),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                chars.next();
+                if c == '\\' {
+                    if let Some(next) = chars.next() {
+                        value.push(next);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+/// A value quoted as libpq and `tokio-postgres` read it.
+fn quoted(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// `%XX` escapes of a URL's query value decoded (a path may hold them).
@@ -365,17 +496,20 @@ impl PgStore {
                     .to_owned(),
             ));
         }
-        let tls = TlsSettings::take_from(url);
+        let tls = TlsSettings::take_from(url).map_err(|error| {
+            StoreError::Database(format!("not a PostgreSQL connection string: {error}"))
+        })?;
         let mut config = tokio_postgres::Config::from_str(&tls.rest).map_err(|error| {
             // The parser's message never repeats the URL (which may hold a
             // password).
             StoreError::Database(format!("not a PostgreSQL connection string: {error}"))
         })?;
-        if !tls.mode_given {
-            // Plain, as libpq's `prefer` would be against a server without
-            // TLS; TLS only where the string asks for it (`sslmode=require`).
-            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        }
+        // Decided here, whatever the parser made of the string: TLS only
+        // where it was asked for, and then required.
+        config.ssl_mode(match tls.mode {
+            TlsMode::Off => tokio_postgres::config::SslMode::Disable,
+            TlsMode::Required => tokio_postgres::config::SslMode::Require,
+        });
         config.connect_timeout(CONNECT_TIMEOUT);
         // A database host that vanishes (no reset ever comes) is noticed
         // within about a minute instead of the system's two hours.
@@ -472,26 +606,11 @@ impl PgStore {
     /// runs it, or a deadlock), runs it again from the start, at most
     /// `CONFLICT_RETRIES` times, after a short growing pause. The aborted
     /// attempt changed nothing.
-    fn block_retrying<T: Send, F>(
-        &self,
-        mut work: impl FnMut() -> F + Send,
-    ) -> Result<T, StoreError>
+    fn block_retrying<T: Send, F>(&self, work: impl FnMut() -> F + Send) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, StoreError>> + Send,
     {
-        self.block(async {
-            let mut attempt = 0;
-            loop {
-                match work().await {
-                    Err(StoreError::Conflict(reason)) if attempt < CONFLICT_RETRIES => {
-                        attempt += 1;
-                        tracing::debug!(at = %self.shown, attempt, %reason, "a transaction met a conflict: run again");
-                        tokio::time::sleep(conflict_pause(attempt)).await;
-                    }
-                    other => return other,
-                }
-            }
-        })
+        self.block(retrying(&self.shown, work))
     }
 
     /// A connection from the pool.
@@ -576,12 +695,9 @@ impl PgStore {
         // Read once the lock is held and every write in flight is done.
         let epoch = self.block(async {
             let row = client
-                .query_one(
-                    &client.prepare_cached("SELECT n FROM ledger_epoch").await?,
-                    &[],
-                )
+                .query_one(&client.prepare_cached(READ_EPOCH).await?, &[])
                 .await?;
-            Ok::<i64, tokio_postgres::Error>(row.get(0))
+            Ok::<Epoch, tokio_postgres::Error>((row.get(0), row.get(1)))
         });
         *lock_std(&self.holding) = Some(session);
         *lock_std(&self.ledger_lock) = Some((client, session));
@@ -592,24 +708,21 @@ impl PgStore {
                 return Err(database(&error, &self.shown));
             }
         };
-        Ok(*lock_std(&self.epoch_seen) != Some(epoch))
+        Ok(lock_std(&self.epoch_seen).as_ref() != Some(&epoch))
     }
 
     /// Whether the ledger epoch is where this node's last write left it
     /// (false when that is not known, or the database cannot be read).
     pub(crate) fn epoch_unchanged(&self) -> bool {
-        let Some(seen) = *lock_std(&self.epoch_seen) else {
+        let Some(seen) = lock_std(&self.epoch_seen).clone() else {
             return false;
         };
         let now = self.block(async {
             let client = self.client().await?;
             let row = client
-                .query_one(
-                    &client.prepare_cached("SELECT n FROM ledger_epoch").await?,
-                    &[],
-                )
+                .query_one(&client.prepare_cached(READ_EPOCH).await?, &[])
                 .await?;
-            Ok::<i64, StoreError>(row.get(0))
+            Ok::<Epoch, StoreError>((row.get(0), row.get(1)))
         });
         matches!(now, Ok(now) if now == seen)
     }
@@ -625,15 +738,10 @@ impl PgStore {
             transaction.commit().await?;
             return Ok(());
         }
-        let epoch: i64 = transaction
-            .query_one(
-                &transaction
-                    .prepare_cached("SELECT n FROM ledger_epoch")
-                    .await?,
-                &[],
-            )
-            .await?
-            .get(0);
+        let row = transaction
+            .query_one(&transaction.prepare_cached(READ_EPOCH).await?, &[])
+            .await?;
+        let epoch: Epoch = (row.get(0), row.get(1));
         transaction.commit().await?;
         *lock_std(&self.epoch_seen) = Some(epoch);
         Ok(())
@@ -877,23 +985,23 @@ mod tests {
 
     #[test]
     fn libpq_tls_settings_are_read_and_taken_out_of_the_connection_string() {
-        let read = |url: &str| TlsSettings::take_from(url);
+        let read = |url: &str| TlsSettings::take_from(url).unwrap();
         assert_eq!(
             read("postgres://u@db:5432/branch"),
             TlsSettings {
                 rest: "postgres://u@db:5432/branch".into(),
                 root_file: None,
-                mode_given: false
+                mode: TlsMode::Off
             }
         );
         assert_eq!(
             read(
-                "postgres://u:p@db/branch?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x"
+                "postgres://u:p@db/branch?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x%20y"
             ),
             TlsSettings {
-                rest: "postgres://u:p@db/branch?sslmode=require&application_name=x".into(),
+                rest: "postgres://u:p@db/branch?sslmode=require&application_name=x%20y".into(),
                 root_file: Some("/etc/ca.pem".into()),
-                mode_given: true
+                mode: TlsMode::Required
             }
         );
         assert_eq!(
@@ -903,24 +1011,47 @@ mod tests {
         assert_eq!(
             read("host=db dbname=branch sslmode=verify-ca sslrootcert=/ca.pem"),
             TlsSettings {
-                rest: "host=db dbname=branch sslmode=require".into(),
+                rest: "host='db' dbname='branch' sslmode='require'".into(),
                 root_file: Some("/ca.pem".into()),
-                mode_given: true
+                mode: TlsMode::Required
             }
         );
-        // A quoted value with a space is left alone where nothing needs
-        // rewriting.
-        let quoted = "host=db password='a b' sslmode=require";
+        // Spaces around "=" and quoted values with spaces and quotes, as
+        // libpq allows them.
         assert_eq!(
-            read(quoted),
+            read(r"host = db  sslmode = verify-full application_name='bo node 1' password='it\'s \\ x' sslrootcert = '/my ca.pem'"),
             TlsSettings {
-                rest: quoted.into(),
-                root_file: None,
-                mode_given: true
+                rest: r"host='db' sslmode='require' application_name='bo node 1' password='it\'s \\ x'".into(),
+                root_file: Some("/my ca.pem".into()),
+                mode: TlsMode::Required
             }
         );
-        // A setting that does not parse is refused, never read as plain.
-        assert!(PgStore::open("postgres://u@db/branch?sslmode=sometimes").is_err());
+        // What tokio-postgres reads back is what was meant.
+        let config: tokio_postgres::Config =
+            read("application_name='bo node 1' sslmode=require password='a b'")
+                .rest
+                .parse()
+                .unwrap();
+        assert_eq!(config.get_application_name(), Some("bo node 1"));
+        assert_eq!(config.get_password(), Some(&b"a b"[..]));
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        // Modes that may fall back to plain text are refused; so is
+        // nonsense, and no message repeats a value.
+        for refused in [
+            "postgres://u@db/branch?sslmode=prefer",
+            "host=db sslmode=allow",
+            "postgres://u@db/branch?sslmode=sometimes",
+            "host=db password=secret sslnegotiation=direct",
+            "host=db password='secret",
+            "host=db secret",
+        ] {
+            let error = TlsSettings::take_from(refused).unwrap_err();
+            assert!(!error.contains("secret"), "{refused}: {error}");
+            assert!(PgStore::open(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]

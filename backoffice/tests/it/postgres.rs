@@ -734,6 +734,32 @@ fn a_node_rereads_the_ledger_only_when_someone_else_wrote_money_since_its_own_la
         )
         .unwrap();
     assert_eq!(write(&a, 7), (true, Ok(())));
+    // A database whose history went back and counted up to the same
+    // number again (as a restore or a failover to a replica that missed
+    // commits would, by other writes): the token tells it apart.
+    assert_eq!(write(&a, 8), (false, Ok(())));
+    cluster
+        .psql(
+            "branch",
+            "UPDATE ledger_epoch SET token = 'another history'",
+        )
+        .unwrap();
+    assert_eq!(write(&a, 9), (true, Ok(())));
+    // And a database that lost committed transfers is not read as the
+    // ledger: nothing is decided on it.
+    cluster
+        .psql(
+            "branch",
+            "ALTER TABLE transfers DISABLE TRIGGER USER; DELETE FROM transfers WHERE id = 9; \
+             ALTER TABLE transfers ENABLE TRIGGER USER",
+        )
+        .unwrap();
+    let lost = a.transfers_from(10).unwrap_err().to_string();
+    assert!(
+        lost.contains("holds 9 transfers, but 10 were committed"),
+        "{lost}"
+    );
+    assert_eq!(a.transfers_from(9).unwrap().len(), 0);
 }
 
 #[test]

@@ -1000,16 +1000,51 @@ fn two_repricings_of_one_batch_keep_each_their_own_itemised_records() {
     let body = body_of(world.mid, "B1-M1:1", readings, Vec::new());
     send_at(&world, &body, tomorrow).unwrap();
     assert_eq!(store.suspense_count().unwrap(), 2);
-    for (left, pid) in [(1, pids[0]), (0, pids[1])] {
-        let made = store
-            .create_product(
-                &bid,
-                NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
-            )
-            .unwrap();
-        assert_eq!(made.pid, pid);
-        assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, left));
-    }
+    let made = store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
+        )
+        .unwrap();
+    assert_eq!(made.pid, pids[0]);
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, 1));
+    // Restarted, the backoffice no longer knows when it last re-priced:
+    // its second re-pricing first dates its records as the first did, is
+    // refused by the store (nothing written), and dates them later.
+    let World {
+        _dir,
+        backoffice,
+        consumer,
+        producer,
+        maker,
+        product,
+        test_pid,
+        component,
+        mid,
+        secret,
+    } = world;
+    drop(backoffice);
+    let world = World {
+        backoffice: Backoffice::open(SledStore::open(_dir.path()).unwrap(), PARAMS).unwrap(),
+        _dir,
+        consumer,
+        producer,
+        maker,
+        product,
+        test_pid,
+        component,
+        mid,
+        secret,
+    };
+    let store = world.backoffice.store();
+    let made = store
+        .create_product(
+            &bid,
+            NewProduct::new(&world.producer, "Later", "flat", &module("flat"), max()),
+        )
+        .unwrap();
+    assert_eq!(made.pid, pids[1]);
+    assert_eq!(world.backoffice.reprice_suspense().unwrap(), (1, 0));
     let key = backoffice::store::BatchKey {
         mid: world.mid,
         id: BatchId::parse("B1-M1:1").unwrap(),

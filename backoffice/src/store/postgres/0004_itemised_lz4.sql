@@ -7,7 +7,9 @@
 -- than version 14) keeps pglz: the schema is the same either way.
 DO $$
 BEGIN
-    ALTER TABLE itemised ALTER COLUMN record SET COMPRESSION lz4;
+    -- Run as a string: a server older than 14 does not know the syntax,
+    -- and would refuse the block before running it.
+    EXECUTE 'ALTER TABLE itemised ALTER COLUMN record SET COMPRESSION lz4';
 EXCEPTION WHEN feature_not_supported OR syntax_error THEN
     RAISE NOTICE 'itemised records stay compressed with pglz: %', SQLERRM;
 END

@@ -331,6 +331,28 @@ async fn write_itemised(
     Ok(())
 }
 
+/// The error that failed a transaction's statements sent at once: once one
+/// fails, the database answers every later one "current transaction is
+/// aborted" (25P02), which says nothing of the cause (a conflict to retry,
+/// a transfer number taken).
+fn first_cause<const N: usize>(results: [Result<(), StoreError>; N]) -> Result<(), StoreError> {
+    let mut aborted = None;
+    for result in results {
+        match result {
+            Ok(()) => {}
+            Err(StoreError::Database(message)) if message.ends_with(ABORTED) => {
+                aborted.get_or_insert(StoreError::Database(message));
+            }
+            Err(cause) => return Err(cause),
+        }
+    }
+    aborted.map_or(Ok(()), Err)
+}
+
+/// How the message of a statement refused in an aborted transaction ends
+/// (its SQLSTATE, as `From<tokio_postgres::Error>` writes it).
+const ABORTED: &str = "(25P02)";
+
 /// Records the range of readings of a meter instance a batch brought.
 async fn write_seq_range(
     transaction: &Transaction<'_>,
@@ -410,6 +432,26 @@ impl PgStore {
         let from = int(from)?;
         self.block(async {
             let client = self.client().await?;
+            // Fewer transfers than the caller saw committed: the database's
+            // history went back (a restore, a failover to a replica that
+            // missed commits). Nothing is decided on it.
+            let next: i64 = client
+                .query_one(
+                    &client
+                        .prepare_cached("SELECT coalesce(max(id) + 1, 0) FROM transfers")
+                        .await?,
+                    &[],
+                )
+                .await?
+                .get(0);
+            if next < from {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: the database holds {next} transfers, but {from} were committed here \
+                     before: was it restored, or failed over to a replica that missed \
+                     commits? Nothing is written until an operator has looked",
+                    self.shown
+                )));
+            }
             let rows = client
                 .query(
                     &client.prepare_cached("SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
@@ -793,13 +835,14 @@ impl Store for PgStore {
             // back: sent at once (tokio-postgres pipelines the statements
             // of one connection), so the database works through them while
             // the next one's rows are being encoded.
-            tokio::try_join!(
+            let written = tokio::join!(
                 write_itemised(&transaction, key, &range, arrived_ms, itemised, true),
                 write_seq_range(&transaction, effects.seq_range),
                 post(&transaction, effects.transfers),
                 set_period_uses(&transaction, effects.period_uses, effects.free_uses),
                 write_suspense(&transaction, effects.suspense),
-            )?;
+            );
+            first_cause([written.0, written.1, written.2, written.3, written.4])?;
             self.commit_money(transaction).await?;
             Ok(())
         })
@@ -1824,5 +1867,25 @@ impl Store for PgStore {
             self.commit_money(transaction).await?;
             Ok(record)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cause_of_a_failed_pipeline_is_reported_not_the_aborted_statements_after_it() {
+        let aborted = || {
+            Err(StoreError::Database(format!(
+                "current transaction is aborted, commands ignored until end of transaction block {ABORTED}"
+            )))
+        };
+        let conflict = Err(StoreError::Conflict("could not serialize access".into()));
+        let result = first_cause([Ok(()), aborted(), conflict, aborted()]);
+        assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+        let result = first_cause([aborted(), Ok(())]);
+        assert!(matches!(result, Err(StoreError::Database(_))), "{result:?}");
+        assert!(first_cause([Ok(()), Ok(())]).is_ok());
     }
 }

@@ -86,13 +86,13 @@ impl PgCodes {
             .map_err(|error| StoreError::Unavailable(format!("{}: {error}", self.shown)))
     }
 
-    /// Runs `work`; a failure is logged and answered as the code's error.
-    fn run<T: Send>(
-        &self,
-        what: &str,
-        work: impl std::future::Future<Output = Result<T, StoreError>> + Send,
-    ) -> Result<T, CodeError> {
-        block_on(&self.handle, work).map_err(|error| {
+    /// Runs `work`, again where the database aborted it for a conflict
+    /// (`retrying`); a failure is logged and answered as the code's error.
+    fn run<T: Send, F>(&self, what: &str, work: impl FnMut() -> F + Send) -> Result<T, CodeError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>> + Send,
+    {
+        block_on(&self.handle, super::retrying(&self.shown, work)).map_err(|error| {
             tracing::error!(at = %self.shown, %error, "grant codes: {what} failed");
             CodeError::Unavailable(error.to_string())
         })
@@ -108,7 +108,7 @@ impl PgCodes {
         expires_ms: u64,
         make_user_code: impl Fn() -> String + Send + Sync,
     ) -> Result<String, CodeError> {
-        let issued = self.run("issuing a code", async {
+        let issued = self.run("issuing a code", || async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             transaction
@@ -165,7 +165,7 @@ impl PgCodes {
 
     /// As `DeviceCodes::poll`.
     pub fn poll(&self, mid: &Mid, device_code: &str, now_ms: u64) -> Result<PollStatus, CodeError> {
-        self.run("a poll", async {
+        self.run("a poll", || async {
             let client = self.client().await?;
             let key = hash(device_code);
             let decided = client
@@ -212,7 +212,7 @@ impl PgCodes {
         cid: &Cid,
         now_ms: u64,
     ) -> Result<Option<GrantRequest>, CodeError> {
-        self.run("reading a code", async {
+        self.run("reading a code", || async {
             let client = self.client().await?;
             let row = client
                 .query_opt(
@@ -237,7 +237,7 @@ impl PgCodes {
         approve: bool,
     ) -> Result<Option<GrantRequest>, CodeError> {
         let state = if approve { "deciding" } else { "denied" };
-        self.run("deciding a code", async {
+        self.run("deciding a code", || async {
             let client = self.client().await?;
             let row = client
                 .query_opt(
@@ -259,7 +259,7 @@ impl PgCodes {
         user_code: &str,
         grant: Option<&GrantInfo>,
     ) -> Result<(), CodeError> {
-        self.run("recording a decision", async {
+        self.run("recording a decision", || async {
             let client = self.client().await?;
             match grant {
                 Some(grant) => {

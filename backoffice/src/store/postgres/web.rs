@@ -104,13 +104,13 @@ impl PgSessions {
             .map_err(|error| StoreError::Unavailable(format!("{}: {error}", self.shown)))
     }
 
-    /// Runs `work`; a failure is logged and answered `None`.
-    fn run<T: Send>(
-        &self,
-        what: &str,
-        work: impl std::future::Future<Output = Result<T, StoreError>> + Send,
-    ) -> Option<T> {
-        match block_on(&self.handle, work) {
+    /// Runs `work`, again where the database aborted it for a conflict
+    /// (`retrying`); a failure is logged and answered `None`.
+    fn run<T: Send, F>(&self, what: &str, work: impl FnMut() -> F + Send) -> Option<T>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>> + Send,
+    {
+        match block_on(&self.handle, super::retrying(&self.shown, work)) {
             Ok(value) => Some(value),
             Err(error) => {
                 tracing::error!(at = %self.shown, %error, "web sessions: {what} failed");
@@ -164,7 +164,7 @@ impl PgSessions {
     /// As `Sessions::visit`.
     pub fn visit(&self, token: Option<&str>) -> (Session, bool) {
         let now = now_ms();
-        let found = self.run("a visit", async {
+        let found = self.run("a visit", || async {
             let client = self.client().await?;
             if let Some(token) = token {
                 let row = client
@@ -196,7 +196,7 @@ impl PgSessions {
     /// As `Sessions::log_in`; `None` when it could not be kept.
     pub fn log_in(&self, old_token: &str, cid: Cid) -> Option<Session> {
         let now = now_ms();
-        self.run("a login", async {
+        self.run("a login", || async {
             let client = self.client().await?;
             client
                 .execute(
@@ -210,7 +210,7 @@ impl PgSessions {
 
     /// As `Sessions::log_out`.
     pub fn log_out(&self, token: &str) {
-        self.run("a logout", async {
+        self.run("a logout", || async {
             let client = self.client().await?;
             client
                 .execute(
@@ -224,7 +224,7 @@ impl PgSessions {
 
     /// As `Sessions::log_out_everywhere`.
     pub fn log_out_everywhere(&self, cid: Cid) {
-        self.run("a logout everywhere", async {
+        self.run("a logout everywhere", || async {
             let client = self.client().await?;
             client
                 .execute("DELETE FROM web_sessions WHERE cid = $1", &[&cid.as_str()])
@@ -237,7 +237,7 @@ impl PgSessions {
     /// when the database cannot say).
     pub fn over(&self, keys: &[(&str, usize)]) -> bool {
         let now = now_ms();
-        self.run("a throttle check", async {
+        self.run("a throttle check", || async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             for (key, max) in keys {
@@ -255,7 +255,7 @@ impl PgSessions {
     /// `None` (nothing counted; also when the database cannot say).
     pub fn count_within(&self, keys: &[(&str, usize)]) -> Option<i64> {
         let now = now_ms();
-        self.run("an attempt", async {
+        self.run("an attempt", || async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let names: Vec<&str> = keys.iter().map(|(key, _)| *key).collect();
@@ -285,7 +285,7 @@ impl PgSessions {
     /// Counts one event under each of `keys`, without a limit.
     pub fn record(&self, keys: &[&str]) {
         let now = now_ms();
-        self.run("a failed login", async {
+        self.run("a failed login", || async {
             let client = self.client().await?;
             for key in keys {
                 client
@@ -301,7 +301,7 @@ impl PgSessions {
 
     /// Forgets every event of `key`, and the event `event` if given.
     pub fn forget(&self, key: &str, event: Option<i64>) {
-        self.run("forgetting failures", async {
+        self.run("forgetting failures", || async {
             let client = self.client().await?;
             client
                 .execute(
@@ -316,7 +316,7 @@ impl PgSessions {
     /// As `Sessions::new_reset`; `None` when it could not be kept.
     pub fn new_reset(&self, cid: Cid) -> Option<String> {
         let now = now_ms();
-        self.run("a reset link", async {
+        self.run("a reset link", || async {
             let client = self.client().await?;
             let token = random_token();
             client
@@ -333,7 +333,7 @@ impl PgSessions {
     /// As `Sessions::reset_for`.
     pub fn reset_for(&self, token: &str) -> Option<Cid> {
         let now = now_ms();
-        self.run("a reset link", async {
+        self.run("a reset link", || async {
             let client = self.client().await?;
             let row = client
                 .query_opt(
@@ -349,7 +349,7 @@ impl PgSessions {
     /// As `Sessions::take_reset`: once, across every node.
     pub fn take_reset(&self, token: &str) -> Option<Cid> {
         let now = now_ms();
-        self.run("a reset link", async {
+        self.run("a reset link", || async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
             let row = transaction
@@ -378,7 +378,7 @@ impl PgSessions {
 
     /// As `Sessions::void_resets`.
     pub fn void_resets(&self, cid: Cid) {
-        self.run("voiding reset links", async {
+        self.run("voiding reset links", || async {
             let client = self.client().await?;
             client
                 .execute("DELETE FROM web_resets WHERE cid = $1", &[&cid.as_str()])
