@@ -4,6 +4,7 @@ mod backup;
 mod bounds;
 mod cli;
 mod examples;
+mod holds;
 mod ledger;
 mod postgres;
 mod pricing;
