@@ -33,6 +33,10 @@ impl fmt::Display for HoldId {
     }
 }
 
+/// The latest expiry a hold may have (ms since the Unix epoch): every
+/// store keeps times as signed 64-bit numbers.
+pub const EXPIRY_MAX_MS: u64 = i64::MAX as u64;
+
 /// Longest note kept with a hold (what appears on the bill), in bytes.
 pub const NOTE_BYTES_MAX: usize = 500;
 
@@ -281,6 +285,9 @@ impl HoldBook {
         if expires_ms <= now_ms {
             return Err(HoldError::ExpiryPast { expires_ms, now_ms });
         }
+        if expires_ms > EXPIRY_MAX_MS {
+            return Err(HoldError::Range);
+        }
         if note.len() > NOTE_BYTES_MAX || note.chars().any(char::is_control) {
             return Err(HoldError::BadNote);
         }
@@ -326,6 +333,9 @@ impl HoldBook {
         let hold = self.live(id, now_ms)?;
         if expires_ms <= now_ms {
             return Err(HoldError::ExpiryPast { expires_ms, now_ms });
+        }
+        if expires_ms > EXPIRY_MAX_MS {
+            return Err(HoldError::Range);
         }
         if delta.is_positive() && delta > spendable {
             return Err(HoldError::Insufficient {

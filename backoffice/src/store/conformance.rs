@@ -63,6 +63,10 @@ macro_rules! conformance_tests {
             $crate::store::conformance::the_one_sequence_range_a_batch_overlaps_is_found_at_any_u64(&$harness);
         }
         #[test]
+        fn hold_events_are_kept_with_their_captures_once_and_read_back() {
+            $crate::store::conformance::hold_events_are_kept_with_their_captures_once_and_read_back(&$harness);
+        }
+        #[test]
         fn a_deposit_moves_through_its_steps_once_and_posts_one_transfer() {
             $crate::store::conformance::a_deposit_moves_through_its_steps_once_and_posts_one_transfer(&$harness);
         }
@@ -983,4 +987,114 @@ pub(crate) fn transfers_posted_outside_batches_load_back_as_the_same_ledger(
         assert_eq!(restored.balance(&customer(n)), ledger.balance(&customer(n)));
     }
     restored.verify();
+}
+
+pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back(harness: &impl Harness) {
+    use crate::holds::{HoldBook, HoldId};
+    let store = harness.open();
+    let (payer, payee) = (customer(1), customer(2));
+    let mut ledger = Ledger::new();
+    let mut book = HoldBook::new();
+    // Money to hold: a deposit.
+    let deposit = ledger.prepare(batch(1, 2, 100)[..1].to_vec(), 1).unwrap();
+    store.stage_transfers(&deposit).unwrap();
+    ledger.commit(deposit);
+    let placed = book
+        .prepare_place(
+            payer,
+            Amount::from_nanos(600),
+            5_000,
+            "a match",
+            Amount::from_nanos(1_000),
+            10,
+        )
+        .unwrap();
+    store
+        .stage_holds(std::slice::from_ref(&placed), &[])
+        .unwrap();
+    book.commit(vec![placed]);
+    // A capture and its transfer, together.
+    let charge = ledger
+        .prepare(
+            vec![NewTransfer {
+                debit: payer,
+                credit: payee,
+                amount: Amount::from_nanos(250),
+                kind: TransferKind::Deposit,
+            }],
+            20,
+        )
+        .unwrap();
+    let captured = book
+        .prepare_capture(HoldId(0), Amount::from_nanos(250), charge[0].id, 20)
+        .unwrap();
+    store
+        .stage_holds(std::slice::from_ref(&captured), &charge)
+        .unwrap();
+    ledger.commit(charge.clone());
+    book.commit(vec![captured.clone()]);
+    // More held, a second hold, the first released, the second expired.
+    let adjusted = book
+        .prepare_adjust(
+            HoldId(0),
+            Amount::from_nanos(-50),
+            6_000,
+            Amount::from_nanos(100),
+            30,
+        )
+        .unwrap();
+    book.commit(vec![adjusted.clone()]);
+    let second = book
+        .prepare_place(
+            payer,
+            Amount::from_nanos(90),
+            100,
+            "",
+            Amount::from_nanos(400),
+            40,
+        )
+        .unwrap();
+    book.commit(vec![second.clone()]);
+    let released = book.prepare_release(HoldId(0), 50).unwrap();
+    book.commit(vec![released.clone()]);
+    let expired = book.prepare_expiries(200);
+    book.commit(expired.clone());
+    let mut rest = vec![adjusted, second, released];
+    rest.extend(expired);
+    store.stage_holds(&rest, &[]).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.hold_events_from(0).unwrap(), book.events());
+    assert_eq!(store.hold_events_from(2).unwrap(), &book.events()[2..]);
+    assert!(store.hold_events_from(99).unwrap().is_empty());
+    // An event whose number is kept is refused with its transfers: nothing
+    // of that write is kept.
+    let mut again = captured;
+    again.change = crate::holds::HoldChange::Captured {
+        amount: Amount::from_nanos(1),
+        transfer: TransferId(2),
+    };
+    let extra = ledger
+        .prepare(
+            vec![NewTransfer {
+                debit: payer,
+                credit: payee,
+                amount: Amount::from_nanos(1),
+                kind: TransferKind::Deposit,
+            }],
+            60,
+        )
+        .unwrap();
+    assert!(store.stage_holds(&[again], &extra).is_err());
+    drop(store);
+    let store = harness.open();
+    assert_eq!(store.hold_events_from(0).unwrap(), book.events());
+    assert_eq!(store.load_ledger().unwrap().transfers(), ledger.transfers());
+    let restored = HoldBook::restore(store.hold_events_from(0).unwrap()).unwrap();
+    assert_eq!(
+        restored.holds().collect::<Vec<_>>(),
+        book.holds().collect::<Vec<_>>()
+    );
+    // The second hold's note was empty; the first one's kept as written.
+    assert_eq!(restored.hold(HoldId(0)).unwrap().note, "a match");
+    assert_eq!(restored.hold(HoldId(1)).unwrap().note, "");
 }

@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod holds;
 pub mod moving;
 pub mod postgres;
 mod sled;
@@ -391,6 +392,17 @@ pub trait Store {
         self.stage_transfers(transfers)?;
         self.sync()
     }
+    /// The hold events numbered `from` on, in order (`holds::HoldBook`).
+    fn hold_events_from(&self, from: u64) -> Result<Vec<crate::holds::HoldEvent>, StoreError>;
+    /// Records hold events and the transfers their captures post, all or
+    /// nothing, as `stage_transfers` does (durable after a `sync` that
+    /// starts after it). An event whose number is kept already is refused,
+    /// with nothing written: events are never overwritten.
+    fn stage_holds(
+        &self,
+        events: &[crate::holds::HoldEvent],
+        transfers: &[Transfer],
+    ) -> Result<(), StoreError>;
     /// Records transfers as `post_transfers` does, atomically and visibly
     /// to later reads, but durable only once a `sync` that starts after it
     /// returns (so that the caller can sync after letting go of its locks).
@@ -784,6 +796,24 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.hold_ledger(),
             AnyStore::Postgres(store) => store.hold_ledger(),
+        }
+    }
+
+    fn hold_events_from(&self, from: u64) -> Result<Vec<crate::holds::HoldEvent>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.hold_events_from(from),
+            AnyStore::Postgres(store) => store.hold_events_from(from),
+        }
+    }
+
+    fn stage_holds(
+        &self,
+        events: &[crate::holds::HoldEvent],
+        transfers: &[Transfer],
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.stage_holds(events, transfers),
+            AnyStore::Postgres(store) => store.stage_holds(events, transfers),
         }
     }
 

@@ -87,6 +87,8 @@ pub enum Chunk {
     SeqRanges(Vec<SeqRange>),
     /// Transfers, by number.
     Transfers(Vec<Transfer>),
+    /// Hold events, by number.
+    HoldEvents(Vec<crate::holds::HoldEvent>),
     /// Uses per payer, product and month.
     PeriodUses(Vec<(PeriodKey, u64)>),
     /// Uses that moved no money, likewise.
@@ -115,6 +117,7 @@ impl Chunk {
             Chunk::Batches(rows) => vec![("batches", n(rows.len()))],
             Chunk::SeqRanges(rows) => vec![("seq_ranges", n(rows.len()))],
             Chunk::Transfers(rows) => vec![("transfers", n(rows.len()))],
+            Chunk::HoldEvents(rows) => vec![("hold_events", n(rows.len()))],
             Chunk::PeriodUses(rows) => vec![("period_uses", n(rows.len()))],
             Chunk::FreeUses(rows) => vec![("free_uses", n(rows.len()))],
             Chunk::Suspense(rows) => vec![("suspense", n(rows.len()))],
@@ -227,6 +230,9 @@ fn compare(
         if a != b {
             return differs(format!("transfer {} differs: {a:?} against {b:?}", a.id.0));
         }
+    }
+    if from.hold_events_from(0)? != to.hold_events_from(0)? {
+        return differs("the hold events differ".into());
     }
     let mut balances = 0;
     for (account, balance) in kept.balances() {

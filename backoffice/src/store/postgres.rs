@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ledger epoch",
         sql: include_str!("postgres/0006_ledger_epoch.sql"),
     },
+    Migration {
+        version: 7,
+        name: "holds",
+        sql: include_str!("postgres/0007_holds.sql"),
+    },
 ];
 
 /// Where the ledger epoch stands (migration 6): its count and the token

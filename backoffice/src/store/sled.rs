@@ -137,6 +137,9 @@ pub struct SledStore {
     suspense_records: std::sync::atomic::AtomicUsize,
     /// Deposits by their reference (`funding::DepositRecord`).
     deposits: sled::Tree,
+    /// Event number (big-endian u64) -> the JSON of a hold event
+    /// (`store::holds::StoredHoldEvent`), never changed.
+    hold_events: sled::Tree,
     files: durable::SledDir,
     /// Taken shared by every write, exclusively by a backup while it copies
     /// (`backup`).
@@ -178,6 +181,7 @@ impl SledStore {
             deposits: db.open_tree("deposits")?,
             itemised: db.open_tree("itemised")?,
             itemised_index: db.open_tree("itemised_index")?,
+            hold_events: db.open_tree("hold_events")?,
             files,
             gate: std::sync::Arc::default(),
             backup: std::sync::Mutex::default(),
@@ -413,6 +417,72 @@ impl Store for SledStore {
                 Ok(())
             }
             Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
+        }
+    }
+
+    fn hold_events_from(&self, from: u64) -> Result<Vec<crate::holds::HoldEvent>, StoreError> {
+        let mut events = Vec::new();
+        for entry in self.hold_events.range(from.to_be_bytes()..) {
+            let (key, value) = entry?;
+            let stored: super::holds::StoredHoldEvent = serde_json::from_slice(&value)
+                .map_err(|_| StoreError::Corrupt(format!("the hold event under {key:?}")))?;
+            if key.as_ref() != stored.number.to_be_bytes() {
+                return Err(StoreError::Corrupt(format!(
+                    "hold event {} kept under another number",
+                    stored.number
+                )));
+            }
+            events.push(stored.event()?);
+        }
+        Ok(events)
+    }
+
+    fn stage_holds(
+        &self,
+        events: &[crate::holds::HoldEvent],
+        transfers: &[Transfer],
+    ) -> Result<(), StoreError> {
+        let _writing = self.writing();
+        let records: Vec<([u8; 8], Vec<u8>)> = events
+            .iter()
+            .map(|event| {
+                let stored = super::holds::StoredHoldEvent::from(event);
+                (
+                    event.number.to_be_bytes(),
+                    serde_json::to_vec(&stored).expect("hold events serialize"),
+                )
+            })
+            .collect();
+        let outcome: Result<(), TransactionError<u64>> = (&self.transfers, &self.hold_events)
+            .transaction(|(transfer_tree, event_tree)| {
+                for (key, record) in &records {
+                    if event_tree.insert(key, record.as_slice())?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(u64::from_be_bytes(
+                            *key,
+                        )));
+                    }
+                }
+                for transfer in transfers {
+                    if transfer_tree
+                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?
+                        .is_some()
+                    {
+                        return Err(ConflictableTransactionError::Abort(u64::MAX));
+                    }
+                }
+                Ok(())
+            });
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(u64::MAX)) => Err(StoreError::Corrupt(
+                "a capture's transfer number is taken; a posted transfer is never overwritten"
+                    .to_owned(),
+            )),
+            Err(TransactionError::Abort(number)) => Err(StoreError::Corrupt(format!(
+                "hold event {number} exists already; events are never overwritten: nothing \
+                 was written"
+            ))),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
     }

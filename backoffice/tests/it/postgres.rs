@@ -60,6 +60,7 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
         "free_uses",
         "grant_codes",
         "grants",
+        "hold_events",
         "itemised",
         "meters",
         "period_uses",
@@ -115,15 +116,16 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 7] = [
+static UPGRADE: [Migration; 8] = [
     MIGRATIONS[0],
     MIGRATIONS[1],
     MIGRATIONS[2],
     MIGRATIONS[3],
     MIGRATIONS[4],
     MIGRATIONS[5],
+    MIGRATIONS[6],
     Migration {
-        version: 7,
+        version: 8,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
     },
@@ -140,16 +142,16 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 6);
-    // A later backoffice with a seventh step upgrades it, keeping the data.
+    assert_eq!(store.schema_version().unwrap(), 7);
+    // A later backoffice with an eighth step upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
         store.migrate(&UPGRADE).unwrap(),
         Migrated {
-            applied: vec![7],
-            version: 7
+            applied: vec![8],
+            version: 8
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -160,13 +162,13 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 6: it refuses the database and
+    // This backoffice knows only version 7: it refuses the database and
     // changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 7") && message.contains("newer backoffice"),
+        message.contains("version 8") && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -205,7 +207,7 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
     // This one upgrades it as it starts.
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 6);
+    assert_eq!(store.schema_version().unwrap(), 7);
     for table in ["web_sessions", "web_events", "web_resets", "grant_codes"] {
         assert!(
             tables(&cluster, "branch").contains(&table.to_owned()),
@@ -452,7 +454,7 @@ fn posted_transfers_cannot_be_changed_or_deleted_even_in_sql() {
     for change in [
         "UPDATE transfers SET amount = 1000 WHERE id = 0",
         "DELETE FROM transfers WHERE id = 0",
-        "TRUNCATE transfers",
+        "TRUNCATE transfers CASCADE",
     ] {
         let refused = cluster.psql("branch", change).unwrap_err();
         assert!(refused.contains("never changed"), "{change}: {refused}");

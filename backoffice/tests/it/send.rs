@@ -2005,6 +2005,55 @@ fn a_branch_moved_into_postgresql_keeps_every_record_and_applies_a_retried_batch
     let applied = sled.applied_batch(&key).unwrap().unwrap();
     let itemised = sled.itemised_batch(&key).unwrap().unwrap();
     let grants = sled.grants_of_meter(&mid).unwrap();
+    // A hold on the consumer, partly captured by a transfer.
+    let mut ledger = sled.load_ledger().unwrap();
+    let mut book = backoffice::holds::HoldBook::new();
+    let payer = AccountId::Customer(consumer);
+    let placed = book
+        .prepare_place(
+            payer,
+            amount("1"),
+            NOW_MS + 3_600_000,
+            "a stream",
+            amount("5"),
+            NOW_MS,
+        )
+        .unwrap();
+    let charge = ledger
+        .prepare(
+            vec![NewTransfer {
+                debit: payer,
+                credit: AccountId::Customer(Cid::parse("B1-C2").unwrap()),
+                amount: amount("0.25"),
+                // Captures get a kind of their own with the charging
+                // interface (issue 16); any valid transfer serves here.
+                kind: TransferKind::Use {
+                    pid: product,
+                    batch: BatchId::parse("B1-M1:100").unwrap(),
+                    uses: 1,
+                },
+            }],
+            NOW_MS,
+        )
+        .unwrap();
+    book.commit(vec![placed.clone()]);
+    let captured = book
+        .prepare_capture(
+            backoffice::holds::HoldId(0),
+            amount("0.25"),
+            charge[0].id,
+            NOW_MS,
+        )
+        .unwrap();
+    sled.stage_holds(&[placed, captured.clone()], &charge)
+        .unwrap();
+    sled.sync().unwrap();
+    book.commit(vec![captured]);
+    ledger.commit(charge);
+    let balances: Vec<(Cid, Amount)> = balances
+        .iter()
+        .map(|(cid, _)| (*cid, ledger.balance(&AccountId::Customer(*cid))))
+        .collect();
 
     let url = cluster.create_database("moved").unwrap();
     let pg = PgStore::connect(&url).unwrap();
@@ -2026,6 +2075,9 @@ fn a_branch_moved_into_postgresql_keeps_every_record_and_applies_a_retried_batch
         (1, 1, 1)
     );
     assert_eq!((table("batches"), table("suspense")), (1, 1));
+    assert_eq!(table("hold_events"), 2);
+    assert_eq!(pg.hold_events_from(0).unwrap(), book.events());
+    assert_eq!(pg.load_ledger().unwrap().transfers(), ledger.transfers());
     assert!(table("itemised") >= 1 && table("period_uses") >= 1 && table("free_uses") >= 1);
     assert_eq!(rows, moved.tables.iter().map(|(_, n)| n).sum::<u64>());
     // Read back through the PostgreSQL store as a node would.

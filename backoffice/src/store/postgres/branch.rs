@@ -410,6 +410,64 @@ async fn write_suspense(
     Ok(())
 }
 
+/// Writes hold events (`store::holds::StoredHoldEvent` in columns), all in
+/// one statement; a number kept already is refused, never overwritten.
+pub(super) async fn insert_hold_events(
+    transaction: &Transaction<'_>,
+    events: &[crate::holds::HoldEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let stored: Vec<crate::store::holds::StoredHoldEvent> = events.iter().map(Into::into).collect();
+    let column = |pick: &dyn Fn(&crate::store::holds::StoredHoldEvent) -> Option<u64>| {
+        stored
+            .iter()
+            .map(|event| pick(event).map(int).transpose())
+            .collect::<Result<Vec<Option<i64>>, StoreError>>()
+    };
+    let numbers = column(&|event| Some(event.number))?;
+    let holds = column(&|event| Some(event.hold))?;
+    let times = column(&|event| Some(event.at_ms))?;
+    let expiries = column(&|event| event.expires_ms)?;
+    let captures = column(&|event| event.transfer)?;
+    let kinds: Vec<&str> = stored.iter().map(|event| event.kind.as_str()).collect();
+    let accounts: Vec<Option<&str>> = stored
+        .iter()
+        .map(|event| event.account.as_deref())
+        .collect();
+    let amounts: Vec<Option<&str>> = stored.iter().map(|event| event.amount.as_deref()).collect();
+    let notes: Vec<Option<&str>> = stored.iter().map(|event| event.note.as_deref()).collect();
+    let written = transaction
+        .execute(
+            &transaction
+                .prepare_cached(
+                    "INSERT INTO hold_events (number, hold, at_ms, kind, account, amount, \
+                     expires_ms, note, transfer) \
+                     SELECT number, hold, at_ms, kind, account, amount::numeric, expires_ms, \
+                     note, transfer FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], \
+                     $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::bigint[]) \
+                     AS e (number, hold, at_ms, kind, account, amount, expires_ms, note, transfer)",
+                )
+                .await?,
+            &[
+                &numbers, &holds, &times, &kinds, &accounts, &amounts, &expiries, &notes, &captures,
+            ],
+        )
+        .await;
+    match written {
+        Err(error) if is_unique_violation(&error) => {
+            return Err(StoreError::Corrupt(
+                "a hold event's number exists already; events are never overwritten: \
+                 nothing was written"
+                    .to_owned(),
+            ));
+        }
+        other => other?,
+    };
+    Ok(())
+}
+
 fn not_in_suspense() -> StoreError {
     StoreError::Corrupt(
         "a reading to take out of suspense is no longer there (priced meanwhile?): nothing was changed"
@@ -995,6 +1053,60 @@ impl Store for PgStore {
             }
             transaction.commit().await?;
             Ok(rows.len())
+        })
+    }
+
+    fn hold_events_from(&self, from: u64) -> Result<Vec<crate::holds::HoldEvent>, StoreError> {
+        let from = int(from)?;
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    &client
+                        .prepare_cached(
+                            "SELECT number, hold, at_ms, kind, account, amount::text, expires_ms, \
+                             note, transfer FROM hold_events WHERE number >= $1 ORDER BY number",
+                        )
+                        .await?,
+                    &[&from],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let number: i64 = row.get(0);
+                    let damaged = || StoreError::Corrupt(format!("hold event {number}"));
+                    let unsigned = |value: i64| uint(value).map_err(|_| damaged());
+                    crate::store::holds::StoredHoldEvent {
+                        number: unsigned(number)?,
+                        hold: unsigned(row.get(1))?,
+                        at_ms: unsigned(row.get(2))?,
+                        kind: row.get(3),
+                        account: row.get(4),
+                        amount: row.get(5),
+                        expires_ms: row.get::<_, Option<i64>>(6).map(unsigned).transpose()?,
+                        note: row.get(7),
+                        transfer: row.get::<_, Option<i64>>(8).map(unsigned).transpose()?,
+                    }
+                    .event()
+                })
+                .collect()
+        })
+    }
+
+    fn stage_holds(
+        &self,
+        events: &[crate::holds::HoldEvent],
+        transfers: &[Transfer],
+    ) -> Result<(), StoreError> {
+        self.block_retrying(|| async {
+            let mut client = self.client().await?;
+            let transaction = client.transaction().await?;
+            self.still_holding(&transaction).await?;
+            // The transfers first: a capture's event names its transfer.
+            post(&transaction, transfers).await?;
+            insert_hold_events(&transaction, events).await?;
+            self.commit_money(transaction).await?;
+            Ok(())
         })
     }
 

@@ -177,6 +177,22 @@ impl SledStore {
             Chunk::Transfers,
             each,
         )?;
+        chunks(
+            &self.hold_events,
+            |key, value| {
+                let stored: crate::store::holds::StoredHoldEvent = json("hold_events", key, value)?;
+                if be_u64(key) != Some(stored.number) {
+                    return Err(corrupt(
+                        "hold_events",
+                        key,
+                        "is stored under another number",
+                    ));
+                }
+                Ok(Some(stored.event()?))
+            },
+            Chunk::HoldEvents,
+            each,
+        )?;
         let counts = |tree: &'static str| {
             move |key: &[u8], value: &[u8]| {
                 let bad = || corrupt(tree, key, "does not decode");

@@ -4,7 +4,7 @@
 
 use std::sync::mpsc::Receiver;
 
-use super::{Transaction, int, json, post, seq_in, set_period_uses};
+use super::{Transaction, insert_hold_events, int, json, post, seq_in, set_period_uses};
 use crate::store::StoreError;
 use crate::store::moving::{Chunk, ItemisedTransfers};
 use crate::store::postgres::PgStore;
@@ -20,6 +20,7 @@ pub const TABLES: &[&str] = &[
     "batches",
     "seq_ranges",
     "transfers",
+    "hold_events",
     "period_uses",
     "free_uses",
     "suspense",
@@ -227,6 +228,7 @@ async fn write(transaction: &Transaction<'_>, chunk: Chunk) -> Result<(), StoreE
                 .await?;
         }
         Chunk::Transfers(rows) => post(transaction, &rows).await?,
+        Chunk::HoldEvents(rows) => insert_hold_events(transaction, &rows).await?,
         Chunk::PeriodUses(rows) => set_period_uses(transaction, &rows, &[]).await?,
         Chunk::FreeUses(rows) => set_period_uses(transaction, &[], &rows).await?,
         Chunk::Suspense(rows) => {

@@ -1,0 +1,136 @@
+//! Hold events as both stores keep them (`holds::HoldEvent`): one record
+//! per event, numbered, never changed. sled keeps the JSON of
+//! [`StoredHoldEvent`] under the event's number; PostgreSQL the same fields
+//! in columns of `hold_events` (migration 7).
+
+use proto::{Amount, Cid};
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use crate::holds::{HoldChange, HoldEvent, HoldId};
+use crate::ledger::{AccountId, SystemAccount, TransferId};
+
+/// An event's fields, each kind filling those it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredHoldEvent {
+    pub number: u64,
+    pub hold: u64,
+    pub at_ms: u64,
+    /// `placed`, `adjusted`, `captured`, `released` or `expired`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Exact decimal text; for `adjusted`, signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<u64>,
+}
+
+/// An account as stores name it: the CID, or `:funding`.
+pub(crate) fn account_text(account: &AccountId) -> String {
+    match account {
+        AccountId::Customer(cid) => cid.as_str().to_owned(),
+        AccountId::System(SystemAccount::Funding) => ":funding".to_owned(),
+    }
+}
+
+/// The account `account_text` named.
+pub(crate) fn account_of(text: &str) -> Result<AccountId, StoreError> {
+    match text {
+        ":funding" => Ok(AccountId::System(SystemAccount::Funding)),
+        cid => Cid::parse(cid)
+            .map(AccountId::Customer)
+            .map_err(|_| StoreError::Corrupt(format!("an account named {cid:?}"))),
+    }
+}
+
+impl From<&HoldEvent> for StoredHoldEvent {
+    fn from(event: &HoldEvent) -> Self {
+        let mut stored = StoredHoldEvent {
+            number: event.number,
+            hold: event.hold.0,
+            at_ms: event.at_ms,
+            kind: String::new(),
+            account: None,
+            amount: None,
+            expires_ms: None,
+            note: None,
+            transfer: None,
+        };
+        stored.kind = match &event.change {
+            HoldChange::Placed {
+                account,
+                amount,
+                expires_ms,
+                note,
+            } => {
+                stored.account = Some(account_text(account));
+                stored.amount = Some(amount.to_string());
+                stored.expires_ms = Some(*expires_ms);
+                stored.note = Some(note.clone());
+                "placed"
+            }
+            HoldChange::Adjusted { delta, expires_ms } => {
+                stored.amount = Some(delta.to_string());
+                stored.expires_ms = Some(*expires_ms);
+                "adjusted"
+            }
+            HoldChange::Captured { amount, transfer } => {
+                stored.amount = Some(amount.to_string());
+                stored.transfer = Some(transfer.0);
+                "captured"
+            }
+            HoldChange::Released => "released",
+            HoldChange::Expired => "expired",
+        }
+        .to_owned();
+        stored
+    }
+}
+
+impl StoredHoldEvent {
+    /// The event it records; a record that is not one is reported.
+    pub(crate) fn event(self) -> Result<HoldEvent, StoreError> {
+        let number = self.number;
+        let damaged = |what: &str| StoreError::Corrupt(format!("hold event {number}: {what}"));
+        let amount = || -> Result<Amount, StoreError> {
+            Amount::parse(self.amount.as_deref().ok_or_else(|| damaged("no amount"))?)
+                .map_err(|_| damaged("an amount that does not parse"))
+        };
+        let expires_ms = || self.expires_ms.ok_or_else(|| damaged("no expiry"));
+        let change = match self.kind.as_str() {
+            "placed" => HoldChange::Placed {
+                account: account_of(
+                    self.account
+                        .as_deref()
+                        .ok_or_else(|| damaged("no account"))?,
+                )?,
+                amount: amount()?,
+                expires_ms: expires_ms()?,
+                note: self.note.clone().unwrap_or_default(),
+            },
+            "adjusted" => HoldChange::Adjusted {
+                delta: amount()?,
+                expires_ms: expires_ms()?,
+            },
+            "captured" => HoldChange::Captured {
+                amount: amount()?,
+                transfer: TransferId(self.transfer.ok_or_else(|| damaged("no transfer"))?),
+            },
+            "released" => HoldChange::Released,
+            "expired" => HoldChange::Expired,
+            _ => return Err(damaged("an unknown kind")),
+        };
+        Ok(HoldEvent {
+            number,
+            hold: HoldId(self.hold),
+            at_ms: self.at_ms,
+            change,
+        })
+    }
+}
