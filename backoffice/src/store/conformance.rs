@@ -989,7 +989,7 @@ pub(crate) fn transfers_posted_outside_batches_load_back_as_the_same_ledger(
     restored.verify();
 }
 
-pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back(harness: &impl Harness) {
+pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Harness>(harness: &H) {
     use crate::holds::{HoldBook, HoldId};
     let store = harness.open();
     let (payer, payee) = (customer(1), customer(2));
@@ -1097,4 +1097,46 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back(harnes
     // The second hold's note was empty; the first one's kept as written.
     assert_eq!(restored.hold(HoldId(0)).unwrap().note, "a match");
     assert_eq!(restored.hold(HoldId(1)).unwrap().note, "");
+    // The store's check reads them (this test keeps no registry, so other
+    // problems are expected), and names a capture whose transfer does not
+    // take the money from the hold's account.
+    let hold_problems = |store: &H::Store| {
+        let (report, _) = store.verify();
+        assert!(
+            report
+                .checked
+                .iter()
+                .any(|(what, _)| *what == "hold events"),
+            "{:?}",
+            report.checked
+        );
+        report
+            .problems
+            .into_iter()
+            .filter(|problem| problem.starts_with("hold event"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(hold_problems(&store), Vec::<String>::new());
+    let mut book = restored;
+    let third = book
+        .prepare_place(
+            payer,
+            Amount::from_nanos(10),
+            9_000,
+            "",
+            Amount::from_nanos(100),
+            100,
+        )
+        .unwrap();
+    book.commit(vec![third]);
+    // Transfer 0 is the deposit, from funding: not the hold's account.
+    let wrong = book
+        .prepare_capture(HoldId(2), Amount::from_nanos(10), TransferId(0), 110)
+        .unwrap();
+    let mut written = book.events()[book.events().len() - 1..].to_vec();
+    written.push(wrong);
+    store.stage_holds(&written, &[]).unwrap();
+    let problems = hold_problems(&store);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("does not take"), "{problems:?}");
 }

@@ -134,3 +134,49 @@ impl StoredHoldEvent {
         })
     }
 }
+
+/// Checks hold events read back (`events`, or why they could not be read)
+/// against the transfers: they follow one another as the book requires,
+/// and each capture names a transfer that debits the hold's account by the
+/// amount captured.
+pub(crate) fn check_hold_events(
+    events: Result<Vec<HoldEvent>, StoreError>,
+    transfers: &[crate::ledger::Transfer],
+    report: &mut crate::verify::Report,
+) {
+    let events = match events {
+        Ok(events) => events,
+        Err(error) => {
+            report.problem(format!("the hold events cannot be read: {error}"));
+            return;
+        }
+    };
+    report.checked("hold events", events.len() as u64);
+    let book = match crate::holds::HoldBook::restore(events) {
+        Ok(book) => book,
+        Err(error) => {
+            report.problem(format!("hold events: {error}"));
+            return;
+        }
+    };
+    for event in book.events() {
+        let HoldChange::Captured { amount, transfer } = &event.change else {
+            continue;
+        };
+        let account = book.hold(event.hold).map(|hold| hold.account);
+        let posted = usize::try_from(transfer.0)
+            .ok()
+            .and_then(|at| transfers.get(at));
+        match posted {
+            Some(posted) if Some(posted.debit) == account && posted.amount == *amount => {}
+            Some(_) => report.problem(format!(
+                "hold event {}: transfer {} does not take {amount} from hold {}'s account",
+                event.number, transfer.0, event.hold
+            )),
+            None => report.problem(format!(
+                "hold event {}: a capture by transfer {}, which does not exist",
+                event.number, transfer.0
+            )),
+        }
+    }
+}

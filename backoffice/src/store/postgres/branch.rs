@@ -848,6 +848,7 @@ impl Store for PgStore {
         if let Err(error) = self.block(self.verify_rows(&sums, &mut report)) {
             report.problem(format!("the store cannot be read: {error}"));
         }
+        crate::store::holds::check_hold_events(self.hold_events_from(0), &transfers, &mut report);
         (report, transfers)
     }
 

@@ -52,6 +52,11 @@ impl SledStore {
         self.verify_periods(&customers, &products, &mut report);
         self.verify_suspense(&mut report);
         self.verify_deposits(&customers, &transfers, &mut report);
+        crate::store::holds::check_hold_events(
+            crate::store::Store::hold_events_from(self, 0),
+            &transfers,
+            &mut report,
+        );
         (report, transfers)
     }
 
