@@ -835,6 +835,7 @@ fn serve(
             funding: Box::new(backoffice::funding::RecordedByOperator),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
+        backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));
         let mut listeners = vec![backoffice::listen::Listener {
             socket: listener,
             tls: None,

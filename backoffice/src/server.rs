@@ -43,6 +43,34 @@ pub struct Service {
 
 use crate::now_ms;
 
+/// How often expired holds get their expiry written (they hold nothing
+/// from their expiry on, written or not).
+pub const HOLD_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes the expiry of holds past their time every `HOLD_SWEEP_INTERVAL`,
+/// on a thread of its own, while the service lives: expiry happens whether
+/// or not anyone calls.
+pub fn sweep_expired_holds(service: std::sync::Weak<Service>) {
+    let spawned = std::thread::Builder::new()
+        .name("hold-expiry".into())
+        .spawn(move || {
+            while let Some(service) = service.upgrade() {
+                match service.backoffice.expire_holds(now_ms()) {
+                    Ok(0) => {}
+                    Ok(expired) => tracing::info!(expired, "holds expired"),
+                    Err(fault) => {
+                        tracing::error!(fault = %fault.message, "writing expired holds failed")
+                    }
+                }
+                drop(service);
+                std::thread::sleep(HOLD_SWEEP_INTERVAL);
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the sweep of expired holds");
+    }
+}
+
 /// Meter calls (uploads and grant calls) read and answered at once; more
 /// are answered 503 with `Retry-After` before their body is read.
 pub const METER_CALLS_AT_ONCE: usize = 8;

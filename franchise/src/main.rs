@@ -203,6 +203,7 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
         });
+        backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));
         let (stop_office, stopped) = tokio::sync::watch::channel(false);
         let mut stopped_office = stopped.clone();
         let office_task = tokio::spawn(backoffice::server::run(listener, service, async move {

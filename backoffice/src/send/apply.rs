@@ -348,9 +348,12 @@ impl<S: Store> Backoffice<S> {
                 .map_err(|error| internal(&error))?,
         );
         let ledger = self.ledger_read();
+        let holds = lock(&self.holds);
+        // Good standing is decided on what is available: held money is not.
         let standings = self.standings(body, &mut lookups, now_ms, |account| {
-            ledger.balance(account)
+            holds.available(account, ledger.balance(account), now_ms)
         })?;
+        drop(holds);
         Ok(match body {
             SendBody::Batch(batch) => SendAnswer {
                 batch_id: batch.id.clone(),
@@ -672,12 +675,16 @@ impl<S: Store> Backoffice<S> {
                     .map_err(|error| internal(&error))?;
             }
         }
+        let holds = lock(&self.holds);
+        // Good standing is decided on what is available: held money is not.
         let standings = self.standings(&request.body, &mut lookups, now_ms, |account| {
-            balances
+            let balance = balances
                 .get(account)
                 .copied()
-                .unwrap_or_else(|| ledger.balance(account))
+                .unwrap_or_else(|| ledger.balance(account));
+            holds.available(account, balance, now_ms)
         })?;
+        drop(holds);
         let value = match &request.body {
             SendBody::Batch(batch) => SendAnswer {
                 batch_id: batch.id.clone(),

@@ -15,6 +15,7 @@
 
 mod apply;
 mod authenticate;
+mod holds;
 mod price;
 mod standings;
 #[cfg(test)]
@@ -62,6 +63,9 @@ pub struct Backoffice<S> {
     store: S,
     pricing: Pricing,
     ledger: Mutex<Ledger>,
+    /// The holds (`holds::HoldBook`), kept equal to the store's: locked
+    /// only while `ledger` is held (after it).
+    holds: Mutex<crate::holds::HoldBook>,
     /// Stored period counts already read, kept equal to the store's: locked
     /// only while `ledger` is held, and updated where the store is.
     period_counts: Mutex<PeriodCounts>,
@@ -143,11 +147,14 @@ impl<S: Store> Backoffice<S> {
     /// The money path over `store`, whose ledger it loads.
     pub fn open(store: S, params: MeterParams) -> Result<Self, StoreError> {
         let ledger = store.load_ledger()?;
+        let holds = crate::holds::HoldBook::restore(store.hold_events_from(0)?)
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
         let device_codes = store.device_codes();
         Ok(Self {
             store,
             pricing: Pricing::new(),
             ledger: Mutex::new(ledger),
+            holds: Mutex::new(holds),
             period_counts: Mutex::new(PeriodCounts::default()),
             periods_in_use: PeriodsInUse::default(),
             seen: Mutex::new(SeenSignatures::default()),
@@ -215,7 +222,16 @@ impl<S: Store> Backoffice<S> {
             .map_err(|error| internal(&error))?;
         ledger
             .append_stored(newer)
-            .map_err(|error| internal(&error))
+            .map_err(|error| internal(&error))?;
+        // The holds too, after the transfers their captures name (the
+        // ledger's lock is held: always taken before the holds').
+        let mut holds = lock(&self.holds);
+        let next = holds.events().len() as u64;
+        let newer = self
+            .store
+            .hold_events_from(next)
+            .map_err(|error| internal(&error))?;
+        holds.append_stored(newer).map_err(|error| internal(&error))
     }
 
     /// The ledger, locked, with what other nodes posted: for reads. If the

@@ -972,6 +972,109 @@ fn send_at(world: &World, body: &[u8], now_ms: u64) -> Result<Value, proto::Faul
     world.backoffice.send(body, signed, now_ms)
 }
 
+/// Holds keep money from being spent elsewhere: the available balance
+/// decides new holds and good standing; a capture is a transfer, checked
+/// against what the hold has left even when many come at once; holds
+/// outlive a restart, and one that expired while the backoffice was
+/// stopped holds nothing from its expiry and has its expiry written once.
+#[test]
+fn holds_reserve_money_until_captured_released_or_expired_across_a_restart() {
+    use backoffice::holds::{Ending, HoldError, HoldId};
+    let world = world();
+    let office = &world.backoffice;
+    let payer = AccountId::Customer(world.consumer);
+    let payee = AccountId::Customer(world.producer);
+    let charge = || TransferKind::Use {
+        pid: world.product,
+        batch: BatchId::parse("B1-M1:100").unwrap(),
+        uses: 1,
+    };
+    // An applied batch for the charges to name.
+    send(&world, &batch(&world, "B1-M1:100", uses(&world)), NOW_MS).unwrap();
+    let start = balance(&world, world.consumer);
+    assert_eq!(start, amount("9.25"));
+    let hour = 3_600_000;
+    let first = office
+        .place_hold(payer, amount("4"), NOW_MS + hour, "a match", NOW_MS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.id, HoldId(0));
+    assert_eq!(office.available(&payer, NOW_MS), amount("5.25"));
+    assert_eq!(balance(&world, world.consumer), start, "nothing moved yet");
+    // More than is available: refused, nothing changed.
+    let refused = office
+        .place_hold(payer, amount("5.26"), NOW_MS + hour, "", NOW_MS)
+        .unwrap();
+    assert!(
+        matches!(refused, Err(HoldError::Insufficient { .. })),
+        "{refused:?}"
+    );
+    // Captured in parts, at once from 8 threads: never beyond the hold.
+    let captured: Vec<bool> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    match office
+                        .capture_hold(HoldId(0), amount("0.75"), payee, charge(), NOW_MS + 1)
+                        .unwrap()
+                    {
+                        Ok(transfer) => {
+                            assert_eq!((transfer.debit, transfer.credit), (payer, payee));
+                            true
+                        }
+                        Err(HoldError::BeyondHold { .. }) => false,
+                        Err(other) => panic!("{other}"),
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(captured.iter().filter(|c| **c).count(), 5, "5 x 0.75 of 4");
+    assert_eq!(balance(&world, world.consumer), amount("5.5"));
+    assert_eq!(office.available(&payer, NOW_MS + 2), amount("5.25"));
+    // Released: the 0.25 it kept is available again, once.
+    office.release_hold(HoldId(0), NOW_MS + 3).unwrap().unwrap();
+    assert_eq!(office.available(&payer, NOW_MS + 3), amount("5.5"));
+    assert_eq!(
+        office.release_hold(HoldId(0), NOW_MS + 4).unwrap(),
+        Err(HoldError::Ended(HoldId(0)))
+    );
+    // A hold of everything available: the payer is no longer in good
+    // standing for new uses.
+    office
+        .place_hold(payer, amount("5.5"), NOW_MS + hour, "all of it", NOW_MS + 5)
+        .unwrap()
+        .unwrap();
+    let login = vec![Event::Login(world.consumer)];
+    let answer =
+        SendAnswer::from_value(&send(&world, &batch(&world, "B1-M1:2", login), NOW_MS).unwrap())
+            .unwrap();
+    assert!(!answer.standings[0].allowed, "everything is held");
+    // Stopped across the expiry of the second hold, started again: the
+    // hold is kept, holds nothing past its expiry, and its expiry is
+    // written once, dated at the expiry.
+    let World {
+        _dir, backoffice, ..
+    } = world;
+    drop(backoffice);
+    let office = Backoffice::open(SledStore::open(_dir.path()).unwrap(), PARAMS).unwrap();
+    let later = NOW_MS + 2 * hour;
+    let held = office.hold(HoldId(1)).unwrap();
+    assert_eq!((held.held, held.ended), (amount("5.5"), None));
+    assert_eq!(office.available(&payer, NOW_MS + 6), Amount::ZERO);
+    assert_eq!(office.available(&payer, later), amount("5.5"));
+    assert_eq!(office.expire_holds(later).unwrap(), 1);
+    assert_eq!(office.expire_holds(later + 1).unwrap(), 0);
+    assert_eq!(
+        office.hold(HoldId(1)).unwrap().ended,
+        Some(Ending::Expired(NOW_MS + hour))
+    );
+    let (report, _) = office.store().verify();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    office.ledger().verify();
+}
+
 /// Two re-pricings of one batch's suspense, each pricing one of its uses,
 /// would date their records the same millisecond (one after the batch
 /// arrived, when that is later than the clock): each gets its own, and
@@ -2339,4 +2442,101 @@ fn two_nodes_on_one_database_apply_each_batch_once_and_share_one_ledger() {
         };
         assert_eq!(nodes[1].store().period_uses(&key).unwrap(), 40);
     }
+}
+
+/// Two nodes on one database: a hold placed on one is seen, captured and
+/// released on the other, each capture checked against what the hold has
+/// left whichever node takes it, and an expiry written by both sweeps at
+/// once is written once.
+#[test]
+fn a_hold_placed_on_one_node_is_captured_on_another_and_expires_once() {
+    use backoffice::holds::{Ending, HoldError, HoldId};
+    use backoffice::store::PgStore;
+    let cluster = pgtest::Cluster::start().unwrap();
+    let url = cluster.create_database("branch").unwrap();
+    let nodes: Vec<Backoffice<PgStore>> = (0..2)
+        .map(|_| Backoffice::open(PgStore::connect(&url).unwrap(), PARAMS).unwrap())
+        .collect();
+    let bid = Bid::parse("B1").unwrap();
+    let store = nodes[0].store();
+    let payer = store
+        .create_customer(&bid, "Ada", "ada@example.org")
+        .unwrap()
+        .cid;
+    let payee = store
+        .create_customer(&bid, "Bob", "bob@example.org")
+        .unwrap()
+        .cid;
+    let (payer, payee) = (AccountId::Customer(payer), AccountId::Customer(payee));
+    nodes[1]
+        .post(vec![NewTransfer {
+            debit: AccountId::System(SystemAccount::Funding),
+            credit: payer,
+            amount: amount("10"),
+            kind: TransferKind::Deposit,
+        }])
+        .unwrap();
+    let hour = 3_600_000;
+    nodes[0]
+        .place_hold(payer, amount("6"), NOW_MS + hour, "a stream", NOW_MS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(nodes[1].available(&payer, NOW_MS), amount("4"));
+    // Node B cannot hold what node A holds.
+    assert!(matches!(
+        nodes[1]
+            .place_hold(payer, amount("4.01"), NOW_MS + hour, "", NOW_MS)
+            .unwrap(),
+        Err(HoldError::Insufficient { .. })
+    ));
+    // Captures on both nodes at once: never beyond the hold.
+    let captured: Vec<bool> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let node = &nodes[n % 2];
+                scope.spawn(move || {
+                    node.capture_hold(
+                        HoldId(0),
+                        amount("1"),
+                        payee,
+                        TransferKind::Deposit,
+                        NOW_MS + 1,
+                    )
+                    .unwrap()
+                    .is_ok()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(captured.iter().filter(|c| **c).count(), 6, "{captured:?}");
+    let hold = nodes[0].hold(HoldId(0)).unwrap();
+    assert_eq!(hold.captured, amount("6"), "{hold:?}");
+    assert_eq!(nodes[1].balance(&payer), amount("4"));
+    // A second hold, expired on both nodes' sweeps at once: written once.
+    nodes[1]
+        .place_hold(payer, amount("2"), NOW_MS + hour, "", NOW_MS + 2)
+        .unwrap()
+        .unwrap();
+    let later = NOW_MS + 2 * hour;
+    let expired: Vec<usize> = std::thread::scope(|scope| {
+        let threads: Vec<_> = nodes
+            .iter()
+            .map(|node| scope.spawn(move || node.expire_holds(later).unwrap()))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(
+        expired.iter().sum::<usize>(),
+        2,
+        "the first hold and the second: {expired:?}"
+    );
+    for node in &nodes {
+        assert_eq!(
+            node.hold(HoldId(1)).unwrap().ended,
+            Some(Ending::Expired(NOW_MS + hour))
+        );
+        assert_eq!(node.available(&payer, later), amount("4"));
+    }
+    assert_eq!(store.hold_events_from(0).unwrap().len(), 1 + 6 + 1 + 2);
 }
