@@ -173,6 +173,9 @@ pub enum HoldError {
         /// The time of the change.
         now_ms: u64,
     },
+    /// A capture paid to the account the hold is on.
+    #[error("hold {0} cannot be captured to its own account")]
+    SameAccount(HoldId),
     /// A note too long or with control characters.
     #[error("a hold's note has at most {NOTE_BYTES_MAX} bytes of printable text")]
     BadNote,
@@ -217,6 +220,9 @@ impl HoldBook {
     /// them at start), in order from this book's next number; changes
     /// nothing if any is out of order or does not follow.
     pub fn append_stored(&mut self, events: Vec<HoldEvent>) -> Result<(), HoldError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let mut next = self.clone();
         for event in events {
             next.check_stored(&event)?;
@@ -224,6 +230,17 @@ impl HoldBook {
         }
         *self = next;
         Ok(())
+    }
+
+    /// The time of the latest event: no decision about holds is taken at
+    /// an earlier time (a node whose clock is behind another's would
+    /// otherwise still see a hold the other saw expire, and act on it).
+    pub fn latest_ms(&self) -> u64 {
+        self.events
+            .iter()
+            .map(|event| event.at_ms)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Every event, in order.

@@ -24,7 +24,12 @@ impl<S: Store> Backoffice<S> {
     /// The balance of `account` less what its live holds keep, at `now_ms`.
     pub fn available(&self, account: &AccountId, now_ms: u64) -> Amount {
         let ledger = self.ledger_read();
-        lock(&self.holds).available(account, ledger.balance(account), now_ms)
+        let holds = lock(&self.holds);
+        holds.available(
+            account,
+            ledger.balance(account),
+            now_ms.max(holds.latest_ms()),
+        )
     }
 
     /// What `account` can spend now: its available balance, down to its
@@ -83,6 +88,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
+        let now_ms = now_ms.max(holds.latest_ms());
         let spendable = self.spendable(&account, ledger.balance(&account), &holds, now_ms)?;
         let event = match holds.prepare_place(account, amount, expires_ms, note, spendable, now_ms)
         {
@@ -110,6 +116,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
+        let now_ms = now_ms.max(holds.latest_ms());
         let Some(account) = holds.hold(id).map(|hold| hold.account) else {
             return Ok(Err(HoldError::Unknown(id)));
         };
@@ -139,9 +146,13 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
+        let now_ms = now_ms.max(holds.latest_ms());
         let Some(account) = holds.hold(id).map(|hold| hold.account) else {
             return Ok(Err(HoldError::Unknown(id)));
         };
+        if credit == account {
+            return Ok(Err(HoldError::SameAccount(id)));
+        }
         let transfer = NewTransfer {
             debit: account,
             credit,
@@ -174,6 +185,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
+        let now_ms = now_ms.max(holds.latest_ms());
         let event = match holds.prepare_release(id, now_ms) {
             Ok(event) => event,
             Err(refused) => return Ok(Err(refused)),

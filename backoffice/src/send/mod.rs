@@ -215,6 +215,16 @@ impl<S: Store> Backoffice<S> {
         if !self.store.shared() {
             return Ok(());
         }
+        // The holds' events are read before the transfers: a capture
+        // committed between the two reads is then seen as its transfer
+        // without its event (the money counted as held and as debited, on
+        // the safe side until the next catch-up), never the other way.
+        let mut holds = lock(&self.holds);
+        let next_event = holds.events().len() as u64;
+        let events = self
+            .store
+            .hold_events_from(next_event)
+            .map_err(|error| internal(&error))?;
         let next = ledger.transfers().len() as u64;
         let newer = self
             .store
@@ -223,15 +233,9 @@ impl<S: Store> Backoffice<S> {
         ledger
             .append_stored(newer)
             .map_err(|error| internal(&error))?;
-        // The holds too, after the transfers their captures name (the
-        // ledger's lock is held: always taken before the holds').
-        let mut holds = lock(&self.holds);
-        let next = holds.events().len() as u64;
-        let newer = self
-            .store
-            .hold_events_from(next)
-            .map_err(|error| internal(&error))?;
-        holds.append_stored(newer).map_err(|error| internal(&error))
+        holds
+            .append_stored(events)
+            .map_err(|error| internal(&error))
     }
 
     /// The ledger, locked, with what other nodes posted: for reads. If the

@@ -1070,6 +1070,43 @@ fn holds_reserve_money_until_captured_released_or_expired_across_a_restart() {
         office.hold(HoldId(1)).unwrap().ended,
         Some(Ending::Expired(NOW_MS + hour))
     );
+    // A node whose clock is behind does not act on a hold that expired by
+    // the time of the latest event (another hold placed after it).
+    let short = office
+        .place_hold(payer, amount("1"), later + 10, "", later)
+        .unwrap()
+        .unwrap();
+    office
+        .place_hold(payer, amount("1"), later + hour, "", later + 20)
+        .unwrap()
+        .unwrap();
+    let payee = AccountId::Customer(Cid::parse("B1-C2").unwrap());
+    assert_eq!(
+        office
+            .capture_hold(
+                short.id,
+                amount("1"),
+                payee,
+                TransferKind::Deposit,
+                later + 5
+            )
+            .unwrap(),
+        Err(HoldError::Ended(short.id)),
+        "a slow clock"
+    );
+    // Nor is a hold captured to its own account.
+    assert_eq!(
+        office
+            .capture_hold(
+                HoldId(3),
+                amount("1"),
+                payer,
+                TransferKind::Deposit,
+                later + 21
+            )
+            .unwrap(),
+        Err(HoldError::SameAccount(HoldId(3)))
+    );
     let (report, _) = office.store().verify();
     assert!(report.is_ok(), "{:?}", report.problems);
     office.ledger().verify();

@@ -11,8 +11,11 @@ CREATE TABLE hold_events (
     amount numeric(30, 9),
     expires_ms bigint,
     note text,
-    transfer bigint REFERENCES transfers (id),
+    -- A transfer takes money from one hold at most.
+    transfer bigint UNIQUE REFERENCES transfers (id),
     CHECK ((kind = 'placed') = (account IS NOT NULL)),
+    CHECK ((kind IN ('placed', 'adjusted')) = (expires_ms IS NOT NULL)),
+    CHECK (kind = 'adjusted' OR amount IS NULL OR amount > 0),
     CHECK ((kind IN ('placed', 'adjusted', 'captured')) = (amount IS NOT NULL)),
     CHECK ((kind = 'captured') = (transfer IS NOT NULL))
 );

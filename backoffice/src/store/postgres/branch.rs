@@ -1061,6 +1061,25 @@ impl Store for PgStore {
         let from = int(from)?;
         self.block(async {
             let client = self.client().await?;
+            // Fewer events than the caller saw committed: the database's
+            // history went back (as for transfers).
+            let next: i64 = client
+                .query_one(
+                    &client
+                        .prepare_cached("SELECT coalesce(max(number) + 1, 0) FROM hold_events")
+                        .await?,
+                    &[],
+                )
+                .await?
+                .get(0);
+            if next < from {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: the database holds {next} hold events, but {from} were committed \
+                     here before: was it restored, or failed over to a replica that missed \
+                     commits? Nothing is written until an operator has looked",
+                    self.shown
+                )));
+            }
             let rows = client
                 .query(
                     &client

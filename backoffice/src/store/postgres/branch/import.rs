@@ -67,7 +67,7 @@ impl PgStore {
             // their batches and registrations write, and catch up after.
             transaction
                 .execute(
-                    "LOCK TABLE serials, customers, transfers, batches IN EXCLUSIVE MODE",
+                    "LOCK TABLE serials, customers, transfers, batches, hold_events IN EXCLUSIVE MODE",
                     &[],
                 )
                 .await?;
