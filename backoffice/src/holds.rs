@@ -53,6 +53,9 @@ pub enum HoldChange {
         expires_ms: u64,
         /// What it is for (shown on statements).
         note: String,
+        /// The service (product) that placed it, which alone may charge
+        /// and release it; `None` for the branch's own holds.
+        by: Option<proto::Pid>,
     },
     /// More or less held (`delta`, either sign; never less than was
     /// captured), and a new expiry.
@@ -114,6 +117,8 @@ pub struct Hold {
     pub expires_ms: u64,
     /// What it is for.
     pub note: String,
+    /// The service (product) that placed it, if a service did.
+    pub by: Option<proto::Pid>,
     /// How it ended, once it has.
     pub ended: Option<Ending>,
 }
@@ -296,6 +301,22 @@ impl HoldBook {
         spendable: Amount,
         now_ms: u64,
     ) -> Result<HoldEvent, HoldError> {
+        self.prepare_place_by(account, amount, expires_ms, note, spendable, now_ms, None)
+    }
+
+    /// As `prepare_place`, for the service `by` (which alone may then
+    /// charge and release it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_place_by(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        expires_ms: u64,
+        note: &str,
+        spendable: Amount,
+        now_ms: u64,
+        by: Option<proto::Pid>,
+    ) -> Result<HoldEvent, HoldError> {
         if !amount.is_positive() {
             return Err(HoldError::NotPositive(amount));
         }
@@ -325,6 +346,7 @@ impl HoldBook {
                 amount,
                 expires_ms,
                 note: note.to_owned(),
+                by,
             },
         })
     }
@@ -509,6 +531,7 @@ impl HoldBook {
                 amount,
                 expires_ms,
                 note,
+                by,
             } => {
                 self.holds.insert(
                     id,
@@ -520,6 +543,7 @@ impl HoldBook {
                         placed_ms: event.at_ms,
                         expires_ms: *expires_ms,
                         note: note.clone(),
+                        by: by.clone(),
                         ended: None,
                     },
                 );

@@ -65,6 +65,15 @@ pub enum TransferKind {
         /// The transfer corrected.
         of: TransferId,
     },
+    /// A charge (payer to the product's owner) or refund (the other way)
+    /// asked by a service for one of its products (Parlay X Payment), under
+    /// the service's reference code (`payments::PaymentRequest`).
+    Payment {
+        /// The product the service charges for.
+        pid: Pid,
+        /// The service's reference code of the request.
+        reference: String,
+    },
 }
 
 /// A transfer to post.

@@ -836,6 +836,10 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                         TransferKind::Correction { of } => {
                             ("correction".to_owned(), of.0.to_string())
                         }
+                        TransferKind::Payment { pid, reference } => (
+                            format!("payment to {pid}, reference {reference}"),
+                            String::new(),
+                        ),
                     };
                     Value::structure([
                         ("transfer", Value::string(transfer.id.0.to_string())),

@@ -36,7 +36,7 @@ impl<S: Store> Backoffice<S> {
     /// credit limit where it is a customer not denied (the lowest balance
     /// in good standing is just above the limit, which is 0 for a prepaid
     /// account, below 0 with credit); a denied customer can spend nothing.
-    fn spendable(
+    pub(super) fn spendable(
         &self,
         account: &AccountId,
         balance: Amount,
@@ -58,18 +58,19 @@ impl<S: Store> Backoffice<S> {
 
     /// Writes `events` (with the transfers of their captures) and applies
     /// them, under the ledger lock the caller holds.
-    fn record_holds(
+    pub(super) fn record_holds(
         &self,
         ledger: &mut crate::ledger::Ledger,
         holds: &mut crate::holds::HoldBook,
         events: Vec<HoldEvent>,
         transfers: Vec<Transfer>,
+        request: Option<&crate::payments::PaymentRequest>,
     ) -> Result<(), Fault> {
-        if events.is_empty() {
+        if events.is_empty() && transfers.is_empty() {
             return Ok(());
         }
         self.store
-            .stage_holds(&events, &transfers)
+            .stage_holds(&events, &transfers, request)
             .map_err(|error| self.stop_money(&error))?;
         ledger.commit(transfers);
         holds.commit(events);
@@ -96,7 +97,7 @@ impl<S: Store> Backoffice<S> {
             Err(refused) => return Ok(Err(refused)),
         };
         let id = event.hold;
-        self.record_holds(&mut ledger, &mut holds, vec![event], Vec::new())?;
+        self.record_holds(&mut ledger, &mut holds, vec![event], Vec::new(), None)?;
         let hold = holds.hold(id).cloned().expect("just placed");
         drop(holds);
         drop(ledger);
@@ -125,7 +126,7 @@ impl<S: Store> Backoffice<S> {
             Ok(event) => event,
             Err(refused) => return Ok(Err(refused)),
         };
-        self.record_holds(&mut ledger, &mut holds, vec![event], Vec::new())?;
+        self.record_holds(&mut ledger, &mut holds, vec![event], Vec::new(), None)?;
         let hold = holds.hold(id).cloned().expect("just adjusted");
         drop(holds);
         drop(ledger);
@@ -173,7 +174,7 @@ impl<S: Store> Backoffice<S> {
             .prepare_capture(id, amount, prepared[0].id, now_ms)
             .map_err(|error| internal(&error))?;
         let posted = prepared[0].clone();
-        self.record_holds(&mut ledger, &mut holds, vec![event], prepared)?;
+        self.record_holds(&mut ledger, &mut holds, vec![event], prepared, None)?;
         drop(holds);
         drop(ledger);
         self.durable()?;
@@ -190,7 +191,7 @@ impl<S: Store> Backoffice<S> {
             Ok(event) => event,
             Err(refused) => return Ok(Err(refused)),
         };
-        self.record_holds(&mut ledger, &mut holds, vec![event], Vec::new())?;
+        self.record_holds(&mut ledger, &mut holds, vec![event], Vec::new(), None)?;
         let hold = holds.hold(id).cloned().expect("just released");
         drop(holds);
         drop(ledger);
@@ -214,7 +215,7 @@ impl<S: Store> Backoffice<S> {
         let mut holds = lock(&self.holds);
         let due = holds.prepare_expiries(now_ms);
         let count = due.len();
-        self.record_holds(&mut ledger, &mut holds, due, Vec::new())?;
+        self.record_holds(&mut ledger, &mut holds, due, Vec::new(), None)?;
         drop(holds);
         drop(ledger);
         self.durable()?;

@@ -67,6 +67,10 @@ macro_rules! conformance_tests {
             $crate::store::conformance::hold_events_are_kept_with_their_captures_once_and_read_back(&$harness);
         }
         #[test]
+        fn payment_requests_are_kept_once_with_their_transfers_and_verified() {
+            $crate::store::conformance::payment_requests_are_kept_once_with_their_transfers_and_verified(&$harness);
+        }
+        #[test]
         fn a_deposit_moves_through_its_steps_once_and_posts_one_transfer() {
             $crate::store::conformance::a_deposit_moves_through_its_steps_once_and_posts_one_transfer(&$harness);
         }
@@ -1010,7 +1014,7 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Har
         )
         .unwrap();
     store
-        .stage_holds(std::slice::from_ref(&placed), &[])
+        .stage_holds(std::slice::from_ref(&placed), &[], None)
         .unwrap();
     book.commit(vec![placed]);
     // A capture and its transfer, together.
@@ -1029,7 +1033,7 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Har
         .prepare_capture(HoldId(0), Amount::from_nanos(250), charge[0].id, 20)
         .unwrap();
     store
-        .stage_holds(std::slice::from_ref(&captured), &charge)
+        .stage_holds(std::slice::from_ref(&captured), &charge, None)
         .unwrap();
     ledger.commit(charge.clone());
     book.commit(vec![captured.clone()]);
@@ -1061,7 +1065,7 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Har
     book.commit(expired.clone());
     let mut rest = vec![adjusted, second, released];
     rest.extend(expired);
-    store.stage_holds(&rest, &[]).unwrap();
+    store.stage_holds(&rest, &[], None).unwrap();
     store.sync().unwrap();
     assert_eq!(store.hold_events_from(0).unwrap(), book.events());
     assert_eq!(store.hold_events_from(2).unwrap(), &book.events()[2..]);
@@ -1085,7 +1089,7 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Har
             60,
         )
         .unwrap();
-    assert!(store.stage_holds(&[again], &extra).is_err());
+    assert!(store.stage_holds(&[again], &extra, None).is_err());
     drop(store);
     let store = harness.open();
     assert_eq!(store.hold_events_from(0).unwrap(), book.events());
@@ -1136,8 +1140,144 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Har
         .unwrap();
     let mut written = book.events()[book.events().len() - 1..].to_vec();
     written.push(wrong);
-    store.stage_holds(&written, &[]).unwrap();
+    store.stage_holds(&written, &[], None).unwrap();
     let problems = hold_problems(&store);
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("does not take"), "{problems:?}");
+}
+
+pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H: Harness>(
+    harness: &H,
+) {
+    use crate::holds::{HoldBook, HoldChange, HoldId};
+    use crate::payments::{PaymentRequest, digest};
+    let service = Pid::parse("B1-P7").unwrap();
+    let (payer, owner) = (customer(1), customer(2));
+    let payment = |reference: &str| TransferKind::Payment {
+        pid: service.clone(),
+        reference: reference.to_owned(),
+    };
+    let request = |reference: &str, transfers: Vec<u64>, hold: Option<u64>| PaymentRequest {
+        service: service.clone(),
+        reference: reference.to_owned(),
+        operation: "chargeAmount".to_owned(),
+        digest: digest(reference),
+        description: "ring tone \u{e9}".to_owned(),
+        at_ms: 20,
+        transfers,
+        hold,
+    };
+    let mut ledger = Ledger::new();
+    let mut book = HoldBook::new();
+    {
+        let store = harness.open();
+        let deposit = ledger.prepare(batch(1, 2, 100)[..1].to_vec(), 1).unwrap();
+        store.stage_transfers(&deposit).unwrap();
+        ledger.commit(deposit);
+        let charge = ledger
+            .prepare(
+                vec![NewTransfer {
+                    debit: payer,
+                    credit: owner,
+                    amount: Amount::from_nanos(300),
+                    kind: payment("order 1"),
+                }],
+                20,
+            )
+            .unwrap();
+        let first = request("order 1", vec![charge[0].id.0], None);
+        store.stage_holds(&[], &charge, Some(&first)).unwrap();
+        ledger.commit(charge);
+        assert_eq!(
+            store.payment_request(&service, "order 1").unwrap(),
+            Some(first.clone())
+        );
+        assert_eq!(store.payment_request(&service, "order 2").unwrap(), None);
+        let other = Pid::parse("B1-P8").unwrap();
+        assert_eq!(store.payment_request(&other, "order 1").unwrap(), None);
+        // The same code again, with another transfer: refused, nothing
+        // written (the transfer is not there either).
+        let again = ledger
+            .prepare(
+                vec![NewTransfer {
+                    debit: payer,
+                    credit: owner,
+                    amount: Amount::from_nanos(5),
+                    kind: payment("order 1"),
+                }],
+                21,
+            )
+            .unwrap();
+        let taken = request("order 1", vec![again[0].id.0], None);
+        assert!(store.stage_holds(&[], &again, Some(&taken)).is_err());
+        assert_eq!(store.load_ledger().unwrap().transfers().len(), 2);
+        assert_eq!(
+            store.payment_request(&service, "order 1").unwrap(),
+            Some(first.clone())
+        );
+        // A reservation the service placed: the hold names it, and the
+        // request names the hold.
+        let placed = book
+            .prepare_place_by(
+                payer,
+                Amount::from_nanos(100),
+                9_000,
+                "stream",
+                Amount::from_nanos(700),
+                30,
+                Some(service.clone()),
+            )
+            .unwrap();
+        let reserved = PaymentRequest {
+            operation: "reserveAmount".to_owned(),
+            ..request("reservation 1", Vec::new(), Some(0))
+        };
+        store
+            .stage_holds(std::slice::from_ref(&placed), &[], Some(&reserved))
+            .unwrap();
+        book.commit(vec![placed]);
+    }
+    // Read back after a reopen.
+    let store = harness.open();
+    let mut kept = store.payment_requests().unwrap();
+    kept.sort_by(|a, b| a.reference.cmp(&b.reference));
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0].reference, "order 1");
+    assert_eq!(kept[1].hold_id(), Some(HoldId(0)));
+    let events = store.hold_events_from(0).unwrap();
+    assert!(matches!(&events[0].change, HoldChange::Placed { by: Some(by), .. } if *by == service));
+    assert_eq!(events, book.events());
+    let problems = |store: &H::Store| {
+        let (report, _) = store.verify();
+        assert!(
+            report
+                .checked
+                .iter()
+                .any(|(what, _)| *what == "payment requests"),
+            "{:?}",
+            report.checked
+        );
+        report
+            .problems
+            .into_iter()
+            .filter(|problem| problem.contains("payment"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(problems(&store), Vec::<String>::new());
+    // A payment no request names is a problem verify reports.
+    let stray = ledger
+        .prepare(
+            vec![NewTransfer {
+                debit: payer,
+                credit: owner,
+                amount: Amount::from_nanos(7),
+                kind: payment("order 9"),
+            }],
+            40,
+        )
+        .unwrap();
+    store.stage_transfers(&stray).unwrap();
+    let found = problems(&store);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("no payment request names"), "{found:?}");
 }

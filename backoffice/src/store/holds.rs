@@ -29,6 +29,9 @@ pub(crate) struct StoredHoldEvent {
     pub note: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<u64>,
+    /// For `placed`: the service (PID) that placed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// An account as stores name it: the CID, or `:funding`.
@@ -61,6 +64,7 @@ impl From<&HoldEvent> for StoredHoldEvent {
             expires_ms: None,
             note: None,
             transfer: None,
+            by: None,
         };
         stored.kind = match &event.change {
             HoldChange::Placed {
@@ -68,7 +72,9 @@ impl From<&HoldEvent> for StoredHoldEvent {
                 amount,
                 expires_ms,
                 note,
+                by,
             } => {
+                stored.by = by.as_ref().map(|pid| pid.as_str().to_owned());
                 stored.account = Some(account_text(account));
                 stored.amount = Some(amount.to_string());
                 stored.expires_ms = Some(*expires_ms);
@@ -113,6 +119,12 @@ impl StoredHoldEvent {
                 amount: amount()?,
                 expires_ms: expires_ms()?,
                 note: self.note.clone().unwrap_or_default(),
+                by: self
+                    .by
+                    .as_deref()
+                    .map(proto::Pid::parse)
+                    .transpose()
+                    .map_err(|_| damaged("a service that is not a PID"))?,
             },
             "adjusted" => HoldChange::Adjusted {
                 delta: amount()?,

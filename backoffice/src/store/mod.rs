@@ -13,6 +13,7 @@
 pub(crate) mod conformance;
 pub(crate) mod holds;
 pub mod moving;
+pub(crate) mod payments;
 pub mod postgres;
 mod sled;
 
@@ -398,11 +399,25 @@ pub trait Store {
     /// nothing, as `stage_transfers` does (durable after a `sync` that
     /// starts after it). An event whose number is kept already is refused,
     /// with nothing written: events are never overwritten.
+    ///
+    /// With `request`, a service's payment request that caused them is
+    /// written in the same step; a reference code the service used already
+    /// is refused, with nothing written.
     fn stage_holds(
         &self,
         events: &[crate::holds::HoldEvent],
         transfers: &[Transfer],
+        request: Option<&crate::payments::PaymentRequest>,
     ) -> Result<(), StoreError>;
+    /// The request `service` made under `reference`, if it changed
+    /// anything (`payments::PaymentRequest`).
+    fn payment_request(
+        &self,
+        service: &Pid,
+        reference: &str,
+    ) -> Result<Option<crate::payments::PaymentRequest>, StoreError>;
+    /// Every payment request kept, for verify and moving a branch.
+    fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError>;
     /// Records transfers as `post_transfers` does, atomically and visibly
     /// to later reads, but durable only once a `sync` that starts after it
     /// returns (so that the caller can sync after letting go of its locks).
@@ -810,10 +825,29 @@ impl Store for AnyStore {
         &self,
         events: &[crate::holds::HoldEvent],
         transfers: &[Transfer],
+        request: Option<&crate::payments::PaymentRequest>,
     ) -> Result<(), StoreError> {
         match self {
-            AnyStore::Sled(store) => store.stage_holds(events, transfers),
-            AnyStore::Postgres(store) => store.stage_holds(events, transfers),
+            AnyStore::Sled(store) => store.stage_holds(events, transfers, request),
+            AnyStore::Postgres(store) => store.stage_holds(events, transfers, request),
+        }
+    }
+
+    fn payment_request(
+        &self,
+        service: &Pid,
+        reference: &str,
+    ) -> Result<Option<crate::payments::PaymentRequest>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.payment_request(service, reference),
+            AnyStore::Postgres(store) => store.payment_request(service, reference),
+        }
+    }
+
+    fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.payment_requests(),
+            AnyStore::Postgres(store) => store.payment_requests(),
         }
     }
 

@@ -89,6 +89,8 @@ pub enum Chunk {
     Transfers(Vec<Transfer>),
     /// Hold events, by number.
     HoldEvents(Vec<crate::holds::HoldEvent>),
+    /// Payment requests.
+    PaymentRequests(Vec<crate::payments::PaymentRequest>),
     /// Uses per payer, product and month.
     PeriodUses(Vec<(PeriodKey, u64)>),
     /// Uses that moved no money, likewise.
@@ -118,6 +120,7 @@ impl Chunk {
             Chunk::SeqRanges(rows) => vec![("seq_ranges", n(rows.len()))],
             Chunk::Transfers(rows) => vec![("transfers", n(rows.len()))],
             Chunk::HoldEvents(rows) => vec![("hold_events", n(rows.len()))],
+            Chunk::PaymentRequests(rows) => vec![("payment_requests", n(rows.len()))],
             Chunk::PeriodUses(rows) => vec![("period_uses", n(rows.len()))],
             Chunk::FreeUses(rows) => vec![("free_uses", n(rows.len()))],
             Chunk::Suspense(rows) => vec![("suspense", n(rows.len()))],
@@ -233,6 +236,13 @@ fn compare(
     }
     if from.hold_events_from(0)? != to.hold_events_from(0)? {
         return differs("the hold events differ".into());
+    }
+    let sorted = |mut requests: Vec<crate::payments::PaymentRequest>| {
+        requests.sort_by(|a, b| (&a.service, &a.reference).cmp(&(&b.service, &b.reference)));
+        requests
+    };
+    if sorted(from.payment_requests()?) != sorted(to.payment_requests()?) {
+        return differs("the payment requests differ".into());
     }
     let mut balances = 0;
     for (account, balance) in kept.balances() {

@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "holds",
         sql: include_str!("postgres/0007_holds.sql"),
     },
+    Migration {
+        version: 8,
+        name: "payments",
+        sql: include_str!("postgres/0008_payments.sql"),
+    },
 ];
 
 /// Where the ledger epoch stands (migration 6): its count and the token

@@ -140,6 +140,9 @@ pub struct SledStore {
     /// Event number (big-endian u64) -> the JSON of a hold event
     /// (`store::holds::StoredHoldEvent`), never changed.
     hold_events: sled::Tree,
+    /// `payments::PaymentRequest` as JSON under its service's PID, a zero
+    /// byte and its reference code.
+    payment_requests: sled::Tree,
     files: durable::SledDir,
     /// Taken shared by every write, exclusively by a backup while it copies
     /// (`backup`).
@@ -182,6 +185,7 @@ impl SledStore {
             itemised: db.open_tree("itemised")?,
             itemised_index: db.open_tree("itemised_index")?,
             hold_events: db.open_tree("hold_events")?,
+            payment_requests: db.open_tree("payment_requests")?,
             files,
             gate: std::sync::Arc::default(),
             backup: std::sync::Mutex::default(),
@@ -438,11 +442,53 @@ impl Store for SledStore {
         Ok(events)
     }
 
+    fn payment_request(
+        &self,
+        service: &Pid,
+        reference: &str,
+    ) -> Result<Option<crate::payments::PaymentRequest>, StoreError> {
+        self.payment_requests
+            .get(payment_key(service, reference))?
+            .map(|value| {
+                serde_json::from_slice(&value).map_err(|_| {
+                    StoreError::Corrupt(format!("the payment request {reference:?} of {service}"))
+                })
+            })
+            .transpose()
+    }
+
+    fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError> {
+        let mut requests = Vec::new();
+        for entry in self.payment_requests.iter() {
+            let (key, value) = entry?;
+            let request: crate::payments::PaymentRequest = serde_json::from_slice(&value)
+                .map_err(|_| StoreError::Corrupt(format!("the payment request under {key:?}")))?;
+            if key.as_ref() != payment_key(&request.service, &request.reference).as_slice() {
+                return Err(StoreError::Corrupt(format!(
+                    "payment request {:?} of {} kept under another key",
+                    request.reference, request.service
+                )));
+            }
+            requests.push(request);
+        }
+        Ok(requests)
+    }
+
     fn stage_holds(
         &self,
         events: &[crate::holds::HoldEvent],
         transfers: &[Transfer],
+        request: Option<&crate::payments::PaymentRequest>,
     ) -> Result<(), StoreError> {
+        let request = request
+            .map(|request| -> Result<_, StoreError> {
+                request.check().map_err(StoreError::Corrupt)?;
+                Ok((
+                    payment_key(&request.service, &request.reference),
+                    serde_json::to_vec(request).expect("payment requests serialize"),
+                ))
+            })
+            .transpose()?;
         let _writing = self.writing();
         let records: Vec<([u8; 8], Vec<u8>)> = events
             .iter()
@@ -454,29 +500,43 @@ impl Store for SledStore {
                 )
             })
             .collect();
-        let outcome: Result<(), TransactionError<u64>> = (&self.transfers, &self.hold_events)
-            .transaction(|(transfer_tree, event_tree)| {
-                for (key, record) in &records {
-                    if event_tree.insert(key, record.as_slice())?.is_some() {
-                        return Err(ConflictableTransactionError::Abort(u64::from_be_bytes(
-                            *key,
-                        )));
-                    }
-                }
-                for transfer in transfers {
-                    if transfer_tree
-                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?
-                        .is_some()
+        let outcome: Result<(), TransactionError<u64>> =
+            (&self.transfers, &self.hold_events, &self.payment_requests).transaction(
+                |(transfer_tree, event_tree, request_tree)| {
+                    if let Some((key, record)) = &request
+                        && request_tree
+                            .insert(key.as_slice(), record.as_slice())?
+                            .is_some()
                     {
-                        return Err(ConflictableTransactionError::Abort(u64::MAX));
+                        return Err(ConflictableTransactionError::Abort(REQUEST_TAKEN));
                     }
-                }
-                Ok(())
-            });
+                    for (key, record) in &records {
+                        if event_tree.insert(key, record.as_slice())?.is_some() {
+                            return Err(ConflictableTransactionError::Abort(u64::from_be_bytes(
+                                *key,
+                            )));
+                        }
+                    }
+                    for transfer in transfers {
+                        if transfer_tree
+                            .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?
+                            .is_some()
+                        {
+                            return Err(ConflictableTransactionError::Abort(u64::MAX));
+                        }
+                    }
+                    Ok(())
+                },
+            );
         match outcome {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(u64::MAX)) => Err(StoreError::Corrupt(
                 "a capture's transfer number is taken; a posted transfer is never overwritten"
+                    .to_owned(),
+            )),
+            Err(TransactionError::Abort(REQUEST_TAKEN)) => Err(StoreError::Corrupt(
+                "the payment request's reference code is taken; a request is never \
+                 overwritten: nothing was written"
                     .to_owned(),
             )),
             Err(TransactionError::Abort(number)) => Err(StoreError::Corrupt(format!(
@@ -1508,6 +1568,18 @@ fn put_account(out: &mut Vec<u8>, account: &AccountId) {
     }
 }
 
+/// Abort code of a write whose payment request's reference is taken.
+const REQUEST_TAKEN: u64 = u64::MAX - 1;
+
+/// A payment request's key: the service's PID, a zero byte, the reference.
+pub(super) fn payment_key(service: &Pid, reference: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(service.as_str().len() + 1 + reference.len());
+    key.extend_from_slice(service.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(reference.as_bytes());
+    key
+}
+
 /// Record: version, id, debit, credit, amount (nanos, i128), posting time
 /// (ms), kind.
 fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
@@ -1530,6 +1602,11 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
         TransferKind::Correction { of } => {
             out.push(4);
             out.extend_from_slice(&of.0.to_be_bytes());
+        }
+        TransferKind::Payment { pid, reference } => {
+            out.push(5);
+            put_str(&mut out, pid.as_str());
+            put_str(&mut out, reference);
         }
     }
     out
@@ -1576,6 +1653,10 @@ fn decode_transfer(record: &[u8]) -> Option<Transfer> {
         },
         4 => TransferKind::Correction {
             of: TransferId(fields.u64()?),
+        },
+        5 => TransferKind::Payment {
+            pid: Pid::parse(fields.text()?).ok()?,
+            reference: fields.text()?.to_owned(),
         },
         _ => return None,
     };

@@ -877,6 +877,7 @@ pub fn describe(transfer: &Transfer) -> String {
         TransferKind::Use { pid, uses: 1, .. } => format!("1 use of {pid}"),
         TransferKind::Use { pid, uses, .. } => format!("{uses} uses of {pid}"),
         TransferKind::Correction { of } => format!("correction of transfer {}", of.0),
+        TransferKind::Payment { pid, reference } => format!("{pid}, reference {reference}"),
     }
 }
 

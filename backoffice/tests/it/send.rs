@@ -2185,7 +2185,7 @@ fn a_branch_moved_into_postgresql_keeps_every_record_and_applies_a_retried_batch
             NOW_MS,
         )
         .unwrap();
-    sled.stage_holds(&[placed, captured.clone()], &charge)
+    sled.stage_holds(&[placed, captured.clone()], &charge, None)
         .unwrap();
     sled.sync().unwrap();
     book.commit(vec![captured]);

@@ -135,6 +135,7 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
     let mut batches: Vec<Option<String>> = Vec::with_capacity(count);
     let mut uses: Vec<Option<i64>> = Vec::with_capacity(count);
     let mut corrects: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut references: Vec<Option<&str>> = Vec::with_capacity(count);
     let mut posted = Vec::with_capacity(count);
     let mut moved: HashMap<AccountId, Amount> = HashMap::new();
     for transfer in transfers {
@@ -149,7 +150,14 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
                 None,
             ),
             TransferKind::Correction { of } => ("correction", None, None, None, Some(int(of.0)?)),
+            TransferKind::Payment { pid, .. } => {
+                ("payment", Some(pid.as_str().to_owned()), None, None, None)
+            }
         };
+        references.push(match &transfer.kind {
+            TransferKind::Payment { reference, .. } => Some(reference.as_str()),
+            _ => None,
+        });
         ids.push(int(transfer.id.0)?);
         debits.push(account_text(&transfer.debit));
         credits.push(account_text(&transfer.credit));
@@ -169,14 +177,14 @@ async fn post(transaction: &Transaction<'_>, transfers: &[Transfer]) -> Result<(
     }
     let result = transaction
         .execute(
-            &transaction.prepare_cached("INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms) \
-             SELECT id, debit, credit, amount::numeric, kind, pid, batch, uses, corrects, posted_ms \
+            &transaction.prepare_cached("INSERT INTO transfers (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms, reference) \
+             SELECT id, debit, credit, amount::numeric, kind, pid, batch, uses, corrects, posted_ms, reference \
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
-                  AS t (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms)").await?,
+                         $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[]) \
+                  AS t (id, debit, credit, amount, kind, pid, batch, uses, corrects, posted_ms, reference)").await?,
             &[
                 &ids, &debits, &credits, &amounts, &kinds, &pids, &batches, &uses, &corrects,
-                &posted,
+                &posted, &references,
             ],
         )
         .await;
@@ -412,6 +420,82 @@ async fn write_suspense(
 
 /// Writes hold events (`store::holds::StoredHoldEvent` in columns), all in
 /// one statement; a number kept already is refused, never overwritten.
+/// Writes payment requests (`payments::PaymentRequest`); a reference code
+/// its service used already is refused, with the transaction to roll back.
+pub(super) async fn insert_payment_requests(
+    transaction: &Transaction<'_>,
+    requests: &[crate::payments::PaymentRequest],
+) -> Result<(), StoreError> {
+    for request in requests {
+        let transfers = request
+            .transfers
+            .iter()
+            .map(|id| int(*id))
+            .collect::<Result<Vec<i64>, StoreError>>()?;
+        let hold = request.hold.map(int).transpose()?;
+        let written = transaction
+            .execute(
+                &transaction
+                    .prepare_cached(
+                        "INSERT INTO payment_requests (service, reference, operation, digest, \
+                         description, at_ms, transfers, hold) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .await?,
+                &[
+                    &request.service.as_str(),
+                    &request.reference,
+                    &request.operation,
+                    &request.digest,
+                    &request.description,
+                    &int(request.at_ms)?,
+                    &transfers,
+                    &hold,
+                ],
+            )
+            .await;
+        match written {
+            Err(error) if is_unique_violation(&error) => {
+                return Err(StoreError::Corrupt(
+                    "the payment request's reference code is taken; a request is never \
+                     overwritten: nothing was written"
+                        .to_owned(),
+                ));
+            }
+            other => other?,
+        };
+    }
+    Ok(())
+}
+
+/// A payment request as a row of `payment_requests` holds it.
+fn payment_request_of(
+    row: &tokio_postgres::Row,
+) -> Result<crate::payments::PaymentRequest, StoreError> {
+    let service: &str = row.get(0);
+    let reference: String = row.get(1);
+    let corrupt = || StoreError::Corrupt(format!("the payment request {reference:?} of {service}"));
+    let request = crate::payments::PaymentRequest {
+        service: Pid::parse(service).map_err(|_| corrupt())?,
+        reference: reference.clone(),
+        operation: row.get(2),
+        digest: row.get(3),
+        description: row.get(4),
+        at_ms: uint(row.get(5))?,
+        transfers: row
+            .get::<_, Vec<i64>>(6)
+            .into_iter()
+            .map(uint)
+            .collect::<Result<_, _>>()?,
+        hold: row.get::<_, Option<i64>>(7).map(uint).transpose()?,
+    };
+    request.check().map_err(|_| corrupt())?;
+    Ok(request)
+}
+
+const PAYMENT_REQUEST_COLUMNS: &str =
+    "service, reference, operation, digest, description, at_ms, transfers, hold";
+
 pub(super) async fn insert_hold_events(
     transaction: &Transaction<'_>,
     events: &[crate::holds::HoldEvent],
@@ -438,20 +522,23 @@ pub(super) async fn insert_hold_events(
         .collect();
     let amounts: Vec<Option<&str>> = stored.iter().map(|event| event.amount.as_deref()).collect();
     let notes: Vec<Option<&str>> = stored.iter().map(|event| event.note.as_deref()).collect();
+    let placers: Vec<Option<&str>> = stored.iter().map(|event| event.by.as_deref()).collect();
     let written = transaction
         .execute(
             &transaction
                 .prepare_cached(
                     "INSERT INTO hold_events (number, hold, at_ms, kind, account, amount, \
-                     expires_ms, note, transfer) \
+                     expires_ms, note, transfer, placed_by) \
                      SELECT number, hold, at_ms, kind, account, amount::numeric, expires_ms, \
-                     note, transfer FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], \
-                     $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::bigint[]) \
-                     AS e (number, hold, at_ms, kind, account, amount, expires_ms, note, transfer)",
+                     note, transfer, placed_by FROM unnest($1::bigint[], $2::bigint[], \
+                     $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], \
+                     $9::bigint[], $10::text[]) AS e (number, hold, at_ms, kind, account, \
+                     amount, expires_ms, note, transfer, placed_by)",
                 )
                 .await?,
             &[
-                &numbers, &holds, &times, &kinds, &accounts, &amounts, &expiries, &notes, &captures,
+                &numbers, &holds, &times, &kinds, &accounts, &amounts, &expiries, &notes,
+                &captures, &placers,
             ],
         )
         .await;
@@ -512,7 +599,7 @@ impl PgStore {
             }
             let rows = client
                 .query(
-                    &client.prepare_cached("SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms \
+                    &client.prepare_cached("SELECT id, debit, credit, amount::text, kind, pid, batch, uses, corrects, posted_ms, reference \
                      FROM transfers WHERE id >= $1 ORDER BY id").await?,
                     &[&from],
                 )
@@ -533,6 +620,14 @@ impl PgStore {
                     },
                     "correction" => TransferKind::Correction {
                         of: TransferId(uint(row.get::<_, Option<i64>>(8).ok_or_else(corrupt)?)?),
+                    },
+                    "payment" => TransferKind::Payment {
+                        pid: Pid::parse(row.get::<_, Option<&str>>(5).ok_or_else(corrupt)?)
+                            .map_err(|_| corrupt())?,
+                        reference: row
+                            .get::<_, Option<&str>>(10)
+                            .ok_or_else(corrupt)?
+                            .to_owned(),
                     },
                     _ => return Err(corrupt()),
                 };
@@ -849,6 +944,11 @@ impl Store for PgStore {
             report.problem(format!("the store cannot be read: {error}"));
         }
         crate::store::holds::check_hold_events(self.hold_events_from(0), &transfers, &mut report);
+        crate::store::payments::check_payment_requests(
+            self.payment_requests(),
+            &transfers,
+            &mut report,
+        );
         (report, transfers)
     }
 
@@ -1085,7 +1185,8 @@ impl Store for PgStore {
                     &client
                         .prepare_cached(
                             "SELECT number, hold, at_ms, kind, account, amount::text, expires_ms, \
-                             note, transfer FROM hold_events WHERE number >= $1 ORDER BY number",
+                             note, transfer, placed_by FROM hold_events WHERE number >= $1 \
+                             ORDER BY number",
                         )
                         .await?,
                     &[&from],
@@ -1106,6 +1207,7 @@ impl Store for PgStore {
                         expires_ms: row.get::<_, Option<i64>>(6).map(unsigned).transpose()?,
                         note: row.get(7),
                         transfer: row.get::<_, Option<i64>>(8).map(unsigned).transpose()?,
+                        by: row.get(9),
                     }
                     .event()
                 })
@@ -1113,11 +1215,53 @@ impl Store for PgStore {
         })
     }
 
+    fn payment_request(
+        &self,
+        service: &Pid,
+        reference: &str,
+    ) -> Result<Option<crate::payments::PaymentRequest>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    &client
+                        .prepare_cached(&format!(
+                            "SELECT {PAYMENT_REQUEST_COLUMNS} FROM payment_requests \
+                             WHERE service = $1 AND reference = $2"
+                        ))
+                        .await?,
+                    &[&service.as_str(), &reference],
+                )
+                .await?;
+            row.as_ref().map(payment_request_of).transpose()
+        })
+    }
+
+    fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {PAYMENT_REQUEST_COLUMNS} FROM payment_requests \
+                         ORDER BY service, reference"
+                    ),
+                    &[],
+                )
+                .await?;
+            rows.iter().map(payment_request_of).collect()
+        })
+    }
+
     fn stage_holds(
         &self,
         events: &[crate::holds::HoldEvent],
         transfers: &[Transfer],
+        request: Option<&crate::payments::PaymentRequest>,
     ) -> Result<(), StoreError> {
+        if let Some(request) = request {
+            request.check().map_err(StoreError::Corrupt)?;
+        }
         self.block_retrying(|| async {
             let mut client = self.client().await?;
             let transaction = client.transaction().await?;
@@ -1125,6 +1269,9 @@ impl Store for PgStore {
             // The transfers first: a capture's event names its transfer.
             post(&transaction, transfers).await?;
             insert_hold_events(&transaction, events).await?;
+            if let Some(request) = request {
+                insert_payment_requests(&transaction, std::slice::from_ref(request)).await?;
+            }
             self.commit_money(transaction).await?;
             Ok(())
         })

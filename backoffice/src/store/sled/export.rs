@@ -193,6 +193,23 @@ impl SledStore {
             Chunk::HoldEvents,
             each,
         )?;
+        chunks(
+            &self.payment_requests,
+            |key, value| {
+                let request: crate::payments::PaymentRequest =
+                    json("payment_requests", key, value)?;
+                if key != super::payment_key(&request.service, &request.reference).as_slice() {
+                    return Err(corrupt(
+                        "payment_requests",
+                        key,
+                        "is stored under another key",
+                    ));
+                }
+                Ok(Some(request))
+            },
+            Chunk::PaymentRequests,
+            each,
+        )?;
         let counts = |tree: &'static str| {
             move |key: &[u8], value: &[u8]| {
                 let bad = || corrupt(tree, key, "does not decode");

@@ -57,6 +57,11 @@ impl SledStore {
             &transfers,
             &mut report,
         );
+        crate::store::payments::check_payment_requests(
+            crate::store::Store::payment_requests(self),
+            &transfers,
+            &mut report,
+        );
         (report, transfers)
     }
 
@@ -399,6 +404,9 @@ impl SledStore {
                             "transfer {id}: its batch {batch} is not an applied batch"
                         ));
                     }
+                }
+                TransferKind::Payment { pid, .. } if !products.contains(pid) => {
+                    report.problem(format!("transfer {id}: {pid} is not a product"));
                 }
                 TransferKind::Deposit
                     if transfer.debit != AccountId::System(SystemAccount::Funding) =>

@@ -4,7 +4,10 @@
 
 use std::sync::mpsc::Receiver;
 
-use super::{Transaction, insert_hold_events, int, json, post, seq_in, set_period_uses};
+use super::{
+    Transaction, insert_hold_events, insert_payment_requests, int, json, post, seq_in,
+    set_period_uses,
+};
 use crate::store::StoreError;
 use crate::store::moving::{Chunk, ItemisedTransfers};
 use crate::store::postgres::PgStore;
@@ -21,6 +24,7 @@ pub const TABLES: &[&str] = &[
     "seq_ranges",
     "transfers",
     "hold_events",
+    "payment_requests",
     "period_uses",
     "free_uses",
     "suspense",
@@ -67,7 +71,8 @@ impl PgStore {
             // their batches and registrations write, and catch up after.
             transaction
                 .execute(
-                    "LOCK TABLE serials, customers, transfers, batches, hold_events IN EXCLUSIVE MODE",
+                    "LOCK TABLE serials, customers, transfers, batches, hold_events, payment_requests \
+                     IN EXCLUSIVE MODE",
                     &[],
                 )
                 .await?;
@@ -229,6 +234,7 @@ async fn write(transaction: &Transaction<'_>, chunk: Chunk) -> Result<(), StoreE
         }
         Chunk::Transfers(rows) => post(transaction, &rows).await?,
         Chunk::HoldEvents(rows) => insert_hold_events(transaction, &rows).await?,
+        Chunk::PaymentRequests(rows) => insert_payment_requests(transaction, &rows).await?,
         Chunk::PeriodUses(rows) => set_period_uses(transaction, &rows, &[]).await?,
         Chunk::FreeUses(rows) => set_period_uses(transaction, &[], &rows).await?,
         Chunk::Suspense(rows) => {

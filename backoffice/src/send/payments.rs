@@ -1,0 +1,355 @@
+//! Payments asked by services (`payments`, Parlay X Payment): charges,
+//! refunds and reservations, each under the ledger lock and durable before
+//! it is applied, as money is. A request under a reference code the service
+//! used before is answered from the store: the same request gets the first
+//! outcome again and moves nothing; another request is refused.
+//!
+//! Who may charge whom (grants, maximum prices, currencies) is decided by
+//! the caller before it gets here; this layer keeps the money right.
+
+use proto::{Amount, Cid, Fault, Pid};
+
+use super::{Backoffice, internal, lock};
+use crate::holds::{HoldError, HoldId};
+use crate::ledger::{AccountId, NewTransfer, TransferKind};
+use crate::payments::PaymentRequest;
+use crate::store::Store;
+
+/// What a service asks, as kept with its outcome.
+#[derive(Debug, Clone)]
+pub struct PaymentAsk {
+    /// The product whose service asks.
+    pub service: Pid,
+    /// The product's owner, who is paid (or pays a refund).
+    pub owner: Cid,
+    /// The service's reference code (unique per service), where the
+    /// operation has one.
+    pub reference: Option<String>,
+    /// The operation (`chargeAmount`, ...).
+    pub operation: &'static str,
+    /// The request in a canonical form: the same code with another form
+    /// is another request.
+    pub canonical: String,
+    /// What appears on the bill.
+    pub description: String,
+}
+
+/// Why a payment was refused; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentRefusal {
+    /// The reference code was used by this service for another request
+    /// (the operation it was used for).
+    ReferenceReused(String),
+    /// An account cannot spend this much now.
+    Insufficient(AccountId),
+    /// The hold (reservation) refused the change.
+    Hold(HoldError),
+    /// The reservation is not one this service placed.
+    NotTheirs(HoldId),
+}
+
+/// A payment done, now or by an earlier request with the same code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paid {
+    /// The transfers it posted.
+    pub transfers: Vec<u64>,
+    /// The reservation it placed or charged, if any.
+    pub hold: Option<HoldId>,
+    /// Answered from an earlier request with the same reference code.
+    pub repeated: bool,
+}
+
+/// A payment's outcome: done, or refused with nothing changed.
+pub type PaymentResult = Result<Paid, PaymentRefusal>;
+
+/// Money to move for a payment: from `debit` to `credit`.
+pub type Move = (AccountId, AccountId, Amount);
+
+impl<S: Store> Backoffice<S> {
+    /// The earlier request of the same service under the same code, if
+    /// any: its outcome when it was the same request, a refusal when not.
+    /// Called under the ledger lock, so that two nodes cannot both find
+    /// the code free.
+    fn earlier(&self, ask: &PaymentAsk, digest: &str) -> Result<Option<PaymentResult>, Fault> {
+        let Some(reference) = &ask.reference else {
+            return Ok(None);
+        };
+        let Some(earlier) = self
+            .store
+            .payment_request(&ask.service, reference)
+            .map_err(|error| internal(&error))?
+        else {
+            return Ok(None);
+        };
+        if earlier.digest != digest || earlier.operation != ask.operation {
+            return Ok(Some(Err(PaymentRefusal::ReferenceReused(
+                earlier.operation,
+            ))));
+        }
+        let hold = earlier.hold_id();
+        Ok(Some(Ok(Paid {
+            transfers: earlier.transfers,
+            hold,
+            repeated: true,
+        })))
+    }
+
+    fn request(
+        ask: &PaymentAsk,
+        digest: String,
+        transfers: Vec<u64>,
+        hold: Option<HoldId>,
+        now_ms: u64,
+    ) -> Option<PaymentRequest> {
+        let reference = ask.reference.clone()?;
+        Some(PaymentRequest {
+            service: ask.service.clone(),
+            reference,
+            operation: ask.operation.to_owned(),
+            digest,
+            description: ask.description.clone(),
+            at_ms: now_ms,
+            transfers,
+            hold: hold.map(|id| id.0),
+        })
+    }
+
+    /// Moves money for `ask` (a charge, a refund, a split charge): every
+    /// debited account must be able to spend what it pays, all or nothing.
+    pub fn pay(
+        &self,
+        ask: &PaymentAsk,
+        moves: &[Move],
+        now_ms: u64,
+    ) -> Result<PaymentResult, Fault> {
+        let digest = crate::payments::digest(&ask.canonical);
+        self.still_durable()?;
+        let mut ledger = self.ledger_for_write()?;
+        let mut holds = lock(&self.holds);
+        if let Some(earlier) = self.earlier(ask, &digest)? {
+            return Ok(earlier);
+        }
+        let now_ms = now_ms.max(holds.latest_ms());
+        let mut paying: Vec<(AccountId, Amount)> = Vec::new();
+        for (debit, _, amount) in moves {
+            match paying.iter_mut().find(|(account, _)| account == debit) {
+                Some((_, sum)) => *sum = sum.checked_add(*amount).map_err(|e| internal(&e))?,
+                None => paying.push((*debit, *amount)),
+            }
+        }
+        for (account, sum) in &paying {
+            let spendable = self.spendable(account, ledger.balance(account), &holds, now_ms)?;
+            if *sum > spendable {
+                return Ok(Err(PaymentRefusal::Insufficient(*account)));
+            }
+        }
+        let reference = ask.reference.clone().unwrap_or_default();
+        let transfers: Vec<NewTransfer> = moves
+            .iter()
+            .filter(|(_, _, amount)| amount.is_positive())
+            .map(|(debit, credit, amount)| NewTransfer {
+                debit: *debit,
+                credit: *credit,
+                amount: *amount,
+                kind: TransferKind::Payment {
+                    pid: ask.service.clone(),
+                    reference: reference.clone(),
+                },
+            })
+            .collect();
+        if transfers.is_empty() {
+            return Err(Fault::new(
+                proto::FaultCode::InternalError,
+                "a payment must move a positive amount",
+            ));
+        }
+        let prepared = ledger
+            .prepare(transfers, now_ms)
+            .map_err(|error| internal(&error))?;
+        let ids: Vec<u64> = prepared.iter().map(|transfer| transfer.id.0).collect();
+        let request = Self::request(ask, digest, ids.clone(), None, now_ms);
+        self.record_holds(
+            &mut ledger,
+            &mut holds,
+            Vec::new(),
+            prepared,
+            request.as_ref(),
+        )?;
+        drop(holds);
+        drop(ledger);
+        self.durable()?;
+        Ok(Ok(Paid {
+            transfers: ids,
+            hold: None,
+            repeated: false,
+        }))
+    }
+
+    /// Reserves `amount` of `payer`'s money for the service until
+    /// `expires_ms` (a hold only the service may charge or release).
+    pub fn reserve(
+        &self,
+        ask: &PaymentAsk,
+        payer: &Cid,
+        amount: Amount,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<PaymentResult, Fault> {
+        let digest = crate::payments::digest(&ask.canonical);
+        self.still_durable()?;
+        let mut ledger = self.ledger_for_write()?;
+        let mut holds = lock(&self.holds);
+        if let Some(earlier) = self.earlier(ask, &digest)? {
+            return Ok(earlier);
+        }
+        let now_ms = now_ms.max(holds.latest_ms());
+        let account = AccountId::Customer(payer.clone());
+        let spendable = self.spendable(&account, ledger.balance(&account), &holds, now_ms)?;
+        let event = match holds.prepare_place_by(
+            account,
+            amount,
+            expires_ms,
+            &ask.description,
+            spendable,
+            now_ms,
+            Some(ask.service.clone()),
+        ) {
+            Ok(event) => event,
+            Err(HoldError::Insufficient { account, .. }) => {
+                return Ok(Err(PaymentRefusal::Insufficient(account)));
+            }
+            Err(refused) => return Ok(Err(PaymentRefusal::Hold(refused))),
+        };
+        let id = event.hold;
+        let request = Self::request(ask, digest, Vec::new(), Some(id), now_ms);
+        self.record_holds(
+            &mut ledger,
+            &mut holds,
+            vec![event],
+            Vec::new(),
+            request.as_ref(),
+        )?;
+        drop(holds);
+        drop(ledger);
+        self.durable()?;
+        Ok(Ok(Paid {
+            transfers: Vec::new(),
+            hold: Some(id),
+            repeated: false,
+        }))
+    }
+
+    /// Changes reservation `id` of the service: more or less reserved, a
+    /// part charged to the product's owner, or released. A release of a
+    /// reservation that ended already answers done: the money is back.
+    pub fn change_reservation(
+        &self,
+        ask: &PaymentAsk,
+        id: HoldId,
+        change: ReservationChange,
+        now_ms: u64,
+    ) -> Result<PaymentResult, Fault> {
+        let digest = crate::payments::digest(&ask.canonical);
+        self.still_durable()?;
+        let mut ledger = self.ledger_for_write()?;
+        let mut holds = lock(&self.holds);
+        if let Some(earlier) = self.earlier(ask, &digest)? {
+            return Ok(earlier);
+        }
+        let now_ms = now_ms.max(holds.latest_ms());
+        let Some(hold) = holds.hold(id).cloned() else {
+            return Ok(Err(PaymentRefusal::Hold(HoldError::Unknown(id))));
+        };
+        if hold.by.as_ref() != Some(&ask.service) {
+            return Ok(Err(PaymentRefusal::NotTheirs(id)));
+        }
+        let mut transfers = Vec::new();
+        let event = match change {
+            ReservationChange::Adjust { delta, expires_ms } => {
+                let spendable =
+                    self.spendable(&hold.account, ledger.balance(&hold.account), &holds, now_ms)?;
+                holds.prepare_adjust(id, delta, expires_ms, spendable, now_ms)
+            }
+            ReservationChange::Capture { amount } => {
+                let credit = AccountId::Customer(ask.owner.clone());
+                if credit == hold.account {
+                    return Ok(Err(PaymentRefusal::Hold(HoldError::SameAccount(id))));
+                }
+                if let Err(refused) =
+                    holds.prepare_capture(id, amount, crate::ledger::TransferId(0), now_ms)
+                {
+                    return Ok(Err(PaymentRefusal::Hold(refused)));
+                }
+                transfers = ledger
+                    .prepare(
+                        vec![NewTransfer {
+                            debit: hold.account,
+                            credit,
+                            amount,
+                            kind: TransferKind::Payment {
+                                pid: ask.service.clone(),
+                                reference: ask.reference.clone().unwrap_or_default(),
+                            },
+                        }],
+                        now_ms,
+                    )
+                    .map_err(|error| internal(&error))?;
+                holds.prepare_capture(id, amount, transfers[0].id, now_ms)
+            }
+            ReservationChange::Release => match holds.prepare_release(id, now_ms) {
+                // Released or expired already: the money is back, as asked.
+                Err(HoldError::Ended(_)) => {
+                    return Ok(Ok(Paid {
+                        transfers: Vec::new(),
+                        hold: Some(id),
+                        repeated: true,
+                    }));
+                }
+                other => other,
+            },
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(HoldError::Insufficient { account, .. }) => {
+                return Ok(Err(PaymentRefusal::Insufficient(account)));
+            }
+            Err(refused) => return Ok(Err(PaymentRefusal::Hold(refused))),
+        };
+        let ids: Vec<u64> = transfers.iter().map(|transfer| transfer.id.0).collect();
+        let request = Self::request(ask, digest, ids.clone(), Some(id), now_ms);
+        self.record_holds(
+            &mut ledger,
+            &mut holds,
+            vec![event],
+            transfers,
+            request.as_ref(),
+        )?;
+        drop(holds);
+        drop(ledger);
+        self.durable()?;
+        Ok(Ok(Paid {
+            transfers: ids,
+            hold: Some(id),
+            repeated: false,
+        }))
+    }
+}
+
+/// What a service does to one of its reservations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationChange {
+    /// More or less reserved, until a new expiry.
+    Adjust {
+        /// The change of the amount reserved.
+        delta: Amount,
+        /// The new expiry, ms since the Unix epoch.
+        expires_ms: u64,
+    },
+    /// Part of it charged to the service's product owner.
+    Capture {
+        /// How much.
+        amount: Amount,
+    },
+    /// Ended: what was not charged is available again.
+    Release,
+}
