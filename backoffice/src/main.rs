@@ -168,6 +168,12 @@ enum Command {
         /// meterd's --secret-file, instead of printing it.
         #[arg(long, value_name = "FILE")]
         secret_file: Option<PathBuf>,
+        /// Make it the service credential of product PID (OWNER's), for
+        /// Parlay X Payment: the MID is the WS-Security user name and the
+        /// secret its password; it asks grants like a meter and never
+        /// uploads (docs/parlayx.md).
+        #[arg(long, value_name = "PID")]
+        service: Option<String>,
         #[command(subcommand)]
         action: Option<MeterCommand>,
     },
@@ -1504,14 +1510,17 @@ fn main() -> ExitCode {
         } => operator(&cli, "meter.revoke", vec![text(mid)]),
         Command::Meter {
             owner: Some(owner),
-            secret_file: None,
+            secret_file,
+            service,
             action: None,
-        } => operator(&cli, "meter.create", vec![text(owner)]),
-        Command::Meter {
-            owner: Some(owner),
-            secret_file: Some(file),
-            action: None,
-        } => secret_to_file(&cli, "meter.create", &[text(owner)], file),
+        } => {
+            let mut params = vec![text(owner)];
+            params.extend(service.iter().map(|pid| text(pid)));
+            match secret_file {
+                None => operator(&cli, "meter.create", params),
+                Some(file) => secret_to_file(&cli, "meter.create", &params, file),
+            }
+        }
         Command::Meter { owner: None, .. } => {
             eprintln!("backoffice: meter needs OWNER, or rotate MID, or revoke MID");
             ExitCode::from(EXIT_USAGE)

@@ -217,6 +217,11 @@ pub struct Meter {
     /// meter, under a new MID.
     #[serde(default)]
     pub revoked: Option<Change>,
+    /// For a service's credential (Parlay X Payment): the product it
+    /// charges for. Such a meter answers SOAP payment calls and grant
+    /// calls, never uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Pid>,
 }
 
 /// A meter's secret before its last rotation, and until when it verifies.

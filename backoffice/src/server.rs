@@ -721,9 +721,21 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
             ]))
         }
         "meter.create" => {
-            params.arity(1, 1)?;
+            params.arity(1, 2)?;
+            let owner: Cid = params.parsed(0)?;
+            let product = match params.optional_parsed::<proto::Pid>(1)? {
+                None => None,
+                Some(pid) => match store.product(&pid).map_err(store_fault)? {
+                    Some(product) if product.owner == owner && product.pid == pid => Some(pid),
+                    _ => {
+                        return Err(Fault::invalid_params(format!(
+                            "{pid} is not a product of {owner} (its PID, not its test PID)"
+                        )));
+                    }
+                },
+            };
             let meter = store
-                .create_meter(&service.bid, &params.parsed(0)?)
+                .create_meter_for(&service.bid, &owner, product.as_ref())
                 .map_err(store_fault)?;
             Ok(Value::structure([
                 ("MID", Value::string(meter.mid.as_str())),

@@ -36,6 +36,9 @@ pub struct Verified<'a> {
     pub signature: &'a str,
     /// The secret that verified it, which signs the answer.
     pub secret: Secret,
+    /// The product whose service this credential is (it may make grant
+    /// calls, never upload).
+    pub service: Option<proto::Pid>,
 }
 
 impl Verified<'_> {
@@ -115,6 +118,16 @@ impl<S: Store> Backoffice<S> {
         verified: Verified<'_>,
         now_ms: u64,
     ) -> Result<Value, Fault> {
+        if let Some(pid) = &verified.service {
+            return Err(self.refused(Fault::new(
+                FaultCode::Unauthorized,
+                format!(
+                    "{} is the service credential of {pid}: it charges over Parlay X \
+                     Payment and asks grants, and uploads nothing",
+                    verified.mid
+                ),
+            )));
+        }
         let outcome = self.send_counted(body, verified, now_ms);
         self.count_refused(outcome)
     }
@@ -308,6 +321,7 @@ impl<S: Store> Backoffice<S> {
                         time_ms,
                         signature,
                         secret,
+                        service: meter.service.clone(),
                     });
                 }
                 Err(error) => {

@@ -505,7 +505,17 @@ pub trait Store {
     /// A TACA module by its hash.
     fn taca_module(&self, hash: &TacaHash) -> Result<Option<Vec<u8>>, StoreError>;
     /// Registers a meter of `owner` under a new MID with a new secret.
-    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError>;
+    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+        self.create_meter_for(bid, owner, None)
+    }
+    /// As `create_meter`; with `service`, the credential of that product's
+    /// service (whose owner the caller checked is `owner`).
+    fn create_meter_for(
+        &self,
+        bid: &Bid,
+        owner: &Cid,
+        service: Option<&Pid>,
+    ) -> Result<Meter, StoreError>;
     /// A meter by MID.
     fn meter(&self, mid: &Mid) -> Result<Option<Meter>, StoreError>;
     /// The products `owner` registered, in PID order.
@@ -1133,10 +1143,15 @@ impl Store for AnyStore {
         }
     }
 
-    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+    fn create_meter_for(
+        &self,
+        bid: &Bid,
+        owner: &Cid,
+        service: Option<&Pid>,
+    ) -> Result<Meter, StoreError> {
         match self {
-            AnyStore::Sled(store) => store.create_meter(bid, owner),
-            AnyStore::Postgres(store) => store.create_meter(bid, owner),
+            AnyStore::Sled(store) => store.create_meter_for(bid, owner, service),
+            AnyStore::Postgres(store) => store.create_meter_for(bid, owner, service),
         }
     }
 

@@ -871,7 +871,12 @@ impl Store for SledStore {
             .map(|bytes| bytes.to_vec()))
     }
 
-    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+    fn create_meter_for(
+        &self,
+        bid: &Bid,
+        owner: &Cid,
+        service: Option<&Pid>,
+    ) -> Result<Meter, StoreError> {
         let _writing = self.writing();
         if self.customer(owner)?.is_none() {
             return Err(RegistryError::UnknownCustomer(*owner).into());
@@ -889,6 +894,7 @@ impl Store for SledStore {
                 previous: None,
                 rotated: None,
                 revoked: None,
+                service: service.cloned(),
             };
             Ok((vec![mid.as_str().as_bytes().to_vec()], meter))
         })

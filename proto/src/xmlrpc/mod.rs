@@ -8,7 +8,7 @@ mod value;
 
 pub use encode::{encode_call, encode_fault, encode_response, encode_value};
 pub use parse::{CodecError, method_name, parse_call, parse_response};
-pub(crate) use parse::{END_OF_BODY, Parser, Tag, Token, ValueStart};
+pub(crate) use parse::{END_OF_BODY, Parser, Tag, Token, ValueStart, resolve_reference};
 pub use value::{Member, MethodCall, MethodResponse, Value};
 
 use crate::fault::{Fault, FaultCode};

@@ -556,7 +556,9 @@ impl<'a> Parser<'a> {
     }
 }
 
-fn resolve_reference(reference: &quick_xml::events::BytesRef<'_>) -> Option<Cow<'static, str>> {
+pub(crate) fn resolve_reference(
+    reference: &quick_xml::events::BytesRef<'_>,
+) -> Option<Cow<'static, str>> {
     if reference.is_char_ref() {
         let character = reference.resolve_char_ref().ok()??;
         return Some(Cow::Owned(character.to_string()));

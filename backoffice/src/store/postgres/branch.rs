@@ -1768,7 +1768,12 @@ impl Store for PgStore {
         })
     }
 
-    fn create_meter(&self, bid: &Bid, owner: &Cid) -> Result<Meter, StoreError> {
+    fn create_meter_for(
+        &self,
+        bid: &Bid,
+        owner: &Cid,
+        service: Option<&Pid>,
+    ) -> Result<Meter, StoreError> {
         let secret_hex = registry::new_meter_secret();
         self.block_retrying(|| async {
             let mut client = self.client().await?;
@@ -1803,6 +1808,7 @@ impl Store for PgStore {
                 previous: None,
                 rotated: None,
                 revoked: None,
+                service: service.cloned(),
             };
             transaction
                 .execute(
