@@ -202,6 +202,7 @@ fn main() {
             outbox: dir.path().join("outbox"),
         }),
         funding: Box::new(backoffice::funding::RecordedByOperator),
+        payments: backoffice::parlayx::Payments::default(),
     });
     let (stop, server) = if http {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -12,6 +12,7 @@ pub mod itemised;
 pub mod ledger;
 pub mod listen;
 pub mod operator;
+pub mod parlayx;
 pub mod payments;
 pub mod pricing;
 pub mod registry;

@@ -839,6 +839,7 @@ fn serve(
             operator_token,
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
+            payments: backoffice::parlayx::Payments::default(),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
         backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));

@@ -39,6 +39,8 @@ pub struct Service {
     pub web: crate::web::Web,
     /// Where deposits are collected from.
     pub funding: Box<dyn crate::funding::MacroAccounts>,
+    /// The Parlay X Payment interfaces.
+    pub payments: crate::parlayx::Payments,
 }
 
 use crate::now_ms;
@@ -111,6 +113,7 @@ pub fn router_with(service: Arc<Service>, limits: crate::listen::ConnectionLimit
             post(move |state, request| answer(state, Arc::clone(&slots), request)),
         )
         .route("/metrics", axum::routing::get(metrics))
+        .merge(crate::parlayx::routes())
         .merge(
             crate::web::routes(Arc::clone(&service))
                 .merge(crate::web::upload_routes())

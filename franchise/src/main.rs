@@ -202,6 +202,7 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
             operator_token,
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
+            payments: backoffice::parlayx::Payments::default(),
         });
         backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));
         let (stop_office, stopped) = tokio::sync::watch::channel(false);

@@ -16,6 +16,9 @@ use quick_xml::name::ResolveResult;
 
 /// The SOAP 1.1 envelope namespace.
 pub const ENVELOPE_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
+/// The WS-Security extension namespace (its fault codes).
+pub const WSSE_NS: &str =
+    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd";
 /// The SOAP 1.2 envelope namespace: answered with a `VersionMismatch` fault.
 pub const ENVELOPE_12_NS: &str = "http://www.w3.org/2003/05/soap-envelope";
 
@@ -388,6 +391,8 @@ pub enum FaultCode {
     Client,
     /// The server failed; the request may be retried.
     Server,
+    /// WS-Security: the security token could not be authenticated.
+    FailedAuthentication,
 }
 
 impl FaultCode {
@@ -398,6 +403,7 @@ impl FaultCode {
             FaultCode::MustUnderstand => "soapenv:MustUnderstand",
             FaultCode::Client => "soapenv:Client",
             FaultCode::Server => "soapenv:Server",
+            FaultCode::FailedAuthentication => "wsse:FailedAuthentication",
         }
     }
 }
@@ -406,9 +412,14 @@ impl FaultCode {
 /// (already encoded) inside `<detail>` when given.
 pub fn fault(code: FaultCode, message: &str, detail_xml: Option<&str>) -> String {
     let detail = detail_xml.map_or(String::new(), |detail| format!("<detail>{detail}</detail>"));
+    // A qualified code's prefix is declared where it is used.
+    let declared = match code {
+        FaultCode::FailedAuthentication => format!(" xmlns:wsse=\"{WSSE_NS}\""),
+        _ => String::new(),
+    };
     envelope(&format!(
-        "<soapenv:Fault><faultcode>{}</faultcode><faultstring>{}</faultstring>{detail}\
-         </soapenv:Fault>",
+        "<soapenv:Fault{declared}><faultcode>{}</faultcode><faultstring>{}</faultstring>\
+         {detail}</soapenv:Fault>",
         code.qualified(),
         escape(message)
     ))

@@ -11,6 +11,7 @@ mod itemised;
 mod meterd;
 mod meterd_connections;
 mod money;
+mod parlayx;
 mod readme;
 mod support;
 mod traffic;

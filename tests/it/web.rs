@@ -1112,7 +1112,7 @@ pub fn grants_of(office: &Backoffice, id: &str) -> Vec<[String; 7]> {
         .collect()
 }
 
-fn registered(office: &Backoffice, first: &str) -> (Visitor, String) {
+pub fn registered(office: &Backoffice, first: &str) -> (Visitor, String) {
     let mut visitor = Visitor::new(office.address);
     let email = format!("{}@example.org", first.to_lowercase());
     let page = register(&mut visitor, &registration(first, &email), None);
@@ -1421,7 +1421,7 @@ fn guessing_codes_is_throttled_per_customer() {
 }
 
 /// Ada approves a code of `meter` for herself; the grant's number.
-fn approved_grant(
+pub fn approved_grant(
     office: &Backoffice,
     visitor: &mut Visitor,
     meter: &FakeMeter,

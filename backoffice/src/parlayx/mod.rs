@@ -1,0 +1,750 @@
+//! Parlay X Payment over SOAP 1.1 (`docs/parlayx.md`): the four
+//! interfaces at the standard's paths, their WSDL at `?wsdl`, callers
+//! authenticated with WS-Security UsernameToken digests.
+//!
+//! A caller is a service: the credential (a meter made with `--service
+//! PID`) of one product. It charges an end user only through a live grant
+//! that end user gave this credential, the money goes to the product's
+//! owner, and the product's maximum price bounds every charge. The money
+//! itself moves in `send::payments`, under the ledger lock.
+
+pub mod wsse;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use proto::parlayx::{ChargingInformation, Exception, Interface, Request};
+use proto::soap::{self, Element, Envelope};
+use proto::{Amount, Cid, Mid};
+
+use crate::holds::{HoldError, HoldId};
+use crate::ledger::AccountId;
+use crate::registry::{Meter, Product};
+use crate::send::{Move, PaymentAsk, PaymentRefusal, ReservationChange};
+use crate::server::Service;
+use crate::store::Store;
+
+/// How long a reservation lasts from its last `reserveAmount` or
+/// `reserveAdditionalAmount` (the standard leaves it to be agreed).
+pub const RESERVATION_TTL_MS: u64 = 15 * 60 * 1000;
+/// Parlay X calls served at once; more wait for a slot or are refused.
+pub const CALLS_AT_ONCE: usize = 64;
+
+/// What the Parlay X interfaces keep between calls.
+pub struct Payments {
+    nonces: wsse::Nonces,
+    /// The branch's currency (ISO 4217): a charge in another is refused.
+    currency: String,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Payments {
+    fn default() -> Self {
+        Payments::new(&crate::BranchSettings::default().currency)
+    }
+}
+
+impl Payments {
+    /// The interfaces of a branch keeping accounts in `currency`.
+    pub fn new(currency: &str) -> Payments {
+        Payments {
+            nonces: wsse::Nonces::default(),
+            currency: currency.to_owned(),
+            slots: Arc::new(tokio::sync::Semaphore::new(CALLS_AT_ONCE)),
+        }
+    }
+}
+
+/// The routes: each interface's path (`POST` a call, `GET ?wsdl` its
+/// WSDL) and the schemas its WSDL imports.
+pub fn routes() -> Router<Arc<Service>> {
+    let mut router = Router::new();
+    for interface in Interface::ALL {
+        router = router.route(
+            &interface.path(),
+            get(move |state, query| wsdl(state, interface, query))
+                .post(move |state, request| call(state, interface, request)),
+        );
+    }
+    router.route("/parlayx/{file}", get(schema))
+}
+
+/// The WSDL and schema files served, as kept in the repository.
+const FILES: [(&str, &str); 6] = [
+    (
+        "parlayx_common_types_2_1.xsd",
+        include_str!("../../parlayx/parlayx_common_types_2_1.xsd"),
+    ),
+    (
+        "parlayx_payment_types_2_1.xsd",
+        include_str!("../../parlayx/parlayx_payment_types_2_1.xsd"),
+    ),
+    (
+        "parlayx_payment_amount_charging_2_1.wsdl",
+        include_str!("../../parlayx/parlayx_payment_amount_charging_2_1.wsdl"),
+    ),
+    (
+        "parlayx_payment_volume_charging_2_1.wsdl",
+        include_str!("../../parlayx/parlayx_payment_volume_charging_2_1.wsdl"),
+    ),
+    (
+        "parlayx_payment_reserve_amount_charging_2_1.wsdl",
+        include_str!("../../parlayx/parlayx_payment_reserve_amount_charging_2_1.wsdl"),
+    ),
+    (
+        "parlayx_payment_reserve_volume_charging_2_1.wsdl",
+        include_str!("../../parlayx/parlayx_payment_reserve_volume_charging_2_1.wsdl"),
+    ),
+];
+
+/// Where the WSDL files name the server; replaced by the branch's public
+/// URL when served.
+const ADDRESS_PLACEHOLDER: &str = "http://localhost:8080";
+
+fn file(name: &str) -> Option<&'static str> {
+    FILES
+        .iter()
+        .find(|(file, _)| *file == name)
+        .map(|(_, text)| *text)
+}
+
+fn xml(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/xml; charset=utf-8"),
+    );
+    response
+}
+
+fn served(service: &Service, text: &str) -> String {
+    text.replace(
+        ADDRESS_PLACEHOLDER,
+        service.web.config().public_url.trim_end_matches('/'),
+    )
+}
+
+async fn schema(
+    State(service): State<Arc<Service>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match file(&name) {
+        Some(text) => xml(StatusCode::OK, served(&service, text)),
+        None => (StatusCode::NOT_FOUND, "no such schema\n").into_response(),
+    }
+}
+
+async fn wsdl(
+    State(service): State<Arc<Service>>,
+    interface: Interface,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    if !query.is_some_and(|query| query.eq_ignore_ascii_case("wsdl")) {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "POST SOAP 1.1 calls here; the WSDL is at {}?wsdl\n",
+                interface.path()
+            ),
+        )
+            .into_response();
+    }
+    let name = format!("parlayx_payment_{}_2_1.wsdl", interface.slug());
+    match file(&name) {
+        Some(text) => xml(StatusCode::OK, served(&service, text)),
+        None => (StatusCode::NOT_FOUND, "no WSDL\n").into_response(),
+    }
+}
+
+async fn call(
+    State(service): State<Arc<Service>>,
+    interface: Interface,
+    request: axum::extract::Request,
+) -> Response {
+    let Ok(slot) = Arc::clone(&service.payments.slots).try_acquire_owned() else {
+        let fault = soap::fault(
+            soap::FaultCode::Server,
+            "the backoffice is busy with as many payment calls as it takes at once; try again",
+            None,
+        );
+        return xml(StatusCode::SERVICE_UNAVAILABLE, fault);
+    };
+    let limit = soap::Limits::PAYMENT.body_bytes_max;
+    let read =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), limit));
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => {
+            let fault = soap::fault(
+                soap::FaultCode::Client,
+                &format!("the body did not arrive whole within 10 s and {limit} bytes"),
+                None,
+            );
+            return xml(StatusCode::BAD_REQUEST, fault);
+        }
+    };
+    // Store calls and fsync block: off the async workers.
+    let answered = tokio::task::spawn_blocking(move || {
+        let answer = answer(&service, interface, &body, crate::now_ms());
+        drop(slot);
+        answer
+    })
+    .await;
+    match answered {
+        Ok(Ok(body)) => xml(StatusCode::OK, body),
+        Ok(Err(fault)) => xml(StatusCode::INTERNAL_SERVER_ERROR, fault),
+        Err(_) => xml(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Exception::service_error("the call failed inside the backoffice").server_fault(),
+        ),
+    }
+}
+
+/// A call's answer: the response envelope, or a fault envelope.
+pub fn answer(
+    service: &Service,
+    interface: Interface,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<String, String> {
+    let envelope = soap::parse_envelope(body, soap::Limits::PAYMENT)
+        .map_err(|error| soap::fault(error.fault_code(), &error.to_string(), None))?;
+    let element = check_envelope(&envelope)?;
+    let caller = authenticate(service, &envelope, now_ms)?;
+    let request = Request::decode(interface, element)
+        .map_err(|error| Exception::of_decode(&error).fault())?;
+    let body = Caller {
+        service,
+        meter: &caller.0,
+        product: &caller.1,
+        now_ms,
+    }
+    .run(interface, &request)
+    .map_err(|exception| exception.fault())?;
+    Ok(soap::envelope(&body))
+}
+
+/// The body's one element, after the headers were checked: a header that
+/// must be understood and is not ours gets the `MustUnderstand` fault.
+fn check_envelope(envelope: &Envelope) -> Result<&Element, String> {
+    for header in &envelope.headers {
+        if header.must_understand() && !header.is(wsse::WSSE_NS, "Security") {
+            return Err(soap::fault(
+                soap::FaultCode::MustUnderstand,
+                &format!(
+                    "the header {{{}}}{} must be understood, and this server does not process it",
+                    header.namespace.as_deref().unwrap_or(""),
+                    header.name
+                ),
+                None,
+            ));
+        }
+    }
+    match envelope.body.as_slice() {
+        [element] => Ok(element),
+        _ => Err(soap::fault(
+            soap::FaultCode::Client,
+            "the Body must hold exactly one request element",
+            None,
+        )),
+    }
+}
+
+/// The service credential and product that signed the call. Every
+/// refusal is the same fault; the log says why.
+fn authenticate(
+    service: &Service,
+    envelope: &Envelope,
+    now_ms: u64,
+) -> Result<(Meter, Product), String> {
+    let failed = |why: &dyn std::fmt::Display| {
+        tracing::warn!(why = %why, "Parlay X call refused: authentication");
+        soap::fault(
+            soap::FaultCode::FailedAuthentication,
+            "The security token could not be authenticated or authorized",
+            None,
+        )
+    };
+    let security = wsse::security_header(&envelope.headers)
+        .ok_or_else(|| failed(&wsse::TokenError::Missing))?;
+    let token = wsse::username_token(security).map_err(|error| failed(&error))?;
+    token.check_time(now_ms).map_err(|error| failed(&error))?;
+    let mid = Mid::parse(&token.username).map_err(|_| failed(&"the user name is not a MID"))?;
+    let store = service.backoffice.store();
+    let meter = store
+        .meter(&mid)
+        .map_err(|error| internal_fault(&error))?
+        .ok_or_else(|| failed(&format!("{mid} is not registered")))?;
+    let Some(pid) = meter.service.clone() else {
+        return Err(failed(&format!(
+            "{mid} is a meter, not a service credential"
+        )));
+    };
+    if meter.revoked.is_some() {
+        return Err(failed(&format!("{mid} was revoked")));
+    }
+    if !meter
+        .secrets_at(now_ms)
+        .into_iter()
+        .any(|(secret, _)| token.proves(secret))
+    {
+        return Err(failed(&wsse::TokenError::BadDigest));
+    }
+    service
+        .payments
+        .nonces
+        .admit(&token, now_ms)
+        .map_err(|error| failed(&error))?;
+    let product = store
+        .product(&pid)
+        .map_err(|error| internal_fault(&error))?
+        .ok_or_else(|| failed(&format!("{pid} of {mid} is not a product")))?;
+    Ok((meter, product))
+}
+
+fn internal_fault(error: &dyn std::fmt::Display) -> String {
+    tracing::error!(error = %error, "Parlay X call failed");
+    Exception::service_error("the backoffice could not read its store; try again").server_fault()
+}
+
+trait ServerFault {
+    fn server_fault(&self) -> String;
+}
+
+impl ServerFault for Exception {
+    /// A failure of ours: `soapenv:Server` with the exception in `detail`.
+    fn server_fault(&self) -> String {
+        self.fault().replacen(
+            soap::FaultCode::Client.qualified(),
+            soap::FaultCode::Server.qualified(),
+            1,
+        )
+    }
+}
+
+/// One authenticated call.
+struct Caller<'a> {
+    service: &'a Service,
+    meter: &'a Meter,
+    product: &'a Product,
+    now_ms: u64,
+}
+
+fn charge_refused(refusal: PaymentRefusal) -> Exception {
+    match refusal {
+        PaymentRefusal::ReferenceReused(operation) => {
+            tracing::info!(
+                operation,
+                "Parlay X reference code used for another request"
+            );
+            Exception::invalid_input("referenceCode")
+        }
+        PaymentRefusal::Insufficient(_) => {
+            Exception::charge_failed("the end user's available balance is too low")
+        }
+        PaymentRefusal::NotTheirs(_) | PaymentRefusal::Hold(HoldError::Unknown(_)) => {
+            Exception::invalid_input("reservationIdentifier")
+        }
+        PaymentRefusal::Hold(HoldError::Ended(_)) => {
+            Exception::invalid_input("reservationIdentifier")
+        }
+        PaymentRefusal::Hold(HoldError::BeyondHold { .. }) => {
+            Exception::charge_failed("more than the reservation holds")
+        }
+        PaymentRefusal::Hold(other) => Exception::invalid_charging(other.to_string()),
+    }
+}
+
+impl Caller<'_> {
+    fn store(&self) -> &crate::store::AnyStore {
+        self.service.backoffice.store()
+    }
+
+    fn fail(&self, error: &dyn std::fmt::Display) -> Exception {
+        tracing::error!(error = %error, "Parlay X call failed");
+        Exception::service_error("the backoffice could not complete the call; try again")
+    }
+
+    /// The customer an `endUserIdentifier` names: `mailto:` a registered
+    /// address, or a CID (`B1-C7`).
+    fn end_user(&self, uri: &str) -> Result<Cid, Exception> {
+        let invalid = || Exception::invalid_input("endUserIdentifier");
+        let customer = if let Some(address) = uri.strip_prefix("mailto:") {
+            self.store()
+                .customer_by_email(address)
+                .map_err(|error| self.fail(&error))?
+        } else if let Ok(cid) = Cid::parse(uri) {
+            self.store()
+                .customer(&cid)
+                .map_err(|error| self.fail(&error))?
+        } else {
+            return Err(invalid());
+        };
+        let customer = customer.ok_or_else(invalid)?;
+        if customer.cid == self.product.owner {
+            // A product cannot charge its own owner.
+            return Err(invalid());
+        }
+        Ok(customer.cid)
+    }
+
+    /// Refused unless `payer` gave this service a grant that is live now.
+    fn granted(&self, payer: &Cid) -> Result<(), Exception> {
+        let grants = self
+            .store()
+            .grants_of_meter(&self.meter.mid)
+            .map_err(|error| self.fail(&error))?;
+        if grants
+            .iter()
+            .any(|grant| grant.cid == *payer && grant.is_live_at(self.now_ms))
+        {
+            return Ok(());
+        }
+        Err(Exception::policy_error(format!(
+            "the end user has not granted {} to charge them",
+            self.product.pid
+        )))
+    }
+
+    /// The amount of `charge`, checked: positive (or, with `signed`, not
+    /// zero), in the branch's currency, within the product's maximum.
+    fn amount(&self, charge: &ChargingInformation, signed: bool) -> Result<Amount, Exception> {
+        if let Some(currency) = &charge.currency
+            && *currency != self.service.payments.currency
+        {
+            return Err(Exception::policy_error(format!(
+                "currency {currency}: this branch charges in {}",
+                self.service.payments.currency
+            )));
+        }
+        let amount = match (&charge.amount, &charge.code) {
+            (Some(amount), _) => *amount,
+            (None, Some(_)) => {
+                return Err(Exception::invalid_charging(
+                    "a code instead of an amount is not accepted yet; give the amount",
+                ));
+            }
+            (None, None) => return Err(Exception::invalid_charging("no amount and no code")),
+        };
+        let usable = if signed {
+            !amount.is_zero()
+        } else {
+            amount.is_positive()
+        };
+        if !usable {
+            return Err(Exception::invalid_charging(format!(
+                "the amount {amount} is not a positive amount"
+            )));
+        }
+        self.within_maximum(if amount.is_positive() {
+            amount
+        } else {
+            amount.negated()
+        })?;
+        crate::payments::check_description(&charge.description)
+            .map_err(|_| Exception::invalid_input("charge.description"))?;
+        Ok(amount)
+    }
+
+    fn within_maximum(&self, amount: Amount) -> Result<(), Exception> {
+        match self.product.max_price {
+            Some(max) if amount > max => Err(Exception::policy_error(format!(
+                "{amount} is above the most one use of {} may cost ({max})",
+                self.product.pid
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn ask(&self, request: &Request, description: &str) -> Result<PaymentAsk, Exception> {
+        let reference = request.reference().map(str::to_owned);
+        if let Some(reference) = &reference {
+            crate::payments::check_reference(reference)
+                .map_err(|_| Exception::invalid_input("referenceCode"))?;
+        }
+        Ok(PaymentAsk {
+            service: self.product.pid.clone(),
+            owner: self.product.owner,
+            reference,
+            operation: request.operation(),
+            canonical: request.canonical(),
+            description: description.to_owned(),
+        })
+    }
+
+    fn reservation(&self, text: &str) -> Result<HoldId, Exception> {
+        text.strip_prefix('H')
+            .filter(|digits| !digits.starts_with('0') || *digits == "0")
+            .and_then(|digits| digits.parse().ok())
+            .map(HoldId)
+            .ok_or_else(|| Exception::invalid_input("reservationIdentifier"))
+    }
+
+    fn run(&self, interface: Interface, request: &Request) -> Result<String, Exception> {
+        let owner = AccountId::Customer(self.product.owner);
+        let backoffice = &self.service.backoffice;
+        let confirmation_refs = match request {
+            Request::ChargeAmount {
+                confirmation_refs, ..
+            }
+            | Request::RefundAmount {
+                confirmation_refs, ..
+            }
+            | Request::ChargeSplitAmount {
+                confirmation_refs, ..
+            } => confirmation_refs.as_slice(),
+            _ => &[],
+        };
+        if !confirmation_refs.is_empty() {
+            return Err(Exception::invalid_confirmation_refs(
+                confirmation_refs.join(" "),
+            ));
+        }
+        let done = |outcome: Result<crate::send::PaymentResult, proto::Fault>| {
+            outcome
+                .map_err(|fault| self.fail(&fault))?
+                .map_err(charge_refused)
+        };
+        match request {
+            Request::ChargeAmount {
+                end_user, charge, ..
+            } => {
+                let payer = self.end_user(end_user)?;
+                self.granted(&payer)?;
+                let amount = self.amount(charge, false)?;
+                let ask = self.ask(request, &charge.description)?;
+                let moves: [Move; 1] = [(AccountId::Customer(payer), owner, amount)];
+                done(backoffice.pay(&ask, &moves, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::RefundAmount {
+                end_user, charge, ..
+            } => {
+                let payee = self.end_user(end_user)?;
+                let amount = self.amount(charge, false)?;
+                let ask = self.ask(request, &charge.description)?;
+                let moves: [Move; 1] = [(owner, AccountId::Customer(payee), amount)];
+                done(backoffice.pay(&ask, &moves, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::ChargeSplitAmount { splits, charge, .. } => {
+                let amount = self.amount(charge, false)?;
+                let mut payers = Vec::with_capacity(splits.len());
+                for split in splits {
+                    let payer = self.end_user(&split.end_user)?;
+                    if payers.iter().any(|(known, _)| *known == payer) {
+                        return Err(Exception::invalid_input("splitInfo"));
+                    }
+                    self.granted(&payer)?;
+                    payers.push((payer, split.percent));
+                }
+                let parts = split_exactly(amount, &payers)
+                    .ok_or_else(|| Exception::invalid_input("splitInfo.percent"))?;
+                let ask = self.ask(request, &charge.description)?;
+                let moves: Vec<Move> = parts
+                    .into_iter()
+                    .map(|(payer, part)| (AccountId::Customer(payer), owner, part))
+                    .collect();
+                done(backoffice.pay(&ask, &moves, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::ReserveAmount { end_user, charge } => {
+                let payer = self.end_user(end_user)?;
+                self.granted(&payer)?;
+                let amount = self.amount(charge, false)?;
+                let ask = self.ask(request, &charge.description)?;
+                let paid = done(backoffice.reserve(
+                    &ask,
+                    &payer,
+                    amount,
+                    self.now_ms + RESERVATION_TTL_MS,
+                    self.now_ms,
+                ))?;
+                let id = paid
+                    .hold
+                    .ok_or_else(|| self.fail(&"a reservation without a hold"))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    Some(&id.to_string()),
+                ))
+            }
+            Request::ReserveAdditionalAmount {
+                reservation,
+                charge,
+            } => {
+                let id = self.reservation(reservation)?;
+                let delta = self.amount(charge, true)?;
+                let hold = self.own_hold(id)?;
+                if let AccountId::Customer(payer) = &hold.account
+                    && delta.is_positive()
+                {
+                    self.granted(payer)?;
+                }
+                let total = hold
+                    .held
+                    .checked_add(delta)
+                    .map_err(|_| Exception::invalid_charging("out of range"))?;
+                self.within_maximum(total)?;
+                let ask = self.ask(request, &charge.description)?;
+                let change = ReservationChange::Adjust {
+                    delta,
+                    expires_ms: self.now_ms + RESERVATION_TTL_MS,
+                };
+                done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::ChargeReservation {
+                reservation,
+                charge,
+                ..
+            } => {
+                let id = self.reservation(reservation)?;
+                let amount = self.amount(charge, false)?;
+                let hold = self.own_hold(id)?;
+                if let AccountId::Customer(payer) = &hold.account {
+                    self.granted(payer)?;
+                }
+                let ask = self.ask(request, &charge.description)?;
+                let change = ReservationChange::Capture { amount };
+                done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::ReleaseReservation { reservation } => {
+                let id = self.reservation(reservation)?;
+                let ask = self.ask(request, "")?;
+                done(backoffice.change_reservation(
+                    &ask,
+                    id,
+                    ReservationChange::Release,
+                    self.now_ms,
+                ))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::ChargeVolume { .. }
+            | Request::GetAmount { .. }
+            | Request::RefundVolume { .. }
+            | Request::ReserveVolume { .. }
+            | Request::ReserveAdditionalVolume { .. }
+            | Request::ChargeReservationVolume { .. } => Err(Exception::service_error(
+                "charging by volume is not served yet by this backoffice",
+            )),
+        }
+    }
+
+    /// Hold `id`, if this service placed it (others' are unknown to it).
+    fn own_hold(&self, id: HoldId) -> Result<crate::holds::Hold, Exception> {
+        self.service
+            .backoffice
+            .hold(id)
+            .filter(|hold| hold.by.as_ref() == Some(&self.product.pid))
+            .ok_or_else(|| Exception::invalid_input("reservationIdentifier"))
+    }
+}
+
+/// `amount` split by percents that add up to exactly 100, each part
+/// rounded down to the nano and the remainder to the first payer, so that
+/// the parts add up to `amount` exactly; `None` when the percents are not
+/// each above 0 and together 100.
+pub fn split_exactly(amount: Amount, shares: &[(Cid, Amount)]) -> Option<Vec<(Cid, Amount)>> {
+    let hundred = Amount::from_nanos(100_000_000_000);
+    let mut total = Amount::ZERO;
+    for (_, percent) in shares {
+        if !percent.is_positive() || *percent > hundred {
+            return None;
+        }
+        total = total.checked_add(*percent).ok()?;
+    }
+    if total != hundred || shares.is_empty() {
+        return None;
+    }
+    let mut parts = Vec::with_capacity(shares.len());
+    let mut given: i128 = 0;
+    for (payer, percent) in shares {
+        let part = amount.nanos().checked_mul(percent.nanos())? / hundred.nanos();
+        given += part;
+        parts.push((*payer, part));
+    }
+    parts[0].1 += amount.nanos() - given;
+    parts
+        .into_iter()
+        .filter(|(_, part)| *part > 0)
+        .map(|(payer, part)| Amount::try_from_nanos(part).ok().map(|part| (payer, part)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid(n: u32) -> Cid {
+        Cid::parse(&format!("B1-C{n}")).unwrap()
+    }
+
+    fn amount(text: &str) -> Amount {
+        Amount::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_split_adds_up_to_the_amount_exactly() {
+        let parts = split_exactly(
+            amount("1"),
+            &[
+                (cid(1), amount("33.333")),
+                (cid(2), amount("33.333")),
+                (cid(3), amount("33.334")),
+            ],
+        )
+        .unwrap();
+        let sum = parts.iter().fold(Amount::ZERO, |sum, (_, part)| {
+            sum.checked_add(*part).unwrap()
+        });
+        assert_eq!(sum, amount("1"));
+        assert_eq!(parts[1].1, amount("0.33333"));
+        assert_eq!(parts[2].1, amount("0.33334"));
+        assert_eq!(parts[0].1, amount("0.33333"));
+        let odd = split_exactly(
+            amount("0.000000001"),
+            &[(cid(1), amount("50")), (cid(2), amount("50"))],
+        )
+        .unwrap();
+        assert_eq!(odd, vec![(cid(1), amount("0.000000001"))]);
+        assert_eq!(split_exactly(amount("1"), &[(cid(1), amount("99"))]), None);
+        assert_eq!(
+            split_exactly(
+                amount("1"),
+                &[(cid(1), amount("101")), (cid(2), amount("-1"))]
+            ),
+            None
+        );
+        assert_eq!(split_exactly(amount("1"), &[]), None);
+    }
+}

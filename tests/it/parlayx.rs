@@ -1,0 +1,362 @@
+//! Parlay X Payment over real HTTP: Python's zeep loads the served WSDL and
+//! charges, refunds and reserves as a content server would; raw envelopes
+//! as other gateways' integrations write them (`loc:` prefixes, vendor
+//! headers); and the attacks a service's endpoint gets: replayed, stale,
+//! forged and plain-text tokens, a meter posing as a service, a header it
+//! must understand, a service charging a customer who never granted it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+
+use base64::Engine as _;
+use proto::xmlrpc::Value;
+
+use crate::support::{Backoffice, IO_TIMEOUT, s};
+use crate::web::{FakeMeter, Visitor, approved_grant, registered};
+
+const WSSE: &str =
+    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd";
+const WSU: &str =
+    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd";
+const DIGEST: &str = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0#PasswordDigest";
+const AMOUNT_PATH: &str = "/AmountChargingService/services/AmountCharging";
+const AMOUNT_LOCAL: &str = "http://www.csapi.org/schema/parlayx/payment/amount_charging/v2_1/local";
+
+/// A branch with a producer's product (maximum 5 per charge), its service
+/// credential, Ada who granted the service and Bob who did not, both with
+/// 10 on their accounts.
+struct Branch {
+    office: Backoffice,
+    pid: String,
+    owner: String,
+    service: (String, String),
+    ada: (Visitor, String),
+    bob: String,
+}
+
+fn branch(dir: &std::path::Path) -> Branch {
+    let office = Backoffice::start(dir);
+    let mut ada = registered(&office, "Ada");
+    let (_, bob) = registered(&office, "Bob");
+    let owner = office.text(
+        "customer.create",
+        &[s("Owen"), s("owen@example.org")],
+        "CID",
+    );
+    let pid = office.text(
+        "product.create",
+        &[
+            s(&owner),
+            s("Ring tones"),
+            s("1.25 a tone"),
+            Value::Base64(crate::examples::module("flat")),
+            s("5"),
+        ],
+        "PID",
+    );
+    let credential = office
+        .call("meter.create", &[s(&owner), s(&pid)])
+        .expect("a service credential");
+    let member = |name: &str| {
+        credential
+            .member(name)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    let service = (member("MID"), member("secret"));
+    // Ada grants the service the way a meter is granted: a device code the
+    // service asks for, approved on the grant page.
+    let as_meter = FakeMeter::new(office.address, &service.0, &service.1);
+    approved_grant(&office, &mut ada.0, &as_meter, &ada.1);
+    for cid in [&ada.1, &bob] {
+        office.call("account.deposit", &[s(cid), s("10")]).unwrap();
+    }
+    Branch {
+        office,
+        pid,
+        owner,
+        service,
+        ada,
+        bob,
+    }
+}
+
+fn balance(office: &Backoffice, cid: &str) -> String {
+    office.text("customer.show", &[s(cid)], "balance")
+}
+
+fn zeep(branch: &Branch, scenario: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/parlayx_client.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}", branch.office.address))
+        .arg(&branch.service.0)
+        .arg(&branch.service.1)
+        .arg(scenario)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "zeep failed (is it installed? .ci/run installs it):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// The outcome of call `name`: `Ok(result)` or `Err((messageId, variables))`.
+fn outcome(lines: &[serde_json::Value], name: &str) -> Result<String, (String, Vec<String>)> {
+    let line = lines
+        .iter()
+        .find(|line| line["call"] == name)
+        .unwrap_or_else(|| panic!("no call {name}: {lines:?}"));
+    if let Some(fault) = line.get("fault") {
+        let variables = fault["variables"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|v| v.as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Err((
+            fault["messageId"].as_str().unwrap_or("").to_owned(),
+            variables,
+        ));
+    }
+    Ok(line["ok"].as_str().unwrap_or("").to_owned())
+}
+
+#[test]
+fn zeep_charges_refunds_and_reserves_for_a_granted_customer_only_once_per_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let branch = branch(dir.path());
+    let ada_email = "ada@example.org";
+    let lines = zeep(&branch, "amounts", &[ada_email, "bob@example.org"]);
+    let fault = |name: &str| outcome(&lines, name).expect_err(name);
+    assert_eq!(outcome(&lines, "charge"), Ok(String::new()));
+    // The same code and request: the first outcome, charged once.
+    assert_eq!(outcome(&lines, "charge again"), Ok(String::new()));
+    // The same code, another request: refused, naming the part.
+    assert_eq!(
+        fault("charge other"),
+        ("SVC0002".into(), vec!["referenceCode".into()])
+    );
+    // Bob never granted the service: a policy error, and he loses nothing.
+    assert_eq!(fault("stranger").0, "POL0001");
+    assert_eq!(fault("split with stranger").0, "POL0001");
+    assert_eq!(fault("dollars").0, "POL0001");
+    assert_eq!(fault("too much").0, "POL0001");
+    assert_eq!(fault("no amount").0, "SVC0007");
+    assert_eq!(outcome(&lines, "refund"), Ok(String::new()));
+    // A reservation: its identifier, more reserved, charged in parts, one
+    // charge beyond what is left refused, released (twice: done is done).
+    assert_eq!(outcome(&lines, "reserve"), Ok("H0".into()));
+    assert_eq!(outcome(&lines, "reserve more"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "charge part"), Ok(String::new()));
+    assert_eq!(fault("charge beyond").0, "SVC0270");
+    assert_eq!(outcome(&lines, "charge rest"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "release"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "release again"), Ok(String::new()));
+    assert_eq!(
+        fault("charge released"),
+        ("SVC0002".into(), vec!["reservationIdentifier".into()])
+    );
+    assert_eq!(fault("reserve too much").0, "POL0001");
+    assert_eq!(fault("unknown reservation").0, "SVC0002");
+    // 10 - 1.25 + 0.25 - 2.5 - 1.5: nothing charged twice, nothing for refusals.
+    assert_eq!(balance(&branch.office, &branch.ada.1), "5");
+    assert_eq!(balance(&branch.office, &branch.bob), "10");
+    assert_eq!(balance(&branch.office, &branch.owner), "5");
+    // The statement names the product and the service's reference.
+    let statement = branch
+        .office
+        .call("account.statement", &[s(&branch.ada.1)])
+        .unwrap();
+    let lines: Vec<String> = statement
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|line| {
+            line.member("what")
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for reference in ["r-1", "r-2", "r-3", "r-4"] {
+        let expected = format!("payment to {}, reference {reference}", branch.pid);
+        assert!(lines.contains(&expected), "{expected} in {lines:?}");
+    }
+    assert_eq!(lines.len(), 5, "a deposit and four payments: {lines:?}");
+    let verified = branch.office.call("ledger.verify", &[]).unwrap();
+    let problems = verified
+        .member("problems")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// A WS-Security header for `user` with `password`, `nonce` and `created`.
+fn security(user: &str, password: &str, nonce: &[u8], created: &str, must: bool) -> String {
+    let base64 = base64::engine::general_purpose::STANDARD;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    digest.update(nonce);
+    digest.update(created.as_bytes());
+    digest.update(password.as_bytes());
+    let must = if must {
+        " soapenv:mustUnderstand=\"1\""
+    } else {
+        ""
+    };
+    format!(
+        "<wsse:Security xmlns:wsse=\"{WSSE}\" xmlns:wsu=\"{WSU}\"{must}><wsse:UsernameToken>\
+         <wsse:Username>{user}</wsse:Username><wsse:Password Type=\"{DIGEST}\">{}</wsse:Password>\
+         <wsse:Nonce>{}</wsse:Nonce><wsu:Created>{created}</wsu:Created></wsse:UsernameToken>\
+         </wsse:Security>",
+        base64.encode(digest.finish()),
+        base64.encode(nonce)
+    )
+}
+
+fn now_created(offset_s: i64) -> String {
+    let now = crate::support::now_ms() as i64 / 1000 + offset_s;
+    let (year, month, day) = proto::time::civil_date(u64::try_from(now).unwrap() * 1000);
+    let seconds = now.rem_euclid(86_400);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+/// A raw envelope with the Huawei-style vendor header some gateways
+/// require, `extra` headers, and a chargeAmount with the `loc:` prefix.
+fn envelope(headers: &str, reference: &str, amount: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<soapenv:Envelope \
+         xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+         xmlns:v2=\"http://www.huawei.com.cn/schema/common/v2_1\" xmlns:loc=\"{AMOUNT_LOCAL}\">\n\
+         <soapenv:Header><v2:RequestSOAPHeader><v2:spId>35000001</v2:spId>\
+         <v2:timeStamp>20261203101500</v2:timeStamp></v2:RequestSOAPHeader>{headers}\
+         </soapenv:Header>\n<soapenv:Body><loc:chargeAmount>\
+         <loc:endUserIdentifier>mailto:ada@example.org</loc:endUserIdentifier>\
+         <loc:charge><description>Tone</description><currency>EUR</currency>\
+         <amount>{amount}</amount><code></code></loc:charge>\
+         <loc:referenceCode>{reference}</loc:referenceCode></loc:chargeAmount>\
+         </soapenv:Body></soapenv:Envelope>"
+    )
+}
+
+/// Posts `body` to `path`: the status and the body answered.
+fn post(address: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: text/xml; charset=utf-8\r\n\
+         SOAPAction: \"\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let start = raw.find("\r\n\r\n").unwrap() + 4;
+    (status, raw[start..].to_owned())
+}
+
+#[test]
+fn raw_envelopes_of_other_gateways_work_and_forged_replayed_or_foreign_calls_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let branch = branch(dir.path());
+    let address = branch.office.address;
+    let (mid, secret) = (&branch.service.0, &branch.service.1);
+    let token = |nonce: &[u8], created: &str| security(mid, secret, nonce, created, true);
+
+    // The served WSDL names this server.
+    let wsdl = Visitor::new(address).get(&format!("{AMOUNT_PATH}?wsdl"));
+    assert_eq!(wsdl.status, 200);
+    assert!(
+        wsdl.body
+            .contains(&format!("http://{address}{AMOUNT_PATH}"))
+    );
+    assert!(wsdl.body.contains("name=\"chargeAmount\""));
+
+    // A vendor header without mustUnderstand is ignored; the call works.
+    let nonce = b"nonce-0001-abcdef";
+    let call = envelope(&token(nonce, &now_created(0)), "raw-1", "1.00");
+    let (status, body) = post(address, AMOUNT_PATH, &call);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("chargeAmountResponse"), "{body}");
+    // The same envelope again is a replayed token: refused before anything.
+    let (status, body) = post(address, AMOUNT_PATH, &call);
+    assert_eq!(status, 500);
+    assert!(body.contains("wsse:FailedAuthentication"), "{body}");
+
+    let refused = |headers: String, label: &str| {
+        let (status, body) = post(address, AMOUNT_PATH, &envelope(&headers, label, "1"));
+        assert_eq!(status, 500, "{label}: {body}");
+        body
+    };
+    // A token made six minutes ago, a wrong password, a plain meter of the
+    // owner posing as the service, no token at all.
+    let stale = refused(token(b"nonce-0002-abcdef", &now_created(-360)), "stale");
+    assert!(stale.contains("FailedAuthentication"), "{stale}");
+    let wrong = security(
+        mid,
+        "not the secret",
+        b"nonce-0003-abcdef",
+        &now_created(0),
+        false,
+    );
+    assert!(refused(wrong, "wrong").contains("FailedAuthentication"));
+    let (meter, meter_secret) = branch.office.meter(&branch.owner);
+    let posing = security(
+        &meter,
+        &meter_secret,
+        b"nonce-0004-abcdef",
+        &now_created(0),
+        false,
+    );
+    assert!(refused(posing, "posing").contains("FailedAuthentication"));
+    assert!(refused(String::new(), "none").contains("FailedAuthentication"));
+    // A header we must understand and do not: the MustUnderstand fault.
+    let unknown = format!(
+        "{}<x:Route xmlns:x=\"urn:routing\" soapenv:mustUnderstand=\"1\"/>",
+        token(b"nonce-0005-abcdef", &now_created(0))
+    );
+    assert!(refused(unknown, "must").contains("soapenv:MustUnderstand"));
+    // Not XML, a DTD, SOAP 1.2: faults, never a crash.
+    let (status, body) = post(address, AMOUNT_PATH, "<<<");
+    assert_eq!(status, 500, "{body}");
+    let dtd = "<!DOCTYPE x [<!ENTITY a \"b\">]><x/>";
+    assert!(post(address, AMOUNT_PATH, dtd).1.contains("DOCTYPE"));
+    let soap12 =
+        "<e:Envelope xmlns:e=\"http://www.w3.org/2003/05/soap-envelope\"><e:Body/></e:Envelope>";
+    assert!(
+        post(address, AMOUNT_PATH, soap12)
+            .1
+            .contains("VersionMismatch")
+    );
+
+    // The service credential asks grants but never uploads.
+    let as_meter = FakeMeter::new(address, mid, secret);
+    let upload = as_meter.call("send", &[s("x")]).unwrap_err();
+    assert_eq!(
+        upload.code,
+        proto::FaultCode::Unauthorized.code(),
+        "{upload}"
+    );
+
+    // Only the one good call moved money.
+    assert_eq!(balance(&branch.office, &branch.ada.1), "9");
+    assert_eq!(balance(&branch.office, &branch.owner), "1");
+}
