@@ -56,6 +56,9 @@ pub enum HoldChange {
         /// The service (product) that placed it, which alone may charge
         /// and release it; `None` for the branch's own holds.
         by: Option<proto::Pid>,
+        /// For a reservation by volume: the rating parameters its later
+        /// changes are rated with (`parlayx::Rating`'s text).
+        rating: Option<String>,
     },
     /// More or less held (`delta`, either sign; never less than was
     /// captured), and a new expiry.
@@ -119,6 +122,8 @@ pub struct Hold {
     pub note: String,
     /// The service (product) that placed it, if a service did.
     pub by: Option<proto::Pid>,
+    /// For a reservation by volume, its rating parameters.
+    pub rating: Option<String>,
     /// How it ended, once it has.
     pub ended: Option<Ending>,
 }
@@ -301,7 +306,9 @@ impl HoldBook {
         spendable: Amount,
         now_ms: u64,
     ) -> Result<HoldEvent, HoldError> {
-        self.prepare_place_by(account, amount, expires_ms, note, spendable, now_ms, None)
+        self.prepare_place_by(
+            account, amount, expires_ms, note, spendable, now_ms, None, None,
+        )
     }
 
     /// As `prepare_place`, for the service `by` (which alone may then
@@ -316,6 +323,7 @@ impl HoldBook {
         spendable: Amount,
         now_ms: u64,
         by: Option<proto::Pid>,
+        rating: Option<String>,
     ) -> Result<HoldEvent, HoldError> {
         if !amount.is_positive() {
             return Err(HoldError::NotPositive(amount));
@@ -347,6 +355,7 @@ impl HoldBook {
                 expires_ms,
                 note: note.to_owned(),
                 by,
+                rating,
             },
         })
     }
@@ -532,6 +541,7 @@ impl HoldBook {
                 expires_ms,
                 note,
                 by,
+                rating,
             } => {
                 self.holds.insert(
                     id,
@@ -544,6 +554,7 @@ impl HoldBook {
                         expires_ms: *expires_ms,
                         note: note.clone(),
                         by: by.clone(),
+                        rating: rating.clone(),
                         ended: None,
                     },
                 );

@@ -36,6 +36,11 @@ struct Branch {
 }
 
 fn branch(dir: &std::path::Path) -> Branch {
+    branch_with(dir, "flat")
+}
+
+/// As `branch`, the product priced by the TACA example `module`.
+fn branch_with(dir: &std::path::Path, module: &str) -> Branch {
     let office = Backoffice::start(dir);
     let mut ada = registered(&office, "Ada");
     let (_, bob) = registered(&office, "Bob");
@@ -50,7 +55,7 @@ fn branch(dir: &std::path::Path) -> Branch {
             s(&owner),
             s("Ring tones"),
             s("1.25 a tone"),
-            Value::Base64(crate::examples::module("flat")),
+            Value::Base64(crate::examples::module(module)),
             s("5"),
         ],
         "PID",
@@ -201,6 +206,41 @@ fn zeep_charges_refunds_and_reserves_for_a_granted_customer_only_once_per_refere
         .and_then(Value::as_array)
         .unwrap();
     assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[test]
+fn zeep_prices_charges_and_reserves_volumes_with_the_products_taca() {
+    let dir = tempfile::tempdir().unwrap();
+    // 0.002 per MB, 0.001 per call; any other unit refused.
+    let branch = branch_with(dir.path(), "per-unit");
+    let lines = zeep(&branch, "volumes", &["ada@example.org", &branch.pid]);
+    let fault = |name: &str| outcome(&lines, name).expect_err(name);
+    assert_eq!(outcome(&lines, "price"), Ok("1".into()));
+    assert_eq!(outcome(&lines, "charge"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "charge again"), Ok(String::new()));
+    assert_eq!(fault("unknown unit").0, "SVC0270");
+    assert_eq!(
+        fault("unknown parameter"),
+        ("SVC0002".into(), vec!["parameters".into()])
+    );
+    assert_eq!(fault("too much").0, "POL0001");
+    assert_eq!(outcome(&lines, "refund"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "reserve"), Ok("H0".into()));
+    assert_eq!(outcome(&lines, "reserve more"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "charge part"), Ok(String::new()));
+    assert_eq!(fault("charge beyond").0, "SVC0270");
+    assert_eq!(outcome(&lines, "release"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "by code"), Ok(String::new()));
+    assert_eq!(fault("by other code").0, "SVC0007");
+    // 10 - 2 (1000 MB) + 0.5 (250 MB back) - 1.5 (750 MB) - 0.001 (a call).
+    assert_eq!(balance(&branch.office, &branch.ada.1), "6.999");
+    assert_eq!(balance(&branch.office, &branch.owner), "3.001");
+    let verified = branch.office.call("ledger.verify", &[]).unwrap();
+    assert_eq!(
+        verified.member("ok"),
+        Some(&Value::Bool(true)),
+        "{verified:?}"
+    );
 }
 
 /// A WS-Security header for `user` with `password`, `nonce` and `created`.

@@ -78,5 +78,41 @@ if SCENARIO == "amounts":
     report("charge released", lambda: reserve.chargeReservation("H0", charge("1", "After"), "r-10"))
     report("reserve too much", lambda: reserve.reserveAmount(f"mailto:{payer}", charge("5.5")))
     report("unknown reservation", lambda: reserve.releaseReservation("H99"))
+elif SCENARIO == "volumes":
+    (payer, pid) = ARGS
+    mb = [{"name": "unit", "value": "MB"}]
+    volumes = client("VolumeCharging").service
+    report("price", lambda: volumes.getAmount(f"mailto:{payer}", 500, mb).amount)
+    report("charge", lambda: volumes.chargeVolume(f"mailto:{payer}", 1000, "Download", "v-1", mb))
+    report("charge again", lambda: volumes.chargeVolume(f"mailto:{payer}", 1000, "Download", "v-1", mb))
+    report(
+        "unknown unit",
+        lambda: volumes.chargeVolume(
+            f"mailto:{payer}", 1, "x", "v-9", [{"name": "unit", "value": "parsec"}]
+        ),
+    )
+    report(
+        "unknown parameter",
+        lambda: volumes.chargeVolume(
+            f"mailto:{payer}", 1, "x", "v-8", [{"name": "colour", "value": "red"}]
+        ),
+    )
+    report("too much", lambda: volumes.chargeVolume(f"mailto:{payer}", 3000, "x", "v-7", mb))
+    report("refund", lambda: volumes.refundVolume(f"mailto:{payer}", 250, "Partial", "v-2", mb))
+    reserve = client("ReserveVolumeCharging").service
+    report("reserve", lambda: reserve.reserveVolume(f"mailto:{payer}", 1000, "Stream", mb))
+    report("reserve more", lambda: reserve.reserveAdditionalVolume("H0", 500, "More"))
+    report("charge part", lambda: reserve.chargeReservation("H0", 750, None, "v-3"))
+    report("charge beyond", lambda: reserve.chargeReservation("H0", 1000, "Rest", "v-4"))
+    report("release", lambda: reserve.releaseReservation("H0"))
+    amounts = client("AmountCharging").service
+    report(
+        "by code",
+        lambda: amounts.chargeAmount(f"mailto:{payer}", {"description": "A call", "code": pid}, "c-1"),
+    )
+    report(
+        "by other code",
+        lambda: amounts.chargeAmount(f"mailto:{payer}", {"description": "A call", "code": "B1-P99"}, "c-2"),
+    )
 else:
     sys.exit(f"unknown scenario {SCENARIO}")

@@ -17,14 +17,14 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header::CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use proto::parlayx::{ChargingInformation, Exception, Interface, Request};
+use proto::parlayx::{ChargingInformation, Exception, Interface, Property, Request};
 use proto::soap::{self, Element, Envelope};
 use proto::{Amount, Cid, Mid};
 
 use crate::holds::{HoldError, HoldId};
 use crate::ledger::AccountId;
 use crate::registry::{Meter, Product};
-use crate::send::{Move, PaymentAsk, PaymentRefusal, ReservationChange};
+use crate::send::{Move, PaymentAsk, PaymentRefusal, Rating, ReservationChange};
 use crate::server::Service;
 use crate::store::Store;
 
@@ -411,8 +411,15 @@ impl Caller<'_> {
     }
 
     /// The amount of `charge`, checked: positive (or, with `signed`, not
-    /// zero), in the branch's currency, within the product's maximum.
-    fn amount(&self, charge: &ChargingInformation, signed: bool) -> Result<Amount, Exception> {
+    /// zero), in the branch's currency, within the product's maximum. A
+    /// code (the service's PID) instead of an amount is priced for `payer`
+    /// by the product's TACA, as one use.
+    fn amount(
+        &self,
+        charge: &ChargingInformation,
+        signed: bool,
+        payer: Option<&Cid>,
+    ) -> Result<Amount, Exception> {
         if let Some(currency) = &charge.currency
             && *currency != self.service.payments.currency
         {
@@ -421,14 +428,19 @@ impl Caller<'_> {
                 self.service.payments.currency
             )));
         }
-        let amount = match (&charge.amount, &charge.code) {
-            (Some(amount), _) => *amount,
-            (None, Some(_)) => {
-                return Err(Exception::invalid_charging(
-                    "a code instead of an amount is not accepted yet; give the amount",
-                ));
+        let amount = match (&charge.amount, &charge.code, payer) {
+            (Some(amount), _, _) => *amount,
+            // A code names the product whose TACA prices one use of it.
+            (None, Some(code), Some(payer)) if *code == self.product.pid.as_str() => {
+                self.price(payer, 1, &Rating::default())?
             }
-            (None, None) => return Err(Exception::invalid_charging("no amount and no code")),
+            (None, Some(_), _) => {
+                return Err(Exception::invalid_charging(format!(
+                    "the code must be the service's product, {}",
+                    self.product.pid
+                )));
+            }
+            (None, None, _) => return Err(Exception::invalid_charging("no amount and no code")),
         };
         let usable = if signed {
             !amount.is_zero()
@@ -515,7 +527,7 @@ impl Caller<'_> {
             } => {
                 let payer = self.end_user(end_user)?;
                 self.granted(&payer)?;
-                let amount = self.amount(charge, false)?;
+                let amount = self.amount(charge, false, Some(&payer))?;
                 let ask = self.ask(request, &charge.description)?;
                 let moves: [Move; 1] = [(AccountId::Customer(payer), owner, amount)];
                 done(backoffice.pay(&ask, &moves, self.now_ms))?;
@@ -529,7 +541,7 @@ impl Caller<'_> {
                 end_user, charge, ..
             } => {
                 let payee = self.end_user(end_user)?;
-                let amount = self.amount(charge, false)?;
+                let amount = self.amount(charge, false, Some(&payee))?;
                 let ask = self.ask(request, &charge.description)?;
                 let moves: [Move; 1] = [(owner, AccountId::Customer(payee), amount)];
                 done(backoffice.pay(&ask, &moves, self.now_ms))?;
@@ -540,7 +552,8 @@ impl Caller<'_> {
                 ))
             }
             Request::ChargeSplitAmount { splits, charge, .. } => {
-                let amount = self.amount(charge, false)?;
+                // A code is priced per payer: a split needs the amount.
+                let amount = self.amount(charge, false, None)?;
                 let mut payers = Vec::with_capacity(splits.len());
                 for split in splits {
                     let payer = self.end_user(&split.end_user)?;
@@ -567,13 +580,14 @@ impl Caller<'_> {
             Request::ReserveAmount { end_user, charge } => {
                 let payer = self.end_user(end_user)?;
                 self.granted(&payer)?;
-                let amount = self.amount(charge, false)?;
+                let amount = self.amount(charge, false, Some(&payer))?;
                 let ask = self.ask(request, &charge.description)?;
                 let paid = done(backoffice.reserve(
                     &ask,
                     &payer,
                     amount,
                     self.now_ms + RESERVATION_TTL_MS,
+                    None,
                     self.now_ms,
                 ))?;
                 let id = paid
@@ -590,8 +604,12 @@ impl Caller<'_> {
                 charge,
             } => {
                 let id = self.reservation(reservation)?;
-                let delta = self.amount(charge, true)?;
                 let hold = self.own_hold(id)?;
+                let payer = match &hold.account {
+                    AccountId::Customer(payer) => Some(*payer),
+                    AccountId::System(_) => None,
+                };
+                let delta = self.amount(charge, true, payer.as_ref())?;
                 if let AccountId::Customer(payer) = &hold.account
                     && delta.is_positive()
                 {
@@ -620,8 +638,12 @@ impl Caller<'_> {
                 ..
             } => {
                 let id = self.reservation(reservation)?;
-                let amount = self.amount(charge, false)?;
                 let hold = self.own_hold(id)?;
+                let payer = match &hold.account {
+                    AccountId::Customer(payer) => Some(*payer),
+                    AccountId::System(_) => None,
+                };
+                let amount = self.amount(charge, false, payer.as_ref())?;
                 if let AccountId::Customer(payer) = &hold.account {
                     self.granted(payer)?;
                 }
@@ -649,15 +671,231 @@ impl Caller<'_> {
                     None,
                 ))
             }
-            Request::ChargeVolume { .. }
-            | Request::GetAmount { .. }
-            | Request::RefundVolume { .. }
-            | Request::ReserveVolume { .. }
-            | Request::ReserveAdditionalVolume { .. }
-            | Request::ChargeReservationVolume { .. } => Err(Exception::service_error(
-                "charging by volume is not served yet by this backoffice",
-            )),
+            Request::ChargeVolume {
+                end_user,
+                volume,
+                billing_text,
+                ..
+            }
+            | Request::RefundVolume {
+                end_user,
+                volume,
+                billing_text,
+                ..
+            } => {
+                let customer = self.end_user(end_user)?;
+                let charging = matches!(request, Request::ChargeVolume { .. });
+                if charging {
+                    self.granted(&customer)?;
+                }
+                let rating = self.rating(&volume.parameters)?;
+                let amount = self.price(&customer, positive(volume.volume)?, &rating)?;
+                let ask = self.ask(request, self.billing_text(billing_text)?)?;
+                if amount.is_zero() {
+                    // Priced at nothing: nothing moves, nothing is kept.
+                    return Ok(proto::parlayx::response(
+                        interface,
+                        request.operation(),
+                        None,
+                    ));
+                }
+                let customer = AccountId::Customer(customer);
+                let moves: [Move; 1] = if charging {
+                    [(customer, owner, amount)]
+                } else {
+                    [(owner, customer, amount)]
+                };
+                done(backoffice.pay(&ask, &moves, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::GetAmount { end_user, volume } => {
+                let payer = self.end_user(end_user)?;
+                self.granted(&payer)?;
+                let rating = self.rating(&volume.parameters)?;
+                let count =
+                    u64::try_from(volume.volume).map_err(|_| Exception::invalid_input("volume"))?;
+                let amount = self.price(&payer, count, &rating)?;
+                let unit = if rating.unit.is_empty() {
+                    "units"
+                } else {
+                    rating.unit.as_str()
+                };
+                let charge = ChargingInformation {
+                    description: format!("{count} {unit} of {}", self.product.name),
+                    currency: Some(self.service.payments.currency.clone()),
+                    amount: Some(amount),
+                    code: Some(self.product.pid.to_string()),
+                };
+                Ok(proto::parlayx::amount_response(interface, &charge))
+            }
+            Request::ReserveVolume {
+                end_user,
+                volume,
+                billing_text,
+            } => {
+                let payer = self.end_user(end_user)?;
+                self.granted(&payer)?;
+                let rating = self.rating(&volume.parameters)?;
+                let amount = self.price(&payer, positive(volume.volume)?, &rating)?;
+                if amount.is_zero() {
+                    return Err(Exception::charge_failed("priced at 0: nothing to reserve"));
+                }
+                let ask = self.ask(request, self.billing_text(billing_text)?)?;
+                let paid = done(backoffice.reserve(
+                    &ask,
+                    &payer,
+                    amount,
+                    self.now_ms + RESERVATION_TTL_MS,
+                    Some(rating.text()),
+                    self.now_ms,
+                ))?;
+                let id = paid
+                    .hold
+                    .ok_or_else(|| self.fail(&"a reservation without a hold"))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    Some(&id.to_string()),
+                ))
+            }
+            Request::ReserveAdditionalVolume {
+                reservation,
+                volume,
+                billing_text,
+            } => {
+                let id = self.reservation(reservation)?;
+                let (hold, payer, rating) = self.own_volume_hold(id)?;
+                let count = volume.unsigned_abs();
+                if count == 0 {
+                    return Err(Exception::invalid_input("volume"));
+                }
+                if *volume > 0 {
+                    self.granted(&payer)?;
+                }
+                let priced = self.price(&payer, count, &rating)?;
+                let delta = if *volume > 0 {
+                    priced
+                } else {
+                    priced.negated()
+                };
+                let total = hold
+                    .held
+                    .checked_add(delta)
+                    .map_err(|_| Exception::invalid_input("volume"))?;
+                self.within_maximum(total)?;
+                let ask = self.ask(request, self.billing_text(billing_text)?)?;
+                if delta.is_zero() {
+                    return Ok(proto::parlayx::response(
+                        interface,
+                        request.operation(),
+                        None,
+                    ));
+                }
+                let change = ReservationChange::Adjust {
+                    delta,
+                    expires_ms: self.now_ms + RESERVATION_TTL_MS,
+                };
+                done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
+            Request::ChargeReservationVolume {
+                reservation,
+                volume,
+                billing_text,
+                ..
+            } => {
+                let id = self.reservation(reservation)?;
+                let (_, payer, rating) = self.own_volume_hold(id)?;
+                self.granted(&payer)?;
+                let amount = self.price(&payer, positive(*volume)?, &rating)?;
+                let text = billing_text.as_deref().unwrap_or_default();
+                let ask = self.ask(request, self.billing_text(text)?)?;
+                if amount.is_zero() {
+                    return Ok(proto::parlayx::response(
+                        interface,
+                        request.operation(),
+                        None,
+                    ));
+                }
+                let change = ReservationChange::Capture { amount };
+                done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
+                Ok(proto::parlayx::response(
+                    interface,
+                    request.operation(),
+                    None,
+                ))
+            }
         }
+    }
+
+    /// A reservation by volume this service placed: the hold, its payer
+    /// and its rating parameters.
+    fn own_volume_hold(&self, id: HoldId) -> Result<(crate::holds::Hold, Cid, Rating), Exception> {
+        let hold = self.own_hold(id)?;
+        let rating = hold.rating.as_deref().and_then(Rating::of_text);
+        match (&hold.account, rating) {
+            (AccountId::Customer(payer), Some(rating)) => {
+                let payer = *payer;
+                Ok((hold, payer, rating))
+            }
+            // A reservation by amount is charged by amount.
+            _ => Err(Exception::invalid_input("reservationIdentifier")),
+        }
+    }
+
+    /// The rating parameters of a request: `unit`, `contract`, `service`
+    /// and `operation`, each at most once.
+    fn rating(&self, parameters: &[Property]) -> Result<Rating, Exception> {
+        let mut rating = Rating::default();
+        let mut seen = Vec::new();
+        for property in parameters {
+            let slot = match property.name.as_str() {
+                "unit" => &mut rating.unit,
+                "contract" => &mut rating.contract,
+                "service" => &mut rating.service,
+                "operation" => &mut rating.operation,
+                _ => return Err(Exception::invalid_input("parameters")),
+            };
+            if seen.contains(&property.name)
+                || property.value.len() > crate::pricing::RATING_PARAMETER_BYTES_MAX
+                || property.value.chars().any(char::is_control)
+            {
+                return Err(Exception::invalid_input("parameters"));
+            }
+            seen.push(property.name.clone());
+            slot.clone_from(&property.value);
+        }
+        Ok(rating)
+    }
+
+    /// What `volume` costs `payer` (the product's TACA), within the
+    /// product's maximum.
+    fn price(&self, payer: &Cid, volume: u64, rating: &Rating) -> Result<Amount, Exception> {
+        let amount = self
+            .service
+            .backoffice
+            .rate(self.product, payer, volume, rating, self.now_ms)
+            .map_err(|fault| self.fail(&fault))?
+            .map_err(|reason| {
+                tracing::info!(pid = %self.product.pid, reason, "a Parlay X charge not priced");
+                Exception::charge_failed("the product's pricing module refused to price it")
+            })?;
+        self.within_maximum(amount)?;
+        Ok(amount)
+    }
+
+    fn billing_text<'t>(&self, text: &'t str) -> Result<&'t str, Exception> {
+        crate::payments::check_description(text)
+            .map_err(|_| Exception::invalid_input("billingText"))?;
+        Ok(text)
     }
 
     /// Hold `id`, if this service placed it (others' are unknown to it).
@@ -668,6 +906,14 @@ impl Caller<'_> {
             .filter(|hold| hold.by.as_ref() == Some(&self.product.pid))
             .ok_or_else(|| Exception::invalid_input("reservationIdentifier"))
     }
+}
+
+/// A volume to charge or reserve: above 0.
+fn positive(volume: i64) -> Result<u64, Exception> {
+    u64::try_from(volume)
+        .ok()
+        .filter(|volume| *volume > 0)
+        .ok_or_else(|| Exception::invalid_input("volume"))
 }
 
 /// `amount` split by percents that add up to exactly 100, each part

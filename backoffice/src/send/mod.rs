@@ -24,7 +24,9 @@ mod tests;
 
 pub use apply::Deposited;
 pub use authenticate::{Signed, Verified};
-pub use payments::{Move, Paid, PaymentAsk, PaymentRefusal, PaymentResult, ReservationChange};
+pub use payments::{
+    Move, Paid, PaymentAsk, PaymentRefusal, PaymentResult, Rating, ReservationChange,
+};
 pub use price::{
     CLOCK_SKEW_MS, LATE_AFTER_GRANT_END_MAX_MS, PERIOD_COUNTS_CACHED_MAX, PERIODS_WAIT_MS,
     USE_AGE_MAX_MS, civil_date, grant_covers, month_of,

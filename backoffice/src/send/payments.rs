@@ -65,7 +65,96 @@ pub type PaymentResult = Result<Paid, PaymentRefusal>;
 /// Money to move for a payment: from `debit` to `credit`.
 pub type Move = (AccountId, AccountId, Amount);
 
+/// What a service's volume is rated with: the Parlay X rating parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rating {
+    /// `unit`.
+    pub unit: String,
+    /// `contract`.
+    pub contract: String,
+    /// `service`.
+    pub service: String,
+    /// `operation`.
+    pub operation: String,
+}
+
+impl Rating {
+    /// The parameters as kept with a reservation: one per line.
+    pub fn text(&self) -> String {
+        [&self.unit, &self.contract, &self.service, &self.operation]
+            .map(String::as_str)
+            .join("\n")
+    }
+
+    /// The parameters a reservation kept (`text`).
+    pub fn of_text(text: &str) -> Option<Rating> {
+        let mut lines = text.split('\n');
+        let mut next = || lines.next().map(str::to_owned);
+        let rating = Rating {
+            unit: next()?,
+            contract: next()?,
+            service: next()?,
+            operation: next()?,
+        };
+        next().is_none().then_some(rating)
+    }
+}
+
 impl<S: Store> Backoffice<S> {
+    /// What `volume` of `product` costs `payer` now, as the product's TACA
+    /// prices it with `rating` (a use committed, the payer's metered uses
+    /// of the month as its period count); a refusal of the TACA is a
+    /// reason, not a fault.
+    pub fn rate(
+        &self,
+        product: &crate::registry::Product,
+        payer: &Cid,
+        volume: u64,
+        rating: &Rating,
+        now_ms: u64,
+    ) -> Result<Result<Amount, String>, Fault> {
+        let busy = || internal(&"every pricing slot stayed busy; try again");
+        let module = self
+            .store
+            .taca_module(&product.taca)
+            .map_err(|error| internal(&error))?
+            .ok_or_else(|| internal(&format!("the TACA of {} is missing", product.pid)))?;
+        let taca = match self.pricing.load(&module) {
+            Ok(taca) => taca,
+            Err(crate::pricing::ModuleError::SampleFailed(crate::pricing::PricingError::Busy)) => {
+                return Err(busy());
+            }
+            Err(error) => return Ok(Err(error.to_string())),
+        };
+        let period_uses = self
+            .store
+            .period_uses(&crate::store::PeriodKey {
+                payer: *payer,
+                pid: product.pid.clone(),
+                month: super::month_of(now_ms),
+            })
+            .map_err(|error| internal(&error))?;
+        let input = crate::pricing::PriceInput {
+            payer: *payer,
+            code: proto::reading::Code::Commit,
+            pid: product.pid.clone(),
+            volume,
+            period_uses,
+            unit: rating.unit.clone(),
+            contract: rating.contract.clone(),
+            service: rating.service.clone(),
+            operation: rating.operation.clone(),
+        };
+        match self.pricing.price(&taca, &input) {
+            Ok(priced) if priced.amount.is_negative() => {
+                Ok(Err(format!("the TACA priced it at {}", priced.amount)))
+            }
+            Ok(priced) => Ok(Ok(priced.amount)),
+            Err(crate::pricing::PricingError::Busy) => Err(busy()),
+            Err(error) => Ok(Err(error.to_string())),
+        }
+    }
+
     /// The earlier request of the same service under the same code, if
     /// any: its outcome when it was the same request, a refusal when not.
     /// Called under the ledger lock, so that two nodes cannot both find
@@ -193,6 +282,7 @@ impl<S: Store> Backoffice<S> {
         payer: &Cid,
         amount: Amount,
         expires_ms: u64,
+        rating: Option<String>,
         now_ms: u64,
     ) -> Result<PaymentResult, Fault> {
         let digest = crate::payments::digest(&ask.canonical);
@@ -213,6 +303,7 @@ impl<S: Store> Backoffice<S> {
             spendable,
             now_ms,
             Some(ask.service.clone()),
+            rating,
         ) {
             Ok(event) => event,
             Err(HoldError::Insufficient { account, .. }) => {

@@ -1226,6 +1226,7 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
                 Amount::from_nanos(700),
                 30,
                 Some(service.clone()),
+                Some("MB\ngold\n\n".to_owned()),
             )
             .unwrap();
         let reserved = PaymentRequest {
@@ -1245,7 +1246,11 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
     assert_eq!(kept[0].reference, "order 1");
     assert_eq!(kept[1].hold_id(), Some(HoldId(0)));
     let events = store.hold_events_from(0).unwrap();
-    assert!(matches!(&events[0].change, HoldChange::Placed { by: Some(by), .. } if *by == service));
+    assert!(matches!(
+        &events[0].change,
+        HoldChange::Placed { by: Some(by), rating: Some(rating), .. }
+            if *by == service && rating == "MB\ngold\n\n"
+    ));
     assert_eq!(events, book.events());
     let problems = |store: &H::Store| {
         let (report, _) = store.verify();

@@ -32,6 +32,9 @@ pub(crate) struct StoredHoldEvent {
     /// For `placed`: the service (PID) that placed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// For `placed`: a reservation by volume's rating parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rating: Option<String>,
 }
 
 /// An account as stores name it: the CID, or `:funding`.
@@ -65,6 +68,7 @@ impl From<&HoldEvent> for StoredHoldEvent {
             note: None,
             transfer: None,
             by: None,
+            rating: None,
         };
         stored.kind = match &event.change {
             HoldChange::Placed {
@@ -73,8 +77,10 @@ impl From<&HoldEvent> for StoredHoldEvent {
                 expires_ms,
                 note,
                 by,
+                rating,
             } => {
                 stored.by = by.as_ref().map(|pid| pid.as_str().to_owned());
+                stored.rating.clone_from(rating);
                 stored.account = Some(account_text(account));
                 stored.amount = Some(amount.to_string());
                 stored.expires_ms = Some(*expires_ms);
@@ -125,6 +131,7 @@ impl StoredHoldEvent {
                     .map(proto::Pid::parse)
                     .transpose()
                     .map_err(|_| damaged("a service that is not a PID"))?,
+                rating: self.rating.clone(),
             },
             "adjusted" => HoldChange::Adjusted {
                 delta: amount()?,

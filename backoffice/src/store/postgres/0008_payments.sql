@@ -39,5 +39,7 @@ CREATE TRIGGER payment_requests_are_never_truncated
     BEFORE TRUNCATE ON payment_requests
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_changing_payment_requests();
 
--- The service (PID) that placed a hold: it alone may charge and release it.
+-- The service (PID) that placed a hold: it alone may charge and release
+-- it; and a reservation by volume's rating parameters.
 ALTER TABLE hold_events ADD COLUMN placed_by text CHECK (placed_by IS NULL OR kind = 'placed');
+ALTER TABLE hold_events ADD COLUMN rating text CHECK (rating IS NULL OR placed_by IS NOT NULL);

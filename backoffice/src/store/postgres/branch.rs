@@ -523,22 +523,23 @@ pub(super) async fn insert_hold_events(
     let amounts: Vec<Option<&str>> = stored.iter().map(|event| event.amount.as_deref()).collect();
     let notes: Vec<Option<&str>> = stored.iter().map(|event| event.note.as_deref()).collect();
     let placers: Vec<Option<&str>> = stored.iter().map(|event| event.by.as_deref()).collect();
+    let ratings: Vec<Option<&str>> = stored.iter().map(|event| event.rating.as_deref()).collect();
     let written = transaction
         .execute(
             &transaction
                 .prepare_cached(
                     "INSERT INTO hold_events (number, hold, at_ms, kind, account, amount, \
-                     expires_ms, note, transfer, placed_by) \
+                     expires_ms, note, transfer, placed_by, rating) \
                      SELECT number, hold, at_ms, kind, account, amount::numeric, expires_ms, \
-                     note, transfer, placed_by FROM unnest($1::bigint[], $2::bigint[], \
+                     note, transfer, placed_by, rating FROM unnest($1::bigint[], $2::bigint[], \
                      $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], \
-                     $9::bigint[], $10::text[]) AS e (number, hold, at_ms, kind, account, \
-                     amount, expires_ms, note, transfer, placed_by)",
+                     $9::bigint[], $10::text[], $11::text[]) AS e (number, hold, at_ms, kind, \
+                     account, amount, expires_ms, note, transfer, placed_by, rating)",
                 )
                 .await?,
             &[
                 &numbers, &holds, &times, &kinds, &accounts, &amounts, &expiries, &notes,
-                &captures, &placers,
+                &captures, &placers, &ratings,
             ],
         )
         .await;
@@ -1185,7 +1186,8 @@ impl Store for PgStore {
                     &client
                         .prepare_cached(
                             "SELECT number, hold, at_ms, kind, account, amount::text, expires_ms, \
-                             note, transfer, placed_by FROM hold_events WHERE number >= $1 \
+                             note, transfer, placed_by, rating FROM hold_events \
+                             WHERE number >= $1 \
                              ORDER BY number",
                         )
                         .await?,
@@ -1208,6 +1210,7 @@ impl Store for PgStore {
                         note: row.get(7),
                         transfer: row.get::<_, Option<i64>>(8).map(unsigned).transpose()?,
                         by: row.get(9),
+                        rating: row.get(10),
                     }
                     .event()
                 })
