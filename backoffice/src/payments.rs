@@ -82,6 +82,10 @@ pub struct PaymentRequest {
     pub transfers: Vec<u64>,
     /// The hold it placed or captured from, if any.
     pub hold: Option<u64>,
+    /// The confirmation references it gave as evidence (applied readings,
+    /// `<batch>:<seq>`): each is evidence for one request only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
 }
 
 impl PaymentRequest {
@@ -111,6 +115,14 @@ impl PaymentRequest {
         }
         if self.operation.is_empty() || self.operation.len() > 64 {
             return Err("payment request operation is empty or too long".to_owned());
+        }
+        if self.evidence.len() > proto::parlayx::CONFIRMATION_REFS_MAX
+            || self
+                .evidence
+                .iter()
+                .any(|reference| check_reference(reference).is_err())
+        {
+            return Err("payment request evidence out of bounds".to_owned());
         }
         if self.transfers.is_empty() && self.hold.is_none() {
             return Err(format!(
@@ -157,6 +169,7 @@ mod tests {
             at_ms: 1,
             transfers: vec![3],
             hold: None,
+            evidence: Vec::new(),
         };
         assert_eq!(request.check(), Ok(()));
         assert_eq!(request.digest.len(), 64);

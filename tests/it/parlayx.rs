@@ -243,6 +243,76 @@ fn zeep_prices_charges_and_reserves_volumes_with_the_products_taca() {
     );
 }
 
+#[test]
+fn confirmation_references_must_name_an_unused_metered_use_of_the_product_by_the_payer() {
+    let dir = tempfile::tempdir().unwrap();
+    let branch = branch(dir.path());
+    // Ada uses the product three times on her metered machine.
+    let meter = FakeMeter::register(&branch.office, &branch.ada.1);
+    let (method, params) = proto::grant::PasswordGrant {
+        request: proto::grant::GrantRequest {
+            mid: meter.mid,
+            cid: branch.ada.1.parse().unwrap(),
+            label: "laptop".into(),
+            scope: proto::grant::Scope::Machine,
+        },
+        password: crate::web::PASSWORD.to_owned(),
+        expires_in_s: None,
+    }
+    .to_call();
+    meter.call(method, &params).expect("Ada's grant");
+    let now = crate::support::now_ms();
+    let readings = (1..=3)
+        .map(|seq| proto::reading::Reading {
+            seq,
+            time_ms: now - 2_000 + seq,
+            context: proto::Context::parse("4242.1").unwrap(),
+            event: proto::reading::Event::Commit {
+                pid: branch.pid.parse().unwrap(),
+                payer: Some(proto::Payer::Customer(branch.ada.1.parse().unwrap())),
+            },
+        })
+        .collect();
+    let request = proto::upload::SendRequest {
+        mid: meter.mid,
+        body: proto::upload::SendBody::Batch(proto::upload::Batch {
+            id: proto::BatchId::parse("laptop:1").unwrap(),
+            readings,
+            parties: Vec::new(),
+        }),
+    };
+    meter
+        .call(proto::upload::SEND_METHOD, &request.to_params())
+        .expect("applied");
+    // 10 - 0.75 for the three uses.
+    assert_eq!(balance(&branch.office, &branch.ada.1), "9.25");
+    let batch = format!("{}:laptop:1", meter.mid);
+    let lines = zeep(&branch, "evidence", &["ada@example.org", &batch]);
+    let fault = |name: &str| outcome(&lines, name).expect_err(name);
+    assert_eq!(outcome(&lines, "with evidence"), Ok(String::new()));
+    assert_eq!(outcome(&lines, "again"), Ok(String::new()));
+    // The same reading (spelled otherwise) for another charge.
+    assert_eq!(fault("used").0, "POL0253");
+    assert_eq!(
+        fault("missing"),
+        ("POL0253".into(), vec![format!("{batch}:9")])
+    );
+    assert_eq!(fault("malformed").0, "POL0253");
+    assert_eq!(fault("twice in one").0, "POL0253");
+    assert_eq!(
+        fault("too many"),
+        ("POL0252".into(), vec!["confirmationRefs".into()])
+    );
+    assert_eq!(outcome(&lines, "two"), Ok(String::new()));
+    assert_eq!(balance(&branch.office, &branch.ada.1), "7.25");
+    let verified = branch.office.call("ledger.verify", &[]).unwrap();
+    assert_eq!(
+        verified.member("ok"),
+        Some(&Value::Bool(true)),
+        "{verified:?}"
+    );
+}
+
 /// A WS-Security header for `user` with `password`, `nonce` and `created`.
 fn security(user: &str, password: &str, nonce: &[u8], created: &str, must: bool) -> String {
     let base64 = base64::engine::general_purpose::STANDARD;

@@ -114,5 +114,17 @@ elif SCENARIO == "volumes":
         "by other code",
         lambda: amounts.chargeAmount(f"mailto:{payer}", {"description": "A call", "code": "B1-P99"}, "c-2"),
     )
+elif SCENARIO == "evidence":
+    (payer, batch) = ARGS
+    amounts = client("AmountCharging").service
+    user = f"mailto:{payer}"
+    report("with evidence", lambda: amounts.chargeAmount(user, charge("1"), "e-1", [f"{batch}:1"]))
+    report("again", lambda: amounts.chargeAmount(user, charge("1"), "e-1", [f"{batch}:1"]))
+    report("used", lambda: amounts.chargeAmount(user, charge("1"), "e-2", [f"{batch}:01"]))
+    report("missing", lambda: amounts.chargeAmount(user, charge("1"), "e-3", [f"{batch}:9"]))
+    report("malformed", lambda: amounts.chargeAmount(user, charge("1"), "e-4", ["nothing"]))
+    report("twice in one", lambda: amounts.chargeAmount(user, charge("1"), "e-5", [f"{batch}:2", f"{batch}:2"]))
+    report("too many", lambda: amounts.chargeAmount(user, charge("1"), "e-6", [f"{batch}:2"] * 17))
+    report("two", lambda: amounts.chargeAmount(user, charge("1"), "e-7", [f"{batch}:2", f"{batch}:3"]))
 else:
     sys.exit(f"unknown scenario {SCENARIO}")

@@ -356,6 +356,7 @@ fn charge_refused(refusal: PaymentRefusal) -> Exception {
             Exception::charge_failed("more than the reservation holds")
         }
         PaymentRefusal::Hold(other) => Exception::invalid_charging(other.to_string()),
+        PaymentRefusal::EvidenceUsed(reference) => Exception::invalid_confirmation_refs(reference),
     }
 }
 
@@ -473,6 +474,15 @@ impl Caller<'_> {
     }
 
     fn ask(&self, request: &Request, description: &str) -> Result<PaymentAsk, Exception> {
+        self.ask_with(request, description, Vec::new())
+    }
+
+    fn ask_with(
+        &self,
+        request: &Request,
+        description: &str,
+        evidence: Vec<String>,
+    ) -> Result<PaymentAsk, Exception> {
         let reference = request.reference().map(str::to_owned);
         if let Some(reference) = &reference {
             crate::payments::check_reference(reference)
@@ -485,6 +495,7 @@ impl Caller<'_> {
             operation: request.operation(),
             canonical: request.canonical(),
             description: description.to_owned(),
+            evidence,
         })
     }
 
@@ -511,11 +522,7 @@ impl Caller<'_> {
             } => confirmation_refs.as_slice(),
             _ => &[],
         };
-        if !confirmation_refs.is_empty() {
-            return Err(Exception::invalid_confirmation_refs(
-                confirmation_refs.join(" "),
-            ));
-        }
+
         let done = |outcome: Result<crate::send::PaymentResult, proto::Fault>| {
             outcome
                 .map_err(|fault| self.fail(&fault))?
@@ -528,7 +535,8 @@ impl Caller<'_> {
                 let payer = self.end_user(end_user)?;
                 self.granted(&payer)?;
                 let amount = self.amount(charge, false, Some(&payer))?;
-                let ask = self.ask(request, &charge.description)?;
+                let evidence = self.evidence(confirmation_refs, &[payer])?;
+                let ask = self.ask_with(request, &charge.description, evidence)?;
                 let moves: [Move; 1] = [(AccountId::Customer(payer), owner, amount)];
                 done(backoffice.pay(&ask, &moves, self.now_ms))?;
                 Ok(proto::parlayx::response(
@@ -542,7 +550,8 @@ impl Caller<'_> {
             } => {
                 let payee = self.end_user(end_user)?;
                 let amount = self.amount(charge, false, Some(&payee))?;
-                let ask = self.ask(request, &charge.description)?;
+                let evidence = self.evidence(confirmation_refs, &[payee])?;
+                let ask = self.ask_with(request, &charge.description, evidence)?;
                 let moves: [Move; 1] = [(owner, AccountId::Customer(payee), amount)];
                 done(backoffice.pay(&ask, &moves, self.now_ms))?;
                 Ok(proto::parlayx::response(
@@ -565,7 +574,9 @@ impl Caller<'_> {
                 }
                 let parts = split_exactly(amount, &payers)
                     .ok_or_else(|| Exception::invalid_input("splitInfo.percent"))?;
-                let ask = self.ask(request, &charge.description)?;
+                let who: Vec<Cid> = payers.iter().map(|(payer, _)| *payer).collect();
+                let evidence = self.evidence(confirmation_refs, &who)?;
+                let ask = self.ask_with(request, &charge.description, evidence)?;
                 let moves: Vec<Move> = parts
                     .into_iter()
                     .map(|(payer, part)| (AccountId::Customer(payer), owner, part))
@@ -836,6 +847,48 @@ impl Caller<'_> {
         }
     }
 
+    /// The confirmation references, each checked as evidence of a use of
+    /// this product by one of `payers` (`MID:BATCH:SEQ`, an applied
+    /// reading whose itemised record is still kept), in canonical form.
+    /// Whether one was evidence for another request is checked under the
+    /// ledger lock, when the payment is written.
+    fn evidence(&self, references: &[String], payers: &[Cid]) -> Result<Vec<String>, Exception> {
+        let mut checked: Vec<String> = Vec::with_capacity(references.len());
+        for reference in references {
+            let invalid = || Exception::invalid_confirmation_refs(reference.clone());
+            let (key, seq) = confirmation_ref(reference).ok_or_else(invalid)?;
+            let canonical = format!("{}:{}:{seq}", key.mid, key.id);
+            if checked.contains(&canonical) {
+                return Err(invalid());
+            }
+            let records = self
+                .store()
+                .itemised_batch(&key)
+                .map_err(|error| self.fail(&error))?
+                .ok_or_else(invalid)?;
+            let reading = records
+                .iter()
+                .flat_map(|record| &record.items)
+                .find(|item| item.reading.seq == seq)
+                .ok_or_else(invalid)?;
+            let ours = match &reading.reading.event {
+                proto::reading::Event::Commit {
+                    pid,
+                    payer: Some(proto::Payer::Customer(payer)),
+                } => {
+                    (*pid == self.product.pid || *pid == self.product.test_pid)
+                        && payers.contains(payer)
+                }
+                _ => false,
+            };
+            if !ours {
+                return Err(invalid());
+            }
+            checked.push(canonical);
+        }
+        Ok(checked)
+    }
+
     /// A reservation by volume this service placed: the hold, its payer
     /// and its rating parameters.
     fn own_volume_hold(&self, id: HoldId) -> Result<(crate::holds::Hold, Cid, Rating), Exception> {
@@ -906,6 +959,23 @@ impl Caller<'_> {
             .filter(|hold| hold.by.as_ref() == Some(&self.product.pid))
             .ok_or_else(|| Exception::invalid_input("reservationIdentifier"))
     }
+}
+
+/// A confirmation reference `MID:BATCH:SEQ` (the batch id may hold
+/// colons): the batch's key and the reading's sequence number.
+pub fn confirmation_ref(reference: &str) -> Option<(crate::store::BatchKey, u64)> {
+    let (mid, rest) = reference.split_once(':')?;
+    let (batch, seq) = rest.rsplit_once(':')?;
+    if seq.is_empty() || !seq.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    Some((
+        crate::store::BatchKey {
+            mid: Mid::parse(mid).ok()?,
+            id: proto::BatchId::parse(batch).ok()?,
+        },
+        seq.parse().ok()?,
+    ))
 }
 
 /// A volume to charge or reserve: above 0.

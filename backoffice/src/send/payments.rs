@@ -32,6 +32,9 @@ pub struct PaymentAsk {
     pub canonical: String,
     /// What appears on the bill.
     pub description: String,
+    /// Confirmation references given as evidence (checked by the caller),
+    /// each used for one request only.
+    pub evidence: Vec<String>,
 }
 
 /// Why a payment was refused; nothing was changed.
@@ -46,6 +49,8 @@ pub enum PaymentRefusal {
     Hold(HoldError),
     /// The reservation is not one this service placed.
     NotTheirs(HoldId),
+    /// A confirmation reference was evidence for another request already.
+    EvidenceUsed(String),
 }
 
 /// A payment done, now or by an earlier request with the same code.
@@ -183,6 +188,23 @@ impl<S: Store> Backoffice<S> {
         })))
     }
 
+    /// The first of the request's confirmation references that was
+    /// evidence for another request, if one was (read under the ledger
+    /// lock, like the reference code).
+    fn evidence_used(&self, ask: &PaymentAsk) -> Result<Option<PaymentRefusal>, Fault> {
+        for reference in &ask.evidence {
+            if self
+                .store
+                .evidence_used(reference)
+                .map_err(|error| internal(&error))?
+                .is_some()
+            {
+                return Ok(Some(PaymentRefusal::EvidenceUsed(reference.clone())));
+            }
+        }
+        Ok(None)
+    }
+
     fn request(
         ask: &PaymentAsk,
         digest: String,
@@ -200,6 +222,7 @@ impl<S: Store> Backoffice<S> {
             at_ms: now_ms,
             transfers,
             hold: hold.map(|id| id.0),
+            evidence: ask.evidence.clone(),
         })
     }
 
@@ -217,6 +240,9 @@ impl<S: Store> Backoffice<S> {
         let mut holds = lock(&self.holds);
         if let Some(earlier) = self.earlier(ask, &digest)? {
             return Ok(earlier);
+        }
+        if let Some(used) = self.evidence_used(ask)? {
+            return Ok(Err(used));
         }
         let now_ms = now_ms.max(holds.latest_ms());
         let mut paying: Vec<(AccountId, Amount)> = Vec::new();

@@ -1166,6 +1166,7 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
         at_ms: 20,
         transfers,
         hold,
+        evidence: Vec::new(),
     };
     let mut ledger = Ledger::new();
     let mut book = HoldBook::new();
@@ -1185,8 +1186,14 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
                 20,
             )
             .unwrap();
-        let first = request("order 1", vec![charge[0].id.0], None);
+        let mut first = request("order 1", vec![charge[0].id.0], None);
+        first.evidence = vec!["B1-M1:B1-M1:7:3".to_owned()];
         store.stage_holds(&[], &charge, Some(&first)).unwrap();
+        assert_eq!(
+            store.evidence_used("B1-M1:B1-M1:7:3").unwrap(),
+            Some((service.clone(), "order 1".to_owned()))
+        );
+        assert_eq!(store.evidence_used("B1-M1:B1-M1:7:4").unwrap(), None);
         ledger.commit(charge);
         assert_eq!(
             store.payment_request(&service, "order 1").unwrap(),
@@ -1210,6 +1217,11 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
             .unwrap();
         let taken = request("order 1", vec![again[0].id.0], None);
         assert!(store.stage_holds(&[], &again, Some(&taken)).is_err());
+        // Another code, with evidence given already: refused, nothing written.
+        let mut reused = request("order 2", vec![again[0].id.0], None);
+        reused.evidence = vec!["B1-M1:B1-M1:7:3".to_owned()];
+        assert!(store.stage_holds(&[], &again, Some(&reused)).is_err());
+        assert_eq!(store.payment_request(&service, "order 2").unwrap(), None);
         assert_eq!(store.load_ledger().unwrap().transfers().len(), 2);
         assert_eq!(
             store.payment_request(&service, "order 1").unwrap(),

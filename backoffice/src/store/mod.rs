@@ -418,6 +418,9 @@ pub trait Store {
     ) -> Result<Option<crate::payments::PaymentRequest>, StoreError>;
     /// Every payment request kept, for verify and moving a branch.
     fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError>;
+    /// The service and reference code of the request that gave
+    /// `reference` as evidence, if one did.
+    fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError>;
     /// Records transfers as `post_transfers` does, atomically and visibly
     /// to later reads, but durable only once a `sync` that starts after it
     /// returns (so that the caller can sync after letting go of its locks).
@@ -858,6 +861,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.payment_requests(),
             AnyStore::Postgres(store) => store.payment_requests(),
+        }
+    }
+
+    fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.evidence_used(reference),
+            AnyStore::Postgres(store) => store.evidence_used(reference),
         }
     }
 

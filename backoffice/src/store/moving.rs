@@ -120,7 +120,13 @@ impl Chunk {
             Chunk::SeqRanges(rows) => vec![("seq_ranges", n(rows.len()))],
             Chunk::Transfers(rows) => vec![("transfers", n(rows.len()))],
             Chunk::HoldEvents(rows) => vec![("hold_events", n(rows.len()))],
-            Chunk::PaymentRequests(rows) => vec![("payment_requests", n(rows.len()))],
+            Chunk::PaymentRequests(rows) => vec![
+                ("payment_requests", n(rows.len())),
+                (
+                    "payment_evidence",
+                    n(rows.iter().map(|request| request.evidence.len()).sum()),
+                ),
+            ],
             Chunk::PeriodUses(rows) => vec![("period_uses", n(rows.len()))],
             Chunk::FreeUses(rows) => vec![("free_uses", n(rows.len()))],
             Chunk::Suspense(rows) => vec![("suspense", n(rows.len()))],

@@ -16,6 +16,7 @@ use crate::payments::PaymentRequest;
 pub(crate) fn check_payment_requests(
     requests: Result<Vec<PaymentRequest>, StoreError>,
     transfers: &[Transfer],
+    evidence_used: &dyn Fn(&str) -> Result<Option<(proto::Pid, String)>, StoreError>,
     report: &mut crate::verify::Report,
 ) {
     let requests = match requests {
@@ -27,6 +28,7 @@ pub(crate) fn check_payment_requests(
     };
     report.checked("payment requests", requests.len() as u64);
     let mut posted_by: HashMap<u64, usize> = HashMap::new();
+    let mut evidence_of: HashMap<&str, usize> = HashMap::new();
     for request in &requests {
         let named = format!(
             "payment request {:?} of {}",
@@ -34,6 +36,17 @@ pub(crate) fn check_payment_requests(
         );
         if let Err(problem) = request.check() {
             report.problem(format!("{named}: {problem}"));
+        }
+        for reference in &request.evidence {
+            *evidence_of.entry(reference.as_str()).or_default() += 1;
+            match evidence_used(reference) {
+                Ok(Some((service, code)))
+                    if service == request.service && code == request.reference => {}
+                Ok(_) => report.problem(format!(
+                    "{named}: its evidence {reference:?} is not recorded as its own"
+                )),
+                Err(error) => report.problem(format!("{named}: {error}")),
+            }
         }
         for id in &request.transfers {
             *posted_by.entry(*id).or_default() += 1;
@@ -48,6 +61,13 @@ pub(crate) fn check_payment_requests(
                     "{named}: its transfer {id} is not a payment under this reference"
                 )),
             }
+        }
+    }
+    for (reference, count) in evidence_of {
+        if count > 1 {
+            report.problem(format!(
+                "confirmation reference {reference:?} is evidence for {count} requests"
+            ));
         }
     }
     for transfer in transfers {

@@ -143,6 +143,9 @@ pub struct SledStore {
     /// `payments::PaymentRequest` as JSON under its service's PID, a zero
     /// byte and its reference code.
     payment_requests: sled::Tree,
+    /// Confirmation references given as evidence: the reference → the
+    /// request's key (`payment_key`). Written with the request.
+    payment_evidence: sled::Tree,
     files: durable::SledDir,
     /// Taken shared by every write, exclusively by a backup while it copies
     /// (`backup`).
@@ -186,6 +189,7 @@ impl SledStore {
             itemised_index: db.open_tree("itemised_index")?,
             hold_events: db.open_tree("hold_events")?,
             payment_requests: db.open_tree("payment_requests")?,
+            payment_evidence: db.open_tree("payment_evidence")?,
             files,
             gate: std::sync::Arc::default(),
             backup: std::sync::Mutex::default(),
@@ -457,6 +461,20 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError> {
+        let Some(key) = self.payment_evidence.get(reference.as_bytes())? else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt(format!("the evidence record of {reference:?}"));
+        let split = key.iter().position(|byte| *byte == 0).ok_or_else(corrupt)?;
+        let service = std::str::from_utf8(&key[..split]).map_err(|_| corrupt())?;
+        let code = std::str::from_utf8(&key[split + 1..]).map_err(|_| corrupt())?;
+        Ok(Some((
+            Pid::parse(service).map_err(|_| corrupt())?,
+            code.to_owned(),
+        )))
+    }
+
     fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError> {
         let mut requests = Vec::new();
         for entry in self.payment_requests.iter() {
@@ -486,6 +504,7 @@ impl Store for SledStore {
                 Ok((
                     payment_key(&request.service, &request.reference),
                     serde_json::to_vec(request).expect("payment requests serialize"),
+                    request.evidence.clone(),
                 ))
             })
             .transpose()?;
@@ -500,38 +519,56 @@ impl Store for SledStore {
                 )
             })
             .collect();
+        let trees = (
+            &self.transfers,
+            &self.hold_events,
+            &self.payment_requests,
+            &self.payment_evidence,
+        );
         let outcome: Result<(), TransactionError<u64>> =
-            (&self.transfers, &self.hold_events, &self.payment_requests).transaction(
-                |(transfer_tree, event_tree, request_tree)| {
-                    if let Some((key, record)) = &request
-                        && request_tree
-                            .insert(key.as_slice(), record.as_slice())?
-                            .is_some()
+            trees.transaction(|(transfer_tree, event_tree, request_tree, evidence_tree)| {
+                if let Some((key, record, evidence)) = &request {
+                    if request_tree
+                        .insert(key.as_slice(), record.as_slice())?
+                        .is_some()
                     {
                         return Err(ConflictableTransactionError::Abort(REQUEST_TAKEN));
                     }
-                    for (key, record) in &records {
-                        if event_tree.insert(key, record.as_slice())?.is_some() {
-                            return Err(ConflictableTransactionError::Abort(u64::from_be_bytes(
-                                *key,
-                            )));
-                        }
-                    }
-                    for transfer in transfers {
-                        if transfer_tree
-                            .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?
+                    for reference in evidence {
+                        if evidence_tree
+                            .insert(reference.as_bytes(), key.as_slice())?
                             .is_some()
                         {
-                            return Err(ConflictableTransactionError::Abort(u64::MAX));
+                            return Err(ConflictableTransactionError::Abort(EVIDENCE_TAKEN));
                         }
                     }
-                    Ok(())
-                },
-            );
+                }
+                for (key, record) in &records {
+                    if event_tree.insert(key, record.as_slice())?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(u64::from_be_bytes(
+                            *key,
+                        )));
+                    }
+                }
+                for transfer in transfers {
+                    if transfer_tree
+                        .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?
+                        .is_some()
+                    {
+                        return Err(ConflictableTransactionError::Abort(u64::MAX));
+                    }
+                }
+                Ok(())
+            });
         match outcome {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(u64::MAX)) => Err(StoreError::Corrupt(
                 "a capture's transfer number is taken; a posted transfer is never overwritten"
+                    .to_owned(),
+            )),
+            Err(TransactionError::Abort(EVIDENCE_TAKEN)) => Err(StoreError::Corrupt(
+                "a confirmation reference of the payment request was evidence for another \
+                 request: nothing was written"
                     .to_owned(),
             )),
             Err(TransactionError::Abort(REQUEST_TAKEN)) => Err(StoreError::Corrupt(
@@ -1576,6 +1613,8 @@ fn put_account(out: &mut Vec<u8>, account: &AccountId) {
 
 /// Abort code of a write whose payment request's reference is taken.
 const REQUEST_TAKEN: u64 = u64::MAX - 1;
+/// Abort code of a write whose request gives evidence used already.
+const EVIDENCE_TAKEN: u64 = u64::MAX - 2;
 
 /// A payment request's key: the service's PID, a zero byte, the reference.
 pub(super) fn payment_key(service: &Pid, reference: &str) -> Vec<u8> {

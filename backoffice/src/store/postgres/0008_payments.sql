@@ -22,8 +22,18 @@ CREATE TABLE payment_requests (
     at_ms bigint NOT NULL,
     transfers bigint[] NOT NULL,
     hold bigint CHECK (hold >= 0),
+    -- Confirmation references given as evidence (`payment_evidence`).
+    evidence text[] NOT NULL DEFAULT '{}',
     PRIMARY KEY (service, reference),
     CHECK (cardinality(transfers) > 0 OR hold IS NOT NULL)
+);
+
+-- Each confirmation reference is evidence for one request only.
+CREATE TABLE payment_evidence (
+    reference text PRIMARY KEY,
+    service text NOT NULL,
+    request text NOT NULL,
+    FOREIGN KEY (service, request) REFERENCES payment_requests (service, reference)
 );
 
 CREATE FUNCTION refuse_changing_payment_requests() RETURNS trigger
@@ -37,6 +47,12 @@ CREATE TRIGGER payment_requests_are_kept_for_good
     FOR EACH ROW EXECUTE FUNCTION refuse_changing_payment_requests();
 CREATE TRIGGER payment_requests_are_never_truncated
     BEFORE TRUNCATE ON payment_requests
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_changing_payment_requests();
+CREATE TRIGGER payment_evidence_is_kept_for_good
+    BEFORE UPDATE OR DELETE ON payment_evidence
+    FOR EACH ROW EXECUTE FUNCTION refuse_changing_payment_requests();
+CREATE TRIGGER payment_evidence_is_never_truncated
+    BEFORE TRUNCATE ON payment_evidence
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_changing_payment_requests();
 
 -- The service (PID) that placed a hold: it alone may charge and release

@@ -438,8 +438,8 @@ pub(super) async fn insert_payment_requests(
                 &transaction
                     .prepare_cached(
                         "INSERT INTO payment_requests (service, reference, operation, digest, \
-                         description, at_ms, transfers, hold) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                         description, at_ms, transfers, hold, evidence) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                     )
                     .await?,
                 &[
@@ -451,6 +451,7 @@ pub(super) async fn insert_payment_requests(
                     &int(request.at_ms)?,
                     &transfers,
                     &hold,
+                    &request.evidence,
                 ],
             )
             .await;
@@ -459,6 +460,34 @@ pub(super) async fn insert_payment_requests(
                 return Err(StoreError::Corrupt(
                     "the payment request's reference code is taken; a request is never \
                      overwritten: nothing was written"
+                        .to_owned(),
+                ));
+            }
+            other => other?,
+        };
+        if request.evidence.is_empty() {
+            continue;
+        }
+        let written = transaction
+            .execute(
+                &transaction
+                    .prepare_cached(
+                        "INSERT INTO payment_evidence (reference, service, request) \
+                         SELECT unnest($1::text[]), $2, $3",
+                    )
+                    .await?,
+                &[
+                    &request.evidence,
+                    &request.service.as_str(),
+                    &request.reference,
+                ],
+            )
+            .await;
+        match written {
+            Err(error) if is_unique_violation(&error) => {
+                return Err(StoreError::Corrupt(
+                    "a confirmation reference of the payment request was evidence for another \
+                     request: nothing was written"
                         .to_owned(),
                 ));
             }
@@ -488,13 +517,14 @@ fn payment_request_of(
             .map(uint)
             .collect::<Result<_, _>>()?,
         hold: row.get::<_, Option<i64>>(7).map(uint).transpose()?,
+        evidence: row.get(8),
     };
     request.check().map_err(|_| corrupt())?;
     Ok(request)
 }
 
 const PAYMENT_REQUEST_COLUMNS: &str =
-    "service, reference, operation, digest, description, at_ms, transfers, hold";
+    "service, reference, operation, digest, description, at_ms, transfers, hold, evidence";
 
 pub(super) async fn insert_hold_events(
     transaction: &Transaction<'_>,
@@ -948,6 +978,7 @@ impl Store for PgStore {
         crate::store::payments::check_payment_requests(
             self.payment_requests(),
             &transfers,
+            &|reference| self.evidence_used(reference),
             &mut report,
         );
         (report, transfers)
@@ -1237,6 +1268,31 @@ impl Store for PgStore {
                 )
                 .await?;
             row.as_ref().map(payment_request_of).transpose()
+        })
+    }
+
+    fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    &client
+                        .prepare_cached(
+                            "SELECT service, request FROM payment_evidence WHERE reference = $1",
+                        )
+                        .await?,
+                    &[&reference],
+                )
+                .await?;
+            row.map(|row| {
+                let service: &str = row.get(0);
+                Pid::parse(service)
+                    .map(|pid| (pid, row.get(1)))
+                    .map_err(|_| {
+                        StoreError::Corrupt(format!("the evidence record of {reference:?}"))
+                    })
+            })
+            .transpose()
         })
     }
 

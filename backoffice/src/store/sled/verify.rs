@@ -60,6 +60,7 @@ impl SledStore {
         crate::store::payments::check_payment_requests(
             crate::store::Store::payment_requests(self),
             &transfers,
+            &|reference| crate::store::Store::evidence_used(self, reference),
             &mut report,
         );
         (report, transfers)

@@ -25,6 +25,7 @@ pub const TABLES: &[&str] = &[
     "transfers",
     "hold_events",
     "payment_requests",
+    "payment_evidence",
     "period_uses",
     "free_uses",
     "suspense",
