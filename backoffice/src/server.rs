@@ -856,14 +856,24 @@ fn operator_call(service: &Service, call: &MethodCall) -> Result<Value, Fault> {
                             String::new(),
                         ),
                     };
-                    Value::structure([
+                    // A service's payment: what the service put on the bill.
+                    let description = match &transfer.kind {
+                        TransferKind::Payment { pid, reference } => store
+                            .payment_request(pid, reference)
+                            .map_err(store_fault)?
+                            .map(|request| request.description)
+                            .unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    Ok(Value::structure([
                         ("transfer", Value::string(transfer.id.0.to_string())),
                         ("amount", Value::string(signed.to_string())),
                         ("what", Value::string(what)),
                         ("corrects", Value::string(other)),
-                    ])
+                        ("description", Value::string(description)),
+                    ]))
                 })
-                .collect();
+                .collect::<Result<Vec<Value>, Fault>>()?;
             Ok(Value::Array(lines))
         }
         "account.freeUses" => {

@@ -200,6 +200,26 @@ fn zeep_charges_refunds_and_reserves_for_a_granted_customer_only_once_per_refere
         assert!(lines.contains(&expected), "{expected} in {lines:?}");
     }
     assert_eq!(lines.len(), 5, "a deposit and four payments: {lines:?}");
+    let descriptions: Vec<&str> = statement
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|line| line.member("description").and_then(Value::as_str))
+        .collect();
+    assert_eq!(
+        descriptions,
+        ["", "Ring tone", "Goodwill", "First half", "Second half"]
+    );
+    // Ada's own statement page shows each with the service's description.
+    let mut ada = branch.ada.0;
+    let page = ada.get("/statement");
+    assert_eq!(page.status, 200);
+    for line in [
+        format!("{}, reference r-1: Ring tone", branch.pid),
+        format!("{}, reference r-3: First half", branch.pid),
+    ] {
+        assert!(page.body.contains(&line), "{line} in {}", page.body);
+    }
     let verified = branch.office.call("ledger.verify", &[]).unwrap();
     let problems = verified
         .member("problems")

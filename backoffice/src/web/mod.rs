@@ -1584,6 +1584,21 @@ pub struct Line {
     pub signed: Amount,
     /// The balance after it.
     pub balance: Amount,
+    /// For a payment a service asked: what the service put on the bill.
+    pub note: String,
+}
+
+impl Line {
+    /// What the line is, for the statement: the transfer's kind and, for a
+    /// service's payment, its description.
+    pub fn text(&self) -> String {
+        let what = pages::describe(&self.transfer);
+        if self.note.is_empty() {
+            what
+        } else {
+            format!("{what}: {}", self.note)
+        }
+    }
 }
 
 /// The customer's lines in `month` (`YYYYMM`), with the balance before it.
@@ -1605,10 +1620,22 @@ fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line
         if posted < month {
             opening = running;
         } else if posted == month {
+            let note = match &transfer.kind {
+                crate::ledger::TransferKind::Payment { pid, reference } => service
+                    .backoffice
+                    .store()
+                    .payment_request(pid, reference)
+                    .ok()
+                    .flatten()
+                    .map(|request| request.description)
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             lines.push(Line {
                 transfer,
                 signed,
                 balance: running,
+                note,
             });
         }
     }
@@ -1669,7 +1696,7 @@ async fn statement_csv(
             "{},{},{},{},{}\r\n",
             pages::date_of(line.transfer.posted_ms),
             line.transfer.id.0,
-            pages::csv_field(&pages::describe(&line.transfer)),
+            pages::csv_field(&line.text()),
             line.signed,
             line.balance
         ));

@@ -1027,8 +1027,8 @@ pub fn statement(
                         td {
                             @if matches!(line.transfer.kind, TransferKind::Use { .. }) {
                                 a href={ "/statement/items?transfer=" (line.transfer.id.0) } id={ "items-" (line.transfer.id.0) } { (describe(&line.transfer)) }
-                            } @else {
-                                (describe(&line.transfer))
+                                                        } @else {
+                                (line.text())
                             }
                         }
                         td.amount { (line.signed) }
