@@ -224,7 +224,14 @@ pub fn answer(
         now_ms,
     }
     .run(interface, &request)
-    .map_err(|exception| exception.fault())?;
+    .map_err(|exception| {
+        // SVC0001 is ours (a store that did not answer): the Server's fault.
+        if exception.message_id == "SVC0001" {
+            exception.server_fault()
+        } else {
+            exception.fault()
+        }
+    })?;
     Ok(soap::envelope(&body))
 }
 
