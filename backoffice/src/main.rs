@@ -110,6 +110,10 @@ enum Command {
         /// at start and every hour.
         #[arg(long, env = "BACKOFFICE_ITEMISED_RETENTION_DAYS", default_value_t = backoffice::itemised::RETENTION_DAYS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=36_500))]
         itemised_retention_days: u64,
+        /// Seconds a Parlay X reservation lasts after it is made or
+        /// changed (docs/parlayx.md).
+        #[arg(long, env = "BACKOFFICE_RESERVATION_TTL_S", default_value_t = backoffice::parlayx::RESERVATION_TTL_MS / 1000, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        reservation_ttl_s: u64,
     },
     /// Register a customer: prints the new CID.
     Customer {
@@ -734,6 +738,7 @@ fn serve(
     bid: proto::Bid,
     web: &WebArgs,
     itemised_retention_days: u64,
+    reservation_ttl_s: u64,
 ) -> ExitCode {
     let Some(iterations) = std::num::NonZeroU32::new(web.password_iterations) else {
         eprintln!("backoffice: --password-iterations must be at least 1");
@@ -839,7 +844,8 @@ fn serve(
             operator_token,
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
-            payments: backoffice::parlayx::Payments::default(),
+            payments: backoffice::parlayx::Payments::default()
+                .with_reservation_ttl_ms(reservation_ttl_s * 1000),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
         backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));
@@ -1445,6 +1451,7 @@ fn main() -> ExitCode {
             bid,
             web,
             itemised_retention_days,
+            reservation_ttl_s,
         } => serve(
             data_dir.clone(),
             store.as_deref(),
@@ -1452,6 +1459,7 @@ fn main() -> ExitCode {
             *bid,
             web,
             *itemised_retention_days,
+            *reservation_ttl_s,
         ),
         Command::Customer {
             name,

@@ -41,7 +41,11 @@ fn branch(dir: &std::path::Path) -> Branch {
 
 /// As `branch`, the product priced by the TACA example `module`.
 fn branch_with(dir: &std::path::Path, module: &str) -> Branch {
-    let office = Backoffice::start(dir);
+    branch_in(Backoffice::start(dir), module)
+}
+
+/// As `branch_with`, on the backoffice `office`.
+fn branch_in(office: Backoffice, module: &str) -> Branch {
     let mut ada = registered(&office, "Ada");
     let (_, bob) = registered(&office, "Bob");
     let owner = office.text(
@@ -325,6 +329,39 @@ fn confirmation_references_must_name_an_unused_metered_use_of_the_product_by_the
     );
     assert_eq!(outcome(&lines, "two"), Ok(String::new()));
     assert_eq!(balance(&branch.office, &branch.ada.1), "7.25");
+    let verified = branch.office.call("ledger.verify", &[]).unwrap();
+    assert_eq!(
+        verified.member("ok"),
+        Some(&Value::Bool(true)),
+        "{verified:?}"
+    );
+}
+
+#[test]
+fn reservations_expire_with_the_backoffice_stopped_across_their_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = [("BACKOFFICE_RESERVATION_TTL_S", "2")];
+    let office = Backoffice::start_with(dir.path(), "127.0.0.1:0", &ttl);
+    let listen = office.address.to_string();
+    let mut branch = branch_in(office, "flat");
+    // Ada's 10 held by two reservations: a third one finds nothing available.
+    let lines = zeep(&branch, "expiry-before", &["ada@example.org"]);
+    assert_eq!(outcome(&lines, "first"), Ok("H0".into()));
+    assert_eq!(outcome(&lines, "second"), Ok("H1".into()));
+    assert_eq!(outcome(&lines, "beyond balance").unwrap_err().0, "SVC0270");
+    // Stopped across the expiry, started again: the reservations hold
+    // nothing and charge nothing, and their expiries are written.
+    branch.office.running.child.kill().unwrap();
+    branch.office.running.child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    branch.office = Backoffice::start_with(dir.path(), &listen, &ttl);
+    let lines = zeep(&branch, "expiry-after", &["ada@example.org"]);
+    assert_eq!(
+        outcome(&lines, "charge expired").unwrap_err(),
+        ("SVC0002".into(), vec!["reservationIdentifier".into()])
+    );
+    assert_eq!(outcome(&lines, "again"), Ok("H2".into()));
+    assert_eq!(balance(&branch.office, &branch.ada.1), "10");
     let verified = branch.office.call("ledger.verify", &[]).unwrap();
     assert_eq!(
         verified.member("ok"),

@@ -126,5 +126,16 @@ elif SCENARIO == "evidence":
     report("twice in one", lambda: amounts.chargeAmount(user, charge("1"), "e-5", [f"{batch}:2", f"{batch}:2"]))
     report("too many", lambda: amounts.chargeAmount(user, charge("1"), "e-6", [f"{batch}:2"] * 17))
     report("two", lambda: amounts.chargeAmount(user, charge("1"), "e-7", [f"{batch}:2", f"{batch}:3"]))
+elif SCENARIO == "expiry-before":
+    (payer,) = ARGS
+    reserve = client("ReserveAmountCharging").service
+    report("first", lambda: reserve.reserveAmount(f"mailto:{payer}", charge("5", "Match")))
+    report("second", lambda: reserve.reserveAmount(f"mailto:{payer}", charge("5", "Match")))
+    report("beyond balance", lambda: reserve.reserveAmount(f"mailto:{payer}", charge("0.01", "Match")))
+elif SCENARIO == "expiry-after":
+    (payer,) = ARGS
+    reserve = client("ReserveAmountCharging").service
+    report("charge expired", lambda: reserve.chargeReservation("H0", charge("1", "Late"), "x-1"))
+    report("again", lambda: reserve.reserveAmount(f"mailto:{payer}", charge("5", "Match")))
 else:
     sys.exit(f"unknown scenario {SCENARIO}")

@@ -39,6 +39,8 @@ pub struct Payments {
     nonces: wsse::Nonces,
     /// The branch's currency (ISO 4217): a charge in another is refused.
     currency: String,
+    /// How long a reservation lasts after it is made or changed.
+    reservation_ttl_ms: u64,
     slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -49,11 +51,18 @@ impl Default for Payments {
 }
 
 impl Payments {
+    /// The same, reservations lasting `ttl_ms` (at least 1 ms).
+    pub fn with_reservation_ttl_ms(mut self, ttl_ms: u64) -> Payments {
+        self.reservation_ttl_ms = ttl_ms.max(1);
+        self
+    }
+
     /// The interfaces of a branch keeping accounts in `currency`.
     pub fn new(currency: &str) -> Payments {
         Payments {
             nonces: wsse::Nonces::default(),
             currency: currency.to_owned(),
+            reservation_ttl_ms: RESERVATION_TTL_MS,
             slots: Arc::new(tokio::sync::Semaphore::new(CALLS_AT_ONCE)),
         }
     }
@@ -402,13 +411,14 @@ impl Caller<'_> {
 
     /// Refused unless `payer` gave this service a grant that is live now.
     fn granted(&self, payer: &Cid) -> Result<(), Exception> {
+        // The payer's grants, few, rather than the service's, many.
         let grants = self
             .store()
-            .grants_of_meter(&self.meter.mid)
+            .grants_of_customer(payer)
             .map_err(|error| self.fail(&error))?;
         if grants
             .iter()
-            .any(|grant| grant.cid == *payer && grant.is_live_at(self.now_ms))
+            .any(|grant| grant.mid == self.meter.mid && grant.is_live_at(self.now_ms))
         {
             return Ok(());
         }
@@ -604,7 +614,7 @@ impl Caller<'_> {
                     &ask,
                     &payer,
                     amount,
-                    self.now_ms + RESERVATION_TTL_MS,
+                    self.now_ms + self.service.payments.reservation_ttl_ms,
                     None,
                     self.now_ms,
                 ))?;
@@ -641,7 +651,7 @@ impl Caller<'_> {
                 let ask = self.ask(request, &charge.description)?;
                 let change = ReservationChange::Adjust {
                     delta,
-                    expires_ms: self.now_ms + RESERVATION_TTL_MS,
+                    expires_ms: self.now_ms + self.service.payments.reservation_ttl_ms,
                 };
                 done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
                 Ok(proto::parlayx::response(
@@ -767,7 +777,7 @@ impl Caller<'_> {
                     &ask,
                     &payer,
                     amount,
-                    self.now_ms + RESERVATION_TTL_MS,
+                    self.now_ms + self.service.payments.reservation_ttl_ms,
                     Some(rating.text()),
                     self.now_ms,
                 ))?;
@@ -815,7 +825,7 @@ impl Caller<'_> {
                 }
                 let change = ReservationChange::Adjust {
                     delta,
-                    expires_ms: self.now_ms + RESERVATION_TTL_MS,
+                    expires_ms: self.now_ms + self.service.payments.reservation_ttl_ms,
                 };
                 done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
                 Ok(proto::parlayx::response(
