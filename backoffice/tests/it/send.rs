@@ -2577,3 +2577,151 @@ fn a_hold_placed_on_one_node_is_captured_on_another_and_expires_once() {
     }
     assert_eq!(store.hold_events_from(0).unwrap().len(), 1 + 6 + 1 + 2);
 }
+
+/// A service's payments (Parlay X) are exactly once whatever arrives at
+/// once: the same request under one reference code from 8 threads moves
+/// money once and answers all of them; other requests under that code are
+/// refused; 8 captures of one reservation never take more than it holds;
+/// another service cannot touch it; after a restart the code still
+/// answers its first outcome.
+#[test]
+fn service_payments_are_exactly_once_under_concurrent_retries_and_captures() {
+    use backoffice::holds::{HoldError, HoldId};
+    use backoffice::send::{PaymentAsk, PaymentRefusal, ReservationChange};
+    let world = world();
+    let office = &world.backoffice;
+    let payer = AccountId::Customer(world.consumer);
+    let owner = AccountId::Customer(world.producer);
+    let ask = |reference: &str, canonical: &str| PaymentAsk {
+        service: world.product.clone(),
+        owner: world.producer,
+        reference: Some(reference.to_owned()),
+        operation: "chargeAmount",
+        canonical: canonical.to_owned(),
+        description: "Ring tone".to_owned(),
+        evidence: Vec::new(),
+    };
+    let start = balance(&world, world.consumer);
+    let at_once = |work: &(dyn Fn(usize) -> backoffice::send::PaymentResult + Sync)| {
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..8).map(|n| scope.spawn(move || work(n))).collect();
+            threads
+                .into_iter()
+                .map(|thread| thread.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let same = ask("r-1", "chargeAmount 0.5");
+    let outcomes = at_once(&|_| {
+        office
+            .pay(&same, &[(payer, owner, amount("0.5"))], NOW_MS)
+            .unwrap()
+    });
+    let paid: Vec<_> = outcomes
+        .iter()
+        .map(|outcome| outcome.clone().unwrap())
+        .collect();
+    assert_eq!(paid.iter().filter(|paid| !paid.repeated).count(), 1);
+    assert!(
+        paid.windows(2)
+            .all(|pair| pair[0].transfers == pair[1].transfers)
+    );
+    assert_eq!(
+        balance(&world, world.consumer),
+        start.checked_sub(amount("0.5")).unwrap()
+    );
+    // Eight different requests under one new code: one is done.
+    let outcomes = at_once(&|n| {
+        office
+            .pay(
+                &ask("r-2", &format!("chargeAmount 0.0{n}1")),
+                &[(payer, owner, amount(&format!("0.0{n}1")))],
+                NOW_MS,
+            )
+            .unwrap()
+    });
+    assert_eq!(outcomes.iter().filter(|outcome| outcome.is_ok()).count(), 1);
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, Ok(_) | Err(PaymentRefusal::ReferenceReused(_))))
+    );
+    // A reservation of 4 charged by 8 threads at once, 0.75 each.
+    let reserve = PaymentAsk {
+        reference: None,
+        operation: "reserveAmount",
+        ..ask("", "reserveAmount 4")
+    };
+    let hold = office
+        .reserve(
+            &reserve,
+            &world.consumer,
+            amount("4"),
+            NOW_MS + 3_600_000,
+            None,
+            NOW_MS,
+        )
+        .unwrap()
+        .unwrap()
+        .hold
+        .unwrap();
+    let before = balance(&world, world.consumer);
+    let outcomes = at_once(&|n| {
+        office
+            .change_reservation(
+                &ask(&format!("c-{n}"), &format!("chargeReservation {n}")),
+                hold,
+                ReservationChange::Capture {
+                    amount: amount("0.75"),
+                },
+                NOW_MS + 1,
+            )
+            .unwrap()
+    });
+    assert_eq!(outcomes.iter().filter(|outcome| outcome.is_ok()).count(), 5);
+    assert!(outcomes.iter().all(|outcome| matches!(
+        outcome,
+        Ok(_) | Err(PaymentRefusal::Hold(HoldError::BeyondHold { .. }))
+    )));
+    assert_eq!(
+        balance(&world, world.consumer),
+        before.checked_sub(amount("3.75")).unwrap()
+    );
+    // Another service's reservation is not this one's to charge or end.
+    let other = PaymentAsk {
+        service: world.component.clone(),
+        ..ask("o-1", "chargeReservation other")
+    };
+    for change in [
+        ReservationChange::Capture {
+            amount: amount("0.25"),
+        },
+        ReservationChange::Release,
+    ] {
+        assert_eq!(
+            office
+                .change_reservation(&other, hold, change, NOW_MS + 2)
+                .unwrap(),
+            Err(PaymentRefusal::NotTheirs(hold))
+        );
+    }
+    assert_eq!(
+        office
+            .change_reservation(&other, HoldId(99), ReservationChange::Release, NOW_MS + 2)
+            .unwrap(),
+        Err(PaymentRefusal::Hold(HoldError::Unknown(HoldId(99))))
+    );
+    // After a restart the first code still answers its first outcome.
+    let World {
+        _dir, backoffice, ..
+    } = world;
+    let first = paid[0].transfers.clone();
+    drop(backoffice);
+    let office = Backoffice::open(SledStore::open(_dir.path()).unwrap(), PARAMS).unwrap();
+    let again = office
+        .pay(&same, &[(payer, owner, amount("0.5"))], NOW_MS + 5)
+        .unwrap()
+        .unwrap();
+    assert!(again.repeated);
+    assert_eq!(again.transfers, first);
+}
