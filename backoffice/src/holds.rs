@@ -553,7 +553,7 @@ impl HoldBook {
                         placed_ms: event.at_ms,
                         expires_ms: *expires_ms,
                         note: note.clone(),
-                        by: by.clone(),
+                        by: *by,
                         rating: rating.clone(),
                         ended: None,
                     },

@@ -295,7 +295,7 @@ fn authenticate(
         .meter(&mid)
         .map_err(|error| internal_fault(&error))?
         .ok_or_else(|| failed(&format!("{mid} is not registered")))?;
-    let Some(pid) = meter.service.clone() else {
+    let Some(pid) = meter.service else {
         return Err(failed(&format!(
             "{mid} is a meter, not a service credential"
         )));
@@ -506,7 +506,7 @@ impl Caller<'_> {
                 .map_err(|_| Exception::invalid_input("referenceCode"))?;
         }
         Ok(PaymentAsk {
-            service: self.product.pid.clone(),
+            service: self.product.pid,
             owner: self.product.owner,
             reference,
             operation: request.operation(),

@@ -321,7 +321,7 @@ impl<S: Store> Backoffice<S> {
                         time_ms,
                         signature,
                         secret,
-                        service: meter.service.clone(),
+                        service: meter.service,
                     });
                 }
                 Err(error) => {

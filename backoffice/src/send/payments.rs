@@ -135,14 +135,14 @@ impl<S: Store> Backoffice<S> {
             .store
             .period_uses(&crate::store::PeriodKey {
                 payer: *payer,
-                pid: product.pid.clone(),
+                pid: product.pid,
                 month: super::month_of(now_ms),
             })
             .map_err(|error| internal(&error))?;
         let input = crate::pricing::PriceInput {
             payer: *payer,
             code: proto::reading::Code::Commit,
-            pid: product.pid.clone(),
+            pid: product.pid,
             volume,
             period_uses,
             unit: rating.unit.clone(),
@@ -214,7 +214,7 @@ impl<S: Store> Backoffice<S> {
     ) -> Option<PaymentRequest> {
         let reference = ask.reference.clone()?;
         Some(PaymentRequest {
-            service: ask.service.clone(),
+            service: ask.service,
             reference,
             operation: ask.operation.to_owned(),
             digest,
@@ -267,7 +267,7 @@ impl<S: Store> Backoffice<S> {
                 credit: *credit,
                 amount: *amount,
                 kind: TransferKind::Payment {
-                    pid: ask.service.clone(),
+                    pid: ask.service,
                     reference: reference.clone(),
                 },
             })
@@ -319,7 +319,7 @@ impl<S: Store> Backoffice<S> {
             return Ok(earlier);
         }
         let now_ms = now_ms.max(holds.latest_ms());
-        let account = AccountId::Customer(payer.clone());
+        let account = AccountId::Customer(*payer);
         let spendable = self.spendable(&account, ledger.balance(&account), &holds, now_ms)?;
         let event = match holds.prepare_place_by(
             account,
@@ -328,7 +328,7 @@ impl<S: Store> Backoffice<S> {
             &ask.description,
             spendable,
             now_ms,
-            Some(ask.service.clone()),
+            Some(ask.service),
             rating,
         ) {
             Ok(event) => event,
@@ -388,7 +388,7 @@ impl<S: Store> Backoffice<S> {
                 holds.prepare_adjust(id, delta, expires_ms, spendable, now_ms)
             }
             ReservationChange::Capture { amount } => {
-                let credit = AccountId::Customer(ask.owner.clone());
+                let credit = AccountId::Customer(ask.owner);
                 if credit == hold.account {
                     return Ok(Err(PaymentRefusal::Hold(HoldError::SameAccount(id))));
                 }
@@ -404,7 +404,7 @@ impl<S: Store> Backoffice<S> {
                             credit,
                             amount,
                             kind: TransferKind::Payment {
-                                pid: ask.service.clone(),
+                                pid: ask.service,
                                 reference: ask.reference.clone().unwrap_or_default(),
                             },
                         }],

@@ -1154,11 +1154,11 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
     let service = Pid::parse("B1-P7").unwrap();
     let (payer, owner) = (customer(1), customer(2));
     let payment = |reference: &str| TransferKind::Payment {
-        pid: service.clone(),
+        pid: service,
         reference: reference.to_owned(),
     };
     let request = |reference: &str, transfers: Vec<u64>, hold: Option<u64>| PaymentRequest {
-        service: service.clone(),
+        service,
         reference: reference.to_owned(),
         operation: "chargeAmount".to_owned(),
         digest: digest(reference),
@@ -1191,7 +1191,7 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
         store.stage_holds(&[], &charge, Some(&first)).unwrap();
         assert_eq!(
             store.evidence_used("B1-M1:B1-M1:7:3").unwrap(),
-            Some((service.clone(), "order 1".to_owned()))
+            Some((service, "order 1".to_owned()))
         );
         assert_eq!(store.evidence_used("B1-M1:B1-M1:7:4").unwrap(), None);
         ledger.commit(charge);
@@ -1237,7 +1237,7 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
                 "stream",
                 Amount::from_nanos(700),
                 30,
-                Some(service.clone()),
+                Some(service),
                 Some("MB\ngold\n\n".to_owned()),
             )
             .unwrap();

@@ -9,6 +9,9 @@ use super::StoreError;
 use crate::ledger::{Transfer, TransferKind};
 use crate::payments::PaymentRequest;
 
+/// Who used a piece of evidence, and under which reference code.
+type EvidenceLookup<'a> = &'a dyn Fn(&str) -> Result<Option<(proto::Pid, String)>, StoreError>;
+
 /// Checks payment requests read back (or why they could not be read)
 /// against the transfers: each request well formed, its transfers
 /// payments of its service under its reference, and every payment
@@ -16,7 +19,7 @@ use crate::payments::PaymentRequest;
 pub(crate) fn check_payment_requests(
     requests: Result<Vec<PaymentRequest>, StoreError>,
     transfers: &[Transfer],
-    evidence_used: &dyn Fn(&str) -> Result<Option<(proto::Pid, String)>, StoreError>,
+    evidence_used: EvidenceLookup<'_>,
     report: &mut crate::verify::Report,
 ) {
     let requests = match requests {

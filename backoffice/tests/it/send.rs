@@ -2593,7 +2593,7 @@ fn service_payments_are_exactly_once_under_concurrent_retries_and_captures() {
     let payer = AccountId::Customer(world.consumer);
     let owner = AccountId::Customer(world.producer);
     let ask = |reference: &str, canonical: &str| PaymentAsk {
-        service: world.product.clone(),
+        service: world.product,
         owner: world.producer,
         reference: Some(reference.to_owned()),
         operation: "chargeAmount",
@@ -2689,7 +2689,7 @@ fn service_payments_are_exactly_once_under_concurrent_retries_and_captures() {
     );
     // Another service's reservation is not this one's to charge or end.
     let other = PaymentAsk {
-        service: world.component.clone(),
+        service: world.component,
         ..ask("o-1", "chargeReservation other")
     };
     for change in [
