@@ -116,20 +116,21 @@ fn a_new_database_gets_every_table_once_and_nodes_starting_together_do_not_race(
     );
 }
 
-static UPGRADE: [Migration; 8] = [
-    MIGRATIONS[0],
-    MIGRATIONS[1],
-    MIGRATIONS[2],
-    MIGRATIONS[3],
-    MIGRATIONS[4],
-    MIGRATIONS[5],
-    MIGRATIONS[6],
-    Migration {
-        version: 8,
+/// What a later backoffice would bring: every migration of this one and
+/// one step more.
+fn upgrade() -> Vec<Migration> {
+    let mut steps = MIGRATIONS.to_vec();
+    steps.push(Migration {
+        version: latest_version() + 1,
         name: "notes",
         sql: "CREATE TABLE notes (id bigint PRIMARY KEY, text text NOT NULL);",
-    },
-];
+    });
+    steps
+}
+
+fn latest_version() -> i64 {
+    MIGRATIONS.last().unwrap().version
+}
 
 static CHANGED: [Migration; 1] = [Migration {
     version: 1,
@@ -142,16 +143,17 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
     let cluster = cluster();
     let url = cluster.create_database("branch").unwrap();
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 7);
-    // A later backoffice with an eighth step upgrades it, keeping the data.
+    let latest = latest_version();
+    assert_eq!(store.schema_version().unwrap(), latest);
+    // A later backoffice with one step more upgrades it, keeping the data.
     cluster
         .psql("branch", "INSERT INTO serials VALUES ('C', 7)")
         .unwrap();
     assert_eq!(
-        store.migrate(&UPGRADE).unwrap(),
+        store.migrate(&upgrade()).unwrap(),
         Migrated {
-            applied: vec![8],
-            version: 8
+            applied: vec![latest + 1],
+            version: latest + 1
         }
     );
     assert!(tables(&cluster, "branch").contains(&"notes".to_owned()));
@@ -162,13 +164,14 @@ fn an_older_schema_is_upgraded_and_a_newer_or_different_one_is_refused_untouched
             .trim(),
         "7"
     );
-    // This backoffice knows only version 7: it refuses the database and
-    // changes nothing.
+    // This backoffice knows only its own latest version: it refuses the
+    // database and changes nothing.
     let refused = PgStore::connect(&url).unwrap_err();
     assert!(matches!(refused, StoreError::Schema(_)), "{refused:?}");
     let message = refused.to_string();
     assert!(
-        message.contains("version 8") && message.contains("newer backoffice"),
+        message.contains(&format!("version {}", latest + 1))
+            && message.contains("newer backoffice"),
         "{message}"
     );
     // A database whose version 1 was other SQL is refused too.
@@ -207,7 +210,7 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert!(!tables(&cluster, "branch").contains(&"web_sessions".to_owned()));
     // This one upgrades it as it starts.
     let store = PgStore::connect(&url).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 7);
+    assert_eq!(store.schema_version().unwrap(), latest_version());
     for table in ["web_sessions", "web_events", "web_resets", "grant_codes"] {
         assert!(
             tables(&cluster, "branch").contains(&table.to_owned()),
