@@ -83,6 +83,12 @@ pub fn answer(
                 .map(|status| status.to_value())
                 .map_err(code_fault)
         }
+        // A service is a server elsewhere: a customer's password is never
+        // handed to it; its customers grant on the web pages.
+        MeterMethod::Password if verified.service.is_some() => Err(refused(
+            "a service's credential cannot grant by password: the customer approves its code on the web pages"
+                .to_owned(),
+        )),
         MeterMethod::Password => by_password(service, PasswordGrant::from_call(&call)?, now_ms),
     }
 }

@@ -235,11 +235,20 @@ pub fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// How a request came: over TLS or plain TCP. Every request served by
+/// [`serve`] carries it as an extension, beside `ConnectInfo` with the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport {
+    /// The connection is TLS (`--tls-listen`).
+    pub tls: bool,
+}
+
 /// Serves one connection's requests with `router`, the head of each within
 /// `limits.header_read`.
 async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
+    transport: Transport,
     router: Router,
     limits: ConnectionLimits,
     watcher: hyper_util::server::graceful::Watcher,
@@ -248,6 +257,7 @@ async fn serve_connection<I>(
 {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(transport);
         tower::ServiceExt::oneshot(router.clone(), request)
     });
     let served = hyper::server::conn::http1::Builder::new()
@@ -329,7 +339,10 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, peer, router, limits, watcher).await,
+                None => {
+                    let plain = Transport { tls: false };
+                    serve_connection(stream, peer, plain, router, limits, watcher).await
+                }
                 Some(tls) => {
                     let started = tokio::time::Instant::now();
                     match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
@@ -340,7 +353,8 @@ pub async fn serve(
                                 header_read: left.max(Duration::from_millis(1)),
                                 ..limits
                             };
-                            serve_connection(stream, peer, router, limits, watcher).await;
+                            let secure = Transport { tls: true };
+                            serve_connection(stream, peer, secure, router, limits, watcher).await;
                         }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -13,7 +13,7 @@ use base64::Engine as _;
 use proto::xmlrpc::Value;
 
 use crate::support::{Backoffice, IO_TIMEOUT, s};
-use crate::web::{FakeMeter, Visitor, approved_grant, registered};
+use crate::web::{FakeMeter, Visitor, approved_grant, enter_code, registered};
 
 const WSSE: &str =
     "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd";
@@ -268,6 +268,61 @@ fn zeep_prices_charges_and_reserves_volumes_with_the_products_taca() {
 }
 
 #[test]
+fn a_service_is_granted_on_its_own_consent_page_and_never_by_a_customers_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut branch = branch(dir.path());
+    let as_meter = FakeMeter::new(branch.office.address, &branch.service.0, &branch.service.1);
+    // The page Ada approves on says a service charges her directly, which
+    // one, and the most one charge takes; not "used on its machine".
+    let code = as_meter.request_code(
+        &branch.ada.1,
+        "ring tone shop",
+        proto::grant::Scope::Machine,
+    );
+    let page = enter_code(&mut branch.ada.0, &code.user_code);
+    assert_eq!(page.status, 200, "{}", page.body);
+    let at = page
+        .body
+        .find("id=\"grant-service\"")
+        .expect("the service's wording");
+    let said = &page.body[at..at + page.body[at..].find("</p>").unwrap()];
+    assert!(
+        said.contains("Ring tones") && said.contains(&branch.pid) && said.contains("at most 5"),
+        "{said}"
+    );
+    assert!(!page.body.contains("meterd grant"), "{}", page.body);
+    // A meter's page keeps the meter's wording.
+    let meter = FakeMeter::register(&branch.office, &branch.ada.1);
+    let code = meter.request_code(&branch.ada.1, "laptop", proto::grant::Scope::Machine);
+    let page = enter_code(&mut branch.ada.0, &code.user_code);
+    assert!(page.text_of("grant-service").is_none(), "{}", page.body);
+    assert!(page.body.contains("meterd grant"), "{}", page.body);
+    // The service holding Ada's password cannot grant itself with it.
+    let (method, params) = proto::grant::PasswordGrant {
+        request: proto::grant::GrantRequest {
+            mid: branch.service.0.parse().unwrap(),
+            cid: branch.ada.1.parse().unwrap(),
+            label: "ring tone shop".into(),
+            scope: proto::grant::Scope::Machine,
+        },
+        password: crate::web::PASSWORD.to_owned(),
+        expires_in_s: None,
+    }
+    .to_call();
+    let before = branch
+        .office
+        .call("grant.list", &[s(&branch.ada.1)])
+        .unwrap();
+    let fault = as_meter.call(method, &params).unwrap_err();
+    assert!(fault.message.contains("web pages"), "{fault:?}");
+    let after = branch
+        .office
+        .call("grant.list", &[s(&branch.ada.1)])
+        .unwrap();
+    assert_eq!(before, after);
+}
+
+#[test]
 fn confirmation_references_must_name_an_unused_metered_use_of_the_product_by_the_payer() {
     let dir = tempfile::tempdir().unwrap();
     let branch = branch(dir.path());
@@ -438,6 +493,58 @@ fn post(address: SocketAddr, path: &str, body: &str) -> (u16, String) {
     let status = raw[9..12].parse().unwrap();
     let start = raw.find("\r\n\r\n").unwrap() + 4;
     (status, raw[start..].to_owned())
+}
+
+#[test]
+fn a_retried_charge_answers_its_first_outcome_after_the_grant_is_revoked_and_charges_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let branch = branch(dir.path());
+    let address = branch.office.address;
+    let (mid, secret) = (&branch.service.0, &branch.service.1);
+    let token = |nonce: &[u8]| security(mid, secret, nonce, &now_created(0), false);
+    let (status, body) = post(
+        address,
+        AMOUNT_PATH,
+        &envelope(&token(b"retry-nonce-0001"), "r-1", "2"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "8");
+    // Ada revokes the service's grant; its answer to the first call was lost.
+    let grants = branch
+        .office
+        .call("grant.list", &[s(&branch.ada.1)])
+        .unwrap();
+    let number = match &grants {
+        Value::Array(grants) => grants[0].member("grant").cloned().expect("a grant number"),
+        other => panic!("{other:?}"),
+    };
+    branch.office.call("grant.revoke", &[number]).unwrap();
+    // The retry answers what the first call did, and charges nothing more.
+    let (status, body) = post(
+        address,
+        AMOUNT_PATH,
+        &envelope(&token(b"retry-nonce-0002"), "r-1", "2"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("chargeAmountResponse"), "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "8");
+    // The same code with another amount is not a retry: it goes the whole
+    // way and is refused (here for the revoked grant), as is a new code.
+    let (status, body) = post(
+        address,
+        AMOUNT_PATH,
+        &envelope(&token(b"retry-nonce-0003"), "r-1", "3"),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("not granted"), "{body}");
+    let (status, body) = post(
+        address,
+        AMOUNT_PATH,
+        &envelope(&token(b"retry-nonce-0004"), "r-2", "2"),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("not granted"), "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "8");
 }
 
 #[test]

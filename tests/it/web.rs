@@ -1122,7 +1122,7 @@ pub fn registered(office: &Backoffice, first: &str) -> (Visitor, String) {
 }
 
 /// Posts a user code on the code page.
-fn enter_code(visitor: &mut Visitor, code: &str) -> Page {
+pub fn enter_code(visitor: &mut Visitor, code: &str) -> Page {
     let csrf = visitor.get("/grant").csrf();
     visitor.post_form("/grant", &[("csrf", &csrf), ("code", code)])
 }

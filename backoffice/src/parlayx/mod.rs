@@ -169,11 +169,42 @@ async fn wsdl(
     }
 }
 
+/// Whether a Parlay X call may come this way. A UsernameToken proves who
+/// sent the header, not the body next to it: over plain HTTP across a
+/// network, whoever sees a call can change its amount or payer and send it
+/// first with the same token. So calls come over TLS (`--tls-listen`), or
+/// from this machine (a TLS proxy in front, or a service beside us).
+pub fn transport_allowed(peer: Option<std::net::SocketAddr>, tls: bool) -> bool {
+    tls || peer.is_some_and(|peer| match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback())
+        }
+    })
+}
+
 async fn call(
     State(service): State<Arc<Service>>,
     interface: Interface,
     request: axum::extract::Request,
 ) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    let tls = request
+        .extensions()
+        .get::<crate::listen::Transport>()
+        .is_some_and(|transport| transport.tls);
+    if !transport_allowed(peer, tls) {
+        let fault = soap::fault(
+            soap::FaultCode::Client,
+            "Parlay X calls are taken over TLS (the backoffice's --tls-listen address) \
+             or from this machine: a UsernameToken does not protect the body over plain HTTP",
+            None,
+        );
+        return xml(StatusCode::FORBIDDEN, fault);
+    }
     let Ok(slot) = Arc::clone(&service.payments.slots).try_acquire_owned() else {
         let fault = soap::fault(
             soap::FaultCode::Server,
@@ -373,6 +404,9 @@ fn charge_refused(refusal: PaymentRefusal) -> Exception {
         }
         PaymentRefusal::Hold(other) => Exception::invalid_charging(other.to_string()),
         PaymentRefusal::EvidenceUsed(reference) => Exception::invalid_confirmation_refs(reference),
+        PaymentRefusal::AboveMaximum(total, max) => Exception::policy_error(format!(
+            "the reservation would hold {total}, above the most one use may cost ({max})"
+        )),
     }
 }
 
@@ -486,7 +520,12 @@ impl Caller<'_> {
                 "{amount} is above the most one use of {} may cost ({max})",
                 self.product.pid
             ))),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            // Stored before maximums existed: nothing bounds what it takes.
+            None => Err(Exception::policy_error(format!(
+                "{} has no maximum price per use, so it cannot charge through Parlay X",
+                self.product.pid
+            ))),
         }
     }
 
@@ -516,6 +555,27 @@ impl Caller<'_> {
         })
     }
 
+    /// Whether `request` is a retry of one this service made before and
+    /// that took effect: the same reference code and the same request. It
+    /// answers the first outcome before anything that may have changed
+    /// since is looked at again (a grant revoked, a price, a balance, the
+    /// evidence it used). Anything else, or a store that does not answer
+    /// now, goes the whole way, where the code is checked again under the
+    /// ledger lock. Operations with a reference code answer no value, so
+    /// the outcome is the empty response.
+    fn repeated(&self, request: &Request) -> bool {
+        let Some(reference) = request.reference() else {
+            return false;
+        };
+        match self.store().payment_request(&self.product.pid, reference) {
+            Ok(Some(earlier)) => {
+                earlier.operation == request.operation()
+                    && earlier.digest == crate::payments::digest(&request.canonical())
+            }
+            _ => false,
+        }
+    }
+
     fn reservation(&self, text: &str) -> Result<HoldId, Exception> {
         text.strip_prefix('H')
             .filter(|digits| !digits.starts_with('0') || *digits == "0")
@@ -525,6 +585,13 @@ impl Caller<'_> {
     }
 
     fn run(&self, interface: Interface, request: &Request) -> Result<String, Exception> {
+        if self.repeated(request) {
+            return Ok(proto::parlayx::response(
+                interface,
+                request.operation(),
+                None,
+            ));
+        }
         let owner = AccountId::Customer(self.product.owner);
         let backoffice = &self.service.backoffice;
         let confirmation_refs = match request {
@@ -652,6 +719,7 @@ impl Caller<'_> {
                 let change = ReservationChange::Adjust {
                     delta,
                     expires_ms: self.now_ms + self.service.payments.reservation_ttl_ms,
+                    max_total: self.product.max_price,
                 };
                 done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
                 Ok(proto::parlayx::response(
@@ -826,6 +894,7 @@ impl Caller<'_> {
                 let change = ReservationChange::Adjust {
                     delta,
                     expires_ms: self.now_ms + self.service.payments.reservation_ttl_ms,
+                    max_total: self.product.max_price,
                 };
                 done(backoffice.change_reservation(&ask, id, change, self.now_ms))?;
                 Ok(proto::parlayx::response(
@@ -1044,6 +1113,30 @@ mod tests {
 
     fn amount(text: &str) -> Amount {
         Amount::parse(text).unwrap()
+    }
+
+    #[test]
+    fn calls_come_over_tls_or_from_this_machine_only() {
+        let at = |text: &str| Some(text.parse::<std::net::SocketAddr>().unwrap());
+        for local in [
+            "127.0.0.1:9",
+            "127.8.9.10:9",
+            "[::1]:9",
+            "[::ffff:127.0.0.1]:9",
+        ] {
+            assert!(transport_allowed(at(local), false), "{local}");
+        }
+        for remote in [
+            "192.0.2.7:9",
+            "10.0.0.1:9",
+            "[2001:db8::1]:9",
+            "[::ffff:192.0.2.7]:9",
+        ] {
+            assert!(!transport_allowed(at(remote), false), "{remote}");
+            assert!(transport_allowed(at(remote), true), "{remote}");
+        }
+        // Served some other way, with no peer known: refused unless TLS.
+        assert!(!transport_allowed(None, false));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum PaymentRefusal {
     NotTheirs(HoldId),
     /// A confirmation reference was evidence for another request already.
     EvidenceUsed(String),
+    /// The reservation would hold more than one use of the product may
+    /// cost (the total it would hold, the maximum).
+    AboveMaximum(Amount, Amount),
 }
 
 /// A payment done, now or by an earlier request with the same code.
@@ -382,7 +385,22 @@ impl<S: Store> Backoffice<S> {
         }
         let mut transfers = Vec::new();
         let event = match change {
-            ReservationChange::Adjust { delta, expires_ms } => {
+            ReservationChange::Adjust {
+                delta,
+                expires_ms,
+                max_total,
+            } => {
+                // Checked here, under the lock: two additions that each fit
+                // alone must not together pass the maximum.
+                if let Some(max) = max_total {
+                    let total = hold
+                        .held
+                        .checked_add(delta)
+                        .map_err(|error| internal(&error))?;
+                    if total > max {
+                        return Ok(Err(PaymentRefusal::AboveMaximum(total, max)));
+                    }
+                }
                 let spendable =
                     self.spendable(&hold.account, ledger.balance(&hold.account), &holds, now_ms)?;
                 holds.prepare_adjust(id, delta, expires_ms, spendable, now_ms)
@@ -461,6 +479,8 @@ pub enum ReservationChange {
         delta: Amount,
         /// The new expiry, ms since the Unix epoch.
         expires_ms: u64,
+        /// The most the reservation may hold after it, if bounded.
+        max_total: Option<Amount>,
     },
     /// Part of it charged to the service's product owner.
     Capture {

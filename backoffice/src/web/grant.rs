@@ -104,11 +104,21 @@ fn code_throttled(web: &Web, session: &Session, typed: &str) -> Response {
 }
 
 /// The meter's owner as the confirmation shows it: CID and name.
-fn meter_owner(service: &Service, request: &GrantRequest) -> Result<Option<Customer>, StoreError> {
+/// Who registered the meter asking, and the product it charges for when it
+/// is a service's credential (Parlay X).
+type Asker = (Option<Customer>, Option<crate::registry::Product>);
+
+fn meter_owner(service: &Service, request: &GrantRequest) -> Result<Asker, StoreError> {
     let store = service.backoffice.store();
     match store.meter(&request.mid)? {
-        Some(meter) => store.customer(&meter.owner),
-        None => Ok(None),
+        Some(meter) => {
+            let product = match &meter.service {
+                Some(pid) => store.product(pid)?,
+                None => None,
+            };
+            Ok((store.customer(&meter.owner)?, product))
+        }
+        None => Ok((None, None)),
     }
 }
 
@@ -150,8 +160,8 @@ pub(super) async fn enter_code(
         Ok(None) => return code_refused(web, &session, &typed, &account, &address),
         Err(error) => return trouble(web, &session, &error),
     };
-    let owner = match meter_owner(&service, &request) {
-        Ok(owner) => owner,
+    let (owner, product) = match meter_owner(&service, &request) {
+        Ok(asker) => asker,
         Err(error) => return trouble(web, &session, &error),
     };
     page(
@@ -159,7 +169,14 @@ pub(super) async fn enter_code(
         &session,
         false,
         StatusCode::OK,
-        pages::grant_confirm(&session, &customer, &typed, &request, owner.as_ref()),
+        pages::grant_confirm(
+            &session,
+            &customer,
+            &typed,
+            &request,
+            owner.as_ref(),
+            product.as_ref(),
+        ),
     )
 }
 

@@ -759,13 +759,24 @@ pub fn grant_confirm(
     code: &str,
     request: &GrantRequest,
     owner: Option<&Customer>,
+    service: Option<&crate::registry::Product>,
 ) -> Markup {
     let foreign = owner.is_none_or(|owner| owner.cid != customer.cid);
     let body = html! {
-        p {
-            "The meter below asks to charge your micro-account (" (customer.cid.as_str()) ") "
-            "for metered software used on its machine. Approve only if you ran "
-            code { "meterd grant" } " there yourself just now and this is that machine."
+        @match service {
+            None => p {
+                "The meter below asks to charge your micro-account (" (customer.cid.as_str()) ") "
+                "for metered software used on its machine. Approve only if you ran "
+                code { "meterd grant" } " there yourself just now and this is that machine."
+            },
+            Some(product) => p id="grant-service" {
+                "The service " strong { (product.name) } " (" (product.pid.as_str()) ") asks to "
+                "charge your micro-account (" (customer.cid.as_str()) ") directly, for what you "
+                "buy from it, without a meter on your machine: each charge at most "
+                (product.max_price.map_or_else(|| "its maximum price".to_owned(), |max| max.to_string()))
+                ", as often as it charges, until the grant expires or you revoke it. "
+                "Approve only if you asked this service for it yourself just now."
+            },
         }
         table id="grant-request" {
             tr { th { "Code" } td id="grant-code-shown" { (code) } }

@@ -2687,6 +2687,43 @@ fn service_payments_are_exactly_once_under_concurrent_retries_and_captures() {
         balance(&world, world.consumer),
         before.checked_sub(amount("3.75")).unwrap()
     );
+    // A reservation of 2 grown by 8 threads at once, 1 each, at most 5 in
+    // all (the product's maximum): each addition fits alone, three fit
+    // together, and the check under the lock refuses the rest.
+    let grown = office
+        .reserve(
+            &reserve,
+            &world.consumer,
+            amount("2"),
+            NOW_MS + 3_600_000,
+            None,
+            NOW_MS,
+        )
+        .unwrap()
+        .unwrap()
+        .hold
+        .unwrap();
+    let outcomes = at_once(&|n| {
+        office
+            .change_reservation(
+                &ask(&format!("g-{n}"), &format!("reserveAdditionalAmount {n}")),
+                grown,
+                ReservationChange::Adjust {
+                    delta: amount("1"),
+                    expires_ms: NOW_MS + 3_600_000,
+                    max_total: Some(amount("5")),
+                },
+                NOW_MS + 1,
+            )
+            .unwrap()
+    });
+    assert_eq!(outcomes.iter().filter(|outcome| outcome.is_ok()).count(), 3);
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, Ok(_) | Err(PaymentRefusal::AboveMaximum(..))))
+    );
+    assert_eq!(office.hold(grown).expect("the hold").held, amount("5"));
     // Another service's reservation is not this one's to charge or end.
     let other = PaymentAsk {
         service: world.component,
