@@ -354,7 +354,7 @@ fn element_of(
 
 /// `text` escaped for element content and attribute values.
 pub fn escape(text: &str) -> Cow<'_, str> {
-    if !text.contains(['<', '>', '&', '"', '\'']) {
+    if !text.contains(|c: char| matches!(c, '<' | '>' | '&' | '"' | '\'') || !xml_char(c)) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
@@ -365,10 +365,17 @@ pub fn escape(text: &str) -> Cow<'_, str> {
             '&' => out.push_str("&amp;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
+            // Not allowed in XML 1.0 at all, not even as a reference.
+            c if !xml_char(c) => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
     Cow::Owned(out)
+}
+
+/// Whether XML 1.0 allows `c` in a document (its `Char` production).
+fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
 /// An envelope whose body holds `body_xml` (already encoded).
@@ -473,6 +480,18 @@ mod tests {
         );
         assert_eq!(charge.child("description").unwrap().namespace, None);
         assert_eq!(call.child("referenceCode").unwrap().text, "r<1>");
+    }
+
+    #[test]
+    fn fault_text_with_characters_xml_forbids_still_makes_a_document() {
+        let text = "currency \u{1}\u{1b}[31m <x> & \u{FFFF} \t\u{10348}";
+        let fault = fault(FaultCode::Client, text, None);
+        let read = parse_envelope(fault.as_bytes(), LIMITS).expect("a well-formed fault");
+        assert_eq!(
+            read.body[0].child("faultstring").unwrap().text,
+            "currency \u{FFFD}\u{FFFD}[31m <x> & \u{FFFD} \t\u{10348}"
+        );
+        assert!(matches!(escape("plain text"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -577,11 +577,7 @@ impl Caller<'_> {
     }
 
     fn reservation(&self, text: &str) -> Result<HoldId, Exception> {
-        text.strip_prefix('H')
-            .filter(|digits| !digits.starts_with('0') || *digits == "0")
-            .and_then(|digits| digits.parse().ok())
-            .map(HoldId)
-            .ok_or_else(|| Exception::invalid_input("reservationIdentifier"))
+        reservation_id(text).ok_or_else(|| Exception::invalid_input("reservationIdentifier"))
     }
 
     fn run(&self, interface: Interface, request: &Request) -> Result<String, Exception> {
@@ -1047,6 +1043,16 @@ impl Caller<'_> {
     }
 }
 
+/// `H<n>`: `H` and the hold's number in decimal digits only, without
+/// leading zeros, so that each reservation has one identifier.
+fn reservation_id(text: &str) -> Option<HoldId> {
+    text.strip_prefix('H')
+        .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|digits| !digits.starts_with('0') || *digits == "0")
+        .and_then(|digits| digits.parse().ok())
+        .map(HoldId)
+}
+
 /// A confirmation reference `MID:BATCH:SEQ` (the batch id may hold
 /// colons): the batch's key and the reading's sequence number.
 pub fn confirmation_ref(reference: &str) -> Option<(crate::store::BatchKey, u64)> {
@@ -1113,6 +1119,25 @@ mod tests {
 
     fn amount(text: &str) -> Amount {
         Amount::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_reservation_has_one_identifier_of_digits_only() {
+        assert_eq!(reservation_id("H0"), Some(HoldId(0)));
+        assert_eq!(reservation_id("H17"), Some(HoldId(17)));
+        for wrong in [
+            "H+5",
+            "H-5",
+            "H05",
+            "H",
+            "h5",
+            "H 5",
+            "H5 ",
+            "H١",
+            "H99999999999999999999",
+        ] {
+            assert_eq!(reservation_id(wrong), None, "{wrong}");
+        }
     }
 
     #[test]
