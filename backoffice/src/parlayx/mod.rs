@@ -346,6 +346,14 @@ fn authenticate(
         .nonces
         .admit(&token, now_ms)
         .map_err(|error| failed(&error))?;
+    // This node had not seen it; no other node (nor this one before a
+    // restart) may have either.
+    let claimed = store
+        .claim_nonce(&token.nonce_key(), token.remembered_until(now_ms), now_ms)
+        .map_err(|error| internal_fault(&error))?;
+    if !claimed {
+        return Err(failed(&wsse::TokenError::Replayed));
+    }
     let product = store
         .product(&pid)
         .map_err(|error| internal_fault(&error))?

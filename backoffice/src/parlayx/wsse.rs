@@ -198,10 +198,28 @@ impl Nonces {
             return Err(TokenError::Replayed);
         }
         book.seen.insert(key.clone());
-        // Kept until the token's time leaves the window on both sides.
-        let until = token.created_ms.max(now_ms).saturating_add(WINDOW_MS);
-        book.order.push_back((until, key));
+        book.order.push_back((token.remembered_until(now_ms), key));
         Ok(())
+    }
+}
+
+impl UsernameToken {
+    /// Until when its nonce must be remembered: until the token's time
+    /// leaves the window on both sides.
+    pub fn remembered_until(&self, now_ms: u64) -> u64 {
+        self.created_ms.max(now_ms).saturating_add(WINDOW_MS)
+    }
+
+    /// The key its nonce is remembered under in the store: SHA-256 of the
+    /// user name, a zero byte and the nonce (a user name holds no zero).
+    pub fn nonce_key(&self) -> [u8; 32] {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(self.username.as_bytes());
+        context.update(&[0]);
+        context.update(&self.nonce);
+        let mut key = [0; 32];
+        key.copy_from_slice(context.finish().as_ref());
+        key
     }
 }
 

@@ -71,6 +71,10 @@ macro_rules! conformance_tests {
             $crate::store::conformance::payment_requests_are_kept_once_with_their_transfers_and_verified(&$harness);
         }
         #[test]
+        fn a_nonce_is_claimed_once_while_live_across_threads_and_restarts() {
+            $crate::store::conformance::a_nonce_is_claimed_once_while_live_across_threads_and_restarts(&$harness);
+        }
+        #[test]
         fn a_deposit_moves_through_its_steps_once_and_posts_one_transfer() {
             $crate::store::conformance::a_deposit_moves_through_its_steps_once_and_posts_one_transfer(&$harness);
         }
@@ -1144,6 +1148,73 @@ pub(crate) fn hold_events_are_kept_with_their_captures_once_and_read_back<H: Har
     let problems = hold_problems(&store);
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("does not take"), "{problems:?}");
+}
+
+pub(crate) fn a_nonce_is_claimed_once_while_live_across_threads_and_restarts<H: Harness>(
+    harness: &H,
+) {
+    const NOW: u64 = 1_800_000_000_000;
+    let store = harness.open();
+    // Eight claims of one nonce at once (eight nodes, say): one wins.
+    let key = [7u8; 32];
+    let won = std::thread::scope(|scope| {
+        let claims: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| store.claim_nonce(&key, NOW + 300_000, NOW).unwrap()))
+            .collect();
+        claims
+            .into_iter()
+            .filter_map(|claim| claim.join().unwrap().then_some(()))
+            .count()
+    });
+    assert_eq!(won, 1);
+    // Other nonces are their own; the one whose first byte cleans up
+    // removes only expired claims.
+    let mut sweeper = [0u8; 32];
+    sweeper[1] = 1;
+    assert!(store.claim_nonce(&sweeper, NOW + 300_000, NOW).unwrap());
+    assert!(!store.claim_nonce(&key, NOW + 300_000, NOW + 1).unwrap());
+    drop(store);
+    // After a restart the claim is still live until its expiry...
+    let store = harness.open();
+    assert!(
+        !store
+            .claim_nonce(&key, NOW + 600_000, NOW + 300_000)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_nonce(&sweeper, NOW + 600_000, NOW + 300_000)
+            .unwrap()
+    );
+    // ...and free after it, for one claimer again.
+    assert!(
+        store
+            .claim_nonce(&key, NOW + 900_000, NOW + 300_001)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_nonce(&key, NOW + 900_000, NOW + 300_002)
+            .unwrap()
+    );
+    // A sweep after the other expired forgets it, and it is free again.
+    let mut other = [0u8; 32];
+    other[1] = 2;
+    assert!(
+        store
+            .claim_nonce(&other, NOW + 900_000, NOW + 300_003)
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_nonce(&sweeper, NOW + 900_000, NOW + 300_004)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_nonce(&other, NOW + 900_000, NOW + 300_005)
+            .unwrap()
+    );
 }
 
 pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H: Harness>(

@@ -421,6 +421,18 @@ pub trait Store {
     /// The service and reference code of the request that gave
     /// `reference` as evidence, if one did.
     fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError>;
+    /// Claims a WS-Security nonce (`digest`: SHA-256 of the user name, a
+    /// zero byte and the nonce) until `expires_ms`: true when no claim of
+    /// it is live at `now_ms` (and it is now this one's), false when one
+    /// is (a replay). Shared by every node of the branch and kept across
+    /// restarts; not synced, since a claim lost to a power cut is one the
+    /// token's window has mostly run out on by the time the branch is back.
+    fn claim_nonce(
+        &self,
+        digest: &[u8; 32],
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
     /// Records transfers as `post_transfers` does, atomically and visibly
     /// to later reads, but durable only once a `sync` that starts after it
     /// returns (so that the caller can sync after letting go of its locks).
@@ -868,6 +880,18 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.evidence_used(reference),
             AnyStore::Postgres(store) => store.evidence_used(reference),
+        }
+    }
+
+    fn claim_nonce(
+        &self,
+        digest: &[u8; 32],
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.claim_nonce(digest, expires_ms, now_ms),
+            AnyStore::Postgres(store) => store.claim_nonce(digest, expires_ms, now_ms),
         }
     }
 

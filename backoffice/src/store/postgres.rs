@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "payments",
         sql: include_str!("postgres/0008_payments.sql"),
     },
+    Migration {
+        version: 9,
+        name: "nonces",
+        sql: include_str!("postgres/0009_nonces.sql"),
+    },
 ];
 
 /// Where the ledger epoch stands (migration 6): its count and the token

@@ -146,6 +146,8 @@ pub struct SledStore {
     /// Confirmation references given as evidence: the reference → the
     /// request's key (`payment_key`). Written with the request.
     payment_evidence: sled::Tree,
+    /// WS-Security nonces claimed: digest -> expiry ms (big-endian).
+    wsse_nonces: sled::Tree,
     files: durable::SledDir,
     /// Taken shared by every write, exclusively by a backup while it copies
     /// (`backup`).
@@ -190,6 +192,7 @@ impl SledStore {
             hold_events: db.open_tree("hold_events")?,
             payment_requests: db.open_tree("payment_requests")?,
             payment_evidence: db.open_tree("payment_evidence")?,
+            wsse_nonces: db.open_tree("wsse_nonces")?,
             files,
             gate: std::sync::Arc::default(),
             backup: std::sync::Mutex::default(),
@@ -459,6 +462,46 @@ impl Store for SledStore {
                 })
             })
             .transpose()
+    }
+
+    fn claim_nonce(
+        &self,
+        digest: &[u8; 32],
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let expiry = |value: &[u8]| {
+            <[u8; 8]>::try_from(value)
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("a nonce's expiry".to_owned()))
+        };
+        loop {
+            let old = self.wsse_nonces.get(digest)?;
+            if let Some(old) = &old
+                && expiry(old)? >= now_ms
+            {
+                return Ok(false);
+            }
+            let new = expires_ms.to_be_bytes();
+            if self
+                .wsse_nonces
+                .compare_and_swap(digest, old, Some(&new[..]))?
+                .is_ok()
+            {
+                break;
+            }
+        }
+        // Now and then (one claim in 256, by the digest's first byte), the
+        // claims past their window go.
+        if digest[0] == 0 {
+            for entry in self.wsse_nonces.iter() {
+                let (key, value) = entry?;
+                if expiry(&value)? < now_ms {
+                    self.wsse_nonces.remove(key)?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError> {

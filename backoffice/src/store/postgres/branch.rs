@@ -1271,6 +1271,41 @@ impl Store for PgStore {
         })
     }
 
+    fn claim_nonce(
+        &self,
+        digest: &[u8; 32],
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let (expires, now) = (
+            i64::try_from(expires_ms).unwrap_or(i64::MAX),
+            i64::try_from(now_ms).unwrap_or(i64::MAX),
+        );
+        self.block(async {
+            let client = self.client().await?;
+            // A live claim stays; an expired one is taken over.
+            let claimed = client
+                .execute(
+                    &client
+                        .prepare_cached(
+                            "INSERT INTO wsse_nonces (digest, expires_ms) VALUES ($1, $2) \
+                             ON CONFLICT (digest) DO UPDATE SET expires_ms = EXCLUDED.expires_ms \
+                             WHERE wsse_nonces.expires_ms < $3",
+                        )
+                        .await?,
+                    &[&&digest[..], &expires, &now],
+                )
+                .await?;
+            // Now and then (one claim in 256), the claims past their window go.
+            if digest[0] == 0 {
+                client
+                    .execute("DELETE FROM wsse_nonces WHERE expires_ms < $1", &[&now])
+                    .await?;
+            }
+            Ok(claimed == 1)
+        })
+    }
+
     fn evidence_used(&self, reference: &str) -> Result<Option<(Pid, String)>, StoreError> {
         self.block(async {
             let client = self.client().await?;
