@@ -289,7 +289,12 @@ fn parse_document(body: &[u8], limits: Limits) -> Result<Element, SoapError> {
 }
 
 /// Text goes to the open element; outside the root only whitespace may be.
+/// Characters XML 1.0 forbids (NUL, most controls), raw or as a character
+/// reference, make the body not well-formed.
 fn push_text(stack: &mut [Element], text: &str, offset: u64) -> Result<(), SoapError> {
+    if !text.chars().all(xml_char) {
+        return Err(SoapError::Xml { offset });
+    }
     match stack.last_mut() {
         Some(open) => {
             open.text.push_str(text);
@@ -480,6 +485,31 @@ mod tests {
         );
         assert_eq!(charge.child("description").unwrap().namespace, None);
         assert_eq!(call.child("referenceCode").unwrap().text, "r<1>");
+    }
+
+    #[test]
+    fn characters_xml_forbids_are_refused_raw_or_referenced() {
+        for text in [
+            "a\u{1}b",
+            "nul \0",
+            "&#1;",
+            "&#x0;",
+            "<![CDATA[\u{1b}]]>",
+            "\u{FFFE}",
+        ] {
+            let body = charge("")
+                .replace("Tone", text)
+                .replace("tone &amp; &#233;cho", text);
+            assert!(
+                matches!(
+                    parse_envelope(body.as_bytes(), LIMITS),
+                    Err(SoapError::Xml { .. } | SoapError::UnknownEntity { .. })
+                ),
+                "{text:?}"
+            );
+        }
+        let fine = charge("").replace("tone &amp; &#233;cho", "tab\there &#x10348; &#9;");
+        assert!(parse_envelope(fine.as_bytes(), LIMITS).is_ok());
     }
 
     #[test]
