@@ -634,3 +634,93 @@ fn raw_envelopes_of_other_gateways_work_and_forged_replayed_or_foreign_calls_cha
     assert_eq!(balance(&branch.office, &branch.ada.1), "9");
     assert_eq!(balance(&branch.office, &branch.owner), "1");
 }
+
+#[test]
+fn a_producer_makes_a_service_credential_on_the_meters_page_for_their_own_product_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut owen, owner) = registered(&office, "Owen");
+    let (mut mallory, _) = registered(&office, "Mallory");
+    let mut ada = registered(&office, "Ada");
+    let product = office
+        .call(
+            "product.create",
+            &[
+                s(&owner),
+                s("Ring tones"),
+                s("1.25 a tone"),
+                Value::Base64(crate::examples::module("flat")),
+                s("5"),
+            ],
+        )
+        .unwrap();
+    let id = |name: &str| {
+        product
+            .member(name)
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    };
+    let (pid, test_pid) = (id("PID"), id("testPID"));
+    // Another customer, a test PID, a made-up PID: no credential, and no
+    // meter of any kind appears.
+    for (who, named) in [
+        (0, pid.as_str()),
+        (1, test_pid.as_str()),
+        (1, "B1-P999"),
+        (1, "not a PID"),
+    ] {
+        let visitor = if who == 0 { &mut mallory } else { &mut owen };
+        let csrf = visitor.get("/meters").csrf();
+        let page = visitor.post_form("/meters", &[("csrf", &csrf), ("service", named)]);
+        assert_eq!(page.status, 404, "{named}: {}", page.body);
+        assert!(page.text_of("secret").is_none(), "{}", page.body);
+        assert!(visitor.get("/meters").text_of("meters").is_none());
+    }
+    // Owen's page offers his product; the credential's secret is shown
+    // once, with where and how to call.
+    let meters = owen.get("/meters");
+    assert!(
+        meters.body.contains(&format!("<option value=\"{pid}\">")),
+        "{}",
+        meters.body
+    );
+    let made = owen.post_form("/meters", &[("csrf", &meters.csrf()), ("service", &pid)]);
+    assert_eq!(made.status, 200, "{}", made.body);
+    let mid = made.text_of("mid").expect("the credential's MID");
+    let secret = made.text_of("secret").expect("its password");
+    assert!(
+        made.text_of("parlayx-base").unwrap().ends_with(AMOUNT_PATH),
+        "{}",
+        made.body
+    );
+    assert!(
+        made.text_of(&format!("meter-for-{mid}"))
+            .unwrap()
+            .contains(&pid)
+    );
+    assert!(owen.get("/meters").text_of("secret").is_none());
+    // It is a service credential: Ada grants it on its consent page, and
+    // it charges her, the money going to Owen.
+    let as_service = FakeMeter::new(office.address, &mid, &secret);
+    approved_grant(&office, &mut ada.0, &as_service, &ada.1);
+    office
+        .call("account.deposit", &[s(&ada.1), s("10")])
+        .unwrap();
+    let call = envelope(
+        &security(&mid, &secret, b"web-made-nonce-1", &now_created(0), false),
+        "web-1",
+        "2",
+    );
+    let (status, body) = post(office.address, AMOUNT_PATH, &call);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balance(&office, &ada.1), "8");
+    assert_eq!(balance(&office, &owner), "2");
+    // Like any service credential, it uploads nothing.
+    let upload = as_service.call("send", &[s("x")]).unwrap_err();
+    assert_eq!(
+        upload.code,
+        proto::FaultCode::Unauthorized.code(),
+        "{upload}"
+    );
+}

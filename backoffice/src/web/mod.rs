@@ -30,7 +30,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use maud::Markup;
-use proto::{Amount, Cid};
+use proto::{Amount, Cid, Pid};
 
 use crate::ledger::{AccountId, Transfer};
 use crate::pricing::MODULE_BYTES_MAX;
@@ -1392,18 +1392,45 @@ async fn meters_page(State(service): State<Arc<Service>>, headers: HeaderMap) ->
         Ok(found) => found,
         Err(response) => return *response,
     };
-    match service.backoffice.store().meters_of(&customer.cid) {
-        Ok(meters) => page(
+    meters_answer(&service, &session, &customer, StatusCode::OK, None)
+}
+
+/// The meters page of `customer` with `notice` above the table: their
+/// meters and service credentials, and their products (a service
+/// credential is made for one of them).
+fn meters_answer(
+    service: &Service,
+    session: &Session,
+    customer: &Customer,
+    status: StatusCode,
+    notice: Option<pages::MeterNotice<'_>>,
+) -> Response {
+    let store = service.backoffice.store();
+    match (
+        store.meters_of(&customer.cid),
+        store.products_of(&customer.cid),
+    ) {
+        (Ok(meters), Ok(products)) => page(
             &service.web,
-            &session,
+            session,
             false,
-            StatusCode::OK,
-            pages::meters(&session, &meters, None, &service.web.config.public_url),
+            status,
+            pages::meters(
+                session,
+                &meters,
+                &products,
+                notice,
+                &service.web.config.public_url,
+            ),
         ),
-        Err(error) => trouble(&service.web, &session, &error),
+        (Err(error), _) | (_, Err(error)) => trouble(&service.web, session, &error),
     }
 }
 
+/// `POST /meters` (`csrf`, and `service=PID` for a service credential):
+/// registers a meter of the session's customer, or a Parlay X service
+/// credential for one of their products (`docs/parlayx.md`), and shows
+/// its secret this once.
 async fn add_meter(
     State(service): State<Arc<Service>>,
     headers: HeaderMap,
@@ -1414,26 +1441,77 @@ async fn add_meter(
         Err(response) => return *response,
     };
     let web = &service.web;
-    if !csrf_ok(&session, &Fields::parse(&body)) {
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
         return csrf_refused(web, &session, false);
     }
     let store = service.backoffice.store();
-    let created = store.create_meter(&service.bid, &customer.cid);
-    match (created, store.meters_of(&customer.cid)) {
-        (Ok(meter), Ok(meters)) => page(
-            web,
-            &session,
-            false,
-            StatusCode::OK,
-            pages::meters(
+    let product = match fields.trimmed("service").as_str() {
+        "" => None,
+        named => match service_product(store, &customer, named) {
+            Ok(pid) => Some(pid),
+            Err(Ok((status, title, text))) => {
+                return page(
+                    web,
+                    &session,
+                    false,
+                    status,
+                    pages::message(&session, title, text),
+                );
+            }
+            Err(Err(error)) => return trouble(web, &session, &error),
+        },
+    };
+    match store.create_meter_for(&service.bid, &customer.cid, product.as_ref()) {
+        Ok(meter) => {
+            tracing::info!(mid = %meter.mid, service = ?meter.service, "meter registered on the web pages");
+            meters_answer(
+                &service,
                 &session,
-                &meters,
+                &customer,
+                StatusCode::OK,
                 Some(pages::MeterNotice::Registered(&meter)),
-                &web.config.public_url,
-            ),
-        ),
-        (Err(error), _) | (_, Err(error)) => trouble(web, &session, &error),
+            )
+        }
+        Err(error) => trouble(web, &session, &error),
     }
+}
+
+/// Why a service credential is not made: a page's status, title and text.
+type NoService = (StatusCode, &'static str, &'static str);
+
+/// The product `named` (a PID) of `customer` a service credential may be
+/// made for: theirs (another customer's reads as no product at all), by
+/// its PID (a test PID is never charged), and with a maximum price per
+/// use, which bounds every Parlay X charge.
+fn service_product(
+    store: &crate::store::AnyStore,
+    customer: &Customer,
+    named: &str,
+) -> Result<Pid, Result<NoService, StoreError>> {
+    let unknown = (
+        StatusCode::NOT_FOUND,
+        "No such product",
+        "You have no product with this PID, so no service credential was made. A service \
+         credential charges for one of your products, named by its PID (not its test PID).",
+    );
+    let Ok(pid) = named.parse::<Pid>() else {
+        return Err(Ok(unknown));
+    };
+    let product = match store.product(&pid) {
+        Ok(Some(product)) if product.owner == customer.cid && product.pid == pid => product,
+        Ok(_) => return Err(Ok(unknown)),
+        Err(error) => return Err(Err(error)),
+    };
+    if product.max_price.is_none() {
+        return Err(Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "No maximum price",
+            "This product has no maximum price per use, which bounds every charge a service \
+             makes, so no service credential was made. Upload the product again with a maximum.",
+        )));
+    }
+    Ok(pid)
 }
 
 /// `POST /meters/rotate` (`csrf`, `mid`, `leaked`): gives a meter of the
@@ -1559,16 +1637,7 @@ fn change_meter(
             );
         }
     };
-    match store.meters_of(&customer.cid) {
-        Ok(meters) => page(
-            web,
-            &session,
-            false,
-            StatusCode::OK,
-            pages::meters(&session, &meters, Some(notice), &web.config.public_url),
-        ),
-        Err(error) => trouble(web, &session, &error),
-    }
+    meters_answer(service, &session, &customer, StatusCode::OK, Some(notice))
 }
 
 #[derive(serde::Deserialize)]

@@ -620,12 +620,36 @@ fn meterd_setup(meter: &Meter, url: &str, file: &str) -> Markup {
 pub fn meters(
     session: &Session,
     meters: &[Meter],
+    products: &[crate::registry::Product],
     notice: Option<MeterNotice<'_>>,
     public_url: &str,
 ) -> Markup {
-    let url = format!("{}/RPC2", public_url.trim_end_matches('/'));
+    let base = public_url.trim_end_matches('/');
+    let url = format!("{base}/RPC2");
     let body = html! {
         @match notice {
+            Some(MeterNotice::Registered(meter)) if meter.service.is_some() => {
+                @let pid = meter.service.as_ref().map(|pid| pid.as_str()).unwrap_or_default();
+                div.notice id="new-service" {
+                    p {
+                        "Service credential " strong id="mid" { (meter.mid.as_str()) } " for " strong { (pid) }
+                        " is made. Its password, shown only now:"
+                    }
+                    pre id="secret" { (meter.secret_hex) }
+                    p {
+                        "Your service calls Parlay X Payment v2.1 over SOAP at "
+                        code id="parlayx-base" { (base) "/AmountChargingService/services/AmountCharging" }
+                        " (and the other interfaces beside it; each serves its WSDL at " code { "?wsdl" } "), "
+                        "over TLS or from this machine, with a WS-Security UsernameToken: user name "
+                        code { (meter.mid.as_str()) } ", this password as a " code { "PasswordDigest" } "."
+                    }
+                    p {
+                        "It charges only customers who granted it: it asks for a code as a meter does ("
+                        code { "grant.request" } "), and the customer approves it on "
+                        a href="/grant" { "Authorize a meter" } ". The money goes to you, at most the product's maximum price each time."
+                    }
+                }
+            }
             Some(MeterNotice::Registered(meter)) => {
                 div.notice id="new-meter" {
                     p { "Meter " strong id="mid" { (meter.mid.as_str()) } " is registered. Its secret, shown only now:" }
@@ -671,11 +695,17 @@ pub fn meters(
             p { "No meters yet." }
         } @else {
             table id="meters" {
-                tr { th { "MID" } th { "Status" } th { "Secret" } th { } th { } }
+                tr { th { "MID" } th { "For" } th { "Status" } th { "Secret" } th { } th { } }
                 @for meter in meters {
                     @let mid = meter.mid.as_str();
                     tr {
                         td { (mid) }
+                        td id={ "meter-for-" (mid) } {
+                            @match &meter.service {
+                                Some(pid) => { "service charging for " (pid.as_str()) }
+                                None => "meter",
+                            }
+                        }
                         td id={ "meter-status-" (mid) } {
                             @match &meter.revoked {
                                 Some(revoked) => { "revoked " (time_of(revoked.at_ms)) " by " (actor_text(revoked.by)) }
@@ -726,6 +756,23 @@ pub fn meters(
         form method="post" action="/meters" id="add-meter" {
             (csrf(session))
             p { button type="submit" id="meter-submit" { "Register a new meter" } }
+        }
+        @let chargeable: Vec<_> = products.iter().filter(|product| product.max_price.is_some()).collect();
+        @if !chargeable.is_empty() {
+            form method="post" action="/meters" id="add-service" {
+                (csrf(session))
+                p {
+                    "A service that is not metered on the customer's machine (a content server, a gateway) "
+                    "charges your customers through Parlay X Payment with a credential of its own, for one product."
+                }
+                label for="service" { "Product" }
+                select id="service" name="service" {
+                    @for product in &chargeable {
+                        option value=(product.pid.as_str()) { (product.name) " (" (product.pid.as_str()) ")" }
+                    }
+                }
+                p { button type="submit" id="service-submit" { "Make a service credential" } }
+            }
         }
     };
     layout(session, "Meters", body)
