@@ -41,6 +41,12 @@ pub struct Customer {
     /// The password for the web pages (none: no web session possible).
     #[serde(default)]
     pub password: Option<PasswordHash>,
+    /// A telephone number the customer registered, as an E.164 global
+    /// number (`+` and 7 to 15 digits, `phone_number`), by which a Parlay X
+    /// service may name them (`tel:+...`). Unique in the branch; not
+    /// verified (a charge by number still needs the holder's grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
 }
 
 /// Cox's registration fields beyond the name and e-mail address.
@@ -305,6 +311,12 @@ pub enum RegistryError {
     /// Another customer has this e-mail address.
     #[error("this e-mail address is already registered")]
     EmailTaken,
+    /// The telephone number is not a global number.
+    #[error("not a telephone number in international form (+ and 7 to 15 digits)")]
+    BadPhone,
+    /// Another customer has this telephone number.
+    #[error("this telephone number is already registered")]
+    PhoneTaken,
     /// No such customer.
     #[error("no customer {0}")]
     UnknownCustomer(Cid),
@@ -395,6 +407,44 @@ pub fn check_email(email: &str) -> Result<(), RegistryError> {
     }
 }
 
+/// Fewest and most digits of a telephone number (E.164 allows at most 15,
+/// country code included; the shortest national numbers have 4 after a
+/// 3-digit code).
+pub const PHONE_DIGITS: std::ops::RangeInclusive<usize> = 7..=15;
+
+/// `typed` as an E.164 global number, `+` and its digits only: the form
+/// stored and looked up. Takes what people type and what RFC 3966's
+/// global numbers carry: a leading `+`, digits, and the visual separators
+/// space, `-`, `.`, `(`, `)`. A number without `+` (local: which country?),
+/// a first digit 0, letters, or another character is refused.
+pub fn phone_number(typed: &str) -> Result<String, RegistryError> {
+    let rest = typed
+        .trim()
+        .strip_prefix('+')
+        .ok_or(RegistryError::BadPhone)?;
+    let mut number = String::from("+");
+    for c in rest.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            ' ' | '-' | '.' | '(' | ')' => {}
+            _ => return Err(RegistryError::BadPhone),
+        }
+    }
+    let digits = number.len() - 1;
+    if !PHONE_DIGITS.contains(&digits) || number.as_bytes()[1] == b'0' {
+        return Err(RegistryError::BadPhone);
+    }
+    Ok(number)
+}
+
+/// Checks a stored telephone number is in the form `phone_number` makes.
+pub fn check_phone(phone: &str) -> Result<(), RegistryError> {
+    match phone_number(phone) {
+        Ok(number) if number == phone => Ok(()),
+        _ => Err(RegistryError::BadPhone),
+    }
+}
+
 /// The IDs a branch issues for serial number `serial`.
 pub fn customer_id(bid: &Bid, serial: u64) -> Result<Cid, RegistryError> {
     Cid::new(bid, &serial.to_string()).map_err(|_| RegistryError::SerialsExhausted)
@@ -426,6 +476,34 @@ pub fn new_meter_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telephone_numbers_are_kept_as_global_numbers_and_nothing_else_passes() {
+        for (typed, kept) in [
+            ("+49 151 1234 5678", "+4915112345678"),
+            ("+1 (212) 555-0100", "+12125550100"),
+            (" +44.20.7946.0958 ", "+442079460958"),
+            ("+1234567", "+1234567"),
+        ] {
+            assert_eq!(phone_number(typed).unwrap(), kept, "{typed}");
+            check_phone(kept).unwrap();
+        }
+        for bad in [
+            "",
+            "+",
+            "0151 1234 5678",
+            "+0151 1234",
+            "+123456",
+            "+1234567890123456",
+            "+49 151 CALL NOW",
+            "+49151;ext=1",
+            "+49\u{0}151",
+            "++49151123456",
+        ] {
+            assert!(phone_number(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_phone("+49 151 1234 5678").is_err(), "not stored form");
+    }
 
     #[test]
     fn account_numbers_keep_their_last_four_and_masking_twice_changes_nothing() {

@@ -724,3 +724,107 @@ fn a_producer_makes_a_service_credential_on_the_meters_page_for_their_own_produc
         "{upload}"
     );
 }
+
+/// Posts the account form of the customer `first` (as registered by
+/// `registered`) with `telephone`.
+fn set_telephone(visitor: &mut Visitor, first: &str, telephone: &str) -> crate::web::Page {
+    let csrf = visitor.get("/account").csrf();
+    let mut fields: Vec<(&str, String)> =
+        crate::web::registration(first, &format!("{}@example.org", first.to_lowercase()))
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("password") && *name != "agrees")
+            .collect();
+    fields.push(("csrf", csrf));
+    fields.push(("telephone", telephone.to_owned()));
+    let fields: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    visitor.post_form("/account", &fields)
+}
+
+#[test]
+fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut branch = branch(dir.path());
+    let (mut bob, bob_cid) = (Visitor::new(branch.office.address), branch.bob.clone());
+    let logged_in = crate::web::log_in(&mut bob, "bob@example.org", crate::web::PASSWORD);
+    assert_eq!(logged_in.status, 303, "{}", logged_in.body);
+    // Numbers not in international form are refused on the form.
+    for bad in ["0151 1234 5678", "+49 151 CALL", "+0"] {
+        let page = set_telephone(&mut branch.ada.0, "Ada", bad);
+        assert_eq!(page.status, 422, "{bad}: {}", page.body);
+        assert!(page.text_of("telephone-error").is_some(), "{}", page.body);
+    }
+    let page = set_telephone(&mut branch.ada.0, "Ada", "+49 (151) 1234-5678");
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("value=\"+4915112345678\""),
+        "{}",
+        page.body
+    );
+    // Bob cannot take Ada's number, in any spelling.
+    let page = set_telephone(&mut bob, "Bob", "+49 151 12345678");
+    assert_eq!(page.status, 422, "{}", page.body);
+    assert!(
+        page.text_of("telephone-error")
+            .unwrap()
+            .contains("Another account"),
+        "{}",
+        page.body
+    );
+    let charge = |reference: &str, nonce: &[u8], who: &str| {
+        let call = envelope(
+            &security(
+                &branch.service.0,
+                &branch.service.1,
+                nonce,
+                &now_created(0),
+                false,
+            ),
+            reference,
+            "2",
+        )
+        .replace("mailto:ada@example.org", who);
+        post(branch.office.address, AMOUNT_PATH, &call)
+    };
+    // tel: with RFC 3966's visual separators finds Ada, who granted.
+    let (status, body) = charge("tel-1", b"tel-nonce-0001", "tel:+49-151-1234-5678");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "8");
+    assert_eq!(balance(&branch.office, &branch.owner), "2");
+    // A local number, a parameter, a number nobody holds: SVC0002 on the
+    // identifier; Bob's number without his grant: POL0001. Nothing moves.
+    for (n, who) in [
+        "tel:0151-1234-5678",
+        "tel:+4915112345678;ext=1",
+        "tel:+4915199999999",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, body) = charge(
+            &format!("bad-{n}"),
+            format!("bad-nonce-{n:04}").as_bytes(),
+            who,
+        );
+        assert_eq!(status, 500, "{who}: {body}");
+        assert!(
+            body.contains("SVC0002") && body.contains("endUserIdentifier"),
+            "{body}"
+        );
+    }
+    let page = set_telephone(&mut bob, "Bob", "+12125550100");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let (status, body) = charge("bob-1", b"bob-nonce-0001", "tel:+12125550100");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("POL0001"), "{body}");
+    assert_eq!(balance(&branch.office, &bob_cid), "10");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "8");
+    // Ada gives her number up: it names nobody any more.
+    let page = set_telephone(&mut branch.ada.0, "Ada", "");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let (status, body) = charge("tel-2", b"tel-nonce-0002", "tel:+4915112345678");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("SVC0002"), "{body}");
+}

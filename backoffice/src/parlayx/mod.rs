@@ -429,12 +429,20 @@ impl Caller<'_> {
     }
 
     /// The customer an `endUserIdentifier` names: `mailto:` a registered
-    /// address, or a CID (`B1-C7`).
+    /// address, `tel:` a registered number, or a CID (`B1-C7`).
     fn end_user(&self, uri: &str) -> Result<Cid, Exception> {
         let invalid = || Exception::invalid_input("endUserIdentifier");
         let customer = if let Some(address) = uri.strip_prefix("mailto:") {
             self.store()
                 .customer_by_email(address)
+                .map_err(|error| self.fail(&error))?
+        } else if let Some(number) = uri.strip_prefix("tel:") {
+            // A global number only (`+`, digits and RFC 3966's visual
+            // separators), without parameters: a local number needs a
+            // context this branch does not keep.
+            let number = crate::registry::phone_number(number).map_err(|_| invalid())?;
+            self.store()
+                .customer_by_phone(&number)
                 .map_err(|error| self.fail(&error))?
         } else if let Ok(cid) = Cid::parse(uri) {
             self.store()

@@ -35,6 +35,10 @@ macro_rules! conformance_tests {
             $crate::store::conformance::concurrent_changes_of_a_customer_never_undo_each_other(&$harness);
         }
         #[test]
+        fn a_telephone_number_names_one_customer_and_moves_with_their_changes() {
+            $crate::store::conformance::a_telephone_number_names_one_customer_and_moves_with_their_changes(&$harness);
+        }
+        #[test]
         fn batches_apply_once_and_survive_reopen() {
             $crate::store::conformance::batches_apply_once_and_survive_reopen(&$harness);
         }
@@ -246,6 +250,86 @@ pub(crate) fn concurrent_changes_of_a_customer_never_undo_each_other(harness: &i
         Err(StoreError::Registry(RegistryError::BadEmail))
     ));
     assert_eq!(store.customer(&ada.cid).unwrap().unwrap(), saved);
+}
+
+pub(crate) fn a_telephone_number_names_one_customer_and_moves_with_their_changes(
+    harness: &impl Harness,
+) {
+    let bid = Bid::parse("B1").unwrap();
+    let (ada, bob) = {
+        let store = harness.open();
+        let ada = store
+            .create_customer(&bid, "Ada", "ada@example.org")
+            .unwrap();
+        let bob = store
+            .create_customer(&bid, "Bob", "bob@example.org")
+            .unwrap();
+        assert_eq!(store.customer_by_phone("+4915112345678").unwrap(), None);
+        let set = |cid: &Cid, phone: Option<&str>| {
+            let phone = phone.map(str::to_owned);
+            store.change_customer(cid, &|customer| customer.phone.clone_from(&phone))
+        };
+        set(&ada.cid, Some("+4915112345678")).unwrap();
+        let found = store.customer_by_phone("+4915112345678").unwrap().unwrap();
+        assert_eq!(found.cid, ada.cid);
+        // Another customer cannot take it; a number not in stored form is
+        // refused; neither changes anything.
+        assert!(matches!(
+            set(&bob.cid, Some("+4915112345678")),
+            Err(StoreError::Registry(RegistryError::PhoneTaken))
+        ));
+        assert!(matches!(
+            set(&bob.cid, Some("+49 151 1234 5678")),
+            Err(StoreError::Registry(RegistryError::BadPhone))
+        ));
+        assert_eq!(store.customer(&bob.cid).unwrap().unwrap().phone, None);
+        // Setting the same number again is no change; another number frees
+        // the old one, which Bob then takes.
+        set(&ada.cid, Some("+4915112345678")).unwrap();
+        set(&ada.cid, Some("+12125550100")).unwrap();
+        assert_eq!(store.customer_by_phone("+4915112345678").unwrap(), None);
+        set(&bob.cid, Some("+4915112345678")).unwrap();
+        (ada.cid, bob.cid)
+    };
+    // After a restart: found by number, and a removed number frees it.
+    let store = harness.open();
+    let by = |phone: &str| store.customer_by_phone(phone).unwrap().map(|c| c.cid);
+    assert_eq!(by("+4915112345678"), Some(bob));
+    assert_eq!(by("+12125550100"), Some(ada));
+    store
+        .change_customer(&ada, &|customer| customer.phone = None)
+        .unwrap();
+    assert_eq!(by("+12125550100"), None);
+    // Two customers racing for one number: exactly one holds it.
+    let carol = store
+        .create_customer(&bid, "Carol", "carol@example.org")
+        .unwrap()
+        .cid;
+    let won: Vec<bool> = std::thread::scope(|scope| {
+        let store = &store;
+        let racers: Vec<_> = [ada, carol]
+            .into_iter()
+            .map(|cid| {
+                scope.spawn(move || {
+                    store
+                        .change_customer(&cid, &|customer| {
+                            customer.phone = Some("+33142000000".into());
+                        })
+                        .is_ok()
+                })
+            })
+            .collect();
+        racers
+            .into_iter()
+            .map(|racer| racer.join().unwrap())
+            .collect()
+    });
+    assert_eq!(won.iter().filter(|won| **won).count(), 1, "{won:?}");
+    let holder = by("+33142000000").unwrap();
+    assert_eq!(
+        store.customer(&holder).unwrap().unwrap().phone.as_deref(),
+        Some("+33142000000")
+    );
 }
 
 pub(crate) fn batches_apply_once_and_survive_reopen(harness: &impl Harness) {

@@ -492,6 +492,9 @@ pub trait Store {
     }
     /// A customer by e-mail address (any case).
     fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError>;
+    /// A customer by the telephone number they registered, in the stored
+    /// form (`registry::phone_number`).
+    fn customer_by_phone(&self, phone: &str) -> Result<Option<Customer>, StoreError>;
     /// Changes the customer `cid` as `change` says, applied to the record
     /// as stored at that moment, atomically (a concurrent change of
     /// another field is never undone: `change` may run again on the newer
@@ -1130,6 +1133,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.customer_by_email(email),
             AnyStore::Postgres(store) => store.customer_by_email(email),
+        }
+    }
+
+    fn customer_by_phone(&self, phone: &str) -> Result<Option<Customer>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.customer_by_phone(phone),
+            AnyStore::Postgres(store) => store.customer_by_phone(phone),
         }
     }
 

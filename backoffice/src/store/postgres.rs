@@ -89,6 +89,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "nonces",
         sql: include_str!("postgres/0009_nonces.sql"),
     },
+    Migration {
+        version: 10,
+        name: "phones",
+        sql: include_str!("postgres/0010_phones.sql"),
+    },
 ];
 
 /// Where the ledger epoch stands (migration 6): its count and the token

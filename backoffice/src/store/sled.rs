@@ -104,6 +104,8 @@ pub struct SledStore {
     customers: sled::Tree,
     /// CIDs by e-mail address, lower-cased.
     emails: sled::Tree,
+    /// Telephone numbers (E.164, `+` and digits) to the CID holding them.
+    phones: sled::Tree,
     /// Products by PID; test PIDs map to the same record.
     products: sled::Tree,
     tacas: sled::Tree,
@@ -175,6 +177,7 @@ impl SledStore {
             serials: db.open_tree("serials")?,
             customers: db.open_tree("customers")?,
             emails: db.open_tree("emails")?,
+            phones: db.open_tree("phones")?,
             products: db.open_tree("products")?,
             tacas: db.open_tree("tacas")?,
             meters: db.open_tree("meters")?,
@@ -796,6 +799,7 @@ impl Store for SledStore {
                     denied: false,
                     profile: registration.profile.clone(),
                     password: registration.password.clone(),
+                    phone: None,
                 };
                 let bytes = serde_json::to_vec(&customer).expect("records serialize");
                 customers.insert(cid.as_str().as_bytes(), bytes)?;
@@ -820,6 +824,13 @@ impl Store for SledStore {
         Self::read(&self.customers, &cid)
     }
 
+    fn customer_by_phone(&self, phone: &str) -> Result<Option<Customer>, StoreError> {
+        let Some(cid) = self.phones.get(phone.as_bytes())? else {
+            return Ok(None);
+        };
+        Self::read(&self.customers, &cid)
+    }
+
     fn change_customer(
         &self,
         cid: &Cid,
@@ -827,7 +838,8 @@ impl Store for SledStore {
     ) -> Result<Customer, StoreError> {
         let _writing = self.writing();
         let key = cid.as_str().as_bytes();
-        let outcome = (&self.customers, &self.emails).transaction(|(customers, emails)| {
+        let trees = (&self.customers, &self.emails, &self.phones);
+        let outcome = trees.transaction(|(customers, emails, phones)| {
             let abort = ConflictableTransactionError::Abort;
             let Some(old) = customers.get(key)? else {
                 return Err(abort(RegistryError::UnknownCustomer(*cid)));
@@ -846,6 +858,22 @@ impl Store for SledStore {
                 }
                 emails.remove(old_email.as_bytes())?;
                 emails.insert(new_email.as_bytes(), key)?;
+            }
+            if let Some(phone) = &customer.phone {
+                registry::check_phone(phone).map_err(abort)?;
+            }
+            if old.phone != customer.phone {
+                if let Some(phone) = &customer.phone
+                    && phones.get(phone.as_bytes())?.is_some()
+                {
+                    return Err(abort(RegistryError::PhoneTaken));
+                }
+                if let Some(phone) = &old.phone {
+                    phones.remove(phone.as_bytes())?;
+                }
+                if let Some(phone) = &customer.phone {
+                    phones.insert(phone.as_bytes(), key)?;
+                }
             }
             let bytes = serde_json::to_vec(&customer).expect("records serialize");
             customers.insert(key, bytes.as_slice())?;

@@ -1097,6 +1097,21 @@ async fn edit_account(
             "Give an e-mail address like ada@example.org.".into(),
         ));
     }
+    let phone = match fields.trimmed("telephone").as_str() {
+        "" => None,
+        typed => match crate::registry::phone_number(typed) {
+            Ok(number) => Some(number),
+            Err(_) => {
+                errors.push((
+                    "telephone",
+                    "Give the number in international form: + and the country code, like \
+                     +49 151 12345678."
+                        .into(),
+                ));
+                None
+            }
+        },
+    };
     // The address is where password resets go: changing it needs the
     // current password (counted like a login attempt), and the old address
     // is told.
@@ -1150,6 +1165,7 @@ async fn edit_account(
                 stored.name.clone_from(&name);
                 stored.email.clone_from(&email);
                 stored.profile = Some(profile.clone());
+                stored.phone.clone_from(&phone);
             });
         match changed {
             Ok(saved) => {
@@ -1178,6 +1194,11 @@ async fn edit_account(
             Err(StoreError::Registry(RegistryError::EmailTaken)) => errors.push((
                 "emailAddress",
                 "Another account has this e-mail address.".into(),
+            )),
+            Err(StoreError::Registry(RegistryError::PhoneTaken)) => errors.push((
+                "telephone",
+                "Another account has this telephone number. If it is yours, call the branch."
+                    .into(),
             )),
             Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
             Err(error) => return trouble(web, &session, &error),

@@ -489,6 +489,13 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
         form method="post" action="/account" id="edit" {
             (csrf(session))
             (profile_inputs(&form, errors))
+            (text_input(
+                "Telephone number (optional), international form like +49 151 12345678: a service you granted may charge you by it",
+                "telephone",
+                "tel",
+                customer.phone.as_deref().unwrap_or_default(),
+                errors,
+            ))
             label for="currentPassword" { "Current password (needed only to change the e-mail address, where password resets go)" }
             input type="password" id="currentPassword" name="currentPassword" autocomplete="current-password";
             (field_errors(errors, "currentPassword"))

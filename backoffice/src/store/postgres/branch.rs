@@ -1599,6 +1599,7 @@ impl Store for PgStore {
                 denied: false,
                 profile: registration.profile.clone(),
                 password: registration.password.clone(),
+                phone: None,
             };
             let inserted = transaction
                 .execute(
@@ -1669,6 +1670,25 @@ impl Store for PgStore {
         })
     }
 
+    fn customer_by_phone(&self, phone: &str) -> Result<Option<Customer>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    &client
+                        .prepare_cached(
+                            "SELECT record::text FROM customers \
+                             WHERE record ? 'phone' AND record ->> 'phone' = $1",
+                        )
+                        .await?,
+                    &[&phone],
+                )
+                .await?;
+            row.map(|row| from_json(row.get(0), "a customer record"))
+                .transpose()
+        })
+    }
+
     fn change_customer(
         &self,
         cid: &Cid,
@@ -1700,13 +1720,33 @@ impl Store for PgStore {
                 return Err(registry_error(RegistryError::EmailTaken));
             }
         }
+        if let Some(phone) = &customer.phone {
+            registry::check_phone(phone)?;
+            if old.phone.as_ref() != Some(phone) {
+                let taken = self.block(transaction.query_opt(
+                    "SELECT 1 FROM customers WHERE record ? 'phone' AND record ->> 'phone' = $1",
+                    &[phone],
+                ))?;
+                if taken.is_some() {
+                    return Err(registry_error(RegistryError::PhoneTaken));
+                }
+            }
+        }
         let updated = self.block(transaction.execute(
             "UPDATE customers SET email = $2, record = ($3::text)::jsonb WHERE cid = $1",
             &[&cid.as_str(), &new_email, &json(&customer)],
         ));
         match updated {
             Err(error) if is_unique_violation(&error) => {
-                return Err(registry_error(RegistryError::EmailTaken));
+                let on_phone = error
+                    .as_db_error()
+                    .and_then(|error| error.constraint())
+                    .is_some_and(|constraint| constraint == "customers_phone");
+                return Err(registry_error(if on_phone {
+                    RegistryError::PhoneTaken
+                } else {
+                    RegistryError::EmailTaken
+                }));
             }
             other => other?,
         };

@@ -144,6 +144,45 @@ impl SledStore {
             }
         }
         report.checked("e-mail index entries", emails.len() as u64);
+        // The telephone index, both ways.
+        let phones = entries(&self.phones, "phones", report);
+        let mut numbered: HashSet<Cid> = HashSet::new();
+        for (key, value) in &phones {
+            let named = std::str::from_utf8(value)
+                .ok()
+                .and_then(|cid| Cid::parse(cid).ok());
+            match named.and_then(|cid| customers.get(&cid)) {
+                Some(customer) if customer.phone.as_deref().map(str::as_bytes) == Some(key) => {
+                    numbered.insert(customer.cid);
+                }
+                Some(customer) => report.problem(format!(
+                    "the telephone index entry {} names {}, whose number is another",
+                    shown(key),
+                    customer.cid
+                )),
+                None => report.problem(format!(
+                    "the telephone index entry {} names no customer",
+                    shown(key)
+                )),
+            }
+        }
+        for customer in customers.values() {
+            if let Some(phone) = &customer.phone {
+                if crate::registry::check_phone(phone).is_err() {
+                    report.problem(format!(
+                        "customer {} has a telephone number in no valid form",
+                        customer.cid
+                    ));
+                }
+                if !numbered.contains(&customer.cid) {
+                    report.problem(format!(
+                        "customer {} is missing from the telephone index",
+                        customer.cid
+                    ));
+                }
+            }
+        }
+        report.checked("telephone index entries", phones.len() as u64);
         customers
     }
 
@@ -804,6 +843,22 @@ mod tests {
         store.tamper("emails", b"ada@example.org", Some(b"B1-C2"));
         found(&store, "names B1-C2, whose address is another");
         store.tamper("emails", b"ada@example.org", Some(b"B1-C1"));
+        // The telephone index: a number set, then its entry deleted or
+        // pointing at another customer.
+        let ada: Cid = "B1-C1".parse().unwrap();
+        store
+            .change_customer(&ada, &|customer| {
+                customer.phone = Some("+4915112345678".into());
+            })
+            .unwrap();
+        let (report, _) = store.verify_records();
+        assert!(report.is_ok(), "{:?}", report.problems);
+        assert!(report.summary().contains("telephone index entries=1"));
+        store.tamper("phones", b"+4915112345678", None);
+        found(&store, "customer B1-C1 is missing from the telephone index");
+        store.tamper("phones", b"+4915112345678", Some(b"B1-C2"));
+        found(&store, "names B1-C2, whose number is another");
+        store.tamper("phones", b"+4915112345678", Some(b"B1-C1"));
         let index_key = SledStore::grant_index_key(b'c', "B1-C2", 1);
         store.tamper("grant_index", &index_key, None);
         found(&store, "grant 1 is missing from the index of B1-C2");
