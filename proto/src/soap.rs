@@ -195,7 +195,15 @@ pub fn parse_envelope(body: &[u8], limits: Limits) -> Result<Envelope, SoapError
                     expected: "Header or Body",
                 });
             }
-            // SOAP 1.1 allows elements after the Body; none means anything here.
+            // A second Body (or a Header after the Body) is refused: a
+            // reader that took the other Body would see another call.
+            "Header" | "Body" if in_envelope => {
+                return Err(SoapError::Structure {
+                    expected: "one Body, after at most one Header",
+                });
+            }
+            // SOAP 1.1 allows other elements after the Body; none means
+            // anything here.
             _ => {}
         }
     }
@@ -555,6 +563,20 @@ mod tests {
         ));
         let no_body = format!("<s:Envelope xmlns:s=\"{ENVELOPE_NS}\"><s:Header/></s:Envelope>");
         assert!(matches!(refused(&no_body), SoapError::Structure { .. }));
+        // Two Bodies, or a Header after the Body: refused, whichever a
+        // reader would take. Another element after the Body is allowed.
+        for (first, second) in [("<s:Body/>", "<s:Body/>"), ("<s:Body/>", "<s:Header/>")] {
+            let twice =
+                format!("<s:Envelope xmlns:s=\"{ENVELOPE_NS}\">{first}{second}</s:Envelope>");
+            assert!(
+                matches!(refused(&twice), SoapError::Structure { .. }),
+                "{twice}"
+            );
+        }
+        let trailer = format!(
+            "<s:Envelope xmlns:s=\"{ENVELOPE_NS}\"><s:Body/><x:Trailer xmlns:x=\"urn:x\"/></s:Envelope>"
+        );
+        assert!(parse_envelope(trailer.as_bytes(), LIMITS).is_ok());
         assert!(matches!(refused(&charge("")[..200]), SoapError::Xml { .. }));
         assert!(matches!(refused("<a:b>x</a:b>"), SoapError::Xml { .. }));
         let deep = format!(

@@ -159,6 +159,13 @@ fn zeep_charges_refunds_and_reserves_for_a_granted_customer_only_once_per_refere
     );
     // Bob never granted the service: a policy error, and he loses nothing.
     assert_eq!(fault("stranger").0, "POL0001");
+    // An address nobody registered reads exactly as a customer who did
+    // not grant: a service cannot tell the branch's customers from
+    // strangers, by charging or by refunding (a refund goes only to a
+    // customer who granted the service at some time).
+    assert_eq!(fault("nobody"), fault("stranger"));
+    assert_eq!(fault("refund stranger"), fault("stranger"));
+    assert_eq!(fault("refund nobody"), fault("stranger"));
     assert_eq!(fault("split with stranger").0, "POL0001");
     assert_eq!(fault("dollars").0, "POL0001");
     assert_eq!(fault("too much").0, "POL0001");
@@ -793,15 +800,12 @@ fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(balance(&branch.office, &branch.ada.1), "8");
     assert_eq!(balance(&branch.office, &branch.owner), "2");
-    // A local number, a parameter, a number nobody holds: SVC0002 on the
-    // identifier; Bob's number without his grant: POL0001. Nothing moves.
-    for (n, who) in [
-        "tel:0151-1234-5678",
-        "tel:+4915112345678;ext=1",
-        "tel:+4915199999999",
-    ]
-    .into_iter()
-    .enumerate()
+    // A local number, a parameter: SVC0002 on the identifier; a number
+    // nobody holds, and Bob's number without his grant: POL0001 alike.
+    // Nothing moves.
+    for (n, who) in ["tel:0151-1234-5678", "tel:+4915112345678;ext=1"]
+        .into_iter()
+        .enumerate()
     {
         let (status, body) = charge(
             &format!("bad-{n}"),
@@ -816,9 +820,12 @@ fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
     }
     let page = set_telephone(&mut bob, "Bob", "+12125550100");
     assert_eq!(page.status, 200, "{}", page.body);
-    let (status, body) = charge("bob-1", b"bob-nonce-0001", "tel:+12125550100");
-    assert_eq!(status, 500, "{body}");
-    assert!(body.contains("POL0001"), "{body}");
+    let (status, bobs) = charge("bob-1", b"bob-nonce-0001", "tel:+12125550100");
+    assert_eq!(status, 500, "{bobs}");
+    assert!(bobs.contains("POL0001"), "{bobs}");
+    let (status, nobodys) = charge("nobody-1", b"nobody-nonce-01", "tel:+4915199999999");
+    assert_eq!(status, 500, "{nobodys}");
+    assert_eq!(nobodys, bobs);
     assert_eq!(balance(&branch.office, &bob_cid), "10");
     assert_eq!(balance(&branch.office, &branch.ada.1), "8");
     // Ada gives her number up: it names nobody any more.
@@ -826,5 +833,91 @@ fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
     assert_eq!(page.status, 200, "{}", page.body);
     let (status, body) = charge("tel-2", b"tel-nonce-0002", "tel:+4915112345678");
     assert_eq!(status, 500, "{body}");
-    assert!(body.contains("SVC0002"), "{body}");
+    assert!(body.contains("POL0001"), "{body}");
+}
+
+/// A connection to `address` from the loopback address `from`.
+fn connect_from(from: [u8; 4], address: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from = SocketAddr::from((from, 0));
+    socket.bind(&from.into()).expect("bind a loopback address");
+    socket
+        .connect_timeout(&address.into(), IO_TIMEOUT)
+        .expect("connect");
+    socket.into()
+}
+
+/// Sends `head` (a request's head) on a new connection and reads the
+/// whole answer.
+fn raw_answer(address: SocketAddr, head: &str, body: &[u8]) -> String {
+    let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer and close before all of a refused body is in.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn refusals_before_soap_are_plain_http_and_every_fault_envelope_goes_with_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let branch = branch(dir.path());
+    let address = branch.office.address;
+    let head = |length: usize| {
+        format!(
+            "POST {AMOUNT_PATH} HTTP/1.1\r\nHost: {address}\r\nContent-Type: text/xml\r\n\
+             SOAPAction: \"\"\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // Too large: 413, plain text, before SOAP.
+    let large = vec![b' '; 70 * 1024];
+    let answer = raw_answer(address, &head(large.len()), &large);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("text/plain"), "{answer}");
+    // 64 calls whose bodies never come hold every slot: the next is
+    // refused at once with 503 and Retry-After, not queued. They come
+    // from four loopback addresses, 16 each, since one address may hold
+    // at most 64 connections of any kind.
+    let held: Vec<TcpStream> = (0..64u8)
+        .map(|n| {
+            let mut stream = connect_from([127, 0, 0, 2 + n / 16], address);
+            stream.write_all(head(1000).as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let busy = loop {
+        let answer = raw_answer(address, &head(0), b"");
+        if answer.starts_with("HTTP/1.1 503") || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+    assert!(busy.to_lowercase().contains("retry-after: 1"), "{busy}");
+    assert!(busy.contains("text/plain"), "{busy}");
+    // The held calls go away; their slots come back.
+    drop(held);
+    let two_bodies = format!(
+        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\">\
+         <s:Body><loc:chargeAmount xmlns:loc=\"{AMOUNT_LOCAL}\"/></s:Body><s:Body/></s:Envelope>"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (status, body) = loop {
+        let (status, body) = post(address, AMOUNT_PATH, &two_bodies);
+        if status != 503 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // A fault envelope, and so 500: the second Body is refused, not
+    // ignored.
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("soapenv:Client") && body.contains("one Body"),
+        "{body}"
+    );
+    assert_eq!(balance(&branch.office, &branch.ada.1), "10");
 }

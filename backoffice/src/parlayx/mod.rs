@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header::CONTENT_TYPE};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use proto::parlayx::{ChargingInformation, Exception, Interface, Property, Request};
@@ -31,8 +32,14 @@ use crate::store::Store;
 /// How long a reservation lasts from its last `reserveAmount` or
 /// `reserveAdditionalAmount` (the standard leaves it to be agreed).
 pub const RESERVATION_TTL_MS: u64 = 15 * 60 * 1000;
-/// Parlay X calls served at once; more wait for a slot or are refused.
+/// Parlay X calls served at once; more are refused (HTTP 503).
 pub const CALLS_AT_ONCE: usize = 64;
+/// Parlay X calls served at once for one address other than this
+/// machine's (one /64 for IPv6): a slot is taken before the caller is
+/// known, so one address must not hold them all with bodies it never
+/// sends. Loopback callers (a TLS proxy in front, a service beside the
+/// backoffice) are this machine's own and share only `CALLS_AT_ONCE`.
+pub const CALLS_PER_ADDRESS_MAX: usize = 16;
 
 /// What the Parlay X interfaces keep between calls.
 pub struct Payments {
@@ -42,6 +49,8 @@ pub struct Payments {
     /// How long a reservation lasts after it is made or changed.
     reservation_ttl_ms: u64,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Calls held per address, for callers from elsewhere.
+    by_address: Arc<crate::listen::PerAddress>,
 }
 
 impl Default for Payments {
@@ -64,6 +73,21 @@ impl Payments {
             currency: currency.to_owned(),
             reservation_ttl_ms: RESERVATION_TTL_MS,
             slots: Arc::new(tokio::sync::Semaphore::new(CALLS_AT_ONCE)),
+            by_address: crate::listen::PerAddress::new(CALLS_PER_ADDRESS_MAX),
+        }
+    }
+}
+
+impl Payments {
+    /// A call's hold on its address's share of the slots: none needed
+    /// from this machine, `Err` when the address holds its most.
+    fn address_hold(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Option<crate::listen::AddressHold>, ()> {
+        match peer.map(|peer| peer.ip()) {
+            Some(ip) if !is_loopback(ip) => self.by_address.take(ip).map(Some).ok_or(()),
+            _ => Ok(None),
         }
     }
 }
@@ -130,6 +154,16 @@ fn xml(status: StatusCode, body: String) -> Response {
     response
 }
 
+/// An HTTP refusal before SOAP: `status` and a line of plain text.
+fn refusal(status: StatusCode, text: &str) -> Response {
+    let mut response = (status, text.to_owned()).into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 fn served(service: &Service, text: &str) -> String {
     text.replace(
         ADDRESS_PLACEHOLDER,
@@ -175,12 +209,17 @@ async fn wsdl(
 /// first with the same token. So calls come over TLS (`--tls-listen`), or
 /// from this machine (a TLS proxy in front, or a service beside us).
 pub fn transport_allowed(peer: Option<std::net::SocketAddr>, tls: bool) -> bool {
-    tls || peer.is_some_and(|peer| match peer.ip() {
+    tls || peer.is_some_and(|peer| is_loopback(peer.ip()))
+}
+
+/// Whether `ip` is this machine's (IPv4 127/8, `::1`, or 127/8 mapped).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
         std::net::IpAddr::V4(ip) => ip.is_loopback(),
         std::net::IpAddr::V6(ip) => {
             ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback())
         }
-    })
+    }
 }
 
 async fn call(
@@ -196,41 +235,60 @@ async fn call(
         .extensions()
         .get::<crate::listen::Transport>()
         .is_some_and(|transport| transport.tls);
+    // Refusals before the body is read are HTTP's, in plain text with
+    // their own status; every SOAP fault envelope goes with 500 (WS-I
+    // Basic Profile R1126), so SOAP clients read faults and HTTP clients
+    // (proxies, balancers) read refusals.
     if !transport_allowed(peer, tls) {
-        let fault = soap::fault(
-            soap::FaultCode::Client,
+        return refusal(
+            StatusCode::FORBIDDEN,
             "Parlay X calls are taken over TLS (the backoffice's --tls-listen address) \
-             or from this machine: a UsernameToken does not protect the body over plain HTTP",
-            None,
+             or from this machine: a UsernameToken does not protect the body over plain HTTP\n",
         );
-        return xml(StatusCode::FORBIDDEN, fault);
     }
-    let Ok(slot) = Arc::clone(&service.payments.slots).try_acquire_owned() else {
-        let fault = soap::fault(
-            soap::FaultCode::Server,
-            "the backoffice is busy with as many payment calls as it takes at once; try again",
-            None,
+    let busy = |text: &str| {
+        let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, text);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    };
+    let Ok(address_hold) = service.payments.address_hold(peer) else {
+        return busy(
+            "this address has as many payment calls open as one address may; \
+             try again when one is answered\n",
         );
-        return xml(StatusCode::SERVICE_UNAVAILABLE, fault);
+    };
+    let Ok(slot) = Arc::clone(&service.payments.slots).try_acquire_owned() else {
+        return busy(
+            "the backoffice is busy with as many payment calls as it takes at once; try again\n",
+        );
     };
     let limit = soap::Limits::PAYMENT.body_bytes_max;
     let read =
         http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), limit));
     let body = match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
         Ok(Ok(collected)) => collected.to_bytes(),
-        _ => {
-            let fault = soap::fault(
-                soap::FaultCode::Client,
-                &format!("the body did not arrive whole within 10 s and {limit} bytes"),
-                None,
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            return refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("a Parlay X call is at most {limit} bytes\n"),
             );
-            return xml(StatusCode::BAD_REQUEST, fault);
+        }
+        Ok(Err(_)) => {
+            return refusal(StatusCode::BAD_REQUEST, "the body could not be read\n");
+        }
+        Err(_) => {
+            return refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive whole within 10 s\n",
+            );
         }
     };
     // Store calls and fsync block: off the async workers.
     let answered = tokio::task::spawn_blocking(move || {
         let answer = answer(&service, interface, &body, crate::now_ms());
-        drop(slot);
+        drop((slot, address_hold));
         answer
     })
     .await;
@@ -451,7 +509,10 @@ impl Caller<'_> {
         } else {
             return Err(invalid());
         };
-        let customer = customer.ok_or_else(invalid)?;
+        // Nobody by that name reads as somebody who did not grant this
+        // service: a service learns from a refusal only what it could
+        // charge, not who is a customer of the branch.
+        let customer = customer.ok_or_else(|| self.not_granted())?;
         if customer.cid == self.product.owner {
             // A product cannot charge its own owner.
             return Err(invalid());
@@ -461,21 +522,38 @@ impl Caller<'_> {
 
     /// Refused unless `payer` gave this service a grant that is live now.
     fn granted(&self, payer: &Cid) -> Result<(), Exception> {
-        // The payer's grants, few, rather than the service's, many.
+        self.grant_of(payer, true)
+    }
+
+    /// Refused unless `payee` ever gave this service a grant (live, expired
+    /// or revoked): a refund goes only to a customer the service dealt
+    /// with, so that refunds are no way to tell customers from strangers.
+    fn granted_ever(&self, payee: &Cid) -> Result<(), Exception> {
+        self.grant_of(payee, false)
+    }
+
+    fn grant_of(&self, customer: &Cid, live: bool) -> Result<(), Exception> {
+        // The customer's grants, few, rather than the service's, many.
         let grants = self
             .store()
-            .grants_of_customer(payer)
+            .grants_of_customer(customer)
             .map_err(|error| self.fail(&error))?;
         if grants
             .iter()
-            .any(|grant| grant.mid == self.meter.mid && grant.is_live_at(self.now_ms))
+            .any(|grant| grant.mid == self.meter.mid && (!live || grant.is_live_at(self.now_ms)))
         {
             return Ok(());
         }
-        Err(Exception::policy_error(format!(
+        Err(self.not_granted())
+    }
+
+    /// The refusal of an end user who did not grant this service, or whom
+    /// no customer answers to (the same words: `end_user`).
+    fn not_granted(&self) -> Exception {
+        Exception::policy_error(format!(
             "the end user has not granted {} to charge them",
             self.product.pid
-        )))
+        ))
     }
 
     /// The amount of `charge`, checked: positive (or, with `signed`, not
@@ -645,6 +723,7 @@ impl Caller<'_> {
                 end_user, charge, ..
             } => {
                 let payee = self.end_user(end_user)?;
+                self.granted_ever(&payee)?;
                 let amount = self.amount(charge, false, Some(&payee))?;
                 let evidence = self.evidence(confirmation_refs, &[payee])?;
                 let ask = self.ask_with(request, &charge.description, evidence)?;
@@ -795,6 +874,8 @@ impl Caller<'_> {
                 let charging = matches!(request, Request::ChargeVolume { .. });
                 if charging {
                     self.granted(&customer)?;
+                } else {
+                    self.granted_ever(&customer)?;
                 }
                 let rating = self.rating(&volume.parameters)?;
                 let amount = self.price(&customer, positive(volume.volume)?, &rating)?;
@@ -1154,6 +1235,42 @@ mod tests {
         ] {
             assert_eq!(reservation_id(wrong), None, "{wrong}");
         }
+    }
+
+    #[test]
+    fn one_address_from_elsewhere_holds_at_most_its_share_of_the_slots() {
+        let payments = Payments::default();
+        let at = |text: &str| Some(text.parse::<std::net::SocketAddr>().unwrap());
+        let held: Vec<_> = (0..CALLS_PER_ADDRESS_MAX)
+            .map(|n| {
+                payments
+                    .address_hold(at(&format!("192.0.2.7:{}", 1000 + n)))
+                    .unwrap()
+                    .expect("a hold")
+            })
+            .collect();
+        assert!(payments.address_hold(at("192.0.2.7:9")).is_err());
+        // The same /64 is one address; another address has its own share.
+        let mut v6: Vec<_> = (0..CALLS_PER_ADDRESS_MAX)
+            .map(|n| payments.address_hold(at(&format!("[2001:db8::{n:x}]:9"))))
+            .collect();
+        assert!(v6.iter().all(Result::is_ok));
+        assert!(payments.address_hold(at("[2001:db8::ffff]:9")).is_err());
+        assert!(payments.address_hold(at("192.0.2.8:9")).unwrap().is_some());
+        // This machine's callers share only the whole.
+        for _ in 0..100 {
+            assert!(payments.address_hold(at("127.0.0.1:9")).unwrap().is_none());
+        }
+        // A call answered gives its share back.
+        drop(held);
+        v6.clear();
+        assert!(payments.address_hold(at("192.0.2.7:9")).unwrap().is_some());
+        assert!(
+            payments
+                .address_hold(at("[2001:db8::1]:9"))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

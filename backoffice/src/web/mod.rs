@@ -1105,7 +1105,7 @@ async fn edit_account(
                 errors.push((
                     "telephone",
                     "Give the number in international form: + and the country code, like \
-                     +49 151 12345678."
+                     +44 20 7946 0958."
                         .into(),
                 ));
                 None

@@ -490,7 +490,7 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
             (csrf(session))
             (profile_inputs(&form, errors))
             (text_input(
-                "Telephone number (optional), international form like +49 151 12345678: a service you granted may charge you by it",
+                "Telephone number (optional), international form like +44 20 7946 0958: a service you granted may charge you by it",
                 "telephone",
                 "tel",
                 customer.phone.as_deref().unwrap_or_default(),
