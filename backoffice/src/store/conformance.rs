@@ -1306,7 +1306,7 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
 ) {
     use crate::holds::{HoldBook, HoldChange, HoldId};
     use crate::payments::{PaymentRequest, digest};
-    let service = Pid::parse("B1-P7").unwrap();
+    let service = Pid::parse("B1-P1").unwrap();
     let (payer, owner) = (customer(1), customer(2));
     let payment = |reference: &str| TransferKind::Payment {
         pid: service,
@@ -1327,6 +1327,25 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
     let mut book = HoldBook::new();
     {
         let store = harness.open();
+        // The service's product, owned by the payee: verify checks that
+        // every payment pays or is paid by the product's owner.
+        let bid = Bid::parse("B1").unwrap();
+        store
+            .create_customer(&bid, "Payer", "payer@example.org")
+            .unwrap();
+        let payee = store
+            .create_customer(&bid, "Owner", "owner@example.org")
+            .unwrap();
+        assert_eq!(AccountId::Customer(payee.cid), owner);
+        let product = NewProduct {
+            owner: &payee.cid,
+            name: "Ring tones",
+            description: "",
+            terms: "1 a tone",
+            taca: b"\0asm module",
+            max_price: Amount::parse("5").unwrap(),
+        };
+        assert_eq!(store.create_product(&bid, product).unwrap().pid, service);
         let deposit = ledger.prepare(batch(1, 2, 100)[..1].to_vec(), 1).unwrap();
         store.stage_transfers(&deposit).unwrap();
         ledger.commit(deposit);

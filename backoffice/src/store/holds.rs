@@ -162,12 +162,13 @@ pub(crate) fn check_hold_events(
     events: Result<Vec<HoldEvent>, StoreError>,
     transfers: &[crate::ledger::Transfer],
     report: &mut crate::verify::Report,
-) {
+) -> HoldsPlaced {
+    let mut placed = HoldsPlaced::new();
     let events = match events {
         Ok(events) => events,
         Err(error) => {
             report.problem(format!("the hold events cannot be read: {error}"));
-            return;
+            return placed;
         }
     };
     report.checked("hold events", events.len() as u64);
@@ -175,9 +176,14 @@ pub(crate) fn check_hold_events(
         Ok(book) => book,
         Err(error) => {
             report.problem(format!("hold events: {error}"));
-            return;
+            return placed;
         }
     };
+    for event in book.events() {
+        if let HoldChange::Placed { by, .. } = &event.change {
+            placed.insert(event.hold.0, *by);
+        }
+    }
     for event in book.events() {
         let HoldChange::Captured { amount, transfer } = &event.change else {
             continue;
@@ -198,4 +204,9 @@ pub(crate) fn check_hold_events(
             )),
         }
     }
+    placed
 }
+
+/// The holds the events place, each with the service that placed it
+/// (`None`: the branch's own), for checking what names them.
+pub(crate) type HoldsPlaced = std::collections::HashMap<u64, Option<proto::Pid>>;

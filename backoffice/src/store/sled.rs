@@ -511,14 +511,7 @@ impl Store for SledStore {
         let Some(key) = self.payment_evidence.get(reference.as_bytes())? else {
             return Ok(None);
         };
-        let corrupt = || StoreError::Corrupt(format!("the evidence record of {reference:?}"));
-        let split = key.iter().position(|byte| *byte == 0).ok_or_else(corrupt)?;
-        let service = std::str::from_utf8(&key[..split]).map_err(|_| corrupt())?;
-        let code = std::str::from_utf8(&key[split + 1..]).map_err(|_| corrupt())?;
-        Ok(Some((
-            Pid::parse(service).map_err(|_| corrupt())?,
-            code.to_owned(),
-        )))
+        evidence_record(reference, &key).map(Some)
     }
 
     fn payment_requests(&self) -> Result<Vec<crate::payments::PaymentRequest>, StoreError> {
@@ -1684,6 +1677,34 @@ fn put_account(out: &mut Vec<u8>, account: &AccountId) {
 
 /// Abort code of a write whose payment request's reference is taken.
 const REQUEST_TAKEN: u64 = u64::MAX - 1;
+/// An evidence record's value (service PID, a zero byte, the request's
+/// reference code) read: the service and the code.
+fn evidence_record(reference: &str, value: &[u8]) -> Result<(Pid, String), StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("the evidence record of {reference:?}"));
+    let split = value
+        .iter()
+        .position(|byte| *byte == 0)
+        .ok_or_else(corrupt)?;
+    let service = std::str::from_utf8(&value[..split]).map_err(|_| corrupt())?;
+    let code = std::str::from_utf8(&value[split + 1..]).map_err(|_| corrupt())?;
+    Ok((Pid::parse(service).map_err(|_| corrupt())?, code.to_owned()))
+}
+
+impl SledStore {
+    /// Every evidence record: the reference, the service, the code.
+    pub(crate) fn evidence_records(&self) -> Result<Vec<(String, Pid, String)>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.payment_evidence.iter() {
+            let (key, value) = entry?;
+            let reference = String::from_utf8(key.to_vec())
+                .map_err(|_| StoreError::Corrupt("an evidence record's reference".into()))?;
+            let (service, code) = evidence_record(&reference, &value)?;
+            records.push((reference, service, code));
+        }
+        Ok(records)
+    }
+}
+
 /// Abort code of a write whose request gives evidence used already.
 const EVIDENCE_TAKEN: u64 = u64::MAX - 2;
 

@@ -935,6 +935,31 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Every evidence record: the reference, the service, the code.
+    fn evidence_records(&self) -> Result<Vec<(String, Pid, String)>, StoreError> {
+        self.block(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT reference, service, request FROM payment_evidence ORDER BY reference",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let reference: String = row.get(0);
+                    let service: &str = row.get(1);
+                    let service = Pid::parse(service).map_err(|_| {
+                        StoreError::Corrupt(format!("the evidence record of {reference:?}"))
+                    })?;
+                    Ok((reference, service, row.get(2)))
+                })
+                .collect()
+        })
+    }
+}
+
 impl Store for PgStore {
     fn load_ledger(&self) -> Result<Ledger, StoreError> {
         Ok(Ledger::restore(self.transfers()?))
@@ -974,11 +999,23 @@ impl Store for PgStore {
         if let Err(error) = self.block(self.verify_rows(&sums, &mut report)) {
             report.problem(format!("the store cannot be read: {error}"));
         }
-        crate::store::holds::check_hold_events(self.hold_events_from(0), &transfers, &mut report);
+        let holds = crate::store::holds::check_hold_events(
+            self.hold_events_from(0),
+            &transfers,
+            &mut report,
+        );
         crate::store::payments::check_payment_requests(
             self.payment_requests(),
             &transfers,
-            &|reference| self.evidence_used(reference),
+            crate::store::payments::PaymentChecks {
+                evidence_used: &|reference| self.evidence_used(reference),
+                evidence_kept: Some(self.evidence_records()),
+                holds: &holds,
+                owner_of: &|pid| {
+                    self.product(pid)
+                        .map(|product| product.map(|product| product.owner))
+                },
+            },
             &mut report,
         );
         (report, transfers)

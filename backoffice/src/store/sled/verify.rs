@@ -52,7 +52,7 @@ impl SledStore {
         self.verify_periods(&customers, &products, &mut report);
         self.verify_suspense(&mut report);
         self.verify_deposits(&customers, &transfers, &mut report);
-        crate::store::holds::check_hold_events(
+        let holds = crate::store::holds::check_hold_events(
             crate::store::Store::hold_events_from(self, 0),
             &transfers,
             &mut report,
@@ -60,7 +60,15 @@ impl SledStore {
         crate::store::payments::check_payment_requests(
             crate::store::Store::payment_requests(self),
             &transfers,
-            &|reference| crate::store::Store::evidence_used(self, reference),
+            crate::store::payments::PaymentChecks {
+                evidence_used: &|reference| crate::store::Store::evidence_used(self, reference),
+                evidence_kept: Some(self.evidence_records()),
+                holds: &holds,
+                owner_of: &|pid| {
+                    crate::store::Store::product(self, pid)
+                        .map(|product| product.map(|product| product.owner))
+                },
+            },
             &mut report,
         );
         (report, transfers)
