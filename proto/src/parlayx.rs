@@ -503,9 +503,10 @@ impl Request {
     }
 
     /// The request in a canonical form (every part, in order, each
-    /// length-prefixed): two requests are the same request when their
-    /// forms are equal, whatever their XML spelling. Kept stable: digests
-    /// of it are stored with each request.
+    /// length-prefixed, each list preceded by its count): two requests are
+    /// the same request when their forms are equal, whatever their XML
+    /// spelling, and two different requests never have one form. Kept
+    /// stable: digests of it are stored with each request.
     pub fn canonical(&self) -> String {
         let mut parts: Vec<String> = vec![self.operation().to_owned()];
         let charge = |parts: &mut Vec<String>, charge: &ChargingInformation| {
@@ -521,6 +522,7 @@ impl Request {
         };
         let volume = |parts: &mut Vec<String>, volume: &Volume| {
             parts.push(volume.volume.to_string());
+            parts.push(volume.parameters.len().to_string());
             for property in &volume.parameters {
                 parts.push(property.name.clone());
                 parts.push(property.value.clone());
@@ -542,6 +544,7 @@ impl Request {
                 parts.push(end_user.clone());
                 charge(&mut parts, c);
                 parts.push(reference.clone());
+                parts.push(confirmation_refs.len().to_string());
                 parts.extend(confirmation_refs.iter().cloned());
             }
             Request::ChargeSplitAmount {
@@ -550,12 +553,14 @@ impl Request {
                 reference,
                 confirmation_refs,
             } => {
+                parts.push(splits.len().to_string());
                 for split in splits {
                     parts.push(split.end_user.clone());
                     parts.push(split.percent.to_string());
                 }
                 charge(&mut parts, c);
                 parts.push(reference.clone());
+                parts.push(confirmation_refs.len().to_string());
                 parts.extend(confirmation_refs.iter().cloned());
             }
             Request::ChargeVolume {
@@ -865,6 +870,36 @@ mod tests {
             unreachable!()
         };
         assert_eq!(charge.amount, Some(Amount::parse("1.5").unwrap()));
+    }
+
+    #[test]
+    fn lists_of_different_lengths_never_make_one_canonical_form() {
+        let charge = |description: &str, currency: Option<&str>| ChargingInformation {
+            description: description.into(),
+            currency: currency.map(str::to_owned),
+            amount: Some(Amount::parse("1").unwrap()),
+            code: None,
+        };
+        let split = |end_user: &str, percent: &str| Split {
+            end_user: end_user.into(),
+            percent: Amount::parse(percent).unwrap(),
+        };
+        // Two splits and no references against one split and two
+        // references: without counts, both are the parts
+        // a, 50, D, 50, 1, "", 1, "", R.
+        let two_splits = Request::ChargeSplitAmount {
+            splits: vec![split("a", "50"), split("D", "50")],
+            charge: charge("1", None),
+            reference: "R".into(),
+            confirmation_refs: vec![],
+        };
+        let one_split = Request::ChargeSplitAmount {
+            splits: vec![split("a", "50")],
+            charge: charge("D", Some("50")),
+            reference: "1".into(),
+            confirmation_refs: vec![String::new(), "R".into()],
+        };
+        assert_ne!(two_splits.canonical(), one_split.canonical());
     }
 
     #[test]
