@@ -473,6 +473,10 @@ fn charge_refused(refusal: PaymentRefusal) -> Exception {
         PaymentRefusal::AboveMaximum(total, max) => Exception::policy_error(format!(
             "the reservation would hold {total}, above the most one use may cost ({max})"
         )),
+        PaymentRefusal::AboveCharged(net) => Exception::policy_error(format!(
+            "a refund is at most what this service charged the end user, less its refunds \
+             to them: {net}"
+        )),
     }
 }
 

@@ -54,6 +54,9 @@ pub enum PaymentRefusal {
     /// The reservation would hold more than one use of the product may
     /// cost (the total it would hold, the maximum).
     AboveMaximum(Amount, Amount),
+    /// A refund above what this service charged the customer, less what
+    /// it refunded them already (that net, never below 0).
+    AboveCharged(Amount),
 }
 
 /// A payment done, now or by an earlier request with the same code.
@@ -246,6 +249,9 @@ impl<S: Store> Backoffice<S> {
         }
         if let Some(used) = self.evidence_used(ask)? {
             return Ok(Err(used));
+        }
+        if let Some(refused) = beyond_charged(&ledger, ask, moves)? {
+            return Ok(Err(refused));
         }
         let now_ms = now_ms.max(holds.latest_ms());
         let mut paying: Vec<(AccountId, Amount)> = Vec::new();
@@ -489,4 +495,41 @@ pub enum ReservationChange {
     },
     /// Ended: what was not charged is available again.
     Release,
+}
+
+/// Refused when a move from the product's owner (a refund) gives a
+/// customer more than this service charged them, less what it refunded
+/// them already: a service's credential, stolen or buggy, then cannot move
+/// the owner's money to anyone beyond undoing its own charges. Only the
+/// service's payments count (`TransferKind::Payment` of its PID), read
+/// from the customer's transfers under the ledger lock.
+fn beyond_charged(
+    ledger: &crate::ledger::Ledger,
+    ask: &PaymentAsk,
+    moves: &[Move],
+) -> Result<Option<PaymentRefusal>, Fault> {
+    let owner = AccountId::Customer(ask.owner);
+    for (debit, customer, amount) in moves {
+        if *debit != owner {
+            continue;
+        }
+        let mut net = Amount::ZERO;
+        for transfer in ledger.transfers_of(*customer) {
+            if !matches!(&transfer.kind, TransferKind::Payment { pid, .. } if *pid == ask.service) {
+                continue;
+            }
+            net = if transfer.debit == *customer && transfer.credit == owner {
+                net.checked_add(transfer.amount)
+            } else if transfer.debit == owner && transfer.credit == *customer {
+                net.checked_sub(transfer.amount)
+            } else {
+                Ok(net)
+            }
+            .map_err(|error| internal(&error))?;
+        }
+        if *amount > net {
+            return Ok(Some(PaymentRefusal::AboveCharged(net.max(Amount::ZERO))));
+        }
+    }
+    Ok(None)
 }

@@ -2578,6 +2578,103 @@ fn a_hold_placed_on_one_node_is_captured_on_another_and_expires_once() {
     assert_eq!(store.hold_events_from(0).unwrap().len(), 1 + 6 + 1 + 2);
 }
 
+#[test]
+fn refunds_never_give_a_customer_more_than_the_service_charged_them_even_at_once() {
+    use backoffice::send::{PaymentAsk, PaymentRefusal};
+    let world = world();
+    let office = &world.backoffice;
+    let payer = AccountId::Customer(world.consumer);
+    let owner = AccountId::Customer(world.producer);
+    let ask = |reference: &str, operation: &'static str| PaymentAsk {
+        service: world.product,
+        owner: world.producer,
+        reference: Some(reference.to_owned()),
+        operation,
+        canonical: format!("{operation} {reference}"),
+        description: "Goodwill".to_owned(),
+        evidence: Vec::new(),
+    };
+    // Nothing charged yet: the customer's deposits and metered uses are
+    // not the service's to refund.
+    assert_eq!(
+        office
+            .pay(
+                &ask("f-0", "refundAmount"),
+                &[(owner, payer, amount("0.01"))],
+                NOW_MS
+            )
+            .unwrap(),
+        Err(PaymentRefusal::AboveCharged(Amount::ZERO))
+    );
+    office
+        .pay(
+            &ask("c-1", "chargeAmount"),
+            &[(payer, owner, amount("1"))],
+            NOW_MS,
+        )
+        .unwrap()
+        .unwrap();
+    let owner_start = balance(&world, world.producer);
+    // Eight refunds of 0.3 at once against a charge of 1: three fit.
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let ask = ask(&format!("f-{}", n + 1), "refundAmount");
+                scope.spawn(move || {
+                    office
+                        .pay(&ask, &[(owner, payer, amount("0.3"))], NOW_MS)
+                        .unwrap()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap())
+            .collect()
+    });
+    assert_eq!(outcomes.iter().filter(|outcome| outcome.is_ok()).count(), 3);
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, Ok(_) | Err(PaymentRefusal::AboveCharged(_)))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        balance(&world, world.producer),
+        owner_start.checked_sub(amount("0.9")).unwrap()
+    );
+    // What is left is refundable exactly, and then nothing.
+    assert_eq!(
+        office
+            .pay(
+                &ask("f-9", "refundAmount"),
+                &[(owner, payer, amount("0.11"))],
+                NOW_MS
+            )
+            .unwrap(),
+        Err(PaymentRefusal::AboveCharged(amount("0.1")))
+    );
+    office
+        .pay(
+            &ask("f-10", "refundAmount"),
+            &[(owner, payer, amount("0.1"))],
+            NOW_MS,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        office
+            .pay(
+                &ask("f-11", "refundAmount"),
+                &[(owner, payer, amount("0.000000001"))],
+                NOW_MS
+            )
+            .unwrap(),
+        Err(PaymentRefusal::AboveCharged(Amount::ZERO))
+    );
+    books_verify(&world);
+}
+
 /// A service's payments (Parlay X) are exactly once whatever arrives at
 /// once: the same request under one reference code from 8 threads moves
 /// money once and answers all of them; other requests under that code are
