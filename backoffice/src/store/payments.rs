@@ -12,13 +12,16 @@ use crate::payments::PaymentRequest;
 /// Who used a piece of evidence, and under which reference code.
 type EvidenceLookup<'a> = &'a dyn Fn(&str) -> Result<Option<(proto::Pid, String)>, StoreError>;
 
+/// An evidence record: the reference, the service, the request's code.
+pub(crate) type EvidenceRecord = (String, proto::Pid, String);
+
 /// What payment requests are checked against besides the transfers.
 pub(crate) struct PaymentChecks<'a> {
     /// Who used a piece of evidence.
     pub evidence_used: EvidenceLookup<'a>,
     /// Every evidence record the store keeps (reference, service, code),
     /// where the store can list them: each must be a request's own.
-    pub evidence_kept: Option<Result<Vec<(String, proto::Pid, String)>, StoreError>>,
+    pub evidence_kept: Option<Result<Vec<EvidenceRecord>, StoreError>>,
     /// The holds placed, and by which service (`holds::check_hold_events`).
     pub holds: &'a super::holds::HoldsPlaced,
     /// A product's owner.
