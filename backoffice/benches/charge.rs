@@ -112,7 +112,9 @@ fn main() {
                 .collect(),
         )
         .unwrap();
-    let fsyncs = fdatasync_rate(dir.path(), Duration::from_secs(if testing { 0 } else { 2 }));
+    let fsyncs =
+        durable::fdatasync_rate(dir.path(), Duration::from_secs(if testing { 0 } else { 2 }))
+            .expect("the data folder takes fdatasync");
     let service = std::sync::Arc::new(backoffice::server::Service {
         backoffice,
         bid,
@@ -306,25 +308,4 @@ fn envelope(mid: &str, secret: &str, client: usize, call: usize, payer: &Cid) ->
         base64.encode(digest.finish()),
         base64.encode(nonce.as_bytes())
     )
-}
-
-/// `fdatasync`s per second of a small file rewritten in `dir` for `time`
-/// (at least one).
-fn fdatasync_rate(dir: &std::path::Path, time: Duration) -> f64 {
-    let path = dir.join("fsync-probe");
-    let mut file = std::fs::File::create(&path).unwrap();
-    let started = Instant::now();
-    let mut count = 0u64;
-    loop {
-        file.write_all(b"0123456789abcdef").unwrap();
-        file.sync_data().unwrap();
-        count += 1;
-        if started.elapsed() >= time {
-            break;
-        }
-    }
-    let rate = count as f64 / started.elapsed().as_secs_f64();
-    drop(file);
-    let _ = std::fs::remove_file(path);
-    rate
 }

@@ -257,6 +257,33 @@ fn sync_folder(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The disk's own `fdatasync` rate in `dir`: how many times per second a
+/// small write to a new file there can be made durable, one after another,
+/// for `time` (at least one). The limit a durable store's commits are
+/// compared with, measured in the same run by the benchmarks.
+pub fn fdatasync_rate(dir: &Path, time: Duration) -> std::io::Result<f64> {
+    use std::io::Write as _;
+    let path = dir.join(".fdatasync-probe");
+    let mut file = File::create(&path)?;
+    let started = Instant::now();
+    let mut count = 0u64;
+    let outcome = loop {
+        if let Err(error) = file
+            .write_all(b"0123456789abcdef")
+            .and_then(|()| file.sync_data())
+        {
+            break Err(error);
+        }
+        count += 1;
+        if started.elapsed() >= time {
+            break Ok(count as f64 / started.elapsed().as_secs_f64());
+        }
+    };
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    outcome
+}
+
 impl SledDir {
     /// Makes everything written to the database before this call durable:
     /// sled's flush, then every new blob file and the folder that names it,
@@ -496,6 +523,16 @@ mod injection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fdatasync_rate_is_measured_in_the_folder_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rate = fdatasync_rate(dir.path(), Duration::from_millis(50)).unwrap();
+        assert!(rate.is_finite() && rate > 0.0, "{rate}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let missing = dir.path().join("missing");
+        assert!(fdatasync_rate(&missing, Duration::from_millis(1)).is_err());
+    }
 
     fn options() -> Options {
         Options {

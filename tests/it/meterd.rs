@@ -1246,3 +1246,50 @@ fn a_grant_answer_not_signed_for_the_call_made_grants_nothing() {
     grant_by_password(&backoffice, &meter.socket, "B1-C1");
     assert_eq!(status_of(&meter.socket)["grantsHeld"], "1");
 }
+
+/// The load generator's smoke run: every phase answers, and each commit
+/// rate comes with its ratio to the data folder's raw `fdatasync` rate
+/// measured in the same run (the full runs are by hand: docs/benchmarks.md).
+#[test]
+fn the_load_generator_reports_commit_rates_beside_the_disks_fdatasync_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("run");
+    let output = Command::new(env!("CARGO_BIN_EXE_meter-load"))
+        .arg(workspace_binary("meterd", "meterd"))
+        .arg(&work)
+        .args([
+            "--queries",
+            "200",
+            "--clients",
+            "4",
+            "--seconds",
+            "1",
+            "--fill",
+            "0",
+        ])
+        .output()
+        .expect("meter-load runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let disk = printed
+        .lines()
+        .filter(|line| line.starts_with("disk: ") && line.contains("fdatasync per second in"))
+        .count();
+    assert_eq!(disk, 2, "{printed}");
+    for clients in ["1 clients", "4 clients"] {
+        let line = printed
+            .lines()
+            .find(|line| line.starts_with(&format!("commit: {clients}")))
+            .unwrap_or_else(|| panic!("no commit line for {clients}: {printed}"));
+        let ratio: f64 = line
+            .rsplit_once("= ")
+            .and_then(|(_, tail)| tail.split_once('x'))
+            .and_then(|(ratio, _)| ratio.parse().ok())
+            .unwrap_or_else(|| panic!("no ratio in {line:?}"));
+        assert!(ratio > 0.0, "{line}");
+    }
+}

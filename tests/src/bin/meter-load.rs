@@ -26,8 +26,10 @@ Starts METERD_BINARY serving in WORK_DIR (which must not exist), then measures:
           that polls for the answer, as the client library does);
   query:  N query round trips on one keep-alive connection (default 100000),
           median and p99, each followed by an untimed cancel;
+  disk:   the data folder's raw fdatasync rate, before and after the commits;
   commit: query+commit pairs for SECONDS (default 5) with 1 client, then with
-          CLIENTS clients (default 32); every commit is durable when it returns;
+          CLIENTS clients (default 32); every commit is durable when it returns,
+          each rate also as a ratio to the disk's fdatasync rate;
   fill:   commits until N readings wait (default 1000000), printing the
           meter's RSS every 100000.";
 
@@ -276,7 +278,18 @@ fn commit_load(
     });
 }
 
-fn measure_commits(socket: &Path, clients: usize, seconds: u64) {
+/// The data folder's raw `fdatasync` rate, measured for a second.
+fn measure_disk(dir: &Path) -> f64 {
+    let rate =
+        durable::fdatasync_rate(dir, Duration::from_secs(1)).expect("fdatasync in the data folder");
+    println!(
+        "disk: {rate:.0} fdatasync per second in {} (a small write made durable, one after another)",
+        dir.display()
+    );
+    rate
+}
+
+fn measure_commits(socket: &Path, clients: usize, seconds: u64, fsyncs: f64) {
     let stop = AtomicBool::new(false);
     let committed = AtomicU64::new(0);
     let started = Instant::now();
@@ -287,9 +300,11 @@ fn measure_commits(socket: &Path, clients: usize, seconds: u64) {
     });
     let elapsed = started.elapsed().as_secs_f64();
     let total = committed.load(Ordering::Relaxed);
+    let rate = total as f64 / elapsed;
     println!(
-        "commit: {clients} clients, {total} durable commits in {elapsed:.1} s = {:.0} per second",
-        total as f64 / elapsed
+        "commit: {clients} clients, {total} durable commits in {elapsed:.1} s = {rate:.0} per second \
+         = {:.2}x the disk's fdatasync rate",
+        rate / fsyncs
     );
 }
 
@@ -345,8 +360,14 @@ fn main() -> ExitCode {
     measure_baseline(&options.dir, options.queries, true);
     measure_queries(&daemon.socket, options.queries);
     measure_baseline(&options.dir.join("data"), options.queries, false);
-    measure_commits(&daemon.socket, 1, options.seconds);
-    measure_commits(&daemon.socket, options.clients, options.seconds);
+    let data = options.dir.join("data");
+    let before = measure_disk(&data);
+    measure_commits(&daemon.socket, 1, options.seconds, before);
+    measure_commits(&daemon.socket, options.clients, options.seconds, before);
+    let after = measure_disk(&data);
+    println!(
+        "disk: fdatasync {before:.0} per second before the commits, {after:.0} after; ratios are to the first"
+    );
     if options.fill > 0 {
         fill(&daemon, options.fill, options.clients);
     }
