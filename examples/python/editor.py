@@ -11,8 +11,11 @@ the editor. The user is whoever the calling shell logged in
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from meterd_client import connect  # noqa: E402
+try:
+    from meterd_client import connect  # pip install ./clients/python
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../clients/python/src"))
+    from meterd_client import connect
 
 
 def main(product, component, uses):

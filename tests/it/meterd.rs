@@ -582,30 +582,83 @@ fn sigterm_drains_and_exits_and_a_second_meter_is_refused() {
 }
 
 #[test]
-fn the_readme_shows_the_python_transport_the_tests_run() {
+fn the_readmes_python_block_calls_what_the_package_defines() {
     let readme = include_str!("../../README.md");
-    let client = include_str!("../../examples/python/meterd_client.py");
+    let package = include_str!("../../clients/python/src/meterd_client/__init__.py");
+    assert!(readme.contains("pip install ./clients/python"));
     let block = readme
         .split("```python")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("README has a Python block");
-    let transport: Vec<&str> = block
-        .lines()
-        .skip_while(|line| !line.starts_with("class UnixConnection"))
-        .take_while(|line| !line.starts_with("meter = "))
-        .filter(|line| !line.trim().is_empty())
-        .collect();
     assert!(
-        transport.len() > 10,
-        "the README shows the transport classes"
+        block.contains("from meterd_client import connect"),
+        "{block}"
     );
-    for line in transport {
+    assert!(package.contains("\ndef connect("));
+    let called: Vec<&str> = block
+        .split("meter.")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('(').map(|(name, _)| name))
+        .collect();
+    assert!(called.len() >= 2, "{block}");
+    for name in called {
         assert!(
-            client.contains(line),
-            "README line not in examples/python/meterd_client.py: {line}"
+            package.contains(&format!("    def {name}(")),
+            "the README calls meter.{name}, which meterd_client does not define"
         );
     }
+}
+
+/// `pip install` of the package as a user would (from a copy, so the
+/// checkout gets no build folders), then the installed module: `query`
+/// fails closed where no meter answers, `use` refuses.
+#[test]
+fn the_python_package_installs_with_pip_and_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let package = source.join("src/meterd_client");
+    std::fs::create_dir_all(&package).unwrap();
+    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python");
+    for file in [
+        "pyproject.toml",
+        "README.md",
+        "src/meterd_client/__init__.py",
+    ] {
+        std::fs::copy(format!("{clients}/{file}"), source.join(file)).unwrap();
+    }
+    let target = dir.path().join("installed");
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+        .arg(&target)
+        .arg(&source)
+        .output()
+        .expect("python3 -m pip runs");
+    assert!(installed.status.success(), "{installed:?}");
+    let run = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys\n\
+             sys.path.insert(0, sys.argv[1])\n\
+             import meterd_client\n\
+             assert meterd_client.__file__.startswith(sys.argv[1]), meterd_client.__file__\n\
+             meter = meterd_client.connect(sys.argv[2])\n\
+             print('query', meter.query('B1-P1'))\n\
+             try:\n    meter.try_query('B1-P1')\nexcept meterd_client.MeterUnavailable:\n    print('unavailable')\n\
+             try:\n    with meter.use('B1-P1'):\n        print('used')\n\
+             except meterd_client.MeterUnavailable:\n    print('no use')\n",
+        )
+        .arg(&target)
+        .arg(dir.path().join("no-meter.sock"))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["query False", "unavailable", "no use"]
+    );
 }
 
 #[test]
@@ -750,7 +803,10 @@ fn a_session_does_not_follow_its_process_to_another_uid() {
              meter = connect(sys.argv[2])\n\
              print('after setuid', meter.query('B1-P1'))\n",
         )
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../clients/python/src"
+        ))
         .arg(&meter.socket)
         .output()
         .unwrap();
@@ -859,29 +915,30 @@ fn the_device_flow_grants_once_the_customer_approves() {
                 std::os::unix::fs::PermissionsExt::from_mode(0o755),
             )
             .unwrap();
+            let package = module_dir.join("meterd_client");
+            std::fs::create_dir_all(&package).unwrap();
             std::fs::copy(
                 concat!(
                     env!("CARGO_MANIFEST_DIR"),
-                    "/../examples/python/meterd_client.py"
+                    "/../clients/python/src/meterd_client/__init__.py"
                 ),
-                module_dir.join("meterd_client.py"),
+                package.join("__init__.py"),
             )
             .unwrap();
-            std::fs::set_permissions(
-                module_dir.join("meterd_client.py"),
-                std::os::unix::fs::PermissionsExt::from_mode(0o644),
-            )
-            .unwrap();
+            for (path, mode) in [(&package, 0o755), (&package.join("__init__.py"), 0o644)] {
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                    .unwrap();
+            }
             let waited = Command::new(&other[0])
                 .args(&other[1..])
                 .arg(python)
                 .arg("-c")
                 .arg(
-                    "import sys, xmlrpc.client\n\
+                    "import sys\n\
                      sys.path.insert(0, sys.argv[1])\n\
-                     from meterd_client import connect\n\
-                     try:\n    connect(sys.argv[2]).grant.wait(sys.argv[3])\n    print('answered')\n\
-                     except xmlrpc.client.Fault as fault:\n    print('fault', fault.faultCode)\n",
+                     from meterd_client import MeterFault, connect\n\
+                     try:\n    connect(sys.argv[2]).call('grant.wait', sys.argv[3])\n    print('answered')\n\
+                     except MeterFault as fault:\n    print('fault', fault.code)\n",
                 )
                 .arg(&module_dir)
                 .arg(&meter.socket)
@@ -1291,5 +1348,33 @@ fn the_load_generator_reports_commit_rates_beside_the_disks_fdatasync_rate() {
             .and_then(|(ratio, _)| ratio.parse().ok())
             .unwrap_or_else(|| panic!("no ratio in {line:?}"));
         assert!(ratio > 0.0, "{line}");
+    }
+}
+
+/// The Python client's latency bench, smoke-run against a real meter:
+/// every row printed with its ratio to the raw socket floor of the same
+/// run (the full runs are by hand: docs/benchmarks.md).
+#[test]
+fn the_python_query_bench_reports_each_client_beside_the_raw_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    let output = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../clients/python/bench/query_latency.py"
+        ))
+        .arg(&meter.socket)
+        .arg("50")
+        .output()
+        .expect("python3 runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    for row in ["raw:", "package:", "xmlrpc:", "raw again:"] {
+        let line = printed
+            .lines()
+            .find(|line| line.starts_with(row))
+            .unwrap_or_else(|| panic!("no {row} row in {printed}"));
+        assert!(line.ends_with("x the raw floor"), "{line}");
     }
 }

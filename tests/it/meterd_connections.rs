@@ -254,7 +254,7 @@ fn the_meter_refuses_a_socket_where_every_user_may_create_it_first() {
 
 /// Runs the Python example client's `status()` on `socket`.
 fn python_status(socket: &Path, owner: Option<&str>) -> std::process::Output {
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/src");
     let mut command = Command::new("python3");
     command
         .arg("-c")

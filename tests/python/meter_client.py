@@ -1,4 +1,4 @@
-"""Calls meterd from Python with the stock xmlrpc.client over its Unix socket.
+"""Calls meterd from Python with the meterd_client package (clients/python).
 
 usage: python3 meter_client.py SOCKET CID PRODUCT COMPONENT THREADS USES
 
@@ -9,22 +9,30 @@ USES times with one use of COMPONENT inside each; prints the uses committed.
 import os
 import sys
 import threading
-import xmlrpc.client
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../examples/python"))
-from meterd_client import connect  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../clients/python/src"))
+from meterd_client import UnmatchedCommit, UseRefused, connect  # noqa: E402
 
 
 def work(socket_path, product, component, uses, context, results):
     meter = connect(socket_path)
     committed = 0
     for _ in range(uses):
-        if not meter.query(product, context):
+        try:
+            with meter.use(product, context):  # committed when the block ends
+                if meter.query(component, context):
+                    meter.commit(component, context)  # charged to the product's owner
+        except UseRefused:
             continue
-        if meter.query(component, context):
-            meter.commit(component, context)  # charged to the product's owner
-        meter.commit(product, context)
         committed += 1
+    # A use whose work raises is cancelled, not charged, and leaves no
+    # query open behind it.
+    try:
+        with meter.use(product, context):
+            raise RuntimeError("the work failed")
+    except RuntimeError:
+        pass
+    assert meter.cancel(product, context) is False
     # A query that is never committed is cancelled and not charged.
     if meter.query(product, context):
         assert meter.cancel(product, context) is True
@@ -48,8 +56,8 @@ def main(socket_path, cid, product, component, threads, uses):
     try:
         meter.commit("B1-P404")
         raise SystemExit("commit without query must be refused")
-    except xmlrpc.client.Fault as fault:
-        assert fault.faultCode == 104, fault
+    except UnmatchedCommit as fault:
+        assert fault.code == 104, fault
     assert meter.logout(cid) is True
     print(f"committed {sum(results)} uses of {product}")
 

@@ -570,8 +570,8 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
     let python = format!(
         "from meterd_client import connect\n\
          meter = connect()\n\
-         if meter.query(\"{pid}\"):\n    \
-         # ... the metered work ...\n    meter.commit(\"{pid}\")"
+         with meter.use(\"{pid}\"):  # committed at the end, cancelled if it raises\n    \
+         ...  # the metered work"
     );
     let body = html! {
         p { (product.name) " is registered." }
@@ -585,7 +585,7 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
         h2 { "Coding it into your program" }
         p { "Ask the meter before each use and commit after it. In Rust, with the meterd client library:" }
         pre { code { (rust) } }
-        p { "In Python, with the stock xmlrpc.client and the Unix-socket transport in the repository's " code { "examples/python/meterd_client.py" } ":" }
+        p { "In Python, with the repository's " code { "meterd_client" } " package (" code { "pip install ./clients/python" } "):" }
         pre { code { (python) } }
         p { "Use " code { (test_pid) } " while testing: its uses are free." }
         p { a href="/account" { "Back to your account" } }
