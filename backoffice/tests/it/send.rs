@@ -2301,7 +2301,16 @@ fn a_damaged_branch_is_not_moved_and_the_database_stays_empty() {
     drop(backoffice);
     // A reading in suspense that no longer decodes.
     {
-        let db = sled::open(dir.path()).unwrap();
+        // sled's own threads let go of the folder's lock a moment after
+        // the backoffice is dropped: wait for it, as the stores do.
+        let (db, _files) = durable::open(
+            dir.path(),
+            &durable::Options {
+                cache_bytes: 16 << 20,
+                lock_wait: std::time::Duration::from_secs(10),
+            },
+        )
+        .unwrap();
         let suspense = db.open_tree("suspense").unwrap();
         let (key, _) = suspense.iter().next().unwrap().unwrap();
         suspense.insert(key, &b"{not json"[..]).unwrap();
