@@ -826,6 +826,11 @@ fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
     let (status, nobodys) = charge("nobody-1", b"nobody-nonce-01", "tel:+4915199999999");
     assert_eq!(status, 500, "{nobodys}");
     assert_eq!(nobodys, bobs);
+    // The product's own owner reads the same: a stolen credential cannot
+    // confirm the owner's address.
+    let (status, owners) = charge("owner-1", b"owner-nonce-01", "mailto:owen@example.org");
+    assert_eq!(status, 500, "{owners}");
+    assert_eq!(owners, bobs);
     assert_eq!(balance(&branch.office, &bob_cid), "10");
     assert_eq!(balance(&branch.office, &branch.ada.1), "8");
     // Ada gives her number up: it names nobody any more.

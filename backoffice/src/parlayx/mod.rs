@@ -518,8 +518,10 @@ impl Caller<'_> {
         // charge, not who is a customer of the branch.
         let customer = customer.ok_or_else(|| self.not_granted())?;
         if customer.cid == self.product.owner {
-            // A product cannot charge its own owner.
-            return Err(invalid());
+            // A product cannot charge its own owner; refused in the same
+            // words as a stranger, so a stolen credential cannot confirm
+            // the owner's address or number.
+            return Err(self.not_granted());
         }
         Ok(customer.cid)
     }

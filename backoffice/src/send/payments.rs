@@ -509,10 +509,18 @@ fn beyond_charged(
     moves: &[Move],
 ) -> Result<Option<PaymentRefusal>, Fault> {
     let owner = AccountId::Customer(ask.owner);
+    // What the owner gives each customer in this request, added up.
+    let mut given: Vec<(AccountId, Amount)> = Vec::new();
     for (debit, customer, amount) in moves {
         if *debit != owner {
             continue;
         }
+        match given.iter_mut().find(|(account, _)| account == customer) {
+            Some((_, sum)) => *sum = sum.checked_add(*amount).map_err(|e| internal(&e))?,
+            None => given.push((*customer, *amount)),
+        }
+    }
+    for (customer, amount) in &given {
         let mut net = Amount::ZERO;
         for transfer in ledger.transfers_of(*customer) {
             if !matches!(&transfer.kind, TransferKind::Payment { pid, .. } if *pid == ask.service) {

@@ -821,7 +821,10 @@ impl Store for SledStore {
         let Some(cid) = self.phones.get(phone.as_bytes())? else {
             return Ok(None);
         };
-        Self::read(&self.customers, &cid)
+        // The record decides: an index entry left behind (by an older
+        // binary that dropped the field) names nobody.
+        let customer: Option<Customer> = Self::read(&self.customers, &cid)?;
+        Ok(customer.filter(|customer| customer.phone.as_deref() == Some(phone)))
     }
 
     fn change_customer(
