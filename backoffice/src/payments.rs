@@ -86,6 +86,10 @@ pub struct PaymentRequest {
     /// `<batch>:<seq>`): each is evidence for one request only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evidence: Vec<String>,
+    /// The canonical form `digest` is of (`proto::parlayx::CANONICAL_FORM`
+    /// when written); 0 for requests stored before forms were numbered.
+    #[serde(default)]
+    pub form: u8,
 }
 
 impl PaymentRequest {
@@ -97,6 +101,21 @@ impl PaymentRequest {
     /// The hold it concerns, if any.
     pub fn hold_id(&self) -> Option<HoldId> {
         self.hold.map(HoldId)
+    }
+
+    /// Whether this stored request is `request` again: the same operation
+    /// and the same canonical form. A request stored before forms were
+    /// numbered may hold a digest of either form it could have been made
+    /// with; one of a form this build does not know is never the same.
+    /// `canonical` is the request's form now, `uncounted` its form 1
+    /// (`proto::parlayx::Request::canonical_uncounted`).
+    pub fn is_repeated_by(&self, operation: &str, canonical: &str, uncounted: &str) -> bool {
+        self.operation == operation
+            && match self.form {
+                0 => self.digest == digest(canonical) || self.digest == digest(uncounted),
+                proto::parlayx::CANONICAL_FORM => self.digest == digest(canonical),
+                _ => false,
+            }
     }
 
     /// Checks the fields every store relies on.
@@ -159,6 +178,47 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_matches_the_form_its_request_was_stored_with() {
+        let stored = |form: u8, canonical: &str| PaymentRequest {
+            service: Pid::parse("B1-P1").unwrap(),
+            reference: "r1".to_owned(),
+            operation: "chargeAmount".to_owned(),
+            digest: digest(canonical),
+            description: String::new(),
+            at_ms: 1,
+            transfers: vec![3],
+            hold: None,
+            evidence: Vec::new(),
+            form,
+        };
+        let (now, before) = ("form 2", "form 1");
+        // Written by this build: only today's form.
+        let current = stored(proto::parlayx::CANONICAL_FORM, now);
+        assert!(current.is_repeated_by("chargeAmount", now, before));
+        assert!(
+            !stored(proto::parlayx::CANONICAL_FORM, before).is_repeated_by(
+                "chargeAmount",
+                now,
+                before
+            )
+        );
+        assert!(!current.is_repeated_by("refundAmount", now, before));
+        assert!(!current.is_repeated_by("chargeAmount", "another", before));
+        // Written before forms were numbered: either form it could have had.
+        assert!(stored(0, before).is_repeated_by("chargeAmount", now, before));
+        assert!(stored(0, now).is_repeated_by("chargeAmount", now, before));
+        assert!(!stored(0, "another").is_repeated_by("chargeAmount", now, before));
+        // A form from a later build is never taken for this one's.
+        assert!(
+            !stored(proto::parlayx::CANONICAL_FORM + 1, now).is_repeated_by(
+                "chargeAmount",
+                now,
+                before
+            )
+        );
+    }
+
+    #[test]
     fn a_request_that_changed_nothing_or_has_a_bad_digest_is_refused() {
         let mut request = PaymentRequest {
             service: Pid::parse("B1-P1").unwrap(),
@@ -170,6 +230,7 @@ mod tests {
             transfers: vec![3],
             hold: None,
             evidence: Vec::new(),
+            form: proto::parlayx::CANONICAL_FORM,
         };
         assert_eq!(request.check(), Ok(()));
         assert_eq!(request.digest.len(), 64);

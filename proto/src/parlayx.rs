@@ -506,8 +506,26 @@ impl Request {
     /// length-prefixed, each list preceded by its count): two requests are
     /// the same request when their forms are equal, whatever their XML
     /// spelling, and two different requests never have one form. Kept
-    /// stable: digests of it are stored with each request.
+    /// stable: digests of it are stored with each request, marked with
+    /// `CANONICAL_FORM`; a change to it is a new form number.
     pub fn canonical(&self) -> String {
+        self.form(true)
+    }
+
+    /// The canonical form as it was before lists were counted (form 1),
+    /// which requests stored then were digested from. Two different
+    /// requests can share it (a split list and a reference list that line
+    /// up), so it is only ever compared with records written then.
+    pub fn canonical_uncounted(&self) -> String {
+        self.form(false)
+    }
+
+    fn form(&self, counted: bool) -> String {
+        let count = |parts: &mut Vec<String>, n: usize| {
+            if counted {
+                parts.push(n.to_string());
+            }
+        };
         let mut parts: Vec<String> = vec![self.operation().to_owned()];
         let charge = |parts: &mut Vec<String>, charge: &ChargingInformation| {
             parts.push(charge.description.clone());
@@ -522,7 +540,7 @@ impl Request {
         };
         let volume = |parts: &mut Vec<String>, volume: &Volume| {
             parts.push(volume.volume.to_string());
-            parts.push(volume.parameters.len().to_string());
+            count(parts, volume.parameters.len());
             for property in &volume.parameters {
                 parts.push(property.name.clone());
                 parts.push(property.value.clone());
@@ -544,7 +562,7 @@ impl Request {
                 parts.push(end_user.clone());
                 charge(&mut parts, c);
                 parts.push(reference.clone());
-                parts.push(confirmation_refs.len().to_string());
+                count(&mut parts, confirmation_refs.len());
                 parts.extend(confirmation_refs.iter().cloned());
             }
             Request::ChargeSplitAmount {
@@ -553,14 +571,14 @@ impl Request {
                 reference,
                 confirmation_refs,
             } => {
-                parts.push(splits.len().to_string());
+                count(&mut parts, splits.len());
                 for split in splits {
                     parts.push(split.end_user.clone());
                     parts.push(split.percent.to_string());
                 }
                 charge(&mut parts, c);
                 parts.push(reference.clone());
-                parts.push(confirmation_refs.len().to_string());
+                count(&mut parts, confirmation_refs.len());
                 parts.extend(confirmation_refs.iter().cloned());
             }
             Request::ChargeVolume {
@@ -651,6 +669,10 @@ impl Request {
         out
     }
 }
+
+/// The number of the canonical form `Request::canonical` gives: 2 counts
+/// each list; 1 (`Request::canonical_uncounted`) did not.
+pub const CANONICAL_FORM: u8 = 2;
 
 /// The answer element of `operation` with `result` text inside, if any.
 pub fn response(interface: Interface, operation: &str, result: Option<&str>) -> String {
@@ -900,6 +922,36 @@ mod tests {
             confirmation_refs: vec![String::new(), "R".into()],
         };
         assert_ne!(two_splits.canonical(), one_split.canonical());
+        // Form 1, kept for requests stored before form 2, is the one that
+        // could not tell them apart.
+        assert_eq!(
+            two_splits.canonical_uncounted(),
+            one_split.canonical_uncounted()
+        );
+    }
+
+    #[test]
+    fn both_canonical_forms_stay_as_digests_were_stored() {
+        let request = Request::ChargeAmount {
+            end_user: "tel:+15550100".into(),
+            charge: ChargingInformation {
+                description: "song".into(),
+                currency: Some("EUR".into()),
+                amount: Some(Amount::parse("1.5").unwrap()),
+                code: None,
+            },
+            reference: "r-1".into(),
+            confirmation_refs: vec!["b:1".into()],
+        };
+        assert_eq!(
+            request.canonical(),
+            "12:chargeAmount;13:tel:+15550100;4:song;3:EUR;3:1.5;0:;3:r-1;1:1;3:b:1;"
+        );
+        assert_eq!(
+            request.canonical_uncounted(),
+            "12:chargeAmount;13:tel:+15550100;4:song;3:EUR;3:1.5;0:;3:r-1;3:b:1;"
+        );
+        assert_eq!(CANONICAL_FORM, 2);
     }
 
     #[test]

@@ -650,6 +650,7 @@ impl Caller<'_> {
             reference,
             operation: request.operation(),
             canonical: request.canonical(),
+            canonical_uncounted: request.canonical_uncounted(),
             description: description.to_owned(),
             evidence,
         })
@@ -668,10 +669,11 @@ impl Caller<'_> {
             return false;
         };
         match self.store().payment_request(&self.product.pid, reference) {
-            Ok(Some(earlier)) => {
-                earlier.operation == request.operation()
-                    && earlier.digest == crate::payments::digest(&request.canonical())
-            }
+            Ok(Some(earlier)) => earlier.is_repeated_by(
+                request.operation(),
+                &request.canonical(),
+                &request.canonical_uncounted(),
+            ),
             _ => false,
         }
     }

@@ -30,6 +30,9 @@ pub struct PaymentAsk {
     /// The request in a canonical form: the same code with another form
     /// is another request.
     pub canonical: String,
+    /// The request in canonical form 1, which requests stored before forms
+    /// were numbered may have been digested from.
+    pub canonical_uncounted: String,
     /// What appears on the bill.
     pub description: String,
     /// Confirmation references given as evidence (checked by the caller),
@@ -170,7 +173,7 @@ impl<S: Store> Backoffice<S> {
     /// any: its outcome when it was the same request, a refusal when not.
     /// Called under the ledger lock, so that two nodes cannot both find
     /// the code free.
-    fn earlier(&self, ask: &PaymentAsk, digest: &str) -> Result<Option<PaymentResult>, Fault> {
+    fn earlier(&self, ask: &PaymentAsk) -> Result<Option<PaymentResult>, Fault> {
         let Some(reference) = &ask.reference else {
             return Ok(None);
         };
@@ -181,7 +184,7 @@ impl<S: Store> Backoffice<S> {
         else {
             return Ok(None);
         };
-        if earlier.digest != digest || earlier.operation != ask.operation {
+        if !earlier.is_repeated_by(ask.operation, &ask.canonical, &ask.canonical_uncounted) {
             return Ok(Some(Err(PaymentRefusal::ReferenceReused(
                 earlier.operation,
             ))));
@@ -229,6 +232,7 @@ impl<S: Store> Backoffice<S> {
             transfers,
             hold: hold.map(|id| id.0),
             evidence: ask.evidence.clone(),
+            form: proto::parlayx::CANONICAL_FORM,
         })
     }
 
@@ -244,7 +248,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
-        if let Some(earlier) = self.earlier(ask, &digest)? {
+        if let Some(earlier) = self.earlier(ask)? {
             return Ok(earlier);
         }
         if let Some(used) = self.evidence_used(ask)? {
@@ -324,7 +328,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
-        if let Some(earlier) = self.earlier(ask, &digest)? {
+        if let Some(earlier) = self.earlier(ask)? {
             return Ok(earlier);
         }
         let now_ms = now_ms.max(holds.latest_ms());
@@ -379,7 +383,7 @@ impl<S: Store> Backoffice<S> {
         self.still_durable()?;
         let mut ledger = self.ledger_for_write()?;
         let mut holds = lock(&self.holds);
-        if let Some(earlier) = self.earlier(ask, &digest)? {
+        if let Some(earlier) = self.earlier(ask)? {
             return Ok(earlier);
         }
         let now_ms = now_ms.max(holds.latest_ms());

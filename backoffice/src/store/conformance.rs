@@ -1322,6 +1322,7 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
         transfers,
         hold,
         evidence: Vec::new(),
+        form: proto::parlayx::CANONICAL_FORM,
     };
     let mut ledger = Ledger::new();
     let mut book = HoldBook::new();
@@ -1417,6 +1418,8 @@ pub(crate) fn payment_requests_are_kept_once_with_their_transfers_and_verified<H
             .unwrap();
         let reserved = PaymentRequest {
             operation: "reserveAmount".to_owned(),
+            // As stored before forms were numbered: kept as 0.
+            form: 0,
             ..request("reservation 1", Vec::new(), Some(0))
         };
         store

@@ -219,6 +219,7 @@ mod tests {
             transfers,
             hold,
             evidence: Vec::new(),
+            form: proto::parlayx::CANONICAL_FORM,
         }
     }
 

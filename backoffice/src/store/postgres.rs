@@ -94,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "phones",
         sql: include_str!("postgres/0010_phones.sql"),
     },
+    Migration {
+        version: 11,
+        name: "payment request forms",
+        sql: include_str!("postgres/0011_payment_forms.sql"),
+    },
 ];
 
 /// Where the ledger epoch stands (migration 6): its count and the token

@@ -2600,6 +2600,7 @@ fn refunds_never_give_a_customer_more_than_the_service_charged_them_even_at_once
         reference: Some(reference.to_owned()),
         operation,
         canonical: format!("{operation} {reference}"),
+        canonical_uncounted: format!("{operation} {reference} form 1"),
         description: "Goodwill".to_owned(),
         evidence: Vec::new(),
     };
@@ -2704,6 +2705,7 @@ fn service_payments_are_exactly_once_under_concurrent_retries_and_captures() {
         reference: Some(reference.to_owned()),
         operation: "chargeAmount",
         canonical: canonical.to_owned(),
+        canonical_uncounted: format!("{canonical} form 1"),
         description: "Ring tone".to_owned(),
         evidence: Vec::new(),
     };

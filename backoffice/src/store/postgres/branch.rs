@@ -438,8 +438,8 @@ pub(super) async fn insert_payment_requests(
                 &transaction
                     .prepare_cached(
                         "INSERT INTO payment_requests (service, reference, operation, digest, \
-                         description, at_ms, transfers, hold, evidence) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                         description, at_ms, transfers, hold, evidence, form) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     )
                     .await?,
                 &[
@@ -452,6 +452,7 @@ pub(super) async fn insert_payment_requests(
                     &transfers,
                     &hold,
                     &request.evidence,
+                    &i16::from(request.form),
                 ],
             )
             .await;
@@ -518,13 +519,14 @@ fn payment_request_of(
             .collect::<Result<_, _>>()?,
         hold: row.get::<_, Option<i64>>(7).map(uint).transpose()?,
         evidence: row.get(8),
+        form: u8::try_from(row.get::<_, i16>(9)).map_err(|_| corrupt())?,
     };
     request.check().map_err(|_| corrupt())?;
     Ok(request)
 }
 
 const PAYMENT_REQUEST_COLUMNS: &str =
-    "service, reference, operation, digest, description, at_ms, transfers, hold, evidence";
+    "service, reference, operation, digest, description, at_ms, transfers, hold, evidence, form";
 
 pub(super) async fn insert_hold_events(
     transaction: &Transaction<'_>,
