@@ -32,13 +32,14 @@ use crate::store::Store;
 /// How long a reservation lasts from its last `reserveAmount` or
 /// `reserveAdditionalAmount` (the standard leaves it to be agreed).
 pub const RESERVATION_TTL_MS: u64 = 15 * 60 * 1000;
-/// Parlay X calls served at once; more are refused (HTTP 503).
+/// Parlay X calls worked on at once (their bodies read whole); more are
+/// refused (HTTP 503).
 pub const CALLS_AT_ONCE: usize = 64;
-/// Parlay X calls served at once for one address other than this
-/// machine's (one /64 for IPv6): a slot is taken before the caller is
-/// known, so one address must not hold them all with bodies it never
-/// sends. Loopback callers (a TLS proxy in front, a service beside the
-/// backoffice) are this machine's own and share only `CALLS_AT_ONCE`.
+/// Parlay X calls open at once (body being read or call worked on) for
+/// one address other than this machine's (one /64 for IPv6): one address
+/// must not hold many connections with bodies it sends slowly. Loopback
+/// callers (a TLS proxy in front, a service beside the backoffice) are
+/// this machine's own and bounded by the connection limits only.
 pub const CALLS_PER_ADDRESS_MAX: usize = 16;
 
 /// What the Parlay X interfaces keep between calls.
@@ -259,11 +260,6 @@ async fn call(
              try again when one is answered\n",
         );
     };
-    let Ok(slot) = Arc::clone(&service.payments.slots).try_acquire_owned() else {
-        return busy(
-            "the backoffice is busy with as many payment calls as it takes at once; try again\n",
-        );
-    };
     let limit = soap::Limits::PAYMENT.body_bytes_max;
     let read =
         http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), limit));
@@ -284,6 +280,14 @@ async fn call(
                 "the body did not arrive whole within 10 s\n",
             );
         }
+    };
+    // A slot is taken only for a body that arrived whole: callers that
+    // send theirs slowly hold their address's share and a connection, not
+    // the calls the backoffice works on at once.
+    let Ok(slot) = Arc::clone(&service.payments.slots).try_acquire_owned() else {
+        return busy(
+            "the backoffice is busy with as many payment calls as it takes at once; try again\n",
+        );
     };
     // Store calls and fsync block: off the async workers.
     let answered = tokio::task::spawn_blocking(move || {
