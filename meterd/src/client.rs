@@ -95,6 +95,12 @@ impl Meter {
         self
     }
 
+    /// Makes the calls from now on in `context`, or in the process's own
+    /// context for `None` (what `with_context` does, on a meter in use).
+    pub fn set_context(&mut self, context: Option<Context>) {
+        self.context = context;
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -1378,3 +1378,70 @@ fn the_python_query_bench_reports_each_client_beside_the_raw_floor() {
         assert!(line.ends_with("x the raw floor"), "{line}");
     }
 }
+
+/// A C program built with the system's compiler against `meter.h` and
+/// libmeter makes uses from four threads, each in its own context, and they
+/// are uploaded and charged to its customer; without a meter it fails with
+/// the library's reason and makes no use.
+#[test]
+fn a_c_program_linked_with_libmeter_meters_its_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C4");
+    let lib = crate::support::workspace_library("meter-c");
+    assert!(lib.join("libmeter.so").is_file(), "{}", lib.display());
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let program = dir.path().join("metered");
+    let compiled = Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pthread", "-I"])
+        .arg(root.join("clients/c/include"))
+        .arg(root.join("clients/c/examples/metered.c"))
+        .arg("-L")
+        .arg(&lib)
+        .args(["-lmeter", "-o"])
+        .arg(&program)
+        .output()
+        .expect("the system's C compiler (cc) runs");
+    assert!(
+        compiled.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    let run = |socket: &Path| {
+        Command::new(&program)
+            .arg(socket)
+            .args(["B1-C4", "B1-P4", "4", "5"])
+            .env("LD_LIBRARY_PATH", &lib)
+            .output()
+            .expect("the C program runs")
+    };
+    let ran = run(&meter.socket);
+    let said = String::from_utf8_lossy(&ran.stdout);
+    assert!(
+        ran.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(said.trim(), "committed 20 uses, uploaded: yes");
+    let readings = backoffice.applied_readings();
+    assert_eq!(
+        commits(&readings),
+        HashMap::from([((pid("B1-P4"), Some(Payer::Customer(cid("B1-C4")))), 20)])
+    );
+    let contexts: std::collections::HashSet<String> = readings
+        .iter()
+        .filter(|reading| matches!(reading.event, Event::Commit { .. }))
+        .map(|reading| reading.context.as_str().to_owned())
+        .collect();
+    assert_eq!(contexts.len(), 4, "one context per thread: {contexts:?}");
+    // No meter there: the query fails closed and the program says why.
+    let ran = run(&dir.path().join("no-meter.sock"));
+    assert_eq!(ran.status.code(), Some(2));
+    let why = String::from_utf8_lossy(&ran.stderr);
+    assert!(why.contains("login: no meter at"), "{why}");
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "committed 0 uses, uploaded: no"
+    );
+}

@@ -134,6 +134,19 @@ fn exchange(
 /// Cargo gives a test only its own package's binaries, and `meterd` and
 /// `backoffice` live in packages of their own.
 pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
+    built_in_workspace(package, &["--bin", name]).join(name)
+}
+
+/// The folder holding the shared library of workspace package `package`
+/// (`lib<name>.so`), built first as `workspace_binary` builds binaries.
+pub fn workspace_library(package: &str) -> std::path::PathBuf {
+    built_in_workspace(package, &["--lib"])
+}
+
+/// Builds `target` of `package` once per test run, with the profile these
+/// tests were built with, into their target folder; returns
+/// `target/PROFILE`.
+fn built_in_workspace(package: &str, target: &[&str]) -> std::path::PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let test_exe = std::env::current_exe().expect("test executable path");
     let profile_dir = test_exe
@@ -145,34 +158,26 @@ pub fn workspace_binary(package: &str, name: &str) -> std::path::PathBuf {
         .file_name()
         .and_then(|name| name.to_str())
         .expect("profile name");
+    let key = format!("{package} {}", target.join(" "));
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !built.iter().any(|done| done == name) {
+    if !built.contains(&key) {
         let mut command = Command::new(env!("CARGO"));
         command
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                package,
-                "--bin",
-                name,
-                "--target-dir",
-            ])
+            .args(["build", "--quiet", "-p", package])
+            .args(target)
+            .arg("--target-dir")
             .arg(target_dir)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if profile == "release" {
             command.arg("--release");
         }
         let status = command.status().expect("cargo runs");
-        assert!(
-            status.success(),
-            "cargo build -p {package} --bin {name} failed"
-        );
-        built.push(name.to_owned());
+        assert!(status.success(), "cargo build -p {key} failed");
+        built.push(key);
     }
-    profile_dir.join(name)
+    profile_dir.to_path_buf()
 }
 
 /// A running meterd with its socket.
