@@ -52,6 +52,11 @@ const LOG_FILE: &str = "db";
 const CONF_FILE: &str = "conf";
 /// The folder where sled writes messages too big for its log.
 const BLOBS_DIR: &str = "blobs";
+/// The folder for files a store keeps beside sled's (append-only logs),
+/// made durable through [`SledDir::sync_file`] and [`SledDir::sync_logs_dir`]
+/// so that they share the folder's fail-stop, fault injection and
+/// power-cut image.
+pub const LOGS_DIR: &str = "logs";
 
 /// Why a folder could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +226,16 @@ pub fn copy_image(image: &Path, into: &Path) -> std::io::Result<()> {
             into.join(BLOBS_DIR).join(&name),
         )?;
     }
+    if image.join(LOGS_DIR).is_dir() {
+        std::fs::create_dir_all(into.join(LOGS_DIR))?;
+        for entry in std::fs::read_dir(image.join(LOGS_DIR))? {
+            let name = entry?.file_name();
+            std::fs::copy(
+                image.join(LOGS_DIR).join(&name),
+                into.join(LOGS_DIR).join(&name),
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -349,6 +364,77 @@ impl SledDir {
         self.write_through()
     }
 
+    /// The folder for the store's own files (`LOGS_DIR`), made (owner-only)
+    /// and named durably in the data folder the first time.
+    pub fn logs_dir(&self) -> std::io::Result<PathBuf> {
+        let logs = self.dir.join(LOGS_DIR);
+        if !logs.is_dir() {
+            private_dir(&logs)?;
+            sync_folder(&self.dir)?;
+        }
+        Ok(logs)
+    }
+
+    /// Makes what was written to `file` (at `path`, in `logs_dir`) durable,
+    /// as `sync` does sled's files: refused once a sync has failed, and
+    /// its own failure stops the folder.
+    pub fn sync_file(&self, file: &File, path: &Path) -> Result<(), SyncError> {
+        let mut failed = lock(&self.failed);
+        if let Some(first) = failed.as_ref() {
+            return Err(SyncError::Stopped(first.clone()));
+        }
+        self.fsync(file, path).map_err(|error| {
+            let reason = error.to_string();
+            *failed = Some(reason.clone());
+            SyncError::Failed(reason)
+        })
+    }
+
+    /// One more fsync of `file` after a failed sync (a store undoing what
+    /// it could not acknowledge), as `sync_after_failure`.
+    pub fn sync_file_after_failure(&self, file: &File, path: &Path) -> Result<(), String> {
+        self.fsync(file, path).map_err(|error| error.to_string())
+    }
+
+    /// Makes the names in `logs_dir` durable after a file was made or
+    /// removed there. With an image kept, the image's folder then names
+    /// the same files: a new one empty until its first `sync_file`.
+    pub fn sync_logs_dir(&self) -> Result<(), SyncError> {
+        let mut failed = lock(&self.failed);
+        if let Some(first) = failed.as_ref() {
+            return Err(SyncError::Stopped(first.clone()));
+        }
+        let logs = self.dir.join(LOGS_DIR);
+        let synced = || -> std::io::Result<()> {
+            self.injected_failure()?;
+            sync_folder(&logs)?;
+            if let Some(image) = lock(&self.image).as_ref() {
+                let mirror = image.join(LOGS_DIR);
+                std::fs::create_dir_all(&mirror)?;
+                let mut named = HashSet::new();
+                for entry in std::fs::read_dir(&logs)? {
+                    let name = entry?.file_name();
+                    if !mirror.join(&name).exists() {
+                        File::create(mirror.join(&name))?;
+                    }
+                    named.insert(name);
+                }
+                for entry in std::fs::read_dir(&mirror)? {
+                    let name = entry?.file_name();
+                    if !named.contains(&name) {
+                        std::fs::remove_file(mirror.join(&name))?;
+                    }
+                }
+            }
+            Ok(())
+        };
+        synced().map_err(|error| {
+            let reason = error.to_string();
+            *failed = Some(reason.clone());
+            SyncError::Failed(reason)
+        })
+    }
+
     /// sled's flush, the new blob files, the log.
     fn write_through(&self) -> Result<(), String> {
         self.db
@@ -374,6 +460,14 @@ impl SledDir {
             for name in lock(&self.blobs_synced).iter() {
                 let from = self.dir.join(BLOBS_DIR).join(name);
                 std::fs::copy(from, image.join(BLOBS_DIR).join(name))?;
+            }
+            let logs = self.dir.join(LOGS_DIR);
+            if logs.is_dir() {
+                std::fs::create_dir_all(image.join(LOGS_DIR))?;
+                for entry in std::fs::read_dir(&logs)? {
+                    let name = entry?.file_name();
+                    std::fs::copy(logs.join(&name), image.join(LOGS_DIR).join(&name))?;
+                }
             }
             Ok(())
         };

@@ -1,19 +1,24 @@
-//! The durable cache: readings waiting for upload, the pending batch, the
-//! status table and the upload parameters, in sled. The only module that
-//! touches sled.
+//! The durable cache: readings waiting for upload (in the meter's own log,
+//! `readings`), and in sled the pending batch, the status table, the upload
+//! parameters, grants and sessions. The only module that touches sled.
 //!
-//! Everything lives in one tree so that each change is one atomic
-//! `apply_batch`. Keys: `r` + seq (big-endian u64) for readings, `m:...` for
-//! the rest. Every change that acknowledges something is made durable first
-//! by `durable::SledDir::sync` (sled's flush, then an fsync of its log and of
+//! sled's state lives in one tree so that each change is one atomic
+//! `apply_batch`. Keys: `m:...`; `m:first_pending` is the first reading not
+//! yet uploaded or set aside, and the log's readings before it are done
+//! with. (Caches made before the log kept readings under `r` + seq,
+//! big-endian u64: `open` moves them into the log once.) Every change that
+//! acknowledges something is made durable first: a group of readings by
+//! one write and one fsync of the log, sled's changes by
+//! `durable::SledDir::sync` (sled's flush, then an fsync of its log and of
 //! any blob file sled wrote: sled's flush alone survives no power cut).
 //!
 //! **Fail-stop.** Once a sync fails, the cache refuses every change until
 //! it is opened again (a restart recovers from what is on disk): after a
 //! failed fsync nothing later can be trusted to be durable. A group of
-//! readings whose sync failed is removed again, keeping `NEXT_SEQ` past it
-//! (a sequence number is never given twice); whether that removal reached
-//! the disk decides what the callers are told (`AppendError`).
+//! readings whose sync failed is cut off the log again, and `NEXT_SEQ` is
+//! kept past it (a sequence number is not given twice); whether the cut
+//! reached the disk decides what the callers are told (`Stopped` or
+//! `InDoubt`).
 //!
 //! Every batch id carries a random **instance id** (64 bits). The cache
 //! makes a new one **every time it is opened**, and the readings appended
@@ -48,6 +53,7 @@ use proto::upload::{MeterParams, Standing};
 use proto::{BatchId, Cid, Context, Payer, Pid};
 
 use crate::batching::BatchEnd;
+use crate::readings::ReadingLog;
 
 /// How long opening waits for another holder of the cache's lock to let go.
 pub const LOCK_WAIT_MS: u64 = 2_000;
@@ -60,6 +66,8 @@ const SET_ASIDE_BATCH_PREFIX: u8 = b'x';
 /// How many set-aside batch ids the meter's status shows (the newest).
 pub const SET_ASIDE_SHOWN_MAX: usize = 16;
 const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
+/// The first reading not yet uploaded or set aside.
+const FIRST_PENDING_KEY: &[u8] = b"m:first_pending";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
 /// Where sessions were kept before they carried the uid; dropped on save.
@@ -100,6 +108,9 @@ pub enum CacheError {
     /// Making the data durable failed: the cache has stopped.
     #[error("could not make the cache durable: {0}")]
     Sync(#[from] durable::SyncError),
+    /// The readings log failed or is corrupt.
+    #[error("{0}")]
+    Log(String),
     /// A sync failed earlier: the cache takes no change until a restart.
     #[error(
         "the meter stopped recording after its storage failed ({0}); restart meterd once the disk is fixed"
@@ -112,6 +123,15 @@ pub enum CacheError {
         "the meter's storage failed while recording ({0}) and could not undo it: this reading may have been recorded; the meter stopped"
     )]
     InDoubt(String),
+}
+
+impl From<crate::readings::LogError> for CacheError {
+    fn from(error: crate::readings::LogError) -> Self {
+        match error {
+            crate::readings::LogError::Sync(error) => CacheError::Sync(error),
+            other => CacheError::Log(other.to_string()),
+        }
+    }
 }
 
 impl From<durable::OpenError> for CacheError {
@@ -206,6 +226,7 @@ impl SetAside {
 pub struct Cache {
     tree: sled::Tree,
     files: durable::SledDir,
+    log: ReadingLog,
     path: PathBuf,
     readings_max: u64,
     next_seq: AtomicU64,
@@ -269,6 +290,8 @@ fn random_instance() -> Result<u64, CacheError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// Where a cache made before the readings log kept reading `seq`.
+#[cfg(test)]
 fn reading_key(seq: u64) -> [u8; 9] {
     prefixed(READING_PREFIX, seq)
 }
@@ -300,18 +323,21 @@ impl Cache {
             },
         )?;
         let tree = db.open_tree("cache")?;
-        let next_seq = match tree.get(NEXT_SEQ_KEY)? {
+        let log = ReadingLog::open(&files)?;
+        move_readings_into(&log, &tree, &files)?;
+        let stored_next = match tree.get(NEXT_SEQ_KEY)? {
             Some(bytes) => u64_of(&bytes),
             None => 1,
         };
-        let first_pending_seq = match tree.scan_prefix([READING_PREFIX]).next() {
-            Some(entry) => u64_of(&entry?.0[1..]),
-            None => next_seq,
+        let first_pending_seq = match tree.get(FIRST_PENDING_KEY)? {
+            Some(bytes) => u64_of(&bytes),
+            // A cache made before this key: the log's first reading on
+            // (what `move_readings_into` found), or the next.
+            None => log.first_seq().unwrap_or(stored_next).min(stored_next),
         };
-        assert!(
-            first_pending_seq <= next_seq,
-            "cache: reading beyond next_seq"
-        );
+        let next_seq = stored_next
+            .max(log.next_seq().unwrap_or(0))
+            .max(first_pending_seq);
         // Readings already cached keep the instance ids they were appended
         // under; those appended from now on get a new one, made durably
         // before any batch id uses it.
@@ -325,6 +351,8 @@ impl Cache {
         let mut changes = sled::Batch::default();
         changes.insert(INSTANCES_KEY, encode_instances(&instances));
         changes.remove(OLD_INSTANCE_KEY);
+        changes.insert(FIRST_PENDING_KEY, &first_pending_seq.to_be_bytes());
+        changes.insert(NEXT_SEQ_KEY, &next_seq.to_be_bytes());
         tree.apply_batch(changes)?;
         files.sync()?;
         let mut set_aside = SetAside::default();
@@ -334,6 +362,7 @@ impl Cache {
         Ok(Cache {
             tree,
             files,
+            log,
             path: dir.to_owned(),
             readings_max,
             next_seq: AtomicU64::new(next_seq),
@@ -424,8 +453,9 @@ impl Cache {
         self.files.keep_image_in(image).unwrap();
     }
 
-    /// Appends readings durably, numbering them in order. Returns the first
-    /// sequence number. Only one thread (the group committer) calls this.
+    /// Appends readings durably, numbering them in order: one write and
+    /// one fsync of the log. Returns the first sequence number. Only one
+    /// thread (the group committer) calls this.
     pub fn append(&self, readings: &[NewReading]) -> Result<u64, CacheError> {
         self.running()?;
         let count = readings.len() as u64;
@@ -435,25 +465,19 @@ impl Cache {
             });
         }
         let first = self.next_seq.load(Ordering::Acquire);
-        let mut batch = sled::Batch::default();
-        for (offset, new) in readings.iter().enumerate() {
-            let reading = Reading {
+        let numbered: Vec<Reading> = readings
+            .iter()
+            .enumerate()
+            .map(|(offset, new)| Reading {
                 seq: first + offset as u64,
                 time_ms: new.time_ms,
                 context: new.context.clone(),
                 event: new.event,
-            };
-            let record = encode_reading(&reading);
-            debug_assert_eq!(decode_reading(&record).as_ref(), Some(&reading));
-            batch.insert(&reading_key(reading.seq), record);
-        }
+            })
+            .collect();
         let next = first + count;
-        batch.insert(NEXT_SEQ_KEY, &next.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        if let Err(error) = self.sync() {
-            // Stopped: no later append can take these numbers, and a
-            // restart reads `NEXT_SEQ` from the disk.
-            return Err(self.undo_append(first, next, &error));
+        if let Err(failure) = self.log.append(&self.files, &numbered) {
+            return Err(self.undo_append(first, next, failure));
         }
         // Only now may a batch take these readings: `next_seq` bounds what
         // `pending_batch_ending` reads, so a reading whose sync is still
@@ -462,25 +486,31 @@ impl Cache {
         Ok(first)
     }
 
-    /// A group's sync failed: its readings are in sled (and maybe on disk)
-    /// though nobody will be told they were recorded. Removes them, keeping
-    /// `NEXT_SEQ` past them, and tries to make that durable with one more
-    /// fsync straight on the log (the stopped `SledDir` refuses any): if it
-    /// works, the readings are gone (fault 102 is exact); if not, they may
-    /// come back after a restart (`InDoubt`).
-    fn undo_append(&self, first: u64, next: u64, error: &CacheError) -> CacheError {
-        let mut undo = sled::Batch::default();
-        for seq in first..next {
-            undo.remove(&reading_key(seq));
-        }
-        let undone = self
+    /// A group's write or sync failed and the log cut it off again (or
+    /// could not make that durable: `failure.undone`). Keeps `NEXT_SEQ`
+    /// past the group, with one more fsync straight on sled's log (the
+    /// stopped `SledDir` refuses any other), so that a restart does not
+    /// give its numbers again; that is best effort: nobody was told them.
+    fn undo_append(
+        &self,
+        first: u64,
+        next: u64,
+        failure: crate::readings::AppendFailure,
+    ) -> CacheError {
+        let error = CacheError::from(failure.error);
+        if let Err(why) = self
             .tree
-            .apply_batch(undo)
+            .insert(NEXT_SEQ_KEY, &next.to_be_bytes())
             .map_err(|error| error.to_string())
-            .and_then(|()| self.files.sync_after_failure());
-        match undone {
-            Ok(()) => CacheError::Stopped(error.to_string()),
-            Err(undo_error) => {
+            .and_then(|_| self.files.sync_after_failure())
+        {
+            tracing::warn!(%why, first, next, "could not keep the next sequence number past a failed group");
+        }
+        match (failure.undone, &error) {
+            // A write refused before any sync (a full disk): nothing stopped.
+            (Ok(()), CacheError::Log(_)) if self.files.failure().is_none() => error,
+            (Ok(()), _) => CacheError::Stopped(error.to_string()),
+            (Err(undo_error), _) => {
                 tracing::error!(%error, %undo_error, first, next, "readings in doubt");
                 CacheError::InDoubt(error.to_string())
             }
@@ -489,11 +519,10 @@ impl Cache {
 
     /// Time of the oldest waiting reading, if any.
     pub fn oldest_time_ms(&self) -> Result<Option<u64>, CacheError> {
-        let Some(entry) = self.tree.scan_prefix([READING_PREFIX]).next() else {
-            return Ok(None);
-        };
-        let (_, record) = entry?;
-        Ok(Some(checked_decode(&record).time_ms))
+        let first = self.first_pending_seq.load(Ordering::Acquire);
+        let next = self.next_seq.load(Ordering::Acquire);
+        let oldest = self.log.read(first, next, 1)?;
+        Ok(oldest.first().map(|reading| reading.time_ms))
     }
 
     /// The batch to upload next: the pending one if there is one, else a new
@@ -518,19 +547,10 @@ impl Cache {
         // Readings appended but not yet durable (their group's sync is
         // running, or failed and is being undone) are not the uploader's.
         let durable_next = self.next_seq.load(Ordering::Acquire);
-        let mut readings = Vec::new();
-        for record in self
-            .tree
-            .scan_prefix([READING_PREFIX])
-            .values()
-            .take(readings_max.max(1))
-        {
-            let reading = checked_decode(&record?);
-            if reading.seq >= durable_next {
-                break;
-            }
-            readings.push(reading);
-        }
+        let first_pending = self.first_pending_seq.load(Ordering::Acquire);
+        let mut readings = self
+            .log
+            .read(first_pending, durable_next, readings_max.max(1))?;
         if readings.is_empty() {
             return Ok(None);
         }
@@ -559,12 +579,8 @@ impl Cache {
 
     /// The readings of a batch, in order.
     pub fn batch_readings(&self, batch: &PendingBatch) -> Result<Vec<Reading>, CacheError> {
-        let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
-        let mut readings = Vec::new();
-        for entry in self.tree.range(range) {
-            let (_, record) = entry?;
-            readings.push(checked_decode(&record));
-        }
+        let until = batch.last_seq.saturating_add(1);
+        let readings = self.log.read(batch.first_seq, until, usize::MAX)?;
         if readings.is_empty() {
             // Cannot happen since batches take durable readings only; if a
             // cache made before that holds one, it is dropped, not retried
@@ -585,17 +601,24 @@ impl Cache {
     ) -> Result<(), CacheError> {
         self.running()?;
         let mut changes = sled::Batch::default();
-        let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
-        for key in self.tree.range(range).keys() {
-            changes.remove(key?);
-        }
         changes.remove(BATCH_KEY);
         changes.insert(TABLE_KEY, encode_table(table));
+        changes.insert(FIRST_PENDING_KEY, &(batch.last_seq + 1).to_be_bytes());
         self.tree.apply_batch(changes)?;
         self.sync()?;
         self.first_pending_seq
             .store(batch.last_seq + 1, Ordering::Release);
+        self.trim_log(batch.last_seq + 1);
         Ok(())
+    }
+
+    /// Deletes the log's segments whose readings are all done with. Only
+    /// disk space depends on it: a failure is logged (a failed fsync has
+    /// stopped the cache by then, as any other).
+    fn trim_log(&self, first_kept: u64) {
+        if let Err(error) = self.log.trim(&self.files, first_kept) {
+            tracing::warn!(%error, "could not delete uploaded readings from the log");
+        }
     }
 
     /// The backoffice refused `batch` as a conflict (its id was applied with
@@ -606,13 +629,14 @@ impl Cache {
     pub fn set_aside_batch(&self, batch: &PendingBatch) -> Result<(), CacheError> {
         self.running()?;
         let mut changes = sled::Batch::default();
-        let range = reading_key(batch.first_seq)..=reading_key(batch.last_seq);
-        for entry in self.tree.range(range) {
-            let (key, record) = entry?;
-            let seq = u64_of(&key[1..]);
-            changes.remove(key);
-            changes.insert(&prefixed(SET_ASIDE_READING_PREFIX, seq), record);
+        let until = batch.last_seq.saturating_add(1);
+        for reading in self.log.read(batch.first_seq, until, usize::MAX)? {
+            changes.insert(
+                &prefixed(SET_ASIDE_READING_PREFIX, reading.seq),
+                encode_reading(&reading),
+            );
         }
+        changes.insert(FIRST_PENDING_KEY, &(batch.last_seq + 1).to_be_bytes());
         changes.remove(BATCH_KEY);
         changes.insert(
             &prefixed(SET_ASIDE_BATCH_PREFIX, batch.first_seq),
@@ -630,6 +654,7 @@ impl Cache {
             .store(batch.last_seq + 1, Ordering::Release);
         *instances = updated;
         drop(instances);
+        self.trim_log(batch.last_seq + 1);
         self.set_aside
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -790,12 +815,66 @@ fn decode_grant(record: &[u8]) -> Option<GrantInfo> {
     fields.is_empty().then_some(grant)
 }
 
+/// Moves the readings a cache made before the log kept in sled (`r` +
+/// seq) into the log, in runs of consecutive numbers, then deletes them
+/// from sled with `FIRST_PENDING` set to the first of them; those already
+/// in the log (a move a crash interrupted) are not appended twice.
+fn move_readings_into(
+    log: &ReadingLog,
+    tree: &sled::Tree,
+    files: &durable::SledDir,
+) -> Result<(), CacheError> {
+    let Some(first) = tree.scan_prefix([READING_PREFIX]).next() else {
+        return Ok(());
+    };
+    let first_seq = u64_of(&first?.0[1..]);
+    let mut run: Vec<Reading> = Vec::new();
+    let mut moved = 0u64;
+    let flush = |run: &mut Vec<Reading>| -> Result<(), CacheError> {
+        log.append(files, run)
+            .map_err(|failure| CacheError::from(failure.error))?;
+        run.clear();
+        Ok(())
+    };
+    for record in tree.scan_prefix([READING_PREFIX]).values() {
+        let reading = checked_decode(&record?);
+        if log.next_seq().is_some_and(|next| reading.seq < next) {
+            continue;
+        }
+        let follows = run.last().is_none_or(|last| last.seq + 1 == reading.seq);
+        if !follows || run.len() == crate::journal::GROUP_READINGS_MAX {
+            flush(&mut run)?;
+        }
+        run.push(reading);
+        moved += 1;
+    }
+    if !run.is_empty() {
+        flush(&mut run)?;
+    }
+    let mut changes = sled::Batch::default();
+    for key in tree.scan_prefix([READING_PREFIX]).keys() {
+        changes.remove(key?);
+    }
+    let first_pending = match tree.get(FIRST_PENDING_KEY)? {
+        Some(bytes) => u64_of(&bytes).min(first_seq),
+        None => first_seq,
+    };
+    changes.insert(FIRST_PENDING_KEY, &first_pending.to_be_bytes());
+    tree.apply_batch(changes)?;
+    files.sync()?;
+    tracing::info!(
+        moved,
+        "moved the cached readings from sled into the readings log"
+    );
+    Ok(())
+}
+
 fn checked_decode(record: &[u8]) -> Reading {
     decode_reading(record).expect("cache: reading record is corrupt")
 }
 
 /// Record: version, seq, time, code, ID, payer (0 none, 1 CID, 2 PID), context.
-fn encode_reading(reading: &Reading) -> Vec<u8> {
+pub(crate) fn encode_reading(reading: &Reading) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
     out.push(RECORD_VERSION);
     out.extend_from_slice(&reading.seq.to_be_bytes());
@@ -818,7 +897,7 @@ fn encode_reading(reading: &Reading) -> Vec<u8> {
     out
 }
 
-fn decode_reading(record: &[u8]) -> Option<Reading> {
+pub(crate) fn decode_reading(record: &[u8]) -> Option<Reading> {
     let mut fields = Reader::new(record);
     if fields.byte()? != RECORD_VERSION {
         return None;
@@ -1235,33 +1314,92 @@ mod tests {
     }
 
     /// The uploader runs while a group's sync is still going: the group's
-    /// readings are in sled already, but nobody has been told they are
-    /// recorded (the sync may yet fail and the group be undone), so no
-    /// batch may take them.
+    /// readings are in the log's file already, but nobody has been told
+    /// they are recorded (the sync may yet fail and the group be cut off),
+    /// so no batch may take them.
     #[test]
     fn a_batch_never_takes_readings_whose_group_is_not_yet_durable() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path(), 100).unwrap();
         cache.append(&[new_reading(1), new_reading(2)]).unwrap();
-        // `append`'s first step for a group of 3 and 4, without its sync.
-        let mut group = sled::Batch::default();
-        for seq in [3, 4] {
-            let reading = Reading {
+        // `append`'s write for a group of 3 and 4, without its sync.
+        let group: Vec<Reading> = [3, 4]
+            .into_iter()
+            .map(|seq| Reading {
                 seq,
                 time_ms: 1_000 + seq,
                 context: Context::parse("42.7").unwrap(),
                 event: new_reading(seq).event,
-            };
-            group.insert(&reading_key(seq), encode_reading(&reading));
-        }
-        group.insert(NEXT_SEQ_KEY, &5u64.to_be_bytes());
-        cache.tree.apply_batch(group).unwrap();
+            })
+            .collect();
+        cache.log.write_unsynced(&group);
         let batch = cache.pending_batch(100).unwrap().unwrap();
         assert_eq!((batch.first_seq, batch.last_seq), (1, 2));
         assert_eq!(
             cache.batch_readings(&batch).unwrap().len(),
             2,
             "only the durable readings"
+        );
+    }
+
+    /// A cache made before the readings log kept its readings in sled: they
+    /// move into the log when it is opened, keep their numbers and batch
+    /// ids, and the next reading is numbered after them.
+    #[test]
+    fn readings_a_cache_kept_in_sled_move_into_the_log_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let instance = {
+            let (db, files) = durable::open(
+                dir.path(),
+                &durable::Options {
+                    cache_bytes: SLED_CACHE_BYTES,
+                    lock_wait: std::time::Duration::from_millis(LOCK_WAIT_MS),
+                },
+            )
+            .unwrap();
+            let tree = db.open_tree("cache").unwrap();
+            let mut old = sled::Batch::default();
+            // 3 and 4 were a group whose sync failed: a gap.
+            for seq in [1, 2, 5, 6] {
+                let new = new_reading(seq);
+                let reading = Reading {
+                    seq,
+                    time_ms: new.time_ms,
+                    context: new.context,
+                    event: new.event,
+                };
+                old.insert(&reading_key(seq), encode_reading(&reading));
+            }
+            old.insert(NEXT_SEQ_KEY, &7u64.to_be_bytes());
+            old.insert(OLD_INSTANCE_KEY, &0xabcu64.to_be_bytes());
+            tree.apply_batch(old).unwrap();
+            files.sync().unwrap();
+            "0000000000000abc"
+        };
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        assert_eq!(cache.tree.scan_prefix([READING_PREFIX]).count(), 0);
+        assert_eq!(cache.pending(), 6);
+        let batch = cache.pending_batch(100).unwrap().unwrap();
+        assert_eq!(batch.id.to_string(), format!("{instance}:1"));
+        assert_eq!(
+            seqs(&cache),
+            vec![1, 2, 5, 6],
+            "the same readings, the gap kept"
+        );
+        assert_eq!(cache.append(&[new_reading(7)]).unwrap(), 7);
+        drop(cache);
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        assert_eq!(cache.append(&[new_reading(8)]).unwrap(), 8);
+        let batch = cache.pending_batch(100).unwrap().unwrap();
+        assert_eq!(
+            cache
+                .batch_readings(&batch)
+                .unwrap()
+                .iter()
+                .map(|reading| reading.seq)
+                .collect::<Vec<_>>(),
+            [1, 2, 5, 6],
+            "moved once; a batch stops at the instance id of the next open"
         );
     }
 

@@ -1,6 +1,7 @@
 //! `meterd`: the local meter daemon that metered programs call on every use,
 //! its client library (`client`) and the pieces of the daemon: `cache` (the
-//! only module that touches sled), `journal` (group commit), `context` (who
+//! only module that touches sled), `readings` (the readings' own log),
+//! `journal` (group commit), `context` (who
 //! pays), `standing` (the status table), `meter` (the calls), `grants` (who
 //! may log in as whom), `server` (the Unix-socket XML-RPC server), `socket`
 //! (where the socket is, and whose socket a client calls), `backoffice` (the
@@ -19,6 +20,7 @@ pub mod grants;
 pub mod journal;
 pub mod meter;
 pub mod procinfo;
+pub mod readings;
 pub mod server;
 pub mod socket;
 pub mod standing;
