@@ -100,8 +100,13 @@ pub struct SledDir {
     log: File,
     /// Blob files already made durable (sled never rewrites one).
     blobs_synced: Mutex<HashSet<OsString>>,
-    /// The first failed sync, kept: every later sync fails with it.
+    /// The first failed sync, kept: every later sync fails with it. Held
+    /// only to read or set it, never across an fsync: every meter call
+    /// asks for it (`failure`), and must not wait for the disk.
     failed: Mutex<Option<String>>,
+    /// Taken for the whole of each sync, so that syncs run one at a time
+    /// and none starts before an earlier one's failure is kept.
+    syncing: Mutex<()>,
     /// How many of the next fsyncs fail, as a failing disk's would (tests,
     /// fault runs); `u64::MAX`: all of them.
     failing: AtomicU64,
@@ -193,6 +198,7 @@ pub fn open(dir: &Path, options: &Options) -> Result<(sled::Db, SledDir), OpenEr
         log,
         blobs_synced: Mutex::default(),
         failed: Mutex::default(),
+        syncing: Mutex::default(),
         failing: AtomicU64::new(0),
         image: Mutex::default(),
         #[cfg(feature = "fault-injection")]
@@ -304,14 +310,23 @@ impl SledDir {
     /// sled's flush, then every new blob file and the folder that names it,
     /// then the log. Once one fails, every later call fails.
     pub fn sync(&self) -> Result<(), SyncError> {
-        let mut failed = lock(&self.failed);
-        if let Some(first) = failed.as_ref() {
-            return Err(SyncError::Stopped(first.clone()));
+        let _turn = self.turn()?;
+        self.write_through().map_err(|reason| self.stop(reason))
+    }
+
+    /// This sync's turn, once no sync has failed.
+    fn turn(&self) -> Result<MutexGuard<'_, ()>, SyncError> {
+        let turn = lock(&self.syncing);
+        match self.failure() {
+            Some(first) => Err(SyncError::Stopped(first)),
+            None => Ok(turn),
         }
-        self.write_through().map_err(|reason| {
-            *failed = Some(reason.clone());
-            SyncError::Failed(reason)
-        })
+    }
+
+    /// Keeps `reason` as the first failure (called holding the turn).
+    fn stop(&self, reason: String) -> SyncError {
+        lock(&self.failed).get_or_insert_with(|| reason.clone());
+        SyncError::Failed(reason)
     }
 
     /// The database these files hold.
@@ -361,6 +376,7 @@ impl SledDir {
     /// what the failed sync held reached the disk, only that what came after
     /// did, in log order.
     pub fn sync_after_failure(&self) -> Result<(), String> {
+        let _turn = lock(&self.syncing);
         self.write_through()
     }
 
@@ -379,20 +395,15 @@ impl SledDir {
     /// as `sync` does sled's files: refused once a sync has failed, and
     /// its own failure stops the folder.
     pub fn sync_file(&self, file: &File, path: &Path) -> Result<(), SyncError> {
-        let mut failed = lock(&self.failed);
-        if let Some(first) = failed.as_ref() {
-            return Err(SyncError::Stopped(first.clone()));
-        }
-        self.fsync(file, path).map_err(|error| {
-            let reason = error.to_string();
-            *failed = Some(reason.clone());
-            SyncError::Failed(reason)
-        })
+        let _turn = self.turn()?;
+        self.fsync(file, path)
+            .map_err(|error| self.stop(error.to_string()))
     }
 
     /// One more fsync of `file` after a failed sync (a store undoing what
     /// it could not acknowledge), as `sync_after_failure`.
     pub fn sync_file_after_failure(&self, file: &File, path: &Path) -> Result<(), String> {
+        let _turn = lock(&self.syncing);
         self.fsync(file, path).map_err(|error| error.to_string())
     }
 
@@ -400,10 +411,7 @@ impl SledDir {
     /// removed there. With an image kept, the image's folder then names
     /// the same files: a new one empty until its first `sync_file`.
     pub fn sync_logs_dir(&self) -> Result<(), SyncError> {
-        let mut failed = lock(&self.failed);
-        if let Some(first) = failed.as_ref() {
-            return Err(SyncError::Stopped(first.clone()));
-        }
+        let _turn = self.turn()?;
         let logs = self.dir.join(LOGS_DIR);
         let synced = || -> std::io::Result<()> {
             self.injected_failure()?;
@@ -428,11 +436,7 @@ impl SledDir {
             }
             Ok(())
         };
-        synced().map_err(|error| {
-            let reason = error.to_string();
-            *failed = Some(reason.clone());
-            SyncError::Failed(reason)
-        })
+        synced().map_err(|error| self.stop(error.to_string()))
     }
 
     /// sled's flush, the new blob files, the log.
@@ -617,6 +621,40 @@ mod injection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn opened(dir: &Path) -> (sled::Db, SledDir) {
+        open(
+            dir,
+            &Options {
+                cache_bytes: 1 << 20,
+                lock_wait: Duration::from_secs(2),
+            },
+        )
+        .unwrap()
+    }
+
+    /// Every meter call asks whether a sync failed; while a sync waits for
+    /// the disk the answer must not wait with it (it did: the failure was
+    /// kept under the lock held across each fsync, and 32 clients ran at
+    /// one fsync's pace).
+    #[test]
+    fn asking_for_a_failure_never_waits_for_a_sync_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, files) = opened(dir.path());
+        let in_progress = lock(&files.syncing);
+        let (asked, answer) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| asked.send(files.failure()).unwrap());
+            let answered = answer.recv_timeout(Duration::from_secs(5));
+            drop(in_progress);
+            assert_eq!(answered, Ok(None), "failure() waited for the sync");
+        });
+        // Syncs still take turns, and a failure stops the ones after it.
+        files.fail_next_syncs(1);
+        assert!(matches!(files.sync(), Err(SyncError::Failed(_))));
+        assert!(matches!(files.sync(), Err(SyncError::Stopped(_))));
+        assert!(files.failure().unwrap().contains("injected"));
+    }
 
     #[test]
     fn the_fdatasync_rate_is_measured_in_the_folder_and_leaves_nothing() {
