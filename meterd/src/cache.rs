@@ -1403,6 +1403,48 @@ mod tests {
         );
     }
 
+    /// A backlog much larger than a segment uploads in order, batch after
+    /// batch, each reading once, and the uploaded segments are deleted.
+    #[test]
+    fn a_long_backlog_uploads_in_order_and_its_segments_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 100_000).unwrap();
+        for group in 0..50 {
+            let readings: Vec<NewReading> =
+                (0..200).map(|n| new_reading(group * 200 + n)).collect();
+            cache.append(&readings).unwrap();
+        }
+        let segments = cache.log.segments();
+        assert!(segments > 20, "{segments} segments");
+        let table = SavedTable {
+            received_ms: 1,
+            standings: Vec::new(),
+            params: params(),
+        };
+        let mut uploaded = Vec::new();
+        while let Some(batch) = cache
+            .pending_batch_ending(700, |readings| BatchEnd::Take(readings.len() - 1))
+            .unwrap()
+        {
+            let readings = cache.batch_readings(&batch).unwrap();
+            assert_eq!(readings.first().unwrap().seq, batch.first_seq);
+            assert_eq!(readings.last().unwrap().seq, batch.last_seq);
+            uploaded.extend(readings.iter().map(|reading| reading.seq));
+            cache.confirm_batch(&batch, &table).unwrap();
+        }
+        assert!(
+            uploaded == (1..=10_000).collect::<Vec<u64>>(),
+            "{} uploaded",
+            uploaded.len()
+        );
+        assert_eq!(cache.pending(), 0);
+        assert_eq!(cache.log.segments(), 1, "only the last segment stays");
+        drop(cache);
+        let cache = Cache::open(dir.path(), 100_000).unwrap();
+        assert_eq!(cache.pending(), 0);
+        assert_eq!(cache.append(&[new_reading(1)]).unwrap(), 10_001);
+    }
+
     /// A pending batch without readings (a cache written before batches
     /// took only durable readings) is dropped with an error, not retried
     /// forever behind a panic.

@@ -403,7 +403,7 @@ impl ReadingLog {
             (start, segments.into_iter())
         };
         let (mut seq, mut offset) = start;
-        let mut end = None;
+        let (mut begin, mut end) = (None, None);
         let mut later = false;
         'segments: for (first_seq, path) in segments {
             // Each segment after the first is read from its start.
@@ -422,6 +422,9 @@ impl ReadingLog {
                         path.display(),
                         reading.seq
                     )));
+                }
+                if reading.seq == from {
+                    begin = Some((seq, first_seq, offset));
                 }
                 offset += size;
                 seq += 1;
@@ -442,8 +445,13 @@ impl ReadingLog {
                 )));
             }
         }
-        if let Some(hint) = end {
-            let mut state = lock(&self.state);
+        // Where this read began (a batch's readings are read again from
+        // there) and ended (the next batch begins there).
+        let mut state = lock(&self.state);
+        for hint in [begin, end].into_iter().flatten() {
+            if state.hints.contains(&hint) {
+                continue;
+            }
             if state.hints.len() == HINTS_MAX {
                 state.hints.remove(0);
             }
