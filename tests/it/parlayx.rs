@@ -839,6 +839,25 @@ fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
     let (status, body) = charge("tel-2", b"tel-nonce-0002", "tel:+4915112345678");
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("POL0001"), "{body}");
+    // One account cannot try number after number for "Another account":
+    // Bob made two changes to new numbers (one taken); three more pass,
+    // the sixth within 15 minutes is refused before the store is asked,
+    // and his number stays.
+    for n in 1..=3 {
+        let page = set_telephone(&mut bob, "Bob", &format!("+1212555010{n}"));
+        assert_eq!(page.status, 200, "{}", page.body);
+    }
+    let page = set_telephone(&mut bob, "Bob", "+12125550109");
+    assert_eq!(page.status, 429, "{}", page.body);
+    assert!(
+        page.text_of("telephone-error")
+            .unwrap()
+            .contains("5 times in 15 minutes"),
+        "{}",
+        page.body
+    );
+    let page = set_telephone(&mut bob, "Bob", "+12125550103");
+    assert_eq!(page.status, 200, "the same number again is no change");
 }
 
 /// Sends `head` (a request's head) on a new connection and reads the

@@ -1112,6 +1112,33 @@ async fn edit_account(
             }
         },
     };
+    // A new number is counted before the store is asked whether another
+    // account holds it, so that one account cannot try number after number.
+    if errors.is_empty()
+        && phone.is_some()
+        && phone != customer.phone
+        && !web.sessions.may_change_phone(customer.cid)
+    {
+        errors.push((
+            "telephone",
+            format!(
+                "You changed the telephone number {} times in 15 minutes. Wait, or call the \
+                 branch at {}.",
+                session::PHONE_CHANGES_MAX,
+                web.config.phone
+            ),
+        ));
+        return account_response(
+            &service,
+            &session,
+            &customer,
+            AccountNotes {
+                errors: &errors,
+                ..AccountNotes::default()
+            },
+            StatusCode::TOO_MANY_REQUESTS,
+        );
+    }
     // The address is where password resets go: changing it needs the
     // current password (counted like a login attempt), and the old address
     // is told.

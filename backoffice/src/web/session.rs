@@ -36,6 +36,10 @@ pub const REGISTRATIONS_MAX: usize = 20;
 /// Reset mails sent to one account within the window: more would only fill
 /// the outbox and the customer's mailbox.
 pub const RESET_MAILS_MAX: usize = 5;
+/// Changes to a new telephone number an account may make within the
+/// window: "Another account has this telephone number" must not let one
+/// account try every number (`docs/security.md`).
+pub const PHONE_CHANGES_MAX: usize = 5;
 /// How long a password reset link works.
 pub const RESET_VALID: Duration = Duration::from_secs(3600);
 /// Reset links outstanding at most.
@@ -204,6 +208,13 @@ impl Sessions {
     /// account was sent [`RESET_MAILS_MAX`] within the window.
     pub fn may_mail_reset(&self, cid: Cid) -> bool {
         self.within_allowance(format!("reset:{cid}"), RESET_MAILS_MAX)
+    }
+
+    /// Counts a change of `cid`'s telephone number to a new one: false (and
+    /// not counted) once the account made [`PHONE_CHANGES_MAX`] within the
+    /// window, whether or not they were taken.
+    pub fn may_change_phone(&self, cid: Cid) -> bool {
+        self.within_allowance(format!("phone:{cid}"), PHONE_CHANGES_MAX)
     }
 
     /// Counts one more event under `key` unless `max` happened within the
