@@ -228,6 +228,23 @@ fn a_database_made_by_the_previous_version_is_upgraded_with_its_branch_kept() {
     assert_eq!(store.customer(&cid).unwrap().unwrap().name, "Ada");
     let (report, _) = store.verify();
     assert!(report.is_ok(), "{:?}", report.problems);
+    // A number written around the store, in no form `tel:` could name.
+    cluster
+        .psql(
+            "branch",
+            "UPDATE customers SET record = jsonb_set(record, '{phone}', '\"0151 1234\"') \
+             WHERE cid = 'B1-C1'",
+        )
+        .unwrap();
+    let (report, _) = store.verify();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("B1-C1 has a telephone number in no valid form")),
+        "{:?}",
+        report.problems
+    );
 }
 
 #[test]

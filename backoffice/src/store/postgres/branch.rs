@@ -737,7 +737,17 @@ impl PgStore {
                 count += 1;
                 let text: &str = row.get(0);
                 let read = match table {
-                    "customers" => from_json::<Customer>(text, what).map(drop),
+                    "customers" => from_json::<Customer>(text, what).and_then(|customer| {
+                        match &customer.phone {
+                            Some(phone) if registry::check_phone(phone).is_err() => {
+                                Err(StoreError::Corrupt(format!(
+                                    "customer {} has a telephone number in no valid form",
+                                    customer.cid
+                                )))
+                            }
+                            _ => Ok(()),
+                        }
+                    }),
                     "products" => from_json::<Product>(text, what).map(drop),
                     "meters" => from_json::<Meter>(text, what).map(drop),
                     "grants" => from_json::<Grant>(text, what).map(drop),
