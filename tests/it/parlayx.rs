@@ -860,6 +860,75 @@ fn a_service_charges_a_customer_by_the_telephone_number_they_registered() {
     assert_eq!(page.status, 200, "the same number again is no change");
 }
 
+/// A credential made later for the same product (to replace one) may
+/// refund a customer who granted only the first: refunds are capped per
+/// product, and the customer dealt with this product's service. A
+/// credential of another product may not.
+#[test]
+fn a_new_credential_of_the_product_refunds_what_the_first_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let branch = branch(dir.path());
+    let (status, body) = post(
+        branch.office.address,
+        AMOUNT_PATH,
+        &envelope(
+            &security(
+                &branch.service.0,
+                &branch.service.1,
+                b"first-nonce-0001",
+                &now_created(0),
+                false,
+            ),
+            "charge-1",
+            "2",
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "8");
+    let credential = |pid: &str| {
+        let made = branch
+            .office
+            .call("meter.create", &[s(&branch.owner), s(pid)])
+            .expect("a service credential");
+        let member = |name: &str| {
+            made.member(name)
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_owned()
+        };
+        (member("MID"), member("secret"))
+    };
+    let refund = |service: &(String, String), reference: &str, nonce: &[u8]| {
+        let call = envelope(
+            &security(&service.0, &service.1, nonce, &now_created(0), false),
+            reference,
+            "1",
+        )
+        .replace("chargeAmount", "refundAmount");
+        post(branch.office.address, AMOUNT_PATH, &call)
+    };
+    let second = credential(&branch.pid);
+    let (status, body) = refund(&second, "refund-1", b"second-nonce-001");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "9");
+    // Another product of the same owner never charged Ada.
+    let other = branch.office.text(
+        "product.create",
+        &[
+            s(&branch.owner),
+            s("Wallpapers"),
+            s("1 a picture"),
+            Value::Base64(crate::examples::module("flat")),
+            s("5"),
+        ],
+        "PID",
+    );
+    let (status, body) = refund(&credential(&other), "refund-2", b"other-nonce-0001");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("POL0001"), "{body}");
+    assert_eq!(balance(&branch.office, &branch.ada.1), "9");
+}
+
 /// Sends `head` (a request's head) on a new connection and reads the
 /// whole answer.
 fn raw_answer(address: SocketAddr, head: &str, body: &[u8]) -> String {

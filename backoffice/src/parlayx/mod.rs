@@ -535,9 +535,12 @@ impl Caller<'_> {
         self.grant_of(payer, true)
     }
 
-    /// Refused unless `payee` ever gave this service a grant (live, expired
-    /// or revoked): a refund goes only to a customer the service dealt
-    /// with, so that refunds are no way to tell customers from strangers.
+    /// Refused unless `payee` ever gave this product's service a grant
+    /// (live, expired or revoked), through this credential or another of
+    /// the same product (one made to replace it): a refund goes only to a
+    /// customer the service dealt with, so that refunds are no way to tell
+    /// customers from strangers. What it may give back is capped per
+    /// product too (`send::payments::beyond_charged`).
     fn granted_ever(&self, payee: &Cid) -> Result<(), Exception> {
         self.grant_of(payee, false)
     }
@@ -553,6 +556,17 @@ impl Caller<'_> {
             .any(|grant| grant.mid == self.meter.mid && (!live || grant.is_live_at(self.now_ms)))
         {
             return Ok(());
+        }
+        if !live {
+            for grant in &grants {
+                let meter = self
+                    .store()
+                    .meter(&grant.mid)
+                    .map_err(|error| self.fail(&error))?;
+                if meter.is_some_and(|meter| meter.service == Some(self.product.pid)) {
+                    return Ok(());
+                }
+            }
         }
         Err(self.not_granted())
     }
