@@ -377,7 +377,9 @@ impl SledDir {
     /// did, in log order.
     pub fn sync_after_failure(&self) -> Result<(), String> {
         let _turn = lock(&self.syncing);
-        self.write_through()
+        self.write_through().inspect_err(|reason| {
+            lock(&self.failed).get_or_insert_with(|| reason.clone());
+        })
     }
 
     /// The folder for the store's own files (`LOGS_DIR`), made (owner-only)
@@ -404,7 +406,11 @@ impl SledDir {
     /// it could not acknowledge), as `sync_after_failure`.
     pub fn sync_file_after_failure(&self, file: &File, path: &Path) -> Result<(), String> {
         let _turn = lock(&self.syncing);
-        self.fsync(file, path).map_err(|error| error.to_string())
+        self.fsync(file, path).map_err(|error| {
+            let reason = error.to_string();
+            lock(&self.failed).get_or_insert_with(|| reason.clone());
+            reason
+        })
     }
 
     /// Makes the names in `logs_dir` durable after a file was made or

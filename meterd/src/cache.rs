@@ -68,6 +68,10 @@ pub const SET_ASIDE_SHOWN_MAX: usize = 16;
 const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
 /// The first reading not yet uploaded or set aside.
 const FIRST_PENDING_KEY: &[u8] = b"m:first_pending";
+/// Where the readings log ended when it was opened or last began a new
+/// segment (kept before the segment is made); it only grows, so a log that
+/// ends before it lost readings it had acknowledged.
+const LOG_FLOOR_KEY: &[u8] = b"m:log_floor";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
 /// Where sessions were kept before they carried the uid; dropped on save.
@@ -335,6 +339,27 @@ impl Cache {
             // (what `move_readings_into` found), or the next.
             None => log.first_seq().unwrap_or(stored_next).min(stored_next),
         };
+        // The log must hold what sled says was written to it: its newest
+        // segment's start, the pending batch, the readings not yet uploaded.
+        let log_end = log.next_seq().unwrap_or(0);
+        let pending_batch = tree.get(BATCH_KEY)?.map(|bytes| decode_batch(&bytes));
+        let floor = tree.get(LOG_FLOOR_KEY)?.map(|bytes| u64_of(&bytes));
+        let needed = [
+            floor.map(|floor| (floor, "it ended when last opened or extended")),
+            pending_batch
+                .as_ref()
+                .map(|batch| (batch.last_seq + 1, "the batch being sent ends")),
+        ];
+        for (end, what) in needed.into_iter().flatten() {
+            if log_end < end {
+                return Err(CacheError::Log(format!(
+                    "the readings log in {} ends before reading {end}, where {what}: segments \
+                     holding acknowledged readings are missing. The meter does not start rather \
+                     than number new readings over them; restore the folder from a copy",
+                    log.dir().display()
+                )));
+            }
+        }
         let next_seq = stored_next
             .max(log.next_seq().unwrap_or(0))
             .max(first_pending_seq);
@@ -353,6 +378,9 @@ impl Cache {
         changes.remove(OLD_INSTANCE_KEY);
         changes.insert(FIRST_PENDING_KEY, &first_pending_seq.to_be_bytes());
         changes.insert(NEXT_SEQ_KEY, &next_seq.to_be_bytes());
+        if let Some(end) = log.next_seq() {
+            changes.insert(LOG_FLOOR_KEY, &end.to_be_bytes());
+        }
         tree.apply_batch(changes)?;
         files.sync()?;
         let mut set_aside = SetAside::default();
@@ -476,6 +504,14 @@ impl Cache {
             })
             .collect();
         let next = first + count;
+        if self.log.would_start_segment(first)
+            && let Some(end) = self.log.next_seq()
+        {
+            // Kept before the segment is made (once per segment): see
+            // `LOG_FLOOR_KEY`.
+            self.tree.insert(LOG_FLOOR_KEY, &end.to_be_bytes())?;
+            self.sync()?;
+        }
         if let Err(failure) = self.log.append(&self.files, &numbered) {
             return Err(self.undo_append(first, next, failure));
         }
@@ -1583,6 +1619,40 @@ mod tests {
         assert_eq!(cache.pending(), 1);
         cache.append(&[new_reading(2)]).unwrap();
         assert_eq!(cache.pending(), 2);
+    }
+
+    /// A data folder whose readings log lost segments (deleted, or not
+    /// restored with the rest) refuses to open, rather than number new
+    /// readings over those it acknowledged and is sending.
+    #[test]
+    fn a_cache_whose_log_lost_acknowledged_readings_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path(), 100).unwrap();
+            cache
+                .append(&[new_reading(1), new_reading(2), new_reading(3)])
+                .unwrap();
+            cache.pending_batch(2).unwrap().unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join(durable::LOGS_DIR)).unwrap();
+        let refused = Cache::open(dir.path(), 100).err().expect("refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("acknowledged readings are missing"),
+            "{refused}"
+        );
+        // Nor without a batch being sent: the log's end when it was last
+        // opened or extended is kept.
+        let dir = tempfile::tempdir().unwrap();
+        drop(Cache::open(dir.path(), 100).unwrap());
+        {
+            let cache = Cache::open(dir.path(), 100).unwrap();
+            cache.append(&[new_reading(1)]).unwrap();
+        }
+        drop(Cache::open(dir.path(), 100).unwrap());
+        std::fs::remove_dir_all(dir.path().join(durable::LOGS_DIR)).unwrap();
+        assert!(Cache::open(dir.path(), 100).is_err());
     }
 
     #[test]

@@ -101,6 +101,13 @@ impl Meter {
         self.context = context;
     }
 
+    /// Closes the connection; the next call makes a new one. For a caller
+    /// that cannot tell whether a call was cut off between its request and
+    /// its answer (the next call must not read that answer as its own).
+    pub fn disconnect(&mut self) {
+        self.stream = None;
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -9,21 +9,25 @@
 //! meter keeps nothing in memory per reading (docs/benchmarks.md).
 //!
 //! **Format.** Segments named by the sequence number of their first reading
-//! (`00000000000000000001.log`, 20 digits), each a run of records: the
-//! payload's length (u32, little-endian), its CRC-32 (u32, little-endian),
-//! the payload (`cache::encode_reading`, which carries the sequence number).
-//! Numbers run on without a gap inside a segment; a segment starts past
+//! (`00000000000000000001.log`, 20 digits), each a run of frames, one per
+//! group commit: a header (the payload's length u32, the first reading's
+//! number u64, the count of readings u32, all little-endian, then the
+//! CRC-32 of those 16 bytes), the payload (each reading as a u16 length and
+//! `cache::encode_reading`, which carries its number), and the payload's
+//! CRC-32. Numbers run on without a gap inside a segment; a segment starts past
 //! the end of the one before it (after a gap where numbers were given to a
 //! group that failed). A new segment is started when the last one has grown
 //! past `SEGMENT_BYTES`; a segment is deleted once every reading in it was
 //! uploaded or set aside (`trim`).
 //!
-//! **Crashes.** A group is acknowledged only after its `fdatasync`. A crash
-//! or power cut during a group's write leaves at most a torn last record:
-//! opening the log cuts the last segment back to its last whole record
-//! (nobody was told about what followed). A bad record anywhere else is
-//! corruption and the log refuses to open, rather than lose readings that
-//! were acknowledged. A failed fsync stops the data folder (`durable`'s
+//! **Crashes.** A group is acknowledged only after its `fdatasync`, and the
+//! next group is written only then, so a crash or power cut can tear only
+//! the last frame of the last segment: its header whole and the frame
+//! running to the end of the file or past it, or never written (zeros, or
+//! too short for a header, to the end of the file). Opening the log cuts
+//! such a frame off (nobody was told of its readings). Any other bad frame,
+//! one that a whole frame follows above all, held acknowledged readings:
+//! the log refuses to open rather than drop them. A failed fsync stops the data folder (`durable`'s
 //! fail-stop) and the group is cut off again (`append`).
 //!
 //! All fsyncs go through the data folder's `durable::SledDir`, so the log
@@ -45,11 +49,13 @@ use crate::cache::{decode_reading, encode_reading};
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 #[cfg(test)]
 pub const SEGMENT_BYTES: u64 = 8 * 1024;
-/// Bytes before each record's payload: its length and its CRC-32.
-const HEADER_BYTES: usize = 8;
-/// Longest payload a record may have (a reading is under 200 bytes): a
-/// longer length is corruption, never an allocation.
-const PAYLOAD_BYTES_MAX: usize = 1024;
+/// Bytes of a frame's header: payload length, first number, count, CRC.
+const HEADER_BYTES: usize = 20;
+/// Most readings in one frame (a group is at most
+/// `journal::GROUP_READINGS_MAX`).
+const FRAME_READINGS_MAX: usize = 65_536;
+/// Longest encoded reading (one is under 200 bytes).
+const READING_BYTES_MAX: usize = 1024;
 /// Positions remembered for reads (see `State::hints`).
 const HINTS_MAX: usize = 8;
 
@@ -120,56 +126,147 @@ fn first_seq_of(name: &str) -> Option<u64> {
         .flatten()
 }
 
-/// Appends `reading`'s record to `out`.
-fn put_record(out: &mut Vec<u8>, reading: &Reading) {
-    let payload = encode_reading(reading);
-    let len = u32::try_from(payload.len()).expect("a reading's record is small");
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+/// Appends the frame of `readings` (numbered on without a gap) to `out`.
+fn put_frame(out: &mut Vec<u8>, readings: &[Reading]) {
+    let mut payload = Vec::with_capacity(readings.len() * 96);
+    for reading in readings {
+        let record = encode_reading(reading);
+        let len = u16::try_from(record.len()).expect("a reading's record is small");
+        payload.extend_from_slice(&len.to_le_bytes());
+        payload.extend_from_slice(&record);
+    }
+    let mut header = Vec::with_capacity(HEADER_BYTES);
+    let len = u32::try_from(payload.len()).expect("a group's frame is bounded");
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&readings[0].seq.to_le_bytes());
+    let count = u32::try_from(readings.len()).expect("a group is bounded");
+    header.extend_from_slice(&count.to_le_bytes());
+    header.extend_from_slice(&crc32fast::hash(&header).to_le_bytes());
+    out.extend_from_slice(&header);
     out.extend_from_slice(&payload);
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
 }
 
-/// The next record of `input`: `Ok(None)` at its end or at a torn or bad
-/// record (with how it was bad in `bad`), else the reading and its size.
-fn next_record(
-    input: &mut impl Read,
-    bad: &mut Option<String>,
-) -> std::io::Result<Option<(Reading, u64)>> {
+/// One frame as read from a segment.
+enum Frame {
+    /// A whole frame: its readings, in order, and its size in bytes.
+    Whole(Vec<Reading>, u64),
+    /// The end of the segment, at a frame's boundary.
+    End,
+    /// A header that does not check: `zeros` says whether every byte from
+    /// here to the end of the file is zero.
+    BadHeader { zeros: bool },
+    /// Fewer bytes than a header, or a whole header whose frame runs past
+    /// the end of the file.
+    Short,
+    /// A whole frame whose payload does not check, or holds something that
+    /// is not the readings its header announces (`why`).
+    BadPayload(String),
+}
+
+/// Reads the next frame of `input`.
+fn next_frame(input: &mut impl Read) -> std::io::Result<Frame> {
     let mut header = [0u8; HEADER_BYTES];
-    let mut got = 0;
-    while got < HEADER_BYTES {
-        match input.read(&mut header[got..])? {
-            0 if got == 0 => return Ok(None),
-            0 => {
-                *bad = Some("a torn record header".to_owned());
-                return Ok(None);
-            }
-            n => got += n,
-        }
+    let got = read_up_to(input, &mut header)?;
+    if got == 0 {
+        return Ok(Frame::End);
     }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if len == 0 || len > PAYLOAD_BYTES_MAX {
-        *bad = Some(format!("a record length of {len} bytes"));
-        return Ok(None);
+    if got < HEADER_BYTES {
+        return Ok(Frame::Short);
     }
-    let mut payload = vec![0u8; len];
-    if let Err(error) = input.read_exact(&mut payload) {
-        if error.kind() == std::io::ErrorKind::UnexpectedEof {
-            *bad = Some("a torn record".to_owned());
-            return Ok(None);
-        }
-        return Err(error);
-    }
-    if crc32fast::hash(&payload) != crc {
-        *bad = Some("a record whose checksum does not match".to_owned());
-        return Ok(None);
-    }
-    let Some(reading) = decode_reading(&payload) else {
-        *bad = Some("a record that is not a reading".to_owned());
-        return Ok(None);
+    let field = |range: std::ops::Range<usize>| -> u64 {
+        header[range]
+            .iter()
+            .rev()
+            .fold(0u64, |value, byte| value << 8 | u64::from(*byte))
     };
-    Ok(Some((reading, (HEADER_BYTES + len) as u64)))
+    let checks = crc32fast::hash(&header[..16]) == field(16..20) as u32
+        && field(12..16) as usize <= FRAME_READINGS_MAX
+        && field(0..4) as usize <= field(12..16) as usize * (2 + READING_BYTES_MAX)
+        && field(12..16) > 0;
+    if !checks {
+        let mut zeros = header.iter().all(|byte| *byte == 0);
+        let mut rest = [0u8; 4096];
+        while zeros {
+            let n = read_up_to(input, &mut rest)?;
+            if n == 0 {
+                break;
+            }
+            zeros = rest[..n].iter().all(|byte| *byte == 0);
+        }
+        return Ok(Frame::BadHeader { zeros });
+    }
+    let (len, first_seq, count) = (field(0..4) as usize, field(4..12), field(12..16) as usize);
+    let mut payload = vec![0u8; len + 4];
+    if read_up_to(input, &mut payload)? < payload.len() {
+        return Ok(Frame::Short);
+    }
+    let crc = u32::from_le_bytes(payload[len..].try_into().expect("4 bytes"));
+    let payload = &payload[..len];
+    if crc32fast::hash(payload) != crc {
+        return Ok(Frame::BadPayload(
+            "a payload whose checksum does not match".to_owned(),
+        ));
+    }
+    let mut readings = Vec::with_capacity(count);
+    let mut at = 0;
+    while at < len {
+        let Some(size) = payload
+            .get(at..at + 2)
+            .map(|bytes| u16::from_le_bytes([bytes[0], bytes[1]]) as usize)
+        else {
+            return Ok(Frame::BadPayload("a reading cut short".to_owned()));
+        };
+        let reading = payload.get(at + 2..at + 2 + size).and_then(decode_reading);
+        match reading {
+            Some(reading) if reading.seq == first_seq + readings.len() as u64 => {
+                readings.push(reading);
+            }
+            _ => {
+                return Ok(Frame::BadPayload(format!(
+                    "no reading {} where the frame from {first_seq} holds it",
+                    first_seq + readings.len() as u64
+                )));
+            }
+        }
+        at += 2 + size;
+    }
+    if readings.len() != count {
+        return Ok(Frame::BadPayload(format!(
+            "{} readings in a frame of {count}",
+            readings.len()
+        )));
+    }
+    Ok(Frame::Whole(readings, (HEADER_BYTES + len + 4) as u64))
+}
+
+/// Whether `input` has no byte left.
+fn at_end(input: &mut impl Read) -> std::io::Result<bool> {
+    Ok(read_up_to(input, &mut [0u8; 1])? == 0)
+}
+
+/// Reads into `buffer` until it is full or the input ends; the bytes read.
+fn read_up_to(input: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buffer.len() {
+        match input.read(&mut buffer[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(got)
+}
+
+/// Whether a group numbered from `first_seq` goes to a new segment: the
+/// first, one after a gap, or one past a full segment.
+fn starts_segment(state: &State, first_seq: u64) -> bool {
+    state.next_seq.is_some_and(|next| next < first_seq)
+        || state
+            .segments
+            .last()
+            .is_none_or(|segment| segment.len >= SEGMENT_BYTES)
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -211,35 +308,53 @@ impl ReadingLog {
                 )));
             }
             let mut input = BufReader::with_capacity(64 * 1024, File::open(&path)?);
-            let (mut len, mut expected, mut bad) = (0u64, first_seq, None);
-            while let Some((reading, size)) = next_record(&mut input, &mut bad)? {
-                // A torn write never makes a whole record with another
-                // number: this is corruption wherever it is.
-                if reading.seq != expected {
-                    return Err(LogError::Corrupt(format!(
-                        "{} holds reading {} at byte {len} where {expected} was to follow",
-                        path.display(),
-                        reading.seq
-                    )));
-                }
-                len += size;
-                expected += 1;
-            }
+            let is_last = Some(index) == last;
             let file_len = std::fs::metadata(&path)?.len();
-            if let Some(bad) = bad.filter(|_| len < file_len) {
-                if Some(index) != last {
-                    return Err(LogError::Corrupt(format!(
-                        "{} holds {bad} at byte {len}",
-                        path.display()
-                    )));
-                }
-                // The tail of the last segment: a group whose write a crash
-                // cut short, never acknowledged.
+            let (mut len, mut expected) = (0u64, first_seq);
+            let torn = loop {
+                let frame = next_frame(&mut input)?;
+                let bad = match frame {
+                    Frame::End => break None,
+                    Frame::Whole(readings, size) => {
+                        if readings[0].seq != expected {
+                            return Err(LogError::Corrupt(format!(
+                                "{} holds reading {} at byte {len} where {expected} was to follow",
+                                path.display(),
+                                readings[0].seq
+                            )));
+                        }
+                        len += size;
+                        expected += readings.len() as u64;
+                        continue;
+                    }
+                    // Only the last frame of the last segment can be torn,
+                    // and only so: never written, or cut short by the end of
+                    // the file, or whole but ending the file.
+                    Frame::BadHeader { zeros: true } if is_last => {
+                        break Some("a frame never written");
+                    }
+                    Frame::Short if is_last => break Some("a frame cut short"),
+                    Frame::BadPayload(_) if is_last && at_end(&mut input)? => {
+                        break Some("a frame whose payload was not all written");
+                    }
+                    Frame::BadHeader { .. } => "a frame header that does not check".to_owned(),
+                    Frame::Short => "a frame cut short".to_owned(),
+                    Frame::BadPayload(why) => why,
+                };
+                return Err(LogError::Corrupt(format!(
+                    "{} holds {bad} at byte {len}, and readings acknowledged as recorded may be \
+                     in it: the meter does not start rather than drop them. Keep a copy of the \
+                     folder and see docs/meterd.md (Durability)",
+                    path.display()
+                )));
+            };
+            if let Some(why) = torn {
+                // A group whose write a crash cut short, never acknowledged.
                 tracing::warn!(
                     segment = %path.display(),
                     kept = len,
                     dropped = file_len - len,
-                    %bad,
+                    why,
                     "cut a torn write off the end of the readings log"
                 );
                 let file = std::fs::OpenOptions::new().write(true).open(&path)?;
@@ -288,6 +403,13 @@ impl ReadingLog {
             .map(|segment| segment.first_seq)
     }
 
+    /// Whether appending a group numbered from `first_seq` starts a new
+    /// segment (the cache keeps where the newest starts, so that a lost
+    /// segment is noticed).
+    pub fn would_start_segment(&self, first_seq: u64) -> bool {
+        starts_segment(&lock(&self.state), first_seq)
+    }
+
     /// One past the last reading in the log; `None` when it holds none.
     pub fn next_seq(&self) -> Option<u64> {
         lock(&self.state).next_seq
@@ -322,12 +444,7 @@ impl ReadingLog {
             numbered,
             "readings are appended in order, each group without a gap"
         );
-        let gap = state.next_seq.is_some_and(|next| next < first.seq);
-        let starts_segment = gap
-            || state
-                .segments
-                .last()
-                .is_none_or(|segment| segment.len >= SEGMENT_BYTES);
+        let starts_segment = starts_segment(&state, first.seq);
         if starts_segment {
             let path = self.dir.join(segment_name(first.seq));
             let file = std::fs::OpenOptions::new()
@@ -336,7 +453,12 @@ impl ReadingLog {
                 .mode(0o600)
                 .open(&path)
                 .map_err(|error| fail(error.into()))?;
-            files.sync_logs_dir().map_err(|error| fail(error.into()))?;
+            if let Err(error) = files.sync_logs_dir() {
+                // Not named durably: gone again (an empty last segment is
+                // removed on open as well).
+                let _ = std::fs::remove_file(&path);
+                return Err(fail(error.into()));
+            }
             state.segments.push(Segment {
                 first_seq: first.seq,
                 path,
@@ -345,9 +467,7 @@ impl ReadingLog {
             state.active = Some(file);
         }
         let mut bytes = Vec::with_capacity(readings.len() * 96);
-        for reading in readings {
-            put_record(&mut bytes, reading);
-        }
+        put_frame(&mut bytes, readings);
         let state = &mut *state;
         let segment = state.segments.last_mut().expect("a segment to append to");
         let file = state.active.as_mut().expect("the last segment is open");
@@ -361,10 +481,36 @@ impl ReadingLog {
                 .set_len(segment.len)
                 .map_err(|error| error.to_string())
                 .and_then(|()| files.sync_file_after_failure(file, &segment.path));
-            if let Err(why) = &undone {
-                state.broken = Some(format!(
-                    "a group could not be cut off the log after it failed ({why})"
-                ));
+            match &undone {
+                Err(why) => {
+                    state.broken = Some(format!(
+                        "a group could not be cut off the log after it failed ({why})"
+                    ));
+                }
+                Ok(()) if starts_segment => {
+                    // The segment made for this group holds nothing: gone
+                    // again, so that the next group can make it anew.
+                    let empty = state.segments.pop().expect("the segment just made");
+                    let reopened = std::fs::remove_file(&empty.path).and_then(|()| {
+                        state
+                            .segments
+                            .last()
+                            .map(|last| std::fs::OpenOptions::new().append(true).open(&last.path))
+                            .transpose()
+                    });
+                    match reopened {
+                        Ok(active) => state.active = active,
+                        Err(why) => {
+                            state.broken = Some(format!(
+                                "the log could not go back to its last segment ({why})"
+                            ));
+                        }
+                    }
+                    // Names only: a stopped folder refuses, and an empty
+                    // last segment is removed on open anyway.
+                    let _ = files.sync_logs_dir();
+                }
+                Ok(()) => {}
             }
             return Err(AppendFailure { error, undone });
         }
@@ -414,35 +560,52 @@ impl ReadingLog {
             let file = File::open(&path)?;
             let mut input = BufReader::with_capacity(64 * 1024, file);
             std::io::Seek::seek(&mut input, std::io::SeekFrom::Start(offset))?;
-            let mut bad = None;
-            while let Some((reading, size)) = next_record(&mut input, &mut bad)? {
-                if reading.seq != seq {
+            // Frames from here on; a frame being written now starts at
+            // `until` or later and is never read.
+            while seq < until {
+                let frame_at = offset;
+                let (frame, size) = match next_frame(&mut input)? {
+                    Frame::End => break,
+                    Frame::Whole(frame, size) => (frame, size),
+                    _ => {
+                        return Err(LogError::Corrupt(format!(
+                            "{} holds a bad frame at byte {offset}, before reading {until}",
+                            path.display()
+                        )));
+                    }
+                };
+                if frame[0].seq != seq {
                     return Err(LogError::Corrupt(format!(
                         "{} holds reading {} where {seq} was to follow",
                         path.display(),
-                        reading.seq
+                        frame[0].seq
                     )));
                 }
-                if reading.seq == from {
-                    begin = Some((seq, first_seq, offset));
-                }
                 offset += size;
-                seq += 1;
-                if reading.seq >= from {
-                    readings.push(reading);
+                seq += frame.len() as u64;
+                if (frame[0].seq..seq).contains(&from) {
+                    begin = Some((frame[0].seq, first_seq, frame_at));
                 }
-                if seq >= until || readings.len() >= max {
-                    end = Some((seq, first_seq, offset));
+                let frame_first = frame[0].seq;
+                let mut stopped = false;
+                for reading in frame {
+                    if reading.seq >= until || readings.len() >= max {
+                        stopped = true;
+                        break;
+                    }
+                    if reading.seq >= from {
+                        readings.push(reading);
+                    }
+                }
+                if stopped || seq >= until || readings.len() >= max {
+                    // The next read begins in this frame, or after it.
+                    end = Some(if stopped {
+                        (frame_first, first_seq, frame_at)
+                    } else {
+                        (seq, first_seq, offset)
+                    });
                     break 'segments;
                 }
-            }
-            if let Some(bad) = bad {
-                // A record being written now (beyond `until`) may be torn;
-                // one before it is not.
-                return Err(LogError::Corrupt(format!(
-                    "{} holds {bad} at byte {offset}, before reading {until}",
-                    path.display()
-                )));
             }
         }
         // Where this read began (a batch's readings are read again from
@@ -491,9 +654,7 @@ impl ReadingLog {
     pub(crate) fn write_unsynced(&self, readings: &[Reading]) {
         let mut state = lock(&self.state);
         let mut bytes = Vec::new();
-        for reading in readings {
-            put_record(&mut bytes, reading);
-        }
+        put_frame(&mut bytes, readings);
         let file = state.active.as_mut().expect("a segment");
         std::io::Write::write_all(file, &bytes).unwrap();
     }
@@ -597,34 +758,74 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_record_is_cut_off_and_a_bad_one_before_it_refuses() {
+    fn a_torn_last_frame_is_cut_off_and_any_other_bad_frame_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let path = {
             let (_db, files, log) = open(dir.path());
             log.append(&files, &[reading(1), reading(2)]).unwrap();
+            log.append(&files, &[reading(3)]).unwrap();
             lock(&log.state).segments[0].path.clone()
         };
         let whole = std::fs::read(&path).unwrap();
-        for cut in [1, HEADER_BYTES as u64 + 3] {
-            // A crash in the middle of the next group's write.
-            let mut torn = whole.clone();
-            let mut next = Vec::new();
-            put_record(&mut next, &reading(3));
-            torn.extend_from_slice(&next[..cut as usize]);
-            std::fs::write(&path, &torn).unwrap();
-            let (_db, files, log) = open(dir.path());
-            assert_eq!(log.next_seq(), Some(3));
+        let mut next = Vec::new();
+        put_frame(&mut next, &[reading(4), reading(5)]);
+        let reopened = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            let (db, files) = durable::open(
+                dir.path(),
+                &durable::Options {
+                    cache_bytes: 1 << 20,
+                    lock_wait: std::time::Duration::from_secs(2),
+                },
+            )
+            .unwrap();
+            let log = ReadingLog::open(&files);
+            (db, files, log)
+        };
+        // What a crash during the next group's write can leave: part of its
+        // header, its header and part of its payload, all of it with a
+        // payload never written (zeros), or zeros only.
+        let mut zeroed = next.clone();
+        zeroed[HEADER_BYTES..].fill(0);
+        let torn: Vec<Vec<u8>> = vec![
+            next[..7].to_vec(),
+            next[..HEADER_BYTES + 9].to_vec(),
+            zeroed,
+            vec![0; next.len()],
+        ];
+        for tail in torn {
+            let mut bytes = whole.clone();
+            bytes.extend_from_slice(&tail);
+            let (_db, files, log) = reopened(&bytes);
+            let log = log.unwrap();
+            assert_eq!(log.next_seq(), Some(4));
             assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64);
-            log.append(&files, &[reading(3)]).unwrap();
-            assert_eq!(seqs(&log.read(1, 4, 10).unwrap()), [1, 2, 3]);
-            drop((log, files));
-            std::fs::write(&path, &whole).unwrap();
+            log.append(&files, &[reading(4)]).unwrap();
+            assert_eq!(seqs(&log.read(1, 5, 10).unwrap()), [1, 2, 3, 4]);
         }
-        // A flipped byte in the first record of a segment that is not the
-        // last: acknowledged readings would be lost, so it refuses.
+        // A bad byte in a frame that another follows: that frame was
+        // acknowledged, so opening refuses, in the header or the payload.
+        for at in [3, HEADER_BYTES + 5] {
+            let mut bytes = whole.clone();
+            bytes[at] ^= 0x40;
+            let (_db, _files, log) = reopened(&bytes);
+            let refused = log.err().expect("refused").to_string();
+            assert!(
+                refused.contains("does not start rather than drop them"),
+                "{refused}"
+            );
+        }
+        // Garbage after the last frame that is not zeros is no torn write.
+        let mut bytes = whole.clone();
+        bytes.extend_from_slice(b"not a frame at all, and long enough");
+        let (db, files, log) = reopened(&bytes);
+        assert!(log.is_err());
+        drop((log, files, db));
+        // A bad last frame of a segment that is not the last refuses too.
+        std::fs::write(&path, &whole).unwrap();
         {
             let (_db, files, log) = open(dir.path());
-            let mut seq = 3;
+            let mut seq = 4;
             while log.segments() < 2 {
                 let group: Vec<Reading> = (seq..seq + 100).map(reading).collect();
                 log.append(&files, &group).unwrap();
@@ -632,21 +833,27 @@ mod tests {
             }
         }
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[HEADER_BYTES + 2] ^= 0x40;
-        std::fs::write(&path, &bytes).unwrap();
-        let (_db, files) = durable::open(
-            dir.path(),
-            &durable::Options {
-                cache_bytes: 1 << 20,
-                lock_wait: std::time::Duration::from_secs(2),
-            },
-        )
-        .unwrap();
-        let refused = ReadingLog::open(&files).err().expect("refused");
-        assert!(
-            refused.to_string().contains("checksum does not match"),
-            "{refused}"
-        );
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x40;
+        let (_db, _files, log) = reopened(&bytes);
+        let refused = log.err().expect("refused").to_string();
+        assert!(refused.contains("checksum does not match"), "{refused}");
+    }
+
+    /// A group that starts a segment (here after a gap) and fails: the
+    /// segment made for it goes again, so that nothing stands in the way of
+    /// making it anew (a write refused for a full disk stops nothing).
+    #[test]
+    fn a_segment_made_for_a_failed_group_goes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, files, log) = open(dir.path());
+        log.append(&files, &[reading(1)]).unwrap();
+        files.fail_next_syncs(1);
+        let failed = log.append(&files, &[reading(5)]).unwrap_err();
+        assert!(failed.undone.is_ok(), "{:?}", failed.undone);
+        assert_eq!(log.segments(), 1);
+        assert!(!log.dir().join(segment_name(5)).exists());
+        assert_eq!(seqs(&log.read(1, 10, 10).unwrap()), [1]);
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub const CALLS_AT_ONCE: usize = 64;
 /// callers (a TLS proxy in front, a service beside the backoffice) are
 /// this machine's own and bounded by the connection limits only.
 pub const CALLS_PER_ADDRESS_MAX: usize = 16;
+/// Parlay X bodies read at once (each at most 64 KiB): bounds the memory
+/// that callers sending slowly can hold, 16 MiB, whoever they are.
+pub const BODIES_READ_AT_ONCE: usize = 256;
 
 /// What the Parlay X interfaces keep between calls.
 pub struct Payments {
@@ -50,6 +53,8 @@ pub struct Payments {
     /// How long a reservation lasts after it is made or changed.
     reservation_ttl_ms: u64,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Bodies being read (`BODIES_READ_AT_ONCE`).
+    reading: Arc<tokio::sync::Semaphore>,
     /// Calls held per address, for callers from elsewhere.
     by_address: Arc<crate::listen::PerAddress>,
 }
@@ -74,6 +79,7 @@ impl Payments {
             currency: currency.to_owned(),
             reservation_ttl_ms: RESERVATION_TTL_MS,
             slots: Arc::new(tokio::sync::Semaphore::new(CALLS_AT_ONCE)),
+            reading: Arc::new(tokio::sync::Semaphore::new(BODIES_READ_AT_ONCE)),
             by_address: crate::listen::PerAddress::new(CALLS_PER_ADDRESS_MAX),
         }
     }
@@ -260,6 +266,11 @@ async fn call(
              try again when one is answered\n",
         );
     };
+    let Ok(reading) = Arc::clone(&service.payments.reading).try_acquire_owned() else {
+        return busy(
+            "the backoffice is reading as many payment calls as it takes at once; try again\n",
+        );
+    };
     let limit = soap::Limits::PAYMENT.body_bytes_max;
     let read =
         http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), limit));
@@ -281,6 +292,7 @@ async fn call(
             );
         }
     };
+    drop(reading);
     // A slot is taken only for a body that arrived whole: callers that
     // send theirs slowly hold their address's share and a connection, not
     // the calls the backoffice works on at once.

@@ -52,7 +52,8 @@ extern "C" {
 /* The meter refused the call: meter_fault_code gives its fault code
  * (101 to 109, listed in docs/protocol.md) and meter_last_error its text. */
 #define METER_ERR_FAULT (-5)
-/* The library failed inside (a bug); the handle may still be used. */
+/* The library failed inside (a bug); the handle may still be used (its
+ * connection is made anew). */
 #define METER_ERR_INTERNAL (-6)
 
 /* A connection to the meter; opaque. */
@@ -61,8 +62,8 @@ typedef struct meter meter;
 /* A handle for the meter at socket_path, or at the default path when
  * socket_path is NULL ($METERD_SOCKET, else $XDG_RUNTIME_DIR/meterd.sock,
  * else /run/meterd/meterd.sock). Connects on the first call and again
- * after the meter restarts. NULL only when socket_path is not UTF-8 or
- * memory ran out. */
+ * after the meter restarts. NULL only when socket_path is not UTF-8 (when
+ * memory runs out the process aborts, as Rust's allocator does). */
 meter *meter_connect(const char *socket_path);
 
 /* Closes the connection and frees the handle; NULL is ignored. */

@@ -117,7 +117,12 @@ unsafe fn with_handle(m: *mut MeterHandle, work: impl FnOnce(&mut MeterHandle) -
     };
     match catch_unwind(AssertUnwindSafe(|| work(&mut *handle))) {
         Ok(status) => status,
-        Err(_) => handle.failed(METER_ERR_INTERNAL, 0, "the meter library failed inside"),
+        Err(_) => {
+            // The call may have stopped between its request and its answer:
+            // a new connection, so that no later call reads that answer.
+            handle.meter.disconnect();
+            handle.failed(METER_ERR_INTERNAL, 0, "the meter library failed inside")
+        }
     }
 }
 
