@@ -363,6 +363,14 @@ impl Cache {
         let next_seq = stored_next
             .max(log.next_seq().unwrap_or(0))
             .max(first_pending_seq);
+        // Every reading in the log was uploaded or set aside: the numbers
+        // after it went to groups that failed, and none waits (`pending`
+        // would count them). Safe here only: nothing appends yet.
+        let first_pending_seq = if first_pending_seq >= log.next_seq().unwrap_or(0) {
+            next_seq
+        } else {
+            first_pending_seq
+        };
         // Readings already cached keep the instance ids they were appended
         // under; those appended from now on get a new one, made durably
         // before any batch id uses it.
@@ -1619,6 +1627,32 @@ mod tests {
         assert_eq!(cache.pending(), 1);
         cache.append(&[new_reading(2)]).unwrap();
         assert_eq!(cache.pending(), 2);
+    }
+
+    /// Numbers given to a group that failed, after every real reading was
+    /// uploaded, are not counted as waiting after a restart.
+    #[test]
+    fn numbers_of_a_failed_last_group_do_not_wait_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path(), 100).unwrap();
+            cache.append(&[new_reading(1), new_reading(2)]).unwrap();
+            let batch = cache.pending_batch(10).unwrap().unwrap();
+            let table = SavedTable {
+                received_ms: 1,
+                standings: Vec::new(),
+                params: params(),
+            };
+            cache.confirm_batch(&batch, &table).unwrap();
+            cache.files.fail_next_syncs(1);
+            assert!(cache.append(&[new_reading(3), new_reading(4)]).is_err());
+        }
+        let cache = Cache::open(dir.path(), 100).unwrap();
+        assert_eq!(cache.pending(), 0);
+        assert_eq!(cache.pending_batch(10).unwrap(), None);
+        assert_eq!(cache.append(&[new_reading(5)]).unwrap(), 5);
+        assert_eq!(cache.pending(), 1);
+        assert_eq!(seqs(&cache), vec![5]);
     }
 
     /// A data folder whose readings log lost segments (deleted, or not
