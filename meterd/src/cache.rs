@@ -68,9 +68,9 @@ pub const SET_ASIDE_SHOWN_MAX: usize = 16;
 const NEXT_SEQ_KEY: &[u8] = b"m:next_seq";
 /// The first reading not yet uploaded or set aside.
 const FIRST_PENDING_KEY: &[u8] = b"m:first_pending";
-/// Where the readings log ended when it was opened or last began a new
-/// segment (kept before the segment is made); it only grows, so a log that
-/// ends before it lost readings it had acknowledged.
+/// Where the readings log ended when it was opened, first written to, or
+/// last began a new segment (kept before the segment is made); it only
+/// grows, so a log that ends before it lost readings it had acknowledged.
 const LOG_FLOOR_KEY: &[u8] = b"m:log_floor";
 const BATCH_KEY: &[u8] = b"m:batch";
 const TABLE_KEY: &[u8] = b"m:table";
@@ -520,8 +520,23 @@ impl Cache {
             self.tree.insert(LOG_FLOOR_KEY, &end.to_be_bytes())?;
             self.sync()?;
         }
+        let first_ever = self.log.next_seq().is_none();
         if let Err(failure) = self.log.append(&self.files, &numbered) {
             return Err(self.undo_append(first, next, failure));
+        }
+        if first_ever {
+            // The log's first readings: from now on it must never be found
+            // empty (`LOG_FLOOR_KEY`). Kept after the append, so a crash
+            // before this leaves no floor rather than one past the log; a
+            // failure here stops the cache, but these readings are durable.
+            let kept = self
+                .tree
+                .insert(LOG_FLOOR_KEY, &next.to_be_bytes())
+                .map_err(CacheError::from)
+                .and_then(|_| self.sync());
+            if let Err(error) = kept {
+                tracing::error!(%error, "could not keep where the readings log reached");
+            }
         }
         // Only now may a batch take these readings: `next_seq` bounds what
         // `pending_batch_ending` reads, so a reading whose sync is still
@@ -1676,8 +1691,16 @@ mod tests {
                 .contains("acknowledged readings are missing"),
             "{refused}"
         );
-        // Nor without a batch being sent: the log's end when it was last
-        // opened or extended is kept.
+        // Nor without a batch being sent, right after the first readings.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = Cache::open(dir.path(), 100).unwrap();
+            cache.append(&[new_reading(1)]).unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join(durable::LOGS_DIR)).unwrap();
+        assert!(Cache::open(dir.path(), 100).is_err());
+        // Nor after a reopen: the log's end when it was last opened or
+        // extended is kept.
         let dir = tempfile::tempdir().unwrap();
         drop(Cache::open(dir.path(), 100).unwrap());
         {
