@@ -639,6 +639,29 @@ mod tests {
         .unwrap()
     }
 
+    /// The one more sync a store tries after a failure (to undo what it
+    /// could not acknowledge) keeps its own failure too, if there was none.
+    #[test]
+    fn a_failed_sync_after_a_failure_is_kept_as_the_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, files) = opened(dir.path());
+        files.fail_syncs(true);
+        assert!(files.sync_after_failure().is_err());
+        assert!(files.failure().unwrap().contains("injected"));
+        assert!(matches!(files.sync(), Err(SyncError::Stopped(_))));
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, files) = opened(dir.path());
+        let logs = files.logs_dir().unwrap();
+        let path = logs.join("a.log");
+        let file = File::create(&path).unwrap();
+        files.fail_syncs(true);
+        assert!(files.sync_file_after_failure(&file, &path).is_err());
+        assert!(matches!(
+            files.sync_file(&file, &path),
+            Err(SyncError::Stopped(_))
+        ));
+    }
+
     /// Every meter call asks whether a sync failed; while a sync waits for
     /// the disk the answer must not wait with it (it did: the failure was
     /// kept under the lock held across each fsync, and 32 clients ran at

@@ -240,6 +240,14 @@ fn next_frame(input: &mut impl Read) -> std::io::Result<Frame> {
     Ok(Frame::Whole(readings, (HEADER_BYTES + len + 4) as u64))
 }
 
+/// A frame whose first reading is `found` where `expected` was to follow.
+fn misnumbered(path: &Path, found: u64, expected: u64) -> LogError {
+    LogError::Corrupt(format!(
+        "{} holds reading {found} where {expected} was to follow",
+        path.display()
+    ))
+}
+
 /// Whether `input` has no byte left.
 fn at_end(input: &mut impl Read) -> std::io::Result<bool> {
     Ok(read_up_to(input, &mut [0u8; 1])? == 0)
@@ -317,11 +325,7 @@ impl ReadingLog {
                     Frame::End => break None,
                     Frame::Whole(readings, size) => {
                         if readings[0].seq != expected {
-                            return Err(LogError::Corrupt(format!(
-                                "{} holds reading {} at byte {len} where {expected} was to follow",
-                                path.display(),
-                                readings[0].seq
-                            )));
+                            return Err(misnumbered(&path, readings[0].seq, expected));
                         }
                         len += size;
                         expected += readings.len() as u64;
@@ -575,11 +579,7 @@ impl ReadingLog {
                     }
                 };
                 if frame[0].seq != seq {
-                    return Err(LogError::Corrupt(format!(
-                        "{} holds reading {} where {seq} was to follow",
-                        path.display(),
-                        frame[0].seq
-                    )));
+                    return Err(misnumbered(&path, frame[0].seq, seq));
                 }
                 offset += size;
                 seq += frame.len() as u64;

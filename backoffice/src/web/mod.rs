@@ -1112,6 +1112,19 @@ async fn edit_account(
             }
         },
     };
+    // The page again with `errors`, refused for a throttle (429).
+    let throttled = |errors: &[(&'static str, String)]| {
+        account_response(
+            &service,
+            &session,
+            &customer,
+            AccountNotes {
+                errors,
+                ..AccountNotes::default()
+            },
+            StatusCode::TOO_MANY_REQUESTS,
+        )
+    };
     // A new number is counted before the store is asked whether another
     // account holds it, so that one account cannot try number after number.
     if errors.is_empty()
@@ -1128,16 +1141,7 @@ async fn edit_account(
                 web.config.phone
             ),
         ));
-        return account_response(
-            &service,
-            &session,
-            &customer,
-            AccountNotes {
-                errors: &errors,
-                ..AccountNotes::default()
-            },
-            StatusCode::TOO_MANY_REQUESTS,
-        );
+        return throttled(&errors);
     }
     // The address is where password resets go: changing it needs the
     // current password (counted like a login attempt), and the old address
@@ -1154,16 +1158,7 @@ async fn edit_account(
                     web.config.phone
                 ),
             ));
-            return account_response(
-                &service,
-                &session,
-                &customer,
-                AccountNotes {
-                    errors: &errors,
-                    ..AccountNotes::default()
-                },
-                StatusCode::TOO_MANY_REQUESTS,
-            );
+            return throttled(&errors);
         };
         let typed = fields.get("currentPassword").to_owned();
         let stored = customer.password.clone();

@@ -142,6 +142,27 @@ unsafe fn id<T>(
     parsed.map_err(|message| handle.failed(METER_ERR_ARGUMENT, 0, &message))
 }
 
+/// Runs `call` on the handle at `m` with the id at `raw` parsed by
+/// `parse`, or answers why it could not be.
+///
+/// # Safety
+/// As `with_handle` and `text`.
+unsafe fn with_id<T>(
+    m: *mut MeterHandle,
+    raw: *const c_char,
+    what: &str,
+    parse: impl FnOnce(&str) -> Result<T, proto::IdError>,
+    call: impl FnOnce(&mut MeterHandle, T) -> c_int,
+) -> c_int {
+    // SAFETY: passed on from the caller.
+    unsafe {
+        with_handle(m, |handle| match id(handle, raw, what, parse) {
+            Ok(parsed) => call(handle, parsed),
+            Err(status) => status,
+        })
+    }
+}
+
 /// See `meter.h`.
 ///
 /// # Safety
@@ -214,12 +235,9 @@ pub unsafe extern "C" fn meter_set_context(m: *mut MeterHandle, context: *const 
 pub unsafe extern "C" fn meter_login(m: *mut MeterHandle, cid: *const c_char) -> c_int {
     // SAFETY: passed on from the caller.
     unsafe {
-        with_handle(m, |handle| match id(handle, cid, "CID", Cid::parse) {
-            Ok(cid) => {
-                let outcome = handle.meter.login(cid);
-                handle.done(outcome)
-            }
-            Err(status) => status,
+        with_id(m, cid, "CID", Cid::parse, |handle, cid| {
+            let outcome = handle.meter.login(cid);
+            handle.done(outcome)
         })
     }
 }
@@ -232,12 +250,9 @@ pub unsafe extern "C" fn meter_login(m: *mut MeterHandle, cid: *const c_char) ->
 pub unsafe extern "C" fn meter_logout(m: *mut MeterHandle, cid: *const c_char) -> c_int {
     // SAFETY: passed on from the caller.
     unsafe {
-        with_handle(m, |handle| match id(handle, cid, "CID", Cid::parse) {
-            Ok(cid) => {
-                let outcome = handle.meter.logout(cid);
-                handle.answered(outcome)
-            }
-            Err(status) => status,
+        with_id(m, cid, "CID", Cid::parse, |handle, cid| {
+            let outcome = handle.meter.logout(cid);
+            handle.answered(outcome)
         })
     }
 }
@@ -250,12 +265,9 @@ pub unsafe extern "C" fn meter_logout(m: *mut MeterHandle, cid: *const c_char) -
 pub unsafe extern "C" fn meter_query(m: *mut MeterHandle, pid: *const c_char) -> c_int {
     // SAFETY: passed on from the caller.
     let answer = unsafe {
-        with_handle(m, |handle| match id(handle, pid, "PID", Pid::parse) {
-            Ok(pid) => {
-                let outcome = handle.meter.try_query(pid);
-                handle.answered(outcome)
-            }
-            Err(status) => status,
+        with_id(m, pid, "PID", Pid::parse, |handle, pid| {
+            let outcome = handle.meter.try_query(pid);
+            handle.answered(outcome)
         })
     };
     // Fail closed: an error is a no.
@@ -270,12 +282,9 @@ pub unsafe extern "C" fn meter_query(m: *mut MeterHandle, pid: *const c_char) ->
 pub unsafe extern "C" fn meter_commit(m: *mut MeterHandle, pid: *const c_char) -> c_int {
     // SAFETY: passed on from the caller.
     unsafe {
-        with_handle(m, |handle| match id(handle, pid, "PID", Pid::parse) {
-            Ok(pid) => {
-                let outcome = handle.meter.commit(pid);
-                handle.done(outcome)
-            }
-            Err(status) => status,
+        with_id(m, pid, "PID", Pid::parse, |handle, pid| {
+            let outcome = handle.meter.commit(pid);
+            handle.done(outcome)
         })
     }
 }
@@ -288,12 +297,9 @@ pub unsafe extern "C" fn meter_commit(m: *mut MeterHandle, pid: *const c_char) -
 pub unsafe extern "C" fn meter_cancel(m: *mut MeterHandle, pid: *const c_char) -> c_int {
     // SAFETY: passed on from the caller.
     unsafe {
-        with_handle(m, |handle| match id(handle, pid, "PID", Pid::parse) {
-            Ok(pid) => {
-                let outcome = handle.meter.cancel(pid);
-                handle.answered(outcome)
-            }
-            Err(status) => status,
+        with_id(m, pid, "PID", Pid::parse, |handle, pid| {
+            let outcome = handle.meter.cancel(pid);
+            handle.answered(outcome)
         })
     }
 }
