@@ -252,7 +252,7 @@ pub struct Encoder {
 #[derive(Default)]
 struct Part {
     strings: Vec<String>,
-    string_index: std::collections::HashMap<String, u32>,
+    string_index: crate::hashing::Map<String, u32>,
     hashes: Vec<TacaHash>,
     items: Vec<u8>,
     count: usize,

@@ -8,7 +8,7 @@
 //! all or nothing: a batch whose any transfer is invalid or would overflow a
 //! balance changes nothing.
 
-use std::collections::HashMap;
+use crate::hashing::Map;
 use std::fmt;
 
 use proto::{Amount, BatchId, Cid, Pid};
@@ -176,10 +176,10 @@ pub enum LedgerError {
 #[derive(Debug, Clone, Default)]
 pub struct Ledger {
     transfers: Vec<Transfer>,
-    balances: HashMap<AccountId, Amount>,
+    balances: Map<AccountId, Amount>,
     /// The positions of each account's transfers, in order: statements
     /// without a scan of the whole ledger.
-    by_account: HashMap<AccountId, Vec<usize>>,
+    by_account: Map<AccountId, Vec<usize>>,
 }
 
 impl Ledger {
@@ -192,8 +192,8 @@ impl Ledger {
     /// balances are recomputed and every invariant checked; a store that
     /// returns anything else is corrupt, so this panics.
     pub fn restore(transfers: Vec<Transfer>) -> Ledger {
-        let mut balances: HashMap<AccountId, Amount> = HashMap::new();
-        let mut by_account: HashMap<AccountId, Vec<usize>> = HashMap::new();
+        let mut balances: Map<AccountId, Amount> = Map::default();
+        let mut by_account: Map<AccountId, Vec<usize>> = Map::default();
         for (position, transfer) in transfers.iter().enumerate() {
             for posting in transfer.postings() {
                 let balance = balances.entry(posting.account).or_insert(Amount::ZERO);
@@ -268,7 +268,7 @@ impl Ledger {
         posted_ms: u64,
     ) -> Result<Vec<Transfer>, LedgerError> {
         let first = self.transfers.len() as u64;
-        let mut changed: HashMap<AccountId, Amount> = HashMap::new();
+        let mut changed: Map<AccountId, Amount> = Map::default();
         for (index, transfer) in batch.iter().enumerate() {
             self.check(index, transfer)?;
             for (account, delta) in [
@@ -373,8 +373,8 @@ impl Ledger {
     /// Recomputes every balance from the postings and checks the ledger's
     /// invariants; a failure is a bug, so it panics.
     pub fn verify(&self) {
-        let mut sums: HashMap<AccountId, Amount> = HashMap::new();
-        let mut positions: HashMap<AccountId, Vec<usize>> = HashMap::new();
+        let mut sums: Map<AccountId, Amount> = Map::default();
+        let mut positions: Map<AccountId, Vec<usize>> = Map::default();
         for (position, transfer) in self.transfers.iter().enumerate() {
             assert_eq!(
                 transfer.id.0, position as u64,

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod funding;
 pub mod grant_calls;
 pub mod grants;
+pub mod hashing;
 pub mod holds;
 pub mod itemised;
 pub mod ledger;

@@ -3,7 +3,7 @@
 //! takes them; a batch sent again is answered as before. Also suspense
 //! priced again, and money moved outside uploads (posts and deposits).
 
-use std::collections::HashMap;
+use crate::hashing::Map;
 use std::sync::atomic::Ordering;
 
 use proto::reading::{Event, Reading};
@@ -120,7 +120,7 @@ fn repriced_records(
         .map(|record| record.arrived_ms.saturating_add(1))
         .fold(posted_ms, u64::max);
     let context = proto::Context::parse("suspense").expect("a valid context");
-    let mut index: HashMap<BatchKey, usize> = HashMap::new();
+    let mut index: Map<BatchKey, usize> = Map::default();
     let mut sets: Vec<(BatchKey, Encoder, Vec<crate::ledger::TransferId>)> = Vec::new();
     for (record, (outcome, at)) in resolved.iter().zip(outcomes) {
         let key = BatchKey {
@@ -376,11 +376,11 @@ impl<S: Store> Backoffice<S> {
         let mut ledger = self.ledger_for_write()?;
         let records = self.store.suspense().map_err(|error| internal(&error))?;
         let mut lookups = Lookups::default();
-        let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
+        let mut periods: Map<PeriodKey, u64> = Map::default();
         let mut totals = Totals::default();
         let mut resolved = Vec::new();
         let mut stored = lock(&self.period_counts);
-        let mut grants: HashMap<Mid, Vec<Grant>> = HashMap::new();
+        let mut grants: Map<Mid, Vec<Grant>> = Map::default();
         let mut uses: Vec<Use> = Vec::with_capacity(records.len());
         for record in &records {
             let payer = record
@@ -547,7 +547,7 @@ impl<S: Store> Backoffice<S> {
                 .grants_of_meter(&key.mid)
                 .map_err(|error| internal(&error))?,
         );
-        let mut periods: HashMap<PeriodKey, u64> = HashMap::new();
+        let mut periods: Map<PeriodKey, u64> = Map::default();
         let mut totals = Totals::default();
         let mut suspense = Vec::new();
         // Customers, products and modules are read before the books are
@@ -567,10 +567,14 @@ impl<S: Store> Backoffice<S> {
         let priced_in = self.periods_of(&mut lookups, &uses)?;
         let reserved = self.periods_in_use.reserve(priced_in.clone())?;
         let unpriced = uses.clone();
-        // The counts they start from, read in one step once reserved.
-        let mut bases = self.early_counts(priced_in)?;
-        let mut periods_early: HashMap<PeriodKey, u64> = HashMap::new();
+        // The counts they start from (where an earlier batch still being
+        // posted left them, or read in one step) once reserved.
+        let mut bases = self.early_counts(priced_in, &reserved.handed)?;
+        let mut periods_early: Map<PeriodKey, u64> = Map::default();
         let early = self.price_chains(&mut lookups, &mut bases, &mut periods_early, &mut uses)?;
+        // The next batch of the same payers prices from here while this one
+        // is posted and stored (guessing that it will be).
+        reserved.hand_over(&periods_early, &bases);
         let mut ledger = self.ledger_for_write()?;
         // Under the lock, where batches are staged one at a time: a batch
         // id that came meanwhile is a repeat, and readings that another
@@ -664,7 +668,7 @@ impl<S: Store> Backoffice<S> {
         let prepared = ledger
             .prepare(transfers, now_ms)
             .map_err(|error| internal(&error))?;
-        let mut balances: HashMap<AccountId, proto::Amount> = HashMap::new();
+        let mut balances: Map<AccountId, proto::Amount> = Map::default();
         for transfer in &prepared {
             for posting in transfer.postings() {
                 let balance = balances

@@ -1,7 +1,9 @@
 //! Decoding and authenticating a meter's `send` call: the signature
 //! headers, the meter's secret, the time window and replays, then the body.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use crate::hashing::Set;
 use std::sync::atomic::Ordering;
 
 use proto::auth::Secret;
@@ -58,7 +60,7 @@ impl Verified<'_> {
 #[derive(Default)]
 pub(super) struct SeenSignatures {
     order: VecDeque<(u64, String)>,
-    set: HashSet<String>,
+    set: Set<String>,
 }
 
 impl SeenSignatures {

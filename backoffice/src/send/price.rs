@@ -2,7 +2,7 @@
 //! (grants, components), the billing periods they count in, and their
 //! prices.
 
-use std::collections::{HashMap, HashSet};
+use crate::hashing::{Map, Set};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
@@ -26,19 +26,19 @@ fn pricing_busy() -> Fault {
 #[derive(Default)]
 pub(super) struct Lookups {
     /// Shared, not cloned, by every reading of the product.
-    pub(super) products: HashMap<Pid, Option<std::sync::Arc<Product>>>,
+    pub(super) products: Map<Pid, Option<std::sync::Arc<Product>>>,
     /// What decides each customer's standing: credit limit and deny flag
     /// (`None`: no such customer).
-    customers: HashMap<Cid, Option<(proto::Amount, bool)>>,
-    tacas: HashMap<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
+    customers: Map<Cid, Option<(proto::Amount, bool)>>,
+    tacas: Map<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
     /// Every grant given to the sending meter, live or not, by customer.
-    grants: HashMap<Cid, Vec<Grant>>,
+    grants: Map<Cid, Vec<Grant>>,
 }
 
 impl Lookups {
     /// Keeps the sending meter's grants, by customer.
     pub(super) fn with_grants(grants: Vec<Grant>) -> Lookups {
-        let mut by_customer: HashMap<Cid, Vec<Grant>> = HashMap::new();
+        let mut by_customer: Map<Cid, Vec<Grant>> = Map::default();
         for grant in grants {
             by_customer.entry(grant.cid).or_default().push(grant);
         }
@@ -97,7 +97,7 @@ pub const PERIOD_COUNTS_CACHED_MAX: usize = 1_000_000;
 /// Period counts as stored, so that a batch reads each from sled only once
 /// per process instead of once per batch.
 #[derive(Default)]
-pub(super) struct PeriodCounts(pub(super) HashMap<PeriodKey, u64>);
+pub(super) struct PeriodCounts(pub(super) Map<PeriodKey, u64>);
 
 impl PeriodCounts {
     /// Records counts that are now stored.
@@ -120,42 +120,116 @@ pub const PERIODS_WAIT_MS: u64 = 60_000;
 /// them again under the lock, see `counts_unchanged`). Batches of
 /// different payers price at once; those of the same payer one after the
 /// other.
+///
+/// A batch that has priced hands its periods over with the counts it
+/// reached (`Reserved::hand_over`): the next batch of the same payers
+/// prices from those while the first is still being posted and stored,
+/// instead of waiting for it to be durable. That is only a guess: when
+/// the first is not posted after all (a repeat, a conflict, a failed
+/// store) or is priced again under the lock, the counts the second priced
+/// with are not the stored ones, and `counts_unchanged` prices it again
+/// under the lock.
 #[derive(Default)]
 pub(super) struct PeriodsInUse {
-    held: Mutex<HashSet<PeriodKey>>,
+    held: Mutex<HeldPeriods>,
     freed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct HeldPeriods {
+    /// Numbers the batches that reserve, to tell their entries apart.
+    next_holder: u64,
+    periods: Map<PeriodKey, Held>,
+}
+
+/// A period some batch holds.
+#[derive(Clone, Copy)]
+struct Held {
+    holder: u64,
+    /// `None` while the holder prices it; then the count it reached.
+    handed_over_at: Option<u64>,
 }
 
 /// Periods reserved by one batch, freed when dropped.
 pub(super) struct Reserved<'a> {
     from: &'a PeriodsInUse,
+    holder: u64,
     keys: Vec<PeriodKey>,
+    /// Counts handed over by an earlier batch still being posted.
+    pub(super) handed: Map<PeriodKey, u64>,
 }
 
 impl PeriodsInUse {
     /// Waits (at most `PERIODS_WAIT_MS`) until no other batch prices any
     /// of `keys`, then reserves them all at once (so no two batches can
     /// each wait for the other).
-    pub(super) fn reserve(&self, keys: HashSet<PeriodKey>) -> Result<Reserved<'_>, Fault> {
+    pub(super) fn reserve(&self, keys: Set<PeriodKey>) -> Result<Reserved<'_>, Fault> {
+        let being_priced = |held: &HeldPeriods| {
+            keys.iter().any(|key| {
+                held.periods
+                    .get(key)
+                    .is_some_and(|entry| entry.handed_over_at.is_none())
+            })
+        };
         let held = lock(&self.held);
         let (mut held, _) = self
             .freed
             .wait_timeout_while(
                 held,
                 std::time::Duration::from_millis(PERIODS_WAIT_MS),
-                |held| keys.iter().any(|key| held.contains(key)),
+                |held| being_priced(held),
             )
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if keys.iter().any(|key| held.contains(key)) {
+        if being_priced(&held) {
             return Err(internal(
                 &"other batches of the same payers stayed in pricing; nothing was applied: send the batch again",
             ));
         }
-        held.extend(keys.iter().copied());
+        held.next_holder += 1;
+        let holder = held.next_holder;
+        let mut handed = Map::default();
+        for key in &keys {
+            let mine = Held {
+                holder,
+                handed_over_at: None,
+            };
+            if let Some(count) = held
+                .periods
+                .insert(*key, mine)
+                .and_then(|entry| entry.handed_over_at)
+            {
+                handed.insert(*key, count);
+            }
+        }
         Ok(Reserved {
             from: self,
+            holder,
             keys: keys.into_iter().collect(),
+            handed,
         })
+    }
+}
+
+impl Reserved<'_> {
+    /// Lets the next batch of the same payers price from where this one's
+    /// pricing left each period: `reached` where it counted uses, `bases`
+    /// (what it started from) elsewhere.
+    pub(super) fn hand_over(&self, reached: &Map<PeriodKey, u64>, bases: &PeriodCounts) {
+        let mut held = lock(&self.from.held);
+        for key in &self.keys {
+            let count = reached.get(key).or_else(|| bases.0.get(key)).copied();
+            match held.periods.get_mut(key) {
+                Some(entry) if entry.holder == self.holder => match count {
+                    Some(count) => entry.handed_over_at = Some(count),
+                    None => {
+                        held.periods.remove(key);
+                    }
+                },
+                _ => {}
+            }
+        }
+        drop(held);
+        self.from.freed.notify_all();
     }
 }
 
@@ -163,7 +237,14 @@ impl Drop for Reserved<'_> {
     fn drop(&mut self) {
         let mut held = lock(&self.from.held);
         for key in &self.keys {
-            held.remove(key);
+            // A later batch that took the period over keeps it.
+            if held
+                .periods
+                .get(key)
+                .is_some_and(|entry| entry.holder == self.holder)
+            {
+                held.periods.remove(key);
+            }
         }
         drop(held);
         self.from.freed.notify_all();
@@ -231,7 +312,7 @@ pub(super) enum Fate {
 /// of one per reading.
 #[derive(Default)]
 pub(super) struct Totals {
-    index: HashMap<(Cid, Cid, Pid, BatchId), usize>,
+    index: Map<(Cid, Cid, Pid, BatchId), usize>,
     pub(super) transfers: Vec<NewTransfer>,
 }
 
@@ -284,7 +365,7 @@ impl Totals {
 /// product's test PID), counted per payer, product and month of use, so
 /// that statements say how many uses were free and not only those charged.
 #[derive(Default)]
-pub(super) struct FreeUses(HashMap<PeriodKey, u64>);
+pub(super) struct FreeUses(Map<PeriodKey, u64>);
 
 impl FreeUses {
     pub(super) fn count(&mut self, payer: Option<Cid>, pid: Pid, time_ms: u64) {
@@ -401,7 +482,7 @@ pub(super) fn extended_uses(readings: &[Reading]) -> Vec<Use> {
 pub(super) fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, late_ms: u64) {
     // The next commit of each product in each context, as the pass goes
     // from the end: the use that encloses a component committed before it.
-    let mut next_commit: HashMap<(Option<&proto::Context>, Pid), usize> = HashMap::new();
+    let mut next_commit: Map<(Option<&proto::Context>, Pid), usize> = Map::default();
     let mut order: Vec<usize> = (0..uses.len()).collect();
     order.sort_by_key(|&index| uses[index].seq);
     let mut decided: Vec<Option<String>> = vec![None; uses.len()];
@@ -481,7 +562,7 @@ fn component_refusal(
 impl<S: Store> Backoffice<S> {
     pub(super) fn product(
         &self,
-        cache: &mut HashMap<Pid, Option<std::sync::Arc<Product>>>,
+        cache: &mut Map<Pid, Option<std::sync::Arc<Product>>>,
         pid: Pid,
     ) -> Result<Option<std::sync::Arc<Product>>, Fault> {
         if let Some(product) = cache.get(&pid) {
@@ -555,7 +636,7 @@ impl<S: Store> Backoffice<S> {
     pub(super) fn look_up(&self, lookups: &mut Lookups, uses: &[Use]) -> Result<(), Fault> {
         // The payers first, all in one read (a batch may name thousands).
         let mut payers: Vec<Cid> = Vec::new();
-        let mut seen: HashSet<Cid> = HashSet::new();
+        let mut seen: Set<Cid> = Set::default();
         for usage in uses {
             if let Some(Payer::Customer(cid)) = usage.payer
                 && !lookups.customers.contains_key(&cid)
@@ -589,7 +670,7 @@ impl<S: Store> Backoffice<S> {
         &self,
         lookups: &mut Lookups,
         stored: &mut PeriodCounts,
-        periods: &mut HashMap<PeriodKey, u64>,
+        periods: &mut Map<PeriodKey, u64>,
         usage: &Use,
     ) -> Result<Result<Result<Job, Cid>, String>, Fault> {
         if let Some(refusal) = &usage.refusal {
@@ -648,8 +729,8 @@ impl<S: Store> Backoffice<S> {
         &self,
         lookups: &mut Lookups,
         uses: &[Use],
-    ) -> Result<HashSet<PeriodKey>, Fault> {
-        let mut keys = HashSet::new();
+    ) -> Result<Set<PeriodKey>, Fault> {
+        let mut keys = Set::default();
         for usage in uses {
             if usage.refusal.is_some() {
                 continue;
@@ -695,9 +776,19 @@ impl<S: Store> Backoffice<S> {
     pub(super) fn early_counts(
         &self,
         periods: impl IntoIterator<Item = PeriodKey>,
+        handed: &Map<PeriodKey, u64>,
     ) -> Result<PeriodCounts, Fault> {
         let mut counts = PeriodCounts::default();
-        let mut missing: Vec<PeriodKey> = periods.into_iter().collect();
+        let mut missing: Vec<PeriodKey> = periods
+            .into_iter()
+            .filter(|period| match handed.get(period) {
+                Some(count) => {
+                    counts.0.insert(*period, *count);
+                    false
+                }
+                None => true,
+            })
+            .collect();
         if self.store.unchanged_since_own_write()
             && let Ok(kept) = self.period_counts.try_lock()
         {
@@ -755,7 +846,7 @@ impl<S: Store> Backoffice<S> {
         &self,
         lookups: &mut Lookups,
         stored: &mut PeriodCounts,
-        periods: &mut HashMap<PeriodKey, u64>,
+        periods: &mut Map<PeriodKey, u64>,
         uses: &mut [Use],
     ) -> Result<Vec<Fate>, Fault> {
         loop {
@@ -786,7 +877,7 @@ impl<S: Store> Backoffice<S> {
         &self,
         lookups: &mut Lookups,
         stored: &mut PeriodCounts,
-        periods: &mut HashMap<PeriodKey, u64>,
+        periods: &mut Map<PeriodKey, u64>,
         uses: &[Use],
     ) -> Result<Vec<Fate>, Fault> {
         let mut fates = Vec::with_capacity(uses.len());
@@ -808,7 +899,7 @@ impl<S: Store> Backoffice<S> {
         let results = self.pricing.price_many(&work);
         // A use whose price fails does not count in its period, so the later
         // uses of that period were priced one too high: price them again.
-        let mut failed: HashMap<PeriodKey, u64> = HashMap::new();
+        let mut failed: Map<PeriodKey, u64> = Map::default();
         for ((index, job), result) in jobs.into_iter().zip(results) {
             let shift = failed.get(&job.period).copied().unwrap_or(0);
             let result = if shift == 0 {
@@ -941,5 +1032,69 @@ mod tests {
                 (pid(3), None),
             ]
         );
+    }
+
+    fn period(n: u32) -> PeriodKey {
+        PeriodKey {
+            payer: cid(n),
+            pid: pid(1),
+            month: 202_612,
+        }
+    }
+
+    fn keys(periods: &[PeriodKey]) -> Set<PeriodKey> {
+        periods.iter().copied().collect()
+    }
+
+    /// A batch that has priced lets the next one of the same payers price
+    /// from the counts it reached; one still pricing keeps it waiting; a
+    /// batch that ends before handing over leaves nothing to price from.
+    #[test]
+    fn a_batch_that_has_priced_hands_its_counts_to_the_next_of_the_same_payers() {
+        let in_use = PeriodsInUse::default();
+        let first = in_use.reserve(keys(&[period(1), period(2)])).unwrap();
+        assert!(first.handed.is_empty());
+        // Period 1 counted to 7 from 4; period 2 counted nothing: its base.
+        let reached: Map<PeriodKey, u64> = [(period(1), 7)].into_iter().collect();
+        let mut bases = PeriodCounts::default();
+        bases.stored(&[(period(1), 4), (period(2), 9)]);
+        first.hand_over(&reached, &bases);
+        let second = in_use
+            .reserve(keys(&[period(1), period(2), period(3)]))
+            .unwrap();
+        let mut handed: Vec<(PeriodKey, u64)> =
+            second.handed.iter().map(|(k, v)| (*k, *v)).collect();
+        handed.sort_by_key(|(key, _)| key.payer.to_string());
+        assert_eq!(handed, vec![(period(1), 7), (period(2), 9)]);
+        // The first batch ends (posted or not): the second keeps its periods.
+        drop(first);
+        std::thread::scope(|scope| {
+            let (done, finished) = std::sync::mpsc::channel();
+            let in_use = &in_use;
+            scope.spawn(move || {
+                let third = in_use.reserve(keys(&[period(3)])).unwrap();
+                done.send(third.handed.get(&period(3)).copied()).unwrap();
+            });
+            // Still pricing: the third waits.
+            assert!(
+                finished
+                    .recv_timeout(std::time::Duration::from_millis(200))
+                    .is_err()
+            );
+            let reached: Map<PeriodKey, u64> = [(period(3), 1)].into_iter().collect();
+            second.hand_over(&reached, &PeriodCounts::default());
+            let handed = finished.recv_timeout(std::time::Duration::from_secs(10));
+            assert_eq!(handed, Ok(Some(1)));
+        });
+        drop(second);
+        // Ended without handing over (refused while pricing): the next
+        // batch reads the stored counts.
+        let failed = in_use.reserve(keys(&[period(4)])).unwrap();
+        drop(failed);
+        let next = in_use.reserve(keys(&[period(4)])).unwrap();
+        assert!(next.handed.is_empty());
+        assert!(lock(&in_use.held).periods.len() == 1);
+        drop(next);
+        assert!(lock(&in_use.held).periods.is_empty());
     }
 }

@@ -110,7 +110,11 @@ pub fn decode(body: &[u8], limits: Limits) -> Option<SendRequest> {
 
 fn reading_array(c: &mut Cursor<'_>) -> Option<Vec<Reading>> {
     c.expect(b"<value><array><data>")?;
-    let mut readings: Vec<Reading> = Vec::new();
+    // Room for as many readings as the rest of the body could hold (none is
+    // shorter than 256 bytes in this form), so that a 10,000-reading batch
+    // is not copied as it grows; never more than a batch may have.
+    let mut readings: Vec<Reading> =
+        Vec::with_capacity((c.rest.len() / 256).min(BATCH_READINGS_MAX));
     while c.eat(b"<value><struct>") {
         if readings.len() == BATCH_READINGS_MAX {
             return None;
