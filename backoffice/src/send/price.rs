@@ -258,8 +258,10 @@ pub(super) struct Use {
     pub(super) pid: Pid,
     pub(super) payer: Option<Payer>,
     pub(super) time_ms: u64,
-    /// The context it was used in (`None`: Cox's form, one context).
-    pub(super) context: Option<proto::Context>,
+    /// The context it was used in, numbered within its batch (`None`:
+    /// Cox's form, one context). A number, not the name: uses are built,
+    /// cloned and dropped for every reading of every batch.
+    pub(super) context: Option<u32>,
     /// Why its payer may not be charged (`None`: they may be: a customer
     /// through a grant for the sending meter, or the owner of a product that
     /// declared it a component and whose use encloses it and is itself
@@ -450,21 +452,28 @@ pub(super) fn minimal_uses(events: &[Event], time_ms: u64) -> Vec<Use> {
 }
 
 pub(super) fn extended_uses(readings: &[Reading]) -> Vec<Use> {
-    readings
+    let mut contexts: Map<&str, u32> = Map::default();
+    let commits = readings
         .iter()
-        .filter_map(|reading| match reading.event {
-            Event::Commit { pid, payer } => Some(Use {
-                seq: reading.seq,
-                pid,
-                payer,
-                time_ms: reading.time_ms,
-                context: Some(reading.context.clone()),
-                refusal: None,
-                enclosing: None,
+        .filter(|reading| matches!(reading.event, Event::Commit { .. }))
+        .count();
+    let mut uses = Vec::with_capacity(commits);
+    uses.extend(readings.iter().filter_map(|reading| match reading.event {
+        Event::Commit { pid, payer } => Some(Use {
+            seq: reading.seq,
+            pid,
+            payer,
+            time_ms: reading.time_ms,
+            context: Some({
+                let next = u32::try_from(contexts.len()).expect("a batch has few readings");
+                *contexts.entry(reading.context.as_str()).or_insert(next)
             }),
-            _ => None,
-        })
-        .collect()
+            refusal: None,
+            enclosing: None,
+        }),
+        _ => None,
+    }));
+    uses
 }
 
 /// Decides which uses of one batch, arrived at `arrived_ms`, may be
@@ -482,7 +491,7 @@ pub(super) fn extended_uses(readings: &[Reading]) -> Vec<Use> {
 pub(super) fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, late_ms: u64) {
     // The next commit of each product in each context, as the pass goes
     // from the end: the use that encloses a component committed before it.
-    let mut next_commit: Map<(Option<&proto::Context>, Pid), usize> = Map::default();
+    let mut next_commit: Map<(Option<u32>, Pid), usize> = Map::default();
     let mut order: Vec<usize> = (0..uses.len()).collect();
     order.sort_by_key(|&index| uses[index].seq);
     let mut decided: Vec<Option<String>> = vec![None; uses.len()];
@@ -510,7 +519,7 @@ pub(super) fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, la
                     })
                 }
                 Some(Payer::OwnerOf(product)) => {
-                    let next = next_commit.get(&(usage.context.as_ref(), product)).copied();
+                    let next = next_commit.get(&(usage.context, product)).copied();
                     enclosing[index] = next;
                     let enclosing_refused = next.is_none_or(|at| decided[at].is_some());
                     component_refusal(lookups, usage, product, enclosing_refused)
@@ -518,7 +527,7 @@ pub(super) fn authorize(uses: &mut [Use], lookups: &Lookups, arrived_ms: u64, la
                 None => Some("nobody would pay: no enclosing login or query".to_owned()),
             }
         };
-        next_commit.insert((usage.context.as_ref(), usage.pid), index);
+        next_commit.insert((usage.context, usage.pid), index);
         decided[index] = refusal;
     }
     for ((usage, refusal), enclosing) in uses.iter_mut().zip(decided).zip(enclosing) {

@@ -35,6 +35,11 @@ pub const LOCK_WAIT_MS: u64 = 2_000;
 /// Bytes of memory sled may use for its page cache.
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const RECORD_VERSION: u8 = 2;
+/// The first byte of a block: the consecutive transfers of one batch.
+const BLOCK_VERSION: u8 = 3;
+/// Why a batch's write was abandoned.
+const ALREADY_APPLIED: u8 = 0;
+const TRANSFER_TAKEN: u8 = 1;
 
 impl From<durable::SyncError> for StoreError {
     fn from(error: durable::SyncError) -> Self {
@@ -97,6 +102,9 @@ fn decode_applied(record: &[u8]) -> AppliedBatch {
 
 /// The embedded store on sled.
 pub struct SledStore {
+    /// Transfers by number: `FIRST` -> one transfer's record, or the block
+    /// of consecutive transfers one batch posted, numbered from FIRST (one
+    /// record per batch instead of one per transfer: `decode_transfers`).
     transfers: sled::Tree,
     batches: sled::Tree,
     /// Next serial per kind of ID (`C`, `P`, `M`).
@@ -260,13 +268,10 @@ impl Store for SledStore {
         let mut transfers = Vec::new();
         for entry in self.transfers.iter() {
             let (key, record) = entry?;
-            let transfer = decode_transfer(&record).expect("store: transfer record is corrupt");
-            assert_eq!(
-                key.as_ref(),
-                transfer.id.0.to_be_bytes(),
-                "store: transfer key mismatch"
-            );
-            transfers.push(transfer);
+            match decode_transfers(&key, &record) {
+                Ok(stored) => transfers.extend(stored),
+                Err(why) => panic!("store: transfer record {key:?} {why}"),
+            }
         }
         Ok(Ledger::restore(transfers))
     }
@@ -336,15 +341,20 @@ impl Store for SledStore {
             .into_iter()
             .collect();
         let itemised = itemised_entries(key, &range, arrived_ms, itemised, true);
-        let records: Vec<(u64, Vec<u8>)> = effects
-            .transfers
-            .iter()
-            .map(|transfer| {
-                let record = encode_transfer(transfer);
-                debug_assert_eq!(decode_transfer(&record).as_ref(), Some(transfer));
-                (transfer.id.0, record)
-            })
-            .collect();
+        // One record for all the batch's transfers: a sled insert per
+        // transfer was the largest part of the batch's write.
+        let block = match effects.transfers.first() {
+            Some(first) => {
+                // A batch applied before is answered as such (checked again
+                // in the transaction), before its numbers are found taken.
+                if self.batches.contains_key(&batch_key)? {
+                    return Err(StoreError::AlreadyApplied(key.id.to_string()));
+                }
+                self.check_transfers_are_new(first.id)?;
+                Some((first.id.0.to_be_bytes(), encode_block(effects.transfers)))
+            }
+            None => None,
+        };
         let counters: Vec<(Vec<u8>, [u8; 8])> = effects
             .period_uses
             .iter()
@@ -391,7 +401,7 @@ impl Store for SledStore {
                 free_tree,
             )| {
                 if batch_tree.get(&batch_key)?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(()));
+                    return Err(ConflictableTransactionError::Abort(ALREADY_APPLIED));
                 }
                 for (key, record) in &itemised.records {
                     itemised_tree.insert(key.as_slice(), record.as_slice())?;
@@ -402,8 +412,10 @@ impl Store for SledStore {
                 if let Some((key, last)) = &range {
                     range_tree.insert(key.as_slice(), last)?;
                 }
-                for (id, record) in &records {
-                    transfer_tree.insert(&id.to_be_bytes(), record.as_slice())?;
+                if let Some((key, block)) = &block
+                    && transfer_tree.insert(key, block.as_slice())?.is_some()
+                {
+                    return Err(ConflictableTransactionError::Abort(TRANSFER_TAKEN));
                 }
                 for (key, uses) in &counters {
                     period_tree.insert(key.as_slice(), uses)?;
@@ -430,7 +442,13 @@ impl Store for SledStore {
                     .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
-            Err(TransactionError::Abort(())) => Err(StoreError::AlreadyApplied(key.id.to_string())),
+            Err(TransactionError::Abort(ALREADY_APPLIED)) => {
+                Err(StoreError::AlreadyApplied(key.id.to_string()))
+            }
+            Err(TransactionError::Abort(_)) => Err(StoreError::Corrupt(
+                "a transfer number of the batch is taken; a posted transfer is never overwritten"
+                    .to_owned(),
+            )),
             Err(TransactionError::Storage(error)) => Err(StoreError::Storage(error)),
         }
     }
@@ -548,6 +566,9 @@ impl Store for SledStore {
             })
             .transpose()?;
         let _writing = self.writing();
+        if let Some(first) = transfers.first() {
+            self.check_transfers_are_new(first.id)?;
+        }
         let records: Vec<([u8; 8], Vec<u8>)> = events
             .iter()
             .map(|event| {
@@ -625,6 +646,9 @@ impl Store for SledStore {
 
     fn stage_transfers(&self, transfers: &[Transfer]) -> Result<(), StoreError> {
         let _writing = self.writing();
+        if let Some(first) = transfers.first() {
+            self.check_transfers_are_new(first.id)?;
+        }
         let mut batch = sled::Batch::default();
         for transfer in transfers {
             batch.insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer));
@@ -1449,6 +1473,9 @@ impl SledStore {
                 itemised_entries(&set.key, &ranges, arrived_ms, &set.records, false)
             })
             .collect();
+        if let Some(first) = transfers.first() {
+            self.check_transfers_are_new(first.id)?;
+        }
         let trees = (
             &self.transfers,
             &self.period_uses,
@@ -1769,6 +1796,104 @@ fn read_account(fields: &mut Reader<'_>) -> Option<AccountId> {
         1 => Some(AccountId::Customer(Cid::parse(fields.text()?).ok()?)),
         2 => Some(AccountId::System(SystemAccount::Funding)),
         _ => None,
+    }
+}
+
+fn be_u64_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// One record for consecutive transfers (one batch's): `BLOCK_VERSION`,
+/// their count, then each transfer's own record, length first.
+fn encode_block(transfers: &[Transfer]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + transfers.len() * 96);
+    out.push(BLOCK_VERSION);
+    out.extend_from_slice(
+        &u32::try_from(transfers.len())
+            .expect("a batch's transfers")
+            .to_be_bytes(),
+    );
+    for transfer in transfers {
+        let record = encode_transfer(transfer);
+        debug_assert_eq!(decode_transfer(&record).as_ref(), Some(transfer));
+        out.extend_from_slice(
+            &u32::try_from(record.len())
+                .expect("a short record")
+                .to_be_bytes(),
+        );
+        out.extend_from_slice(&record);
+    }
+    out
+}
+
+/// The transfers stored under `key`: one transfer's record, or a block of
+/// consecutive ones numbered from the key. Refused (with why) when the
+/// record does not decode, or a transfer in it is not the number its place
+/// says.
+pub(super) fn decode_transfers(key: &[u8], record: &[u8]) -> Result<Vec<Transfer>, &'static str> {
+    const UNDECODABLE: &str = "does not decode (or an amount is out of range)";
+    let first = be_u64_of(key).ok_or("has a key that is not a number")?;
+    if record.first() != Some(&BLOCK_VERSION) {
+        let transfer = decode_transfer(record).ok_or(UNDECODABLE)?;
+        if transfer.id.0 != first {
+            return Err("is stored under another number");
+        }
+        return Ok(vec![transfer]);
+    }
+    let mut fields = Reader::new(&record[1..]);
+    let count = fields.u32().ok_or(UNDECODABLE)? as usize;
+    if count == 0 {
+        return Err("is an empty block");
+    }
+    // Never more room than the record could hold (a transfer takes more
+    // than 32 bytes), whatever its count says.
+    let mut transfers = Vec::with_capacity(count.min(record.len() / 32));
+    for expected in first..first.saturating_add(count as u64) {
+        let length = fields.u32().ok_or(UNDECODABLE)? as usize;
+        let transfer =
+            decode_transfer(fields.take(length).ok_or(UNDECODABLE)?).ok_or(UNDECODABLE)?;
+        if transfer.id.0 != expected {
+            return Err("is stored under another number");
+        }
+        transfers.push(transfer);
+    }
+    if transfers.len() != count || !fields.is_empty() {
+        return Err(UNDECODABLE);
+    }
+    Ok(transfers)
+}
+
+impl SledStore {
+    /// Refuses to write transfers numbered from `first` when the store
+    /// holds that number or a later one: a posted transfer is never
+    /// overwritten. (A block holds numbers its key does not show, so a
+    /// write's own check of its keys is not enough.)
+    fn check_transfers_are_new(&self, first: TransferId) -> Result<(), StoreError> {
+        let Some((key, record)) = self.transfers.last()? else {
+            return Ok(());
+        };
+        let corrupt = |why: &str| StoreError::Corrupt(format!("the last transfer record {why}"));
+        let next = match record.first() {
+            // A block's count is enough (`verify` checks the rest).
+            Some(&BLOCK_VERSION) => {
+                let first = be_u64_of(&key).ok_or_else(|| corrupt("has a bad key"))?;
+                let count = Reader::new(&record[1..])
+                    .u32()
+                    .ok_or_else(|| corrupt("does not decode"))?;
+                first.saturating_add(u64::from(count))
+            }
+            _ => {
+                let stored = decode_transfers(&key, &record).map_err(corrupt)?;
+                stored.last().map_or(0, |last| last.id.0 + 1)
+            }
+        };
+        if first.0 < next {
+            return Err(StoreError::Corrupt(format!(
+                "transfer {} exists already; a posted transfer is never overwritten",
+                first.0
+            )));
+        }
+        Ok(())
     }
 }
 

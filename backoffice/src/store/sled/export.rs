@@ -5,7 +5,7 @@
 use proto::record::Reader;
 use proto::{BatchId, Cid, Mid, Pid};
 
-use super::{SledStore, StoreError, decode_applied, decode_transfer};
+use super::{SledStore, StoreError, decode_applied, decode_transfers};
 use crate::funding::{DepositRecord, Reference};
 use crate::pricing::TacaHash;
 use crate::registry::{Customer, Grant, Meter, Product};
@@ -37,23 +37,23 @@ fn batch_key(fields: &mut Reader<'_>) -> Option<BatchKey> {
 
 /// Reads `tree` in order, decodes each record with `decode`, and hands
 /// them to `each` in chunks made by `make`.
-fn chunks<T>(
+fn chunks<T, Records: IntoIterator<Item = T>>(
     tree: &sled::Tree,
-    decode: impl Fn(&[u8], &[u8]) -> Result<Option<T>, StoreError>,
+    decode: impl Fn(&[u8], &[u8]) -> Result<Records, StoreError>,
     make: impl Fn(Vec<T>) -> Chunk,
     each: &mut dyn FnMut(Chunk) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut chunk = Vec::with_capacity(CHUNK);
     for entry in tree.iter() {
         let (key, value) = entry?;
-        if let Some(record) = decode(&key, &value)? {
+        for record in decode(&key, &value)? {
             chunk.push(record);
-        }
-        if chunk.len() == CHUNK {
-            each(make(std::mem::replace(
-                &mut chunk,
-                Vec::with_capacity(CHUNK),
-            )))?;
+            if chunk.len() == CHUNK {
+                each(make(std::mem::replace(
+                    &mut chunk,
+                    Vec::with_capacity(CHUNK),
+                )))?;
+            }
         }
     }
     if !chunk.is_empty() {
@@ -166,14 +166,7 @@ impl SledStore {
         )?;
         chunks(
             &self.transfers,
-            |key, value| {
-                let transfer = decode_transfer(value)
-                    .ok_or_else(|| corrupt("transfers", key, "does not decode"))?;
-                if be_u64(key) != Some(transfer.id.0) {
-                    return Err(corrupt("transfers", key, "is stored under another number"));
-                }
-                Ok(Some(transfer))
-            },
+            |key, value| decode_transfers(key, value).map_err(|why| corrupt("transfers", key, why)),
             Chunk::Transfers,
             each,
         )?;

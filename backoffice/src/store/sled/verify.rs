@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use proto::record::Reader;
 use proto::{BatchId, Cid, Mid, Pid};
 
-use super::{SledStore, decode_transfer, serial_of, suspense_key};
+use super::{SledStore, decode_transfers, serial_of, suspense_key};
 use crate::funding::{DepositRecord, DepositState, Reference};
 use crate::ledger::{AccountId, SystemAccount, Transfer, TransferKind};
 use crate::pricing::TacaHash;
@@ -423,18 +423,21 @@ impl SledStore {
         report: &mut Report,
     ) -> Vec<Transfer> {
         let mut transfers = Vec::new();
-        for (key, value) in entries(&self.transfers, "transfers", report) {
-            let Some(transfer) = decode_transfer(&value) else {
-                report.problem(format!(
-                    "transfer {}: the record does not decode (or its amount is out of range)",
-                    be_u64(&key).map_or_else(|| shown(&key), |id| id.to_string())
-                ));
-                continue;
-            };
+        let stored = entries(&self.transfers, "transfers", report)
+            .into_iter()
+            .filter_map(|(key, value)| match decode_transfers(&key, &value) {
+                Ok(stored) => Some(stored),
+                Err(why) => {
+                    report.problem(format!(
+                        "transfer record {}: {why}",
+                        be_u64(&key).map_or_else(|| shown(&key), |id| id.to_string())
+                    ));
+                    None
+                }
+            })
+            .collect::<Vec<_>>();
+        for transfer in stored.into_iter().flatten() {
             let id = transfer.id.0;
-            if be_u64(&key) != Some(id) {
-                report.problem(format!("transfer {id} is stored under another number"));
-            }
             for account in [transfer.debit, transfer.credit] {
                 if let AccountId::Customer(cid) = account
                     && !customers.contains_key(&cid)
@@ -834,16 +837,51 @@ mod tests {
         );
         found(&store, "transfer 2: the amount -2 is not positive");
         store.tamper("transfers", &key(2), Some(b"\x02garbage"));
-        found(&store, "transfer 2: the record does not decode");
+        found(&store, "transfer record 2: does not decode");
         store.tamper("transfers", &key(2), Some(&deposit));
-        // A hole in the transfer numbers.
-        store.tamper("transfers", &key(1), None);
+        // A hole in the transfer numbers: the batch's block lost its last
+        // transfer, or a record of it stored a second time on its own.
+        let block = super::super::encode_block(&transfers[..2]);
+        store.tamper(
+            "transfers",
+            &key(0),
+            Some(&super::super::encode_block(&transfers[..1])),
+        );
         found(&store, "transfer ids are not dense");
+        store.tamper("transfers", &key(0), Some(&block));
         store.tamper(
             "transfers",
             &key(1),
             Some(&super::super::encode_transfer(&transfers[1])),
         );
+        found(&store, "transfer ids are not dense");
+        store.tamper("transfers", &key(1), None);
+        assert_eq!(problems(&store), Vec::<String>::new());
+        // The batch's block (transfers 0 and 1 under key 0): a transfer in
+        // it renumbered, the block cut short, a count it does not hold.
+        let mut renumbered = transfers[1].clone();
+        renumbered.id = crate::ledger::TransferId(5);
+        store.tamper(
+            "transfers",
+            &key(0),
+            Some(&super::super::encode_block(&[transfers[0].clone(), renumbered])),
+        );
+        found(&store, "transfer record 0: is stored under another number");
+        store.tamper("transfers", &key(0), Some(&block[..block.len() - 1]));
+        found(&store, "transfer record 0: does not decode");
+        let mut miscounted = block.clone();
+        miscounted[1..5].copy_from_slice(&3u32.to_be_bytes());
+        store.tamper("transfers", &key(0), Some(&miscounted));
+        found(&store, "transfer record 0: does not decode");
+        store.tamper("transfers", &key(0), Some(&block));
+        assert_eq!(problems(&store), Vec::<String>::new());
+        // A transfer numbered inside the block (or before the last one) is
+        // never written over it, though no record has its number as key.
+        let inside = transfers[1].clone();
+        assert!(matches!(
+            store.stage_transfers(&[inside]),
+            Err(crate::store::StoreError::Corrupt(why)) if why.contains("transfer 1 exists already")
+        ));
         assert_eq!(problems(&store), Vec::<String>::new());
         // Indexes: an e-mail entry deleted, a grant index entry deleted.
         store.tamper("emails", b"ada@example.org", None);
