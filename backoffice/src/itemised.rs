@@ -246,6 +246,9 @@ pub struct Encoder {
     repriced: bool,
     records: Vec<Vec<u8>>,
     part: Part,
+    /// One reading's item as it is written (kept: one allocation, not one
+    /// per reading).
+    item: Vec<u8>,
 }
 
 /// The record being written: its tables and its items so far.
@@ -307,6 +310,7 @@ impl Encoder {
             repriced: false,
             records: Vec::new(),
             part: Part::default(),
+            item: Vec::with_capacity(64),
         }
     }
 
@@ -322,27 +326,28 @@ impl Encoder {
     /// Adds the next reading and what became of it.
     pub fn push(&mut self, reading: &Reading, outcome: &Outcome) {
         let part = &mut self.part;
-        let mut item = Vec::with_capacity(32);
+        let item = &mut self.item;
+        item.clear();
         put_varint(
-            &mut item,
+            item,
             zigzag(i128::from(reading.seq) - i128::from(part.previous_seq)),
         );
         put_varint(
-            &mut item,
+            item,
             zigzag(i128::from(reading.time_ms) - i128::from(part.previous_time)),
         );
         part.previous_seq = reading.seq;
         part.previous_time = reading.time_ms;
         let context = part.string(reading.context.as_str());
-        put_varint(&mut item, context);
+        put_varint(item, context);
         item.push(reading.event.code().as_char() as u8);
         let id = part.string(reading.event.id_str());
-        put_varint(&mut item, id);
+        put_varint(item, id);
         match reading.event.payer() {
-            None => put_varint(&mut item, 0),
+            None => put_varint(item, 0),
             Some(payer) => {
                 let payer = part.string(payer.as_str());
-                put_varint(&mut item, payer + 1);
+                put_varint(item, payer + 1);
             }
         }
         match outcome {
@@ -355,28 +360,28 @@ impl Encoder {
                     end -= 1;
                 }
                 let reason = part.string(&reason[..end]);
-                put_varint(&mut item, reason);
+                put_varint(item, reason);
             }
             Outcome::Priced(priced) => {
                 item.push(3);
                 let payer = part.string(priced.payer.as_str());
-                put_varint(&mut item, payer);
+                put_varint(item, payer);
                 let owner = part.string(priced.owner.as_str());
-                put_varint(&mut item, owner);
-                put_varint(&mut item, zigzag(priced.amount.nanos()));
-                put_varint(&mut item, u128::from(priced.fuel));
+                put_varint(item, owner);
+                put_varint(item, zigzag(priced.amount.nanos()));
+                put_varint(item, u128::from(priced.fuel));
                 let taca = part.hash(priced.taca);
-                put_varint(&mut item, taca);
-                put_varint(&mut item, u128::from(priced.period_uses));
+                put_varint(item, taca);
+                put_varint(item, u128::from(priced.period_uses));
                 put_varint(
-                    &mut item,
+                    item,
                     priced
                         .transfer
                         .map_or(0, |transfer| u128::from(transfer.0) + 1),
                 );
             }
         }
-        part.items.extend_from_slice(&item);
+        part.items.extend_from_slice(item);
         part.count += 1;
         if part.bytes() >= RECORD_BYTES_TARGET {
             self.close_part();

@@ -531,10 +531,18 @@ impl SendAnswer {
 /// told apart from a retry of the same batch. The parties a meter asks
 /// about are not part of it: they may change between retries.
 pub fn readings_digest(readings: &[Reading]) -> [u8; 32] {
+    const DIGEST_CHUNK: usize = 64 * 1024;
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    // The fields are gathered and hashed 64 KiB at a time: the same bytes
+    // as one update per field, without 12 calls per reading.
+    let mut gathered: Vec<u8> = Vec::with_capacity(DIGEST_CHUNK + 4096);
     let mut field = |bytes: &[u8]| {
-        context.update(&(bytes.len() as u64).to_be_bytes());
-        context.update(bytes);
+        gathered.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        gathered.extend_from_slice(bytes);
+        if gathered.len() >= DIGEST_CHUNK {
+            context.update(&gathered);
+            gathered.clear();
+        }
     };
     field(b"readings-v1");
     for reading in readings {
@@ -560,6 +568,66 @@ pub fn readings_digest(readings: &[Reading]) -> [u8; 32] {
                 .as_bytes(),
         );
     }
+    context.update(&gathered);
     let digest = context.finish();
     digest.as_ref().try_into().expect("SHA-256 has 32 bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cid, Context, Pid};
+
+    /// The digest hashes the fields in chunks; it must equal hashing each
+    /// field as it comes (the form stored digests of applied batches were
+    /// made with), across chunk boundaries and for every kind of reading.
+    #[test]
+    fn the_readings_digest_is_the_hash_of_each_field_in_turn() {
+        let readings: Vec<Reading> = (0..5_000u64)
+            .map(|seq| Reading {
+                seq,
+                time_ms: 1_700_000_000_000 + seq,
+                context: Context::parse(&format!("thread-{}", seq % 7)).unwrap(),
+                event: match seq % 4 {
+                    0 => Event::Login(Cid::parse("B1-C3").unwrap()),
+                    1 => Event::Query {
+                        pid: Pid::parse("B1-P2").unwrap(),
+                        payer: None,
+                    },
+                    2 => Event::Commit {
+                        pid: Pid::parse("B1-P2").unwrap(),
+                        payer: Some(Payer::Customer(Cid::parse("B1-C3").unwrap())),
+                    },
+                    _ => Event::Logout(Cid::parse("B1-C3").unwrap()),
+                },
+            })
+            .collect();
+        let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut field = |bytes: &[u8]| {
+            expected.update(&(bytes.len() as u64).to_be_bytes());
+            expected.update(bytes);
+        };
+        field(b"readings-v1");
+        for reading in &readings {
+            field(&reading.seq.to_be_bytes());
+            field(&reading.time_ms.to_be_bytes());
+            field(reading.context.as_str().as_bytes());
+            field(reading.event.code().as_char().to_string().as_bytes());
+            field(reading.event.id_str().as_bytes());
+            field(
+                reading
+                    .event
+                    .payer()
+                    .as_ref()
+                    .map_or("", Payer::as_str)
+                    .as_bytes(),
+            );
+        }
+        let expected = expected.finish();
+        assert_eq!(readings_digest(&readings).as_slice(), expected.as_ref());
+        assert_ne!(
+            readings_digest(&readings[1..]).as_slice(),
+            expected.as_ref()
+        );
+    }
 }

@@ -12,30 +12,33 @@ use crate::store::Store;
 
 /// Every party whose standing the answer reports.
 fn parties(body: &SendBody) -> Vec<Payer> {
-    let mut parties: Vec<Payer> = match body {
-        SendBody::Batch(batch) => batch
-            .readings
-            .iter()
-            .flat_map(|reading| match reading.event {
-                Event::Login(cid) | Event::Logout(cid) => vec![Payer::Customer(cid)],
-                Event::Query { pid, payer } | Event::Commit { pid, payer } => {
-                    let mut parties = vec![Payer::OwnerOf(pid)];
-                    parties.extend(payer);
-                    parties
+    // Gathered in a set (a batch names the same few parties thousands of
+    // times), then sorted.
+    let mut seen: crate::hashing::Set<Payer> = crate::hashing::Set::default();
+    match body {
+        SendBody::Batch(batch) => {
+            for reading in &batch.readings {
+                match reading.event {
+                    Event::Login(cid) | Event::Logout(cid) => {
+                        seen.insert(Payer::Customer(cid));
+                    }
+                    Event::Query { pid, payer } | Event::Commit { pid, payer } => {
+                        seen.insert(Payer::OwnerOf(pid));
+                        seen.extend(payer);
+                    }
                 }
-            })
-            .chain(batch.parties.iter().copied())
-            .collect(),
-        SendBody::Minimal(events) => events
-            .iter()
-            .map(|event| match *event {
+            }
+            seen.extend(batch.parties.iter().copied());
+        }
+        SendBody::Minimal(events) => {
+            seen.extend(events.iter().map(|event| match *event {
                 Event::Login(cid) | Event::Logout(cid) => Payer::Customer(cid),
                 Event::Query { pid, .. } | Event::Commit { pid, .. } => Payer::OwnerOf(pid),
-            })
-            .collect(),
-    };
-    parties.sort();
-    parties.dedup();
+            }));
+        }
+    }
+    let mut parties: Vec<Payer> = seen.into_iter().collect();
+    parties.sort_unstable();
     parties
 }
 

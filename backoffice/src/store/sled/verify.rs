@@ -864,7 +864,10 @@ mod tests {
         store.tamper(
             "transfers",
             &key(0),
-            Some(&super::super::encode_block(&[transfers[0].clone(), renumbered])),
+            Some(&super::super::encode_block(&[
+                transfers[0].clone(),
+                renumbered,
+            ])),
         );
         found(&store, "transfer record 0: is stored under another number");
         store.tamper("transfers", &key(0), Some(&block[..block.len() - 1]));
