@@ -296,7 +296,9 @@ fn main() {
         latencies
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_started.zip(cpu_seconds()).map(|(before, after)| after - before);
+    let cpu = cpu_started
+        .zip(cpu_seconds())
+        .map(|(before, after)| after - before);
     let mut sorted = latencies;
     sorted.sort_unstable();
     let total = readings_per_batch * sorted.len();

@@ -598,6 +598,13 @@ pub struct Pricing {
     slots: Slots,
 }
 
+/// The cores `price_many` spreads a batch over, asked once (std asks the
+/// kernel and the cgroup files on every call).
+fn parallelism() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// A counting semaphore over the pool's slots for prices in progress.
 struct Slots {
     free: Mutex<u32>,
@@ -1018,9 +1025,41 @@ impl Pricing {
     /// Waits (at most `SLOT_WAIT_MS`) for a slot; `Busy` past that.
     pub fn price(&self, taca: &Taca, input: &PriceInput) -> Result<Priced, PricingError> {
         let _slot = self.slots.take()?;
+        let mut kept = None;
+        let priced = self.price_in_slot(taca, input, &mut kept);
+        self.give_back(taca, kept);
+        priced
+    }
+
+    /// Prices in a slot the caller holds. `kept` is an instance of `taca`
+    /// the caller kept from its last price (taken), and where this price's
+    /// instance is left for its next one instead of going back to the pool:
+    /// a worker pricing many readings takes the pool's lock once, not twice
+    /// per reading.
+    fn price_in_slot(
+        &self,
+        taca: &Taca,
+        input: &PriceInput,
+        kept: &mut Option<Warm>,
+    ) -> Result<Priced, PricingError> {
         match &taca.reuse {
-            Some(reuse) => self.price_reused(taca, reuse, input),
+            Some(reuse) => self.price_reused(taca, reuse, input, kept),
             None => self.price_fresh(taca, input),
+        }
+    }
+
+    /// Puts an instance a caller kept back into its module's idle pool.
+    fn give_back(&self, taca: &Taca, kept: Option<Warm>) {
+        if let (Some(warm), Some(reuse)) = (kept, &taca.reuse)
+            && self.warm_count.load(Ordering::Relaxed) <= WARM_INSTANCES_MAX
+        {
+            let mut idle = reuse
+                .warm
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if idle.len() < WARM_PER_MODULE_MAX {
+                idle.push(warm);
+            }
         }
     }
 
@@ -1043,13 +1082,17 @@ impl Pricing {
         taca: &Taca,
         reuse: &Reuse,
         input: &PriceInput,
+        kept: &mut Option<Warm>,
     ) -> Result<Priced, PricingError> {
         let bytes = input.encode()?;
-        let idle = reuse
-            .warm
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
+        let idle = match kept.take() {
+            Some(warm) => Some(warm),
+            None => reuse
+                .warm
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop(),
+        };
         let mut warm = match idle {
             Some(warm) => warm,
             None => self.warm(taca, reuse)?,
@@ -1076,13 +1119,7 @@ impl Pricing {
         if reset(&mut warm, base, host_write)
             && self.warm_count.load(Ordering::Relaxed) <= WARM_INSTANCES_MAX
         {
-            let mut idle = reuse
-                .warm
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if idle.len() < WARM_PER_MODULE_MAX {
-                idle.push(warm);
-            }
+            *kept = Some(warm);
         }
         outcome
     }
@@ -1188,35 +1225,50 @@ impl Pricing {
         // refused as a whole: the rest answer Busy at once instead of each
         // waiting its own `SLOT_WAIT_MS`.
         let busy = std::sync::atomic::AtomicBool::new(false);
-        let price = |taca: &Taca, input: &PriceInput| {
-            if busy.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(PricingError::Busy);
-            }
-            let priced = self.price(taca, input);
-            if matches!(priced, Err(PricingError::Busy)) {
+        // Each worker takes one slot for its whole share and keeps its
+        // instance from one price to the next while the TACA stays the same.
+        let price_part = |part: &[(Arc<Taca>, PriceInput)]| -> Vec<Result<Priced, PricingError>> {
+            let slot = if busy.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(PricingError::Busy)
+            } else {
+                self.slots.take()
+            };
+            let Ok(_slot) = slot else {
                 busy.store(true, std::sync::atomic::Ordering::Relaxed);
+                return part.iter().map(|_| Err(PricingError::Busy)).collect();
+            };
+            let mut kept: Option<(Arc<Taca>, Warm)> = None;
+            let priced = part
+                .iter()
+                .map(|(taca, input)| {
+                    let mut warm = match kept.take() {
+                        Some((held, warm)) if Arc::ptr_eq(&held, taca) => Some(warm),
+                        Some((held, warm)) => {
+                            self.give_back(&held, Some(warm));
+                            None
+                        }
+                        None => None,
+                    };
+                    let priced = self.price_in_slot(taca, input, &mut warm);
+                    kept = warm.map(|warm| (Arc::clone(taca), warm));
+                    priced
+                })
+                .collect();
+            if let Some((held, warm)) = kept {
+                self.give_back(&held, Some(warm));
             }
             priced
         };
-        let price = &price;
-        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let price_part = &price_part;
+        let threads = parallelism();
         if threads < 2 || jobs.len() < PARALLEL_JOBS_MIN {
-            return jobs
-                .iter()
-                .map(|(taca, input)| price(taca, input))
-                .collect();
+            return price_part(jobs);
         }
         let chunk = jobs.len().div_ceil(threads);
         std::thread::scope(|scope| {
             let workers: Vec<_> = jobs
                 .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|(taca, input)| price(taca, input))
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|part| scope.spawn(move || price_part(part)))
                 .collect();
             workers
                 .into_iter()

@@ -311,6 +311,18 @@ fn prices_and_fuel_are_deterministic_alone_or_in_a_batch() {
             "job {index}: the same price and fuel alone or in a batch"
         );
     }
+    // Each worker keeps its instance from one price to the next of the same
+    // module: it is still reset between them.
+    let counted: Vec<_> = (0..2 * PARALLEL_JOBS_MIN)
+        .map(|_| (Arc::clone(&modules[2]), commit(0)))
+        .collect();
+    for (index, priced) in pricing.price_many(&counted).into_iter().enumerate() {
+        assert_eq!(
+            priced.unwrap().amount,
+            Amount::from_nanos(1),
+            "job {index}: no state survives a call"
+        );
+    }
 }
 
 #[test]
