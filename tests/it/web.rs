@@ -865,6 +865,14 @@ fn registrations_are_refused_field_by_field_with_the_branch_phone() {
             vec![("password", "short1"), ("passwordCopy", "short1")],
             "at least 10 characters",
         ),
+        (
+            "password",
+            vec![
+                ("password", "password123456"),
+                ("passwordCopy", "password123456"),
+            ],
+            "most common passwords",
+        ),
         ("agrees", vec![("agrees", "")], "You must agree"),
         (
             "expirationYear",
@@ -916,6 +924,21 @@ fn registrations_are_refused_field_by_field_with_the_branch_phone() {
         office.call("customer.show", &[s("B1-C2")]).is_err(),
         "no second customer"
     );
+    // The form says the rule; a long passphrase of letters only is taken.
+    let mut visitor = Visitor::new(office.address);
+    assert!(
+        visitor
+            .get("/")
+            .body
+            .contains("not a common password, your name or your e-mail address")
+    );
+    let passphrase = "quiet harbour lanterns";
+    let letters_only = with(
+        &registration("Bob", "bob@example.org"),
+        &[("password", passphrase), ("passwordCopy", passphrase)],
+    );
+    assert_eq!(register(&mut visitor, &letters_only, None).status, 200);
+    assert!(office.call("customer.show", &[s("B1-C2")]).is_ok());
 }
 
 #[test]

@@ -222,7 +222,7 @@ pub fn entry(
         form method="post" action="/" id="register" {
             (csrf(session))
             (profile_inputs(form, errors))
-            (text_input("Password (at least 10 characters)", "password", "password", "", errors))
+            (text_input(&format!("Password ({})", super::password::RULE), "password", "password", "", errors))
             (text_input("Password again", "passwordCopy", "password", "", errors))
             label {
                 input type="checkbox" name="agrees" id="agrees" value="yes" checked[form.agrees];
@@ -295,7 +295,7 @@ pub fn reset(session: &Session, token: &str, problem: Option<&str>) -> Markup {
         form method="post" action="/reset" id="reset" {
             (csrf(session))
             input type="hidden" name="token" value=(token);
-            label for="password" { "New password (at least 10 characters)" }
+            label for="password" { "New password (" (super::password::RULE) ")" }
             input type="password" id="password" name="password" autocomplete="new-password";
             label for="passwordCopy" { "New password again" }
             input type="password" id="passwordCopy" name="passwordCopy" autocomplete="new-password";

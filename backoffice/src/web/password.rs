@@ -87,8 +87,39 @@ pub fn verify_nothing(password: &str, iterations: NonZeroU32) {
     );
 }
 
-/// Why a password is too weak, if it is: at least 10 characters, letters
-/// and something else, not the e-mail address or a name.
+/// The most common passwords (`common-passwords.txt`, lower case), read
+/// once.
+fn common_passwords() -> &'static std::collections::HashSet<&'static str> {
+    static COMMON: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    COMMON.get_or_init(|| {
+        include_str!("common-passwords.txt")
+            .lines()
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect()
+    })
+}
+
+/// Whether `password` is one of the most common passwords, or one with
+/// only digits and symbols around one of them (`password123456`).
+fn is_common(password: &str) -> bool {
+    let lower = password.to_lowercase();
+    let core = lower.trim_matches(|c: char| !c.is_alphabetic());
+    let common = common_passwords();
+    common.contains(lower.as_str()) || (core.chars().count() >= 4 && common.contains(core))
+}
+
+/// What the forms say of a new password.
+pub const RULE: &str =
+    "at least 10 characters; not a common password, your name or your e-mail address";
+
+/// Why a password is too weak, if it is. As NIST SP 800-63B advises:
+/// length, and a check against passwords known to be common, not rules
+/// of composition (a long passphrase of letters only is good). At least 10
+/// characters (at most 256 bytes); not among the 10,000 most common
+/// passwords, nor one of them with only digits or symbols around it; not
+/// containing the customer's name or e-mail address; at least 5 different
+/// characters.
 pub fn weakness(password: &str, personal: &[&str]) -> Option<&'static str> {
     let length = password.chars().count();
     if length < LENGTH_MIN {
@@ -97,10 +128,11 @@ pub fn weakness(password: &str, personal: &[&str]) -> Option<&'static str> {
     if password.len() > LENGTH_MAX {
         return Some("The password must have at most 256 bytes.");
     }
-    let letters = password.chars().any(char::is_alphabetic);
-    let others = password.chars().any(|c| !c.is_alphabetic());
-    if !(letters && others) {
-        return Some("The password must mix letters with digits or symbols.");
+    if is_common(password) {
+        return Some(
+            "The password is one of the most common passwords (or one with digits around it): \
+             choose another, for example a few unrelated words.",
+        );
     }
     let lower = password.to_lowercase();
     if personal
@@ -168,11 +200,40 @@ mod tests {
 
     #[test]
     fn weak_passwords_are_named() {
-        assert!(weakness("short1", &[]).is_some());
-        assert!(weakness("onlyletterslong", &[]).is_some());
-        assert!(weakness("1234567890", &[]).is_some());
+        assert!(weakness("short1", &[]).unwrap().contains("at least 10"));
+        assert!(weakness("1234567890", &[]).unwrap().contains("common"));
         assert!(weakness("ada-lovelace-1815", &["Ada", "Lovelace"]).is_some());
         assert!(weakness("aaaaaaaaa1", &[]).is_some());
         assert!(weakness("tulip-Otter-93", &["Ada", "ada@example.org"]).is_none());
+    }
+
+    /// Length and a list of common passwords, not composition: a long
+    /// passphrase of letters only is accepted; common passwords are not,
+    /// whatever their case or the digits and symbols put around them.
+    #[test]
+    fn common_passwords_are_refused_and_letters_only_passphrases_accepted() {
+        for common in [
+            "password123456",
+            "Password123456",
+            "qwertyuiop",
+            "1q2w3e4r5t",
+            "!!dragon2024!!",
+            "MANCHESTER",
+        ] {
+            assert!(
+                weakness(common, &[]).is_some_and(|why| why.contains("common")),
+                "{common}"
+            );
+        }
+        for passphrase in [
+            "tulipotterlantern",
+            "Quiet Harbour Lanterns",
+            "onlyletterslong",
+        ] {
+            assert_eq!(weakness(passphrase, &[]), None, "{passphrase}");
+        }
+        // The list is the whole shipped one, comments left out.
+        assert_eq!(common_passwords().len(), 10_000);
+        assert!(!common_passwords().iter().any(|line| line.starts_with('#')));
     }
 }
