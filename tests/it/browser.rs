@@ -1,5 +1,5 @@
 //! The web pages in a real browser: headless Chromium driven through
-//! chromedriver (Debian's `chromium` and `chromium-driver`, which `.ci/run`
+//! chromedriver (Debian's `chromium` and `chromium-driver`, which `scripts/test`
 //! installs). A producer registers, logs in, edits, registers a product
 //! with a real TACA module and a maximum price; a customer authorizes a
 //! meter with the code it asked for (RFC 8628's device code), uses the
@@ -50,7 +50,7 @@ fn chromedriver() -> Chromedriver {
         .unwrap_or_else(|error| {
             panic!(
                 "cannot start chromedriver ({error}): install Debian's chromium and \
-                 chromium-driver, as .ci/run does"
+                 chromium-driver, as scripts/test does"
             )
         });
     let stdout = child.stdout.take().expect("stdout is piped");

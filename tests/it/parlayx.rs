@@ -109,7 +109,7 @@ fn zeep(branch: &Branch, scenario: &str, args: &[&str]) -> Vec<serde_json::Value
         .expect("python3 runs");
     assert!(
         output.status.success(),
-        "zeep failed (is it installed? .ci/run installs it):\n{}{}",
+        "zeep failed (is it installed? scripts/test installs it):\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
