@@ -91,6 +91,17 @@ impl SledStore {
         transfer: &Transfer,
     ) -> Result<DepositRecord, StoreError> {
         let key = reference.as_str().as_bytes();
+        // Not only its own key: a batch's block hides the numbers inside it.
+        // A deposit posted before (answered below as posted) is not new.
+        if !matches!(
+            self.deposit(reference)?,
+            Some(DepositRecord {
+                state: DepositState::Posted { .. },
+                ..
+            })
+        ) {
+            self.check_transfers_are_new(transfer.id)?;
+        }
         let transfer_key = transfer.id.0.to_be_bytes();
         let transfer_record = encode_transfer(transfer);
         let outcome = (&self.deposits, &self.transfers).transaction(|(deposits, transfers)| {

@@ -882,9 +882,28 @@ mod tests {
         // never written over it, though no record has its number as key.
         let inside = transfers[1].clone();
         assert!(matches!(
-            store.stage_transfers(&[inside]),
+            store.stage_transfers(&[inside.clone()]),
             Err(crate::store::StoreError::Corrupt(why)) if why.contains("transfer 1 exists already")
         ));
+        // Nor a deposit's transfer.
+        let second = Reference::parse("inv-2").unwrap();
+        store
+            .begin_deposit(
+                &second,
+                &DepositRecord {
+                    cid: "B1-C1".parse().unwrap(),
+                    amount: Amount::from_units(1).unwrap(),
+                    created_ms: 3,
+                    state: DepositState::Collecting,
+                },
+            )
+            .unwrap();
+        store.deposit_collected(&second, "auth-2").unwrap();
+        assert!(matches!(
+            store.stage_deposit(&second, &inside),
+            Err(crate::store::StoreError::Corrupt(why)) if why.contains("transfer 1 exists already")
+        ));
+        store.tamper("deposits", b"inv-2", None);
         assert_eq!(problems(&store), Vec::<String>::new());
         // Indexes: an e-mail entry deleted, a grant index entry deleted.
         store.tamper("emails", b"ada@example.org", None);
