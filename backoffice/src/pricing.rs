@@ -598,6 +598,10 @@ pub struct Pricing {
     slots: Slots,
 }
 
+/// How many prices a `price_many` worker makes in one slot before it lets
+/// the slot go and takes one again.
+const PRICES_PER_SLOT: usize = 64;
+
 /// The cores `price_many` spreads a batch over, asked once (std asks the
 /// kernel and the cgroup files on every call).
 fn parallelism() -> usize {
@@ -1228,19 +1232,22 @@ impl Pricing {
         // Each worker takes one slot for its whole share and keeps its
         // instance from one price to the next while the TACA stays the same.
         let price_part = |part: &[(Arc<Taca>, PriceInput)]| -> Vec<Result<Priced, PricingError>> {
-            let slot = if busy.load(std::sync::atomic::Ordering::Relaxed) {
-                Err(PricingError::Busy)
-            } else {
-                self.slots.take()
-            };
-            let Ok(_slot) = slot else {
-                busy.store(true, std::sync::atomic::Ordering::Relaxed);
-                return part.iter().map(|_| Err(PricingError::Busy)).collect();
-            };
+            let mut priced = Vec::with_capacity(part.len());
             let mut kept: Option<(Arc<Taca>, Warm)> = None;
-            let priced = part
-                .iter()
-                .map(|(taca, input)| {
+            // A slot per run of prices, not per price (fewer turns of its
+            // lock) nor per share (a price elsewhere waits for one run).
+            for run in part.chunks(PRICES_PER_SLOT) {
+                let slot = if busy.load(std::sync::atomic::Ordering::Relaxed) {
+                    Err(PricingError::Busy)
+                } else {
+                    self.slots.take()
+                };
+                let Ok(slot) = slot else {
+                    busy.store(true, std::sync::atomic::Ordering::Relaxed);
+                    priced.extend(run.iter().map(|_| Err(PricingError::Busy)));
+                    continue;
+                };
+                for (taca, input) in run {
                     let mut warm = match kept.take() {
                         Some((held, warm)) if Arc::ptr_eq(&held, taca) => Some(warm),
                         Some((held, warm)) => {
@@ -1249,11 +1256,11 @@ impl Pricing {
                         }
                         None => None,
                     };
-                    let priced = self.price_in_slot(taca, input, &mut warm);
+                    priced.push(self.price_in_slot(taca, input, &mut warm));
                     kept = warm.map(|warm| (Arc::clone(taca), warm));
-                    priced
-                })
-                .collect();
+                }
+                drop(slot);
+            }
             if let Some((held, warm)) = kept {
                 self.give_back(&held, Some(warm));
             }

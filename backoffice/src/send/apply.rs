@@ -573,8 +573,18 @@ impl<S: Store> Backoffice<S> {
         let mut periods_early: Map<PeriodKey, u64> = Map::default();
         let early = self.price_chains(&mut lookups, &mut bases, &mut periods_early, &mut uses)?;
         // The next batch of the same payers prices from here while this one
-        // is posted and stored (guessing that it will be).
-        reserved.hand_over(&periods_early, &bases);
+        // is posted and stored (guessing that it will be). Not a batch sent
+        // again (a meter's retry): it is answered as a repeat, and counts
+        // that include its uses twice would have every later batch of the
+        // same payers priced again under the lock.
+        if self
+            .store
+            .applied_batch(key)
+            .map_err(|error| internal(&error))?
+            .is_none()
+        {
+            reserved.hand_over(&periods_early, &bases);
+        }
         let mut ledger = self.ledger_for_write()?;
         // Under the lock, where batches are staged one at a time: a batch
         // id that came meanwhile is a repeat, and readings that another

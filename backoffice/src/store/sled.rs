@@ -351,6 +351,18 @@ impl Store for SledStore {
                     return Err(StoreError::AlreadyApplied(key.id.to_string()));
                 }
                 self.check_transfers_are_new(first.id)?;
+                if effects
+                    .transfers
+                    .iter()
+                    .zip(first.id.0..)
+                    .any(|(transfer, number)| transfer.id.0 != number)
+                {
+                    return Err(StoreError::Corrupt(
+                        "a batch's transfers are not numbered one after the other; nothing \
+                         was written"
+                            .to_owned(),
+                    ));
+                }
                 Some((first.id.0.to_be_bytes(), encode_block(effects.transfers)))
             }
             None => None,
@@ -1884,13 +1896,21 @@ impl SledStore {
             }
             _ => {
                 let stored = decode_transfers(&key, &record).map_err(corrupt)?;
-                stored.last().map_or(0, |last| last.id.0 + 1)
+                stored.last().map_or(0, |last| last.id.0.saturating_add(1))
             }
         };
         if first.0 < next {
             return Err(StoreError::Corrupt(format!(
                 "transfer {} exists already; a posted transfer is never overwritten",
                 first.0
+            )));
+        }
+        if first.0 > next {
+            return Err(StoreError::Corrupt(format!(
+                "transfer {} would leave a gap after {}: the ledger in memory and the store \
+                 differ; nothing was written",
+                first.0,
+                next.saturating_sub(1)
             )));
         }
         Ok(())

@@ -882,8 +882,15 @@ mod tests {
         // never written over it, though no record has its number as key.
         let inside = transfers[1].clone();
         assert!(matches!(
-            store.stage_transfers(&[inside.clone()]),
+            store.stage_transfers(std::slice::from_ref(&inside)),
             Err(crate::store::StoreError::Corrupt(why)) if why.contains("transfer 1 exists already")
+        ));
+        // Nor one that would leave a gap.
+        let mut later = inside.clone();
+        later.id = crate::ledger::TransferId(9);
+        assert!(matches!(
+            store.stage_transfers(&[later]),
+            Err(crate::store::StoreError::Corrupt(why)) if why.contains("would leave a gap after 2")
         ));
         // Nor a deposit's transfer.
         let second = Reference::parse("inv-2").unwrap();
