@@ -876,6 +876,8 @@ mod tests {
         miscounted[1..5].copy_from_slice(&3u32.to_be_bytes());
         store.tamper("transfers", &key(0), Some(&miscounted));
         found(&store, "transfer record 0: does not decode");
+        store.tamper("transfers", &key(0), Some(&[3, 0, 0, 0, 0]));
+        found(&store, "transfer record 0: is an empty block");
         store.tamper("transfers", &key(0), Some(&block));
         assert_eq!(problems(&store), Vec::<String>::new());
         // A transfer numbered inside the block (or before the last one) is
