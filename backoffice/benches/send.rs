@@ -200,6 +200,7 @@ fn main() {
             secure_cookies: false,
             public_url: "http://127.0.0.1".into(),
             outbox: dir.path().join("outbox"),
+            shown: Default::default(),
         }),
         funding: Box::new(backoffice::funding::RecordedByOperator),
         payments: backoffice::parlayx::Payments::default(),

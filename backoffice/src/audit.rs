@@ -358,7 +358,7 @@ fn audit_batch<S: Store>(
                 "transfer {}: posted {} for {}, its {} uses of {} in {batch} add up to {}",
                 id.0,
                 transfer.amount,
-                crate::web::pages::describe(transfer),
+                crate::web::pages::describe(transfer, ""),
                 sum.uses,
                 sum.pid,
                 sum.amount

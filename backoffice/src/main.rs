@@ -77,6 +77,8 @@ enum MeterCommand {
     },
 }
 
+// Parsed once at start: the size of `serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the backoffice until SIGINT or SIGTERM: the web pages at /,
@@ -699,6 +701,16 @@ struct WebArgs {
         default_value_t = backoffice::listen::METER_CALLS_PER_ADDRESS_MAX,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
     meter_calls_per_address: usize,
+    /// The branch's currency, an ISO 4217 code: amounts on the pages and in
+    /// Parlay X charges are in it.
+    #[arg(long, env = "BACKOFFICE_CURRENCY", value_name = "CODE", default_value = "EUR",
+        value_parser = backoffice::web::shown::parse_currency)]
+    currency: String,
+    /// The branch's time zone, an IANA name (Europe/Paris): statements,
+    /// charts and times on the pages follow it, daylight saving included.
+    #[arg(long, env = "BACKOFFICE_TIME_ZONE", value_name = "ZONE", default_value = "UTC",
+        value_parser = backoffice::web::shown::parse_zone)]
+    time_zone: String,
 }
 
 /// Deletes itemised readings older than `retention_days` now and every
@@ -826,6 +838,8 @@ fn serve(
             (None, Some((_, tls_address, _))) => format!("https://{tls_address}"),
             (None, None) => format!("http://{address}"),
         };
+        let service_currency = backoffice::web::shown::Currency::parse(&web.currency)
+            .expect("the currency was checked when the flags were read");
         let sessions = backoffice.store().web_sessions();
         let web = backoffice::web::Web::with_sessions(
             backoffice::web::WebConfig {
@@ -835,6 +849,8 @@ fn serve(
                 secure_cookies: web.secure_cookies || tls_listener.is_some(),
                 public_url,
                 outbox: dir.join("outbox"),
+                shown: backoffice::web::shown::Shown::new(service_currency.clone(), &web.time_zone)
+                    .expect("the time zone was checked when the flags were read"),
             },
             sessions,
         );
@@ -844,7 +860,7 @@ fn serve(
             operator_token,
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
-            payments: backoffice::parlayx::Payments::default()
+            payments: backoffice::parlayx::Payments::new(service_currency.code())
                 .with_reservation_ttl_ms(reservation_ttl_s * 1000),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);

@@ -201,8 +201,20 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         fill(&client, "who", "grace@example.org").await;
         fill(&client, "password", PASSWORD).await;
         click(&client, "login-submit").await;
-        assert_eq!(text_of(&client, "balance").await, "0.00");
+        assert_eq!(text_of(&client, "balance").await, "EUR 0.00");
         screenshot(&client, "04-account").await;
+
+        // Top up from the card on file (a double submit of one form is
+        // tested in web.rs: it pays once).
+        fill(&client, "amount", "20").await;
+        click(&client, "top-up-submit").await;
+        assert_eq!(text_of(&client, "balance").await, "EUR 20.00");
+        assert!(
+            text_of(&client, "top-up-notice")
+                .await
+                .starts_with("EUR 20.00 was added")
+        );
+        screenshot(&client, "04-top-up").await;
 
         // Edit the registration.
         fill(&client, "city", "Cambridge").await;
@@ -235,7 +247,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         let pid = text_of(&client, "pid").await;
         let test_pid = text_of(&client, "test-pid").await;
         assert_eq!((pid.as_str(), test_pid.as_str()), ("B1-P1", "B1-P1T"));
-        assert_eq!(text_of(&client, "max-price").await, "0.25");
+        assert_eq!(text_of(&client, "max-price").await, "EUR 0.25");
         screenshot(&client, "06-product").await;
         click(&client, "logout").await;
         text_of(&client, "login-submit").await;
@@ -334,7 +346,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
 
         // Her account shows what she paid and the grant, which she revokes.
         click(&client, "to-account").await;
-        assert_eq!(text_of(&client, "balance").await, "9.25");
+        assert_eq!(text_of(&client, "balance").await, "EUR 9.25");
         let status = format!("grant-status-{number}");
         assert_eq!(text_of(&client, &status).await, "live");
         screenshot(&client, "11-grants").await;
@@ -360,7 +372,7 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         fill(&client, "who", "grace@example.org").await;
         fill(&client, "password", PASSWORD).await;
         click(&client, "login-submit").await;
-        assert_eq!(text_of(&client, "balance").await, "0.75");
+        assert_eq!(text_of(&client, "balance").await, "EUR 20.75");
         click(&client, "details").await;
         text_of(&client, "closing").await;
         // The statements of the month the uses were made in: each month
@@ -381,15 +393,31 @@ fn a_producer_registers_adds_a_product_and_sees_its_uses_in_a_real_browser() {
         // uploads (one per batch).
         let uses: u32 = lines
             .lines()
-            .filter(|line| line.contains(&format!(" of {pid} ")))
+            .filter(|line| line.contains(&format!("({pid})")))
             .filter_map(|line| line.split_whitespace().nth(2)?.parse::<u32>().ok())
             .sum();
         assert_eq!(uses, 3, "{lines}");
-        assert_eq!(text_of(&client, "closing").await, "0.75");
+        assert_eq!(text_of(&client, "closing").await, "EUR 20.75");
         client
             .find(Locator::Id("chart"))
             .await
             .expect("the daily chart");
+        // What her product earned: three uses from one paying account.
+        let earned = client
+            .find(Locator::Id(&format!("earned-{pid}")))
+            .await
+            .expect("the earnings table")
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            earned.contains(&format!("({pid}) 3 EUR 0.75 1 100% 0")),
+            "{earned}"
+        );
+        client
+            .find(Locator::Id(&format!("chart-{pid}")))
+            .await
+            .expect("the product's income chart");
         screenshot(&client, "13-statement").await;
 
         // Register a meter: its secret is shown once.

@@ -100,13 +100,15 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
     let path = format!("/statement/items?transfer={line}");
     let page = ada.get(&path);
     assert_eq!(page.status, 200, "{}", page.body);
-    assert_eq!(page.text_of("line-amount").as_deref(), Some("0.75"));
+    assert_eq!(page.text_of("line-amount").as_deref(), Some("EUR 0.75"));
     assert_eq!(
         page.text_of("items-count").as_deref(),
         Some("3 uses; page 1 of 1.")
     );
     assert_eq!(
-        page.body.matches("<td class=\"amount\">0.25</td>").count(),
+        page.body
+            .matches("<td class=\"amount\">EUR 0.25</td>")
+            .count(),
         3
     );
     assert!(page.body.contains("4242.1") && page.body.contains("laptop:1"));
@@ -115,12 +117,12 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
     assert_eq!(rows.len(), 4, "{}", csv.body);
     assert!(rows[0].starts_with("time,meter,batch,seq,context,product,price"));
     assert!(
-        rows[1].contains(&format!(",laptop:1,1,4242.1,{editor},0.25,0,")),
+        rows[1].contains(&format!(",laptop:1,1,4242.1,{editor},0.25,EUR,0,")),
         "{}",
         rows[1]
     );
     assert!(
-        rows[3].contains(&format!(",{editor},0.25,2,")),
+        rows[3].contains(&format!(",{editor},0.25,EUR,2,")),
         "{}",
         rows[3]
     );
@@ -130,7 +132,9 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
     let page = bob.get(&path);
     assert_eq!(page.status, 200);
     assert_eq!(
-        page.body.matches("<td class=\"amount\">0.25</td>").count(),
+        page.body
+            .matches("<td class=\"amount\">EUR 0.25</td>")
+            .count(),
         3
     );
     assert!(!page.body.contains("4242.1") && !page.body.contains("laptop:1"));
@@ -156,7 +160,7 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
     assert_eq!(
         past_the_end
             .body
-            .matches("<td class=\"amount\">0.25</td>")
+            .matches("<td class=\"amount\">EUR 0.25</td>")
             .count(),
         0
     );
@@ -234,11 +238,23 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
         "{}",
         statement.body
     );
-    assert_eq!(statement.text_of(&format!("free-{editor}")), None);
+    // Her editor uses were charged, none free; the one price of each shows.
+    assert_eq!(
+        statement.text_of(&format!("free-{editor}")).as_deref(),
+        Some("0")
+    );
+    assert!(
+        statement
+            .body
+            .contains("<td class=\"amount\">EUR 0.25</td>"),
+        "{}",
+        statement.body
+    );
     let csv = ada.get(&format!("/statement.csv?month={yyyymm}"));
     assert!(
-        csv.body
-            .contains(&format!("\r\n,,2 free uses of {editor_test},,\r\n")),
+        csv.body.contains(&format!(
+            "\r\n,,2 free uses of {editor_test},{editor_test},2,0,,,EUR\r\n"
+        )),
         "{}",
         csv.body
     );
@@ -251,7 +267,11 @@ fn a_customer_sees_the_uses_behind_each_line_and_the_operator_audits_them() {
     assert_eq!(member(&free[0], "uses"), "2");
     // Bob's statement shows none of Ada's free uses.
     let statement = bob.get(&format!("/statement?month={yyyymm}"));
-    assert!(!statement.body.contains("free-uses"), "{}", statement.body);
+    assert!(
+        !statement.body.contains(&format!("free-{editor_test}")),
+        "{}",
+        statement.body
+    );
 }
 
 /// A producer who paid for a component used inside their product sees

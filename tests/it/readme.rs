@@ -348,10 +348,10 @@ fn walk_through(store: Option<&str>) {
     run(&blocks[3]);
 
     // Step 3: Ada sees her balance and the uses in the browser.
-    assert!(walk.contains("`1.50`"));
+    assert!(walk.contains("`EUR 1.50`"));
     assert_eq!(
         ada.get("/account").text_of("balance").as_deref(),
-        Some("1.50")
+        Some("EUR 1.50")
     );
     // The statement of the month the uses were made in (each month since,
     // in case one ended meanwhile).
@@ -361,9 +361,14 @@ fn walk_through(store: Option<&str>) {
         .collect();
     let statement = pages
         .iter()
-        .find(|page| page.contains("uses of B1-P1"))
-        .unwrap_or_else(|| panic!("uses of B1-P1 in {pages:?}"));
+        .find(|page| page.contains("uses of Editor (B1-P1) at EUR 0.25 each"))
+        .unwrap_or_else(|| panic!("uses of Editor (B1-P1) at EUR 0.25 each in {pages:?}"));
+    assert!(walk.contains("`Editor (B1-P1)` at `EUR 0.25` each"));
     assert!(statement.contains("id=\"chart\""));
+    // What her editor earned: its six uses, and the income axis labelled.
+    assert!(statement.contains("id=\"earned-B1-P1\""), "{statement}");
+    assert!(statement.contains("id=\"chart-B1-P1\""), "{statement}");
+    assert!(statement.contains("EUR per day"), "{statement}");
 
     // Ctrl-C stops both cleanly; running it again reuses the data.
     let pid = franchise.child.id().to_string();
@@ -405,7 +410,7 @@ fn walk_through(store: Option<&str>) {
     assert_eq!(back.status, 303, "Ada's registration survived");
     assert_eq!(
         ada.get("/account").text_of("balance").as_deref(),
-        Some("1.50")
+        Some("EUR 1.50")
     );
 }
 

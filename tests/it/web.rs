@@ -274,7 +274,13 @@ fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let office = Backoffice::start(dir.path());
     let (mut ada, cid) = registered(&office, "Ada");
-    let account_before = ada.get("/account").body;
+    // The top-up form's key is new on every showing.
+    let account = |ada: &mut Visitor| {
+        let page = ada.get("/account");
+        page.body.replace(&input_value(&page, "key"), "KEY")
+    };
+    let account_before = account(&mut ada);
+    let top_up_key = input_value(&ada.get("/account"), "key");
     let meters_before = ada.get("/meters").body;
     let wrong = "0".repeat(64);
     let registration = registration("Eve", "eve@example.org");
@@ -318,6 +324,10 @@ fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
         ("/meters", vec![]),
         ("/meters/rotate", vec![("mid", "B1-M1")]),
         ("/meters/revoke", vec![("mid", "B1-M1"), ("confirm", "yes")]),
+        (
+            "/account/top-up",
+            vec![("key", top_up_key.as_str()), ("amount", "5")],
+        ),
     ];
     for (path, fields) in forms {
         for token in [wrong.as_str(), ""] {
@@ -350,7 +360,8 @@ fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
     assert_eq!(oversize.status, 413, "{}", oversize.body);
     // Nothing changed: still logged in, the same account and meters, no
     // product, no second customer.
-    assert_eq!(ada.get("/account").body, account_before);
+    assert_eq!(account(&mut ada), account_before);
+    assert_eq!(office.text("customer.show", &[s(&cid)], "balance"), "0");
     assert_eq!(ada.get("/meters").body, meters_before);
     assert!(!account_before.contains("Mallory"));
     assert!(office.call("customer.show", &[s("B1-C2")]).is_err());
@@ -420,7 +431,7 @@ fn another_customers_pages_are_unreachable() {
         .unwrap();
     assert_eq!(
         ada.get("/account").text_of("balance").as_deref(),
-        Some("12.50")
+        Some("EUR 12.50")
     );
     // Bob's pages are Bob's whatever the URL says.
     for path in [
@@ -464,11 +475,13 @@ fn another_customers_pages_are_unreachable() {
         .into_iter()
         .map(|month| ada.get(&format!("/statement.csv?month={month}")).body)
         .inspect(|body| {
-            assert!(body.starts_with("date,transfer,description,amount,balance"));
+            assert!(body.starts_with(
+                "date,transfer,description,product,uses,unit_price,amount,balance,currency\r\n"
+            ));
         })
         .collect();
     assert!(
-        csv.contains("deposit from your macro-account,12.5"),
+        csv.contains("deposit from your macro-account,,,,12.5,12.5,EUR\r\n"),
         "{csv}"
     );
 }
@@ -984,10 +997,13 @@ fn a_refused_module_shows_the_checkers_message_and_oversize_uploads_are_refused(
     assert_eq!(done.status, 200, "{}", done.body);
     assert_eq!(done.text_of("pid").as_deref(), Some("B1-P1"));
     assert_eq!(done.text_of("test-pid").as_deref(), Some("B1-P1T"));
-    assert_eq!(done.text_of("max-price").as_deref(), Some("0.25"));
+    assert_eq!(done.text_of("max-price").as_deref(), Some("EUR 0.25"));
     // The account's product list shows the terms with their maximum.
     let account = ada.get("/account");
-    assert_eq!(account.text_of("max-price-B1-P1").as_deref(), Some("0.25"));
+    assert_eq!(
+        account.text_of("max-price-B1-P1").as_deref(),
+        Some("EUR 0.25")
+    );
     assert!(account.body.contains("0.25 per use"), "{}", account.body);
 }
 
@@ -1795,4 +1811,147 @@ fn a_meter_is_rotated_and_revoked_on_the_meters_page_only_by_its_owner() {
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(meter_record(&office, &mid)[3], revoked_ms);
     let _ = bob_cid;
+}
+
+/// The value of the page's hidden or text input named `name`.
+fn input_value(page: &Page, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = page.body.find(&marker).expect("the input") + marker.len();
+    let end = start + page.body[start..].find('"').unwrap();
+    page.body[start..end].to_owned()
+}
+
+#[test]
+fn a_top_up_pays_once_however_often_its_form_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let mut ada = Visitor::new(office.address);
+    let cid = register(&mut ada, &registration("Ada", "ada@example.org"), None)
+        .text_of("cid")
+        .unwrap();
+    let balance = || office.text("customer.show", &[s(&cid)], "balance");
+    let form = ada.get("/account");
+    let (csrf, key) = (form.csrf(), input_value(&form, "key"));
+    assert_eq!(key.len(), 32, "a fresh key per form");
+    let send = |visitor: &mut Visitor, amount: &str, key: &str| {
+        visitor.post_form(
+            "/account/top-up",
+            &[("csrf", &csrf), ("key", key), ("amount", amount)],
+        )
+    };
+
+    // Refused amounts and forms move nothing.
+    for amount in ["", "0", "-5", "abc", "1.001", "10000.01", "1e3", " 5 5"] {
+        let page = send(&mut ada, amount, &key);
+        assert_eq!(page.status, 422, "{amount:?}: {}", page.body);
+        assert!(
+            page.text_of("top-up-error")
+                .unwrap()
+                .starts_with("Type an amount from EUR 0.01 to EUR 10000.00"),
+            "{amount:?}"
+        );
+    }
+    for bad_key in [
+        "",
+        "zz",
+        &"a".repeat(31),
+        &"A".repeat(32),
+        &format!("{key}0"),
+        "../../x",
+    ] {
+        let page = send(&mut ada, "5", bad_key);
+        assert_eq!(page.status, 422, "{bad_key:?}");
+        assert!(
+            page.text_of("top-up-error")
+                .unwrap()
+                .contains("out of date")
+        );
+    }
+    let no_csrf = ada.post_form("/account/top-up", &[("key", &key), ("amount", "5")]);
+    assert_eq!(no_csrf.status, 403);
+    assert_eq!(balance(), "0");
+
+    // Sent, then sent again (a double click, a reload of the answer).
+    let first = send(&mut ada, "20.5", &key);
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.text_of("balance").as_deref(), Some("EUR 20.50"));
+    assert!(
+        first
+            .text_of("top-up-notice")
+            .unwrap()
+            .starts_with("EUR 20.50 was added")
+    );
+    let again = send(&mut ada, "20.5", &key);
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        again.text_of("top-up-notice").as_deref(),
+        Some("This top-up was already made: EUR 20.50 was added once, not again.")
+    );
+    assert_eq!(again.text_of("balance").as_deref(), Some("EUR 20.50"));
+    // The same form with another amount is not a new top-up either.
+    let changed = send(&mut ada, "99", &key);
+    assert_eq!(changed.status, 422);
+    assert!(
+        changed
+            .text_of("top-up-error")
+            .unwrap()
+            .starts_with("Nothing was paid")
+    );
+    assert_eq!(balance(), "20.5");
+
+    // One new form sent four times at once, on four connections.
+    let key = input_value(&ada.get("/account"), "key");
+    let pages: Vec<Page> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let mut visitor = Visitor {
+                    address: ada.address,
+                    cookie: ada.cookie.clone(),
+                };
+                let (csrf, key) = (&csrf, &key);
+                scope.spawn(move || {
+                    visitor.post_form(
+                        "/account/top-up",
+                        &[("csrf", csrf), ("key", key), ("amount", "10")],
+                    )
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap())
+            .collect()
+    });
+    assert!(
+        pages.iter().all(|page| page.status == 200),
+        "{:?}",
+        pages.iter().map(|page| page.status).collect::<Vec<_>>()
+    );
+    let added = pages
+        .iter()
+        .filter(|page| {
+            page.text_of("top-up-notice")
+                .unwrap()
+                .starts_with("EUR 10.00 was added")
+        })
+        .count();
+    assert_eq!(added, 1, "one of them paid, the others were told so");
+    assert_eq!(balance(), "30.5");
+
+    // Another customer cannot complete or spoil Ada's top-up with her key.
+    let mut bob = Visitor::new(office.address);
+    let bob_cid = register(&mut bob, &registration("Bob", "bob@example.org"), None)
+        .text_of("cid")
+        .unwrap();
+    let bob_csrf = bob.get("/account").csrf();
+    let page = bob.post_form(
+        "/account/top-up",
+        &[("csrf", &bob_csrf), ("key", &key), ("amount", "10")],
+    );
+    assert_eq!(page.status, 200, "his own top-up, under his own reference");
+    assert_eq!(
+        office.text("customer.show", &[s(&bob_cid)], "balance"),
+        "10"
+    );
+    assert_eq!(balance(), "30.5");
 }

@@ -176,6 +176,7 @@ pub(super) async fn enter_code(
             &request,
             owner.as_ref(),
             product.as_ref(),
+            &service.web.config().shown,
         ),
     )
 }
@@ -267,7 +268,12 @@ pub(super) async fn decide(
                 &session,
                 false,
                 StatusCode::OK,
-                pages::grant_decided(&session, &request, made.as_ref()),
+                pages::grant_decided(
+                    &session,
+                    &request,
+                    made.as_ref(),
+                    &service.web.config().shown,
+                ),
             )
         }
     }

@@ -13,6 +13,7 @@ mod grant;
 pub mod pages;
 pub mod password;
 pub mod session;
+pub mod shown;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,11 +33,11 @@ use axum::routing::get;
 use maud::Markup;
 use proto::{Amount, Cid, Pid};
 
+use crate::funding;
 use crate::ledger::{AccountId, Transfer};
 use crate::pricing::MODULE_BYTES_MAX;
 use crate::pricing::guard::{CHECKS_AT_ONCE_MAX, Guard, GuardError};
 use crate::registry::{Customer, Meter, PasswordHash, Profile, Registration, RegistryError};
-use crate::send::month_of;
 use crate::server::Service;
 use crate::store::{Store, StoreError};
 use session::{COOKIE as SESSION_COOKIE, Session, Sessions};
@@ -59,6 +60,8 @@ pub struct WebConfig {
     pub public_url: String,
     /// Where outgoing mail is written, one file per message.
     pub outbox: PathBuf,
+    /// The branch's currency and time zone, for amounts and times.
+    pub shown: shown::Shown,
 }
 
 /// The web pages' state.
@@ -132,6 +135,7 @@ pub fn routes(service: Arc<Service>) -> Router<Arc<Service>> {
         .route("/forgot", get(forgot_page).post(forgot))
         .route("/reset", get(reset_page).post(reset))
         .route("/account", get(account_page).post(edit_account))
+        .route("/account/top-up", axum::routing::post(top_up))
         .route("/grant", get(grant::code_page).post(grant::enter_code))
         .route("/grant/decide", axum::routing::post(grant::decide))
         .route("/grants/revoke", axum::routing::post(grant::revoke))
@@ -455,7 +459,7 @@ async fn entry_page(State(service): State<Arc<Service>>, headers: HeaderMap) -> 
 
 /// The current month as `YYYYMM` (UTC).
 fn this_month() -> u32 {
-    month_of(crate::now_ms())
+    crate::send::month_of(crate::now_ms())
 }
 
 /// Checks the registration form's fields; the messages are per field.
@@ -968,6 +972,7 @@ struct AccountNotes<'a> {
     notice: Option<&'a str>,
     grants_notice: Option<&'a str>,
     products_notice: Option<&'a str>,
+    top_up: Option<(&'a str, bool)>,
 }
 
 fn account_response(
@@ -1000,8 +1005,145 @@ fn account_response(
         notice: notes.notice,
         grants_notice: notes.grants_notice,
         products_notice: notes.products_notice,
+        top_up: notes.top_up,
+        top_up_key: &funding::Reference::random().to_string(),
+        shown: &web.config.shown,
     };
     page(web, session, false, status, pages::account(session, &view))
+}
+
+/// Most one top-up may add, in units of the branch's currency.
+pub const TOP_UP_MAX_UNITS: i64 = 10_000;
+
+/// The micro-account's reference for a top-up: the form's random key
+/// (32 hex digits, made when the form was shown) under `web:` and the
+/// customer's CID, so that a customer can neither reuse another's
+/// reference nor take one the operator will use.
+fn top_up_reference(cid: &Cid, key: &str) -> Option<funding::Reference> {
+    let plain = key.len() == 32
+        && key
+            .bytes()
+            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
+    plain
+        .then(|| funding::Reference::parse(&format!("web:{cid}:{key}")).ok())
+        .flatten()
+}
+
+/// Checks a typed top-up amount: positive, in whole minor units of the
+/// currency, at most [`TOP_UP_MAX_UNITS`].
+fn top_up_amount(typed: &str, currency: &shown::Currency) -> Result<Amount, String> {
+    let most = Amount::from_units(TOP_UP_MAX_UNITS).unwrap_or(Amount::ZERO);
+    let refused = || {
+        let least = Amount::try_from_nanos(10i128.pow(9 - currency.places().min(9)))
+            .unwrap_or(Amount::ZERO);
+        format!(
+            "Type an amount from {} to {}, in whole {}, like {}.",
+            currency.total(least),
+            currency.total(most),
+            if currency.places() == 0 {
+                "units"
+            } else {
+                "cents"
+            },
+            currency.rounded(Amount::from_units(20).unwrap_or(Amount::ZERO)),
+        )
+    };
+    let typed = typed.trim();
+    let amount = Amount::parse(typed).map_err(|_| refused())?;
+    let places = typed.split_once('.').map_or(0, |(_, after)| after.len());
+    if !amount.is_positive() || places > currency.places() as usize || amount > most {
+        return Err(refused());
+    }
+    Ok(amount)
+}
+
+/// Funds the session customer's micro-account from their macro-account
+/// through the branch's processor (`funding::MacroAccounts`), once per form:
+/// the form's key is the deposit's idempotency key, so a second submit of
+/// the same form (a double click, a reload, a retry after a lost answer)
+/// pays once and says so.
+async fn top_up(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (session, customer) = match customer_of(&service, &headers) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    let fields = Fields::parse(&body);
+    if !csrf_ok(&session, &fields) {
+        return csrf_refused(&service.web, &session, false);
+    }
+    let respond = |notice: &str, ok: bool, status| {
+        account_response(
+            &service,
+            &session,
+            &customer,
+            AccountNotes {
+                top_up: Some((notice, ok)),
+                ..AccountNotes::default()
+            },
+            status,
+        )
+    };
+    let currency = &service.web.config.shown.currency;
+    let amount = match top_up_amount(fields.get("amount"), currency) {
+        Ok(amount) => amount,
+        Err(why) => return respond(&why, false, StatusCode::UNPROCESSABLE_ENTITY),
+    };
+    let Some(reference) = top_up_reference(&customer.cid, fields.get("key")) else {
+        return respond(
+            "This form is out of date: nothing was paid. Reload the page and try again.",
+            false,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
+    };
+    // Collection and the durable write block: off the async workers.
+    let worker = Arc::clone(&service);
+    let payer = customer.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        worker
+            .backoffice
+            .deposit_once(&*worker.funding, &payer, amount, &reference)
+    })
+    .await;
+    match done {
+        Ok(Ok(deposited)) if deposited.repeated => respond(
+            &format!(
+                "This top-up was already made: {} was added once, not again.",
+                currency.total(amount)
+            ),
+            true,
+            StatusCode::OK,
+        ),
+        Ok(Ok(deposited)) => respond(
+            &format!(
+                "{} was added to your micro-account (transfer {}).",
+                currency.total(amount),
+                deposited.transfer.id.0
+            ),
+            true,
+            StatusCode::OK,
+        ),
+        Ok(Err(fault)) if fault.code == proto::FaultCode::RecordRefused.code() => respond(
+            &format!("Nothing was paid: {}", fault.message),
+            false,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        Ok(Err(fault)) => {
+            tracing::error!(cid = %customer.cid, fault = %fault.message, "a top-up failed");
+            respond(
+                &format!(
+                    "The top-up could not be completed; submitting this form again finishes it without paying twice. If it keeps failing, call {}.",
+                    service.web.config.phone
+                ),
+                false,
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+        }
+        Err(error) => trouble(&service.web, &session, &error),
+    }
 }
 
 /// The components a product of the session's customer uses inside.
@@ -1372,7 +1514,7 @@ async fn add_product(
                     &session,
                     false,
                     StatusCode::OK,
-                    pages::product_added(&session, &product),
+                    pages::product_added(&session, &product, &service.web.config.shown),
                 );
             }
             Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
@@ -1464,6 +1606,7 @@ fn meters_answer(
                 &products,
                 notice,
                 &service.web.config.public_url,
+                &service.web.config.shown,
             ),
         ),
         (Err(error), _) | (_, Err(error)) => trouble(&service.web, session, &error),
@@ -1698,27 +1841,90 @@ pub struct Line {
     pub balance: Amount,
     /// For a payment a service asked: what the service put on the bill.
     pub note: String,
+    /// The name of the product a use or payment was of (empty if unknown).
+    pub name: String,
+    /// For a use line: the price of one use, when all its uses cost the same.
+    pub unit_price: Option<Amount>,
 }
 
 impl Line {
-    /// What the line is, for the statement: the transfer's kind and, for a
-    /// service's payment, its description.
-    pub fn text(&self) -> String {
-        let what = pages::describe(&self.transfer);
-        if self.note.is_empty() {
-            what
-        } else {
-            format!("{what}: {}", self.note)
+    /// What the line is, for the statement: the transfer's kind with its
+    /// product's name and, when every use cost the same, the price of one;
+    /// for a service's payment, its description.
+    pub fn text(&self, currency: &shown::Currency) -> String {
+        let mut what = pages::describe(&self.transfer, &self.name);
+        if let (Some(price), crate::ledger::TransferKind::Use { uses, .. }) =
+            (self.unit_price, &self.transfer.kind)
+            && *uses > 1
+        {
+            what.push_str(&format!(" at {} each", currency.exact(price)));
         }
+        if !self.note.is_empty() {
+            what.push_str(": ");
+            what.push_str(&self.note);
+        }
+        what
     }
 }
 
-/// The customer's lines in `month` (`YYYYMM`), with the balance before it.
+/// Use lines of one statement whose uses are read to find their price of
+/// one use; later lines show none (a statement page stays bounded).
+pub const UNIT_PRICE_LINES_MAX: usize = 200;
+/// Suspended readings looked at for a producer's statement; past it the
+/// count shows "or more".
+pub const SUSPENSE_LOOKED_AT_MAX: usize = 20_000;
+
+/// Products' names, each looked up once per page.
+struct Names<'a> {
+    service: &'a Service,
+    known: HashMap<Pid, String>,
+}
+
+impl Names<'_> {
+    fn of(&mut self, pid: &Pid) -> String {
+        if let Some(name) = self.known.get(pid) {
+            return name.clone();
+        }
+        let name = self
+            .service
+            .backoffice
+            .store()
+            .product(pid)
+            .ok()
+            .flatten()
+            .map(|product| product.name)
+            .unwrap_or_default();
+        self.known.insert(*pid, name.clone());
+        name
+    }
+}
+
+/// The one price every use of a line cost, from its kept readings; `None`
+/// when they differ or are not kept.
+fn unit_price_of(service: &Service, transfer: &Transfer) -> Option<Amount> {
+    let items = crate::itemised::items_of_transfer(service.backoffice.store(), transfer.id)
+        .ok()
+        .flatten()?;
+    let first = items.first()?.priced.amount;
+    items
+        .iter()
+        .all(|item| item.priced.amount == first)
+        .then_some(first)
+}
+
+/// The customer's lines in `month` (`YYYYMM`, in the branch's time zone),
+/// with the balance before it.
 fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line>) {
+    let shown = &service.web.config().shown;
     let account = AccountId::Customer(cid);
     let mut opening = Amount::ZERO;
     let mut lines = Vec::new();
     let mut running = Amount::ZERO;
+    let mut names = Names {
+        service,
+        known: HashMap::new(),
+    };
+    let mut priced_lines = 0;
     for transfer in service.backoffice.statement(&account) {
         let signed = if transfer.credit == account {
             transfer.amount
@@ -1728,39 +1934,192 @@ fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line
         // Balances are sums of amounts below 10^18 that the ledger already
         // accepted, so this addition cannot overflow where the ledger's did not.
         running = running.checked_add(signed).unwrap_or(running);
-        let posted = month_of(transfer.posted_ms);
+        let posted = shown.month_of(transfer.posted_ms);
         if posted < month {
             opening = running;
         } else if posted == month {
-            let note = match &transfer.kind {
-                crate::ledger::TransferKind::Payment { pid, reference } => service
-                    .backoffice
-                    .store()
-                    .payment_request(pid, reference)
-                    .ok()
-                    .flatten()
-                    .map(|request| request.description)
-                    .unwrap_or_default(),
-                _ => String::new(),
+            let (note, name, unit_price) = match &transfer.kind {
+                crate::ledger::TransferKind::Payment { pid, reference } => (
+                    service
+                        .backoffice
+                        .store()
+                        .payment_request(pid, reference)
+                        .ok()
+                        .flatten()
+                        .map(|request| request.description)
+                        .unwrap_or_default(),
+                    names.of(pid),
+                    None,
+                ),
+                crate::ledger::TransferKind::Use { pid, .. } => {
+                    priced_lines += 1;
+                    let unit_price = (priced_lines <= UNIT_PRICE_LINES_MAX)
+                        .then(|| unit_price_of(service, &transfer))
+                        .flatten();
+                    (String::new(), names.of(pid), unit_price)
+                }
+                _ => (String::new(), String::new(), None),
             };
             lines.push(Line {
                 transfer,
                 signed,
                 balance: running,
                 note,
+                name,
+                unit_price,
             });
         }
     }
     (opening, lines)
 }
 
-fn month_param(query: &MonthQuery) -> u32 {
+/// What each product cost `cid` in the month of `lines`, with the uses
+/// that cost nothing (`free`).
+fn bought(service: &Service, cid: Cid, lines: &[Line], free: &[(Pid, u64)]) -> Vec<pages::Bought> {
+    let account = AccountId::Customer(cid);
+    let mut by_pid: std::collections::BTreeMap<Pid, pages::Bought> = Default::default();
+    let mut prices: HashMap<Pid, Option<Option<Amount>>> = HashMap::new();
+    for line in lines {
+        let crate::ledger::TransferKind::Use { pid, uses, .. } = &line.transfer.kind else {
+            continue;
+        };
+        if line.transfer.debit != account {
+            continue;
+        }
+        let entry = by_pid.entry(*pid).or_insert_with(|| pages::Bought {
+            pid: *pid,
+            name: line.name.clone(),
+            uses: 0,
+            free: 0,
+            cost: Amount::ZERO,
+            unit_price: None,
+        });
+        entry.uses = entry.uses.saturating_add(*uses);
+        entry.cost = entry
+            .cost
+            .checked_add(line.transfer.amount)
+            .unwrap_or(entry.cost);
+        // The same price on every line, or none.
+        let price = prices.entry(*pid).or_insert(Some(line.unit_price));
+        if *price != Some(line.unit_price) {
+            *price = Some(None);
+        }
+    }
+    for (pid, price) in prices {
+        if let (Some(entry), Some(price)) = (by_pid.get_mut(&pid), price) {
+            entry.unit_price = price;
+        }
+    }
+    let mut names = Names {
+        service,
+        known: HashMap::new(),
+    };
+    for (pid, uses) in free {
+        by_pid
+            .entry(*pid)
+            .or_insert_with(|| pages::Bought {
+                pid: *pid,
+                name: names.of(pid),
+                uses: 0,
+                free: 0,
+                cost: Amount::ZERO,
+                unit_price: None,
+            })
+            .free = *uses;
+    }
+    by_pid.into_values().collect()
+}
+
+/// What each product of `cid` earned in the month of `lines`: uses and
+/// income per day, payers counted, and its readings in suspense.
+fn earned(
+    service: &Service,
+    cid: Cid,
+    month: u32,
+    lines: &[Line],
+) -> Result<Vec<pages::Earned>, StoreError> {
+    let shown = &service.web.config().shown;
+    let account = AccountId::Customer(cid);
+    let days = shown::days_in(month) as usize;
+    let products = service.backoffice.store().products_of(&cid)?;
+    let mut earned: Vec<pages::Earned> = Vec::new();
+    let mut payers: Vec<HashMap<AccountId, i128>> = Vec::new();
+    let mut index: HashMap<Pid, usize> = HashMap::new();
+    for product in &products {
+        index.insert(product.pid, earned.len());
+        earned.push(pages::Earned {
+            pid: product.pid,
+            name: product.name.clone(),
+            uses: 0,
+            income: Amount::ZERO,
+            payers: 0,
+            top_three: Amount::ZERO,
+            suspense: (0, false),
+            days: vec![(0, 0); days],
+        });
+        payers.push(HashMap::new());
+    }
+    for line in lines {
+        let crate::ledger::TransferKind::Use { pid, uses, .. } = &line.transfer.kind else {
+            continue;
+        };
+        let Some(&at) = index.get(pid) else { continue };
+        if line.transfer.credit != account {
+            continue;
+        }
+        let one = &mut earned[at];
+        let nanos = line.transfer.amount.nanos();
+        one.uses = one.uses.saturating_add(*uses);
+        one.income = one
+            .income
+            .checked_add(line.transfer.amount)
+            .unwrap_or(one.income);
+        let day = (shown.day_of(line.transfer.posted_ms) as usize).clamp(1, days) - 1;
+        one.days[day].0 = one.days[day].0.saturating_add(*uses);
+        one.days[day].1 += nanos;
+        *payers[at].entry(line.transfer.debit).or_default() += nanos;
+    }
+    for (one, paid) in earned.iter_mut().zip(&payers) {
+        one.payers = paid.len();
+        let mut largest: Vec<i128> = paid.values().copied().collect();
+        largest.sort_unstable_by(|a, b| b.cmp(a));
+        let top: i128 = largest.iter().take(3).sum();
+        one.top_three = Amount::try_from_nanos(top).unwrap_or(one.income);
+    }
+    if !earned.is_empty() {
+        let mut after = None;
+        let mut looked_at = 0;
+        loop {
+            let page = service
+                .backoffice
+                .store()
+                .suspense_page(after.as_ref(), 1_000)?;
+            let Some(last) = page.last() else { break };
+            after = Some(crate::store::SuspenseCursor::of(last));
+            for reading in &page {
+                if let Some(&at) = index.get(&reading.pid) {
+                    earned[at].suspense.0 += 1;
+                }
+            }
+            looked_at += page.len();
+            if looked_at >= SUSPENSE_LOOKED_AT_MAX && page.len() == 1_000 {
+                for one in &mut earned {
+                    one.suspense.1 = true;
+                }
+                break;
+            }
+        }
+    }
+    Ok(earned)
+}
+
+fn month_param(web: &Web, query: &MonthQuery) -> u32 {
     query
         .month
         .as_deref()
         .and_then(|text| text.parse::<u32>().ok())
         .filter(|month| (190_001..=999_912).contains(month) && (1..=12).contains(&(month % 100)))
-        .unwrap_or_else(this_month)
+        .unwrap_or_else(|| web.config().shown.month_of(crate::now_ms()))
 }
 
 async fn statement_page(
@@ -1772,19 +2131,72 @@ async fn statement_page(
         Ok(found) => found,
         Err(response) => return *response,
     };
-    let month = month_param(&query);
-    let (opening, lines) = statement_lines(&service, customer.cid, month);
-    let free = match service.backoffice.store().free_uses(&customer.cid, month) {
-        Ok(free) => free,
-        Err(error) => return trouble(&service.web, &session, &error),
-    };
-    page(
-        &service.web,
-        &session,
-        false,
-        StatusCode::OK,
-        pages::statement(&session, &customer, month, opening, &lines, &free),
+    let month = month_param(&service.web, &query);
+    // Reading a month's lines, their uses and the suspense is blocking
+    // store work: off the async workers, one per core at a time.
+    let worker = Arc::clone(&service);
+    let session_for_page = session.clone();
+    let found = service
+        .web
+        .heavy(move || {
+            let service = worker;
+            let (opening, lines) = statement_lines(&service, customer.cid, month);
+            let free = service.backoffice.store().free_uses(&customer.cid, month)?;
+            let bought = bought(&service, customer.cid, &lines, &free);
+            let earned = earned(&service, customer.cid, month, &lines)?;
+            let view = pages::StatementView {
+                customer: &customer,
+                month,
+                opening,
+                lines: &lines,
+                bought: &bought,
+                earned: &earned,
+                shown: &service.web.config().shown,
+            };
+            Ok::<_, StoreError>(pages::statement(&session_for_page, &view))
+        })
+        .await;
+    match found {
+        Ok(Ok(markup)) => page(&service.web, &session, false, StatusCode::OK, markup),
+        Ok(Err(error)) => trouble(&service.web, &session, &error),
+        Err(error) => trouble(&service.web, &session, &error),
+    }
+}
+
+/// A statement as CSV (RFC 4180, through the `csv` crate): a leading `=`,
+/// `+`, `-` or `@` in text is neutralised so a spreadsheet does not run it
+/// as a formula; amounts are exact, in the branch's currency.
+fn csv_text(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    }
+}
+
+/// A CSV file as a download named `filename`.
+fn csv_download(filename: &str, rows: &[Vec<String>]) -> Response {
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::new());
+    for row in rows {
+        // Writing to a Vec fails only when memory does.
+        let _ = writer.write_record(row);
+    }
+    let body = writer.into_inner().unwrap_or_default();
+    let mut response = (
+        [
+            (CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        body,
     )
+        .into_response();
+    secure_headers(response.headers_mut());
+    response
 }
 
 async fn statement_csv(
@@ -1796,46 +2208,68 @@ async fn statement_csv(
         Ok(found) => found,
         Err(response) => return *response,
     };
-    let month = month_param(&query);
+    let month = month_param(&service.web, &query);
     let (_, lines) = statement_lines(&service, customer.cid, month);
     let free = match service.backoffice.store().free_uses(&customer.cid, month) {
         Ok(free) => free,
         Err(error) => return trouble(&service.web, &session, &error),
     };
-    let mut csv = String::from("date,transfer,description,amount,balance\r\n");
+    let shown = &service.web.config().shown;
+    let money = &shown.currency;
+    let mut rows = vec![
+        [
+            "date",
+            "transfer",
+            "description",
+            "product",
+            "uses",
+            "unit_price",
+            "amount",
+            "balance",
+            "currency",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
     for line in &lines {
-        csv.push_str(&format!(
-            "{},{},{},{},{}\r\n",
-            pages::date_of(line.transfer.posted_ms),
-            line.transfer.id.0,
-            pages::csv_field(&line.text()),
-            line.signed,
-            line.balance
-        ));
+        let (pid, uses) = match &line.transfer.kind {
+            crate::ledger::TransferKind::Use { pid, uses, .. } => {
+                (pid.as_str().to_owned(), uses.to_string())
+            }
+            crate::ledger::TransferKind::Payment { pid, .. } => {
+                (pid.as_str().to_owned(), String::new())
+            }
+            _ => (String::new(), String::new()),
+        };
+        rows.push(vec![
+            shown.date(line.transfer.posted_ms),
+            line.transfer.id.0.to_string(),
+            csv_text(&line.text(money)),
+            pid,
+            uses,
+            line.unit_price
+                .map(|price| price.to_string())
+                .unwrap_or_default(),
+            line.signed.to_string(),
+            line.balance.to_string(),
+            money.code().to_owned(),
+        ]);
     }
     // Free uses move no money: rows without a transfer, amount or balance.
     for (pid, uses) in &free {
-        csv.push_str(&format!(
-            ",,{},,\r\n",
-            pages::csv_field(&pages::free_uses(*uses, pid))
-        ));
+        rows.push(vec![
+            String::new(),
+            String::new(),
+            csv_text(&pages::free_uses(*uses, pid)),
+            pid.as_str().to_owned(),
+            uses.to_string(),
+            "0".to_owned(),
+            String::new(),
+            String::new(),
+            money.code().to_owned(),
+        ]);
     }
-    let mut response = (
-        [
-            (CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (
-                CONTENT_DISPOSITION,
-                format!(
-                    "attachment; filename=\"statement-{}-{month}.csv\"",
-                    customer.cid
-                ),
-            ),
-        ],
-        csv,
-    )
-        .into_response();
-    secure_headers(response.headers_mut());
-    response
+    csv_download(&format!("statement-{}-{month}.csv", customer.cid), &rows)
 }
 
 /// Uses shown on one page of a statement line's itemisation.
@@ -1856,6 +2290,8 @@ pub struct LineItems {
     /// The customer paid (sees where and how it was used); otherwise they
     /// were paid (sees when and what, not who or on which machine).
     pub paid: bool,
+    /// The product's name (empty if unknown).
+    pub name: String,
 }
 
 /// The uses behind the session customer's statement line `transfer`; `None`
@@ -1898,8 +2334,17 @@ fn line_items(
             )
         })
     });
+    let name = match &transfer.kind {
+        crate::ledger::TransferKind::Use { pid, .. } => Names {
+            service,
+            known: HashMap::new(),
+        }
+        .of(pid),
+        _ => String::new(),
+    };
     Ok(Some(LineItems {
         paid: transfer.debit == account && own_uses,
+        name,
         transfer,
         items,
     }))
@@ -1940,7 +2385,7 @@ async fn items_page(
             &session,
             false,
             StatusCode::OK,
-            pages::items(&session, &line, number),
+            pages::items(&session, &line, number, &service.web.config().shown),
         ),
         Ok(None) => no_such_line(&service.web, &session),
         Err(error) => trouble(&service.web, &session, &error),
@@ -1961,53 +2406,46 @@ async fn items_csv(
         Ok(None) => return no_such_line(&service.web, &session),
         Err(error) => return trouble(&service.web, &session, &error),
     };
-    let mut csv = if line.paid {
-        String::from(
-            "time,meter,batch,seq,context,product,price,earlier_uses_in_month,fuel,taca\r\n",
-        )
-    } else {
-        String::from("time,product,price,earlier_uses_in_month,fuel,taca\r\n")
-    };
+    let shown = &service.web.config().shown;
+    let mut header = vec!["time"];
+    if line.paid {
+        header.extend(["meter", "batch", "seq", "context"]);
+    }
+    header.extend([
+        "product",
+        "price",
+        "currency",
+        "earlier_uses_in_month",
+        "fuel",
+        "taca",
+    ]);
+    let mut rows = vec![header.into_iter().map(str::to_owned).collect::<Vec<_>>()];
     for item in line.items.iter().flatten() {
         let reading = &item.reading;
         let priced = &item.priced;
-        let place = if line.paid {
-            format!(
-                "{},{},{},{},",
-                pages::csv_field(item.mid.as_str()),
-                pages::csv_field(item.batch.as_str()),
-                reading.seq,
-                pages::csv_field(reading.context.as_str())
-            )
-        } else {
-            String::new()
-        };
-        csv.push_str(&format!(
-            "{},{place}{},{},{},{},{}\r\n",
-            pages::time_of_ms(reading.time_ms),
-            pages::csv_field(reading.event.id_str()),
-            priced.amount,
-            priced.period_uses,
-            priced.fuel,
-            priced.taca
-        ));
+        let mut row = vec![shown.time_ms(reading.time_ms)];
+        if line.paid {
+            row.extend([
+                csv_text(item.mid.as_str()),
+                csv_text(item.batch.as_str()),
+                reading.seq.to_string(),
+                csv_text(reading.context.as_str()),
+            ]);
+        }
+        row.extend([
+            csv_text(reading.event.id_str()),
+            priced.amount.to_string(),
+            shown.currency.code().to_owned(),
+            priced.period_uses.to_string(),
+            priced.fuel.to_string(),
+            priced.taca.to_string(),
+        ]);
+        rows.push(row);
     }
-    let mut response = (
-        [
-            (CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (
-                CONTENT_DISPOSITION,
-                format!(
-                    "attachment; filename=\"uses-{}-{}.csv\"",
-                    customer.cid, line.transfer.id.0
-                ),
-            ),
-        ],
-        csv,
+    csv_download(
+        &format!("uses-{}-{}.csv", customer.cid, line.transfer.id.0),
+        &rows,
     )
-        .into_response();
-    secure_headers(response.headers_mut());
-    response
 }
 
 #[cfg(test)]
@@ -2031,5 +2469,36 @@ mod tests {
         );
         assert_eq!(Fields::parse(b"last=1&last=2").get("last"), "2");
         assert_eq!(Fields::parse(b"x=%C3%A9").get("x"), "é");
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_and_formulas_defused() {
+        assert_eq!(csv_text("3 uses of B1-P1"), "3 uses of B1-P1");
+        assert_eq!(csv_text("=1+1"), "'=1+1");
+        assert_eq!(csv_text("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_text("-2"), "'-2");
+        let response = csv_download(
+            "x.csv",
+            &[
+                vec!["a,b".into(), "say \"hi\"".into()],
+                vec!["line\nbreak".into(), csv_text("+1")],
+            ],
+        );
+        let body = futures_body(response);
+        assert_eq!(
+            body,
+            "\"a,b\",\"say \"\"hi\"\"\"\r\n\"line\nbreak\",'+1\r\n"
+        );
+    }
+
+    fn futures_body(response: Response) -> String {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let bytes = runtime
+            .block_on(http_body_util::BodyExt::collect(response.into_body()))
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
     }
 }

@@ -6,10 +6,10 @@ use proto::grant::{GrantRequest, Scope};
 use proto::{Amount, Pid};
 
 use super::session::Session;
+use super::shown::{Shown, days_in};
 use super::{Fields, ITEMS_PAGE_ROWS, Line, LineItems};
 use crate::ledger::{Transfer, TransferKind};
 use crate::registry::{Customer, Grant, Meter, Product};
-use crate::send::civil_date;
 
 /// The one style sheet, served at `/style.css`.
 pub const STYLE: &str = "\
@@ -21,7 +21,7 @@ input[type=text],input[type=email],input[type=password],textarea{width:100%;max-
 .error{color:#a00}.notice{color:#060}\
 .refusal{border:1px solid #a00;padding:.5rem 1rem;margin:1rem 0}\
 table{border-collapse:collapse}td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}\
-td.amount{text-align:right;font-variant-numeric:tabular-nums}\
+td.amount{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
 pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}\
 .spend{fill:#b33}.income{fill:#383}\
 .warning{border:1px solid #b60;padding:.5rem 1rem;margin:1rem 0}\
@@ -350,24 +350,21 @@ pub struct AccountView<'a> {
     pub grants_notice: Option<&'a str>,
     /// A notice for the products (components saved or refused).
     pub products_notice: Option<&'a str>,
+    /// What became of a top-up: the notice, and whether money moved or
+    /// was already moved (`false`: a refusal).
+    pub top_up: Option<(&'a str, bool)>,
+    /// The top-up form's key: its deposit's idempotency key, new each time
+    /// the page is shown, so that the same form submitted twice pays once.
+    pub top_up_key: &'a str,
+    /// The branch's currency and time zone.
+    pub shown: &'a Shown,
 }
 
 /// A product's maximum price per use, as its terms show it.
-fn max_price_text(product: &Product) -> String {
+fn max_price_text(product: &Product, shown: &Shown) -> String {
     product.max_price.map_or_else(
         || "none declared (registered before maximums)".to_owned(),
-        |max| max.to_string(),
-    )
-}
-
-/// `YYYY-MM-DD HH:MM UTC` of a time in ms since the Unix epoch.
-pub fn time_of(time_ms: u64) -> String {
-    let minutes = time_ms / 60_000 % (24 * 60);
-    format!(
-        "{} {:02}:{:02} UTC",
-        date_of(time_ms),
-        minutes / 60,
-        minutes % 60
+        |max| shown.currency.exact(max),
     )
 }
 
@@ -383,9 +380,9 @@ fn scope_text(scope: &Scope) -> Markup {
 }
 
 /// Where a grant stands at `now_ms`.
-fn grant_status(grant: &Grant, now_ms: u64) -> String {
+fn grant_status(grant: &Grant, now_ms: u64, shown: &Shown) -> String {
     match (grant.revoked_ms, grant.expires_ms) {
-        (Some(revoked), _) if revoked <= now_ms => format!("revoked {}", time_of(revoked)),
+        (Some(revoked), _) if revoked <= now_ms => format!("revoked {}", shown.time(revoked)),
         (_, Some(expires)) if expires <= now_ms => "expired".to_owned(),
         _ => "live".to_owned(),
     }
@@ -409,14 +406,14 @@ fn grants_section(session: &Session, view: &AccountView<'_>) -> Markup {
                     th { "Approved" } th { "Expires" } th { "Status" } th {}
                 }
                 @for grant in view.grants {
-                    @let status = grant_status(grant, view.now_ms);
+                    @let status = grant_status(grant, view.now_ms, view.shown);
                     tr id={ "grant-row-" (grant.id) } {
                         td { (grant.id) }
                         td { (grant.mid.as_str()) }
                         td { (grant.label) }
                         td { (scope_text(&grant.scope)) }
-                        td { (time_of(grant.created_ms)) }
-                        td { (grant.expires_ms.map_or_else(|| "never".to_owned(), time_of)) }
+                        td { (view.shown.time(grant.created_ms)) }
+                        td { (grant.expires_ms.map_or_else(|| "never".to_owned(), |at| view.shown.time(at))) }
                         td id={ "grant-status-" (grant.id) } { (status) }
                         td {
                             @if status == "live" {
@@ -447,8 +444,21 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
     let form = RegistrationForm::of(customer);
     let body = html! {
         p { "CID " strong id="cid" { (customer.cid.as_str()) } }
-        p { "Micro-account balance: " strong id="balance" { (balance.round_dp(2)) } }
+        p { "Micro-account balance: " strong id="balance" { (view.shown.currency.total(balance)) } }
         @if customer.denied { p.error { "Service is denied on this account. Call the branch." } }
+        form method="post" action="/account/top-up" id="top-up" {
+            (csrf(session))
+            input type="hidden" name="key" value=(view.top_up_key);
+            label for="amount" { "Add money from your card or bank account (" (view.shown.currency.code()) ")" }
+            input type="text" id="amount" name="amount" inputmode="decimal" autocomplete="off" size="10" required;
+            " "
+            button type="submit" id="top-up-submit" { "Top up" }
+            @match view.top_up {
+                Some((notice, true)) => p.notice id="top-up-notice" { (notice) },
+                Some((notice, false)) => p.error id="top-up-error" { (notice) },
+                None => {},
+            }
+        }
         p {
             a href="/products/new" id="add-product" { "Register a product" } " · "
             a href="/statement" id="details" { "Transaction details" } " · "
@@ -469,7 +479,7 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
                         td { (product.test_pid.as_str()) }
                         td { (product.name) }
                         td { (product.terms) }
-                        td.amount id={ "max-price-" (product.pid.as_str()) } { (max_price_text(product)) }
+                        td.amount id={ "max-price-" (product.pid.as_str()) } { (max_price_text(product, view.shown)) }
                         td {
                             form method="post" action="/products/components" id={ "components-" (product.pid.as_str()) } {
                                 (csrf(session))
@@ -558,7 +568,7 @@ pub fn new_product(
 }
 
 /// After a product is registered: its PIDs and how to use them.
-pub fn product_added(session: &Session, product: &Product) -> Markup {
+pub fn product_added(session: &Session, product: &Product, shown: &Shown) -> Markup {
     let pid = product.pid.as_str();
     let test_pid = product.test_pid.as_str();
     let rust = format!(
@@ -579,7 +589,7 @@ pub fn product_added(session: &Session, product: &Product) -> Markup {
             tr { th { "PID" } td id="pid" { (pid) } }
             tr { th { "Test PID (free, for your tests)" } td id="test-pid" { (test_pid) } }
             tr { th { "Terms" } td id="terms" { (product.terms) } }
-            tr { th { "Maximum price per use" } td id="max-price" { (max_price_text(product)) } }
+            tr { th { "Maximum price per use" } td id="max-price" { (max_price_text(product, shown)) } }
             tr { th { "TACA" } td { code { (product.taca.to_string()) } } }
         }
         h2 { "Coding it into your program" }
@@ -630,6 +640,7 @@ pub fn meters(
     products: &[crate::registry::Product],
     notice: Option<MeterNotice<'_>>,
     public_url: &str,
+    shown: &Shown,
 ) -> Markup {
     let base = public_url.trim_end_matches('/');
     let url = format!("{base}/RPC2");
@@ -676,7 +687,7 @@ pub fn meters(
                     pre id="secret" { (meter.secret_hex) }
                     @match &meter.previous {
                         Some(previous) => p id="grace" {
-                            "The old secret still works until " (time_of(previous.valid_until_ms))
+                            "The old secret still works until " (shown.time(previous.valid_until_ms))
                             ", or until the meter uploads with the new one; after that it is refused."
                         },
                         None => p id="grace" { "The old secret is refused from now on." },
@@ -715,16 +726,16 @@ pub fn meters(
                         }
                         td id={ "meter-status-" (mid) } {
                             @match &meter.revoked {
-                                Some(revoked) => { "revoked " (time_of(revoked.at_ms)) " by " (actor_text(revoked.by)) }
+                                Some(revoked) => { "revoked " (shown.time(revoked.at_ms)) " by " (actor_text(revoked.by)) }
                                 None => "live",
                             }
                         }
                         td id={ "meter-secret-" (mid) } {
                             @match &meter.rotated {
                                 Some(rotated) => {
-                                    "rotated " (time_of(rotated.at_ms)) " by " (actor_text(rotated.by))
+                                    "rotated " (shown.time(rotated.at_ms)) " by " (actor_text(rotated.by))
                                     @if let Some(previous) = &meter.previous {
-                                        "; the old one works until " (time_of(previous.valid_until_ms))
+                                        "; the old one works until " (shown.time(previous.valid_until_ms))
                                     }
                                 }
                                 None => "as registered",
@@ -814,6 +825,7 @@ pub fn grant_confirm(
     request: &GrantRequest,
     owner: Option<&Customer>,
     service: Option<&crate::registry::Product>,
+    shown: &Shown,
 ) -> Markup {
     let foreign = owner.is_none_or(|owner| owner.cid != customer.cid);
     let body = html! {
@@ -827,7 +839,7 @@ pub fn grant_confirm(
                 "The service " strong { (product.name) } " (" (product.pid.as_str()) ") asks to "
                 "charge your micro-account (" (customer.cid.as_str()) ") directly, for what you "
                 "buy from it, without a meter on your machine: each charge at most "
-                (product.max_price.map_or_else(|| "its maximum price".to_owned(), |max| max.to_string()))
+                (product.max_price.map_or_else(|| "its maximum price".to_owned(), |max| shown.currency.exact(max)))
                 ", as often as it charges, until the grant expires or you revoke it. "
                 "Approve only if you asked this service for it yourself just now."
             },
@@ -879,7 +891,12 @@ pub fn grant_confirm(
 }
 
 /// What was decided: `grant` is the one made, or none for a refusal.
-pub fn grant_decided(session: &Session, request: &GrantRequest, grant: Option<&Grant>) -> Markup {
+pub fn grant_decided(
+    session: &Session,
+    request: &GrantRequest,
+    grant: Option<&Grant>,
+    shown: &Shown,
+) -> Markup {
     let body = html! {
         @match grant {
             Some(grant) => {
@@ -890,7 +907,7 @@ pub fn grant_decided(session: &Session, request: &GrantRequest, grant: Option<&G
                 p {
                     "Grant " strong id="grant-number" { (grant.id) } ", "
                     @match grant.expires_ms {
-                        Some(expires) => { "until " span id="grant-expires" { (time_of(expires)) } }
+                        Some(expires) => { "until " span id="grant-expires" { (shown.time(expires)) } }
                         None => { span id="grant-expires" { "until you revoke it" } }
                     }
                     ". The meter learns of it within seconds."
@@ -913,36 +930,20 @@ pub fn grant_decided(session: &Session, request: &GrantRequest, grant: Option<&G
     layout(session, title, body)
 }
 
-/// `YYYY-MM-DD` (UTC) of a time in ms since the Unix epoch.
-pub fn date_of(time_ms: u64) -> String {
-    let (year, month, day) = civil_date(time_ms);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
-/// A CSV field, quoted when it must be; a leading `=`, `+`, `-` or `@` is
-/// neutralised so a spreadsheet does not run it as a formula.
-pub fn csv_field(text: &str) -> String {
-    let text = if text.starts_with(['=', '+', '-', '@']) {
-        format!("'{text}")
-    } else {
-        text.to_owned()
-    };
-    if text.contains([',', '"', '\r', '\n']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text
-    }
-}
-
-/// What a transfer was, for a statement line.
-pub fn describe(transfer: &Transfer) -> String {
+/// What a transfer was, for a statement line; `name` is the product's
+/// name for a use or payment (empty when unknown).
+pub fn describe(transfer: &Transfer, name: &str) -> String {
     match &transfer.kind {
         TransferKind::Deposit => "deposit from your macro-account".to_owned(),
         TransferKind::Withdrawal => "withdrawal to your macro-account".to_owned(),
-        TransferKind::Use { pid, uses: 1, .. } => format!("1 use of {pid}"),
-        TransferKind::Use { pid, uses, .. } => format!("{uses} uses of {pid}"),
+        TransferKind::Use { pid, uses: 1, .. } => format!("1 use of {}", product_text(name, pid)),
+        TransferKind::Use { pid, uses, .. } => {
+            format!("{uses} uses of {}", product_text(name, pid))
+        }
         TransferKind::Correction { of } => format!("correction of transfer {}", of.0),
-        TransferKind::Payment { pid, reference } => format!("{pid}, reference {reference}"),
+        TransferKind::Payment { pid, reference } => {
+            format!("{}, reference {reference}", product_text(name, pid))
+        }
     }
 }
 
@@ -987,36 +988,173 @@ fn next_month(month: u32) -> u32 {
     }
 }
 
-/// Days in the month `YYYYMM`.
-fn days_in(month: u32) -> u32 {
-    let year = month / 100;
-    match month % 100 {
-        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
+/// One series of a chart: a day's amount in nanos for each day of the
+/// month, its CSS class and what a bar of it means ("spent").
+pub struct Series<'a> {
+    /// `spend` or `income` (the style sheet's colours).
+    pub class: &'static str,
+    /// What a bar of it is, for its tooltip: "spent", "earned".
+    pub verb: &'a str,
+    /// Nanos per day of the month, from day 1.
+    pub days: Vec<i128>,
+    /// Uses per day, when the series counts them (shown in the tooltip).
+    pub uses: Option<Vec<u64>>,
 }
 
-/// A day's total for a chart label, to the cent.
-fn shown(nanos: i128) -> String {
+/// An amount in nanos as a label, rounded to the minor unit.
+fn label(nanos: i128, shown: &Shown) -> String {
     Amount::try_from_nanos(nanos).map_or_else(
         |_| "more than the largest amount".to_owned(),
-        |amount| amount.round_dp(2).to_string(),
+        |amount| shown.currency.total(amount),
     )
 }
 
-/// Daily spend and income as an SVG bar chart. Heights are whole pixels
-/// from exact amounts: nanos scaled with integer arithmetic.
-fn chart(month: u32, lines: &[Line]) -> Markup {
+/// A bar chart of amounts per day of `month`, with its amount axis
+/// labelled in the branch's currency. Heights are whole pixels from exact
+/// amounts: nanos scaled with integer arithmetic.
+pub fn chart(id: &str, title: &str, month: u32, series: &[Series<'_>], shown: &Shown) -> Markup {
+    let days = days_in(month) as usize;
+    let top = series
+        .iter()
+        .flat_map(|one| one.days.iter().copied())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    const HEIGHT: i128 = 120;
+    const LEFT: usize = 80;
+    let bar = |nanos: i128| (nanos * HEIGHT / top).max(i128::from(nanos > 0));
+    let step = 6 * series.len().max(1) + 4;
+    let width = LEFT + days * step + 10;
+    html! {
+        svg id=(id) xmlns="http://www.w3.org/2000/svg" width=(width) height="165" viewBox={ "0 0 " (width) " 165" } role="img" aria-label=(title) {
+            title { (title) ", " (month_name(month)) }
+            // Two gridlines: the highest day, and half of it.
+            @for amount in [top, top / 2] {
+                @if top > 1 {
+                    @let y = 130 - amount * HEIGHT / top;
+                    text.axis x=(LEFT - 4) y=(y + 3) font-size="9" text-anchor="end" { (label(amount, shown)) }
+                    line x1=(LEFT) y1=(y) x2=(width) y2=(y) stroke="#ddd" {}
+                }
+            }
+            text x=(LEFT - 4) y="133" font-size="9" text-anchor="end" { (label(0, shown)) }
+            @for day in 0..days {
+                @let x = LEFT + 2 + day * step;
+                @for (n, one) in series.iter().enumerate() {
+                    @let nanos = one.days.get(day).copied().unwrap_or(0);
+                    @let height = bar(nanos);
+                    @if height > 0 {
+                        rect class=(one.class) x=(x + n * 6) y=(130 - height) width="6" height=(height) {
+                            title {
+                                (month_name(month)) " " (day + 1) ": " (one.verb) " " (label(nanos, shown))
+                                @if let Some(uses) = one.uses.as_ref().and_then(|uses| uses.get(day)) {
+                                    " for " (uses) " " (if *uses == 1 { "use" } else { "uses" })
+                                }
+                            }
+                        }
+                    }
+                }
+                @if day % 5 == 0 {
+                    text x=(x) y="145" font-size="9" { (day + 1) }
+                }
+            }
+            line x1=(LEFT) y1="130" x2=(width) y2="130" stroke="#888" {}
+            line x1=(LEFT) y1="10" x2=(LEFT) y2="130" stroke="#888" {}
+            text x=(LEFT) y="160" font-size="10" { (shown.currency.code()) " per day of " (month_name(month)) " (" (shown.zone_name()) ")" }
+        }
+    }
+}
+
+/// What one product cost the statement's customer in its month.
+pub struct Bought {
+    /// The product.
+    pub pid: Pid,
+    /// Its name (empty when the product is unknown).
+    pub name: String,
+    /// Uses charged.
+    pub uses: u64,
+    /// Uses that cost nothing (priced at zero, own products, test PIDs).
+    pub free: u64,
+    /// What the charged uses cost.
+    pub cost: Amount,
+    /// The price of one use, when every charged use cost the same.
+    pub unit_price: Option<Amount>,
+}
+
+/// What one of the statement customer's products earned in its month.
+pub struct Earned {
+    /// The product.
+    pub pid: Pid,
+    /// Its name.
+    pub name: String,
+    /// Uses paid for.
+    pub uses: u64,
+    /// What they earned.
+    pub income: Amount,
+    /// Accounts that paid for it (counted, not named).
+    pub payers: usize,
+    /// Of the income, what the three largest payers paid.
+    pub top_three: Amount,
+    /// Readings of the product waiting in suspense (any month), up to the
+    /// count looked at; `true` beside it when there may be more.
+    pub suspense: (u64, bool),
+    /// Uses and income per day of the month.
+    pub days: Vec<(u64, i128)>,
+}
+
+/// A product as a statement names it: "Word Processor (B1-P1)".
+pub fn product_text(name: &str, pid: &Pid) -> String {
+    if name.is_empty() {
+        pid.as_str().to_owned()
+    } else {
+        format!("{name} ({pid})")
+    }
+}
+
+/// "3 of 7" as a share of the total, to a whole percent.
+fn share(part: Amount, whole: Amount) -> String {
+    if whole.nanos() <= 0 {
+        return "0%".to_owned();
+    }
+    format!("{}%", part.nanos() * 100 / whole.nanos())
+}
+
+/// What a statement page shows.
+pub struct StatementView<'a> {
+    /// The customer.
+    pub customer: &'a Customer,
+    /// The month, `YYYYMM`, in the branch's time zone.
+    pub month: u32,
+    /// The balance before the month.
+    pub opening: Amount,
+    /// The month's lines.
+    pub lines: &'a [Line],
+    /// What each product cost the customer.
+    pub bought: &'a [Bought],
+    /// What each of the customer's products earned.
+    pub earned: &'a [Earned],
+    /// The branch's currency and time zone.
+    pub shown: &'a Shown,
+}
+
+/// The statement of one billing cycle (a calendar month in the branch's
+/// time zone).
+pub fn statement(session: &Session, view: &StatementView<'_>) -> Markup {
+    let StatementView {
+        customer,
+        month,
+        opening,
+        lines,
+        bought,
+        earned,
+        shown,
+    } = *view;
+    let money = &shown.currency;
+    let closing = lines.last().map_or(opening, |line| line.balance);
     let days = days_in(month) as usize;
     let mut spend = vec![0i128; days];
     let mut income = vec![0i128; days];
     for line in lines {
-        let (_, _, day) = civil_date(line.transfer.posted_ms);
-        let index = (day as usize).clamp(1, days) - 1;
+        let index = (shown.day_of(line.transfer.posted_ms) as usize).clamp(1, days) - 1;
         let nanos = line.signed.nanos();
         if nanos < 0 {
             spend[index] -= nanos;
@@ -1024,52 +1162,6 @@ fn chart(month: u32, lines: &[Line]) -> Markup {
             income[index] += nanos;
         }
     }
-    let top = spend
-        .iter()
-        .chain(&income)
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    const HEIGHT: i128 = 120;
-    let bar = |nanos: i128| (nanos * HEIGHT / top).max(i128::from(nanos > 0));
-    let width = days * 14 + 10;
-    html! {
-        svg id="chart" xmlns="http://www.w3.org/2000/svg" width=(width) height="150" viewBox={ "0 0 " (width) " 150" } role="img" aria-label="Daily spend and income" {
-            title { "Daily spend (red) and income (green), " (month_name(month)) }
-            @for day in 0..days {
-                @let x = 5 + day * 14;
-                @let s = bar(spend[day]);
-                @let i = bar(income[day]);
-                @if s > 0 {
-                    rect.spend x=(x) y=(130 - s) width="6" height=(s) {
-                        title { "Day " (day + 1) ": spent " (shown(spend[day])) }
-                    }
-                }
-                @if i > 0 {
-                    rect.income x=(x + 6) y=(130 - i) width="6" height=(i) {
-                        title { "Day " (day + 1) ": received " (shown(income[day])) }
-                    }
-                }
-                @if day % 5 == 0 {
-                    text x=(x) y="145" font-size="9" { (day + 1) }
-                }
-            }
-            line x1="0" y1="130" x2=(width) y2="130" stroke="#888" {}
-        }
-    }
-}
-
-/// The statement of one billing cycle (a calendar month).
-pub fn statement(
-    session: &Session,
-    customer: &Customer,
-    month: u32,
-    opening: Amount,
-    lines: &[Line],
-    free: &[(Pid, u64)],
-) -> Markup {
-    let closing = lines.last().map_or(opening, |line| line.balance);
     let body = html! {
         p {
             a href={ "/statement?month=" (previous_month(month)) } { "« " (month_name(previous_month(month))) }
@@ -1078,8 +1170,62 @@ pub fn statement(
             " · "
             a href={ "/statement.csv?month=" (month) } id="csv" { "Download CSV" }
         }
-        p { "Account " (customer.cid.as_str()) ". Opening balance " strong { (opening) } ", closing balance " strong id="closing" { (closing) } "." }
-        (chart(month, lines))
+        p {
+            "Account " (customer.cid.as_str()) ". Opening balance " strong id="opening" { (money.total(opening)) }
+            ", closing balance " strong id="closing" { (money.total(closing)) } ". "
+            "Times and days are in " (shown.zone_name()) "; amounts in " (money.code()) ", rounded to the "
+            @if money.places() == 0 { "unit" } @else { "cent" }
+            " for display (each line's exact amount shows when you point at it)."
+        }
+        (chart("chart", "Spent (red) and received (green) per day", month, &[
+            Series { class: "spend", verb: "spent", days: spend, uses: None },
+            Series { class: "income", verb: "received", days: income, uses: None },
+        ], shown))
+        @if !bought.is_empty() {
+            h2 { "What each product cost you" }
+            table id="bought" {
+                tr { th { "Product" } th { "Uses charged" } th { "Free uses" } th { "Price per use" } th { "Cost" } }
+                @for one in bought {
+                    tr id={ "bought-" (one.pid.as_str()) } {
+                        td { (product_text(&one.name, &one.pid)) }
+                        td.amount { (one.uses) }
+                        td.amount id={ "free-" (one.pid.as_str()) } { (one.free) }
+                        td.amount { (one.unit_price.map_or_else(|| if one.uses == 0 { "".to_owned() } else { "varied".to_owned() }, |price| money.exact(price))) }
+                        td.amount title=(money.exact(one.cost)) { (money.total(one.cost)) }
+                    }
+                }
+            }
+            p { "Free uses cost you nothing (priced at zero, of your own products, or of a product's test PID): they move no money, so no line below shows them." }
+        }
+        @if !earned.is_empty() {
+            h2 { "What your products earned" }
+            table id="earned" {
+                tr { th { "Product" } th { "Uses paid for" } th { "Income" } th { "Paying accounts" } th { "Three largest payers' share" } th { "Readings in suspense" } }
+                @for one in earned {
+                    tr id={ "earned-" (one.pid.as_str()) } {
+                        td { (product_text(&one.name, &one.pid)) }
+                        td.amount { (one.uses) }
+                        td.amount title=(money.exact(one.income)) { (money.total(one.income)) }
+                        td.amount { (one.payers) }
+                        td.amount { (share(one.top_three, one.income)) }
+                        td.amount id={ "suspense-" (one.pid.as_str()) } { (one.suspense.0) @if one.suspense.1 { " or more" } }
+                    }
+                }
+            }
+            p { "Readings in suspense could not be priced yet (an unknown payer, no grant, a TACA that failed); the branch prices them again or resolves them. Payers are counted, never named." }
+            @for one in earned {
+                h3 { "Income per day from " (product_text(&one.name, &one.pid)) }
+                (chart(&format!("chart-{}", one.pid.as_str()), &format!("Income per day from {}", product_text(&one.name, &one.pid)), month, &[
+                    Series {
+                        class: "income",
+                        verb: "earned",
+                        days: one.days.iter().map(|day| day.1).collect(),
+                        uses: Some(one.days.iter().map(|day| day.0).collect()),
+                    },
+                ], shown))
+            }
+        }
+        h2 { "Transactions" }
         @if lines.is_empty() {
             p id="no-lines" { "No transactions in this month." }
         } @else {
@@ -1087,30 +1233,17 @@ pub fn statement(
                 tr { th { "Date" } th { "Transfer" } th { "Description" } th { "Amount" } th { "Balance" } }
                 @for line in lines {
                     tr {
-                        td { (date_of(line.transfer.posted_ms)) }
+                        td { (shown.date(line.transfer.posted_ms)) }
                         td { (line.transfer.id.0) }
                         td {
                             @if matches!(line.transfer.kind, TransferKind::Use { .. }) {
-                                a href={ "/statement/items?transfer=" (line.transfer.id.0) } id={ "items-" (line.transfer.id.0) } { (describe(&line.transfer)) }
-                                                        } @else {
-                                (line.text())
+                                a href={ "/statement/items?transfer=" (line.transfer.id.0) } id={ "items-" (line.transfer.id.0) } { (line.text(money)) }
+                            } @else {
+                                (line.text(money))
                             }
                         }
-                        td.amount { (line.signed) }
-                        td.amount { (line.balance) }
-                    }
-                }
-            }
-        }
-        @if !free.is_empty() {
-            h2 { "Free uses" }
-            p { "Uses you made in " (month_name(month)) " that cost you nothing (priced at zero, of your own products, or of a product's test PID): they move no money, so no line above shows them." }
-            table id="free-uses" {
-                tr { th { "Product" } th { "Free uses" } }
-                @for (pid, uses) in free {
-                    tr {
-                        td { (pid.as_str()) }
-                        td.amount id={ "free-" (pid.as_str()) } { (uses) }
+                        td.amount title=(money.exact(line.signed)) { (money.total(line.signed)) }
+                        td.amount title=(money.exact(line.balance)) { (money.total(line.balance)) }
                     }
                 }
             }
@@ -1123,43 +1256,29 @@ pub fn statement(
     )
 }
 
-/// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) of a time in ms since the Unix epoch:
-/// a use's time to the millisecond, as the meter stamped it.
-pub fn time_of_ms(time_ms: u64) -> String {
-    let seconds = time_ms / 1000 % (24 * 3600);
-    format!(
-        "{} {:02}:{:02}:{:02}.{:03}",
-        date_of(time_ms),
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60,
-        time_ms % 1000
-    )
-}
-
 /// The uses behind one statement line, [`ITEMS_PAGE_ROWS`] to a page
 /// (`number` from 1).
-pub fn items(session: &Session, line: &LineItems, number: usize) -> Markup {
+pub fn items(session: &Session, line: &LineItems, number: usize, shown: &Shown) -> Markup {
     let transfer = &line.transfer;
     let id = transfer.id.0;
     let all = line.items.as_deref().unwrap_or_default();
     let pages = all.len().div_ceil(ITEMS_PAGE_ROWS).max(1);
-    let shown: Vec<_> = all
+    let rows: Vec<_> = all
         .iter()
         .skip((number - 1).saturating_mul(ITEMS_PAGE_ROWS))
         .take(ITEMS_PAGE_ROWS)
         .collect();
     let body = html! {
         p {
-            a href={ "/statement?month=" (crate::send::month_of(transfer.posted_ms)) } { "« Back to the statement" }
+            a href={ "/statement?month=" (shown.month_of(transfer.posted_ms)) } { "« Back to the statement" }
             @if line.items.is_some() {
                 " · "
                 a href={ "/statement/items.csv?transfer=" (id) } id="items-csv" { "Download CSV" }
             }
         }
         p {
-            "Transfer " (id) ", " (date_of(transfer.posted_ms)) ": " (describe(transfer)) ", "
-            strong id="line-amount" { (transfer.amount) }
+            "Transfer " (id) ", " (shown.date(transfer.posted_ms)) ": " (describe(transfer, &line.name)) ", "
+            strong id="line-amount" title=(shown.currency.exact(transfer.amount)) { (shown.currency.total(transfer.amount)) }
             @if line.paid { " paid." } @else { " received." }
         }
         @match &line.items {
@@ -1174,13 +1293,13 @@ pub fn items(session: &Session, line: &LineItems, number: usize) -> Markup {
                 p id="items-count" { (all.len()) " uses; page " (number) " of " (pages) "." }
                 table id="items" {
                     tr {
-                        th { "Time (UTC)" }
+                        th { "Time (" (shown.zone_name()) ")" }
                         @if line.paid { th { "Meter" } th { "Batch" } th { "Seq" } th { "Context" } }
                         th { "Product" } th { "Price" } th { "Earlier uses in the month" } th { "Fuel" } th { "TACA" }
                     }
-                    @for item in &shown {
+                    @for item in &rows {
                         tr {
-                            td { (time_of_ms(item.reading.time_ms)) }
+                            td { (shown.time_ms(item.reading.time_ms)) }
                             @if line.paid {
                                 td { (item.mid.as_str()) }
                                 td { (item.batch.as_str()) }
@@ -1188,7 +1307,7 @@ pub fn items(session: &Session, line: &LineItems, number: usize) -> Markup {
                                 td { (item.reading.context.as_str()) }
                             }
                             td { (item.reading.event.id_str()) }
-                            td.amount { (item.priced.amount) }
+                            td.amount { (shown.currency.exact(item.priced.amount)) }
                             td.amount { (item.priced.period_uses) }
                             td.amount { (item.priced.fuel) }
                             td { code title=(item.priced.taca) { (item.priced.taca.to_string().get(..12).unwrap_or_default()) "…" } }
@@ -1215,22 +1334,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn months_step_across_years_and_have_their_days() {
+    fn months_step_across_years() {
         assert_eq!(previous_month(202_601), 202_512);
         assert_eq!(next_month(202_612), 202_701);
         assert_eq!(next_month(202_603), 202_604);
-        assert_eq!(days_in(202_402), 29);
-        assert_eq!(days_in(190_002), 28);
-        assert_eq!(days_in(200_002), 29);
-        assert_eq!(days_in(202_604), 30);
         assert_eq!(month_name(202_611), "November 2026");
-    }
-
-    #[test]
-    fn csv_fields_are_quoted_and_formulas_defused() {
-        assert_eq!(csv_field("3 uses of B1-P1"), "3 uses of B1-P1");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("=1+1"), "'=1+1");
     }
 }
