@@ -711,6 +711,44 @@ struct WebArgs {
     #[arg(long, env = "BACKOFFICE_TIME_ZONE", value_name = "ZONE", default_value = "UTC",
         value_parser = backoffice::web::shown::parse_zone)]
     time_zone: String,
+    /// Send mail (reset links, notices) through this SMTP relay; without
+    /// it mail stays in the data folder's outbox/ (one file per message).
+    /// With it the outbox is a queue: each message is sent, then deleted.
+    #[arg(
+        long,
+        env = "BACKOFFICE_SMTP_HOST",
+        value_name = "HOST",
+        requires = "mail_from"
+    )]
+    smtp_host: Option<String>,
+    /// The relay's port [default: 465 for tls, 587 for starttls, 25 for plain].
+    #[arg(
+        long,
+        env = "BACKOFFICE_SMTP_PORT",
+        value_name = "PORT",
+        requires = "smtp_host"
+    )]
+    smtp_port: Option<u16>,
+    /// How the connection to the relay is protected; plain only to a relay
+    /// on this machine.
+    #[arg(
+        long,
+        env = "BACKOFFICE_SMTP_SECURITY",
+        value_enum,
+        default_value = "starttls"
+    )]
+    smtp_security: backoffice::web::mail::Security,
+    /// The user name at the relay (its password in BACKOFFICE_SMTP_PASSWORD).
+    #[arg(
+        long,
+        env = "BACKOFFICE_SMTP_USER",
+        value_name = "USER",
+        requires = "smtp_host"
+    )]
+    smtp_user: Option<String>,
+    /// The sender of the branch's mail: 'Branch <noreply@example.org>'.
+    #[arg(long, env = "BACKOFFICE_MAIL_FROM", value_name = "ADDRESS")]
+    mail_from: Option<String>,
 }
 
 /// Deletes itemised readings older than `retention_days` now and every
@@ -763,6 +801,26 @@ fn serve(
         );
     }
     backoffice::init_logs();
+    let smtp = match &web.smtp_host {
+        Some(host) => {
+            let password = std::env::var("BACKOFFICE_SMTP_PASSWORD").unwrap_or_default();
+            let settings = backoffice::web::mail::SmtpSettings {
+                host: host.clone(),
+                port: web.smtp_port,
+                security: web.smtp_security,
+                credentials: web.smtp_user.clone().map(|user| (user, password)),
+                from: web.mail_from.clone().unwrap_or_default(),
+            };
+            match backoffice::web::mail::Smtp::new(&settings) {
+                Ok(smtp) => Some(smtp),
+                Err(message) => {
+                    eprintln!("backoffice: SMTP: {message}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
+        None => None,
+    };
     let tls = match (&web.tls_cert, &web.tls_key) {
         (Some(certificate), Some(key)) => {
             match backoffice::listen::tls_acceptor(certificate, key) {
@@ -864,6 +922,9 @@ fn serve(
                 .with_reservation_ttl_ms(reservation_ttl_s * 1000),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);
+        if let Some(smtp) = smtp {
+            backoffice::web::mail::spawn_delivery(dir.join("outbox"), smtp)?;
+        }
         backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));
         let mut listeners = vec![backoffice::listen::Listener {
             socket: listener,

@@ -1955,3 +1955,137 @@ fn a_top_up_pays_once_however_often_its_form_is_sent() {
     );
     assert_eq!(balance(), "30.5");
 }
+
+/// A real SMTP server (Python's aiosmtpd) on a port of its own, saving
+/// each message it takes in `folder`; stopped when dropped.
+struct SmtpServer {
+    child: std::process::Child,
+}
+
+impl SmtpServer {
+    fn start(port: u16, folder: &std::path::Path) -> SmtpServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/python/smtp_server.py"
+            ))
+            .args([
+                &port.to_string(),
+                folder.to_str().unwrap(),
+                "branch",
+                "relay-secret-1",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs (aiosmtpd from PyPI: bash scripts/test installs it)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the SMTP server started");
+        SmtpServer { child }
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn reset_links_leave_through_a_real_smtp_relay_even_one_that_was_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let received = dir.path().join("received");
+    std::fs::create_dir(&received).unwrap();
+    // A port with nothing on it yet: the relay is down when the mail is
+    // written.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_text = port.to_string();
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            ("BACKOFFICE_SMTP_HOST", "127.0.0.1"),
+            ("BACKOFFICE_SMTP_PORT", &port_text),
+            ("BACKOFFICE_SMTP_SECURITY", "plain"),
+            ("BACKOFFICE_SMTP_USER", "branch"),
+            ("BACKOFFICE_SMTP_PASSWORD", "relay-secret-1"),
+            ("BACKOFFICE_MAIL_FROM", "Branch <noreply@example.org>"),
+        ],
+    );
+    let (mut ada, _) = registered(&office, "Ada");
+    let csrf = ada.get("/forgot").csrf();
+    let asked = ada.post_form("/forgot", &[("csrf", &csrf), ("who", "ada@example.org")]);
+    assert_eq!(asked.status, 200, "{}", asked.body);
+    let outbox = dir.path().join("backoffice/outbox");
+    let queued = || {
+        std::fs::read_dir(&outbox)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|entry| entry.file_name().to_string_lossy().ends_with(".eml"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(queued(), 1, "kept in the outbox while the relay is down");
+
+    let _server = SmtpServer::start(port, &received);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let message = loop {
+        let saved: Vec<_> = std::fs::read_dir(&received)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".eml"))
+            .collect();
+        if let Some(entry) = saved.first() {
+            assert_eq!(saved.len(), 1, "sent once");
+            break std::fs::read_to_string(entry.path()).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay got nothing in 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        message.contains("X-Envelope-From: noreply@example.org"),
+        "{message}"
+    );
+    assert!(
+        message.contains("X-Envelope-To: ada@example.org"),
+        "{message}"
+    );
+    assert!(message.contains("Subject: Your password"), "{message}");
+    assert!(message.contains("/reset?token="), "{message}");
+    // Once the relay has it, the outbox forgets it (it holds a reset link).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while queued() > 0 {
+        assert!(std::time::Instant::now() < deadline, "still in the outbox");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The link in the mail works (its body is quoted-printable: soft line
+    // breaks, `=` written `=3D`).
+    assert!(message.contains("Content-Transfer-Encoding: quoted-printable"));
+    let message = message
+        .replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=");
+    let start = message.find("/reset?token=").unwrap();
+    let token: String = message[start + "/reset?token=".len()..]
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect();
+    let page = Visitor::new(office.address).get(&format!("/reset?token={token}"));
+    assert_eq!(page.status, 200, "{token} from {message}");
+    assert!(page.body.contains("passwordCopy"), "{}", page.body);
+}

@@ -10,6 +10,7 @@
 //! pages (`grant`), by a logged-in session with its CSRF token.
 
 mod grant;
+pub mod mail;
 pub mod pages;
 pub mod password;
 pub mod session;

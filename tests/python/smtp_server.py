@@ -1,0 +1,54 @@
+"""A real SMTP server for the mail test (aiosmtpd from PyPI).
+
+    python3 smtp_server.py PORT FOLDER USER PASSWORD
+
+Listens on 127.0.0.1:PORT, requires AUTH with USER and PASSWORD (over the
+plain connection: the test's relay is on this machine), and saves each
+message it takes as FOLDER/N.eml (written to a temporary name first, then
+renamed). Prints "ready" once it listens; stops when its stdin closes.
+"""
+
+import os
+import sys
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+port, folder, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+
+class Save:
+    count = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        Save.count += 1
+        path = os.path.join(folder, f"{Save.count}.eml")
+        with open(path + ".part", "wb") as out:
+            out.write(b"X-Envelope-From: " + envelope.mail_from.encode() + b"\r\n")
+            out.write(b"X-Envelope-To: " + ",".join(envelope.rcpt_tos).encode() + b"\r\n")
+            out.write(envelope.original_content)
+        os.rename(path + ".part", path)
+        return "250 Message accepted for delivery"
+
+
+def authenticate(server, session, envelope, mechanism, auth_data):
+    ok = (
+        isinstance(auth_data, LoginPassword)
+        and auth_data.login == user.encode()
+        and auth_data.password == password.encode()
+    )
+    return AuthResult(success=ok)
+
+
+controller = Controller(
+    Save(),
+    hostname="127.0.0.1",
+    port=port,
+    authenticator=authenticate,
+    auth_required=True,
+    auth_require_tls=False,
+)
+controller.start()
+print("ready", flush=True)
+sys.stdin.read()
+controller.stop()
