@@ -80,6 +80,10 @@ pub struct Profile {
     pub expiration_month: u8,
     /// The macro-account's expiry year.
     pub expiration_year: u16,
+    /// The IANA time zone the customer's pages show times in (empty: the
+    /// branch's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub time_zone: String,
 }
 
 /// A stored password: PBKDF2-HMAC-SHA256 with its own salt and count.

@@ -226,8 +226,8 @@ fn zeep_charges_refunds_and_reserves_for_a_granted_customer_only_once_per_refere
     let page = ada.get("/statement");
     assert_eq!(page.status, 200);
     for line in [
-        format!("{}, reference r-1: Ring tone", branch.pid),
-        format!("{}, reference r-3: First half", branch.pid),
+        format!("Ring tones ({}), reference r-1: Ring tone", branch.pid),
+        format!("Ring tones ({}), reference r-3: First half", branch.pid),
     ] {
         assert!(page.body.contains(&line), "{line} in {}", page.body);
     }
@@ -294,7 +294,9 @@ fn a_service_is_granted_on_its_own_consent_page_and_never_by_a_customers_passwor
         .expect("the service's wording");
     let said = &page.body[at..at + page.body[at..].find("</p>").unwrap()];
     assert!(
-        said.contains("Ring tones") && said.contains(&branch.pid) && said.contains("at most 5"),
+        said.contains("Ring tones")
+            && said.contains(&branch.pid)
+            && said.contains("at most EUR 5.00"),
         "{said}"
     );
     assert!(!page.body.contains("meterd grant"), "{}", page.body);

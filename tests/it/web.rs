@@ -2089,3 +2089,74 @@ fn reset_links_leave_through_a_real_smtp_relay_even_one_that_was_down() {
     assert_eq!(page.status, 200, "{token} from {message}");
     assert!(page.body.contains("passwordCopy"), "{}", page.body);
 }
+
+#[test]
+fn a_customer_sees_times_in_their_own_zone_and_the_branch_keeps_its_months() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            ("BACKOFFICE_TIME_ZONE", "Europe/Paris"),
+            ("BACKOFFICE_CURRENCY", "JPY"),
+        ],
+    );
+    let (mut ada, cid) = registered(&office, "Ada");
+    office
+        .call("account.deposit", &[s(&cid), s("1500")])
+        .unwrap();
+    let edit = |visitor: &mut Visitor, zone: &str| {
+        let token = visitor.get("/account").csrf();
+        let fields = registration("Ada", "ada@example.org");
+        let mut form: Vec<(&str, &str)> = fields
+            .iter()
+            .filter(|(name, _)| !name.starts_with("password") && *name != "macroaccountID")
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        form.extend([
+            ("csrf", token.as_str()),
+            ("macroaccountID", "**** 5678"),
+            ("timeZone", zone),
+        ]);
+        visitor.post_form("/account", &form)
+    };
+    let statement = ada.get("/statement");
+    assert!(
+        statement
+            .body
+            .contains("in the branch's time zone, Europe/Paris;"),
+        "{}",
+        statement.body
+    );
+    assert!(!statement.body.contains("dates are in yours"));
+    assert_eq!(statement.text_of("closing").as_deref(), Some("JPY 1500"));
+    for bad in ["Mars/Olympus", "../../etc/passwd", "Europe/Pari"] {
+        let refused = edit(&mut ada, bad);
+        assert!(
+            refused
+                .body
+                .contains("Give a time zone of the IANA database"),
+            "{bad:?}: {}",
+            refused.body
+        );
+    }
+    let saved = edit(&mut ada, "Asia/Tokyo");
+    assert_eq!(
+        saved.text_of("notice").as_deref(),
+        Some("Saved."),
+        "{}",
+        saved.body
+    );
+    assert!(saved.body.contains("value=\"Asia/Tokyo\""));
+    let statement = ada.get("/statement");
+    assert!(
+        statement
+            .body
+            .contains("Europe/Paris; dates are in yours, Asia/Tokyo;"),
+        "{}",
+        statement.body
+    );
+    // Another customer still sees the branch's zone.
+    let (mut bob, _) = registered(&office, "Bob");
+    assert!(!bob.get("/statement").body.contains("Asia/Tokyo"));
+}

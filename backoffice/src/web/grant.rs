@@ -176,7 +176,7 @@ pub(super) async fn enter_code(
             &request,
             owner.as_ref(),
             product.as_ref(),
-            &service.web.config().shown,
+            &service.web.shown_for(&customer),
         ),
     )
 }
@@ -272,7 +272,7 @@ pub(super) async fn decide(
                     &session,
                     &request,
                     made.as_ref(),
-                    &service.web.config().shown,
+                    &service.web.shown_for(&customer),
                 ),
             )
         }

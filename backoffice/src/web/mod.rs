@@ -107,6 +107,16 @@ impl Web {
         self.heavy.try_acquire().ok()
     }
 
+    /// How amounts and times are shown to `customer`: the branch's
+    /// currency and zone, times in the customer's own zone if they chose one.
+    pub(crate) fn shown_for(&self, customer: &Customer) -> shown::Shown {
+        let zone = customer
+            .profile
+            .as_ref()
+            .map_or("", |profile| profile.time_zone.as_str());
+        self.config.shown.for_viewer(zone)
+    }
+
     /// Runs CPU-heavy work (PBKDF2, a module check) off the async workers,
     /// at most one per core at a time.
     async fn heavy<T: Send + 'static>(
@@ -487,6 +497,7 @@ fn check_profile(fields: &Fields, errors: &mut Vec<(&'static str, String)>) -> P
     let country = text("country", "Country", true, 100);
     let macroaccount_co = text("macroaccountCo", "Card or bank", true, 100);
     let typed_account = text("macroaccountID", "Account number", true, 34);
+    let time_zone = text("timeZone", "Time zone", false, 64);
     // The form shows the kept number masked; sent back as shown, it stays.
     let masked = crate::registry::mask_account(&typed_account);
     let macroaccount_id = if typed_account == masked {
@@ -527,6 +538,12 @@ fn check_profile(fields: &Fields, errors: &mut Vec<(&'static str, String)>) -> P
             }
         }
     }
+    if !time_zone.is_empty() && shown::parse_zone(&time_zone).is_err() {
+        errors.push((
+            "timeZone",
+            "Give a time zone of the IANA database, like Europe/Paris or America/New_York, or leave it empty.".into(),
+        ));
+    }
     Profile {
         salutation,
         first_name,
@@ -541,6 +558,7 @@ fn check_profile(fields: &Fields, errors: &mut Vec<(&'static str, String)>) -> P
         macroaccount_id,
         expiration_month: month.unwrap_or(0),
         expiration_year: year.unwrap_or(0),
+        time_zone,
     }
 }
 
@@ -1008,7 +1026,7 @@ fn account_response(
         products_notice: notes.products_notice,
         top_up: notes.top_up,
         top_up_key: &funding::Reference::random().to_string(),
-        shown: &web.config.shown,
+        shown: &web.shown_for(customer),
     };
     page(web, session, false, status, pages::account(session, &view))
 }
@@ -1515,7 +1533,7 @@ async fn add_product(
                     &session,
                     false,
                     StatusCode::OK,
-                    pages::product_added(&session, &product, &service.web.config.shown),
+                    pages::product_added(&session, &product, &service.web.shown_for(&customer)),
                 );
             }
             Err(StoreError::Registry(error)) => errors.push(("form", error.to_string())),
@@ -1607,7 +1625,7 @@ fn meters_answer(
                 &products,
                 notice,
                 &service.web.config.public_url,
-                &service.web.config.shown,
+                &service.web.shown_for(customer),
             ),
         ),
         (Err(error), _) | (_, Err(error)) => trouble(&service.web, session, &error),
@@ -2152,7 +2170,7 @@ async fn statement_page(
                 lines: &lines,
                 bought: &bought,
                 earned: &earned,
-                shown: &service.web.config().shown,
+                shown: &service.web.shown_for(&customer),
             };
             Ok::<_, StoreError>(pages::statement(&session_for_page, &view))
         })
@@ -2215,7 +2233,7 @@ async fn statement_csv(
         Ok(free) => free,
         Err(error) => return trouble(&service.web, &session, &error),
     };
-    let shown = &service.web.config().shown;
+    let shown = &service.web.shown_for(&customer);
     let money = &shown.currency;
     let mut rows = vec![
         [
@@ -2386,7 +2404,7 @@ async fn items_page(
             &session,
             false,
             StatusCode::OK,
-            pages::items(&session, &line, number, &service.web.config().shown),
+            pages::items(&session, &line, number, &service.web.shown_for(&customer)),
         ),
         Ok(None) => no_such_line(&service.web, &session),
         Err(error) => trouble(&service.web, &session, &error),
@@ -2407,7 +2425,7 @@ async fn items_csv(
         Ok(None) => return no_such_line(&service.web, &session),
         Err(error) => return trouble(&service.web, &session, &error),
     };
-    let shown = &service.web.config().shown;
+    let shown = &service.web.shown_for(&customer);
     let mut header = vec!["time"];
     if line.paid {
         header.extend(["meter", "batch", "seq", "context"]);

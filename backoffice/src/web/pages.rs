@@ -107,7 +107,7 @@ pub struct RegistrationForm {
 
 /// The registration fields: name, label, input type. The passwords are
 /// never shown again.
-const REGISTRATION_FIELDS: [(&str, &str, &str); 15] = [
+const REGISTRATION_FIELDS: [(&str, &str, &str); 16] = [
     ("salutation", "Salutation (optional)", "text"),
     ("firstName", "First name", "text"),
     ("middleName", "Middle name (optional)", "text"),
@@ -130,6 +130,11 @@ const REGISTRATION_FIELDS: [(&str, &str, &str); 15] = [
     ),
     ("expirationMonth", "Expires: month (1-12)", "text"),
     ("expirationYear", "Expires: year", "text"),
+    (
+        "timeZone",
+        "Time zone for times on your pages (optional; like Europe/Paris; empty: the branch's)",
+        "text",
+    ),
     ("password", "", ""),
 ];
 
@@ -178,6 +183,7 @@ impl RegistrationForm {
                 ),
                 ("expirationMonth", month),
                 ("expirationYear", year),
+                ("timeZone", profile.time_zone),
             ],
             agrees: true,
         }
@@ -1173,7 +1179,9 @@ pub fn statement(session: &Session, view: &StatementView<'_>) -> Markup {
         p {
             "Account " (customer.cid.as_str()) ". Opening balance " strong id="opening" { (money.total(opening)) }
             ", closing balance " strong id="closing" { (money.total(closing)) } ". "
-            "Times and days are in " (shown.zone_name()) "; amounts in " (money.code()) ", rounded to the "
+            "Months and their days are in the branch's time zone, " (shown.zone_name())
+            @if shown.viewer_zone_name() != shown.zone_name() { "; dates are in yours, " (shown.viewer_zone_name()) }
+            "; amounts in " (money.code()) ", rounded to the "
             @if money.places() == 0 { "unit" } @else { "cent" }
             " for display (each line's exact amount shows when you point at it)."
         }
@@ -1293,7 +1301,7 @@ pub fn items(session: &Session, line: &LineItems, number: usize, shown: &Shown) 
                 p id="items-count" { (all.len()) " uses; page " (number) " of " (pages) "." }
                 table id="items" {
                     tr {
-                        th { "Time (" (shown.zone_name()) ")" }
+                        th { "Time (" (shown.viewer_zone_name()) ")" }
                         @if line.paid { th { "Meter" } th { "Batch" } th { "Seq" } th { "Context" } }
                         th { "Product" } th { "Price" } th { "Earlier uses in the month" } th { "Fuel" } th { "TACA" }
                     }

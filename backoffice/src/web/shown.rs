@@ -12,13 +12,17 @@ use jiff::{Timestamp, Zoned};
 use proto::Amount;
 
 /// How the pages show amounts and times: in the branch's currency and
-/// time zone (statements, charts and their months too).
+/// time zone. A statement's month and a chart's days are always the
+/// branch's; times and dates are shown in the viewer's own zone when they
+/// chose one ([`Shown::for_viewer`]).
 #[derive(Debug, Clone)]
 pub struct Shown {
     /// The branch's currency.
     pub currency: Currency,
     zone: TimeZone,
     zone_name: String,
+    viewer: TimeZone,
+    viewer_name: String,
 }
 
 /// Why a time zone was refused.
@@ -34,6 +38,8 @@ impl Default for Shown {
             currency: Currency::default(),
             zone: TimeZone::UTC,
             zone_name: "UTC".to_owned(),
+            viewer: TimeZone::UTC,
+            viewer_name: "UTC".to_owned(),
         }
     }
 }
@@ -41,29 +47,48 @@ impl Default for Shown {
 impl Shown {
     /// Amounts in `currency`, times in the IANA time zone `zone`.
     pub fn new(currency: Currency, zone: &str) -> Result<Shown, BadZone> {
-        let refused = || BadZone(zone.chars().take(64).collect());
-        if zone.is_empty() || zone.len() > 64 {
-            return Err(refused());
-        }
-        let found = TimeZone::get(zone).map_err(|_| refused())?;
+        let found = find_zone(zone)?;
         Ok(Shown {
             currency,
-            zone: found,
+            zone: found.clone(),
             zone_name: zone.to_owned(),
+            viewer: found,
+            viewer_name: zone.to_owned(),
         })
     }
 
-    /// The time zone's IANA name.
+    /// The same, with times shown in `zone` when it names one (a
+    /// customer's own, from their profile; empty or unknown: the branch's).
+    pub fn for_viewer(&self, zone: &str) -> Shown {
+        let mut shown = self.clone();
+        if let Ok(found) = find_zone(zone) {
+            shown.viewer = found;
+            shown.viewer_name = zone.to_owned();
+        }
+        shown
+    }
+
+    /// The branch's time zone (months and days of statements and charts).
     pub fn zone_name(&self) -> &str {
         &self.zone_name
     }
 
-    fn zoned(&self, time_ms: u64) -> Zoned {
+    /// The zone times are shown in: the viewer's, else the branch's.
+    pub fn viewer_zone_name(&self) -> &str {
+        &self.viewer_name
+    }
+
+    fn zoned_in(time_ms: u64, zone: &TimeZone) -> Zoned {
         let stamp = i64::try_from(time_ms)
             .ok()
             .and_then(|ms| Timestamp::from_millisecond(ms).ok())
             .unwrap_or(Timestamp::MAX);
-        stamp.to_zoned(self.zone.clone())
+        stamp.to_zoned(zone.clone())
+    }
+
+    /// A time in the zone times are shown in.
+    fn zoned(&self, time_ms: u64) -> Zoned {
+        Self::zoned_in(time_ms, &self.viewer)
     }
 
     /// `YYYY-MM-DD` of a time in ms since the Unix epoch, in the zone.
@@ -91,19 +116,27 @@ impl Shown {
 
     /// The month (`YYYYMM`) a time falls in, in the zone.
     pub fn month_of(&self, time_ms: u64) -> u32 {
-        let zoned = self.zoned(time_ms);
+        let zoned = Self::zoned_in(time_ms, &self.zone);
         month_number(i32::from(zoned.year()), i32::from(zoned.month()))
     }
 
     /// The day of its month (1 to 31) a time falls on, in the zone.
     pub fn day_of(&self, time_ms: u64) -> u32 {
-        u32::try_from(self.zoned(time_ms).day()).unwrap_or(1)
+        u32::try_from(Self::zoned_in(time_ms, &self.zone).day()).unwrap_or(1)
     }
 
     /// The zone's abbreviation at a time (`CET`, `CEST`, `UTC`).
     pub fn abbreviation(&self, time_ms: u64) -> String {
         self.zoned(time_ms).strftime("%Z").to_string()
     }
+}
+
+fn find_zone(zone: &str) -> Result<TimeZone, BadZone> {
+    let refused = || BadZone(zone.chars().take(64).collect());
+    if zone.is_empty() || zone.len() > 64 {
+        return Err(refused());
+    }
+    TimeZone::get(zone).map_err(|_| refused())
 }
 
 /// Checks an ISO 4217 code (for command-line flags).
@@ -302,6 +335,21 @@ mod tests {
         assert_eq!(paris.date(end), "2026-12-01");
         assert_eq!(new_york.month_of(end), 202_611);
         assert_eq!(new_york.time(end), "2026-11-30 18:30 EST");
+        // A viewer in New York of a Paris branch: the statement month and
+        // day stay the branch's, times are shown in New York's.
+        let viewer = paris.for_viewer("America/New_York");
+        assert_eq!(viewer.month_of(end), 202_612);
+        assert_eq!(viewer.day_of(end), 1);
+        assert_eq!(viewer.time(end), "2026-11-30 18:30 EST");
+        assert_eq!(viewer.date(end), "2026-11-30");
+        assert_eq!(viewer.viewer_zone_name(), "America/New_York");
+        assert_eq!(viewer.zone_name(), "Europe/Paris");
+        // An empty or unknown zone leaves the branch's.
+        assert_eq!(paris.for_viewer("").time(end), "2026-12-01 00:30 CET");
+        assert_eq!(
+            paris.for_viewer("Nowhere/Else").viewer_zone_name(),
+            "Europe/Paris"
+        );
         assert_eq!(Shown::default().month_of(u64::MAX), 999_912);
         assert_eq!(days_in(202_402), 29);
         assert_eq!(days_in(190_002), 28);
