@@ -201,6 +201,7 @@ fn main() {
             public_url: "http://127.0.0.1".into(),
             outbox: dir.path().join("outbox"),
             shown: Default::default(),
+            top_up: false,
         }),
         funding: Box::new(backoffice::funding::RecordedByOperator),
         payments: backoffice::parlayx::Payments::default(),

@@ -749,6 +749,13 @@ struct WebArgs {
     /// The sender of the branch's mail: 'Branch <noreply@example.org>'.
     #[arg(long, env = "BACKOFFICE_MAIL_FROM", value_name = "ADDRESS")]
     mail_from: Option<String>,
+    /// Offer customers a top-up form on their account page. Its deposits go
+    /// through the branch's processor; the built-in one records them as if
+    /// the operator had received the money (it collects nothing), so turn
+    /// this on only for a branch whose customers are trusted with that (a
+    /// test branch, a company's own), until a card processor is plugged in.
+    #[arg(long, env = "BACKOFFICE_WEB_TOP_UP")]
+    web_top_up: bool,
 }
 
 /// Deletes itemised readings older than `retention_days` now and every
@@ -909,6 +916,7 @@ fn serve(
                 outbox: dir.join("outbox"),
                 shown: backoffice::web::shown::Shown::new(service_currency.clone(), &web.time_zone)
                     .expect("the time zone was checked when the flags were read"),
+                top_up: web.web_top_up,
             },
             sessions,
         );

@@ -403,7 +403,10 @@ pub fn check_email(email: &str) -> Result<(), RegistryError> {
         && !domain.ends_with('.')
         && !domain.contains('@')
         && email.len() <= 254
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        // No display-name or list syntax: `x<victim@example.org>` would be
+        // another address to a mail library, and `a@b.org,c@d.org` two.
+        && !email.contains(['<', '>', '"', ',', ';', '(', ')', '[', ']', '\\']);
     if fine {
         Ok(())
     } else {
@@ -537,6 +540,11 @@ mod tests {
             "a b@example.org",
             "ada@@example.org",
             "ada@.org",
+            "x<victim@example.org>",
+            "\"Ada\" <ada@example.org>",
+            "ada@example.org,eve@example.org",
+            "ada@example.org;eve@example.org",
+            "ada(x)@example.org",
         ] {
             assert_eq!(check_email(bad), Err(RegistryError::BadEmail), "{bad}");
         }

@@ -208,6 +208,9 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
                     &cli.time_zone,
                 )
                 .expect("the time zone was checked when the flags were read"),
+                // The local franchise's operator is its only customer: a
+                // top-up recorded by the operator is theirs to make.
+                top_up: true,
             },
             sessions,
         );

@@ -231,6 +231,16 @@ fn zeep_charges_refunds_and_reserves_for_a_granted_customer_only_once_per_refere
     ] {
         assert!(page.body.contains(&line), "{line} in {}", page.body);
     }
+    // What the service cost her this month: its charges less its refund
+    // (1.25 - 0.25 + 2.5 + 1.5), no uses, so no price of one.
+    let row = format!("id=\"bought-{}\"", branch.pid);
+    let at = page
+        .body
+        .find(&row)
+        .unwrap_or_else(|| panic!("{row} in {}", page.body));
+    let row = &page.body[at..at + page.body[at..].find("</tr>").unwrap()];
+    assert!(row.contains(">EUR 5.00</td>"), "{row}");
+    assert!(row.contains("Ring tones"), "{row}");
     let verified = branch.office.call("ledger.verify", &[]).unwrap();
     let problems = verified
         .member("problems")

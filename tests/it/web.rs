@@ -272,7 +272,11 @@ fn a_post_without_or_with_a_wrong_csrf_token_is_refused_and_changes_nothing() {
 #[test]
 fn every_form_refuses_a_wrong_csrf_token_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let office = Backoffice::start(dir.path());
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("BACKOFFICE_WEB_TOP_UP", "true")],
+    );
     let (mut ada, cid) = registered(&office, "Ada");
     // The top-up form's key is new on every showing.
     let account = |ada: &mut Visitor| {
@@ -1824,7 +1828,11 @@ fn input_value(page: &Page, name: &str) -> String {
 #[test]
 fn a_top_up_pays_once_however_often_its_form_is_sent() {
     let dir = tempfile::tempdir().unwrap();
-    let office = Backoffice::start(dir.path());
+    let office = Backoffice::start_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("BACKOFFICE_WEB_TOP_UP", "true")],
+    );
     let mut ada = Visitor::new(office.address);
     let cid = register(&mut ada, &registration("Ada", "ada@example.org"), None)
         .text_of("cid")
@@ -1832,7 +1840,8 @@ fn a_top_up_pays_once_however_often_its_form_is_sent() {
     let balance = || office.text("customer.show", &[s(&cid)], "balance");
     let form = ada.get("/account");
     let (csrf, key) = (form.csrf(), input_value(&form, "key"));
-    assert_eq!(key.len(), 32, "a fresh key per form");
+    assert_eq!(key.len(), 24, "a fresh key per form");
+    assert_ne!(input_value(&ada.get("/account"), "key"), key);
     let send = |visitor: &mut Visitor, amount: &str, key: &str| {
         visitor.post_form(
             "/account/top-up",
@@ -1841,7 +1850,9 @@ fn a_top_up_pays_once_however_often_its_form_is_sent() {
     };
 
     // Refused amounts and forms move nothing.
-    for amount in ["", "0", "-5", "abc", "1.001", "10000.01", "1e3", " 5 5"] {
+    for amount in [
+        "", "0", "-5", "abc", "1.001", "10000.01", "1e3", " 5 5", "+5", ".5", "5.", "５", "5.000",
+    ] {
         let page = send(&mut ada, amount, &key);
         assert_eq!(page.status, 422, "{amount:?}: {}", page.body);
         assert!(
@@ -1854,8 +1865,8 @@ fn a_top_up_pays_once_however_often_its_form_is_sent() {
     for bad_key in [
         "",
         "zz",
-        &"a".repeat(31),
-        &"A".repeat(32),
+        &"a".repeat(23),
+        &"A".repeat(24),
         &format!("{key}0"),
         "../../x",
     ] {
@@ -1922,21 +1933,35 @@ fn a_top_up_pays_once_however_often_its_form_is_sent() {
             .map(|worker| worker.join().unwrap())
             .collect()
     });
-    assert!(
-        pages.iter().all(|page| page.status == 200),
-        "{:?}",
-        pages.iter().map(|page| page.status).collect::<Vec<_>>()
-    );
-    let added = pages
+    // One paid; the others were told it was already made, or that it was
+    // being made right then (409).
+    let notices: Vec<(u16, String)> = pages
         .iter()
-        .filter(|page| {
-            page.text_of("top-up-notice")
-                .unwrap()
-                .starts_with("EUR 10.00 was added")
+        .map(|page| {
+            (
+                page.status,
+                page.text_of("top-up-notice").unwrap_or_default(),
+            )
         })
+        .collect();
+    let added = notices
+        .iter()
+        .filter(|(status, notice)| *status == 200 && notice.starts_with("EUR 10.00 was added"))
         .count();
-    assert_eq!(added, 1, "one of them paid, the others were told so");
+    assert_eq!(added, 1, "{notices:?}");
+    assert!(
+        notices
+            .iter()
+            .all(|(status, notice)| notice.starts_with("EUR 10.00 was added")
+                || (*status == 200 && notice.starts_with("This top-up was already made"))
+                || (*status == 409 && notice.starts_with("This top-up is being made right now"))),
+        "{notices:?}"
+    );
     assert_eq!(balance(), "30.5");
+    // The largest top-up is taken.
+    let largest = input_value(&ada.get("/account"), "key");
+    assert_eq!(send(&mut ada, "10000.00", &largest).status, 200);
+    assert_eq!(balance(), "10030.5");
 
     // Another customer cannot complete or spoil Ada's top-up with her key.
     let mut bob = Visitor::new(office.address);
@@ -1953,7 +1978,31 @@ fn a_top_up_pays_once_however_often_its_form_is_sent() {
         office.text("customer.show", &[s(&bob_cid)], "balance"),
         "10"
     );
-    assert_eq!(balance(), "30.5");
+    assert_eq!(balance(), "10030.5");
+}
+
+#[test]
+fn without_a_processor_that_collects_there_is_no_top_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let office = Backoffice::start(dir.path());
+    let (mut ada, cid) = registered(&office, "Ada");
+    let account = ada.get("/account");
+    assert!(!account.body.contains("top-up"), "{}", account.body);
+    let page = ada.post_form(
+        "/account/top-up",
+        &[
+            ("csrf", &account.csrf()),
+            ("key", &"a".repeat(24)),
+            ("amount", "5"),
+        ],
+    );
+    assert_eq!(page.status, 404, "{}", page.body);
+    assert!(
+        page.text_of("top-up-error")
+            .unwrap()
+            .contains("Nothing was paid")
+    );
+    assert_eq!(office.text("customer.show", &[s(&cid)], "balance"), "0");
 }
 
 /// A real SMTP server (Python's aiosmtpd) on a port of its own, saving
@@ -2088,6 +2137,41 @@ fn reset_links_leave_through_a_real_smtp_relay_even_one_that_was_down() {
     let page = Visitor::new(office.address).get(&format!("/reset?token={token}"));
     assert_eq!(page.status, 200, "{token} from {message}");
     assert!(page.body.contains("passwordCopy"), "{}", page.body);
+
+    // A relay that refuses the branch's login (535) refuses the branch, not
+    // the message: it stays queued, nothing is set aside or lost.
+    let other = tempfile::tempdir().unwrap();
+    let refused = Backoffice::start_with(
+        other.path(),
+        "127.0.0.1:0",
+        &[
+            ("BACKOFFICE_SMTP_HOST", "127.0.0.1"),
+            ("BACKOFFICE_SMTP_PORT", &port_text),
+            ("BACKOFFICE_SMTP_SECURITY", "plain"),
+            ("BACKOFFICE_SMTP_USER", "branch"),
+            ("BACKOFFICE_SMTP_PASSWORD", "a-wrong-password"),
+            ("BACKOFFICE_MAIL_FROM", "Branch <noreply@example.org>"),
+        ],
+    );
+    let (mut bob, _) = registered(&refused, "Bob");
+    let csrf = bob.get("/forgot").csrf();
+    let asked = bob.post_form("/forgot", &[("csrf", &csrf), ("who", "bob@example.org")]);
+    assert_eq!(asked.status, 200);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let outbox = other.path().join("backoffice/outbox");
+    let kept: Vec<String> = std::fs::read_dir(&outbox)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".eml"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(!outbox.join("undeliverable").exists());
+    assert_eq!(
+        std::fs::read_dir(&received).unwrap().count(),
+        1,
+        "the relay took nothing from a branch it refused"
+    );
 }
 
 #[test]

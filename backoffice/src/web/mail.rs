@@ -29,8 +29,8 @@ pub enum Security {
     Plain,
 }
 
-/// Where and how mail is sent.
-#[derive(Debug, Clone)]
+/// Where and how mail is sent (no `Debug`: it holds the relay's password).
+#[derive(Clone)]
 pub struct SmtpSettings {
     /// The relay's host name (checked against its certificate) or address.
     pub host: String,
@@ -58,8 +58,11 @@ pub const DELIVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait between tries while the relay fails.
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Messages that cannot be sent at all (an address the relay or `lettre`
-/// refuses) are moved to this folder of the outbox, for the operator.
+/// refuses, or one the relay kept refusing for [`GIVE_UP_AFTER`]) are
+/// moved to this folder of the outbox, for the operator.
 pub const UNDELIVERABLE: &str = "undeliverable";
+/// A message the relay refused for a while this long is set aside.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
 
 fn is_loopback(host: &str) -> bool {
     host == "localhost"
@@ -96,7 +99,7 @@ impl Smtp {
                 ));
             }
         };
-        let mut builder = SmtpTransport::builder_dangerous(host)
+        let mut builder = SmtpTransport::builder_dangerous(host.trim_matches(['[', ']']))
             .port(settings.port.unwrap_or(port))
             .tls(security)
             .timeout(Some(SMTP_TIMEOUT));
@@ -111,14 +114,26 @@ impl Smtp {
     }
 
     /// Sends every message of `outbox` through the relay, oldest first,
-    /// deleting each once the relay has taken it. Stops at the first
-    /// message the relay could not take (it is tried again later); a
-    /// message that can never be sent is moved to [`UNDELIVERABLE`].
-    /// Returns how many were sent.
-    pub fn deliver(&self, outbox: &Path) -> Result<usize, String> {
+    /// deleting each once the relay has taken it. A relay that cannot be
+    /// reached or refuses the branch (a wrong password, a refused sender:
+    /// `test_connection` fails) ends the pass before any message is
+    /// touched, to be tried again later. A message the relay refuses for
+    /// now is passed over (the others still go); one it refuses for good,
+    /// or for [`GIVE_UP_AFTER`], is moved to [`UNDELIVERABLE`]. Returns how
+    /// many were sent and how many were passed over.
+    pub fn deliver(&self, outbox: &Path) -> Result<(usize, usize), String> {
         let mut waiting = spooled(outbox).map_err(|error| error.to_string())?;
+        if waiting.is_empty() {
+            return Ok((0, 0));
+        }
         waiting.sort();
+        match self.transport.test_connection() {
+            Ok(true) => {}
+            Ok(false) => return Err(format!("the relay {} does not answer", self.host)),
+            Err(error) => return Err(format!("the relay {}: {error}", self.host)),
+        }
         let mut sent = 0;
+        let mut passed_over = 0;
         for path in waiting {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
@@ -127,9 +142,15 @@ impl Smtp {
                 Err(error) => return Err(format!("{}: {error}", path.display())),
             };
             let message = parse(&text).and_then(|(to, subject, body)| {
-                let to: Mailbox = to
+                // The address alone, as the registry checked it: never a
+                // display name hiding another address.
+                let mailbox: Mailbox = to
                     .parse()
                     .map_err(|error| format!("the address {to:?}: {error}"))?;
+                if mailbox.name.is_some() || mailbox.email.to_string() != to {
+                    return Err(format!("the address {to:?} is not a plain address"));
+                }
+                let to = mailbox;
                 Message::builder()
                     .from(self.from.clone())
                     .to(to)
@@ -151,14 +172,27 @@ impl Smtp {
                         .map_err(|error| format!("{}: {error}", path.display()))?;
                     sent += 1;
                 }
-                // 5xx: the relay will never take this message.
+                // 5xx for this message (the connection and login passed):
+                // the relay will never take it.
                 Err(error) if error.is_permanent() => {
                     set_aside(outbox, &path, &error.to_string());
                 }
-                Err(error) => return Err(format!("the relay {}: {error}", self.host)),
+                Err(error) => {
+                    let age = std::fs::metadata(&path)
+                        .and_then(|meta| meta.modified())
+                        .ok()
+                        .and_then(|written| written.elapsed().ok())
+                        .unwrap_or_default();
+                    if age > GIVE_UP_AFTER {
+                        set_aside(outbox, &path, &format!("refused for days: {error}"));
+                    } else {
+                        tracing::warn!(message = %path.display(), %error, "the relay refused a message for now");
+                        passed_over += 1;
+                    }
+                }
             }
         }
-        Ok(sent)
+        Ok((sent, passed_over))
     }
 }
 
@@ -217,11 +251,16 @@ pub fn spawn_delivery(outbox: PathBuf, smtp: Smtp) -> std::io::Result<()> {
             let mut wait = DELIVERY_INTERVAL;
             loop {
                 match smtp.deliver(&outbox) {
-                    Ok(sent) => {
+                    Ok((sent, passed_over)) => {
                         if sent > 0 {
                             tracing::info!(sent, relay = %smtp.host, "mail sent");
                         }
-                        wait = DELIVERY_INTERVAL;
+                        // Messages refused for now wait like a failing relay.
+                        wait = if passed_over > 0 {
+                            (wait * 2).min(RETRY_MAX)
+                        } else {
+                            DELIVERY_INTERVAL
+                        };
                     }
                     Err(error) => {
                         tracing::warn!(%error, retry_in_s = wait.as_secs(), "mail not sent yet");

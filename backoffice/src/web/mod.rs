@@ -63,6 +63,12 @@ pub struct WebConfig {
     pub outbox: PathBuf,
     /// The branch's currency and time zone, for amounts and times.
     pub shown: shown::Shown,
+    /// Customers may top up their micro-account on the account page, through
+    /// the branch's processor (`Service::funding`). Only where that
+    /// processor really collects, or where the branch's operator is its only
+    /// customer (the local franchise): the built-in `RecordedByOperator`
+    /// collects nothing, so each top-up would be new money.
+    pub top_up: bool,
 }
 
 /// The web pages' state.
@@ -72,6 +78,10 @@ pub struct Web {
     /// Password derivations (and module checks) running at once: one per
     /// core, so a burst of logins queues instead of taking every thread.
     heavy: tokio::sync::Semaphore,
+    /// Top-up references being collected right now: a second submit of
+    /// the same form is told to wait for the first's answer instead of
+    /// asking the processor at the same time.
+    topping_up: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Web {
@@ -88,6 +98,7 @@ impl Web {
             config,
             sessions,
             heavy: tokio::sync::Semaphore::new(cores),
+            topping_up: std::sync::Mutex::default(),
         }
     }
 
@@ -992,6 +1003,9 @@ struct AccountNotes<'a> {
     grants_notice: Option<&'a str>,
     products_notice: Option<&'a str>,
     top_up: Option<(&'a str, bool)>,
+    /// The top-up form to show again as it was sent (its key and amount):
+    /// after a failure, sending it again completes that top-up.
+    top_up_again: Option<(&'a str, &'a str)>,
 }
 
 fn account_response(
@@ -1025,7 +1039,12 @@ fn account_response(
         grants_notice: notes.grants_notice,
         products_notice: notes.products_notice,
         top_up: notes.top_up,
-        top_up_key: &funding::Reference::random().to_string(),
+        top_up_form: (web.config.top_up && !customer.denied).then(|| {
+            notes.top_up_again.map_or_else(
+                || (new_top_up_key(), String::new()),
+                |(key, amount)| (key.to_owned(), amount.to_owned()),
+            )
+        }),
         shown: &web.shown_for(customer),
     };
     page(web, session, false, status, pages::account(session, &view))
@@ -1034,12 +1053,21 @@ fn account_response(
 /// Most one top-up may add, in units of the branch's currency.
 pub const TOP_UP_MAX_UNITS: i64 = 10_000;
 
+/// Hex digits of a top-up form's key (96 random bits).
+const TOP_UP_KEY_DIGITS: usize = 24;
+
+/// A new top-up form's key.
+fn new_top_up_key() -> String {
+    funding::Reference::random().as_str()[..TOP_UP_KEY_DIGITS].to_owned()
+}
+
 /// The micro-account's reference for a top-up: the form's random key
-/// (32 hex digits, made when the form was shown) under `web:` and the
-/// customer's CID, so that a customer can neither reuse another's
-/// reference nor take one the operator will use.
+/// (made when the form was shown) under `web:` and the customer's CID, so
+/// that a customer can neither reuse another's reference nor take one the
+/// operator will use (`web:` + a CID of at most 30 bytes + `:` + 24 digits
+/// fits the references' 64 bytes).
 fn top_up_reference(cid: &Cid, key: &str) -> Option<funding::Reference> {
-    let plain = key.len() == 32
+    let plain = key.len() == TOP_UP_KEY_DIGITS
         && key
             .bytes()
             .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
@@ -1094,39 +1122,92 @@ async fn top_up(
     if !csrf_ok(&session, &fields) {
         return csrf_refused(&service.web, &session, false);
     }
-    let respond = |notice: &str, ok: bool, status| {
+    let typed = fields.trimmed("amount");
+    let key = fields.get("key");
+    // `again`: show the form as it was sent, so that sending it again
+    // completes this top-up rather than starting another.
+    let respond = |notice: &str, ok: bool, again: bool, status| {
         account_response(
             &service,
             &session,
             &customer,
             AccountNotes {
                 top_up: Some((notice, ok)),
+                top_up_again: again.then_some((key, typed.as_str())),
                 ..AccountNotes::default()
             },
             status,
         )
     };
+    if !service.web.config.top_up {
+        return respond(
+            "This branch takes money in another way: call it to fund your account. Nothing was paid.",
+            false,
+            false,
+            StatusCode::NOT_FOUND,
+        );
+    }
+    if customer.denied {
+        return respond(
+            &format!(
+                "Service is denied on this account: nothing was paid. Call the branch at {}.",
+                service.web.config.phone
+            ),
+            false,
+            false,
+            StatusCode::FORBIDDEN,
+        );
+    }
     let currency = &service.web.config.shown.currency;
-    let amount = match top_up_amount(fields.get("amount"), currency) {
+    let amount = match top_up_amount(&typed, currency) {
         Ok(amount) => amount,
-        Err(why) => return respond(&why, false, StatusCode::UNPROCESSABLE_ENTITY),
+        Err(why) => return respond(&why, false, false, StatusCode::UNPROCESSABLE_ENTITY),
     };
-    let Some(reference) = top_up_reference(&customer.cid, fields.get("key")) else {
+    let Some(reference) = top_up_reference(&customer.cid, key) else {
         return respond(
             "This form is out of date: nothing was paid. Reload the page and try again.",
+            false,
             false,
             StatusCode::UNPROCESSABLE_ENTITY,
         );
     };
-    // Collection and the durable write block: off the async workers.
+    // One collection per reference at a time; the guard lets go however
+    // the call ends.
+    struct InFlight<'a>(&'a Web, String);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut running) = self.0.topping_up.lock() {
+                running.remove(&self.1);
+            }
+        }
+    }
+    let fresh = service
+        .web
+        .topping_up
+        .lock()
+        .map(|mut running| running.insert(reference.as_str().to_owned()))
+        .unwrap_or(false);
+    if !fresh {
+        return respond(
+            "This top-up is being made right now: reload the account page in a moment to see it. It will be paid once.",
+            true,
+            false,
+            StatusCode::CONFLICT,
+        );
+    }
+    let _in_flight = InFlight(&service.web, reference.as_str().to_owned());
+    // Collection and the durable write block: off the async workers, at
+    // most one per core at a time.
     let worker = Arc::clone(&service);
     let payer = customer.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        worker
-            .backoffice
-            .deposit_once(&*worker.funding, &payer, amount, &reference)
-    })
-    .await;
+    let done = service
+        .web
+        .heavy(move || {
+            worker
+                .backoffice
+                .deposit_once(&*worker.funding, &payer, amount, &reference)
+        })
+        .await;
     match done {
         Ok(Ok(deposited)) if deposited.repeated => respond(
             &format!(
@@ -1134,6 +1215,7 @@ async fn top_up(
                 currency.total(amount)
             ),
             true,
+            false,
             StatusCode::OK,
         ),
         Ok(Ok(deposited)) => respond(
@@ -1143,10 +1225,12 @@ async fn top_up(
                 deposited.transfer.id.0
             ),
             true,
+            false,
             StatusCode::OK,
         ),
         Ok(Err(fault)) if fault.code == proto::FaultCode::RecordRefused.code() => respond(
             &format!("Nothing was paid: {}", fault.message),
+            false,
             false,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
@@ -1154,10 +1238,11 @@ async fn top_up(
             tracing::error!(cid = %customer.cid, fault = %fault.message, "a top-up failed");
             respond(
                 &format!(
-                    "The top-up could not be completed; submitting this form again finishes it without paying twice. If it keeps failing, call {}.",
+                    "The top-up could not be completed. Sending this form again (as it is below) finishes it without paying twice. If it keeps failing, call {}.",
                     service.web.config.phone
                 ),
                 false,
+                true,
                 StatusCode::SERVICE_UNAVAILABLE,
             )
         }
@@ -1864,6 +1949,8 @@ pub struct Line {
     pub name: String,
     /// For a use line: the price of one use, when all its uses cost the same.
     pub unit_price: Option<Amount>,
+    /// The product a use, payment or correction of one was of.
+    pub pid: Option<Pid>,
 }
 
 impl Line {
@@ -1888,7 +1975,7 @@ impl Line {
 
 /// Use lines of one statement whose uses are read to find their price of
 /// one use; later lines show none (a statement page stays bounded).
-pub const UNIT_PRICE_LINES_MAX: usize = 200;
+pub const UNIT_PRICE_LINES_MAX: usize = 50;
 /// Suspended readings looked at for a producer's statement; past it the
 /// count shows "or more".
 pub const SUSPENSE_LOOKED_AT_MAX: usize = 20_000;
@@ -1944,7 +2031,19 @@ fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line
         known: HashMap::new(),
     };
     let mut priced_lines = 0;
+    // The product of each use and payment of the account, for the
+    // corrections that refer to them (in any month before).
+    let mut products: HashMap<u64, Pid> = HashMap::new();
     for transfer in service.backoffice.statement(&account) {
+        let pid = match &transfer.kind {
+            crate::ledger::TransferKind::Use { pid, .. }
+            | crate::ledger::TransferKind::Payment { pid, .. } => {
+                products.insert(transfer.id.0, *pid);
+                Some(*pid)
+            }
+            crate::ledger::TransferKind::Correction { of } => products.get(&of.0).copied(),
+            _ => None,
+        };
         let signed = if transfer.credit == account {
             transfer.amount
         } else {
@@ -1986,6 +2085,7 @@ fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line
                 note,
                 name,
                 unit_price,
+                pid,
             });
         }
     }
@@ -1993,60 +2093,76 @@ fn statement_lines(service: &Service, cid: Cid, month: u32) -> (Amount, Vec<Line
 }
 
 /// What each product cost `cid` in the month of `lines`, with the uses
-/// that cost nothing (`free`).
-fn bought(service: &Service, cid: Cid, lines: &[Line], free: &[(Pid, u64)]) -> Vec<pages::Bought> {
+/// that cost nothing (`free`): uses charged, Parlay X payments, less the
+/// corrections that gave money back.
+fn bought(
+    service: &Service,
+    cid: Cid,
+    own: &std::collections::HashSet<Pid>,
+    lines: &[Line],
+    free: &[(Pid, u64)],
+) -> Vec<pages::Bought> {
+    use crate::ledger::TransferKind;
     let account = AccountId::Customer(cid);
-    let mut by_pid: std::collections::BTreeMap<Pid, pages::Bought> = Default::default();
-    let mut prices: HashMap<Pid, Option<Option<Amount>>> = HashMap::new();
-    for line in lines {
-        let crate::ledger::TransferKind::Use { pid, uses, .. } = &line.transfer.kind else {
-            continue;
-        };
-        if line.transfer.debit != account {
-            continue;
-        }
-        let entry = by_pid.entry(*pid).or_insert_with(|| pages::Bought {
-            pid: *pid,
-            name: line.name.clone(),
-            uses: 0,
-            free: 0,
-            cost: Amount::ZERO,
-            unit_price: None,
-        });
-        entry.uses = entry.uses.saturating_add(*uses);
-        entry.cost = entry
-            .cost
-            .checked_add(line.transfer.amount)
-            .unwrap_or(entry.cost);
-        // The same price on every line, or none.
-        let price = prices.entry(*pid).or_insert(Some(line.unit_price));
-        if *price != Some(line.unit_price) {
-            *price = Some(None);
-        }
-    }
-    for (pid, price) in prices {
-        if let (Some(entry), Some(price)) = (by_pid.get_mut(&pid), price) {
-            entry.unit_price = price;
-        }
-    }
     let mut names = Names {
         service,
         known: HashMap::new(),
     };
-    for (pid, uses) in free {
-        by_pid
-            .entry(*pid)
-            .or_insert_with(|| pages::Bought {
-                pid: *pid,
-                name: names.of(pid),
-                uses: 0,
-                free: 0,
-                cost: Amount::ZERO,
-                unit_price: None,
-            })
-            .free = *uses;
+    let mut by_pid: std::collections::BTreeMap<Pid, pages::Bought> = Default::default();
+    fn entry<'a>(
+        by_pid: &'a mut std::collections::BTreeMap<Pid, pages::Bought>,
+        pid: Pid,
+        names: &mut Names<'_>,
+    ) -> &'a mut pages::Bought {
+        by_pid.entry(pid).or_insert_with(|| pages::Bought {
+            pid,
+            name: names.of(&pid),
+            uses: 0,
+            free: 0,
+            cost: Amount::ZERO,
+            unit_price: None,
+            varied: false,
+            prices_known: true,
+        })
     }
-    by_pid.into_values().collect()
+    for line in lines {
+        let Some(pid) = line.pid else { continue };
+        if own.contains(&pid) {
+            continue;
+        }
+        let transfer = &line.transfer;
+        let one = entry(&mut by_pid, pid, &mut names);
+        // Money out is cost, money back (a refund, a correction) lowers it.
+        one.cost =
+            Amount::try_from_nanos(one.cost.nanos() - line.signed.nanos()).unwrap_or(one.cost);
+        match &transfer.kind {
+            TransferKind::Use { uses, .. } if transfer.debit == account => {
+                one.uses = one.uses.saturating_add(*uses);
+                match (line.unit_price, one.unit_price) {
+                    (None, _) => one.prices_known = false,
+                    (Some(price), None) if !one.varied => one.unit_price = Some(price),
+                    (Some(price), Some(seen)) if price != seen => {
+                        one.unit_price = None;
+                        one.varied = true;
+                    }
+                    _ => {}
+                }
+            }
+            TransferKind::Use { .. } => {}
+            _ => one.prices_known = false,
+        }
+    }
+    for (pid, uses) in free {
+        entry(&mut by_pid, *pid, &mut names).free = *uses;
+    }
+    let mut bought: Vec<pages::Bought> = by_pid.into_values().collect();
+    for one in &mut bought {
+        // A price is claimed only when every charged use's price is known.
+        if !one.prices_known {
+            one.unit_price = None;
+        }
+    }
+    bought
 }
 
 /// What each product of `cid` earned in the month of `lines`: uses and
@@ -2079,28 +2195,34 @@ fn earned(
         payers.push(HashMap::new());
     }
     for line in lines {
-        let crate::ledger::TransferKind::Use { pid, uses, .. } = &line.transfer.kind else {
+        use crate::ledger::TransferKind;
+        let Some(&at) = line.pid.as_ref().and_then(|pid| index.get(pid)) else {
             continue;
         };
-        let Some(&at) = index.get(pid) else { continue };
-        if line.transfer.credit != account {
-            continue;
-        }
+        let transfer = &line.transfer;
+        // Money in is income; money paid back (a refund, a correction)
+        // lowers it. The payer is the other side of the transfer.
+        let nanos = line.signed.nanos();
+        let payer = if transfer.credit == account {
+            transfer.debit
+        } else {
+            transfer.credit
+        };
+        let uses = match &transfer.kind {
+            TransferKind::Use { uses, .. } if transfer.credit == account => *uses,
+            _ => 0,
+        };
         let one = &mut earned[at];
-        let nanos = line.transfer.amount.nanos();
-        one.uses = one.uses.saturating_add(*uses);
-        one.income = one
-            .income
-            .checked_add(line.transfer.amount)
-            .unwrap_or(one.income);
-        let day = (shown.day_of(line.transfer.posted_ms) as usize).clamp(1, days) - 1;
-        one.days[day].0 = one.days[day].0.saturating_add(*uses);
+        one.uses = one.uses.saturating_add(uses);
+        one.income = Amount::try_from_nanos(one.income.nanos() + nanos).unwrap_or(one.income);
+        let day = (shown.day_of(transfer.posted_ms) as usize).clamp(1, days) - 1;
+        one.days[day].0 = one.days[day].0.saturating_add(uses);
         one.days[day].1 += nanos;
-        *payers[at].entry(line.transfer.debit).or_default() += nanos;
+        *payers[at].entry(payer).or_default() += nanos;
     }
     for (one, paid) in earned.iter_mut().zip(&payers) {
-        one.payers = paid.len();
-        let mut largest: Vec<i128> = paid.values().copied().collect();
+        one.payers = paid.values().filter(|nanos| **nanos > 0).count();
+        let mut largest: Vec<i128> = paid.values().copied().filter(|nanos| *nanos > 0).collect();
         largest.sort_unstable_by(|a, b| b.cmp(a));
         let top: i128 = largest.iter().take(3).sum();
         one.top_three = Amount::try_from_nanos(top).unwrap_or(one.income);
@@ -2161,7 +2283,14 @@ async fn statement_page(
             let service = worker;
             let (opening, lines) = statement_lines(&service, customer.cid, month);
             let free = service.backoffice.store().free_uses(&customer.cid, month)?;
-            let bought = bought(&service, customer.cid, &lines, &free);
+            let own: std::collections::HashSet<Pid> = service
+                .backoffice
+                .store()
+                .products_of(&customer.cid)?
+                .iter()
+                .flat_map(|product| [product.pid, product.test_pid])
+                .collect();
+            let bought = bought(&service, customer.cid, &own, &lines, &free);
             let earned = earned(&service, customer.cid, month, &lines)?;
             let view = pages::StatementView {
                 customer: &customer,
@@ -2228,9 +2357,23 @@ async fn statement_csv(
         Err(response) => return *response,
     };
     let month = month_param(&service.web, &query);
-    let (_, lines) = statement_lines(&service, customer.cid, month);
-    let free = match service.backoffice.store().free_uses(&customer.cid, month) {
-        Ok(free) => free,
+    // Blocking store work: off the async workers, as the page's.
+    let worker = Arc::clone(&service);
+    let cid = customer.cid;
+    let read = service
+        .web
+        .heavy(move || {
+            let (_, lines) = statement_lines(&worker, cid, month);
+            worker
+                .backoffice
+                .store()
+                .free_uses(&cid, month)
+                .map(|free| (lines, free))
+        })
+        .await;
+    let (lines, free) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(error)) => return trouble(&service.web, &session, &error),
         Err(error) => return trouble(&service.web, &session, &error),
     };
     let shown = &service.web.shown_for(&customer);

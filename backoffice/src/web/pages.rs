@@ -359,9 +359,12 @@ pub struct AccountView<'a> {
     /// What became of a top-up: the notice, and whether money moved or
     /// was already moved (`false`: a refusal).
     pub top_up: Option<(&'a str, bool)>,
-    /// The top-up form's key: its deposit's idempotency key, new each time
-    /// the page is shown, so that the same form submitted twice pays once.
-    pub top_up_key: &'a str,
+    /// The top-up form's key and amount (none: no form, the branch takes
+    /// money another way or the account is denied). The key is the
+    /// deposit's idempotency key, new each time the page is shown (unless
+    /// a failed top-up is shown again), so the same form sent twice pays
+    /// once.
+    pub top_up_form: Option<(String, String)>,
     /// The branch's currency and time zone.
     pub shown: &'a Shown,
 }
@@ -452,18 +455,20 @@ pub fn account(session: &Session, view: &AccountView<'_>) -> Markup {
         p { "CID " strong id="cid" { (customer.cid.as_str()) } }
         p { "Micro-account balance: " strong id="balance" { (view.shown.currency.total(balance)) } }
         @if customer.denied { p.error { "Service is denied on this account. Call the branch." } }
-        form method="post" action="/account/top-up" id="top-up" {
-            (csrf(session))
-            input type="hidden" name="key" value=(view.top_up_key);
-            label for="amount" { "Add money from your card or bank account (" (view.shown.currency.code()) ")" }
-            input type="text" id="amount" name="amount" inputmode="decimal" autocomplete="off" size="10" required;
-            " "
-            button type="submit" id="top-up-submit" { "Top up" }
-            @match view.top_up {
-                Some((notice, true)) => p.notice id="top-up-notice" { (notice) },
-                Some((notice, false)) => p.error id="top-up-error" { (notice) },
-                None => {},
+        @if let Some((key, amount)) = &view.top_up_form {
+            form method="post" action="/account/top-up" id="top-up" {
+                (csrf(session))
+                input type="hidden" name="key" value=(key);
+                label for="amount" { "Add money from your card or bank account (" (view.shown.currency.code()) ")" }
+                input type="text" id="amount" name="amount" value=(amount) inputmode="decimal" autocomplete="off" size="10" required;
+                " "
+                button type="submit" id="top-up-submit" { "Top up" }
             }
+        }
+        @match view.top_up {
+            Some((notice, true)) => p.notice id="top-up-notice" { (notice) },
+            Some((notice, false)) => p.error id="top-up-error" { (notice) },
+            None => {},
         }
         p {
             a href="/products/new" id="add-product" { "Register a product" } " · "
@@ -1084,6 +1089,11 @@ pub struct Bought {
     pub cost: Amount,
     /// The price of one use, when every charged use cost the same.
     pub unit_price: Option<Amount>,
+    /// Charged uses cost different prices.
+    pub varied: bool,
+    /// Every charged use's price was looked up (a line past the page's
+    /// limit, or whose uses are no longer kept, leaves it unknown).
+    pub prices_known: bool,
 }
 
 /// What one of the statement customer's products earned in its month.
@@ -1198,7 +1208,14 @@ pub fn statement(session: &Session, view: &StatementView<'_>) -> Markup {
                         td { (product_text(&one.name, &one.pid)) }
                         td.amount { (one.uses) }
                         td.amount id={ "free-" (one.pid.as_str()) } { (one.free) }
-                        td.amount { (one.unit_price.map_or_else(|| if one.uses == 0 { "".to_owned() } else { "varied".to_owned() }, |price| money.exact(price))) }
+                        td.amount {
+                            @match (one.unit_price, one.varied, one.uses) {
+                                (Some(price), _, _) => (money.exact(price)),
+                                (None, true, _) => "varied",
+                                (None, false, 0) => "",
+                                (None, false, _) => "see the uses",
+                            }
+                        }
                         td.amount title=(money.exact(one.cost)) { (money.total(one.cost)) }
                     }
                 }
