@@ -210,3 +210,52 @@ fn check_reports_the_fuel_each_sample_used() {
     assert!(text.contains("out of fuel"), "{text}");
     assert!(!text.contains("accepted"), "{text}");
 }
+
+/// `backoffice serve` with bad page or mail settings says which and why,
+/// and stops before it opens anything.
+#[test]
+fn serve_refuses_bad_currency_zone_and_mail_settings_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let serve = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_backoffice"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .expect("backoffice runs");
+        (
+            output.status.code().expect("exit code"),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, text) = serve(&["--currency", "euro"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("ISO 4217 code of three capital letters"),
+        "{text}"
+    );
+    let (code, text) = serve(&["--time-zone", "Mars/Olympus"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("not a time zone of the IANA database"),
+        "{text}"
+    );
+    let (code, text) = serve(&["--smtp-host", "mail.example.org"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--mail-from"), "{text}");
+    let (code, text) = serve(&[
+        "--smtp-host",
+        "mail.example.org",
+        "--smtp-security",
+        "plain",
+        "--mail-from",
+        "noreply@example.org",
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("plain SMTP only to a relay on this machine"),
+        "{text}"
+    );
+    assert!(!data.join("store").exists(), "nothing was opened");
+}
