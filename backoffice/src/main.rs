@@ -701,16 +701,8 @@ struct WebArgs {
         default_value_t = backoffice::listen::METER_CALLS_PER_ADDRESS_MAX,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
     meter_calls_per_address: usize,
-    /// The branch's currency, an ISO 4217 code: amounts on the pages and in
-    /// Parlay X charges are in it.
-    #[arg(long, env = "BACKOFFICE_CURRENCY", value_name = "CODE", default_value = "EUR",
-        value_parser = backoffice::web::shown::parse_currency)]
-    currency: String,
-    /// The branch's time zone, an IANA name (Europe/Paris): statements,
-    /// charts and times on the pages follow it, daylight saving included.
-    #[arg(long, env = "BACKOFFICE_TIME_ZONE", value_name = "ZONE", default_value = "UTC",
-        value_parser = backoffice::web::shown::parse_zone)]
-    time_zone: String,
+    #[command(flatten)]
+    shown: backoffice::web::shown::ShownArgs,
     /// Send mail (reset links, notices) through this SMTP relay; without
     /// it mail stays in the data folder's outbox/ (one file per message).
     /// With it the outbox is a queue: each message is sent, then deleted.
@@ -903,8 +895,7 @@ fn serve(
             (None, Some((_, tls_address, _))) => format!("https://{tls_address}"),
             (None, None) => format!("http://{address}"),
         };
-        let service_currency = backoffice::web::shown::Currency::parse(&web.currency)
-            .expect("the currency was checked when the flags were read");
+        let currency = web.shown.currency.clone();
         let sessions = backoffice.store().web_sessions();
         let web = backoffice::web::Web::with_sessions(
             backoffice::web::WebConfig {
@@ -914,8 +905,7 @@ fn serve(
                 secure_cookies: web.secure_cookies || tls_listener.is_some(),
                 public_url,
                 outbox: dir.join("outbox"),
-                shown: backoffice::web::shown::Shown::new(service_currency.clone(), &web.time_zone)
-                    .expect("the time zone was checked when the flags were read"),
+                shown: web.shown.shown(),
                 top_up: web.web_top_up,
             },
             sessions,
@@ -926,7 +916,7 @@ fn serve(
             operator_token,
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
-            payments: backoffice::parlayx::Payments::new(service_currency.code())
+            payments: backoffice::parlayx::Payments::new(currency.code())
                 .with_reservation_ttl_ms(reservation_ttl_s * 1000),
         });
         prune_itemised(std::sync::Arc::downgrade(&service), itemised_retention_days);

@@ -64,15 +64,8 @@ struct Cli {
     /// PBKDF2 iterations for new passwords. Below 600000 only for tests.
     #[arg(long, env = "BACKOFFICE_PASSWORD_ITERATIONS", default_value_t = backoffice::web::password::ITERATIONS_MIN)]
     password_iterations: u32,
-    /// The branch's currency, an ISO 4217 code.
-    #[arg(long, env = "BACKOFFICE_CURRENCY", value_name = "CODE", default_value = "EUR",
-        value_parser = backoffice::web::shown::parse_currency)]
-    currency: String,
-    /// The branch's time zone, an IANA name (Europe/Paris), for statements,
-    /// charts and times on the pages.
-    #[arg(long, env = "BACKOFFICE_TIME_ZONE", value_name = "ZONE", default_value = "UTC",
-        value_parser = backoffice::web::shown::parse_zone)]
-    time_zone: String,
+    #[command(flatten)]
+    shown: backoffice::web::shown::ShownArgs,
 }
 
 fn main() -> ExitCode {
@@ -202,12 +195,7 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
                 secure_cookies: false,
                 public_url: format!("http://{address}"),
                 outbox: office_dir.join("outbox"),
-                shown: backoffice::web::shown::Shown::new(
-                    backoffice::web::shown::Currency::parse(&cli.currency)
-                        .expect("the currency was checked when the flags were read"),
-                    &cli.time_zone,
-                )
-                .expect("the time zone was checked when the flags were read"),
+                shown: cli.shown.shown(),
                 // The local franchise's operator is its only customer: a
                 // top-up recorded by the operator is theirs to make.
                 top_up: true,
@@ -220,7 +208,7 @@ fn run(cli: &Cli, iterations: std::num::NonZeroU32) -> Result<(), String> {
             operator_token,
             web,
             funding: Box::new(backoffice::funding::RecordedByOperator),
-            payments: backoffice::parlayx::Payments::new(&cli.currency),
+            payments: backoffice::parlayx::Payments::new(cli.shown.currency.code()),
         });
         backoffice::server::sweep_expired_holds(std::sync::Arc::downgrade(&service));
         let (stop_office, stopped) = tokio::sync::watch::channel(false);

@@ -2046,6 +2046,24 @@ impl Drop for SmtpServer {
     }
 }
 
+/// A backoffice that sends its mail through the plain relay on `port`, as
+/// the user `branch` with `password`.
+fn branch_mailing_through(dir: &std::path::Path, port: u16, password: &str) -> Backoffice {
+    let port = port.to_string();
+    Backoffice::start_with(
+        dir,
+        "127.0.0.1:0",
+        &[
+            ("BACKOFFICE_SMTP_HOST", "127.0.0.1"),
+            ("BACKOFFICE_SMTP_PORT", &port),
+            ("BACKOFFICE_SMTP_SECURITY", "plain"),
+            ("BACKOFFICE_SMTP_USER", "branch"),
+            ("BACKOFFICE_SMTP_PASSWORD", password),
+            ("BACKOFFICE_MAIL_FROM", "Branch <noreply@example.org>"),
+        ],
+    )
+}
+
 #[test]
 fn reset_links_leave_through_a_real_smtp_relay_even_one_that_was_down() {
     let dir = tempfile::tempdir().unwrap();
@@ -2058,19 +2076,7 @@ fn reset_links_leave_through_a_real_smtp_relay_even_one_that_was_down() {
         .local_addr()
         .unwrap()
         .port();
-    let port_text = port.to_string();
-    let office = Backoffice::start_with(
-        dir.path(),
-        "127.0.0.1:0",
-        &[
-            ("BACKOFFICE_SMTP_HOST", "127.0.0.1"),
-            ("BACKOFFICE_SMTP_PORT", &port_text),
-            ("BACKOFFICE_SMTP_SECURITY", "plain"),
-            ("BACKOFFICE_SMTP_USER", "branch"),
-            ("BACKOFFICE_SMTP_PASSWORD", "relay-secret-1"),
-            ("BACKOFFICE_MAIL_FROM", "Branch <noreply@example.org>"),
-        ],
-    );
+    let office = branch_mailing_through(dir.path(), port, "relay-secret-1");
     let (mut ada, _) = registered(&office, "Ada");
     let csrf = ada.get("/forgot").csrf();
     let asked = ada.post_form("/forgot", &[("csrf", &csrf), ("who", "ada@example.org")]);
@@ -2138,21 +2144,25 @@ fn reset_links_leave_through_a_real_smtp_relay_even_one_that_was_down() {
     assert_eq!(page.status, 200, "{token} from {message}");
     assert!(page.body.contains("passwordCopy"), "{}", page.body);
 
+    // A recipient the relay refuses for good (550) is set aside, and the
+    // outbox is left empty.
+    let (mut bounce, _) = registered(&office, "Bounce");
+    let csrf = bounce.get("/forgot").csrf();
+    let asked = bounce.post_form("/forgot", &[("csrf", &csrf), ("who", "bounce@example.org")]);
+    assert_eq!(asked.status, 200);
+    let aside = outbox.join("undeliverable");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(&aside).map_or(0, Iterator::count) == 0 {
+        assert!(std::time::Instant::now() < deadline, "not set aside");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(queued(), 0);
+    assert_eq!(std::fs::read_dir(&received).unwrap().count(), 1);
+
     // A relay that refuses the branch's login (535) refuses the branch, not
     // the message: it stays queued, nothing is set aside or lost.
     let other = tempfile::tempdir().unwrap();
-    let refused = Backoffice::start_with(
-        other.path(),
-        "127.0.0.1:0",
-        &[
-            ("BACKOFFICE_SMTP_HOST", "127.0.0.1"),
-            ("BACKOFFICE_SMTP_PORT", &port_text),
-            ("BACKOFFICE_SMTP_SECURITY", "plain"),
-            ("BACKOFFICE_SMTP_USER", "branch"),
-            ("BACKOFFICE_SMTP_PASSWORD", "a-wrong-password"),
-            ("BACKOFFICE_MAIL_FROM", "Branch <noreply@example.org>"),
-        ],
-    );
+    let refused = branch_mailing_through(other.path(), port, "a-wrong-password");
     let (mut bob, _) = registered(&refused, "Bob");
     let csrf = bob.get("/forgot").csrf();
     let asked = bob.post_form("/forgot", &[("csrf", &csrf), ("who", "bob@example.org")]);

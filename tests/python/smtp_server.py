@@ -5,7 +5,7 @@
 Listens on 127.0.0.1:PORT, requires AUTH with USER and PASSWORD (over the
 plain connection: the test's relay is on this machine), and saves each
 message it takes as FOLDER/N.eml (written to a temporary name first, then
-renamed). Prints "ready" once it listens; stops when its stdin closes.
+renamed); refuses the recipient bounce@... with 550. Prints "ready" once it listens; stops when its stdin closes.
 """
 
 import os
@@ -23,6 +23,13 @@ port, folder, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.a
 
 class Save:
     count = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # A mailbox that does not exist, refused for good.
+        if address.startswith("bounce@"):
+            return "550 5.1.1 No such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         Save.count += 1

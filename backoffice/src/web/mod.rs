@@ -2170,17 +2170,17 @@ fn bought(
 fn earned(
     service: &Service,
     cid: Cid,
+    products: &[crate::registry::Product],
     month: u32,
     lines: &[Line],
 ) -> Result<Vec<pages::Earned>, StoreError> {
     let shown = &service.web.config().shown;
     let account = AccountId::Customer(cid);
     let days = shown::days_in(month) as usize;
-    let products = service.backoffice.store().products_of(&cid)?;
     let mut earned: Vec<pages::Earned> = Vec::new();
     let mut payers: Vec<HashMap<AccountId, i128>> = Vec::new();
     let mut index: HashMap<Pid, usize> = HashMap::new();
-    for product in &products {
+    for product in products {
         index.insert(product.pid, earned.len());
         earned.push(pages::Earned {
             pid: product.pid,
@@ -2283,15 +2283,13 @@ async fn statement_page(
             let service = worker;
             let (opening, lines) = statement_lines(&service, customer.cid, month);
             let free = service.backoffice.store().free_uses(&customer.cid, month)?;
-            let own: std::collections::HashSet<Pid> = service
-                .backoffice
-                .store()
-                .products_of(&customer.cid)?
+            let products = service.backoffice.store().products_of(&customer.cid)?;
+            let own: std::collections::HashSet<Pid> = products
                 .iter()
                 .flat_map(|product| [product.pid, product.test_pid])
                 .collect();
             let bought = bought(&service, customer.cid, &own, &lines, &free);
-            let earned = earned(&service, customer.cid, month, &lines)?;
+            let earned = earned(&service, customer.cid, &products, month, &lines)?;
             let view = pages::StatementView {
                 customer: &customer,
                 month,

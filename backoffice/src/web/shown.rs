@@ -139,9 +139,27 @@ fn find_zone(zone: &str) -> Result<TimeZone, BadZone> {
     TimeZone::get(zone).map_err(|_| refused())
 }
 
-/// Checks an ISO 4217 code (for command-line flags).
-pub fn parse_currency(code: &str) -> Result<String, BadCurrency> {
-    Currency::parse(code).map(|_| code.to_owned())
+/// The flags that set [`Shown`], for `backoffice serve` and the franchise.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShownArgs {
+    /// The branch's currency, an ISO 4217 code: amounts on the pages and in
+    /// Parlay X charges are in it.
+    #[arg(long, env = "BACKOFFICE_CURRENCY", value_name = "CODE", default_value = "EUR",
+        value_parser = Currency::parse)]
+    pub currency: Currency,
+    /// The branch's time zone, an IANA name (Europe/Paris): statements,
+    /// charts and times on the pages follow it, daylight saving included.
+    #[arg(long, env = "BACKOFFICE_TIME_ZONE", value_name = "ZONE", default_value = "UTC",
+        value_parser = parse_zone)]
+    pub time_zone: String,
+}
+
+impl ShownArgs {
+    /// What the flags set.
+    pub fn shown(&self) -> Shown {
+        Shown::new(self.currency.clone(), &self.time_zone)
+            .expect("the time zone was checked when the flags were read")
+    }
 }
 
 /// Checks an IANA time zone name (for command-line flags).
