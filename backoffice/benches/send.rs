@@ -15,6 +15,8 @@
 //! With `BENCH_STORE=postgres://...`, `SEND_BENCH_NODES=N` opens N
 //! backoffices (nodes, each with its own connections) on the one database
 //! and sends meter m's batches to node m modulo N (in process).
+//! Readings go packed, as meterd sends them; `SEND_BENCH_FORM=structs`
+//! sends them as an array of structs instead (Cox's members, any client).
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,7 @@ use backoffice::send::{Backoffice, DEFAULT_PARAMS, Signed};
 use backoffice::store::{AnyStore, Store};
 use proto::auth::Secret;
 use proto::reading::{Event, Reading};
-use proto::upload::{Batch, SendBody, SendRequest};
+use proto::upload::{Batch, ReadingsForm, SendBody, SendRequest};
 use proto::xmlrpc::encode_call;
 use proto::{Amount, BatchId, Bid, Cid, Context, Mid, Payer};
 
@@ -128,6 +130,11 @@ fn main() {
         .collect();
     // The real time: over HTTP the server checks signatures against its clock.
     let now_ms = backoffice::now_ms();
+    let form = match std::env::var("SEND_BENCH_FORM").as_deref() {
+        Ok("structs") => ReadingsForm::Structs,
+        Ok("packed") | Err(_) => ReadingsForm::Packed,
+        Ok(other) => panic!("SEND_BENCH_FORM is packed or structs, not {other:?}"),
+    };
     let bodies = |meter: usize, mid: Mid| -> Vec<Vec<u8>> {
         (0..batches)
             .map(|index| {
@@ -165,12 +172,13 @@ fn main() {
                         parties: Vec::new(),
                     }),
                 };
-                encode_call("send", &request.to_params())
+                encode_call("send", &request.to_params_in(form))
             })
             .collect()
     };
     // Each body signed as its meter signs it, before the clock starts: the
     // signing is the meter's work, not the backoffice's.
+    let mut body_bytes = 0usize;
     let work: Vec<(Mid, Vec<SignedBody>)> = meters
         .iter()
         .enumerate()
@@ -179,6 +187,7 @@ fn main() {
                 .into_iter()
                 .enumerate()
                 .map(|(index, body)| {
+                    body_bytes += body.len();
                     let time_ms = now_ms + index as u64;
                     let signature = secret.sign(mid, time_ms, &body);
                     (body, time_ms.to_string(), signature)
@@ -310,8 +319,9 @@ fn main() {
         deposit_latencies[((deposit_latencies.len() - 1) as f64 * fraction).round() as usize]
     };
     println!(
-        "send{}: {} batches of {readings_per_batch} readings from {meter_count} meters ({} payers) to {node_count} node(s), {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms; {} deposits meanwhile: median {:.1} ms, p99 {:.1} ms",
+        "send{} ({form:?}, {:.1} bytes per reading): {} batches of {readings_per_batch} readings from {meter_count} meters ({} payers) to {node_count} node(s), {customer_count} customers: {:.0} readings/s; batch latency median {:.1} ms, p99 {:.1} ms; {} deposits meanwhile: median {:.1} ms, p99 {:.1} ms",
         if http { " over HTTP" } else { "" },
+        body_bytes as f64 / total as f64,
         sorted.len(),
         if own_payers { "own" } else { "shared" },
         total as f64 / elapsed,

@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::upload::{Batch, SendAnswer, SendBody, SendRequest};
+use proto::upload::{Batch, ReadingsForm, SendAnswer, SendBody, SendRequest};
 use proto::{BatchId, FaultCode, Mid};
 
 use crate::backoffice::{Backoffice, BackofficeError};
@@ -80,6 +80,9 @@ pub struct Uploader {
     /// Until when (ms since the Unix epoch) the first waiting reading is
     /// held back for its enclosing use: no timed upload before then.
     held_until_ms: std::sync::atomic::AtomicU64,
+    /// False once the backoffice refused the packed reading form (a
+    /// backoffice older than it): readings then go as structs.
+    packed: std::sync::atomic::AtomicBool,
 }
 
 fn lock(table: &Mutex<StatusTable>) -> std::sync::MutexGuard<'_, StatusTable> {
@@ -112,6 +115,7 @@ impl Uploader {
             signals,
             contexts,
             held_until_ms: std::sync::atomic::AtomicU64::new(0),
+            packed: std::sync::atomic::AtomicBool::new(true),
             mid: backoffice.mid(),
             backoffice,
         }
@@ -304,10 +308,45 @@ impl Uploader {
         batch_id: &BatchId,
     ) -> Result<SavedTable, UploadError> {
         let timeout = Duration::from_millis(UPLOAD_TIMEOUT_MS);
-        let value = self
+        let packed = self.packed.load(std::sync::atomic::Ordering::Relaxed);
+        let form = if packed {
+            ReadingsForm::Packed
+        } else {
+            ReadingsForm::Structs
+        };
+        let sent = self
             .backoffice
-            .call(proto::upload::SEND_METHOD, &request.to_params(), timeout)
-            .await?;
+            .call(
+                proto::upload::SEND_METHOD,
+                &request.to_params_in(form),
+                timeout,
+            )
+            .await;
+        let value = match sent {
+            // Only a backoffice that does not know the packed form refuses
+            // our own encoding of a batch as invalid parameters; the answer
+            // is signed, so nobody else can make the meter switch. The same
+            // batch goes again at once, as structs, and so do all later ones.
+            Err(BackofficeError::Refused(fault))
+                if packed && fault.registered() == Some(FaultCode::InvalidParams) =>
+            {
+                self.packed
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    reason = %fault.message,
+                    "the backoffice does not read packed readings (an older version?): \
+                     sending readings as structs from now on, about 40 times larger"
+                );
+                self.backoffice
+                    .call(
+                        proto::upload::SEND_METHOD,
+                        &request.to_params_in(ReadingsForm::Structs),
+                        timeout,
+                    )
+                    .await?
+            }
+            sent => sent?,
+        };
         let answer = SendAnswer::from_value(&value)
             .map_err(|fault| UploadError::BadAnswer(fault.message))?;
         if answer.batch_id != *batch_id {

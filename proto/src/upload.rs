@@ -5,6 +5,8 @@
 //! - the extended form, `send(MID, {batchId, readings: [{PID, code, seq,
 //!   context, timeMs, payer?}], parties?})`, which our meter sends; the answer is a struct
 //!   with the status table and the meter's upload parameters;
+//!   (or, packed, `{batchId, packedReadings: <base64>, parties?}`, see
+//!   [`packed`]);
 //! - Cox's minimal form, `send(MID, [{PID, code}])`, whose answer is Cox's array
 //!   of `{CID, status}` (extended with `{PID, status}` entries).
 
@@ -15,6 +17,7 @@ use crate::reading::{Code, Event, Reading};
 use crate::xmlrpc::{Limits, Member, MethodCall, Value};
 
 mod canonical;
+pub mod packed;
 mod stream;
 
 /// Most readings accepted in one batch. A batch of this many readings with
@@ -288,10 +291,16 @@ impl SendRequest {
         Ok(SendRequest { mid, body })
     }
 
-    /// The parameters of the call, for the meter's uploader.
+    /// The parameters of the call, readings as structs.
     pub fn to_params(&self) -> Vec<Value> {
+        self.to_params_in(ReadingsForm::Structs)
+    }
+
+    /// The parameters of the call, for the meter's uploader; an extended
+    /// batch carries its readings in `form`.
+    pub fn to_params_in(&self, form: ReadingsForm) -> Vec<Value> {
         let body = match &self.body {
-            SendBody::Batch(batch) => batch.to_value(),
+            SendBody::Batch(batch) => batch.to_value_in(form),
             SendBody::Minimal(events) => Value::Array(
                 events
                     .iter()
@@ -320,21 +329,33 @@ impl Batch {
             .and_then(Value::as_str)
             .ok_or_else(|| Fault::invalid_params("send: batch needs a string batchId"))?;
         let id = BatchId::parse(batch_id).map_err(Fault::invalid_params)?;
-        let items = value
-            .member("readings")
-            .and_then(Value::as_array)
-            .ok_or_else(|| Fault::invalid_params("send: batch needs an array of readings"))?;
-        check_count(items.len())?;
-        let mut readings = Vec::with_capacity(items.len());
-        for (index, item) in items.iter().enumerate() {
-            let reading = extended_reading(item, index)?;
-            if let Some(previous) = readings.last().map(|last: &Reading| last.seq)
-                && reading.seq <= previous
-            {
-                return Err(invalid_reading(index, "seq must increase within a batch"));
+        let readings = match (value.member("readings"), value.member("packedReadings")) {
+            (Some(Value::Array(items)), None) => {
+                check_count(items.len())?;
+                let mut readings = Vec::with_capacity(items.len());
+                for (index, item) in items.iter().enumerate() {
+                    let reading = extended_reading(item, index)?;
+                    if let Some(previous) = readings.last().map(|last: &Reading| last.seq)
+                        && reading.seq <= previous
+                    {
+                        return Err(invalid_reading(index, "seq must increase within a batch"));
+                    }
+                    readings.push(reading);
+                }
+                readings
             }
-            readings.push(reading);
-        }
+            (None, Some(Value::Base64(block))) => packed::decode(block)?,
+            (Some(_), Some(_)) => {
+                return Err(Fault::invalid_params(
+                    "send: a batch carries readings or packedReadings, not both",
+                ));
+            }
+            _ => {
+                return Err(Fault::invalid_params(
+                    "send: batch needs an array of readings (or packedReadings, base64)",
+                ));
+            }
+        };
         let parties = match value.member("parties") {
             None => Vec::new(),
             Some(Value::Array(items)) if items.len() <= BATCH_PARTIES_MAX => items
@@ -359,12 +380,26 @@ impl Batch {
         })
     }
 
-    /// Encodes the extended form's batch struct.
+    /// Encodes the extended form's batch struct, readings as structs.
     pub fn to_value(&self) -> Value {
-        let readings = self.readings.iter().map(reading_value).collect();
+        self.to_value_in(ReadingsForm::Structs)
+    }
+
+    /// Encodes the extended form's batch struct, readings in `form`.
+    pub fn to_value_in(&self, form: ReadingsForm) -> Value {
+        let readings = match form {
+            ReadingsForm::Structs => Member::new(
+                "readings",
+                Value::Array(self.readings.iter().map(reading_value).collect()),
+            ),
+            ReadingsForm::Packed => Member::new(
+                "packedReadings",
+                Value::Base64(packed::encode(&self.readings)),
+            ),
+        };
         let mut members = vec![
             Member::new("batchId", Value::string(self.id.as_str())),
-            Member::new("readings", Value::Array(readings)),
+            readings,
         ];
         if !self.parties.is_empty() {
             let parties = self
@@ -376,6 +411,18 @@ impl Batch {
         }
         Value::Struct(members)
     }
+}
+
+/// How an extended-form batch carries its readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadingsForm {
+    /// An array of reading structs (`readings`): any XML-RPC client can
+    /// write it, and every backoffice reads it.
+    Structs,
+    /// One base64 block (`packedReadings`, see [`packed`]): about 40 times
+    /// smaller; read by backoffices from this version on.
+    #[default]
+    Packed,
 }
 
 fn reading_value(reading: &Reading) -> Value {

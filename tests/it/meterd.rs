@@ -1179,6 +1179,51 @@ fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept(
     assert_eq!(status_of(&meter.socket)["conflictedReadings"], "3");
 }
 
+/// The meter uploads its readings packed; a backoffice older than that
+/// form refuses it as invalid parameters, and the meter then sends the same
+/// batch, and every later one, as structs, without losing or doubling a use.
+#[test]
+fn readings_go_packed_and_as_structs_to_a_backoffice_that_refuses_packed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backoffice, setup) = with_backoffice(&dir);
+    let meter = setup.start();
+    grant_by_password(&backoffice, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P1"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let sends = |backoffice: &FakeBackoffice| {
+        backoffice.ledger(|ledger| {
+            (
+                ledger.packed_sends,
+                ledger.struct_sends,
+                ledger.packed_refused,
+            )
+        })
+    };
+    let (packed, structs, refused) = sends(&backoffice);
+    assert!(packed >= 1, "{packed} packed sends");
+    assert_eq!((structs, refused), (0, 0));
+    drop(meter);
+
+    let old_dir = tempfile::tempdir().unwrap();
+    let (old, setup) = with_backoffice(&old_dir);
+    old.behave(|behaviour| behaviour.structs_only = true);
+    let meter = setup.start();
+    grant_by_password(&old, &meter.socket, "B1-C1");
+    use_products(&meter.socket, "B1-C1", &["B1-P1", "B1-P2"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    use_products(&meter.socket, "B1-C1", &["B1-P2"]);
+    assert_eq!(meterd_cli(&meter.socket, &["flush"]), 0);
+    let (packed, structs, refused) = sends(&old);
+    assert_eq!((packed, refused), (0, 1), "refused once, never tried again");
+    assert!(structs >= 2, "{structs} sends as structs");
+    let customer = Some(Payer::Customer(cid("B1-C1")));
+    assert_eq!(
+        commits(&old.applied_readings()),
+        HashMap::from([((pid("B1-P1"), customer), 1), ((pid("B1-P2"), customer), 2)])
+    );
+    assert_eq!(status_of(&meter.socket)["pendingReadings"], "0");
+}
+
 /// The backoffice charges a component to the enclosing product's owner only
 /// when the enclosing commit arrives in the same batch: a flush while the
 /// enclosing use is still open must not part them.

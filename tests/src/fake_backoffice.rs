@@ -50,6 +50,8 @@ pub struct Behaviour {
     pub clock_offset_ms: i64,
     /// How answers to meters are signed.
     pub answers: Answers,
+    /// Refuse packed readings as a backoffice older than that form does.
+    pub structs_only: bool,
 }
 
 /// How the stand-in signs its answers to meters.
@@ -74,6 +76,7 @@ impl Default for Behaviour {
             grant_expires_in_s: 600,
             clock_offset_ms: 0,
             answers: Answers::Signed,
+            structs_only: false,
             denied: HashSet::new(),
             params: MeterParams {
                 flush_readings_max: 1_000_000,
@@ -94,6 +97,12 @@ pub struct Ledger {
     pub attempts: HashMap<BatchId, usize>,
     /// Sends refused for their signature.
     pub forged: usize,
+    /// Sends (signature checked) whose readings came packed.
+    pub packed_sends: usize,
+    /// Sends (signature checked) whose readings came as structs.
+    pub struct_sends: usize,
+    /// Packed sends refused as a backoffice older than that form refuses them.
+    pub packed_refused: usize,
     /// Batches refused with 205.
     pub conflicts: Vec<BatchId>,
     /// Grants made, per meter.
@@ -433,6 +442,17 @@ fn grant_password(
 }
 
 fn send(server: &FakeBackoffice, headers: &HeaderMap, body: &[u8], call: &MethodCall) -> Response {
+    let packed = call
+        .params
+        .get(1)
+        .is_some_and(|batch| batch.member("packedReadings").is_some());
+    if packed && lock(&server.shared).behaviour.structs_only {
+        lock(&server.shared).ledger.packed_refused += 1;
+        // What a backoffice before the packed form answers (signed, as any
+        // answer to a call that names a meter).
+        let fault = Fault::invalid_params("send: batch needs an array of readings");
+        return xml(StatusCode::OK, encode_fault(&fault));
+    }
     let request = match SendRequest::from_call(call) {
         Ok(request) => request,
         Err(fault) => return xml(StatusCode::OK, encode_fault(&fault)),
@@ -450,6 +470,11 @@ fn send(server: &FakeBackoffice, headers: &HeaderMap, body: &[u8], call: &Method
     };
     let mut shared = lock(&server.shared);
     *shared.ledger.attempts.entry(batch.id.clone()).or_default() += 1;
+    if packed {
+        shared.ledger.packed_sends += 1;
+    } else {
+        shared.ledger.struct_sends += 1;
+    }
     if shared.behaviour.down {
         return (StatusCode::SERVICE_UNAVAILABLE, "down on purpose").into_response();
     }

@@ -89,6 +89,7 @@ pub fn decode(body: &[u8], limits: Limits) -> Option<SendRequest> {
         match name {
             "batchId" if id.is_none() => id = Some(BatchId::parse(c.string_value()?).ok()?),
             "readings" if readings.is_none() => readings = Some(reading_array(&mut c)?),
+            "packedReadings" if readings.is_none() => readings = Some(packed_readings(&mut c)?),
             "parties" if parties.is_none() => parties = Some(party_array(&mut c)?),
             _ => return None,
         }
@@ -133,6 +134,18 @@ fn reading_array(c: &mut Cursor<'_>) -> Option<Vec<Reading>> {
     }
     c.expect(b"</data></array></value>")?;
     Some(readings)
+}
+
+/// `<value><base64>BLOCK</base64></value>`, the block without whitespace.
+fn packed_readings(c: &mut Cursor<'_>) -> Option<Vec<Reading>> {
+    use base64::Engine as _;
+    c.expect(b"<value><base64>")?;
+    let text = c.text()?;
+    c.expect(b"</base64></value>")?;
+    let block = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    super::packed::decode(&block).ok()
 }
 
 fn party_array(c: &mut Cursor<'_>) -> Option<Vec<Payer>> {

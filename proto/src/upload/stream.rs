@@ -157,6 +157,7 @@ fn batch(p: &mut Parser<'_>) -> Option<Batch> {
                 id = Some(BatchId::parse(&text_of(scalar(p)?)?).ok()?);
             }
             "readings" if readings.is_none() => readings = Some(reading_array(p)?),
+            "packedReadings" if readings.is_none() => readings = Some(packed_readings(p)?),
             "parties" if parties.is_none() => parties = Some(party_array(p)?),
             _ => return None,
         }
@@ -186,6 +187,16 @@ fn reading_array(p: &mut Parser<'_>) -> Option<Vec<Reading>> {
         readings.push(reading);
     }
     Some(readings)
+}
+
+/// After `<value>`: a `<base64>` packed block through `</value>`.
+fn packed_readings(p: &mut Parser<'_>) -> Option<Vec<Reading>> {
+    typed(p, Tag::Base64)?;
+    let Value::Base64(block) = p.typed(Tag::Base64).ok()? else {
+        return None;
+    };
+    p.expect_close("").ok()?; // </value>
+    super::packed::decode(&block).ok()
 }
 
 fn party_array(p: &mut Parser<'_>) -> Option<Vec<Payer>> {
