@@ -15,6 +15,9 @@
 //! With `BENCH_STORE=postgres://...`, `SEND_BENCH_NODES=N` opens N
 //! backoffices (nodes, each with its own connections) on the one database
 //! and sends meter m's batches to node m modulo N (in process).
+//! `SEND_BENCH_PERF_CONTROL=FIFO` writes `enable` and `disable` to perf's
+//! control FIFO around the timed part (`perf record -D -1 --control
+//! fifo:FIFO ...`), so that a profile leaves out the setup.
 //! Readings go packed, as meterd sends them; `SEND_BENCH_FORM=structs`
 //! sends them as an array of structs instead (Cox's members, any client).
 
@@ -240,6 +243,13 @@ fn main() {
         (None, None)
     };
     let address = stop.as_ref().map(|(_, address)| *address);
+    let perf_control = std::env::var("SEND_BENCH_PERF_CONTROL").ok();
+    let perf = |command: &str| {
+        if let Some(fifo) = &perf_control {
+            std::fs::write(fifo, format!("{command}\n")).expect("perf's control FIFO");
+        }
+    };
+    perf("enable");
     let started = Instant::now();
     let cpu_started = cpu_seconds();
     let sending = std::sync::atomic::AtomicBool::new(true);
@@ -307,6 +317,7 @@ fn main() {
         latencies
     });
     let elapsed = started.elapsed().as_secs_f64();
+    perf("disable");
     let cpu = cpu_started
         .zip(cpu_seconds())
         .map(|(before, after)| after - before);

@@ -656,10 +656,9 @@ impl<S: Store> Backoffice<S> {
         }
         let found = self
             .store
-            .customers(&payers)
+            .customer_terms(&payers)
             .map_err(|error| internal(&error))?;
-        for (cid, customer) in payers.into_iter().zip(found) {
-            let terms = customer.map(|customer| (customer.credit_limit, customer.denied));
+        for (cid, terms) in payers.into_iter().zip(found) {
             lookups.customers.insert(cid, terms);
         }
         for usage in uses {
@@ -890,7 +889,7 @@ impl<S: Store> Backoffice<S> {
         uses: &[Use],
     ) -> Result<Vec<Fate>, Fault> {
         let mut fates = Vec::with_capacity(uses.len());
-        let mut jobs = Vec::new();
+        let mut jobs = Vec::with_capacity(uses.len());
         for usage in uses {
             match self.plan(lookups, stored, periods, usage)? {
                 Err(reason) => fates.push(Fate::Suspense(reason)),

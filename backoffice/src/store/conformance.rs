@@ -204,12 +204,32 @@ pub(crate) fn the_registry_issues_ids_in_order_and_keeps_records(harness: &impl 
     store
         .change_customer(&denied.cid, &|customer| customer.denied = true)
         .unwrap();
+    let ada_cid = denied.cid;
     assert_eq!(store.customer(&denied.cid).unwrap(), Some(denied));
+    // Terms, as every batch reads them (the sled store keeps them in
+    // memory): a change, and a customer made after a batch named their
+    // CID, are seen at once by the next read.
+    let c3 = Cid::parse("B1-C3").unwrap();
+    assert_eq!(
+        store.customer_terms(&[ada_cid, c3]).unwrap(),
+        vec![Some((Amount::ZERO, true)), None]
+    );
+    let limit = Amount::parse("-5").unwrap();
+    store
+        .change_customer(&ada_cid, &|customer| {
+            customer.credit_limit = limit;
+            customer.denied = false;
+        })
+        .unwrap();
     // Serials continue after a reopen.
     let carol = store
         .create_customer(&bid, "Carol", "carol@example.org")
         .unwrap();
     assert_eq!(carol.cid.as_str(), "B1-C3");
+    assert_eq!(
+        store.customer_terms(&[ada_cid, c3]).unwrap(),
+        vec![Some((limit, false)), Some((Amount::ZERO, false))]
+    );
 }
 
 /// Two writers change different fields of one customer at once (an

@@ -288,6 +288,9 @@ pub(crate) fn itemised_taken(key: &BatchKey, arrived_ms: u64) -> StoreError {
     ))
 }
 
+/// A customer's credit limit and whether an operator denied them.
+pub type CustomerTerms = (proto::Amount, bool);
+
 /// What the backoffice keeps durably.
 pub trait Store {
     /// Every transfer posted, in order, as a ledger.
@@ -489,6 +492,15 @@ pub trait Store {
     /// one round trip where the store has them.
     fn customers(&self, cids: &[Cid]) -> Result<Vec<Option<Customer>>, StoreError> {
         cids.iter().map(|cid| self.customer(cid)).collect()
+    }
+    /// Each customer's credit limit and deny flag, in the order asked
+    /// (`None`: no such customer): what every batch reads of its payers.
+    fn customer_terms(&self, cids: &[Cid]) -> Result<Vec<Option<CustomerTerms>>, StoreError> {
+        Ok(self
+            .customers(cids)?
+            .into_iter()
+            .map(|customer| customer.map(|customer| (customer.credit_limit, customer.denied)))
+            .collect())
     }
     /// A customer by e-mail address (any case).
     fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError>;
@@ -1126,6 +1138,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.customers(cids),
             AnyStore::Postgres(store) => store.customers(cids),
+        }
+    }
+
+    fn customer_terms(&self, cids: &[Cid]) -> Result<Vec<Option<CustomerTerms>>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.customer_terms(cids),
+            AnyStore::Postgres(store) => store.customer_terms(cids),
         }
     }
 

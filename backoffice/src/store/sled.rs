@@ -127,6 +127,11 @@ pub struct SledStore {
     /// does not decode its meter's grants from sled again. Every change of
     /// a grant goes through this store, which forgets its meter's entry.
     meter_grants: std::sync::Mutex<std::collections::HashMap<Mid, Vec<Grant>>>,
+    /// Customers' terms as every batch reads them (payers by the thousand),
+    /// so that a batch does not decode its payers' records again; at most
+    /// `CUSTOMER_TERMS_CACHED_MAX`. Every change of a customer goes through
+    /// this store, which forgets its entry.
+    customer_terms: std::sync::Mutex<crate::hashing::Map<Cid, Option<super::CustomerTerms>>>,
     period_uses: sled::Tree,
     /// `PeriodKey` -> uses of that period that moved no money (`free_uses`).
     free_uses: sled::Tree,
@@ -192,6 +197,7 @@ impl SledStore {
             grants: db.open_tree("grants")?,
             grant_index: db.open_tree("grant_index")?,
             meter_grants: std::sync::Mutex::default(),
+            customer_terms: std::sync::Mutex::default(),
             period_uses: db.open_tree("period_uses")?,
             free_uses: db.open_tree("free_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
@@ -838,12 +844,38 @@ impl Store for SledStore {
             },
         );
         let customer = outcome?;
+        self.cached_customer_terms().remove(&customer.cid);
         self.sync()?;
         Ok(customer)
     }
 
     fn customer(&self, cid: &Cid) -> Result<Option<Customer>, StoreError> {
         Self::read(&self.customers, cid.as_str().as_bytes())
+    }
+
+    fn customer_terms(
+        &self,
+        cids: &[Cid],
+    ) -> Result<Vec<Option<super::CustomerTerms>>, StoreError> {
+        // Read under the lock: a change committed meanwhile forgets the
+        // entry only after this read put it there, never before.
+        let mut cached = self.cached_customer_terms();
+        let mut terms = Vec::with_capacity(cids.len());
+        for cid in cids {
+            if let Some(known) = cached.get(cid) {
+                terms.push(*known);
+                continue;
+            }
+            let customer: Option<Customer> = Self::read(&self.customers, cid.as_str().as_bytes())?;
+            let found = customer.map(|customer| (customer.credit_limit, customer.denied));
+            // Bounded: a branch with more payers than this rereads them.
+            if cached.len() >= CUSTOMER_TERMS_CACHED_MAX {
+                cached.clear();
+            }
+            cached.insert(*cid, found);
+            terms.push(found);
+        }
+        Ok(terms)
     }
 
     fn customer_by_email(&self, email: &str) -> Result<Option<Customer>, StoreError> {
@@ -912,6 +944,7 @@ impl Store for SledStore {
             Ok(customer)
         });
         let customer = outcome?;
+        self.cached_customer_terms().remove(&customer.cid);
         self.sync()?;
         Ok(customer)
     }
@@ -1215,7 +1248,18 @@ impl SledStore {
 /// Most meters whose grants are kept in memory.
 pub const METER_GRANTS_CACHED_MAX: usize = 100_000;
 
+/// Most customers whose terms are kept in memory (about 80 bytes each).
+pub const CUSTOMER_TERMS_CACHED_MAX: usize = 100_000;
+
 impl SledStore {
+    fn cached_customer_terms(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::hashing::Map<Cid, Option<super::CustomerTerms>>> {
+        self.customer_terms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn cached_meter_grants(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Mid, Vec<Grant>>> {

@@ -113,7 +113,9 @@ pub fn decode(block: &[u8]) -> Result<Vec<Reading>, Fault> {
             "{string_count} strings for {count} readings (at most 3 per reading)"
         )));
     }
-    let mut strings: Vec<&str> = Vec::with_capacity(string_count as usize);
+    // Sized by what the rest of the block can hold (a string takes at
+    // least 2 bytes), not by what it claims.
+    let mut strings: Vec<&str> = Vec::with_capacity((string_count as usize).min(r.rest.len() / 2));
     for number in 0..string_count {
         let text = r
             .string()
