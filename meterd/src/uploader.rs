@@ -40,6 +40,19 @@ pub const HOLD_RECHECK_MS: u64 = 5_000;
 
 pub use crate::backoffice::Endpoint;
 
+/// How long readings go as structs after a backoffice refused them packed.
+pub const STRUCTS_AFTER_REFUSAL_MS: u64 = 3_600_000;
+
+/// Whether `fault` is how a backoffice that does not read packed readings
+/// refuses them: invalid parameters, a batch without a `readings` array.
+/// Any other fault is the batch's own and is not hidden by sending it again.
+fn refuses_packed_readings(fault: &proto::Fault) -> bool {
+    fault.registered() == Some(FaultCode::InvalidParams)
+        && fault
+            .message
+            .starts_with("send: batch needs an array of readings")
+}
+
 /// Why an upload failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -80,9 +93,9 @@ pub struct Uploader {
     /// Until when (ms since the Unix epoch) the first waiting reading is
     /// held back for its enclosing use: no timed upload before then.
     held_until_ms: std::sync::atomic::AtomicU64,
-    /// False once the backoffice refused the packed reading form (a
-    /// backoffice older than it): readings then go as structs.
-    packed: std::sync::atomic::AtomicBool,
+    /// Until when (ms since the Unix epoch) readings go as structs: set
+    /// when a backoffice refused the packed form as one older than it does.
+    structs_until_ms: std::sync::atomic::AtomicU64,
 }
 
 fn lock(table: &Mutex<StatusTable>) -> std::sync::MutexGuard<'_, StatusTable> {
@@ -115,7 +128,7 @@ impl Uploader {
             signals,
             contexts,
             held_until_ms: std::sync::atomic::AtomicU64::new(0),
-            packed: std::sync::atomic::AtomicBool::new(true),
+            structs_until_ms: std::sync::atomic::AtomicU64::new(0),
             mid: backoffice.mid(),
             backoffice,
         }
@@ -308,7 +321,10 @@ impl Uploader {
         batch_id: &BatchId,
     ) -> Result<SavedTable, UploadError> {
         let timeout = Duration::from_millis(UPLOAD_TIMEOUT_MS);
-        let packed = self.packed.load(std::sync::atomic::Ordering::Relaxed);
+        let packed = now_ms()
+            >= self
+                .structs_until_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
         let form = if packed {
             ReadingsForm::Packed
         } else {
@@ -323,19 +339,20 @@ impl Uploader {
             )
             .await;
         let value = match sent {
-            // Only a backoffice that does not know the packed form refuses
-            // our own encoding of a batch as invalid parameters; the answer
-            // is signed, so nobody else can make the meter switch. The same
-            // batch goes again at once, as structs, and so do all later ones.
-            Err(BackofficeError::Refused(fault))
-                if packed && fault.registered() == Some(FaultCode::InvalidParams) =>
-            {
-                self.packed
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            // What a backoffice that does not know the packed form answers
+            // (signed, so nobody without the meter's secret can make the
+            // meter switch). The same batch goes again at once as structs,
+            // and so do all others for an hour (one node of several may be
+            // upgraded later than the rest); then packed is tried again.
+            Err(BackofficeError::Refused(fault)) if packed && refuses_packed_readings(&fault) => {
+                self.structs_until_ms.store(
+                    now_ms().saturating_add(STRUCTS_AFTER_REFUSAL_MS),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tracing::warn!(
                     reason = %fault.message,
-                    "the backoffice does not read packed readings (an older version?): \
-                     sending readings as structs from now on, about 40 times larger"
+                    "the backoffice does not read packed readings (a version before them): \
+                     sending readings as structs, about 40 times larger, for an hour"
                 );
                 self.backoffice
                     .call(
@@ -360,5 +377,27 @@ impl Uploader {
             standings: answer.standings,
             params: answer.params,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::Fault;
+
+    #[test]
+    fn only_the_old_backoffices_refusal_switches_to_structs() {
+        let old = Fault::invalid_params("send: batch needs an array of readings");
+        assert!(refuses_packed_readings(&old));
+        for other in [
+            Fault::invalid_params("send: batch needs a string batchId"),
+            Fault::invalid_params("send: packedReadings is not a packed block: it is empty"),
+            Fault::new(
+                FaultCode::InvalidReading,
+                "send: batch needs an array of readings",
+            ),
+        ] {
+            assert!(!refuses_packed_readings(&other), "{other}");
+        }
     }
 }

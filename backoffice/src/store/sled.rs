@@ -131,7 +131,10 @@ pub struct SledStore {
     /// so that a batch does not decode its payers' records again; at most
     /// `CUSTOMER_TERMS_CACHED_MAX`. Every change of a customer goes through
     /// this store, which forgets its entry.
-    customer_terms: std::sync::Mutex<crate::hashing::Map<Cid, Option<super::CustomerTerms>>>,
+    customer_terms: std::sync::Mutex<crate::hashing::Map<Cid, super::CustomerTerms>>,
+    /// Counts changes of customers: a read that began before one keeps
+    /// nothing it read in `customer_terms`.
+    customer_generation: std::sync::atomic::AtomicU64,
     period_uses: sled::Tree,
     /// `PeriodKey` -> uses of that period that moved no money (`free_uses`).
     free_uses: sled::Tree,
@@ -198,6 +201,7 @@ impl SledStore {
             grant_index: db.open_tree("grant_index")?,
             meter_grants: std::sync::Mutex::default(),
             customer_terms: std::sync::Mutex::default(),
+            customer_generation: std::sync::atomic::AtomicU64::new(0),
             period_uses: db.open_tree("period_uses")?,
             free_uses: db.open_tree("free_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
@@ -844,7 +848,7 @@ impl Store for SledStore {
             },
         );
         let customer = outcome?;
-        self.cached_customer_terms().remove(&customer.cid);
+        self.forget_customer_terms(&customer.cid);
         self.sync()?;
         Ok(customer)
     }
@@ -857,23 +861,43 @@ impl Store for SledStore {
         &self,
         cids: &[Cid],
     ) -> Result<Vec<Option<super::CustomerTerms>>, StoreError> {
-        // Read under the lock: a change committed meanwhile forgets the
-        // entry only after this read put it there, never before.
-        let mut cached = self.cached_customer_terms();
-        let mut terms = Vec::with_capacity(cids.len());
-        for cid in cids {
-            if let Some(known) = cached.get(cid) {
-                terms.push(*known);
+        let generation = self
+            .customer_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut terms: Vec<Option<super::CustomerTerms>> = {
+            let cached = self.cached_customer_terms();
+            cids.iter().map(|cid| cached.get(cid).copied()).collect()
+        };
+        // The rest is read without the lock (a batch naming thousands of
+        // payers nobody knows keeps nobody else waiting), and only
+        // customers that exist are kept: a meter cannot fill the cache
+        // with CIDs of its own making.
+        let mut found = Vec::new();
+        for (cid, known) in cids.iter().zip(terms.iter_mut()) {
+            if known.is_some() {
                 continue;
             }
             let customer: Option<Customer> = Self::read(&self.customers, cid.as_str().as_bytes())?;
-            let found = customer.map(|customer| (customer.credit_limit, customer.denied));
-            // Bounded: a branch with more payers than this rereads them.
-            if cached.len() >= CUSTOMER_TERMS_CACHED_MAX {
-                cached.clear();
+            if let Some(customer) = customer {
+                *known = Some((customer.credit_limit, customer.denied));
+                found.push((*cid, (customer.credit_limit, customer.denied)));
             }
-            cached.insert(*cid, found);
-            terms.push(found);
+        }
+        if !found.is_empty() {
+            let mut cached = self.cached_customer_terms();
+            // A customer changed since the reads began may have been read
+            // before the change: keep none of them this time.
+            if self
+                .customer_generation
+                .load(std::sync::atomic::Ordering::Acquire)
+                == generation
+            {
+                // Bounded: a branch with more payers than this rereads them.
+                if cached.len() + found.len() > CUSTOMER_TERMS_CACHED_MAX {
+                    cached.clear();
+                }
+                cached.extend(found.into_iter().take(CUSTOMER_TERMS_CACHED_MAX));
+            }
         }
         Ok(terms)
     }
@@ -944,7 +968,7 @@ impl Store for SledStore {
             Ok(customer)
         });
         let customer = outcome?;
-        self.cached_customer_terms().remove(&customer.cid);
+        self.forget_customer_terms(&customer.cid);
         self.sync()?;
         Ok(customer)
     }
@@ -1254,10 +1278,18 @@ pub const CUSTOMER_TERMS_CACHED_MAX: usize = 100_000;
 impl SledStore {
     fn cached_customer_terms(
         &self,
-    ) -> std::sync::MutexGuard<'_, crate::hashing::Map<Cid, Option<super::CustomerTerms>>> {
+    ) -> std::sync::MutexGuard<'_, crate::hashing::Map<Cid, super::CustomerTerms>> {
         self.customer_terms
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// After a customer's record changed: reads in progress keep nothing,
+    /// and the entry goes.
+    fn forget_customer_terms(&self, cid: &Cid) {
+        self.customer_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.cached_customer_terms().remove(cid);
     }
 
     fn cached_meter_grants(

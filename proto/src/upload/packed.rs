@@ -180,23 +180,28 @@ fn malformed(reason: impl std::fmt::Display) -> Fault {
     ))
 }
 
-/// The string table, each entry parsed at most once for each kind it is used as.
+/// The string table, each entry parsed when first used and kept in the
+/// form it was last used as (an ID is parsed again only when the same
+/// string is used as two kinds): one small entry per string, so a block
+/// of many strings costs little more than its bytes.
 struct Table<'a> {
     strings: &'a [&'a str],
-    cids: Vec<Option<Cid>>,
-    pids: Vec<Option<Pid>>,
-    payers: Vec<Option<Payer>>,
-    contexts: Vec<Option<Context>>,
+    parsed: Vec<Parsed>,
+}
+
+#[derive(Clone)]
+enum Parsed {
+    Not,
+    Customer(Cid),
+    Product(Pid),
+    Context(Context),
 }
 
 impl<'a> Table<'a> {
     fn new(strings: &'a [&'a str]) -> Self {
         Table {
             strings,
-            cids: vec![None; strings.len()],
-            pids: vec![None; strings.len()],
-            payers: vec![None; strings.len()],
-            contexts: vec![None; strings.len()],
+            parsed: vec![Parsed::Not; strings.len()],
         }
     }
 
@@ -217,21 +222,26 @@ impl<'a> Table<'a> {
 
     fn payer(&mut self, at: u64, index: usize) -> Result<Payer, Fault> {
         let (at, text) = self.text(at, index)?;
-        if let Some(payer) = self.payers[at] {
-            return Ok(payer);
+        match &self.parsed[at] {
+            Parsed::Customer(cid) => return Ok(Payer::Customer(*cid)),
+            Parsed::Product(pid) => return Ok(Payer::OwnerOf(*pid)),
+            Parsed::Not | Parsed::Context(_) => {}
         }
         let payer = Payer::parse(text).map_err(|error| invalid_reading(index, error))?;
-        self.payers[at] = Some(payer);
+        self.parsed[at] = match payer {
+            Payer::Customer(cid) => Parsed::Customer(cid),
+            Payer::OwnerOf(pid) => Parsed::Product(pid),
+        };
         Ok(payer)
     }
 
     fn context(&mut self, at: u64, index: usize) -> Result<Context, Fault> {
         let (at, text) = self.text(at, index)?;
-        if let Some(context) = &self.contexts[at] {
+        if let Parsed::Context(context) = &self.parsed[at] {
             return Ok(context.clone());
         }
         let context = Context::parse(text).map_err(|error| invalid_reading(index, error))?;
-        self.contexts[at] = Some(context.clone());
+        self.parsed[at] = Parsed::Context(context.clone());
         Ok(context)
     }
 
@@ -245,27 +255,17 @@ impl<'a> Table<'a> {
         index: usize,
     ) -> Result<Event, Fault> {
         let (at, text) = self.text(at, index)?;
-        let event = match code {
-            Code::Login | Code::Logout => match self.cids[at] {
-                Some(cid) if payer.is_none() => {
-                    if code == Code::Login {
-                        Event::Login(cid)
-                    } else {
-                        Event::Logout(cid)
-                    }
-                }
-                _ => event_of(code, text, payer, index)?,
-            },
-            Code::Query | Code::Commit => match self.pids[at] {
-                Some(pid) if code == Code::Query => Event::Query { pid, payer },
-                Some(pid) => Event::Commit { pid, payer },
-                None => event_of(code, text, payer, index)?,
-            },
+        let event = match (code, &self.parsed[at], payer) {
+            (Code::Login, Parsed::Customer(cid), None) => Event::Login(*cid),
+            (Code::Logout, Parsed::Customer(cid), None) => Event::Logout(*cid),
+            (Code::Query, Parsed::Product(pid), payer) => Event::Query { pid: *pid, payer },
+            (Code::Commit, Parsed::Product(pid), payer) => Event::Commit { pid: *pid, payer },
+            _ => event_of(code, text, payer, index)?,
         };
-        match event {
-            Event::Login(cid) | Event::Logout(cid) => self.cids[at] = Some(cid),
-            Event::Query { pid, .. } | Event::Commit { pid, .. } => self.pids[at] = Some(pid),
-        }
+        self.parsed[at] = match event {
+            Event::Login(cid) | Event::Logout(cid) => Parsed::Customer(cid),
+            Event::Query { pid, .. } | Event::Commit { pid, .. } => Parsed::Product(pid),
+        };
         Ok(event)
     }
 }
