@@ -9,7 +9,8 @@
 //! `SEND_BENCH_BATCHES`, default 10; under `cargo test` it runs 1). With
 //! `SEND_BENCH_HTTP=1` the meters POST to the backoffice's own HTTP server on
 //! loopback instead of calling `send` in process (the smoke run always does).
-//! `SEND_BENCH_METERS=N` sends from N meters (default 2);
+//! `SEND_BENCH_METERS=N` sends from N meters (default 2; over HTTP at most
+//! `METER_CALLS_PER_ADDRESS_MAX`, since they all send from 127.0.0.1);
 //! `SEND_BENCH_PAYERS=own` gives each meter payers of its own (as machines
 //! of different customers have) instead of every payer on every meter.
 //! With `BENCH_STORE=postgres://...`, `SEND_BENCH_NODES=N` opens N
@@ -202,6 +203,12 @@ fn main() {
     // The smoke run under `cargo test` goes over HTTP, which the tests of
     // `send` itself do not.
     let http = std::env::var("SEND_BENCH_HTTP").map_or(testing, |value| value == "1");
+    assert!(
+        !http || meter_count <= backoffice::listen::METER_CALLS_PER_ADDRESS_MAX,
+        "over HTTP at most {} meters: the backoffice answers more calls at once from one \
+         address 503",
+        backoffice::listen::METER_CALLS_PER_ADDRESS_MAX
+    );
     let service = std::sync::Arc::new(backoffice::server::Service {
         backoffice,
         bid,
@@ -308,13 +315,14 @@ fn main() {
                 })
             })
             .collect();
-        let latencies = handles
-            .into_iter()
-            .flat_map(|handle| handle.join().unwrap())
-            .collect();
+        let sent: Vec<_> = handles.into_iter().map(|handle| handle.join()).collect();
+        // The prober stops even when a meter failed, so that the failure
+        // ends the run instead of leaving it waiting for ever.
         sending.store(false, std::sync::atomic::Ordering::Relaxed);
         deposit_latencies = prober.join().unwrap();
-        latencies
+        sent.into_iter()
+            .flat_map(|latencies| latencies.expect("a meter's sends all applied"))
+            .collect::<Vec<_>>()
     });
     let elapsed = started.elapsed().as_secs_f64();
     perf("disable");
