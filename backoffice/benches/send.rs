@@ -359,6 +359,21 @@ fn main() {
             cpu / elapsed
         );
     }
+    // Where a batch's time went, on average (node 0's batches).
+    let counters = service.backoffice.counters();
+    let applied = counters
+        .batches_applied
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(1);
+    let phases: Vec<String> = backoffice::send::Phase::ALL
+        .iter()
+        .zip(&counters.batch_phase_us)
+        .map(|(phase, us)| {
+            let us = us.load(std::sync::atomic::Ordering::Relaxed);
+            format!("{} {:.1}", phase.name(), us as f64 / applied as f64 / 1e3)
+        })
+        .collect();
+    println!("phases, ms per batch: {}", phases.join(", "));
     if let (Some((stop, _)), Some(server)) = (stop, server) {
         stop.send(()).unwrap();
         server.join().unwrap();

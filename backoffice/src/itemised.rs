@@ -262,9 +262,40 @@ struct Part {
     previous_seq: u64,
     previous_time: u64,
     table_bytes: usize,
+    /// For each field (`Field`), the string it named last, + 1 (0: none):
+    /// consecutive readings mostly repeat their context, product and
+    /// owner, and a comparison is cheaper than a hash lookup.
+    recent: [u32; FIELDS],
 }
 
+/// The fields that name a string, each remembering the last it named.
+#[derive(Clone, Copy)]
+enum Field {
+    Context,
+    Id,
+    Payer,
+    PricedPayer,
+    Owner,
+    Reason,
+}
+
+const FIELDS: usize = 6;
+
 impl Part {
+    /// `string` for `field`, looked up only when it names another string
+    /// than the last time.
+    fn string_in(&mut self, field: Field, text: &str) -> u128 {
+        let recent = self.recent[field as usize];
+        if let Some(index) = recent.checked_sub(1)
+            && self.strings[index as usize] == text
+        {
+            return u128::from(index);
+        }
+        let index = self.string(text);
+        self.recent[field as usize] = u32::try_from(index).expect("a record has few strings") + 1;
+        index
+    }
+
     fn string(&mut self, text: &str) -> u128 {
         if let Some(&index) = self.string_index.get(text) {
             return u128::from(index);
@@ -338,15 +369,15 @@ impl Encoder {
         );
         part.previous_seq = reading.seq;
         part.previous_time = reading.time_ms;
-        let context = part.string(reading.context.as_str());
+        let context = part.string_in(Field::Context, reading.context.as_str());
         put_varint(item, context);
         item.push(reading.event.code().as_char() as u8);
-        let id = part.string(reading.event.id_str());
+        let id = part.string_in(Field::Id, reading.event.id_str());
         put_varint(item, id);
         match reading.event.payer() {
             None => put_varint(item, 0),
             Some(payer) => {
-                let payer = part.string(payer.as_str());
+                let payer = part.string_in(Field::Payer, payer.as_str());
                 put_varint(item, payer + 1);
             }
         }
@@ -359,14 +390,14 @@ impl Encoder {
                 while !reason.is_char_boundary(end) {
                     end -= 1;
                 }
-                let reason = part.string(&reason[..end]);
+                let reason = part.string_in(Field::Reason, &reason[..end]);
                 put_varint(item, reason);
             }
             Outcome::Priced(priced) => {
                 item.push(3);
-                let payer = part.string(priced.payer.as_str());
+                let payer = part.string_in(Field::PricedPayer, priced.payer.as_str());
                 put_varint(item, payer);
-                let owner = part.string(priced.owner.as_str());
+                let owner = part.string_in(Field::Owner, priced.owner.as_str());
                 put_varint(item, owner);
                 put_varint(item, zigzag(priced.amount.nanos()));
                 put_varint(item, u128::from(priced.fuel));

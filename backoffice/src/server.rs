@@ -274,6 +274,21 @@ async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
         "For the last applied batch: from its oldest reading to its arrival.",
         format!("{}.{:03}", lag_ms / 1000, lag_ms % 1000),
     );
+    let _ = write!(
+        text,
+        "# HELP backoffice_batch_phase_seconds_total Where applied batches' time went, summed over them, by phase.\n\
+         # TYPE backoffice_batch_phase_seconds_total counter\n"
+    );
+    for (phase, us) in crate::send::Phase::ALL.iter().zip(&counters.batch_phase_us) {
+        let us = us.load(Relaxed);
+        let _ = writeln!(
+            text,
+            "backoffice_batch_phase_seconds_total{{phase=\"{}\"}} {}.{:06}",
+            phase.name(),
+            us / 1_000_000,
+            us % 1_000_000
+        );
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

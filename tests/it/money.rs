@@ -165,6 +165,31 @@ fn uses_through_meterd(store: Option<&str>) {
     assert!(value("backoffice_pricing_fuel_total") > 0);
     assert_eq!(value("backoffice_suspense_readings"), 0);
     assert!(metrics.body.contains("\nbackoffice_upload_lag_seconds "));
+    // Where the batches' time went, by phase: every phase named, and the
+    // whole of it more than nothing.
+    let phases: Vec<f64> = [
+        "decoding",
+        "looking_up",
+        "waiting_for_periods",
+        "pricing",
+        "waiting_for_ledger",
+        "under_ledger",
+        "durable",
+    ]
+    .iter()
+    .map(|phase| {
+        let name = format!("backoffice_batch_phase_seconds_total{{phase=\"{phase}\"}} ");
+        metrics
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(&name))
+            .unwrap_or_else(|| panic!("{name} in {}", metrics.body))
+            .parse()
+            .unwrap()
+    })
+    .collect();
+    assert!(phases.iter().sum::<f64>() > 0.0, "{phases:?}");
+    assert!(phases[3] > 0.0, "pricing took time: {phases:?}");
     let health = visitor.get("/health");
     assert_eq!(health.status, 200);
     assert!(health.body.starts_with("ok\n"), "{}", health.body);

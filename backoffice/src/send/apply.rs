@@ -536,7 +536,9 @@ impl<S: Store> Backoffice<S> {
         digest: Option<BatchDigest>,
         request: &SendRequest,
         now_ms: u64,
+        mut phases: super::Phases,
     ) -> Result<Value, Fault> {
+        use super::Phase;
         let started = std::time::Instant::now();
         let mut uses = match &request.body {
             SendBody::Batch(batch) => extended_uses(&batch.readings),
@@ -565,7 +567,9 @@ impl<S: Store> Backoffice<S> {
         // checked (re-pricing, which does not reserve, may have moved them):
         // if any moved, the batch is priced again there.
         let priced_in = self.periods_of(&mut lookups, &uses)?;
+        phases.mark(Phase::LookingUp);
         let reserved = self.periods_in_use.reserve(priced_in.clone())?;
+        phases.mark(Phase::WaitingForPeriods);
         let unpriced = uses.clone();
         // The counts they start from (where an earlier batch still being
         // posted left them, or read in one step) once reserved.
@@ -585,7 +589,9 @@ impl<S: Store> Backoffice<S> {
         {
             reserved.hand_over(&periods_early, &bases);
         }
+        phases.mark(Phase::Pricing);
         let mut ledger = self.ledger_for_write()?;
+        phases.mark(Phase::WaitingForLedger);
         // Under the lock, where batches are staged one at a time: a batch
         // id that came meanwhile is a repeat, and readings that another
         // batch id of the same meter instance brought are refused.
@@ -744,7 +750,10 @@ impl<S: Store> Backoffice<S> {
                 ledger.commit(prepared);
                 drop(ledger);
                 drop(reserved);
+                phases.mark(Phase::UnderLedger);
                 self.durable()?;
+                phases.mark(Phase::Durable);
+                phases.count(&self.counters);
                 let oldest = uses
                     .iter()
                     .map(|usage| usage.time_ms)

@@ -157,6 +157,7 @@ impl<S: Store> Backoffice<S> {
         verified: Verified<'_>,
         now_ms: u64,
     ) -> Result<Value, Fault> {
+        let mut phases = super::Phases::start();
         self.still_durable()?;
         let request = match SendRequest::decode_extended(body, Limits::BACKOFFICE) {
             Some(request) => request,
@@ -205,7 +206,8 @@ impl<S: Store> Backoffice<S> {
         {
             return self.repeated(&key, digest.as_ref(), applied, &request.body, now_ms);
         }
-        self.apply(&key, digest, &request, now_ms)
+        phases.mark(super::Phase::Decoding);
+        self.apply(&key, digest, &request, now_ms, phases)
     }
 
     /// Cox's form has no batch id: it is named by its signature. The very

@@ -135,6 +135,85 @@ pub struct Counters {
     /// For the last applied batch: ms between its oldest reading and its
     /// arrival.
     pub upload_lag_ms: AtomicU64,
+    /// Where applied batches' time went: microseconds in each phase,
+    /// summed over all of them (`Phase`).
+    pub batch_phase_us: [AtomicU64; Phase::ALL.len()],
+}
+
+/// The phases of an applied batch, in order, for `Counters::batch_phase_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Decoding the body and the readings digest.
+    Decoding,
+    /// Reading the grants, customers, products and TACAs it names.
+    LookingUp,
+    /// Waiting for another batch of the same payers to finish pricing.
+    WaitingForPeriods,
+    /// Pricing its uses.
+    Pricing,
+    /// Waiting for the ledger's lock.
+    WaitingForLedger,
+    /// Under the ledger's lock: posting, standings, itemised records, the
+    /// store's transaction.
+    UnderLedger,
+    /// Waiting for the store to make it durable.
+    Durable,
+}
+
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 7] = [
+        Phase::Decoding,
+        Phase::LookingUp,
+        Phase::WaitingForPeriods,
+        Phase::Pricing,
+        Phase::WaitingForLedger,
+        Phase::UnderLedger,
+        Phase::Durable,
+    ];
+
+    /// Its name in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Phase::Decoding => "decoding",
+            Phase::LookingUp => "looking_up",
+            Phase::WaitingForPeriods => "waiting_for_periods",
+            Phase::Pricing => "pricing",
+            Phase::WaitingForLedger => "waiting_for_ledger",
+            Phase::UnderLedger => "under_ledger",
+            Phase::Durable => "durable",
+        }
+    }
+}
+
+/// A batch's time so far in each phase.
+pub(super) struct Phases {
+    last: std::time::Instant,
+    us: [u64; Phase::ALL.len()],
+}
+
+impl Phases {
+    pub(super) fn start() -> Phases {
+        Phases {
+            last: std::time::Instant::now(),
+            us: [0; Phase::ALL.len()],
+        }
+    }
+
+    /// The time since the last mark was spent in `phase`.
+    pub(super) fn mark(&mut self, phase: Phase) {
+        let now = std::time::Instant::now();
+        let spent = u64::try_from(now.duration_since(self.last).as_micros()).unwrap_or(u64::MAX);
+        self.us[phase as usize] = self.us[phase as usize].saturating_add(spent);
+        self.last = now;
+    }
+
+    /// Adds this batch's phases to the counters.
+    pub(super) fn count(&self, counters: &Counters) {
+        for (total, us) in counters.batch_phase_us.iter().zip(self.us) {
+            total.fetch_add(us, Ordering::Relaxed);
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
