@@ -367,10 +367,10 @@ fn main() {
         .max(1);
     let phases: Vec<String> = backoffice::send::Phase::ALL
         .iter()
-        .zip(&counters.batch_phase_us)
-        .map(|(phase, us)| {
-            let us = us.load(std::sync::atomic::Ordering::Relaxed);
-            format!("{} {:.1}", phase.name(), us as f64 / applied as f64 / 1e3)
+        .zip(&counters.batch_phase_ns)
+        .map(|(phase, ns)| {
+            let ns = ns.load(std::sync::atomic::Ordering::Relaxed);
+            format!("{} {:.1}", phase.name(), ns as f64 / applied as f64 / 1e6)
         })
         .collect();
     println!("phases, ms per batch: {}", phases.join(", "));

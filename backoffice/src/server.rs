@@ -279,14 +279,14 @@ async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
         "# HELP backoffice_batch_phase_seconds_total Where applied batches' time went, summed over them, by phase.\n\
          # TYPE backoffice_batch_phase_seconds_total counter\n"
     );
-    for (phase, us) in crate::send::Phase::ALL.iter().zip(&counters.batch_phase_us) {
-        let us = us.load(Relaxed);
+    for (phase, ns) in crate::send::Phase::ALL.iter().zip(&counters.batch_phase_ns) {
+        let ns = ns.load(Relaxed);
         let _ = writeln!(
             text,
-            "backoffice_batch_phase_seconds_total{{phase=\"{}\"}} {}.{:06}",
+            "backoffice_batch_phase_seconds_total{{phase=\"{}\"}} {}.{:09}",
             phase.name(),
-            us / 1_000_000,
-            us % 1_000_000
+            ns / 1_000_000_000,
+            ns % 1_000_000_000
         );
     }
     (

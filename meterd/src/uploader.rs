@@ -48,9 +48,9 @@ pub const STRUCTS_AFTER_REFUSAL_MS: u64 = 3_600_000;
 /// Any other fault is the batch's own and is not hidden by sending it again.
 fn refuses_packed_readings(fault: &proto::Fault) -> bool {
     fault.registered() == Some(FaultCode::InvalidParams)
-        && fault
-            .message
-            .starts_with("send: batch needs an array of readings")
+        // Exactly its words: this version's own message for a batch
+        // without readings says more, and is the batch's own fault.
+        && fault.message == "send: batch needs an array of readings"
 }
 
 /// Why an upload failed.
@@ -391,6 +391,9 @@ mod tests {
         assert!(refuses_packed_readings(&old));
         for other in [
             Fault::invalid_params("send: batch needs a string batchId"),
+            Fault::invalid_params(
+                "send: batch needs an array of readings (or packedReadings, base64)",
+            ),
             Fault::invalid_params("send: packedReadings is not a packed block: it is empty"),
             Fault::new(
                 FaultCode::InvalidReading,

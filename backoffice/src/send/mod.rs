@@ -135,15 +135,16 @@ pub struct Counters {
     /// For the last applied batch: ms between its oldest reading and its
     /// arrival.
     pub upload_lag_ms: AtomicU64,
-    /// Where applied batches' time went: microseconds in each phase,
+    /// Where applied batches' time went: nanoseconds in each phase,
     /// summed over all of them (`Phase`).
-    pub batch_phase_us: [AtomicU64; Phase::ALL.len()],
+    pub batch_phase_ns: [AtomicU64; Phase::ALL.len()],
 }
 
-/// The phases of an applied batch, in order, for `Counters::batch_phase_us`.
+/// The phases of an applied batch, in order, for `Counters::batch_phase_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Decoding the body and the readings digest.
+    /// From the verified body to its application: decoding, the readings
+    /// digest, the checks for a replay and a batch applied before.
     Decoding,
     /// Reading the grants, customers, products and TACAs it names.
     LookingUp,
@@ -189,29 +190,29 @@ impl Phase {
 /// A batch's time so far in each phase.
 pub(super) struct Phases {
     last: std::time::Instant,
-    us: [u64; Phase::ALL.len()],
+    ns: [u64; Phase::ALL.len()],
 }
 
 impl Phases {
     pub(super) fn start() -> Phases {
         Phases {
             last: std::time::Instant::now(),
-            us: [0; Phase::ALL.len()],
+            ns: [0; Phase::ALL.len()],
         }
     }
 
     /// The time since the last mark was spent in `phase`.
     pub(super) fn mark(&mut self, phase: Phase) {
         let now = std::time::Instant::now();
-        let spent = u64::try_from(now.duration_since(self.last).as_micros()).unwrap_or(u64::MAX);
-        self.us[phase as usize] = self.us[phase as usize].saturating_add(spent);
+        let spent = u64::try_from(now.duration_since(self.last).as_nanos()).unwrap_or(u64::MAX);
+        self.ns[phase as usize] = self.ns[phase as usize].saturating_add(spent);
         self.last = now;
     }
 
     /// Adds this batch's phases to the counters.
     pub(super) fn count(&self, counters: &Counters) {
-        for (total, us) in counters.batch_phase_us.iter().zip(self.us) {
-            total.fetch_add(us, Ordering::Relaxed);
+        for (total, ns) in counters.batch_phase_ns.iter().zip(self.ns) {
+            total.fetch_add(ns, Ordering::Relaxed);
         }
     }
 }
