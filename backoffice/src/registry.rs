@@ -49,6 +49,14 @@ pub struct Customer {
     pub phone: Option<String>,
 }
 
+impl Customer {
+    /// What every batch reads of a payer: the credit limit and whether an
+    /// operator denied them.
+    pub fn terms(&self) -> crate::store::CustomerTerms {
+        (self.credit_limit, self.denied)
+    }
+}
+
 /// Cox's registration fields beyond the name and e-mail address.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Profile {

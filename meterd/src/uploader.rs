@@ -50,7 +50,7 @@ fn refuses_packed_readings(fault: &proto::Fault) -> bool {
     fault.registered() == Some(FaultCode::InvalidParams)
         // Exactly its words: this version's own message for a batch
         // without readings says more, and is the batch's own fault.
-        && fault.message == "send: batch needs an array of readings"
+        && fault.message == proto::upload::NO_READINGS_ARRAY
 }
 
 /// Why an upload failed.
@@ -330,15 +330,13 @@ impl Uploader {
         } else {
             ReadingsForm::Structs
         };
-        let sent = self
-            .backoffice
-            .call(
-                proto::upload::SEND_METHOD,
-                &request.to_params_in(form),
-                timeout,
-            )
-            .await;
-        let value = match sent {
+        let send = |form| async move {
+            let params = request.to_params_in(form);
+            self.backoffice
+                .call(proto::upload::SEND_METHOD, &params, timeout)
+                .await
+        };
+        let value = match send(form).await {
             // What a backoffice that does not know the packed form answers
             // (signed, so nobody without the meter's secret can make the
             // meter switch). The same batch goes again at once as structs,
@@ -354,13 +352,7 @@ impl Uploader {
                     "the backoffice does not read packed readings (a version before them): \
                      sending readings as structs, about 40 times larger, for an hour"
                 );
-                self.backoffice
-                    .call(
-                        proto::upload::SEND_METHOD,
-                        &request.to_params_in(ReadingsForm::Structs),
-                        timeout,
-                    )
-                    .await?
+                send(ReadingsForm::Structs).await?
             }
             sent => sent?,
         };
@@ -387,7 +379,7 @@ mod tests {
 
     #[test]
     fn only_the_old_backoffices_refusal_switches_to_structs() {
-        let old = Fault::invalid_params("send: batch needs an array of readings");
+        let old = Fault::invalid_params(proto::upload::NO_READINGS_ARRAY);
         assert!(refuses_packed_readings(&old));
         for other in [
             Fault::invalid_params("send: batch needs a string batchId"),

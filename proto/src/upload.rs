@@ -27,6 +27,11 @@ pub const BATCH_READINGS_MAX: usize = 50_000;
 /// The XML-RPC method name of the upload.
 pub const SEND_METHOD: &str = "send";
 
+/// How a backoffice from before the packed form refuses a batch that carries
+/// `packedReadings` (`InvalidParams`), word for word: meters recognise it and
+/// send the batch again as structs.
+pub const NO_READINGS_ARRAY: &str = "send: batch needs an array of readings";
+
 /// Most parties a meter may ask the standing of in one batch.
 pub const BATCH_PARTIES_MAX: usize = 10_000;
 
@@ -414,14 +419,13 @@ impl Batch {
 }
 
 /// How an extended-form batch carries its readings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadingsForm {
     /// An array of reading structs (`readings`): any XML-RPC client can
     /// write it, and every backoffice reads it.
     Structs,
     /// One base64 block (`packedReadings`, see [`packed`]): about 40 times
     /// smaller; read by backoffices from this version on.
-    #[default]
     Packed,
 }
 

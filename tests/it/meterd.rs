@@ -1181,7 +1181,8 @@ fn a_batch_id_sent_again_with_other_readings_is_set_aside_and_its_readings_kept(
 
 /// The meter uploads its readings packed; a backoffice older than that
 /// form refuses it as invalid parameters, and the meter then sends the same
-/// batch, and every later one, as structs, without losing or doubling a use.
+/// batch, and the later ones (for an hour), as structs, without losing or
+/// doubling a use.
 #[test]
 fn readings_go_packed_and_as_structs_to_a_backoffice_that_refuses_packed() {
     let dir = tempfile::tempdir().unwrap();

@@ -450,7 +450,7 @@ fn send(server: &FakeBackoffice, headers: &HeaderMap, body: &[u8], call: &Method
         lock(&server.shared).ledger.packed_refused += 1;
         // What a backoffice before the packed form answers (signed, as any
         // answer to a call that names a meter).
-        let fault = Fault::invalid_params("send: batch needs an array of readings");
+        let fault = Fault::invalid_params(proto::upload::NO_READINGS_ARRAY);
         return xml(StatusCode::OK, encode_fault(&fault));
     }
     let request = match SendRequest::from_call(call) {

@@ -972,7 +972,7 @@ impl<S: Store> Backoffice<S> {
             .store
             .customer(&cid)
             .map_err(|error| internal(&error))?
-            .map(|customer| (customer.credit_limit, customer.denied));
+            .map(|customer| customer.terms());
         lookups.customers.insert(cid, terms);
         Ok(terms)
     }

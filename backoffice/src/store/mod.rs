@@ -499,7 +499,7 @@ pub trait Store {
         Ok(self
             .customers(cids)?
             .into_iter()
-            .map(|customer| customer.map(|customer| (customer.credit_limit, customer.denied)))
+            .map(|customer| customer.as_ref().map(Customer::terms))
             .collect())
     }
     /// A customer by e-mail address (any case).

@@ -879,8 +879,8 @@ impl Store for SledStore {
             }
             let customer: Option<Customer> = Self::read(&self.customers, cid.as_str().as_bytes())?;
             if let Some(customer) = customer {
-                *known = Some((customer.credit_limit, customer.denied));
-                found.push((*cid, (customer.credit_limit, customer.denied)));
+                *known = Some(customer.terms());
+                found.push((*cid, customer.terms()));
             }
         }
         if !found.is_empty() {
@@ -2059,6 +2059,26 @@ mod tests {
     }
 
     conformance_tests!(SledHarness::new());
+
+    /// A meter names payers of its own making by the thousand: none of
+    /// them is kept in memory, only customers that exist.
+    #[test]
+    fn terms_are_kept_only_for_customers_that_exist() {
+        let store = SledHarness::new().open();
+        let ada = store
+            .create_customer(&Bid::parse("B1").unwrap(), "Ada", "ada@example.org")
+            .unwrap();
+        let mut cids: Vec<Cid> = (1_000..11_000)
+            .map(|n| Cid::parse(&format!("B1-C{n}")).unwrap())
+            .collect();
+        cids.push(ada.cid);
+        let terms = store.customer_terms(&cids).unwrap();
+        assert_eq!(terms.iter().filter(|terms| terms.is_none()).count(), 10_000);
+        assert_eq!(terms.last(), Some(&Some(ada.terms())));
+        let cached = store.cached_customer_terms();
+        assert_eq!(cached.len(), 1);
+        assert_eq!(cached.get(&ada.cid), Some(&ada.terms()));
+    }
 
     #[test]
     fn a_second_open_of_the_same_folder_is_refused_while_the_first_holds_it() {
