@@ -1221,9 +1221,25 @@ impl Pricing {
     /// not change them.
     ///
     /// [`price`]: Pricing::price
-    pub fn price_many(
+    pub fn price_many<T: std::borrow::Borrow<Taca> + Sync>(
         &self,
-        jobs: &[(Arc<Taca>, PriceInput)],
+        jobs: &[(T, PriceInput)],
+    ) -> Vec<Result<Priced, PricingError>> {
+        self.price_each(jobs.len(), |at| {
+            let (taca, input) = &jobs[at];
+            (taca.borrow(), input.clone())
+        })
+    }
+
+    /// Prices `count` readings as [`price_many`] does, the `at`th being
+    /// what `job(at)` gives: each input is made where it is priced, so
+    /// that a batch of thousands holds no list of them.
+    ///
+    /// [`price_many`]: Pricing::price_many
+    pub fn price_each<'t>(
+        &self,
+        count: usize,
+        job: impl Fn(usize) -> (&'t Taca, PriceInput) + Sync,
     ) -> Vec<Result<Priced, PricingError>> {
         // Once one price found every slot busy past the wait, the batch is
         // refused as a whole: the rest answer Busy at once instead of each
@@ -1231,12 +1247,15 @@ impl Pricing {
         let busy = std::sync::atomic::AtomicBool::new(false);
         // Each worker takes one slot for its whole share and keeps its
         // instance from one price to the next while the TACA stays the same.
-        let price_part = |part: &[(Arc<Taca>, PriceInput)]| -> Vec<Result<Priced, PricingError>> {
+        let price_part = |part: std::ops::Range<usize>| -> Vec<Result<Priced, PricingError>> {
             let mut priced = Vec::with_capacity(part.len());
-            let mut kept: Option<(Arc<Taca>, Warm)> = None;
+            let mut kept: Option<(&Taca, Warm)> = None;
             // A slot per run of prices, not per price (fewer turns of its
             // lock) nor per share (a price elsewhere waits for one run).
-            for run in part.chunks(PRICES_PER_SLOT) {
+            let mut start = part.start;
+            while start < part.end {
+                let run = start..part.end.min(start + PRICES_PER_SLOT);
+                start = run.end;
                 let slot = if busy.load(std::sync::atomic::Ordering::Relaxed) {
                     Err(PricingError::Busy)
                 } else {
@@ -1244,38 +1263,39 @@ impl Pricing {
                 };
                 let Ok(slot) = slot else {
                     busy.store(true, std::sync::atomic::Ordering::Relaxed);
-                    priced.extend(run.iter().map(|_| Err(PricingError::Busy)));
+                    priced.extend(run.map(|_| Err(PricingError::Busy)));
                     continue;
                 };
-                for (taca, input) in run {
+                for at in run {
+                    let (taca, input) = job(at);
                     let mut warm = match kept.take() {
-                        Some((held, warm)) if Arc::ptr_eq(&held, taca) => Some(warm),
+                        Some((held, warm)) if std::ptr::eq(held, taca) => Some(warm),
                         Some((held, warm)) => {
-                            self.give_back(&held, Some(warm));
+                            self.give_back(held, Some(warm));
                             None
                         }
                         None => None,
                     };
-                    priced.push(self.price_in_slot(taca, input, &mut warm));
-                    kept = warm.map(|warm| (Arc::clone(taca), warm));
+                    priced.push(self.price_in_slot(taca, &input, &mut warm));
+                    kept = warm.map(|warm| (taca, warm));
                 }
                 drop(slot);
             }
             if let Some((held, warm)) = kept {
-                self.give_back(&held, Some(warm));
+                self.give_back(held, Some(warm));
             }
             priced
         };
         let price_part = &price_part;
         let threads = parallelism();
-        if threads < 2 || jobs.len() < PARALLEL_JOBS_MIN {
-            return price_part(jobs);
+        if threads < 2 || count < PARALLEL_JOBS_MIN {
+            return price_part(0..count);
         }
-        let chunk = jobs.len().div_ceil(threads);
+        let chunk = count.div_ceil(threads);
         std::thread::scope(|scope| {
-            let workers: Vec<_> = jobs
-                .chunks(chunk)
-                .map(|part| scope.spawn(move || price_part(part)))
+            let workers: Vec<_> = (0..count)
+                .step_by(chunk)
+                .map(|first| scope.spawn(move || price_part(first..count.min(first + chunk))))
                 .collect();
             workers
                 .into_iter()

@@ -171,6 +171,44 @@ pub struct Grant {
     pub revoked_ms: Option<u64>,
 }
 
+/// A meter's grants, live or not, with their places by customer: what
+/// every batch of the meter is authorized by. Shared, not copied, by the
+/// batches of the meter while its grants stay the same.
+#[derive(Debug, Default)]
+pub struct MeterGrants {
+    grants: Vec<Grant>,
+    by_customer: crate::hashing::Map<Cid, Vec<u32>>,
+}
+
+impl MeterGrants {
+    /// `grants`, indexed by customer.
+    pub fn new(grants: Vec<Grant>) -> MeterGrants {
+        let mut by_customer: crate::hashing::Map<Cid, Vec<u32>> = Default::default();
+        for (at, grant) in grants.iter().enumerate() {
+            let at = u32::try_from(at).unwrap_or(u32::MAX);
+            by_customer.entry(grant.cid).or_default().push(at);
+        }
+        MeterGrants {
+            grants,
+            by_customer,
+        }
+    }
+
+    /// Every grant, oldest first.
+    pub fn all(&self) -> &[Grant] {
+        &self.grants
+    }
+
+    /// The grants `cid` gave.
+    pub fn of(&self, cid: &Cid) -> impl Iterator<Item = &Grant> {
+        self.by_customer
+            .get(cid)
+            .into_iter()
+            .flatten()
+            .filter_map(|at| self.grants.get(*at as usize))
+    }
+}
+
 impl Grant {
     /// True when a use at `time_ms` may be charged through this grant.
     pub fn is_live_at(&self, time_ms: u64) -> bool {

@@ -344,7 +344,7 @@ impl<S: Store> Backoffice<S> {
         // first answer needs keeping.
         let mut lookups = Lookups::with_grants(
             self.store
-                .grants_of_meter(&key.mid)
+                .meter_grants(&key.mid)
                 .map_err(|error| internal(&error))?,
         );
         let ledger = self.ledger_read();
@@ -546,7 +546,7 @@ impl<S: Store> Backoffice<S> {
         };
         let mut lookups = Lookups::with_grants(
             self.store
-                .grants_of_meter(&key.mid)
+                .meter_grants(&key.mid)
                 .map_err(|error| internal(&error))?,
         );
         let mut periods: Map<PeriodKey, u64> = Map::default();
@@ -570,12 +570,20 @@ impl<S: Store> Backoffice<S> {
         phases.mark(Phase::LookingUp);
         let reserved = self.periods_in_use.reserve(priced_in.clone())?;
         phases.mark(Phase::WaitingForPeriods);
-        let unpriced = uses.clone();
         // The counts they start from (where an earlier batch still being
         // posted left them, or read in one step) once reserved.
         let mut bases = self.early_counts(priced_in, &reserved.handed)?;
         let mut periods_early: Map<PeriodKey, u64> = Map::default();
-        let early = self.price_chains(&mut lookups, &mut bases, &mut periods_early, &mut uses)?;
+        // Uses this pricing refuses (components whose enclosing use was
+        // not charged), given back their chance if it is priced again.
+        let mut refused = Vec::new();
+        let early = self.price_chains(
+            &mut lookups,
+            &mut bases,
+            &mut periods_early,
+            &mut uses,
+            &mut refused,
+        )?;
         // The next batch of the same payers prices from here while this one
         // is posted and stored (guessing that it will be). Not a batch sent
         // again (a meter's retry): it is answered as a repeat, and counts
@@ -627,8 +635,16 @@ impl<S: Store> Backoffice<S> {
             self.counters
                 .batches_repriced
                 .fetch_add(1, Ordering::Relaxed);
-            uses = unpriced;
-            self.price_chains(&mut lookups, &mut stored, &mut periods, &mut uses)?
+            for at in refused.drain(..) {
+                uses[at].refusal = None;
+            }
+            self.price_chains(
+                &mut lookups,
+                &mut stored,
+                &mut periods,
+                &mut uses,
+                &mut refused,
+            )?
         };
         // What became of each use, for the batch's itemised readings, with
         // the index of the transfer it was summed into.

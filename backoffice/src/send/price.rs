@@ -12,7 +12,7 @@ use proto::{Amount, BatchId, Cid, Code, Fault, Payer, Pid};
 use super::{Backoffice, SIGNATURE_WINDOW_MS, internal, lock};
 use crate::ledger::{AccountId, NewTransfer, TransferKind};
 use crate::pricing::{PriceInput, PricingError};
-use crate::registry::{Grant, Product};
+use crate::registry::{Grant, MeterGrants, Product};
 use crate::store::{PeriodKey, Store};
 
 /// Every pricing slot stayed busy past `SLOT_WAIT_MS`: the batch is
@@ -30,20 +30,19 @@ pub(super) struct Lookups {
     /// What decides each customer's standing: credit limit and deny flag
     /// (`None`: no such customer).
     customers: Map<Cid, Option<(proto::Amount, bool)>>,
-    tacas: Map<crate::pricing::TacaHash, std::sync::Arc<crate::pricing::Taca>>,
+    /// Each TACA's place in `taca_list`: jobs name their TACA by that
+    /// place, so that no reference count turns over per reading.
+    tacas: Map<crate::pricing::TacaHash, usize>,
+    taca_list: Vec<std::sync::Arc<crate::pricing::Taca>>,
     /// Every grant given to the sending meter, live or not, by customer.
-    grants: Map<Cid, Vec<Grant>>,
+    grants: std::sync::Arc<MeterGrants>,
 }
 
 impl Lookups {
     /// Keeps the sending meter's grants, by customer.
-    pub(super) fn with_grants(grants: Vec<Grant>) -> Lookups {
-        let mut by_customer: Map<Cid, Vec<Grant>> = Map::default();
-        for grant in grants {
-            by_customer.entry(grant.cid).or_default().push(grant);
-        }
+    pub(super) fn with_grants(grants: std::sync::Arc<MeterGrants>) -> Lookups {
         Lookups {
-            grants: by_customer,
+            grants,
             ..Lookups::default()
         }
     }
@@ -51,11 +50,9 @@ impl Lookups {
     /// True when a use by `cid` at `use_ms`, in a batch that arrived at
     /// `arrived_ms`, may be charged through a grant of the sending meter.
     pub(super) fn granted(&self, cid: Cid, use_ms: u64, arrived_ms: u64, late_ms: u64) -> bool {
-        self.grants.get(&cid).is_some_and(|grants| {
-            grants
-                .iter()
-                .any(|grant| grant_covers(grant, use_ms, arrived_ms, late_ms))
-        })
+        self.grants
+            .of(&cid)
+            .any(|grant| grant_covers(grant, use_ms, arrived_ms, late_ms))
     }
 }
 
@@ -272,10 +269,34 @@ pub(super) struct Use {
     pub(super) enclosing: Option<usize>,
 }
 
+/// What pricing needs of a product, copied out of the batch's lookups
+/// (cloning the shared product per reading costs more than the copy).
+#[derive(Clone, Copy)]
+struct ProductFacts {
+    pid: Pid,
+    test_pid: Pid,
+    owner: Cid,
+    taca: crate::pricing::TacaHash,
+    max_price: Option<Amount>,
+}
+
+impl ProductFacts {
+    fn of(product: &Product) -> ProductFacts {
+        ProductFacts {
+            pid: product.pid,
+            test_pid: product.test_pid,
+            owner: product.owner,
+            taca: product.taca,
+            max_price: product.max_price,
+        }
+    }
+}
+
 /// A use ready to price: its TACA, its product's owner and its place in
 /// the payer's billing period known.
 struct Job {
-    taca: std::sync::Arc<crate::pricing::Taca>,
+    /// Its place in `Lookups::taca_list`.
+    taca: usize,
     owner: Cid,
     period: PeriodKey,
     count: u64,
@@ -314,7 +335,12 @@ pub(super) enum Fate {
 /// of one per reading.
 #[derive(Default)]
 pub(super) struct Totals {
-    index: Map<(Cid, Cid, Pid, BatchId), usize>,
+    /// By payer, owner, product and the batch's place in `batches`.
+    index: Map<(Cid, Cid, Pid, u32), usize>,
+    /// The batches summed, numbered: a batch's uses come one after the
+    /// other, so its ID is hashed once, not once per use.
+    batches: Map<BatchId, u32>,
+    last_batch: Option<(BatchId, u32)>,
     pub(super) transfers: Vec<NewTransfer>,
 }
 
@@ -332,7 +358,16 @@ impl Totals {
         if !amount.is_positive() || payer == owner {
             return Ok(None);
         }
-        let at = match self.index.entry((payer, owner, pid, batch.clone())) {
+        let number = match &self.last_batch {
+            Some((last, number)) if last == batch => *number,
+            _ => {
+                let next = u32::try_from(self.batches.len()).map_err(|error| internal(&error))?;
+                let number = *self.batches.entry(batch.clone()).or_insert(next);
+                self.last_batch = Some((batch.clone(), number));
+                number
+            }
+        };
+        let at = match self.index.entry((payer, owner, pid, number)) {
             std::collections::hash_map::Entry::Occupied(entry) => {
                 let transfer = &mut self.transfers[*entry.get()];
                 transfer.amount = transfer
@@ -586,6 +621,22 @@ impl<S: Store> Backoffice<S> {
         Ok(product)
     }
 
+    /// What pricing needs of the product of `pid` (`None`: no such
+    /// product), read once per batch.
+    fn product_facts(
+        &self,
+        lookups: &mut Lookups,
+        pid: Pid,
+    ) -> Result<Option<ProductFacts>, Fault> {
+        if let Some(product) = lookups.products.get(&pid) {
+            return Ok(product.as_deref().map(ProductFacts::of));
+        }
+        Ok(self
+            .product(&mut lookups.products, pid)?
+            .as_deref()
+            .map(ProductFacts::of))
+    }
+
     fn payer_cid(
         &self,
         lookups: &mut Lookups,
@@ -600,21 +651,22 @@ impl<S: Store> Backoffice<S> {
                     Err(format!("unknown customer {cid}"))
                 }
             }
-            Some(Payer::OwnerOf(pid)) => match self.product(&mut lookups.products, pid)? {
+            Some(Payer::OwnerOf(pid)) => match self.product_facts(lookups, pid)? {
                 Some(product) => Ok(product.owner),
                 None => Err(format!("unknown enclosing product {pid}")),
             },
         })
     }
 
-    /// The compiled TACA of `product`, read and compiled once per batch.
+    /// The place in `lookups.taca_list` of the compiled TACA of `product`,
+    /// read and compiled once per batch.
     fn taca(
         &self,
         lookups: &mut Lookups,
-        product: &Product,
-    ) -> Result<Result<std::sync::Arc<crate::pricing::Taca>, String>, Fault> {
-        if let Some(taca) = lookups.tacas.get(&product.taca) {
-            return Ok(Ok(std::sync::Arc::clone(taca)));
+        product: &ProductFacts,
+    ) -> Result<Result<usize, String>, Fault> {
+        if let Some(at) = lookups.tacas.get(&product.taca) {
+            return Ok(Ok(*at));
         }
         let module = self
             .store
@@ -628,10 +680,10 @@ impl<S: Store> Backoffice<S> {
             })?;
         Ok(match self.pricing.load(&module) {
             Ok(taca) => {
-                lookups
-                    .tacas
-                    .insert(product.taca, std::sync::Arc::clone(&taca));
-                Ok(taca)
+                let at = lookups.taca_list.len();
+                lookups.taca_list.push(taca);
+                lookups.tacas.insert(product.taca, at);
+                Ok(at)
             }
             Err(crate::pricing::ModuleError::SampleFailed(PricingError::Busy)) => {
                 return Err(pricing_busy());
@@ -661,11 +713,20 @@ impl<S: Store> Backoffice<S> {
         for (cid, terms) in payers.into_iter().zip(found) {
             lookups.customers.insert(cid, terms);
         }
+        // Then each product, its TACA and each owner paying for a
+        // component once (a batch names few).
+        let mut last_pid = None;
         for usage in uses {
-            if let Some(product) = self.product(&mut lookups.products, usage.pid)? {
+            if last_pid != Some(usage.pid)
+                && !lookups.products.contains_key(&usage.pid)
+                && let Some(product) = self.product_facts(lookups, usage.pid)?
+            {
                 self.taca(lookups, &product)?.ok();
             }
-            self.payer_cid(lookups, usage.payer)?.ok();
+            last_pid = Some(usage.pid);
+            if let Some(Payer::OwnerOf(_)) = usage.payer {
+                self.payer_cid(lookups, usage.payer)?.ok();
+            }
         }
         Ok(())
     }
@@ -684,7 +745,7 @@ impl<S: Store> Backoffice<S> {
         if let Some(refusal) = &usage.refusal {
             return Ok(Err(refusal.clone()));
         }
-        let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
+        let Some(product) = self.product_facts(lookups, usage.pid)? else {
             return Ok(Err(format!("unknown PID {}", usage.pid)));
         };
         let payer = match self.payer_cid(lookups, usage.payer)? {
@@ -743,7 +804,7 @@ impl<S: Store> Backoffice<S> {
             if usage.refusal.is_some() {
                 continue;
             }
-            let Some(product) = self.product(&mut lookups.products, usage.pid)? else {
+            let Some(product) = self.product_facts(lookups, usage.pid)? else {
                 continue;
             };
             if usage.pid == product.test_pid {
@@ -850,12 +911,15 @@ impl<S: Store> Backoffice<S> {
     /// whose enclosing use was not charged (its price failed, or went above
     /// the maximum) and prices again from the start, until no more change:
     /// a producer pays for a component only inside a use that was charged.
+    /// The uses it refused are added to `refused`, so that pricing again
+    /// can start from the uses as they were.
     pub(super) fn price_chains(
         &self,
         lookups: &mut Lookups,
         stored: &mut PeriodCounts,
         periods: &mut Map<PeriodKey, u64>,
         uses: &mut [Use],
+        refused: &mut Vec<usize>,
     ) -> Result<Vec<Fate>, Fault> {
         loop {
             let fates = self.price_uses(lookups, stored, periods, uses)?;
@@ -869,6 +933,7 @@ impl<S: Store> Backoffice<S> {
                         "no grant: its enclosing use of {} (seq {}) was not charged",
                         uses[at].pid, uses[at].seq
                     ));
+                    refused.push(index);
                     changed = true;
                 }
             }
@@ -900,20 +965,24 @@ impl<S: Store> Backoffice<S> {
                 }
             }
         }
-        let work: Vec<_> = jobs
-            .iter()
-            .map(|(_, job)| (std::sync::Arc::clone(&job.taca), job.input(job.count)))
-            .collect();
-        let results = self.pricing.price_many(&work);
+
+        let results = self.pricing.price_each(jobs.len(), |at| {
+            let job = &jobs[at].1;
+            (&*lookups.taca_list[job.taca], job.input(job.count))
+        });
         // A use whose price fails does not count in its period, so the later
         // uses of that period were priced one too high: price them again.
         let mut failed: Map<PeriodKey, u64> = Map::default();
+        // Counted once per batch: counters both cores share would turn
+        // over between them for every reading.
+        let (mut prices, mut fuel) = (0u64, 0u64);
         for ((index, job), result) in jobs.into_iter().zip(results) {
             let shift = failed.get(&job.period).copied().unwrap_or(0);
             let result = if shift == 0 {
                 result
             } else {
-                self.pricing.price(&job.taca, &job.input(job.count - shift))
+                self.pricing
+                    .price(&lookups.taca_list[job.taca], &job.input(job.count - shift))
             };
             // Every slot busy past the wait is this server's state, not the
             // TACA's failure: nothing is applied, and the meter retries.
@@ -931,16 +1000,14 @@ impl<S: Store> Backoffice<S> {
                 });
             fates[index] = match result {
                 Ok(priced) => {
-                    self.counters.prices.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .pricing_fuel
-                        .fetch_add(priced.fuel, Ordering::Relaxed);
+                    prices += 1;
+                    fuel = fuel.saturating_add(priced.fuel);
                     Fate::Priced {
                         payer: job.period.payer,
                         owner: job.owner,
                         amount: priced.amount,
                         fuel: priced.fuel,
-                        taca: job.taca.hash(),
+                        taca: lookups.taca_list[job.taca].hash(),
                         period_uses: job.count - shift,
                     }
                 }
@@ -955,6 +1022,10 @@ impl<S: Store> Backoffice<S> {
                 *count -= shift;
             }
         }
+        self.counters.prices.fetch_add(prices, Ordering::Relaxed);
+        self.counters
+            .pricing_fuel
+            .fetch_add(fuel, Ordering::Relaxed);
         Ok(fates)
     }
 

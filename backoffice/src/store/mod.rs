@@ -30,7 +30,7 @@ use crate::funding::{DepositRecord, Reference};
 use crate::ledger::{Ledger, Transfer, TransferId};
 use crate::pricing::TacaHash;
 use crate::registry::{
-    Actor, Customer, Grant, Meter, NewGrant, Product, Registration, RegistryError,
+    Actor, Customer, Grant, Meter, MeterGrants, NewGrant, Product, Registration, RegistryError,
 };
 
 /// Why the store failed.
@@ -579,6 +579,13 @@ pub trait Store {
     fn create_grant(&self, grant: NewGrant) -> Result<Grant, StoreError>;
     /// Every grant given to the meter `mid`, live or not, oldest first.
     fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError>;
+    /// The same, indexed by customer and shared: what each batch reads
+    /// (a store may keep it between batches).
+    fn meter_grants(&self, mid: &Mid) -> Result<std::sync::Arc<MeterGrants>, StoreError> {
+        Ok(std::sync::Arc::new(MeterGrants::new(
+            self.grants_of_meter(mid)?,
+        )))
+    }
     /// Every grant the customer `cid` gave, live or not, oldest first.
     fn grants_of_customer(&self, cid: &Cid) -> Result<Vec<Grant>, StoreError>;
     /// Revokes grant `id` at `at_ms` (kept, marked revoked); when `payer` is
@@ -1277,6 +1284,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.grants_of_meter(mid),
             AnyStore::Postgres(store) => store.grants_of_meter(mid),
+        }
+    }
+
+    fn meter_grants(&self, mid: &Mid) -> Result<std::sync::Arc<MeterGrants>, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.meter_grants(mid),
+            AnyStore::Postgres(store) => store.meter_grants(mid),
         }
     }
 

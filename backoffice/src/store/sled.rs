@@ -26,9 +26,10 @@ use crate::funding::{DepositRecord, Reference};
 use crate::ledger::{AccountId, Ledger, SystemAccount, Transfer, TransferId, TransferKind};
 use crate::pricing::TacaHash;
 use crate::registry::{
-    self, Actor, Change, Customer, Grant, Meter, NewGrant, PreviousSecret, Product, Registration,
-    RegistryError,
+    self, Actor, Change, Customer, Grant, Meter, MeterGrants, NewGrant, PreviousSecret, Product,
+    Registration, RegistryError,
 };
+use std::sync::Arc;
 
 /// How long opening waits for another holder of the store's lock to let go.
 pub const LOCK_WAIT_MS: u64 = 2_000;
@@ -126,7 +127,7 @@ pub struct SledStore {
     /// The grants of meters read since they last changed, so that a batch
     /// does not decode its meter's grants from sled again. Every change of
     /// a grant goes through this store, which forgets its meter's entry.
-    meter_grants: std::sync::Mutex<std::collections::HashMap<Mid, Vec<Grant>>>,
+    meter_grants: std::sync::Mutex<std::collections::HashMap<Mid, Arc<MeterGrants>>>,
     /// Customers' terms as every batch reads them (payers by the thousand),
     /// so that a batch does not decode its payers' records again; at most
     /// `CUSTOMER_TERMS_CACHED_MAX`. Every change of a customer goes through
@@ -1122,18 +1123,22 @@ impl Store for SledStore {
     }
 
     fn grants_of_meter(&self, mid: &Mid) -> Result<Vec<Grant>, StoreError> {
+        Ok(self.meter_grants(mid)?.all().to_vec())
+    }
+
+    fn meter_grants(&self, mid: &Mid) -> Result<Arc<MeterGrants>, StoreError> {
         // Read under the lock: a change committed meanwhile forgets the
         // entry only after this read put it there, never before.
         let mut cached = self.cached_meter_grants();
         if let Some(grants) = cached.get(mid) {
-            return Ok(grants.clone());
+            return Ok(Arc::clone(grants));
         }
-        let grants = self.indexed_grants(b'm', mid.as_str())?;
+        let grants = Arc::new(MeterGrants::new(self.indexed_grants(b'm', mid.as_str())?));
         // Bounded: a branch with more meters than this rereads them.
         if cached.len() >= METER_GRANTS_CACHED_MAX {
             cached.clear();
         }
-        cached.insert(*mid, grants.clone());
+        cached.insert(*mid, Arc::clone(&grants));
         Ok(grants)
     }
 
@@ -1294,7 +1299,7 @@ impl SledStore {
 
     fn cached_meter_grants(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Mid, Vec<Grant>>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Mid, Arc<MeterGrants>>> {
         self.meter_grants
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
