@@ -56,6 +56,10 @@ fn seq_range_of(key: &BatchKey, readings: &[Reading]) -> Option<SeqRange> {
 /// The itemised records of a batch applied at `arrived_ms` (`itemised`):
 /// every reading in order, each commit with its outcome (in the order of
 /// the batch's uses) and the number of the transfer it was summed into.
+/// Fewest uses in a batch for its itemised records to be built on a
+/// thread of their own (below, starting one costs more than it saves).
+const ITEMISE_APART_MIN: usize = 1_000;
+
 fn itemised_records(
     key: &BatchKey,
     body: &SendBody,
@@ -700,37 +704,57 @@ impl<S: Store> Backoffice<S> {
         let prepared = ledger
             .prepare(transfers, now_ms)
             .map_err(|error| internal(&error))?;
-        let mut balances: Map<AccountId, proto::Amount> = Map::default();
-        for transfer in &prepared {
-            for posting in transfer.postings() {
+        // The itemised records need only the outcomes and the transfers'
+        // numbers: a large batch builds them on a second thread while this
+        // one works out the standings and the answer.
+        let itemise = || itemised_records(key, &request.body, outcomes, &prepared, now_ms);
+        let mut answer = || -> Result<Value, Fault> {
+            let mut balances: Map<AccountId, proto::Amount> = Map::default();
+            for transfer in &prepared {
+                for posting in transfer.postings() {
+                    let balance = balances
+                        .entry(posting.account)
+                        .or_insert_with(|| ledger.balance(&posting.account));
+                    *balance = balance
+                        .checked_add(posting.amount)
+                        .map_err(|error| internal(&error))?;
+                }
+            }
+            let holds = lock(&self.holds);
+            // Good standing is decided on what is available: held money is not.
+            let standings = self.standings(&request.body, &mut lookups, now_ms, |account| {
                 let balance = balances
-                    .entry(posting.account)
-                    .or_insert_with(|| ledger.balance(&posting.account));
-                *balance = balance
-                    .checked_add(posting.amount)
-                    .map_err(|error| internal(&error))?;
-            }
-        }
-        let holds = lock(&self.holds);
-        // Good standing is decided on what is available: held money is not.
-        let standings = self.standings(&request.body, &mut lookups, now_ms, |account| {
-            let balance = balances
-                .get(account)
-                .copied()
-                .unwrap_or_else(|| ledger.balance(account));
-            holds.available(account, balance, now_ms)
-        })?;
-        drop(holds);
-        let value = match &request.body {
-            SendBody::Batch(batch) => SendAnswer {
-                batch_id: batch.id.clone(),
-                outcome: Outcome::Applied,
-                standings,
-                params: self.params,
-            }
-            .to_value(),
-            SendBody::Minimal(_) => standings_value(&standings),
+                    .get(account)
+                    .copied()
+                    .unwrap_or_else(|| ledger.balance(account));
+                holds.available(account, balance, now_ms)
+            })?;
+            drop(holds);
+            Ok(match &request.body {
+                SendBody::Batch(batch) => SendAnswer {
+                    batch_id: batch.id.clone(),
+                    outcome: Outcome::Applied,
+                    standings,
+                    params: self.params,
+                }
+                .to_value(),
+                SendBody::Minimal(_) => standings_value(&standings),
+            })
         };
+        let (itemised, value) = if uses.len() >= ITEMISE_APART_MIN {
+            std::thread::scope(|scope| {
+                let itemised = scope.spawn(itemise);
+                let value = answer();
+                let itemised = itemised
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (itemised, value)
+            })
+        } else {
+            let value = answer();
+            (itemise(), value)
+        };
+        let value = value?;
         if uses.is_empty()
             && let SendBody::Batch(batch) = &request.body
             && batch.readings.is_empty()
@@ -752,7 +776,6 @@ impl<S: Store> Backoffice<S> {
             seq_range: seq_range.as_ref(),
         };
         let transfer_count = prepared.len();
-        let itemised = itemised_records(key, &request.body, outcomes, &prepared, now_ms);
         // Staged under the lock (so batches reach the store in the order they
         // reach the ledger), made durable after it: the fsync is shared with
         // the other meters' batches instead of keeping them waiting.

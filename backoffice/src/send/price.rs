@@ -36,6 +36,11 @@ pub(super) struct Lookups {
     taca_list: Vec<std::sync::Arc<crate::pricing::Taca>>,
     /// Every grant given to the sending meter, live or not, by customer.
     grants: std::sync::Arc<MeterGrants>,
+    /// The product last asked for: a batch's uses are mostly of a few
+    /// products, one after the other.
+    recent_product: Option<(Pid, Option<ProductFacts>)>,
+    /// The UTC day (since the epoch) last asked for, and its month.
+    recent_day: Option<(u64, u32)>,
 }
 
 impl Lookups {
@@ -44,6 +49,21 @@ impl Lookups {
         Lookups {
             grants,
             ..Lookups::default()
+        }
+    }
+
+    /// The month (`month_of`) of `time_ms`, worked out once per day of
+    /// the batch's uses.
+    fn month_of(&mut self, time_ms: u64) -> u32 {
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let day = time_ms / DAY_MS;
+        match self.recent_day {
+            Some((recent, month)) if recent == day => month,
+            _ => {
+                let month = month_of(time_ms);
+                self.recent_day = Some((day, month));
+                month
+            }
         }
     }
 
@@ -628,13 +648,20 @@ impl<S: Store> Backoffice<S> {
         lookups: &mut Lookups,
         pid: Pid,
     ) -> Result<Option<ProductFacts>, Fault> {
-        if let Some(product) = lookups.products.get(&pid) {
-            return Ok(product.as_deref().map(ProductFacts::of));
+        if let Some((recent, facts)) = lookups.recent_product
+            && recent == pid
+        {
+            return Ok(facts);
         }
-        Ok(self
-            .product(&mut lookups.products, pid)?
-            .as_deref()
-            .map(ProductFacts::of))
+        let facts = match lookups.products.get(&pid) {
+            Some(product) => product.as_deref().map(ProductFacts::of),
+            None => self
+                .product(&mut lookups.products, pid)?
+                .as_deref()
+                .map(ProductFacts::of),
+        };
+        lookups.recent_product = Some((pid, facts));
+        Ok(facts)
     }
 
     fn payer_cid(
@@ -765,7 +792,7 @@ impl<S: Store> Backoffice<S> {
         let period = PeriodKey {
             payer,
             pid: product.pid,
-            month: month_of(usage.time_ms),
+            month: lookups.month_of(usage.time_ms),
         };
         let taca = match self.taca(lookups, &product)? {
             Ok(taca) => taca,
@@ -814,7 +841,7 @@ impl<S: Store> Backoffice<S> {
                 keys.insert(PeriodKey {
                     payer,
                     pid: product.pid,
-                    month: month_of(usage.time_ms),
+                    month: lookups.month_of(usage.time_ms),
                 });
             }
         }
@@ -1060,6 +1087,20 @@ mod tests {
         assert_eq!(month_of(951_868_800_000), 200_003, "2000-03-01");
         assert_eq!(month_of(1_798_761_599_000), 202_612, "2026-12-31 23:59:59");
         assert_eq!(month_of(1_798_761_600_000), 202_701, "2027-01-01");
+    }
+
+    #[test]
+    fn a_batch_works_out_months_once_a_day_and_they_change_at_midnight() {
+        let mut lookups = Lookups::default();
+        assert_eq!(lookups.month_of(1_798_761_599_000), 202_612);
+        assert_eq!(lookups.month_of(1_798_761_600_000), 202_701, "the next day");
+        assert_eq!(
+            lookups.month_of(1_798_761_599_999),
+            202_612,
+            "the day before"
+        );
+        assert_eq!(lookups.month_of(951_782_400_000), 200_002);
+        assert_eq!(lookups.month_of(951_868_799_999), 200_002, "the same day");
     }
 
     fn cid(n: u32) -> Cid {
