@@ -790,6 +790,12 @@ impl<S: Store> Backoffice<S> {
                 drop(ledger);
                 drop(reserved);
                 phases.mark(Phase::UnderLedger);
+                // What the store wrote behind (period counts) is folded
+                // every few batches, outside the lock, and made durable
+                // with this batch.
+                self.store
+                    .fold_logged()
+                    .map_err(|error| self.stop_money(&error))?;
                 self.durable()?;
                 phases.mark(Phase::Durable);
                 phases.count(&self.counters);

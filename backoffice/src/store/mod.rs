@@ -324,6 +324,13 @@ pub trait Store {
     /// (period counts) is the store's. A hint for work done before the
     /// ledger lock, checked again under it (`LedgerHold::others_wrote`);
     /// always true where one process owns the store.
+    /// Folds what the store wrote behind its indexes once enough has
+    /// piled up (sled: the period counts of the last batches, see
+    /// `sled::periods`). Called after a batch, outside the ledger's lock.
+    fn fold_logged(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn unchanged_since_own_write(&self) -> bool {
         true
     }
@@ -844,6 +851,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.device_codes(),
             AnyStore::Postgres(store) => store.device_codes(),
+        }
+    }
+
+    fn fold_logged(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.fold_logged(),
+            AnyStore::Postgres(store) => store.fold_logged(),
         }
     }
 

@@ -9,7 +9,10 @@ use std::path::Path;
 pub mod backup;
 mod deposits;
 mod export;
+mod periods;
 mod verify;
+
+pub use periods::PERIOD_LOG_FOLD_AFTER;
 #[cfg(test)]
 pub(crate) use verify::encode_transfer_for_tests;
 
@@ -136,7 +139,14 @@ pub struct SledStore {
     /// Counts changes of customers: a read that began before one keeps
     /// nothing it read in `customer_terms`.
     customer_generation: std::sync::atomic::AtomicU64,
+    /// `PeriodKey` -> uses counted in that period, as folded from
+    /// `period_log_tree` (`periods`).
     period_uses: sled::Tree,
+    /// Record number (big-endian u64) -> a batch's period counts, not yet
+    /// folded into `period_uses` (`periods`).
+    period_log_tree: sled::Tree,
+    /// The counts of `period_log_tree`, in memory until folded.
+    period_log: periods::PeriodLog,
     /// `PeriodKey` -> uses of that period that moved no money (`free_uses`).
     free_uses: sled::Tree,
     suspense: sled::Tree,
@@ -188,7 +198,7 @@ impl SledStore {
                 lock_wait: std::time::Duration::from_millis(LOCK_WAIT_MS),
             },
         )?;
-        Ok(SledStore {
+        let store = SledStore {
             transfers: db.open_tree("transfers")?,
             batches: db.open_tree("batches")?,
             serials: db.open_tree("serials")?,
@@ -204,6 +214,8 @@ impl SledStore {
             customer_terms: std::sync::Mutex::default(),
             customer_generation: std::sync::atomic::AtomicU64::new(0),
             period_uses: db.open_tree("period_uses")?,
+            period_log_tree: db.open_tree("period_log")?,
+            period_log: periods::PeriodLog::default(),
             free_uses: db.open_tree("free_uses")?,
             suspense_records: std::sync::atomic::AtomicUsize::new(db.open_tree("suspense")?.len()),
             suspense: db.open_tree("suspense")?,
@@ -218,7 +230,9 @@ impl SledStore {
             files,
             gate: std::sync::Arc::default(),
             backup: std::sync::Mutex::default(),
-        })
+        };
+        store.fold_period_log_at_open()?;
+        Ok(store)
     }
 
     /// From now on `sync` fails (or works again), as a failing disk would.
@@ -289,6 +303,13 @@ impl Store for SledStore {
 
     fn sync(&self) -> Result<(), StoreError> {
         Ok(self.files.sync()?)
+    }
+
+    fn fold_logged(&self) -> Result<(), StoreError> {
+        if self.period_log.waiting() >= PERIOD_LOG_FOLD_AFTER {
+            self.fold_periods(false)?;
+        }
+        Ok(())
     }
 
     fn itemised_batch(
@@ -378,11 +399,13 @@ impl Store for SledStore {
             }
             None => None,
         };
-        let counters: Vec<(Vec<u8>, [u8; 8])> = effects
-            .period_uses
-            .iter()
-            .map(|(period, uses)| (period.bytes(), uses.to_be_bytes()))
-            .collect();
+        // One record for all the batch's period counts (`periods`).
+        let logged = (!effects.period_uses.is_empty()).then(|| {
+            (
+                self.period_log.reserve().to_be_bytes(),
+                periods::encode(effects.period_uses),
+            )
+        });
         let free: Vec<(Vec<u8>, u64)> = effects
             .free_uses
             .iter()
@@ -405,7 +428,7 @@ impl Store for SledStore {
         let trees = (
             &self.transfers,
             &self.batches,
-            &self.period_uses,
+            &self.period_log_tree,
             &self.suspense,
             &self.seq_ranges,
             &self.itemised,
@@ -416,7 +439,7 @@ impl Store for SledStore {
             |(
                 transfer_tree,
                 batch_tree,
-                period_tree,
+                log_tree,
                 suspense_tree,
                 range_tree,
                 itemised_tree,
@@ -440,8 +463,8 @@ impl Store for SledStore {
                 {
                     return Err(ConflictableTransactionError::Abort(TRANSFER_TAKEN));
                 }
-                for (key, uses) in &counters {
-                    period_tree.insert(key.as_slice(), uses)?;
+                if let Some((number, record)) = &logged {
+                    log_tree.insert(number, record.as_slice())?;
                 }
                 for (key, uses) in &free {
                     add_count(free_tree, key, *uses)?;
@@ -463,6 +486,10 @@ impl Store for SledStore {
             Ok(added) => {
                 self.suspense_records
                     .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
+                if let Some((number, _)) = &logged {
+                    self.period_log
+                        .logged(u64::from_be_bytes(*number), effects.period_uses);
+                }
                 Ok(())
             }
             Err(TransactionError::Abort(ALREADY_APPLIED)) => {
@@ -680,6 +707,9 @@ impl Store for SledStore {
     }
 
     fn period_uses(&self, key: &PeriodKey) -> Result<u64, StoreError> {
+        if let Some(count) = self.period_log.pending(key) {
+            return Ok(count);
+        }
         Ok(self.period_uses.get(key.bytes())?.map_or(0, |bytes| {
             u64::from_be_bytes(
                 bytes
@@ -1569,23 +1599,22 @@ impl SledStore {
         if let Some(first) = transfers.first() {
             self.check_transfers_are_new(first.id)?;
         }
+        let logged = (!counts.period_uses.is_empty()).then(|| {
+            (
+                self.period_log.reserve().to_be_bytes(),
+                periods::encode(counts.period_uses),
+            )
+        });
         let trees = (
             &self.transfers,
-            &self.period_uses,
+            &self.period_log_tree,
             &self.suspense,
             &self.itemised,
             &self.itemised_index,
             &self.free_uses,
         );
         let outcome: Result<usize, TransactionError<Refusal>> = trees.transaction(
-            |(
-                transfer_tree,
-                period_tree,
-                suspense_tree,
-                itemised_tree,
-                itemised_index,
-                free_tree,
-            )| {
+            |(transfer_tree, log_tree, suspense_tree, itemised_tree, itemised_index, free_tree)| {
                 for (set, entries) in itemised.iter().enumerate() {
                     for (key, record) in &entries.records {
                         // Never over another re-pricing's records.
@@ -1606,8 +1635,8 @@ impl SledStore {
                     transfer_tree
                         .insert(&transfer.id.0.to_be_bytes(), encode_transfer(transfer))?;
                 }
-                for (period, uses) in counts.period_uses {
-                    period_tree.insert(period.bytes(), &uses.to_be_bytes())?;
+                if let Some((number, record)) = &logged {
+                    log_tree.insert(number, record.as_slice())?;
                 }
                 for (period, uses) in counts.free_uses {
                     add_count(free_tree, &period.bytes(), *uses)?;
@@ -1630,6 +1659,10 @@ impl SledStore {
             Ok(removed) => {
                 self.suspense_records
                     .fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
+                if let Some((number, _)) = &logged {
+                    self.period_log
+                        .logged(u64::from_be_bytes(*number), counts.period_uses);
+                }
                 self.sync()
             }
             Err(TransactionError::Abort(Refusal::NotInSuspense)) => Err(StoreError::Corrupt(
@@ -2083,6 +2116,88 @@ mod tests {
         let cached = store.cached_customer_terms();
         assert_eq!(cached.len(), 1);
         assert_eq!(cached.get(&ada.cid), Some(&ada.terms()));
+    }
+
+    /// A batch's period counts are one record of the log, folded into
+    /// `period_uses` every few batches (the latest count of each period),
+    /// on opening after a crash, and before an export.
+    #[test]
+    fn period_counts_are_logged_per_batch_and_folded_every_few_batches() {
+        let harness = SledHarness::new();
+        let store = harness.open();
+        let period = |payer: u32| PeriodKey {
+            payer: Cid::parse(&format!("B1-C{payer}")).unwrap(),
+            pid: Pid::parse("B1-P1").unwrap(),
+            month: 202_612,
+        };
+        let stored = |store: &SledStore, payer: u32| {
+            store
+                .period_uses
+                .get(period(payer).bytes())
+                .unwrap()
+                .map(|bytes| u64::from_be_bytes(bytes.as_ref().try_into().unwrap()))
+        };
+        let stage = |store: &SledStore, n: u32| {
+            // Payer 1 counts in every batch, payer 1000 + n in batch n only.
+            let counts = [(period(1), u64::from(n)), (period(1_000 + n), 1)];
+            store
+                .apply_batch(
+                    &key(n),
+                    BatchEffects {
+                        transfers: &[],
+                        period_uses: &counts,
+                        free_uses: &[],
+                        suspense: &[],
+                        answer: b"",
+                        digest: None,
+                        seq_range: None,
+                    },
+                )
+                .unwrap();
+        };
+        for n in 1..=20 {
+            stage(&store, n);
+            assert_eq!(store.period_uses(&period(1)).unwrap(), u64::from(n));
+            store.fold_logged().unwrap();
+            let waiting = store.period_log.waiting();
+            assert_eq!(waiting, n as usize % PERIOD_LOG_FOLD_AFTER, "batch {n}");
+            assert_eq!(store.period_log_tree.len(), waiting);
+            let folded_up_to = n - n % PERIOD_LOG_FOLD_AFTER as u32;
+            assert_eq!(
+                stored(&store, 1),
+                (folded_up_to > 0).then_some(u64::from(folded_up_to)),
+                "batch {n}: what the tree holds"
+            );
+            assert_eq!(store.period_uses(&period(1)).unwrap(), u64::from(n));
+            assert_eq!(store.period_uses(&period(1_000 + n)).unwrap(), 1);
+        }
+        // Four batches logged and not folded when the power goes.
+        assert_eq!(stored(&store, 1), Some(16));
+        drop(store);
+        let store = harness.open();
+        assert_eq!(store.period_log_tree.len(), 0, "folded on opening");
+        assert_eq!(store.period_log.waiting(), 0);
+        assert_eq!(stored(&store, 1), Some(20));
+        for n in 1..=20 {
+            assert_eq!(store.period_uses(&period(1_000 + n)).unwrap(), 1);
+        }
+        assert_eq!(store.period_uses(&period(999)).unwrap(), 0);
+        // Logged and not folded: an export has it all the same.
+        stage(&store, 21);
+        assert_eq!(store.period_log.waiting(), 1);
+        let mut exported = Vec::new();
+        store
+            .export(&mut |chunk| {
+                if let crate::store::moving::Chunk::PeriodUses(rows) = chunk {
+                    exported.extend(rows);
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(exported.contains(&(period(1), 21)));
+        assert!(exported.contains(&(period(1_021), 1)));
+        assert_eq!(exported.len(), 22);
+        assert_eq!(store.period_log_tree.len(), 0);
     }
 
     #[test]

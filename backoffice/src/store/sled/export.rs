@@ -81,6 +81,8 @@ impl SledStore {
         each: &mut dyn FnMut(Chunk) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let _quiet = self.gate.write();
+        // The period counts logged behind `period_uses` first (`periods`).
+        self.fold_periods(true)?;
         chunks(
             &self.serials,
             |key, value| {
