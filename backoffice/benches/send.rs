@@ -290,7 +290,12 @@ fn main() {
                 };
                 scope.spawn(move || {
                     let mut connection = address.map(|address| {
-                        std::net::TcpStream::connect(address).expect("connect to the backoffice")
+                        let stream = std::net::TcpStream::connect(address)
+                            .expect("connect to the backoffice");
+                        // As meterd's client: no wait for an acknowledgment
+                        // before the last segment of a call.
+                        stream.set_nodelay(true).expect("TCP_NODELAY");
+                        stream
                     });
                     bodies
                         .iter()
@@ -415,8 +420,11 @@ fn post(stream: &mut std::net::TcpStream, mid: &Mid, time: &str, signature: &str
         proto::auth::SIGNATURE_HEADER,
         body.len()
     );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
+    // Head and body in one write, as meterd's HTTP client sends them.
+    let mut call = Vec::with_capacity(head.len() + body.len());
+    call.extend_from_slice(head.as_bytes());
+    call.extend_from_slice(body);
+    stream.write_all(&call).unwrap();
     let mut answer = Vec::new();
     let mut chunk = [0u8; 65536];
     let (head_end, length) = loop {

@@ -349,6 +349,14 @@ impl PriceInput {
     /// The ABI's byte layout.
     pub fn encode(&self) -> Result<Vec<u8>, PricingError> {
         let mut bytes = Vec::with_capacity(256);
+        self.encode_into(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Appends the ABI's byte layout to `bytes` (a buffer used again from
+    /// one price to the next).
+    pub fn encode_into(&self, bytes: &mut Vec<u8>) -> Result<(), PricingError> {
+        let start = bytes.len();
         bytes.extend_from_slice(&1u32.to_le_bytes());
         bytes.extend_from_slice(&u32::from(self.code.as_char()).to_le_bytes());
         bytes.extend_from_slice(&self.volume.to_le_bytes());
@@ -369,8 +377,8 @@ impl PriceInput {
             bytes.extend_from_slice(&len.to_le_bytes());
             bytes.extend_from_slice(text.as_bytes());
         }
-        debug_assert!(bytes.len() <= INPUT_BYTES_MAX);
-        Ok(bytes)
+        debug_assert!(bytes.len() - start <= INPUT_BYTES_MAX);
+        Ok(())
     }
 }
 
@@ -1088,7 +1096,14 @@ impl Pricing {
         input: &PriceInput,
         kept: &mut Option<Warm>,
     ) -> Result<Priced, PricingError> {
-        let bytes = input.encode()?;
+        thread_local! {
+            /// The input of this thread's last price: its buffer is used
+            /// again, not allocated per price.
+            static INPUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut bytes = INPUT.take();
+        bytes.clear();
+        input.encode_into(&mut bytes)?;
         let idle = match kept.take() {
             Some(warm) => Some(warm),
             None => reuse
@@ -1125,6 +1140,7 @@ impl Pricing {
         {
             *kept = Some(warm);
         }
+        INPUT.set(bytes);
         outcome
     }
 

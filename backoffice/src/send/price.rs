@@ -41,6 +41,8 @@ pub(super) struct Lookups {
     recent_product: Option<(Pid, Option<ProductFacts>)>,
     /// The UTC day (since the epoch) last asked for, and its month.
     recent_day: Option<(u64, u32)>,
+    /// The TACA last asked for, and its place in `taca_list`.
+    recent_taca: Option<(crate::pricing::TacaHash, usize)>,
 }
 
 impl Lookups {
@@ -692,7 +694,13 @@ impl<S: Store> Backoffice<S> {
         lookups: &mut Lookups,
         product: &ProductFacts,
     ) -> Result<Result<usize, String>, Fault> {
+        if let Some((hash, at)) = lookups.recent_taca
+            && hash == product.taca
+        {
+            return Ok(Ok(at));
+        }
         if let Some(at) = lookups.tacas.get(&product.taca) {
+            lookups.recent_taca = Some((product.taca, *at));
             return Ok(Ok(*at));
         }
         let module = self
@@ -727,12 +735,12 @@ impl<S: Store> Backoffice<S> {
         let mut seen: Set<Cid> = Set::default();
         for usage in uses {
             if let Some(Payer::Customer(cid)) = usage.payer
-                && !lookups.customers.contains_key(&cid)
                 && seen.insert(cid)
             {
                 payers.push(cid);
             }
         }
+        payers.retain(|cid| !lookups.customers.contains_key(cid));
         let found = self
             .store
             .customer_terms(&payers)
@@ -798,18 +806,25 @@ impl<S: Store> Backoffice<S> {
             Ok(taca) => taca,
             Err(reason) => return Ok(Err(reason)),
         };
-        let count = match periods.get(&period).or_else(|| stored.0.get(&period)) {
-            Some(count) => *count,
-            None => {
-                let count = self
-                    .store
-                    .period_uses(&period)
-                    .map_err(|error| internal(&error))?;
-                stored.stored(&[(period, count)]);
-                count
-            }
+        // Mostly a period counted already in this batch: one look.
+        let count = if let Some(counted) = periods.get_mut(&period) {
+            *counted += 1;
+            *counted - 1
+        } else {
+            let count = match stored.0.get(&period) {
+                Some(count) => *count,
+                None => {
+                    let count = self
+                        .store
+                        .period_uses(&period)
+                        .map_err(|error| internal(&error))?;
+                    stored.stored(&[(period, count)]);
+                    count
+                }
+            };
+            periods.insert(period, count + 1);
+            count
         };
-        periods.insert(period, count + 1);
         Ok(Ok(Ok(Job {
             taca,
             owner: product.owner,
