@@ -125,6 +125,9 @@ impl SledStore {
     /// Folds every record logged into `period_uses`, in one transaction.
     /// `gated`: the caller holds the write gate already (export).
     pub(super) fn fold_periods(&self, gated: bool) -> Result<(), StoreError> {
+        // The gate before `folding`, as export takes them: a fold waiting
+        // for the gate then holds nothing an export under the gate needs.
+        let _writing = (!gated).then(|| self.writing());
         let _one = self
             .period_log
             .folding
@@ -142,7 +145,6 @@ impl SledStore {
                 .collect();
             (counts, state.records.clone())
         };
-        let _writing = (!gated).then(|| self.writing());
         (&self.period_uses, &self.period_log_tree)
             .transaction(|(period_tree, log_tree)| {
                 for (key, count) in &counts {
