@@ -53,13 +53,13 @@ fn seq_range_of(key: &BatchKey, readings: &[Reading]) -> Option<SeqRange> {
     })
 }
 
-/// The itemised records of a batch applied at `arrived_ms` (`itemised`):
-/// every reading in order, each commit with its outcome (in the order of
-/// the batch's uses) and the number of the transfer it was summed into.
 /// Fewest uses in a batch for its itemised records to be built on a
 /// thread of their own (below, starting one costs more than it saves).
 const ITEMISE_APART_MIN: usize = 1_000;
 
+/// The itemised records of a batch applied at `arrived_ms` (`itemised`):
+/// every reading in order, each commit with its outcome (in the order of
+/// the batch's uses) and the number of the transfer it was summed into.
 fn itemised_records(
     key: &BatchKey,
     body: &SendBody,

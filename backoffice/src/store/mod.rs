@@ -319,11 +319,6 @@ pub trait Store {
         Ok(LedgerHold::none())
     }
 
-    /// Whether, as far as the store can tell now, nobody else wrote money
-    /// since this node's last write, so that what the node keeps in memory
-    /// (period counts) is the store's. A hint for work done before the
-    /// ledger lock, checked again under it (`LedgerHold::others_wrote`);
-    /// always true where one process owns the store.
     /// Folds what the store wrote behind its indexes once enough has
     /// piled up (sled: the period counts of the last batches, see
     /// `sled::periods`). Called after a batch, outside the ledger's lock.
@@ -331,6 +326,11 @@ pub trait Store {
         Ok(())
     }
 
+    /// Whether, as far as the store can tell now, nobody else wrote money
+    /// since this node's last write, so that what the node keeps in memory
+    /// (period counts) is the store's. A hint for work done before the
+    /// ledger lock, checked again under it (`LedgerHold::others_wrote`);
+    /// always true where one process owns the store.
     fn unchanged_since_own_write(&self) -> bool {
         true
     }
