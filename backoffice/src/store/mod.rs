@@ -212,6 +212,22 @@ pub struct BatchEffects<'a> {
     pub seq_range: Option<&'a SeqRange>,
 }
 
+#[cfg(test)]
+impl<'a> BatchEffects<'a> {
+    /// A batch that only counts uses in `period_uses` (tests).
+    pub(crate) fn counting(period_uses: &'a [(PeriodKey, u64)]) -> Self {
+        BatchEffects {
+            transfers: &[],
+            period_uses,
+            free_uses: &[],
+            suspense: &[],
+            answer: b"",
+            digest: None,
+            seq_range: None,
+        }
+    }
+}
+
 /// The sequence numbers a batch's readings span, within one instance of a
 /// meter (the part of the batch id before its last `:`, as our meter
 /// writes it: `INSTANCE:FIRST_SEQ`).

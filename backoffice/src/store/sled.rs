@@ -2141,18 +2141,7 @@ mod tests {
             // Payer 1 counts in every batch, payer 1000 + n in batch n only.
             let counts = [(period(1), u64::from(n)), (period(1_000 + n), 1)];
             store
-                .apply_batch(
-                    &key(n),
-                    BatchEffects {
-                        transfers: &[],
-                        period_uses: &counts,
-                        free_uses: &[],
-                        suspense: &[],
-                        answer: b"",
-                        digest: None,
-                        seq_range: None,
-                    },
-                )
+                .apply_batch(&key(n), BatchEffects::counting(&counts))
                 .unwrap();
         };
         for n in 1..=20 {

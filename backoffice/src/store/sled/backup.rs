@@ -629,18 +629,7 @@ mod tests {
             id: proto::BatchId::parse("B1-M1:1").unwrap(),
         };
         store
-            .apply_batch(
-                &key,
-                BatchEffects {
-                    transfers: &[],
-                    period_uses: &[(period, 5)],
-                    free_uses: &[],
-                    suspense: &[],
-                    answer: b"",
-                    digest: None,
-                    seq_range: None,
-                },
-            )
+            .apply_batch(&key, BatchEffects::counting(&[(period, 5)]))
             .unwrap();
         assert_eq!(store.period_log_tree.len(), 1, "logged, not folded");
         let dest = dir.path().join("backup");
