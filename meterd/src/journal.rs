@@ -18,7 +18,10 @@ pub const QUEUE_READINGS_MAX: usize = 16_384;
 /// it sleeps: a caller who commits right after its last answer (one
 /// client's query and commit take about 100 us here) then finds it awake,
 /// saving the 30-50 us a sleeping thread takes to wake on a VM. Under load
-/// the next group is already waiting, so the spin costs nothing there.
+/// the next group is usually waiting already; when it is not, the writer
+/// yields its core between looks, so that the workers answering the calls
+/// that will make the next group run first (on 2 cores, 32 clients: 3.51x
+/// the disk's fsync rate against 3.18x spinning, docs/benchmarks.md).
 pub const SPIN_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Why a reading was not recorded.
@@ -119,7 +122,7 @@ fn next_request(receiver: &mut mpsc::Receiver<Request>) -> Option<Request> {
             Ok(request) => return Some(request),
             Err(mpsc::error::TryRecvError::Disconnected) => return None,
             Err(mpsc::error::TryRecvError::Empty) if started.elapsed() < SPIN_BEFORE_SLEEP => {
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
             Err(mpsc::error::TryRecvError::Empty) => return receiver.blocking_recv(),
         }

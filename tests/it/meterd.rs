@@ -1383,17 +1383,36 @@ fn the_load_generator_reports_commit_rates_beside_the_disks_fdatasync_rate() {
         .filter(|line| line.starts_with("disk: ") && line.contains("fdatasync per second in"))
         .count();
     assert_eq!(disk, 2, "{printed}");
-    for clients in ["1 clients", "4 clients"] {
+    let phases = [
+        "commit: 1 client (a thread each)",
+        "commit: 4 clients (a thread each)",
+        "commit: 4 clients (one event thread)",
+    ];
+    for phase in phases {
         let line = printed
             .lines()
-            .find(|line| line.starts_with(&format!("commit: {clients}")))
-            .unwrap_or_else(|| panic!("no commit line for {clients}: {printed}"));
+            .find(|line| line.starts_with(phase))
+            .unwrap_or_else(|| panic!("no line for {phase}: {printed}"));
         let ratio: f64 = line
             .rsplit_once("= ")
-            .and_then(|(_, tail)| tail.split_once('x'))
+            .and_then(|(_, tail)| tail.split_once("x the disk's fdatasync rate"))
             .and_then(|(ratio, _)| ratio.parse().ok())
             .unwrap_or_else(|| panic!("no ratio in {line:?}"));
         assert!(ratio > 0.0, "{line}");
+        assert!(line.contains("% busy, meterd "), "{line}");
+        if !phase.contains("1 client") {
+            // Beside the same clients' calls answered from memory.
+            assert!(line.contains("x the CPU's limit"), "{line}");
+        }
+    }
+    for driver in ["a thread each", "one event thread"] {
+        let memory = format!("memory: 4 clients ({driver}), ");
+        assert!(
+            printed.lines().any(|line| line.starts_with(&memory)
+                && line.contains("query+cancel pairs")
+                && line.contains("% busy")),
+            "no {memory:?} line: {printed}"
+        );
     }
 }
 

@@ -7,11 +7,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meterd::client::Meter;
 use proto::auth::Secret;
+use proto::meter_api::MeterCall;
+use proto::xmlrpc::{Limits, MethodResponse, Value, encode_call, parse_response};
 use proto::{Cid, Context, Mid, Pid};
 use tests::fake_backoffice::FakeBackoffice;
 
@@ -29,7 +32,12 @@ Starts METERD_BINARY serving in WORK_DIR (which must not exist), then measures:
   disk:   the data folder's raw fdatasync rate, before and after the commits;
   commit: query+commit pairs for SECONDS (default 5) with 1 client, then with
           CLIENTS clients (default 32); every commit is durable when it returns,
-          each rate also as a ratio to the disk's fdatasync rate;
+          each rate also as a ratio to the disk's fdatasync rate. The CLIENTS
+          run twice: a thread each with the client library, then all from one
+          event thread (as wrk drives a server, leaving the cores to meterd);
+  memory: before each CLIENTS run, the same clients' query+cancel pairs, which
+          need no disk: what the CPU allows them, printed beside the commits.
+          Each phase prints how busy the machine was and meterd's share;
   fill:   commits until N readings wait (default 1000000), printing the
           meter's RSS every 100000.";
 
@@ -168,6 +176,58 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Clock ticks so far: the whole machine's busy and total (`/proc/stat`),
+/// and the process `pid`'s own (`/proc/PID/stat`, user + system).
+#[derive(Clone, Copy)]
+struct Ticks {
+    busy: u64,
+    total: u64,
+    process: u64,
+}
+
+impl Ticks {
+    fn now(pid: u32) -> Ticks {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        let total: u64 = fields.iter().sum();
+        // idle and iowait are the 4th and 5th fields.
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        let own = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and
+        // stime are the 12th and 13th.
+        let after_name = own.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let times: Vec<u64> = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        Ticks {
+            busy: total - idle,
+            total,
+            process: times.iter().sum(),
+        }
+    }
+
+    /// "machine N% busy, meterd M cores" between `self` and `later`.
+    fn describe(self, later: Ticks) -> String {
+        let total = later.total.saturating_sub(self.total).max(1) as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "machine {:.0}% busy, meterd {:.2} of {cores:.0} cores",
+            100.0 * later.busy.saturating_sub(self.busy) as f64 / total,
+            cores * later.process.saturating_sub(self.process) as f64 / total,
+        )
+    }
+}
+
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     let index = ((sorted.len() - 1) as f64 * fraction).round() as usize;
     sorted[index]
@@ -255,13 +315,70 @@ fn measure_queries(socket: &Path, count: usize) {
     );
 }
 
-/// Runs `clients` threads of query+commit until `stop`; returns commits.
-fn commit_load(
+/// What a load client does after each allowed query.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    /// A durable commit: the use is recorded and synced before the answer.
+    Commit,
+    /// A cancel: answered from memory, the same pair of calls without the
+    /// disk, so the rate it reaches is what the CPU alone allows.
+    Cancel,
+}
+
+impl Then {
+    fn call(self, pid: Pid, context: Option<Context>) -> MeterCall {
+        match self {
+            Then::Commit => MeterCall::Commit { pid, context },
+            Then::Cancel => MeterCall::Cancel { pid, context },
+        }
+    }
+}
+
+/// How the load's clients are driven.
+#[derive(Clone, Copy, PartialEq)]
+enum Driver {
+    /// One thread per client, each with the blocking client library, as
+    /// metered programs call their meter.
+    Threads,
+    /// All clients' connections from one thread on one epoll (tokio's
+    /// current-thread runtime), as load generators such as wrk drive a
+    /// server: the clients' own thread switches stay off the meter's cores.
+    Events,
+}
+
+impl Driver {
+    fn name(self) -> &'static str {
+        match self {
+            Driver::Threads => "a thread each",
+            Driver::Events => "one event thread",
+        }
+    }
+}
+
+/// Runs `clients` clients of query+`then` pairs until `stop`, counting the
+/// pairs done in `done`.
+fn run_load(
     socket: &Path,
     clients: usize,
     stop: &AtomicBool,
-    committed: &AtomicU64,
+    done: &AtomicU64,
     label: &str,
+    then: Then,
+    driver: Driver,
+) {
+    match driver {
+        Driver::Threads => thread_load(socket, clients, stop, done, label, then),
+        Driver::Events => event_load(socket, clients, stop, done, label, then),
+    }
+}
+
+fn thread_load(
+    socket: &Path,
+    clients: usize,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+    label: &str,
+    then: Then,
 ) {
     let product = Pid::parse("B1-P1").unwrap();
     std::thread::scope(|scope| {
@@ -270,12 +387,147 @@ fn commit_load(
                 let mut meter = client(socket, &format!("{label}{index}"));
                 while !stop.load(Ordering::Relaxed) {
                     assert!(meter.try_query(product).expect("query"), "query refused");
-                    meter.commit(product).expect("durable commit");
-                    committed.fetch_add(1, Ordering::Relaxed);
+                    match then {
+                        Then::Commit => meter.commit(product).expect("durable commit"),
+                        Then::Cancel => assert!(meter.cancel(product).expect("cancel")),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
             });
         }
     });
+}
+
+fn event_load(
+    socket: &Path,
+    clients: usize,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+    label: &str,
+    then: Then,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    let shared = Arc::new((AtomicBool::new(false), AtomicU64::new(0)));
+    runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..clients {
+            let context = Context::parse(&format!("{label}{index}")).expect("valid context");
+            tasks.spawn(event_client(
+                socket.to_path_buf(),
+                context,
+                then,
+                shared.clone(),
+            ));
+        }
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shared.0.store(true, Ordering::Relaxed);
+        while let Some(ended) = tasks.join_next().await {
+            if let Err(message) = ended.expect("a client task") {
+                panic!("event client: {message}");
+            }
+        }
+    });
+    done.fetch_add(shared.1.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// One client of `event_load`: its own connection and context, logged in,
+/// then query+`then` pairs until told to stop. Every answer is parsed and
+/// checked, as the client library does.
+async fn event_client(
+    socket: PathBuf,
+    context: Context,
+    then: Then,
+    shared: Arc<(AtomicBool, AtomicU64)>,
+) -> Result<(), String> {
+    let mut stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|error| format!("connect: {error}"))?;
+    let product = Pid::parse("B1-P1").unwrap();
+    let customer = Cid::parse("B1-C1").unwrap();
+    let login = http_request(&MeterCall::Login {
+        cid: customer,
+        context: Some(context.clone()),
+    });
+    let query = http_request(&MeterCall::Query {
+        pid: product,
+        context: Some(context.clone()),
+    });
+    let finish = http_request(&then.call(product, Some(context)));
+    let mut buffer = Vec::with_capacity(4096);
+    event_exchange(&mut stream, &login, &mut buffer).await?;
+    while !shared.0.load(Ordering::Relaxed) {
+        match event_exchange(&mut stream, &query, &mut buffer).await? {
+            Value::Bool(true) => {}
+            other => return Err(format!("query answered {other:?}")),
+        }
+        event_exchange(&mut stream, &finish, &mut buffer).await?;
+        shared.1.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A call as the client library sends it: HTTP/1.1 head and XML-RPC body.
+fn http_request(call: &MeterCall) -> Vec<u8> {
+    let (name, params) = call.to_call();
+    let body = encode_call(name, &params);
+    let mut request = format!(
+        "POST /RPC2 HTTP/1.1\r\nHost: meterd\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// Sends `request` and reads its answer (a `Content-Length` body) into
+/// `buffer`; a fault or a malformed answer is an error.
+async fn event_exchange(
+    stream: &mut tokio::net::UnixStream,
+    request: &[u8],
+    buffer: &mut Vec<u8>,
+) -> Result<Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(request)
+        .await
+        .map_err(|error| format!("send: {error}"))?;
+    buffer.clear();
+    let (body_start, length) = loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buffer[..end]).map_err(|_| "head is not text")?;
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())
+                        .flatten()
+                })
+                .ok_or("answer without Content-Length")?;
+            break (end + 4, length);
+        }
+        if buffer.len() > 64 * 1024
+            || stream.read_buf(buffer).await.map_err(|e| e.to_string())? == 0
+        {
+            return Err("the meter closed the connection".into());
+        }
+    };
+    while buffer.len() < body_start + length {
+        if stream.read_buf(buffer).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the meter closed the connection mid-answer".into());
+        }
+    }
+    match parse_response(&buffer[body_start..body_start + length], Limits::METER_API) {
+        Ok(MethodResponse::Success(value)) => Ok(value),
+        Ok(MethodResponse::Fault(fault)) => Err(format!("fault: {}", fault.message)),
+        Err(error) => Err(format!("malformed answer: {error}")),
+    }
 }
 
 /// The data folder's raw `fdatasync` rate, measured for a second.
@@ -289,23 +541,71 @@ fn measure_disk(dir: &Path) -> f64 {
     rate
 }
 
-fn measure_commits(socket: &Path, clients: usize, seconds: u64, fsyncs: f64) {
+/// Runs query+`then` pairs for `seconds` and prints what was done; returns
+/// pairs per second and the CPU used, sampled after the first second (once
+/// every client is logged in) until the stop.
+fn measure_pairs(
+    daemon: &Daemon,
+    clients: usize,
+    seconds: u64,
+    then: Then,
+    driver: Driver,
+    label: &str,
+) -> (f64, String) {
     let stop = AtomicBool::new(false);
-    let committed = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
     let started = Instant::now();
+    let pid = daemon.child.id();
+    let mut cpu = String::new();
     std::thread::scope(|scope| {
-        scope.spawn(|| commit_load(socket, clients, &stop, &committed, "c"));
-        std::thread::sleep(Duration::from_secs(seconds));
+        scope.spawn(|| run_load(&daemon.socket, clients, &stop, &done, label, then, driver));
+        let settle = Duration::from_secs(1).min(Duration::from_secs(seconds) / 2);
+        std::thread::sleep(settle);
+        let from = Ticks::now(pid);
+        std::thread::sleep(Duration::from_secs(seconds).saturating_sub(settle));
+        cpu = from.describe(Ticks::now(pid));
         stop.store(true, Ordering::Relaxed);
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let total = committed.load(Ordering::Relaxed);
+    let total = done.load(Ordering::Relaxed);
     let rate = total as f64 / elapsed;
-    println!(
-        "commit: {clients} clients, {total} durable commits in {elapsed:.1} s = {rate:.0} per second \
-         = {:.2}x the disk's fdatasync rate",
-        rate / fsyncs
+    let clients = match clients {
+        1 => "1 client".to_owned(),
+        many => format!("{many} clients"),
+    };
+    let (phase, what) = match then {
+        Then::Commit => ("commit", "durable commits"),
+        Then::Cancel => ("memory", "query+cancel pairs"),
+    };
+    print!(
+        "{phase}: {clients} ({}), {total} {what} in {elapsed:.1} s = {rate:.0} per second",
+        driver.name(),
     );
+    (rate, cpu)
+}
+
+/// The commit phases with `clients` clients driven by `driver`: with more
+/// than one, first the same pairs of calls answered from memory (what the
+/// CPU allows these clients without a disk), then the durable commits
+/// beside both limits.
+fn measure_commits(daemon: &Daemon, clients: usize, seconds: u64, fsyncs: f64, driver: Driver) {
+    let label = match driver {
+        Driver::Threads => "t",
+        Driver::Events => "e",
+    };
+    let ceiling = (clients > 1).then(|| {
+        let memory = format!("{label}m");
+        let (rate, cpu) = measure_pairs(daemon, clients, seconds, Then::Cancel, driver, &memory);
+        println!(", the CPU's limit without a disk; {cpu}");
+        rate
+    });
+    let commits = format!("{label}c");
+    let (rate, cpu) = measure_pairs(daemon, clients, seconds, Then::Commit, driver, &commits);
+    print!(" = {:.2}x the disk's fdatasync rate", rate / fsyncs);
+    if let Some(ceiling) = ceiling {
+        print!(", {:.2}x the CPU's limit", rate / ceiling);
+    }
+    println!("; {cpu}");
 }
 
 fn fill(daemon: &Daemon, target: u64, clients: usize) {
@@ -314,7 +614,17 @@ fn fill(daemon: &Daemon, target: u64, clients: usize) {
     let committed = AtomicU64::new(0);
     println!("fill: RSS {} KiB with 0 readings waiting", rss_kib(pid));
     std::thread::scope(|scope| {
-        scope.spawn(|| commit_load(&daemon.socket, clients, &stop, &committed, "f"));
+        scope.spawn(|| {
+            run_load(
+                &daemon.socket,
+                clients,
+                &stop,
+                &committed,
+                "f",
+                Then::Commit,
+                Driver::Threads,
+            )
+        });
         let mut next_report = 100_000;
         let mut meter = Meter::connect(&daemon.socket);
         loop {
@@ -362,8 +672,21 @@ fn main() -> ExitCode {
     measure_baseline(&options.dir.join("data"), options.queries, false);
     let data = options.dir.join("data");
     let before = measure_disk(&data);
-    measure_commits(&daemon.socket, 1, options.seconds, before);
-    measure_commits(&daemon.socket, options.clients, options.seconds, before);
+    measure_commits(&daemon, 1, options.seconds, before, Driver::Threads);
+    measure_commits(
+        &daemon,
+        options.clients,
+        options.seconds,
+        before,
+        Driver::Threads,
+    );
+    measure_commits(
+        &daemon,
+        options.clients,
+        options.seconds,
+        before,
+        Driver::Events,
+    );
     let after = measure_disk(&data);
     println!(
         "disk: fdatasync {before:.0} per second before the commits, {after:.0} after; ratios are to the first"
