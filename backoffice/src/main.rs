@@ -934,7 +934,15 @@ fn serve(
                 tls: Some(tls),
             });
         }
-        backoffice::server::run_with(listeners, service, limits, shutdown_signal()).await
+        let stopping = std::sync::Arc::clone(&service);
+        let served =
+            backoffice::server::run_with(listeners, service, limits, shutdown_signal()).await;
+        // A clean stop leaves nothing to replay: the period counts written
+        // behind are folded, and everything is made durable.
+        if let Err(error) = backoffice::store::Store::close(stopping.backoffice.store()) {
+            tracing::error!(%error, "the store could not be closed cleanly; it is replayed at the next start");
+        }
+        served
     });
     // `run` gave requests in flight the whole grace already; what is left
     // (a connection that never finished its request) is abandoned.

@@ -27,13 +27,14 @@ pub const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(200);
 
 /// A group is gathered (see `gather`) when the last one held at least this
 /// many readings: only then are enough callers committing at once that
-/// fewer, larger groups leave the CPU to them (with 4 clients or fewer,
-/// waiting only delays; PostgreSQL's `commit_siblings` is the same idea).
-pub const GATHER_AFTER_GROUP: usize = 4;
+/// fewer, larger groups leave the CPU to them. Four clients or fewer never
+/// fill a group this large, so they never wait (waiting only delays them;
+/// PostgreSQL's `commit_siblings` is the same idea).
+pub const GATHER_AFTER_GROUP: usize = 5;
 /// A gathered group is written at the latest this long after the last one
 /// began (an fsync takes 100-150 us here, so a caller waits at most about
-/// 150-200 us more). 32 clients on 2 cores: 32,500 commits per second
-/// against 27,600 without it (docs/benchmarks.md).
+/// 150-200 us more). 32 clients on 2 cores: 4.62x the disk's fsync rate
+/// against 3.58x without it (docs/benchmarks.md).
 pub const GATHER_UNTIL: Duration = Duration::from_micros(300);
 
 /// Why a reading was not recorded.

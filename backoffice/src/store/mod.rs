@@ -342,6 +342,13 @@ pub trait Store {
         Ok(())
     }
 
+    /// At a clean stop, once nothing else calls the store: folds what it
+    /// wrote behind its indexes and makes everything durable, so that the
+    /// files left behind need no replay.
+    fn close(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
+
     /// Whether, as far as the store can tell now, nobody else wrote money
     /// since this node's last write, so that what the node keeps in memory
     /// (period counts) is the store's. A hint for work done before the
@@ -874,6 +881,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.fold_logged(),
             AnyStore::Postgres(store) => store.fold_logged(),
+        }
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.close(),
+            AnyStore::Postgres(store) => store.close(),
         }
     }
 

@@ -312,6 +312,11 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn close(&self) -> Result<(), StoreError> {
+        self.fold_periods(false)?;
+        self.sync()
+    }
+
     fn itemised_batch(
         &self,
         key: &BatchKey,
@@ -2187,6 +2192,15 @@ mod tests {
         assert!(exported.contains(&(period(1_021), 1)));
         assert_eq!(exported.len(), 22);
         assert_eq!(store.period_log_tree.len(), 0);
+        // A clean stop leaves the log empty and the tree whole.
+        stage(&store, 22);
+        stage(&store, 23);
+        assert_eq!(store.period_log_tree.len(), 2);
+        store.close().unwrap();
+        assert_eq!(store.period_log_tree.len(), 0, "folded at the stop");
+        assert_eq!(store.period_log.waiting(), 0);
+        assert_eq!(stored(&store, 1), Some(23));
+        assert_eq!(stored(&store, 1_023), Some(1));
     }
 
     #[test]
