@@ -937,8 +937,8 @@ fn serve(
         let stopping = std::sync::Arc::clone(&service);
         let served =
             backoffice::server::run_with(listeners, service, limits, shutdown_signal()).await;
-        // A clean stop leaves nothing to replay: the period counts written
-        // behind are folded, and everything is made durable.
+        // A clean stop folds the period counts written behind and makes
+        // everything durable (Store::close).
         if let Err(error) = backoffice::store::Store::close(stopping.backoffice.store()) {
             tracing::error!(%error, "the store could not be closed cleanly; it is replayed at the next start");
         }

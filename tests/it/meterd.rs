@@ -1402,7 +1402,7 @@ fn the_load_generator_reports_commit_rates_beside_the_disks_fdatasync_rate() {
         assert!(line.contains("% busy, meterd "), "{line}");
         if !phase.contains("1 client") {
             // Beside the same clients' calls answered from memory.
-            assert!(line.contains("x the CPU's limit"), "{line}");
+            assert!(line.contains("x the pairs without a disk"), "{line}");
         }
     }
     for driver in ["a thread each", "one event thread"] {

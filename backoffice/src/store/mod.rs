@@ -342,9 +342,10 @@ pub trait Store {
         Ok(())
     }
 
-    /// At a clean stop, once nothing else calls the store: folds what it
-    /// wrote behind its indexes and makes everything durable, so that the
-    /// files left behind need no replay.
+    /// At a clean stop, after the server has stopped: folds what the store
+    /// wrote behind its indexes (unless a backup holds the store, which a
+    /// stop does not wait for) and makes everything durable. What a late
+    /// writer logs after this is folded at the next start, as after a crash.
     fn close(&self) -> Result<(), StoreError> {
         self.sync()
     }
