@@ -36,7 +36,8 @@ pub const GATHER_AFTER_GROUP: usize = 5;
 /// follows a yield, which on a crowded machine can last a time slice, so
 /// this is a target, not a bound. 32 clients on 2 cores: 4.77x the disk's
 /// fsync rate against 4.48x gathering after groups of 4, and 3.51x
-/// yielding without gathering (docs/benchmarks.md).
+/// yielding without gathering; 4.23x against 2.78x for the build that
+/// spun and did not gather (docs/benchmarks.md).
 pub const GATHER_UNTIL: Duration = Duration::from_micros(300);
 
 /// Why a reading was not recorded.
