@@ -362,88 +362,79 @@ impl Driver {
     }
 }
 
-/// Runs `clients` clients of query+`then` pairs until `stop`, counting the
-/// pairs done in `done`.
-fn run_load(
-    socket: &Path,
+/// `clients` clients of query+`then` pairs, run until `stop`, counting the
+/// pairs done in `done`; each client's context is `label` and its number.
+struct Load<'a> {
+    socket: &'a Path,
     clients: usize,
-    stop: &AtomicBool,
-    done: &AtomicU64,
-    label: &str,
+    stop: &'a AtomicBool,
+    done: &'a AtomicU64,
+    label: &'a str,
     then: Then,
-    driver: Driver,
-) {
-    match driver {
-        Driver::Threads => thread_load(socket, clients, stop, done, label, then),
-        Driver::Events => event_load(socket, clients, stop, done, label, then),
+}
+
+impl Load<'_> {
+    fn run(&self, driver: Driver) {
+        match driver {
+            Driver::Threads => self.threads(),
+            Driver::Events => self.events(),
+        }
+    }
+
+    fn threads(&self) {
+        let product = Pid::parse("B1-P1").unwrap();
+        std::thread::scope(|scope| {
+            for index in 0..self.clients {
+                scope.spawn(move || {
+                    let mut meter = client(self.socket, &format!("{}{index}", self.label));
+                    while !self.stop.load(Ordering::Relaxed) {
+                        assert!(meter.try_query(product).expect("query"), "query refused");
+                        match self.then {
+                            Then::Commit => meter.commit(product).expect("durable commit"),
+                            Then::Cancel => assert!(meter.cancel(product).expect("cancel")),
+                        }
+                        self.done.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+    }
+
+    fn events(&self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime");
+        let shared = Arc::new((AtomicBool::new(false), AtomicU64::new(0)));
+        runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for index in 0..self.clients {
+                let context =
+                    Context::parse(&format!("{}{index}", self.label)).expect("valid context");
+                tasks.spawn(event_client(
+                    self.socket.to_path_buf(),
+                    context,
+                    self.then,
+                    shared.clone(),
+                ));
+            }
+            while !self.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            shared.0.store(true, Ordering::Relaxed);
+            while let Some(ended) = tasks.join_next().await {
+                if let Err(message) = ended.expect("a client task") {
+                    panic!("event client: {message}");
+                }
+            }
+        });
+        self.done
+            .fetch_add(shared.1.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 
-fn thread_load(
-    socket: &Path,
-    clients: usize,
-    stop: &AtomicBool,
-    done: &AtomicU64,
-    label: &str,
-    then: Then,
-) {
-    let product = Pid::parse("B1-P1").unwrap();
-    std::thread::scope(|scope| {
-        for index in 0..clients {
-            scope.spawn(move || {
-                let mut meter = client(socket, &format!("{label}{index}"));
-                while !stop.load(Ordering::Relaxed) {
-                    assert!(meter.try_query(product).expect("query"), "query refused");
-                    match then {
-                        Then::Commit => meter.commit(product).expect("durable commit"),
-                        Then::Cancel => assert!(meter.cancel(product).expect("cancel")),
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-}
-
-fn event_load(
-    socket: &Path,
-    clients: usize,
-    stop: &AtomicBool,
-    done: &AtomicU64,
-    label: &str,
-    then: Then,
-) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .expect("a current-thread runtime");
-    let shared = Arc::new((AtomicBool::new(false), AtomicU64::new(0)));
-    runtime.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for index in 0..clients {
-            let context = Context::parse(&format!("{label}{index}")).expect("valid context");
-            tasks.spawn(event_client(
-                socket.to_path_buf(),
-                context,
-                then,
-                shared.clone(),
-            ));
-        }
-        while !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        shared.0.store(true, Ordering::Relaxed);
-        while let Some(ended) = tasks.join_next().await {
-            if let Err(message) = ended.expect("a client task") {
-                panic!("event client: {message}");
-            }
-        }
-    });
-    done.fetch_add(shared.1.load(Ordering::Relaxed), Ordering::Relaxed);
-}
-
-/// One client of `event_load`: its own connection and context, logged in,
+/// One client of `Load::events`: its own connection and context, logged in,
 /// then query+`then` pairs until told to stop. Every answer is parsed and
 /// checked, as the client library does.
 async fn event_client(
@@ -579,7 +570,15 @@ fn measure_pairs(
     let pid = daemon.child.id();
     let mut cpu = String::new();
     std::thread::scope(|scope| {
-        scope.spawn(|| run_load(&daemon.socket, clients, &stop, &done, label, then, driver));
+        let load = Load {
+            socket: &daemon.socket,
+            clients,
+            stop: &stop,
+            done: &done,
+            label,
+            then,
+        };
+        scope.spawn(move || load.run(driver));
         let settle = Duration::from_secs(1).min(Duration::from_secs(seconds) / 2);
         std::thread::sleep(settle);
         let from = Ticks::now(pid);
@@ -635,17 +634,15 @@ fn fill(daemon: &Daemon, target: u64, clients: usize) {
     let committed = AtomicU64::new(0);
     println!("fill: RSS {} KiB with 0 readings waiting", rss_kib(pid));
     std::thread::scope(|scope| {
-        scope.spawn(|| {
-            run_load(
-                &daemon.socket,
-                clients,
-                &stop,
-                &committed,
-                "f",
-                Then::Commit,
-                Driver::Threads,
-            )
-        });
+        let load = Load {
+            socket: &daemon.socket,
+            clients,
+            stop: &stop,
+            done: &committed,
+            label: "f",
+            then: Then::Commit,
+        };
+        scope.spawn(move || load.run(Driver::Threads));
         let mut next_report = 100_000;
         let mut meter = Meter::connect(&daemon.socket);
         loop {
